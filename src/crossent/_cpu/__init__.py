@@ -1,0 +1,1 @@
+"""Fused torch kernels for CPU (and the device-agnostic torch path)."""
