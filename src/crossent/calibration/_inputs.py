@@ -1,0 +1,224 @@
+"""Input conversion and validation shared by the calibration toolkit (private).
+
+Everything here works on CPU torch tensors that share memory with the caller's array where
+possible, and walks over the rows in chunks of a few MiB so that a (10^6, 10^3) float32 matrix
+never needs a second full-size copy. The per-chunk work is vectorised; the only Python loop
+is over chunks of rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import TypeAlias
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ArrayLike",
+    "as_labels",
+    "as_matrix",
+    "compute_dtype",
+    "iter_chunks",
+    "looks_like_probs",
+    "top_label",
+]
+
+#: What the public functions accept: a NumPy array, a torch tensor (any device; it is moved
+#: to the CPU) or a nested sequence of numbers.
+ArrayLike: TypeAlias = "np.ndarray | torch.Tensor | Sequence[float] | Sequence[Sequence[float]]"
+
+#: Entries of a probability matrix may leave [0, 1] by this much (float32 round-off).
+RANGE_ATOL = 1e-5
+#: Elements per chunk of rows (about 4 MiB of float32): fits in cache, bounds temporaries.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def sum_atol(dtype: torch.dtype) -> float:
+    """Tolerance on a probability row summing to one, by storage dtype."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 1e-2
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 input, float32 otherwise (half types are upcast per chunk)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _to_tensor(x: object, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {t.dtype}")
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        return t
+    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(
+            f"{name} must be a numeric array or tensor, got dtype {arr.dtype}"
+            " (convert it with np.asarray(..., dtype=float))"
+        )
+    if arr.dtype.kind in "iu" or arr.dtype == np.float16 or arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64 if arr.dtype != np.float16 else np.float32)
+    with warnings.catch_warnings():
+        # Read-only arrays (np.load with mmap, broadcast views) are fine: we never write.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def as_matrix(x: object, name: str = "probs") -> torch.Tensor:
+    """``x`` as a CPU tensor of shape (n_samples, n_classes), sharing memory where possible."""
+    t = _to_tensor(x, name)
+    if t.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (n_samples, n_classes), got shape {tuple(t.shape)};"
+            " for a binary problem with positive-class probabilities p pass"
+            " np.stack([1 - p, p], axis=1)"
+        )
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it needs at least one row (sample)")
+    if t.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}")
+    return t
+
+
+def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "labels") -> np.ndarray:
+    """Integer class labels as int64 NumPy, checked against the predictions' shape."""
+    if isinstance(labels, torch.Tensor):
+        arr = labels.detach().cpu().numpy()
+    else:
+        arr = np.asarray(labels)
+    if arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D integer class indices, got shape {arr.shape}")
+    if arr.dtype.kind == "b" or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise ValueError(f"{name} must hold integer class indices, got non-integer values")
+    if arr.shape[0] != n_samples:
+        raise ValueError(
+            f"{name} has {arr.shape[0]} entries but the predictions have {n_samples} rows;"
+            " they must match one to one"
+        )
+    out = arr.astype(np.int64, copy=False)
+    if out.size and (out.min() < 0 or out.max() >= n_classes):
+        bad = int(out[(out < 0) | (out >= n_classes)][0])
+        raise ValueError(
+            f"{name} must lie in [0, {n_classes - 1}] for {n_classes} classes, found {bad}"
+        )
+    return out
+
+
+def iter_chunks(t: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges of about :data:`CHUNK_ELEMENTS` elements each."""
+    n, c = t.shape
+    step = max(1, CHUNK_ELEMENTS // max(c, 1))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def _chunk(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    block = t[start:stop]
+    dtype = compute_dtype(t)
+    return block if block.dtype == dtype else block.to(dtype)
+
+
+def _first(mask: torch.Tensor) -> int:
+    return int(torch.nonzero(mask)[0, 0])
+
+
+def check_chunk(
+    block: torch.Tensor, start: int, *, from_logits: bool, name: str, storage: torch.dtype
+) -> None:
+    """Raise ``ValueError`` naming the first bad row of ``block`` (rows start at ``start``)."""
+    rowsum = block.sum(1, dtype=torch.float64)
+    finite = torch.isfinite(rowsum)
+    if not bool(finite.all()):
+        rows_ok = torch.isfinite(block).all(1)
+        if not bool(rows_ok.all()):
+            i = _first(~rows_ok)
+            raise ValueError(f"{name}: row {start + i} contains NaN or infinite values")
+    if from_logits:
+        return
+    lo = block.amin(1)
+    hi = block.amax(1)
+    bad = (lo < -RANGE_ATOL) | (hi > 1 + RANGE_ATOL)
+    if bool(bad.any()):
+        i = _first(bad)
+        raise ValueError(
+            f"{name}: row {start + i} has values outside [0, 1] (min {float(lo[i]):.4g},"
+            f" max {float(hi[i]):.4g}); pass from_logits=True if these are logits"
+        )
+    tol = sum_atol(storage)
+    bad = (rowsum - 1).abs() > tol
+    if bool(bad.any()):
+        i = _first(bad)
+        raise ValueError(
+            f"{name}: row {start + i} sums to {float(rowsum[i]):.6g}, not 1 (tolerance {tol:g});"
+            " normalise the rows, or pass from_logits=True if these are logits"
+        )
+
+
+def chunks(
+    t: torch.Tensor, *, from_logits: bool, name: str
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Validated row chunks ``(start, stop, block)`` in the compute dtype."""
+    for start, stop in iter_chunks(t):
+        block = _chunk(t, start, stop)
+        check_chunk(block, start, from_logits=from_logits, name=name, storage=t.dtype)
+        yield start, stop, block
+
+
+def probs_chunks(
+    t: torch.Tensor, *, from_logits: bool, name: str
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Validated chunks as probabilities (a stable softmax is applied to logits)."""
+    for start, stop, block in chunks(t, from_logits=from_logits, name=name):
+        yield start, stop, (torch.softmax(block, dim=1) if from_logits else block)
+
+
+def top_label(
+    x: object, *, from_logits: bool = False, name: str = "probs"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence (float64) and predicted class (int64) for every row.
+
+    Ties go to the lowest class index. From logits the confidence is
+    :math:`\\exp(\\max_k z_k - \\operatorname{logsumexp}_k z_k)`, which never forms the full
+    softmax matrix.
+    """
+    t = as_matrix(x, name)
+    n = t.shape[0]
+    conf = np.empty(n, dtype=np.float64)
+    pred = np.empty(n, dtype=np.int64)
+    for start, stop, block in chunks(t, from_logits=from_logits, name=name):
+        top, idx = block.max(dim=1)
+        if from_logits:
+            top = torch.exp(top - torch.logsumexp(block, dim=1))
+        conf[start:stop] = top.to(torch.float64).numpy()
+        pred[start:stop] = idx.numpy()
+    return conf, pred
+
+
+def looks_like_probs(x: object, name: str = "predictions") -> bool:
+    """True if every row lies in [0, 1] and sums to one within tolerance (and is finite)."""
+    t = as_matrix(x, name)
+    tol = sum_atol(t.dtype)
+    for start, stop in iter_chunks(t):
+        block = _chunk(t, start, stop)
+        if not bool(torch.isfinite(block).all()):
+            return False
+        if float(block.min()) < -RANGE_ATOL or float(block.max()) > 1 + RANGE_ATOL:
+            return False
+        if float((block.sum(1, dtype=torch.float64) - 1).abs().max()) > tol:
+            return False
+    return True
+
+
+def log_eps(dtype: torch.dtype) -> float:
+    """Smallest positive normal number of ``dtype``, used to clip log(0)."""
+    return float(torch.finfo(dtype).tiny)

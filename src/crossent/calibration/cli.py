@@ -1,0 +1,540 @@
+"""``crossent calibrate``: calibration metrics and temperature scaling of saved predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["add_arguments", "main"]
+
+PRED_KEYS = ("logits", "probs", "probabilities", "predictions", "preds", "scores", "outputs")
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+FORMATS = ("npy", "npz", "pt", "csv")
+
+EPILOG = """\
+input files
+  PREDICTIONS  an (N, C) array of logits or probabilities in a .npy, .npz, .pt (torch tensor
+               or dict of tensors, loaded with weights_only=True) or .csv file (comma
+               separated, optional header row). An .npz/.pt dict is searched for the keys
+               logits, probs, probabilities, predictions, preds, scores, outputs; if it also
+               holds labels (labels, label, targets, target, y) --labels can be omitted.
+  LABELS       N integer class indices in 0..C-1, in any of the same formats.
+  Files are read without unpickling (np.load(allow_pickle=False)).
+
+what it does
+  Logits or probabilities are detected from the values (rows in [0, 1] summing to 1 are
+  probabilities; override with --kind); probabilities are scaled through their logs. A
+  stratified random split (--seed) puts --val-fraction of every class in a validation part on
+  which the temperature T is fitted by minimising the NLL; all metrics are reported on the
+  rest (the test part) before and after scaling. --val-fraction 0 fits and evaluates on
+  everything (optimistic; a warning is printed).
+
+metrics
+  accuracy, NLL (nats), Brier (summed over classes, range 0-2), ECE (15 equal-width bins
+  ((m-1)/M, m/M]), AdaECE (equal-mass bins), classwise ECE, MCE (max bin gap), smooth ECE
+  (Blasiok & Nakkiran 2023).
+
+outputs (with --out DIR)
+  DIR/report.md, DIR/metrics.json, DIR/reliability_before.png, DIR/reliability_after.png
+  and DIR/reliability_comparison.png (before and after side by side).
+
+example
+  crossent calibrate val_logits.npy --labels val_labels.npy --out calib/
+"""
+
+
+def _error(message: str) -> Exception:
+    from crossent.cli import CLIError
+
+    return CLIError(message)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``calibrate`` arguments on ``parser``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "predictions",
+        metavar="PREDICTIONS",
+        help="file of (N, C) logits or probabilities: .npy, .npz, .pt or .csv",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="LABELS",
+        default=None,
+        help="file of N integer labels (.npy, .npz, .pt, .csv); optional when PREDICTIONS is"
+        " an .npz/.pt holding a 'labels' array",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("auto", "logits", "probs"),
+        default="auto",
+        help="what PREDICTIONS holds (default: auto-detect from the values)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("auto", *FORMATS),
+        default="auto",
+        dest="file_format",
+        help="file format of PREDICTIONS and LABELS (default: from the file extension)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="fraction of each class used to fit T, in [0, 1) (default: 0.2; 0 = fit and"
+        " evaluate on everything)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    parser.add_argument(
+        "--n-bins",
+        type=int,
+        default=15,
+        metavar="M",
+        help="bins of the binned metrics (default: 15)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("temperature", "vector"),
+        default="temperature",
+        help="temperature scaling (one T, default) or vector scaling (per-class T and bias)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="write report.md, metrics.json and reliability diagrams (PNG) to DIR",
+    )
+
+
+# --------------------------------------------------------------------------- loading
+def _format_of(path: Path, file_format: str) -> str:
+    if file_format != "auto":
+        return file_format
+    ext = path.suffix.lower().lstrip(".")
+    if ext in ("pth",):
+        ext = "pt"
+    if ext not in FORMATS:
+        raise _error(
+            f"{path}: cannot tell the format from the extension {path.suffix!r};"
+            " use .npy, .npz, .pt or .csv, or pass --format"
+        )
+    return ext
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ValueError("the file has no data rows")
+
+    def is_numeric(line: str) -> bool:
+        try:
+            [float(v) for v in line.split(",")]
+        except ValueError:
+            return False
+        return True
+
+    if not is_numeric(lines[0]):
+        lines = lines[1:]  # a header row
+    rows: list[list[float]] = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append([float(v) for v in line.split(",")])
+        except ValueError:
+            raise ValueError(f"data row {i + 1} is not numeric: {line[:60]!r}") from None
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"rows have different numbers of columns: {sorted(widths)}")
+    if not rows:
+        raise ValueError("the file has no data rows")
+    arr = np.asarray(rows, dtype=np.float64)
+    return arr[:, 0] if arr.shape[1] == 1 else arr
+
+
+def _load(path_str: str, file_format: str, what: str) -> dict[str, np.ndarray]:
+    """The arrays in a file, by key ('' for a file holding a single array)."""
+    path = Path(path_str)
+    if not path.is_file():
+        raise _error(f"{what} file {path} does not exist")
+    fmt = _format_of(path, file_format)
+    try:
+        if fmt == "npy":
+            return {"": np.load(path, allow_pickle=False)}
+        if fmt == "npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        if fmt == "csv":
+            return {"": _read_csv(path)}
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, torch.Tensor):
+            return {"": _tensor_to_numpy(obj)}
+        if isinstance(obj, dict):
+            out = {
+                str(k): _tensor_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)
+            }
+            if out:
+                return out
+        raise ValueError("expected a tensor or a dict of tensors")
+    except Exception as exc:  # any reader failure becomes one line, never a traceback
+        if type(exc).__name__ == "CLIError":
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _error(f"cannot read {what} file {path} as {fmt}: {msg}") from None
+
+
+def _tensor_to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.numpy()
+
+
+def _pick(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> tuple[str, np.ndarray] | None:
+    lower = {k.lower(): k for k in arrays}
+    for key in keys:
+        if key in lower:
+            return lower[key], arrays[lower[key]]
+    return None
+
+
+def _predictions_and_labels(
+    args: argparse.Namespace,
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    arrays = _load(args.predictions, args.file_format, "PREDICTIONS")
+    hint: str | None = None
+    if "" in arrays:
+        preds = arrays[""]
+    else:
+        found = _pick(arrays, PRED_KEYS)
+        rest = [k for k in arrays if k.lower() not in LABEL_KEYS]
+        if found is None and len(rest) == 1:
+            found = (rest[0], arrays[rest[0]])
+        if found is None:
+            raise _error(
+                f"PREDICTIONS {args.predictions} holds the arrays {sorted(arrays)}; name the"
+                f" predictions one of {', '.join(PRED_KEYS)}"
+            )
+        key, preds = found
+        if key.lower() == "logits":
+            hint = "logits"
+        elif key.lower() in ("probs", "probabilities"):
+            hint = "probs"
+    if args.labels is not None:
+        larrays = _load(args.labels, args.file_format, "LABELS")
+        if "" in larrays:
+            labels = larrays[""]
+        else:
+            found = _pick(larrays, LABEL_KEYS)
+            if found is None and len(larrays) == 1:
+                found = next(iter(larrays.items()))
+            if found is None:
+                raise _error(
+                    f"LABELS {args.labels} holds the arrays {sorted(larrays)}; name the labels"
+                    f" one of {', '.join(LABEL_KEYS)}"
+                )
+            labels = found[1]
+    else:
+        found = None if "" in arrays else _pick(arrays, LABEL_KEYS)
+        if found is None:
+            raise _error(
+                "no labels: pass --labels LABELS, or store a 'labels' array next to the"
+                " predictions in an .npz/.pt file"
+            )
+        labels = found[1]
+    return preds, labels, hint
+
+
+def _check(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if preds.dtype.kind not in "fiu":
+        raise _error(f"PREDICTIONS must be numeric, got dtype {preds.dtype}")
+    if preds.ndim != 2:
+        raise _error(
+            f"PREDICTIONS must be a 2-D array (samples x classes), got shape {preds.shape}"
+        )
+    n, c = preds.shape
+    if c < 2:
+        raise _error(f"PREDICTIONS needs at least 2 columns (classes), got shape {preds.shape}")
+    if n < 2:
+        raise _error(f"PREDICTIONS needs at least 2 rows (samples), got {n}")
+    if preds.dtype not in (np.float32, np.float64):
+        preds = preds.astype(np.float64)
+    bad = ~np.isfinite(preds).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise _error(
+            f"PREDICTIONS has {int(bad.sum())} row(s) with NaN or infinite values"
+            f" (first: row {first}); drop or fix them"
+        )
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and 1 in labels.shape:
+        labels = labels.reshape(-1)
+    if labels.ndim != 1:
+        raise _error(f"LABELS must be a 1-D array of class indices, got shape {labels.shape}")
+    if labels.dtype.kind not in "iuf":
+        raise _error(f"LABELS must hold integer class indices, got dtype {labels.dtype}")
+    if labels.dtype.kind == "f" and not (
+        np.isfinite(labels).all() and (labels == np.round(labels)).all()
+    ):
+        raise _error("LABELS must hold integer class indices, got non-integer or NaN values")
+    if labels.shape[0] != n:
+        raise _error(
+            f"PREDICTIONS has {n} rows but LABELS has {labels.shape[0]} entries; they must match"
+        )
+    labels = labels.astype(np.int64)
+    if labels.min() < 0 or labels.max() >= c:
+        raise _error(
+            f"LABELS must lie in 0..{c - 1} for {c} classes; found"
+            f" {int(labels.min())}..{int(labels.max())}"
+        )
+    return preds, labels
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (validation, test): ``round(val_fraction * n_c)`` random samples of every class
+    ``c`` go to validation, the rest to test; deterministic given ``seed``."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(labels.shape[0])
+    grouped = perm[np.argsort(labels[perm], kind="stable")]
+    _, starts, counts = np.unique(labels[grouped], return_index=True, return_counts=True)
+    rank = np.arange(grouped.shape[0]) - np.repeat(starts, counts)
+    n_val = np.floor(val_fraction * counts + 0.5).astype(np.int64)
+    in_val = rank < np.repeat(n_val, counts)
+    return np.sort(grouped[in_val]), np.sort(grouped[~in_val])
+
+
+# --------------------------------------------------------------------------- metrics
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    # key, label, shown as percent
+    ("accuracy", "accuracy", True),
+    ("nll", "NLL", False),
+    ("brier", "Brier (0-2)", False),
+    ("ece", "ECE", True),
+    ("adaece", "AdaECE", True),
+    ("classwise_ece", "classwise ECE", True),
+    ("mce", "MCE", True),
+    ("smooth_ece", "smooth ECE", True),
+)
+
+
+def compute_metrics(
+    values: np.ndarray, labels: np.ndarray, *, from_logits: bool, n_bins: int
+) -> dict[str, float]:
+    """The table's metrics for one set of predictions."""
+    from crossent.calibration.metrics import (
+        brier,
+        classwise_ece,
+        nll,
+        smooth_ece_from_scores,
+        table_from_scores,
+        top_scores,
+    )
+
+    conf, correct = top_scores(values, labels, from_logits)
+    width = table_from_scores(conf, correct, n_bins=n_bins, binning="width")
+    mass = table_from_scores(conf, correct, n_bins=n_bins, binning="mass")
+    return {
+        "accuracy": float(correct.mean()),
+        "nll": nll(values, labels, from_logits=from_logits),
+        "brier": brier(values, labels, from_logits=from_logits),
+        "ece": width.calibration_error("l1"),
+        "adaece": mass.calibration_error("l1"),
+        "classwise_ece": classwise_ece(values, labels, n_bins=n_bins, from_logits=from_logits),
+        "mce": width.calibration_error("max"),
+        "smooth_ece": smooth_ece_from_scores(conf, correct)[0],
+    }
+
+
+def _fmt(value: float, percent: bool) -> str:
+    return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
+
+
+def _describe_t(temperature: float | np.ndarray) -> str:
+    if isinstance(temperature, np.ndarray):
+        return (
+            f"vector scaling, T_k in [{temperature.min():.3f}, {temperature.max():.3f}]"
+            f" (geometric mean {math.exp(np.log(temperature).mean()):.4f})"
+        )
+    return f"T = {temperature:.4f}"
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"calibration on {result['n_test']} test samples",
+        caption=f"{_describe_t_json(result)}, fitted on {result['n_val']} validation samples",
+        title_justify="left",
+        caption_justify="left",
+    )
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for key, label, percent in METRICS:
+        b, a = result["before"][key], result["after"][key]
+        delta = a - b
+        sign = "+" if delta >= 0 else "-"
+        change = f"{sign}{100 * abs(delta):.2f} pt" if percent else f"{sign}{abs(delta):.4f}"
+        table.add_row(label, _fmt(b, percent), _fmt(a, percent), change)
+    Console(file=sys.stdout).print(table)
+
+
+def _describe_t_json(result: dict[str, Any]) -> str:
+    t = result["temperature"]
+    return _describe_t(np.asarray(t) if isinstance(t, list) else float(t))
+
+
+def _write_report(out: Path, result: dict[str, Any]) -> None:
+    lines = [
+        "# Calibration report",
+        "",
+        f"- predictions: `{result['predictions']}` ({result['kind']}, {result['n_samples']}"
+        f" samples, {result['n_classes']} classes)",
+        f"- method: {result['method']} scaling, {_describe_t_json(result)}",
+        f"- split: {result['n_val']} validation samples (fit), {result['n_test']} test samples"
+        f" (metrics), val-fraction {result['val_fraction']}, seed {result['seed']}",
+        f"- binned metrics use {result['n_bins']} bins; Brier is summed over classes"
+        " (range 0-2); NLL in nats",
+        "",
+        "| metric | before | after |",
+        "|---|---:|---:|",
+    ]
+    for key, label, percent in METRICS:
+        lines.append(
+            f"| {label} | {_fmt(result['before'][key], percent)} |"
+            f" {_fmt(result['after'][key], percent)} |"
+        )
+    lines += [
+        "",
+        "![reliability before and after](reliability_comparison.png)",
+        "",
+        "Conventions: ECE/MCE use equal-width bins ((m-1)/M, m/M] (Guo et al. 2017), AdaECE"
+        " equal-mass bins (Mukhoti et al. 2020), classwise ECE averages per-class marginal"
+        " ECEs over all classes (Kull et al. 2019), smooth ECE is the kernel-smoothed ECE at"
+        " its fixed-point bandwidth (Blasiok and Nakkiran 2023).",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``crossent calibrate``; returns the exit status."""
+    from crossent.calibration._inputs import looks_like_probs
+    from crossent.calibration.temperature import TemperatureScaler
+
+    if not (0.0 <= args.val_fraction < 1.0) or math.isnan(args.val_fraction):
+        raise _error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
+    if args.n_bins < 1:
+        raise _error(f"--n-bins must be >= 1, got {args.n_bins}")
+    preds, labels, hint = _predictions_and_labels(args)
+    preds, labels = _check(preds, labels)
+    n, c = preds.shape
+
+    kind: Literal["logits", "probs"]
+    if args.kind != "auto":
+        kind = args.kind
+    elif hint is not None:
+        kind = "logits" if hint == "logits" else "probs"
+    else:
+        kind = "probs" if looks_like_probs(preds, "PREDICTIONS") else "logits"
+    if kind == "probs":
+        if not looks_like_probs(preds, "PREDICTIONS"):
+            raise _error(
+                "PREDICTIONS are not probabilities (rows must lie in [0, 1] and sum to 1);"
+                " pass --kind logits if they are logits"
+            )
+        with np.errstate(divide="ignore"):
+            logits = np.log(np.maximum(preds, np.finfo(preds.dtype).tiny))
+    else:
+        logits = preds
+
+    if args.val_fraction == 0:
+        print(
+            "crossent calibrate: warning: --val-fraction 0 fits T and evaluates on the same"
+            " samples; the 'after' numbers are optimistic",
+            file=sys.stderr,
+        )
+        val_idx = test_idx = np.arange(n)
+    else:
+        val_idx, test_idx = stratified_split(labels, args.val_fraction, args.seed)
+        if val_idx.size == 0 or test_idx.size == 0:
+            raise _error(
+                f"the split of {n} samples with --val-fraction {args.val_fraction} leaves an"
+                " empty validation or test part; change --val-fraction or give more samples"
+            )
+
+    scaler = TemperatureScaler(method=args.method).fit(logits[val_idx], labels[val_idx])
+    y_test = labels[test_idx]
+    before = compute_metrics(
+        preds[test_idx], y_test, from_logits=kind == "logits", n_bins=args.n_bins
+    )
+    calibrated = scaler.transform(logits[test_idx])
+    after = compute_metrics(calibrated, y_test, from_logits=True, n_bins=args.n_bins)
+    temperature = scaler.temperature
+    result: dict[str, Any] = {
+        "predictions": str(args.predictions),
+        "labels": None if args.labels is None else str(args.labels),
+        "kind": kind,
+        "method": args.method,
+        "temperature": temperature.tolist() if isinstance(temperature, np.ndarray) else temperature,
+        "bias": None if scaler.bias is None else scaler.bias.tolist(),
+        "n_samples": int(n),
+        "n_classes": int(c),
+        "n_val": int(val_idx.size),
+        "n_test": int(test_idx.size),
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "n_bins": args.n_bins,
+        "brier_range": "0-2 (squared error summed over classes)",
+        "before": before,
+        "after": after,
+    }
+    _print_table(result)
+
+    if args.out is not None:
+        from crossent.calibration.plots import compare_reliability_diagrams, reliability_diagram
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        _write_report(out, result)
+        test_before = preds[test_idx]
+        from_logits = kind == "logits"
+        fig = reliability_diagram(
+            test_before, y_test, n_bins=args.n_bins, from_logits=from_logits, title="before"
+        )
+        fig.savefig(out / "reliability_before.png", dpi=110)
+        fig = reliability_diagram(
+            calibrated, y_test, n_bins=args.n_bins, from_logits=True, title="after"
+        )
+        fig.savefig(out / "reliability_after.png", dpi=110)
+        if from_logits:
+            panels = {"before": test_before, f"after ({_describe_t(temperature)})": calibrated}
+            fig = compare_reliability_diagrams(panels, y_test, n_bins=args.n_bins, from_logits=True)
+        else:
+            fig = compare_reliability_diagrams(
+                {
+                    "before": test_before,
+                    f"after ({_describe_t(temperature)})": scaler.predict_proba(logits[test_idx]),
+                },
+                y_test,
+                n_bins=args.n_bins,
+            )
+        fig.savefig(out / "reliability_comparison.png", dpi=110)
+        print(f"wrote report.md, metrics.json and 3 reliability diagrams to {out}")
+    return 0

@@ -1,0 +1,342 @@
+r"""Temperature scaling and vector scaling (Guo et al. 2017, *On Calibration of Modern Neural
+Networks*).
+
+Temperature scaling divides the logits by one scalar :math:`T > 0` fitted on held-out data:
+
+.. math::
+    \hat T = \arg\min_{T \in [T_{\min}, T_{\max}]} \frac{1}{N}\sum_{i=1}^N
+        \Big(\operatorname{logsumexp}_k \frac{z_{ik}}{T} - \frac{z_{i y_i}}{T}\Big).
+
+In the inverse temperature :math:`s = 1/T` the objective
+:math:`L(s) = \frac1N\sum_i \operatorname{logsumexp}_k(s z_{ik}) - s z_{iy_i}` is convex, with
+
+.. math::
+    L'(s) = \frac1N\sum_i \big(\mathbb E_{p_i(s)}[z_i] - z_{iy_i}\big), \qquad
+    L''(s) = \frac1N\sum_i \operatorname{Var}_{p_i(s)}[z_i] \ \ge 0,
+
+where :math:`p_i(s) = \operatorname{softmax}(s z_i)`; the gradient with respect to
+:math:`\log T` is :math:`-s L'(s)`. The fit is a safeguarded Newton iteration on
+:math:`L'(s) = 0` inside the bracket :math:`[1/T_{\max}, 1/T_{\min}]`, falling back to a
+geometric bisection of the bracket whenever a Newton step leaves it. Because :math:`L'` is
+monotone the bracket always contains the minimiser, so the iteration converges from any
+start, and the result lies in :math:`[T_{\min}, T_{\max}]` -- in particular :math:`T > 0`.
+If the minimiser is beyond a bound (for instance, separable data drive :math:`T \to 0`) the
+bound is returned. Each iteration is one vectorised pass over the rows in chunks (float32
+for float32 input, float64 otherwise), so a (10^6, 10^3) matrix needs no copy.
+
+``objective="ece"`` minimises the top-label ECE instead (the convention of Mukhoti et al.
+2020), with a grid over :math:`\log T` followed by a golden-section refinement.
+
+``method="vector"`` fits vector scaling, :math:`z'_{ik} = z_{ik}/T_k + b_k`, with per-class
+temperatures and biases by L-BFGS on the NLL (the biases are centred to mean zero, which does
+not change the probabilities). Unlike temperature scaling it can change the arg-max.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+
+from crossent.calibration._inputs import (
+    ArrayLike,
+    as_labels,
+    as_matrix,
+    chunks,
+    iter_chunks,
+)
+from crossent.calibration.metrics import table_from_scores
+
+__all__ = ["TemperatureScaler"]
+
+A = TypeVar("A", np.ndarray, torch.Tensor)
+
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _nll_derivatives(z: torch.Tensor, y: np.ndarray, s: float) -> tuple[float, float, float]:
+    """Mean NLL of softmax(s z) and its first two derivatives in s; one pass in chunks."""
+    yt = torch.from_numpy(y)
+    loss = grad = hess = 0.0
+    for start, stop, block in chunks(z, from_logits=True, name="logits"):
+        zy = block.gather(1, yt[start:stop, None]).reshape(-1)
+        lse = torch.logsumexp(block * s, dim=1)
+        p = torch.exp(block * s - lse[:, None])
+        mean_z = (p * block).sum(1)
+        var_z = (p * (block - mean_z[:, None]).square()).sum(1)
+        loss += float((lse - s * zy).sum(dtype=torch.float64))
+        grad += float((mean_z - zy).sum(dtype=torch.float64))
+        hess += float(var_z.sum(dtype=torch.float64))
+    n = z.shape[0]
+    return loss / n, grad / n, hess / n
+
+
+def _top_conf_at(z: torch.Tensor, t: float) -> np.ndarray:
+    """Top-label confidence of softmax(z / t) for every row."""
+    out = np.empty(z.shape[0], dtype=np.float64)
+    for start, stop, block in chunks(z, from_logits=True, name="logits"):
+        scaled = block / t
+        top = torch.exp(scaled.amax(1) - torch.logsumexp(scaled, dim=1))
+        out[start:stop] = top.to(torch.float64).numpy()
+    return out
+
+
+class TemperatureScaler:
+    """Post-hoc calibration by temperature scaling (default) or vector scaling.
+
+    Parameters
+    ----------
+    method:
+        ``"temperature"``: one scalar :math:`T`; ``"vector"``: per-class :math:`T_k` and
+        biases :math:`b_k`.
+    t_min, t_max:
+        Bounds on the temperature(s); the fit never leaves them.
+    max_iter:
+        Iteration cap of the optimiser.
+
+    Attributes (after :meth:`fit`)
+    ------------------------------
+    temperature:
+        ``float`` for temperature scaling, a float64 array of shape (C,) for vector scaling.
+    bias:
+        ``None`` for temperature scaling, a float64 array of shape (C,) for vector scaling.
+    n_iter_:
+        Passes over the data the fit took (NLL evaluations for vector scaling).
+
+    Examples
+    --------
+    >>> scaler = TemperatureScaler().fit(val_logits, val_labels)
+    >>> probs = scaler.predict_proba(test_logits)
+    """
+
+    def __init__(
+        self,
+        method: Literal["temperature", "vector"] = "temperature",
+        *,
+        t_min: float = 1e-2,
+        t_max: float = 1e2,
+        max_iter: int = 100,
+    ) -> None:
+        if method not in ("temperature", "vector"):
+            raise ValueError(f"method must be 'temperature' or 'vector', got {method!r}")
+        if not (0 < t_min < t_max < math.inf):
+            raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        self.method = method
+        self.t_min = float(t_min)
+        self.t_max = float(t_max)
+        self.max_iter = int(max_iter)
+        self._temperature: float | np.ndarray | None = None
+        self.bias: np.ndarray | None = None
+        self.n_iter_ = 0
+
+    def __repr__(self) -> str:
+        fitted = "" if self._temperature is None else f", temperature={self._temperature!r}"
+        return f"TemperatureScaler(method={self.method!r}{fitted})"
+
+    @property
+    def temperature(self) -> float | np.ndarray:
+        """The fitted temperature (``float``), or per-class temperatures for vector scaling."""
+        if self._temperature is None:
+            raise RuntimeError("TemperatureScaler is not fitted: call fit(logits, labels) first")
+        return self._temperature
+
+    # ------------------------------------------------------------------ fitting
+    def fit(
+        self,
+        logits: ArrayLike,
+        labels: ArrayLike,
+        *,
+        objective: Literal["nll", "ece"] = "nll",
+        n_bins: int = 15,
+        init_temperature: float = 1.0,
+    ) -> TemperatureScaler:
+        """Fit on validation ``logits`` (N, C) and integer ``labels`` (N,); returns ``self``.
+
+        ``objective="nll"`` (default) minimises the validation NLL; ``objective="ece"``
+        minimises the top-label width-binned ECE with ``n_bins`` bins (temperature scaling
+        only). ``init_temperature`` is where the NLL iteration starts (clipped to the bounds);
+        the result does not depend on it.
+        """
+        z = as_matrix(logits, "logits")
+        y = as_labels(labels, z.shape[0], z.shape[1])
+        if objective not in ("nll", "ece"):
+            raise ValueError(f"objective must be 'nll' or 'ece', got {objective!r}")
+        if not (init_temperature > 0 and math.isfinite(init_temperature)):
+            raise ValueError(
+                f"init_temperature must be a finite number > 0, got {init_temperature}"
+            )
+        if self.method == "vector":
+            if objective != "nll":
+                raise ValueError("vector scaling is fitted on the NLL only: use objective='nll'")
+            self._fit_vector(z, y)
+        elif objective == "nll":
+            self._temperature = self._fit_nll(z, y, init_temperature)
+            self.bias = None
+        else:
+            self._temperature = self._fit_ece(z, y, n_bins)
+            self.bias = None
+        return self
+
+    def _fit_nll(self, z: torch.Tensor, y: np.ndarray, init: float) -> float:
+        s_lo, s_hi = 1.0 / self.t_max, 1.0 / self.t_min  # bracket on s = 1/T
+        lo_known = hi_known = False  # whether L' has been seen < 0 at lo / > 0 at hi
+        s = min(max(1.0 / init, s_lo), s_hi)
+        self.n_iter_ = 0
+        for _ in range(self.max_iter):
+            self.n_iter_ += 1
+            _, g, h = _nll_derivatives(z, y, s)
+            if not (math.isfinite(g) and math.isfinite(h)):
+                raise ValueError("logits: the NLL is not finite; check for huge values")
+            if g == 0.0 or abs(g) * s <= 1e-12:
+                break
+            if g < 0:
+                s_lo, lo_known = s, True
+                if s >= 1.0 / self.t_min:  # still decreasing at the bound: T = t_min
+                    break
+            else:
+                s_hi, hi_known = s, True
+                if s <= 1.0 / self.t_max:  # increasing at the bound: T = t_max
+                    break
+            step = -g / h if h > 0 else math.inf * -math.copysign(1.0, g)
+            cand = s + step
+            if not (s_lo < cand < s_hi):
+                # Newton left the bracket: try the unexplored bound once, else bisect.
+                if cand >= s_hi and not hi_known:
+                    cand = s_hi
+                elif cand <= s_lo and not lo_known:
+                    cand = s_lo
+                else:
+                    cand = math.sqrt(s_lo * s_hi)
+            if abs(cand - s) <= 1e-12 * s or s_hi / s_lo - 1.0 <= 1e-13:
+                s = cand
+                break
+            s = cand
+        return float(min(max(1.0 / s, self.t_min), self.t_max))
+
+    def _fit_ece(self, z: torch.Tensor, y: np.ndarray, n_bins: int) -> float:
+        pred = np.empty(z.shape[0], dtype=np.int64)
+        for start, stop, block in chunks(z, from_logits=True, name="logits"):
+            pred[start:stop] = block.argmax(1).numpy()
+        correct = (pred == y).astype(np.float64)
+
+        def objective(log_t: float) -> float:
+            conf = _top_conf_at(z, math.exp(log_t))
+            return table_from_scores(conf, correct, n_bins=n_bins).calibration_error("l1")
+
+        grid = np.linspace(math.log(self.t_min), math.log(self.t_max), 33)
+        values = [objective(float(g)) for g in grid]
+        best = int(np.argmin(values))
+        a = float(grid[max(best - 1, 0)])
+        b = float(grid[min(best + 1, len(grid) - 1)])
+        best_x, best_f = float(grid[best]), values[best]
+        c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+        fc, fd = objective(c), objective(d)
+        self.n_iter_ = len(grid) + 2
+        while b - a > 1e-4 and self.n_iter_ < len(grid) + self.max_iter:
+            self.n_iter_ += 1
+            if fc <= fd:
+                b, d, fd = d, c, fc
+                c = b - _GOLDEN * (b - a)
+                fc = objective(c)
+            else:
+                a, c, fc = c, d, fd
+                d = a + _GOLDEN * (b - a)
+                fd = objective(d)
+        for x, f in ((c, fc), (d, fd)):
+            if f < best_f:  # ECE is piecewise constant-ish: keep the best point seen
+                best_x, best_f = x, f
+        return float(min(max(math.exp(best_x), self.t_min), self.t_max))
+
+    def _fit_vector(self, z: torch.Tensor, y: np.ndarray) -> None:
+        n, c = z.shape
+        yt = torch.from_numpy(y)
+        log_t = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [log_t, bias],
+            lr=1.0,
+            max_iter=self.max_iter,
+            tolerance_grad=1e-10,
+            tolerance_change=1e-14,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+        lo, hi = math.log(self.t_min), math.log(self.t_max)
+        self.n_iter_ = 0
+        for start, stop in iter_chunks(z):  # validate once before optimising
+            if not bool(torch.isfinite(z[start:stop]).all()):
+                raise ValueError("logits contain NaN or infinite values")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            total = 0.0
+            inv_t = torch.exp(-log_t.clamp(lo, hi))
+            for start, stop in iter_chunks(z):
+                block = z[start:stop].to(torch.float64)
+                loss = (
+                    torch.nn.functional.cross_entropy(
+                        block * inv_t + bias, yt[start:stop], reduction="sum"
+                    )
+                    / n
+                )
+                loss.backward()
+                total += float(loss.detach())
+            self.n_iter_ += 1
+            return torch.tensor(total, dtype=torch.float64)
+
+        opt.step(closure)
+        with torch.no_grad():
+            t = torch.exp(log_t.clamp(lo, hi)).numpy().copy()
+            b = (bias - bias.mean()).numpy().copy()
+        self._temperature = t
+        self.bias = b
+
+    # ------------------------------------------------------------------ applying
+    def transform(self, logits: A) -> A:
+        """Calibrated logits :math:`z / T` (or :math:`z / T_k + b_k`), same type as the input.
+
+        NumPy in gives NumPy out (float32 stays float32), a tensor gives a tensor on its own
+        device and dtype (differentiable in the input).
+        """
+        temperature = self.temperature
+        if isinstance(logits, torch.Tensor):
+            if logits.ndim != 2:
+                raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+            dtype = logits.dtype if logits.is_floating_point() else torch.float32
+            if self.bias is None:
+                return logits.to(dtype) / float(temperature)
+            t = torch.as_tensor(temperature, dtype=dtype, device=logits.device)
+            b = torch.as_tensor(self.bias, dtype=dtype, device=logits.device)
+            self._check_classes(logits.shape[1])
+            return logits.to(dtype) / t + b
+        arr = np.asarray(logits)
+        if arr.ndim != 2:
+            raise ValueError(f"logits must be 2-D (N, C), got shape {arr.shape}")
+        if arr.dtype.kind != "f":
+            arr = arr.astype(np.float64)
+        if self.bias is None:
+            return (arr / arr.dtype.type(temperature)).astype(arr.dtype, copy=False)
+        self._check_classes(arr.shape[1])
+        t = np.asarray(temperature, dtype=arr.dtype)
+        return (arr / t + self.bias.astype(arr.dtype)).astype(arr.dtype, copy=False)
+
+    def predict_proba(self, logits: A) -> A:
+        """Calibrated probabilities ``softmax(transform(logits))``, same type as the input."""
+        out = self.transform(logits)
+        if isinstance(out, torch.Tensor):
+            return torch.softmax(out, dim=1)
+        shifted = out - out.max(axis=1, keepdims=True)
+        np.exp(shifted, out=shifted)
+        shifted /= shifted.sum(axis=1, keepdims=True)
+        return shifted
+
+    def _check_classes(self, c: int) -> None:
+        assert self.bias is not None
+        if c != self.bias.shape[0]:
+            raise ValueError(
+                f"logits have {c} classes but the scaler was fitted on {self.bias.shape[0]}"
+            )

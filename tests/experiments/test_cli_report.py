@@ -1,0 +1,137 @@
+"""Report files, CLI errors on bad input, config files, and an end-to-end ``--quick`` run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossent.cli import main
+from crossent.experiments.datasets import TaskData
+from crossent.experiments.report import pt_curves, write_run_folder
+from crossent.experiments.runner import StudyConfig, run_study
+
+TINY = ["--epochs", "3", "--hidden", "16", "--seeds", "1", "--no-figures"]
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("crossent run: error: ")
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_report_files_written_and_non_empty(tmp_path: Path, blobs: TaskData) -> None:
+    cfg = StudyConfig(losses=["ce", "ls-0.1"], seeds=[0, 1], epochs=3, hidden=16)
+    result = run_study(cfg, tasks={"blobs": blobs})
+    written = write_run_folder(result, tmp_path / "run", command="crossent run --test")
+    names = {"results.json", "results.csv", "summary.csv", "report.md", "predictions.npz",
+             "figures/loss_gradient_pt.png", "figures/ece_blobs.png",
+             "figures/reliability_blobs_ce.png", "figures/reliability_blobs_ls-0.1.png"}
+    assert names <= set(written)
+    for p in written.values():
+        assert p.is_file() and p.stat().st_size > 0
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(data["runs"]) == 4 and len(data["summary"]) == 2
+    assert data["reading"]["blobs"]
+    with (tmp_path / "run" / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and {"ece", "ece_ts", "temperature"} <= set(rows[0])
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Automatic reading" in md and "| CE |" in md and "![" in md
+    with np.load(tmp_path / "run" / "predictions.npz") as z:
+        assert z["blobs/ce/seed1/logits"].shape == (len(blobs.y_test), 3)
+
+
+def test_pt_curves_closed_forms() -> None:
+    p = np.array([0.1, 0.5, 0.9])
+    c = pt_curves(p, num_classes=10)
+    np.testing.assert_allclose(c["CE"][0], -np.log(p), rtol=1e-6)
+    np.testing.assert_allclose(c["CE"][1], 1 - p, rtol=1e-6)  # |p_t - 1|
+    np.testing.assert_allclose(c["focal γ=2"][0], -((1 - p) ** 2) * np.log(p), rtol=1e-6)
+    # label smoothing: gradient p_t - (1 - eps + eps/K) changes sign near the target
+    np.testing.assert_allclose(c["LS ε=0.1"][1], np.abs(p - 0.91), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--data", "{tmp}/nope.csv", "--target", "y"], "no such file"),
+        (["--data", "{tmp}/t.csv", "--target", "nope"], "no column 'nope'"),
+        (["--data", "{tmp}/t.csv"], "--target COLUMN is required"),
+        (["--data", "{tmp}/t.txt2", "--target", "y"], "unsupported file type"),
+        (["--target", "y"], "--target needs --data"),
+        (["--losses", "ce,mse"], "unknown loss 'mse'"),
+        (["--seeds", "x"], "bad --seeds"),
+        (["--seeds", "0"], "number of seeds"),
+        (["--tasks", "cifar10"], "unknown task"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--device", "cuda:7"] , "device"),
+        (["--config", "{tmp}/bad.toml"], "unknown key 'colour'"),
+        (["--config", "{tmp}/broken.toml"], "invalid TOML"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], match: str
+) -> None:
+    (tmp_path / "t.csv").write_text("a,y\n1,0\n2,1\n3,0\n4,1\n5,0\n6,1\n")
+    (tmp_path / "t.txt2").write_text("a,y\n")
+    (tmp_path / "bad.toml").write_text('colour = "red"\n')
+    (tmp_path / "broken.toml").write_text("epochs = = 3\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc = main(["run", *args, "--out", str(tmp_path / "out")])
+    assert match in _one_line_error(capsys, rc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_user_csv_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    lines = ["f1,f2,kind,target"]
+    for i in range(90):
+        c = i % 3
+        lines.append(f"{rng.normal() + c:.4f},{rng.normal() - c:.4f},{'ab'[i % 2]},k{c}")
+    (tmp_path / "mine.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "study.toml").write_text(
+        '[run]\nlosses = ["ce", "focal-2"]\nseeds = [5]\nepochs = 50\nmodel = "linear"\n'
+        "no-such-option-here = false\n".replace("no-such-option-here = false\n", "")
+    )
+    out = tmp_path / "out"
+    rc = main(["run", "--data", str(tmp_path / "mine.csv"), "--target", "target",
+               "--config", str(tmp_path / "study.toml"), "--epochs", "4", "--no-figures",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["model"] == "linear"
+    assert data["config"]["epochs"] == 4  # the command line wins over the file
+    assert [(r["loss"], r["seed"]) for r in data["runs"]] == [("ce", 5), ("focal-2", 5)]
+    assert data["tasks"]["mine"]["class_names"] == ["k0", "k1", "k2"]
+    assert "mine" in capsys.readouterr().out
+
+
+def test_cli_same_seed_same_results(tmp_path: Path) -> None:
+    outs = []
+    for name in ("a", "b"):
+        rc = main(["run", "--tasks", "digits", "--losses", "ce,focal-1", *TINY,
+                   "--out", str(tmp_path / name)])
+        assert rc == 0
+        runs = json.loads((tmp_path / name / "results.json").read_text())["runs"]
+        outs.append([{k: v for k, v in r.items() if k != "time_s"} for r in runs])
+    assert outs[0] == outs[1]
+
+
+def test_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "quick"
+    assert main(["run", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for task in ("mnist1d", "digits", "mnist1d-lt"):
+        assert task in printed
+    data = json.loads((out / "results.json").read_text())
+    assert {r["task"] for r in data["runs"]} == {"mnist1d", "digits", "mnist1d-lt"}
+    assert len(data["runs"]) == (4 + 4 + 6) * 2
+    for name in ("results.csv", "report.md", "figures/ece_mnist1d.png",
+                 "figures/reliability_mnist1d-lt_cb-focal.png", "figures/loss_gradient_pt.png"):
+        assert (out / name).stat().st_size > 0
