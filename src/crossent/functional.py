@@ -20,7 +20,7 @@ from torch import Tensor
 from crossent._cpu.softmax import softmax_cross_entropy as _torch_softmax_ce
 from crossent._options import Backend, GammaSchedule, Reduction, SoftmaxOptions
 
-__all__ = ["cross_entropy", "flsd53", "focal_loss"]
+__all__ = ["cross_entropy", "flsd53", "focal_loss", "linear_cross_entropy"]
 
 _REDUCTIONS = ("none", "sum", "mean")
 _BACKENDS = ("auto", "torch", "triton")
@@ -394,3 +394,171 @@ def flsd53(p: Tensor) -> Tensor:
     p < 0.2, and gamma = 3 otherwise. Pass it as ``gamma=crossent.flsd53``.
     """
     return torch.where(p < 0.2, 5.0, 3.0).to(p.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# fused linear + cross-entropy (issue 7)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    gamma: float | GammaSchedule = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    confidence_penalty: float = 0.0,
+    poly1: float = 0.0,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""``cross_entropy(hidden @ weight.T + bias, target, ...)`` without materialising the logits.
+
+    The N x V logits of a language-model head (and their gradient) are never held: tokens are
+    processed in chunks; each chunk's logits :math:`Z_c = H_c W^\top + b` go through the fused
+    softmax kernel, which writes :math:`G_c = \partial L / \partial Z_c` over them, and are turned
+    at once into :math:`\partial H_c = G_c W`, :math:`\partial W \mathrel{+}= G_c^\top H_c`,
+    :math:`\partial b \mathrel{+}= \mathbf 1^\top G_c` (the chunked scheme of Liger-Kernel; the
+    blockwise one of Wijmans et al. 2024, *Cut Your Losses in Large-Vocabulary Language
+    Models*, keeps even the chunk on chip). Extra memory: one chunk of logits plus the
+    gradients of ``hidden``, ``weight`` and ``bias`` themselves. Tokens whose target is
+    ``ignore_index`` are dropped before the matmul and cost nothing.
+
+    Semantics: the loss and the gradients w.r.t. ``hidden``, ``weight`` and ``bias`` equal those
+    of :func:`cross_entropy` on the materialised logits (float tolerance: only the summation
+    order of the matmuls differs), for every option of the softmax family; see
+    :func:`cross_entropy` for the math.
+
+    Args:
+        hidden: (..., D) float tensor (the last hidden states).
+        weight: (V, D) output embedding, same dtype and device as ``hidden``.
+        target: (...) integer class indices in [0, V) or ``ignore_index``; ``hidden``'s shape
+            without its last dim.
+        bias: optional (V,) output bias.
+        class_weight: optional (V,) non-negative class weights (``weight=`` of
+            :func:`cross_entropy`; renamed, since ``weight`` is the linear layer's here).
+        ignore_index, label_smoothing, gamma, z_loss, softcap, confidence_penalty, poly1,
+            reduction: as in :func:`cross_entropy`.
+        chunk_size: tokens per chunk. Default: from a memory budget,
+            ``max(1, budget // (V * bytes_per_entry))`` with a 64 MiB budget on the CPU
+            (``bytes_per_entry`` = the element size: the gradient overwrites the logits and the
+            softmax runs on cache-sized sub-blocks) and 1/16 of the free device memory,
+            clamped to [64 MiB, 1 GiB], on CUDA (``bytes_per_entry`` = element size + 12 for the
+            fp32 softmax temporaries); + 4 bytes when ``dW`` accumulates in fp32 for half
+            inputs. See :mod:`crossent._cpu.linear`.
+        weight_grad_dtype: dtype in which ``dW`` (and ``db``) accumulate over the chunks.
+            Default: float32 for bfloat16/float16 weights (each chunk's contribution is added
+            in fp32, then the sum is rounded once to the weight's dtype; costs a V x D fp32
+            buffer), the weight's dtype otherwise. Pass ``torch.bfloat16`` to accumulate in
+            bf16 (half the memory, rounding at every chunk).
+        backend: ``"auto"``, ``"torch"`` (the chunked path, any device) or ``"triton"``.
+
+    Precision: the logits of a chunk have the inputs' dtype (the matmul accumulates in fp32, as
+    ``hidden @ weight.T`` does); the softmax, loss and its gradient are computed in fp32
+    (fp64 for fp64 inputs); ``dH`` and ``dW`` come out in the inputs' dtypes.
+
+    Backward: with a "mean"/"sum" reduction the gradients are formed during the forward pass
+    and only scaled by ``grad_output`` in backward (three matmuls in all, as unfused). With
+    ``reduction="none"`` a per-token ``grad_output`` cannot be folded in afterwards, so the
+    forward computes only the losses and backward recomputes each chunk's logits: one extra
+    matmul, nothing stored. A second backward (``retain_graph=True``) also recomputes.
+
+    Returns:
+        The loss (fp32 for half inputs, fp64 for fp64); for ``"none"`` of ``target``'s shape,
+        0 at ignored tokens.
+
+    Example::
+
+        >>> h = torch.randn(4, 16, 64, requires_grad=True)     # (batch, seq, D)
+        >>> W = torch.randn(1000, 64, requires_grad=True)      # (V, D)
+        >>> y = torch.randint(0, 1000, (4, 16))
+        >>> loss = crossent.linear_cross_entropy(h, W, y, label_smoothing=0.1, z_loss=1e-4)
+        >>> loss.backward()
+    """
+    check_logits(hidden, "hidden")
+    check_logits(weight, "weight")
+    check_reduction(reduction)
+    opts = make_softmax_options(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        gamma=gamma,
+        z_loss=z_loss,
+        softcap=softcap,
+        confidence_penalty=confidence_penalty,
+        poly1=poly1,
+    )
+    if hidden.ndim < 1:
+        raise ValueError("hidden must have shape (..., D), got a 0-d tensor")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
+    V, D = weight.shape
+    if hidden.shape[-1] != D:
+        raise ValueError(
+            f"hidden's last dim ({hidden.shape[-1]}) must equal weight's second dim D={D} "
+            f"(weight is (V, D) = {tuple(weight.shape)})"
+        )
+    if V == 0:
+        raise ValueError("weight must have at least one row (class)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; cast one")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        check_logits(bias, "bias")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape ({V},) (one per class), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(
+                f"bias must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
+                f"got ({bias.dtype}, {bias.device})"
+            )
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != hidden.device:
+        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(
+            f"target must hold integer class indices (probability targets are not supported by "
+            f"linear_cross_entropy), got {target.dtype}"
+        )
+    check_class_target(target, V, ignore_index, tuple(hidden.shape[:-1]))
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if weight_grad_dtype is not None and weight_grad_dtype not in (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64
+    ):
+        raise ValueError(f"weight_grad_dtype must be a float dtype or None, got {weight_grad_dtype}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    try:
+        w = prepare_weight(class_weight, V, hidden)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("weight", "class_weight", 1)) from None
+
+    from crossent._cpu.linear import LinearCrossEntropyFunction
+
+    lead = tuple(hidden.shape[:-1])
+    h2 = hidden.reshape(-1, D)
+    t1 = target.reshape(-1).long()
+    if backend == "triton" or (backend == "auto" and hidden.is_cuda and _triton_available()):
+        from crossent._triton.linear import try_triton_linear_cross_entropy
+
+        out = try_triton_linear_cross_entropy(
+            h2, weight, bias, t1, w, opts, reduction, chunk_size, weight_grad_dtype,
+            required=backend == "triton",
+        )
+        if out is not None:
+            return out.reshape(lead) if reduction == "none" else out
+    loss = LinearCrossEntropyFunction.apply(
+        h2, weight, bias, t1, w, opts, reduction, chunk_size, weight_grad_dtype
+    )
+    return loss.reshape(lead) if reduction == "none" else loss

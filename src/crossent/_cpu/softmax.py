@@ -81,6 +81,18 @@ def _gamma_for_rows(opts: SoftmaxOptions, p_true: Tensor) -> Tensor | float:
     return g
 
 
+def _softmax_into(x: Tensor, out: Tensor | None) -> Tensor:
+    """softmax over dim 1 by ATen's fused kernel (one read of the row, one write), into ``out``."""
+    if out is None or _compiling():
+        return torch.softmax(x, dim=1)
+    return torch._softmax(x, 1, False, out=out)
+
+
+#: Below this true-class probability, -log(q_y) from the softmax output loses digits
+#: (fp32 subnormals start at 1.2e-38), so those rows get an exact log-sum-exp instead.
+_Q_TINY = 1e-30
+
+
 def softmax_rows(
     x: Tensor,
     target: Tensor,
@@ -92,7 +104,7 @@ def softmax_rows(
     """Per-row loss of a block of rows, and (optionally) its gradient written into ``grad_out``.
 
     Args:
-        x: (R, C) logits of any float dtype (read only, any strides).
+        x: (R, C) logits of any float dtype (read only, any strides; may alias ``grad_out``).
         target: (R,) int64 class indices or (R, C) float probabilities.
         weight: (C,) class weights in the accumulation dtype, or None.
         opts: validated options.
@@ -104,29 +116,10 @@ def softmax_rows(
     """
     acc = _acc_dtype(x.dtype)
     R, C = x.shape
-    u = x.to(acc)  # a view when x is already fp32/fp64: nothing below writes into u
-    th = None
-    if opts.softcap is not None:
-        th = torch.tanh(u / opts.softcap)  # u = s tanh(z / s): bounded logits (Gemma 2)
-        u = th * opts.softcap
-    # log-sum-exp with the row max subtracted: exp never overflows, the largest term is 1.
-    m = u.amax(dim=1, keepdim=True)
-    q = torch.sub(u, m).exp_()
-    sum_e = q.sum(dim=1, keepdim=True)
-    lse = torch.log(sum_e).add_(m)
-    q.div_(sum_e)
-
     index = not target.is_floating_point()
     eps = float(opts.label_smoothing)
     focal = opts.focal
     need_grad = grad_out is not None
-    zero = torch.zeros((R, 1), dtype=acc, device=x.device)
-
-    # Per-row pieces of the gradient: G = q * rowc + rowconst + dense - onehot_y * sparse.
-    rowc = zero
-    rowconst: Tensor | None = None
-    dense: Tensor | None = None
-    sparse: Tensor | None = None
 
     if index:
         valid = (target != opts.ignore_index).unsqueeze(1)
@@ -134,53 +127,108 @@ def softmax_rows(
         validf = valid.to(acc)
         w_y = validf if weight is None else weight[y] * validf
         s = w_y  # sample weight: ignored rows weigh 0
-        ell_y = lse - u.gather(1, y)
+    else:
+        s = torch.ones((R, 1), dtype=acc, device=x.device)
+
+    # Sparse fast path (index targets; no softcap, no confidence penalty, no focal+smoothing):
+    # every term of the gradient is q * (per-row scalar) plus per-row constants and a scatter at
+    # y, so q itself can live in the gradient buffer and one in-place multiply finishes it.
+    sparse_path = (
+        index and opts.softcap is None and not opts.confidence_penalty and (eps == 0.0 or not focal)
+    )
+    th = None
+    u = x
+    if sparse_path:
+        u_y = x.gather(1, y).to(acc)
+        if eps:  # row sums for the uniform part of the smoothed target, before q overwrites x
+            u_sum = (
+                x.sum(dim=1, keepdim=True, dtype=acc)
+                if weight is None
+                else (x.to(acc) @ weight).unsqueeze(1)
+            )
+        if need_grad:
+            if x.dtype == acc:
+                q = _softmax_into(x, grad_out)
+            else:  # fp16/bf16: stage the block in fp32 (accumulation), softmax in place
+                q = x.to(acc)
+                q = _softmax_into(q, q)
+            q_y = q.gather(1, y)
+            ell_y = torch.log(q_y).neg_()
+            tiny = q_y < _Q_TINY
+            if _compiling() or bool(tiny.any()):
+                # exact lse for rows whose true-class probability underflows (hostile logits)
+                lse_exact = torch.logsumexp(x.to(acc), dim=1, keepdim=True)
+                ell_y = torch.where(tiny, lse_exact - u_y, ell_y)
+            lse = u_y + ell_y
+        else:
+            q = None
+            lse = torch.logsumexp(x.to(acc), dim=1, keepdim=True)
+            ell_y = lse - u_y
+    else:
+        u = x.to(acc)  # a view when x is already fp32/fp64: nothing below writes into u
+        if opts.softcap is not None:
+            th = torch.tanh(u / opts.softcap)  # u = c tanh(z / c): bounded logits (Gemma 2)
+            u = th * opts.softcap
+        # log-sum-exp with the row max subtracted: exp never overflows, the largest term is 1.
+        m = u.amax(dim=1, keepdim=True)
+        q = torch.sub(u, m).exp_()
+        sum_e = q.sum(dim=1, keepdim=True)
+        lse = torch.log(sum_e).add_(m)
+        q.div_(sum_e)
+        if index:
+            u_y = u.gather(1, y)
+            ell_y = lse - u_y
+
+    # Per-row pieces of the gradient w.r.t. u:
+    #   G = q * rowc + rowconst + dense + outer_a * outer_w - onehot_y * sparse
+    rowc: Tensor | float = 0.0
+    rowconst: Tensor | None = None
+    dense: Tensor | None = None
+    outer: tuple[Tensor, Tensor] | None = None
+    sparse: Tensor | None = None
+
+    if index:
         gam = _gamma_for_rows(opts, torch.exp(-ell_y)) if focal else 0.0
         a_y = w_y * (1.0 - eps) if eps else w_y
-        if focal:
-            factor_y, kappa_y = focal_terms(ell_y, gam)
-        if eps == 0.0 or not focal:
-            # Sparse target part: a_y (1-q_y)^gamma ell_y, gradient coef * (q - onehot_y)
+        if sparse_path:
+            # Target part a_y (1-q_y)^gamma ell_y; its gradient is coef * (q - onehot_y).
             if focal:
+                factor_y, kappa_y = focal_terms(ell_y, gam)
                 loss = a_y * factor_y * ell_y
                 coef = a_y * factor_y * kappa_y
             else:
                 loss = a_y * ell_y
                 coef = a_y
-            rowc = rowc + coef
+            rowc = coef
             sparse = coef
             if eps:
                 # Uniform part (eps/C) sum_k w_k ell_k = (eps/C)(lse sum(w) - u.w); gradient
                 # (eps/C)(q sum(w) - w).
                 ue = eps / C * validf
+                w_sum = float(C) if weight is None else weight.sum()
+                loss = loss + ue * (lse * w_sum - u_sum)
+                rowc = rowc + ue * w_sum
                 if weight is None:
-                    loss = loss + ue * (lse * C - u.sum(dim=1, keepdim=True))
-                    rowc = rowc + ue * C
                     rowconst = -ue
                 else:
-                    loss = loss + ue * (lse * weight.sum() - (u @ weight).unsqueeze(1))
-                    rowc = rowc + ue * weight.sum()
-                    if need_grad:
-                        dense = -(ue * weight)
+                    outer = (-ue, weight)
         else:
-            # Focal with smoothing: every class carries target mass, so the focal terms are dense.
+            # Focal with smoothing (or softcap / confidence penalty): dense target mass.
             a = (eps / C) * validf * (weight if weight is not None else torch.ones_like(u[:1]))
             a = a.expand(R, C).clone()
             a.scatter_add_(1, y, a_y)
-            loss, rowc, dense = _dense_focal(u, q, lse, a, gam, need_grad)
+            loss, rowc, dense = _dense_focal(u, q, lse, a, gam, need_grad) if focal else _dense_ce(
+                u, lse, a, need_grad
+            )
     else:
         t = target.to(acc)
-        s = torch.ones((R, 1), dtype=acc, device=x.device)
         tt = t * (1.0 - eps) + eps / C if eps else t
         a = tt if weight is None else tt * weight
         if focal:
             gam = _gamma_for_rows(opts, (t * q).sum(dim=1, keepdim=True))
             loss, rowc, dense = _dense_focal(u, q, lse, a, gam, need_grad)
         else:
-            a_sum = a.sum(dim=1, keepdim=True)
-            loss = a_sum * lse - (a * u).sum(dim=1, keepdim=True)
-            rowc = a_sum
-            dense = -a if need_grad else None
+            loss, rowc, dense = _dense_ce(u, lse, a, need_grad)
 
     # Regularisers, each scaled by the sample weight s.
     if opts.z_loss:
@@ -217,20 +265,28 @@ def softmax_rows(
                 dense = qt if dense is None else dense.add_(qt)
 
     if need_grad:
-        G = q.mul_(rowc)
+        # Fold grad_scale into the per-row scalars: q is scaled once, in place.
+        G = q.mul_(rowc * grad_scale)
         if rowconst is not None:
-            G.add_(rowconst)
+            G.add_(rowconst * grad_scale)
+        if outer is not None:
+            G.addcmul_(outer[0] * grad_scale, outer[1])
         if dense is not None:
-            G.add_(dense)
+            G.add_(dense.mul_(grad_scale))
         if sparse is not None:
-            G.scatter_add_(1, y, -sparse)
+            G.scatter_add_(1, y, sparse * (-grad_scale))
         if th is not None:
-            G.mul_(1.0 - th.square())  # d/dz [s tanh(z/s)] = 1 - tanh^2
-        if grad_out.dtype == acc:
-            torch.mul(G, grad_scale, out=grad_out)
-        else:
-            grad_out.copy_(G.mul_(grad_scale))  # rounded once, to the logits' dtype
-    return loss.squeeze(1)
+            G.mul_(1.0 - th.square())  # d/dz [c tanh(z/c)] = 1 - tanh^2
+        if G is not grad_out:
+            grad_out.copy_(G)  # rounded once, to the logits' dtype
+    return loss.reshape(R)
+
+
+def _dense_ce(u: Tensor, lse: Tensor, a: Tensor, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """CE with dense target mass a (R, C): L = sum a ell = lse sum(a) - sum a u; G = q sum(a) - a."""
+    a_sum = a.sum(dim=1, keepdim=True)
+    loss = a_sum * lse - (a * u).sum(dim=1, keepdim=True)
+    return loss, a_sum, (a.neg() if need_grad else None)
 
 
 def _dense_focal(

@@ -1,0 +1,289 @@
+r"""Fused linear + softmax cross-entropy in torch ops, chunked over tokens (any device).
+
+The logits :math:`Z = H W^\top + b` of a language-model head are N x V; for N = 8192 tokens and
+a V = 128,256 vocabulary they take 4 GB in fp32, and their gradient as much again. This module
+never holds them: the (non-ignored) tokens are processed in chunks of ``B`` rows, and for each
+chunk
+
+1. ``Z_c = H_c W^T + b`` (a B x V matmul; the matmul accumulates in fp32, the result has the
+   inputs' dtype, exactly as the unfused ``hidden @ weight.T`` would round it);
+2. :func:`crossent._cpu.softmax.softmax_rows` turns ``Z_c`` into the per-token losses and
+   writes ``G_c = s * dL/dZ_c`` *into the same buffer* (``s`` is the reduction's scale, e.g.
+   ``1 / sum_i w_{y_i}`` for a mean, computed once for the whole batch beforehand);
+3. the chunk's gradient is consumed at once: ``dH_c = G_c W``, ``dW += G_c^T H_c``,
+   ``db += sum_rows G_c``; then the buffer is reused by the next chunk.
+
+Every option of the softmax family (label smoothing, class weights, focal gamma and its
+schedules, z-loss, softcap, confidence penalty, Poly-1) comes from ``softmax_rows``, so the
+fused path is the unfused one up to the summation order of the matmuls. This is the chunked
+scheme of Liger-Kernel's fused linear cross-entropy; the blockwise variant that keeps the
+log-sum-exp on chip is Wijmans et al. 2024, *Cut Your Losses in Large-Vocabulary Language
+Models* (see :mod:`crossent._triton.linear` when present).
+
+Memory. Besides ``dH`` (N x D) and ``dW`` (V x D) the only buffers are chunk-sized:
+``chunk_rows(V, dtype, device, budget)`` picks ``B = max(1, budget // (V * bytes_per_entry))``
+where ``bytes_per_entry`` is the logits' element size on the CPU (softmax_rows then runs on
+cache-sized sub-blocks of the chunk, so its fp32 temporaries are ~1 MiB) and the element size
+plus 3 fp32 temporaries (12 bytes) elsewhere (softmax_rows runs on the whole chunk there), plus
+4 bytes when the weight gradient is accumulated in fp32 for half-precision inputs (an fp32 copy
+of the chunk's gradient). The budget defaults to :data:`CPU_BUDGET_BYTES` on the CPU and to
+1/16 of the free device memory, between 64 MiB and 1 GiB, on CUDA.
+
+Backward. For a ``"mean"`` or ``"sum"`` loss the forward pass already holds ``dH, dW, db`` for
+``grad_output = 1``; backward scales them in place and hands them over (no copy). A
+per-token ``grad_output`` (``reduction="none"``) cannot be folded in after the fact (``dW``
+sums over tokens), so then the forward computes only the losses (one matmul) and backward
+recomputes each chunk's logits with the per-token factors (three matmuls): one extra matmul
+in exchange for never storing anything but the inputs. A second backward through the same
+graph (``retain_graph=True``) also recomputes.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossent._cpu.softmax import BLOCK_ELEMENTS, _acc_dtype, _denominator, softmax_rows
+from crossent._options import Reduction, SoftmaxOptions
+
+__all__ = ["CPU_BUDGET_BYTES", "LinearCrossEntropyFunction", "chunk_rows", "linear_cross_entropy_rows"]
+
+#: Default bytes for the chunk-sized buffers on the CPU (64 MiB: 512 rows of a 32k vocabulary
+#: in fp32, enough for the matmuls to run at full speed).
+CPU_BUDGET_BYTES = 64 << 20
+_CUDA_BUDGET_MIN = 64 << 20
+_CUDA_BUDGET_MAX = 1 << 30
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(_CUDA_BUDGET_MAX, max(_CUDA_BUDGET_MIN, free // 16)))
+    return CPU_BUDGET_BYTES
+
+
+def chunk_rows(
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    wgrad_dtype: torch.dtype | None = None,
+    budget: int | None = None,
+) -> int:
+    """Tokens per chunk: ``max(1, budget // (vocab * bytes_per_entry))`` (see the module doc)."""
+    if budget is None:
+        budget = _default_budget(device)
+    per_entry = torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu":
+        per_entry += 12
+    if wgrad_dtype is not None and wgrad_dtype != dtype:
+        per_entry += torch.empty((), dtype=wgrad_dtype).element_size()
+    return max(1, int(budget) // max(1, vocab * per_entry))
+
+
+def _accumulate_wgrad(dW: Tensor, G: Tensor, h: Tensor) -> None:
+    """``dW += G^T h`` with ``dW`` possibly wider (fp32) than ``G`` and ``h`` (bf16/fp16)."""
+    if dW.dtype == G.dtype:
+        dW.addmm_(G.t(), h)
+    else:
+        # Products in the accumulation dtype: the chunk's contribution is not rounded to the
+        # inputs' precision before it is added.
+        dW.addmm_(G.t().to(dW.dtype), h.to(dW.dtype))
+
+
+def linear_cross_entropy_rows(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    opts: SoftmaxOptions,
+    row_scale: Tensor | None,
+    *,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    chunk_size: int,
+    wgrad_dtype: torch.dtype,
+    grad_hidden: Tensor | None = None,
+    rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The chunk loop: per-token losses and the gradients of ``sum_i row_scale_i * loss_i``.
+
+    Args:
+        hidden: (M, D) the tokens to compute (ignored ones already dropped).
+        weight: (V, D); bias: (V,) or None.
+        target: (M,) int64 class indices.
+        class_weight: (V,) class weights in the accumulation dtype, or None.
+        row_scale: None (losses only), a 0-d tensor (same factor for every token) or (M,).
+        need_hidden, need_weight, need_bias: which gradients to form (with ``row_scale``).
+        chunk_size: tokens per chunk.
+        wgrad_dtype: dtype of the ``dW`` accumulator (and ``db``).
+        grad_hidden: optional (N, D) buffer receiving ``dH``; row ``rows[i]`` gets token i's
+            gradient (``rows=None``: row i). Allocated (M, D) when None.
+
+    Returns:
+        (losses (M,) in the accumulation dtype, dH, dW, db) with None for gradients not asked.
+    """
+    M, _ = hidden.shape
+    V = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    dev = hidden.device
+    need_grad = row_scale is not None and (need_hidden or need_weight or need_bias)
+    losses = torch.empty(M, dtype=acc, device=dev)
+    dH = dW = db = None
+    if need_grad and need_hidden:
+        dH = grad_hidden
+        if dH is None:
+            dH = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    if need_grad and need_weight:
+        dW = torch.zeros(weight.shape, dtype=wgrad_dtype, device=dev)
+    if need_grad and need_bias:
+        db = torch.zeros(V, dtype=acc, device=dev)
+    # softmax_rows on cache-sized sub-blocks on the CPU (its temporaries stay ~1 MiB); one call
+    # per chunk elsewhere (one kernel each).
+    sub = max(1, BLOCK_ELEMENTS // max(1, V)) if dev.type == "cpu" else chunk_size
+    wt = weight.t()
+    per_row = row_scale is not None and row_scale.ndim == 1
+    for r0 in range(0, M, chunk_size):
+        r1 = min(M, r0 + chunk_size)
+        h = hidden[r0:r1]
+        z = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)  # (B, V)
+        t = target[r0:r1]
+        if per_row:
+            sc = row_scale[r0:r1].to(acc).unsqueeze(1)
+        for s0 in range(0, r1 - r0, sub):
+            s1 = min(r1 - r0, s0 + sub)
+            zb = z[s0:s1]
+            if need_grad:
+                # The gradient overwrites the logits it came from (each row is read first).
+                scale = sc[s0:s1] if per_row else row_scale
+                losses[r0 + s0 : r0 + s1] = softmax_rows(zb, t[s0:s1], class_weight, opts, zb, scale)
+            else:
+                losses[r0 + s0 : r0 + s1] = softmax_rows(zb, t[s0:s1], class_weight, opts, None)
+        if not need_grad:
+            continue
+        G = z  # now s * dL/dZ for the chunk
+        if dH is not None:
+            if rows is None:
+                torch.mm(G, weight, out=dH[r0:r1])
+            else:
+                dH.index_copy_(0, rows[r0:r1], torch.mm(G, weight))
+        if dW is not None:
+            _accumulate_wgrad(dW, G, h)
+        if db is not None:
+            db.add_(G.sum(0, dtype=acc))
+        del G, z
+    return losses, dH, dW, db
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """One autograd node for ``cross_entropy(hidden @ weight.T + bias, target)``, chunked.
+
+    Inputs are flattened: hidden (N, D), target (N,). See the module docstring for the scheme.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        class_weight: Tensor | None,
+        opts: SoftmaxOptions,
+        reduction: Reduction,
+        chunk_size: int | None,
+        wgrad_dtype: torch.dtype | None,
+    ) -> Tensor:
+        N, _ = hidden.shape
+        V = weight.shape[0]
+        acc = _acc_dtype(hidden.dtype)
+        dev = hidden.device
+        if wgrad_dtype is None:
+            wgrad_dtype = acc if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if chunk_size is None:
+            chunk_size = chunk_rows(V, hidden.dtype, dev, wgrad_dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+
+        # Ignored tokens cost no matmul: select the valid rows once.
+        valid = target != opts.ignore_index
+        n_valid = int(valid.sum())
+        rows = None if n_valid == N else valid.nonzero().squeeze(1)
+        h_v = hidden if rows is None else hidden.index_select(0, rows)
+        t_v = target if rows is None else target.index_select(0, rows)
+
+        if reduction == "mean":
+            denom = _denominator(target, class_weight, opts.ignore_index, acc, N)
+            scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
+        else:
+            scale = torch.ones((), dtype=acc, device=dev)
+        store = reduction != "none" and (need_h or need_w or need_b)
+        grad_hidden = None
+        if store and need_h and rows is not None:
+            grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+        losses, dH, dW, db = linear_cross_entropy_rows(
+            h_v, weight, bias, t_v, class_weight, opts, scale if store else None,
+            need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size,
+            wgrad_dtype=wgrad_dtype, grad_hidden=grad_hidden, rows=rows,
+        )
+        del h_v
+        ctx.opts, ctx.reduction, ctx.chunk_size, ctx.wgrad_dtype = opts, reduction, chunk_size, wgrad_dtype
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, scale, rows)
+        # Kept as attributes, not saved tensors: backward hands them to autograd without a copy.
+        ctx.grads = (dH, dW, db) if store else None
+        ctx.scalers = (SimpleNamespace(), SimpleNamespace(), SimpleNamespace())
+
+        if reduction == "none":
+            if rows is None:
+                return losses
+            out = torch.zeros(N, dtype=acc, device=dev)
+            return out.index_copy_(0, rows, losses)
+        total = losses.sum()
+        return total * scale if reduction == "mean" else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        from crossent.functional import scale_saved_grad
+
+        hidden, weight, bias, target, class_weight, scale, rows = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        grads = ctx.grads
+        ctx.grads = None
+        if grads is not None:
+            # Scaled in place; ctx.scalers[i].applied records the factor (scale_saved_grad).
+            out = [
+                None if g is None else scale_saved_grad(s, g, grad_output)
+                for s, g in zip(ctx.scalers, grads)
+            ]
+            dH, dW, db = out
+        else:
+            # reduction "none" (per-token grad_output), or a second backward: recompute.
+            acc = _acc_dtype(hidden.dtype)
+            go = grad_output.to(acc)
+            if go.ndim:
+                row_scale = go if rows is None else go.index_select(0, rows)
+            else:
+                row_scale = scale * go
+            h_v = hidden if rows is None else hidden.index_select(0, rows)
+            t_v = target if rows is None else target.index_select(0, rows)
+            grad_hidden = None
+            if need_h and rows is not None:
+                grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+            _, dH, dW, db = linear_cross_entropy_rows(
+                h_v, weight, bias, t_v, class_weight, ctx.opts, row_scale,
+                need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+                chunk_size=ctx.chunk_size, wgrad_dtype=ctx.wgrad_dtype,
+                grad_hidden=grad_hidden, rows=rows,
+            )
+        if dW is not None and dW.dtype != weight.dtype:
+            dW = dW.to(weight.dtype)
+        if db is not None and db.dtype != bias.dtype:
+            db = db.to(bias.dtype)
+        return dH, dW, db, None, None, None, None, None, None
