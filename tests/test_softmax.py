@@ -358,7 +358,8 @@ def test_no_grad_forward_matches():
         torch.testing.assert_close(a, b)
 
 
-def test_one_fused_node_and_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_one_fused_node_and_torch_compile_fullgraph(backend):
     gen = torch.Generator().manual_seed(18)
     x = torch.randn(8, 5, generator=gen, requires_grad=True)
     y = torch.randint(0, 5, (8,), generator=gen)
@@ -369,7 +370,7 @@ def test_one_fused_node_and_torch_compile_fullgraph():
     def f(z, t):
         return crossent.cross_entropy(z, t, gamma=crossent.flsd53, label_smoothing=0.1, z_loss=1e-3) * 2.0
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     a = x.detach().clone().requires_grad_()
     b = x.detach().clone().requires_grad_()
     la, lb = f(a, y), compiled(b, y)

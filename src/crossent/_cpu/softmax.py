@@ -265,7 +265,22 @@ def softmax_rows(
                 dense = qt if dense is None else dense.add_(qt)
 
     if need_grad:
-        # Fold grad_scale into the per-row scalars: q is scaled once, in place.
+        if sparse is not None:
+            # Subtract the target column from q before the final multiply, in fp32:
+            # G = rowc * (q - onehot_y * sparse / rowc). Doing it first keeps 1 - q_y exact where
+            # q_y -> 1, and lets the multiply below write the (possibly bf16) gradient directly.
+            rowc_t = torch.as_tensor(rowc, dtype=acc, device=x.device).expand(R, 1)
+            ratio = torch.where(rowc_t != 0, sparse / rowc_t, 0.0)
+            q.scatter_add_(1, y, ratio.neg_())
+            residual = torch.where(rowc_t != 0, 0.0, sparse)  # rows with rowc == 0 (poly1 only)
+            if bool(_compiling() or (residual != 0).any()):
+                dense_sparse = torch.zeros_like(q).scatter_(1, y, residual.neg())
+                dense = dense_sparse if dense is None else dense.add_(dense_sparse)
+        # Fold grad_scale into the per-row scalars: q is scaled once.
+        simple = rowconst is None and outer is None and dense is None and th is None
+        if simple and q is not grad_out:
+            torch.mul(q, rowc * grad_scale, out=grad_out)  # one pass: scale and round to dtype
+            return loss.reshape(R)
         G = q.mul_(rowc * grad_scale)
         if rowconst is not None:
             G.add_(rowconst * grad_scale)
@@ -273,8 +288,6 @@ def softmax_rows(
             G.addcmul_(outer[0] * grad_scale, outer[1])
         if dense is not None:
             G.add_(dense.mul_(grad_scale))
-        if sparse is not None:
-            G.scatter_add_(1, y, sparse * (-grad_scale))
         if th is not None:
             G.mul_(1.0 - th.square())  # d/dz [c tanh(z/c)] = 1 - tanh^2
         if G is not grad_out:
