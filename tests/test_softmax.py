@@ -434,3 +434,21 @@ def test_flsd53_schedule():
     p = torch.tensor([0.0, 0.1, 0.199, 0.2, 0.5, 1.0])
     assert crossent.flsd53(p).tolist() == [5.0, 5.0, 5.0, 3.0, 3.0, 3.0]
     np.testing.assert_array_equal(ref.flsd53(p.numpy()), crossent.flsd53(p).numpy())
+
+
+def test_inference_skips_the_gradient_work(monkeypatch):
+    seen: list[bool] = []
+    original = cpu_softmax.softmax_rows
+
+    def spy(x, target, weight, opts, grad_out, grad_scale=1.0):
+        seen.append(grad_out is not None)
+        return original(x, target, weight, opts, grad_out, grad_scale)
+
+    monkeypatch.setattr(cpu_softmax, "softmax_rows", spy)
+    x = torch.randn(4, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        crossent.cross_entropy(x, y)
+    crossent.cross_entropy(x.detach(), y)
+    crossent.cross_entropy(x, y)
+    assert seen == [False, False, True]

@@ -17,10 +17,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossent._cpu.binary import binary_cross_entropy as _torch_binary_ce
 from crossent._cpu.softmax import softmax_cross_entropy as _torch_softmax_ce
-from crossent._options import Backend, GammaSchedule, Reduction, SoftmaxOptions
+from crossent._options import (
+    Backend,
+    BinaryOptions,
+    GammaSchedule,
+    Reduction,
+    SoftmaxOptions,
+)
 
-__all__ = ["cross_entropy", "flsd53", "focal_loss", "linear_cross_entropy"]
+__all__ = [
+    "asymmetric_loss",
+    "binary_cross_entropy",
+    "cross_entropy",
+    "flsd53",
+    "focal_loss",
+    "linear_cross_entropy",
+    "sigmoid_focal_loss",
+]
 
 _REDUCTIONS = ("none", "sum", "mean")
 _BACKENDS = ("auto", "torch", "triton")
@@ -206,8 +221,11 @@ class _SoftmaxCrossEntropyFunction(torch.autograd.Function):
         reduction: Reduction,
         inplace_backward: bool,
         backend: str,
+        grad_wanted: bool,
     ) -> Tensor:
-        need_grad = ctx.needs_input_grad[0]
+        # needs_input_grad stays True under torch.no_grad(), so the caller passes the grad mode
+        # it saw: an inference call then skips the gradient work.
+        need_grad = ctx.needs_input_grad[0] and grad_wanted
         loss, grad = _softmax_kernel(backend)(
             logits, target, weight, opts, reduction, need_grad, inplace_backward
         )
@@ -221,7 +239,7 @@ class _SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(ctx, grad, grad_output), None, None, None, None, None, None
+        return scale_saved_grad(ctx, grad, grad_output), None, None, None, None, None, None, None
 
 
 def scale_saved_grad(ctx: Any, grad: Tensor, grad_output: Tensor) -> Tensor:
@@ -370,8 +388,9 @@ def cross_entropy(
     if inplace_backward and logits.ndim > 2:
         raise ValueError("inplace_backward needs 1-D or 2-D logits; reshape (N, C, d...) to (M, C)")
     chosen = _pick_backend(logits, backend)
+    grad_wanted = torch.is_grad_enabled() and logits.requires_grad
     return _SoftmaxCrossEntropyFunction.apply(
-        logits, target, w, opts, reduction, bool(inplace_backward), chosen
+        logits, target, w, opts, reduction, bool(inplace_backward), chosen, grad_wanted
     )
 
 
@@ -397,6 +416,350 @@ def flsd53(p: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# binary and multi-label (sigmoid) family (issue 3)
+
+
+def make_binary_options(
+    *,
+    label_smoothing: float,
+    gamma_pos: float,
+    gamma_neg: float,
+    alpha: float | None,
+    clip: float,
+    ignore_index: float | None,
+    gamma_names: tuple[str, str] = ("gamma_pos", "gamma_neg"),
+) -> BinaryOptions:
+    """Validate the scalar options of the sigmoid family (each error names its argument)."""
+    eps = _check_finite_number("label_smoothing", label_smoothing, min_value=0.0)
+    if eps > 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    gammas = []
+    for name, value in zip(gamma_names, (gamma_pos, gamma_neg), strict=True):
+        g = _check_finite_number(name, value)
+        if g < 0:
+            raise ValueError(f"{name} must be >= 0 (0 is plain binary cross-entropy), got {value}")
+        gammas.append(g)
+    a: float | None = None
+    if alpha is not None:
+        a = _check_finite_number("alpha", alpha)
+        if a > 1.0:
+            raise ValueError(
+                f"alpha must lie in [0, 1] (the weight of positives; None or a negative value "
+                f"disables it), got {alpha}"
+            )
+        if a < 0:
+            a = None  # torchvision's convention: alpha < 0 disables the balance factor
+    c = _check_finite_number("clip", clip, min_value=0.0)
+    if c >= 1.0:
+        raise ValueError(f"clip must lie in [0, 1) (0 disables probability shifting), got {clip}")
+    ii: float | None = None
+    if ignore_index is not None:
+        ii = _check_finite_number("ignore_index", ignore_index)
+        if isinstance(ignore_index, int):
+            ii = ignore_index  # exact comparison with integer targets
+    return BinaryOptions(
+        label_smoothing=eps, gamma_pos=gammas[0], gamma_neg=gammas[1], alpha=a, clip=c,
+        ignore_index=ii,
+    )
+
+
+def check_binary_target(target: Any, logits: Tensor, ignore_index: float | None) -> Tensor:
+    """Targets of the sigmoid family: the logits' shape and device, values in [0, 1].
+
+    Float (probabilities or 0/1 labels), integer or bool. Entries equal to ``ignore_index`` are
+    exempt from the range check. Returns the detached target.
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_complex():
+        raise TypeError("target must hold 0/1 labels or probabilities in [0, 1], got complex")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if tuple(target.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"target must have the logits' shape {tuple(logits.shape)} (one 0/1 label or "
+            f"probability per logit), got {tuple(target.shape)}; for class indices use "
+            "crossent.cross_entropy"
+        )
+    target = target.detach()
+    if _compiling() or target.dtype == torch.bool or target.numel() == 0:
+        return target  # data-dependent checks would break the graph; targets are trusted there
+    flat = target.reshape(-1)
+    step = 1 << 20  # in chunks: the check allocates no logits-sized temporaries
+    for i in range(0, flat.numel(), step):
+        tb = flat[i : i + step]
+        lo, hi = tb.aminmax()  # one pass; a nan propagates and fails the test below
+        if bool((lo >= 0) & (hi <= 1)):
+            continue
+        bad = ~((tb >= 0) & (tb <= 1))  # also catches nan
+        if ignore_index is not None:
+            bad &= tb != ignore_index
+        if bool(bad.any()):
+            first = tb[bad][0].item()
+            extra = "" if ignore_index is None else f" that is not ignore_index={ignore_index}"
+            raise ValueError(
+                f"target must lie in [0, 1] (0/1 labels or probabilities), got {first}{extra}"
+            )
+    return target
+
+
+def prepare_binary_weight(name: str, weight: Any, logits: Tensor, hint: str = "") -> Tensor | None:
+    """Element or class weights that broadcast to the logits' shape: finite, >= 0, in the
+    accumulation dtype on the logits' device."""
+    if weight is None:
+        return None
+    if not isinstance(weight, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor that broadcasts to the logits' shape, or None; got "
+            f"{type(weight).__name__}"
+        )
+    if weight.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got complex")
+    try:
+        shape = tuple(torch.broadcast_shapes(weight.shape, logits.shape))
+    except RuntimeError:
+        shape = None
+    if shape != tuple(logits.shape):
+        raise ValueError(
+            f"{name} of shape {tuple(weight.shape)} must broadcast to the logits' shape "
+            f"{tuple(logits.shape)}{hint}"
+        )
+    if not weight.is_floating_point():
+        weight = weight.float()
+    if not _compiling() and bool(((weight < 0) | ~torch.isfinite(weight)).any()):
+        raise ValueError(f"{name} must be finite and >= 0 everywhere")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return weight.detach().to(device=logits.device, dtype=acc)
+
+
+def _binary_kernel(backend: str):
+    if backend == "triton":
+        try:
+            from crossent._triton.binary import binary_cross_entropy as triton_binary_ce
+        except ModuleNotFoundError as err:
+            if err.name != "crossent._triton.binary":
+                raise
+        else:
+            return triton_binary_ce
+    return _torch_binary_ce  # also the fallback until the Triton kernel exists
+
+
+class _BinaryCrossEntropyFunction(torch.autograd.Function):
+    """One autograd node for the whole sigmoid family.
+
+    The forward pass computes the loss and, block by block while the logits are in cache, its
+    gradient (the only logits-sized buffer); the backward pass only scales it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        pos_weight: Tensor | None,
+        opts: BinaryOptions,
+        reduction: Reduction,
+        backend: str,
+        grad_wanted: bool,
+    ) -> Tensor:
+        # needs_input_grad stays True under torch.no_grad(): the caller passes its grad mode.
+        need_grad = ctx.needs_input_grad[0] and grad_wanted
+        loss, grad = _binary_kernel(backend)(
+            logits, target, weight, pos_weight, opts, reduction, need_grad
+        )
+        ctx.reduction = reduction
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            # grad_output has the logits' shape (the loss is per element): a new buffer, so the
+            # saved gradient stays intact for a second backward.
+            g = grad * grad_output.to(grad.dtype)
+        else:
+            g = scale_saved_grad(ctx, grad, grad_output)
+        return g, None, None, None, None, None, None, None
+
+
+def _binary_loss(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    opts: BinaryOptions,
+    reduction: Reduction,
+    backend: Backend,
+) -> Tensor:
+    check_logits(logits)
+    check_reduction(reduction)
+    target = check_binary_target(target, logits, opts.ignore_index)
+    w = prepare_binary_weight("weight", weight, logits)
+    pw = prepare_binary_weight(
+        "pos_weight", pos_weight, logits,
+        " (it is aligned to the last dim: shape (C,) gives one weight per class)",
+    )
+    chosen = _pick_backend(logits, backend)
+    grad_wanted = torch.is_grad_enabled() and logits.requires_grad
+    return _BinaryCrossEntropyFunction.apply(logits, target, w, pw, opts, reduction, chosen, grad_wanted)
+
+
+def binary_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    alpha: float | None = None,
+    ignore_index: float | None = None,
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""Binary / multi-label cross-entropy on logits and its focal family, in one autograd node.
+
+    Per element, with logit :math:`x`, :math:`p = \sigma(x)`, the target :math:`t \in [0, 1]`
+    smoothed towards 1/2, :math:`t' = t (1 - \varepsilon) + \varepsilon / 2` (the K = 2 case of
+    the softmax smoothing), element weight :math:`w` and positive weight :math:`w_+`:
+
+    .. math::
+
+        b &= -\bigl[w_+ t' \log p + (1 - t') \log(1 - p)\bigr] \\
+        p_t &= p\, t' + (1 - p)(1 - t'), \qquad
+        \alpha_t = \alpha t' + (1 - \alpha)(1 - t') \\
+        L &= w\, \alpha_t\, (1 - p_t)^{\gamma}\, b
+
+    - :math:`\gamma = 0`, ``alpha=None`` is exactly ``F.binary_cross_entropy_with_logits``
+      (same ``weight`` and ``pos_weight`` broadcasting, "mean" over elements);
+    - :math:`\gamma > 0` is the focal loss (Lin et al. 2017, *Focal Loss for Dense Object
+      Detection*) in the :math:`p_t` form of torchvision's ``sigmoid_focal_loss``, which also
+      covers soft targets; :math:`\alpha_t` is its class-balance factor (``alpha=None`` or a
+      negative ``alpha`` disables it);
+    - :func:`asymmetric_loss` is the same formula with separate :math:`\gamma_\pm` and a shifted
+      negative probability.
+
+    For hard targets this is the familiar split form: :math:`-w \alpha w_+ (1 - p)^\gamma \log p`
+    for :math:`t = 1`, :math:`-w (1 - \alpha) p^\gamma \log(1 - p)` for :math:`t = 0`.
+
+    Numerics: :math:`\log p = -\operatorname{softplus}(-x)`, the focal factor from
+    :math:`1 - p_t = t'\sigma(-x) + (1 - t')\sigma(x)` (no cancellation), and the gradient
+    with :math:`(1 - p_t)^{\gamma - 1}` rewritten as a bounded ratio, so loss and gradient are
+    finite at logits of :math:`\pm 10^4` and for :math:`\gamma \in (0, 1)` at
+    :math:`p_t \to 1`. The derivation is in :mod:`crossent._cpu.binary`.
+
+    Args:
+        logits: float tensor of any shape: (N,) binary, (N, C) multi-label, (N, C, H, W), ...
+        target: tensor of the logits' shape: 0/1 labels (float, int or bool) or probabilities
+            in [0, 1]. No gradient flows to the target.
+        weight: non-negative weights that broadcast to the logits' shape (per element, per
+            class (C,), per sample (N, 1), ...).
+        pos_weight: non-negative weight of the positive term, broadcast against the logits
+            (shape (C,) weighs the positives of each class, aligned to the last dim).
+        label_smoothing: :math:`\varepsilon \in [0, 1]`.
+        gamma: focusing parameter :math:`\gamma \ge 0`.
+        alpha: balance factor in [0, 1], or None / negative to disable.
+        ignore_index: entries whose target equals it contribute nothing (loss and gradient
+            0) and are left out of the "mean" count; None masks nothing.
+        reduction: ``"none"`` (the logits' shape), ``"sum"``, or ``"mean"`` over the unmasked
+            elements.
+        backend: ``"auto"`` (Triton for CUDA tensors when available, else torch), ``"torch"``
+            or ``"triton"``.
+
+    Returns:
+        The loss: float32 for float32/float16/bfloat16 logits (accumulation is always fp32),
+        float64 for float64. The gradient has the logits' dtype.
+
+    Differences from ``F.binary_cross_entropy_with_logits``: a "mean" with nothing to average
+    (empty, or every entry masked) is 0 with a zero gradient instead of NaN; targets outside
+    [0, 1] and weights that do not broadcast to the logits' shape raise ``ValueError``.
+
+    Example::
+
+        >>> logits = torch.randn(8, 80, requires_grad=True)
+        >>> y = torch.randint(0, 2, (8, 80)).float()
+        >>> loss = crossent.binary_cross_entropy(logits, y, gamma=2.0, alpha=0.25)
+        >>> loss.backward()
+    """
+    opts = make_binary_options(
+        label_smoothing=label_smoothing, gamma_pos=gamma, gamma_neg=gamma, alpha=alpha, clip=0.0,
+        ignore_index=ignore_index, gamma_names=("gamma", "gamma"),
+    )
+    return _binary_loss(logits, target, weight, pos_weight, opts, reduction, backend)
+
+
+def sigmoid_focal_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    **options: Any,
+) -> Tensor:
+    r"""Sigmoid focal loss (Lin et al. 2017): :func:`binary_cross_entropy` with
+    :math:`\gamma = 2`, :math:`\alpha = 0.25` by default.
+
+    :math:`L = -\alpha_t (1 - p_t)^\gamma \log p_t` for hard targets, the formula of
+    torchvision's ``sigmoid_focal_loss`` (:math:`p_t = p t + (1 - p)(1 - t)`,
+    :math:`\alpha_t = \alpha t + (1 - \alpha)(1 - t)`; ``alpha=None`` or negative disables it).
+    Every other option of :func:`binary_cross_entropy` applies. Unlike torchvision, the default
+    ``reduction`` is ``"mean"``.
+    """
+    return binary_cross_entropy(logits, target, alpha=alpha, gamma=gamma, **options)
+
+
+def asymmetric_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 4.0,
+    clip: float = 0.05,
+    weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    alpha: float | None = None,
+    ignore_index: float | None = None,
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""Asymmetric loss for multi-label classification (Ridnik et al. 2021, *Asymmetric Loss
+    For Multi-Label Classification*), fused like :func:`binary_cross_entropy`.
+
+    Negatives use the shifted probability :math:`p_m = \max(p - c, 0)` (``clip`` :math:`= c`),
+    which discards easy negatives outright, and positives and negatives have their own focusing
+    parameters. With the smoothed target :math:`t'` and everything else as in
+    :func:`binary_cross_entropy`:
+
+    .. math::
+
+        b &= -\bigl[w_+ t' \log p + (1 - t') \log(1 - p_m)\bigr] \\
+        1 - p_t &= t' (1 - p) + (1 - t')\, p_m, \qquad
+        \gamma_t = \gamma_+ t' + \gamma_- (1 - t') \\
+        L &= w\, \alpha_t\, (1 - p_t)^{\gamma_t}\, b
+
+    For hard targets: :math:`L_+ = -(1 - p)^{\gamma_+} \log p`,
+    :math:`L_- = -p_m^{\gamma_-} \log(1 - p_m)`, as in the paper. ``gamma_pos = gamma_neg = 0``
+    with ``clip = 0`` is plain binary cross-entropy. The gradient is 0 w.r.t. a negative's logit
+    where :math:`p \le c` (the kink of the clip).
+
+    Args:
+        gamma_pos, gamma_neg: focusing parameters :math:`\gamma_\pm \ge 0` (paper: 0 and 4).
+        clip: probability margin :math:`c \in [0, 1)` (paper: 0.05); 0 disables shifting.
+        Others: as :func:`binary_cross_entropy` (``alpha`` defaults to None here).
+    """
+    opts = make_binary_options(
+        label_smoothing=label_smoothing, gamma_pos=gamma_pos, gamma_neg=gamma_neg, alpha=alpha,
+        clip=clip, ignore_index=ignore_index,
+    )
+    return _binary_loss(logits, target, weight, pos_weight, opts, reduction, backend)
+
+
+# --------------------------------------------------------------------------------------------
 # fused linear + cross-entropy (issue 7)
 
 
@@ -417,6 +780,7 @@ def linear_cross_entropy(
     reduction: Reduction = "mean",
     chunk_size: int | None = None,
     weight_grad_dtype: torch.dtype | None = None,
+    grad_filter_eps: float = 0.0,
     backend: Backend = "auto",
 ) -> Tensor:
     r"""``cross_entropy(hidden @ weight.T + bias, target, ...)`` without materialising the logits.
@@ -447,9 +811,9 @@ def linear_cross_entropy(
         ignore_index, label_smoothing, gamma, z_loss, softcap, confidence_penalty, poly1,
             reduction: as in :func:`cross_entropy`.
         chunk_size: tokens per chunk. Default: from a memory budget,
-            ``max(1, budget // (V * bytes_per_entry))`` with a 64 MiB budget on the CPU
+            ``max(1, budget // (V * bytes_per_entry))`` with a 32 MiB budget on the CPU
             (``bytes_per_entry`` = the element size: the gradient overwrites the logits and the
-            softmax runs on cache-sized sub-blocks) and 1/16 of the free device memory,
+            softmax runs on sub-blocks of 1 Mi entries) and 1/16 of the free device memory,
             clamped to [64 MiB, 1 GiB], on CUDA (``bytes_per_entry`` = element size + 12 for the
             fp32 softmax temporaries); + 4 bytes when ``dW`` accumulates in fp32 for half
             inputs. See :mod:`crossent._cpu.linear`.
@@ -458,7 +822,16 @@ def linear_cross_entropy(
             in fp32, then the sum is rounded once to the weight's dtype; costs a V x D fp32
             buffer), the weight's dtype otherwise. Pass ``torch.bfloat16`` to accumulate in
             bf16 (half the memory, rounding at every chunk).
-        backend: ``"auto"``, ``"torch"`` (the chunked path, any device) or ``"triton"``.
+        grad_filter_eps: Triton path only (ignored by the chunked path): skip the backward
+            work of a (token block, vocabulary tile) whose logits gradient is below this in
+            absolute value everywhere (Wijmans et al.'s gradient filtering). 0 (default) is
+            exact; the error is bounded by ``grad_filter_eps`` per skipped entry.
+        backend: ``"auto"`` and ``"torch"`` run the chunked path (any device); ``"triton"``
+            the blockwise kernels of :mod:`crossent._triton.linear` (CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``), which cover ``ignore_index``, label smoothing, class
+            weights and every reduction and raise for the other options. ``"auto"`` does not
+            pick Triton yet: the kernels are verified under the interpreter but have not been
+            benchmarked against the chunked path on a GPU.
 
     Precision: the logits of a chunk have the inputs' dtype (the matmul accumulates in fp32, as
     ``hidden @ weight.T`` does); the softmax, loss and its gradient are computed in fp32
@@ -537,6 +910,7 @@ def linear_cross_entropy(
         torch.float16, torch.bfloat16, torch.float32, torch.float64
     ):
         raise ValueError(f"weight_grad_dtype must be a float dtype or None, got {weight_grad_dtype}")
+    eps_filter = _check_finite_number("grad_filter_eps", grad_filter_eps, min_value=0.0)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     try:
@@ -549,12 +923,12 @@ def linear_cross_entropy(
     lead = tuple(hidden.shape[:-1])
     h2 = hidden.reshape(-1, D)
     t1 = target.reshape(-1).long()
-    if backend == "triton" or (backend == "auto" and hidden.is_cuda and _triton_available()):
+    if backend == "triton":
         from crossent._triton.linear import try_triton_linear_cross_entropy
 
         out = try_triton_linear_cross_entropy(
             h2, weight, bias, t1, w, opts, reduction, chunk_size, weight_grad_dtype,
-            required=backend == "triton",
+            required=True, filter_eps=eps_filter,
         )
         if out is not None:
             return out.reshape(lead) if reduction == "none" else out

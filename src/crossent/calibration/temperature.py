@@ -66,9 +66,10 @@ def _nll_derivatives(z: torch.Tensor, y: np.ndarray, s: float) -> tuple[float, f
         p = torch.exp(block * s - lse[:, None])
         mean_z = (p * block).sum(1)
         var_z = (p * (block - mean_z[:, None]).square()).sum(1)
-        loss += float((lse - s * zy).sum(dtype=torch.float64))
-        grad += float((mean_z - zy).sum(dtype=torch.float64))
-        hess += float(var_z.sum(dtype=torch.float64))
+        # per-row values are O(1); their float64 sums over rows keep the total accurate
+        loss += float((lse - s * zy).to(torch.float64).sum())
+        grad += float((mean_z - zy).to(torch.float64).sum())
+        hess += float(var_z.to(torch.float64).sum())
     n = z.shape[0]
     return loss / n, grad / n, hess / n
 
@@ -182,39 +183,57 @@ class TemperatureScaler:
         return self
 
     def _fit_nll(self, z: torch.Tensor, y: np.ndarray, init: float) -> float:
-        s_lo, s_hi = 1.0 / self.t_max, 1.0 / self.t_min  # bracket on s = 1/T
-        lo_known = hi_known = False  # whether L' has been seen < 0 at lo / > 0 at hi
-        s = min(max(1.0 / init, s_lo), s_hi)
+        s_min, s_max = 1.0 / self.t_max, 1.0 / self.t_min  # bounds on s = 1/T
+        lo, hi = s_min, s_max  # bracket: L'(lo) < 0 < L'(hi) once each end is "known"
+        lo_known = hi_known = False
         self.n_iter_ = 0
-        for _ in range(self.max_iter):
+
+        def derivatives(at: float) -> tuple[float, float]:
             self.n_iter_ += 1
-            _, g, h = _nll_derivatives(z, y, s)
+            _, g, h = _nll_derivatives(z, y, at)
             if not (math.isfinite(g) and math.isfinite(h)):
                 raise ValueError("logits: the NLL is not finite; check for huge values")
-            if g == 0.0 or abs(g) * s <= 1e-12:
-                break
+            return g, h
+
+        # Relative step at which to stop: float32 sums cannot resolve L' much further.
+        step_tol = 1e-12 if z.dtype == torch.float64 else 1e-6
+        s = min(max(1.0 / init, s_min), s_max)
+        g, h = derivatives(s)
+        run, last_dir = 0, 0
+        while self.n_iter_ < self.max_iter:
             if g < 0:
-                s_lo, lo_known = s, True
-                if s >= 1.0 / self.t_min:  # still decreasing at the bound: T = t_min
-                    break
-            else:
-                s_hi, hi_known = s, True
-                if s <= 1.0 / self.t_max:  # increasing at the bound: T = t_max
-                    break
-            step = -g / h if h > 0 else math.inf * -math.copysign(1.0, g)
-            cand = s + step
-            if not (s_lo < cand < s_hi):
-                # Newton left the bracket: try the unexplored bound once, else bisect.
-                if cand >= s_hi and not hi_known:
-                    cand = s_hi
-                elif cand <= s_lo and not lo_known:
-                    cand = s_lo
-                else:
-                    cand = math.sqrt(s_lo * s_hi)
-            if abs(cand - s) <= 1e-12 * s or s_hi / s_lo - 1.0 <= 1e-13:
+                lo, lo_known = s, True
+            elif g > 0:
+                hi, hi_known = s, True
+            # Converged: flat to 1e-12 per sample in log T, or pushing against a bound.
+            if abs(g) * s <= 1e-12 or (g < 0 and s >= s_max) or (g > 0 and s <= s_min):
+                break
+            direction = 1 if g < 0 else -1  # increase s while the NLL still decreases
+            run = run + 1 if direction == last_dir else 1
+            last_dir = direction
+            cand = s - g / h if h > 0 else (math.inf if direction > 0 else 0.0)
+            bound_known = hi_known if direction > 0 else lo_known
+            if not (lo < cand < hi) or (run >= 3 and not bound_known):
+                # Newton leaves the bracket, or creeps one way (exponential tails of
+                # separable data): look at the unexplored bound once, else bisect.
+                if not bound_known:
+                    bound = s_max if direction > 0 else s_min
+                    gb, _ = derivatives(bound)
+                    if gb * direction <= 0:  # still decreasing towards the bound: done
+                        s = bound
+                        break
+                    if direction > 0:
+                        hi, hi_known = bound, True
+                    else:
+                        lo, lo_known = bound, True
+                    run = 0
+                if not (lo < cand < hi):
+                    cand = math.sqrt(lo * hi)
+            if abs(cand - s) <= step_tol * s or hi / lo - 1.0 <= step_tol:
                 s = cand
                 break
             s = cand
+            g, h = derivatives(s)
         return float(min(max(1.0 / s, self.t_min), self.t_max))
 
     def _fit_ece(self, z: torch.Tensor, y: np.ndarray, n_bins: int) -> float:
@@ -227,28 +246,38 @@ class TemperatureScaler:
             conf = _top_conf_at(z, math.exp(log_t))
             return table_from_scores(conf, correct, n_bins=n_bins).calibration_error("l1")
 
-        grid = np.linspace(math.log(self.t_min), math.log(self.t_max), 33)
-        values = [objective(float(g)) for g in grid]
-        best = int(np.argmin(values))
-        a = float(grid[max(best - 1, 0)])
-        b = float(grid[min(best + 1, len(grid) - 1)])
-        best_x, best_f = float(grid[best]), values[best]
+        # The ECE is a rough, piecewise-smooth function of T: a coarse grid over log T, a
+        # finer grid around its best point, then golden-section refinement; the NLL
+        # temperature is a further candidate. The best point seen wins.
+        seen: dict[float, float] = {}
+
+        def evaluate(x: float) -> float:
+            if x not in seen:
+                seen[x] = objective(x)
+            return seen[x]
+
+        coarse = np.linspace(math.log(self.t_min), math.log(self.t_max), 33)
+        best = int(np.argmin([evaluate(float(x)) for x in coarse]))
+        a, b = float(coarse[max(best - 1, 0)]), float(coarse[min(best + 1, len(coarse) - 1)])
+        fine = np.linspace(a, b, 17)
+        best = int(np.argmin([evaluate(float(x)) for x in fine]))
+        a, b = float(fine[max(best - 1, 0)]), float(fine[min(best + 1, len(fine) - 1)])
         c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-        fc, fd = objective(c), objective(d)
-        self.n_iter_ = len(grid) + 2
-        while b - a > 1e-4 and self.n_iter_ < len(grid) + self.max_iter:
-            self.n_iter_ += 1
+        fc, fd = evaluate(c), evaluate(d)
+        for _ in range(self.max_iter):
+            if b - a <= 1e-5:
+                break
             if fc <= fd:
                 b, d, fd = d, c, fc
                 c = b - _GOLDEN * (b - a)
-                fc = objective(c)
+                fc = evaluate(c)
             else:
                 a, c, fc = c, d, fd
                 d = a + _GOLDEN * (b - a)
-                fd = objective(d)
-        for x, f in ((c, fc), (d, fd)):
-            if f < best_f:  # ECE is piecewise constant-ish: keep the best point seen
-                best_x, best_f = x, f
+                fd = evaluate(d)
+        evaluate(math.log(self._fit_nll(z, y, 1.0)))
+        self.n_iter_ += len(seen)
+        best_x = min(seen, key=lambda x: (seen[x], abs(x)))
         return float(min(max(math.exp(best_x), self.t_min), self.t_max))
 
     def _fit_vector(self, z: torch.Tensor, y: np.ndarray) -> None:

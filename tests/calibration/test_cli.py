@@ -1,0 +1,195 @@
+"""`crossent calibrate` end to end, on good and on bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossent.cli import main
+
+
+def make(n: int = 3000, c: int = 6, t_true: float = 2.5, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, c)) * 2
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    y = np.minimum((p.cumsum(1) > rng.random((n, 1))).argmax(1), c - 1)
+    return (z * t_true).astype(np.float32), y
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(["calibrate", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_end_to_end_npy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    z, y = make()
+    np.save(tmp_path / "logits.npy", z)
+    np.save(tmp_path / "labels.npy", y)
+    out_dir = tmp_path / "report"
+    rc, out, err = run(
+        [
+            str(tmp_path / "logits.npy"),
+            "--labels",
+            str(tmp_path / "labels.npy"),
+            "--out",
+            str(out_dir),
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    for name in (
+        "accuracy",
+        "NLL",
+        "Brier",
+        "ECE",
+        "AdaECE",
+        "classwise ECE",
+        "MCE",
+        "smooth ECE",
+        "T =",
+    ):
+        assert name in out
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["kind"] == "logits"
+    assert metrics["temperature"] == pytest.approx(2.5, rel=0.1)
+    assert metrics["n_val"] + metrics["n_test"] == 3000
+    assert metrics["n_val"] == pytest.approx(600, abs=6)
+    assert metrics["after"]["accuracy"] == metrics["before"]["accuracy"]
+    assert metrics["after"]["ece"] < metrics["before"]["ece"]
+    assert metrics["after"]["nll"] < metrics["before"]["nll"]
+    report = (out_dir / "report.md").read_text()
+    assert "| ECE |" in report and "reliability_comparison.png" in report
+    for png in ("reliability_before.png", "reliability_after.png", "reliability_comparison.png"):
+        raw = (out_dir / png).read_bytes()
+        assert raw[:4] == b"\x89PNG" and len(raw) > 10_000
+
+
+def test_npz_with_labels_probs_and_val_fraction_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    z, y = make(n=1000)
+    p = torch.softmax(torch.from_numpy(z).double(), 1).numpy()
+    np.savez(tmp_path / "preds.npz", probs=p, labels=y)
+    rc, _out, err = run(
+        [str(tmp_path / "preds.npz"), "--val-fraction", "0", "--out", str(tmp_path / "o")], capsys
+    )
+    assert rc == 0, err
+    assert "warning" in err and "--val-fraction 0" in err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["kind"] == "probs" and metrics["n_test"] == 1000
+    assert metrics["temperature"] == pytest.approx(2.5, rel=0.15)
+
+
+def test_pt_and_csv_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    z, y = make(n=600)
+    torch.save({"logits": torch.from_numpy(z), "labels": torch.from_numpy(y)}, tmp_path / "a.pt")
+    rc, _out, err = run([str(tmp_path / "a.pt")], capsys)
+    assert rc == 0, err
+    torch.save(torch.from_numpy(z), tmp_path / "b.pt")
+    header = ",".join(f"c{k}" for k in range(z.shape[1]))
+    np.savetxt(tmp_path / "y.csv", y, fmt="%d", header="label", comments="")
+    np.savetxt(tmp_path / "z.csv", z, delimiter=",", header=header, comments="")
+    rc, _out_pt, err = run([str(tmp_path / "b.pt"), "--labels", str(tmp_path / "y.csv")], capsys)
+    assert rc == 0, err
+    rc, out_csv, err = run([str(tmp_path / "z.csv"), "--labels", str(tmp_path / "y.csv")], capsys)
+    assert rc == 0, err
+    assert "T =" in out_csv
+    rc, _, err = run(
+        [str(tmp_path / "z.csv"), "--labels", str(tmp_path / "y.csv"), "--kind", "probs"], capsys
+    )
+    assert rc == 2 and "--kind logits" in err
+
+
+def one_line_error(rc: int, err: str, fragment: str) -> None:
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("crossent calibrate: error:")
+    assert fragment in lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    z, y = make(n=200)
+    good_y = tmp_path / "y.npy"
+    np.save(good_y, y)
+
+    np.save(tmp_path / "flat.npy", z[:, 0])
+    one_line_error(*run([str(tmp_path / "flat.npy"), "--labels", str(good_y)], capsys)[::2], "2-D")
+    nan = z.copy()
+    nan[[3, 50]] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    one_line_error(
+        *run([str(tmp_path / "nan.npy"), "--labels", str(good_y)], capsys)[::2], "2 row(s) with NaN"
+    )
+    np.save(tmp_path / "short.npy", y[:-1])
+    np.save(tmp_path / "z.npy", z)
+    one_line_error(
+        *run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "short.npy")], capsys)[::2],
+        "200 rows but LABELS has 199",
+    )
+    np.save(tmp_path / "big.npy", y + 10)
+    one_line_error(
+        *run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "big.npy")], capsys)[::2],
+        "LABELS must lie in 0..5",
+    )
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    one_line_error(
+        *run([str(tmp_path / "obj.npy"), "--labels", str(good_y)], capsys)[::2],
+        "cannot read PREDICTIONS",
+    )
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file at all")
+    one_line_error(
+        *run([str(tmp_path / "junk.pt"), "--labels", str(good_y)], capsys)[::2],
+        "cannot read PREDICTIONS",
+    )
+    torch.save({"f": Path("x")}, tmp_path / "pickled.pt")  # arbitrary object: refused
+    one_line_error(
+        *run([str(tmp_path / "pickled.pt"), "--labels", str(good_y)], capsys)[::2],
+        "cannot read PREDICTIONS",
+    )
+    one_line_error(
+        *run([str(tmp_path / "missing.npy"), "--labels", str(good_y)], capsys)[::2],
+        "does not exist",
+    )
+    (tmp_path / "z.txt").write_text("1,2\n")
+    one_line_error(
+        *run([str(tmp_path / "z.txt"), "--labels", str(good_y)], capsys)[::2], "--format"
+    )
+    one_line_error(*run([str(tmp_path / "z.npy")], capsys)[::2], "no labels")
+    one_line_error(
+        *run([str(tmp_path / "z.npy"), "--labels", str(good_y), "--val-fraction", "1.5"], capsys)[
+            ::2
+        ],
+        "--val-fraction",
+    )
+    (tmp_path / "bad.csv").write_text("a,b\n1,x\n")
+    one_line_error(
+        *run([str(tmp_path / "bad.csv"), "--labels", str(good_y)], capsys)[::2], "not numeric"
+    )
+
+
+def test_help_documents_inputs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for fragment in ("--val-fraction", "--labels", "--kind", "allow_pickle=False", "report.md"):
+        assert fragment in out
+
+
+def test_split_is_stratified_and_seeded() -> None:
+    from crossent.calibration.cli import stratified_split
+
+    y = np.repeat(np.arange(4), [100, 50, 10, 1])
+    val, test = stratified_split(y, 0.2, seed=0)
+    assert np.bincount(y[val], minlength=4).tolist() == [20, 10, 2, 0]
+    assert len(np.intersect1d(val, test)) == 0 and len(val) + len(test) == len(y)
+    val2, _ = stratified_split(y, 0.2, seed=0)
+    val3, _ = stratified_split(y, 0.2, seed=1)
+    assert np.array_equal(val, val2) and not np.array_equal(val, val3)

@@ -1,0 +1,384 @@
+"""Calibration metrics: hand-computed cases, bin edges, parity with torchmetrics/sklearn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crossent.calibration._inputs as inputs
+from crossent.calibration import (
+    ReliabilityTable,
+    accuracy,
+    brier,
+    classwise_ece,
+    debiased_l2_ece,
+    ece,
+    nll,
+    reliability_table,
+    smooth_ece,
+)
+from crossent.calibration.metrics import (
+    smooth_ece_from_scores,
+    table_from_scores,
+    width_bin_index,
+)
+
+
+def top_rows(conf: list[float], n_classes: int = 5) -> np.ndarray:
+    """Probability rows whose top class is 0 with the given confidence (ties go to 0)."""
+    c = np.asarray(conf, dtype=np.float64)[:, None]
+    rest = np.repeat((1.0 - c) / (n_classes - 1), n_classes - 1, axis=1)
+    return np.concatenate([c, rest], axis=1)
+
+
+def labels_for(correct: list[int]) -> np.ndarray:
+    return np.where(np.asarray(correct) == 1, 0, 1)
+
+
+def random_probs(n: int, c: int, seed: int = 0, scale: float = 2.0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, c)) * scale
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    y = rng.integers(0, c, size=n)
+    return z, p, y
+
+
+# ---------------------------------------------------------------- hand-computed ECE
+def test_ece_width_bins_hand_computed_edges_and_one() -> None:
+    # M = 5: 0.2 and 0.4 lie on edges and belong to the bins they close ((m-1)/M, m/M];
+    # 1.0 goes to the last bin.
+    probs = top_rows([0.2, 0.4, 0.5, 1.0])
+    labels = labels_for([1, 0, 1, 1])
+    table = reliability_table(probs, labels, n_bins=5)
+    assert table.count.tolist() == [1, 1, 1, 0, 1]
+    expected = (abs(0.2 - 1) + abs(0.4 - 0) + abs(0.5 - 1) + 0.0) / 4
+    assert ece(probs, labels, n_bins=5) == pytest.approx(expected, abs=1e-15)  # 0.425
+    # with [lo, hi) bins it would have been 0.225: the convention matters
+    assert ece(probs, labels, n_bins=5, norm="max") == pytest.approx(0.8)
+    l2 = math.sqrt((0.8**2 + 0.4**2 + 0.5**2) / 4)
+    assert ece(probs, labels, n_bins=5, norm="l2") == pytest.approx(l2)
+
+
+def test_zero_confidence_goes_to_first_bin() -> None:
+    idx = width_bin_index(np.array([0.0, 1e-12, 0.2, 0.2000001, 1.0]), 5)
+    assert idx.tolist() == [0, 0, 0, 1, 4]
+    table = table_from_scores(np.array([0.0, 0.1]), np.array([0.0, 0.0]), n_bins=5)
+    assert table.count.tolist() == [2, 0, 0, 0, 0]
+    assert table.calibration_error() == pytest.approx(0.05)
+
+
+def test_every_edge_lands_in_the_bin_it_closes() -> None:
+    m = 15
+    edges = np.arange(m + 1) / m
+    idx = width_bin_index(edges, m)
+    assert idx.tolist() == [0, *range(m)]
+
+
+def test_all_in_one_bin_and_single_sample() -> None:
+    probs = top_rows([0.91, 0.92, 0.93, 0.94])
+    labels = labels_for([1, 1, 0, 1])
+    gap = abs(np.mean([0.91, 0.92, 0.93, 0.94]) - 0.75)
+    for norm in ("l1", "l2", "max"):
+        assert ece(probs, labels, n_bins=10, norm=norm) == pytest.approx(gap)
+    one = top_rows([0.7])
+    assert ece(one, [0]) == pytest.approx(0.3)
+    assert ece(one, [1]) == pytest.approx(0.7)
+    assert ece(one, [1], binning="mass") == pytest.approx(0.7)  # 14 of 15 mass bins empty
+    table = reliability_table(one, [0], binning="mass")
+    assert int(table.count.sum()) == 1 and int((table.count > 0).sum()) == 1
+
+
+def test_adaece_hand_computed() -> None:
+    conf = [0.9, 0.55, 0.7, 0.6]
+    probs = np.stack([conf, 1 - np.asarray(conf)], axis=1)
+    labels = np.array([0, 1, 0, 0])  # correct: 0.9 yes, 0.55 no, 0.7 yes, 0.6 yes
+    # sorted: (0.55, 0), (0.6, 1) | (0.7, 1), (0.9, 1)
+    expected = 0.5 * abs(0.575 - 0.5) + 0.5 * abs(0.8 - 1.0)
+    assert ece(probs, labels, n_bins=2, binning="mass") == pytest.approx(expected)
+    table = reliability_table(probs, labels, n_bins=2, binning="mass")
+    assert table.lower.tolist() == [0.55, 0.7] and table.upper.tolist() == [0.6, 0.9]
+    assert table.count.tolist() == [2, 2]
+
+
+def test_mass_bins_are_equal_count() -> None:
+    _, p, y = random_probs(1003, 4, seed=3)
+    table = reliability_table(p, y, binning="mass", n_bins=10)
+    assert table.count.max() - table.count.min() <= 1
+    assert table.count.sum() == 1003
+    assert np.all(np.diff(table.lower) >= 0)
+
+
+def test_reliability_table_fields() -> None:
+    probs = top_rows([0.2, 0.4, 0.5, 1.0])
+    table = reliability_table(probs, labels_for([1, 0, 1, 1]), n_bins=5)
+    assert isinstance(table, ReliabilityTable)
+    assert table.n_bins == 5 and table.n_samples == 4
+    np.testing.assert_allclose(table.lower, [0, 0.2, 0.4, 0.6, 0.8])
+    np.testing.assert_allclose(table.upper, [0.2, 0.4, 0.6, 0.8, 1.0])
+    assert math.isnan(table.confidence[3]) and math.isnan(table.gap[3])
+    np.testing.assert_allclose(table.gap[[0, 1, 2, 4]], [0.2 - 1, 0.4, 0.5 - 1, 0.0])
+    rows = table.to_rows()
+    assert rows[3]["count"] == 0 and rows[3]["accuracy"] is None
+    assert rows[1] == pytest.approx(
+        {"lower": 0.2, "upper": 0.4, "count": 1, "confidence": 0.4, "accuracy": 0.0, "gap": 0.4}
+    )
+
+
+# ---------------------------------------------------------------- classwise
+def test_classwise_ece_hand_computed_with_absent_class_and_zero_one() -> None:
+    probs = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.25, 0.75]])
+    labels = np.array([0, 1, 1])  # class 2 never occurs
+    # M = 2: class 0 -> 0.5/3, class 1 -> 1.25/3, class 2 -> 0.75/3; averaged over K = 3.
+    expected = (0.5 + 1.25 + 0.75) / 9
+    assert classwise_ece(probs, labels, n_bins=2) == pytest.approx(expected)
+    assert classwise_ece(probs, labels, n_bins=2, num_classes=3) == pytest.approx(expected)
+    assert expected != pytest.approx((0.5 + 1.25) / 6)  # what max(label)+1 would give
+    with pytest.raises(ValueError, match="num_classes"):
+        classwise_ece(probs, labels, num_classes=2)
+
+
+def test_classwise_ece_matches_per_class_binary_ece() -> None:
+    _, p, y = random_probs(400, 4, seed=1)
+    per_class = []
+    for k in range(4):
+        table = table_from_scores(p[:, k], (y == k).astype(float), n_bins=10)
+        per_class.append(table.calibration_error())
+    assert classwise_ece(p, y, n_bins=10) == pytest.approx(np.mean(per_class), abs=1e-12)
+
+
+# ---------------------------------------------------------------- debiased, smooth
+def test_debiased_l2_ece_hand_computed() -> None:
+    probs = top_rows([0.8, 0.8, 0.8, 0.8])
+    labels = labels_for([1, 1, 1, 0])
+    est = 0.05**2 - 0.75 * 0.25 / 3
+    assert debiased_l2_ece(probs, labels, n_bins=1, squared=True) == pytest.approx(est)
+    assert debiased_l2_ece(probs, labels, n_bins=1) == 0.0  # sqrt(max(est, 0))
+    wrong = top_rows([0.9, 0.9])
+    assert debiased_l2_ece(wrong, [1, 1], n_bins=1) == pytest.approx(0.9)
+
+
+def test_debiased_l2_below_plugin_and_close_for_large_n() -> None:
+    _, p, _ = random_probs(20000, 5, seed=2)
+    rng = np.random.default_rng(7)
+    y = (p.cumsum(1) > rng.random((20000, 1))).argmax(1)  # calibrated labels
+    plug = ece(p, y, binning="mass", norm="l2")
+    deb = debiased_l2_ece(p, y)
+    assert deb <= plug
+    assert deb < 0.01 < plug + 0.01
+
+
+def test_smooth_ece_constant_sign_residual_is_mean_residual() -> None:
+    probs = np.array([[0.8, 0.2]] * 5)
+    value, sigma = smooth_ece_from_scores(np.full(5, 0.8), np.ones(5))
+    assert value == pytest.approx(0.2, abs=1e-6)
+    assert sigma == pytest.approx(0.2, abs=1e-6)  # the fixed point
+    assert smooth_ece(probs, [0] * 5) == pytest.approx(0.2, abs=1e-6)
+    assert smooth_ece(probs, [0] * 5, sigma=0.05) == pytest.approx(0.2, abs=1e-9)
+
+
+def test_smooth_ece_cancelling_residuals_and_single_sample() -> None:
+    probs = np.array([[0.5, 0.5], [0.5, 0.5]])
+    assert smooth_ece(probs, [0, 1]) == pytest.approx(0.0, abs=1e-9)
+    assert smooth_ece(np.array([[0.3, 0.7]]), [0]) == pytest.approx(0.7, abs=1e-6)
+    assert smooth_ece(np.array([[1.0, 0.0]]), [0]) == pytest.approx(0.0, abs=1e-9)
+
+
+def brute_force_smece(f: np.ndarray, y: np.ndarray, sigma: float) -> float:
+    t = np.linspace(0, 1, 20001)[:, None]
+    ks = np.arange(-5, 6)[None, None, :] * 2.0
+    phi = lambda d: np.exp(-0.5 * (d / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))  # noqa: E731
+    kern = phi(t[..., None] - f[None, :, None] - ks) + phi(t[..., None] + f[None, :, None] - ks)
+    integrand = np.abs((kern.sum(-1) * (y - f)[None, :]).mean(1))
+    return float(np.trapezoid(integrand, t[:, 0]))
+
+
+@pytest.mark.parametrize("sigma", [0.04, 0.15, 0.6])
+def test_smooth_ece_matches_quadrature_of_the_definition(sigma: float) -> None:
+    rng = np.random.default_rng(5)
+    f = np.concatenate([rng.uniform(0.3, 1.0, 60), [0.0, 1.0]])
+    y = (rng.random(62) < f**1.5).astype(float)
+    got = smooth_ece_from_scores(f, y, sigma)[0]
+    assert got == pytest.approx(brute_force_smece(f, y, sigma), rel=2e-3, abs=1e-5)
+
+
+def test_smooth_ece_fixed_point_and_scale() -> None:
+    _, p, y = random_probs(3000, 6, seed=4, scale=3.0)
+    conf = p.max(1)
+    correct = (p.argmax(1) == y).astype(float)
+    value, sigma = smooth_ece_from_scores(conf, correct)
+    assert value == pytest.approx(sigma, abs=1e-6)
+    assert value == pytest.approx(smooth_ece(p, y), abs=1e-12)
+    # a badly miscalibrated model: smooth ECE is close to the binned ECE
+    assert abs(value - ece(p, y)) < 0.05
+
+
+# ---------------------------------------------------------------- brier, nll, accuracy
+def test_brier_nll_accuracy_hand_computed() -> None:
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    y = np.array([0, 2])
+    assert brier(p, y) == pytest.approx((0.14 + 1.46) / 2)
+    assert nll(p, y) == pytest.approx(-(math.log(0.7) + math.log(0.1)) / 2)
+    assert accuracy(p, y) == 0.5
+    assert brier(np.eye(3)[[1, 2]], [0, 0]) == pytest.approx(2.0)  # the top of the 0-2 range
+    assert brier(np.eye(3), [0, 1, 2]) == 0.0
+
+
+def test_nll_logits_and_auto_detection() -> None:
+    z, p, y = random_probs(200, 7, seed=8)
+    expected = nll(p, y, from_logits=False)
+    assert nll(z, y) == pytest.approx(expected, rel=1e-12)  # detected as logits
+    assert nll(z, y, from_logits=True) == pytest.approx(expected, rel=1e-12)
+    assert nll(p, y) == pytest.approx(expected, rel=1e-12)  # detected as probs
+    assert math.isfinite(nll(np.array([[1.0, 0.0]]), [1], from_logits=False))
+
+
+def test_accuracy_ties_go_to_lowest_index() -> None:
+    assert accuracy(np.array([[0.5, 0.5]]), [0]) == 1.0
+    assert accuracy(np.array([[0.5, 0.5]]), [1]) == 0.0
+
+
+# ---------------------------------------------------------------- parity
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+def test_parity_with_torchmetrics(norm: str) -> None:
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    _, p, y = random_probs(600, 5, seed=11, scale=1.5)
+    # torchmetrics bins are [lo, hi) in float32: keep confidences well away from the edges
+    edges = np.arange(16) / 15
+    far = np.min(np.abs(p.max(1)[:, None] - edges[None, :]), axis=1) > 1e-5
+    p, y = p[far], y[far]
+    assert far.sum() > 590
+    ref = multiclass_calibration_error(
+        torch.from_numpy(p), torch.from_numpy(y), num_classes=5, n_bins=15, norm=norm
+    )
+    assert ece(p, y, norm=norm) == pytest.approx(float(ref), abs=2e-6)
+
+
+def test_parity_with_sklearn_calibration_curve() -> None:
+    from sklearn.calibration import calibration_curve
+
+    _, p, y = random_probs(800, 4, seed=12)
+    conf = p.max(1)
+    correct = (p.argmax(1) == y).astype(int)
+    prob_true, prob_pred = calibration_curve(correct, conf, n_bins=10, strategy="uniform")
+    table = reliability_table(p, y, n_bins=10)
+    used = table.count > 0
+    np.testing.assert_allclose(table.accuracy[used], prob_true, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(table.confidence[used], prob_pred, rtol=0, atol=1e-12)
+
+
+def test_parity_with_sklearn_brier_and_log_loss() -> None:
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    _, p, y = random_probs(300, 6, seed=13)
+    labels = list(range(6))
+    # multiclass: sklearn keeps the [0, 2] sum-over-classes score, which is what we report
+    assert brier(p, y) == pytest.approx(brier_score_loss(y, p, labels=labels), rel=1e-12)
+    assert nll(p, y) == pytest.approx(log_loss(y, p, labels=labels), rel=1e-10)
+    # binary: sklearn's default halves it to the [0, 1] score of the positive class
+    _, p2, y2 = random_probs(300, 2, seed=14)
+    assert brier(p2, y2) == pytest.approx(2 * brier_score_loss(y2, p2[:, 1]), rel=1e-12)
+    assert brier(p2, y2) == pytest.approx(
+        brier_score_loss(y2, p2, labels=[0, 1], scale_by_half=False), rel=1e-12
+    )
+
+
+# ---------------------------------------------------------------- inputs
+def test_torch_and_numpy_inputs_agree() -> None:
+    z, p, y = random_probs(500, 5, seed=15)
+    ref = ece(p, y)
+    assert ece(torch.from_numpy(p), torch.from_numpy(y)) == pytest.approx(ref, abs=1e-15)
+    pt = torch.from_numpy(p).float().requires_grad_()
+    assert ece(pt, y) == pytest.approx(ref, abs=1e-6)
+    assert ece(torch.from_numpy(z), y, from_logits=True) == pytest.approx(ref, abs=1e-12)
+    assert ece(z.astype(np.float32), y, from_logits=True) == pytest.approx(ref, abs=1e-5)
+    assert ece(torch.from_numpy(p).half(), y) == pytest.approx(ref, abs=1e-2)
+    assert ece(torch.from_numpy(p).bfloat16(), y) == pytest.approx(ref, abs=2e-2)
+    assert brier(torch.from_numpy(z), y, from_logits=True) == pytest.approx(brier(p, y))
+    assert classwise_ece(z, y, from_logits=True) == pytest.approx(classwise_ece(p, y))
+    assert ece(p.tolist(), y.tolist()) == pytest.approx(ref)
+    ro = p.copy()
+    ro.setflags(write=False)
+    assert ece(ro, y) == ref
+
+
+def test_chunked_computation_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    z, p, y = random_probs(400, 7, seed=16)
+    ref = [ece(p, y), classwise_ece(p, y), brier(p, y), nll(z, y), smooth_ece(p, y)]
+    monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", 50)  # 7 rows per chunk
+    got = [ece(p, y), classwise_ece(p, y), brier(p, y), nll(z, y), smooth_ece(p, y)]
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    bad = p.copy()
+    bad[377] = np.nan
+    with pytest.raises(ValueError, match="row 377"):
+        ece(bad, y)
+
+
+@pytest.mark.parametrize(
+    ("probs", "labels", "error", "match"),
+    [
+        (np.array([[0.5, 0.6]]), [0], ValueError, "row 0 sums to 1.1.*from_logits=True"),
+        (np.array([[1.5, -0.5]]), [0], ValueError, r"outside \[0, 1\].*from_logits"),
+        (np.array([[0.5, 0.5], [np.nan, 1.0]]), [0, 0], ValueError, "row 1 contains NaN"),
+        (np.array([[0.5, 0.5]]), [2], ValueError, r"labels must lie in \[0, 1\]"),
+        (np.array([[0.5, 0.5]]), [-1], ValueError, "labels must lie"),
+        (np.array([[0.5, 0.5]]), [0, 1], ValueError, "labels has 2 entries.*1 rows"),
+        (np.array([0.5, 0.5]), [0], ValueError, "must be 2-D.*np.stack"),
+        (np.zeros((0, 3)), [], ValueError, "empty"),
+        (np.array([[1.0]]), [0], ValueError, "at least 2 columns"),
+        (np.array([["a", "b"]]), [0], TypeError, "numeric"),
+        (np.array([[0.5, 0.5]]), [0.5], ValueError, "integer"),
+        (np.array([[0.5, 0.5]]), np.array([[0, 1], [1, 0]]), ValueError, "1-D"),
+    ],
+)
+def test_input_errors(probs: np.ndarray, labels: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        ece(probs, labels)
+
+
+def test_argument_errors() -> None:
+    p, y = np.array([[0.5, 0.5]]), [0]
+    with pytest.raises(ValueError, match="n_bins"):
+        ece(p, y, n_bins=0)
+    with pytest.raises(ValueError, match="norm"):
+        ece(p, y, norm="l3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="binning"):
+        ece(p, y, binning="quantile")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sigma"):
+        smooth_ece(p, y, sigma=-1.0)
+    with pytest.raises(ValueError, match=r"logits.*row 0"):
+        ece(np.array([[np.inf, 0.0]]), y, from_logits=True)
+
+
+def test_probability_tolerance() -> None:
+    p = np.array([[0.5, 0.5 + 5e-4]])
+    assert ece(p, [1]) == pytest.approx(abs(0.5005 - 1))
+    assert ece(np.array([[1 + 1e-7, -1e-7]]), [0]) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- properties
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(2, 6),
+    st.integers(1, 20),
+    st.integers(0, 2**31 - 1),
+)
+def test_properties(n: int, c: int, m: int, seed: int) -> None:
+    _, p, y = random_probs(n, c, seed=seed, scale=3.0)
+    l1, l2, mx = (ece(p, y, n_bins=m, norm=k) for k in ("l1", "l2", "max"))
+    assert 0.0 <= l1 <= l2 + 1e-12 <= mx + 2e-12 <= 1.0 + 2e-12
+    ada = ece(p, y, n_bins=m, binning="mass")
+    assert 0.0 <= ada <= 1.0
+    assert 0.0 <= classwise_ece(p, y, n_bins=m) <= 1.0
+    assert 0.0 <= smooth_ece(p, y) <= 1.0
+    assert 0.0 <= brier(p, y) <= 2.0
+    perm = np.random.default_rng(seed).permutation(n)
+    assert ece(p[perm], y[perm], n_bins=m) == pytest.approx(l1, abs=1e-12)
+    table = reliability_table(p, y, n_bins=m)
+    assert int(table.count.sum()) == n

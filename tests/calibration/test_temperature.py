@@ -1,0 +1,192 @@
+"""Temperature and vector scaling: recovery of a known T, dense-grid optimality, robustness."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crossent.calibration._inputs as inputs
+from crossent.calibration import TemperatureScaler, accuracy, ece, nll
+
+
+def calibrated_logits(n: int, c: int, seed: int, scale: float = 2.0) -> tuple[np.ndarray, ...]:
+    """Logits z and labels drawn from softmax(z): calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, c)) * scale
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    y = (p.cumsum(1) > rng.random((n, 1))).argmax(1)
+    y = np.minimum(y, c - 1)
+    return z, y
+
+
+def grid_nll(z: np.ndarray, y: np.ndarray, temps: np.ndarray) -> np.ndarray:
+    zt = torch.from_numpy(z)[None] / torch.from_numpy(temps)[:, None, None]
+    lse = torch.logsumexp(zt, dim=2)
+    zy = zt[:, torch.arange(len(y)), torch.from_numpy(y)]
+    return (lse - zy).mean(1).numpy()
+
+
+@pytest.mark.parametrize("t_true", [0.5, 1.7, 4.0])
+def test_recovers_known_temperature(t_true: float) -> None:
+    z, y = calibrated_logits(40000, 10, seed=1)
+    scaler = TemperatureScaler().fit(z * t_true, y)
+    assert scaler.temperature == pytest.approx(t_true, rel=0.02)
+    assert isinstance(scaler.temperature, float)
+    assert scaler.n_iter_ <= 12  # Newton: a handful of passes
+
+
+def test_float32_input_matches_float64() -> None:
+    z, y = calibrated_logits(5000, 8, seed=2)
+    t64 = TemperatureScaler().fit(z * 2.5, y).temperature
+    t32 = TemperatureScaler().fit((z * 2.5).astype(np.float32), y).temperature
+    tt = TemperatureScaler().fit(torch.from_numpy(z * 2.5).float(), torch.from_numpy(y)).temperature
+    assert t32 == pytest.approx(t64, rel=1e-4)
+    assert tt == pytest.approx(t64, rel=1e-4)
+
+
+def test_matches_dense_grid_minimum() -> None:
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(500, 5)) * 3
+    y = rng.integers(0, 5, 500)
+    y[:200] = z[:200].argmax(1)  # partly informative logits
+    scaler = TemperatureScaler().fit(z, y)
+    log_grid = np.linspace(math.log(1e-2), math.log(1e2), 4001)
+    values = grid_nll(z, y, np.exp(log_grid))
+    best = int(np.argmin(values))
+    assert abs(math.log(scaler.temperature) - log_grid[best]) <= log_grid[1] - log_grid[0]
+    fitted = float(grid_nll(z, y, np.array([scaler.temperature]))[0])
+    assert fitted <= values[best] + 1e-12
+    assert fitted == pytest.approx(nll(scaler.transform(z), y, from_logits=True), rel=1e-12)
+
+
+@pytest.mark.parametrize("t_true", [0.3, 3.0])
+def test_converges_from_any_start(t_true: float) -> None:
+    z, y = calibrated_logits(3000, 6, seed=4)
+    fits = [
+        TemperatureScaler().fit(z * t_true, y, init_temperature=t0).temperature
+        for t0 in (0.01, 0.05, 1.0, 20.0, 100.0, 1e6)
+    ]
+    np.testing.assert_allclose(fits, fits[2], rtol=1e-7)
+
+
+def test_bounds_hold_on_degenerate_data() -> None:
+    # separable with a margin: the NLL keeps falling as T -> 0, so T = t_min
+    z = np.array([[5.0, 0.0], [0.0, 5.0], [4.0, -1.0]])
+    assert TemperatureScaler().fit(z, [0, 1, 0]).temperature == pytest.approx(1e-2)
+    # always confidently wrong: the NLL falls as T -> inf, so T = t_max
+    assert TemperatureScaler().fit(z, [1, 0, 1]).temperature == pytest.approx(1e2)
+    # constant logits: the NLL does not depend on T; T stays where it starts
+    flat = np.zeros((4, 3))
+    assert TemperatureScaler().fit(flat, [0, 1, 2, 0]).temperature == 1.0
+    custom = TemperatureScaler(t_min=0.5, t_max=2.0).fit(z, [0, 1, 0])
+    assert custom.temperature == pytest.approx(0.5)
+    single = TemperatureScaler().fit(np.array([[1.0, 0.0]]), [1])
+    assert single.temperature == pytest.approx(100.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 30),
+    st.integers(2, 5),
+    st.floats(0.01, 50.0),
+    st.floats(1e-3, 1e3),
+    st.integers(0, 2**31 - 1),
+)
+def test_temperature_always_positive_and_bounded(
+    n: int, c: int, scale: float, init: float, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, c)) * scale
+    y = rng.integers(0, c, n)
+    t = TemperatureScaler().fit(z, y, init_temperature=init).temperature
+    assert 1e-2 <= t <= 1e2
+    grid = np.exp(np.linspace(math.log(1e-2), math.log(1e2), 801))
+    values = grid_nll(z, y, grid)
+    assert float(grid_nll(z, y, np.array([t]))[0]) <= values.min() + 1e-9
+
+
+def test_accuracy_unchanged_and_types_preserved() -> None:
+    z, y = calibrated_logits(2000, 7, seed=5)
+    scaler = TemperatureScaler().fit(z * 3, y)
+    out = scaler.transform((z * 3).astype(np.float32))
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert accuracy(out, y, from_logits=True) == accuracy(z * 3, y, from_logits=True)
+    np.testing.assert_array_equal(out.argmax(1), (z * 3).argmax(1))
+    zt = torch.from_numpy(z * 3).float().requires_grad_()
+    outt = scaler.transform(zt)
+    assert isinstance(outt, torch.Tensor) and outt.dtype == torch.float32
+    outt.sum().backward()
+    assert zt.grad is not None
+    probs = scaler.predict_proba(z * 3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(
+        probs, torch.softmax(torch.from_numpy(z * 3 / scaler.temperature), 1).numpy(), rtol=1e-10
+    )
+    assert nll(probs, y) < nll(z * 3, y, from_logits=True)
+    assert ece(probs, y) < ece(z * 3, y, from_logits=True)
+
+
+def test_ece_objective() -> None:
+    z, y = calibrated_logits(4000, 5, seed=6)
+    scaler = TemperatureScaler().fit(z * 2, y, objective="ece", n_bins=15)
+    t = scaler.temperature
+    got = ece(scaler.transform(z * 2), y, from_logits=True)
+    grid = np.exp(np.linspace(math.log(1e-2), math.log(1e2), 33))
+    grid_best = min(ece(z * 2 / g, y, from_logits=True) for g in grid)
+    assert got <= grid_best + 1e-12
+    assert t == pytest.approx(2.0, rel=0.1)
+    assert got <= ece(z * 2 / TemperatureScaler().fit(z * 2, y).temperature, y, from_logits=True)
+
+
+def test_vector_scaling() -> None:
+    z, y = calibrated_logits(6000, 4, seed=7)
+    t_true = np.array([0.7, 1.0, 2.0, 3.0])
+    b_true = np.array([0.3, -0.2, 0.1, -0.2])
+    observed = (z - b_true) * t_true  # so that observed / t_true + b_true = z
+    scaler = TemperatureScaler(method="vector").fit(observed, y)
+    assert isinstance(scaler.temperature, np.ndarray) and scaler.temperature.shape == (4,)
+    assert scaler.bias is not None and abs(scaler.bias.mean()) < 1e-12
+    np.testing.assert_allclose(scaler.temperature, t_true, rtol=0.1)
+    np.testing.assert_allclose(scaler.bias, b_true - b_true.mean(), atol=0.1)
+    scalar = TemperatureScaler().fit(observed, y)
+    assert nll(scaler.transform(observed), y, from_logits=True) < nll(
+        scalar.transform(observed), y, from_logits=True
+    )
+    assert np.all(scaler.temperature > 0)
+    out = scaler.transform(torch.from_numpy(observed))
+    assert isinstance(out, torch.Tensor)
+    with pytest.raises(ValueError, match="classes"):
+        scaler.transform(observed[:, :3])
+    with pytest.raises(ValueError, match="objective='nll'"):
+        TemperatureScaler(method="vector").fit(observed, y, objective="ece")
+
+
+def test_chunked_fit_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    z, y = calibrated_logits(600, 5, seed=8)
+    ref = TemperatureScaler().fit(z * 2, y).temperature
+    monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", 64)
+    assert TemperatureScaler().fit(z * 2, y).temperature == pytest.approx(ref, rel=1e-12)
+
+
+def test_errors() -> None:
+    with pytest.raises(RuntimeError, match="not fitted"):
+        _ = TemperatureScaler().temperature
+    with pytest.raises(ValueError, match="method"):
+        TemperatureScaler(method="matrix")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="t_min"):
+        TemperatureScaler(t_min=0.0)
+    z = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="objective"):
+        TemperatureScaler().fit(z, [0, 1, 0], objective="brier")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="init_temperature"):
+        TemperatureScaler().fit(z, [0, 1, 0], init_temperature=-1.0)
+    with pytest.raises(ValueError, match="row 1 contains NaN"):
+        TemperatureScaler().fit(np.array([[0.0, 1.0], [np.nan, 0.0]]), [0, 1])
+    with pytest.raises(ValueError, match="labels"):
+        TemperatureScaler().fit(z, [0, 1])
+    assert "temperature=" in repr(TemperatureScaler().fit(z, [0, 1, 0]))
