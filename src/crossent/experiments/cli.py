@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("study")
     g.add_argument("--quick", action="store_true", default=None,
-                   help="reduced study: 4 losses (+2 on the imbalanced task), 2 seeds, "
-                        "fewer epochs (< 60 s on 2 CPU cores)")
+                   help="reduced study: ce, ls-0.1, focal-3 (imbalanced task: ce, focal-3, "
+                        "weighted-ce, cb-focal), 2 seeds, fewer epochs (< 60 s on 2 cores)")
     g.add_argument("--tasks", metavar="LIST",
                    help="comma-separated bundled tasks (default: mnist1d,digits,mnist1d-lt)")
     g.add_argument("--data", metavar="FILE",
@@ -142,10 +142,12 @@ def _parse_seeds(value: Any) -> list[int]:
         text = str(value).strip()
         if "," not in text:
             try:
-                return _parse_seeds(int(text))
+                count = int(text)
             except ValueError:
-                raise ValueError(f"bad --seeds {value!r}: give a count or a list like 0,1,2")\
-                    from None
+                raise ValueError(
+                    f"bad --seeds {value!r}: give a count or a list like 0,1,2"
+                ) from None
+            return _parse_seeds(count)
         items = [s for s in text.split(",") if s.strip()]
     try:
         seeds = [int(s) for s in items]

@@ -7,7 +7,7 @@ Three bundled tasks, all generated or loaded locally (nothing is downloaded at r
     package's default arguments (5000 signals of length 40, 10 classes, 500 per class,
     seed 42). The package's own 4000 / 1000 train / test split is kept; 20% of its train
     part, stratified, becomes the validation set (3200 / 800 / 1000). A 2 x 256 MLP reaches
-    100% train accuracy and ~60-65% test accuracy on it: the overfitting regime in which CE
+    100% train accuracy and ~60% test accuracy on it: the overfitting regime in which CE
     is overconfident.
 ``digits``
     scikit-learn's ``load_digits`` (1797 8 x 8 images, 10 classes), split 60 / 20 / 20
