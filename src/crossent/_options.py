@@ -37,3 +37,25 @@ class SoftmaxOptions:
     @property
     def regularised(self) -> bool:
         return bool(self.z_loss or self.confidence_penalty or self.poly1)
+
+
+@dataclass(frozen=True)
+class BinaryOptions:
+    """Validated hyper-parameters of the one sigmoid (binary / multi-label) formulation.
+
+    See :func:`crossent.binary_cross_entropy`. ``alpha`` is None when the class-balance factor is
+    disabled (a negative ``alpha`` is normalised to None); ``ignore_index`` is None when no
+    target value is masked. ``clip`` is the probability shift of the asymmetric loss (0 outside it).
+    """
+
+    label_smoothing: float = 0.0
+    gamma_pos: float = 0.0
+    gamma_neg: float = 0.0
+    alpha: float | None = None
+    clip: float = 0.0
+    ignore_index: float | None = None
+
+    @property
+    def focal(self) -> bool:
+        """True when the focal factor (1 - p_t)^gamma_t is not identically 1."""
+        return self.gamma_pos != 0.0 or self.gamma_neg != 0.0
