@@ -68,7 +68,8 @@ def main() -> None:
     checks = [
         ("CE speed-up over F.cross_entropy (issue 2: >= 1, issue 6: >= 2)",
          t["F.cross_entropy (eager)"] / t["crossent CE"], 2.0, ">="),
-        ("focal / CE time (issue 2: <= 1.15, issue 6: <= 1.1)", t["crossent focal gamma=2"] / t["crossent CE"], 1.1, "<="),
+        ("focal / CE time (issue 2: <= 1.15, issue 6: <= 1.1)",
+         t["crossent focal gamma=2"] / t["crossent CE"], 1.1, "<="),
         ("smoothing / CE time (issue 2: <= 1.15, issue 6: <= 1.1)",
          t["crossent label smoothing 0.1"] / t["crossent CE"], 1.1, "<="),
         ("focal peak memory / naive focal (<= 0.5)",

@@ -211,7 +211,6 @@ def run_one(
     # buffer is exactly a copy.
     out = torch.empty_like(x)
     t_copy = time_median(lambda: out.copy_(x), device, repeats=repeats)
-    del x, xg, out
     return BenchResult(
         provider=provider, variant=variant_name, N=N, C=C, dtype=dtype_name, device=device,
         fwd_ms=round(t_fwd, 3), fwd_bwd_ms=round(t_fb, 3),
@@ -281,8 +280,12 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", default=None, help="NxC pairs, e.g. 2048x32000,65536x80 (default per device)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--shapes", default=None, help="NxC pairs, e.g. 2048x32000,65536x80 (default per device)"
+    )
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
     parser.add_argument("--providers", default=None,
                         help="comma list of crossent, torch, naive, compile, liger "
@@ -320,7 +323,9 @@ def main(args: argparse.Namespace) -> int:
     ):
         if provider == "naive" and variant == "focal" and "torch" in providers:
             continue  # the torch provider already is the naive composition for focal
-        r = run_one(provider, variant, N, C, dtype, args.device, repeats=args.repeats, memory=not args.no_memory)
+        r = run_one(
+            provider, variant, N, C, dtype, args.device, repeats=args.repeats, memory=not args.no_memory
+        )
         if r is not None:
             results.append(r)
             console.print(f"  {provider:9s} {variant:6s} {N}x{C} {dtype}: fwd {r.fwd_ms} ms, "

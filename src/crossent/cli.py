@@ -28,7 +28,10 @@ class CLIError(Exception):
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("crossent.experiments.cli", "train with each loss on bundled data; report calibration"),
-    "calibrate": ("crossent.calibration.cli", "calibration metrics and temperature scaling of saved predictions"),
+    "calibrate": (
+        "crossent.calibration.cli",
+        "calibration metrics and temperature scaling of saved predictions",
+    ),
     "bench": ("crossent.bench", "benchmark crossent against PyTorch and friends"),
     "demo": ("crossent.demo", "print CE / label-smoothing / focal losses and gradients on an example"),
 }

@@ -13,7 +13,9 @@ __all__ = ["class_weights", "logit_adjustment"]
 def _counts_array(counts: torch.Tensor | np.ndarray | list[int] | list[float]) -> np.ndarray:
     arr = np.asarray(counts.detach().cpu() if isinstance(counts, torch.Tensor) else counts)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"counts must be a non-empty 1-D sequence of per-class counts, got shape {arr.shape}")
+        raise ValueError(
+            f"counts must be a non-empty 1-D sequence of per-class counts, got shape {arr.shape}"
+        )
     if not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"counts must be numeric, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)

@@ -85,7 +85,9 @@ class CrossEntropyLoss(torch.nn.Module):
 class FocalLoss(CrossEntropyLoss):
     """Module form of :func:`crossent.focal_loss`: :class:`CrossEntropyLoss` with ``gamma=2``."""
 
-    def __init__(self, weight: Tensor | None = None, *, gamma: float | GammaSchedule = 2.0, **options: Any) -> None:
+    def __init__(
+        self, weight: Tensor | None = None, *, gamma: float | GammaSchedule = 2.0, **options: Any
+    ) -> None:
         super().__init__(weight, gamma=gamma, **options)
 
 

@@ -12,7 +12,8 @@ weight :math:`s = w_y` (index targets; 1 for probability targets), the per-sampl
 .. math::
 
     L = \sum_k w_k \tilde t_k (1 - q_k)^{\gamma} \ell_k
-        + s\,\lambda_z\,\mathrm{lse}(u)^2 - s\,\beta\,H(q) + s\,\epsilon_1 (1 - \textstyle\sum_k \tilde t_k q_k)
+        + s\,\lambda_z\,\mathrm{lse}(u)^2 - s\,\beta\,H(q)
+        + s\,\epsilon_1 (1 - \textstyle\sum_k \tilde t_k q_k)
 
 and the gradient is derived by hand below.
 """
