@@ -886,7 +886,9 @@ def linear_cross_entropy(
     if bias is not None:
         check_logits(bias, "bias")
         if tuple(bias.shape) != (V,):
-            raise ValueError(f"bias must have shape ({V},) (one per class), got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape ({V},) (one per class), got {tuple(bias.shape)}"
+            )
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
             raise TypeError(
                 f"bias must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
@@ -909,7 +911,9 @@ def linear_cross_entropy(
     if weight_grad_dtype is not None and weight_grad_dtype not in (
         torch.float16, torch.bfloat16, torch.float32, torch.float64
     ):
-        raise ValueError(f"weight_grad_dtype must be a float dtype or None, got {weight_grad_dtype}")
+        raise ValueError(
+            f"weight_grad_dtype must be a float dtype or None, got {weight_grad_dtype}"
+        )
     eps_filter = _check_finite_number("grad_filter_eps", grad_filter_eps, min_value=0.0)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")

@@ -21,13 +21,14 @@ log-sum-exp on chip is Wijmans et al. 2024, *Cut Your Losses in Large-Vocabulary
 Models* (see :mod:`crossent._triton.linear` when present).
 
 Memory. Besides ``dH`` (N x D) and ``dW`` (V x D) the only buffers are chunk-sized:
-``chunk_rows(V, dtype, device, budget)`` picks ``B = max(1, budget // (V * bytes_per_entry))``
-where ``bytes_per_entry`` is the logits' element size on the CPU (softmax_rows then runs on
-cache-sized sub-blocks of the chunk, so its fp32 temporaries are ~1 MiB) and the element size
-plus 3 fp32 temporaries (12 bytes) elsewhere (softmax_rows runs on the whole chunk there), plus
-4 bytes when the weight gradient is accumulated in fp32 for half-precision inputs (an fp32 copy
-of the chunk's gradient). The budget defaults to :data:`CPU_BUDGET_BYTES` on the CPU and to
-1/16 of the free device memory, between 64 MiB and 1 GiB, on CUDA.
+:func:`chunk_rows` picks ``B = max(1, budget // (V * bytes_per_entry))``, where
+``bytes_per_entry`` is the logits' element size on the CPU (softmax_rows then runs on
+sub-blocks of :data:`CPU_SOFTMAX_ELEMENTS` entries, so its fp32 temporaries are a few MiB)
+and the element size plus 3 fp32 temporaries (12 bytes) elsewhere (softmax_rows runs on the
+whole chunk there), plus 4 bytes when the weight gradient is accumulated in fp32 for
+half-precision inputs (an fp32 copy of the chunk's gradient). The budget defaults to
+:data:`CPU_BUDGET_BYTES` on the CPU and to 1/16 of the free device memory, clamped to
+[64 MiB, 1 GiB], on CUDA.
 
 Backward. For a ``"mean"`` or ``"sum"`` loss the forward pass already holds ``dH, dW, db`` for
 ``grad_output = 1``; backward scales them in place and hands them over (no copy). A
@@ -46,14 +47,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._cpu.softmax import BLOCK_ELEMENTS, _acc_dtype, _denominator, softmax_rows
+from crossent._cpu.softmax import _acc_dtype, _denominator, softmax_rows
 from crossent._options import Reduction, SoftmaxOptions
 
-__all__ = ["CPU_BUDGET_BYTES", "LinearCrossEntropyFunction", "chunk_rows", "linear_cross_entropy_rows"]
+__all__ = [
+    "CPU_BUDGET_BYTES",
+    "CPU_SOFTMAX_ELEMENTS",
+    "LinearCrossEntropyFunction",
+    "chunk_rows",
+    "linear_cross_entropy_rows",
+]
 
-#: Default bytes for the chunk-sized buffers on the CPU (64 MiB: 512 rows of a 32k vocabulary
-#: in fp32, enough for the matmuls to run at full speed).
-CPU_BUDGET_BYTES = 64 << 20
+#: Default bytes for the chunk-sized buffers on the CPU (32 MiB: 262 rows of a 32k vocabulary
+#: in fp32, enough rows for the matmuls to run at full speed).
+CPU_BUDGET_BYTES = 32 << 20
+#: Elements per softmax_rows call on the CPU (fp32: 4 MiB per temporary). Smaller blocks stay in
+#: cache but pay Python overhead per call; measured on a shared 2-core EPYC, 1-2 Mi elements
+#: were as fast as a whole 512 x 32k chunk, 256 Ki elements clearly slower.
+CPU_SOFTMAX_ELEMENTS = 1 << 20
 _CUDA_BUDGET_MIN = 64 << 20
 _CUDA_BUDGET_MAX = 1 << 30
 
@@ -144,7 +155,7 @@ def linear_cross_entropy_rows(
         db = torch.zeros(V, dtype=acc, device=dev)
     # softmax_rows on cache-sized sub-blocks on the CPU (its temporaries stay ~1 MiB); one call
     # per chunk elsewhere (one kernel each).
-    sub = max(1, BLOCK_ELEMENTS // max(1, V)) if dev.type == "cpu" else chunk_size
+    sub = max(1, CPU_SOFTMAX_ELEMENTS // max(1, V)) if dev.type == "cpu" else chunk_size
     wt = weight.t()
     per_row = row_scale is not None and row_scale.ndim == 1
     for r0 in range(0, M, chunk_size):
@@ -160,9 +171,12 @@ def linear_cross_entropy_rows(
             if need_grad:
                 # The gradient overwrites the logits it came from (each row is read first).
                 scale = sc[s0:s1] if per_row else row_scale
-                losses[r0 + s0 : r0 + s1] = softmax_rows(zb, t[s0:s1], class_weight, opts, zb, scale)
+                losses[r0 + s0 : r0 + s1] = softmax_rows(
+                    zb, t[s0:s1], class_weight, opts, zb, scale
+                )
             else:
                 losses[r0 + s0 : r0 + s1] = softmax_rows(zb, t[s0:s1], class_weight, opts, None)
+            del zb  # a view keeps the whole chunk alive into the next chunk's matmul
         if not need_grad:
             continue
         G = z  # now s * dL/dZ for the chunk
@@ -231,7 +245,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             wgrad_dtype=wgrad_dtype, grad_hidden=grad_hidden, rows=rows,
         )
         del h_v
-        ctx.opts, ctx.reduction, ctx.chunk_size, ctx.wgrad_dtype = opts, reduction, chunk_size, wgrad_dtype
+        ctx.opts, ctx.chunk_size, ctx.wgrad_dtype = opts, chunk_size, wgrad_dtype
         ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, scale, rows)
         # Kept as attributes, not saved tensors: backward hands them to autograd without a copy.
@@ -260,7 +274,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # Scaled in place; ctx.scalers[i].applied records the factor (scale_saved_grad).
             out = [
                 None if g is None else scale_saved_grad(s, g, grad_output)
-                for s, g in zip(ctx.scalers, grads)
+                for s, g in zip(ctx.scalers, grads, strict=True)
             ]
             dH, dW, db = out
         else:

@@ -236,7 +236,7 @@ class _TritonLinearCE(torch.autograd.Function):
         else:
             scale = torch.ones((), dtype=f32, device=dev)
         ctx.save_for_backward(h_v, weight, bias, t_v, class_weight, lse, a_y, rows, scale)
-        ctx.meta = (N, eps, u, sum_w, filter_eps, hidden.dtype, hidden.shape)
+        ctx.meta = (u, sum_w, filter_eps, hidden.dtype, hidden.shape)
         if reduction == "none":
             return torch.zeros(N, dtype=f32, device=dev).index_copy_(0, rows, losses)
         total = losses.sum()
@@ -246,7 +246,7 @@ class _TritonLinearCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         h_v, weight, bias, t_v, class_weight, lse, a_y, rows, scale = ctx.saved_tensors
-        N, eps, u, sum_w, filter_eps, dtype, hshape = ctx.meta
+        u, sum_w, filter_eps, dtype, hshape = ctx.meta
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         M, D = h_v.shape

@@ -1,0 +1,292 @@
+"""Fused linear + cross-entropy (chunked torch path) against the unfused computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crossent
+from crossent._cpu.linear import CPU_BUDGET_BYTES, chunk_rows
+
+OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "class_weight": {"class_weight": "rand"},
+    "smoothing_class_weight": {"label_smoothing": 0.2, "class_weight": "rand"},
+    "focal": {"gamma": 2.0},
+    "focal_fractional": {"gamma": 0.5},
+    "focal_schedule": {"gamma": crossent.flsd53},
+    "focal_smoothing_weight": {"gamma": 2.0, "label_smoothing": 0.1, "class_weight": "rand"},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 3.0},
+    "confidence_penalty": {"confidence_penalty": 0.2},
+    "poly1": {"poly1": 1.0},
+    "everything": {
+        "label_smoothing": 0.1, "class_weight": "rand", "gamma": crossent.flsd53,
+        "z_loss": 1e-3, "softcap": 4.0, "confidence_penalty": 0.1, "poly1": 0.5,
+    },
+}
+
+
+def _problem(N=29, D=12, V=37, dtype=torch.float64, ignore_every=4, lead=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = lead if lead is not None else (N,)
+    h = torch.randn(*shape, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    W = (torch.randn(V, D, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.1).to(dtype).requires_grad_()
+    y = torch.randint(0, V, shape, generator=g)
+    if ignore_every:
+        y.view(-1)[::ignore_every] = -100
+    cw = torch.rand(V, generator=g, dtype=torch.float64) + 0.1
+    return h, W, b, y, cw
+
+
+def _kwargs(opts, cw):
+    kw = dict(opts)
+    if kw.get("class_weight") == "rand":
+        kw["class_weight"] = cw
+    return kw
+
+
+def _reference(h, W, b, y, reduction, kw):
+    """crossent.cross_entropy on the materialised logits (class weights renamed)."""
+    kw = dict(kw)
+    cw = kw.pop("class_weight", None)
+    logits = h @ W.t() + b if b is not None else h @ W.t()
+    if h.ndim > 2:  # (..., V) -> (M, V)
+        logits = logits.reshape(-1, W.shape[0])
+        out = crossent.cross_entropy(logits, y.reshape(-1), weight=cw, reduction=reduction, **kw)
+        return out.reshape(y.shape) if reduction == "none" else out
+    return crossent.cross_entropy(logits, y, weight=cw, reduction=reduction, **kw)
+
+
+def _grads(out, inputs, reduction, seed=1):
+    if reduction == "none":
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    else:
+        g = torch.tensor(1.7, dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+def _assert_parity(h, W, b, y, cw, opts, reduction, atol=1e-10, rtol=1e-9, **extra):
+    kw = _kwargs(opts, cw)
+    inputs = (h, W) if b is None else (h, W, b)
+    ref = _reference(h, W, b, y, reduction, kw)
+    got = crossent.linear_cross_entropy(h, W, y, bias=b, reduction=reduction, **kw, **extra)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    torch.testing.assert_close(got, ref, atol=atol, rtol=rtol)
+    for g_got, g_ref in zip(_grads(got, inputs, reduction), _grads(ref, inputs, reduction),
+                            strict=True):
+        assert g_got.dtype == g_ref.dtype
+        torch.testing.assert_close(g_got, g_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_parity_float64_every_option(name, reduction):
+    h, W, b, y, cw = _problem()
+    _assert_parity(h, W, b, y, cw, OPTIONS[name], reduction, chunk_size=5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 29, 30, 1000, None])
+def test_chunk_sizes(chunk_size):
+    h, W, b, y, cw = _problem()
+    _assert_parity(h, W, b, y, cw, OPTIONS["everything"], "mean", chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize(
+    "N,D,V,lead",
+    [(1, 5, 7, None), (1, 3, 1, None), (17, 1, 2, None), (0, 4, 11, (2, 3)), (0, 6, 13, (3, 1, 4))],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_odd_shapes(N, D, V, lead, reduction):
+    h, W, b, y, cw = _problem(N=N, D=D, V=V, lead=lead, ignore_every=0 if N == 1 else 3)
+    _assert_parity(h, W, b, y, cw, {"label_smoothing": 0.1, "z_loss": 1e-3}, reduction,
+                   chunk_size=2)
+
+
+def test_no_bias_and_partial_requires_grad():
+    h, W, _, y, cw = _problem()
+    _assert_parity(h, W, None, y, cw, OPTIONS["focal"], "sum", chunk_size=4)
+    # Only the weight needs a gradient (frozen hidden), then only the hidden.
+    for need_h, need_w in [(False, True), (True, False)]:
+        hh = h.detach().requires_grad_(need_h)
+        WW = W.detach().requires_grad_(need_w)
+        leaf = hh if need_h else WW
+        ref = torch.autograd.grad(_reference(hh, WW, None, y, "mean", {}), leaf)[0]
+        got = torch.autograd.grad(crossent.linear_cross_entropy(hh, WW, y, chunk_size=3), leaf)[0]
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_chunks(reduction):
+    h, W, b, y, cw = _problem(N=12)
+    y[:8] = -100  # the first two chunks of 4 are entirely ignored
+    _assert_parity(h, W, b, y, cw, {"label_smoothing": 0.1}, reduction, chunk_size=4)
+    y[:] = -100  # nothing left: loss 0, zero gradients (cross_entropy's convention for mean)
+    out = crossent.linear_cross_entropy(h, W, y, bias=b, reduction=reduction, chunk_size=4)
+    assert torch.all(out == 0)
+    grads = torch.autograd.grad(out.sum(), (h, W, b))
+    assert all(torch.all(g == 0) for g in grads)
+
+
+def test_ignored_tokens_cost_no_matmul(monkeypatch):
+    import crossent._cpu.linear as lin
+
+    h, W, b, y, _ = _problem(N=20, ignore_every=0)
+    y[5:] = -100
+    seen = []
+    orig = lin.linear_cross_entropy_rows
+
+    def spy(hidden, *args, **kwargs):
+        seen.append(hidden.shape[0])
+        return orig(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(lin, "linear_cross_entropy_rows", spy)
+    crossent.linear_cross_entropy(h, W, y, bias=b).backward()
+    assert seen == [5]
+
+
+def test_grad_output_scaling_and_retain_graph():
+    h, W, b, y, cw = _problem()
+    kw = {"gamma": 1.5, "class_weight": cw}
+    ref = _reference(h, W, b, y, "mean", kw)
+    ref_g = torch.autograd.grad(3.0 * ref, (h, W, b))
+    got = crossent.linear_cross_entropy(h, W, y, bias=b, chunk_size=6, **kw)
+    first = [g.clone() for g in torch.autograd.grad(3.0 * got, (h, W, b), retain_graph=True)]
+    second = torch.autograd.grad(-0.5 * got, (h, W, b))  # recomputed from the saved inputs
+    for f, s, r in zip(first, second, ref_g, strict=True):
+        torch.testing.assert_close(f, r, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(s, r * (-0.5 / 3.0), atol=1e-12, rtol=1e-10)
+
+
+def test_reduction_none_grad_output_with_zeros():
+    h, W, b, y, _ = _problem()
+    go = torch.randn(y.shape, dtype=torch.float64)
+    go[::3] = 0.0
+    ref = torch.autograd.grad(_reference(h, W, b, y, "none", {"z_loss": 0.1}), (h, W, b), go)
+    out = crossent.linear_cross_entropy(h, W, y, bias=b, reduction="none", z_loss=0.1)
+    got = torch.autograd.grad(out, (h, W, b), go)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_gradient_accumulates_into_existing_grad():
+    h, W, b, y, _ = _problem()
+    for _ in range(2):
+        crossent.linear_cross_entropy(h, W, y, bias=b, chunk_size=7).backward()
+    hr, Wr, br = (t.detach().clone().requires_grad_() for t in (h, W, b))
+    (2 * _reference(hr, Wr, br, y, "mean", {})).backward()
+    for t, r in [(h, hr), (W, Wr), (b, br)]:
+        torch.testing.assert_close(t.grad, r.grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(reduction):
+    h, W, b, y, cw = _problem(N=5, D=3, V=4, ignore_every=3)
+    opts = {"label_smoothing": 0.1, "gamma": 1.5, "z_loss": 1e-2, "softcap": 2.0}
+
+    def f(h, W, b):
+        return crossent.linear_cross_entropy(h, W, y, bias=b, class_weight=cw,
+                                             reduction=reduction, chunk_size=2, **opts)
+
+    assert torch.autograd.gradcheck(f, (h, W, b))
+
+
+@pytest.mark.parametrize("wgrad", [None, torch.bfloat16])
+@pytest.mark.parametrize("name", ["plain", "everything"])
+def test_bf16_close_to_unfused(name, wgrad):
+    """bf16 inputs: compared with the unfused loss on the same bf16 inputs, computed in fp64."""
+    h, W, b, y, cw = _problem(N=64, D=32, V=300, dtype=torch.bfloat16)
+    kw = _kwargs(OPTIONS[name], cw)
+    got = crossent.linear_cross_entropy(h, W, y, bias=b, chunk_size=16, weight_grad_dtype=wgrad,
+                                        **kw)
+    assert got.dtype == torch.float32
+    g_got = torch.autograd.grad(got, (h, W, b))
+    assert [g.dtype for g in g_got] == [torch.bfloat16] * 3
+    h64, W64, b64 = (t.detach().double().requires_grad_() for t in (h, W, b))
+    ref = _reference(h64, W64, b64, y, "mean", kw)
+    g_ref = torch.autograd.grad(ref, (h64, W64, b64))
+    torch.testing.assert_close(got.double(), ref, atol=2e-2, rtol=1e-2)
+    for g, r in zip(g_got, g_ref, strict=True):
+        scale = r.abs().max().item()
+        tol = 3e-2 if wgrad is None else 6e-2
+        assert (g.double() - r).abs().max().item() <= tol * scale
+
+
+def test_bf16_weight_grad_fp32_accumulation_is_more_accurate():
+    h, W, _, y, _ = _problem(N=256, D=16, V=64, dtype=torch.bfloat16, ignore_every=0)
+    h64, W64 = h.detach().double(), W.detach().double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(_reference(h64, W64, None, y, "sum", {}), W64)
+
+    def err(dtype):
+        out = crossent.linear_cross_entropy(h, W, y, reduction="sum", chunk_size=1,
+                                            weight_grad_dtype=dtype)
+        (g,) = torch.autograd.grad(out, W)
+        return (g.double() - g_ref).abs().max().item()
+
+    assert err(None) <= err(torch.bfloat16)
+
+
+def test_float32_matches_torch_cross_entropy():
+    h, W, b, y, _ = _problem(N=40, D=16, V=50, dtype=torch.float32)
+    ref = torch.nn.functional.cross_entropy(h @ W.t() + b, y, label_smoothing=0.1)
+    got = crossent.linear_cross_entropy(h, W, y, bias=b, label_smoothing=0.1, chunk_size=8)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(torch.autograd.grad(got, (h, W, b)), torch.autograd.grad(ref, (h, W, b)),
+                    strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_module():
+    h, W, b, y, cw = _problem()
+    mod = crossent.nn.LinearCrossEntropyLoss(cw, label_smoothing=0.1, z_loss=1e-3, chunk_size=4)
+    assert "label_smoothing" in repr(mod)
+    got = mod(h, W, y, b)
+    ref = _reference(h, W, b, y, "mean", {"class_weight": cw, "label_smoothing": 0.1,
+                                          "z_loss": 1e-3})
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="reduction"):
+        crossent.nn.LinearCrossEntropyLoss(reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size"):
+        crossent.nn.LinearCrossEntropyLoss(chunk_size=0)
+
+
+def test_chunk_rows_formula():
+    cpu = torch.device("cpu")
+    assert chunk_rows(32_000, torch.float32, cpu) == CPU_BUDGET_BYTES // (32_000 * 4)
+    assert chunk_rows(1000, torch.float32, cpu, budget=4000 * 10) == 10
+    assert chunk_rows(1000, torch.bfloat16, cpu, torch.float32, budget=6000 * 10) == 10
+    assert chunk_rows(10**9, torch.float32, cpu) == 1
+    assert chunk_rows(1000, torch.float32, torch.device("meta"), budget=16000 * 3) == 3
+
+
+def test_validation_errors():
+    h, W, b, y, cw = _problem(dtype=torch.float32)
+    lce = crossent.linear_cross_entropy
+    with pytest.raises(ValueError, match="hidden's last dim"):
+        lce(h[:, :5], W, y)
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, D\)"):
+        lce(h, W[0], y)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        lce(h, W.double(), y)
+    with pytest.raises(TypeError, match="hidden must be a floating-point"):
+        lce(h.long(), W, y)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        lce(h, W, y, bias=b[:3])
+    with pytest.raises(ValueError, match="target of class indices must have shape"):
+        lce(h, W, y[:3])
+    with pytest.raises(ValueError, match="outside"):
+        lce(h, W, torch.full_like(y, 37))
+    with pytest.raises(TypeError, match="integer class indices"):
+        lce(h, W, y.float())
+    with pytest.raises(ValueError, match="chunk_size"):
+        lce(h, W, y, chunk_size=0)
+    with pytest.raises(ValueError, match="class_weight must have shape"):
+        lce(h, W, y, class_weight=cw[:3])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        lce(h, W, y, label_smoothing=2.0)
+    with pytest.raises(ValueError, match="reduction"):
+        lce(h, W, y, reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        lce(h, W, y, backend="cuda")
