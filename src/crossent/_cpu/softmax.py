@@ -20,16 +20,23 @@ the common cases (plain CE, focal, smoothing) cost one pass over the block in ca
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
+from crossent._cpu._memory import empty_hugepage
 from crossent._options import Reduction, SoftmaxOptions
 
 __all__ = ["BLOCK_ELEMENTS", "focal_terms", "softmax_cross_entropy", "softmax_rows"]
 
-#: Elements per block of rows on the CPU (fp32: 1 MiB). Tuned on a 2-core x86 machine; the
-#: result is insensitive to it between 64 Ki and 1 Mi elements.
-BLOCK_ELEMENTS = 1 << 18
+#: Elements per block of rows on the CPU (fp32: 8 MiB, within a typical L3). The fused softmax
+#: keeps each row in cache by itself; the block only has to keep the follow-up multiply out of
+#: DRAM, while larger blocks mean fewer of the per-block small ops (about 25 per block).
+BLOCK_ELEMENTS = 1 << 21
+#: The same for fp16/bf16 input, whose blocks are staged in an fp32 buffer that should stay in
+#: L2 (fp32: 2 MiB).
+HALF_BLOCK_ELEMENTS = 1 << 19
 
 
 def _compiling() -> bool:
@@ -81,6 +88,17 @@ def _gamma_for_rows(opts: SoftmaxOptions, p_true: Tensor) -> Tensor | float:
     return g
 
 
+def index_rows(
+    target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(R, 1) columns for index targets: safe class index, validity (0/1), weight w_y (0 if ignored)."""
+    valid = (target != ignore_index).unsqueeze(1)
+    y = torch.where(valid, target.unsqueeze(1), 0)
+    validf = valid.to(acc)
+    w_y = validf if weight is None else weight[y] * validf
+    return y, validf, w_y
+
+
 def _softmax_into(x: Tensor, out: Tensor | None) -> Tensor:
     """softmax over dim 1 by ATen's fused kernel (one read of the row, one write), into ``out``."""
     if out is None or _compiling():
@@ -100,6 +118,8 @@ def softmax_rows(
     opts: SoftmaxOptions,
     grad_out: Tensor | None,
     grad_scale: Tensor | float = 1.0,
+    scratch: Tensor | None = None,
+    rows: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Per-row loss of a block of rows, and (optionally) its gradient written into ``grad_out``.
 
@@ -110,6 +130,10 @@ def softmax_rows(
         opts: validated options.
         grad_out: (R, C) buffer receiving ``grad_scale * d loss_r / d x_r``; None for forward only.
         grad_scale: scalar multiplying the gradient (1 / denominator for a mean).
+        scratch: optional fp32 buffer of at least (R, C) for staging half-precision rows
+            (allocated once per call by the driver instead of once per block).
+        rows: optional ``index_rows(target, ...)`` of this block, computed once per call by the
+            driver (each small per-block op costs microseconds; there are hundreds of blocks).
 
     Returns:
         (R,) per-row losses in the accumulation dtype (fp32, or fp64 for fp64 input).
@@ -122,10 +146,7 @@ def softmax_rows(
     need_grad = grad_out is not None
 
     if index:
-        valid = (target != opts.ignore_index).unsqueeze(1)
-        y = torch.where(valid, target.unsqueeze(1), 0)
-        validf = valid.to(acc)
-        w_y = validf if weight is None else weight[y] * validf
+        y, validf, w_y = rows if rows is not None else index_rows(target, weight, opts.ignore_index, acc)
         s = w_y  # sample weight: ignored rows weigh 0
     else:
         s = torch.ones((R, 1), dtype=acc, device=x.device)
@@ -140,18 +161,21 @@ def softmax_rows(
     u = x
     if sparse_path:
         u_y = x.gather(1, y).to(acc)
-        if eps:  # row sums for the uniform part of the smoothed target, before q overwrites x
-            u_sum = (
-                x.sum(dim=1, keepdim=True, dtype=acc)
-                if weight is None
-                else (x.to(acc) @ weight).unsqueeze(1)
-            )
+
+        def row_sums(z: Tensor) -> Tensor:  # for the uniform part of the smoothed target
+            return z.sum(dim=1, keepdim=True, dtype=acc) if weight is None else (z.to(acc) @ weight)[:, None]
+
+        # With inplace_backward the gradient overwrites x: take the row sums before that.
+        aliased = need_grad and grad_out.data_ptr() == x.data_ptr()
+        u_sum = row_sums(x) if eps and (aliased or not need_grad) else None
         if need_grad:
             if x.dtype == acc:
                 q = _softmax_into(x, grad_out)
             else:  # fp16/bf16: stage the block in fp32 (accumulation), softmax in place
-                q = x.to(acc)
+                q = scratch[:R].copy_(x) if scratch is not None else x.to(acc)
                 q = _softmax_into(q, q)
+            if eps and u_sum is None:
+                u_sum = row_sums(x)  # the block was just read by the softmax: a cache hit
             q_y = q.gather(1, y)
             ell_y = torch.log(q_y).neg_()
             tiny = q_y < _Q_TINY
@@ -265,7 +289,10 @@ def softmax_rows(
                 dense = qt if dense is None else dense.add_(qt)
 
     if need_grad:
-        if sparse is not None:
+        if sparse is not None and sparse is rowc:
+            # plain CE / focal: G = rowc * (q - onehot_y); ignored rows have rowc = 0
+            q.scatter_add_(1, y, _minus_ones(R, acc, x.device))
+        elif sparse is not None:
             # Subtract the target column from q before the final multiply, in fp32:
             # G = rowc * (q - onehot_y * sparse / rowc). Doing it first keeps 1 - q_y exact where
             # q_y -> 1, and lets the multiply below write the (possibly bf16) gradient directly.
@@ -277,10 +304,6 @@ def softmax_rows(
                 dense_sparse = torch.zeros_like(q).scatter_(1, y, residual.neg())
                 dense = dense_sparse if dense is None else dense.add_(dense_sparse)
         # Fold grad_scale into the per-row scalars: q is scaled once.
-        simple = rowconst is None and outer is None and dense is None and th is None
-        if simple and q is not grad_out:
-            torch.mul(q, rowc * grad_scale, out=grad_out)  # one pass: scale and round to dtype
-            return loss.reshape(R)
         G = q.mul_(rowc * grad_scale)
         if rowconst is not None:
             G.add_(rowconst * grad_scale)
@@ -293,6 +316,17 @@ def softmax_rows(
         if G is not grad_out:
             grad_out.copy_(G)  # rounded once, to the logits' dtype
     return loss.reshape(R)
+
+
+@functools.cache
+def _minus_ones_cached(R: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((R, 1), -1.0, dtype=dtype, device=device)
+
+
+def _minus_ones(R: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if _compiling():
+        return torch.full((R, 1), -1.0, dtype=dtype, device=device)
+    return _minus_ones_cached(R, dtype, device)
 
 
 def _dense_ce(u: Tensor, lse: Tensor, a: Tensor, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -330,6 +364,12 @@ def _denominator(
     if weight is None:
         return valid.sum().to(acc)
     return (weight[torch.where(valid, target, 0)] * valid).sum()
+
+
+def _empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    if like.device.type == "cpu" and not _compiling():
+        return empty_hugepage(*shape, dtype=like.dtype)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def softmax_cross_entropy(
@@ -373,15 +413,23 @@ def softmax_cross_entropy(
         if inplace_backward:
             grad_buf = logits  # rows are read into temporaries before their gradient is written
         elif spatial:
-            grad_buf = torch.empty((N, *spatial, C), dtype=logits.dtype, device=logits.device)
+            grad_buf = _empty((N, *spatial, C), logits)
         else:
-            grad_buf = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            grad_buf = _empty(tuple(logits.shape), logits)
 
     losses = torch.empty(R, dtype=acc, device=logits.device)
     if _compiling() or logits.device.type != "cpu":
         n_block = N
     else:
         n_block = max(1, BLOCK_ELEMENTS // max(1, C * per_n))
+    scratch = None
+    if need_grad and acc != logits.dtype and logits.device.type == "cpu" and not _compiling():
+        # half precision stages each block in fp32; small blocks keep that staging in cache
+        n_block = max(1, HALF_BLOCK_ELEMENTS // max(1, C * per_n))
+        scratch = torch.empty((min(N, n_block) * per_n, C), dtype=acc)  # fp32 staging, reused
+    all_rows = (
+        index_rows(flat_target, weight, opts.ignore_index, acc) if flat_target is not None else None
+    )
     for n0 in range(0, N, max(n_block, 1)):
         n1 = min(N, n0 + n_block)
         if spatial:
@@ -394,7 +442,10 @@ def softmax_cross_entropy(
         else:
             xb, tb = logits[n0:n1], target[n0:n1]
             gb = grad_buf[n0:n1] if grad_buf is not None else None
-        losses[n0 * per_n : n1 * per_n] = softmax_rows(xb, tb, weight, opts, gb, scale)
+        losses[n0 * per_n : n1 * per_n] = softmax_rows(
+            xb, tb, weight, opts, gb, scale, scratch,
+            None if all_rows is None else tuple(r[n0 * per_n : n1 * per_n] for r in all_rows),
+        )
 
     if reduction == "none":
         loss = losses.reshape(()) if squeeze else losses.reshape(N, *spatial)
