@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crossent._cpu._memory import empty_hugepage
 from crossent._options import BinaryOptions, Reduction
 
 __all__ = ["BLOCK_ELEMENTS", "HARD_SCRATCH_ROWS", "binary_cross_entropy", "binary_elements"]
@@ -385,7 +386,13 @@ def binary_cross_entropy(
             # Every entry masked (or empty): 0 with a zero gradient instead of 0/0 = nan.
             scale = torch.where(count > 0, 1.0 / count.clamp_min(1.0), 0.0)
 
-    grad_buf = torch.empty(shape, dtype=logits.dtype, device=dev) if need_grad else None
+    grad_buf = None
+    if need_grad:
+        # fresh CPU memory: ask for huge pages (see _memory.empty_hugepage)
+        use_huge = dev.type == "cpu" and not torch.compiler.is_compiling()
+        grad_buf = empty_hugepage(*shape, dtype=logits.dtype) if use_huge else torch.empty(
+            shape, dtype=logits.dtype, device=dev
+        )
     scratch = None
     if _hard_path_applies(opts) and len(blocks) > 1:
         size = max(logits[i].numel() for i in blocks[:2])  # the first block is a full one
