@@ -350,11 +350,14 @@ def test_inplace_backward_gives_the_same_gradients():
         h.grad = W.grad = None
 
 
-def test_no_grad_forward_matches():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 6), (3, 6, 4)])
+def test_no_grad_forward_matches(dtype, shape):
     gen = torch.Generator().manual_seed(17)
-    x = torch.randn(9, 6, generator=gen)
-    y = torch.randint(0, 6, (9,), generator=gen)
-    for kw in ({}, {"gamma": 2.0}, {"label_smoothing": 0.1, "z_loss": 0.1}):
+    x = torch.randn(shape, generator=gen).to(dtype)
+    y = torch.randint(0, 6, (shape[0], *shape[2:]), generator=gen)
+    y.view(-1)[0] = -100
+    for kw in ({}, {"gamma": 2.0}, {"label_smoothing": 0.1, "z_loss": 0.1}, {"reduction": "none"}):
         with torch.no_grad():
             a = crossent.cross_entropy(x, y, **kw)
         b, _ = _fused(x, y, **kw)

@@ -168,9 +168,11 @@ def softmax_rows(
         # With inplace_backward the gradient overwrites x: take the row sums before that.
         aliased = need_grad and grad_out.data_ptr() == x.data_ptr()
         u_sum = row_sums(x) if eps and (aliased or not need_grad) else None
-        if need_grad:
+        if need_grad or scratch is not None:
+            # The fused softmax is about twice as fast as logsumexp here, so inference runs it
+            # too, into a reused scratch block instead of the gradient buffer.
             if x.dtype == acc:
-                q = _softmax_into(x, grad_out)
+                q = _softmax_into(x, grad_out if need_grad else scratch[:R])
             else:  # fp16/bf16: stage the block in fp32 (accumulation), softmax in place
                 q = scratch[:R].copy_(x) if scratch is not None else x.to(acc)
                 if eps and u_sum is None:
@@ -186,6 +188,8 @@ def softmax_rows(
                 lse_exact = torch.logsumexp(x.to(acc), dim=1, keepdim=True)
                 ell_y = torch.where(tiny, lse_exact - u_y, ell_y)
             lse = u_y + ell_y
+            if not need_grad:
+                q = None
         else:
             q = None
             lse = torch.logsumexp(x.to(acc), dim=1, keepdim=True)
@@ -425,10 +429,11 @@ def softmax_cross_entropy(
     else:
         n_block = max(1, BLOCK_ELEMENTS // max(1, C * per_n))
     scratch = None
-    if need_grad and acc != logits.dtype and logits.device.type == "cpu" and not _compiling():
-        # half precision stages each block in fp32; small blocks keep that staging in cache
-        n_block = max(1, HALF_BLOCK_ELEMENTS // max(1, C * per_n))
-        scratch = torch.empty((min(N, n_block) * per_n, C), dtype=acc)  # fp32 staging, reused
+    if logits.device.type == "cpu" and not _compiling() and (not need_grad or acc != logits.dtype):
+        if acc != logits.dtype:  # half precision stages each block in fp32: keep it in cache
+            n_block = max(1, HALF_BLOCK_ELEMENTS // max(1, C * per_n))
+        # fp32 staging (half precision) or the softmax of an inference call: one block, reused
+        scratch = torch.empty((min(N, n_block) * per_n, C), dtype=acc)
     all_rows = (
         index_rows(flat_target, weight, opts.ignore_index, acc) if flat_target is not None else None
     )
