@@ -15,6 +15,7 @@ Usage: python benchmarks/bench_softmax.py [--N 2048] [--C 32000] [--repeats 9]
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--N", type=int, default=2048)
     p.add_argument("--C", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args()
     N, C = args.N, args.C
     gen = torch.Generator().manual_seed(0)
@@ -44,19 +45,27 @@ def main() -> None:
         "crossent CE bf16": (x16, lambda x: crossent.cross_entropy(x, y)),
         "crossent focal bf16": (x16, lambda x: crossent.cross_entropy(x, y, gamma=2.0)),
     }
-    rows = {}
+    # Interleave the cases round by round, so that slow phases of the machine hit all alike.
+    steps = {}
     for name, (x, fn) in cases.items():
         def step(x=x, fn=fn) -> None:
             fn(x).backward()
             x.grad = None
 
-        t = time_median(step, "cpu", repeats=args.repeats)
-        mem = peak_extra_memory(step, "cpu")
-        rows[name] = (t, mem)
+        steps[name] = step
+        step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            times[name].append(time_median(step, "cpu", repeats=1, warmup=0))
+    rows = {
+        name: (statistics.median(times[name]), peak_extra_memory(step, "cpu"))
+        for name, step in steps.items()
+    }
 
     info = machine_info("cpu")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"shape: N={N}, C={C}, forward+backward, median of {args.repeats}\n")
+    print(f"shape: N={N}, C={C}, forward+backward, median of {args.repeats} interleaved rounds\n")
     print("| provider | fwd+bwd median (ms) | peak extra memory (MiB) | peak / (N x C x 4 B) |")
     print("|---|---:|---:|---:|")
     nc = N * C * 4
