@@ -247,7 +247,7 @@ def softmax_rows(
             a = (eps / C) * validf * (weight if weight is not None else torch.ones_like(u[:1]))
             a = a.expand(R, C).clone()
             a.scatter_add_(1, y, a_y)
-            loss, rowc, dense = _dense_focal(u, q, lse, a, gam, need_grad) if focal else _dense_ce(
+            loss, rowc, dense = _dense_focal(u, lse, a, gam, need_grad) if focal else _dense_ce(
                 u, lse, a, need_grad
             )
     else:
@@ -256,7 +256,7 @@ def softmax_rows(
         a = tt if weight is None else tt * weight
         if focal:
             gam = _gamma_for_rows(opts, (t * q).sum(dim=1, keepdim=True))
-            loss, rowc, dense = _dense_focal(u, q, lse, a, gam, need_grad)
+            loss, rowc, dense = _dense_focal(u, lse, a, gam, need_grad)
         else:
             loss, rowc, dense = _dense_ce(u, lse, a, need_grad)
 
@@ -324,7 +324,7 @@ def softmax_rows(
     return loss.reshape(R)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)  # bounded: batch sizes vary
 def _minus_ones_cached(R: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((R, 1), -1.0, dtype=dtype, device=device)
 
@@ -343,7 +343,7 @@ def _dense_ce(u: Tensor, lse: Tensor, a: Tensor, need_grad: bool) -> tuple[Tenso
 
 
 def _dense_focal(
-    u: Tensor, q: Tensor, lse: Tensor, a: Tensor, gam: Tensor | float, need_grad: bool
+    u: Tensor, lse: Tensor, a: Tensor, gam: Tensor | float, need_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Focal terms when the target mass a (R, C) is dense: loss, rowc and dense of G.
 
