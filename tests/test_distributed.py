@@ -210,6 +210,123 @@ def _check_linear(rank: int, world: int) -> None:
     torch.testing.assert_close(h_loc.grad, hidden.grad, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(W_loc.grad, W.grad[start:end], rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(b_loc.grad, b.grad[start:end], rtol=1e-11, atol=1e-12)
+    _check_linear_chunked(rank, world, sizes, hidden.detach(), W.detach(), b.detach())
+
+
+# (name, options, forward all-reduces per chunk); "ignore": rows 0, 2, 3, 4 ignored (a whole
+# chunk of 3 when the ignored rows were not dropped first)
+LINEAR_CASES: list[tuple[str, dict[str, Any], int]] = [
+    ("plain", {}, 2),
+    ("ignore_index", {"ignore": True}, 2),
+    ("weight", {"weight": True, "ignore": True}, 2),
+    ("smoothing", {"label_smoothing": 0.1}, 2),
+    ("focal", {"gamma": 2.0, "ignore": True}, 2),
+    ("focal+smoothing+weight", {"gamma": 1.5, "label_smoothing": 0.1, "weight": True}, 3),
+    ("sum+z_loss", {"reduction": "sum", "z_loss": 1e-2, "ignore": True}, 2),
+]
+
+
+def _check_linear_chunked(
+    rank: int, world: int, sizes: list[int], hidden: torch.Tensor, W: torch.Tensor, b: torch.Tensor
+) -> None:
+    """The chunked path: every chunk size equals one-process linear_cross_entropy."""
+    start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    g = torch.Generator().manual_seed(4)
+    base_target = torch.randint(0, V, (N,), generator=g)
+
+    def leaves() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            hidden.clone().requires_grad_(True),
+            W[start:end].clone().requires_grad_(True),
+            b[start:end].clone().requires_grad_(True),
+        )
+
+    def check_grads(h_loc, W_loc, b_loc, hf, Wf, bf, msg) -> None:  # type: ignore[no-untyped-def]
+        torch.testing.assert_close(h_loc.grad, hf.grad, rtol=1e-11, atol=1e-12, msg=msg)
+        torch.testing.assert_close(W_loc.grad, Wf.grad[start:end], rtol=1e-11, atol=1e-12, msg=msg)
+        torch.testing.assert_close(b_loc.grad, bf.grad[start:end], rtol=1e-11, atol=1e-12, msg=msg)
+
+    for name, case_opts, k in LINEAR_CASES:
+        opts = dict(case_opts)
+        target = base_target.clone()
+        if opts.pop("ignore", False):
+            target[[0, 2, 3, 4]] = IGN
+        class_weight = _weight() if opts.pop("weight", False) else None
+        n_valid = int((target != IGN).sum())
+        hf, Wf, bf = hidden.clone().requires_grad_(True), W.clone().requires_grad_(True), (
+            b.clone().requires_grad_(True)
+        )
+        ref = crossent.linear_cross_entropy(
+            hf, Wf, target, bias=bf, class_weight=class_weight, ignore_index=IGN, **opts
+        )
+        ref.backward()
+        for cs in (1, 3, N + 5, None):
+            h_loc, W_loc, b_loc = leaves()
+            with _count() as fwd:
+                loss = cd.vocab_parallel_linear_cross_entropy(
+                    h_loc, W_loc, target, local_bias=b_loc, vocab_sizes=sizes,
+                    weight=class_weight, ignore_index=IGN, chunk_size=cs, **opts,
+                )
+            with _count() as bwd:
+                loss.backward()
+            chunks = -(-n_valid // (cs or N))
+            msg = f"{name} chunk_size={cs}"
+            assert fwd["all_reduce"] == k * chunks and fwd["all_gather"] == 0, (msg, fwd)
+            assert bwd["all_reduce"] == 1 and bwd["all_gather"] == 0, (msg, bwd)
+            torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12, msg=msg)
+            check_grads(h_loc, W_loc, b_loc, hf, Wf, bf, msg)
+
+    # a grad_output other than 1, and a second backward (retain_graph) that recomputes
+    target = base_target.clone()
+    target[[2, 3, 4]] = IGN
+    hf, Wf, bf = hidden.clone().requires_grad_(True), W.clone().requires_grad_(True), (
+        b.clone().requires_grad_(True)
+    )
+    opts = {"label_smoothing": 0.1, "gamma": 2.0, "ignore_index": IGN}
+    ref = crossent.linear_cross_entropy(hf, Wf, target, bias=bf, **opts)
+    (ref * 2.5).backward()
+    h_loc, W_loc, b_loc = leaves()
+    loss = cd.vocab_parallel_linear_cross_entropy(
+        h_loc, W_loc, target, local_bias=b_loc, vocab_sizes=sizes, chunk_size=3, **opts
+    )
+    (loss * 1.5).backward(retain_graph=True)
+    with _count() as bwd2:
+        loss.backward()  # recomputes: 2 chunks x 3 all-reduces, then d_hidden
+    assert bwd2["all_reduce"] == 2 * 3 + 1, bwd2
+    check_grads(h_loc, W_loc, b_loc, hf, Wf, bf, "retain_graph")
+
+    # reduction "none" (3-d hidden): backward recomputes the chunks, then all-reduces d_hidden
+    hf, Wf, bf = hidden.clone().requires_grad_(True), W.clone().requires_grad_(True), (
+        b.clone().requires_grad_(True)
+    )
+    opts = {"weight": _weight(), "label_smoothing": 0.1, "ignore_index": IGN, "reduction": "none"}
+    ref = crossent.cross_entropy(hf @ Wf.T + bf, target, **opts)
+    go = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
+    ref.backward(go)
+    h_loc, W_loc, b_loc = leaves()
+    with _count() as fwd:
+        loss = cd.vocab_parallel_linear_cross_entropy(
+            h_loc.reshape(1, N, H), W_loc, target.reshape(1, N), local_bias=b_loc,
+            vocab_sizes=sizes, chunk_size=3, **opts,
+        )
+    with _count() as bwd:
+        loss.backward(go.reshape(1, N))
+    assert loss.shape == (1, N) and fwd["all_reduce"] == 2 * 2 and bwd["all_reduce"] == 2 * 2 + 1
+    torch.testing.assert_close(loss[0], ref, rtol=1e-12, atol=1e-12)
+    check_grads(h_loc, W_loc, b_loc, hf, Wf, bf, "none")
+
+    # every target ignored: no chunk, no forward collective; zero loss and gradients
+    h_loc, W_loc, b_loc = leaves()
+    with _count() as fwd:
+        loss = cd.vocab_parallel_linear_cross_entropy(
+            h_loc, W_loc, torch.full((N,), IGN), local_bias=b_loc, vocab_sizes=sizes,
+            ignore_index=IGN, chunk_size=3,
+        )
+    with _count() as bwd:
+        loss.backward()
+    assert fwd["all_reduce"] == 0 and bwd["all_reduce"] == 1, (fwd, bwd)
+    assert float(loss) == 0.0
+    assert not h_loc.grad.any() and not W_loc.grad.any() and not b_loc.grad.any()
 
 
 # --------------------------------------------------------------------------------------------

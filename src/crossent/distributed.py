@@ -59,6 +59,7 @@ gradients by the world size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -66,7 +67,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossent import functional as _functional
-from crossent._cpu.softmax import _gamma_for_rows, focal_terms
+from crossent._cpu.linear import _CUDA_BUDGET_MIN, _accumulate_wgrad, chunk_rows
+from crossent._cpu.softmax import _denominator, _gamma_for_rows, focal_terms
 from crossent._options import GammaSchedule, Reduction, SoftmaxOptions
 from crossent.functional import (
     check_class_target,
@@ -89,7 +91,6 @@ __all__ = [
 ]
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup (or None: the default group)
-_PARTITION_ARGS = ("vocab_sizes", "vocab_start_index", "vocab_size")
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,6 +501,188 @@ def copy_to_tensor_parallel_region(x: Tensor, group: ProcessGroup | None = None)
     return _CopyToTensorParallelRegion.apply(x, group)
 
 
+def _vp_linear_rows(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    opts: SoftmaxOptions,
+    start: int,
+    V: int,
+    group: ProcessGroup | None,
+    row_scale: Tensor | None,
+    *,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    chunk_size: int,
+    wgrad_dtype: torch.dtype,
+    grad_hidden: Tensor | None = None,
+    rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The vocab-parallel chunk loop (the counterpart of ``linear_cross_entropy_rows``).
+
+    ``hidden`` (M, D): the valid tokens only (ignored ones dropped), the same on every rank;
+    ``weight`` (V_local, D) and ``bias`` (V_local,): this rank's slice. For each chunk of
+    ``chunk_size`` tokens: the local logits, their vocab-parallel loss and logits-gradient
+    slice (:func:`_vocab_parallel_forward`, with its 2 -- or 3 -- all-reduces), then at once
+    ``dH_c = G_c W_loc`` (this rank's *partial* sum over its vocabulary slice; the caller
+    all-reduces it), ``dW_loc += G_c^T H_c`` and ``db_loc += sum_rows G_c``. ``row_scale``: None
+    (losses only), a 0-d factor or (M,) per-token factors applied to ``G``. Returns
+    ``(losses (M,), dH partial, dW_loc, db_loc)``, None for gradients not asked.
+    """
+    M = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dev = hidden.device
+    need_grad = row_scale is not None and (need_hidden or need_weight or need_bias)
+    losses = torch.empty(M, dtype=acc, device=dev)
+    dH = dW = db = None
+    if need_grad and need_hidden:
+        dH = grad_hidden
+        if dH is None:
+            dH = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    if need_grad and need_weight:
+        dW = torch.zeros(weight.shape, dtype=wgrad_dtype, device=dev)
+    if need_grad and need_bias:
+        db = torch.zeros(weight.shape[0], dtype=acc, device=dev)
+    wt = weight.t()
+    per_row = row_scale is not None and row_scale.ndim == 1
+    for r0 in range(0, M, chunk_size):
+        r1 = min(M, r0 + chunk_size)
+        h = hidden[r0:r1]
+        z = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)  # (B, V_local)
+        loss_c, G = _vocab_parallel_forward(
+            z, target[r0:r1], class_weight, opts, "none", start, V, group, need_grad
+        )
+        del z
+        losses[r0:r1] = loss_c
+        if G is None:
+            continue
+        assert row_scale is not None
+        G.mul_((row_scale[r0:r1].unsqueeze(1) if per_row else row_scale).to(G.dtype))
+        if dH is not None:
+            if rows is None:
+                torch.mm(G, weight, out=dH[r0:r1])
+            else:
+                dH.index_copy_(0, rows[r0:r1], torch.mm(G, weight))
+        if dW is not None:
+            _accumulate_wgrad(dW, G, h)
+        if db is not None:
+            db.add_(G.sum(0, dtype=acc))
+        del G
+    return losses, dH, dW, db
+
+
+class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
+    """Chunked column-parallel head + vocab-parallel CE in one autograd node.
+
+    Forward: the chunk loop of :func:`_vp_linear_rows` (its all-reduces per chunk); for a
+    "mean"/"sum" loss it also accumulates the gradients. Backward: scales them by
+    ``grad_output`` and all-reduces ``d hidden`` once (the column-parallel head's collective).
+    Reduction "none" and a second backward (``retain_graph=True``) recompute the chunk loop in
+    backward, with its per-chunk all-reduces, before that one all-reduce of ``d hidden``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        class_weight: Tensor | None,
+        opts: SoftmaxOptions,
+        reduction: Reduction,
+        start: int,
+        vocab_size: int,
+        group: ProcessGroup | None,
+        chunk_size: int,
+        wgrad_dtype: torch.dtype,
+    ) -> Tensor:
+        N = hidden.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        dev = hidden.device
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+
+        # Ignored tokens cost no matmul and no collective (the same rows on every rank).
+        valid = target != opts.ignore_index
+        n_valid = int(valid.sum())
+        rows = None if n_valid == N else valid.nonzero().squeeze(1)
+        h_v = hidden if rows is None else hidden.index_select(0, rows)
+        t_v = target if rows is None else target.index_select(0, rows)
+
+        if reduction == "mean":  # global over the tokens, before the loop; no collective
+            denom = _denominator(target, class_weight, opts.ignore_index, acc, N)
+            scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
+        else:
+            scale = torch.ones((), dtype=acc, device=dev)
+        store = reduction != "none" and (need_h or need_w or need_b)
+        grad_hidden = None
+        if store and need_h and rows is not None:
+            grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+        losses, dH, dW, db = _vp_linear_rows(
+            h_v, weight, bias, t_v, class_weight, opts, start, vocab_size, group,
+            scale if store else None, need_hidden=need_h, need_weight=need_w,
+            need_bias=need_b, chunk_size=chunk_size, wgrad_dtype=wgrad_dtype,
+            grad_hidden=grad_hidden, rows=rows,
+        )
+        del h_v
+        ctx.opts, ctx.start, ctx.vocab_size, ctx.group = opts, start, vocab_size, group
+        ctx.chunk_size, ctx.wgrad_dtype, ctx.has_bias = chunk_size, wgrad_dtype, bias is not None
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, scale, rows)
+        ctx.grads = (dH, dW, db) if store else None  # handed over in backward without a copy
+
+        if reduction == "none":
+            if rows is None:
+                return losses
+            return torch.zeros(N, dtype=acc, device=dev).index_copy_(0, rows, losses)
+        total = losses.sum()
+        return total * scale if reduction == "mean" else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, target, class_weight, scale, rows = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        grads = ctx.grads
+        ctx.grads = None  # a second backward recomputes (dH below is all-reduced in place)
+        if grads is not None:
+            dH, dW, db = (
+                None if g is None else scale_saved_grad(SimpleNamespace(), g, grad_output)
+                for g in grads
+            )
+        else:
+            acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            go = grad_output.to(acc)
+            if go.ndim:
+                row_scale = go if rows is None else go.index_select(0, rows)
+            else:
+                row_scale = scale * go
+            h_v = hidden if rows is None else hidden.index_select(0, rows)
+            t_v = target if rows is None else target.index_select(0, rows)
+            grad_hidden = None
+            if need_h and rows is not None:
+                grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+            _, dH, dW, db = _vp_linear_rows(
+                h_v, weight, bias, t_v, class_weight, ctx.opts, ctx.start, ctx.vocab_size,
+                ctx.group, row_scale, need_hidden=need_h, need_weight=need_w,
+                need_bias=need_b, chunk_size=ctx.chunk_size, wgrad_dtype=ctx.wgrad_dtype,
+                grad_hidden=grad_hidden, rows=rows,
+            )
+        if dH is not None:
+            # the column-parallel head's backward collective: d hidden = sum_r G_r W_r
+            dH = dH.contiguous()
+            dist.all_reduce(dH, op=dist.ReduceOp.SUM, group=ctx.group)
+        if dW is not None and dW.dtype != weight.dtype:
+            dW = dW.to(weight.dtype)
+        if db is not None and db.dtype != bias.dtype:
+            db = db.to(bias.dtype)
+        return (dH, dW, db, *([None] * 9))
+
+
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
     local_weight: Tensor,
@@ -507,49 +690,138 @@ def vocab_parallel_linear_cross_entropy(
     *,
     local_bias: Tensor | None = None,
     group: ProcessGroup | None = None,
-    **options: Any,
+    vocab_sizes: Sequence[int] | None = None,
+    vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    gamma: float | GammaSchedule = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    confidence_penalty: float = 0.0,
+    poly1: float = 0.0,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
 ) -> Tensor:
-    r"""Column-parallel output projection + :func:`vocab_parallel_cross_entropy`.
+    r"""Column-parallel output projection + :func:`vocab_parallel_cross_entropy`, chunked.
 
     Rank :math:`r` holds the rows :math:`W_r` (V_r, H) of the (V, H) output weight for its
-    vocabulary slice (and ``local_bias`` (V_r,)); ``hidden`` (..., H) is the same on every rank.
-    The local logits are ``hidden @ local_weight.T + local_bias``; the loss is that of
-    :func:`vocab_parallel_cross_entropy` (``options``: its keyword arguments).
+    vocabulary slice (and ``local_bias`` (V_r,)); ``hidden`` (..., H) and ``target`` are the
+    same on every rank. The loss is that of :func:`vocab_parallel_cross_entropy` on the local
+    logits ``hidden @ local_weight.T + local_bias`` (the other keyword arguments are its own),
+    but those (N, V_r) logits are never held: as in :func:`crossent.linear_cross_entropy`, the
+    non-ignored tokens are processed in chunks, and each chunk's local logits, vocab-parallel
+    statistics and logits-gradient slice :math:`G_c` are turned at once into
+    :math:`\partial H_c = G_c W_r` (a partial sum over this rank's classes),
+    :math:`\partial W_r \mathrel{+}= G_c^\top H_c` and :math:`\partial b_r \mathrel{+}=
+    \mathbf 1^\top G_c`. The "mean" denominator :math:`\sum_i w_{y_i}` is computed once, over
+    all the tokens, before the loop.
 
     Gradients: ``local_weight`` and ``local_bias`` get this rank's slice of the full gradient;
     ``hidden`` gets :math:`\sum_r \partial L / \partial \text{logits}_r \, W_r`, the sum over
-    ranks, through one ``all_reduce(SUM)`` in backward (the "copy to tensor-parallel region"
-    op). That is the one backward collective, of the head, not of the loss. With no process
-    group or one rank this is :func:`crossent.linear_cross_entropy` (``weight`` is passed as
-    its ``class_weight``).
+    ranks, through one ``all_reduce(SUM)`` in backward (the column-parallel head's collective,
+    as :func:`copy_to_tensor_parallel_region` would do).
 
-    The logits slice (N, V_r) is materialised with a plain matmul; a chunked vocab-parallel
-    path on top of :func:`crossent.linear_cross_entropy` (never holding (N, V_r)) is a
-    follow-up.
+    Collectives per call, with :math:`C = \lceil n_{\text{valid}} / \text{chunk\_size} \rceil`
+    chunks (ignored tokens are dropped first; every target ignored: :math:`C = 0`):
+
+    - forward: per chunk the all-reduces of :func:`vocab_parallel_cross_entropy`, i.e.
+      :math:`2C` (:math:`3C` for focal loss with label smoothing) -- the total grows with the
+      number of chunks, so a larger ``chunk_size`` means fewer, larger messages;
+    - backward: exactly **1** (``d hidden``) for a "mean" or "sum" loss, whose gradients are
+      accumulated in the forward and only scaled by ``grad_output``. Reduction ``"none"`` (a
+      per-token ``grad_output`` cannot be folded into :math:`\partial W_r` afterwards) and a
+      second backward (``retain_graph=True``) recompute the chunk loop in backward: its
+      :math:`2C` (or :math:`3C`) all-reduces, then the 1 of ``d hidden``;
+    - one ``all_gather`` of the local sizes when the partition is not given (see
+      :func:`vocab_partition`).
+
+    Args:
+        chunk_size: tokens per chunk; must be the same on every rank of the group. None: the
+            budget rule of :func:`crossent._cpu.linear.chunk_rows`, applied to the *widest*
+            slice (``max(vocab_sizes)``, else :math:`\lceil V / R \rceil`) with a budget that is
+            the same on every rank (the CPU default; on CUDA the rule's 64 MiB floor, since
+            free memory differs between devices), so every rank runs the same number of chunks
+            and hence of collectives.
+        weight: the full (V,) class weights, as in :func:`vocab_parallel_cross_entropy`.
+        Other arguments: as in :func:`vocab_parallel_cross_entropy`.
+
+    With no process group or a group of one rank this is :func:`crossent.linear_cross_entropy`
+    (``weight`` is passed as its ``class_weight``).
     """
     check_logits(hidden, "hidden")
     check_logits(local_weight, "local_weight")
-    if local_weight.ndim != 2 or hidden.shape[-1:] != local_weight.shape[1:]:
+    check_reduction(reduction)
+    if hidden.ndim < 1 or local_weight.ndim != 2 or hidden.shape[-1:] != local_weight.shape[1:]:
         raise ValueError(
-            f"local_weight must have shape (V_local, {hidden.shape[-1]}), got "
-            f"{tuple(local_weight.shape)}"
+            f"local_weight must have shape (V_local, {hidden.shape[-1] if hidden.ndim else '?'}), "
+            f"got {tuple(local_weight.shape)}"
         )
-    if _world_size(group) == 1:
-        single = getattr(_functional, "linear_cross_entropy", None)
-        if single is not None:
-            part = {k: options[k] for k in _PARTITION_ARGS if k in options}
-            Vl = local_weight.shape[0]
-            total = vocab_partition(Vl, group, **part)[1]
-            if total != Vl:
-                raise ValueError(f"a single rank holds {Vl} of {total} classes")
-            rest = {k: v for k, v in options.items() if k not in _PARTITION_ARGS}
-            class_weight = rest.pop("weight", None)
-            return single(
-                hidden, local_weight, target, bias=local_bias, class_weight=class_weight, **rest
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    Vl = local_weight.shape[0]
+    loss_opts = dict(
+        ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
+        softcap=softcap, confidence_penalty=confidence_penalty, poly1=poly1, reduction=reduction,
+    )
+    world = _world_size(group)
+    start, V = vocab_partition(
+        Vl, group, vocab_sizes=vocab_sizes, vocab_start_index=vocab_start_index,
+        vocab_size=vocab_size, device=hidden.device,
+    )
+    if world == 1:
+        if V != Vl:
+            raise ValueError(f"a single rank holds {Vl} of {V} classes")
+        return _functional.linear_cross_entropy(
+            hidden, local_weight, target, bias=local_bias, class_weight=weight,
+            chunk_size=chunk_size, **loss_opts,
+        )
+
+    opts = make_softmax_options(**{k: v for k, v in loss_opts.items() if k != "reduction"})
+    if local_weight.dtype != hidden.dtype or local_weight.device != hidden.device:
+        raise TypeError(
+            f"local_weight must have hidden's dtype and device ({hidden.dtype}, "
+            f"{hidden.device}), got ({local_weight.dtype}, {local_weight.device})"
+        )
+    if local_bias is not None:
+        check_logits(local_bias, "local_bias")
+        if tuple(local_bias.shape) != (Vl,):
+            raise ValueError(f"local_bias must have shape ({Vl},), got {tuple(local_bias.shape)}")
+        if local_bias.dtype != hidden.dtype or local_bias.device != hidden.device:
+            raise TypeError(
+                f"local_bias must have hidden's dtype and device ({hidden.dtype}, "
+                f"{hidden.device}), got ({local_bias.dtype}, {local_bias.device})"
             )
-    h = copy_to_tensor_parallel_region(hidden, group)
-    logits = torch.nn.functional.linear(h, local_weight, local_bias)
-    return vocab_parallel_cross_entropy(logits, target, group=group, **options)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(
+            "vocab_parallel_linear_cross_entropy takes integer class ids (global ids in [0, V))"
+        )
+    if target.device != hidden.device:
+        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+    lead = tuple(hidden.shape[:-1])
+    check_class_target(target, V, ignore_index, lead)
+    w = prepare_weight(weight, V, hidden)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    half = local_weight.dtype in (torch.float16, torch.bfloat16)
+    wgrad_dtype = acc if half else local_weight.dtype
+    if chunk_size is None:
+        widest = max(vocab_sizes) if vocab_sizes is not None else -(-V // world)
+        budget = None if hidden.device.type == "cpu" else _CUDA_BUDGET_MIN
+        chunk_size = chunk_rows(
+            max(1, int(widest)), hidden.dtype, hidden.device, wgrad_dtype, budget=budget
+        )
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = target.reshape(-1).long()
+    loss = _VocabParallelLinearCrossEntropyFunction.apply(
+        h2, local_weight, local_bias, t1, w, opts, reduction, start, V, group, chunk_size,
+        wgrad_dtype,
+    )
+    return loss.reshape(lead) if reduction == "none" else loss
 
 
 # --------------------------------------------------------------------------------------------
