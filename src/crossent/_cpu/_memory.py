@@ -13,7 +13,7 @@ __all__ = ["empty_hugepage"]
 _MADV_HUGEPAGE = 14
 _HUGE = 2 << 20  # 2 MiB, the x86-64 / arm64 transparent huge page size
 #: Below this size the page faults are too few to matter.
-_MIN_BYTES = 8 << 20
+_MIN_BYTES = 4 << 20
 
 
 @functools.cache

@@ -387,16 +387,20 @@ def binary_cross_entropy(
             scale = torch.where(count > 0, 1.0 / count.clamp_min(1.0), 0.0)
 
     grad_buf = None
+    # fresh CPU memory: ask for huge pages (see _memory.empty_hugepage)
+    use_huge = dev.type == "cpu" and not torch.compiler.is_compiling()
     if need_grad:
-        # fresh CPU memory: ask for huge pages (see _memory.empty_hugepage)
-        use_huge = dev.type == "cpu" and not torch.compiler.is_compiling()
         grad_buf = empty_hugepage(*shape, dtype=logits.dtype) if use_huge else torch.empty(
             shape, dtype=logits.dtype, device=dev
         )
     scratch = None
     if _hard_path_applies(opts) and len(blocks) > 1:
         size = max(logits[i].numel() for i in blocks[:2])  # the first block is a full one
-        scratch = torch.empty((HARD_SCRATCH_ROWS, size), dtype=acc, device=dev)
+        scratch = (
+            empty_hugepage(HARD_SCRATCH_ROWS, size, dtype=acc)
+            if use_huge
+            else torch.empty((HARD_SCRATCH_ROWS, size), dtype=acc, device=dev)
+        )
     out = torch.empty(shape, dtype=acc, device=dev) if reduction == "none" else None
     sums = []
     for i in blocks:
