@@ -58,8 +58,8 @@ gradients by the world size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -67,8 +67,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossent import functional as _functional
-from crossent._cpu.linear import _CUDA_BUDGET_MIN, _accumulate_wgrad, chunk_rows
-from crossent._cpu.softmax import _denominator, _gamma_for_rows, focal_terms
+from crossent._cpu.linear import _CUDA_BUDGET_MIN, LinearCrossEntropyFunction, chunk_rows
+from crossent._cpu.softmax import _gamma_for_rows, focal_terms
 from crossent._options import GammaSchedule, Reduction, SoftmaxOptions
 from crossent.functional import (
     check_class_target,
@@ -501,186 +501,37 @@ def copy_to_tensor_parallel_region(x: Tensor, group: ProcessGroup | None = None)
     return _CopyToTensorParallelRegion.apply(x, group)
 
 
-def _vp_linear_rows(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
+def _vocab_parallel_chunk(
+    z: Tensor,
     target: Tensor,
     class_weight: Tensor | None,
     opts: SoftmaxOptions,
-    start: int,
-    V: int,
-    group: ProcessGroup | None,
-    row_scale: Tensor | None,
+    scale: Tensor | None,
     *,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    chunk_size: int,
-    wgrad_dtype: torch.dtype,
-    grad_hidden: Tensor | None = None,
-    rows: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The vocab-parallel chunk loop (the counterpart of ``linear_cross_entropy_rows``).
+    start: int,
+    vocab_size: int,
+    group: ProcessGroup | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The chunk kernel of the vocab-parallel head, for the chunk loop of the linear path.
 
-    ``hidden`` (M, D): the valid tokens only (ignored ones dropped), the same on every rank;
-    ``weight`` (V_local, D) and ``bias`` (V_local,): this rank's slice. For each chunk of
-    ``chunk_size`` tokens: the local logits, their vocab-parallel loss and logits-gradient
-    slice (:func:`_vocab_parallel_forward`, with its 2 -- or 3 -- all-reduces), then at once
-    ``dH_c = G_c W_loc`` (this rank's *partial* sum over its vocabulary slice; the caller
-    all-reduces it), ``dW_loc += G_c^T H_c`` and ``db_loc += sum_rows G_c``. ``row_scale``: None
-    (losses only), a 0-d factor or (M,) per-token factors applied to ``G``. Returns
-    ``(losses (M,), dH partial, dW_loc, db_loc)``, None for gradients not asked.
+    ``z`` (B, V_local): this rank's slice of a chunk's logits. The loss and this rank's slice of
+    ``scale * dL/dz`` come from :func:`_vocab_parallel_forward`, with its 2 (or 3) all-reduces.
+    The loop then forms ``dH_c = G_c W_loc`` (this rank's *partial* sum over its vocabulary
+    slice), ``dW_loc += G_c^T H_c`` and ``db_loc += sum_rows G_c``.
     """
-    M = hidden.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    dev = hidden.device
-    need_grad = row_scale is not None and (need_hidden or need_weight or need_bias)
-    losses = torch.empty(M, dtype=acc, device=dev)
-    dH = dW = db = None
-    if need_grad and need_hidden:
-        dH = grad_hidden
-        if dH is None:
-            dH = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    if need_grad and need_weight:
-        dW = torch.zeros(weight.shape, dtype=wgrad_dtype, device=dev)
-    if need_grad and need_bias:
-        db = torch.zeros(weight.shape[0], dtype=acc, device=dev)
-    wt = weight.t()
-    per_row = row_scale is not None and row_scale.ndim == 1
-    for r0 in range(0, M, chunk_size):
-        r1 = min(M, r0 + chunk_size)
-        h = hidden[r0:r1]
-        z = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)  # (B, V_local)
-        loss_c, G = _vocab_parallel_forward(
-            z, target[r0:r1], class_weight, opts, "none", start, V, group, need_grad
-        )
-        del z
-        losses[r0:r1] = loss_c
-        if G is None:
-            continue
-        assert row_scale is not None
-        G.mul_((row_scale[r0:r1].unsqueeze(1) if per_row else row_scale).to(G.dtype))
-        if dH is not None:
-            if rows is None:
-                torch.mm(G, weight, out=dH[r0:r1])
-            else:
-                dH.index_copy_(0, rows[r0:r1], torch.mm(G, weight))
-        if dW is not None:
-            _accumulate_wgrad(dW, G, h)
-        if db is not None:
-            db.add_(G.sum(0, dtype=acc))
-        del G
-    return losses, dH, dW, db
+    losses, G = _vocab_parallel_forward(
+        z, target, class_weight, opts, "none", start, vocab_size, group, scale is not None
+    )
+    if G is not None:
+        G.mul_(scale.to(G.dtype))
+    return losses, G
 
 
-class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
-    """Chunked column-parallel head + vocab-parallel CE in one autograd node.
-
-    Forward: the chunk loop of :func:`_vp_linear_rows` (its all-reduces per chunk); for a
-    "mean"/"sum" loss it also accumulates the gradients. Backward: scales them by
-    ``grad_output`` and all-reduces ``d hidden`` once (the column-parallel head's collective).
-    Reduction "none" and a second backward (``retain_graph=True``) recompute the chunk loop in
-    backward, with its per-chunk all-reduces, before that one all-reduce of ``d hidden``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        target: Tensor,
-        class_weight: Tensor | None,
-        opts: SoftmaxOptions,
-        reduction: Reduction,
-        start: int,
-        vocab_size: int,
-        group: ProcessGroup | None,
-        chunk_size: int,
-        wgrad_dtype: torch.dtype,
-    ) -> Tensor:
-        N = hidden.shape[0]
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        dev = hidden.device
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and bias is not None
-
-        # Ignored tokens cost no matmul and no collective (the same rows on every rank).
-        valid = target != opts.ignore_index
-        n_valid = int(valid.sum())
-        rows = None if n_valid == N else valid.nonzero().squeeze(1)
-        h_v = hidden if rows is None else hidden.index_select(0, rows)
-        t_v = target if rows is None else target.index_select(0, rows)
-
-        if reduction == "mean":  # global over the tokens, before the loop; no collective
-            denom = _denominator(target, class_weight, opts.ignore_index, acc, N)
-            scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
-        else:
-            scale = torch.ones((), dtype=acc, device=dev)
-        store = reduction != "none" and (need_h or need_w or need_b)
-        grad_hidden = None
-        if store and need_h and rows is not None:
-            grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-        losses, dH, dW, db = _vp_linear_rows(
-            h_v, weight, bias, t_v, class_weight, opts, start, vocab_size, group,
-            scale if store else None, need_hidden=need_h, need_weight=need_w,
-            need_bias=need_b, chunk_size=chunk_size, wgrad_dtype=wgrad_dtype,
-            grad_hidden=grad_hidden, rows=rows,
-        )
-        del h_v
-        ctx.opts, ctx.start, ctx.vocab_size, ctx.group = opts, start, vocab_size, group
-        ctx.chunk_size, ctx.wgrad_dtype, ctx.has_bias = chunk_size, wgrad_dtype, bias is not None
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight, scale, rows)
-        ctx.grads = (dH, dW, db) if store else None  # handed over in backward without a copy
-
-        if reduction == "none":
-            if rows is None:
-                return losses
-            return torch.zeros(N, dtype=acc, device=dev).index_copy_(0, rows, losses)
-        total = losses.sum()
-        return total * scale if reduction == "mean" else total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, target, class_weight, scale, rows = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
-        grads = ctx.grads
-        ctx.grads = None  # a second backward recomputes (dH below is all-reduced in place)
-        if grads is not None:
-            dH, dW, db = (
-                None if g is None else scale_saved_grad(SimpleNamespace(), g, grad_output)
-                for g in grads
-            )
-        else:
-            acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            go = grad_output.to(acc)
-            if go.ndim:
-                row_scale = go if rows is None else go.index_select(0, rows)
-            else:
-                row_scale = scale * go
-            h_v = hidden if rows is None else hidden.index_select(0, rows)
-            t_v = target if rows is None else target.index_select(0, rows)
-            grad_hidden = None
-            if need_h and rows is not None:
-                grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-            _, dH, dW, db = _vp_linear_rows(
-                h_v, weight, bias, t_v, class_weight, ctx.opts, ctx.start, ctx.vocab_size,
-                ctx.group, row_scale, need_hidden=need_h, need_weight=need_w,
-                need_bias=need_b, chunk_size=ctx.chunk_size, wgrad_dtype=ctx.wgrad_dtype,
-                grad_hidden=grad_hidden, rows=rows,
-            )
-        if dH is not None:
-            # the column-parallel head's backward collective: d hidden = sum_r G_r W_r
-            dH = dH.contiguous()
-            dist.all_reduce(dH, op=dist.ReduceOp.SUM, group=ctx.group)
-        if dW is not None and dW.dtype != weight.dtype:
-            dW = dW.to(weight.dtype)
-        if db is not None and db.dtype != bias.dtype:
-            db = db.to(bias.dtype)
-        return (dH, dW, db, *([None] * 9))
+def _all_reduce_grad_hidden(dH: Tensor, *, group: ProcessGroup | None) -> Tensor:
+    """The column-parallel head's backward collective: d hidden = sum over ranks of G_r W_r."""
+    dH = dH.contiguous()
+    dist.all_reduce(dH, op=dist.ReduceOp.SUM, group=group)
+    return dH
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -817,9 +668,13 @@ def vocab_parallel_linear_cross_entropy(
         )
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).long()
-    loss = _VocabParallelLinearCrossEntropyFunction.apply(
-        h2, local_weight, local_bias, t1, w, opts, reduction, start, V, group, chunk_size,
-        wgrad_dtype,
+    # The chunk loop and autograd node of the linear path, with the vocab-parallel chunk kernel
+    # (forward: its all-reduces per chunk) and one all-reduce of d hidden in backward. A second
+    # backward (retain_graph) or reduction "none" recomputes the chunks, collectives included.
+    loss = LinearCrossEntropyFunction.apply(
+        h2, local_weight, local_bias, t1, w, opts, reduction, chunk_size, wgrad_dtype,
+        functools.partial(_vocab_parallel_chunk, start=start, vocab_size=V, group=group),
+        functools.partial(_all_reduce_grad_hidden, group=group),
     )
     return loss.reshape(lead) if reduction == "none" else loss
 

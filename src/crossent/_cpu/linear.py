@@ -41,6 +41,7 @@ graph (``retain_graph=True``) also recomputes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -56,6 +57,7 @@ __all__ = [
     "LinearCrossEntropyFunction",
     "chunk_rows",
     "linear_cross_entropy_rows",
+    "softmax_chunk",
 ]
 
 #: Default bytes for the chunk-sized buffers on the CPU (32 MiB: 262 rows of a 32k vocabulary
@@ -104,6 +106,38 @@ def _accumulate_wgrad(dW: Tensor, G: Tensor, h: Tensor) -> None:
         dW.addmm_(G.t().to(dW.dtype), h.to(dW.dtype))
 
 
+#: ``kernel(z, target, class_weight, opts, scale) -> (losses, G)``: the loss of one chunk of
+#: logits ``z`` (B, V) and, when ``scale`` (0-d, or (B, 1) per token) is not None, the gradient
+#: ``G = scale * dL/dz`` (it may overwrite ``z``). The linear path and the vocab-parallel head
+#: share the chunk loop and differ only in this kernel.
+ChunkKernel = Callable[
+    [Tensor, Tensor, "Tensor | None", SoftmaxOptions, "Tensor | None"], "tuple[Tensor, Tensor | None]"
+]
+
+
+def softmax_chunk(
+    z: Tensor, target: Tensor, class_weight: Tensor | None, opts: SoftmaxOptions, scale: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The default chunk kernel: the fused softmax rows, writing the gradient over ``z``."""
+    B, V = z.shape
+    losses = torch.empty(B, dtype=_acc_dtype(z.dtype), device=z.device)
+    # softmax_rows on cache-sized sub-blocks on the CPU (its temporaries stay ~1 MiB); one call
+    # per chunk elsewhere (one kernel each).
+    sub = max(1, CPU_SOFTMAX_ELEMENTS // max(1, V)) if z.device.type == "cpu" else max(B, 1)
+    per_row = scale is not None and scale.ndim == 2
+    for s0 in range(0, B, sub):
+        s1 = min(B, s0 + sub)
+        zb = z[s0:s1]
+        if scale is not None:
+            # The gradient overwrites the logits it came from (each row is read first).
+            sc = scale[s0:s1] if per_row else scale
+            losses[s0:s1] = softmax_rows(zb, target[s0:s1], class_weight, opts, zb, sc)
+        else:
+            losses[s0:s1] = softmax_rows(zb, target[s0:s1], class_weight, opts, None)
+        del zb  # a view keeps the whole chunk alive into the next chunk's matmul
+    return losses, (z if scale is not None else None)
+
+
 def linear_cross_entropy_rows(
     hidden: Tensor,
     weight: Tensor,
@@ -120,6 +154,7 @@ def linear_cross_entropy_rows(
     wgrad_dtype: torch.dtype,
     grad_hidden: Tensor | None = None,
     rows: Tensor | None = None,
+    kernel: ChunkKernel = softmax_chunk,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The chunk loop: per-token losses and the gradients of ``sum_i row_scale_i * loss_i``.
 
@@ -134,6 +169,7 @@ def linear_cross_entropy_rows(
         wgrad_dtype: dtype of the ``dW`` accumulator (and ``db``).
         grad_hidden: optional (N, D) buffer receiving ``dH``; row ``rows[i]`` gets token i's
             gradient (``rows=None``: row i). Allocated (M, D) when None.
+        kernel: the chunk kernel (:data:`ChunkKernel`); the vocab-parallel head passes its own.
 
     Returns:
         (losses (M,) in the accumulation dtype, dH, dW, db) with None for gradients not asked.
@@ -153,33 +189,19 @@ def linear_cross_entropy_rows(
         dW = torch.zeros(weight.shape, dtype=wgrad_dtype, device=dev)
     if need_grad and need_bias:
         db = torch.zeros(V, dtype=acc, device=dev)
-    # softmax_rows on cache-sized sub-blocks on the CPU (its temporaries stay ~1 MiB); one call
-    # per chunk elsewhere (one kernel each).
-    sub = max(1, CPU_SOFTMAX_ELEMENTS // max(1, V)) if dev.type == "cpu" else chunk_size
     wt = weight.t()
     per_row = row_scale is not None and row_scale.ndim == 1
     for r0 in range(0, M, chunk_size):
         r1 = min(M, r0 + chunk_size)
         h = hidden[r0:r1]
         z = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)  # (B, V)
-        t = target[r0:r1]
-        if per_row:
-            sc = row_scale[r0:r1].to(acc).unsqueeze(1)
-        for s0 in range(0, r1 - r0, sub):
-            s1 = min(r1 - r0, s0 + sub)
-            zb = z[s0:s1]
-            if need_grad:
-                # The gradient overwrites the logits it came from (each row is read first).
-                scale = sc[s0:s1] if per_row else row_scale
-                losses[r0 + s0 : r0 + s1] = softmax_rows(
-                    zb, t[s0:s1], class_weight, opts, zb, scale
-                )
-            else:
-                losses[r0 + s0 : r0 + s1] = softmax_rows(zb, t[s0:s1], class_weight, opts, None)
-            del zb  # a view keeps the whole chunk alive into the next chunk's matmul
-        if not need_grad:
+        sc = None
+        if need_grad:
+            sc = row_scale[r0:r1].to(acc).unsqueeze(1) if per_row else row_scale
+        losses[r0:r1], G = kernel(z, target[r0:r1], class_weight, opts, sc)
+        del z
+        if G is None:
             continue
-        G = z  # now s * dL/dZ for the chunk
         if dH is not None:
             if rows is None:
                 torch.mm(G, weight, out=dH[r0:r1])
@@ -189,7 +211,7 @@ def linear_cross_entropy_rows(
             _accumulate_wgrad(dW, G, h)
         if db is not None:
             db.add_(G.sum(0, dtype=acc))
-        del G, z
+        del G
     return losses, dH, dW, db
 
 
@@ -211,6 +233,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         reduction: Reduction,
         chunk_size: int | None,
         wgrad_dtype: torch.dtype | None,
+        kernel: ChunkKernel = softmax_chunk,
+        reduce_grad_hidden: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         N, _ = hidden.shape
         V = weight.shape[0]
@@ -242,10 +266,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         losses, dH, dW, db = linear_cross_entropy_rows(
             h_v, weight, bias, t_v, class_weight, opts, scale if store else None,
             need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size,
-            wgrad_dtype=wgrad_dtype, grad_hidden=grad_hidden, rows=rows,
+            wgrad_dtype=wgrad_dtype, grad_hidden=grad_hidden, rows=rows, kernel=kernel,
         )
         del h_v
         ctx.opts, ctx.chunk_size, ctx.wgrad_dtype = opts, chunk_size, wgrad_dtype
+        ctx.kernel, ctx.reduce_grad_hidden = kernel, reduce_grad_hidden
         ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, scale, rows)
         # Kept as attributes, not saved tensors: backward hands them to autograd without a copy.
@@ -294,10 +319,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 h_v, weight, bias, t_v, class_weight, ctx.opts, row_scale,
                 need_hidden=need_h, need_weight=need_w, need_bias=need_b,
                 chunk_size=ctx.chunk_size, wgrad_dtype=ctx.wgrad_dtype,
-                grad_hidden=grad_hidden, rows=rows,
+                grad_hidden=grad_hidden, rows=rows, kernel=ctx.kernel,
             )
+        if dH is not None and ctx.reduce_grad_hidden is not None:
+            dH = ctx.reduce_grad_hidden(dH)  # e.g. the all-reduce of a column-parallel head
         if dW is not None and dW.dtype != weight.dtype:
             dW = dW.to(weight.dtype)
         if db is not None and db.dtype != bias.dtype:
             db = db.to(bias.dtype)
-        return dH, dW, db, None, None, None, None, None, None
+        return dH, dW, db, None, None, None, None, None, None, None, None
