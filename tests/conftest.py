@@ -5,5 +5,36 @@ first imported: set it before anything (torch.compile included) can import trito
 """
 
 import os
+from collections.abc import Iterator
+
+import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test on each CPU implementation: the native kernels, then the torch-op path.
+
+    Test modules of the loss families use it for every test (``pytestmark``), so that both
+    paths are held to the same reference, identities and hostile inputs.
+    """
+    from crossent._cpu import native
+
+    if request.param == "native":
+        if os.environ.get("CROSSENT_NATIVE") == "0":
+            pytest.skip("native kernels turned off by CROSSENT_NATIVE=0")
+        assert native.available(), "the native kernels failed to build (see the RuntimeWarning)"
+        yield "native"
+    else:
+        with native.disabled():
+            yield "torch"
+
+
+@pytest.fixture
+def torch_path() -> Iterator[None]:
+    """Force the torch-op path (for tests of its blocking and buffers)."""
+    from crossent._cpu import native
+
+    with native.disabled():
+        yield

@@ -15,6 +15,9 @@ from crossent import functional as CF
 from crossent import nn as cnn
 from crossent import reference as R
 
+# every test runs on both CPU implementations (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_path")
+
 F64 = torch.float64
 
 
@@ -353,7 +356,7 @@ def test_half_precision(dtype):
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_blocks_match_one_block(monkeypatch, reduction):
+def test_blocks_match_one_block(monkeypatch, reduction, torch_path):
     """Multi-block paths (including broadcast weights indexed per block) agree with one block."""
     x, t = _rand(6, 5, 7, 3), _targets(6, 5, 7, 3, soft=True)
     t[1, 2] = -1
@@ -486,7 +489,7 @@ def test_combinations_smoke():
 @pytest.mark.parametrize("alpha", [None, 0.25])
 @pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("block", [7, 1 << 18])
-def test_hard_target_fast_path(monkeypatch, gamma, alpha, weights, block):
+def test_hard_target_fast_path(monkeypatch, gamma, alpha, weights, block, torch_path):
     """0/1 targets take the fast path (scratch buffers reused across blocks); same results."""
     monkeypatch.setattr(cpu_binary, "BLOCK_ELEMENTS", block)
     x, t = _rand(9, 5, 4), _targets(9, 5, 4)

@@ -11,7 +11,11 @@ import torch.nn.functional as F
 
 import crossent
 from crossent import reference as ref
+from crossent._cpu import native
 from crossent._cpu import softmax as cpu_softmax
+
+# every test runs on both CPU implementations (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_path")
 
 
 def _fused(logits, target, grad_output=None, **kw):
@@ -234,7 +238,7 @@ def test_moving_the_class_dim_changes_nothing():
     torch.testing.assert_close(g1.movedim(1, -1).reshape(-1, 4), g2)
 
 
-def test_blocking_changes_nothing(monkeypatch):
+def test_blocking_changes_nothing(monkeypatch, torch_path):
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(37, 11, generator=gen)
     y = torch.randint(0, 11, (37,), generator=gen)
@@ -452,15 +456,17 @@ def test_flsd53_schedule():
     np.testing.assert_array_equal(ref.flsd53(p.numpy()), crossent.flsd53(p).numpy())
 
 
-def test_inference_skips_the_gradient_work(monkeypatch):
+def test_inference_skips_the_gradient_work(monkeypatch, cpu_path):
     allocations: list[tuple[int, ...]] = []
-    original = cpu_softmax._empty
+    module, name = (native, "empty_hugepage") if cpu_path == "native" else (cpu_softmax, "_empty")
+    original = getattr(module, name)
 
-    def spy(shape, like):  # the allocator of the gradient buffer
+    def spy(*args, **kwargs):  # the allocator of the gradient buffer
+        shape = args[0] if cpu_path == "torch" else args
         allocations.append(tuple(shape))
-        return original(shape, like)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(cpu_softmax, "_empty", spy)
+    monkeypatch.setattr(module, name, spy)
     x = torch.randn(4, 5, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3])
     for kw in ({}, {"gamma": 2.0}):

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 Reduction = Literal["none", "sum", "mean"]
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "native", "torch", "triton"]
 GammaSchedule = Callable[[torch.Tensor], "torch.Tensor | float"]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossent._cpu import native as _native
 from crossent._cpu.binary import binary_cross_entropy as _torch_binary_ce
 from crossent._cpu.softmax import softmax_cross_entropy as _torch_softmax_ce
 from crossent._options import (
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("none", "sum", "mean")
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "native", "torch", "triton")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,10 +181,18 @@ def _triton_available() -> bool:
 
 
 def _pick_backend(logits: Tensor, backend: Backend) -> str:
+    """The device-level choice: "triton" (CUDA), "native" (CPU) or "torch" (anything)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    if backend == "native":
+        if logits.device.type != "cpu" or not _native.available():
+            raise ValueError(
+                "backend='native' needs a CPU tensor and the native kernels, which build with a C "
+                "compiler on first use (see crossent._cpu.native); use backend='auto' or 'torch'"
+            )
+        return "native"
     triton_ok = logits.is_cuda and _triton_available()
     if backend == "triton":
         if not triton_ok:
@@ -192,10 +201,29 @@ def _pick_backend(logits: Tensor, backend: Backend) -> str:
                 "use backend='torch' or 'auto'"
             )
         return "triton"
-    return "triton" if triton_ok else "torch"
+    if triton_ok:
+        return "triton"
+    if logits.device.type == "cpu" and not _compiling() and _native.available():
+        return "native"
+    return "torch"
+
+
+def _native_covers(chosen: str, backend: Backend, supported: bool) -> str:
+    """Keep "native" when the kernel covers the call; else the torch path ("auto") or an error."""
+    if chosen != "native" or supported:
+        return chosen
+    if backend == "native":
+        raise ValueError(
+            "backend='native' does not cover this call (it takes 1-D/2-D softmax logits with "
+            "contiguous rows, no focal term with smoothing or probability targets, and "
+            "contiguous sigmoid inputs); use backend='auto', which falls back to the torch path"
+        )
+    return "torch"
 
 
 def _softmax_kernel(backend: str):
+    if backend == "native":
+        return _native.softmax_cross_entropy
     if backend == "triton":
         from crossent._triton.softmax import softmax_cross_entropy as triton_softmax_ce
 
@@ -341,8 +369,9 @@ def cross_entropy(
             this call (a later read, another loss on the same logits, an op that saved them
             for its backward, or a leaf whose ``.grad`` would alias it); autograd's version
             counter catches most of these, not all.
-        backend: ``"auto"`` (Triton for CUDA tensors when triton is importable, else torch),
-            ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors when triton is importable; the native
+            kernel for CPU tensors it covers, see :mod:`crossent._cpu.native`; else the torch-op
+            path), ``"native"``, ``"torch"`` (torch ops, any device) or ``"triton"``.
 
     Returns:
         The loss: float32 for float32/float16/bfloat16 logits (accumulation is always fp32),
@@ -388,6 +417,9 @@ def cross_entropy(
     if inplace_backward and logits.ndim > 2:
         raise ValueError("inplace_backward needs 1-D or 2-D logits; reshape (N, C, d...) to (M, C)")
     chosen = _pick_backend(logits, backend)
+    chosen = _native_covers(
+        chosen, backend, chosen != "native" or _native.supports_softmax(logits, target, opts)
+    )
     grad_wanted = torch.is_grad_enabled() and logits.requires_grad
     return _SoftmaxCrossEntropyFunction.apply(
         logits, target, w, opts, reduction, bool(inplace_backward), chosen, grad_wanted
@@ -533,6 +565,8 @@ def prepare_binary_weight(name: str, weight: Any, logits: Tensor, hint: str = ""
 
 
 def _binary_kernel(backend: str):
+    if backend == "native":
+        return _native.binary_cross_entropy
     if backend == "triton":
         try:
             from crossent._triton.binary import binary_cross_entropy as triton_binary_ce
@@ -604,6 +638,9 @@ def _binary_loss(
         " (it is aligned to the last dim: shape (C,) gives one weight per class)",
     )
     chosen = _pick_backend(logits, backend)
+    chosen = _native_covers(
+        chosen, backend, chosen != "native" or _native.supports_binary(logits, target, w, pw)
+    )
     grad_wanted = torch.is_grad_enabled() and logits.requires_grad
     return _BinaryCrossEntropyFunction.apply(logits, target, w, pw, opts, reduction, chosen, grad_wanted)
 
@@ -667,8 +704,9 @@ def binary_cross_entropy(
             0) and are left out of the "mean" count; None masks nothing.
         reduction: ``"none"`` (the logits' shape), ``"sum"``, or ``"mean"`` over the unmasked
             elements.
-        backend: ``"auto"`` (Triton for CUDA tensors when available, else torch), ``"torch"``
-            or ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors when available; the native kernel on the
+            CPU when it covers the call; else the torch-op path), ``"native"``, ``"torch"`` or
+            ``"triton"``.
 
     Returns:
         The loss: float32 for float32/float16/bfloat16 logits (accumulation is always fp32),

@@ -1,0 +1,575 @@
+/* The kernels of _kernels.c, written once for an accumulation type ACC (float or double).
+ * Included by _kernels.c with ACC, ACC_DT, SFX, EXP, LOG and TANH defined. */
+
+#ifndef CE_CAT
+#define CE_CAT_(a, b) a##b
+#define CE_CAT(a, b) CE_CAT_(a, b)
+#endif
+#define FN(name) CE_CAT(name, SFX)
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* smallest normal number of ACC: keeps 0 / 0 out of a ratio whose numerator vanishes with it */
+/* Float sums and maxima vectorise only if the compiler may reorder them: "omp simd" allows it
+ * for these loops alone (-fopenmp-simd; no OpenMP runtime). Partial sums are per SEG terms. */
+#ifndef SIMD_SUM
+#define CE_PRAGMA(x) _Pragma(#x)
+#define SIMD_SUM(...) CE_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#define SIMD_MAX(v) CE_PRAGMA(omp simd reduction(max : v))
+#define SIMD_MAX_SUM(v, p) CE_PRAGMA(omp simd reduction(max : v) reduction(+ : p))
+#endif
+
+#define TINY ((ACC)(sizeof(ACC) == 4 ? 1.17549435e-38 : 2.2250738585072014e-308))
+
+/* src[i0 : i0 + n] (dtype dt) -> dst, converted to ACC */
+static void FN(load)(ACC *restrict dst, const void *src, int dt, int64_t i0, int64_t n) {
+    switch (dt) {
+    case DT_F32: { const float *s = (const float *)src + i0; for (int64_t k = 0; k < n; ++k) dst[k] = (ACC)s[k]; break; }
+    case DT_F64: { const double *s = (const double *)src + i0; for (int64_t k = 0; k < n; ++k) dst[k] = (ACC)s[k]; break; }
+    case DT_BF16: { const uint16_t *s = (const uint16_t *)src + i0; for (int64_t k = 0; k < n; ++k) dst[k] = (ACC)bf16_to_f(s[k]); break; }
+#if HAVE_F16
+    case DT_F16: { const f16_t *s = (const f16_t *)src + i0; for (int64_t k = 0; k < n; ++k) dst[k] = (ACC)(float)s[k]; break; }
+#endif
+    case DT_U8: { const uint8_t *s = (const uint8_t *)src + i0; for (int64_t k = 0; k < n; ++k) dst[k] = (ACC)s[k]; break; }
+    case DT_I64: { const int64_t *s = (const int64_t *)src + i0; for (int64_t k = 0; k < n; ++k) dst[k] = (ACC)s[k]; break; }
+    default: break;
+    }
+}
+
+/* src (ACC) -> dst[i0 : i0 + n] in dtype dt, rounded once (to nearest even) */
+static void FN(store)(void *dst, int dt, int64_t i0, const ACC *restrict src, int64_t n) {
+    switch (dt) {
+    case DT_F32: { float *d = (float *)dst + i0; for (int64_t k = 0; k < n; ++k) d[k] = (float)src[k]; break; }
+    case DT_F64: { double *d = (double *)dst + i0; for (int64_t k = 0; k < n; ++k) d[k] = (double)src[k]; break; }
+    case DT_BF16: { uint16_t *d = (uint16_t *)dst + i0; for (int64_t k = 0; k < n; ++k) d[k] = f_to_bf16((float)src[k]); break; }
+#if HAVE_F16
+    case DT_F16: { f16_t *d = (f16_t *)dst + i0; for (int64_t k = 0; k < n; ++k) d[k] = (f16_t)(float)src[k]; break; }
+#endif
+    default: break;
+    }
+}
+
+/* dst[k] = src[k] * A + B for a half-precision dst, converted in the same loop */
+static void FN(store_affine)(void *dst, int dt, const ACC *restrict src, ACC A, ACC B, int64_t n) {
+    if (dt == DT_BF16) {
+        uint16_t *d = (uint16_t *)dst;
+        for (int64_t k = 0; k < n; ++k) d[k] = f_to_bf16((float)(src[k] * A + B));
+#if HAVE_F16
+    } else if (dt == DT_F16) {
+        f16_t *d = (f16_t *)dst;
+        for (int64_t k = 0; k < n; ++k) d[k] = (f16_t)(float)(src[k] * A + B);
+#endif
+    }
+}
+
+/* a half-precision row converted into dst, and its max, in one read */
+static ACC FN(load_max)(ACC *restrict dst, const void *src, int dt, int64_t n) {
+    ACC m = -INFINITY;
+    if (dt == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        SIMD_MAX(m)
+        for (int64_t k = 0; k < n; ++k) {
+            const ACC v = (ACC)bf16_to_f(s[k]);
+            dst[k] = v;
+            m = v > m ? v : m;
+        }
+#if HAVE_F16
+    } else if (dt == DT_F16) {
+        const f16_t *s = (const f16_t *)src;
+        SIMD_MAX(m)
+        for (int64_t k = 0; k < n; ++k) {
+            const ACC v = (ACC)(float)s[k];
+            dst[k] = v;
+            m = v > m ? v : m;
+        }
+#endif
+    } else {
+        FN(load)(dst, src, dt, 0, n);
+        SIMD_MAX(m)
+        for (int64_t k = 0; k < n; ++k) m = dst[k] > m ? dst[k] : m;
+    }
+    return m;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Softmax family: one row at a time.
+ *
+ * Per row (u = the logits, soft-capped u = c tanh(x / c) when softcap is set):
+ *   pass 1 (the one read from memory): m = max u, and the row sums the loss needs
+ *          (sum_k w_k u_k for smoothing; sum a_k, sum a_k u_k for probability targets);
+ *   pass 2 (from L2): S = sum exp(u - m), so lse = m + log S;
+ *   per-row scalars in double: the loss and the coefficients of
+ *          G = q (rowc + cpc u - pc t~) + rowconst + ow w - a - sparse onehot_y
+ *   pass 3 (from L2): G written once, then the target entry replaced by its exact value.
+ * The formulas are those of crossent/_cpu/softmax.py (see its docstring and
+ * crossent.cross_entropy); focal rows take gamma from `gamma` or `gamma_rows`. */
+
+typedef struct {
+    const sm_args *a;
+    ACC *scratch;     /* per thread: (u row, g row) */
+    int64_t per_thread;
+} FN(sm_ctx);
+
+/* max of a row and sum_k w_k u_k (w NULL: sum_k u_k) in one read; float partial sums of SEG
+ * terms added in double */
+static inline ACC FN(row_max_sum)(const ACC *restrict u, const ACC *restrict w, int64_t C, double *sum) {
+    ACC m = -INFINITY;
+    double total = 0.0;
+    for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+        const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
+        ACC part = 0;
+        if (w) {
+            SIMD_MAX_SUM(m, part)
+            for (int64_t k = k0; k < k1; ++k) {
+                m = u[k] > m ? u[k] : m;
+                part += w[k] * u[k];
+            }
+        } else {
+            SIMD_MAX_SUM(m, part)
+            for (int64_t k = k0; k < k1; ++k) {
+                m = u[k] > m ? u[k] : m;
+                part += u[k];
+            }
+        }
+        total += (double)part;
+    }
+    *sum = total;
+    return m;
+}
+
+/* max of a row (a NaN may be skipped here, but reaches the loss through exp(NaN - m) anyway) */
+static inline ACC FN(row_max)(const ACC *restrict u, int64_t C) {
+    ACC m = -INFINITY;
+    SIMD_MAX(m)
+    for (int64_t k = 0; k < C; ++k) m = u[k] > m ? u[k] : m;
+    return m;
+}
+
+static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
+    const FN(sm_ctx) *ctx = (const FN(sm_ctx) *)vctx;
+    const sm_args *a = ctx->a;
+    const int64_t C = a->n_cols;
+    const ACC *w = (const ACC *)a->w;
+    const int index = a->y != NULL;
+    const int cap = a->softcap > 0;
+    const int need_u = a->x_dtype != ACC_DT || cap;
+    const int need_g = a->grad != NULL && a->g_dtype != ACC_DT;
+    ACC *ubuf = ctx->scratch + (int64_t)tid * ctx->per_thread;
+    ACC *gbuf = ubuf + (need_u ? C : 0);
+    const size_t xsz = dtype_size(a->x_dtype), gsz = dtype_size(a->g_dtype);
+    const double eps = a->eps;
+    const ACC keep = (ACC)(1.0 - eps), uni = (ACC)(eps / (double)C); /* t~ = t (1 - eps) + eps / C */
+    const double sc = a->scale;
+    ACC *loss_out = (ACC *)a->loss;
+    ACC *ell_out = (ACC *)a->ell;
+
+    for (int64_t r = r0; r < r1; ++r) {
+        const char *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * xsz;
+        char *gr = a->grad ? (char *)a->grad + (size_t)(r * a->g_row_stride) * gsz : NULL;
+        const ACC *tr = a->t ? (const ACC *)a->t + r * a->t_row_stride : NULL;
+        const ACC *u = (const ACC *)xr;
+        /* half precision without softcap: the conversion and the max in one read */
+        const int load_max = need_u && !cap && !(index && eps != 0.0);
+        ACC m_loaded = -INFINITY;
+        if (load_max) {
+            m_loaded = FN(load_max)(ubuf, xr, a->x_dtype, C);
+            u = ubuf;
+        } else if (need_u) {
+            FN(load)(ubuf, xr, a->x_dtype, 0, C);
+            if (cap) {
+                const ACC c = (ACC)a->softcap, ic = (ACC)(1.0 / a->softcap);
+                for (int64_t k = 0; k < C; ++k) ubuf[k] = c * TANH(ubuf[k] * ic);
+            }
+            u = ubuf;
+        }
+        ACC *g = need_g ? gbuf : (ACC *)gr;
+
+        /* sample weight s = w_y; ignored rows weigh 0 and contribute nothing */
+        int64_t y = -1;
+        double s = 1.0;
+        if (index) {
+            y = a->y[r];
+            s = y == a->ignore_index ? 0.0 : (w ? (double)w[y] : 1.0);
+            if (s == 0.0) {
+                loss_out[r] = 0;
+                if (ell_out) ell_out[r] = 0;
+                if (gr) {
+                    for (int64_t k = 0; k < C; ++k) g[k] = 0;
+                    if (need_g) FN(store)(gr, a->g_dtype, 0, gbuf, C);
+                }
+                continue;
+            }
+        }
+
+        /* pass 1: the max (log-sum-exp is taken relative to it, so exp never overflows and
+         * the largest term is 1), and the row sums of the loss */
+        ACC m;
+        double su = 0.0, sa = 0.0, sau = 0.0;
+        if (index && eps != 0.0) {
+            m = FN(row_max_sum)(u, w, C, &su); /* and sum_k w_k u_k, in the same read */
+        } else {
+            m = load_max ? m_loaded : FN(row_max)(u, C);
+        }
+        if (!index) {
+            for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+                int64_t n = C - k0 < SEG ? C - k0 : SEG;
+                ACC pa = 0, pau = 0;
+                SIMD_SUM(pa, pau)
+                for (int64_t k = k0; k < k0 + n; ++k) {
+                    ACC ak = (tr[k] * keep + uni) * (w ? w[k] : (ACC)1);
+                    pa += ak;
+                    pau += ak * u[k];
+                }
+                sa += (double)pa;
+                sau += (double)pau;
+            }
+        }
+
+        /* pass 2: S = sum exp(u - m) in float partial sums of SEG terms, added in double */
+        /* In the common case pass 2 keeps e = exp(u - m) in the gradient row (in cache) and
+         * pass 3 only rescales it. Not when a later pass still reads u, which g may alias. */
+        const int keep_e = gr != NULL && index && !cap && a->conf == 0.0;
+        const ACC u_y_acc = index ? u[y] : (ACC)0; /* read before g, which may alias u, is written */
+        double S = 0.0, Seu = 0.0, Set = 0.0;
+        for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+            int64_t n = C - k0 < SEG ? C - k0 : SEG;
+            ACC ps = 0;
+            if (keep_e) {
+                SIMD_SUM(ps)
+                for (int64_t k = k0; k < k0 + n; ++k) {
+                    const ACC e = EXP(u[k] - m);
+                    g[k] = e;
+                    ps += e;
+                }
+            } else {
+                SIMD_SUM(ps)
+                for (int64_t k = k0; k < k0 + n; ++k) ps += EXP(u[k] - m);
+            }
+            S += (double)ps;
+            if (a->conf != 0.0) { /* sum e u, for the entropy H = lse - sum q u */
+                ACC pe = 0;
+                SIMD_SUM(pe)
+                for (int64_t k = k0; k < k0 + n; ++k) pe += EXP(u[k] - m) * u[k];
+                Seu += (double)pe;
+            }
+            if (!index && a->poly1 != 0.0) { /* sum e t~, for P = sum q t~ */
+                ACC pe = 0;
+                SIMD_SUM(pe)
+                for (int64_t k = k0; k < k0 + n; ++k) pe += EXP(u[k] - m) * (tr[k] * keep + uni);
+                Set += (double)pe;
+            }
+        }
+        const double lse = (double)m + log(S);
+
+        /* per-row scalars (double) */
+        double loss, rowc, sparse = 0.0, rowconst = 0.0, ow = 0.0, cpc = 0.0, pc = 0.0;
+        double ell_y = 0.0, u_y = 0.0;
+        if (index) {
+            u_y = (double)u_y_acc;
+            ell_y = lse - u_y; /* -log q_y, exact even where q_y underflows */
+            const double a_y = s * (1.0 - eps);
+            const double gam = a->gamma_rows ? (double)((const ACC *)a->gamma_rows)[r] : a->gamma;
+            if (gam != 0.0) {
+                /* focal (no smoothing here): f = (1-q)^gamma ell; 1 - q = -expm1(-ell) keeps
+                 * precision as q -> 1, and the finite ratio ell / (1 - q) -> 1 replaces
+                 * (1-q)^(gamma-1), which overflows for gamma < 1 (see focal_terms) */
+                const double qy = exp(-ell_y), omq = -expm1(-ell_y);
+                const double factor = pow(omq, gam); /* pow(0, 0) = 1 */
+                const double ratio = omq > 0.0 ? ell_y / omq : 1.0;
+                loss = a_y * factor * ell_y;
+                rowc = a_y * factor * (1.0 + gam * qy * ratio);
+            } else {
+                loss = a_y * ell_y;
+                rowc = a_y;
+            }
+            sparse = rowc;
+            if (eps != 0.0) {
+                /* uniform part (eps/C) sum_k w_k ell_k = (eps/C)(lse sum(w) - sum w u);
+                 * gradient (eps/C)(q sum(w) - w) */
+                const double ue = eps / (double)C;
+                loss += ue * (lse * a->w_sum - su);
+                rowc += ue * a->w_sum;
+                if (w) ow = -ue; else rowconst = -ue;
+            }
+        } else {
+            /* dense target mass a = t~ w: L = lse sum(a) - sum a u; G = q sum(a) - a */
+            loss = sa * lse - sau;
+            rowc = sa;
+        }
+        if (a->z_loss != 0.0) { /* z-loss (PaLM): lambda lse^2, d/du = 2 lambda lse q */
+            loss += s * a->z_loss * lse * lse;
+            rowc += s * 2.0 * a->z_loss * lse;
+        }
+        if (a->conf != 0.0) {
+            /* -beta H(q) (Pereyra et al. 2017); d(-beta H)/du = beta q (H - lse) + beta q u */
+            const double H = lse - Seu / S;
+            loss -= s * a->conf * H;
+            rowc += s * a->conf * (H - lse);
+            cpc = s * a->conf;
+        }
+        if (a->poly1 != 0.0) { /* Poly-1 (Leng et al. 2022): eps1 (1 - P), P = sum t~ q */
+            if (index) {
+                const double qy = exp(-ell_y);
+                const double P = qy * (1.0 - eps) + eps / (double)C;
+                loss += s * a->poly1 * (1.0 - P);
+                rowc += s * a->poly1 * (P - eps / (double)C);
+                sparse += s * a->poly1 * (1.0 - eps) * qy;
+            } else {
+                const double P = Set / S;
+                loss += a->poly1 * (1.0 - P);
+                rowc += a->poly1 * P;
+                pc = a->poly1;
+            }
+        }
+        loss_out[r] = (ACC)loss;
+        if (ell_out) ell_out[r] = (ACC)ell_y;
+        if (!gr) continue;
+
+        /* pass 3: G = scale (q (rowc + cpc u - pc t~) + rowconst + ow w - a), q = e^(u-m) / S.
+         * u - m (not u - lse): m is one of the row's values, so the difference is exact
+         * where it matters, even at logits of 1e4 */
+        const ACC A = (ACC)(rowc * sc / S), B = (ACC)(rowconst * sc);
+        const ACC Cp = (ACC)(cpc * sc / S), Pc = (ACC)(pc * sc / S), Ow = (ACC)(ow * sc), Ad = (ACC)sc;
+        /* half-precision gradient of the common case: scaled and rounded in one loop */
+        const int fused_store = keep_e && need_g && !(w && Ow != 0);
+        if (fused_store) {
+            FN(store_affine)(gr, a->g_dtype, g, A, B, C);
+        } else if (keep_e) {
+            for (int64_t k = 0; k < C; ++k) g[k] = g[k] * A + B;
+        } else if (Cp == 0) {
+            for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * A + B;
+        } else {
+            for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * (A + Cp * u[k]) + B;
+        }
+        /* the rarer terms, each one more pass over the row in cache */
+        if (w && Ow != 0 && !fused_store)
+            for (int64_t k = 0; k < C; ++k) g[k] += Ow * w[k];
+        if (tr) {
+            if (Pc != 0)
+                for (int64_t k = 0; k < C; ++k) g[k] -= EXP(u[k] - m) * Pc * (tr[k] * keep + uni);
+            if (w)
+                for (int64_t k = 0; k < C; ++k) g[k] -= Ad * (tr[k] * keep + uni) * w[k];
+            else
+                for (int64_t k = 0; k < C; ++k) g[k] -= Ad * (tr[k] * keep + uni);
+        }
+        if (cap) {
+            const ACC ic = (ACC)(1.0 / a->softcap);
+            for (int64_t k = 0; k < C; ++k) {
+                const ACC th = u[k] * ic; /* d/dx [c tanh(x/c)] = 1 - tanh^2 */
+                g[k] *= (ACC)1 - th * th;
+            }
+        }
+        if (index) {
+            /* the target entry: rowc q_y - sparse = rowc expm1(-ell_y) + (rowc - sparse), in
+             * double, so 1 - q_y stays exact where q_y -> 1 */
+            const double qy = exp(-ell_y);
+            double v = rowc * expm1(-ell_y) + (rowc - sparse) + rowconst + cpc * qy * u_y;
+            if (w) v += ow * (double)w[y];
+            v *= sc;
+            if (cap) {
+                const double th = u_y / a->softcap;
+                v *= 1.0 - th * th;
+            }
+            g[y] = (ACC)v;
+            if (fused_store) FN(store)(gr, a->g_dtype, y, g + y, 1);
+        }
+        if (need_g && !fused_store) FN(store)(gr, a->g_dtype, 0, gbuf, C);
+    }
+}
+
+CE_API int FN(ce_softmax)(const sm_args *a) {
+    const int64_t C = a->n_cols;
+    const int need_u = a->x_dtype != ACC_DT || a->softcap > 0;
+    const int need_g = a->grad != NULL && a->g_dtype != ACC_DT;
+    /* about 64K elements of work per thread at least: a pthread costs ~20 us */
+    int64_t work = a->n_rows * C;
+    int threads = (int)(work / 65536 + 1);
+    if (threads > a->n_threads) threads = a->n_threads;
+    if (threads > a->n_rows) threads = (int)a->n_rows;
+    if (threads < 1) threads = 1;
+    FN(sm_ctx) ctx;
+    ctx.a = a;
+    ctx.per_thread = (need_u ? C : 0) + (need_g ? C : 0);
+    ctx.scratch = NULL;
+    if (ctx.per_thread) {
+        ctx.scratch = (ACC *)malloc((size_t)(ctx.per_thread * threads) * sizeof(ACC));
+        if (!ctx.scratch) return -1;
+    }
+    parallel_for(a->n_rows, threads, FN(sm_work), &ctx);
+    free(ctx.scratch);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Sigmoid family: elementwise, in segments of at most SEG elements.
+ *
+ * Per element, with p = sigmoid(x), the (smoothed) target t, pos_weight pw, weight w:
+ *   b = pw t (-log p) + (1 - t)(-log(1 - p_m)),  p_m = max(p - clip, 0)
+ *   L = w alpha_t (1 - p_t)^gamma_t b,           1 - p_t = t (1 - p) + (1 - t) p_m
+ * and its gradient, as derived in crossent/_cpu/binary.py. One exp and one log per element:
+ * e = exp(-|x|) gives p, 1 - p (never as 1 - p, which rounds to 0 for x > 17 in fp32) and
+ * log(1 + e), from which -log p = max(-x, 0) + log1p(e) and -log(1 - p) = max(x, 0) + log1p(e). */
+
+typedef struct {
+    const bce_args *a;
+} FN(bce_ctx);
+
+ALWAYS_INLINE ACC FN(log1p_small)(ACC v) {
+    /* log1p(v) for v in [-1, 1] from log: with w = fl(1 + v), log(w) - ((w - 1) - v) / w
+     * corrects the rounding of 1 + v (Goldberg's trick); for |v| below the epsilon w = 1 and
+     * the result is v itself */
+    const ACC w = (ACC)1 + v;
+    return LOG(w) - ((w - (ACC)1) - v) / w;
+}
+
+ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, int64_t L, const ACC *restrict xp, const ACC *restrict tp,
+                               const ACC *restrict wp, const ACC *restrict pwp, ACC *restrict lp,
+                               ACC *restrict gp, const int FOCAL, const int CLIP, const int GRAD) {
+    /* FOCAL: 0 none, 1 gamma_pos = gamma_neg = 2 (a square), 2 general (exp(gamma log)) */
+    const ACC eps = (ACC)a->eps, keep = (ACC)(1.0 - a->eps), half = (ACC)(a->eps / 2.0);
+    const ACC gpos = (ACC)a->gamma_pos, gneg = (ACC)a->gamma_neg, c = (ACC)a->clip;
+    /* alpha_t = alpha t + (1 - alpha)(1 - t) = a0 + a1 t; 1 when alpha is off */
+    const ACC a0 = a->alpha >= 0 ? (ACC)(1.0 - a->alpha) : (ACC)1;
+    const ACC a1 = a->alpha >= 0 ? (ACC)(2.0 * a->alpha - 1.0) : (ACC)0;
+    /* no ignore_index: NaN, which no target equals */
+    const ACC ign = a->has_ignore ? (ACC)a->ignore_value : (ACC)NAN;
+    const ACC sc = (ACC)a->scale;
+    (void)eps;
+    for (int64_t k = 0; k < L; ++k) {
+        const ACC x = xp[k], t0 = tp[k];
+        const int valid = !(t0 == ign);
+        const ACC t = (valid ? t0 : (ACC)0) * keep + half; /* towards 1/2: t (1 - eps) + eps/2 */
+        const ACC ax = x < 0 ? -x : x;
+        const ACC e = EXP(-ax);
+        const ACC l1 = FN(log1p_small)(e);
+        const ACC r = (ACC)1 / ((ACC)1 + e);
+        const ACC er = e * r;
+        const ACC p = x >= 0 ? r : er;
+        const ACC q = x >= 0 ? er : r; /* 1 - p */
+        const ACC ellp = (x < 0 ? -x : (ACC)0) + l1; /* -log p = softplus(-x) */
+        ACC elln = (x > 0 ? x : (ACC)0) + l1;        /* -log(1 - p) = softplus(x) */
+        ACC pm = p;
+        if (CLIP) {
+            pm = p - c;
+            pm = pm > 0 ? pm : (ACC)0; /* the shifted probability of the asymmetric loss */
+            elln = -FN(log1p_small)(-pm);
+        }
+        const ACC pw = pwp[k];
+        const ACC b = pw * t * ellp + ((ACC)1 - t) * elln;
+        const ACC mult = (a0 + a1 * t) * wp[k];
+        ACC factor = 1, gt = 0, denom = 0;
+        if (FOCAL) {
+            gt = gpos * t + gneg * ((ACC)1 - t);
+            denom = t * q + ((ACC)1 - t) * pm; /* 1 - p_t: a convex combination, no cancellation */
+            if (FOCAL == 1) {
+                factor = denom * denom;
+            } else {
+                /* (1 - p_t)^gamma_t = exp(gamma_t log(1 - p_t)); a gamma_t of 0 gives exactly 1
+                 * (0 * log 0 would be NaN) */
+                factor = gt == 0 ? (ACC)1 : EXP(gt * LOG(denom));
+            }
+        }
+        lp[k] = valid ? mult * factor * b : (ACC)0;
+        if (GRAD) {
+            const ACC s = p * q; /* dp/dx */
+            ACC db;
+            if (CLIP) {
+                /* d[-log(1 - p_m)]/dx = m s / (1 - p_m), 1 - p_m = (1 - p) + clip where p > clip */
+                const ACC dn = pm > 0 ? s / (q + c) : (ACC)0;
+                db = ((ACC)1 - t) * dn - pw * t * q;
+            } else {
+                db = ((ACC)1 - t) * p - pw * t * q; /* not p - t: keeps the -(1 - p) of a positive */
+            }
+            ACC gr = db;
+            if (FOCAL) {
+                /* D = d(1 - p_t)/dx = s [m (1 - t) - t]; gamma_t (1-p_t)^(gamma_t - 1) D b is
+                 * written gamma_t F (D / (1 - p_t)) b with a finite ratio (see binary.py) */
+                const ACC D = CLIP ? s * ((pm > 0 ? (ACC)1 : (ACC)0) * ((ACC)1 - t) - t) : s * ((ACC)1 - (ACC)2 * t);
+                const ACC dd = denom > TINY ? denom : TINY;
+                gr = factor * (gt * (D / dd) * b + db);
+            }
+            gp[k] = valid ? sc * mult * gr : (ACC)0;
+        }
+    }
+}
+
+/* The weight of elements [i, i + L): a pointer into `base` where the index runs linearly
+ * (inner == 1), else `buf` filled with the one value of a constant run. Returns the run's
+ * length (<= L). */
+static inline int64_t FN(weight_run)(const ACC *base, int64_t inner, int64_t period, int64_t i, int64_t L,
+                                     ACC *buf, const ACC **out) {
+    const int64_t outer = i / inner;
+    const int64_t j = outer % period;
+    if (inner == 1) {
+        const int64_t n = period - j;
+        *out = base + j;
+        return n < L ? n : L;
+    }
+    int64_t n = inner - (i - outer * inner);
+    n = n < L ? n : L;
+    const ACC v = base[j];
+    for (int64_t k = 0; k < n; ++k) buf[k] = v;
+    *out = buf;
+    return n;
+}
+
+static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
+    const bce_args *a = ((const FN(bce_ctx) *)vctx)->a;
+    ACC xs[SEG], ts[SEG], ws[SEG], pws[SEG], ones[SEG], ls[SEG], gs[SEG];
+    for (int k = 0; k < SEG; ++k) ones[k] = 1;
+    const int focal = (a->gamma_pos != 0.0 || a->gamma_neg != 0.0)
+                          ? ((a->gamma_pos == 2.0 && a->gamma_neg == 2.0) ? 1 : 2)
+                          : 0;
+    const int clip = a->clip > 0.0;
+    const int grad = a->grad != NULL;
+    ACC *loss_out = (ACC *)a->loss;
+    double total = 0.0;
+    for (int64_t i = b; i < e;) {
+        int64_t L = e - i < SEG ? e - i : SEG;
+        const ACC *wp = ones, *pwp = ones;
+        if (a->w) L = FN(weight_run)((const ACC *)a->w, a->w_inner, a->w_period, i, L, ws, &wp);
+        if (a->pw) L = FN(weight_run)((const ACC *)a->pw, a->pw_inner, a->pw_period, i, L, pws, &pwp);
+        const ACC *xp, *tp;
+        if (a->x_dtype == ACC_DT) xp = (const ACC *)a->x + i; else { FN(load)(xs, a->x, a->x_dtype, i, L); xp = xs; }
+        if (a->t_dtype == ACC_DT) tp = (const ACC *)a->t + i; else { FN(load)(ts, a->t, a->t_dtype, i, L); tp = ts; }
+        ACC *lp = loss_out ? loss_out + i : ls;
+        ACC *gp = grad && a->g_dtype == ACC_DT ? (ACC *)a->grad + i : gs;
+#define BCE_CASE(F, Cl, G) FN(bce_seg)(a, L, xp, tp, wp, pwp, lp, gp, F, Cl, G)
+        switch (focal * 4 + clip * 2 + grad) {
+        case 0: BCE_CASE(0, 0, 0); break;
+        case 1: BCE_CASE(0, 0, 1); break;
+        case 2: BCE_CASE(0, 1, 0); break;
+        case 3: BCE_CASE(0, 1, 1); break;
+        case 4: BCE_CASE(1, 0, 0); break;
+        case 5: BCE_CASE(1, 0, 1); break;
+        case 6: BCE_CASE(1, 1, 0); break;
+        case 7: BCE_CASE(1, 1, 1); break;
+        case 8: BCE_CASE(2, 0, 0); break;
+        case 9: BCE_CASE(2, 0, 1); break;
+        case 10: BCE_CASE(2, 1, 0); break;
+        default: BCE_CASE(2, 1, 1); break;
+        }
+#undef BCE_CASE
+        if (grad && gp == gs) FN(store)(a->grad, a->g_dtype, i, gs, L);
+        if (!loss_out) {
+            ACC part = 0;
+            SIMD_SUM(part)
+            for (int64_t k = 0; k < L; ++k) part += ls[k];
+            total += (double)part;
+        }
+        i += L;
+    }
+    a->partial[tid] = total;
+}
+
+CE_API int FN(ce_binary)(const bce_args *a) {
+    int threads = (int)(a->n / 32768 + 1);
+    if (threads > a->n_threads) threads = a->n_threads;
+    FN(bce_ctx) ctx = {a};
+    for (int k = 0; k < a->n_threads && k < MAX_THREADS; ++k) a->partial[k] = 0.0;
+    parallel_for(a->n, threads, FN(bce_work), &ctx);
+    return 0;
+}
+
+#undef FN
+#undef TINY
+#undef ALWAYS_INLINE

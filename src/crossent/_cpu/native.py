@@ -1,0 +1,416 @@
+r"""The native CPU kernels: build on first use, load with ctypes, call.
+
+The softmax and sigmoid families are memory-bound: their floor is one read of the logits and one
+write of the gradient. The torch-op path (:mod:`crossent._cpu.softmax`,
+:mod:`crossent._cpu.binary`) gets within a few passes of that by working on cache-sized blocks,
+but ATen has no op that fuses a softmax with a row sum, or a sigmoid with a log, so each extra
+term is another pass. ``_kernels.c`` is the same formulation as one loop per row (softmax: one
+read from memory, two more from L2, one write) or per element (sigmoid: one read, one write).
+
+Build: the first call compiles ``_kernels.c`` with the system C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``) as ``-O3 -march=native`` into a shared library cached under
+``$CROSSENT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/crossent``, else ``~/.cache/crossent``),
+keyed by the source, the compiler, its flags and the CPU's feature flags; it needs no Python or
+torch headers and takes about two seconds. Set ``CROSSENT_NATIVE=0`` to turn it off. Without a
+compiler (or when the build fails, with one warning) every call takes the torch-op path, which
+computes the same values.
+
+Scope: CPU tensors of fp32, bf16, fp16 (where the compiler has ``_Float16``) and fp64 (libm's
+exp and log, for gradcheck), outside ``torch.compile``:
+
+- softmax family: 1-D or 2-D logits with contiguous rows; index targets with every option
+  (schedules of gamma take a first pass for q_y) except focal with label smoothing; probability
+  targets with every option except focal. Other cases take the torch-op path.
+- sigmoid family: contiguous logits and targets (any dtype); every option; ``weight`` and
+  ``pos_weight`` that broadcast by repetition (a scalar, a per-class (C,), a per-sample (N, 1),
+  a full tensor, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from crossent._cpu._memory import empty_hugepage
+from crossent._options import BinaryOptions, Reduction, SoftmaxOptions
+
+__all__ = [
+    "available",
+    "binary_cross_entropy",
+    "disabled",
+    "softmax_cross_entropy",
+    "supports_binary",
+    "supports_softmax",
+]
+
+_SOURCES = ("_kernels.c", "_kernels_body.h")
+_FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-pthread")
+# Tried in order: vectorised for the build machine and on torch's OpenMP pool (see
+# parallel_for in _kernels.c), then without what the compiler does not support.
+_ARCH_FLAGS = (("-march=native", "-fopenmp"), ("-march=native",), ())
+
+_DT = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4,
+       torch.bool: 4, torch.int64: 5}
+
+_enabled = os.environ.get("CROSSENT_NATIVE", "1") != "0"
+
+
+class _SoftmaxArgs(ctypes.Structure):
+    """``sm_args`` of _kernels.c, field for field."""
+
+    _fields_ = [
+        ("n_rows", ctypes.c_int64), ("n_cols", ctypes.c_int64),
+        ("x_row_stride", ctypes.c_int64), ("g_row_stride", ctypes.c_int64),
+        ("x", ctypes.c_void_p), ("grad", ctypes.c_void_p), ("y", ctypes.c_void_p),
+        ("t", ctypes.c_void_p), ("t_row_stride", ctypes.c_int64),
+        ("w", ctypes.c_void_p), ("gamma_rows", ctypes.c_void_p),
+        ("loss", ctypes.c_void_p), ("ell", ctypes.c_void_p),
+        ("x_dtype", ctypes.c_int32), ("g_dtype", ctypes.c_int32),
+        ("ignore_index", ctypes.c_int64),
+        ("w_sum", ctypes.c_double), ("eps", ctypes.c_double), ("gamma", ctypes.c_double),
+        ("z_loss", ctypes.c_double), ("softcap", ctypes.c_double), ("conf", ctypes.c_double),
+        ("poly1", ctypes.c_double), ("scale", ctypes.c_double),
+        ("n_threads", ctypes.c_int32),
+    ]
+
+
+class _BinaryArgs(ctypes.Structure):
+    """``bce_args`` of _kernels.c, field for field."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("x", ctypes.c_void_p), ("grad", ctypes.c_void_p), ("t", ctypes.c_void_p),
+        ("w", ctypes.c_void_p), ("pw", ctypes.c_void_p),
+        ("w_inner", ctypes.c_int64), ("w_period", ctypes.c_int64),
+        ("pw_inner", ctypes.c_int64), ("pw_period", ctypes.c_int64),
+        ("loss", ctypes.c_void_p), ("partial", ctypes.c_void_p),
+        ("x_dtype", ctypes.c_int32), ("g_dtype", ctypes.c_int32), ("t_dtype", ctypes.c_int32),
+        ("has_ignore", ctypes.c_int32),
+        ("ignore_value", ctypes.c_double), ("eps", ctypes.c_double),
+        ("gamma_pos", ctypes.c_double), ("gamma_neg", ctypes.c_double),
+        ("alpha", ctypes.c_double), ("clip", ctypes.c_double), ("scale", ctypes.c_double),
+        ("n_threads", ctypes.c_int32),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# build and load
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("CROSSENT_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "crossent"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: a library built with -march=native runs only where they match."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build() -> Path:
+    """Compile _kernels.c into the cache (once per source, compiler and CPU); return its path."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set $CC, or install gcc or clang)")
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((here / name).read_bytes())
+    digest.update("\0".join((cc, *_FLAGS, *sum(_ARCH_FLAGS, ()), platform.machine(), _cpu_flags())).encode())
+    out = _cache_dir() / f"kernels-{digest.hexdigest()[:20]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for arch in _ARCH_FLAGS:
+        # a private temporary name, then an atomic rename: concurrent builds (pytest -n) are safe
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cc, *arch, *_FLAGS, "-o", tmp, str(here / "_kernels.c")]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode == 0:
+            os.replace(tmp, out)
+            return out
+        os.unlink(tmp)
+        errors.append(f"{' '.join(cmd)}\n{res.stderr.strip()[-2000:]}")
+    raise OSError("building the native kernels failed:\n" + "\n".join(errors))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(
+            f"crossent: the native CPU kernels are unavailable ({err}); using the torch-op path, "
+            "which is slower on the CPU. Set CROSSENT_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    for name in ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64"):
+        getattr(lib, name).restype = ctypes.c_int
+    lib.ce_count_ne.restype = ctypes.c_int64
+    lib.ce_count_ne.argtypes = [
+        ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_double, ctypes.c_int32,
+    ]
+    lib.ce_has_f16.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """True when the native kernels are enabled and built (building them on the first call)."""
+    return _enabled and _library() is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block every CPU call takes the torch-op path (used by the tests and benchmarks)."""
+    global _enabled
+    before = _enabled
+    _enabled = False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def _dtype_ok(dtype: torch.dtype) -> bool:
+    if dtype in (torch.float32, torch.float64, torch.bfloat16):
+        return True
+    return dtype == torch.float16 and bool(_library().ce_has_f16())
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _suffix(acc: torch.dtype) -> str:
+    return "f64" if acc == torch.float64 else "f32"
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("crossent native kernel: could not allocate its scratch rows")
+
+
+# --------------------------------------------------------------------------------------------
+# softmax family
+
+
+def supports_softmax(logits: Tensor, target: Tensor, opts: SoftmaxOptions) -> bool:
+    """Whether :func:`softmax_cross_entropy` covers this call (else the torch-op path runs)."""
+    if not (_enabled and logits.device.type == "cpu" and logits.ndim in (1, 2)):
+        return False
+    if torch.compiler.is_compiling() or _library() is None or not _dtype_ok(logits.dtype):
+        return False
+    if logits.numel() and logits.stride(-1) != 1:
+        return False
+    if target.is_floating_point():
+        # probability targets: the accumulation dtype, contiguous rows; no focal term
+        if opts.focal or target.dtype != _acc(logits.dtype):
+            return False
+        return target.numel() == 0 or target.stride(-1) == 1
+    return not (opts.focal and opts.label_smoothing)
+
+
+def softmax_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: SoftmaxOptions,
+    reduction: Reduction,
+    need_grad: bool,
+    inplace_backward: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`crossent._cpu.softmax.softmax_cross_entropy` by the native kernel (same contract)."""
+    from crossent._cpu.softmax import _denominator, _gamma_for_rows
+
+    acc = _acc(logits.dtype)
+    squeeze = logits.ndim == 1
+    x = logits.unsqueeze(0) if squeeze else logits
+    index = not target.is_floating_point()
+    t = target.reshape(1, -1) if squeeze and not index else target
+    y = target.reshape(-1).contiguous() if index else None
+    N, C = x.shape
+
+    if reduction == "mean":
+        denom = _denominator(y if index else t, weight, opts.ignore_index, acc, N)
+        # All rows ignored (or zero weight): 0 with zero gradient instead of 0/0 = nan.
+        scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
+    else:
+        scale = torch.ones((), dtype=acc)
+    grad = None
+    if need_grad:
+        grad = x if inplace_backward else empty_hugepage(N, C, dtype=x.dtype)
+    losses = torch.empty(N, dtype=acc)
+    w = None if weight is None else weight.contiguous()
+    args = _SoftmaxArgs(
+        n_rows=N, n_cols=C, x_row_stride=x.stride(0) if N else C,
+        g_row_stride=grad.stride(0) if grad is not None and N else C,
+        x=x.data_ptr(), grad=_ptr(grad), y=_ptr(y),
+        t=None if index else t.data_ptr(), t_row_stride=0 if index or not N else t.stride(0),
+        w=_ptr(w), gamma_rows=None, loss=losses.data_ptr(), ell=None,
+        x_dtype=_DT[x.dtype], g_dtype=_DT[x.dtype], ignore_index=opts.ignore_index,
+        w_sum=float(C) if w is None else float(w.sum()),
+        eps=float(opts.label_smoothing), gamma=0.0 if callable(opts.gamma) else float(opts.gamma),
+        z_loss=float(opts.z_loss), softcap=float(opts.softcap or 0.0),
+        conf=float(opts.confidence_penalty), poly1=float(opts.poly1),
+        scale=float(scale), n_threads=_threads(),
+    )
+    kernel = getattr(_library(), f"ce_softmax_{_suffix(acc)}")
+    gamma_rows = None
+    if callable(opts.gamma) and N:
+        # A schedule needs every row's q_y before its gradient: a first, forward-only pass.
+        ell = torch.empty(N, dtype=acc)
+        first = _SoftmaxArgs.from_buffer_copy(args)
+        first.grad, first.ell, first.gamma = None, ell.data_ptr(), 0.0
+        _check(kernel(ctypes.byref(first)))
+        gamma_rows = _gamma_for_rows(opts, torch.exp(-ell).unsqueeze(1))
+        gamma_rows = torch.as_tensor(gamma_rows, dtype=acc).reshape(-1).expand(N).contiguous()
+        args.gamma_rows = gamma_rows.data_ptr()
+    if N:
+        _check(kernel(ctypes.byref(args)))
+
+    if reduction == "none":
+        loss = losses.reshape(()) if squeeze else losses
+    elif reduction == "sum":
+        loss = losses.sum()
+    else:
+        loss = losses.sum() * scale
+    if grad is not None and squeeze:
+        grad = grad.squeeze(0)
+    return loss, grad
+
+
+# --------------------------------------------------------------------------------------------
+# sigmoid family
+
+
+def _repeat_pattern(weight: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, int, int] | None:
+    """``(base, inner, period)`` such that ``weight.expand(shape).reshape(-1)[i]`` is
+    ``base[(i // inner) % period]``, or None when the broadcast is not such a repetition (the
+    dims where the weight varies must be adjacent)."""
+    nd = len(shape)
+    wshape = (1,) * (nd - weight.ndim) + tuple(weight.shape)
+    varying = [d for d in range(nd) if wshape[d] != 1]
+    numel = 1
+    for s in shape:
+        numel *= s
+    if not varying:
+        return weight.reshape(1), max(1, numel), 1
+    a, b = varying[0], varying[-1] + 1
+    if any(wshape[d] == 1 and shape[d] != 1 for d in range(a, b)):
+        return None
+    period = inner = 1
+    for d in range(a, b):
+        period *= shape[d]
+    for d in range(b, nd):
+        inner *= shape[d]
+    return weight.reshape(-1).contiguous(), inner, period
+
+
+def supports_binary(
+    logits: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None
+) -> bool:
+    """Whether :func:`binary_cross_entropy` covers this call (else the torch-op path runs)."""
+    if not (_enabled and logits.device.type == "cpu") or torch.compiler.is_compiling():
+        return False
+    if _library() is None or not _dtype_ok(logits.dtype):
+        return False
+    if not (logits.is_contiguous() and target.is_contiguous()):
+        return False
+    if target.dtype not in _DT or (target.dtype == torch.float16 and not _dtype_ok(torch.float16)):
+        return False
+    shape = tuple(logits.shape)
+    return all(w is None or _repeat_pattern(w, shape) is not None for w in (weight, pos_weight))
+
+
+def binary_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    opts: BinaryOptions,
+    reduction: Reduction,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`crossent._cpu.binary.binary_cross_entropy` by the native kernel (same contract)."""
+    acc = _acc(logits.dtype)
+    shape = tuple(logits.shape)
+    n = logits.numel()
+    threads = _threads()
+    lib = _library()
+    t = target.view(torch.uint8) if target.dtype == torch.bool else target
+    has_ignore = opts.ignore_index is not None
+
+    scale = 1.0
+    count = float(n)
+    if reduction == "mean":
+        if has_ignore:
+            count = float(lib.ce_count_ne(t.data_ptr(), _DT[t.dtype], n, float(opts.ignore_index), threads))
+        # every entry masked (or empty): 0 with a zero gradient instead of 0/0 = nan
+        scale = 1.0 / count if count > 0 else 0.0
+
+    grad = empty_hugepage(*shape, dtype=logits.dtype) if need_grad else None
+    out = torch.empty(shape, dtype=acc) if reduction == "none" else None
+    partial = torch.zeros(max(1, threads), dtype=torch.float64)
+    w_pat = None if weight is None else _repeat_pattern(weight, shape)
+    pw_pat = None if pos_weight is None else _repeat_pattern(pos_weight, shape)
+    args = _BinaryArgs(
+        n=n, x=logits.data_ptr(), grad=_ptr(grad), t=t.data_ptr(),
+        w=None if w_pat is None else w_pat[0].data_ptr(),
+        pw=None if pw_pat is None else pw_pat[0].data_ptr(),
+        w_inner=1 if w_pat is None else w_pat[1], w_period=1 if w_pat is None else w_pat[2],
+        pw_inner=1 if pw_pat is None else pw_pat[1], pw_period=1 if pw_pat is None else pw_pat[2],
+        loss=_ptr(out), partial=partial.data_ptr(),
+        x_dtype=_DT[logits.dtype], g_dtype=_DT[logits.dtype], t_dtype=_DT[t.dtype],
+        has_ignore=int(has_ignore), ignore_value=float(opts.ignore_index) if has_ignore else 0.0,
+        eps=float(opts.label_smoothing), gamma_pos=float(opts.gamma_pos),
+        gamma_neg=float(opts.gamma_neg), alpha=-1.0 if opts.alpha is None else float(opts.alpha),
+        clip=float(opts.clip), scale=scale, n_threads=threads,
+    )
+    if n:
+        _check(getattr(lib, f"ce_binary_{_suffix(acc)}")(ctypes.byref(args)))
+    if out is not None:
+        return out, grad
+    total = partial.sum().to(acc)
+    loss = total * scale if reduction == "mean" else total
+    return loss, grad

@@ -1,0 +1,297 @@
+"""The native CPU kernels (crossent/_cpu/_kernels.c): build, dispatch, and agreement with the
+torch-op path and the reference on the cases the shared suites do not reach (wide rows, every
+dtype, threads, broadcast patterns, the build's fallback). test_softmax.py and test_binary.py
+run in full on both paths too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import crossent
+from crossent import reference as R
+from crossent._cpu import native
+from crossent._options import SoftmaxOptions
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CROSSENT_NATIVE") == "0", reason="native kernels turned off by CROSSENT_NATIVE=0"
+)
+
+F64 = torch.float64
+
+
+def _grad(fn, x, *args, backend, grad_output=None, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x, *args, backend=backend, **kw)
+    loss.backward(grad_output if grad_output is not None else torch.ones_like(loss))
+    return loss.detach(), x.grad
+
+
+def test_builds_and_is_picked_for_cpu_tensors(monkeypatch):
+    assert native.available()
+    calls = []
+    original = native.softmax_cross_entropy
+    monkeypatch.setattr(native, "softmax_cross_entropy", lambda *a: calls.append(1) or original(*a))
+    x, y = torch.randn(3, 5), torch.tensor([0, 4, 2])
+    crossent.cross_entropy(x, y)
+    assert calls == [1]
+    crossent.cross_entropy(x, y, backend="torch")
+    crossent.cross_entropy(torch.randn(3, 5, 2), torch.zeros(3, 2, dtype=torch.long))  # 3-D: torch ops
+    crossent.cross_entropy(x, y, gamma=2.0, label_smoothing=0.1)  # focal + smoothing: torch ops
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: crossent.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), gamma=1.0,
+                                        label_smoothing=0.1, backend="native"), "does not cover"),
+        (lambda: crossent.cross_entropy(torch.randn(3, 5).t(), torch.tensor([0, 1, 2, 0, 1]),
+                                        backend="native"), "does not cover"),
+        (lambda: crossent.binary_cross_entropy(torch.randn(4, 3).t(), torch.ones(3, 4),
+                                               backend="native"), "does not cover"),
+    ],
+)
+def test_explicit_native_backend_refuses_what_it_does_not_cover(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+SOFTMAX_OPTIONS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"gamma": 2.0},
+    {"gamma": 0.5},
+    {"gamma": crossent.flsd53},
+    {"z_loss": 1e-3, "poly1": 1.0},
+    {"softcap": 4.0, "confidence_penalty": 0.2},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "confidence_penalty": 0.1, "poly1": 0.5, "softcap": 8.0},
+    {"gamma": 1.5, "z_loss": 1e-3, "poly1": 2.0, "softcap": 5.0, "confidence_penalty": 0.1},
+]
+
+
+@pytest.mark.parametrize("kw", SOFTMAX_OPTIONS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softmax_wide_rows_match_the_reference(kw, weighted, reduction):
+    """C = 5,003 > the kernel's 2,048-term partial sums; fp32 logits of scale 10, ignored rows,
+    per-sample grad_output: the fp32 kernel (polynomial exp) against the float64 reference."""
+    N, C = 7, 5003
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, generator=g) * 10
+    y = torch.randint(0, C, (N,), generator=g)
+    y[2] = -100
+    w = torch.rand(C, generator=g, dtype=F64) + 0.5 if weighted else None
+    go = torch.rand(N, generator=g) if reduction == "none" else None
+    loss, grad = _grad(crossent.cross_entropy, x, y, backend="native", weight=w, reduction=reduction,
+                       grad_output=go, **kw)
+    ref_kw = {k: v for k, v in kw.items() if k != "gamma"}
+    gamma = kw.get("gamma", 0.0)
+    ref_loss, ref_grad = R.cross_entropy(
+        x.double().numpy(), y.numpy(), weight=None if w is None else w.numpy(), reduction=reduction,
+        gamma=(lambda p: crossent.flsd53(torch.from_numpy(p)).numpy()) if callable(gamma) else gamma,
+        grad_output=None if go is None else go.double().numpy(), **ref_kw,
+    )
+    np.testing.assert_allclose(loss.double().numpy(), ref_loss, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(grad.double().numpy(), ref_grad, rtol=1e-3, atol=2e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1}, {"gamma": 2.0}, {"softcap": 3.0}])
+def test_softmax_half_precision_equals_torch_path(dtype, kw):
+    x = (torch.randn(9, 3001) * 4).to(dtype)
+    y = torch.randint(0, 3001, (9,))
+    loss_n, grad_n = _grad(crossent.cross_entropy, x, y, backend="native", **kw)
+    loss_t, grad_t = _grad(crossent.cross_entropy, x, y, backend="torch", **kw)
+    assert grad_n.dtype == dtype and loss_n.dtype == torch.float32
+    torch.testing.assert_close(loss_n, loss_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_n.float(), grad_t.float(), rtol=1.6e-2, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [{"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"softcap": 3.0}, {"gamma": 2.0}])
+def test_probability_targets_and_inplace_backward(kw):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 301, generator=g)
+    p = torch.softmax(torch.randn(6, 301, generator=g), dim=1)
+    y = torch.randint(0, 301, (6,), generator=g)
+    if "gamma" not in kw:  # focal with probability targets takes the torch path
+        a = _grad(crossent.cross_entropy, x, p, backend="native", **kw)
+        b = _grad(crossent.cross_entropy, x, p, backend="torch", **kw)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = _grad(crossent.cross_entropy, x.to(dtype), y, backend="native", **kw)
+        leaf = x.to(dtype).clone().requires_grad_(True)
+        z = leaf * 1  # in place on a non-leaf, as in a model
+        loss = crossent.cross_entropy(z, y, inplace_backward=True, backend="native", **kw)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), ref[0])
+        torch.testing.assert_close(leaf.grad, ref[1])
+
+
+def test_hostile_softmax_rows():
+    """+-1e4 logits, masked (-inf) vocabulary entries, a row whose target probability underflows."""
+    x = torch.randn(5, 2500)
+    x[0, :] = 1e4
+    x[1, 7] = 1e4
+    x[2, 100:] = -float("inf")
+    x[3, 0] = -1e4
+    y = torch.tensor([3, 8, 5, 0, 4])
+    for kw in ({}, {"gamma": 0.5}, {"label_smoothing": 0.1}):
+        loss, grad = _grad(crossent.cross_entropy, x, y, backend="native", reduction="none", **kw)
+        assert torch.isfinite(grad).all()
+        if "label_smoothing" not in kw:  # smoothing puts mass on the -inf entries: an infinite loss
+            assert torch.isfinite(loss).all()
+        ref_loss, ref_grad = _grad(crossent.cross_entropy, x.double(), y, backend="torch",
+                                   reduction="none", **kw)
+        finite = torch.isfinite(ref_loss)
+        torch.testing.assert_close(loss[finite].double(), ref_loss[finite], rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    # q_y = e^-1e4 underflows: the loss comes from lse - u_y, not from log(q_y)
+    expected = torch.nn.functional.cross_entropy(x[3:4].double(), y[3:4])
+    assert float(crossent.cross_entropy(x[3:4], y[3:4])) == pytest.approx(float(expected), rel=1e-7)
+
+
+def test_threads_do_not_change_the_result():
+    x, y = torch.randn(64, 4001), torch.randint(0, 4001, (64,))
+    xb, tb = torch.randn(300, 700), torch.rand(300, 700)
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out.append(_grad(crossent.cross_entropy, x, y, backend="native", label_smoothing=0.1)
+                       + _grad(crossent.sigmoid_focal_loss, xb, tb, backend="native"))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-6, atol=0)  # binary sums: partial order
+    assert torch.equal(out[0][1], out[1][1]) and torch.equal(out[0][3], out[1][3])  # gradients: bitwise
+
+
+@pytest.mark.parametrize(
+    ("shape", "wshape", "covered"),
+    [
+        ((6, 5), (), True),
+        ((6, 5), (5,), True),
+        ((6, 5), (6, 1), True),
+        ((6, 5), (6, 5), True),
+        ((4, 3, 5), (3, 1), True),
+        ((4, 3, 5), (4, 3, 1), True),
+        ((4, 3, 5), (1, 3, 5), True),
+        ((4, 3, 5), (4, 1, 5), False),  # varies on dims 0 and 2 only: not a repetition
+        ((2, 3000), (3000,), True),     # runs longer than the kernel's segments
+    ],
+)
+def test_binary_weight_broadcast_patterns(shape, wshape, covered):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3
+    t = torch.rand(shape, generator=g)
+    w = torch.rand(wshape, generator=g) + 0.1
+    pw = torch.rand(shape[-1], generator=g) * 3
+    assert native.supports_binary(x, t, w, pw) == covered
+    kw = dict(weight=w, pos_weight=pw, gamma=1.5, alpha=0.3, reduction="none")
+    a = _grad(crossent.binary_cross_entropy, x, t, backend="auto", **kw)
+    ref_loss, ref_grad = R.binary_cross_entropy(
+        x.double().numpy(), t.double().numpy(), weight=w.double().numpy(), pos_weight=pw.double().numpy(),
+        gamma=1.5, alpha=0.3, reduction="none",
+    )
+    np.testing.assert_allclose(a[0].numpy(), ref_loss, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(a[1].numpy(), ref_grad, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("tdtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8,
+                                    torch.bool, torch.int64])
+def test_binary_target_dtypes(tdtype):
+    x = torch.randn(50, 7)
+    t = (torch.rand(50, 7) < 0.3).to(tdtype)
+    a = _grad(crossent.sigmoid_focal_loss, x, t, backend="native")
+    b = _grad(crossent.sigmoid_focal_loss, x, t, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_binary_exp_and_log_across_the_float_range():
+    """The fp32 kernel's polynomial exp/log against float64 over logits from -120 to 120 (the
+    exponent range of fp32 and beyond), for BCE and a focal gamma < 1, both targets."""
+    x = torch.linspace(-120, 120, 20001)
+    for t in (torch.zeros_like(x), torch.ones_like(x), torch.full_like(x, 0.3)):
+        for kw in ({}, {"gamma": 0.5, "alpha": 0.25}, {"gamma": 2.0}):
+            loss, grad = _grad(
+                crossent.binary_cross_entropy, x, t, backend="native", reduction="none", **kw
+            )
+            ref_loss, ref_grad = R.binary_cross_entropy(
+                x.double().numpy(), t.double().numpy(), reduction="none", **kw
+            )
+            np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=3e-6, atol=1e-37)
+            # a soft target's gradient crosses 0 (at p = t): relative error is meaningless there
+            atol = 1e-9 if t[0] == 0.3 else 1e-37
+            np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=3e-5, atol=atol)
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **env},
+    )
+
+
+CHECK = """
+    import warnings
+    import torch, crossent
+    from crossent._cpu import native
+    x, y = torch.randn(4, 9, requires_grad=True), torch.tensor([1, 2, 3, 8])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = native.available()
+        loss = crossent.cross_entropy(x, y, label_smoothing=0.1)
+    loss.backward()
+    ref = torch.nn.functional.cross_entropy(x.detach(), y, label_smoothing=0.1)
+    assert abs(float(loss) - float(ref)) < 1e-6
+    print(ok, [str(w.message)[:60] for w in caught])
+"""
+
+
+def test_turned_off_by_the_environment():
+    res = _run(CHECK, CROSSENT_NATIVE="0")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("False []")
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    res = _run(CHECK, PATH=str(empty), CC="", CROSSENT_CACHE_DIR=str(tmp_path / "cache"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("False ['crossent: the native CPU kernels are unavailable (no C")
+
+
+def test_build_is_cached_by_source_and_cpu(tmp_path):
+    res = _run(CHECK, CROSSENT_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("True []")
+    built = list(tmp_path.glob("kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert _run(CHECK, CROSSENT_CACHE_DIR=str(tmp_path)).returncode == 0
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_schedule_sees_the_true_class_probability(monkeypatch):
+    seen = []
+
+    def schedule(p):
+        seen.append(p.clone())
+        return torch.full_like(p, 2.0)
+
+    x, y = torch.randn(5, 40), torch.randint(0, 40, (5,))
+    a = _grad(crossent.cross_entropy, x, y, backend="native", gamma=schedule)
+    b = _grad(crossent.cross_entropy, x, y, backend="native", gamma=2.0)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(seen[0], torch.softmax(x, 1).gather(1, y[:, None]).squeeze(1))
+    opts = SoftmaxOptions(gamma=lambda p: -p)
+    with pytest.raises(ValueError, match="negative"):
+        native.softmax_cross_entropy(x, y, None, opts, "mean", True)
