@@ -25,6 +25,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 import crossent
+from crossent._cpu import native
 
 ALPHA, GAMMA = 0.25, 2.0
 
@@ -42,6 +43,10 @@ def eager_focal(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def crossent_focal(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return crossent.sigmoid_focal_loss(x, t, alpha=ALPHA, gamma=GAMMA)
+
+
+def crossent_focal_ops(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return crossent.sigmoid_focal_loss(x, t, alpha=ALPHA, gamma=GAMMA, backend="torch")
 
 
 def step(loss_fn: Callable, x: torch.Tensor, t: torch.Tensor) -> None:
@@ -122,7 +127,11 @@ def main() -> None:
     torch.testing.assert_close(g_ce, x.grad, rtol=1e-4, atol=1e-9)
     x.grad = None
 
-    impls = (("eager (torchvision-style)", eager_focal), ("crossent", crossent_focal))
+    impls = (
+        ("eager (torchvision-style)", eager_focal),
+        ("crossent", crossent_focal),
+        ("crossent, torch-op path", crossent_focal_ops),
+    )
     peaks = {}
     for name, fn in impls:
         x.grad = None
@@ -142,7 +151,7 @@ def main() -> None:
     lines = [
         f"### Sigmoid focal loss, forward+backward, N={N:,}, C={C}, fp32, CPU",
         "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, native kernels: {native.describe()}, "
         f"torch {torch.__version__}. alpha={ALPHA}, gamma={GAMMA}, reduction mean, ~2% positives. "
         f"Median of {args.repeats} runs after 2 warm-ups, the two implementations alternating "
         "run by run so that any background load hits both alike (the ratio is the figure to read). Peak "

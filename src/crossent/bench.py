@@ -1,6 +1,7 @@
 """``crossent bench``: time and memory of crossent against PyTorch and friends.
 
-Providers: ``crossent``; ``torch`` (eager ``F.cross_entropy``; for focal, the naive
+Providers: ``crossent`` (on the CPU its native kernel); ``crossent-ops`` (crossent's torch-op
+path, ``backend="torch"``); ``torch`` (eager ``F.cross_entropy``; for focal, the naive
 composition below); ``naive`` (log_softmax, gather, pow: how focal / smoothing are usually
 written); ``compile`` (``torch.compile`` of the torch provider); ``liger`` (Liger-Kernel's
 cross entropy, CUDA only, when installed). Variants: ``ce``, ``focal`` (gamma 2), ``ls``
@@ -124,6 +125,10 @@ def machine_info(device: str) -> dict[str, str]:
     except (OSError, StopIteration):
         pass
     info["cpu"] = cpu
+    if device == "cpu":
+        from crossent._cpu import native
+
+        info["native kernels"] = native.describe()
     try:
         import os
 
@@ -160,6 +165,8 @@ def naive_loss(x: torch.Tensor, y: torch.Tensor, gamma: float = 0.0, label_smoot
 def _provider(name: str, variant: dict, device: str) -> Callable | None:
     if name == "crossent":
         return lambda x, y: crossent.cross_entropy(x, y, **variant)
+    if name == "crossent-ops":
+        return lambda x, y: crossent.cross_entropy(x, y, backend="torch", **variant)
     if name == "torch":
         if "gamma" in variant:
             return lambda x, y: naive_loss(x, y, **variant)
@@ -178,7 +185,9 @@ def _provider(name: str, variant: dict, device: str) -> Callable | None:
             return None
         mod = LigerCrossEntropyLoss(label_smoothing=variant.get("label_smoothing", 0.0))
         return lambda x, y: mod(x, y)
-    raise ValueError(f"unknown provider {name!r}: choose from crossent, torch, naive, compile, liger")
+    raise ValueError(
+        f"unknown provider {name!r}: choose from crossent, crossent-ops, torch, naive, compile, liger"
+    )
 
 
 def run_one(
@@ -288,8 +297,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
     parser.add_argument("--providers", default=None,
-                        help="comma list of crossent, torch, naive, compile, liger "
-                             "(default: crossent,torch,naive; on cuda also compile,liger)")
+                        help="comma list of crossent, crossent-ops, torch, naive, compile, liger "
+                             "(default: crossent,crossent-ops,torch,naive on the CPU; "
+                             "crossent,torch,naive,compile,liger on cuda)")
     parser.add_argument("--variants", default="ce,focal,ls", help="comma list of ce, focal, ls")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -311,7 +321,9 @@ def main(args: argparse.Namespace) -> int:
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    default_providers = "crossent,torch,naive" + (",compile,liger" if args.device == "cuda" else "")
+    default_providers = (
+        "crossent,torch,naive,compile,liger" if args.device == "cuda" else "crossent,crossent-ops,torch,naive"
+    )
     providers = (args.providers or default_providers).split(",")
 
     console = Console()

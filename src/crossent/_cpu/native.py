@@ -50,6 +50,7 @@ from crossent._options import BinaryOptions, Reduction, SoftmaxOptions
 __all__ = [
     "available",
     "binary_cross_entropy",
+    "describe",
     "disabled",
     "softmax_cross_entropy",
     "supports_binary",
@@ -184,12 +185,29 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_double, ctypes.c_int32,
     ]
     lib.ce_has_f16.restype = ctypes.c_int
+    lib.ce_openmp.restype = ctypes.c_int
     return lib
 
 
 def available() -> bool:
     """True when the native kernels are enabled and built (building them on the first call)."""
     return _enabled and _library() is not None
+
+
+def describe() -> str:
+    """One line for benchmark reports: whether the native kernels run, built how."""
+    if not _enabled:
+        return "off (CROSSENT_NATIVE=0)"
+    lib = _library()
+    if lib is None:
+        return "unavailable (build failed)"
+    cc = _compiler() or "cc"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        cc = version.stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    return f"{cc}, {'OpenMP (torch pool)' if lib.ce_openmp() else 'pthreads'}"
 
 
 @contextlib.contextmanager
