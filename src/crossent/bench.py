@@ -190,42 +190,72 @@ def _provider(name: str, variant: dict, device: str) -> Callable | None:
     )
 
 
-def run_one(
-    provider: str, variant_name: str, N: int, C: int, dtype_name: str, device: str,
-    *, repeats: int, memory: bool,
-) -> BenchResult | None:
-    fn = _provider(provider, VARIANTS[variant_name], device)
-    if fn is None:
-        return None
-    dtype = DTYPES[dtype_name]
+def run_shape(
+    cases: list[tuple[str, str, str]], N: int, C: int, device: str, *, repeats: int, memory: bool,
+    progress: Callable[[BenchResult], None] | None = None,
+) -> list[BenchResult]:
+    """Time every (provider, variant, dtype) case of one shape, interleaved round by round.
+
+    Each round times every case once (forward only, then forward+backward), so slow phases of
+    the machine hit all cases alike and the ratios between rows are measured in the same run.
+    Inputs are shared per dtype; the copy floor is timed once per dtype.
+    """
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(N, C, device=device, dtype=dtype, generator=gen)
+    base = torch.randn(N, C, device=device, generator=gen)
     y = torch.randint(0, C, (N,), device=device, generator=gen)
-    xg = x.clone().requires_grad_(True)
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    steps: list[tuple[tuple[str, str, str], Callable[[], None], Callable[[], None]]] = []
+    for provider, variant, dtype_name in cases:
+        fn = _provider(provider, VARIANTS[variant], device)
+        if fn is None:
+            continue
+        if dtype_name not in inputs:
+            x = base.to(DTYPES[dtype_name])
+            inputs[dtype_name] = (x, x.clone().requires_grad_(True))
+        x, xg = inputs[dtype_name]
 
-    def fwd() -> None:
-        with torch.no_grad():
-            fn(x, y)
+        def fwd(fn: Callable = fn, x: torch.Tensor = x) -> None:
+            with torch.no_grad():
+                fn(x, y)
 
-    def fwd_bwd() -> None:
-        fn(xg, y).backward()
-        xg.grad = None
+        def fwd_bwd(fn: Callable = fn, xg: torch.Tensor = xg) -> None:
+            fn(xg, y).backward()
+            xg.grad = None
 
-    t_fwd = time_median(fwd, device, repeats=repeats)
-    t_fb = time_median(fwd_bwd, device, repeats=repeats)
-    peak = peak_extra_memory(fwd_bwd, device) if memory else None
-    floor_bytes = 2 * N * C * x.element_size()
-    gbs = floor_bytes / (t_fb * 1e-3) / 1e9
-    # The floor measured on this machine: one read of the logits and one write of an N x C
-    # buffer is exactly a copy.
-    out = torch.empty_like(x)
-    t_copy = time_median(lambda: out.copy_(x), device, repeats=repeats)
-    return BenchResult(
-        provider=provider, variant=variant_name, N=N, C=C, dtype=dtype_name, device=device,
-        fwd_ms=round(t_fwd, 3), fwd_bwd_ms=round(t_fb, 3),
-        peak_extra_mib=None if peak is None else round(peak / 2**20, 1),
-        gb_per_s=round(gbs, 2), floor_fraction=round(t_copy / t_fb, 3),
-    )
+        steps.append(((provider, variant, dtype_name), fwd, fwd_bwd))
+    for _, fwd, fwd_bwd in steps:  # warm-up (and compilation for torch.compile)
+        for _ in range(2):
+            fwd()
+            fwd_bwd()
+    times: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {k: ([], []) for k, _, _ in steps}
+    for _ in range(repeats):
+        for key, fwd, fwd_bwd in steps:
+            times[key][0].append(time_median(fwd, device, repeats=1, warmup=0))
+            times[key][1].append(time_median(fwd_bwd, device, repeats=1, warmup=0))
+    copy_ms = {}
+    for dtype_name, (x, _) in inputs.items():
+        # The floor measured on this machine: one read of the logits and one write of an N x C
+        # buffer is exactly a copy.
+        out = torch.empty_like(x)
+        copy_ms[dtype_name] = time_median(lambda out=out, x=x: out.copy_(x), device, repeats=repeats)
+        del out
+    results = []
+    for (provider, variant, dtype_name), _, fwd_bwd in steps:
+        t_fwd = statistics.median(times[(provider, variant, dtype_name)][0])
+        t_fb = statistics.median(times[(provider, variant, dtype_name)][1])
+        peak = peak_extra_memory(fwd_bwd, device) if memory else None
+        floor_bytes = 2 * N * C * inputs[dtype_name][0].element_size()
+        r = BenchResult(
+            provider=provider, variant=variant, N=N, C=C, dtype=dtype_name, device=device,
+            fwd_ms=round(t_fwd, 3), fwd_bwd_ms=round(t_fb, 3),
+            peak_extra_mib=None if peak is None else round(peak / 2**20, 1),
+            gb_per_s=round(floor_bytes / (t_fb * 1e-3) / 1e9, 2),
+            floor_fraction=round(copy_ms[dtype_name] / t_fb, 3),
+        )
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
 
 
 # ------------------------------------------------------------------------------- reports
@@ -250,6 +280,45 @@ def markdown_table(results: list[BenchResult]) -> str:
             f"| {r.peak_extra_mib} | {r.gb_per_s} | {r.floor_fraction} | {speedup} | {vs_ce} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+#: Where issue 6 sets its floors: the CPU shape, and the GPU shape (plus the same ratios
+#: elsewhere, reported without a floor).
+FLOOR_SHAPES = {(2048, 32000), (8192, 128256)}
+
+
+def floor_table(results: list[BenchResult]) -> str:
+    """The ratios issue 6 sets floors for, per shape and dtype: torch eager CE over crossent CE,
+    crossent focal and smoothing over crossent CE, crossent CE bf16 over fp32 (forward+backward
+    medians of the same interleaved run). Floors apply at :data:`FLOOR_SHAPES`."""
+    key = {(r.provider, r.variant, r.N, r.C, r.dtype): r.fwd_bwd_ms for r in results}
+    rows = []
+    for N, C in dict.fromkeys((r.N, r.C) for r in results):
+        for dtype in dict.fromkeys(r.dtype for r in results if (r.N, r.C) == (N, C)):
+            ce = key.get(("crossent", "ce", N, C, dtype))
+            if ce is None:
+                continue
+            torch_ce = key.get(("torch", "ce", N, C, dtype))
+            if torch_ce is not None:
+                rows.append((N, C, f"{dtype}: torch eager CE / crossent CE", torch_ce / ce, ">=", 2.0))
+            for variant in ("focal", "ls"):
+                v = key.get(("crossent", variant, N, C, dtype))
+                if v is not None:
+                    rows.append((N, C, f"{dtype}: crossent {variant} / crossent CE", v / ce, "<=", 1.1))
+        fp32, bf16 = key.get(("crossent", "ce", N, C, "fp32")), key.get(("crossent", "ce", N, C, "bf16"))
+        if fp32 is not None and bf16 is not None:
+            rows.append((N, C, "crossent CE bf16 / fp32", bf16 / fp32, "<=", 1.0))
+    lines = [
+        "| N x C | ratio (forward+backward medians) | value | floor | holds |",
+        "|---|---|---:|---:|---|",
+    ]
+    for N, C, name, value, op, floor in rows:
+        if (N, C) in FLOOR_SHAPES:
+            ok = value >= floor if op == ">=" else value <= floor
+            lines.append(f"| {N} x {C} | {name} | {value:.2f} | {op} {floor} | {'yes' if ok else 'no'} |")
+        else:
+            lines.append(f"| {N} x {C} | {name} | {value:.2f} | | |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(results: list[BenchResult], path: Path) -> None:
@@ -330,18 +399,19 @@ def main(args: argparse.Namespace) -> int:
     info = machine_info(args.device)
     console.print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     results: list[BenchResult] = []
-    for (N, C), dtype, variant, provider in (
-        (s, d, v, p) for s in shapes for d in dtypes for v in variants for p in providers
-    ):
-        if provider == "naive" and variant == "focal" and "torch" in providers:
-            continue  # the torch provider already is the naive composition for focal
-        r = run_one(
-            provider, variant, N, C, dtype, args.device, repeats=args.repeats, memory=not args.no_memory
-        )
-        if r is not None:
-            results.append(r)
-            console.print(f"  {provider:9s} {variant:6s} {N}x{C} {dtype}: fwd {r.fwd_ms} ms, "
-                          f"fwd+bwd {r.fwd_bwd_ms} ms, peak {r.peak_extra_mib} MiB")
+
+    def report(r: BenchResult) -> None:
+        console.print(f"  {r.provider:12s} {r.variant:6s} {r.N}x{r.C} {r.dtype}: fwd {r.fwd_ms} ms, "
+                      f"fwd+bwd {r.fwd_bwd_ms} ms, peak {r.peak_extra_mib} MiB")
+
+    for N, C in shapes:
+        cases = [
+            (p, v, d) for d in dtypes for v in variants for p in providers
+            # the torch provider already is the naive composition for focal
+            if not (p == "naive" and v == "focal" and "torch" in providers)
+        ]
+        results += run_shape(cases, N, C, args.device, repeats=args.repeats, memory=not args.no_memory,
+                             progress=report)
 
     table = Table(title=f"crossent bench ({args.device})")
     for col in ("provider", "variant", "N x C", "dtype", "fwd ms", "fwd+bwd ms", "peak MiB", "GB/s"):
@@ -350,6 +420,7 @@ def main(args: argparse.Namespace) -> int:
         table.add_row(r.provider, r.variant, f"{r.N}x{r.C}", r.dtype, str(r.fwd_ms), str(r.fwd_bwd_ms),
                       str(r.peak_extra_mib), str(r.gb_per_s))
     console.print(table)
+    console.print(floor_table(results))
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "bench.csv", "w", newline="") as f:
@@ -357,7 +428,10 @@ def main(args: argparse.Namespace) -> int:
         writer.writeheader()
         for r in results:
             writer.writerow(asdict(r))
-    md = "machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + "\n\n" + markdown_table(results)
+    md = (
+        "machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + "\n\n" + markdown_table(results)
+        + "\n" + floor_table(results)
+    )
     (args.out / "bench.md").write_text(md)
     (args.out / "machine.json").write_text(json.dumps(info, indent=2))
     if results:
