@@ -864,7 +864,8 @@ def linear_cross_entropy(
             work of a (token block, vocabulary tile) whose logits gradient is below this in
             absolute value everywhere (Wijmans et al.'s gradient filtering). 0 (default) is
             exact; the error is bounded by ``grad_filter_eps`` per skipped entry.
-        backend: ``"auto"`` and ``"torch"`` run the chunked path (any device); ``"triton"``
+        backend: ``"auto"``, ``"native"`` and ``"torch"`` run the chunked path (any device;
+            its per-chunk loss is the torch-op path, whose cost is dominated by the matmuls); ``"triton"``
             the blockwise kernels of :mod:`crossent._triton.linear` (CUDA, or the CPU under
             ``TRITON_INTERPRET=1``), which cover ``ignore_index``, label smoothing, class
             weights and every reduction and raise for the other options. ``"auto"`` does not
