@@ -124,6 +124,9 @@ def check_class_target(
         )
     if _compiling() or target.numel() == 0:
         return  # data-dependent checks would break the graph; indices are trusted there
+    lo, hi = target.aminmax()  # one pass: the common case, every index in range, ends here
+    if int(lo) >= 0 and int(hi) < num_classes:
+        return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         first = int(target[bad].reshape(-1)[0])

@@ -246,8 +246,11 @@ typedef struct {
     int64_t ignore_index;
     double w_sum;                       /* sum of the class weights (C when w is NULL) */
     double eps, gamma, z_loss, softcap, conf, poly1;
-    double scale;                       /* multiplies the gradient (1 / denominator of a mean) */
+    double scale;                       /* multiplies the gradient (sum, none: 1 or grad_output) */
     int32_t n_threads;
+    int32_t mean;                       /* 1: the gradient scale is 1 / denominator, found here */
+    double total;                       /* out: sum of the row losses (times the scale for a mean) */
+    double denom;                       /* out: the mean's denominator (sum of w_y over kept rows) */
 } sm_args;
 
 typedef struct {
@@ -260,39 +263,16 @@ typedef struct {
     int64_t w_inner, w_period;          /* weight of element i: w[(i / inner) % period] */
     int64_t pw_inner, pw_period;
     void *loss;                         /* per-element loss out (accumulation dtype) or NULL */
-    double *partial;                    /* per-thread partial sums of the loss (n_threads) */
     int32_t x_dtype, g_dtype, t_dtype;
     int32_t has_ignore;
     double ignore_value;
     double eps, gamma_pos, gamma_neg, alpha, clip; /* alpha < 0: no class balance */
-    double scale;
+    double scale;                       /* multiplies the gradient (sum, none) */
     int32_t n_threads;
+    int32_t mean;                       /* 1: the gradient scale is 1 / (unmasked count), found here */
+    double total;                       /* out: sum of the losses (times the scale for a mean) */
+    double denom;                       /* out: the mean's denominator */
 } bce_args;
-
-/* ---------------------------------------------------------------------------------------- */
-/* The kernels, once per accumulation type. */
-
-#define ACC float
-#define ACC_DT DT_F32
-#define SFX _f32
-#define EXP exp_f
-#define LOG log_f
-#define TANH tanh_f
-#include "_kernels_body.h"
-#undef ACC
-#undef ACC_DT
-#undef SFX
-#undef EXP
-#undef LOG
-#undef TANH
-
-#define ACC double
-#define ACC_DT DT_F64
-#define SFX _f64
-#define EXP exp
-#define LOG log
-#define TANH tanh
-#include "_kernels_body.h"
 
 /* Number of targets != ignore_value (the denominator of a masked "mean"). */
 typedef struct {
@@ -331,3 +311,29 @@ CE_API int64_t ce_count_ne(const void *t, int32_t t_dtype, int64_t n, double val
     for (int k = 0; k < MAX_THREADS; ++k) total += partial[k];
     return total;
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* The kernels, once per accumulation type. */
+
+#define ACC float
+#define ACC_DT DT_F32
+#define SFX _f32
+#define EXP exp_f
+#define LOG log_f
+#define TANH tanh_f
+#include "_kernels_body.h"
+#undef ACC
+#undef ACC_DT
+#undef SFX
+#undef EXP
+#undef LOG
+#undef TANH
+
+#define ACC double
+#define ACC_DT DT_F64
+#define SFX _f64
+#define EXP exp
+#define LOG log
+#define TANH tanh
+#include "_kernels_body.h"
+

@@ -107,6 +107,8 @@ typedef struct {
     const sm_args *a;
     ACC *scratch;     /* per thread: (u row, g row) */
     int64_t per_thread;
+    double scale;     /* the gradient's multiplier */
+    double partial[MAX_THREADS]; /* per-thread sums of the row losses */
 } FN(sm_ctx);
 
 /* max of a row and sum_k w_k u_k (w NULL: sum_k u_k) in one read; float partial sums of SEG
@@ -145,7 +147,7 @@ static inline ACC FN(row_max)(const ACC *restrict u, int64_t C) {
 }
 
 static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
-    const FN(sm_ctx) *ctx = (const FN(sm_ctx) *)vctx;
+    FN(sm_ctx) *ctx = (FN(sm_ctx) *)vctx;
     const sm_args *a = ctx->a;
     const int64_t C = a->n_cols;
     const ACC *w = (const ACC *)a->w;
@@ -158,8 +160,9 @@ static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     const size_t xsz = dtype_size(a->x_dtype), gsz = dtype_size(a->g_dtype);
     const double eps = a->eps;
     const ACC keep = (ACC)(1.0 - eps), uni = (ACC)(eps / (double)C); /* t~ = t (1 - eps) + eps / C */
-    const double sc = a->scale;
+    const double sc = ctx->scale;
     ACC *loss_out = (ACC *)a->loss;
+    double total = 0.0;
     ACC *ell_out = (ACC *)a->ell;
 
     for (int64_t r = r0; r < r1; ++r) {
@@ -190,7 +193,7 @@ static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
             y = a->y[r];
             s = y == a->ignore_index ? 0.0 : (w ? (double)w[y] : 1.0);
             if (s == 0.0) {
-                loss_out[r] = 0;
+                if (loss_out) loss_out[r] = 0;
                 if (ell_out) ell_out[r] = 0;
                 if (gr) {
                     for (int64_t k = 0; k < C; ++k) g[k] = 0;
@@ -320,7 +323,8 @@ static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
                 pc = a->poly1;
             }
         }
-        loss_out[r] = (ACC)loss;
+        if (loss_out) loss_out[r] = (ACC)loss;
+        total += (double)(ACC)loss; /* as stored: the sum matches a sum of the returned losses */
         if (ell_out) ell_out[r] = (ACC)ell_y;
         if (!gr) continue;
 
@@ -374,9 +378,10 @@ static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         }
         if (need_g && !fused_store) FN(store)(gr, a->g_dtype, 0, gbuf, C);
     }
+    ctx->partial[tid] = total;
 }
 
-CE_API int FN(ce_softmax)(const sm_args *a) {
+CE_API int FN(ce_softmax)(sm_args *a) {
     const int64_t C = a->n_cols;
     const int need_u = a->x_dtype != ACC_DT || a->softcap > 0;
     const int need_g = a->grad != NULL && a->g_dtype != ACC_DT;
@@ -387,7 +392,24 @@ CE_API int FN(ce_softmax)(const sm_args *a) {
     if (threads > a->n_rows) threads = (int)a->n_rows;
     if (threads < 1) threads = 1;
     FN(sm_ctx) ctx;
+    memset(&ctx, 0, sizeof(ctx));
     ctx.a = a;
+    ctx.scale = a->scale;
+    if (a->mean) {
+        /* PyTorch's mean: the sum over kept rows of w_y (index targets), else the row count;
+         * a zero denominator (all rows ignored, or an empty batch) gives 0, not 0/0 */
+        double denom = (double)a->n_rows;
+        if (a->y) {
+            const ACC *w = (const ACC *)a->w;
+            denom = 0.0;
+            for (int64_t r = 0; r < a->n_rows; ++r) {
+                const int64_t y = a->y[r];
+                if (y != a->ignore_index) denom += w ? (double)w[y] : 1.0;
+            }
+        }
+        a->denom = denom;
+        ctx.scale = denom > 0.0 ? a->scale / denom : 0.0;
+    }
     ctx.per_thread = (need_u ? C : 0) + (need_g ? C : 0);
     ctx.scratch = NULL;
     if (ctx.per_thread) {
@@ -396,6 +418,9 @@ CE_API int FN(ce_softmax)(const sm_args *a) {
     }
     parallel_for(a->n_rows, threads, FN(sm_work), &ctx);
     free(ctx.scratch);
+    double total = 0.0;
+    for (int t = 0; t < MAX_THREADS; ++t) total += ctx.partial[t];
+    a->total = a->mean ? (a->denom > 0.0 ? total / a->denom : 0.0) : total;
     return 0;
 }
 
@@ -411,6 +436,8 @@ CE_API int FN(ce_softmax)(const sm_args *a) {
 
 typedef struct {
     const bce_args *a;
+    double scale;
+    double partial[MAX_THREADS];
 } FN(bce_ctx);
 
 ALWAYS_INLINE ACC FN(log1p_small)(ACC v) {
@@ -421,7 +448,7 @@ ALWAYS_INLINE ACC FN(log1p_small)(ACC v) {
     return LOG(w) - ((w - (ACC)1) - v) / w;
 }
 
-ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, int64_t L, const ACC *restrict xp, const ACC *restrict tp,
+ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const ACC *restrict xp, const ACC *restrict tp,
                                const ACC *restrict wp, const ACC *restrict pwp, ACC *restrict lp,
                                ACC *restrict gp, const int FOCAL, const int CLIP, const int GRAD) {
     /* FOCAL: 0 none, 1 gamma_pos = gamma_neg = 2 (a square), 2 general (exp(gamma log)) */
@@ -432,7 +459,6 @@ ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, int64_t L, const ACC *restrict
     const ACC a1 = a->alpha >= 0 ? (ACC)(2.0 * a->alpha - 1.0) : (ACC)0;
     /* no ignore_index: NaN, which no target equals */
     const ACC ign = a->has_ignore ? (ACC)a->ignore_value : (ACC)NAN;
-    const ACC sc = (ACC)a->scale;
     (void)eps;
     for (int64_t k = 0; k < L; ++k) {
         const ACC x = xp[k], t0 = tp[k];
@@ -513,7 +539,8 @@ static inline int64_t FN(weight_run)(const ACC *base, int64_t inner, int64_t per
 }
 
 static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
-    const bce_args *a = ((const FN(bce_ctx) *)vctx)->a;
+    FN(bce_ctx) *ctx = (FN(bce_ctx) *)vctx;
+    const bce_args *a = ctx->a;
     ACC xs[SEG], ts[SEG], ws[SEG], pws[SEG], ones[SEG], ls[SEG], gs[SEG];
     for (int k = 0; k < SEG; ++k) ones[k] = 1;
     const int focal = (a->gamma_pos != 0.0 || a->gamma_neg != 0.0)
@@ -533,7 +560,7 @@ static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
         if (a->t_dtype == ACC_DT) tp = (const ACC *)a->t + i; else { FN(load)(ts, a->t, a->t_dtype, i, L); tp = ts; }
         ACC *lp = loss_out ? loss_out + i : ls;
         ACC *gp = grad && a->g_dtype == ACC_DT ? (ACC *)a->grad + i : gs;
-#define BCE_CASE(F, Cl, G) FN(bce_seg)(a, L, xp, tp, wp, pwp, lp, gp, F, Cl, G)
+#define BCE_CASE(F, Cl, G) FN(bce_seg)(a, (ACC)ctx->scale, L, xp, tp, wp, pwp, lp, gp, F, Cl, G)
         switch (focal * 4 + clip * 2 + grad) {
         case 0: BCE_CASE(0, 0, 0); break;
         case 1: BCE_CASE(0, 0, 1); break;
@@ -558,15 +585,28 @@ static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
         }
         i += L;
     }
-    a->partial[tid] = total;
+    ctx->partial[tid] = total;
 }
 
-CE_API int FN(ce_binary)(const bce_args *a) {
+CE_API int FN(ce_binary)(bce_args *a) {
     int threads = (int)(a->n / 32768 + 1);
     if (threads > a->n_threads) threads = a->n_threads;
-    FN(bce_ctx) ctx = {a};
-    for (int k = 0; k < a->n_threads && k < MAX_THREADS; ++k) a->partial[k] = 0.0;
-    parallel_for(a->n, threads, FN(bce_work), &ctx);
+    FN(bce_ctx) ctx;
+    memset(&ctx, 0, sizeof(ctx));
+    ctx.a = a;
+    ctx.scale = a->scale;
+    if (a->mean) {
+        /* the mean over unmasked entries; all masked (or empty) gives 0, not 0/0 */
+        const double count = a->has_ignore
+            ? (double)ce_count_ne(a->t, a->t_dtype, a->n, a->ignore_value, a->n_threads)
+            : (double)a->n;
+        a->denom = count;
+        ctx.scale = count > 0.0 ? a->scale / count : 0.0;
+    }
+    if (a->n) parallel_for(a->n, threads, FN(bce_work), &ctx);
+    double total = 0.0;
+    for (int t = 0; t < MAX_THREADS; ++t) total += ctx.partial[t];
+    a->total = a->mean ? total * (a->denom > 0.0 ? 1.0 / a->denom : 0.0) : total;
     return 0;
 }
 

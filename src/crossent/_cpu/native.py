@@ -84,7 +84,8 @@ class _SoftmaxArgs(ctypes.Structure):
         ("w_sum", ctypes.c_double), ("eps", ctypes.c_double), ("gamma", ctypes.c_double),
         ("z_loss", ctypes.c_double), ("softcap", ctypes.c_double), ("conf", ctypes.c_double),
         ("poly1", ctypes.c_double), ("scale", ctypes.c_double),
-        ("n_threads", ctypes.c_int32),
+        ("n_threads", ctypes.c_int32), ("mean", ctypes.c_int32),
+        ("total", ctypes.c_double), ("denom", ctypes.c_double),
     ]
 
 
@@ -97,13 +98,14 @@ class _BinaryArgs(ctypes.Structure):
         ("w", ctypes.c_void_p), ("pw", ctypes.c_void_p),
         ("w_inner", ctypes.c_int64), ("w_period", ctypes.c_int64),
         ("pw_inner", ctypes.c_int64), ("pw_period", ctypes.c_int64),
-        ("loss", ctypes.c_void_p), ("partial", ctypes.c_void_p),
+        ("loss", ctypes.c_void_p),
         ("x_dtype", ctypes.c_int32), ("g_dtype", ctypes.c_int32), ("t_dtype", ctypes.c_int32),
         ("has_ignore", ctypes.c_int32),
         ("ignore_value", ctypes.c_double), ("eps", ctypes.c_double),
         ("gamma_pos", ctypes.c_double), ("gamma_neg", ctypes.c_double),
         ("alpha", ctypes.c_double), ("clip", ctypes.c_double), ("scale", ctypes.c_double),
-        ("n_threads", ctypes.c_int32),
+        ("n_threads", ctypes.c_int32), ("mean", ctypes.c_int32),
+        ("total", ctypes.c_double), ("denom", ctypes.c_double),
     ]
 
 
@@ -278,40 +280,39 @@ def softmax_cross_entropy(
     need_grad: bool,
     inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`crossent._cpu.softmax.softmax_cross_entropy` by the native kernel (same contract)."""
-    from crossent._cpu.softmax import _denominator, _gamma_for_rows
+    """:func:`crossent._cpu.softmax.softmax_cross_entropy` by the native kernel (same contract).
+
+    The kernel also finds the mean's denominator and sums the row losses, so a call costs a
+    handful of torch ops however small the batch.
+    """
+    from crossent._cpu.softmax import _gamma_for_rows
 
     acc = _acc(logits.dtype)
     squeeze = logits.ndim == 1
     x = logits.unsqueeze(0) if squeeze else logits
     index = not target.is_floating_point()
     t = target.reshape(1, -1) if squeeze and not index else target
-    y = target.reshape(-1).contiguous() if index else None
+    y = target.reshape(-1) if index else None
+    if y is not None and not y.is_contiguous():
+        y = y.contiguous()
     N, C = x.shape
-
-    if reduction == "mean":
-        denom = _denominator(y if index else t, weight, opts.ignore_index, acc, N)
-        # All rows ignored (or zero weight): 0 with zero gradient instead of 0/0 = nan.
-        scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
-    else:
-        scale = torch.ones((), dtype=acc)
     grad = None
     if need_grad:
         grad = x if inplace_backward else empty_hugepage(N, C, dtype=x.dtype)
-    losses = torch.empty(N, dtype=acc)
-    w = None if weight is None else weight.contiguous()
+    losses = torch.empty(N, dtype=acc) if reduction == "none" else None
+    w = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     args = _SoftmaxArgs(
         n_rows=N, n_cols=C, x_row_stride=x.stride(0) if N else C,
         g_row_stride=grad.stride(0) if grad is not None and N else C,
         x=x.data_ptr(), grad=_ptr(grad), y=_ptr(y),
         t=None if index else t.data_ptr(), t_row_stride=0 if index or not N else t.stride(0),
-        w=_ptr(w), gamma_rows=None, loss=losses.data_ptr(), ell=None,
+        w=_ptr(w), gamma_rows=None, loss=_ptr(losses), ell=None,
         x_dtype=_DT[x.dtype], g_dtype=_DT[x.dtype], ignore_index=opts.ignore_index,
         w_sum=float(C) if w is None else float(w.sum()),
         eps=float(opts.label_smoothing), gamma=0.0 if callable(opts.gamma) else float(opts.gamma),
         z_loss=float(opts.z_loss), softcap=float(opts.softcap or 0.0),
         conf=float(opts.confidence_penalty), poly1=float(opts.poly1),
-        scale=float(scale), n_threads=_threads(),
+        scale=1.0, n_threads=_threads(), mean=int(reduction == "mean"),
     )
     kernel = getattr(_library(), f"ce_softmax_{_suffix(acc)}")
     gamma_rows = None
@@ -324,15 +325,12 @@ def softmax_cross_entropy(
         gamma_rows = _gamma_for_rows(opts, torch.exp(-ell).unsqueeze(1))
         gamma_rows = torch.as_tensor(gamma_rows, dtype=acc).reshape(-1).expand(N).contiguous()
         args.gamma_rows = gamma_rows.data_ptr()
-    if N:
-        _check(kernel(ctypes.byref(args)))
+    _check(kernel(ctypes.byref(args)))
 
     if reduction == "none":
         loss = losses.reshape(()) if squeeze else losses
-    elif reduction == "sum":
-        loss = losses.sum()
     else:
-        loss = losses.sum() * scale
+        loss = torch.tensor(args.total, dtype=acc)
     if grad is not None and squeeze:
         grad = grad.squeeze(0)
     return loss, grad
@@ -393,42 +391,25 @@ def binary_cross_entropy(
     """:func:`crossent._cpu.binary.binary_cross_entropy` by the native kernel (same contract)."""
     acc = _acc(logits.dtype)
     shape = tuple(logits.shape)
-    n = logits.numel()
-    threads = _threads()
-    lib = _library()
     t = target.view(torch.uint8) if target.dtype == torch.bool else target
     has_ignore = opts.ignore_index is not None
-
-    scale = 1.0
-    count = float(n)
-    if reduction == "mean":
-        if has_ignore:
-            count = float(lib.ce_count_ne(t.data_ptr(), _DT[t.dtype], n, float(opts.ignore_index), threads))
-        # every entry masked (or empty): 0 with a zero gradient instead of 0/0 = nan
-        scale = 1.0 / count if count > 0 else 0.0
-
     grad = empty_hugepage(*shape, dtype=logits.dtype) if need_grad else None
     out = torch.empty(shape, dtype=acc) if reduction == "none" else None
-    partial = torch.zeros(max(1, threads), dtype=torch.float64)
     w_pat = None if weight is None else _repeat_pattern(weight, shape)
     pw_pat = None if pos_weight is None else _repeat_pattern(pos_weight, shape)
     args = _BinaryArgs(
-        n=n, x=logits.data_ptr(), grad=_ptr(grad), t=t.data_ptr(),
+        n=logits.numel(), x=logits.data_ptr(), grad=_ptr(grad), t=t.data_ptr(),
         w=None if w_pat is None else w_pat[0].data_ptr(),
         pw=None if pw_pat is None else pw_pat[0].data_ptr(),
         w_inner=1 if w_pat is None else w_pat[1], w_period=1 if w_pat is None else w_pat[2],
         pw_inner=1 if pw_pat is None else pw_pat[1], pw_period=1 if pw_pat is None else pw_pat[2],
-        loss=_ptr(out), partial=partial.data_ptr(),
-        x_dtype=_DT[logits.dtype], g_dtype=_DT[logits.dtype], t_dtype=_DT[t.dtype],
+        loss=_ptr(out), x_dtype=_DT[logits.dtype], g_dtype=_DT[logits.dtype], t_dtype=_DT[t.dtype],
         has_ignore=int(has_ignore), ignore_value=float(opts.ignore_index) if has_ignore else 0.0,
         eps=float(opts.label_smoothing), gamma_pos=float(opts.gamma_pos),
         gamma_neg=float(opts.gamma_neg), alpha=-1.0 if opts.alpha is None else float(opts.alpha),
-        clip=float(opts.clip), scale=scale, n_threads=threads,
+        clip=float(opts.clip), scale=1.0, n_threads=_threads(), mean=int(reduction == "mean"),
     )
-    if n:
-        _check(getattr(lib, f"ce_binary_{_suffix(acc)}")(ctypes.byref(args)))
+    _check(getattr(_library(), f"ce_binary_{_suffix(acc)}")(ctypes.byref(args)))
     if out is not None:
         return out, grad
-    total = partial.sum().to(acc)
-    loss = total * scale if reduction == "mean" else total
-    return loss, grad
+    return torch.tensor(args.total, dtype=acc), grad
