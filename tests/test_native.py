@@ -13,6 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import crossent
 from crossent import reference as R
@@ -295,3 +297,90 @@ def test_schedule_sees_the_true_class_probability(monkeypatch):
     opts = SoftmaxOptions(gamma=lambda p: -p)
     with pytest.raises(ValueError, match="negative"):
         native.softmax_cross_entropy(x, y, None, opts, "mean", True)
+
+
+# --------------------------------------------------------------------------------------------
+# property: the native kernel and the torch-op path agree on any mix of options (float64, where
+# both are exact to rounding)
+
+
+@st.composite
+def softmax_problems(draw):
+    N = draw(st.integers(1, 6))
+    C = draw(st.integers(1, 9))
+    prob = draw(st.booleans())
+    focal = draw(st.sampled_from([0.0, 0.0, 0.3, 2.0]))
+    eps = 0.0 if focal else draw(st.sampled_from([0.0, 0.1, 0.4]))
+    if prob and focal:
+        focal = 0.0
+    kw = dict(
+        label_smoothing=eps, gamma=focal,
+        z_loss=draw(st.sampled_from([0.0, 1e-2])),
+        softcap=draw(st.sampled_from([None, 2.5])),
+        confidence_penalty=draw(st.sampled_from([0.0, 0.3])),
+        poly1=draw(st.sampled_from([0.0, 1.5])),
+        reduction=draw(st.sampled_from(["none", "sum", "mean"])),
+    )
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g, dtype=F64) * draw(st.sampled_from([1.0, 8.0]))
+    if prob:
+        target = torch.softmax(torch.randn(N, C, generator=g, dtype=F64) * 3, 1)
+    else:
+        target = torch.randint(0, C, (N,), generator=g)
+        target[torch.rand(N, generator=g) < 0.3] = -100
+    weight = torch.rand(C, generator=g, dtype=F64) + 0.2 if draw(st.booleans()) else None
+    return x, target, weight, kw
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(softmax_problems())
+def test_native_equals_torch_path_softmax(problem):
+    x, target, weight, kw = problem
+    go = torch.rand(x.shape[0], dtype=F64) + 0.5 if kw["reduction"] == "none" else None
+    a = _grad(crossent.cross_entropy, x, target, backend="native", weight=weight, grad_output=go, **kw)
+    b = _grad(crossent.cross_entropy, x, target, backend="torch", weight=weight, grad_output=go, **kw)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@st.composite
+def binary_problems(draw):
+    shape = draw(st.sampled_from([(7,), (3, 5), (2, 3, 4), (1,)]))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=F64) * draw(st.sampled_from([1.0, 10.0]))
+    t = torch.rand(shape, generator=g, dtype=F64)
+    if draw(st.booleans()):
+        t = t.round()
+    ignore = draw(st.sampled_from([None, -1.0]))
+    if ignore is not None:
+        t[torch.rand(shape, generator=g) < 0.3] = ignore
+    kw = dict(
+        label_smoothing=draw(st.sampled_from([0.0, 0.1])),
+        alpha=draw(st.sampled_from([None, 0.25, 0.9])),
+        ignore_index=ignore,
+        reduction=draw(st.sampled_from(["none", "sum", "mean"])),
+    )
+    if draw(st.booleans()):
+        kw["weight"] = torch.rand(shape[-1:], generator=g, dtype=F64) + 0.1
+    if draw(st.booleans()):
+        kw["pos_weight"] = torch.rand(shape[-1:], generator=g, dtype=F64) * 3
+    fn = draw(st.sampled_from(["bce", "focal", "asl"]))
+    if fn == "bce":
+        return crossent.binary_cross_entropy, x, t, dict(kw, gamma=draw(st.sampled_from([0.0, 0.5, 2.0])))
+    if fn == "focal":
+        return crossent.sigmoid_focal_loss, x, t, dict(kw, gamma=draw(st.sampled_from([0.0, 0.7, 2.0])))
+    return crossent.asymmetric_loss, x, t, dict(
+        kw, gamma_pos=draw(st.sampled_from([0.0, 1.0])), gamma_neg=draw(st.sampled_from([2.0, 4.0])),
+        clip=draw(st.sampled_from([0.0, 0.05])),
+    )
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(binary_problems())
+def test_native_equals_torch_path_binary(problem):
+    fn, x, t, kw = problem
+    go = torch.rand(x.shape, dtype=F64) + 0.5 if kw["reduction"] == "none" else None
+    a = _grad(fn, x, t, backend="native", grad_output=go, **kw)
+    b = _grad(fn, x, t, backend="torch", grad_output=go, **kw)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
