@@ -44,7 +44,8 @@ def test_builds_and_is_picked_for_cpu_tensors(monkeypatch):
     crossent.cross_entropy(x, y)
     assert calls == [1]
     crossent.cross_entropy(x, y, backend="torch")
-    crossent.cross_entropy(torch.randn(3, 5, 2), torch.zeros(3, 2, dtype=torch.long))  # 3-D: torch ops
+    crossent.cross_entropy(torch.randn(3, 5, 2), torch.rand(3, 5, 2))  # 3-D soft targets: torch ops
+    crossent.cross_entropy(torch.randn(3, 2, 5).transpose(1, 2), torch.zeros(3, 2, dtype=torch.long))
     crossent.cross_entropy(x, y, gamma=2.0, label_smoothing=0.1)  # focal + smoothing: torch ops
     assert calls == [1]
 
@@ -56,6 +57,8 @@ def test_builds_and_is_picked_for_cpu_tensors(monkeypatch):
                                         label_smoothing=0.1, backend="native"), "does not cover"),
         (lambda: crossent.cross_entropy(torch.randn(3, 5).t(), torch.tensor([0, 1, 2, 0, 1]),
                                         backend="native"), "does not cover"),
+        (lambda: crossent.cross_entropy(torch.randn(3, 5, 2), torch.rand(3, 5, 2), backend="native"),
+         "does not cover"),
         (lambda: crossent.binary_cross_entropy(torch.randn(4, 3).t(), torch.ones(3, 4),
                                                backend="native"), "does not cover"),
     ],
@@ -102,6 +105,38 @@ def test_softmax_wide_rows_match_the_reference(kw, weighted, reduction):
     )
     np.testing.assert_allclose(loss.double().numpy(), ref_loss, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(grad.double().numpy(), ref_grad, rtol=1e-3, atol=2e-8)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3), (3, 7, 4, 5), (1, 4, 1000), (2, 3000, 3), (2, 3, 1, 1)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kw", [{}, {"label_smoothing": 0.1, "weighted": True}, {"gamma": 2.0}, {"gamma": crossent.flsd53},
+           {"softcap": 3.0, "confidence_penalty": 0.1, "z_loss": 1e-3, "poly1": 1.0}],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_spatial_logits_equal_torch_path(shape, dtype, kw, reduction):
+    """(N, C, d1, ...) logits: tiles of positions transposed in cache (C = 3,000 gives tiles of
+    10 positions; 1,000 positions with C = 4 give one tile of 1,000)."""
+    g = torch.Generator().manual_seed(0)
+    N, C = shape[:2]
+    x = (torch.randn(shape, generator=g, dtype=F64) * 3).to(dtype)
+    y = torch.randint(0, C, (N, *shape[2:]), generator=g)
+    y.view(-1)[::3] = -100
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(C, generator=g, dtype=F64) + 0.5
+    assert native.supports_softmax(x, y, SoftmaxOptions())
+    a = _grad(crossent.cross_entropy, x, y, backend="native", reduction=reduction, **kw)
+    assert a[1].is_contiguous() and a[1].shape == x.shape
+    # against the torch-op path in float64 on the same (rounded) logits: the float kernels'
+    # errors, not the torch path's (whose fp32 1 - q_y is the less accurate of the two)
+    b = _grad(crossent.cross_entropy, x.double(), y, backend="torch", reduction=reduction, **kw)
+    if dtype == F64:
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    else:
+        grad_rtol = 3e-5 if dtype == torch.float32 else 8e-3  # bf16: the gradient's rounding
+        torch.testing.assert_close(a[0].double(), b[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[1].double(), b[1], rtol=grad_rtol, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -321,14 +356,15 @@ def softmax_problems(draw):
         poly1=draw(st.sampled_from([0.0, 1.5])),
         reduction=draw(st.sampled_from(["none", "sum", "mean"])),
     )
+    spatial = () if prob else draw(st.sampled_from([(), (), (3,), (2, 5)]))  # (N, C, d...) layouts
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, C, generator=g, dtype=F64) * draw(st.sampled_from([1.0, 8.0]))
+    x = torch.randn(N, C, *spatial, generator=g, dtype=F64) * draw(st.sampled_from([1.0, 8.0]))
     if prob:
         target = torch.softmax(torch.randn(N, C, generator=g, dtype=F64) * 3, 1)
     else:
-        target = torch.randint(0, C, (N,), generator=g)
-        target[torch.rand(N, generator=g) < 0.3] = -100
+        target = torch.randint(0, C, (N, *spatial), generator=g)
+        target[torch.rand(N, *spatial, generator=g) < 0.3] = -100
     weight = torch.rand(C, generator=g, dtype=F64) + 0.2 if draw(st.booleans()) else None
     return x, target, weight, kw
 
@@ -337,7 +373,7 @@ def softmax_problems(draw):
 @given(softmax_problems())
 def test_native_equals_torch_path_softmax(problem):
     x, target, weight, kw = problem
-    go = torch.rand(x.shape[0], dtype=F64) + 0.5 if kw["reduction"] == "none" else None
+    go = torch.rand(x.shape[:1] + x.shape[2:], dtype=F64) + 0.5 if kw["reduction"] == "none" else None
     a = _grad(crossent.cross_entropy, x, target, backend="native", weight=weight, grad_output=go, **kw)
     b = _grad(crossent.cross_entropy, x, target, backend="torch", weight=weight, grad_output=go, **kw)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -217,9 +217,10 @@ def _native_covers(chosen: str, backend: Backend, supported: bool) -> str:
         return chosen
     if backend == "native":
         raise ValueError(
-            "backend='native' does not cover this call (it takes 1-D/2-D softmax logits with "
-            "contiguous rows, no focal term with smoothing or probability targets, and "
-            "contiguous sigmoid inputs); use backend='auto', which falls back to the torch path"
+            "backend='native' does not cover this call (it takes softmax logits with contiguous "
+            "rows, (N, C, d...) logits only contiguous and with class indices, no focal term "
+            "with smoothing or probability targets, and contiguous sigmoid inputs); use "
+            "backend='auto', which falls back to the torch path"
         )
     return "torch"
 

@@ -251,6 +251,7 @@ typedef struct {
     int32_t mean;                       /* 1: the gradient scale is 1 / denominator, found here */
     double total;                       /* out: sum of the row losses (times the scale for a mean) */
     double denom;                       /* out: the mean's denominator (sum of w_y over kept rows) */
+    int64_t spatial;                    /* > 1: x, grad are (N, C, S) and n_rows = N S (index targets) */
 } sm_args;
 
 typedef struct {

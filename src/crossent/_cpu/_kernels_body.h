@@ -108,6 +108,7 @@ typedef struct {
     ACC *scratch;     /* per thread: (u row, g row) */
     int64_t per_thread;
     double scale;     /* the gradient's multiplier */
+    int64_t tile;     /* positions per tile of (N, C, S) logits */
     double partial[MAX_THREADS]; /* per-thread sums of the row losses */
 } FN(sm_ctx);
 
@@ -146,255 +147,452 @@ static inline ACC FN(row_max)(const ACC *restrict u, int64_t C) {
     return m;
 }
 
-static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
-    FN(sm_ctx) *ctx = (FN(sm_ctx) *)vctx;
+/* One row r: x row `xr` (dtype x_dtype, contiguous), gradient row `gr` (g_dtype) or NULL,
+ * probability-target row `tr` or NULL; `ubuf`, `gbuf` are this thread's scratch rows. Writes
+ * the row's loss (and -log q_y) and returns the loss as stored. */
+static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x_dtype, char *gr, int g_dtype,
+                         const ACC *tr, ACC *ubuf, ACC *gbuf) {
     const sm_args *a = ctx->a;
     const int64_t C = a->n_cols;
     const ACC *w = (const ACC *)a->w;
     const int index = a->y != NULL;
     const int cap = a->softcap > 0;
-    const int need_u = a->x_dtype != ACC_DT || cap;
-    const int need_g = a->grad != NULL && a->g_dtype != ACC_DT;
-    ACC *ubuf = ctx->scratch + (int64_t)tid * ctx->per_thread;
-    ACC *gbuf = ubuf + (need_u ? C : 0);
-    const size_t xsz = dtype_size(a->x_dtype), gsz = dtype_size(a->g_dtype);
+    const int need_u = x_dtype != ACC_DT || cap;
+    const int need_g = gr != NULL && g_dtype != ACC_DT;
     const double eps = a->eps;
     const ACC keep = (ACC)(1.0 - eps), uni = (ACC)(eps / (double)C); /* t~ = t (1 - eps) + eps / C */
     const double sc = ctx->scale;
     ACC *loss_out = (ACC *)a->loss;
-    double total = 0.0;
     ACC *ell_out = (ACC *)a->ell;
+    const ACC *u = (const ACC *)xr;
+    /* half precision without softcap: the conversion and the max in one read */
+    const int load_max = need_u && !cap && !(index && eps != 0.0);
+    ACC m_loaded = -INFINITY;
+    if (load_max) {
+        m_loaded = FN(load_max)(ubuf, xr, x_dtype, C);
+        u = ubuf;
+    } else if (need_u) {
+        FN(load)(ubuf, xr, x_dtype, 0, C);
+        if (cap) {
+            const ACC c = (ACC)a->softcap, ic = (ACC)(1.0 / a->softcap);
+            for (int64_t k = 0; k < C; ++k) ubuf[k] = c * TANH(ubuf[k] * ic);
+        }
+        u = ubuf;
+    }
+    ACC *g = need_g ? gbuf : (ACC *)gr;
 
+    /* sample weight s = w_y; ignored rows weigh 0 and contribute nothing */
+    int64_t y = -1;
+    double s = 1.0;
+    if (index) {
+        y = a->y[r];
+        s = y == a->ignore_index ? 0.0 : (w ? (double)w[y] : 1.0);
+        if (s == 0.0) {
+            if (loss_out) loss_out[r] = 0;
+            if (ell_out) ell_out[r] = 0;
+            if (gr) {
+                for (int64_t k = 0; k < C; ++k) g[k] = 0;
+                if (need_g) FN(store)(gr, g_dtype, 0, gbuf, C);
+            }
+            return 0.0;
+        }
+    }
+
+    /* pass 1: the max (log-sum-exp is taken relative to it, so exp never overflows and
+     * the largest term is 1), and the row sums of the loss */
+    ACC m;
+    double su = 0.0, sa = 0.0, sau = 0.0;
+    if (index && eps != 0.0) {
+        m = FN(row_max_sum)(u, w, C, &su); /* and sum_k w_k u_k, in the same read */
+    } else {
+        m = load_max ? m_loaded : FN(row_max)(u, C);
+    }
+    if (!index) {
+        for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+            int64_t n = C - k0 < SEG ? C - k0 : SEG;
+            ACC pa = 0, pau = 0;
+            SIMD_SUM(pa, pau)
+            for (int64_t k = k0; k < k0 + n; ++k) {
+                ACC ak = (tr[k] * keep + uni) * (w ? w[k] : (ACC)1);
+                pa += ak;
+                pau += ak * u[k];
+            }
+            sa += (double)pa;
+            sau += (double)pau;
+        }
+    }
+
+    /* pass 2: S = sum exp(u - m) in float partial sums of SEG terms, added in double */
+    /* In the common case pass 2 keeps e = exp(u - m) in the gradient row (in cache) and
+     * pass 3 only rescales it. Not when a later pass still reads u, which g may alias. */
+    const int keep_e = gr != NULL && index && !cap && a->conf == 0.0;
+    const ACC u_y_acc = index ? u[y] : (ACC)0; /* read before g, which may alias u, is written */
+    double S = 0.0, Seu = 0.0, Set = 0.0;
+    for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+        int64_t n = C - k0 < SEG ? C - k0 : SEG;
+        ACC ps = 0;
+        if (keep_e) {
+            SIMD_SUM(ps)
+            for (int64_t k = k0; k < k0 + n; ++k) {
+                const ACC e = EXP(u[k] - m);
+                g[k] = e;
+                ps += e;
+            }
+        } else {
+            SIMD_SUM(ps)
+            for (int64_t k = k0; k < k0 + n; ++k) ps += EXP(u[k] - m);
+        }
+        S += (double)ps;
+        if (a->conf != 0.0) { /* sum e u, for the entropy H = lse - sum q u */
+            ACC pe = 0;
+            SIMD_SUM(pe)
+            for (int64_t k = k0; k < k0 + n; ++k) pe += EXP(u[k] - m) * u[k];
+            Seu += (double)pe;
+        }
+        if (!index && a->poly1 != 0.0) { /* sum e t~, for P = sum q t~ */
+            ACC pe = 0;
+            SIMD_SUM(pe)
+            for (int64_t k = k0; k < k0 + n; ++k) pe += EXP(u[k] - m) * (tr[k] * keep + uni);
+            Set += (double)pe;
+        }
+    }
+    const double lse = (double)m + log(S);
+
+    /* per-row scalars (double) */
+    double loss, rowc, sparse = 0.0, rowconst = 0.0, ow = 0.0, cpc = 0.0, pc = 0.0;
+    double ell_y = 0.0, u_y = 0.0;
+    if (index) {
+        u_y = (double)u_y_acc;
+        ell_y = lse - u_y; /* -log q_y, exact even where q_y underflows */
+        const double a_y = s * (1.0 - eps);
+        const double gam = a->gamma_rows ? (double)((const ACC *)a->gamma_rows)[r] : a->gamma;
+        if (gam != 0.0) {
+            /* focal (no smoothing here): f = (1-q)^gamma ell; 1 - q = -expm1(-ell) keeps
+             * precision as q -> 1, and the finite ratio ell / (1 - q) -> 1 replaces
+             * (1-q)^(gamma-1), which overflows for gamma < 1 (see focal_terms) */
+            const double qy = exp(-ell_y), omq = -expm1(-ell_y);
+            const double factor = pow(omq, gam); /* pow(0, 0) = 1 */
+            const double ratio = omq > 0.0 ? ell_y / omq : 1.0;
+            loss = a_y * factor * ell_y;
+            rowc = a_y * factor * (1.0 + gam * qy * ratio);
+        } else {
+            loss = a_y * ell_y;
+            rowc = a_y;
+        }
+        sparse = rowc;
+        if (eps != 0.0) {
+            /* uniform part (eps/C) sum_k w_k ell_k = (eps/C)(lse sum(w) - sum w u);
+             * gradient (eps/C)(q sum(w) - w) */
+            const double ue = eps / (double)C;
+            loss += ue * (lse * a->w_sum - su);
+            rowc += ue * a->w_sum;
+            if (w) ow = -ue; else rowconst = -ue;
+        }
+    } else {
+        /* dense target mass a = t~ w: L = lse sum(a) - sum a u; G = q sum(a) - a */
+        loss = sa * lse - sau;
+        rowc = sa;
+    }
+    if (a->z_loss != 0.0) { /* z-loss (PaLM): lambda lse^2, d/du = 2 lambda lse q */
+        loss += s * a->z_loss * lse * lse;
+        rowc += s * 2.0 * a->z_loss * lse;
+    }
+    if (a->conf != 0.0) {
+        /* -beta H(q) (Pereyra et al. 2017); d(-beta H)/du = beta q (H - lse) + beta q u */
+        const double H = lse - Seu / S;
+        loss -= s * a->conf * H;
+        rowc += s * a->conf * (H - lse);
+        cpc = s * a->conf;
+    }
+    if (a->poly1 != 0.0) { /* Poly-1 (Leng et al. 2022): eps1 (1 - P), P = sum t~ q */
+        if (index) {
+            const double qy = exp(-ell_y);
+            const double P = qy * (1.0 - eps) + eps / (double)C;
+            loss += s * a->poly1 * (1.0 - P);
+            rowc += s * a->poly1 * (P - eps / (double)C);
+            sparse += s * a->poly1 * (1.0 - eps) * qy;
+        } else {
+            const double P = Set / S;
+            loss += a->poly1 * (1.0 - P);
+            rowc += a->poly1 * P;
+            pc = a->poly1;
+        }
+    }
+    if (loss_out) loss_out[r] = (ACC)loss;
+    const double stored = (double)(ACC)loss; /* the sum matches a sum of the returned losses */
+    if (ell_out) ell_out[r] = (ACC)ell_y;
+    if (!gr) return stored;
+
+    /* pass 3: G = scale (q (rowc + cpc u - pc t~) + rowconst + ow w - a), q = e^(u-m) / S.
+     * u - m (not u - lse): m is one of the row's values, so the difference is exact
+     * where it matters, even at logits of 1e4 */
+    const ACC A = (ACC)(rowc * sc / S), B = (ACC)(rowconst * sc);
+    const ACC Cp = (ACC)(cpc * sc / S), Pc = (ACC)(pc * sc / S), Ow = (ACC)(ow * sc), Ad = (ACC)sc;
+    /* half-precision gradient of the common case: scaled and rounded in one loop */
+    const int fused_store = keep_e && need_g && !(w && Ow != 0);
+    if (fused_store) {
+        FN(store_affine)(gr, g_dtype, g, A, B, C);
+    } else if (keep_e) {
+        for (int64_t k = 0; k < C; ++k) g[k] = g[k] * A + B;
+    } else if (Cp == 0) {
+        for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * A + B;
+    } else {
+        for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * (A + Cp * u[k]) + B;
+    }
+    /* the rarer terms, each one more pass over the row in cache */
+    if (w && Ow != 0 && !fused_store)
+        for (int64_t k = 0; k < C; ++k) g[k] += Ow * w[k];
+    if (tr) {
+        if (Pc != 0)
+            for (int64_t k = 0; k < C; ++k) g[k] -= EXP(u[k] - m) * Pc * (tr[k] * keep + uni);
+        if (w)
+            for (int64_t k = 0; k < C; ++k) g[k] -= Ad * (tr[k] * keep + uni) * w[k];
+        else
+            for (int64_t k = 0; k < C; ++k) g[k] -= Ad * (tr[k] * keep + uni);
+    }
+    if (cap) {
+        const ACC ic = (ACC)(1.0 / a->softcap);
+        for (int64_t k = 0; k < C; ++k) {
+            const ACC th = u[k] * ic; /* d/dx [c tanh(x/c)] = 1 - tanh^2 */
+            g[k] *= (ACC)1 - th * th;
+        }
+    }
+    if (index) {
+        /* the target entry: rowc q_y - sparse = rowc expm1(-ell_y) + (rowc - sparse), in
+         * double, so 1 - q_y stays exact where q_y -> 1 */
+        const double qy = exp(-ell_y);
+        double v = rowc * expm1(-ell_y) + (rowc - sparse) + rowconst + cpc * qy * u_y;
+        if (w) v += ow * (double)w[y];
+        v *= sc;
+        if (cap) {
+            const double th = u_y / a->softcap;
+            v *= 1.0 - th * th;
+        }
+        g[y] = (ACC)v;
+        if (fused_store) FN(store)(gr, g_dtype, y, g + y, 1);
+    }
+    if (need_g && !fused_store) FN(store)(gr, g_dtype, 0, gbuf, C);
+    return stored;
+}
+
+/* rows [r0, r1) of (N, C) logits with rows at a stride */
+static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
+    FN(sm_ctx) *ctx = (FN(sm_ctx) *)vctx;
+    const sm_args *a = ctx->a;
+    const int64_t C = a->n_cols;
+    ACC *ubuf = ctx->scratch + (int64_t)tid * ctx->per_thread;
+    ACC *gbuf = ubuf + C;
+    const size_t xsz = dtype_size(a->x_dtype), gsz = dtype_size(a->g_dtype);
+    double total = 0.0;
     for (int64_t r = r0; r < r1; ++r) {
         const char *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * xsz;
         char *gr = a->grad ? (char *)a->grad + (size_t)(r * a->g_row_stride) * gsz : NULL;
         const ACC *tr = a->t ? (const ACC *)a->t + r * a->t_row_stride : NULL;
-        const ACC *u = (const ACC *)xr;
-        /* half precision without softcap: the conversion and the max in one read */
-        const int load_max = need_u && !cap && !(index && eps != 0.0);
-        ACC m_loaded = -INFINITY;
-        if (load_max) {
-            m_loaded = FN(load_max)(ubuf, xr, a->x_dtype, C);
-            u = ubuf;
-        } else if (need_u) {
-            FN(load)(ubuf, xr, a->x_dtype, 0, C);
-            if (cap) {
-                const ACC c = (ACC)a->softcap, ic = (ACC)(1.0 / a->softcap);
-                for (int64_t k = 0; k < C; ++k) ubuf[k] = c * TANH(ubuf[k] * ic);
-            }
-            u = ubuf;
-        }
-        ACC *g = need_g ? gbuf : (ACC *)gr;
+        total += FN(sm_row)(ctx, r, xr, a->x_dtype, gr, a->g_dtype, tr, ubuf, gbuf);
+    }
+    ctx->partial[tid] = total;
+}
 
-        /* sample weight s = w_y; ignored rows weigh 0 and contribute nothing */
-        int64_t y = -1;
-        double s = 1.0;
-        if (index) {
-            y = a->y[r];
-            s = y == a->ignore_index ? 0.0 : (w ? (double)w[y] : 1.0);
-            if (s == 0.0) {
-                if (loss_out) loss_out[r] = 0;
-                if (ell_out) ell_out[r] = 0;
-                if (gr) {
-                    for (int64_t k = 0; k < C; ++k) g[k] = 0;
-                    if (need_g) FN(store)(gr, a->g_dtype, 0, gbuf, C);
-                }
-                continue;
+/* (N, C, S) logits (class dim in the middle, S = the product of the trailing dims; index
+ * targets): tiles of `tile` positions of one sample are transposed into (tile, C) rows in this
+ * thread's scratch (converted to ACC), run through sm_row, and their gradient transposed back.
+ * Each tile is read from memory once and written once; the transposes happen in cache. */
+static void FN(sm_work_spatial)(void *vctx, int64_t t0, int64_t t1, int tid) {
+    FN(sm_ctx) *ctx = (FN(sm_ctx) *)vctx;
+    const sm_args *a = ctx->a;
+    const int64_t C = a->n_cols, S = a->spatial, B = ctx->tile;
+    const int64_t tiles_per_n = (S + B - 1) / B;
+    ACC *ubuf = ctx->scratch + (int64_t)tid * ctx->per_thread;
+    ACC *gbuf = ubuf + C;
+    ACC *xt = gbuf + C;   /* (B, C) logits, row-major */
+    ACC *gt = xt + B * C; /* (B, C) gradient */
+    double total = 0.0;
+    for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t n = tile / tiles_per_n, s0 = (tile % tiles_per_n) * B;
+        const int64_t nb = S - s0 < B ? S - s0 : B;
+        const int64_t base = n * C * S + s0; /* element (n, c, s0 + j) is base + c S + j */
+        for (int64_t c = 0; c < C; ++c) {
+            ACC tmp[256];
+            for (int64_t j0 = 0; j0 < nb; j0 += 256) {
+                const int64_t m = nb - j0 < 256 ? nb - j0 : 256;
+                FN(load)(tmp, a->x, a->x_dtype, base + c * S + j0, m);
+                for (int64_t j = 0; j < m; ++j) xt[(j0 + j) * C + c] = tmp[j];
             }
         }
-
-        /* pass 1: the max (log-sum-exp is taken relative to it, so exp never overflows and
-         * the largest term is 1), and the row sums of the loss */
-        ACC m;
-        double su = 0.0, sa = 0.0, sau = 0.0;
-        if (index && eps != 0.0) {
-            m = FN(row_max_sum)(u, w, C, &su); /* and sum_k w_k u_k, in the same read */
-        } else {
-            m = load_max ? m_loaded : FN(row_max)(u, C);
-        }
-        if (!index) {
-            for (int64_t k0 = 0; k0 < C; k0 += SEG) {
-                int64_t n = C - k0 < SEG ? C - k0 : SEG;
-                ACC pa = 0, pau = 0;
-                SIMD_SUM(pa, pau)
-                for (int64_t k = k0; k < k0 + n; ++k) {
-                    ACC ak = (tr[k] * keep + uni) * (w ? w[k] : (ACC)1);
-                    pa += ak;
-                    pau += ak * u[k];
+        for (int64_t j = 0; j < nb; ++j)
+            total += FN(sm_row)(ctx, n * S + s0 + j, xt + j * C, ACC_DT, a->grad ? (char *)(gt + j * C) : NULL,
+                                ACC_DT, NULL, ubuf, gbuf);
+        if (a->grad) {
+            for (int64_t c = 0; c < C; ++c) {
+                ACC tmp[256];
+                for (int64_t j0 = 0; j0 < nb; j0 += 256) {
+                    const int64_t m = nb - j0 < 256 ? nb - j0 : 256;
+                    for (int64_t j = 0; j < m; ++j) tmp[j] = gt[(j0 + j) * C + c];
+                    FN(store)(a->grad, a->g_dtype, base + c * S + j0, tmp, m);
                 }
-                sa += (double)pa;
-                sau += (double)pau;
             }
         }
+    }
+    ctx->partial[tid] = total;
+}
 
-        /* pass 2: S = sum exp(u - m) in float partial sums of SEG terms, added in double */
-        /* In the common case pass 2 keeps e = exp(u - m) in the gradient row (in cache) and
-         * pass 3 only rescales it. Not when a later pass still reads u, which g may alias. */
-        const int keep_e = gr != NULL && index && !cap && a->conf == 0.0;
-        const ACC u_y_acc = index ? u[y] : (ACC)0; /* read before g, which may alias u, is written */
-        double S = 0.0, Seu = 0.0, Set = 0.0;
-        for (int64_t k0 = 0; k0 < C; k0 += SEG) {
-            int64_t n = C - k0 < SEG ? C - k0 : SEG;
-            ACC ps = 0;
-            if (keep_e) {
-                SIMD_SUM(ps)
-                for (int64_t k = k0; k < k0 + n; ++k) {
-                    const ACC e = EXP(u[k] - m);
-                    g[k] = e;
-                    ps += e;
-                }
+/* (N, C, S) logits with few classes: whole tiles of positions at once, vectorised across the
+ * positions (a row of C = 21 classes is too short to vectorise over, and a per-row call costs
+ * more than its arithmetic). The layout needs no transpose: for each class the tile's logits
+ * and gradient are contiguous. Covers index targets with class weights, ignore_index,
+ * smoothing, a fixed focal gamma (without smoothing), z-loss and Poly-1; the same formulas as
+ * sm_row, with the per-position scalars in ACC arithmetic. 1 - q_y is the sum of the other
+ * classes' exponentials over S, never 1 - q_y, so it keeps its precision as q_y -> 1. */
+static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
+    FN(sm_ctx) *ctx = (FN(sm_ctx) *)vctx;
+    const sm_args *a = ctx->a;
+    const int64_t C = a->n_cols, S = a->spatial, B = ctx->tile;
+    const int64_t tiles_per_n = (S + B - 1) / B;
+    const ACC *w = (const ACC *)a->w;
+    const double eps = a->eps;
+    const ACC gam = (ACC)a->gamma, zl = (ACC)a->z_loss, p1 = (ACC)a->poly1;
+    const ACC keep = (ACC)(1.0 - eps), uni = (ACC)(eps / (double)C), wsum = (ACC)a->w_sum;
+    const ACC sc = (ACC)ctx->scale;
+    ACC *scr = ctx->scratch + (int64_t)tid * ctx->per_thread;
+    ACC *E = scr;             /* (C, B): exp(u - m), then nothing */
+    ACC *tmp = E + C * B;     /* (B): one class's logits, converted */
+    ACC *m = tmp + B, *Ssum = m + B, *Sn = Ssum + B, *su = Sn + B, *uy = su + B, *sw = uy + B;
+    ACC *A = sw + B, *Bc = A + B, *Ow = Bc + B, *Gy = Ow + B, *gout = Gy + B;
+    int64_t *yv = (int64_t *)(gout + B);
+    ACC *loss_out = (ACC *)a->loss;
+    double total = 0.0;
+    for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t n = tile / tiles_per_n, s0 = (tile % tiles_per_n) * B;
+        const int64_t nb = S - s0 < B ? S - s0 : B;
+        const int64_t base = n * C * S + s0, r0 = n * S + s0;
+        for (int64_t j = 0; j < nb; ++j) {
+            const int64_t y = a->y[r0 + j];
+            const int ok = y != a->ignore_index;
+            yv[j] = ok ? y : -1; /* -1 matches no class: an ignored position has no target entry */
+            sw[j] = ok ? (w ? w[y] : (ACC)1) : (ACC)0;
+            m[j] = -INFINITY;
+            Ssum[j] = Sn[j] = su[j] = uy[j] = 0;
+        }
+        /* pass 1: max, sum_c w_c u_c, u_y */
+        for (int64_t c = 0; c < C; ++c) {
+            const ACC *xc = (const ACC *)a->x + base + c * S;
+            if (a->x_dtype != ACC_DT) {
+                FN(load)(tmp, a->x, a->x_dtype, base + c * S, nb);
+                xc = tmp;
+            }
+            const ACC wc = w ? w[c] : (ACC)1;
+            for (int64_t j = 0; j < nb; ++j) {
+                const ACC v = xc[j];
+                m[j] = v > m[j] ? v : m[j];
+                su[j] += wc * v;
+                uy[j] = c == yv[j] ? v : uy[j];
+            }
+        }
+        /* pass 2: exponentials, their sum, and the sum over the other classes */
+        for (int64_t c = 0; c < C; ++c) {
+            const ACC *xc = (const ACC *)a->x + base + c * S;
+            if (a->x_dtype != ACC_DT) {
+                FN(load)(tmp, a->x, a->x_dtype, base + c * S, nb);
+                xc = tmp;
+            }
+            ACC *ec = E + c * B;
+            for (int64_t j = 0; j < nb; ++j) {
+                const ACC e = EXP(xc[j] - m[j]);
+                ec[j] = e;
+                Ssum[j] += e;
+                Sn[j] += c == yv[j] ? (ACC)0 : e;
+            }
+        }
+        /* per-position scalars (see sm_row); ignored positions get all-zero coefficients */
+        ACC part = 0;
+        SIMD_SUM(part)
+        for (int64_t j = 0; j < nb; ++j) {
+            const ACC s = sw[j], valid = yv[j] >= 0 ? (ACC)1 : (ACC)0;
+            const ACC lse = m[j] + LOG(Ssum[j]);
+            const ACC ell = valid > 0 ? lse - uy[j] : (ACC)0;
+            const ACC omq = Sn[j] / Ssum[j], qy = (Ssum[j] - Sn[j]) / Ssum[j];
+            const ACC a_y = s * keep;
+            ACC loss, rowc;
+            if (gam != 0) {
+                const ACC factor = EXP(gam * LOG(omq)); /* omq = 0: log -inf, exp 0 */
+                const ACC ratio = omq > 0 ? ell / omq : (ACC)1;
+                loss = a_y * factor * ell;
+                rowc = a_y * factor * ((ACC)1 + gam * qy * ratio);
             } else {
-                SIMD_SUM(ps)
-                for (int64_t k = k0; k < k0 + n; ++k) ps += EXP(u[k] - m);
-            }
-            S += (double)ps;
-            if (a->conf != 0.0) { /* sum e u, for the entropy H = lse - sum q u */
-                ACC pe = 0;
-                SIMD_SUM(pe)
-                for (int64_t k = k0; k < k0 + n; ++k) pe += EXP(u[k] - m) * u[k];
-                Seu += (double)pe;
-            }
-            if (!index && a->poly1 != 0.0) { /* sum e t~, for P = sum q t~ */
-                ACC pe = 0;
-                SIMD_SUM(pe)
-                for (int64_t k = k0; k < k0 + n; ++k) pe += EXP(u[k] - m) * (tr[k] * keep + uni);
-                Set += (double)pe;
-            }
-        }
-        const double lse = (double)m + log(S);
-
-        /* per-row scalars (double) */
-        double loss, rowc, sparse = 0.0, rowconst = 0.0, ow = 0.0, cpc = 0.0, pc = 0.0;
-        double ell_y = 0.0, u_y = 0.0;
-        if (index) {
-            u_y = (double)u_y_acc;
-            ell_y = lse - u_y; /* -log q_y, exact even where q_y underflows */
-            const double a_y = s * (1.0 - eps);
-            const double gam = a->gamma_rows ? (double)((const ACC *)a->gamma_rows)[r] : a->gamma;
-            if (gam != 0.0) {
-                /* focal (no smoothing here): f = (1-q)^gamma ell; 1 - q = -expm1(-ell) keeps
-                 * precision as q -> 1, and the finite ratio ell / (1 - q) -> 1 replaces
-                 * (1-q)^(gamma-1), which overflows for gamma < 1 (see focal_terms) */
-                const double qy = exp(-ell_y), omq = -expm1(-ell_y);
-                const double factor = pow(omq, gam); /* pow(0, 0) = 1 */
-                const double ratio = omq > 0.0 ? ell_y / omq : 1.0;
-                loss = a_y * factor * ell_y;
-                rowc = a_y * factor * (1.0 + gam * qy * ratio);
-            } else {
-                loss = a_y * ell_y;
+                loss = a_y * ell;
                 rowc = a_y;
             }
-            sparse = rowc;
+            ACC sparse = rowc, rowconst = 0, ow = 0;
             if (eps != 0.0) {
-                /* uniform part (eps/C) sum_k w_k ell_k = (eps/C)(lse sum(w) - sum w u);
-                 * gradient (eps/C)(q sum(w) - w) */
-                const double ue = eps / (double)C;
-                loss += ue * (lse * a->w_sum - su);
-                rowc += ue * a->w_sum;
+                const ACC ue = uni * valid;
+                loss += ue * (lse * wsum - su[j]);
+                rowc += ue * wsum;
                 if (w) ow = -ue; else rowconst = -ue;
             }
-        } else {
-            /* dense target mass a = t~ w: L = lse sum(a) - sum a u; G = q sum(a) - a */
-            loss = sa * lse - sau;
-            rowc = sa;
-        }
-        if (a->z_loss != 0.0) { /* z-loss (PaLM): lambda lse^2, d/du = 2 lambda lse q */
-            loss += s * a->z_loss * lse * lse;
-            rowc += s * 2.0 * a->z_loss * lse;
-        }
-        if (a->conf != 0.0) {
-            /* -beta H(q) (Pereyra et al. 2017); d(-beta H)/du = beta q (H - lse) + beta q u */
-            const double H = lse - Seu / S;
-            loss -= s * a->conf * H;
-            rowc += s * a->conf * (H - lse);
-            cpc = s * a->conf;
-        }
-        if (a->poly1 != 0.0) { /* Poly-1 (Leng et al. 2022): eps1 (1 - P), P = sum t~ q */
-            if (index) {
-                const double qy = exp(-ell_y);
-                const double P = qy * (1.0 - eps) + eps / (double)C;
-                loss += s * a->poly1 * (1.0 - P);
-                rowc += s * a->poly1 * (P - eps / (double)C);
-                sparse += s * a->poly1 * (1.0 - eps) * qy;
-            } else {
-                const double P = Set / S;
-                loss += a->poly1 * (1.0 - P);
-                rowc += a->poly1 * P;
-                pc = a->poly1;
+            if (zl != 0) {
+                loss += s * zl * lse * lse;
+                rowc += s * (ACC)2 * zl * lse;
             }
-        }
-        if (loss_out) loss_out[r] = (ACC)loss;
-        total += (double)(ACC)loss; /* as stored: the sum matches a sum of the returned losses */
-        if (ell_out) ell_out[r] = (ACC)ell_y;
-        if (!gr) continue;
-
-        /* pass 3: G = scale (q (rowc + cpc u - pc t~) + rowconst + ow w - a), q = e^(u-m) / S.
-         * u - m (not u - lse): m is one of the row's values, so the difference is exact
-         * where it matters, even at logits of 1e4 */
-        const ACC A = (ACC)(rowc * sc / S), B = (ACC)(rowconst * sc);
-        const ACC Cp = (ACC)(cpc * sc / S), Pc = (ACC)(pc * sc / S), Ow = (ACC)(ow * sc), Ad = (ACC)sc;
-        /* half-precision gradient of the common case: scaled and rounded in one loop */
-        const int fused_store = keep_e && need_g && !(w && Ow != 0);
-        if (fused_store) {
-            FN(store_affine)(gr, a->g_dtype, g, A, B, C);
-        } else if (keep_e) {
-            for (int64_t k = 0; k < C; ++k) g[k] = g[k] * A + B;
-        } else if (Cp == 0) {
-            for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * A + B;
-        } else {
-            for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * (A + Cp * u[k]) + B;
-        }
-        /* the rarer terms, each one more pass over the row in cache */
-        if (w && Ow != 0 && !fused_store)
-            for (int64_t k = 0; k < C; ++k) g[k] += Ow * w[k];
-        if (tr) {
-            if (Pc != 0)
-                for (int64_t k = 0; k < C; ++k) g[k] -= EXP(u[k] - m) * Pc * (tr[k] * keep + uni);
-            if (w)
-                for (int64_t k = 0; k < C; ++k) g[k] -= Ad * (tr[k] * keep + uni) * w[k];
-            else
-                for (int64_t k = 0; k < C; ++k) g[k] -= Ad * (tr[k] * keep + uni);
-        }
-        if (cap) {
-            const ACC ic = (ACC)(1.0 / a->softcap);
-            for (int64_t k = 0; k < C; ++k) {
-                const ACC th = u[k] * ic; /* d/dx [c tanh(x/c)] = 1 - tanh^2 */
-                g[k] *= (ACC)1 - th * th;
+            if (p1 != 0) {
+                const ACC P = qy * keep + uni;
+                loss += s * p1 * ((ACC)1 - P);
+                rowc += s * p1 * (P - uni);
+                sparse += s * p1 * keep * qy;
             }
+            loss = valid > 0 ? loss : (ACC)0;
+            uy[j] = loss; /* u_y and m are not needed any more: their slots keep loss and ell */
+            m[j] = ell;
+            part += loss;
+            A[j] = valid > 0 ? rowc * sc / Ssum[j] : (ACC)0;
+            Bc[j] = rowconst * sc;
+            Ow[j] = ow * sc;
+            /* the target entry: rowc q_y - sparse = -rowc (1 - q_y) + (rowc - sparse) */
+            /* with class weights, sw = w_y on kept positions */
+            Gy[j] = sc * (-rowc * omq + (rowc - sparse) + rowconst + ow * sw[j]);
         }
-        if (index) {
-            /* the target entry: rowc q_y - sparse = rowc expm1(-ell_y) + (rowc - sparse), in
-             * double, so 1 - q_y stays exact where q_y -> 1 */
-            const double qy = exp(-ell_y);
-            double v = rowc * expm1(-ell_y) + (rowc - sparse) + rowconst + cpc * qy * u_y;
-            if (w) v += ow * (double)w[y];
-            v *= sc;
-            if (cap) {
-                const double th = u_y / a->softcap;
-                v *= 1.0 - th * th;
+        if (loss_out)
+            for (int64_t j = 0; j < nb; ++j) loss_out[r0 + j] = uy[j];
+        if (a->ell)
+            for (int64_t j = 0; j < nb; ++j) ((ACC *)a->ell)[r0 + j] = m[j];
+        total += (double)part;
+        if (!a->grad) continue;
+        /* pass 3: the gradient, one class at a time, contiguous across the tile */
+        for (int64_t c = 0; c < C; ++c) {
+            const ACC *ec = E + c * B;
+            const ACC wc = w ? w[c] : (ACC)0;
+            ACC *gc = a->g_dtype == ACC_DT ? (ACC *)a->grad + base + c * S : gout;
+            for (int64_t j = 0; j < nb; ++j) {
+                const ACC g = ec[j] * A[j] + Bc[j] + Ow[j] * wc;
+                gc[j] = c == yv[j] ? Gy[j] : g;
             }
-            g[y] = (ACC)v;
-            if (fused_store) FN(store)(gr, a->g_dtype, y, g + y, 1);
+            if (gc == gout) FN(store)(a->grad, a->g_dtype, base + c * S, gout, nb);
         }
-        if (need_g && !fused_store) FN(store)(gr, a->g_dtype, 0, gbuf, C);
     }
     ctx->partial[tid] = total;
 }
 
 CE_API int FN(ce_softmax)(sm_args *a) {
     const int64_t C = a->n_cols;
-    const int need_u = a->x_dtype != ACC_DT || a->softcap > 0;
-    const int need_g = a->grad != NULL && a->g_dtype != ACC_DT;
-    /* about 64K elements of work per thread at least: a pthread costs ~20 us */
-    int64_t work = a->n_rows * C;
-    int threads = (int)(work / 65536 + 1);
-    if (threads > a->n_threads) threads = a->n_threads;
-    if (threads > a->n_rows) threads = (int)a->n_rows;
-    if (threads < 1) threads = 1;
+    const int spatial = a->spatial > 1;
     FN(sm_ctx) ctx;
     memset(&ctx, 0, sizeof(ctx));
     ctx.a = a;
     ctx.scale = a->scale;
+    /* (N, C, S) logits: tiles of positions whose (tile, C) blocks of logits and gradient stay
+     * in cache (2 x 128 KiB of fp32) */
+    /* few classes and the options sm_work_columns covers: vectorise across positions */
+    const int columns = spatial && C <= 256 && a->softcap <= 0 && a->conf == 0.0 && a->gamma_rows == NULL
+                        && !(a->gamma != 0.0 && a->eps != 0.0);
+    ctx.tile = spatial ? (columns ? 256 : (C < 32768 ? 32768 / C : 1)) : 0;
+    if (spatial && ctx.tile > a->spatial) ctx.tile = a->spatial;
+    const int64_t units = spatial ? (a->n_rows / a->spatial) * ((a->spatial + ctx.tile - 1) / ctx.tile)
+                                  : a->n_rows;
+    /* about 64K elements of work per thread at least: starting a thread costs microseconds */
+    int64_t work = a->n_rows * C;
+    int threads = (int)(work / 65536 + 1);
+    if (threads > a->n_threads) threads = a->n_threads;
+    if (threads > units) threads = (int)units;
+    if (threads < 1) threads = 1;
     if (a->mean) {
         /* PyTorch's mean: the sum over kept rows of w_y (index targets), else the row count;
          * a zero denominator (all rows ignored, or an empty batch) gives 0, not 0/0 */
@@ -410,13 +608,15 @@ CE_API int FN(ce_softmax)(sm_args *a) {
         a->denom = denom;
         ctx.scale = denom > 0.0 ? a->scale / denom : 0.0;
     }
-    ctx.per_thread = (need_u ? C : 0) + (need_g ? C : 0);
-    ctx.scratch = NULL;
-    if (ctx.per_thread) {
-        ctx.scratch = (ACC *)malloc((size_t)(ctx.per_thread * threads) * sizeof(ACC));
-        if (!ctx.scratch) return -1;
-    }
-    parallel_for(a->n_rows, threads, FN(sm_work), &ctx);
+    ctx.per_thread = columns ? (C + 16) * ctx.tile : 2 * C + (spatial ? 2 * ctx.tile * C : 0);
+    ctx.scratch = (ACC *)malloc((size_t)(ctx.per_thread * threads) * sizeof(ACC));
+    if (!ctx.scratch) return -1;
+    if (columns)
+        parallel_for(units, threads, FN(sm_work_columns), &ctx);
+    else if (spatial)
+        parallel_for(units, threads, FN(sm_work_spatial), &ctx);
+    else
+        parallel_for(a->n_rows, threads, FN(sm_work), &ctx);
     free(ctx.scratch);
     double total = 0.0;
     for (int t = 0; t < MAX_THREADS; ++t) total += ctx.partial[t];

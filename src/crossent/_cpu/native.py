@@ -18,9 +18,11 @@ computes the same values.
 Scope: CPU tensors of fp32, bf16, fp16 (where the compiler has ``_Float16``) and fp64 (libm's
 exp and log, for gradcheck), outside ``torch.compile``:
 
-- softmax family: 1-D or 2-D logits with contiguous rows; index targets with every option
-  (schedules of gamma take a first pass for q_y) except focal with label smoothing; probability
-  targets with every option except focal. Other cases take the torch-op path.
+- softmax family: 1-D or 2-D logits with contiguous rows, and contiguous (N, C, d1, ...)
+  logits with index targets (tiles of positions transposed in cache); index targets with every
+  option (schedules of gamma take a first pass for q_y) except focal with label smoothing;
+  probability targets (1-D/2-D) with every option except focal. Other cases take the torch-op
+  path.
 - sigmoid family: contiguous logits and targets (any dtype); every option; ``weight`` and
   ``pos_weight`` that broadcast by repetition (a scalar, a per-class (C,), a per-sample (N, 1),
   a full tensor, ...).
@@ -85,7 +87,7 @@ class _SoftmaxArgs(ctypes.Structure):
         ("z_loss", ctypes.c_double), ("softcap", ctypes.c_double), ("conf", ctypes.c_double),
         ("poly1", ctypes.c_double), ("scale", ctypes.c_double),
         ("n_threads", ctypes.c_int32), ("mean", ctypes.c_int32),
-        ("total", ctypes.c_double), ("denom", ctypes.c_double),
+        ("total", ctypes.c_double), ("denom", ctypes.c_double), ("spatial", ctypes.c_int64),
     ]
 
 
@@ -257,10 +259,13 @@ def _check(status: int) -> None:
 
 def supports_softmax(logits: Tensor, target: Tensor, opts: SoftmaxOptions) -> bool:
     """Whether :func:`softmax_cross_entropy` covers this call (else the torch-op path runs)."""
-    if not (_enabled and logits.device.type == "cpu" and logits.ndim in (1, 2)):
+    if not (_enabled and logits.device.type == "cpu") or torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling() or _library() is None or not _dtype_ok(logits.dtype):
+    if _library() is None or not _dtype_ok(logits.dtype):
         return False
+    if logits.ndim > 2:  # (N, C, d1, ...): contiguous, index targets
+        if not logits.is_contiguous() or target.is_floating_point():
+            return False
     if logits.numel() and logits.stride(-1) != 1:
         return False
     if target.is_floating_point():
@@ -295,15 +300,21 @@ def softmax_cross_entropy(
     y = target.reshape(-1) if index else None
     if y is not None and not y.is_contiguous():
         y = y.contiguous()
-    N, C = x.shape
+    C = x.shape[1]
+    S = 1  # positions per sample of (N, C, d1, ...) logits
+    for d in x.shape[2:]:
+        S *= d
+    R = x.shape[0] * S  # rows: one per (sample, position)
     grad = None
     if need_grad:
-        grad = x if inplace_backward else empty_hugepage(N, C, dtype=x.dtype)
-    losses = torch.empty(N, dtype=acc) if reduction == "none" else None
+        grad = x if inplace_backward else empty_hugepage(*x.shape, dtype=x.dtype)
+    losses = torch.empty(R, dtype=acc) if reduction == "none" else None
     w = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    N = R
     args = _SoftmaxArgs(
-        n_rows=N, n_cols=C, x_row_stride=x.stride(0) if N else C,
-        g_row_stride=grad.stride(0) if grad is not None and N else C,
+        n_rows=R, n_cols=C, spatial=S if x.ndim > 2 else 0,
+        x_row_stride=x.stride(0) if R and x.ndim == 2 else C,
+        g_row_stride=grad.stride(0) if grad is not None and R and x.ndim == 2 else C,
         x=x.data_ptr(), grad=_ptr(grad), y=_ptr(y),
         t=None if index else t.data_ptr(), t_row_stride=0 if index or not N else t.stride(0),
         w=_ptr(w), gamma_rows=None, loss=_ptr(losses), ell=None,
@@ -328,7 +339,7 @@ def softmax_cross_entropy(
     _check(kernel(ctypes.byref(args)))
 
     if reduction == "none":
-        loss = losses.reshape(()) if squeeze else losses
+        loss = losses.reshape(()) if squeeze else losses.reshape(x.shape[:1] + x.shape[2:])
     else:
         loss = torch.tensor(args.total, dtype=acc)
     if grad is not None and squeeze:
