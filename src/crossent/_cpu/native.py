@@ -11,15 +11,18 @@ Build: the first call compiles ``_kernels.c`` with the system C compiler (``$CC`
 ``gcc`` or ``clang``) as ``-O3 -march=native`` into a shared library cached under
 ``$CROSSENT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/crossent``, else ``~/.cache/crossent``),
 keyed by the source, the compiler, its flags and the CPU's feature flags; it needs no Python or
-torch headers and takes about two seconds. Set ``CROSSENT_NATIVE=0`` to turn it off. Without a
-compiler (or when the build fails, with one warning) every call takes the torch-op path, which
-computes the same values.
+torch headers and takes about two seconds. Built with ``-fopenmp``, its threads are those of
+the OpenMP runtime torch already loaded (see ``parallel_for`` in ``_kernels.c``); without
+OpenMP it starts pthreads. Set ``CROSSENT_NATIVE=0`` to turn it off. Without a compiler (or
+when the build fails, with one warning) every call takes the torch-op path, which computes the
+same values.
 
 Scope: CPU tensors of fp32, bf16, fp16 (where the compiler has ``_Float16``) and fp64 (libm's
 exp and log, for gradcheck), outside ``torch.compile``:
 
 - softmax family: 1-D or 2-D logits with contiguous rows, and contiguous (N, C, d1, ...)
-  logits with index targets (tiles of positions transposed in cache); index targets with every
+  logits with index targets (tiles of positions: vectorised across positions for few classes,
+  else transposed into rows in cache); index targets with every
   option (schedules of gamma take a first pass for q_y) except focal with label smoothing;
   probability targets (1-D/2-D) with every option except focal. Other cases take the torch-op
   path.
