@@ -666,8 +666,9 @@ ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const
         const ACC t = (valid ? t0 : (ACC)0) * keep + half; /* towards 1/2: t (1 - eps) + eps/2 */
         const ACC ax = x < 0 ? -x : x;
         const ACC e = EXP(-ax);
-        const ACC l1 = FN(log1p_small)(e);
-        const ACC r = (ACC)1 / ((ACC)1 + e);
+        const ACC w1 = (ACC)1 + e;
+        const ACC r = (ACC)1 / w1;
+        const ACC l1 = LOG(w1) - ((w1 - (ACC)1) - e) * r; /* log1p(e), as in log1p_small */
         const ACC er = e * r;
         const ACC p = x >= 0 ? r : er;
         const ACC q = x >= 0 ? er : r; /* 1 - p */
