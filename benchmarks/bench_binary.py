@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -76,13 +77,15 @@ def peak_cpu_bytes(fn: Callable[[], None]) -> int:
 
 
 def interleaved_ms(fns: list[Callable[[], None]], repeats: int, warmup: int = 2) -> list[float]:
-    """Median wall time (ms) of each function, the functions alternating run by run."""
+    """Median wall time (ms) of each function, the functions interleaved run by run (shuffled)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
+    order = random.Random(0)
     for _ in range(repeats):
-        for k, fn in enumerate(fns):
+        # a new order each round: no implementation always follows the same one
+        for k, fn in order.sample(list(enumerate(fns)), len(fns)):
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -153,8 +156,9 @@ def main() -> None:
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, native kernels: {native.describe()}, "
         f"torch {torch.__version__}. alpha={ALPHA}, gamma={GAMMA}, reduction mean, ~2% positives. "
-        f"Median of {args.repeats} runs after 2 warm-ups, the two implementations alternating "
-        "run by run so that any background load hits both alike (the ratio is the figure to read). Peak "
+        f"Median of {args.repeats} runs after 2 warm-ups, the implementations interleaved "
+        "run by run in a shuffled order so that any background load hits them alike (the ratio "
+        "is the figure to read). Peak "
         "memory: extra CPU bytes during one forward+backward (inputs excluded, the logits' "
         "gradient included), from the profiler's allocation/free events summed in time order "
         f"(the method reads exactly N*C*4 = {N * C * 4 / 2**20:.1f} MiB for a lone "

@@ -16,6 +16,7 @@ Usage: python benchmarks/bench_softmax.py [--N 2048] [--C 32000] [--repeats 9]
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 
 import torch
@@ -47,7 +48,7 @@ def main() -> None:
         "crossent CE bf16": (x16, lambda x: crossent.cross_entropy(x, y)),
         "crossent focal bf16": (x16, lambda x: crossent.cross_entropy(x, y, gamma=2.0)),
     }
-    # Interleave the cases round by round, so that slow phases of the machine hit all alike.
+    # Interleave the cases round by round (shuffled), so that slow phases hit all alike.
     steps = {}
     for name, (x, fn) in cases.items():
         def step(x=x, fn=fn) -> None:
@@ -57,8 +58,11 @@ def main() -> None:
         steps[name] = step
         step()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in cases}
+    order = random.Random(0)
     for _ in range(args.repeats):
-        for name, step in steps.items():
+        # a new order each round: no case always follows the same one (F.cross_entropy frees
+        # 750 MiB, which can slow the next case down)
+        for name, step in order.sample(list(steps.items()), len(steps)):
             times[name].append(time_median(step, "cpu", repeats=1, warmup=0))
     rows = {
         name: (statistics.median(times[name]), peak_extra_memory(step, "cpu"))

@@ -8,6 +8,7 @@ Usage: python benchmarks/bench_spatial.py [--shapes 16x21x128x128,8x150x64x64] [
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 
 import torch
@@ -42,8 +43,9 @@ def run_shape(text: str, repeats: int) -> None:
         steps[name] = step
         step()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in cases}
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, step in steps.items():
+        for name, step in order.sample(list(steps.items()), len(steps)):  # a new order each round
             times[name].append(time_median(step, "cpu", repeats=1, warmup=0))
     base = statistics.median(times["F.cross_entropy (eager)"])
     for name, step in steps.items():

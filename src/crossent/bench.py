@@ -23,6 +23,7 @@ import ctypes
 import gc
 import json
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -196,8 +197,9 @@ def run_shape(
 ) -> list[BenchResult]:
     """Time every (provider, variant, dtype) case of one shape, interleaved round by round.
 
-    Each round times every case once (forward only, then forward+backward), so slow phases of
-    the machine hit all cases alike and the ratios between rows are measured in the same run.
+    Each round times every case once (forward only, then forward+backward), in a shuffled order,
+    so slow phases of the machine hit all cases alike and the ratios between rows are measured in
+    the same run.
     Inputs are shared per dtype; the copy floor is timed once per dtype.
     """
     gen = torch.Generator(device=device).manual_seed(0)
@@ -228,8 +230,11 @@ def run_shape(
             fwd()
             fwd_bwd()
     times: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {k: ([], []) for k, _, _ in steps}
+    order = random.Random(0)
     for _ in range(repeats):
-        for key, fwd, fwd_bwd in steps:
+        # a new order each round: no case always follows the same one (a case that frees
+        # hundreds of MiB can slow the next one down)
+        for key, fwd, fwd_bwd in order.sample(steps, len(steps)):
             times[key][0].append(time_median(fwd, device, repeats=1, warmup=0))
             times[key][1].append(time_median(fwd_bwd, device, repeats=1, warmup=0))
     copy_ms = {}
