@@ -420,3 +420,23 @@ def test_native_equals_torch_path_binary(problem):
     a = _grad(fn, x, t, backend="native", grad_output=go, **kw)
     b = _grad(fn, x, t, backend="torch", grad_output=go, **kw)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_library_that_fails_to_load_gives_way_to_the_next_flags(tmp_path, monkeypatch):
+    """Say -fopenmp builds but its runtime is missing at load time: the next flag set is built
+    and loaded instead."""
+    monkeypatch.setenv("CROSSENT_CACHE_DIR", str(tmp_path))
+    real_cdll = native.ctypes.CDLL
+    attempts = []
+
+    def cdll(path, *args, **kwargs):
+        attempts.append(path)
+        if len(attempts) == 1:
+            raise OSError("libgomp.so.1: cannot open shared object file")
+        return real_cdll(path, *args, **kwargs)
+
+    monkeypatch.setattr(native.ctypes, "CDLL", cdll)
+    lib = native._load()
+    assert len(attempts) == 2 and attempts[0] != attempts[1]
+    assert lib.ce_has_f16() in (0, 1)
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 2

@@ -144,39 +144,45 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> Path:
-    """Compile _kernels.c into the cache (once per source, compiler and CPU); return its path."""
+def _load() -> ctypes.CDLL:
+    """Build (once per source, compiler, flags and CPU, into the cache) and load the library.
+
+    The flag sets of ``_ARCH_FLAGS`` are tried in order; a set whose build fails, or whose
+    library fails to load (say, an OpenMP runtime that is not there), gives way to the next.
+    """
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set $CC, or install gcc or clang)")
     here = Path(__file__).parent
-    digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((here / name).read_bytes())
-    digest.update("\0".join((cc, *_FLAGS, *sum(_ARCH_FLAGS, ()), platform.machine(), _cpu_flags())).encode())
-    out = _cache_dir() / f"kernels-{digest.hexdigest()[:20]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    sources = b"".join((here / name).read_bytes() for name in _SOURCES)
+    cache = _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
     errors = []
     for arch in _ARCH_FLAGS:
-        # a private temporary name, then an atomic rename: concurrent builds (pytest -n) are safe
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cc, *arch, *_FLAGS, "-o", tmp, str(here / "_kernels.c")]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if res.returncode == 0:
+        key = "\0".join((cc, *arch, *_FLAGS, platform.machine(), _cpu_flags())).encode()
+        out = cache / f"kernels-{hashlib.sha256(sources + key).hexdigest()[:20]}.so"
+        if not out.exists():
+            # a private temporary name, then an atomic rename: concurrent builds (pytest -n) are safe
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            os.close(fd)
+            cmd = [cc, *arch, *_FLAGS, "-o", tmp, str(here / "_kernels.c")]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if res.returncode != 0:
+                os.unlink(tmp)
+                errors.append(f"{' '.join(cmd)}\n{res.stderr.strip()[-2000:]}")
+                continue
             os.replace(tmp, out)
-            return out
-        os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}\n{res.stderr.strip()[-2000:]}")
+        try:
+            return ctypes.CDLL(str(out))
+        except OSError as err:
+            errors.append(f"loading {out}: {err}")
     raise OSError("building the native kernels failed:\n" + "\n".join(errors))
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = _load()
     except (OSError, subprocess.SubprocessError) as err:
         warnings.warn(
             f"crossent: the native CPU kernels are unavailable ({err}); using the torch-op path, "
