@@ -2,7 +2,7 @@
  *
  * Built on first use by crossent/_cpu/_native.py with the system C compiler
  * (cc -O3 -march=native -fopenmp -shared -fPIC) and loaded with ctypes; no Python or torch
- * headers, so the build takes about a second. The Python side passes raw pointers of
+ * headers, so the build takes 2-3 seconds. The Python side passes raw pointers of
  * contiguous tensors and a struct of options; every formula here is the one of the torch path
  * (crossent/_cpu/softmax.py, crossent/_cpu/binary.py) and of crossent.reference, and the tests
  * run both paths against the reference.
@@ -303,7 +303,7 @@ static void count_work(void *ctx, int64_t b, int64_t e, int tid) {
     a->partial[tid] = c;
 }
 
-CE_API int64_t ce_count_ne(const void *t, int32_t t_dtype, int64_t n, double value, int32_t n_threads) {
+static int64_t ce_count_ne(const void *t, int32_t t_dtype, int64_t n, double value, int32_t n_threads) {
     int64_t partial[MAX_THREADS] = {0};
     count_args a = {t, t_dtype, value, partial};
     int threads = n < (1 << 16) ? 1 : n_threads;

@@ -652,14 +652,13 @@ ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const
                                const ACC *restrict wp, const ACC *restrict pwp, ACC *restrict lp,
                                ACC *restrict gp, const int FOCAL, const int CLIP, const int GRAD) {
     /* FOCAL: 0 none, 1 gamma_pos = gamma_neg = 2 (a square), 2 general (exp(gamma log)) */
-    const ACC eps = (ACC)a->eps, keep = (ACC)(1.0 - a->eps), half = (ACC)(a->eps / 2.0);
+    const ACC keep = (ACC)(1.0 - a->eps), half = (ACC)(a->eps / 2.0);
     const ACC gpos = (ACC)a->gamma_pos, gneg = (ACC)a->gamma_neg, c = (ACC)a->clip;
     /* alpha_t = alpha t + (1 - alpha)(1 - t) = a0 + a1 t; 1 when alpha is off */
     const ACC a0 = a->alpha >= 0 ? (ACC)(1.0 - a->alpha) : (ACC)1;
     const ACC a1 = a->alpha >= 0 ? (ACC)(2.0 * a->alpha - 1.0) : (ACC)0;
     /* no ignore_index: NaN, which no target equals */
     const ACC ign = a->has_ignore ? (ACC)a->ignore_value : (ACC)NAN;
-    (void)eps;
     for (int64_t k = 0; k < L; ++k) {
         const ACC x = xp[k], t0 = tp[k];
         const int valid = !(t0 == ign);

@@ -11,7 +11,7 @@ Build: the first call compiles ``_kernels.c`` with the system C compiler (``$CC`
 ``gcc`` or ``clang``) as ``-O3 -march=native`` into a shared library cached under
 ``$CROSSENT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/crossent``, else ``~/.cache/crossent``),
 keyed by the source, the compiler, its flags and the CPU's feature flags; it needs no Python or
-torch headers and takes about two seconds. Built with ``-fopenmp``, its threads are those of
+torch headers and takes 2-3 seconds. Built with ``-fopenmp``, its threads are those of
 the OpenMP runtime torch already loaded (see ``parallel_for`` in ``_kernels.c``); without
 OpenMP it starts pthreads. Set ``CROSSENT_NATIVE=0`` to turn it off. Without a compiler (or
 when the build fails, with one warning) every call takes the torch-op path, which computes the
@@ -193,10 +193,6 @@ def _library() -> ctypes.CDLL | None:
         return None
     for name in ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64"):
         getattr(lib, name).restype = ctypes.c_int
-    lib.ce_count_ne.restype = ctypes.c_int64
-    lib.ce_count_ne.argtypes = [
-        ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_double, ctypes.c_int32,
-    ]
     lib.ce_has_f16.restype = ctypes.c_int
     lib.ce_openmp.restype = ctypes.c_int
     return lib
@@ -319,13 +315,12 @@ def softmax_cross_entropy(
         grad = x if inplace_backward else empty_hugepage(*x.shape, dtype=x.dtype)
     losses = torch.empty(R, dtype=acc) if reduction == "none" else None
     w = weight if weight is None or weight.is_contiguous() else weight.contiguous()
-    N = R
     args = _SoftmaxArgs(
         n_rows=R, n_cols=C, spatial=S if x.ndim > 2 else 0,
         x_row_stride=x.stride(0) if R and x.ndim == 2 else C,
         g_row_stride=grad.stride(0) if grad is not None and R and x.ndim == 2 else C,
         x=x.data_ptr(), grad=_ptr(grad), y=_ptr(y),
-        t=None if index else t.data_ptr(), t_row_stride=0 if index or not N else t.stride(0),
+        t=None if index else t.data_ptr(), t_row_stride=0 if index or not R else t.stride(0),
         w=_ptr(w), gamma_rows=None, loss=_ptr(losses), ell=None,
         x_dtype=_DT[x.dtype], g_dtype=_DT[x.dtype], ignore_index=opts.ignore_index,
         w_sum=float(C) if w is None else float(w.sum()),
@@ -336,14 +331,14 @@ def softmax_cross_entropy(
     )
     kernel = getattr(_library(), f"ce_softmax_{_suffix(acc)}")
     gamma_rows = None
-    if callable(opts.gamma) and N:
+    if callable(opts.gamma) and R:
         # A schedule needs every row's q_y before its gradient: a first, forward-only pass.
-        ell = torch.empty(N, dtype=acc)
+        ell = torch.empty(R, dtype=acc)
         first = _SoftmaxArgs.from_buffer_copy(args)
         first.grad, first.ell, first.gamma = None, ell.data_ptr(), 0.0
         _check(kernel(ctypes.byref(first)))
         gamma_rows = _gamma_for_rows(opts, torch.exp(-ell).unsqueeze(1))
-        gamma_rows = torch.as_tensor(gamma_rows, dtype=acc).reshape(-1).expand(N).contiguous()
+        gamma_rows = torch.as_tensor(gamma_rows, dtype=acc).reshape(-1).expand(R).contiguous()
         args.gamma_rows = gamma_rows.data_ptr()
     _check(kernel(ctypes.byref(args)))
 
