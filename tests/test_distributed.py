@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -413,8 +414,16 @@ def _worker(rank: int, world: int, init_method: str) -> None:
         _check_linear(rank, world)
         _check_ddp(rank, world)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise  # mp.spawn reports the failure
+    # Every rank has passed every check and the barrier. Tearing gloo down at this point aborted
+    # about 1 run in 12 ("terminate called without an active exception" from a C++ thread
+    # destructor, with or without crossent's native kernels). The checks are done, so leave
+    # without running the teardown; the OS closes the sockets.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("world", [2, 3])
