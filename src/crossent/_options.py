@@ -13,6 +13,18 @@ Backend = Literal["auto", "native", "torch", "triton"]
 GammaSchedule = Callable[[torch.Tensor], "torch.Tensor | float"]
 
 
+@dataclass(frozen=True, eq=False)
+class RowGamma:
+    """A focal schedule already evaluated: one focusing parameter per row, (R,) in the
+    accumulation dtype. The registered operator (:mod:`crossent._ops`) takes the schedule's
+    values, not the callable; kernels read ``rows`` instead of calling a schedule."""
+
+    rows: torch.Tensor
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        return self.rows
+
+
 @dataclass(frozen=True)
 class SoftmaxOptions:
     """Validated hyper-parameters of the one softmax formulation (see :func:`crossent.cross_entropy`).

@@ -69,6 +69,7 @@ from torch import Tensor
 from crossent import functional as _functional
 from crossent._cpu.linear import _CUDA_BUDGET_MIN, LinearCrossEntropyFunction, chunk_rows
 from crossent._cpu.softmax import _gamma_for_rows, focal_terms
+from crossent._ops import scale_saved_grad
 from crossent._options import GammaSchedule, Reduction, SoftmaxOptions
 from crossent.functional import (
     check_class_target,
@@ -77,7 +78,6 @@ from crossent.functional import (
     cross_entropy,
     make_softmax_options,
     prepare_weight,
-    scale_saved_grad,
 )
 
 __all__ = [

@@ -9,17 +9,19 @@ See :func:`cross_entropy` for the math.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from crossent import _ops
 from crossent._cpu import native as _native
-from crossent._cpu.binary import binary_cross_entropy as _torch_binary_ce
-from crossent._cpu.softmax import softmax_cross_entropy as _torch_softmax_ce
+from crossent._cpu.softmax import _gamma_for_rows
 from crossent._options import (
     Backend,
     BinaryOptions,
@@ -206,7 +208,7 @@ def _pick_backend(logits: Tensor, backend: Backend) -> str:
         return "triton"
     if triton_ok:
         return "triton"
-    if logits.device.type == "cpu" and not _compiling() and _native.available():
+    if logits.device.type == "cpu" and _native.available():
         return "native"
     return "torch"
 
@@ -225,87 +227,58 @@ def _native_covers(chosen: str, backend: Backend, supported: bool) -> str:
     return "torch"
 
 
-def _softmax_kernel(backend: str):
-    if backend == "native":
-        return _native.softmax_cross_entropy
-    if backend == "triton":
-        from crossent._triton.softmax import softmax_cross_entropy as triton_softmax_ce
-
-        return triton_softmax_ce
-    return _torch_softmax_ce
-
-
-class _SoftmaxCrossEntropyFunction(torch.autograd.Function):
-    """One autograd node for the whole softmax family.
-
-    The forward pass computes the loss and, while each row is in cache, the gradient of the
-    loss w.r.t. the logits (the only N x C buffer). The backward pass only scales it by
-    ``grad_output``, in place.
-    """
+class _InplaceSoftmaxFunction(torch.autograd.Function):
+    """``inplace_backward=True`` in eager mode: the gradient is written into the logits' own
+    storage, which a registered operator may not return. The write bumps the logits' version
+    counter, so an op that saved them for its backward raises instead of using the gradient
+    as its input."""
 
     @staticmethod
     def forward(
-        ctx: Any,
-        logits: Tensor,
-        target: Tensor,
-        weight: Tensor | None,
-        opts: SoftmaxOptions,
-        reduction: Reduction,
-        inplace_backward: bool,
-        backend: str,
-        grad_wanted: bool,
+        ctx: Any, logits: Tensor, target: Tensor, weight: Tensor | None, opts: SoftmaxOptions,
+        reduction: Reduction, backend: str,
     ) -> Tensor:
-        # needs_input_grad stays True under torch.no_grad(), so the caller passes the grad mode
-        # it saw: an inference call then skips the gradient work.
-        need_grad = ctx.needs_input_grad[0] and grad_wanted
-        loss, grad = _softmax_kernel(backend)(
-            logits, target, weight, opts, reduction, need_grad, inplace_backward
+        loss, grad = _ops._softmax_kernel(_ops._softmax_backend(backend, logits, target, opts))(
+            logits, target, weight, opts, reduction, True, True
         )
-        ctx.reduction = reduction
-        ctx.class_dim_last = logits.ndim == 1
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        torch.autograd.graph.increment_version(logits)  # kernels write through raw pointers
+        ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(ctx, grad, grad_output), None, None, None, None, None, None, None
+        return _ops.scale_saved_grad(ctx, grad, grad_output), None, None, None, None, None
 
 
-def scale_saved_grad(ctx: Any, grad: Tensor, grad_output: Tensor) -> Tensor:
-    """Multiply the gradient saved by a fused forward by ``grad_output``.
+def _functorch_active(logits: Tensor) -> bool:
+    """Whether ``logits`` is wrapped by a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
+    if _compiling():  # torch.compile traces the operator; it handles its own transforms
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(logits)
 
-    For a reduced (scalar) loss the saved buffer is scaled in place and returned as the input's
-    gradient, so forward+backward holds one N x C buffer; ``ctx.applied`` remembers the factor
-    already applied, so a second backward through the same graph (``retain_graph=True``) rescales
-    by the ratio and stays exact. A ``grad_output`` of exactly 1 (the usual ``loss.backward()``)
-    costs nothing on the CPU. A per-sample ``grad_output`` (reduction "none") may hold zeros that
-    cannot be undone, so it gets a new buffer and the saved one stays intact.
-    """
-    go = grad_output.to(grad.dtype)
-    if grad_output.ndim:  # per-sample grad_output of reduction="none"
-        return grad * (go.unsqueeze(1) if grad.ndim >= 2 else go)
-    if _compiling():
-        return grad * go  # the compiler plans its own buffers
-    applied = getattr(ctx, "applied", None)
-    if applied is None:
-        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
-            return grad
-        factor = go
-    else:
-        if bool(applied == 0):
-            raise RuntimeError(
-                "crossent: a second backward through a loss whose first backward had "
-                "grad_output 0 is not supported; recompute the loss"
-            )
-        factor = go / applied
-    # .data: an in-place update of the saved buffer that autograd's version counter does not
-    # see; correctness on re-entry is kept by ctx.applied instead.
-    grad.data.mul_(factor)
-    ctx.applied = go.clone()
-    return grad
+
+@contextlib.contextmanager
+def _functorch_error(option: str) -> Iterator[None]:
+    """Turn PyTorch's error for an operator without a functorch rule into one naming ``option``."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "functorch transforms" not in str(err):
+            raise
+        raise RuntimeError(
+            f"crossent: torch.func.grad/vjp/jacrev/hessian are implemented for cross-entropy "
+            f"with label_smoothing, weight, ignore_index and z_loss (and the sigmoid family "
+            f"without gamma and clip); this loss uses {option}. Use loss.backward() or "
+            f"torch.autograd.grad, which support every option."
+        ) from None
+
+
+def _schedule_rows(logits: Tensor, target: Tensor, opts: SoftmaxOptions, backend: str) -> Tensor:
+    """A focal schedule evaluated per row, on the true-class probabilities (detached)."""
+    p = torch.ops.crossent.true_class_prob(logits, target, opts.ignore_index, opts.softcap, backend)
+    return _gamma_for_rows(opts, p.unsqueeze(1)).reshape(-1)
 
 
 def cross_entropy(
@@ -424,10 +397,29 @@ def cross_entropy(
     chosen = _native_covers(
         chosen, backend, chosen != "native" or _native.supports_softmax(logits, target, opts)
     )
-    grad_wanted = torch.is_grad_enabled() and logits.requires_grad
-    return _SoftmaxCrossEntropyFunction.apply(
-        logits, target, w, opts, reduction, bool(inplace_backward), chosen, grad_wanted
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace_backward and need_grad and not _compiling():
+        return _InplaceSoftmaxFunction.apply(logits, target, w, opts, reduction, chosen)
+    if _functorch_active(logits):
+        # torch.func transforms (grad, vjp, jacrev, hessian, vmap) need a composite of torch ops
+        if _ops.composite_unsupported(opts) is None:
+            return _ops.softmax_loss_graph(logits, target, w, opts, reduction)
+        with _functorch_error(_ops.composite_unsupported(opts)):
+            return _softmax_op(logits, target, w, opts, reduction, need_grad, chosen)
+    return _softmax_op(logits, target, w, opts, reduction, need_grad, chosen)
+
+
+def _softmax_op(
+    logits: Tensor, target: Tensor, w: Tensor | None, opts: SoftmaxOptions, reduction: Reduction,
+    need_grad: bool, chosen: str,
+) -> Tensor:
+    gamma_rows = _schedule_rows(logits, target, opts, chosen) if callable(opts.gamma) else None
+    loss, _ = torch.ops.crossent.softmax_ce(
+        logits, target, w, gamma_rows, opts.ignore_index, opts.label_smoothing,
+        0.0 if gamma_rows is not None else float(opts.gamma), opts.z_loss, opts.softcap,
+        opts.confidence_penalty, opts.poly1, reduction, need_grad, chosen,
     )
+    return loss
 
 
 def focal_loss(
@@ -568,62 +560,6 @@ def prepare_binary_weight(name: str, weight: Any, logits: Tensor, hint: str = ""
     return weight.detach().to(device=logits.device, dtype=acc)
 
 
-def _binary_kernel(backend: str):
-    if backend == "native":
-        return _native.binary_cross_entropy
-    if backend == "triton":
-        try:
-            from crossent._triton.binary import binary_cross_entropy as triton_binary_ce
-        except ModuleNotFoundError as err:
-            if err.name != "crossent._triton.binary":
-                raise
-        else:
-            return triton_binary_ce
-    return _torch_binary_ce  # also the fallback until the Triton kernel exists
-
-
-class _BinaryCrossEntropyFunction(torch.autograd.Function):
-    """One autograd node for the whole sigmoid family.
-
-    The forward pass computes the loss and, block by block while the logits are in cache, its
-    gradient (the only logits-sized buffer); the backward pass only scales it.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        logits: Tensor,
-        target: Tensor,
-        weight: Tensor | None,
-        pos_weight: Tensor | None,
-        opts: BinaryOptions,
-        reduction: Reduction,
-        backend: str,
-        grad_wanted: bool,
-    ) -> Tensor:
-        # needs_input_grad stays True under torch.no_grad(): the caller passes its grad mode.
-        need_grad = ctx.needs_input_grad[0] and grad_wanted
-        loss, grad = _binary_kernel(backend)(
-            logits, target, weight, pos_weight, opts, reduction, need_grad
-        )
-        ctx.reduction = reduction
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            # grad_output has the logits' shape (the loss is per element): a new buffer, so the
-            # saved gradient stays intact for a second backward.
-            g = grad * grad_output.to(grad.dtype)
-        else:
-            g = scale_saved_grad(ctx, grad, grad_output)
-        return g, None, None, None, None, None, None, None
-
-
 def _binary_loss(
     logits: Tensor,
     target: Tensor,
@@ -645,8 +581,16 @@ def _binary_loss(
     chosen = _native_covers(
         chosen, backend, chosen != "native" or _native.supports_binary(logits, target, w, pw)
     )
-    grad_wanted = torch.is_grad_enabled() and logits.requires_grad
-    return _BinaryCrossEntropyFunction.apply(logits, target, w, pw, opts, reduction, chosen, grad_wanted)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    if _functorch_active(logits) and not (opts.focal or opts.clip):
+        return _ops.binary_loss_graph(logits, target, w, pw, opts, reduction)
+    with _functorch_error("gamma" if opts.focal else "clip"):
+        loss, _ = torch.ops.crossent.binary_ce(
+        logits, target, w, pw, opts.label_smoothing, opts.gamma_pos, opts.gamma_neg, opts.alpha,
+            opts.clip, None if opts.ignore_index is None else float(opts.ignore_index), reduction,
+            need_grad, chosen,
+        )
+    return loss
 
 
 def binary_cross_entropy(
@@ -900,6 +844,25 @@ def linear_cross_entropy(
     """
     check_logits(hidden, "hidden")
     check_logits(weight, "weight")
+    dev_type = hidden.device.type
+    if torch.is_autocast_enabled(dev_type):
+        # As autocast treats ``hidden @ weight.T + bias``: float32 inputs are cast to the
+        # autocast dtype (casts that autograd differentiates, so each gradient comes back in its
+        # input's dtype); the matmuls accumulate in fp32 and the loss is fp32, as without it.
+        low = torch.get_autocast_dtype(dev_type)
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return t.to(low) if t is not None and t.dtype == torch.float32 else t
+
+        with torch.autocast(dev_type, enabled=False):
+            return linear_cross_entropy(
+                cast(hidden), cast(weight), target, bias=cast(bias), class_weight=class_weight,
+                ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
+                z_loss=z_loss, softcap=softcap, confidence_penalty=confidence_penalty,
+                poly1=poly1, reduction=reduction, chunk_size=chunk_size,
+                weight_grad_dtype=weight_grad_dtype, grad_filter_eps=grad_filter_eps,
+                backend=backend,
+            )
     check_reduction(reduction)
     opts = make_softmax_options(
         ignore_index=ignore_index,

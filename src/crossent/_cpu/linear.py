@@ -288,7 +288,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        from crossent.functional import scale_saved_grad
+        from crossent._ops import scale_saved_grad
 
         hidden, weight, bias, target, class_weight, scale, rows = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from crossent._cpu._memory import empty_hugepage
-from crossent._options import BinaryOptions, Reduction, SoftmaxOptions
+from crossent._options import BinaryOptions, Reduction, RowGamma, SoftmaxOptions
 
 __all__ = [
     "available",
@@ -60,6 +60,7 @@ __all__ = [
     "softmax_cross_entropy",
     "supports_binary",
     "supports_softmax",
+    "true_class_prob",
 ]
 
 _SOURCES = ("_kernels.c", "_kernels_body.h")
@@ -198,6 +199,9 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+# Under torch.compile these two are evaluated once while tracing, not traced: the kernels run
+# inside the registered operators (crossent._ops), which check again on the real tensors.
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """True when the native kernels are enabled and built (building them on the first call)."""
     return _enabled and _library() is not None
@@ -234,7 +238,12 @@ def disabled() -> Iterator[None]:
 def _dtype_ok(dtype: torch.dtype) -> bool:
     if dtype in (torch.float32, torch.float64, torch.bfloat16):
         return True
-    return dtype == torch.float16 and bool(_library().ce_has_f16())
+    return dtype == torch.float16 and _has_f16()
+
+
+@torch.compiler.assume_constant_result
+def _has_f16() -> bool:
+    return bool(_library().ce_has_f16())
 
 
 def _threads() -> int:
@@ -264,9 +273,7 @@ def _check(status: int) -> None:
 
 def supports_softmax(logits: Tensor, target: Tensor, opts: SoftmaxOptions) -> bool:
     """Whether :func:`softmax_cross_entropy` covers this call (else the torch-op path runs)."""
-    if not (_enabled and logits.device.type == "cpu") or torch.compiler.is_compiling():
-        return False
-    if _library() is None or not _dtype_ok(logits.dtype):
+    if logits.device.type != "cpu" or not available() or not _dtype_ok(logits.dtype):
         return False
     if logits.ndim > 2:  # (N, C, d1, ...): contiguous, index targets
         if not logits.is_contiguous() or target.is_floating_point():
@@ -331,13 +338,13 @@ def softmax_cross_entropy(
     )
     kernel = getattr(_library(), f"ce_softmax_{_suffix(acc)}")
     gamma_rows = None
-    if callable(opts.gamma) and R:
+    if isinstance(opts.gamma, RowGamma):
+        gamma_rows = opts.gamma.rows.to(acc).reshape(-1).expand(R).contiguous()
+        args.gamma_rows = gamma_rows.data_ptr()
+    elif callable(opts.gamma) and R:
         # A schedule needs every row's q_y before its gradient: a first, forward-only pass.
-        ell = torch.empty(R, dtype=acc)
-        first = _SoftmaxArgs.from_buffer_copy(args)
-        first.grad, first.ell, first.gamma = None, ell.data_ptr(), 0.0
-        _check(kernel(ctypes.byref(first)))
-        gamma_rows = _gamma_for_rows(opts, torch.exp(-ell).unsqueeze(1))
+        p = _true_class_prob(kernel, args, R, acc)
+        gamma_rows = _gamma_for_rows(opts, p.unsqueeze(1))
         gamma_rows = torch.as_tensor(gamma_rows, dtype=acc).reshape(-1).expand(R).contiguous()
         args.gamma_rows = gamma_rows.data_ptr()
     _check(kernel(ctypes.byref(args)))
@@ -349,6 +356,46 @@ def softmax_cross_entropy(
     if grad is not None and squeeze:
         grad = grad.squeeze(0)
     return loss, grad
+
+
+def _true_class_prob(kernel: ctypes._CFuncPtr, args: _SoftmaxArgs, R: int, acc: torch.dtype) -> Tensor:
+    """q_y (or sum_k t_k q_k) per row: the kernel's forward-only pass with ``ell`` set writes
+    -log of it."""
+    ell = torch.empty(R, dtype=acc)
+    first = _SoftmaxArgs.from_buffer_copy(args)
+    first.grad, first.ell, first.gamma, first.gamma_rows = None, ell.data_ptr(), 0.0, None
+    _check(kernel(ctypes.byref(first)))
+    return ell.neg_().exp_()
+
+
+def true_class_prob(logits: Tensor, target: Tensor, opts: SoftmaxOptions) -> Tensor:
+    """The probability a focal schedule is evaluated at, per row (see
+    :func:`crossent._ops.true_class_prob`), by the kernel's forward-only pass."""
+    plain = SoftmaxOptions(ignore_index=opts.ignore_index, softcap=opts.softcap)
+    acc = _acc(logits.dtype)
+    squeeze = logits.ndim == 1
+    x = logits.unsqueeze(0) if squeeze else logits
+    index = not target.is_floating_point()
+    t = target.reshape(1, -1) if squeeze and not index else target
+    y = target.reshape(-1).contiguous() if index else None
+    C = x.shape[1]
+    S = 1
+    for d in x.shape[2:]:
+        S *= d
+    R = x.shape[0] * S
+    if R == 0:
+        return torch.empty(0, dtype=acc)
+    args = _SoftmaxArgs(
+        n_rows=R, n_cols=C, spatial=S if x.ndim > 2 else 0,
+        x_row_stride=x.stride(0) if x.ndim == 2 else C, g_row_stride=C,
+        x=x.data_ptr(), grad=None, y=_ptr(y),
+        t=None if index else t.data_ptr(), t_row_stride=0 if index else t.stride(0),
+        w=None, gamma_rows=None, loss=None, ell=None,
+        x_dtype=_DT[x.dtype], g_dtype=_DT[x.dtype], ignore_index=plain.ignore_index,
+        w_sum=float(C), eps=0.0, gamma=0.0, z_loss=0.0, softcap=float(plain.softcap or 0.0),
+        conf=0.0, poly1=0.0, scale=1.0, n_threads=_threads(), mean=0,
+    )
+    return _true_class_prob(getattr(_library(), f"ce_softmax_{_suffix(acc)}"), args, R, acc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,9 +429,7 @@ def supports_binary(
     logits: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None
 ) -> bool:
     """Whether :func:`binary_cross_entropy` covers this call (else the torch-op path runs)."""
-    if not (_enabled and logits.device.type == "cpu") or torch.compiler.is_compiling():
-        return False
-    if _library() is None or not _dtype_ok(logits.dtype):
+    if logits.device.type != "cpu" or not available() or not _dtype_ok(logits.dtype):
         return False
     if not (logits.is_contiguous() and target.is_contiguous()):
         return False

@@ -21,12 +21,13 @@ the common cases (plain CE, focal, smoothing) cost one pass over the block in ca
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from crossent._cpu._memory import empty_hugepage
-from crossent._options import Reduction, SoftmaxOptions
+from crossent._options import Reduction, RowGamma, SoftmaxOptions
 
 __all__ = ["BLOCK_ELEMENTS", "focal_terms", "softmax_cross_entropy", "softmax_rows"]
 
@@ -72,6 +73,8 @@ def _gamma_for_rows(opts: SoftmaxOptions, p_true: Tensor) -> Tensor | float:
     """The focusing parameter per row: a float, or the schedule applied to p (shape (R, 1))."""
     if not callable(opts.gamma):
         return float(opts.gamma)
+    if isinstance(opts.gamma, RowGamma):  # evaluated before the operator; validated there
+        return opts.gamma.rows.reshape(-1, 1).to(p_true.dtype)
     g = opts.gamma(p_true.detach().reshape(-1))
     g = torch.as_tensor(g, dtype=p_true.dtype, device=p_true.device)
     if g.numel() == 1:
@@ -392,6 +395,13 @@ LINEAR_BLOCK_ELEMENTS = 1 << 19
 FOCAL_BLOCK_ELEMENTS = 1 << 21
 
 
+def rows_of(opts: SoftmaxOptions, r0: int, r1: int) -> SoftmaxOptions:
+    """``opts`` for rows [r0, r1) of a call: a per-row gamma is sliced to the block."""
+    if isinstance(opts.gamma, RowGamma):
+        return replace(opts, gamma=RowGamma(opts.gamma.rows[r0:r1]))
+    return opts
+
+
 def _linear_coefficient_rows(
     logits: Tensor,
     rows: tuple[Tensor, Tensor, Tensor],
@@ -456,7 +466,8 @@ def _linear_coefficient_rows(
             # factor and kappa are 1 to working precision, so clamping -log q_y is harmless
             # here (the loss below uses the exact value).
             qb = q_y[n0:n1]
-            factor, kappa = focal_terms(torch.log(qb.clamp_min(_Q_TINY)).neg_(), _gamma_for_rows(opts, qb))
+            gam = _gamma_for_rows(rows_of(opts, n0, n1), qb)
+            factor, kappa = focal_terms(torch.log(qb.clamp_min(_Q_TINY)).neg_(), gam)
             factor_y[n0:n1] = factor
             q.mul_(factor.mul_(kappa).mul_(rowc_s[n0:n1]))
         else:
@@ -564,7 +575,7 @@ def softmax_cross_entropy(
             xb, tb = logits[n0:n1], target[n0:n1]
             gb = grad_buf[n0:n1] if grad_buf is not None else None
         losses[n0 * per_n : n1 * per_n] = softmax_rows(
-            xb, tb, weight, opts, gb, scale, scratch,
+            xb, tb, weight, rows_of(opts, n0 * per_n, n1 * per_n), gb, scale, scratch,
             None if all_rows is None else tuple(r[n0 * per_n : n1 * per_n] for r in all_rows),
         )
 

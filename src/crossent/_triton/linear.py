@@ -76,7 +76,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64 indices: rows * stride and cols * stride pass 2^31 once N*D or V*D does
+        rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         y = tl.load(Y + rows, mask=rmask, other=0)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -84,7 +85,7 @@ if triton is not None:
         zy = tl.zeros((BLOCK_M,), tl.float32)
         wz = tl.zeros((BLOCK_M,), tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             cmask = cols < V
             acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -128,9 +129,10 @@ if triton is not None:
     ):
         pid_m = tl.program_id(0)
         pid_v = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64 indices: rows * stride and cols * stride pass 2^31 once N*D or V*D does
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
         acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
         for d0 in range(0, D, BLOCK_D):

@@ -71,7 +71,7 @@ from torch import Tensor
 
 from crossent._cpu.softmax import _denominator, _gamma_for_rows
 from crossent._cpu.softmax import softmax_cross_entropy as _torch_softmax_ce
-from crossent._options import Reduction, SoftmaxOptions
+from crossent._options import Reduction, RowGamma, SoftmaxOptions
 from crossent._triton._common import expm1, next_pow2, tanh
 
 __all__ = ["launch_config", "softmax_cross_entropy"]
@@ -579,7 +579,9 @@ def softmax_cross_entropy(
     focal = opts.focal
 
     gamma_arg = None
-    if schedule:
+    if isinstance(opts.gamma, RowGamma):
+        gamma_arg = opts.gamma.rows.to(device=dev, dtype=torch.float32).reshape(-1).contiguous()
+    elif schedule:
         p_true = torch.empty(R, dtype=torch.float32, device=dev)
         _softmax_ptrue_kernel[grid](
             x3, *_strides(x3), t_arg, *t_strides, p_true, R, C, S, opts.ignore_index,

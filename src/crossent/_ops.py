@@ -1,0 +1,465 @@
+r"""The fused kernels as registered PyTorch operators (``torch.library.custom_op``).
+
+Each loss family is one operator, ``crossent::softmax_ce`` and ``crossent::binary_ce``, with a
+fake (meta) implementation and a registered autograd formula. That makes a crossent loss look
+like a built-in to everything that inspects PyTorch programs:
+
+- ``torch.compile`` (``fullgraph=True`` included) traces the operator as one node and calls
+  the native C kernel (CPU) or the Triton kernel (CUDA) inside the compiled graph;
+- ``torch.export`` records it by name (``torch.ops.crossent.softmax_ce``);
+- autograd sees an ordinary node: the version counter of every input is checked, and double
+  backward goes through :func:`softmax_loss_graph` / :func:`binary_loss_graph` or raises.
+
+The forward of each operator returns the loss and, when asked, the gradient of that loss w.r.t.
+the logits, computed in the same pass (the fused design: one read of the logits, one write of
+the gradient). The backward only multiplies that gradient by ``grad_output``. In eager mode it
+does so in place on the saved buffer, so forward+backward holds one logits-sized buffer;
+``ctx.applied`` keeps a second backward through the same graph exact (see
+:func:`scale_saved_grad`).
+
+The operators take only what a schema can carry: tensors, numbers and strings. Options are
+spelled out; a focal schedule (a Python callable) is evaluated before the operator, on the
+true-class probabilities that ``crossent::true_class_prob`` computes (a first read of the
+logits), and enters as a per-row ``gamma_rows`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossent._options import BinaryOptions, RowGamma, SoftmaxOptions
+
+__all__ = ["binary_ce", "scale_saved_grad", "softmax_ce", "true_class_prob"]
+
+_REDUCTION_CODES = ("none", "sum", "mean")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# --------------------------------------------------------------------------------------------
+# the backward: scale the saved gradient
+
+
+def scale_saved_grad(ctx: Any, grad: Tensor, grad_output: Tensor) -> Tensor:
+    """Multiply the gradient saved by a fused forward by ``grad_output``.
+
+    For a reduced (scalar) loss the saved buffer is scaled in place and returned as the input's
+    gradient, so forward+backward holds one N x C buffer; ``ctx.applied`` remembers the factor
+    already applied, so a second backward through the same graph (``retain_graph=True``) rescales
+    by the ratio and stays exact. A ``grad_output`` of exactly 1 (the usual ``loss.backward()``)
+    costs nothing on the CPU. A per-sample ``grad_output`` (reduction "none") may hold zeros that
+    cannot be undone, so it gets a new buffer and the saved one stays intact.
+    """
+    go = grad_output.to(grad.dtype)
+    if grad_output.ndim:  # per-sample grad_output of reduction="none"
+        if grad.ndim > go.ndim:  # softmax: one grad_output per row, broadcast over classes
+            go = go.unsqueeze(1 if grad.ndim >= 2 else 0) if go.ndim else go
+        return grad * go
+    if _compiling() or isinstance(grad, torch._subclasses.FakeTensor):
+        # Traced (torch.compile): functional, one pass over the gradient. An in-place scale
+        # of the saved buffer is no cheaper there: AOTAutograd clones a mutated saved tensor.
+        return grad * go
+    applied = getattr(ctx, "applied", None)
+    if applied is None:
+        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
+            return grad
+        factor = go
+    else:
+        if bool(applied == 0):
+            raise RuntimeError(
+                "crossent: a second backward through a loss whose first backward had "
+                "grad_output 0 is not supported; recompute the loss"
+            )
+        factor = go / applied
+    # .data: an in-place update of the saved buffer that autograd's version counter does not
+    # see; correctness on re-entry is kept by ctx.applied instead.
+    grad.data.mul_(factor)
+    ctx.applied = go.clone()
+    return grad
+
+
+# --------------------------------------------------------------------------------------------
+# softmax family
+
+
+def _softmax_opts(
+    ignore_index: int, label_smoothing: float, gamma: float, gamma_rows: Tensor | None,
+    z_loss: float, softcap: float | None, confidence_penalty: float, poly1: float,
+) -> SoftmaxOptions:
+    return SoftmaxOptions(
+        ignore_index=ignore_index, label_smoothing=label_smoothing,
+        gamma=RowGamma(gamma_rows) if gamma_rows is not None else gamma,
+        z_loss=z_loss, softcap=softcap, confidence_penalty=confidence_penalty, poly1=poly1,
+    )
+
+
+def _softmax_backend(backend: str, logits: Tensor, target: Tensor, opts: SoftmaxOptions) -> str:
+    """The kernel that runs, decided on the real tensors: a layout the native kernel does not
+    take (which a traced graph can hand over) goes to the torch-op path, with the same values."""
+    from crossent._cpu import native
+
+    if backend == "native" and not native.supports_softmax(logits, target, opts):
+        return "torch"
+    return backend
+
+
+def _softmax_kernel(backend: str):
+    if backend == "native":
+        from crossent._cpu.native import softmax_cross_entropy
+
+        return softmax_cross_entropy
+    if backend == "triton":
+        from crossent._triton.softmax import softmax_cross_entropy
+
+        return softmax_cross_entropy
+    from crossent._cpu.softmax import softmax_cross_entropy
+
+    return softmax_cross_entropy
+
+
+@torch.library.custom_op("crossent::softmax_ce", mutates_args=())
+def softmax_ce(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    gamma_rows: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    gamma: float,
+    z_loss: float,
+    softcap: float | None,
+    confidence_penalty: float,
+    poly1: float,
+    reduction: str,
+    need_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """The softmax family's loss and (``need_grad``) the gradient of that loss w.r.t. ``logits``.
+
+    ``backend`` is ``"native"``, ``"torch"`` or ``"triton"``; ``gamma_rows`` (R,) replaces the
+    scalar ``gamma`` when given. The gradient is contiguous, of the logits' shape and dtype, with
+    the mean's 1/denominator folded in; without ``need_grad`` it is an empty tensor.
+    """
+    opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
+                         confidence_penalty, poly1)
+    chosen = _softmax_backend(backend, logits, target, opts)
+    loss, grad = _softmax_kernel(chosen)(logits, target, weight, opts, reduction, need_grad)
+    if grad is None:
+        return loss, logits.new_empty(0)
+    return loss, grad.contiguous()
+
+
+def _softmax_loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
+    if reduction != "none" or logits.ndim == 1:
+        return ()
+    return (logits.shape[0], *logits.shape[2:])
+
+
+@softmax_ce.register_fake
+def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, z_loss, softcap,
+      confidence_penalty, poly1, reduction, need_grad, backend):
+    loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=_acc_dtype(logits.dtype))
+    grad = logits.new_empty(logits.shape if need_grad else (0,))
+    return loss, grad
+
+
+def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    (logits, target, weight, gamma_rows, ignore_index, eps, gamma, z_loss, softcap, cp, poly1,
+     reduction, need_grad, _backend) = inputs
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # no zero-filled N x C "gradient" of the grad output
+    ctx.need_grad = need_grad
+    ctx.reduction = reduction
+    ctx.opts = _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, softcap, cp, poly1)
+    # The logits are kept (not copied) for a double backward, which recomputes q from them.
+    ctx.save_for_backward(grad, logits, target, weight)
+
+
+def _softmax_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> tuple[Any, ...]:
+    grad, logits, target, weight = ctx.saved_tensors
+    nones = (None,) * 13
+    if grad_loss is None:  # an undefined grad_output is a zero one
+        return (None, *nones)
+    if not ctx.need_grad:
+        raise RuntimeError(
+            "crossent: this loss was computed without its gradient (grad mode was off, or the "
+            "logits did not require grad when it was called); recompute it with grad enabled"
+        )
+    if torch.is_grad_enabled() and (logits.requires_grad or grad_loss.requires_grad):
+        # create_graph=True: a gradient that is itself differentiable (Hessians, gradient
+        # penalties, torch.func.hessian).
+        with torch.enable_grad():
+            graph = softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction)
+            return (graph_grad(graph, logits, grad_loss.to(graph.dtype)), *nones)
+    return (scale_saved_grad(ctx, grad, grad_loss), *nones)
+
+
+softmax_ce.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+def composite_unsupported(opts: SoftmaxOptions) -> str | None:
+    """The first option (if any) that :func:`softmax_loss_graph` does not compute."""
+    if opts.focal:
+        return "gamma (focal loss)"
+    if opts.softcap is not None:
+        return "softcap"
+    if opts.confidence_penalty:
+        return "confidence_penalty"
+    if opts.poly1:
+        return "poly1"
+    return None
+
+
+def _higher_order_error(what: str, bad: str) -> RuntimeError:
+    return RuntimeError(
+        f"crossent: {what} is implemented for cross-entropy with label_smoothing, weight, "
+        f"ignore_index and z_loss (and for the sigmoid family without gamma and clip); this loss "
+        f"uses {bad}. Drop that option, or compute this loss with torch.nn.functional ops."
+    )
+
+
+def softmax_loss_graph(
+    logits: Tensor, target: Tensor, weight: Tensor | None, opts: SoftmaxOptions, reduction: str
+) -> Tensor:
+    r"""The softmax-family loss as differentiable torch ops, for what the fused kernel's
+    saved gradient cannot give: a double backward (``create_graph=True``, Hessians, gradient
+    penalties) and the ``torch.func`` transforms.
+
+    With the weighted smoothed target mass :math:`a_k = w_k \tilde t_k` of a row (0 for an
+    ignored row), the sample weight :math:`s` and :math:`\lambda_z` the z-loss weight:
+
+    .. math:: L = \sum_k a_k (\operatorname{lse}(z) - z_k) + \lambda_z s \operatorname{lse}(z)^2
+
+    Its gradient :math:`A q - a + 2 \lambda_z s\, \mathrm{lse}\, q` (:math:`A = \sum_k a_k`)
+    is the fused kernel's; autograd differentiates it once more through ``logsumexp``, which
+    gives the softmax Hessian :math:`\operatorname{diag}(q) - q q^\top` times
+    :math:`A + 2 \lambda_z s\,\mathrm{lse}`, plus :math:`2 \lambda_z s\, q q^\top`. Focal,
+    softcap, the confidence penalty and Poly-1 raise (see :func:`composite_unsupported`).
+    """
+    bad = composite_unsupported(opts)
+    if bad is not None:
+        raise _higher_order_error("a second derivative (or a torch.func transform)", bad)
+    acc = _acc_dtype(logits.dtype)
+    squeeze = logits.ndim == 1
+    z = logits.unsqueeze(0) if squeeze else logits
+    C = z.shape[1]
+    zr = z.movedim(1, -1).reshape(-1, C).to(acc)  # rows (R, C)
+    eps = float(opts.label_smoothing)
+    wvec = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=z.device)
+    if target.is_floating_point():
+        t = (target.unsqueeze(0) if squeeze else target).movedim(1, -1).reshape(-1, C).to(acc)
+        t = t * (1.0 - eps) + eps / C
+        s = torch.ones(zr.shape[0], dtype=acc, device=z.device)
+        denom = torch.tensor(float(zr.shape[0]), dtype=acc, device=z.device)
+    else:
+        y = target.reshape(-1)
+        valid = y != opts.ignore_index
+        y_safe = torch.where(valid, y, 0)
+        t = torch.nn.functional.one_hot(y_safe, C).to(acc) * (1.0 - eps) + eps / C
+        t = t * valid.unsqueeze(1)
+        s = wvec[y_safe] * valid
+        denom = s.sum()
+    a = t * wvec
+    lse = torch.logsumexp(zr, dim=1)
+    rows = a.sum(dim=1) * lse - (a * zr).sum(dim=1)
+    if opts.z_loss:
+        rows = rows + opts.z_loss * s * lse.square()
+    if reduction == "none":
+        return rows.reshape(()) if squeeze else rows.reshape(z.shape[0], *z.shape[2:])
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total * torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
+
+
+def graph_grad(loss_graph: Tensor, logits: Tensor, grad_loss: Tensor) -> Tensor:
+    """The gradient of ``loss_graph`` w.r.t. ``logits``, itself differentiable (a double
+    backward's first derivative)."""
+    (g,) = torch.autograd.grad(loss_graph, logits, grad_outputs=grad_loss, create_graph=True)
+    return g
+
+
+# --------------------------------------------------------------------------------------------
+# the statistics a focal schedule needs
+
+
+@torch.library.custom_op("crossent::true_class_prob", mutates_args=())
+def true_class_prob(
+    logits: Tensor, target: Tensor, ignore_index: int, softcap: float | None, backend: str
+) -> Tensor:
+    r"""Per row, the probability that a focal schedule is evaluated at: :math:`q_y` for class
+    indices (any value at ignored rows), :math:`\sum_k t_k q_k` for probabilities; (R,) in the
+    accumulation dtype, where R is the number of rows (samples times positions)."""
+    from crossent._cpu import native
+
+    opts = SoftmaxOptions(ignore_index=ignore_index, softcap=softcap)
+    if backend == "native" and native.supports_softmax(logits, target, opts):
+        return native.true_class_prob(logits, target, opts)
+    acc = _acc_dtype(logits.dtype)
+    z = logits.unsqueeze(0) if logits.ndim == 1 else logits
+    C = z.shape[1]
+    u = z.movedim(1, -1).reshape(-1, C).to(acc)
+    if softcap is not None:
+        u = torch.tanh(u / softcap) * softcap
+    lse = torch.logsumexp(u, dim=1, keepdim=True)
+    if target.is_floating_point():
+        t = (target.unsqueeze(0) if logits.ndim == 1 else target).movedim(1, -1).reshape(-1, C)
+        return (torch.exp(u - lse) * t.to(acc)).sum(dim=1)
+    y = target.reshape(-1, 1)
+    y = torch.where(y == ignore_index, 0, y)
+    return torch.exp(u.gather(1, y) - lse).reshape(-1)
+
+
+@true_class_prob.register_fake
+def _(logits, target, ignore_index, softcap, backend):
+    rows = 1 if logits.ndim == 1 else math.prod((logits.shape[0], *logits.shape[2:]))
+    return logits.new_empty((rows,), dtype=_acc_dtype(logits.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# sigmoid family
+
+
+def _binary_opts(
+    label_smoothing: float, gamma_pos: float, gamma_neg: float, alpha: float | None, clip: float,
+    ignore_index: float | None,
+) -> BinaryOptions:
+    return BinaryOptions(label_smoothing=label_smoothing, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
+                         alpha=alpha, clip=clip, ignore_index=ignore_index)
+
+
+def _binary_kernel(backend: str, logits: Tensor, target: Tensor, weight: Tensor | None,
+                   pos_weight: Tensor | None):
+    from crossent._cpu import native
+
+    if backend == "native" and native.supports_binary(logits, target, weight, pos_weight):
+        return native.binary_cross_entropy
+    if backend == "triton":
+        from crossent._triton.binary import binary_cross_entropy
+
+        return binary_cross_entropy
+    from crossent._cpu.binary import binary_cross_entropy
+
+    return binary_cross_entropy
+
+
+@torch.library.custom_op("crossent::binary_ce", mutates_args=())
+def binary_ce(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    label_smoothing: float,
+    gamma_pos: float,
+    gamma_neg: float,
+    alpha: float | None,
+    clip: float,
+    ignore_index: float | None,
+    reduction: str,
+    need_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """The sigmoid family's loss and (``need_grad``) its gradient w.r.t. ``logits``; see
+    :func:`crossent.binary_cross_entropy`. Contract as :func:`softmax_ce`."""
+    opts = _binary_opts(label_smoothing, gamma_pos, gamma_neg, alpha, clip, ignore_index)
+    kernel = _binary_kernel(backend, logits, target, weight, pos_weight)
+    loss, grad = kernel(logits, target, weight, pos_weight, opts, reduction, need_grad)
+    if grad is None:
+        return loss, logits.new_empty(0)
+    return loss, grad.contiguous()
+
+
+@binary_ce.register_fake
+def _(logits, target, weight, pos_weight, label_smoothing, gamma_pos, gamma_neg, alpha, clip,
+      ignore_index, reduction, need_grad, backend):
+    shape = tuple(logits.shape) if reduction == "none" else ()
+    loss = logits.new_empty(shape, dtype=_acc_dtype(logits.dtype))
+    return loss, logits.new_empty(logits.shape if need_grad else (0,))
+
+
+def _binary_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    (logits, target, weight, pos_weight, eps, gamma_pos, gamma_neg, alpha, clip, ignore_index,
+     reduction, need_grad, _backend) = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled "gradient" of the grad output
+    ctx.need_grad = need_grad
+    ctx.reduction = reduction
+    ctx.opts = _binary_opts(eps, gamma_pos, gamma_neg, alpha, clip, ignore_index)
+    ctx.save_for_backward(output[1], logits, target, weight, pos_weight)
+
+
+def _binary_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> tuple[Any, ...]:
+    grad, logits, target, weight, pos_weight = ctx.saved_tensors
+    nones = (None,) * 12
+    if grad_loss is None:  # an undefined grad_output is a zero one
+        return (None, *nones)
+    if not ctx.need_grad:
+        raise RuntimeError(
+            "crossent: this loss was computed without its gradient (grad mode was off, or the "
+            "logits did not require grad when it was called); recompute it with grad enabled"
+        )
+    if torch.is_grad_enabled() and (logits.requires_grad or grad_loss.requires_grad):
+        with torch.enable_grad():
+            graph = binary_loss_graph(logits, target, weight, pos_weight, ctx.opts, ctx.reduction)
+            return (graph_grad(graph, logits, grad_loss.to(graph.dtype)), *nones)
+    if ctx.reduction == "none":
+        # grad_output has the logits' shape: a new buffer keeps the saved one intact.
+        return (grad * grad_loss.to(grad.dtype), *nones)
+    return (scale_saved_grad(ctx, grad, grad_loss), *nones)
+
+
+binary_ce.register_autograd(_binary_backward, setup_context=_binary_setup)
+
+
+def binary_loss_graph(
+    logits: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
+    opts: BinaryOptions, reduction: str,
+) -> Tensor:
+    r"""The sigmoid-family loss as differentiable torch ops (see :func:`softmax_loss_graph`).
+    Without the focal term and the clip, per element
+
+    .. math:: L = w\,\alpha_t \bigl(w_+ t' \operatorname{softplus}(-x) + (1 - t')
+              \operatorname{softplus}(x)\bigr)
+
+    whose second derivative autograd takes through ``softplus``.
+    """
+    if opts.focal or opts.clip:
+        raise _higher_order_error(
+            "a second derivative (or a torch.func transform)", "gamma" if opts.focal else "clip"
+        )
+    acc = _acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    t = target.to(acc)
+    mask = None
+    if opts.ignore_index is not None:
+        mask = (target != opts.ignore_index).to(acc)
+        t = t * mask
+    eps = opts.label_smoothing
+    t = t * (1.0 - eps) + eps / 2 if eps else t
+    pw = pos_weight.to(acc) if pos_weight is not None else 1.0
+    softplus = torch.nn.functional.softplus
+    loss = pw * t * softplus(-x) + (1.0 - t) * softplus(x)
+    if opts.alpha is not None:
+        loss = loss * (opts.alpha * t + (1.0 - opts.alpha) * (1.0 - t))
+    if weight is not None:
+        loss = loss * weight.to(acc)
+    if mask is not None:
+        loss = loss * mask
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    count = mask.sum() if mask is not None else torch.tensor(float(x.numel()), dtype=acc)
+    return total * torch.where(count > 0, 1.0 / count.clamp_min(1.0), 0.0)
