@@ -46,6 +46,19 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _traced(*tensors: Tensor) -> bool:
+    """Whether these tensors are being traced (torch.compile, AOTAutograd, make_fx, export):
+    there, data-dependent shortcuts and in-place tricks on saved buffers are not allowed."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return (
+        _compiling()
+        or any(type(t) is not Tensor for t in tensors)
+        or torch._guards.detect_fake_mode() is not None
+        or get_proxy_mode() is not None
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # the backward: scale the saved gradient
 
@@ -65,7 +78,7 @@ def scale_saved_grad(ctx: Any, grad: Tensor, grad_output: Tensor) -> Tensor:
         if grad.ndim > go.ndim:  # softmax: one grad_output per row, broadcast over classes
             go = go.unsqueeze(1 if grad.ndim >= 2 else 0) if go.ndim else go
         return grad * go
-    if _compiling() or isinstance(grad, torch._subclasses.FakeTensor):
+    if _traced(grad, grad_output):
         # Traced (torch.compile): functional, one pass over the gradient. An in-place scale
         # of the saved buffer is no cheaper there: AOTAutograd clones a mutated saved tensor.
         return grad * go
