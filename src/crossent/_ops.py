@@ -116,12 +116,14 @@ def _softmax_opts(
     )
 
 
-def _softmax_backend(backend: str, logits: Tensor, target: Tensor, opts: SoftmaxOptions) -> str:
+def _softmax_backend(
+    backend: str, logits: Tensor, target: Tensor, opts: SoftmaxOptions, weight: Tensor | None
+) -> str:
     """The kernel that runs, decided on the real tensors: a layout the native kernel does not
     take (which a traced graph can hand over) goes to the torch-op path, with the same values."""
     from crossent._cpu import native
 
-    if backend == "native" and not native.supports_softmax(logits, target, opts):
+    if backend == "native" and not native.supports_softmax(logits, target, opts, weight):
         return "torch"
     return backend
 
@@ -165,7 +167,7 @@ def softmax_ce(
     """
     opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
                          confidence_penalty, poly1)
-    chosen = _softmax_backend(backend, logits, target, opts)
+    chosen = _softmax_backend(backend, logits, target, opts, weight)
     loss, grad = _softmax_kernel(chosen)(logits, target, weight, opts, reduction, need_grad)
     if grad is None:
         return loss, logits.new_empty(0)
@@ -353,10 +355,10 @@ def _binary_opts(
 
 
 def _binary_kernel(backend: str, logits: Tensor, target: Tensor, weight: Tensor | None,
-                   pos_weight: Tensor | None):
+                   pos_weight: Tensor | None, opts: BinaryOptions):
     from crossent._cpu import native
 
-    if backend == "native" and native.supports_binary(logits, target, weight, pos_weight):
+    if backend == "native" and native.supports_binary(logits, target, weight, pos_weight, opts):
         return native.binary_cross_entropy
     if backend == "triton":
         from crossent._triton.binary import binary_cross_entropy
@@ -386,7 +388,7 @@ def binary_ce(
     """The sigmoid family's loss and (``need_grad``) its gradient w.r.t. ``logits``; see
     :func:`crossent.binary_cross_entropy`. Contract as :func:`softmax_ce`."""
     opts = _binary_opts(label_smoothing, gamma_pos, gamma_neg, alpha, clip, ignore_index)
-    kernel = _binary_kernel(backend, logits, target, weight, pos_weight)
+    kernel = _binary_kernel(backend, logits, target, weight, pos_weight, opts)
     loss, grad = kernel(logits, target, weight, pos_weight, opts, reduction, need_grad)
     if grad is None:
         return loss, logits.new_empty(0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -50,6 +50,12 @@ class SoftmaxOptions:
     def regularised(self) -> bool:
         return bool(self.z_loss or self.confidence_penalty or self.poly1)
 
+    def active(self) -> frozenset[str]:
+        """The options in use: every field whose value is not its default (a focal schedule is
+        ``"gamma_schedule"``). A field added to this class shows up here by itself, so a backend
+        whose allow-list does not name it falls back instead of silently ignoring it."""
+        return _active(self, {"gamma": "gamma_schedule"})
+
 
 @dataclass(frozen=True)
 class BinaryOptions:
@@ -71,3 +77,33 @@ class BinaryOptions:
     def focal(self) -> bool:
         """True when the focal factor (1 - p_t)^gamma_t is not identically 1."""
         return self.gamma_pos != 0.0 or self.gamma_neg != 0.0
+
+    def active(self) -> frozenset[str]:
+        """The options in use (fields whose value is not the default); see
+        :meth:`SoftmaxOptions.active`."""
+        return _active(self, {})
+
+
+def _active(opts: SoftmaxOptions | BinaryOptions, callables: dict[str, str]) -> frozenset[str]:
+    out = set()
+    for f in fields(opts):
+        value = getattr(opts, f.name)
+        if f.name in callables and callable(value):
+            out.add(callables[f.name])
+        elif value != f.default:
+            out.add(f.name)
+    return frozenset(out)
+
+
+def covers(capabilities: tuple[frozenset[str], ...], used: frozenset[str]) -> bool:
+    """Whether a backend computes a call: its allow-list is a tuple of option sets, each of
+    which the backend computes together, and the options in use must all lie in one of them."""
+    return any(used <= allowed for allowed in capabilities)
+
+
+#: Every option of the softmax family (the torch-op path computes all of them together).
+SOFTMAX_ALL = frozenset(
+    {f.name for f in fields(SoftmaxOptions)} | {"gamma_schedule", "weight"}
+)
+#: Every option of the sigmoid family.
+BINARY_ALL = frozenset({f.name for f in fields(BinaryOptions)} | {"weight", "pos_weight"})

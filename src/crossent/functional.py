@@ -13,13 +13,13 @@ import contextlib
 import functools
 import importlib.util
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from crossent import _ops
+from crossent import _ops, _triton
 from crossent._cpu import native as _native
 from crossent._cpu.softmax import _gamma_for_rows
 from crossent._options import (
@@ -28,6 +28,7 @@ from crossent._options import (
     GammaSchedule,
     Reduction,
     SoftmaxOptions,
+    covers,
 )
 
 __all__ = [
@@ -213,16 +214,16 @@ def _pick_backend(logits: Tensor, backend: Backend) -> str:
     return "torch"
 
 
-def _native_covers(chosen: str, backend: Backend, supported: bool) -> str:
-    """Keep "native" when the kernel covers the call; else the torch path ("auto") or an error."""
-    if chosen != "native" or supported:
+def _covered(chosen: str, backend: Backend, covered: Callable[[str], bool], family: str) -> str:
+    """Keep ``chosen`` when its allow-list covers the call; else the torch-op path (``"auto"``)
+    or, for a forced backend, an error."""
+    if chosen == "torch" or covered(chosen):
         return chosen
-    if backend == "native":
+    if backend == chosen:
         raise ValueError(
-            "backend='native' does not cover this call (it takes softmax logits with contiguous "
-            "rows, (N, C, d...) logits only contiguous and with class indices, no focal term "
-            "with smoothing or probability targets, and contiguous sigmoid inputs); use "
-            "backend='auto', which falls back to the torch path"
+            f"backend={backend!r} does not cover this {family} call (see the capabilities of "
+            f"crossent._cpu.native and crossent._triton: options, dtypes and layouts); use "
+            f"backend='auto', which falls back to the torch-op path"
         )
     return "torch"
 
@@ -238,7 +239,7 @@ class _InplaceSoftmaxFunction(torch.autograd.Function):
         ctx: Any, logits: Tensor, target: Tensor, weight: Tensor | None, opts: SoftmaxOptions,
         reduction: Reduction, backend: str,
     ) -> Tensor:
-        loss, grad = _ops._softmax_kernel(_ops._softmax_backend(backend, logits, target, opts))(
+        loss, grad = _ops._softmax_kernel(_ops._softmax_backend(backend, logits, target, opts, weight))(
             logits, target, weight, opts, reduction, True, True
         )
         torch.autograd.graph.increment_version(logits)  # kernels write through raw pointers
@@ -394,9 +395,13 @@ def cross_entropy(
     if inplace_backward and logits.ndim > 2:
         raise ValueError("inplace_backward needs 1-D or 2-D logits; reshape (N, C, d...) to (M, C)")
     chosen = _pick_backend(logits, backend)
-    chosen = _native_covers(
-        chosen, backend, chosen != "native" or _native.supports_softmax(logits, target, opts)
-    )
+
+    def covered(chosen: str) -> bool:
+        if chosen == "native":
+            return _native.supports_softmax(logits, target, opts, w)
+        return covers(_triton.SOFTMAX_CAPABILITIES, opts.active() | ({"weight"} if w is not None else set()))
+
+    chosen = _covered(chosen, backend, covered, "softmax")
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     if inplace_backward and need_grad and not _compiling():
         return _InplaceSoftmaxFunction.apply(logits, target, w, opts, reduction, chosen)
@@ -578,9 +583,14 @@ def _binary_loss(
         " (it is aligned to the last dim: shape (C,) gives one weight per class)",
     )
     chosen = _pick_backend(logits, backend)
-    chosen = _native_covers(
-        chosen, backend, chosen != "native" or _native.supports_binary(logits, target, w, pw)
-    )
+
+    def binary_covered(chosen: str) -> bool:
+        if chosen == "native":
+            return _native.supports_binary(logits, target, w, pw, opts)
+        used = opts.active() | {n for n, t in (("weight", w), ("pos_weight", pw)) if t is not None}
+        return covers(_triton.BINARY_CAPABILITIES, used)
+
+    chosen = _covered(chosen, backend, binary_covered, "sigmoid")
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     if _functorch_active(logits) and not (opts.focal or opts.clip):
         return _ops.binary_loss_graph(logits, target, w, pw, opts, reduction)

@@ -50,7 +50,15 @@ import torch
 from torch import Tensor
 
 from crossent._cpu._memory import empty_hugepage
-from crossent._options import BinaryOptions, Reduction, RowGamma, SoftmaxOptions
+from crossent._options import (
+    BINARY_ALL,
+    SOFTMAX_ALL,
+    BinaryOptions,
+    Reduction,
+    RowGamma,
+    SoftmaxOptions,
+    covers,
+)
 
 __all__ = [
     "available",
@@ -271,21 +279,40 @@ def _check(status: int) -> None:
 # softmax family
 
 
-def supports_softmax(logits: Tensor, target: Tensor, opts: SoftmaxOptions) -> bool:
-    """Whether :func:`softmax_cross_entropy` covers this call (else the torch-op path runs)."""
+#: What the native softmax kernel computes (an allow-list, see :func:`crossent._options.covers`):
+#: class indices with every option, except a focal term together with label smoothing (that
+#: needs a focal factor per class); probability targets with every option but the focal term.
+SOFTMAX_CAPABILITIES = {
+    "index": (
+        SOFTMAX_ALL - {"gamma", "gamma_schedule"},
+        SOFTMAX_ALL - {"label_smoothing"},
+    ),
+    "prob": (SOFTMAX_ALL - {"gamma", "gamma_schedule"},),
+}
+#: The native sigmoid kernel: every option of the family.
+BINARY_CAPABILITIES = (BINARY_ALL,)
+
+
+def supports_softmax(
+    logits: Tensor, target: Tensor, opts: SoftmaxOptions, weight: Tensor | None = None
+) -> bool:
+    """Whether :func:`softmax_cross_entropy` covers this call (else the torch-op path runs):
+    its options (:data:`SOFTMAX_CAPABILITIES`), dtypes and layouts."""
     if logits.device.type != "cpu" or not available() or not _dtype_ok(logits.dtype):
         return False
-    if logits.ndim > 2:  # (N, C, d1, ...): contiguous, index targets
-        if not logits.is_contiguous() or target.is_floating_point():
-            return False
-    if logits.numel() and logits.stride(-1) != 1:
+    index = not target.is_floating_point()
+    used = opts.active() | ({"weight"} if weight is not None else set())
+    if not covers(SOFTMAX_CAPABILITIES["index" if index else "prob"], used):
         return False
-    if target.is_floating_point():
-        # probability targets: the accumulation dtype, contiguous rows; no focal term
-        if opts.focal or target.dtype != _acc(logits.dtype):
+    if logits.ndim > 2 and not (logits.is_contiguous() and index):
+        return False  # (N, C, d1, ...): contiguous, with class indices
+    if logits.numel() and logits.stride(-1) != 1:
+        return False  # rows must be contiguous
+    if not index:  # probability targets: the accumulation dtype, contiguous rows
+        if target.dtype != _acc(logits.dtype):
             return False
         return target.numel() == 0 or target.stride(-1) == 1
-    return not (opts.focal and opts.label_smoothing)
+    return True
 
 
 def softmax_cross_entropy(
@@ -426,10 +453,16 @@ def _repeat_pattern(weight: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, int
 
 
 def supports_binary(
-    logits: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None
+    logits: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
+    opts: BinaryOptions | None = None,
 ) -> bool:
     """Whether :func:`binary_cross_entropy` covers this call (else the torch-op path runs)."""
     if logits.device.type != "cpu" or not available() or not _dtype_ok(logits.dtype):
+        return False
+    used = (opts.active() if opts is not None else frozenset()) | {
+        name for name, t in (("weight", weight), ("pos_weight", pos_weight)) if t is not None
+    }
+    if not covers(BINARY_CAPABILITIES, used):
         return False
     if not (logits.is_contiguous() and target.is_contiguous()):
         return False

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._options import Reduction, SoftmaxOptions
+from crossent._options import Reduction, SoftmaxOptions, covers
+from crossent._triton import LINEAR_CAPABILITIES
 
 try:
     import triton
@@ -61,8 +62,7 @@ def supports(opts: SoftmaxOptions, hidden: Tensor) -> bool:
         return False
     if not (hidden.is_cuda or (_interpreting() and hidden.device.type == "cpu")):
         return False
-    return not (opts.focal or opts.z_loss or opts.softcap is not None
-                or opts.confidence_penalty or opts.poly1)
+    return covers(LINEAR_CAPABILITIES, opts.active())
 
 
 if triton is not None:

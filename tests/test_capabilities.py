@@ -1,0 +1,191 @@
+"""The capability matrix: every option (alone and in pairs) x target kind x layout x backend.
+
+Each backend declares what it computes as an allow-list (``crossent._cpu.native``,
+``crossent._triton``). Every call must either run on the backend it was routed to and give the
+float64 reference's loss and gradient, or fall back to the torch-op path and give them there:
+an option a backend does not list is never dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import crossent
+from crossent import _triton, functional
+from crossent._cpu import native
+from crossent._options import BINARY_ALL, SOFTMAX_ALL, BinaryOptions, SoftmaxOptions, covers
+from crossent.reference import binary as RB
+from crossent.reference import softmax as RS
+
+C = 5
+VALUES: dict[str, Any] = {
+    "ignore_index": 2,
+    "label_smoothing": 0.15,
+    "gamma": 1.5,
+    "gamma_schedule": crossent.flsd53,
+    "z_loss": 0.02,
+    "softcap": 2.5,
+    "confidence_penalty": 0.1,
+    "poly1": 0.7,
+    "weight": np.linspace(0.5, 1.5, C),
+}
+LAYOUTS = {"(N,C)": (6, C), "(C,)": (C,), "(N,C,d)": (2, C, 3)}
+
+
+def _option_sets() -> list[tuple[str, ...]]:
+    names = sorted(VALUES)
+    assert set(names) == SOFTMAX_ALL, "every option of SoftmaxOptions must be in the matrix"
+    pairs = [p for p in itertools.combinations(names, 2) if set(p) != {"gamma", "gamma_schedule"}]
+    return [(), *((n,) for n in names), *pairs]
+
+
+def _kwargs(names: tuple[str, ...]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for n in names:
+        kw["gamma" if n == "gamma_schedule" else n] = VALUES[n]
+    return kw
+
+
+def _inputs(shape: tuple[int, ...], prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
+    if prob:
+        t = torch.randn(shape, generator=gen, dtype=torch.float64)
+        return x, torch.softmax(t, 0 if len(shape) == 1 else 1)
+    tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    y = torch.randint(0, C, tshape, generator=gen)
+    if y.ndim:
+        y.view(-1)[0] = 2  # an ignored row when ignore_index=2
+    return x, y
+
+
+@pytest.fixture
+def routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts which kernel ran: the operators look the kernels up at call time."""
+    from crossent._cpu import softmax as torch_softmax
+
+    calls = {"native": 0, "torch": 0}
+    for name, module in (("native", native), ("torch", torch_softmax)):
+        fn = module.softmax_cross_entropy
+
+        def counted(*a: Any, _fn: Any = fn, _n: str = name, **k: Any) -> Any:
+            calls[_n] += 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(module, "softmax_cross_entropy", counted)
+    return calls
+
+
+def _check_against_reference(x: torch.Tensor, t: torch.Tensor, kw: dict[str, Any], **call: Any) -> None:
+    tkw = {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    xg = x.clone().requires_grad_()
+    loss = crossent.cross_entropy(xg, t, **tkw, **call)
+    loss.backward()
+    rkw = {k: (RS.flsd53 if v is crossent.flsd53 else v) for k, v in kw.items()}
+    ref_loss, ref_grad = RS.cross_entropy(x.numpy(), t.numpy(), **rkw)
+    np.testing.assert_allclose(loss.detach().numpy(), ref_loss, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(xg.grad.numpy(), ref_grad, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+@pytest.mark.parametrize("names", _option_sets(), ids=lambda n: "+".join(n) or "none")
+def test_cpu_backends_compute_or_fall_back(names, target_kind, layout, routed):
+    if target_kind == "prob" and "ignore_index" in names:
+        pytest.skip("ignore_index applies to class indices only")
+    x, t = _inputs(LAYOUTS[layout], target_kind == "prob")
+    kw = _kwargs(names)
+    opts = SoftmaxOptions(**{k: v for k, v in kw.items() if k != "weight"})
+    w = torch.as_tensor(kw["weight"]) if "weight" in kw else None
+    expect_native = native.available() and native.supports_softmax(x, t, opts, w)
+    used = opts.active() | ({"weight"} if w is not None else set())
+    assert used == frozenset(names)
+    # the allow-list alone decides on these contiguous float64 inputs
+    assert expect_native == covers(native.SOFTMAX_CAPABILITIES[target_kind], used) or (
+        layout == "(N,C,d)" and target_kind == "prob"
+    )
+    _check_against_reference(x, t, kw)  # backend="auto"
+    assert routed["native"] == int(expect_native)
+    assert routed["torch"] == int(not expect_native)
+    if expect_native:
+        _check_against_reference(x, t, kw, backend="native")
+    else:
+        with pytest.raises(ValueError, match="does not cover"):
+            _check_against_reference(x, t, kw, backend="native")
+    _check_against_reference(x, t, kw, backend="torch")
+
+
+@pytest.mark.parametrize("names", _option_sets(), ids=lambda n: "+".join(n) or "none")
+def test_triton_computes_or_falls_back(names, monkeypatch):
+    """The Triton softmax kernel under the interpreter (CPU tensors), routed as on CUDA."""
+    pytest.importorskip("triton")
+    from crossent._triton import softmax as tsoftmax
+
+    calls: list[int] = []
+    original = tsoftmax.softmax_cross_entropy
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(functional, "_pick_backend", lambda logits, backend: "triton")
+    monkeypatch.setattr(tsoftmax, "softmax_cross_entropy", counted)
+    x, t = _inputs((6, C), False)
+    kw = _kwargs(names)
+    xf = x.float()
+    tkw = {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    xg = xf.clone().requires_grad_()
+    loss = crossent.cross_entropy(xg, t, **tkw)
+    loss.backward()
+    rkw = {k: (RS.flsd53 if v is crossent.flsd53 else v) for k, v in kw.items()}
+    ref_loss, ref_grad = RS.cross_entropy(xf.double().numpy(), t.numpy(), **rkw)
+    np.testing.assert_allclose(loss.detach().numpy(), ref_loss, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(xg.grad.numpy(), ref_grad, rtol=2e-4, atol=2e-6)
+    used = frozenset(names)
+    assert bool(calls) == covers(_triton.SOFTMAX_CAPABILITIES, used)
+
+
+BINARY_VALUES: dict[str, Any] = {
+    "label_smoothing": 0.1, "gamma_pos": 1.0, "gamma_neg": 3.0, "alpha": 0.3, "clip": 0.05,
+    "ignore_index": -1.0, "weight": np.linspace(0.5, 1.5, C), "pos_weight": np.linspace(2.0, 0.5, C),
+}
+
+
+def _binary_sets() -> list[tuple[str, ...]]:
+    names = sorted(BINARY_VALUES)
+    assert set(names) == BINARY_ALL, "every option of BinaryOptions must be in the matrix"
+    return [(), *((n,) for n in names), *itertools.combinations(names, 2)]
+
+
+@pytest.mark.parametrize("names", _binary_sets(), ids=lambda n: "+".join(n) or "none")
+@pytest.mark.parametrize("backend", ["auto", "native", "torch"])
+def test_binary_backends_compute_or_fall_back(names, backend):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(6, C, generator=gen, dtype=torch.float64) * 2
+    t = torch.rand(6, C, generator=gen, dtype=torch.float64)
+    kw = {n: BINARY_VALUES[n] for n in names}
+    if "ignore_index" in kw:
+        t[0, 1] = -1.0
+    opts = BinaryOptions(**{k: v for k, v in kw.items() if k not in ("weight", "pos_weight")})
+    assert opts.active() | {n for n in ("weight", "pos_weight") if n in kw} == frozenset(names)
+    tkw = {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    xg = x.clone().requires_grad_()
+    if backend == "native" and not native.available():
+        pytest.skip("no native kernels")
+    loss = crossent.asymmetric_loss(
+        xg, t, gamma_pos=tkw.pop("gamma_pos", 0.0), gamma_neg=tkw.pop("gamma_neg", 0.0),
+        clip=tkw.pop("clip", 0.0), backend=backend, **tkw,
+    )
+    loss.backward()
+    rest = {k: v for k, v in kw.items() if k not in ("gamma_pos", "gamma_neg", "clip")}
+    ref_loss, ref_grad = RB.asymmetric_loss(
+        x.numpy(), t.numpy(), gamma_pos=kw.get("gamma_pos", 0.0), gamma_neg=kw.get("gamma_neg", 0.0),
+        clip=kw.get("clip", 0.0), **rest,
+    )
+    np.testing.assert_allclose(loss.detach().numpy(), ref_loss, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(xg.grad.numpy(), ref_grad, rtol=1e-8, atol=1e-11)
