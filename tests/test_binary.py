@@ -521,3 +521,288 @@ def test_hard_target_fast_path(monkeypatch, gamma, alpha, weights, block, torch_
         )
         np.testing.assert_allclose(loss.item(), ref_loss, rtol=1e-5)
         np.testing.assert_allclose(grad.double().numpy(), ref_grad, rtol=1e-2, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# Poly-1 term (Leng et al. 2022) and the detached focal weight (Ridnik et al. 2021)
+
+NEW_OPTIONS = {
+    "poly1": dict(poly1=0.8),
+    "poly1_negative": dict(poly1=-0.5),
+    "detach": dict(detach_focal_weight=True),
+    "poly1+detach": dict(poly1=1.3, detach_focal_weight=True),
+}
+
+
+@pytest.mark.parametrize("new", list(NEW_OPTIONS))
+@pytest.mark.parametrize("opts", _options_grid())
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("weights", [False, True])
+def test_poly1_and_detach_match_reference(new, opts, reduction, soft, weights):
+    """Each new option alone and both together, over the options grid (hard targets take the
+    fast path where it applies)."""
+    new = NEW_OPTIONS[new]
+    x, t = _rand(23, 6), _targets(23, 6, soft=soft)
+    if opts.get("ignore_index") is not None:
+        t[::4, 1] = opts["ignore_index"]
+    extra = {}
+    if weights:
+        extra = dict(weight=torch.rand(6, dtype=F64) + 0.1, pos_weight=torch.rand(6, dtype=F64) * 4)
+    go = torch.rand(23, 6, dtype=F64) if reduction == "none" else torch.tensor(1.7, dtype=F64)
+    loss, grad = _loss_and_grad(
+        CF.asymmetric_loss, x, t, go, gamma_pos=opts["gamma_pos"], gamma_neg=opts["gamma_neg"],
+        clip=opts.get("clip", 0.0), alpha=opts.get("alpha"), ignore_index=opts.get("ignore_index"),
+        label_smoothing=opts.get("label_smoothing", 0.0), reduction=reduction, **extra, **new,
+    )
+    ref_loss, ref_grad = R.binary_loss(
+        x.numpy(), t.numpy(), reduction=reduction, grad_output=go.numpy(),
+        **{k: v.numpy() for k, v in extra.items()}, **opts, **new,
+    )
+    np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("new", list(NEW_OPTIONS))
+@pytest.mark.parametrize("front", ["binary_cross_entropy", "sigmoid_focal_loss"])
+def test_poly1_and_detach_front_doors(new, front):
+    x, t = _rand(7, 3), _targets(7, 3, soft=True)
+    t[:3] = t[:3].round()
+    for eps, gamma, alpha in itertools.product((0.0, 0.1), (0.0, 0.7, 2.0), (None, 0.25)):
+        kw = dict(label_smoothing=eps, gamma=gamma, alpha=alpha, **NEW_OPTIONS[new])
+        loss, grad = _loss_and_grad(getattr(crossent, front), x, t, **kw)
+        ref_loss, ref_grad = getattr(R, front)(x.numpy(), t.numpy(), **kw)
+        np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-10)
+        np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-14)
+
+
+POLY_WITH = {
+    "gamma": dict(gamma_pos=2.0, gamma_neg=0.7),
+    "alpha": dict(alpha=0.3),
+    "clip": dict(clip=0.1),
+    "smoothing": dict(label_smoothing=0.15),
+    "weights": dict(weight="w", pos_weight="pw"),
+    "ignore_index": dict(ignore_index=-1),
+}
+POLY_SETS = [(), *((n,) for n in POLY_WITH), tuple(POLY_WITH)]
+
+
+@pytest.mark.parametrize("names", POLY_SETS, ids=lambda n: "+".join(n) or "alone")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_poly1_gradcheck(names, reduction):
+    kw: dict = dict(gamma_pos=0.0, gamma_neg=0.0, clip=0.0, poly1=0.9)
+    for n in names:
+        kw.update(POLY_WITH[n])
+    x = _rand(5, 4, scale=2.0).requires_grad_(True)
+    t = _targets(5, 4, soft=True)
+    t[0, 0], t[1, 1] = 1.0, 0.0
+    if "ignore_index" in kw:
+        t[2, 2] = -1
+    if "weight" in kw:
+        kw["weight"], kw["pos_weight"] = torch.rand(4, dtype=F64) + 0.5, torch.rand(4, dtype=F64) + 0.5
+    if kw["clip"]:  # keep away from the clip kink, where the derivative jumps
+        p = torch.sigmoid(x.detach())
+        x.data[(p - kw["clip"]).abs() < 1e-3] += 0.1
+
+    def f(z):
+        return CF.asymmetric_loss(z, t, reduction=reduction, **kw)
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_poly1_and_detach_identities():
+    x, t = _rand(20, 7), _targets(20, 7, soft=True)
+    w, pw = torch.rand(7, dtype=F64), torch.rand(7, dtype=F64) * 2
+    kw = dict(weight=w, pos_weight=pw, reduction="none")
+    for gp, gn, clip, alpha in itertools.product((0.0, 2.0), (0.0, 3.0), (0.0, 0.05), (None, 0.3)):
+        opts = dict(gamma_pos=gp, gamma_neg=gn, clip=clip, alpha=alpha, **kw)
+        base, gbase = _loss_and_grad(crossent.asymmetric_loss, x, t, **opts)
+        # poly1 = 0 and detach_focal_weight = False are the defaults, bit for bit
+        zero, gzero = _loss_and_grad(
+            crossent.asymmetric_loss, x, t, poly1=0.0, detach_focal_weight=False, **opts
+        )
+        assert torch.equal(zero, base) and torch.equal(gzero, gbase)
+        # the Poly-1 term is w alpha_t poly1 (1 - p_t): no pos_weight, no focal factor
+        poly, _ = _loss_and_grad(crossent.asymmetric_loss, x, t, poly1=0.7, **opts)
+        p = torch.sigmoid(x)
+        one_minus_pt = t * (1 - p) + (1 - t) * (p - clip).clamp_min(0)
+        a_t = 1.0 if alpha is None else alpha * t + (1 - alpha) * (1 - t)
+        torch.testing.assert_close(poly - base, w * a_t * 0.7 * one_minus_pt)
+        # detaching the focal weight keeps the loss; with gamma = 0 it keeps the gradient too
+        # (to rounding: on the native path only the base call runs in the native kernel)
+        det, gdet = _loss_and_grad(
+            crossent.asymmetric_loss, x, t, detach_focal_weight=True, **opts
+        )
+        torch.testing.assert_close(det, base, rtol=1e-14, atol=1e-15)
+        if gp == gn == 0.0:
+            torch.testing.assert_close(gdet, gbase, rtol=1e-14, atol=1e-15)
+        else:
+            assert not torch.allclose(gdet, gbase)
+    # Poly-1 BCE: b + poly1 (1 - p_t), as PolyLoss writes it for the sigmoid
+    e = -0.4
+    p = torch.sigmoid(x)
+    torch.testing.assert_close(
+        crossent.binary_cross_entropy(x, t, poly1=e, reduction="none"),
+        TF.binary_cross_entropy_with_logits(x, t, reduction="none") + e * (t * (1 - p) + (1 - t) * p),
+    )
+
+
+def _detached_focal_composition(x, t, *, gamma_pos, gamma_neg, clip, alpha, label_smoothing,
+                                poly1, weight, pos_weight):
+    """The whole formulation in PyTorch ops, with the focal weight ``.detach()``ed."""
+    ts = t * (1 - label_smoothing) + label_smoothing / 2
+    p = torch.sigmoid(x)
+    pm = (p - clip).clamp_min(0.0) if clip else p
+    log_1m_pm = torch.log1p(-pm) if clip else -TF.softplus(x)
+    b = -(pos_weight * ts * -TF.softplus(-x) + (1 - ts) * log_1m_pm)
+    one_minus_pt = ts * torch.sigmoid(-x) + (1 - ts) * pm
+    a_t = 1.0 if alpha is None else alpha * ts + (1 - alpha) * (1 - ts)
+    gamma_t = gamma_pos * ts + gamma_neg * (1 - ts)
+    focal_weight = (a_t * one_minus_pt**gamma_t).detach()
+    return weight * (focal_weight * b + a_t * poly1 * one_minus_pt)
+
+
+@pytest.mark.parametrize(
+    ("gammas", "clip", "alpha", "eps", "poly1"),
+    list(itertools.product([(2.0, 2.0), (0.0, 4.0), (1.0, 3.0)], [0.0, 0.05], [None, 0.25],
+                           [0.0, 0.1], [0.0, 0.7])),
+)
+@pytest.mark.parametrize("soft", [False, True])
+def test_detach_focal_weight_equals_detached_composition(gammas, clip, alpha, eps, poly1, soft):
+    x, t = _rand(16, 5), _targets(16, 5, soft=soft)
+    w, pw = torch.rand(5, dtype=F64) + 0.2, torch.rand(5, dtype=F64) * 3
+    go = torch.rand(16, 5, dtype=F64)
+    opts = dict(gamma_pos=gammas[0], gamma_neg=gammas[1], clip=clip, alpha=alpha,
+                label_smoothing=eps, poly1=poly1, weight=w, pos_weight=pw)
+    loss, grad = _loss_and_grad(
+        crossent.asymmetric_loss, x, t, go, detach_focal_weight=True, reduction="none", **opts
+    )
+    ref_loss, ref_grad = _loss_and_grad(_detached_focal_composition, x, t, go, **opts)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("new", list(NEW_OPTIONS))
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(gamma_pos=0.0, gamma_neg=0.0, clip=0.0),
+        dict(gamma_pos=0.5, gamma_neg=0.5, alpha=0.25, clip=0.0),
+        dict(gamma_pos=0.0, gamma_neg=4.0, clip=0.05, label_smoothing=0.1),
+    ],
+)
+def test_poly1_and_detach_hostile_logits(dtype, new, kw):
+    vals = [-1e4, -105.0, -30.0, -17.0, 0.0, 17.0, 30.0, 105.0, 1e4]
+    x = torch.tensor(vals, dtype=dtype).repeat_interleave(4)
+    t = torch.tensor([0.0, 1.0, 0.5, 1e-6], dtype=dtype).repeat(len(vals))
+    kw = dict(kw, **NEW_OPTIONS[new])
+    loss, grad = _loss_and_grad(crossent.asymmetric_loss, x, t, reduction="none", **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    ref_loss, ref_grad = R.asymmetric_loss(
+        x.double().numpy(), t.double().numpy(), reduction="none", **kw
+    )
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loss.double().numpy(), ref_loss, **tol)
+    np.testing.assert_allclose(grad.double().numpy(), ref_grad, **tol)
+
+
+@pytest.mark.parametrize("new", list(NEW_OPTIONS))
+def test_poly1_and_detach_leave_the_native_kernel(new, cpu_path, monkeypatch):
+    """The native kernel does not compute them: "auto" runs the torch-op path, a forced
+    "native" raises a ValueError naming the backend."""
+    from crossent._cpu import native
+
+    calls = []
+    original = native.binary_cross_entropy
+
+    def counted(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(native, "binary_cross_entropy", counted)
+    x, t = _rand(6, 4), _targets(6, 4)
+    crossent.sigmoid_focal_loss(x.clone().requires_grad_(), t, **NEW_OPTIONS[new]).backward()
+    assert not calls
+    crossent.sigmoid_focal_loss(x.clone().requires_grad_(), t).backward()
+    assert len(calls) == int(cpu_path == "native")
+    with pytest.raises(ValueError, match="backend='native'"):
+        crossent.sigmoid_focal_loss(x, t, backend="native", **NEW_OPTIONS[new])
+
+
+def test_poly1_double_backward_and_torch_func():
+    """The composite graph computes the Poly-1 term exactly (no focal term, no clip)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, dtype=F64, generator=gen)
+    t = torch.rand(6, 3, dtype=F64, generator=gen)
+    t[0, 1] = -1
+    kw = dict(weight=torch.rand(6, 1, dtype=F64) + 0.5, pos_weight=torch.rand(3, dtype=F64) + 0.5,
+              alpha=0.3, label_smoothing=0.1, ignore_index=-1, poly1=-0.7, detach_focal_weight=True)
+    assert torch.autograd.gradgradcheck(
+        lambda z: crossent.binary_cross_entropy(z, t, **kw), (x.clone().requires_grad_(),)
+    )
+    g = torch.func.grad(lambda z: crossent.binary_cross_entropy(z, t, **kw))(x)
+    _, expect = _loss_and_grad(crossent.binary_cross_entropy, x, t, **kw)
+    torch.testing.assert_close(g, expect)
+    z = x.clone().requires_grad_()
+    loss = crossent.asymmetric_loss(z, t.clamp(0, 1), poly1=0.5, detach_focal_weight=True)
+    with pytest.raises(RuntimeError, match="gamma"):
+        torch.autograd.grad(loss, z, create_graph=True)
+
+
+def test_poly1_and_detach_nn_modules():
+    x, t = _rand(10, 4), _targets(10, 4, soft=True)
+    new = dict(poly1=0.6, detach_focal_weight=True)
+    m = cnn.BCEWithLogitsLoss(gamma=1.5, **new)
+    torch.testing.assert_close(m(x, t), crossent.binary_cross_entropy(x, t, gamma=1.5, **new))
+    assert "poly1=0.6" in repr(m) and "detach_focal_weight=True" in repr(m)
+    assert "poly1" not in repr(cnn.BCEWithLogitsLoss())
+    assert "detach_focal_weight" not in repr(cnn.AsymmetricLoss())
+    xg = x.clone().requires_grad_()
+    cnn.SigmoidFocalLoss(**new)(xg, t).backward()
+    _, expect = _loss_and_grad(crossent.sigmoid_focal_loss, x, t, **new)
+    torch.testing.assert_close(xg.grad, expect)
+    asl = cnn.AsymmetricLoss(gamma_neg=2.0, clip=0.1, **new)
+    torch.testing.assert_close(asl(x, t), crossent.asymmetric_loss(x, t, gamma_neg=2.0, clip=0.1, **new))
+    assert "poly1=0.6" in repr(asl) and "detach_focal_weight=True" in repr(asl)
+    with pytest.raises(TypeError, match="poly1"):
+        cnn.BCEWithLogitsLoss(poly1="a")
+    with pytest.raises(TypeError, match="detach_focal_weight"):
+        cnn.SigmoidFocalLoss(detach_focal_weight=1)
+    with pytest.raises(ValueError, match="poly1"):
+        cnn.AsymmetricLoss(poly1=float("inf"))
+
+
+@pytest.mark.parametrize("front", ["binary_cross_entropy", "sigmoid_focal_loss", "asymmetric_loss"])
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (dict(poly1="a"), TypeError, "poly1 must be a float, got str"),
+        (dict(poly1=True), TypeError, "poly1 must be a float, got bool"),
+        (dict(poly1=None), TypeError, "poly1 must be a float"),
+        (dict(poly1=float("inf")), ValueError, "poly1 must be finite"),
+        (dict(poly1=float("nan")), ValueError, "poly1 must be finite"),
+        (dict(detach_focal_weight=1), TypeError, "detach_focal_weight must be a bool, got int"),
+        (dict(detach_focal_weight="yes"), TypeError, "detach_focal_weight must be a bool"),
+        (dict(detach_focal_weight=None), TypeError, "detach_focal_weight must be a bool"),
+        (dict(detach_focal_weight=np.bool_(True)), TypeError, "detach_focal_weight must be a bool"),
+    ],
+)
+def test_poly1_and_detach_errors(front, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        getattr(crossent, front)(torch.zeros(3, 2), torch.zeros(3, 2), **kwargs)
+
+
+def test_compile_fullgraph_poly1_detach():
+    x, t = _rand(8, 5, dtype=torch.float32), _targets(8, 5).float()
+
+    def f(z, tt):
+        return crossent.asymmetric_loss(z, tt, poly1=0.5, detach_focal_weight=True)
+
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la = f(a, t)
+    la.backward()
+    lb = torch.compile(f, fullgraph=True)(b, t)
+    lb.backward()
+    torch.testing.assert_close(lb, la)
+    torch.testing.assert_close(b.grad, a.grad)

@@ -153,6 +153,7 @@ def test_triton_computes_or_falls_back(names, monkeypatch):
 BINARY_VALUES: dict[str, Any] = {
     "label_smoothing": 0.1, "gamma_pos": 1.0, "gamma_neg": 3.0, "alpha": 0.3, "clip": 0.05,
     "ignore_index": -1.0, "weight": np.linspace(0.5, 1.5, C), "pos_weight": np.linspace(2.0, 0.5, C),
+    "poly1": -0.6, "detach_focal_weight": True,
 }
 
 
@@ -162,9 +163,26 @@ def _binary_sets() -> list[tuple[str, ...]]:
     return [(), *((n,) for n in names), *itertools.combinations(names, 2)]
 
 
+@pytest.fixture
+def binary_routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts which sigmoid kernel ran (the operator looks the kernels up at call time)."""
+    from crossent._cpu import binary as torch_binary
+
+    calls = {"native": 0, "torch": 0}
+    for name, module in (("native", native), ("torch", torch_binary)):
+        fn = module.binary_cross_entropy
+
+        def counted(*a: Any, _fn: Any = fn, _n: str = name, **k: Any) -> Any:
+            calls[_n] += 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(module, "binary_cross_entropy", counted)
+    return calls
+
+
 @pytest.mark.parametrize("names", _binary_sets(), ids=lambda n: "+".join(n) or "none")
 @pytest.mark.parametrize("backend", ["auto", "native", "torch"])
-def test_binary_backends_compute_or_fall_back(names, backend):
+def test_binary_backends_compute_or_fall_back(names, backend, binary_routed):
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(6, C, generator=gen, dtype=torch.float64) * 2
     t = torch.rand(6, C, generator=gen, dtype=torch.float64)
@@ -177,11 +195,23 @@ def test_binary_backends_compute_or_fall_back(names, backend):
     xg = x.clone().requires_grad_()
     if backend == "native" and not native.available():
         pytest.skip("no native kernels")
-    loss = crossent.asymmetric_loss(
-        xg, t, gamma_pos=tkw.pop("gamma_pos", 0.0), gamma_neg=tkw.pop("gamma_neg", 0.0),
+    w, pw = (torch.as_tensor(kw[n]) if n in kw else None for n in ("weight", "pos_weight"))
+    expect_native = native.available() and native.supports_binary(x, t, w, pw, opts)
+    assert expect_native == (native.available() and covers(native.BINARY_CAPABILITIES, frozenset(names)))
+    # the native kernel computes every option but these two
+    assert expect_native == (native.available() and not {"poly1", "detach_focal_weight"} & set(names))
+    call = dict(
+        gamma_pos=tkw.pop("gamma_pos", 0.0), gamma_neg=tkw.pop("gamma_neg", 0.0),
         clip=tkw.pop("clip", 0.0), backend=backend, **tkw,
     )
+    if backend == "native" and not expect_native:
+        with pytest.raises(ValueError, match="does not cover"):
+            crossent.asymmetric_loss(xg, t, **call)
+        return
+    loss = crossent.asymmetric_loss(xg, t, **call)
     loss.backward()
+    ran_native = backend != "torch" and expect_native
+    assert binary_routed == {"native": int(ran_native), "torch": int(not ran_native)}
     rest = {k: v for k, v in kw.items() if k not in ("gamma_pos", "gamma_neg", "clip")}
     ref_loss, ref_grad = RB.asymmetric_loss(
         x.numpy(), t.numpy(), gamma_pos=kw.get("gamma_pos", 0.0), gamma_neg=kw.get("gamma_neg", 0.0),
@@ -189,3 +219,40 @@ def test_binary_backends_compute_or_fall_back(names, backend):
     )
     np.testing.assert_allclose(loss.detach().numpy(), ref_loss, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(xg.grad.numpy(), ref_grad, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "names", [("poly1",), ("detach_focal_weight",), ("clip", "detach_focal_weight", "gamma_neg", "poly1")],
+    ids="+".join,
+)
+def test_binary_triton_leaves_poly1_and_detach_to_the_torch_path(names, monkeypatch):
+    """Routed as on CUDA, a call the Triton allow-list does not cover runs on the torch-op path
+    ("auto"), a forced "triton" raises, and the operator called directly with backend "triton"
+    does not hand it to the kernel either."""
+    pytest.importorskip("triton")
+    from crossent._triton import binary as tbinary
+
+    assert not covers(_triton.BINARY_CAPABILITIES, frozenset(names))
+    assert covers(_triton.BINARY_CAPABILITIES, BINARY_ALL - {"poly1", "detach_focal_weight"})
+    calls: list[int] = []
+    monkeypatch.setattr(tbinary, "binary_cross_entropy", lambda *a, **k: calls.append(1))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, C, generator=gen, dtype=torch.float64) * 2
+    t = torch.rand(6, C, generator=gen, dtype=torch.float64)
+    kw = {n: BINARY_VALUES[n] for n in names}
+    call = dict(gamma_pos=0.0, gamma_neg=kw.pop("gamma_neg", 0.0), clip=kw.pop("clip", 0.0), **kw)
+    ref_loss, ref_grad = RB.asymmetric_loss(x.numpy(), t.numpy(), **call)
+    monkeypatch.setattr(functional, "_pick_backend", lambda logits, backend: "triton")
+    xg = x.clone().requires_grad_()
+    loss = crossent.asymmetric_loss(xg, t, **call)
+    loss.backward()
+    np.testing.assert_allclose(loss.detach().numpy(), ref_loss, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(xg.grad.numpy(), ref_grad, rtol=1e-8, atol=1e-11)
+    with pytest.raises(ValueError, match="does not cover"):
+        crossent.asymmetric_loss(x, t, backend="triton", **call)
+    direct, _ = torch.ops.crossent.binary_ce(
+        x, t, None, None, 0.0, 0.0, call["gamma_neg"], None, call["clip"], None, "mean", False,
+        "triton", kw.get("poly1", 0.0), kw.get("detach_focal_weight", False),
+    )
+    np.testing.assert_allclose(direct.numpy(), ref_loss, rtol=1e-9, atol=1e-12)
+    assert not calls

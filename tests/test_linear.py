@@ -278,8 +278,8 @@ def test_validation_errors():
         lce(h, W, y[:3])
     with pytest.raises(ValueError, match="outside"):
         lce(h, W, torch.full_like(y, 37))
-    with pytest.raises(TypeError, match="integer class indices"):
-        lce(h, W, y.float())
+    with pytest.raises(ValueError, match="for class indices pass an integer tensor"):
+        lce(h, W, y.float())  # a float target is read as probabilities (..., V)
     with pytest.raises(ValueError, match="chunk_size"):
         lce(h, W, y, chunk_size=0)
     with pytest.raises(ValueError, match="class_weight must have shape"):
@@ -290,3 +290,271 @@ def test_validation_errors():
         lce(h, W, y, reduction="avg")
     with pytest.raises(ValueError, match="backend"):
         lce(h, W, y, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# probability (soft) targets: target (..., V) of class probabilities
+
+
+def _soft(lead, V, seed=0, dtype=torch.float64):
+    """A (..., V) probability target: softmax rows, some entries exactly 0, a one-hot row and
+    a row of total mass != 1 (cross_entropy takes any non-negative target)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    t = torch.softmax(2.0 * torch.randn(*lead, V, generator=g, dtype=torch.float64), dim=-1)
+    flat = t.view(-1, V)
+    if flat.shape[0]:
+        flat[:, ::5] = 0.0
+        flat[0] = 0.0
+        flat[0, V // 2] = 1.0
+    if flat.shape[0] > 1:
+        flat[-1] *= 1.7
+    return t.to(dtype)
+
+
+def _soft_reference(h, W, b, t, reduction, kw):
+    """crossent.cross_entropy on the materialised (M, V) logits and (M, V) probabilities."""
+    kw = dict(kw)
+    cw = kw.pop("class_weight", None)
+    V = W.shape[0]
+    logits = (h @ W.t() + b if b is not None else h @ W.t()).reshape(-1, V)
+    out = crossent.cross_entropy(logits, t.reshape(-1, V), weight=cw, reduction=reduction, **kw)
+    return out.reshape(h.shape[:-1]) if reduction == "none" else out
+
+
+def _assert_soft_parity(h, W, b, t, cw, opts, reduction, atol=1e-10, rtol=1e-9, **extra):
+    kw = _kwargs(opts, cw)
+    inputs = (h, W) if b is None else (h, W, b)
+    ref = _soft_reference(h, W, b, t, reduction, kw)
+    got = crossent.linear_cross_entropy(h, W, t, bias=b, reduction=reduction, **kw, **extra)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    if reduction == "none":
+        assert got.shape == h.shape[:-1]
+    torch.testing.assert_close(got, ref, atol=atol, rtol=rtol)
+    for g_got, g_ref in zip(_grads(got, inputs, reduction), _grads(ref, inputs, reduction),
+                            strict=True):
+        assert g_got.dtype == g_ref.dtype
+        torch.testing.assert_close(g_got, g_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_soft_parity_float64_every_option(name, reduction):
+    h, W, b, _, cw = _problem()
+    t = _soft((29,), 37)
+    _assert_soft_parity(h, W, b, t, cw, OPTIONS[name], reduction, chunk_size=5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"label_smoothing": 0.1}, {"class_weight": "rand"},
+     {"label_smoothing": 0.2, "class_weight": "rand"}],
+    ids=["plain", "smoothing", "class_weight", "smoothing_class_weight"],
+)
+def test_soft_matches_torch_cross_entropy(opts, reduction):
+    """Where the semantics overlap, PyTorch's own probability-target cross-entropy (float64):
+    ``F.cross_entropy`` on the materialised logits and, where present, ``F.linear_cross_entropy``."""
+    h, W, b, _, cw = _problem(N=23)
+    t = _soft((23,), 37, seed=1)
+    kw = _kwargs(opts, cw)
+    got = crossent.linear_cross_entropy(h, W, t, bias=b, reduction=reduction, chunk_size=4, **kw)
+    ref = torch.nn.functional.cross_entropy(
+        h @ W.t() + b, t, weight=kw.get("class_weight"),
+        label_smoothing=kw.get("label_smoothing", 0.0), reduction=reduction,
+    )
+    refs = [ref]
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):  # PyTorch >= 2.13
+        refs.append(torch.nn.functional.linear_cross_entropy(
+            h, W, t, linear_bias=b, weight=kw.get("class_weight"),
+            label_smoothing=kw.get("label_smoothing", 0.0), reduction=reduction,
+        ))
+    g_got = _grads(got, (h, W, b), reduction)
+    for r in refs:
+        torch.testing.assert_close(got, r, atol=1e-11, rtol=1e-10)
+        for g, gr in zip(g_got, _grads(r, (h, W, b), reduction), strict=True):
+            torch.testing.assert_close(g, gr, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 29, 30, 1000, None])
+def test_soft_chunk_sizes(chunk_size):
+    h, W, b, _, cw = _problem()
+    t = _soft((29,), 37, seed=2)
+    _assert_soft_parity(h, W, b, t, cw, OPTIONS["everything"], "mean", chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("lead", [(3, 4), (2, 1, 5), (1, 7)])
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_soft_leading_shapes(lead, reduction, chunk_size):
+    h, W, b, _, cw = _problem(lead=lead)
+    t = _soft(lead, 37, seed=3)
+    _assert_soft_parity(h, W, b, t, cw, OPTIONS["everything"], reduction, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_soft_non_viewable_target(reduction, chunk_size):
+    """A (B, T, V) target whose leading dims do not flatten to a view (the shifted slice of a
+    teacher's (B, T + 1, V) probabilities; a transposed one): rows are gathered per chunk."""
+    h, W, b, _, cw = _problem(lead=(3, 5))
+    full = _soft((3, 6), 37, seed=4)
+    for t in (full[:, :-1], _soft((5, 3), 37, seed=5).transpose(0, 1)):
+        with pytest.raises(RuntimeError):
+            t.view(-1, 37)
+        _assert_soft_parity(h, W, b, t, cw, {"label_smoothing": 0.1, "z_loss": 1e-2,
+                                             "class_weight": "rand"}, reduction,
+                            chunk_size=chunk_size)
+
+
+def test_soft_target_is_never_copied(monkeypatch):
+    """The chunk loop receives the user's tensor itself (or a view of it), whatever its layout
+    or dtype: no N x V copy; every row is computed (no ignore-row selection)."""
+    import crossent._cpu.linear as lin
+
+    h, W, b, _, _ = _problem(lead=(2, 6), ignore_every=0)
+    seen = []
+    orig = lin.linear_cross_entropy_rows
+
+    def spy(hidden, weight, bias, target, *args, **kwargs):
+        seen.append((hidden.shape[0], target.untyped_storage().data_ptr()))
+        return orig(hidden, weight, bias, target, *args, **kwargs)
+
+    monkeypatch.setattr(lin, "linear_cross_entropy_rows", spy)
+    full = _soft((2, 7), 37, dtype=torch.float16)  # a half target is cast per chunk
+    for t in (_soft((2, 6), 37), _soft((2, 6), 37, dtype=torch.bfloat16), full[:, 1:]):
+        seen.clear()
+        # ignore_index=0 selects nothing: it does not apply to probability targets
+        crossent.linear_cross_entropy(h, W, t, bias=b, ignore_index=0, chunk_size=5).backward()
+        assert seen == [(12, t.untyped_storage().data_ptr())]
+
+
+def test_soft_target_dtypes_cast_per_chunk():
+    """A float16/bfloat16/float32 target with float64 inputs: the target is cast per chunk,
+    equal to the reference on the target converted once."""
+    h, W, b, _, _ = _problem()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        t = _soft((29,), 37, seed=6, dtype=dtype)
+        got = crossent.linear_cross_entropy(h, W, t, bias=b, chunk_size=6, label_smoothing=0.1)
+        ref = _soft_reference(h, W, b, t.double(), "mean", {"label_smoothing": 0.1})
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_soft_ignore_index_does_not_apply():
+    h, W, b, _, _ = _problem()
+    t = _soft((29,), 37, seed=7)
+    base = crossent.linear_cross_entropy(h, W, t, bias=b, chunk_size=4)
+    for ignore_index in (0, 5, -100):
+        out = crossent.linear_cross_entropy(h, W, t, bias=b, chunk_size=4, ignore_index=ignore_index)
+        torch.testing.assert_close(out, base, atol=0, rtol=0)
+    # a "mean" divides by the number of rows, zero-mass rows included
+    t0 = t.clone()
+    t0[:10] = 0.0
+    s = crossent.linear_cross_entropy(h, W, t0, bias=b, reduction="sum")
+    m = crossent.linear_cross_entropy(h, W, t0, bias=b, reduction="mean")
+    torch.testing.assert_close(m, s / 29, atol=1e-14, rtol=1e-12)
+
+
+def test_soft_no_gradient_to_target_and_grad_output():
+    h, W, b, _, cw = _problem()
+    t = _soft((29,), 37, seed=8).requires_grad_()
+    kw = {"gamma": 1.5, "class_weight": cw, "poly1": 0.5}
+    got = crossent.linear_cross_entropy(h, W, t, bias=b, chunk_size=6, **kw)
+    assert torch.autograd.grad(got, t, retain_graph=True, allow_unused=True)[0] is None
+    ref = _soft_reference(h, W, b, t.detach(), "mean", kw)
+    ref_g = torch.autograd.grad(3.0 * ref, (h, W, b))
+    first = [g.clone() for g in torch.autograd.grad(3.0 * got, (h, W, b), retain_graph=True)]
+    second = torch.autograd.grad(-0.5 * got, (h, W, b))  # recomputed from the saved inputs
+    for f, s, r in zip(first, second, ref_g, strict=True):
+        torch.testing.assert_close(f, r, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(s, r * (-0.5 / 3.0), atol=1e-12, rtol=1e-10)
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_empty_batch(reduction):
+    h, W, b, _, _ = _problem(N=0, lead=(0, 3))
+    t = _soft((0, 3), 37)
+    _assert_soft_parity(h, W, b, t, None, {"z_loss": 1e-2}, reduction, chunk_size=2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_soft_gradcheck(reduction):
+    h, W, b, _, cw = _problem(N=5, D=3, V=4)
+    t = _soft((5,), 4, seed=9)
+    opts = {"label_smoothing": 0.1, "gamma": 1.5, "z_loss": 1e-2, "softcap": 2.0,
+            "confidence_penalty": 0.1, "poly1": 0.5}
+
+    def f(h, W, b):
+        return crossent.linear_cross_entropy(h, W, t, bias=b, class_weight=cw,
+                                             reduction=reduction, chunk_size=2, **opts)
+
+    assert torch.autograd.gradcheck(f, (h, W, b))
+
+
+@pytest.mark.parametrize("wgrad", [None, torch.bfloat16])
+@pytest.mark.parametrize("name", ["plain", "smoothing_class_weight", "everything"])
+def test_soft_bf16_close_to_fp32(name, wgrad):
+    """bf16 inputs against the same values in fp32 (the unfused fp32 loss)."""
+    h, W, b, _, cw = _problem(N=64, D=32, V=300, dtype=torch.bfloat16)
+    t = _soft((64,), 300, seed=10, dtype=torch.float32)
+    kw = _kwargs(OPTIONS[name], cw)
+    got = crossent.linear_cross_entropy(h, W, t, bias=b, chunk_size=16, weight_grad_dtype=wgrad,
+                                        **kw)
+    assert got.dtype == torch.float32
+    g_got = torch.autograd.grad(got, (h, W, b))
+    assert [g.dtype for g in g_got] == [torch.bfloat16] * 3
+    h32, W32, b32 = (x.detach().float().requires_grad_() for x in (h, W, b))
+    ref = _soft_reference(h32, W32, b32, t, "mean", kw)
+    g_ref = torch.autograd.grad(ref, (h32, W32, b32))
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
+    for g, r in zip(g_got, g_ref, strict=True):
+        tol = 3e-2 if wgrad is None else 6e-2
+        assert (g.float() - r).abs().max().item() <= tol * r.abs().max().item()
+
+
+def test_soft_module():
+    h, W, b, _, cw = _problem()
+    t = _soft((29,), 37, seed=11)
+    mod = crossent.nn.LinearCrossEntropyLoss(cw, label_smoothing=0.1, chunk_size=4)
+    ref = _soft_reference(h, W, b, t, "mean", {"class_weight": cw, "label_smoothing": 0.1})
+    torch.testing.assert_close(mod(h, W, t, b), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_soft_validation_errors():
+    h, W, _, _, _ = _problem(lead=(3, 4), dtype=torch.float32)
+    t = _soft((3, 4), 37, dtype=torch.float32)
+    lce = crossent.linear_cross_entropy
+    with pytest.raises(ValueError, match=r"must have shape \(\.\.\., V\) = \(3, 4, 37\)"):
+        lce(h, W, t[..., :36])  # wrong V
+    with pytest.raises(ValueError, match="target of class probabilities must have shape"):
+        lce(h, W, t[:2])  # wrong leading shape
+    with pytest.raises(ValueError, match="target of class probabilities must have shape"):
+        lce(h, W, t.reshape(12, 37))  # flattened: the leading shape must be hidden's
+    bad = t.clone()
+    bad[1, 2, 3] = -1e-3
+    with pytest.raises(ValueError, match=">= 0"):
+        lce(h, W, bad)
+    with pytest.raises(TypeError, match="complex"):
+        lce(h, W, t.to(torch.complex64))
+    with pytest.raises(ValueError, match="target is on"):
+        lce(h, W, t.to("meta"))
+    # The Triton blockwise kernels take class indices only: a clear refusal, on any device.
+    with pytest.raises(ValueError, match="probability"):
+        lce(h, W, t, backend="triton")
+    # The vocab-parallel head keeps index targets, on one rank too.
+    import crossent.distributed as cd
+
+    with pytest.raises(TypeError, match="probability targets are not supported"):
+        cd.vocab_parallel_linear_cross_entropy(h, W, t)
+
+
+def test_triton_supports_refuses_probability_targets():
+    from crossent._options import SoftmaxOptions
+    from crossent._triton.linear import supports, try_triton_linear_cross_entropy
+
+    h, W, b, _, _ = _problem(dtype=torch.float32)
+    t = _soft((29,), 37, dtype=torch.float32)
+    assert not supports(SoftmaxOptions(), h, t)
+    assert try_triton_linear_cross_entropy(
+        h, W, b, t, None, SoftmaxOptions(), "mean", None, None, required=False
+    ) is None

@@ -36,6 +36,9 @@ SOFTMAX_OPTIONS: dict[str, dict[str, Any]] = {
     "poly1": {"poly1": 1.0},
     "sum": {"reduction": "sum"},
     "none": {"reduction": "none"},
+    "sample_weight": {"sample_weight": "sw"},
+    "class_dim": {"class_dim": -1},
+    "mean_denominator": {"mean_denominator": "count", "weight": "w"},
     "focal+smoothing": {"gamma": 2.0, "label_smoothing": 0.1},
     "all": {"gamma": 1.5, "label_smoothing": 0.1, "weight": "w", "z_loss": 1e-3, "poly1": 0.5,
             "softcap": 4.0, "confidence_penalty": 0.1},
@@ -96,6 +99,10 @@ def test_compile_fullgraph_matrix(option, layout, cpu_path, kernel_calls):
     shape = LAYOUTS[layout]
     x, y = _inputs(shape)
     kw = _kwargs(SOFTMAX_OPTIONS[option], shape[0] if len(shape) == 1 else shape[1])
+    if kw.get("sample_weight") == "sw":
+        kw["sample_weight"] = torch.rand(y.shape, generator=torch.Generator().manual_seed(1))
+    if "class_dim" in kw:
+        x = x.movedim(0 if x.ndim == 1 else 1, -1).contiguous()  # classes last, (N, d, C)
 
     def f(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return crossent.cross_entropy(z, t, **kw) * 2.0
@@ -103,8 +110,9 @@ def test_compile_fullgraph_matrix(option, layout, cpu_path, kernel_calls):
     la, ga, lb, gb = _eager_and_compiled(f, x, y)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6)
+    front_door = ("weight", "reduction", "sample_weight", "class_dim", "mean_denominator")
     covered = native.supports_softmax(x, y, crossent._options.SoftmaxOptions(
-        **{k: v for k, v in kw.items() if k not in ("weight", "reduction")}
+        **{k: v for k, v in kw.items() if k not in front_door}
     ))
     if cpu_path == "native" and covered:
         assert kernel_calls["softmax"] >= 2  # eager, then inside the compiled graph

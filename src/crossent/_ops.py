@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._options import BinaryOptions, RowGamma, SoftmaxOptions
+from crossent._options import BinaryOptions, RowGamma, SoftmaxOptions, covers
 
 __all__ = ["binary_ce", "scale_saved_grad", "softmax_ce", "true_class_prob"]
 
@@ -348,19 +348,22 @@ def _(logits, target, ignore_index, softcap, backend):
 
 def _binary_opts(
     label_smoothing: float, gamma_pos: float, gamma_neg: float, alpha: float | None, clip: float,
-    ignore_index: float | None,
+    ignore_index: float | None, poly1: float, detach_focal_weight: bool,
 ) -> BinaryOptions:
     return BinaryOptions(label_smoothing=label_smoothing, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
-                         alpha=alpha, clip=clip, ignore_index=ignore_index)
+                         alpha=alpha, clip=clip, ignore_index=ignore_index, poly1=poly1,
+                         detach_focal_weight=detach_focal_weight)
 
 
 def _binary_kernel(backend: str, logits: Tensor, target: Tensor, weight: Tensor | None,
                    pos_weight: Tensor | None, opts: BinaryOptions):
+    from crossent import _triton
     from crossent._cpu import native
 
     if backend == "native" and native.supports_binary(logits, target, weight, pos_weight, opts):
         return native.binary_cross_entropy
-    if backend == "triton":
+    used = opts.active() | {n for n, t in (("weight", weight), ("pos_weight", pos_weight)) if t is not None}
+    if backend == "triton" and covers(_triton.BINARY_CAPABILITIES, used):
         from crossent._triton.binary import binary_cross_entropy
 
         return binary_cross_entropy
@@ -384,10 +387,16 @@ def binary_ce(
     reduction: str,
     need_grad: bool,
     backend: str,
+    poly1: float = 0.0,
+    detach_focal_weight: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The sigmoid family's loss and (``need_grad``) its gradient w.r.t. ``logits``; see
-    :func:`crossent.binary_cross_entropy`. Contract as :func:`softmax_ce`."""
-    opts = _binary_opts(label_smoothing, gamma_pos, gamma_neg, alpha, clip, ignore_index)
+    :func:`crossent.binary_cross_entropy`. Contract as :func:`softmax_ce`. ``poly1`` and
+    ``detach_focal_weight`` come last, with defaults, so that calls written before them keep
+    their meaning; a kernel whose allow-list does not name an option in use is not called (the
+    torch-op path computes every option)."""
+    opts = _binary_opts(label_smoothing, gamma_pos, gamma_neg, alpha, clip, ignore_index, poly1,
+                        detach_focal_weight)
     kernel = _binary_kernel(backend, logits, target, weight, pos_weight, opts)
     loss, grad = kernel(logits, target, weight, pos_weight, opts, reduction, need_grad)
     if grad is None:
@@ -397,7 +406,7 @@ def binary_ce(
 
 @binary_ce.register_fake
 def _(logits, target, weight, pos_weight, label_smoothing, gamma_pos, gamma_neg, alpha, clip,
-      ignore_index, reduction, need_grad, backend):
+      ignore_index, reduction, need_grad, backend, poly1=0.0, detach_focal_weight=False):
     shape = tuple(logits.shape) if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=_acc_dtype(logits.dtype))
     return loss, logits.new_empty(logits.shape if need_grad else (0,))
@@ -405,18 +414,19 @@ def _(logits, target, weight, pos_weight, label_smoothing, gamma_pos, gamma_neg,
 
 def _binary_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     (logits, target, weight, pos_weight, eps, gamma_pos, gamma_neg, alpha, clip, ignore_index,
-     reduction, need_grad, _backend) = inputs
+     reduction, need_grad, _backend, poly1, detach_focal_weight) = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled "gradient" of the grad output
     ctx.need_grad = need_grad
     ctx.reduction = reduction
-    ctx.opts = _binary_opts(eps, gamma_pos, gamma_neg, alpha, clip, ignore_index)
+    ctx.opts = _binary_opts(eps, gamma_pos, gamma_neg, alpha, clip, ignore_index, poly1,
+                            detach_focal_weight)
     ctx.save_for_backward(output[1], logits, target, weight, pos_weight)
 
 
 def _binary_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> tuple[Any, ...]:
     grad, logits, target, weight, pos_weight = ctx.saved_tensors
-    nones = (None,) * 12
+    nones = (None,) * 14
     if grad_loss is None:  # an undefined grad_output is a zero one
         return (None, *nones)
     if not ctx.need_grad:
@@ -445,9 +455,12 @@ def binary_loss_graph(
     Without the focal term and the clip, per element
 
     .. math:: L = w\,\alpha_t \bigl(w_+ t' \operatorname{softplus}(-x) + (1 - t')
-              \operatorname{softplus}(x)\bigr)
+              \operatorname{softplus}(x) + \epsilon_1 (1 - p_t)\bigr),
+              \qquad 1 - p_t = t' \sigma(-x) + (1 - t') \sigma(x)
 
-    whose second derivative autograd takes through ``softplus``.
+    (:math:`\epsilon_1` = ``poly1``, the Poly-1 term, computed exactly), whose second derivative
+    autograd takes through ``softplus`` and ``sigmoid``. ``detach_focal_weight`` changes nothing
+    without a focal term; gamma and clip raise.
     """
     if opts.focal or opts.clip:
         raise _higher_order_error(
@@ -465,6 +478,8 @@ def binary_loss_graph(
     pw = pos_weight.to(acc) if pos_weight is not None else 1.0
     softplus = torch.nn.functional.softplus
     loss = pw * t * softplus(-x) + (1.0 - t) * softplus(x)
+    if opts.poly1:  # Poly-1: + poly1 (1 - p_t), with p_m = p (no clip here)
+        loss = loss + opts.poly1 * (t * torch.sigmoid(-x) + (1.0 - t) * torch.sigmoid(x))
     if opts.alpha is not None:
         loss = loss * (opts.alpha * t + (1.0 - opts.alpha) * (1.0 - t))
     if weight is not None:

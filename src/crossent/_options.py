@@ -64,6 +64,9 @@ class BinaryOptions:
     See :func:`crossent.binary_cross_entropy`. ``alpha`` is None when the class-balance factor is
     disabled (a negative ``alpha`` is normalised to None); ``ignore_index`` is None when no
     target value is masked. ``clip`` is the probability shift of the asymmetric loss (0 outside it).
+    ``poly1`` is the weight of the Poly-1 term ``w * alpha_t * (1 - p_t)`` (Leng et al. 2022);
+    ``detach_focal_weight`` treats the focal weight ``alpha_t * (1 - p_t)**gamma_t`` as a
+    constant in the gradient (Ridnik et al. 2021's ``disable_torch_grad_focal_loss``).
     """
 
     label_smoothing: float = 0.0
@@ -72,6 +75,8 @@ class BinaryOptions:
     alpha: float | None = None
     clip: float = 0.0
     ignore_index: float | None = None
+    poly1: float = 0.0
+    detach_focal_weight: bool = False
 
     @property
     def focal(self) -> bool:

@@ -599,7 +599,8 @@ def vocab_parallel_linear_cross_entropy(
         Other arguments: as in :func:`vocab_parallel_cross_entropy`.
 
     With no process group or a group of one rank this is :func:`crossent.linear_cross_entropy`
-    (``weight`` is passed as its ``class_weight``).
+    (``weight`` is passed as its ``class_weight``). Targets are class indices on any number of
+    ranks: a float (probability) target raises ``TypeError``.
     """
     check_logits(hidden, "hidden")
     check_logits(local_weight, "local_weight")
@@ -614,6 +615,15 @@ def vocab_parallel_linear_cross_entropy(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     Vl = local_weight.shape[0]
+    # Index targets only, on one rank as on many (linear_cross_entropy would take probabilities
+    # on a single rank; a sharded vocabulary cannot).
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(
+            "vocab_parallel_linear_cross_entropy takes integer class ids (global ids in [0, V)); "
+            f"probability targets are not supported on a sharded vocabulary, got {target.dtype}"
+        )
     loss_opts = dict(
         ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
         softcap=softcap, confidence_penalty=confidence_penalty, poly1=poly1, reduction=reduction,
@@ -646,12 +656,6 @@ def vocab_parallel_linear_cross_entropy(
                 f"local_bias must have hidden's dtype and device ({hidden.dtype}, "
                 f"{hidden.device}), got ({local_bias.dtype}, {local_bias.device})"
             )
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex():
-        raise TypeError(
-            "vocab_parallel_linear_cross_entropy takes integer class ids (global ids in [0, V))"
-        )
     if target.device != hidden.device:
         raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
     lead = tuple(hidden.shape[:-1])

@@ -22,6 +22,8 @@ from torch import Tensor
 from crossent import _ops, _triton
 from crossent._cpu import native as _native
 from crossent._cpu.softmax import _gamma_for_rows
+from crossent._formula import MeanBy, acc_dtype, inverse_or_zero
+from crossent._formula import mean_denominator as mean_denominator_of
 from crossent._options import (
     Backend,
     BinaryOptions,
@@ -294,7 +296,10 @@ def cross_entropy(
     softcap: float | None = None,
     confidence_penalty: float = 0.0,
     poly1: float = 0.0,
+    sample_weight: Tensor | None = None,
+    class_dim: int = 1,
     reduction: Reduction = "mean",
+    mean_denominator: MeanBy = "weight",
     inplace_backward: bool = False,
     backend: Backend = "auto",
 ) -> Tensor:
@@ -339,9 +344,20 @@ def cross_entropy(
             :math:`\gamma` (tensor of that shape, or a scalar), e.g. :func:`flsd53`. It is
             called on blocks of rows, so it must act elementwise.
         z_loss, softcap, confidence_penalty, poly1: see above (``softcap=None`` disables).
+        sample_weight: per-sample weights :math:`v_i \ge 0` of the logits' shape without the
+            class dim (Keras's ``sample_weight``): sample i's loss and gradient are multiplied
+            by :math:`v_i`. Computed from the kernel's per-sample losses, so backward allocates
+            one more logits-sized buffer.
+        class_dim: the class dimension of ``logits`` (default 1, as PyTorch; -1 for (..., C)
+            logits such as a language model's (B, T, V), taken as rows without a copy; any
+            other dim is moved to 1 by a view). The target has the logits' shape without it.
         reduction: ``"none"`` (per-sample losses of the target's shape), ``"sum"``, or ``"mean"``:
-            the sum divided by :math:`\sum_i w_{y_i}` over non-ignored samples for index targets
-            (PyTorch's weighted mean), by the number of samples for probability targets.
+            the sum divided by ``mean_denominator``.
+        mean_denominator: ``"weight"`` (default, PyTorch's weighted mean):
+            :math:`\sum_i v_i w_{y_i}` over non-ignored samples for index targets (the number
+            of samples for probability targets, or :math:`\sum_i v_i` with ``sample_weight``);
+            ``"count"``: the number of non-ignored samples (Keras's ``sum_over_batch_size``;
+            the weighted-CE mean of Cui et al. 2019). A zero denominator gives 0.
         inplace_backward: write the gradient into ``logits``' own storage instead of a new
             buffer (saves N x C memory; 1-D/2-D logits). Unsafe when ``logits`` is needed after
             this call (a later read, another loss on the same logits, an op that saved them
@@ -369,6 +385,7 @@ def cross_entropy(
     """
     check_logits(logits)
     check_reduction(reduction)
+    by = _check_mean_denominator(mean_denominator)
     opts = make_softmax_options(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
@@ -378,9 +395,10 @@ def cross_entropy(
         confidence_penalty=confidence_penalty,
         poly1=poly1,
     )
-    C = _num_classes(logits)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    logits, target, lead = _class_dim_to_1(logits, target, class_dim)
+    C = _num_classes(logits)
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     if target.is_floating_point():
@@ -392,6 +410,7 @@ def cross_entropy(
         check_class_target(target, C, ignore_index, _index_target_shape(logits))
         target = target.long()
     w = prepare_weight(weight, C, logits)
+    sw = _prepare_sample_weight(sample_weight, logits, lead)
     if inplace_backward and logits.ndim > 2:
         raise ValueError("inplace_backward needs 1-D or 2-D logits; reshape (N, C, d...) to (M, C)")
     chosen = _pick_backend(logits, backend)
@@ -403,15 +422,122 @@ def cross_entropy(
 
     chosen = _covered(chosen, backend, covered, "softmax")
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    if inplace_backward and need_grad and not _compiling():
-        return _InplaceSoftmaxFunction.apply(logits, target, w, opts, reduction, chosen)
-    if _functorch_active(logits):
+    # Sample weights and a count denominator reduce the kernel's per-sample or summed loss here.
+    kernel_reduction = reduction
+    if sw is not None:
+        kernel_reduction = "none"
+    elif reduction == "mean" and by == "count":
+        kernel_reduction = "sum"
+    if inplace_backward and need_grad and not _compiling() and kernel_reduction == reduction:
+        loss = _InplaceSoftmaxFunction.apply(logits, target, w, opts, reduction, chosen)
+    elif _functorch_active(logits):
         # torch.func transforms (grad, vjp, jacrev, hessian, vmap) need a composite of torch ops
         if _ops.composite_unsupported(opts) is None:
-            return _ops.softmax_loss_graph(logits, target, w, opts, reduction)
-        with _functorch_error(_ops.composite_unsupported(opts)):
-            return _softmax_op(logits, target, w, opts, reduction, need_grad, chosen)
-    return _softmax_op(logits, target, w, opts, reduction, need_grad, chosen)
+            loss = _ops.softmax_loss_graph(logits, target, w, opts, kernel_reduction)
+        else:
+            with _functorch_error(_ops.composite_unsupported(opts)):
+                loss = _softmax_op(logits, target, w, opts, kernel_reduction, need_grad, chosen)
+    else:
+        loss = _softmax_op(logits, target, w, opts, kernel_reduction, need_grad, chosen)
+    if kernel_reduction != reduction or sw is not None:
+        if sw is not None:
+            loss = loss * sw
+            if reduction != "none":
+                loss = loss.sum()
+        if reduction == "mean":
+            rows = target.numel() if not target.is_floating_point() else target.numel() // max(C, 1)
+            denom = mean_denominator_of(target, w, opts.ignore_index, loss.dtype, rows, sw, by)
+            loss = loss * inverse_or_zero(denom)
+    if reduction == "none" and lead is not None:
+        loss = loss.reshape(lead)
+    return loss
+
+
+def _check_mean_denominator(by: Any) -> MeanBy:
+    if by not in ("weight", "count"):
+        raise ValueError(
+            f"mean_denominator must be 'weight' (sum of the weights of non-ignored samples, "
+            f"PyTorch's weighted mean) or 'count' (number of non-ignored samples), got {by!r}"
+        )
+    return by
+
+
+def _class_dim_to_1(
+    logits: Tensor, target: Tensor, class_dim: Any
+) -> tuple[Tensor, Tensor, tuple[int, ...] | None]:
+    """Logits with the class dim at 1, as the kernels take them, and the per-sample shape to
+    give a ``reduction="none"`` loss back (None when nothing moved).
+
+    A last class dim, (..., C) as a language model's logits, becomes rows (M, C) by a reshape,
+    a view of contiguous logits: the fast row kernels, no transpose. Any other dim moves to 1.
+    """
+    if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+        raise TypeError(f"class_dim must be an int, got {type(class_dim).__name__}")
+    nd = max(logits.ndim, 1)
+    if logits.ndim <= 1 and class_dim == 1:
+        return logits, target, None  # the default: PyTorch's convention, (C,) has its classes at 0
+    if not -nd <= class_dim < nd:
+        raise ValueError(
+            f"class_dim={class_dim} is out of range for logits with {logits.ndim} dims "
+            f"(shape {tuple(logits.shape)}); valid: {-nd} to {nd - 1}"
+        )
+    cd = class_dim % nd
+    if (logits.ndim <= 2 and cd == nd - 1) or cd == 1:
+        return logits, target, None
+    prob = target.is_floating_point()
+    if cd == logits.ndim - 1:
+        C = logits.shape[-1]
+        lead = tuple(logits.shape[:-1])
+        if prob:
+            if tuple(target.shape) != tuple(logits.shape):
+                raise ValueError(
+                    f"target of class probabilities must have the logits' shape "
+                    f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+                )
+            target = target.reshape(-1, C)
+        else:
+            if tuple(target.shape) != lead:
+                raise ValueError(
+                    f"target of class indices must have shape {lead} (the logits' shape without "
+                    f"class_dim={class_dim}), got {tuple(target.shape)}"
+                )
+            target = target.reshape(-1)
+        return logits.reshape(-1, C), target, lead
+    lead = tuple(logits.shape[:cd]) + tuple(logits.shape[cd + 1 :])
+    moved = logits.movedim(cd, 1)
+    if prob:
+        target = target.movedim(cd, 1) if target.ndim == logits.ndim else target
+    return moved, target, lead
+
+
+def _prepare_sample_weight(
+    sample_weight: Any, logits: Tensor, user_shape: tuple[int, ...] | None
+) -> Tensor | None:
+    """Per-sample weights: the logits' shape without the class dim (``user_shape`` when the
+    class dim was moved), finite, >= 0; returned in the kernels' per-sample shape."""
+    if sample_weight is None:
+        return None
+    shape = () if logits.ndim == 1 else (logits.shape[0], *logits.shape[2:])
+    if not isinstance(sample_weight, Tensor):
+        raise TypeError(
+            f"sample_weight must be a torch.Tensor of shape {user_shape or shape} (one weight per "
+            f"sample) or None, got {type(sample_weight).__name__}"
+        )
+    if user_shape is not None and tuple(sample_weight.shape) == user_shape:
+        sample_weight = sample_weight.reshape(shape)  # as the logits' rows were
+        user_shape = None
+    if tuple(sample_weight.shape) != (user_shape or shape):
+        raise ValueError(
+            f"sample_weight must have shape {user_shape or shape} (one weight per sample: the "
+            f"logits' shape without the class dim), got {tuple(sample_weight.shape)}"
+        )
+    if sample_weight.device != logits.device:
+        raise ValueError(f"sample_weight is on {sample_weight.device} but logits are on {logits.device}")
+    if not sample_weight.is_floating_point():
+        sample_weight = sample_weight.float()
+    if not _compiling() and bool(((sample_weight < 0) | ~torch.isfinite(sample_weight)).any()):
+        raise ValueError("sample_weight must be finite and >= 0 for every sample")
+    return sample_weight.detach().to(acc_dtype(logits.dtype))
 
 
 def _softmax_op(
@@ -461,8 +587,14 @@ def make_binary_options(
     clip: float,
     ignore_index: float | None,
     gamma_names: tuple[str, str] = ("gamma_pos", "gamma_neg"),
+    poly1: float = 0.0,
+    detach_focal_weight: bool = False,
 ) -> BinaryOptions:
     """Validate the scalar options of the sigmoid family (each error names its argument)."""
+    if not isinstance(detach_focal_weight, bool):
+        raise TypeError(
+            f"detach_focal_weight must be a bool, got {type(detach_focal_weight).__name__}"
+        )
     eps = _check_finite_number("label_smoothing", label_smoothing, min_value=0.0)
     if eps > 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
@@ -492,7 +624,8 @@ def make_binary_options(
             ii = ignore_index  # exact comparison with integer targets
     return BinaryOptions(
         label_smoothing=eps, gamma_pos=gammas[0], gamma_neg=gammas[1], alpha=a, clip=c,
-        ignore_index=ii,
+        ignore_index=ii, poly1=_check_finite_number("poly1", poly1),
+        detach_focal_weight=detach_focal_weight,
     )
 
 
@@ -598,7 +731,7 @@ def _binary_loss(
         loss, _ = torch.ops.crossent.binary_ce(
         logits, target, w, pw, opts.label_smoothing, opts.gamma_pos, opts.gamma_neg, opts.alpha,
             opts.clip, None if opts.ignore_index is None else float(opts.ignore_index), reduction,
-            need_grad, chosen,
+            need_grad, chosen, opts.poly1, opts.detach_focal_weight,
         )
     return loss
 
@@ -615,6 +748,8 @@ def binary_cross_entropy(
     ignore_index: float | None = None,
     reduction: Reduction = "mean",
     backend: Backend = "auto",
+    poly1: float = 0.0,
+    detach_focal_weight: bool = False,
 ) -> Tensor:
     r"""Binary / multi-label cross-entropy on logits and its focal family, in one autograd node.
 
@@ -627,7 +762,7 @@ def binary_cross_entropy(
         b &= -\bigl[w_+ t' \log p + (1 - t') \log(1 - p)\bigr] \\
         p_t &= p\, t' + (1 - p)(1 - t'), \qquad
         \alpha_t = \alpha t' + (1 - \alpha)(1 - t') \\
-        L &= w\, \alpha_t\, (1 - p_t)^{\gamma}\, b
+        L &= w\, \alpha_t\, (1 - p_t)^{\gamma}\, b + w\, \alpha_t\, \epsilon_1 (1 - p_t)
 
     - :math:`\gamma = 0`, ``alpha=None`` is exactly ``F.binary_cross_entropy_with_logits``
       (same ``weight`` and ``pos_weight`` broadcasting, "mean" over elements);
@@ -636,7 +771,19 @@ def binary_cross_entropy(
       covers soft targets; :math:`\alpha_t` is its class-balance factor (``alpha=None`` or a
       negative ``alpha`` disables it);
     - :func:`asymmetric_loss` is the same formula with separate :math:`\gamma_\pm` and a shifted
-      negative probability.
+      negative probability;
+    - :math:`\epsilon_1` (``poly1``, 0 by default) is the Poly-1 term of Leng et al. 2022
+      (*PolyLoss: A Polynomial Expansion Perspective of Classification Loss Functions*, ICLR),
+      the first polynomial coefficient of the loss, here :math:`(1 - p_t)` under
+      :math:`w \alpha_t` only (no :math:`w_+`, no focal factor; the paper's focal variant
+      uses :math:`(1 - p_t)^{\gamma + 1}` instead), with the derivative
+      :math:`d(1 - p_t)/dx = -t' p (1 - p) + (1 - t')\, p (1 - p)`. With :math:`\gamma = 0`,
+      ``alpha=None`` it is Poly-1 BCE, :math:`b + \epsilon_1 (1 - p_t)`; a negative
+      :math:`\epsilon_1` is allowed;
+    - ``detach_focal_weight=True`` treats the focal weight :math:`\alpha_t (1 - p_t)^\gamma` as
+      a constant in the gradient (Ridnik et al. 2021's ``disable_torch_grad_focal_loss``): the
+      loss is unchanged, its gradient is :math:`w \alpha_t (1 - p_t)^\gamma\, db/dx` (plus the
+      Poly-1 term's). With :math:`\gamma = 0` it changes nothing.
 
     For hard targets this is the familiar split form: :math:`-w \alpha w_+ (1 - p)^\gamma \log p`
     for :math:`t = 1`, :math:`-w (1 - \alpha) p^\gamma \log(1 - p)` for :math:`t = 0`.
@@ -664,7 +811,11 @@ def binary_cross_entropy(
             elements.
         backend: ``"auto"`` (Triton for CUDA tensors when available; the native kernel on the
             CPU when it covers the call; else the torch-op path), ``"native"``, ``"torch"`` or
-            ``"triton"``.
+            ``"triton"``. The native and Triton kernels do not compute ``poly1`` and
+            ``detach_focal_weight``: ``"auto"`` runs such calls on the torch-op path, a forced
+            ``"native"`` / ``"triton"`` raises ``ValueError``.
+        poly1: :math:`\epsilon_1`, the Poly-1 coefficient (a finite float, may be negative).
+        detach_focal_weight: a bool; True stops the gradient through the focal weight.
 
     Returns:
         The loss: float32 for float32/float16/bfloat16 logits (accumulation is always fp32),
@@ -683,7 +834,8 @@ def binary_cross_entropy(
     """
     opts = make_binary_options(
         label_smoothing=label_smoothing, gamma_pos=gamma, gamma_neg=gamma, alpha=alpha, clip=0.0,
-        ignore_index=ignore_index, gamma_names=("gamma", "gamma"),
+        ignore_index=ignore_index, gamma_names=("gamma", "gamma"), poly1=poly1,
+        detach_focal_weight=detach_focal_weight,
     )
     return _binary_loss(logits, target, weight, pos_weight, opts, reduction, backend)
 
@@ -702,8 +854,9 @@ def sigmoid_focal_loss(
     :math:`L = -\alpha_t (1 - p_t)^\gamma \log p_t` for hard targets, the formula of
     torchvision's ``sigmoid_focal_loss`` (:math:`p_t = p t + (1 - p)(1 - t)`,
     :math:`\alpha_t = \alpha t + (1 - \alpha)(1 - t)`; ``alpha=None`` or negative disables it).
-    Every other option of :func:`binary_cross_entropy` applies. Unlike torchvision, the default
-    ``reduction`` is ``"mean"``.
+    Every other option of :func:`binary_cross_entropy` applies (``poly1``,
+    ``detach_focal_weight`` included). Unlike torchvision, the default ``reduction`` is
+    ``"mean"``.
     """
     return binary_cross_entropy(logits, target, alpha=alpha, gamma=gamma, **options)
 
@@ -722,6 +875,8 @@ def asymmetric_loss(
     ignore_index: float | None = None,
     reduction: Reduction = "mean",
     backend: Backend = "auto",
+    poly1: float = 0.0,
+    detach_focal_weight: bool = False,
 ) -> Tensor:
     r"""Asymmetric loss for multi-label classification (Ridnik et al. 2021, *Asymmetric Loss
     For Multi-Label Classification*), fused like :func:`binary_cross_entropy`.
@@ -736,21 +891,31 @@ def asymmetric_loss(
         b &= -\bigl[w_+ t' \log p + (1 - t') \log(1 - p_m)\bigr] \\
         1 - p_t &= t' (1 - p) + (1 - t')\, p_m, \qquad
         \gamma_t = \gamma_+ t' + \gamma_- (1 - t') \\
-        L &= w\, \alpha_t\, (1 - p_t)^{\gamma_t}\, b
+        L &= w\, \alpha_t\, (1 - p_t)^{\gamma_t}\, b + w\, \alpha_t\, \epsilon_1 (1 - p_t)
 
     For hard targets: :math:`L_+ = -(1 - p)^{\gamma_+} \log p`,
     :math:`L_- = -p_m^{\gamma_-} \log(1 - p_m)`, as in the paper. ``gamma_pos = gamma_neg = 0``
     with ``clip = 0`` is plain binary cross-entropy. The gradient is 0 w.r.t. a negative's logit
     where :math:`p \le c` (the kink of the clip).
 
+    :math:`\epsilon_1` (``poly1``) is the Poly-1 term of Leng et al. 2022 (see
+    :func:`binary_cross_entropy`), here with the clipped :math:`1 - p_t`, so its derivative is
+    :math:`d(1 - p_t)/dx = -t' p (1 - p) + (1 - t') [p > c]\, p (1 - p)`.
+    ``detach_focal_weight=True`` is the training setting ``disable_torch_grad_focal_loss`` of
+    Ridnik et al.'s code: the asymmetric focal weight :math:`\alpha_t (1 - p_t)^{\gamma_t}` is a
+    constant in the gradient, which becomes :math:`w \alpha_t (1 - p_t)^{\gamma_t}\, db/dx`
+    (plus the Poly-1 term's); the loss value is unchanged.
+
     Args:
         gamma_pos, gamma_neg: focusing parameters :math:`\gamma_\pm \ge 0` (paper: 0 and 4).
         clip: probability margin :math:`c \in [0, 1)` (paper: 0.05); 0 disables shifting.
+        poly1: the Poly-1 coefficient :math:`\epsilon_1` (a finite float, may be negative).
+        detach_focal_weight: a bool; True stops the gradient through the focal weight.
         Others: as :func:`binary_cross_entropy` (``alpha`` defaults to None here).
     """
     opts = make_binary_options(
         label_smoothing=label_smoothing, gamma_pos=gamma_pos, gamma_neg=gamma_neg, alpha=alpha,
-        clip=clip, ignore_index=ignore_index,
+        clip=clip, ignore_index=ignore_index, poly1=poly1, detach_focal_weight=detach_focal_weight,
     )
     return _binary_loss(logits, target, weight, pos_weight, opts, reduction, backend)
 
@@ -796,11 +961,32 @@ def linear_cross_entropy(
     order of the matmuls differs), for every option of the softmax family; see
     :func:`cross_entropy` for the math.
 
+    Probability (soft) targets, as ``F.linear_cross_entropy`` and ``F.cross_entropy`` take
+    them: a float ``target`` :math:`T` of shape (..., V) holds a distribution :math:`t_i` per
+    token (e.g. a teacher's softmax for distillation). With :math:`q_i =
+    \mathrm{softmax}(u_i)` of the token's (capped) logits :math:`z_i = W h_i + b` and
+    :math:`\tilde t_i = (1 - \varepsilon) t_i + \varepsilon / V`, the token's loss is
+
+    .. math::
+
+        L_i = \sum_k w_k \tilde t_{ik} (1 - q_{ik})^{\gamma} (-\log q_{ik})
+            + \lambda_z \operatorname{lse}(u_i)^2 - \beta H(q_i)
+            + \epsilon_1 \bigl(1 - \textstyle\sum_k \tilde t_{ik} q_{ik}\bigr),
+
+    the sample weight being 1 (a focal schedule sees :math:`\sum_k t_{ik} q_{ik}`), and a
+    "mean" is :math:`\frac1N \sum_i L_i` over all N tokens. ``ignore_index`` does not apply
+    (every token counts; give a token zero target mass to drop its cross-entropy term). The
+    target is read chunk by chunk alongside the hidden rows and cast to the accumulation dtype
+    per chunk: no copy of it is made (the target itself is N x V: the user's tensor), and no
+    gradient flows to it. The Triton backend takes class indices only.
+
     Args:
         hidden: (..., D) float tensor (the last hidden states).
         weight: (V, D) output embedding, same dtype and device as ``hidden``.
-        target: (...) integer class indices in [0, V) or ``ignore_index``; ``hidden``'s shape
-            without its last dim.
+        target: class indices, an integer tensor of ``hidden``'s shape without its last dim
+            (values in [0, V) or ``ignore_index``), or class probabilities, a float tensor
+            (any float dtype) of shape (..., V) (``hidden``'s leading shape plus V) with
+            entries >= 0, on ``hidden``'s device.
         bias: optional (V,) output bias.
         class_weight: optional (V,) non-negative class weights (``weight=`` of
             :func:`cross_entropy`; renamed, since ``weight`` is the linear layer's here).
@@ -826,7 +1012,8 @@ def linear_cross_entropy(
             its per-chunk loss is the torch-op path, whose cost is dominated by the matmuls); ``"triton"``
             the blockwise kernels of :mod:`crossent._triton.linear` (CUDA, or the CPU under
             ``TRITON_INTERPRET=1``), which cover ``ignore_index``, label smoothing, class
-            weights and every reduction and raise for the other options. ``"auto"`` does not
+            weights and every reduction with class-index targets, and raise for the other
+            options and for probability targets. ``"auto"`` does not
             pick Triton yet: the kernels are verified under the interpreter but have not been
             benchmarked against the chunked path on a GPU.
 
@@ -914,12 +1101,23 @@ def linear_cross_entropy(
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != hidden.device:
         raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
-    if target.is_floating_point() or target.is_complex():
-        raise TypeError(
-            f"target must hold integer class indices (probability targets are not supported by "
-            f"linear_cross_entropy), got {target.dtype}"
-        )
-    check_class_target(target, V, ignore_index, tuple(hidden.shape[:-1]))
+    prob_target = target.is_floating_point()
+    if target.is_complex():
+        raise TypeError("target must hold integer class indices or float probabilities, got complex")
+    if prob_target:
+        # Class probabilities (..., V): checked without an N x V temporary (a min, not a mask);
+        # ignore_index does not apply (ignore rows are an index-target concept).
+        expected = (*hidden.shape[:-1], V)
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"target of class probabilities must have shape (..., V) = {expected} (hidden's "
+                f"leading shape plus V), got {tuple(target.shape)} (for class indices pass an "
+                f"integer tensor)"
+            )
+        if not _compiling() and target.numel() and bool(target.detach().amin() < 0):
+            raise ValueError("target probabilities must be >= 0 (got a negative entry)")
+    else:
+        check_class_target(target, V, ignore_index, tuple(hidden.shape[:-1]))
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -942,7 +1140,16 @@ def linear_cross_entropy(
 
     lead = tuple(hidden.shape[:-1])
     h2 = hidden.reshape(-1, D)
-    t1 = target.reshape(-1).long()
+    if prob_target:
+        # Never a copy of the N x V target: a (N, V) view when the leading dims flatten to one,
+        # else the (..., V) tensor itself, whose rows the chunk loop gathers per chunk. The
+        # cast to the accumulation dtype happens per block, too.
+        t1 = target.detach()
+        if t1.ndim != 2:
+            with contextlib.suppress(RuntimeError):
+                t1 = t1.view(-1, V)
+    else:
+        t1 = target.reshape(-1).long()
     if backend == "triton":
         from crossent._triton.linear import try_triton_linear_cross_entropy
 

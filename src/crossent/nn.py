@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from crossent import functional as F
+from crossent._formula import MeanBy
 from crossent._options import Backend, GammaSchedule, Reduction
 
 __all__ = [
@@ -40,13 +41,16 @@ class CrossEntropyLoss(torch.nn.Module):
         softcap: float | None = None,
         confidence_penalty: float = 0.0,
         poly1: float = 0.0,
+        class_dim: int = 1,
         reduction: Reduction = "mean",
+        mean_denominator: MeanBy = "weight",
         inplace_backward: bool = False,
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
         # Validate now, so a bad option fails at construction rather than at the first batch.
         F.check_reduction(reduction)
+        F._check_mean_denominator(mean_denominator)
         F.make_softmax_options(
             ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
             z_loss=z_loss, softcap=softcap, confidence_penalty=confidence_penalty, poly1=poly1,
@@ -59,16 +63,20 @@ class CrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.confidence_penalty = confidence_penalty
         self.poly1 = poly1
+        self.class_dim = class_dim
         self.reduction = reduction
+        self.mean_denominator = mean_denominator
         self.inplace_backward = inplace_backward
         self.backend = backend
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         return F.cross_entropy(
             logits, target, weight=self.weight, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, gamma=self.gamma, z_loss=self.z_loss,
             softcap=self.softcap, confidence_penalty=self.confidence_penalty, poly1=self.poly1,
-            reduction=self.reduction, inplace_backward=self.inplace_backward, backend=self.backend,
+            sample_weight=sample_weight, class_dim=self.class_dim, reduction=self.reduction,
+            mean_denominator=self.mean_denominator, inplace_backward=self.inplace_backward,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -93,8 +101,9 @@ class FocalLoss(CrossEntropyLoss):
 
 class BCEWithLogitsLoss(torch.nn.Module):
     """Module form of :func:`crossent.binary_cross_entropy` (a drop-in for
-    ``torch.nn.BCEWithLogitsLoss``, plus label smoothing, focal ``gamma``/``alpha`` and
-    ``ignore_index``). ``weight`` and ``pos_weight`` are buffers, so ``.to(device)`` moves them."""
+    ``torch.nn.BCEWithLogitsLoss``, plus label smoothing, focal ``gamma``/``alpha``,
+    ``ignore_index``, the Poly-1 term ``poly1`` and ``detach_focal_weight``). ``weight`` and
+    ``pos_weight`` are buffers, so ``.to(device)`` moves them."""
 
     weight: Tensor | None
     pos_weight: Tensor | None
@@ -110,13 +119,16 @@ class BCEWithLogitsLoss(torch.nn.Module):
         ignore_index: float | None = None,
         reduction: Reduction = "mean",
         backend: Backend = "auto",
+        poly1: float = 0.0,
+        detach_focal_weight: bool = False,
     ) -> None:
         super().__init__()
         # Validate now, so a bad option fails at construction rather than at the first batch.
         F.check_reduction(reduction)
         F.make_binary_options(
             label_smoothing=label_smoothing, gamma_pos=gamma, gamma_neg=gamma, alpha=alpha,
-            clip=0.0, ignore_index=ignore_index, gamma_names=("gamma", "gamma"),
+            clip=0.0, ignore_index=ignore_index, gamma_names=("gamma", "gamma"), poly1=poly1,
+            detach_focal_weight=detach_focal_weight,
         )
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight))
         self.register_buffer(
@@ -128,17 +140,21 @@ class BCEWithLogitsLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.backend = backend
+        self.poly1 = poly1
+        self.detach_focal_weight = detach_focal_weight
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.binary_cross_entropy(
             logits, target, weight=self.weight, pos_weight=self.pos_weight,
             label_smoothing=self.label_smoothing, gamma=self.gamma, alpha=self.alpha,
             ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+            poly1=self.poly1, detach_focal_weight=self.detach_focal_weight,
         )
 
     def extra_repr(self) -> str:
         parts = [f"reduction={self.reduction!r}"]
-        for name in ("label_smoothing", "gamma", "alpha", "ignore_index"):
+        for name in ("label_smoothing", "gamma", "alpha", "ignore_index", "poly1",
+                     "detach_focal_weight"):
             value = getattr(self, name)
             if value not in (0.0, None):
                 parts.append(f"{name}={value!r}")
@@ -179,12 +195,15 @@ class AsymmetricLoss(torch.nn.Module):
         ignore_index: float | None = None,
         reduction: Reduction = "mean",
         backend: Backend = "auto",
+        poly1: float = 0.0,
+        detach_focal_weight: bool = False,
     ) -> None:
         super().__init__()
         F.check_reduction(reduction)
         F.make_binary_options(
             label_smoothing=label_smoothing, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
-            alpha=alpha, clip=clip, ignore_index=ignore_index,
+            alpha=alpha, clip=clip, ignore_index=ignore_index, poly1=poly1,
+            detach_focal_weight=detach_focal_weight,
         )
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight))
         self.register_buffer(
@@ -198,13 +217,15 @@ class AsymmetricLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.backend = backend
+        self.poly1 = poly1
+        self.detach_focal_weight = detach_focal_weight
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.asymmetric_loss(
             logits, target, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, clip=self.clip,
             weight=self.weight, pos_weight=self.pos_weight, label_smoothing=self.label_smoothing,
             alpha=self.alpha, ignore_index=self.ignore_index, reduction=self.reduction,
-            backend=self.backend,
+            backend=self.backend, poly1=self.poly1, detach_focal_weight=self.detach_focal_weight,
         )
 
     def extra_repr(self) -> str:
@@ -212,7 +233,7 @@ class AsymmetricLoss(torch.nn.Module):
             f"gamma_pos={self.gamma_pos!r}, gamma_neg={self.gamma_neg!r}, clip={self.clip!r}",
             f"reduction={self.reduction!r}",
         ]
-        for name in ("label_smoothing", "alpha", "ignore_index"):
+        for name in ("label_smoothing", "alpha", "ignore_index", "poly1", "detach_focal_weight"):
             value = getattr(self, name)
             if value not in (0.0, None):
                 parts.append(f"{name}={value!r}")

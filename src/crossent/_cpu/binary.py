@@ -16,9 +16,11 @@ probability shift :math:`c` (``clip``; 0 outside the asymmetric loss),
 
     b &= -\bigl[w_+ t \log p + (1 - t) \log(1 - p_m)\bigr] \\
     1 - p_t &= t (1 - p) + (1 - t) p_m \\
-    L &= w\, \alpha_t\, (1 - p_t)^{\gamma_t}\, b,
+    L &= w\, \alpha_t\, (1 - p_t)^{\gamma_t}\, b + w\, \alpha_t\, \epsilon_1 (1 - p_t),
         \quad \gamma_t = \gamma_+ t + \gamma_- (1 - t),
         \quad \alpha_t = \alpha t + (1 - \alpha)(1 - t)
+
+with :math:`\epsilon_1` = ``poly1`` (the Poly-1 term of Leng et al. 2022; 0 by default).
 
 Gradient. :math:`\alpha_t, \gamma_t` depend on the constant target only; with
 :math:`s = dp/dx = p (1 - p)` and :math:`d p_m / dx = m s`,
@@ -32,7 +34,10 @@ Gradient. :math:`\alpha_t, \gamma_t` depend on the constant target only; with
 
 which is :math:`w \alpha_t [\gamma_t (1-p_t)^{\gamma_t - 1} D b + (1-p_t)^{\gamma_t} b']` with
 :math:`(1 - p_t)^{\gamma_t - 1}` -- infinite for :math:`\gamma_t < 1` at :math:`p_t \to 1` --
-replaced by the finite ratio :math:`D / (1 - p_t)`. For ``clip = 0``,
+replaced by the finite ratio :math:`D / (1 - p_t)`. The Poly-1 term adds
+:math:`w \alpha_t \epsilon_1 D`; ``detach_focal_weight`` (Ridnik et al. 2021's
+``disable_torch_grad_focal_loss``) drops the :math:`\gamma_t D b / (1 - p_t)` term, so the
+focal weight acts as a constant: :math:`w \alpha_t (1 - p_t)^{\gamma_t}\, db/dx`. For ``clip = 0``,
 :math:`|D| / (1 - p_t) = p (1-p) |1 - 2t| / (t (1-p) + (1-t) p) \le 1`; for ``clip > 0`` it grows
 like :math:`s / p_m` as :math:`p_m \to 0` on a negative, where :math:`b \approx p_m` vanishes
 with it, so the product stays finite.
@@ -44,7 +49,7 @@ which rounds to 0 for x > 17 in fp32), and :math:`1 - p_t` is a convex combinati
 ``pow(1 - p_t, gamma_t)``, i.e. :math:`\exp(\gamma_t \log(1 - p_t))` with the IEEE rule
 :math:`0^0 = 1` guarding :math:`\gamma_t = 0` where :math:`1 - p_t` underflows to 0.
 
-Blocks whose targets are all 0/1 (with one gamma, no clip, smoothing or ignore_index: BCE and
+Blocks whose targets are all 0/1 (with one gamma, no clip, smoothing, ignore_index or poly1: BCE and
 the sigmoid focal loss on hard labels) take :func:`_hard_elements`, the same formula in the
 signed logit :math:`z = (2t - 1) x`, with half the transcendental functions and its work
 buffers reused across blocks.
@@ -178,16 +183,22 @@ def binary_elements(
         mult = weight  # an (expanded) view: used read-only below
 
     gam: Tensor | float = 0.0
+    poly1 = opts.poly1
+    if opts.focal or poly1:
+        denom = torch.lerp(pm, q, t)  # 1 - p_t = t (1 - p) + (1 - t) p_m: no cancellation
     if opts.focal:
         gp, gn = opts.gamma_pos, opts.gamma_neg
         gam = gp if gp == gn else t.mul(gp - gn).add_(gn)  # gamma_t = gp t + gn (1 - t)
-        denom = torch.lerp(pm, q, t)  # 1 - p_t = t (1 - p) + (1 - t) p_m: no cancellation
         # (1 - p_t)^gamma_t = exp(gamma_t log(1 - p_t)); pow keeps IEEE's 0^0 = 1, so a
         # gamma_t of 0 (e.g. gamma_pos = 0 in ASL) gives exactly 1 where 1 - p_t underflows.
         factor = torch.pow(denom, gam)
         loss = factor * b
     else:
         loss = b
+    if poly1:
+        # Poly-1 (Leng et al. 2022): + poly1 (1 - p_t), under w alpha_t only (no pos_weight,
+        # no focal factor)
+        loss = loss.add_(denom, alpha=poly1) if loss is not b else torch.add(b, denom, alpha=poly1)
     if mult is not None:
         loss = loss.mul_(mult) if loss is not b else loss * mult
     if valid is not None:
@@ -207,24 +218,32 @@ def binary_elements(
         # d[-log(1 - p_m)]/dx = m s / (1 - p_m), with 1 - p_m = (1 - p) + clip where p > clip
         dn = torch.div(s, q + c).mul_(m)
         db = torch.lerp(dn, neg_pw_q, t)
-    if opts.focal:
+    detach = opts.detach_focal_weight
+    if (opts.focal and not detach) or poly1:
         # D = d(1 - p_t)/dx = s [m (1 - t) - t]
         if c == 0.0:
             D = torch.addcmul(s, s, t, value=-2.0)  # s (1 - 2t)
         else:
             sm = s * m
             D = torch.addcmul(sm, t, s + sm, value=-1.0)
+    if opts.focal and detach:
+        # disable_torch_grad_focal_loss: the focal weight is a constant, dL/dx = F db/dx
+        g = db.mul_(factor)
+    elif opts.focal:
         # gamma_t (1 - p_t)^(gamma_t - 1) D b written as gamma_t F (D / (1 - p_t)) b: the ratio
         # is finite (see the module docstring); where 1 - p_t underflows, D and b are ~0 too
-        # and the clamp keeps 0/0 out.
-        D.div_(denom.clamp_min(torch.finfo(acc).tiny)).mul_(b)
+        # and the clamp keeps 0/0 out. (Out of place when the Poly-1 term still needs D.)
+        den = denom.clamp_min(torch.finfo(acc).tiny)
+        ratio = (D.div(den) if poly1 else D.div_(den)).mul_(b)
         if isinstance(gam, Tensor):
-            g = D.mul_(gam).add_(db)
+            g = ratio.mul_(gam).add_(db)
         else:
-            g = db.add_(D, alpha=gam)
+            g = db.add_(ratio, alpha=gam)
         g.mul_(factor)
     else:
         g = db
+    if poly1:
+        g.add_(D, alpha=poly1)  # the Poly-1 term's derivative: poly1 d(1 - p_t)/dx
     if mult is not None:
         g.mul_(mult)
     if valid is not None:
@@ -244,6 +263,7 @@ def _hard_path_applies(opts: BinaryOptions) -> bool:
         and opts.label_smoothing == 0.0
         and opts.gamma_pos == opts.gamma_neg
         and opts.ignore_index is None
+        and opts.poly1 == 0.0
     )
 
 
@@ -331,7 +351,9 @@ def _hard_elements(
     if extra is not None:
         k_grad.mul_(extra)
     # dL/dx = -s k F (gamma p_t ell + 1 - p_t), with ell = -L
-    gz = Q if gamma == 0.0 else torch.addcmul(Q, P, L, value=-gamma, out=P)
+    # (detach_focal_weight: F is a constant, only the -s k F (1 - p_t) of d ell/dx remains)
+    detached = gamma == 0.0 or opts.detach_focal_weight
+    gz = Q if detached else torch.addcmul(Q, P, L, value=-gamma, out=P)
     if factor is not None:
         gz.mul_(factor)
     if grad_out.dtype == acc:

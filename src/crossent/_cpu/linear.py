@@ -20,6 +20,12 @@ scheme of Liger-Kernel's fused linear cross-entropy; the blockwise variant that 
 log-sum-exp on chip is Wijmans et al. 2024, *Cut Your Losses in Large-Vocabulary Language
 Models* (see :mod:`crossent._triton.linear` when present).
 
+Probability targets: a float (N, V) target is sliced chunk by chunk alongside the hidden rows
+(:func:`target_rows`; a (..., V) tensor whose leading dims do not flatten to a view has its
+chunk's rows gathered) and ``softmax_rows`` casts each block to the accumulation dtype, so the
+user's N x V tensor is never copied. Every row counts (no ignore-row selection) and a "mean"
+divides by N.
+
 Memory. Besides ``dH`` (N x D) and ``dW`` (V x D) the only buffers are chunk-sized:
 :func:`chunk_rows` picks ``B = max(1, budget // (V * bytes_per_entry))``, where
 ``bytes_per_entry`` is the logits' element size on the CPU (softmax_rows then runs on
@@ -58,6 +64,7 @@ __all__ = [
     "chunk_rows",
     "linear_cross_entropy_rows",
     "softmax_chunk",
+    "target_rows",
 ]
 
 #: Default bytes for the chunk-sized buffers on the CPU (32 MiB: 262 rows of a 32k vocabulary
@@ -138,6 +145,17 @@ def softmax_chunk(
     return losses, (z if scale is not None else None)
 
 
+def target_rows(target: Tensor, r0: int, r1: int) -> Tensor:
+    """Rows ``[r0, r1)`` of the flattened target: a slice of (M,) class indices or (M, V)
+    probabilities (a view), or, for a (..., V) probability tensor whose leading dims do not
+    flatten to a view (e.g. a shifted slice ``p[:, :-1]``), the chunk's rows gathered from it:
+    a chunk-sized copy, never one of the whole N x V target."""
+    if target.ndim <= 2:
+        return target[r0:r1]
+    idx = torch.arange(r0, r1, device=target.device)
+    return target[torch.unravel_index(idx, tuple(target.shape[:-1]))]
+
+
 def linear_cross_entropy_rows(
     hidden: Tensor,
     weight: Tensor,
@@ -161,7 +179,9 @@ def linear_cross_entropy_rows(
     Args:
         hidden: (M, D) the tokens to compute (ignored ones already dropped).
         weight: (V, D); bias: (V,) or None.
-        target: (M,) int64 class indices.
+        target: (M,) int64 class indices, or class probabilities: (M, V) float, or (..., V)
+            whose leading dims hold M rows (read chunk by chunk, see :func:`target_rows`;
+            cast to the accumulation dtype per block by the kernel).
         class_weight: (V,) class weights in the accumulation dtype, or None.
         row_scale: None (losses only), a 0-d tensor (same factor for every token) or (M,).
         need_hidden, need_weight, need_bias: which gradients to form (with ``row_scale``).
@@ -198,7 +218,7 @@ def linear_cross_entropy_rows(
         sc = None
         if need_grad:
             sc = row_scale[r0:r1].to(acc).unsqueeze(1) if per_row else row_scale
-        losses[r0:r1], G = kernel(z, target[r0:r1], class_weight, opts, sc)
+        losses[r0:r1], G = kernel(z, target_rows(target, r0, r1), class_weight, opts, sc)
         del z
         if G is None:
             continue
@@ -218,7 +238,10 @@ def linear_cross_entropy_rows(
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """One autograd node for ``cross_entropy(hidden @ weight.T + bias, target)``, chunked.
 
-    Inputs are flattened: hidden (N, D), target (N,). See the module docstring for the scheme.
+    Inputs are flattened: hidden (N, D), target (N,) class indices, or class probabilities
+    (N, V) (or (..., V) with N rows when the leading dims do not flatten to a view; see
+    :func:`target_rows`). Probability targets select no rows (``ignore_index`` is an
+    index-target concept) and a "mean" divides by N. See the module docstring for the scheme.
     """
 
     @staticmethod
@@ -247,10 +270,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
 
-        # Ignored tokens cost no matmul: select the valid rows once.
-        valid = target != opts.ignore_index
-        n_valid = int(valid.sum())
-        rows = None if n_valid == N else valid.nonzero().squeeze(1)
+        # Ignored tokens cost no matmul: select the valid rows once (index targets only; every
+        # row of a probability target counts, and the target is read chunk by chunk in place).
+        rows = None
+        if not target.is_floating_point():
+            valid = target != opts.ignore_index
+            n_valid = int(valid.sum())
+            rows = None if n_valid == N else valid.nonzero().squeeze(1)
         h_v = hidden if rows is None else hidden.index_select(0, rows)
         t_v = target if rows is None else target.index_select(0, rows)
 

@@ -289,8 +289,9 @@ SOFTMAX_CAPABILITIES = {
     ),
     "prob": (SOFTMAX_ALL - {"gamma", "gamma_schedule"},),
 }
-#: The native sigmoid kernel: every option of the family.
-BINARY_CAPABILITIES = (BINARY_ALL,)
+#: The native sigmoid kernel: every option of the family but the Poly-1 term and the detached
+#: focal weight (those calls run on the torch-op path).
+BINARY_CAPABILITIES = (BINARY_ALL - {"poly1", "detach_focal_weight"},)
 
 
 def supports_softmax(

@@ -25,8 +25,9 @@ bf16). The error it introduces is bounded by ``filter_eps`` per skipped entry of
 
 Covered here: index targets with ``ignore_index``, label smoothing, class weights, every
 reduction, bias, fp32/bf16/fp16 inputs. Focal gamma (and schedules), z-loss, softcap, the
-confidence penalty and Poly-1 dispatch to the chunked torch path
-(:mod:`crossent._cpu.linear`), as does any input on a device Triton cannot run on.
+confidence penalty, Poly-1 and probability (soft) targets dispatch to the chunked torch path
+(:mod:`crossent._cpu.linear`), as does any input on a device Triton cannot run on; with
+``backend="triton"`` they raise.
 
 The kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors (the variable must be set
 before this module is imported: ``triton.jit`` reads it when decorating).
@@ -56,8 +57,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def supports(opts: SoftmaxOptions, hidden: Tensor) -> bool:
-    """True when the Triton kernels implement these options for this input."""
+def supports(opts: SoftmaxOptions, hidden: Tensor, target: Tensor | None = None) -> bool:
+    """True when the Triton kernels implement these options for this input (and ``target``:
+    class indices only; probability targets are not implemented)."""
+    if target is not None and target.is_floating_point():
+        return False
     if triton is None or hidden.dtype == torch.float64:
         return False
     if not (hidden.is_cuda or (_interpreting() and hidden.device.type == "cpu")):
@@ -322,7 +326,14 @@ def try_triton_linear_cross_entropy(
     always accumulate in fp32 atomics); with ``required`` an unsupported call raises.
     """
     del chunk_size, weight_grad_dtype
-    if not supports(opts, hidden):
+    if target.is_floating_point():
+        if required:
+            raise ValueError(
+                "backend='triton' takes class-index targets only: probability (soft) targets "
+                "run on the chunked path (backend='auto' or 'torch')"
+            )
+        return None
+    if not supports(opts, hidden, target):
         if required:
             raise ValueError(
                 "backend='triton' needs triton, a CUDA tensor (or TRITON_INTERPRET=1 on the "

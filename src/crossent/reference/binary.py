@@ -13,7 +13,15 @@ With logit :math:`x`, :math:`p = \sigma(x)`, target :math:`t` smoothed to
     p_t &= p\, t' + (1 - p_m)(1 - t') \\
     \gamma_t &= \gamma_+ t' + \gamma_- (1 - t'), \qquad
     \alpha_t = \alpha t' + (1 - \alpha)(1 - t') \;\; (1 \text{ if } \alpha \text{ is None}) \\
-    L &= w\, \alpha_t\, (1 - p_t)^{\gamma_t}\, b
+    L &= w\, \alpha_t\, (1 - p_t)^{\gamma_t}\, b + w\, \alpha_t\, \epsilon_1 (1 - p_t)
+
+The last term is the Poly-1 term (Leng et al. 2022, *PolyLoss*, ICLR), with
+:math:`\epsilon_1` = ``poly1`` (no :math:`w_+`, no focal factor); its derivative is
+:math:`w \alpha_t \epsilon_1 D` with :math:`D = d(1 - p_t)/dx = -t' s + (1 - t') [p > c]\, s`,
+:math:`s = p (1 - p)`. With ``detach_focal_weight`` (Ridnik et al. 2021's
+``disable_torch_grad_focal_loss``) the focal weight :math:`\alpha_t (1 - p_t)^{\gamma_t}` is a
+constant in the gradient: the loss is unchanged and its derivative is
+:math:`w \alpha_t (1 - p_t)^{\gamma_t}\, db/dx` (plus the Poly-1 term's).
 
 Sigmoid focal loss (Lin et al. 2017, torchvision's form) is :math:`\gamma_+ = \gamma_-`,
 :math:`c = 0`; the asymmetric loss (Ridnik et al. 2021) has :math:`c > 0` and separate
@@ -42,6 +50,8 @@ def _elementwise(
     gamma_neg: float,
     alpha: float | None,
     clip: float,
+    poly1: float = 0.0,
+    detach_focal_weight: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-element loss L and dL/dx (arrays of x's shape)."""
     t = t * (1.0 - eps) + eps / 2.0
@@ -73,8 +83,11 @@ def _elementwise(
         dfactor = np.where(
             (gam == 0) | (one_minus_pt == 0), 0.0, gam * factor * d_omp / one_minus_pt
         )
-    loss = w * a_t * factor * b
-    grad = w * a_t * (dfactor * b + factor * db)
+    if detach_focal_weight:  # the focal weight a_t (1 - p_t)^gamma is a constant
+        dfactor = np.zeros_like(dfactor)
+    # Poly-1 (Leng et al. 2022): + poly1 (1 - p_t), derivative poly1 d(1 - p_t)/dx
+    loss = w * a_t * (factor * b + poly1 * one_minus_pt)
+    grad = w * a_t * (dfactor * b + factor * db + poly1 * d_omp)
     return loss, grad
 
 
@@ -90,6 +103,8 @@ def binary_loss(
     alpha: float | None = None,
     clip: float = 0.0,
     ignore_index: float | None = None,
+    poly1: float = 0.0,
+    detach_focal_weight: bool = False,
     reduction: Reduction = "mean",
     grad_output: np.ndarray | float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +115,8 @@ def binary_loss(
     ``pos_weight`` broadcast against the logits as in NumPy/PyTorch. ``alpha`` None or
     negative disables the balance factor. Entries whose target equals ``ignore_index`` count
     for nothing; "mean" divides by the number of the others (0 if there are none).
+    ``poly1`` adds the Poly-1 term, ``detach_focal_weight`` drops the focal weight's own
+    derivative from the gradient (see the module docstring).
     """
     x = np.asarray(logits, dtype=np.float64)
     tgt = np.asarray(target, dtype=np.float64)
@@ -113,7 +130,7 @@ def binary_loss(
         alpha = None
     losses, grads = _elementwise(
         x, t, w, pw, eps=label_smoothing, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
-        alpha=alpha, clip=clip,
+        alpha=alpha, clip=clip, poly1=poly1, detach_focal_weight=detach_focal_weight,
     )
     losses = np.where(valid, losses, 0.0)
     grads = np.where(valid, grads, 0.0)
