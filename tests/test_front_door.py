@@ -187,3 +187,40 @@ def test_every_mix_against_the_reference():
         assert torch.autograd.gradcheck(lambda z, t=t, sw=sw, kw=kw, by=by: crossent.cross_entropy(
             z, t, class_dim=-1, sample_weight=sw, mean_denominator=by, **kw), (xl.requires_grad_(),))
     del gen
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("extra", [{}, {"label_smoothing": 0.1}, {"sample": True}, {"softcap": 3.0}],
+                         ids=lambda k: "+".join(k) or "plain")
+def test_unweighted_z_loss_is_liger_semantics(reduction, extra):
+    """z_loss_weighted=False: weighted CE (mean over sum of weights) + unweighted z-loss
+    (mean over the non-ignored count), as Liger-Kernel defines it."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(8, 6, dtype=F64, generator=gen) * 3
+    y = torch.randint(0, 6, (8,), generator=gen)
+    y[:2] = -100
+    w = torch.rand(6, dtype=F64, generator=gen) + 0.2
+    sw = torch.rand(8, dtype=F64, generator=gen) if extra.get("sample") else None
+    kw = {k: v for k, v in extra.items() if k != "sample"}
+    lam = 0.05
+    loss, grad = _grad(lambda z: crossent.cross_entropy(
+        z, y, weight=w, z_loss=lam, z_loss_weighted=False, reduction=reduction,
+        sample_weight=sw, **kw), x)
+    ce, ce_grad = _grad(lambda z: crossent.cross_entropy(
+        z, y, weight=w, reduction=reduction, sample_weight=sw, **kw), x)
+
+    def z_rows(z: torch.Tensor) -> torch.Tensor:
+        u = torch.tanh(z / kw["softcap"]) * kw["softcap"] if "softcap" in kw else z
+        rows = lam * torch.logsumexp(u, 1).square() * (y != -100)
+        return rows * sw if sw is not None else rows
+
+    zl, z_grad = _grad(lambda z: z_rows(z) if reduction == "none" else (
+        z_rows(z).sum() / ((y != -100).sum() if reduction == "mean" else 1)), x)
+    torch.testing.assert_close(loss, ce + zl)
+    torch.testing.assert_close(grad, ce_grad + z_grad)
+    if not extra:  # without class weights, and the default denominator, both are the same
+        a = crossent.cross_entropy(x, y, z_loss=lam, z_loss_weighted=False, reduction=reduction)
+        b = crossent.cross_entropy(x, y, z_loss=lam, reduction=reduction)
+        torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="z_loss_weighted"):
+        crossent.cross_entropy(x, y, z_loss_weighted="no")

@@ -39,6 +39,7 @@ SOFTMAX_OPTIONS: dict[str, dict[str, Any]] = {
     "sample_weight": {"sample_weight": "sw"},
     "class_dim": {"class_dim": -1},
     "mean_denominator": {"mean_denominator": "count", "weight": "w"},
+    "z_loss_weighted": {"z_loss_weighted": False, "z_loss": 1e-2, "weight": "w"},
     "focal+smoothing": {"gamma": 2.0, "label_smoothing": 0.1},
     "all": {"gamma": 1.5, "label_smoothing": 0.1, "weight": "w", "z_loss": 1e-3, "poly1": 0.5,
             "softcap": 4.0, "confidence_penalty": 0.1},
@@ -110,7 +111,8 @@ def test_compile_fullgraph_matrix(option, layout, cpu_path, kernel_calls):
     la, ga, lb, gb = _eager_and_compiled(f, x, y)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6)
-    front_door = ("weight", "reduction", "sample_weight", "class_dim", "mean_denominator")
+    front_door = ("weight", "reduction", "sample_weight", "class_dim", "mean_denominator",
+                  "z_loss_weighted", "z_loss")
     covered = native.supports_softmax(x, y, crossent._options.SoftmaxOptions(
         **{k: v for k, v in kw.items() if k not in front_door}
     ))

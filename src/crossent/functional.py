@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -300,6 +301,7 @@ def cross_entropy(
     class_dim: int = 1,
     reduction: Reduction = "mean",
     mean_denominator: MeanBy = "weight",
+    z_loss_weighted: bool = True,
     inplace_backward: bool = False,
     backend: Backend = "auto",
 ) -> Tensor:
@@ -358,6 +360,12 @@ def cross_entropy(
             of samples for probability targets, or :math:`\sum_i v_i` with ``sample_weight``);
             ``"count"``: the number of non-ignored samples (Keras's ``sum_over_batch_size``;
             the weighted-CE mean of Cui et al. 2019). A zero denominator gives 0.
+        z_loss_weighted: with the default True the z-loss is a term of each sample's loss,
+            weighted like it by :math:`s = w_y`. False gives Liger-Kernel's semantics: the
+            z-loss :math:`\lambda_z \operatorname{lse}(u)^2` of every non-ignored sample
+            without the class weight (times ``sample_weight`` if given), and a "mean" divides
+            that part by the number of non-ignored samples, while the cross-entropy part keeps
+            ``mean_denominator``. It is computed beside the kernel, by ``torch.logsumexp``.
         inplace_backward: write the gradient into ``logits``' own storage instead of a new
             buffer (saves N x C memory; 1-D/2-D logits). Unsafe when ``logits`` is needed after
             this call (a later read, another loss on the same logits, an op that saved them
@@ -386,6 +394,8 @@ def cross_entropy(
     check_logits(logits)
     check_reduction(reduction)
     by = _check_mean_denominator(mean_denominator)
+    if not isinstance(z_loss_weighted, bool):
+        raise TypeError(f"z_loss_weighted must be a bool, got {type(z_loss_weighted).__name__}")
     opts = make_softmax_options(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
@@ -411,6 +421,9 @@ def cross_entropy(
         target = target.long()
     w = prepare_weight(weight, C, logits)
     sw = _prepare_sample_weight(sample_weight, logits, lead)
+    z_apart = 0.0
+    if not z_loss_weighted and opts.z_loss:
+        z_apart, opts = opts.z_loss, replace(opts, z_loss=0.0)
     if inplace_backward and logits.ndim > 2:
         raise ValueError("inplace_backward needs 1-D or 2-D logits; reshape (N, C, d...) to (M, C)")
     chosen = _pick_backend(logits, backend)
@@ -448,9 +461,34 @@ def cross_entropy(
             rows = target.numel() if not target.is_floating_point() else target.numel() // max(C, 1)
             denom = mean_denominator_of(target, w, opts.ignore_index, loss.dtype, rows, sw, by)
             loss = loss * inverse_or_zero(denom)
+    if z_apart:
+        loss = loss + _unweighted_z_loss(logits, target, opts, sw, reduction, z_apart)
     if reduction == "none" and lead is not None:
         loss = loss.reshape(lead)
     return loss
+
+
+def _unweighted_z_loss(
+    logits: Tensor, target: Tensor, opts: SoftmaxOptions, sw: Tensor | None, reduction: Reduction,
+    z_loss: float,
+) -> Tensor:
+    """The z-loss without the class weight (``z_loss_weighted=False``): per sample
+    ``z_loss * lse(u)^2`` where the target is not ignored, a "mean" over their count."""
+    acc = acc_dtype(logits.dtype)
+    u = logits.to(acc)
+    if opts.softcap is not None:
+        u = torch.tanh(u / opts.softcap) * opts.softcap
+    lse = torch.logsumexp(u, dim=0 if logits.ndim == 1 else 1)
+    valid = (target != opts.ignore_index) if not target.is_floating_point() else torch.ones_like(lse)
+    rows = z_loss * lse.square() * valid
+    if sw is not None:
+        rows = rows * sw
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total * inverse_or_zero(valid.sum().to(acc))
 
 
 def _check_mean_denominator(by: Any) -> MeanBy:

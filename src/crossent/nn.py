@@ -44,6 +44,7 @@ class CrossEntropyLoss(torch.nn.Module):
         class_dim: int = 1,
         reduction: Reduction = "mean",
         mean_denominator: MeanBy = "weight",
+        z_loss_weighted: bool = True,
         inplace_backward: bool = False,
         backend: Backend = "auto",
     ) -> None:
@@ -66,6 +67,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self.class_dim = class_dim
         self.reduction = reduction
         self.mean_denominator = mean_denominator
+        self.z_loss_weighted = z_loss_weighted
         self.inplace_backward = inplace_backward
         self.backend = backend
 
@@ -75,7 +77,8 @@ class CrossEntropyLoss(torch.nn.Module):
             label_smoothing=self.label_smoothing, gamma=self.gamma, z_loss=self.z_loss,
             softcap=self.softcap, confidence_penalty=self.confidence_penalty, poly1=self.poly1,
             sample_weight=sample_weight, class_dim=self.class_dim, reduction=self.reduction,
-            mean_denominator=self.mean_denominator, inplace_backward=self.inplace_backward,
+            mean_denominator=self.mean_denominator, z_loss_weighted=self.z_loss_weighted,
+            inplace_backward=self.inplace_backward,
             backend=self.backend,
         )
 
