@@ -11,12 +11,24 @@ them; none writes its own.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["acc_dtype", "inverse_or_zero", "mean_denominator"]
+from crossent._options import RowGamma, SoftmaxOptions
+
+__all__ = [
+    "Terms",
+    "acc_dtype",
+    "focal_terms",
+    "gamma_for_rows",
+    "inverse_or_zero",
+    "mean_denominator",
+    "regulariser_terms",
+    "target_terms",
+]
 
 MeanBy = Literal["weight", "count"]
 
@@ -61,3 +73,135 @@ def mean_denominator(
     if sample_weight is not None:
         s = s * sample_weight.to(acc)
     return s.sum()
+
+
+def focal_terms(ell: Tensor, gamma: Tensor | float) -> tuple[Tensor, Tensor]:
+    r"""Focal factor :math:`(1-q)^\gamma` and :math:`\kappa = 1 + \gamma q \ell / (1 - q)` from ℓ = -log q.
+
+    The loss term is :math:`f = (1-q)^\gamma \ell` and :math:`q\,df/dq = -(1-q)^\gamma \kappa`.
+    Computed in log space: ``1 - q = -expm1(-ℓ)`` keeps precision as q -> 1 (plain ``1 - q``
+    rounds to 0 there), the power is ``exp(γ log(1 - q))``, and the ratio
+    :math:`\ell / (1-q) \to 1` replaces :math:`(1-q)^{\gamma - 1}`, which overflows for
+    γ in (0, 1) at q -> 1 (where the true gradient is finite).
+    """
+    one_minus_q = torch.expm1(-ell).neg_()
+    if isinstance(gamma, Tensor):
+        # 0 * log(0) is nan: a per-sample gamma of exactly 0 must give a factor of exactly 1.
+        factor = torch.where(gamma == 0, 1.0, torch.exp(gamma * torch.log(one_minus_q)))
+    else:
+        factor = torch.exp(torch.log(one_minus_q).mul_(gamma))
+    ratio = torch.where(one_minus_q > 0, ell / one_minus_q, 1.0)
+    kappa = torch.exp(-ell).mul_(ratio).mul_(gamma).add_(1.0)
+    return factor, kappa
+
+
+def gamma_for_rows(opts: SoftmaxOptions, p_true: Tensor) -> Tensor | float:
+    """The focusing parameter per row: a float, or the schedule applied to p (shape (R, 1))."""
+    if not callable(opts.gamma):
+        return float(opts.gamma)
+    if isinstance(opts.gamma, RowGamma):  # evaluated before the operator; validated there
+        return opts.gamma.rows.reshape(-1, 1).to(p_true.dtype)
+    g = opts.gamma(p_true.detach().reshape(-1))
+    g = torch.as_tensor(g, dtype=p_true.dtype, device=p_true.device)
+    if g.numel() == 1:
+        g = g.reshape(1, 1).expand_as(p_true)
+    elif g.numel() == p_true.numel():
+        g = g.reshape(-1, 1)
+    else:
+        raise ValueError(
+            f"gamma schedule returned {g.numel()} values for {p_true.numel()} samples: "
+            "it must map a tensor of true-class probabilities to one gamma each (or a scalar)"
+        )
+    if not torch.compiler.is_compiling() and bool(((g < 0) | ~torch.isfinite(g)).any()):
+        raise ValueError("gamma schedule returned a negative or non-finite gamma; gamma must be >= 0")
+    return g
+
+
+@dataclass
+class Terms:
+    r"""A block of rows' loss and the per-row coefficients of its gradient w.r.t. ``u``:
+
+    .. math:: G = q \cdot \text{rowc} - \text{uniform} \cdot w - \text{onehot}_y \cdot
+              \text{sparse} + \text{dense}
+
+    (``w`` the class weights, or ones; ``dense`` is kept by the caller, which owns the (R, C)
+    buffers). Each field is (R, 1) or a float 0.
+    """
+
+    loss: Tensor
+    rowc: Tensor | float = 0.0
+    sparse: Tensor | None = None
+    uniform: Tensor | None = None
+
+
+def target_terms(
+    ell_y: Tensor, lse: Tensor, u_dot: Tensor | None, w_y: Tensor, validf: Tensor,
+    gamma: Tensor | float, opts: SoftmaxOptions, C: int, w_sum: Tensor | float,
+) -> Terms:
+    r"""The target part for class indices when it needs no per-class factor (no focal term
+    together with label smoothing): from per-row statistics only.
+
+    - :math:`a_y (1 - q_y)^\gamma \ell_y` with :math:`a_y = (1 - \varepsilon) w_y`; its
+      gradient is :math:`a_y (1 - q_y)^\gamma \kappa_y (q - \text{onehot}_y)`
+      (:func:`focal_terms`; :math:`\gamma = 0` is cross-entropy);
+    - smoothing's uniform part :math:`\frac{\varepsilon}{C} \sum_k w_k \ell_k =
+      \frac{\varepsilon}{C} (\operatorname{lse} \sum_k w_k - \sum_k w_k u_k)`
+      (``u_dot`` :math:`= \sum_k w_k u_k`, ``w_sum`` :math:`= \sum_k w_k` over all C classes),
+      gradient :math:`\frac{\varepsilon}{C} (q \sum_k w_k - w)`.
+    """
+    eps = float(opts.label_smoothing)
+    a_y = w_y * (1.0 - eps) if eps else w_y
+    if opts.focal:
+        factor_y, kappa_y = focal_terms(ell_y, gamma)
+        loss = a_y * factor_y * ell_y
+        coef = a_y * factor_y * kappa_y
+    else:
+        loss = a_y * ell_y
+        coef = a_y
+    terms = Terms(loss=loss, rowc=coef, sparse=coef)
+    if eps:
+        ue = eps / C * validf
+        terms.loss = loss + ue * (lse * w_sum - u_dot)
+        terms.rowc = coef + ue * w_sum
+        terms.uniform = ue
+    return terms
+
+
+def regulariser_terms(
+    terms: Terms, s: Tensor, lse: Tensor, opts: SoftmaxOptions, C: int, *,
+    q_y: Tensor | None = None, entropy: Tensor | None = None, p_mass: Tensor | None = None,
+) -> Terms:
+    r"""Add the regularisers, each scaled by the sample weight :math:`s`, to ``terms``:
+
+    - z-loss (Chowdhery et al. 2022): :math:`\lambda \operatorname{lse}^2`, gradient
+      :math:`2 \lambda \operatorname{lse}\, q`;
+    - confidence penalty (Pereyra et al. 2017): :math:`-\beta H(q)` with ``entropy``
+      :math:`H = \operatorname{lse} - \sum_k q_k u_k`; gradient
+      :math:`\beta q (H - \operatorname{lse}) + \beta q u`, whose dense part
+      :math:`\beta s\, q u` the caller adds;
+    - Poly-1 (Leng et al. 2022): :math:`\epsilon_1 (1 - P)`, :math:`P = \sum_k \tilde t_k q_k`,
+      gradient :math:`-\epsilon_1 q (\tilde t - P)`. For class indices (``q_y``)
+      :math:`P = (1 - \varepsilon) q_y + \varepsilon / C` and the :math:`\tilde t` part is
+      a uniform and a one-hot term; for probabilities ``p_mass`` is :math:`P` and the dense
+      :math:`-\epsilon_1 s\, q \tilde t` is the caller's.
+    """
+    if opts.z_loss:
+        terms.loss = terms.loss + s * opts.z_loss * lse.square()
+        terms.rowc = terms.rowc + s * (2.0 * opts.z_loss) * lse
+    if opts.confidence_penalty:
+        beta = opts.confidence_penalty
+        terms.loss = terms.loss - s * beta * entropy
+        terms.rowc = terms.rowc + s * beta * (entropy - lse)
+    if opts.poly1:
+        e1 = opts.poly1
+        eps = float(opts.label_smoothing)
+        if q_y is not None:
+            P = q_y * (1.0 - eps) + eps / C if eps else q_y
+            terms.loss = terms.loss + s * e1 * (1.0 - P)
+            terms.rowc = terms.rowc + s * e1 * (P - eps / C)
+            extra = s * e1 * (1.0 - eps) * q_y
+            terms.sparse = extra if terms.sparse is None else terms.sparse + extra
+        else:
+            terms.loss = terms.loss + s * e1 * (1.0 - p_mass)
+            terms.rowc = terms.rowc + s * e1 * p_mass
+    return terms

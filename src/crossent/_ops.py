@@ -31,15 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossent._formula import acc_dtype, inverse_or_zero
 from crossent._options import BinaryOptions, RowGamma, SoftmaxOptions, covers
 
 __all__ = ["binary_ce", "scale_saved_grad", "softmax_ce", "true_class_prob"]
 
 _REDUCTION_CODES = ("none", "sum", "mean")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _compiling() -> bool:
@@ -183,7 +180,7 @@ def _softmax_loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
 @softmax_ce.register_fake
 def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, z_loss, softcap,
       confidence_penalty, poly1, reduction, need_grad, backend):
-    loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=_acc_dtype(logits.dtype))
+    loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc_dtype(logits.dtype))
     grad = logits.new_empty(logits.shape if need_grad else (0,))
     return loss, grad
 
@@ -265,7 +262,7 @@ def softmax_loss_graph(
     bad = composite_unsupported(opts)
     if bad is not None:
         raise _higher_order_error("a second derivative (or a torch.func transform)", bad)
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     squeeze = logits.ndim == 1
     z = logits.unsqueeze(0) if squeeze else logits
     C = z.shape[1]
@@ -295,7 +292,7 @@ def softmax_loss_graph(
     total = rows.sum()
     if reduction == "sum":
         return total
-    return total * torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
+    return total * inverse_or_zero(denom)
 
 
 def graph_grad(loss_graph: Tensor, logits: Tensor, grad_loss: Tensor) -> Tensor:
@@ -321,7 +318,7 @@ def true_class_prob(
     opts = SoftmaxOptions(ignore_index=ignore_index, softcap=softcap)
     if backend == "native" and native.supports_softmax(logits, target, opts):
         return native.true_class_prob(logits, target, opts)
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     z = logits.unsqueeze(0) if logits.ndim == 1 else logits
     C = z.shape[1]
     u = z.movedim(1, -1).reshape(-1, C).to(acc)
@@ -339,7 +336,7 @@ def true_class_prob(
 @true_class_prob.register_fake
 def _(logits, target, ignore_index, softcap, backend):
     rows = 1 if logits.ndim == 1 else math.prod((logits.shape[0], *logits.shape[2:]))
-    return logits.new_empty((rows,), dtype=_acc_dtype(logits.dtype))
+    return logits.new_empty((rows,), dtype=acc_dtype(logits.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +405,7 @@ def binary_ce(
 def _(logits, target, weight, pos_weight, label_smoothing, gamma_pos, gamma_neg, alpha, clip,
       ignore_index, reduction, need_grad, backend, poly1=0.0, detach_focal_weight=False):
     shape = tuple(logits.shape) if reduction == "none" else ()
-    loss = logits.new_empty(shape, dtype=_acc_dtype(logits.dtype))
+    loss = logits.new_empty(shape, dtype=acc_dtype(logits.dtype))
     return loss, logits.new_empty(logits.shape if need_grad else (0,))
 
 
@@ -466,7 +463,7 @@ def binary_loss_graph(
         raise _higher_order_error(
             "a second derivative (or a torch.func transform)", "gamma" if opts.focal else "clip"
         )
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     x = logits.to(acc)
     t = target.to(acc)
     mask = None
@@ -492,4 +489,4 @@ def binary_loss_graph(
     if reduction == "sum":
         return total
     count = mask.sum() if mask is not None else torch.tensor(float(x.numel()), dtype=acc)
-    return total * torch.where(count > 0, 1.0 / count.clamp_min(1.0), 0.0)
+    return total * inverse_or_zero(count)

@@ -68,7 +68,14 @@ from torch import Tensor
 
 from crossent import functional as _functional
 from crossent._cpu.linear import _CUDA_BUDGET_MIN, LinearCrossEntropyFunction, chunk_rows
-from crossent._cpu.softmax import _gamma_for_rows, focal_terms
+from crossent._formula import (
+    Terms,
+    focal_terms,
+    gamma_for_rows,
+    inverse_or_zero,
+    regulariser_terms,
+    target_terms,
+)
 from crossent._ops import scale_saved_grad
 from crossent._options import GammaSchedule, Reduction, SoftmaxOptions
 from crossent.functional import (
@@ -251,35 +258,16 @@ def _vocab_parallel_forward(
     w_y = validf if weight is None else weight[y] * validf
     s = w_y
     focal = opts.focal
-    gam = _gamma_for_rows(opts, torch.exp(-ell_y)) if focal else 0.0
-    a_y = w_y * (1.0 - eps) if eps else w_y
-    rowc: Tensor = torch.zeros((R, 1), dtype=acc, device=dev)
-    rowconst: Tensor | None = None
+    gam = gamma_for_rows(opts, torch.exp(-ell_y)) if focal else 0.0
     dense: Tensor | None = None
-    sparse: Tensor | None = None
 
+    # The coefficients from the global row statistics: the same functions as on one device.
     if eps == 0.0 or not focal:
-        if focal:
-            factor_y, kappa_y = focal_terms(ell_y, gam)
-            loss = a_y * factor_y * ell_y
-            coef = a_y * factor_y * kappa_y
-        else:
-            loss = a_y * ell_y
-            coef = a_y
-        rowc = rowc + coef
-        sparse = coef
-        if eps:
-            # uniform part (eps/V) sum_k w_k ell_k = (eps/V)(lse sum(w) - u.w), over all V classes
-            ue = eps / V * validf
-            w_sum = float(V) if weight is None else weight.sum()
-            loss = loss + ue * (lse * w_sum - u_dot)
-            rowc = rowc + ue * w_sum
-            if w_loc is None:
-                rowconst = -ue
-            elif need_grad:
-                dense = -(ue * w_loc)
+        w_sum = float(V) if weight is None else weight.sum()
+        terms = target_terms(ell_y, lse, u_dot if eps else None, w_y, validf, gam, opts, V, w_sum)
     else:
         # focal + smoothing: a focal factor on every class; (3) a second fused all-reduce
+        a_y = w_y * (1.0 - eps)
         ones = torch.ones((1, Vl), dtype=acc, device=dev)
         a = (eps / V) * validf * (w_loc.unsqueeze(0) if w_loc is not None else ones)
         a = a.expand(R, Vl).clone()
@@ -291,33 +279,25 @@ def _vocab_parallel_forward(
         ag = factor.mul_(kappa).mul_(a).neg_()  # a_k g_k, g = q df/dq
         part = torch.cat([f_loc, ag.sum(dim=1, keepdim=True)], dim=1)
         part = _all_reduce(part, dist.ReduceOp.SUM, group)
-        loss = part[:, 0:1]
-        rowc = rowc - part[:, 1:2]
+        terms = Terms(loss=part[:, 0:1], rowc=-part[:, 1:2])
         dense = ag if need_grad else None
+    entropy = lse - eu / sum_e if opts.confidence_penalty else None
+    terms = regulariser_terms(terms, s, lse, opts, V, q_y=torch.exp(-ell_y), entropy=entropy)
+    if opts.confidence_penalty and need_grad:
+        qu = q * u * (s * opts.confidence_penalty)
+        dense = qu if dense is None else dense + qu
+    rowc, sparse = terms.rowc, terms.sparse
+    rowconst = None
+    if terms.uniform is not None:
+        if w_loc is None:
+            rowconst = -terms.uniform
+        elif need_grad:
+            dense = -(terms.uniform * w_loc) if dense is None else dense - terms.uniform * w_loc
 
-    if opts.z_loss:
-        loss = loss + s * opts.z_loss * lse.square()
-        rowc = rowc + s * (2.0 * opts.z_loss) * lse
-    if opts.confidence_penalty:
-        H = lse - eu / sum_e
-        loss = loss - s * opts.confidence_penalty * H
-        if need_grad:
-            rowc = rowc + s * opts.confidence_penalty * (H - lse)
-            qu = q * u * (s * opts.confidence_penalty)
-            dense = qu if dense is None else dense + qu
-    if opts.poly1:
-        e1 = opts.poly1
-        q_y = torch.exp(-ell_y)
-        P = q_y * (1.0 - eps) + eps / V if eps else q_y
-        loss = loss + s * e1 * (1.0 - P)
-        rowc = rowc + s * e1 * (P - eps / V)
-        extra = s * e1 * (1.0 - eps) * q_y
-        sparse = extra if sparse is None else sparse + extra
-
-    losses = loss.squeeze(1)
+    losses = terms.loss.squeeze(1)
     if reduction == "mean":
         denom = w_y.sum()  # the same tokens on every rank: no collective
-        scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
+        scale = inverse_or_zero(denom)
         out = losses.sum() * scale
     elif reduction == "sum":
         scale, out = None, losses.sum()
@@ -326,7 +306,7 @@ def _vocab_parallel_forward(
 
     grad: Tensor | None = None
     if need_grad:
-        G = q.mul_(rowc)
+        G = q.mul_(torch.as_tensor(rowc, dtype=acc, device=dev))
         if rowconst is not None:
             G.add_(rowconst)
         if dense is not None:

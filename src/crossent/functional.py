@@ -22,8 +22,7 @@ from torch import Tensor
 
 from crossent import _ops, _triton
 from crossent._cpu import native as _native
-from crossent._cpu.softmax import _gamma_for_rows
-from crossent._formula import MeanBy, acc_dtype, inverse_or_zero
+from crossent._formula import MeanBy, acc_dtype, gamma_for_rows, inverse_or_zero
 from crossent._formula import mean_denominator as mean_denominator_of
 from crossent._options import (
     Backend,
@@ -282,7 +281,7 @@ def _functorch_error(option: str) -> Iterator[None]:
 def _schedule_rows(logits: Tensor, target: Tensor, opts: SoftmaxOptions, backend: str) -> Tensor:
     """A focal schedule evaluated per row, on the true-class probabilities (detached)."""
     p = torch.ops.crossent.true_class_prob(logits, target, opts.ignore_index, opts.softcap, backend)
-    return _gamma_for_rows(opts, p.unsqueeze(1)).reshape(-1)
+    return gamma_for_rows(opts, p.unsqueeze(1)).reshape(-1)
 
 
 def cross_entropy(

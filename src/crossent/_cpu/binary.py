@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crossent._cpu._memory import empty_hugepage
+from crossent._formula import inverse_or_zero
 from crossent._options import BinaryOptions, Reduction
 
 __all__ = ["BLOCK_ELEMENTS", "HARD_SCRATCH_ROWS", "binary_cross_entropy", "binary_elements"]
@@ -406,7 +407,7 @@ def binary_cross_entropy(
             count = sum((target[i] != opts.ignore_index).sum() for i in blocks)
             count = torch.as_tensor(count, device=dev).to(acc)
             # Every entry masked (or empty): 0 with a zero gradient instead of 0/0 = nan.
-            scale = torch.where(count > 0, 1.0 / count.clamp_min(1.0), 0.0)
+            scale = inverse_or_zero(count)
 
     grad_buf = None
     # fresh CPU memory: ask for huge pages (see _memory.empty_hugepage)

@@ -54,7 +54,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._cpu.softmax import _acc_dtype, _denominator, softmax_rows
+from crossent._cpu.softmax import softmax_rows
+from crossent._formula import acc_dtype, inverse_or_zero, mean_denominator
 from crossent._options import Reduction, SoftmaxOptions
 
 __all__ = [
@@ -127,7 +128,7 @@ def softmax_chunk(
 ) -> tuple[Tensor, Tensor | None]:
     """The default chunk kernel: the fused softmax rows, writing the gradient over ``z``."""
     B, V = z.shape
-    losses = torch.empty(B, dtype=_acc_dtype(z.dtype), device=z.device)
+    losses = torch.empty(B, dtype=acc_dtype(z.dtype), device=z.device)
     # softmax_rows on cache-sized sub-blocks on the CPU (its temporaries stay ~1 MiB); one call
     # per chunk elsewhere (one kernel each).
     sub = max(1, CPU_SOFTMAX_ELEMENTS // max(1, V)) if z.device.type == "cpu" else max(B, 1)
@@ -196,7 +197,7 @@ def linear_cross_entropy_rows(
     """
     M, _ = hidden.shape
     V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     dev = hidden.device
     need_grad = row_scale is not None and (need_hidden or need_weight or need_bias)
     losses = torch.empty(M, dtype=acc, device=dev)
@@ -261,7 +262,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     ) -> Tensor:
         N, _ = hidden.shape
         V = weight.shape[0]
-        acc = _acc_dtype(hidden.dtype)
+        acc = acc_dtype(hidden.dtype)
         dev = hidden.device
         if wgrad_dtype is None:
             wgrad_dtype = acc if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -281,8 +282,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         t_v = target if rows is None else target.index_select(0, rows)
 
         if reduction == "mean":
-            denom = _denominator(target, class_weight, opts.ignore_index, acc, N)
-            scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
+            denom = mean_denominator(target, class_weight, opts.ignore_index, acc, N)
+            scale = inverse_or_zero(denom)
         else:
             scale = torch.ones((), dtype=acc, device=dev)
         store = reduction != "none" and (need_h or need_w or need_b)
@@ -330,7 +331,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dH, dW, db = out
         else:
             # reduction "none" (per-token grad_output), or a second backward: recompute.
-            acc = _acc_dtype(hidden.dtype)
+            acc = acc_dtype(hidden.dtype)
             go = grad_output.to(acc)
             if go.ndim:
                 row_scale = go if rows is None else go.index_select(0, rows)

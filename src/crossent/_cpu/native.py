@@ -330,7 +330,7 @@ def softmax_cross_entropy(
     The kernel also finds the mean's denominator and sums the row losses, so a call costs a
     handful of torch ops however small the batch.
     """
-    from crossent._cpu.softmax import _gamma_for_rows
+    from crossent._formula import gamma_for_rows
 
     acc = _acc(logits.dtype)
     squeeze = logits.ndim == 1
@@ -372,7 +372,7 @@ def softmax_cross_entropy(
     elif callable(opts.gamma) and R:
         # A schedule needs every row's q_y before its gradient: a first, forward-only pass.
         p = _true_class_prob(kernel, args, R, acc)
-        gamma_rows = _gamma_for_rows(opts, p.unsqueeze(1))
+        gamma_rows = gamma_for_rows(opts, p.unsqueeze(1))
         gamma_rows = torch.as_tensor(gamma_rows, dtype=acc).reshape(-1).expand(R).contiguous()
         args.gamma_rows = gamma_rows.data_ptr()
     _check(kernel(ctypes.byref(args)))

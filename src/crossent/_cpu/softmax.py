@@ -27,6 +27,16 @@ import torch
 from torch import Tensor
 
 from crossent._cpu._memory import empty_hugepage
+from crossent._formula import (
+    Terms,
+    acc_dtype,
+    focal_terms,
+    gamma_for_rows,
+    inverse_or_zero,
+    mean_denominator,
+    regulariser_terms,
+    target_terms,
+)
 from crossent._options import Reduction, RowGamma, SoftmaxOptions
 
 __all__ = ["BLOCK_ELEMENTS", "focal_terms", "softmax_cross_entropy", "softmax_rows"]
@@ -42,53 +52,6 @@ HALF_BLOCK_ELEMENTS = 1 << 20
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16/bf16 accumulate in fp32; fp64 stays fp64 (gradcheck).
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def focal_terms(ell: Tensor, gamma: Tensor | float) -> tuple[Tensor, Tensor]:
-    r"""Focal factor :math:`(1-q)^\gamma` and :math:`\kappa = 1 + \gamma q \ell / (1 - q)` from ℓ = -log q.
-
-    The loss term is :math:`f = (1-q)^\gamma \ell` and :math:`q\,df/dq = -(1-q)^\gamma \kappa`.
-    Computed in log space: ``1 - q = -expm1(-ℓ)`` keeps precision as q -> 1 (plain ``1 - q``
-    rounds to 0 there), the power is ``exp(γ log(1 - q))``, and the ratio
-    :math:`\ell / (1-q) \to 1` replaces :math:`(1-q)^{\gamma - 1}`, which overflows for
-    γ in (0, 1) at q -> 1 (where the true gradient is finite).
-    """
-    one_minus_q = torch.expm1(-ell).neg_()
-    if isinstance(gamma, Tensor):
-        # 0 * log(0) is nan: a per-sample gamma of exactly 0 must give a factor of exactly 1.
-        factor = torch.where(gamma == 0, 1.0, torch.exp(gamma * torch.log(one_minus_q)))
-    else:
-        factor = torch.exp(torch.log(one_minus_q).mul_(gamma))
-    ratio = torch.where(one_minus_q > 0, ell / one_minus_q, 1.0)
-    kappa = torch.exp(-ell).mul_(ratio).mul_(gamma).add_(1.0)
-    return factor, kappa
-
-
-def _gamma_for_rows(opts: SoftmaxOptions, p_true: Tensor) -> Tensor | float:
-    """The focusing parameter per row: a float, or the schedule applied to p (shape (R, 1))."""
-    if not callable(opts.gamma):
-        return float(opts.gamma)
-    if isinstance(opts.gamma, RowGamma):  # evaluated before the operator; validated there
-        return opts.gamma.rows.reshape(-1, 1).to(p_true.dtype)
-    g = opts.gamma(p_true.detach().reshape(-1))
-    g = torch.as_tensor(g, dtype=p_true.dtype, device=p_true.device)
-    if g.numel() == 1:
-        g = g.reshape(1, 1).expand_as(p_true)
-    elif g.numel() == p_true.numel():
-        g = g.reshape(-1, 1)
-    else:
-        raise ValueError(
-            f"gamma schedule returned {g.numel()} values for {p_true.numel()} samples: "
-            "it must map a tensor of true-class probabilities to one gamma each (or a scalar)"
-        )
-    if not _compiling() and bool(((g < 0) | ~torch.isfinite(g)).any()):
-        raise ValueError("gamma schedule returned a negative or non-finite gamma; gamma must be >= 0")
-    return g
 
 
 def index_rows(
@@ -141,7 +104,7 @@ def softmax_rows(
     Returns:
         (R,) per-row losses in the accumulation dtype (fp32, or fp64 for fp64 input).
     """
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     R, C = x.shape
     index = not target.is_floating_point()
     eps = float(opts.label_smoothing)
@@ -212,90 +175,60 @@ def softmax_rows(
             u_y = u.gather(1, y)
             ell_y = lse - u_y
 
-    # Per-row pieces of the gradient w.r.t. u:
-    #   G = q * rowc + rowconst + dense + outer_a * outer_w - onehot_y * sparse
-    rowc: Tensor | float = 0.0
-    rowconst: Tensor | None = None
+    # Per-row pieces of the gradient w.r.t. u (crossent._formula.Terms):
+    #   G = q * rowc - uniform * w + dense - onehot_y * sparse
     dense: Tensor | None = None
-    outer: tuple[Tensor, Tensor] | None = None
-    sparse: Tensor | None = None
-
     if index:
-        gam = _gamma_for_rows(opts, torch.exp(-ell_y)) if focal else 0.0
-        a_y = w_y * (1.0 - eps) if eps else w_y
+        gam = gamma_for_rows(opts, torch.exp(-ell_y)) if focal else 0.0
         if sparse_path:
-            # Target part a_y (1-q_y)^gamma ell_y; its gradient is coef * (q - onehot_y).
-            if focal:
-                factor_y, kappa_y = focal_terms(ell_y, gam)
-                loss = a_y * factor_y * ell_y
-                coef = a_y * factor_y * kappa_y
-            else:
-                loss = a_y * ell_y
-                coef = a_y
-            rowc = coef
-            sparse = coef
-            if eps:
-                # Uniform part (eps/C) sum_k w_k ell_k = (eps/C)(lse sum(w) - u.w); gradient
-                # (eps/C)(q sum(w) - w).
-                ue = eps / C * validf
-                w_sum = float(C) if weight is None else weight.sum()
-                loss = loss + ue * (lse * w_sum - u_sum)
-                rowc = rowc + ue * w_sum
-                if weight is None:
-                    rowconst = -ue
-                else:
-                    outer = (-ue, weight)
+            w_sum = float(C) if weight is None else weight.sum()
+            terms = target_terms(ell_y, lse, u_sum, w_y, validf, gam, opts, C, w_sum)
         else:
             # Focal with smoothing (or softcap / confidence penalty): dense target mass.
+            a_y = w_y * (1.0 - eps) if eps else w_y
             a = (eps / C) * validf * (weight if weight is not None else torch.ones_like(u[:1]))
             a = a.expand(R, C).clone()
             a.scatter_add_(1, y, a_y)
             loss, rowc, dense = _dense_focal(u, lse, a, gam, need_grad) if focal else _dense_ce(
                 u, lse, a, need_grad
             )
+            terms = Terms(loss=loss, rowc=rowc)
     else:
         t = target.to(acc)
         tt = t * (1.0 - eps) + eps / C if eps else t
         a = tt if weight is None else tt * weight
         if focal:
-            gam = _gamma_for_rows(opts, (t * q).sum(dim=1, keepdim=True))
+            gam = gamma_for_rows(opts, (t * q).sum(dim=1, keepdim=True))
             loss, rowc, dense = _dense_focal(u, lse, a, gam, need_grad)
         else:
             loss, rowc, dense = _dense_ce(u, lse, a, need_grad)
+        terms = Terms(loss=loss, rowc=rowc)
 
-    # Regularisers, each scaled by the sample weight s.
-    if opts.z_loss:
-        # z-loss (PaLM): lambda lse^2, d/du = 2 lambda lse q
-        loss = loss + s * opts.z_loss * lse.square()
-        rowc = rowc + s * (2.0 * opts.z_loss) * lse
+    # Regularisers, each scaled by the sample weight s; their dense parts are added here.
+    entropy = p_mass = None
     if opts.confidence_penalty:
-        # -beta H(q) with H = sum q ell = lse - sum q u (Pereyra et al. 2017);
-        # d(-beta H)/du = beta q (H - ell) = beta q (H - lse) + beta q u
         qu = q * u
-        H = lse - qu.sum(dim=1, keepdim=True)
-        loss = loss - s * opts.confidence_penalty * H
+        entropy = lse - qu.sum(dim=1, keepdim=True)
         if need_grad:
-            rowc = rowc + s * opts.confidence_penalty * (H - lse)
             qu.mul_(s * opts.confidence_penalty)
             dense = qu if dense is None else dense.add_(qu)
-    if opts.poly1:
-        # Poly-1 (Leng et al. 2022): eps1 (1 - P), P = sum t~ q; dP/du = q (t~ - P)
-        e1 = opts.poly1
-        if index:
-            q_y = torch.exp(-ell_y)
-            P = q_y * (1.0 - eps) + eps / C if eps else q_y
-            loss = loss + s * e1 * (1.0 - P)
-            rowc = rowc + s * e1 * (P - eps / C)
-            extra = s * e1 * (1.0 - eps) * q_y
-            sparse = extra if sparse is None else sparse + extra
+    if opts.poly1 and not index:
+        qt = q * tt
+        p_mass = qt.sum(dim=1, keepdim=True)
+        if need_grad:
+            qt.mul_(-opts.poly1)
+            dense = qt if dense is None else dense.add_(qt)
+    terms = regulariser_terms(
+        terms, s, lse, opts, C, q_y=torch.exp(-ell_y) if index else None, entropy=entropy,
+        p_mass=p_mass,
+    )
+    loss, rowc, sparse = terms.loss, terms.rowc, terms.sparse
+    rowconst = outer = None
+    if terms.uniform is not None:
+        if weight is None:
+            rowconst = -terms.uniform
         else:
-            qt = q * tt
-            P = qt.sum(dim=1, keepdim=True)
-            loss = loss + s * e1 * (1.0 - P)
-            rowc = rowc + s * e1 * P
-            if need_grad:
-                qt.mul_(-e1)
-                dense = qt if dense is None else dense.add_(qt)
+            outer = (-terms.uniform, weight)
 
     if need_grad:
         if sparse is not None and sparse is rowc:
@@ -360,19 +293,6 @@ def _dense_focal(
         return loss, torch.zeros_like(lse), None
     ag = factor.mul_(kappa).mul_(a).neg_()  # a * g
     return loss, -ag.sum(dim=1, keepdim=True), ag
-
-
-def _denominator(
-    target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype, rows: int
-) -> Tensor:
-    """PyTorch's mean denominator: sum of w[y_i] over non-ignored samples (index targets),
-    or the number of samples (probability targets)."""
-    if target.is_floating_point():
-        return torch.tensor(float(rows), dtype=acc, device=target.device)
-    valid = target != ignore_index
-    if weight is None:
-        return valid.sum().to(acc)
-    return (weight[torch.where(valid, target, 0)] * valid).sum()
 
 
 def _coefficients_known(opts: SoftmaxOptions) -> bool:
@@ -466,7 +386,7 @@ def _linear_coefficient_rows(
             # factor and kappa are 1 to working precision, so clamping -log q_y is harmless
             # here (the loss below uses the exact value).
             qb = q_y[n0:n1]
-            gam = _gamma_for_rows(rows_of(opts, n0, n1), qb)
+            gam = gamma_for_rows(rows_of(opts, n0, n1), qb)
             factor, kappa = focal_terms(torch.log(qb.clamp_min(_Q_TINY)).neg_(), gam)
             factor_y[n0:n1] = factor
             q.mul_(factor.mul_(kappa).mul_(rowc_s[n0:n1]))
@@ -511,7 +431,7 @@ def softmax_cross_entropy(
     Handles the layouts (C,), (N, C), (N, C, d1..dk). The gradient buffer is the only N x C
     allocation; with ``inplace_backward`` it is ``logits`` itself (1-D/2-D logits only).
     """
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     squeeze = logits.ndim == 1
     if squeeze:
         logits = logits.unsqueeze(0)
@@ -525,11 +445,10 @@ def softmax_cross_entropy(
     flat_target = target.reshape(-1) if not target.is_floating_point() else None
 
     if reduction == "mean":
-        denom = _denominator(
+        denom = mean_denominator(
             flat_target if flat_target is not None else target, weight, opts.ignore_index, acc, R
         )
-        # All rows ignored (or zero weight): return 0 with zero gradient instead of 0/0 = nan.
-        scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(acc).tiny), 0.0)
+        scale = inverse_or_zero(denom)
     else:
         scale = torch.ones((), dtype=acc, device=logits.device)
 

@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from crossent._cpu.binary import binary_cross_entropy as _torch_binary_ce
+from crossent._formula import inverse_or_zero
 from crossent._options import BinaryOptions, Reduction
 from crossent._triton._common import log1p, next_pow2
 
@@ -275,7 +276,7 @@ def binary_cross_entropy(
         else:
             count = torch.tensor(float(logits.numel()), device=dev)
         # every entry masked: loss 0 and zero gradient instead of 0/0
-        scale = torch.where(count > 0, 1.0 / count.clamp_min(1.0), 0.0)
+        scale = inverse_or_zero(count)
     else:
         scale = torch.ones((), dtype=torch.float32, device=dev)
     scale = scale.to(device=dev, dtype=torch.float32).reshape(1)

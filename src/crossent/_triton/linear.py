@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossent._formula import inverse_or_zero
 from crossent._options import Reduction, SoftmaxOptions, covers
 from crossent._triton import LINEAR_CAPABILITIES
 
@@ -238,7 +239,7 @@ class _TritonLinearCE(torch.autograd.Function):
         losses = a_y * (lse - zy) + u * (lse * sum_w - wz)
         if reduction == "mean":
             denom = w_y.sum()
-            scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(f32).tiny), 0.0)
+            scale = inverse_or_zero(denom)
         else:
             scale = torch.ones((), dtype=f32, device=dev)
         ctx.save_for_backward(h_v, weight, bias, t_v, class_weight, lse, a_y, rows, scale)

@@ -69,8 +69,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from crossent._cpu.softmax import _denominator, _gamma_for_rows
 from crossent._cpu.softmax import softmax_cross_entropy as _torch_softmax_ce
+from crossent._formula import gamma_for_rows, inverse_or_zero, mean_denominator
 from crossent._options import Reduction, RowGamma, SoftmaxOptions
 from crossent._triton._common import expm1, next_pow2, tanh
 
@@ -563,10 +563,10 @@ def softmax_cross_entropy(
         w_arg = weight.detach().to(device=dev, dtype=torch.float32).contiguous()
 
     if reduction == "mean":
-        denom = _denominator(t_arg if index else target, w_arg, opts.ignore_index,
+        denom = mean_denominator(t_arg if index else target, w_arg, opts.ignore_index,
                              torch.float32, R)
         # All rows ignored (or zero weight): loss 0 and zero gradient instead of 0/0.
-        scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        scale = inverse_or_zero(denom)
     else:
         scale = torch.ones((), dtype=torch.float32, device=dev)
     scale = scale.to(device=dev, dtype=torch.float32).reshape(1)
@@ -589,7 +589,7 @@ def softmax_cross_entropy(
             PROB_TARGET=not index, SOFTCAP=softcap is not None,
             BLOCK_R=BLOCK_R, BLOCK_C=min(BLOCK_C, CHUNK), num_warps=warps,
         )
-        gamma_arg = _gamma_for_rows(opts, p_true.unsqueeze(1)).reshape(-1)
+        gamma_arg = gamma_for_rows(opts, p_true.unsqueeze(1)).reshape(-1)
         gamma_arg = gamma_arg.to(torch.float32).contiguous()
 
     grad_arg: Tensor
