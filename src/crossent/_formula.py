@@ -11,6 +11,7 @@ them; none writes its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,7 @@ __all__ = [
     "gamma_for_rows",
     "inverse_or_zero",
     "mean_denominator",
+    "reduce",
     "regulariser_terms",
     "target_terms",
 ]
@@ -43,6 +45,15 @@ def inverse_or_zero(denom: Tensor) -> Tensor:
     an empty batch, all weights 0) is a loss of 0 with a zero gradient, not 0/0 = nan."""
     tiny = torch.finfo(denom.dtype).tiny
     return torch.where(denom > 0, 1.0 / denom.clamp_min(tiny), 0.0)
+
+
+def reduce(rows: Tensor, reduction: str, denom: Callable[[], Tensor]) -> Tensor:
+    """Per-sample losses reduced: as they are (``"none"``), summed, or summed and divided by
+    ``denom()`` (evaluated only for a mean) with the zero-denominator rule."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total * inverse_or_zero(denom())
 
 
 def mean_denominator(

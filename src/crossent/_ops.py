@@ -26,12 +26,13 @@ logits), and enters as a per-row ``gamma_rows`` tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from crossent._formula import acc_dtype, inverse_or_zero
+from crossent._formula import acc_dtype, reduce
 from crossent._options import BinaryOptions, RowGamma, SoftmaxOptions, covers
 
 __all__ = ["binary_ce", "scale_saved_grad", "softmax_ce", "true_class_prob"]
@@ -198,9 +199,14 @@ def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tens
     ctx.save_for_backward(grad, logits, target, weight)
 
 
-def _softmax_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> tuple[Any, ...]:
-    grad, logits, target, weight = ctx.saved_tensors
-    nones = (None,) * 13
+def _fused_backward(
+    ctx: Any, grad_loss: Tensor | None, graph: Callable[[], Tensor], saved: tuple[Tensor, Tensor],
+    n_inputs: int,
+) -> tuple[Any, ...]:
+    """The backward of a fused operator: the saved gradient times ``grad_output``, or, for a
+    double backward (``create_graph=True``), the gradient of the composite ``graph()``."""
+    grad, logits = saved
+    nones = (None,) * (n_inputs - 1)
     if grad_loss is None:  # an undefined grad_output is a zero one
         return (None, *nones)
     if not ctx.need_grad:
@@ -212,9 +218,21 @@ def _softmax_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) ->
         # create_graph=True: a gradient that is itself differentiable (Hessians, gradient
         # penalties, torch.func.hessian).
         with torch.enable_grad():
-            graph = softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction)
-            return (graph_grad(graph, logits, grad_loss.to(graph.dtype)), *nones)
+            loss = graph()
+            return (graph_grad(loss, logits, grad_loss.to(loss.dtype)), *nones)
+    if ctx.reduction == "none" and grad.ndim == grad_loss.ndim:
+        # a grad_output per element (sigmoid family): a new buffer keeps the saved one intact
+        return (grad * grad_loss.to(grad.dtype), *nones)
     return (scale_saved_grad(ctx, grad, grad_loss), *nones)
+
+
+def _softmax_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> tuple[Any, ...]:
+    grad, logits, target, weight = ctx.saved_tensors
+    return _fused_backward(
+        ctx, grad_loss,
+        lambda: softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction),
+        (grad, logits), 14,
+    )
 
 
 softmax_ce.register_autograd(_softmax_backward, setup_context=_softmax_setup)
@@ -288,11 +306,8 @@ def softmax_loss_graph(
     if opts.z_loss:
         rows = rows + opts.z_loss * s * lse.square()
     if reduction == "none":
-        return rows.reshape(()) if squeeze else rows.reshape(z.shape[0], *z.shape[2:])
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total * inverse_or_zero(denom)
+        rows = rows.reshape(()) if squeeze else rows.reshape(z.shape[0], *z.shape[2:])
+    return reduce(rows, reduction, lambda: denom)
 
 
 def graph_grad(loss_graph: Tensor, logits: Tensor, grad_loss: Tensor) -> Tensor:
@@ -423,22 +438,11 @@ def _binary_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tenso
 
 def _binary_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> tuple[Any, ...]:
     grad, logits, target, weight, pos_weight = ctx.saved_tensors
-    nones = (None,) * 14
-    if grad_loss is None:  # an undefined grad_output is a zero one
-        return (None, *nones)
-    if not ctx.need_grad:
-        raise RuntimeError(
-            "crossent: this loss was computed without its gradient (grad mode was off, or the "
-            "logits did not require grad when it was called); recompute it with grad enabled"
-        )
-    if torch.is_grad_enabled() and (logits.requires_grad or grad_loss.requires_grad):
-        with torch.enable_grad():
-            graph = binary_loss_graph(logits, target, weight, pos_weight, ctx.opts, ctx.reduction)
-            return (graph_grad(graph, logits, grad_loss.to(graph.dtype)), *nones)
-    if ctx.reduction == "none":
-        # grad_output has the logits' shape: a new buffer keeps the saved one intact.
-        return (grad * grad_loss.to(grad.dtype), *nones)
-    return (scale_saved_grad(ctx, grad, grad_loss), *nones)
+    return _fused_backward(
+        ctx, grad_loss,
+        lambda: binary_loss_graph(logits, target, weight, pos_weight, ctx.opts, ctx.reduction),
+        (grad, logits), 15,
+    )
 
 
 binary_ce.register_autograd(_binary_backward, setup_context=_binary_setup)
@@ -483,10 +487,7 @@ def binary_loss_graph(
         loss = loss * weight.to(acc)
     if mask is not None:
         loss = loss * mask
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    count = mask.sum() if mask is not None else torch.tensor(float(x.numel()), dtype=acc)
-    return total * inverse_or_zero(count)
+    return reduce(
+        loss, reduction,
+        lambda: mask.sum() if mask is not None else torch.tensor(float(x.numel()), dtype=acc),
+    )

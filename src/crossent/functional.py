@@ -22,7 +22,7 @@ from torch import Tensor
 
 from crossent import _ops, _triton
 from crossent._cpu import native as _native
-from crossent._formula import MeanBy, acc_dtype, gamma_for_rows, inverse_or_zero
+from crossent._formula import MeanBy, acc_dtype, gamma_for_rows, inverse_or_zero, reduce
 from crossent._formula import mean_denominator as mean_denominator_of
 from crossent._options import (
     Backend,
@@ -482,12 +482,7 @@ def _unweighted_z_loss(
     rows = z_loss * lse.square() * valid
     if sw is not None:
         rows = rows * sw
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total * inverse_or_zero(valid.sum().to(acc))
+    return reduce(rows, reduction, lambda: valid.sum().to(acc))
 
 
 def _check_mean_denominator(by: Any) -> MeanBy:
