@@ -112,6 +112,66 @@ typedef struct {
     double partial[MAX_THREADS]; /* per-thread sums of the row losses */
 } FN(sm_ctx);
 
+/* The per-row coefficients of the formulation for class-index targets, from the row's
+ * statistics: the C form of crossent/_formula.py (target_terms and regulariser_terms), written
+ * once and instantiated for the two precisions that call it: double in sm_row (libm's pow) and
+ * ACC in sm_work_columns (vectorised across positions, exp/log polynomials).
+ *
+ * Inputs: s the sample weight (w_y, 0 when ignored), valid (1, or 0 when ignored), lse,
+ * ell = lse - u_y = -log q_y, omq = 1 - q_y and qy = q_y (each computed without cancellation by
+ * the caller), su = sum_k w_k u_k (smoothing), gam the focusing parameter, keep = 1 - eps,
+ * uni = eps / C, wsum = sum_k w_k, zl the z-loss weight, p1 the Poly-1 weight; has_w whether
+ * class weights are given. Outputs: the row's loss and the coefficients of
+ *   G = q rowc + rowconst + ow w - sparse onehot_y   (times the reduction's scale)
+ * - target part a_y (1-q_y)^gamma ell_y, a_y = (1-eps) s; its gradient is a_y f kappa (q -
+ *   onehot_y) with f = (1-q_y)^gamma and kappa = 1 + gamma q_y ell / (1 - q_y): the finite
+ *   ratio ell / (1 - q_y) -> 1 replaces (1-q)^(gamma-1), which overflows for gamma < 1;
+ * - smoothing's uniform part (eps/C) sum_k w_k ell_k = (eps/C)(lse sum(w) - sum w u), gradient
+ *   (eps/C)(q sum(w) - w);
+ * - z-loss (PaLM) s lambda lse^2, gradient 2 s lambda lse q;
+ * - Poly-1 (Leng et al. 2022) s eps1 (1 - P), P = (1-eps) q_y + eps/C. */
+#define CE_INDEX_COEFFICIENTS(NAME, T, POW)                                                       \
+    ALWAYS_INLINE void NAME(T s, T valid, T lse, T ell, T omq, T qy, T su, T gam, T keep, T uni,  \
+                            T wsum, T zl, T p1, int has_w, T *loss, T *rowc, T *sparse,           \
+                            T *rowconst, T *ow) {                                                 \
+        const T a_y = s * keep;                                                                   \
+        T l, c;                                                                                   \
+        if (gam != 0) {                                                                           \
+            const T factor = POW(omq, gam); /* omq = 0: 0 (1 for gamma = 0, never reached) */     \
+            const T ratio = omq > 0 ? ell / omq : (T)1;                                           \
+            l = a_y * factor * ell;                                                               \
+            c = a_y * factor * ((T)1 + gam * qy * ratio);                                         \
+        } else {                                                                                  \
+            l = a_y * ell;                                                                        \
+            c = a_y;                                                                              \
+        }                                                                                         \
+        T sp = c, rc = 0, o = 0;                                                                  \
+        if (uni != 0) {                                                                           \
+            const T ue = uni * valid;                                                             \
+            l += ue * (lse * wsum - su);                                                          \
+            c += ue * wsum;                                                                       \
+            if (has_w) o = -ue; else rc = -ue;                                                    \
+        }                                                                                         \
+        if (zl != 0) {                                                                            \
+            l += s * zl * lse * lse;                                                              \
+            c += s * (T)2 * zl * lse;                                                             \
+        }                                                                                         \
+        if (p1 != 0) {                                                                            \
+            const T P = qy * keep + uni;                                                          \
+            l += s * p1 * ((T)1 - P);                                                             \
+            c += s * p1 * (P - uni);                                                              \
+            sp += s * p1 * keep * qy;                                                             \
+        }                                                                                         \
+        *loss = l; *rowc = c; *sparse = sp; *rowconst = rc; *ow = o;                              \
+    }
+
+#define CE_POW_D(b, e) pow(b, e)
+#define CE_POW_A(b, e) EXP((e) * LOG(b)) /* b = 0: log -inf, exp 0 */
+CE_INDEX_COEFFICIENTS(FN(coef_d), double, CE_POW_D)
+CE_INDEX_COEFFICIENTS(FN(coef_a), ACC, CE_POW_A)
+#undef CE_POW_D
+#undef CE_POW_A
+
 /* max of a row and sum_k w_k u_k (w NULL: sum_k u_k) in one read; float partial sums of SEG
  * terms added in double */
 static inline ACC FN(row_max_sum)(const ACC *restrict u, const ACC *restrict w, int64_t C, double *sum) {
@@ -264,38 +324,18 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
     if (index) {
         u_y = (double)u_y_acc;
         ell_y = lse - u_y; /* -log q_y, exact even where q_y underflows */
-        const double a_y = s * (1.0 - eps);
         const double gam = a->gamma_rows ? (double)((const ACC *)a->gamma_rows)[r] : a->gamma;
-        if (gam != 0.0) {
-            /* focal (no smoothing here): f = (1-q)^gamma ell; 1 - q = -expm1(-ell) keeps
-             * precision as q -> 1, and the finite ratio ell / (1 - q) -> 1 replaces
-             * (1-q)^(gamma-1), which overflows for gamma < 1 (see focal_terms) */
-            const double qy = exp(-ell_y), omq = -expm1(-ell_y);
-            const double factor = pow(omq, gam); /* pow(0, 0) = 1 */
-            const double ratio = omq > 0.0 ? ell_y / omq : 1.0;
-            loss = a_y * factor * ell_y;
-            rowc = a_y * factor * (1.0 + gam * qy * ratio);
-        } else {
-            loss = a_y * ell_y;
-            rowc = a_y;
-        }
-        sparse = rowc;
-        if (eps != 0.0) {
-            /* uniform part (eps/C) sum_k w_k ell_k = (eps/C)(lse sum(w) - sum w u);
-             * gradient (eps/C)(q sum(w) - w) */
-            const double ue = eps / (double)C;
-            loss += ue * (lse * a->w_sum - su);
-            rowc += ue * a->w_sum;
-            if (w) ow = -ue; else rowconst = -ue;
-        }
+        FN(coef_d)(s, 1.0, lse, ell_y, -expm1(-ell_y), exp(-ell_y), su, gam, 1.0 - eps,
+                   eps / (double)C, a->w_sum, a->z_loss, a->poly1, w != NULL,
+                   &loss, &rowc, &sparse, &rowconst, &ow);
     } else {
         /* dense target mass a = t~ w: L = lse sum(a) - sum a u; G = q sum(a) - a */
         loss = sa * lse - sau;
         rowc = sa;
-    }
-    if (a->z_loss != 0.0) { /* z-loss (PaLM): lambda lse^2, d/du = 2 lambda lse q */
-        loss += s * a->z_loss * lse * lse;
-        rowc += s * 2.0 * a->z_loss * lse;
+        if (a->z_loss != 0.0) { /* z-loss (PaLM): lambda lse^2, d/du = 2 lambda lse q */
+            loss += a->z_loss * lse * lse;
+            rowc += 2.0 * a->z_loss * lse;
+        }
     }
     if (a->conf != 0.0) {
         /* -beta H(q) (Pereyra et al. 2017); d(-beta H)/du = beta q (H - lse) + beta q u */
@@ -304,19 +344,11 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
         rowc += s * a->conf * (H - lse);
         cpc = s * a->conf;
     }
-    if (a->poly1 != 0.0) { /* Poly-1 (Leng et al. 2022): eps1 (1 - P), P = sum t~ q */
-        if (index) {
-            const double qy = exp(-ell_y);
-            const double P = qy * (1.0 - eps) + eps / (double)C;
-            loss += s * a->poly1 * (1.0 - P);
-            rowc += s * a->poly1 * (P - eps / (double)C);
-            sparse += s * a->poly1 * (1.0 - eps) * qy;
-        } else {
-            const double P = Set / S;
-            loss += a->poly1 * (1.0 - P);
-            rowc += a->poly1 * P;
-            pc = a->poly1;
-        }
+    if (!index && a->poly1 != 0.0) { /* Poly-1 (Leng et al. 2022): eps1 (1 - P), P = sum t~ q */
+        const double P = Set / S;
+        loss += a->poly1 * (1.0 - P);
+        rowc += a->poly1 * P;
+        pc = a->poly1;
     }
     if (loss_out) loss_out[r] = (ACC)loss;
     const double stored = (double)(ACC)loss; /* the sum matches a sum of the returned losses */
@@ -511,34 +543,9 @@ static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
             const ACC lse = m[j] + LOG(Ssum[j]);
             const ACC ell = valid > 0 ? lse - uy[j] : (ACC)0;
             const ACC omq = Sn[j] / Ssum[j], qy = (Ssum[j] - Sn[j]) / Ssum[j];
-            const ACC a_y = s * keep;
-            ACC loss, rowc;
-            if (gam != 0) {
-                const ACC factor = EXP(gam * LOG(omq)); /* omq = 0: log -inf, exp 0 */
-                const ACC ratio = omq > 0 ? ell / omq : (ACC)1;
-                loss = a_y * factor * ell;
-                rowc = a_y * factor * ((ACC)1 + gam * qy * ratio);
-            } else {
-                loss = a_y * ell;
-                rowc = a_y;
-            }
-            ACC sparse = rowc, rowconst = 0, ow = 0;
-            if (eps != 0.0) {
-                const ACC ue = uni * valid;
-                loss += ue * (lse * wsum - su[j]);
-                rowc += ue * wsum;
-                if (w) ow = -ue; else rowconst = -ue;
-            }
-            if (zl != 0) {
-                loss += s * zl * lse * lse;
-                rowc += s * (ACC)2 * zl * lse;
-            }
-            if (p1 != 0) {
-                const ACC P = qy * keep + uni;
-                loss += s * p1 * ((ACC)1 - P);
-                rowc += s * p1 * (P - uni);
-                sparse += s * p1 * keep * qy;
-            }
+            ACC loss, rowc, sparse, rowconst, ow;
+            FN(coef_a)(s, valid, lse, ell, omq, qy, su[j], gam, keep, uni, wsum, zl, p1, w != NULL,
+                       &loss, &rowc, &sparse, &rowconst, &ow);
             loss = valid > 0 ? loss : (ACC)0;
             uy[j] = loss; /* u_y and m are not needed any more: their slots keep loss and ell */
             m[j] = ell;
