@@ -53,6 +53,12 @@ SCRIPT = textwrap.dedent(
     for reduction in ("mean", "sum", "none"):
         case(37, 20, 50, reduction, {})
         case(37, 20, 50, reduction, {"label_smoothing": 0.1, "class_weight": True})
+        # the coefficients of crossent._formula: focal, schedules, z-loss, Poly-1, combined
+        case(29, 12, 40, reduction, {"gamma": 2.0})
+        case(29, 12, 40, reduction, {"gamma": crossent.flsd53, "z_loss": 1e-2})
+        case(29, 12, 40, reduction, {"poly1": 0.7, "label_smoothing": 0.1, "class_weight": True})
+        case(29, 12, 40, reduction, {"gamma": 0.5, "z_loss": 1e-3, "poly1": -0.3,
+                                     "class_weight": True})
     case(1, 5, 7, "mean", {"label_smoothing": 0.2}, ignore=0)          # N = 1, V < one tile
     case(0, 17, 33, "none", {}, bias=False, lead=(2, 9))               # 3-D hidden, no bias
     case(16, 16, 40, "mean", {}, ignore=1)                             # every token ignored
@@ -80,11 +86,17 @@ SCRIPT = textwrap.dedent(
 
     # Options the kernels do not cover raise with backend="triton" (auto runs the chunked path).
     try:
-        crossent.linear_cross_entropy(h, W, y, backend="triton", gamma=2.0)
+        crossent.linear_cross_entropy(h, W, y, backend="triton", softcap=5.0)
     except ValueError as err:
-        assert "focal" in str(err)
+        assert "softcap" in str(err)
     else:
-        raise AssertionError("gamma on backend='triton' should raise")
+        raise AssertionError("softcap on backend='triton' should raise")
+    try:
+        crossent.linear_cross_entropy(h, W, y, backend="triton", gamma=2.0, label_smoothing=0.1)
+    except ValueError as err:
+        assert "label_smoothing" in str(err)
+    else:
+        raise AssertionError("focal with smoothing on backend='triton' should raise")
     print("OK")
     """
 )

@@ -13,5 +13,7 @@ SOFTMAX_CAPABILITIES = (SOFTMAX_ALL,)
 #: :mod:`crossent._triton.binary`: every option of the sigmoid family but the Poly-1 term and
 #: the detached focal weight (those calls run on the torch-op path).
 BINARY_CAPABILITIES = (BINARY_ALL - {"poly1", "detach_focal_weight"},)
-#: :mod:`crossent._triton.linear`: cross-entropy with class weights, ignore_index and smoothing.
-LINEAR_CAPABILITIES = (frozenset({"ignore_index", "label_smoothing", "weight"}),)
+#: :mod:`crossent._triton.linear`: class indices; no softcap, confidence penalty, or focal term
+#: together with smoothing (per-class terms the kernels do not compute).
+_LINEAR = SOFTMAX_ALL - {"softcap", "confidence_penalty"}
+LINEAR_CAPABILITIES = (_LINEAR - {"gamma", "gamma_schedule"}, _LINEAR - {"label_smoothing"})

@@ -7,13 +7,14 @@ registers and folded into an online log-sum-exp (running max ``m`` and sum ``s``
 ``exp(m_old - m_new)``), together with the target logit ``z_y`` and ``sum_k w_k z_k`` (label
 smoothing). Only three floats per token reach memory.
 
-With ``a_y = w_y (1 - eps)`` and ``u = eps / V`` (0 for an ignored token) the loss of a token is
-
-    L = a_y (lse - z_y) + u (lse * sum_k w_k - sum_k w_k z_k)
-
-and its logits gradient ``G_k = r (c q_k - u w_k - a_y [k = y])`` with ``q = exp(z - lse)``,
-``c = a_y + u sum_k w_k`` and the row factor ``r`` (``grad_output``, divided by the mean's
-denominator). The backward kernel recomputes each (token block, vocabulary tile) of logits,
+From these statistics :func:`crossent._formula.target_terms` and
+:func:`~crossent._formula.regulariser_terms` (the formulation's one torch form) give each
+token's loss and the coefficients of its logits gradient
+``G_k = r (c q_k - u w_k - a [k = y])`` with ``q = exp(z - lse)`` and the row factor ``r``
+(``grad_output``, divided by the mean's denominator); for plain smoothed CE
+``L = a_y (lse - z_y) + u (lse * sum_k w_k - sum_k w_k z_k)``, ``a = a_y = w_y (1 - eps)``,
+``u = eps / V``, ``c = a_y + u sum_k w_k``; focal terms, schedules, z-loss and Poly-1 change
+only ``c``, ``a`` and the loss. The backward kernel recomputes each (token block, vocabulary tile) of logits,
 forms ``G`` on chip and adds ``G W_v`` to ``dH`` and ``G^T H_m`` to ``dW`` with fp32 atomics;
 the forward matmul is paid twice (four matmuls in all, against three for the chunked path),
 the price of storing nothing of size V.
@@ -23,9 +24,11 @@ Gradient filtering (``filter_eps > 0``, off by default): a tile whose ``|G|`` ne
 bf16). The error it introduces is bounded by ``filter_eps`` per skipped entry of ``G``;
 ``tests/test_linear_triton.py`` measures it.
 
-Covered here: index targets with ``ignore_index``, label smoothing, class weights, every
-reduction, bias, fp32/bf16/fp16 inputs. Focal gamma (and schedules), z-loss, softcap, the
-confidence penalty, Poly-1 and probability (soft) targets dispatch to the chunked torch path
+Covered here: index targets with ``ignore_index``, label smoothing, class weights, focal gamma
+and schedules (without smoothing), z-loss, Poly-1, every reduction, bias, fp32/bf16/fp16
+inputs. Softcap, the confidence penalty, focal with smoothing (they need per-class terms in the
+kernel) and probability (soft) targets
+dispatch to the chunked torch path
 (:mod:`crossent._cpu.linear`), as does any input on a device Triton cannot run on; with
 ``backend="triton"`` they raise.
 
@@ -41,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._formula import inverse_or_zero
+from crossent._formula import gamma_for_rows, inverse_or_zero, regulariser_terms, target_terms
 from crossent._options import Reduction, SoftmaxOptions, covers
 from crossent._triton import LINEAR_CAPABILITIES
 
@@ -231,19 +234,28 @@ class _TritonLinearCE(torch.autograd.Function):
                 HAS_BIAS=bias is not None, HAS_CW=class_weight is not None,
                 BLOCK_M=BM, BLOCK_V=BV, BLOCK_D=BD,
             )
-        eps = float(opts.label_smoothing)
+        # Coefficients from the row statistics: the formulation's torch form (crossent._formula).
         w_y = torch.ones_like(lse) if class_weight is None else class_weight[t_v].to(f32)
         sum_w = float(V) if class_weight is None else class_weight.sum().to(f32)
-        a_y = w_y * (1.0 - eps)
-        u = eps / V
-        losses = a_y * (lse - zy) + u * (lse * sum_w - wz)
+        col = lse.unsqueeze(1), zy.unsqueeze(1), wz.unsqueeze(1), w_y.unsqueeze(1)
+        lse1, zy1, wz1, w_y1 = col
+        ell_y = lse1 - zy1
+        q_y = torch.exp(-ell_y)
+        gam = gamma_for_rows(opts, q_y) if opts.focal else 0.0
+        terms = target_terms(ell_y, lse1, wz1, w_y1, torch.ones_like(w_y1), gam, opts, V, sum_w)
+        terms = regulariser_terms(terms, w_y1, lse1, opts, V, q_y=q_y)
+        losses = terms.loss.reshape(-1)
+        coef = torch.stack([  # per row: c (times q), u (times w), a (at the target)
+            torch.as_tensor(terms.rowc, dtype=f32, device=dev).expand(M, 1).reshape(-1),
+            (terms.uniform if terms.uniform is not None else torch.zeros_like(w_y1)).reshape(-1),
+            terms.sparse.reshape(-1),
+        ])
         if reduction == "mean":
-            denom = w_y.sum()
-            scale = inverse_or_zero(denom)
+            scale = inverse_or_zero(w_y.sum())
         else:
             scale = torch.ones((), dtype=f32, device=dev)
-        ctx.save_for_backward(h_v, weight, bias, t_v, class_weight, lse, a_y, rows, scale)
-        ctx.meta = (u, sum_w, filter_eps, hidden.dtype, hidden.shape)
+        ctx.save_for_backward(h_v, weight, bias, t_v, class_weight, lse, coef, rows, scale)
+        ctx.meta = (filter_eps, hidden.dtype, hidden.shape)
         if reduction == "none":
             return torch.zeros(N, dtype=f32, device=dev).index_copy_(0, rows, losses)
         total = losses.sum()
@@ -252,8 +264,8 @@ class _TritonLinearCE(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        h_v, weight, bias, t_v, class_weight, lse, a_y, rows, scale = ctx.saved_tensors
-        u, sum_w, filter_eps, dtype, hshape = ctx.meta
+        h_v, weight, bias, t_v, class_weight, lse, coef, rows, scale = ctx.saved_tensors
+        filter_eps, dtype, hshape = ctx.meta
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         M, D = h_v.shape
@@ -261,7 +273,7 @@ class _TritonLinearCE(torch.autograd.Function):
         dev = h_v.device
         go = grad_output.float()
         r = go.index_select(0, rows) if go.ndim else (go * scale).expand(M)
-        c = a_y + u * sum_w
+        rc, ru, ra = (r * coef).unbind(0)
         f32 = torch.float32
         dh = torch.zeros((M, D), dtype=f32, device=dev) if need_h else None
         dw = torch.zeros((V, D), dtype=f32, device=dev) if need_w else None
@@ -272,7 +284,7 @@ class _TritonLinearCE(torch.autograd.Function):
             _bwd_kernel[(triton.cdiv(M, BM), triton.cdiv(V, BV))](
                 h_v, weight, bias if bias is not None else dummy, t_v,
                 class_weight if class_weight is not None else dummy,
-                lse, (r * c).contiguous(), (r * u).contiguous(), (r * a_y).contiguous(),
+                lse, rc.contiguous(), ru.contiguous(), ra.contiguous(),
                 dh if dh is not None else dummy, dw if dw is not None else dummy,
                 db if db is not None else dummy,
                 M, V, D, h_v.stride(0), weight.stride(0), float(filter_eps),
@@ -338,9 +350,8 @@ def try_triton_linear_cross_entropy(
         if required:
             raise ValueError(
                 "backend='triton' needs triton, a CUDA tensor (or TRITON_INTERPRET=1 on the "
-                "CPU), a non-float64 dtype, and only label smoothing / class weights among the "
-                "options (focal, z-loss, softcap, confidence penalty and Poly-1 run on "
-                "backend='torch' or 'auto')"
+                "CPU), a non-float64 dtype, and no softcap, confidence_penalty, or gamma "
+                "together with label_smoothing (those run on backend='torch' or 'auto')"
             )
         return None
     return triton_linear_cross_entropy(
