@@ -112,7 +112,7 @@ def _load_u(X, xrow, cols, stride_xc, rmask, cmask, cap, inv_cap, SOFTCAP: tl.co
 def _focal_terms(ell, gam, PER_ROW: tl.constexpr):
     r"""Focal factor ``(1-q)^gamma`` and ``kappa = 1 + gamma q ell / (1-q)`` from ``ell = -log q``.
 
-    Log space as :func:`crossent._cpu.softmax.focal_terms`: ``1 - q = -expm1(-ell)``, the power
+    Log space as :func:`crossent._formula.focal_terms`: ``1 - q = -expm1(-ell)``, the power
     is ``exp(gamma log(1-q))``, and ``ell / (1-q) -> 1`` replaces ``(1-q)^(gamma-1)`` (finite
     gradient for gamma in (0, 1) as q -> 1). With PER_ROW (a schedule) a gamma of exactly 0
     gives a factor of exactly 1 (not ``exp(0 * -inf) = nan``).
@@ -125,6 +125,37 @@ def _focal_terms(ell, gam, PER_ROW: tl.constexpr):
     ratio = tl.where(one_minus_q > 0.0, ell / safe, 1.0)
     kappa = 1.0 + gam * tl.exp(-ell) * ratio
     return factor, kappa
+
+
+@triton.jit
+def _target_terms(
+    ell_y, lse, u_dot, s, validf, gam, one_minus_eps, uniform, w_sum,
+    FOCAL: tl.constexpr, SCHEDULE: tl.constexpr, SMOOTHING: tl.constexpr,
+):
+    r"""The target part of a row for class indices without a per-class focal factor, from the
+    row's statistics: the Triton form of :func:`crossent._formula.target_terms` (the
+    regularisers follow in the kernel, as :func:`crossent._formula.regulariser_terms`).
+
+    Returns ``(loss, rowc, uniform_coef, sparse)`` of
+    ``G = q rowc - uniform_coef w - [k = y] sparse`` (``w`` the class weights, or ones).
+    """
+    a_y = s * one_minus_eps
+    if FOCAL:
+        fac_y, kap_y = _focal_terms(ell_y, gam, SCHEDULE)
+        loss = a_y * fac_y * ell_y
+        coef = a_y * fac_y * kap_y
+    else:
+        loss = a_y * ell_y
+        coef = a_y
+    rowc = coef
+    sparse = coef
+    ue = tl.zeros_like(lse)
+    if SMOOTHING:
+        # (eps/C) sum_k w_k ell_k = (eps/C)(lse sum w - u.w); grad (eps/C)(q sum w - w)
+        ue = uniform * validf
+        loss += ue * (lse * w_sum - u_dot)
+        rowc += ue * w_sum
+    return loss, rowc, ue, sparse
 
 
 @triton.jit
@@ -309,26 +340,20 @@ def _softmax_ce_kernel(
             loss = zero
             rowc = zero
         else:
-            if FOCAL:
-                fac_y, kap_y = _focal_terms(ell_y, gam, SCHEDULE)
-                loss = a_y * fac_y * ell_y
-                coef = a_y * fac_y * kap_y
+            if HAS_WEIGHT:
+                u_dot = suw
+                w_tot = wsum
             else:
-                loss = a_y * ell_y
-                coef = a_y
-            rowc = coef
-            sparse = coef
-            if SMOOTHING:
-                # (eps/C) sum_k w_k ell_k = (eps/C)(lse sum w - u.w); grad (eps/C)(q sum w - w)
-                ue = uniform * validf
-                if HAS_WEIGHT:
-                    loss += ue * (lse * wsum - suw)
-                    rowc += ue * wsum
-                    dw = -ue
-                else:
-                    loss += ue * (lse * cf - su)
-                    rowc += ue * cf
-                    rowconst = -ue
+                u_dot = su
+                w_tot = zero + cf
+            loss, rowc, ue, sparse = _target_terms(
+                ell_y, lse, u_dot, s, validf, gam, one_minus_eps, uniform, w_tot,
+                FOCAL, SCHEDULE, SMOOTHING,
+            )
+            if HAS_WEIGHT:
+                dw = -ue
+            else:
+                rowconst = -ue
 
     # ---- pass 2 of the dense focal terms: L = sum a f, A = sum a g (g = q df/dq)
     if DENSE:
