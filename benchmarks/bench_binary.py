@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import random
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 import crossent
+from _shared import add_int_options, cpu_model, cpu_peak_bytes, eager_sigmoid_focal, interleaved_times
 from crossent._cpu import native
 
 ALPHA, GAMMA = 0.25, 2.0
@@ -33,13 +28,7 @@ ALPHA, GAMMA = 0.25, 2.0
 
 def eager_focal(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """torchvision.ops.sigmoid_focal_loss, op for op (reduction "mean")."""
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * ((1 - p_t) ** GAMMA)
-    alpha_t = ALPHA * t + (1 - ALPHA) * (1 - t)
-    loss = alpha_t * loss
-    return loss.mean()
+    return eager_sigmoid_focal(x, t, ALPHA, GAMMA)
 
 
 def crossent_focal(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -55,58 +44,18 @@ def step(loss_fn: Callable, x: torch.Tensor, t: torch.Tensor) -> None:
     loss_fn(x, t).backward()
 
 
-def peak_cpu_bytes(fn: Callable[[], None]) -> int:
-    """Maximum of the running sum of CPU allocations minus frees while ``fn`` runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events: list[tuple[int, int]] = []
-
-    def walk(e) -> None:
-        if e.tag == _EventType.Allocation and str(e.extra_fields.device).startswith("cpu"):
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        for c in e.children:
-            walk(c)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    running = peak = 0
-    for _, size in sorted(events):
-        running += size
-        peak = max(peak, running)
-    return peak
-
-
-def interleaved_ms(fns: list[Callable[[], None]], repeats: int, warmup: int = 2) -> list[float]:
-    """Median wall time (ms) of each function, the functions interleaved run by run (shuffled)."""
+def interleaved_ms(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> list[float]:
+    """Median wall time (ms) of each function after ``warmup`` rounds, the functions interleaved
+    run by run in a shuffled order (``_shared.interleaved_times``)."""
     for _ in range(warmup):
-        for fn in fns:
+        for fn in fns.values():
             fn()
-    times: list[list[float]] = [[] for _ in fns]
-    order = random.Random(0)
-    for _ in range(repeats):
-        # a new order each round: no implementation always follows the same one
-        for k, fn in order.sample(list(enumerate(fns)), len(fns)):
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return [1e3 * statistics.median(ts) for ts in times]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return [statistics.median(ts) for ts in interleaved_times(fns, repeats).values()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=65_536)
-    ap.add_argument("--c", type=int, default=80)
-    ap.add_argument("--repeats", type=int, default=9)
+    add_int_options(ap, n=65_536, c=80, repeats=9)
     ap.add_argument(
         "--threads", type=lambda v: [int(k) for k in v.split(",")], default=[1, 2],
         help="comma-separated torch thread counts to time (default 1,2)",
@@ -116,7 +65,7 @@ def main() -> None:
     N, C = args.n, args.c
 
     # The memory method, checked: a lone N x C fp32 buffer must read N*C*4 bytes.
-    probe = peak_cpu_bytes(lambda: torch.empty(N, C))
+    probe = cpu_peak_bytes(lambda: torch.empty(N, C))
     assert probe == N * C * 4, f"memory probe read {probe} bytes, expected {N * C * 4}"
 
     g = torch.Generator().manual_seed(0)
@@ -138,12 +87,12 @@ def main() -> None:
     peaks = {}
     for name, fn in impls:
         x.grad = None
-        peaks[name] = peak_cpu_bytes(lambda fn=fn: step(fn, x, t))
+        peaks[name] = cpu_peak_bytes(lambda fn=fn: step(fn, x, t))
     x.grad = None
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        times = interleaved_ms([lambda fn=fn: step(fn, x, t) for _, fn in impls], args.repeats)
+        times = interleaved_ms({name: lambda fn=fn: step(fn, x, t) for name, fn in impls}, args.repeats)
         base_ms = times[0]
         for (name, _), ms in zip(impls, times, strict=True):
             peak = peaks[name]

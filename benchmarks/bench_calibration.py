@@ -17,18 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from _shared import add_int_options, cpu_model
 from crossent.calibration import TemperatureScaler, ece
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -42,9 +32,7 @@ def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--c", type=int, default=1_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_int_options(parser, n=1_000_000, c=1_000, repeats=3)
     args = parser.parse_args()
     n, c = args.n, args.c
 

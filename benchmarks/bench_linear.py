@@ -6,8 +6,8 @@ over ``hidden (N, D)`` and ``weight (V, D)``, both requiring grad.
 
 CPU memory: ``torch.profiler.profile(profile_memory=True)`` records every allocation and free of
 the CPU allocator as a ``[memory]`` event with a signed byte count; the events are sorted by
-time and the peak is the maximum of their running sum. The method is checked first on a lone
-``torch.empty`` of known size (its peak must be exactly that size). CUDA memory:
+time and the peak is the maximum of their running sum (``_shared.cpu_peak_bytes``). The method
+is checked first on a lone ``torch.empty`` of known size (its peak must be exactly that size). CUDA memory:
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
 
 Usage::
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -30,46 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import crossent
+from _shared import cpu_model, cpu_peak_bytes, validate_cpu_peak
 
 Provider = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of the running sum of CPU allocator events during ``fn()`` (bytes)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
-def validate_cpu_peak() -> None:
-    size = 64 << 20
-
-    def lone() -> None:
-        x = torch.empty(size, dtype=torch.uint8)
-        del x
-
-    got = cpu_peak_bytes(lone)
-    if got != size:
-        raise RuntimeError(f"profiler memory method is off: torch.empty({size}) peaked at {got}")
 
 
 def providers(device: str) -> dict[str, Provider]:

@@ -16,7 +16,7 @@ computes the loss, calls ``.backward()`` and clears the leaves' ``.grad``):
 (eager cases: one). Within a section the cases are interleaved round by round in a shuffled order
 (``random.Random(0)``, a new order each round), so slow phases of the machine hit all cases alike
 and every ratio is taken between medians of the same run. Peak extra memory: the CPU allocator's
-events from ``torch.profiler`` summed in time order (the method of bench_linear.py, checked on a
+events from ``torch.profiler`` summed in time order (``_shared.cpu_peak_bytes``, checked on a
 lone ``torch.empty`` first); it includes the gradients.
 
 If the projected run time exceeds ``--budget-s`` (measured from the warm-up calls), the slowest
@@ -44,46 +44,12 @@ import torch
 import torch.nn.functional as F
 
 import crossent
+from _shared import cpu_peak_bytes, eager_sigmoid_focal, validate_cpu_peak
 from crossent.bench import machine_info, time_median
 
 ALPHA, GAMMA, SMOOTHING = 0.25, 2.0, 0.1
 FULL = {"softmax": (2048, 32_000), "binary": (65_536, 80), "linear": (2048, 1024, 32_000)}
 QUICK = {"softmax": (64, 1000), "binary": (1024, 80), "linear": (64, 64, 1000)}
-
-
-# ------------------------------------------------------------------------------- memory
-
-
-def _peak_helpers() -> tuple[Callable[[Callable[[], object]], int], Callable[[], None]]:
-    """bench_linear.py's profiler-based peak (imported when this runs as a script next to it)."""
-    try:
-        from bench_linear import cpu_peak_bytes, validate_cpu_peak
-
-        return cpu_peak_bytes, validate_cpu_peak
-    except ImportError:  # pragma: no cover - the same logic, copied
-        from torch.profiler import ProfilerActivity, profile
-
-        def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                fn()
-            events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-            events.sort(key=lambda e: e.start_ns())
-            cur = peak = 0
-            for e in events:
-                cur += e.nbytes()
-                peak = max(peak, cur)
-            return peak
-
-        def validate_cpu_peak() -> None:
-            size = 64 << 20
-            got = cpu_peak_bytes(lambda: torch.empty(size, dtype=torch.uint8))
-            if got != size:
-                raise RuntimeError(f"profiler memory method is off: torch.empty({size}) peaked at {got}")
-
-        return cpu_peak_bytes, validate_cpu_peak
-
-
-cpu_peak_bytes, validate_cpu_peak = _peak_helpers()
 
 
 # -------------------------------------------------------------------------------- cases
@@ -164,16 +130,6 @@ def crossent_smoothing(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return crossent.cross_entropy(x, y, label_smoothing=SMOOTHING)
 
 
-def eager_sigmoid_focal(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """torchvision.ops.sigmoid_focal_loss, op for op (reduction "mean")."""
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * ((1 - p_t) ** GAMMA)
-    alpha_t = ALPHA * t + (1 - ALPHA) * (1 - t)
-    return (alpha_t * loss).mean()
-
-
 def softmax_section(N: int, C: int) -> Section:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N, C, generator=gen).requires_grad_()
@@ -200,7 +156,10 @@ def binary_section(N: int, C: int) -> Section:
     x = (torch.randn(N, C, generator=gen) * 2 - 3).requires_grad_()  # mostly negatives
     t = (torch.rand(N, C, generator=gen) < 0.02).float()  # ~2% positives, as in detection
     cases = [
-        Case("eager composition (torchvision-style)", make_step(lambda: eager_sigmoid_focal(x, t), (x,))),
+        Case(
+            "eager composition (torchvision-style)",
+            make_step(lambda: eager_sigmoid_focal(x, t, ALPHA, GAMMA), (x,)),
+        ),
         Case(
             "crossent.sigmoid_focal_loss",
             make_step(lambda: crossent.sigmoid_focal_loss(x, t, alpha=ALPHA, gamma=GAMMA), (x,)),

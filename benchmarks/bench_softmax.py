@@ -16,21 +16,19 @@ Usage: python benchmarks/bench_softmax.py [--N 2048] [--C 32000] [--repeats 9]
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 
 import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent.bench import machine_info, naive_loss, peak_extra_memory, time_median
+from _shared import add_int_options, backward_steps, interleaved_times
+from crossent.bench import machine_info, naive_loss, peak_extra_memory
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--N", type=int, default=2048)
-    p.add_argument("--C", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=15)
+    add_int_options(p, N=2048, C=32000, repeats=15)
     args = p.parse_args()
     N, C = args.N, args.C
     gen = torch.Generator().manual_seed(0)
@@ -48,22 +46,11 @@ def main() -> None:
         "crossent CE bf16": (x16, lambda x: crossent.cross_entropy(x, y)),
         "crossent focal bf16": (x16, lambda x: crossent.cross_entropy(x, y, gamma=2.0)),
     }
-    # Interleave the cases round by round (shuffled), so that slow phases hit all alike.
-    steps = {}
-    for name, (x, fn) in cases.items():
-        def step(x=x, fn=fn) -> None:
-            fn(x).backward()
-            x.grad = None
-
-        steps[name] = step
-        step()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    order = random.Random(0)
-    for _ in range(args.repeats):
-        # a new order each round: no case always follows the same one (F.cross_entropy frees
-        # 750 MiB, which can slow the next case down)
-        for name, step in order.sample(list(steps.items()), len(steps)):
-            times[name].append(time_median(step, "cpu", repeats=1, warmup=0))
+    # Interleave the cases round by round, in a new shuffled order each round: slow phases hit
+    # all alike, and no case always follows the same one (F.cross_entropy frees 750 MiB, which
+    # can slow the next case down).
+    steps = backward_steps(cases)
+    times = interleaved_times(steps, args.repeats)
     rows = {
         name: (statistics.median(times[name]), peak_extra_memory(step, "cpu"))
         for name, step in steps.items()

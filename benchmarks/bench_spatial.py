@@ -8,14 +8,14 @@ Usage: python benchmarks/bench_spatial.py [--shapes 16x21x128x128,8x150x64x64] [
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 
 import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent.bench import machine_info, peak_extra_memory, time_median
+from _shared import backward_steps, interleaved_times
+from crossent.bench import machine_info, peak_extra_memory
 
 
 def run_shape(text: str, repeats: int) -> None:
@@ -34,19 +34,8 @@ def run_shape(text: str, repeats: int) -> None:
         "crossent focal gamma=2": (x, lambda x: crossent.cross_entropy(x, y, gamma=2.0)),
         "crossent CE bf16": (xb, lambda x: crossent.cross_entropy(x, y)),
     }
-    steps = {}
-    for name, (inp, fn) in cases.items():
-        def step(inp=inp, fn=fn) -> None:
-            fn(inp).backward()
-            inp.grad = None
-
-        steps[name] = step
-        step()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    order = random.Random(0)
-    for _ in range(repeats):
-        for name, step in order.sample(list(steps.items()), len(steps)):  # a new order each round
-            times[name].append(time_median(step, "cpu", repeats=1, warmup=0))
+    steps = backward_steps(cases)
+    times = interleaved_times(steps, repeats)
     base = statistics.median(times["F.cross_entropy (eager)"])
     for name, step in steps.items():
         t = statistics.median(times[name])

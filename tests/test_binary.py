@@ -11,6 +11,7 @@ import torch.nn.functional as TF
 
 import crossent
 import crossent._cpu.binary as cpu_binary
+from _helpers import poly1_partners
 from crossent import functional as CF
 from crossent import nn as cnn
 from crossent import reference as R
@@ -114,11 +115,9 @@ def _options_grid():
     return cases
 
 
-@pytest.mark.parametrize("opts", _options_grid())
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("weights", [False, True])
-def test_matches_reference(opts, reduction, soft, weights):
+def _check_options_against_reference(opts, reduction, soft, weights, **new):
+    """asymmetric_loss with one case of the options grid (and ``new``), hard or soft targets,
+    with or without weights, against the float64 reference: loss and gradient."""
     x, t = _rand(23, 6), _targets(23, 6, soft=soft)
     if opts.get("ignore_index") is not None:
         t[::4, 1] = opts["ignore_index"]
@@ -129,14 +128,22 @@ def test_matches_reference(opts, reduction, soft, weights):
     loss, grad = _loss_and_grad(
         CF.asymmetric_loss, x, t, go, gamma_pos=opts["gamma_pos"], gamma_neg=opts["gamma_neg"],
         clip=opts.get("clip", 0.0), alpha=opts.get("alpha"), ignore_index=opts.get("ignore_index"),
-        label_smoothing=opts.get("label_smoothing", 0.0), reduction=reduction, **extra,
+        label_smoothing=opts.get("label_smoothing", 0.0), reduction=reduction, **extra, **new,
     )
     ref_loss, ref_grad = R.binary_loss(
         x.numpy(), t.numpy(), reduction=reduction, grad_output=go.numpy(),
-        **{k: v.numpy() for k, v in extra.items()}, **opts,
+        **{k: v.numpy() for k, v in extra.items()}, **opts, **new,
     )
     np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("opts", _options_grid())
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("weights", [False, True])
+def test_matches_reference(opts, reduction, soft, weights):
+    _check_options_against_reference(opts, reduction, soft, weights)
 
 
 @pytest.mark.parametrize("alpha", [0.25, None, -1.0, 0.0, 1.0])
@@ -542,25 +549,7 @@ NEW_OPTIONS = {
 def test_poly1_and_detach_match_reference(new, opts, reduction, soft, weights):
     """Each new option alone and both together, over the options grid (hard targets take the
     fast path where it applies)."""
-    new = NEW_OPTIONS[new]
-    x, t = _rand(23, 6), _targets(23, 6, soft=soft)
-    if opts.get("ignore_index") is not None:
-        t[::4, 1] = opts["ignore_index"]
-    extra = {}
-    if weights:
-        extra = dict(weight=torch.rand(6, dtype=F64) + 0.1, pos_weight=torch.rand(6, dtype=F64) * 4)
-    go = torch.rand(23, 6, dtype=F64) if reduction == "none" else torch.tensor(1.7, dtype=F64)
-    loss, grad = _loss_and_grad(
-        CF.asymmetric_loss, x, t, go, gamma_pos=opts["gamma_pos"], gamma_neg=opts["gamma_neg"],
-        clip=opts.get("clip", 0.0), alpha=opts.get("alpha"), ignore_index=opts.get("ignore_index"),
-        label_smoothing=opts.get("label_smoothing", 0.0), reduction=reduction, **extra, **new,
-    )
-    ref_loss, ref_grad = R.binary_loss(
-        x.numpy(), t.numpy(), reduction=reduction, grad_output=go.numpy(),
-        **{k: v.numpy() for k, v in extra.items()}, **opts, **new,
-    )
-    np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-10, atol=1e-13)
-    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-13)
+    _check_options_against_reference(opts, reduction, soft, weights, **NEW_OPTIONS[new])
 
 
 @pytest.mark.parametrize("new", list(NEW_OPTIONS))
@@ -576,14 +565,7 @@ def test_poly1_and_detach_front_doors(new, front):
         np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-14)
 
 
-POLY_WITH = {
-    "gamma": dict(gamma_pos=2.0, gamma_neg=0.7),
-    "alpha": dict(alpha=0.3),
-    "clip": dict(clip=0.1),
-    "smoothing": dict(label_smoothing=0.15),
-    "weights": dict(weight="w", pos_weight="pw"),
-    "ignore_index": dict(ignore_index=-1),
-}
+POLY_WITH = poly1_partners(label_smoothing=0.15, ignore_index=-1)
 POLY_SETS = [(), *((n,) for n in POLY_WITH), tuple(POLY_WITH)]
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import poly1_partners
 from crossent import reference as R
 
 finite = st.floats(-8.0, 8.0, allow_nan=False)
@@ -70,14 +71,7 @@ def test_reference_gamma_zero_is_bce(problem):
 # Poly-1 term and the detached focal weight
 
 #: the options the Poly-1 term is combined with (alone, and every pair of them)
-POLY_WITH = {
-    "gamma": dict(gamma_pos=2.0, gamma_neg=0.7),
-    "alpha": dict(alpha=0.3),
-    "clip": dict(clip=0.1),
-    "smoothing": dict(label_smoothing=0.2),
-    "weights": dict(weight="w", pos_weight="pw"),
-    "ignore_index": dict(ignore_index=-1.0),
-}
+POLY_WITH = poly1_partners(label_smoothing=0.2, ignore_index=-1.0)
 POLY_SETS = [(), *((n,) for n in POLY_WITH), *itertools.combinations(POLY_WITH, 2), tuple(POLY_WITH)]
 
 

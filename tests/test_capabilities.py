@@ -64,21 +64,27 @@ def _inputs(shape: tuple[int, ...], prob: bool) -> tuple[torch.Tensor, torch.Ten
     return x, y
 
 
-@pytest.fixture
-def routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts which kernel ran: the operators look the kernels up at call time."""
-    from crossent._cpu import softmax as torch_softmax
-
+def _count_cpu_kernel_calls(monkeypatch: pytest.MonkeyPatch, torch_module: Any, entry: str) -> dict[str, int]:
+    """Counts the calls of ``entry`` on the native module and on ``torch_module`` (the torch-op
+    path): the operators look the kernels up at call time."""
     calls = {"native": 0, "torch": 0}
-    for name, module in (("native", native), ("torch", torch_softmax)):
-        fn = module.softmax_cross_entropy
+    for name, module in (("native", native), ("torch", torch_module)):
+        fn = getattr(module, entry)
 
         def counted(*a: Any, _fn: Any = fn, _n: str = name, **k: Any) -> Any:
             calls[_n] += 1
             return _fn(*a, **k)
 
-        monkeypatch.setattr(module, "softmax_cross_entropy", counted)
+        monkeypatch.setattr(module, entry, counted)
     return calls
+
+
+@pytest.fixture
+def routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts which softmax kernel ran."""
+    from crossent._cpu import softmax as torch_softmax
+
+    return _count_cpu_kernel_calls(monkeypatch, torch_softmax, "softmax_cross_entropy")
 
 
 def _check_against_reference(x: torch.Tensor, t: torch.Tensor, kw: dict[str, Any], **call: Any) -> None:
@@ -165,19 +171,10 @@ def _binary_sets() -> list[tuple[str, ...]]:
 
 @pytest.fixture
 def binary_routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts which sigmoid kernel ran (the operator looks the kernels up at call time)."""
+    """Counts which sigmoid kernel ran."""
     from crossent._cpu import binary as torch_binary
 
-    calls = {"native": 0, "torch": 0}
-    for name, module in (("native", native), ("torch", torch_binary)):
-        fn = module.binary_cross_entropy
-
-        def counted(*a: Any, _fn: Any = fn, _n: str = name, **k: Any) -> Any:
-            calls[_n] += 1
-            return _fn(*a, **k)
-
-        monkeypatch.setattr(module, "binary_cross_entropy", counted)
-    return calls
+    return _count_cpu_kernel_calls(monkeypatch, torch_binary, "binary_cross_entropy")
 
 
 @pytest.mark.parametrize("names", _binary_sets(), ids=lambda n: "+".join(n) or "none")

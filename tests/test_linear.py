@@ -48,16 +48,16 @@ def _kwargs(opts, cw):
     return kw
 
 
-def _reference(h, W, b, y, reduction, kw):
-    """crossent.cross_entropy on the materialised logits (class weights renamed)."""
+def _reference(h, W, b, target, reduction, kw):
+    """crossent.cross_entropy on the materialised (M, V) logits (class weights renamed), for
+    class indices (...) or probabilities (..., V) as the target."""
     kw = dict(kw)
     cw = kw.pop("class_weight", None)
-    logits = h @ W.t() + b if b is not None else h @ W.t()
-    if h.ndim > 2:  # (..., V) -> (M, V)
-        logits = logits.reshape(-1, W.shape[0])
-        out = crossent.cross_entropy(logits, y.reshape(-1), weight=cw, reduction=reduction, **kw)
-        return out.reshape(y.shape) if reduction == "none" else out
-    return crossent.cross_entropy(logits, y, weight=cw, reduction=reduction, **kw)
+    V = W.shape[0]
+    logits = (h @ W.t() + b if b is not None else h @ W.t()).reshape(-1, V)
+    flat = target.reshape(-1, V) if target.is_floating_point() else target.reshape(-1)
+    out = crossent.cross_entropy(logits, flat, weight=cw, reduction=reduction, **kw)
+    return out.reshape(h.shape[:-1]) if reduction == "none" else out
 
 
 def _grads(out, inputs, reduction, seed=1):
@@ -68,12 +68,15 @@ def _grads(out, inputs, reduction, seed=1):
     return torch.autograd.grad(out, inputs, g)
 
 
-def _assert_parity(h, W, b, y, cw, opts, reduction, atol=1e-10, rtol=1e-9, **extra):
+def _assert_parity(h, W, b, target, cw, opts, reduction, atol=1e-10, rtol=1e-9, **extra):
+    """linear_cross_entropy against _reference: loss, shape, dtype and every gradient."""
     kw = _kwargs(opts, cw)
     inputs = (h, W) if b is None else (h, W, b)
-    ref = _reference(h, W, b, y, reduction, kw)
-    got = crossent.linear_cross_entropy(h, W, y, bias=b, reduction=reduction, **kw, **extra)
+    ref = _reference(h, W, b, target, reduction, kw)
+    got = crossent.linear_cross_entropy(h, W, target, bias=b, reduction=reduction, **kw, **extra)
     assert got.shape == ref.shape and got.dtype == ref.dtype
+    if reduction == "none":
+        assert got.shape == h.shape[:-1]
     torch.testing.assert_close(got, ref, atol=atol, rtol=rtol)
     for g_got, g_ref in zip(_grads(got, inputs, reduction), _grads(ref, inputs, reduction),
                             strict=True):
@@ -193,25 +196,29 @@ def test_gradcheck(reduction):
     assert torch.autograd.gradcheck(f, (h, W, b))
 
 
+def _assert_bf16_close(h, W, b, target, kw, wgrad, ref_dtype):
+    """bf16 leaves: an fp32 loss and bf16 gradients (chunks of 16 rows, the weight's gradient
+    accumulated in ``wgrad``), close to _reference on the same values in ``ref_dtype``."""
+    got = crossent.linear_cross_entropy(h, W, target, bias=b, chunk_size=16, weight_grad_dtype=wgrad,
+                                        **kw)
+    assert got.dtype == torch.float32
+    g_got = torch.autograd.grad(got, (h, W, b))
+    assert [g.dtype for g in g_got] == [torch.bfloat16] * 3
+    leaves = tuple(x.detach().to(ref_dtype).requires_grad_() for x in (h, W, b))
+    ref = _reference(*leaves, target, "mean", kw)
+    g_ref = torch.autograd.grad(ref, leaves)
+    torch.testing.assert_close(got.to(ref_dtype), ref, atol=2e-2, rtol=1e-2)
+    tol = 3e-2 if wgrad is None else 6e-2
+    for g, r in zip(g_got, g_ref, strict=True):
+        assert (g.to(ref_dtype) - r).abs().max().item() <= tol * r.abs().max().item()
+
+
 @pytest.mark.parametrize("wgrad", [None, torch.bfloat16])
 @pytest.mark.parametrize("name", ["plain", "everything"])
 def test_bf16_close_to_unfused(name, wgrad):
     """bf16 inputs: compared with the unfused loss on the same bf16 inputs, computed in fp64."""
     h, W, b, y, cw = _problem(N=64, D=32, V=300, dtype=torch.bfloat16)
-    kw = _kwargs(OPTIONS[name], cw)
-    got = crossent.linear_cross_entropy(h, W, y, bias=b, chunk_size=16, weight_grad_dtype=wgrad,
-                                        **kw)
-    assert got.dtype == torch.float32
-    g_got = torch.autograd.grad(got, (h, W, b))
-    assert [g.dtype for g in g_got] == [torch.bfloat16] * 3
-    h64, W64, b64 = (t.detach().double().requires_grad_() for t in (h, W, b))
-    ref = _reference(h64, W64, b64, y, "mean", kw)
-    g_ref = torch.autograd.grad(ref, (h64, W64, b64))
-    torch.testing.assert_close(got.double(), ref, atol=2e-2, rtol=1e-2)
-    for g, r in zip(g_got, g_ref, strict=True):
-        scale = r.abs().max().item()
-        tol = 3e-2 if wgrad is None else 6e-2
-        assert (g.double() - r).abs().max().item() <= tol * scale
+    _assert_bf16_close(h, W, b, y, _kwargs(OPTIONS[name], cw), wgrad, torch.float64)
 
 
 def test_bf16_weight_grad_fp32_accumulation_is_more_accurate():
@@ -311,37 +318,12 @@ def _soft(lead, V, seed=0, dtype=torch.float64):
     return t.to(dtype)
 
 
-def _soft_reference(h, W, b, t, reduction, kw):
-    """crossent.cross_entropy on the materialised (M, V) logits and (M, V) probabilities."""
-    kw = dict(kw)
-    cw = kw.pop("class_weight", None)
-    V = W.shape[0]
-    logits = (h @ W.t() + b if b is not None else h @ W.t()).reshape(-1, V)
-    out = crossent.cross_entropy(logits, t.reshape(-1, V), weight=cw, reduction=reduction, **kw)
-    return out.reshape(h.shape[:-1]) if reduction == "none" else out
-
-
-def _assert_soft_parity(h, W, b, t, cw, opts, reduction, atol=1e-10, rtol=1e-9, **extra):
-    kw = _kwargs(opts, cw)
-    inputs = (h, W) if b is None else (h, W, b)
-    ref = _soft_reference(h, W, b, t, reduction, kw)
-    got = crossent.linear_cross_entropy(h, W, t, bias=b, reduction=reduction, **kw, **extra)
-    assert got.shape == ref.shape and got.dtype == ref.dtype
-    if reduction == "none":
-        assert got.shape == h.shape[:-1]
-    torch.testing.assert_close(got, ref, atol=atol, rtol=rtol)
-    for g_got, g_ref in zip(_grads(got, inputs, reduction), _grads(ref, inputs, reduction),
-                            strict=True):
-        assert g_got.dtype == g_ref.dtype
-        torch.testing.assert_close(g_got, g_ref, atol=atol, rtol=rtol)
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_soft_parity_float64_every_option(name, reduction):
     h, W, b, _, cw = _problem()
     t = _soft((29,), 37)
-    _assert_soft_parity(h, W, b, t, cw, OPTIONS[name], reduction, chunk_size=5)
+    _assert_parity(h, W, b, t, cw, OPTIONS[name], reduction, chunk_size=5)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -379,7 +361,7 @@ def test_soft_matches_torch_cross_entropy(opts, reduction):
 def test_soft_chunk_sizes(chunk_size):
     h, W, b, _, cw = _problem()
     t = _soft((29,), 37, seed=2)
-    _assert_soft_parity(h, W, b, t, cw, OPTIONS["everything"], "mean", chunk_size=chunk_size)
+    _assert_parity(h, W, b, t, cw, OPTIONS["everything"], "mean", chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -388,7 +370,7 @@ def test_soft_chunk_sizes(chunk_size):
 def test_soft_leading_shapes(lead, reduction, chunk_size):
     h, W, b, _, cw = _problem(lead=lead)
     t = _soft(lead, 37, seed=3)
-    _assert_soft_parity(h, W, b, t, cw, OPTIONS["everything"], reduction, chunk_size=chunk_size)
+    _assert_parity(h, W, b, t, cw, OPTIONS["everything"], reduction, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -401,7 +383,7 @@ def test_soft_non_viewable_target(reduction, chunk_size):
     for t in (full[:, :-1], _soft((5, 3), 37, seed=5).transpose(0, 1)):
         with pytest.raises(RuntimeError):
             t.view(-1, 37)
-        _assert_soft_parity(h, W, b, t, cw, {"label_smoothing": 0.1, "z_loss": 1e-2,
+        _assert_parity(h, W, b, t, cw, {"label_smoothing": 0.1, "z_loss": 1e-2,
                                              "class_weight": "rand"}, reduction,
                             chunk_size=chunk_size)
 
@@ -435,7 +417,7 @@ def test_soft_target_dtypes_cast_per_chunk():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         t = _soft((29,), 37, seed=6, dtype=dtype)
         got = crossent.linear_cross_entropy(h, W, t, bias=b, chunk_size=6, label_smoothing=0.1)
-        ref = _soft_reference(h, W, b, t.double(), "mean", {"label_smoothing": 0.1})
+        ref = _reference(h, W, b, t.double(), "mean", {"label_smoothing": 0.1})
         torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
 
 
@@ -460,7 +442,7 @@ def test_soft_no_gradient_to_target_and_grad_output():
     kw = {"gamma": 1.5, "class_weight": cw, "poly1": 0.5}
     got = crossent.linear_cross_entropy(h, W, t, bias=b, chunk_size=6, **kw)
     assert torch.autograd.grad(got, t, retain_graph=True, allow_unused=True)[0] is None
-    ref = _soft_reference(h, W, b, t.detach(), "mean", kw)
+    ref = _reference(h, W, b, t.detach(), "mean", kw)
     ref_g = torch.autograd.grad(3.0 * ref, (h, W, b))
     first = [g.clone() for g in torch.autograd.grad(3.0 * got, (h, W, b), retain_graph=True)]
     second = torch.autograd.grad(-0.5 * got, (h, W, b))  # recomputed from the saved inputs
@@ -474,7 +456,7 @@ def test_soft_no_gradient_to_target_and_grad_output():
 def test_soft_empty_batch(reduction):
     h, W, b, _, _ = _problem(N=0, lead=(0, 3))
     t = _soft((0, 3), 37)
-    _assert_soft_parity(h, W, b, t, None, {"z_loss": 1e-2}, reduction, chunk_size=2)
+    _assert_parity(h, W, b, t, None, {"z_loss": 1e-2}, reduction, chunk_size=2)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -497,26 +479,14 @@ def test_soft_bf16_close_to_fp32(name, wgrad):
     """bf16 inputs against the same values in fp32 (the unfused fp32 loss)."""
     h, W, b, _, cw = _problem(N=64, D=32, V=300, dtype=torch.bfloat16)
     t = _soft((64,), 300, seed=10, dtype=torch.float32)
-    kw = _kwargs(OPTIONS[name], cw)
-    got = crossent.linear_cross_entropy(h, W, t, bias=b, chunk_size=16, weight_grad_dtype=wgrad,
-                                        **kw)
-    assert got.dtype == torch.float32
-    g_got = torch.autograd.grad(got, (h, W, b))
-    assert [g.dtype for g in g_got] == [torch.bfloat16] * 3
-    h32, W32, b32 = (x.detach().float().requires_grad_() for x in (h, W, b))
-    ref = _soft_reference(h32, W32, b32, t, "mean", kw)
-    g_ref = torch.autograd.grad(ref, (h32, W32, b32))
-    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
-    for g, r in zip(g_got, g_ref, strict=True):
-        tol = 3e-2 if wgrad is None else 6e-2
-        assert (g.float() - r).abs().max().item() <= tol * r.abs().max().item()
+    _assert_bf16_close(h, W, b, t, _kwargs(OPTIONS[name], cw), wgrad, torch.float32)
 
 
 def test_soft_module():
     h, W, b, _, cw = _problem()
     t = _soft((29,), 37, seed=11)
     mod = crossent.nn.LinearCrossEntropyLoss(cw, label_smoothing=0.1, chunk_size=4)
-    ref = _soft_reference(h, W, b, t, "mean", {"class_weight": cw, "label_smoothing": 0.1})
+    ref = _reference(h, W, b, t, "mean", {"class_weight": cw, "label_smoothing": 0.1})
     torch.testing.assert_close(mod(h, W, t, b), ref, atol=1e-12, rtol=1e-10)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
+from _helpers import softmax_reference
 from crossent import reference as ref
 from crossent._cpu import native
 from crossent._cpu import softmax as cpu_softmax
@@ -24,17 +25,6 @@ def _fused(logits, target, grad_output=None, **kw):
     go = torch.ones_like(loss) if grad_output is None else grad_output
     (g,) = torch.autograd.grad(loss, x, go)
     return loss.detach(), g
-
-
-def _ref(logits, target, grad_output=None, **kw):
-    kw = dict(kw)
-    if kw.get("weight") is not None:
-        kw["weight"] = kw["weight"].double().numpy()
-    if kw.get("gamma") is crossent.flsd53:
-        kw["gamma"] = ref.flsd53
-    go = None if grad_output is None else grad_output.double().numpy()
-    loss, grad = ref.cross_entropy(logits.double().numpy(), target.numpy(), grad_output=go, **kw)
-    return torch.as_tensor(loss), torch.as_tensor(grad)
 
 
 def _targets(kind: str, shape_x: tuple[int, ...], C: int, gen: torch.Generator) -> torch.Tensor:
@@ -78,7 +68,7 @@ def test_fused_matches_reference_over_every_combination(kind, reduction):
         )
         go = torch.rand(9, generator=gen, dtype=torch.float64) + 0.5 if reduction == "none" else None
         loss, grad = _fused(x, t, go, **kw)
-        rloss, rgrad = _ref(x, t, go, **kw)
+        rloss, rgrad = softmax_reference(x, t, go, **kw)
         torch.testing.assert_close(loss, rloss, rtol=1e-10, atol=1e-12, msg=str(kw))
         torch.testing.assert_close(grad, rgrad, rtol=1e-9, atol=1e-12, msg=str(kw))
 
@@ -98,7 +88,7 @@ def test_layouts_match_reference(shape, kind):
             shape_out = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
             go = torch.rand(shape_out, generator=gen, dtype=torch.float64)
         loss, grad = _fused(x, t, go, **kw)
-        rloss, rgrad = _ref(x, t, go, **kw)
+        rloss, rgrad = softmax_reference(x, t, go, **kw)
         torch.testing.assert_close(loss, rloss, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(grad, rgrad, rtol=1e-9, atol=1e-12)
 
@@ -284,7 +274,7 @@ def test_extreme_logits_match_reference():
     y = torch.tensor([1, 1, 1])
     for gamma in (0.0, 0.5, 2.0):
         loss, grad = _fused(x, y, gamma=gamma, reduction="none")
-        rloss, rgrad = _ref(x, y, gamma=gamma, reduction="none")
+        rloss, rgrad = softmax_reference(x, y, gamma=gamma, reduction="none")
         torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(grad.double(), rgrad, rtol=1e-5, atol=1e-6)
 
@@ -329,7 +319,7 @@ def test_single_class_and_large_vocabulary():
     y = torch.tensor([0, 49_999, 123])
     for kw in ({}, {"gamma": 2.0, "label_smoothing": 0.1}):
         loss, grad = _fused(x, y, **kw)
-        rloss, rgrad = _ref(x, y, **kw)
+        rloss, rgrad = softmax_reference(x, y, **kw)
         torch.testing.assert_close(loss, rloss)
         torch.testing.assert_close(grad, rgrad)
 
@@ -344,7 +334,7 @@ def test_grad_output_not_one_and_retain_graph():
     x.grad = None
     (-2.0 * loss).backward()  # second backward through the same node rescales exactly
     torch.testing.assert_close(x.grad, g1 * (-2.0 / 3.5))
-    _, rg = _ref(x.detach(), y, gamma=1.0)
+    _, rg = softmax_reference(x.detach(), y, gamma=1.0)
     torch.testing.assert_close(g1, 3.5 * rg)
 
 

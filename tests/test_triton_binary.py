@@ -12,9 +12,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,53 +19,19 @@ import torch
 
 pytest.importorskip("triton")
 
-import crossent._triton._common as tcommon
-import crossent._triton.binary as tbinary
+from _triton_setup import compile_for_sm90, interpreted_module, interpreter_guard, triton_backend_fixture
 from crossent import functional
 from crossent.reference import binary as refb
 
-# triton imported earlier in this process without the variable: its own library (tl.sum...)
-# is compiled-only, so this file re-runs itself in a subprocess (test_rerun_in_subprocess).
-IN_PROCESS = tcommon.interpreter_usable()
-if IN_PROCESS and not tcommon.interpreted(tbinary._binary_ce_kernel):
-    tcommon = importlib.reload(tcommon)
-    tbinary = importlib.reload(tbinary)
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_in_process(request):
-    if not IN_PROCESS and request.node.name != "test_rerun_in_subprocess":
-        pytest.skip("triton was imported without TRITON_INTERPRET: see test_rerun_in_subprocess")
-
-
-def test_rerun_in_subprocess():
-    if IN_PROCESS:
-        pytest.skip("the interpreter runs in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+IN_PROCESS, tbinary = interpreted_module("binary", "_binary_ce_kernel")
+_interpreter_in_process, test_rerun_in_subprocess = interpreter_guard(IN_PROCESS, __file__)
 
 # NumPy (the interpreter) warns on IEEE inf/nan arithmetic that a select then discards
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
 MODES = {"small_tiles": {"block_m": 2, "block_k": 4}, "default": {}}
-
-
-@pytest.fixture(params=list(MODES))
-def triton_backend(request, monkeypatch):
-    """Route the sigmoid family to the Triton kernel with the mode's tile."""
-    calls = []
-    original = tbinary.binary_cross_entropy
-
-    def patched(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs, **MODES[request.param])
-
-    monkeypatch.setattr(functional, "_pick_backend", lambda logits, backend: "triton")
-    monkeypatch.setattr(tbinary, "binary_cross_entropy", patched)
-    yield calls
-    assert calls, "the Triton kernel was not called"
+# routes the sigmoid family to the Triton kernel with the mode's tile
+triton_backend = triton_backend_fixture(tbinary, "binary_cross_entropy", MODES)
 
 
 def _logits(*shape, scale=3.0, dtype=torch.float32, seed=0):
@@ -207,11 +170,6 @@ def test_forward_only_and_float64_fallback():
 
 
 _COMPILE_SCRIPT = """
-import sys
-try:
-    from triton.backends.nvidia import compiler  # noqa: F401
-except Exception:
-    sys.exit(3)
 from crossent._triton import binary as tb
 from crossent._triton._common import compile_for_cuda
 
@@ -234,9 +192,4 @@ print("compiled")
 
 def test_kernel_compiles_for_sm90():
     """The interpreter is lenient; lower the kernel for an H100 (sm_90), no GPU needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=600)
-    if r.returncode == 3:
-        pytest.skip("Triton's NVIDIA backend is not available")
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    compile_for_sm90(_COMPILE_SCRIPT)

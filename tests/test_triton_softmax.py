@@ -14,9 +14,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -27,31 +24,12 @@ pytest.importorskip("triton")
 
 import crossent
 import crossent._triton._common as tcommon
-import crossent._triton.softmax as tsoftmax
+from _helpers import softmax_reference
+from _triton_setup import compile_for_sm90, interpreted_module, interpreter_guard, triton_backend_fixture
 from crossent import functional
-from crossent import reference as ref
 
-# triton imported earlier in this process without the variable: its own library (tl.sum...)
-# is compiled-only, so this file re-runs itself in a subprocess (test_rerun_in_subprocess).
-IN_PROCESS = tcommon.interpreter_usable()
-if IN_PROCESS and not tcommon.interpreted(tsoftmax._softmax_ce_kernel):
-    tcommon = importlib.reload(tcommon)
-    tsoftmax = importlib.reload(tsoftmax)
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_in_process(request):
-    if not IN_PROCESS and request.node.name != "test_rerun_in_subprocess":
-        pytest.skip("triton was imported without TRITON_INTERPRET: see test_rerun_in_subprocess")
-
-
-def test_rerun_in_subprocess():
-    if IN_PROCESS:
-        pytest.skip("the interpreter runs in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+IN_PROCESS, tsoftmax = interpreted_module("softmax", "_softmax_ce_kernel")
+_interpreter_in_process, test_rerun_in_subprocess = interpreter_guard(IN_PROCESS, __file__)
 
 # the interpreter runs the kernels in NumPy, which warns where the kernels rely on IEEE
 # inf/nan arithmetic that a select then discards (log(0) in the focal factor of q = 1, ...)
@@ -59,22 +37,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 
 C = 37
 MODES = {"chunked": {"block_c": 16, "block_r": 1}, "one_chunk": {"block_c": 64, "block_r": 4}}
-
-
-@pytest.fixture(params=list(MODES))
-def triton_backend(request, monkeypatch):
-    """Route crossent.cross_entropy to the Triton kernels with the mode's block sizes."""
-    calls = []
-    original = tsoftmax.softmax_cross_entropy
-
-    def patched(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs, **MODES[request.param])
-
-    monkeypatch.setattr(functional, "_pick_backend", lambda logits, backend: "triton")
-    monkeypatch.setattr(tsoftmax, "softmax_cross_entropy", patched)
-    yield calls
-    assert calls, "the Triton kernel was not called"
+# routes crossent.cross_entropy to the Triton kernels with the mode's block sizes
+triton_backend = triton_backend_fixture(tsoftmax, "softmax_cross_entropy", MODES)
 
 
 def _logits(*shape, scale=3.0, dtype=torch.float32, seed=0):
@@ -104,21 +68,9 @@ def _run(x, t, grad_output=None, **kw):
     return loss.detach(), xg.grad
 
 
-def _reference(x, t, grad_output=None, **kw):
-    kw = dict(kw)
-    if kw.get("weight") is not None:
-        kw["weight"] = kw["weight"].double().numpy()
-    if kw.get("gamma") is crossent.flsd53:
-        kw["gamma"] = ref.flsd53
-    go = None if grad_output is None else grad_output.double().numpy()
-    t_np = t.numpy() if not t.is_floating_point() else t.double().numpy()
-    loss, grad = ref.cross_entropy(x.double().numpy(), t_np, grad_output=go, **kw)
-    return torch.from_numpy(np.asarray(loss)), torch.from_numpy(grad)
-
-
 def _check(x, t, grad_output=None, rtol=2e-5, atol=2e-6, grad_rtol=None, grad_atol=None, **kw):
     loss, grad = _run(x, t, grad_output, **kw)
-    rloss, rgrad = _reference(x, t, grad_output, **kw)
+    rloss, rgrad = softmax_reference(x, t, grad_output, **kw)
     assert loss.dtype == torch.float32
     assert grad.dtype == x.dtype and grad.shape == x.shape
     torch.testing.assert_close(loss.double(), rloss, rtol=rtol, atol=atol)
@@ -129,6 +81,11 @@ def _check(x, t, grad_output=None, rtol=2e-5, atol=2e-6, grad_rtol=None, grad_at
 
 
 WEIGHT = torch.linspace(0.25, 2.0, C)
+#: every option at once
+EVERYTHING = {
+    "weight": WEIGHT, "label_smoothing": 0.1, "gamma": 1.5, "z_loss": 1e-3,
+    "softcap": 5.0, "confidence_penalty": 0.2, "poly1": 0.7,
+}
 
 INDEX_CASES = {
     "plain": {},
@@ -145,18 +102,8 @@ INDEX_CASES = {
     "confidence_penalty": {"confidence_penalty": 0.3},
     "poly1": {"poly1": 1.5},
     "poly1_smoothing": {"poly1": -0.5, "label_smoothing": 0.1},
-    "everything": {
-        "weight": WEIGHT, "label_smoothing": 0.1, "gamma": 1.5, "z_loss": 1e-3,
-        "softcap": 5.0, "confidence_penalty": 0.2, "poly1": 0.7,
-    },
+    "everything": EVERYTHING,
 }
-
-
-@pytest.mark.parametrize("case", list(INDEX_CASES))
-def test_index_targets(triton_backend, case):
-    x = _logits(5, C)
-    _check(x, _index_target(5), **INDEX_CASES[case])
-
 
 PROB_CASES = {
     "plain": {},
@@ -164,17 +111,21 @@ PROB_CASES = {
     "focal": {"gamma": 2.0},
     "schedule_weight": {"gamma": crossent.flsd53, "weight": WEIGHT, "label_smoothing": 0.05},
     "regularisers": {"z_loss": 1e-2, "softcap": 3.0, "confidence_penalty": 0.1, "poly1": 1.0},
-    "everything": {
-        "weight": WEIGHT, "label_smoothing": 0.1, "gamma": 0.5, "z_loss": 1e-3,
-        "softcap": 5.0, "confidence_penalty": 0.2, "poly1": 0.7,
-    },
+    "everything": dict(EVERYTHING, gamma=0.5),
 }
 
 
-@pytest.mark.parametrize("case", list(PROB_CASES))
-def test_probability_targets(triton_backend, case):
-    x = _logits(3, C)
-    _check(x, _prob_target(3, C), **PROB_CASES[case])
+@pytest.mark.parametrize(
+    ("kind", "case"), [("index", c) for c in INDEX_CASES] + [("prob", c) for c in PROB_CASES]
+)
+def test_index_and_probability_targets(triton_backend, kind, case):
+    """Every case of INDEX_CASES on 5 rows of class indices, of PROB_CASES on 3 rows of
+    probabilities."""
+    if kind == "index":
+        x, t, kw = _logits(5, C), _index_target(5), INDEX_CASES[case]
+    else:
+        x, t, kw = _logits(3, C), _prob_target(3, C), PROB_CASES[case]
+    _check(x, t, **kw)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
@@ -283,18 +234,13 @@ def test_chunked_multi_row_programs():
         loss, grad = tsoftmax.softmax_cross_entropy(x, y, w, opts, "none", True, block_c=16,
                                                     block_r=2)
         rkw = {k: v for k, v in kw.items() if k != "weight"}
-        rloss, rgrad = _reference(x, y, reduction="none", weight=w, **rkw)
+        rloss, rgrad = softmax_reference(x, y, reduction="none", weight=w, **rkw)
         torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(grad.double(), rgrad, rtol=2e-5, atol=2e-6)
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    import sys
-    try:
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except Exception:
-        sys.exit(3)
     from crossent._triton import softmax as sm
     from crossent._triton._common import compile_for_cuda
 
@@ -331,12 +277,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 def test_kernels_compile_for_sm90():
     """The interpreter is lenient; lower the kernels for an H100 (sm_90), no GPU needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=600)
-    if r.returncode == 3:
-        pytest.skip("Triton's NVIDIA backend is not available")
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    compile_for_sm90(_COMPILE_SCRIPT)
 
 
 def test_math_helpers_relative_accuracy():

@@ -11,17 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crossent.calibration._inputs as inputs
-from crossent.calibration import (
-    ReliabilityTable,
-    accuracy,
-    brier,
-    classwise_ece,
-    debiased_l2_ece,
-    ece,
-    nll,
-    reliability_table,
-    smooth_ece,
-)
+from crossent import calibration
+from crossent.calibration import accuracy, brier, classwise_ece, ece, nll, reliability_table, smooth_ece
 from crossent.calibration.metrics import (
     smooth_ece_from_scores,
     table_from_scores,
@@ -116,7 +107,7 @@ def test_mass_bins_are_equal_count() -> None:
 def test_reliability_table_fields() -> None:
     probs = top_rows([0.2, 0.4, 0.5, 1.0])
     table = reliability_table(probs, labels_for([1, 0, 1, 1]), n_bins=5)
-    assert isinstance(table, ReliabilityTable)
+    assert isinstance(table, calibration.ReliabilityTable)
     assert table.n_bins == 5 and table.n_samples == 4
     np.testing.assert_allclose(table.lower, [0, 0.2, 0.4, 0.6, 0.8])
     np.testing.assert_allclose(table.upper, [0.2, 0.4, 0.6, 0.8, 1.0])
@@ -156,10 +147,10 @@ def test_debiased_l2_ece_hand_computed() -> None:
     probs = top_rows([0.8, 0.8, 0.8, 0.8])
     labels = labels_for([1, 1, 1, 0])
     est = 0.05**2 - 0.75 * 0.25 / 3
-    assert debiased_l2_ece(probs, labels, n_bins=1, squared=True) == pytest.approx(est)
-    assert debiased_l2_ece(probs, labels, n_bins=1) == 0.0  # sqrt(max(est, 0))
+    assert calibration.debiased_l2_ece(probs, labels, n_bins=1, squared=True) == pytest.approx(est)
+    assert calibration.debiased_l2_ece(probs, labels, n_bins=1) == 0.0  # sqrt(max(est, 0))
     wrong = top_rows([0.9, 0.9])
-    assert debiased_l2_ece(wrong, [1, 1], n_bins=1) == pytest.approx(0.9)
+    assert calibration.debiased_l2_ece(wrong, [1, 1], n_bins=1) == pytest.approx(0.9)
 
 
 def test_debiased_l2_below_plugin_and_close_for_large_n() -> None:
@@ -167,7 +158,7 @@ def test_debiased_l2_below_plugin_and_close_for_large_n() -> None:
     rng = np.random.default_rng(7)
     y = (p.cumsum(1) > rng.random((20000, 1))).argmax(1)  # calibrated labels
     plug = ece(p, y, binning="mass", norm="l2")
-    deb = debiased_l2_ece(p, y)
+    deb = calibration.debiased_l2_ece(p, y)
     assert deb <= plug
     assert deb < 0.01 < plug + 0.01
 

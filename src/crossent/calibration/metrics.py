@@ -302,9 +302,9 @@ def debiased_l2_ece(
     probs: ArrayLike,
     labels: ArrayLike,
     *,
+    squared: bool = False,
     n_bins: int = 15,
     binning: Binning = "mass",
-    squared: bool = False,
     from_logits: bool = False,
 ) -> float:
     r"""Debiased estimator of the top-label L2 calibration error (Kumar, Liang and Ma 2019,

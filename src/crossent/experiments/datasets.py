@@ -38,6 +38,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -184,6 +185,18 @@ def _is_imbalanced(y: np.ndarray, num_classes: int) -> bool:
     return bool(counts.min() == 0 or counts.max() / counts.min() >= IMBALANCE_RATIO)
 
 
+def _split_task(
+    x: np.ndarray, y: np.ndarray, splits: Sequence[np.ndarray], **fields: Any
+) -> TaskData:
+    """The standardised task of the rows ``splits`` = (train, validation, test) of ``x`` and
+    ``y``; ``fields`` are the other fields of :class:`TaskData` (name, description, ...)."""
+    tr, va, te = splits
+    task = TaskData(
+        X_train=x[tr], y_train=y[tr], X_val=x[va], y_val=y[va], X_test=x[te], y_test=y[te], **fields
+    )
+    return standardize(task)
+
+
 # --------------------------------------------------------------------------- bundled tasks
 
 
@@ -241,19 +254,14 @@ def load_digits_task(*, data_seed: int = 0) -> TaskData:
         ) from exc
     d = load_digits()
     x, y = d.data.astype(np.float64), d.target.astype(np.int64)
-    tr, va, te = stratified_split(y, [0.6, 0.2, 0.2], seed=data_seed)
-    task = TaskData(
+    return _split_task(
+        x,
+        y,
+        stratified_split(y, [0.6, 0.2, 0.2], seed=data_seed),
         name="digits",
         description="scikit-learn load_digits, 8x8 images, 10 classes",
-        X_train=x[tr],
-        y_train=y[tr],
-        X_val=x[va],
-        y_val=y[va],
-        X_test=x[te],
-        y_test=y[te],
         num_classes=10,
     )
-    return standardize(task)
 
 
 def load_mnist1d_lt_task(
@@ -286,23 +294,18 @@ def load_mnist1d_lt_task(
         parts["test"].append(idx[:test_per_class])
         parts["train"].append(idx[test_per_class : test_per_class + n_train[c]])
         parts["val"].append(idx[test_per_class + n_train[c] : need])
-    tr, va, te = (np.sort(np.concatenate(parts[s])) for s in ("train", "val", "test"))
-    task = TaskData(
+    return _split_task(
+        x,
+        y,
+        [np.sort(np.concatenate(parts[s])) for s in ("train", "val", "test")],
         name="mnist1d-lt",
         description=(
             f"long-tailed MNIST-1D, exponential profile rho={rho:g} "
             f"(train {n_train[0]}..{n_train[-1]} per class), balanced test set"
         ),
-        X_train=x[tr],
-        y_train=y[tr],
-        X_val=x[va],
-        y_val=y[va],
-        X_test=x[te],
-        y_test=y[te],
         num_classes=k,
         imbalanced=True,
     )
-    return standardize(task)
 
 
 def load_task(name: str, *, data_seed: int = 0) -> TaskData:
@@ -527,20 +530,15 @@ def load_user_data(
     if not p.is_file():
         raise DataError(f"{p}: not a file")
     x, y, names = _read_user_arrays(p, target)
-    tr, va, te = stratified_split(y, [0.6, 0.2, 0.2], seed=data_seed)
+    splits = stratified_split(y, [0.6, 0.2, 0.2], seed=data_seed)
     k = len(names)
-    stem = p.stem.replace(" ", "_") or "data"
-    task = TaskData(
-        name=stem,
+    return _split_task(
+        x,
+        y,
+        splits,
+        name=p.stem.replace(" ", "_") or "data",
         description=f"user data {p.name} (target {target or 'y'!r}), {k} classes",
-        X_train=x[tr],
-        y_train=y[tr],
-        X_val=x[va],
-        y_val=y[va],
-        X_test=x[te],
-        y_test=y[te],
         num_classes=k,
         class_names=names,
-        imbalanced=_is_imbalanced(y[tr], k),
+        imbalanced=_is_imbalanced(y[splits[0]], k),
     )
-    return standardize(task)

@@ -1,0 +1,116 @@
+"""Pieces the benchmark scripts share: CPU peak memory from the profiler, interleaved timing, the
+machine's CPU model, the eager sigmoid focal loss and integer options.
+
+The scripts run as ``python benchmarks/bench_*.py``, which puts this folder on ``sys.path``:
+they import this module as ``_shared``.
+
+CPU peak memory: ``torch.profiler.profile(profile_memory=True)`` records every allocation and
+free of the CPU allocator as a ``[memory]`` event with a signed byte count; the events are
+sorted by time and the peak is the maximum of their running sum (:func:`cpu_peak_bytes`).
+:func:`validate_cpu_peak` checks the method on a lone ``torch.empty`` of known size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from crossent.bench import time_median
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def add_int_options(parser: argparse.ArgumentParser, **defaults: int) -> None:
+    """One ``--NAME`` integer option per keyword, with its default (sizes, repeat counts)."""
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+
+
+# ------------------------------------------------------------------------------- memory
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the running sum of CPU allocator events during ``fn()`` (bytes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def validate_cpu_peak(size: int = 64 << 20) -> None:
+    """Raise unless :func:`cpu_peak_bytes` of a lone ``torch.empty`` of ``size`` bytes is ``size``."""
+
+    def lone() -> None:
+        x = torch.empty(size, dtype=torch.uint8)
+        del x
+
+    got = cpu_peak_bytes(lone)
+    if got != size:
+        raise RuntimeError(f"profiler memory method is off: torch.empty({size}) peaked at {got}")
+
+
+# ------------------------------------------------------------------------------- timing
+
+
+def backward_steps(
+    cases: dict[str, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]],
+) -> dict[str, Callable[[], None]]:
+    """One forward+backward closure per case ``name: (leaf, loss_fn)`` (it clears the leaf's
+    ``.grad``), each called once as its warm-up."""
+    steps = {}
+    for name, (x, fn) in cases.items():
+
+        def step(x: torch.Tensor = x, fn: Callable[[torch.Tensor], torch.Tensor] = fn) -> None:
+            fn(x).backward()
+            x.grad = None
+
+        steps[name] = step
+        step()  # warm-up
+    return steps
+
+
+def interleaved_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times (ms) of every step over ``repeats`` rounds, the steps interleaved round by round
+    in a new shuffled order each round (``random.Random(0)``): slow phases of the machine hit all
+    alike, and no step always follows the same one (one that frees much memory can slow the
+    next down)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = random.Random(0)
+    for _ in range(repeats):
+        for name, step in order.sample(list(steps.items()), len(steps)):
+            times[name].append(time_median(step, "cpu", repeats=1, warmup=0))
+    return times
+
+
+# --------------------------------------------------------------------------------- losses
+
+
+def eager_sigmoid_focal(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """torchvision.ops.sigmoid_focal_loss, op for op (reduction "mean")."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * ((1 - p_t) ** gamma)
+    alpha_t = alpha * t + (1 - alpha) * (1 - t)
+    return (alpha_t * loss).mean()
