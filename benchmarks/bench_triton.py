@@ -151,7 +151,7 @@ def copy_floor(x0: torch.Tensor, repeats: int) -> float:
 
 def sweep(x0: torch.Tensor, y: torch.Tensor, repeats: int) -> list[tuple[int, int, int, float]]:
     """Forward+backward ms of the crossent CE kernel per (BLOCK_C, BLOCK_R, num_warps)."""
-    from crossent._options import SoftmaxOptions
+    from crossent._options import SoftmaxCall, SoftmaxOptions
     from crossent._triton import softmax as ts
 
     C = x0.shape[1]
@@ -165,8 +165,8 @@ def sweep(x0: torch.Tensor, y: torch.Tensor, repeats: int) -> list[tuple[int, in
         grid = [(bc, 1, w) for bc in (2048, 4096, 8192, 16384, 32768) for w in (4, 8, 16, 32)]
     for bc, br, w in grid:
         def run(bc=bc, br=br, w=w) -> None:
-            ts.softmax_cross_entropy(x0, y, None, opts, "mean", True, block_c=bc, block_r=br,
-                                     num_warps=w)
+            ts.softmax_cross_entropy(SoftmaxCall(x0, y, None, opts, "mean", True), block_c=bc,
+                                     block_r=br, num_warps=w)
         try:
             results.append((bc, br, w, cuda_time(run, lambda: None, repeats)))
         except Exception as err:  # e.g. out of shared memory / registers

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import crossent
 from crossent import reference as R
 from crossent._cpu import native
-from crossent._options import SoftmaxOptions
+from crossent._options import SoftmaxCall, SoftmaxOptions
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CROSSENT_NATIVE") == "0", reason="native kernels turned off by CROSSENT_NATIVE=0"
@@ -331,7 +331,7 @@ def test_schedule_sees_the_true_class_probability(monkeypatch):
     torch.testing.assert_close(seen[0], torch.softmax(x, 1).gather(1, y[:, None]).squeeze(1))
     opts = SoftmaxOptions(gamma=lambda p: -p)
     with pytest.raises(ValueError, match="negative"):
-        native.softmax_cross_entropy(x, y, None, opts, "mean", True)
+        native.softmax_cross_entropy(SoftmaxCall(x, y, None, opts, "mean", True))
 
 
 # --------------------------------------------------------------------------------------------

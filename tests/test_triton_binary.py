@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 
 from _triton_setup import compile_for_sm90, interpreted_module, interpreter_guard, triton_backend_fixture
 from crossent import functional
+from crossent._options import BinaryCall
 from crossent.reference import binary as refb
 
 IN_PROCESS, tbinary = interpreted_module("binary", "_binary_ce_kernel")
@@ -160,10 +161,10 @@ def test_forward_only_and_float64_fallback():
         ignore_index=None,
     )
     x = _logits(3, 4)
-    loss, grad = tbinary.binary_cross_entropy(x, _labels(3, 4), None, None, opts, "mean", False)
+    loss, grad = tbinary.binary_cross_entropy(BinaryCall(x, _labels(3, 4), None, None, opts, "mean", False))
     assert grad is None and loss.dtype == torch.float32
     loss64, grad64 = tbinary.binary_cross_entropy(
-        x.double(), _labels(3, 4).double(), None, None, opts, "mean", True
+        BinaryCall(x.double(), _labels(3, 4).double(), None, None, opts, "mean", True)
     )
     assert loss64.dtype == torch.float64 and grad64.dtype == torch.float64
     torch.testing.assert_close(loss64.float(), loss)

@@ -27,6 +27,7 @@ import crossent._triton._common as tcommon
 from _helpers import softmax_reference
 from _triton_setup import compile_for_sm90, interpreted_module, interpreter_guard, triton_backend_fixture
 from crossent import functional
+from crossent._options import SoftmaxCall
 
 IN_PROCESS, tsoftmax = interpreted_module("softmax", "_softmax_ce_kernel")
 _interpreter_in_process, test_rerun_in_subprocess = interpreter_guard(IN_PROCESS, __file__)
@@ -189,14 +190,14 @@ def test_inplace_backward_and_forward_only():
     )
     x = _logits(3, C)
     y = _index_target(3)
-    loss, grad = tsoftmax.softmax_cross_entropy(x, y, None, opts, "mean", True, block_c=16)
+    loss, grad = tsoftmax.softmax_cross_entropy(SoftmaxCall(x, y, None, opts, "mean", True), block_c=16)
     buf = x.clone()
-    loss2, grad2 = tsoftmax.softmax_cross_entropy(buf, y, None, opts, "mean", True, True,
+    loss2, grad2 = tsoftmax.softmax_cross_entropy(SoftmaxCall(buf, y, None, opts, "mean", True, True),
                                                   block_c=16)
     assert grad2.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(grad2, grad, rtol=0, atol=0)
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
-    loss3, grad3 = tsoftmax.softmax_cross_entropy(x, y, None, opts, "sum", False)
+    loss3, grad3 = tsoftmax.softmax_cross_entropy(SoftmaxCall(x, y, None, opts, "sum", False))
     assert grad3 is None
     torch.testing.assert_close(loss3, loss * 2, rtol=1e-6, atol=1e-6)  # 2 non-ignored rows
 
@@ -207,7 +208,7 @@ def test_float64_falls_back_to_torch():
         confidence_penalty=0.0, poly1=0.0,
     )
     x = _logits(3, C, dtype=torch.float64)
-    loss, grad = tsoftmax.softmax_cross_entropy(x, _index_target(3), None, opts, "mean", True)
+    loss, grad = tsoftmax.softmax_cross_entropy(SoftmaxCall(x, _index_target(3), None, opts, "mean", True))
     assert loss.dtype == torch.float64 and grad.dtype == torch.float64
 
 
@@ -231,8 +232,8 @@ def test_chunked_multi_row_programs():
             confidence_penalty=kw.get("confidence_penalty", 0.0), poly1=kw.get("poly1", 0.0),
         )
         w = kw.get("weight")
-        loss, grad = tsoftmax.softmax_cross_entropy(x, y, w, opts, "none", True, block_c=16,
-                                                    block_r=2)
+        loss, grad = tsoftmax.softmax_cross_entropy(SoftmaxCall(x, y, w, opts, "none", True),
+                                                    block_c=16, block_r=2)
         rkw = {k: v for k, v in kw.items() if k != "weight"}
         rloss, rgrad = softmax_reference(x, y, reduction="none", weight=w, **rkw)
         torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=2e-6)

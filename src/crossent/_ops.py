@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from crossent._formula import acc_dtype, reduce
-from crossent._options import BinaryOptions, RowGamma, SoftmaxOptions, covers
+from crossent._options import BinaryCall, BinaryOptions, RowGamma, SoftmaxCall, SoftmaxOptions, covers
 
 __all__ = ["binary_ce", "scale_saved_grad", "softmax_ce", "true_class_prob"]
 
@@ -166,7 +166,9 @@ def softmax_ce(
     opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
                          confidence_penalty, poly1)
     chosen = _softmax_backend(backend, logits, target, opts, weight)
-    loss, grad = _softmax_kernel(chosen)(logits, target, weight, opts, reduction, need_grad)
+    loss, grad = _softmax_kernel(chosen)(
+        SoftmaxCall(logits, target, weight, opts, reduction, need_grad)  # type: ignore[arg-type]
+    )
     if grad is None:
         return loss, logits.new_empty(0)
     return loss, grad.contiguous()
@@ -410,7 +412,9 @@ def binary_ce(
     opts = _binary_opts(label_smoothing, gamma_pos, gamma_neg, alpha, clip, ignore_index, poly1,
                         detach_focal_weight)
     kernel = _binary_kernel(backend, logits, target, weight, pos_weight, opts)
-    loss, grad = kernel(logits, target, weight, pos_weight, opts, reduction, need_grad)
+    loss, grad = kernel(
+        BinaryCall(logits, target, weight, pos_weight, opts, reduction, need_grad)  # type: ignore[arg-type]
+    )
     if grad is None:
         return loss, logits.new_empty(0)
     return loss, grad.contiguous()

@@ -89,6 +89,35 @@ class BinaryOptions:
         return _active(self, {})
 
 
+@dataclass(frozen=True)
+class SoftmaxCall:
+    """One validated call of the softmax family, as every backend's kernel receives it: the
+    logits, the target (int64 indices or float probabilities), class weights in the
+    accumulation dtype, the options, the reduction, whether to form the gradient, and whether
+    to write it into the logits."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None
+    opts: SoftmaxOptions
+    reduction: Reduction
+    need_grad: bool
+    inplace_backward: bool = False
+
+
+@dataclass(frozen=True)
+class BinaryCall:
+    """One validated call of the sigmoid family, as every backend's kernel receives it."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None
+    pos_weight: torch.Tensor | None
+    opts: BinaryOptions
+    reduction: Reduction
+    need_grad: bool
+
+
 def _active(opts: SoftmaxOptions | BinaryOptions, callables: dict[str, str]) -> frozenset[str]:
     out = set()
     for f in fields(opts):

@@ -29,6 +29,7 @@ from crossent._options import (
     BinaryOptions,
     GammaSchedule,
     Reduction,
+    SoftmaxCall,
     SoftmaxOptions,
     covers,
 )
@@ -241,9 +242,8 @@ class _InplaceSoftmaxFunction(torch.autograd.Function):
         ctx: Any, logits: Tensor, target: Tensor, weight: Tensor | None, opts: SoftmaxOptions,
         reduction: Reduction, backend: str,
     ) -> Tensor:
-        loss, grad = _ops._softmax_kernel(_ops._softmax_backend(backend, logits, target, opts, weight))(
-            logits, target, weight, opts, reduction, True, True
-        )
+        kernel = _ops._softmax_kernel(_ops._softmax_backend(backend, logits, target, opts, weight))
+        loss, grad = kernel(SoftmaxCall(logits, target, weight, opts, reduction, True, True))
         torch.autograd.graph.increment_version(logits)  # kernels write through raw pointers
         ctx.save_for_backward(grad)
         return loss

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from crossent._cpu._memory import empty_hugepage
 from crossent._formula import inverse_or_zero
-from crossent._options import BinaryOptions, Reduction
+from crossent._options import BinaryCall, BinaryOptions
 
 __all__ = ["BLOCK_ELEMENTS", "HARD_SCRATCH_ROWS", "binary_cross_entropy", "binary_elements"]
 
@@ -364,15 +364,7 @@ def _hard_elements(
     return loss
 
 
-def binary_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    pos_weight: Tensor | None,
-    opts: BinaryOptions,
-    reduction: Reduction,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
+def binary_cross_entropy(call: BinaryCall) -> tuple[Tensor, Tensor | None]:
     """Loss (reduced per ``reduction``) and its gradient w.r.t. ``logits`` (or None).
 
     Args:
@@ -388,6 +380,8 @@ def binary_cross_entropy(
         ``reduction="none"``; the gradient of that (summed) loss in the logits' dtype and
         shape, the only logits-sized allocation besides a "none" loss.
     """
+    logits, target, weight, pos_weight = call.logits, call.target, call.weight, call.pos_weight
+    opts, reduction, need_grad = call.opts, call.reduction, call.need_grad
     acc = _acc_dtype(logits.dtype)
     shape = tuple(logits.shape)
     dev = logits.device

@@ -53,9 +53,10 @@ from crossent._cpu._memory import empty_hugepage
 from crossent._options import (
     BINARY_ALL,
     SOFTMAX_ALL,
+    BinaryCall,
     BinaryOptions,
-    Reduction,
     RowGamma,
+    SoftmaxCall,
     SoftmaxOptions,
     covers,
 )
@@ -316,20 +317,14 @@ def supports_softmax(
     return True
 
 
-def softmax_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    opts: SoftmaxOptions,
-    reduction: Reduction,
-    need_grad: bool,
-    inplace_backward: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
     """:func:`crossent._cpu.softmax.softmax_cross_entropy` by the native kernel (same contract).
 
     The kernel also finds the mean's denominator and sums the row losses, so a call costs a
     handful of torch ops however small the batch.
     """
+    logits, target, weight, opts = call.logits, call.target, call.weight, call.opts
+    reduction, need_grad, inplace_backward = call.reduction, call.need_grad, call.inplace_backward
     from crossent._formula import gamma_for_rows
 
     acc = _acc(logits.dtype)
@@ -473,16 +468,10 @@ def supports_binary(
     return all(w is None or _repeat_pattern(w, shape) is not None for w in (weight, pos_weight))
 
 
-def binary_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    pos_weight: Tensor | None,
-    opts: BinaryOptions,
-    reduction: Reduction,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
+def binary_cross_entropy(call: BinaryCall) -> tuple[Tensor, Tensor | None]:
     """:func:`crossent._cpu.binary.binary_cross_entropy` by the native kernel (same contract)."""
+    logits, target, weight, pos_weight = call.logits, call.target, call.weight, call.pos_weight
+    opts, reduction, need_grad = call.opts, call.reduction, call.need_grad
     acc = _acc(logits.dtype)
     shape = tuple(logits.shape)
     t = target.view(torch.uint8) if target.dtype == torch.bool else target

@@ -37,7 +37,7 @@ from crossent._formula import (
     regulariser_terms,
     target_terms,
 )
-from crossent._options import Reduction, RowGamma, SoftmaxOptions
+from crossent._options import RowGamma, SoftmaxCall, SoftmaxOptions
 
 __all__ = ["BLOCK_ELEMENTS", "focal_terms", "softmax_cross_entropy", "softmax_rows"]
 
@@ -417,20 +417,14 @@ def _empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def softmax_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    opts: SoftmaxOptions,
-    reduction: Reduction,
-    need_grad: bool,
-    inplace_backward: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
     """Loss (reduced) and the gradient of that loss w.r.t. ``logits`` (or None).
 
     Handles the layouts (C,), (N, C), (N, C, d1..dk). The gradient buffer is the only N x C
     allocation; with ``inplace_backward`` it is ``logits`` itself (1-D/2-D logits only).
     """
+    logits, target, weight, opts = call.logits, call.target, call.weight, call.opts
+    reduction, need_grad, inplace_backward = call.reduction, call.need_grad, call.inplace_backward
     acc = acc_dtype(logits.dtype)
     squeeze = logits.ndim == 1
     if squeeze:

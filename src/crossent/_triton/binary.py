@@ -46,7 +46,7 @@ from torch import Tensor
 
 from crossent._cpu.binary import binary_cross_entropy as _torch_binary_ce
 from crossent._formula import inverse_or_zero
-from crossent._options import BinaryOptions, Reduction
+from crossent._options import BinaryCall
 from crossent._triton._common import log1p, next_pow2
 
 __all__ = ["binary_cross_entropy", "coalesce"]
@@ -235,13 +235,7 @@ def _layout(
 
 
 def binary_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    pos_weight: Tensor | None,
-    opts: BinaryOptions,
-    reduction: Reduction,
-    need_grad: bool,
+    call: BinaryCall,
     *,
     block_m: int | None = None,
     block_k: int | None = None,
@@ -254,8 +248,10 @@ def binary_cross_entropy(
     gradient of that (summed) loss has the logits' dtype and shape, with the mean's 1/count
     folded in (0 when every entry is masked). ``block_m``/``block_k`` override the tile.
     """
+    logits, target, weight, pos_weight = call.logits, call.target, call.weight, call.pos_weight
+    opts, reduction, need_grad = call.opts, call.reduction, call.need_grad
     if logits.dtype == torch.float64 or logits.numel() == 0:
-        return _torch_binary_ce(logits, target, weight, pos_weight, opts, reduction, need_grad)
+        return _torch_binary_ce(call)
     shape = tuple(logits.shape)
     dev = logits.device
     x = logits.contiguous()

@@ -71,7 +71,7 @@ from torch import Tensor
 
 from crossent._cpu.softmax import softmax_cross_entropy as _torch_softmax_ce
 from crossent._formula import gamma_for_rows, inverse_or_zero, mean_denominator
-from crossent._options import Reduction, RowGamma, SoftmaxOptions
+from crossent._options import RowGamma, SoftmaxCall
 from crossent._triton._common import expm1, next_pow2, tanh
 
 __all__ = ["launch_config", "softmax_cross_entropy"]
@@ -541,13 +541,7 @@ def _strides(x3: Tensor) -> tuple[int, int, int]:
 
 
 def softmax_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    opts: SoftmaxOptions,
-    reduction: Reduction,
-    need_grad: bool,
-    inplace_backward: bool = False,
+    call: SoftmaxCall,
     *,
     block_c: int | None = None,
     block_r: int | None = None,
@@ -562,10 +556,10 @@ def softmax_cross_entropy(
 
     ``block_c``, ``block_r``, ``num_warps`` override :func:`launch_config` (tests, tuning).
     """
+    logits, target, weight, opts = call.logits, call.target, call.weight, call.opts
+    reduction, need_grad, inplace_backward = call.reduction, call.need_grad, call.inplace_backward
     if logits.dtype == torch.float64 or logits.numel() == 0:
-        return _torch_softmax_ce(
-            logits, target, weight, opts, reduction, need_grad, inplace_backward
-        )
+        return _torch_softmax_ce(call)
     index = not target.is_floating_point()
     squeeze = logits.ndim == 1
     C = logits.shape[0] if squeeze else logits.shape[1]
