@@ -21,7 +21,7 @@ import torch
 
 import crossent
 from _shared import add_int_options, cpu_model, cpu_peak_bytes, eager_sigmoid_focal, interleaved_times
-from crossent._cpu import native
+from crossent.backends import native
 
 ALPHA, GAMMA = 0.25, 2.0
 

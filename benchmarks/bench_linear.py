@@ -47,7 +47,7 @@ def providers(device: str) -> dict[str, Provider]:
     out["crossent.linear_cross_entropy (chunked)"] = fused
     if device == "cuda":
         try:
-            from crossent._triton import linear as _tl  # noqa: F401
+            from crossent.backends.triton import linear as _tl  # noqa: F401
 
             out["crossent.linear_cross_entropy (triton)"] = (
                 lambda h, w, y: crossent.linear_cross_entropy(h, w, y, backend="triton")

@@ -28,7 +28,7 @@ Usage:
         [--dtype bf16] [--repeats 20] [--binary] [--sweep] [--out FILE.md]
 
 ``--sweep`` also times the crossent CE kernel over block sizes and warp counts (the defaults
-of ``crossent._triton.softmax.launch_config`` are untuned until this has run on hardware).
+of ``crossent.backends.triton.softmax.launch_config`` are untuned until this has run on hardware).
 Without a CUDA device the script prints one line and exits 0.
 """
 
@@ -152,7 +152,7 @@ def copy_floor(x0: torch.Tensor, repeats: int) -> float:
 def sweep(x0: torch.Tensor, y: torch.Tensor, repeats: int) -> list[tuple[int, int, int, float]]:
     """Forward+backward ms of the crossent CE kernel per (BLOCK_C, BLOCK_R, num_warps)."""
     from crossent._options import SoftmaxCall, SoftmaxOptions
-    from crossent._triton import softmax as ts
+    from crossent.backends.triton import softmax as ts
 
     C = x0.shape[1]
     opts = SoftmaxOptions()

@@ -25,18 +25,18 @@ from typing import Any
 
 import pytest
 
-import crossent._triton._common as tcommon
+import crossent.backends.triton._common as tcommon
 from crossent import functional
 
 
 def interpreted_module(name: str, kernel: str) -> tuple[bool, ModuleType]:
-    """``crossent._triton.<name>`` with its kernels built for the interpreter, and whether the
+    """``crossent.backends.triton.<name>`` with its kernels built for the interpreter, and whether the
     interpreter can run in this process (``kernel`` names one of the module's kernels).
 
-    ``crossent._triton._common`` is reloaded with it; a reload re-runs a module in place, so
+    ``crossent.backends.triton._common`` is reloaded with it; a reload re-runs a module in place, so
     the callers' references to either module stay valid.
     """
-    module = importlib.import_module(f"crossent._triton.{name}")
+    module = importlib.import_module(f"crossent.backends.triton.{name}")
     in_process = tcommon.interpreter_usable()
     if in_process and not tcommon.interpreted(getattr(module, kernel)):
         importlib.reload(tcommon)

@@ -19,7 +19,7 @@ def cpu_path(request: pytest.FixtureRequest) -> Iterator[str]:
     Test modules of the loss families use it for every test (``pytestmark``), so that both
     paths are held to the same reference, identities and hostile inputs.
     """
-    from crossent._cpu import native
+    from crossent.backends import native
 
     if request.param == "native":
         if os.environ.get("CROSSENT_NATIVE") == "0":
@@ -34,7 +34,7 @@ def cpu_path(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture
 def torch_path() -> Iterator[None]:
     """Force the torch-op path (for tests of its blocking and buffers)."""
-    from crossent._cpu import native
+    from crossent.backends import native
 
     with native.disabled():
         yield

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as TF
 
 import crossent
-import crossent._cpu.binary as cpu_binary
+import crossent.backends.torch_ops.binary as cpu_binary
 from _helpers import poly1_partners
 from crossent import functional as CF
 from crossent import nn as cnn
@@ -693,7 +693,7 @@ def test_poly1_and_detach_hostile_logits(dtype, new, kw):
 def test_poly1_and_detach_leave_the_native_kernel(new, cpu_path, monkeypatch):
     """The native kernel does not compute them: "auto" runs the torch-op path, a forced
     "native" raises a ValueError naming the backend."""
-    from crossent._cpu import native
+    from crossent.backends import native
 
     calls = []
     original = native.binary_cross_entropy

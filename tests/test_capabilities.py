@@ -1,7 +1,7 @@
 """The capability matrix: every option (alone and in pairs) x target kind x layout x backend.
 
-Each backend declares what it computes as an allow-list (``crossent._cpu.native``,
-``crossent._triton``). Every call must either run on the backend it was routed to and give the
+Each backend declares what it computes as an allow-list (``crossent.backends.native``,
+``crossent.backends.triton``). Every call must either run on the backend it was routed to and give the
 float64 reference's loss and gradient, or fall back to the torch-op path and give them there:
 an option a backend does not list is never dropped.
 """
@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import crossent
-from crossent import _triton, functional
-from crossent._cpu import native
+from crossent import functional
 from crossent._options import BINARY_ALL, SOFTMAX_ALL, BinaryOptions, SoftmaxOptions, covers
+from crossent.backends import native
+from crossent.backends import triton as _triton
 from crossent.reference import binary as RB
 from crossent.reference import softmax as RS
 
@@ -82,7 +83,7 @@ def _count_cpu_kernel_calls(monkeypatch: pytest.MonkeyPatch, torch_module: Any, 
 @pytest.fixture
 def routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts which softmax kernel ran."""
-    from crossent._cpu import softmax as torch_softmax
+    from crossent.backends.torch_ops import softmax as torch_softmax
 
     return _count_cpu_kernel_calls(monkeypatch, torch_softmax, "softmax_cross_entropy")
 
@@ -130,7 +131,7 @@ def test_cpu_backends_compute_or_fall_back(names, target_kind, layout, routed):
 def test_triton_computes_or_falls_back(names, monkeypatch):
     """The Triton softmax kernel under the interpreter (CPU tensors), routed as on CUDA."""
     pytest.importorskip("triton")
-    from crossent._triton import softmax as tsoftmax
+    from crossent.backends.triton import softmax as tsoftmax
 
     calls: list[int] = []
     original = tsoftmax.softmax_cross_entropy
@@ -172,7 +173,7 @@ def _binary_sets() -> list[tuple[str, ...]]:
 @pytest.fixture
 def binary_routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts which sigmoid kernel ran."""
-    from crossent._cpu import binary as torch_binary
+    from crossent.backends.torch_ops import binary as torch_binary
 
     return _count_cpu_kernel_calls(monkeypatch, torch_binary, "binary_cross_entropy")
 
@@ -227,7 +228,7 @@ def test_binary_triton_leaves_poly1_and_detach_to_the_torch_path(names, monkeypa
     ("auto"), a forced "triton" raises, and the operator called directly with backend "triton"
     does not hand it to the kernel either."""
     pytest.importorskip("triton")
-    from crossent._triton import binary as tbinary
+    from crossent.backends.triton import binary as tbinary
 
     assert not covers(_triton.BINARY_CAPABILITIES, frozenset(names))
     assert covers(_triton.BINARY_CAPABILITIES, BINARY_ALL - {"poly1", "detach_focal_weight"})

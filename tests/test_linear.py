@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import crossent
-from crossent._cpu.linear import CPU_BUDGET_BYTES, chunk_rows
+from crossent.backends.torch_ops.linear import CPU_BUDGET_BYTES, chunk_rows
 
 OPTIONS = {
     "plain": {},
@@ -134,7 +134,7 @@ def test_all_ignored_chunks(reduction):
 
 
 def test_ignored_tokens_cost_no_matmul(monkeypatch):
-    import crossent._cpu.linear as lin
+    import crossent.backends.torch_ops.linear as lin
 
     h, W, b, y, _ = _problem(N=20, ignore_every=0)
     y[5:] = -100
@@ -391,7 +391,7 @@ def test_soft_non_viewable_target(reduction, chunk_size):
 def test_soft_target_is_never_copied(monkeypatch):
     """The chunk loop receives the user's tensor itself (or a view of it), whatever its layout
     or dtype: no N x V copy; every row is computed (no ignore-row selection)."""
-    import crossent._cpu.linear as lin
+    import crossent.backends.torch_ops.linear as lin
 
     h, W, b, _, _ = _problem(lead=(2, 6), ignore_every=0)
     seen = []
@@ -520,7 +520,7 @@ def test_soft_validation_errors():
 
 def test_triton_supports_refuses_probability_targets():
     from crossent._options import SoftmaxOptions
-    from crossent._triton.linear import supports, try_triton_linear_cross_entropy
+    from crossent.backends.triton.linear import supports, try_triton_linear_cross_entropy
 
     h, W, b, _, _ = _problem(dtype=torch.float32)
     t = _soft((29,), 37, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""The native CPU kernels (crossent/_cpu/_kernels.c): build, dispatch, and agreement with the
+"""The native CPU kernels (crossent/backends/native/_kernels.c): build, dispatch, and agreement with the
 torch-op path and the reference on the cases the shared suites do not reach (wide rows, every
 dtype, threads, broadcast patterns, the build's fallback). test_softmax.py and test_binary.py
 run in full on both paths too."""
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import crossent
 from crossent import reference as R
-from crossent._cpu import native
 from crossent._options import SoftmaxCall, SoftmaxOptions
+from crossent.backends import native
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CROSSENT_NATIVE") == "0", reason="native kernels turned off by CROSSENT_NATIVE=0"
@@ -279,7 +279,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 CHECK = """
     import warnings
     import torch, crossent
-    from crossent._cpu import native
+    from crossent.backends import native
     x, y = torch.randn(4, 9, requires_grad=True), torch.tensor([1, 2, 3, 8])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent._cpu import native
+from crossent.backends import native
 
 F64 = torch.float64
 
@@ -369,7 +369,7 @@ def test_torch_func_transforms():
 def test_triton_kernels_index_in_int64():
     """Every Triton kernel widens its program id to int64 before it forms an offset, so that
     rows * stride cannot wrap at 2^31 (N * D or V * D past 2^31 elements)."""
-    root = Path(crossent.__file__).parent / "_triton"
+    root = Path(crossent.__file__).parent / "backends" / "triton"
     for path in sorted(root.glob("*.py")):
         src = path.read_text()
         pids = re.findall(r"(\w+)\s*=\s*tl\.program_id\(", src)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import crossent
 from _helpers import softmax_reference
 from crossent import reference as ref
-from crossent._cpu import native
-from crossent._cpu import softmax as cpu_softmax
+from crossent.backends import native
+from crossent.backends.torch_ops import softmax as cpu_softmax
 
 # every test runs on both CPU implementations (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("cpu_path")

@@ -171,8 +171,8 @@ def test_forward_only_and_float64_fallback():
 
 
 _COMPILE_SCRIPT = """
-from crossent._triton import binary as tb
-from crossent._triton._common import compile_for_cuda
+from crossent.backends.triton import binary as tb
+from crossent.backends.triton._common import compile_for_cuda
 
 k = tb._binary_ce_kernel
 types = {n: "i64" for n in k.arg_names}

@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("triton")
 
 import crossent
-import crossent._triton._common as tcommon
+import crossent.backends.triton._common as tcommon
 from _helpers import softmax_reference
 from _triton_setup import compile_for_sm90, interpreted_module, interpreter_guard, triton_backend_fixture
 from crossent import functional
@@ -242,8 +242,8 @@ def test_chunked_multi_row_programs():
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    from crossent._triton import softmax as sm
-    from crossent._triton._common import compile_for_cuda
+    from crossent.backends.triton import softmax as sm
+    from crossent.backends.triton._common import compile_for_cuda
 
     k = sm._softmax_ce_kernel
     types = {n: "i64" if n.startswith("stride") else "i32" for n in k.arg_names}

@@ -1,7 +1,8 @@
 r"""The torch-language pieces of the one formulation that every torch-side path shares.
 
 The loss of the softmax family (see :func:`crossent.cross_entropy`) is written once per
-language: in C (``_cpu/_kernels_body.h``), in Triton (``_triton/softmax.py``) and in torch ops.
+language: in C (``backends/native/_kernels_body.h``), in Triton (``backends/triton/softmax.py``)
+and in torch ops.
 In torch ops these helpers hold the parts that are not specific to a schedule of passes: the
 focal factor in log space, a focal schedule evaluated per row, the mean's denominator and the
 rule that a zero denominator gives a zero loss and gradient. The torch-op path, the chunked

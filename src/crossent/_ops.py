@@ -119,7 +119,7 @@ def _softmax_backend(
 ) -> str:
     """The kernel that runs, decided on the real tensors: a layout the native kernel does not
     take (which a traced graph can hand over) goes to the torch-op path, with the same values."""
-    from crossent._cpu import native
+    from crossent.backends import native
 
     if backend == "native" and not native.supports_softmax(logits, target, opts, weight):
         return "torch"
@@ -128,14 +128,14 @@ def _softmax_backend(
 
 def _softmax_kernel(backend: str):
     if backend == "native":
-        from crossent._cpu.native import softmax_cross_entropy
+        from crossent.backends.native import softmax_cross_entropy
 
         return softmax_cross_entropy
     if backend == "triton":
-        from crossent._triton.softmax import softmax_cross_entropy
+        from crossent.backends.triton.softmax import softmax_cross_entropy
 
         return softmax_cross_entropy
-    from crossent._cpu.softmax import softmax_cross_entropy
+    from crossent.backends.torch_ops.softmax import softmax_cross_entropy
 
     return softmax_cross_entropy
 
@@ -330,7 +330,7 @@ def true_class_prob(
     r"""Per row, the probability that a focal schedule is evaluated at: :math:`q_y` for class
     indices (any value at ignored rows), :math:`\sum_k t_k q_k` for probabilities; (R,) in the
     accumulation dtype, where R is the number of rows (samples times positions)."""
-    from crossent._cpu import native
+    from crossent.backends import native
 
     opts = SoftmaxOptions(ignore_index=ignore_index, softcap=softcap)
     if backend == "native" and native.supports_softmax(logits, target, opts):
@@ -371,17 +371,17 @@ def _binary_opts(
 
 def _binary_kernel(backend: str, logits: Tensor, target: Tensor, weight: Tensor | None,
                    pos_weight: Tensor | None, opts: BinaryOptions):
-    from crossent import _triton
-    from crossent._cpu import native
+    from crossent.backends import native
+    from crossent.backends import triton as _triton
 
     if backend == "native" and native.supports_binary(logits, target, weight, pos_weight, opts):
         return native.binary_cross_entropy
     used = opts.active() | {n for n, t in (("weight", weight), ("pos_weight", pos_weight)) if t is not None}
     if backend == "triton" and covers(_triton.BINARY_CAPABILITIES, used):
-        from crossent._triton.binary import binary_cross_entropy
+        from crossent.backends.triton.binary import binary_cross_entropy
 
         return binary_cross_entropy
-    from crossent._cpu.binary import binary_cross_entropy
+    from crossent.backends.torch_ops.binary import binary_cross_entropy
 
     return binary_cross_entropy
 

@@ -127,7 +127,7 @@ def machine_info(device: str) -> dict[str, str]:
         pass
     info["cpu"] = cpu
     if device == "cpu":
-        from crossent._cpu import native
+        from crossent.backends import native
 
         info["native kernels"] = native.describe()
     try:

@@ -67,7 +67,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossent import functional as _functional
-from crossent._cpu.linear import _CUDA_BUDGET_MIN, LinearCrossEntropyFunction, chunk_rows
 from crossent._formula import (
     Terms,
     focal_terms,
@@ -78,6 +77,7 @@ from crossent._formula import (
 )
 from crossent._ops import scale_saved_grad
 from crossent._options import GammaSchedule, Reduction, SoftmaxOptions
+from crossent.backends.torch_ops.linear import _CUDA_BUDGET_MIN, LinearCrossEntropyFunction, chunk_rows
 from crossent.functional import (
     check_class_target,
     check_logits,
@@ -205,7 +205,7 @@ def _vocab_parallel_forward(
 
     ``x``: (R, V_local) local logits; ``target``: (R,) int64 global ids; ``weight``: the full
     (V,) class weights in the accumulation dtype. Gradient assembly as in the one-device kernel
-    (:mod:`crossent._cpu.softmax`): ``G = q*rowc + rowconst + dense - onehot_y*sparse``.
+    (:mod:`crossent.backends.torch_ops.softmax`): ``G = q*rowc + rowconst + dense - onehot_y*sparse``.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     R, Vl = x.shape
@@ -570,7 +570,7 @@ def vocab_parallel_linear_cross_entropy(
 
     Args:
         chunk_size: tokens per chunk; must be the same on every rank of the group. None: the
-            budget rule of :func:`crossent._cpu.linear.chunk_rows`, applied to the *widest*
+            budget rule of :func:`crossent.backends.torch_ops.linear.chunk_rows`, applied to the *widest*
             slice (``max(vocab_sizes)``, else :math:`\lceil V / R \rceil`) with a budget that is
             the same on every rank (the CPU default; on CUDA the rule's 64 MiB floor, since
             free memory differs between devices), so every rank runs the same number of chunks

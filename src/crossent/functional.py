@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent import _ops, _triton
-from crossent._cpu import native as _native
+from crossent import _ops
 from crossent._formula import MeanBy, acc_dtype, gamma_for_rows, inverse_or_zero, reduce
 from crossent._formula import mean_denominator as mean_denominator_of
 from crossent._options import (
@@ -33,6 +32,8 @@ from crossent._options import (
     SoftmaxOptions,
     covers,
 )
+from crossent.backends import native as _native
+from crossent.backends import triton as _triton
 
 __all__ = [
     "asymmetric_loss",
@@ -199,7 +200,7 @@ def _pick_backend(logits: Tensor, backend: Backend) -> str:
         if logits.device.type != "cpu" or not _native.available():
             raise ValueError(
                 "backend='native' needs a CPU tensor and the native kernels, which build with a C "
-                "compiler on first use (see crossent._cpu.native); use backend='auto' or 'torch'"
+                "compiler on first use (see crossent.backends.native); use backend='auto' or 'torch'"
             )
         return "native"
     triton_ok = logits.is_cuda and _triton_available()
@@ -225,7 +226,7 @@ def _covered(chosen: str, backend: Backend, covered: Callable[[str], bool], fami
     if backend == chosen:
         raise ValueError(
             f"backend={backend!r} does not cover this {family} call (see the capabilities of "
-            f"crossent._cpu.native and crossent._triton: options, dtypes and layouts); use "
+            f"crossent.backends.native and crossent.backends.triton: options, dtypes and layouts); use "
             f"backend='auto', which falls back to the torch-op path"
         )
     return "torch"
@@ -371,7 +372,7 @@ def cross_entropy(
             for its backward, or a leaf whose ``.grad`` would alias it); autograd's version
             counter catches most of these, not all.
         backend: ``"auto"`` (Triton for CUDA tensors when triton is importable; the native
-            kernel for CPU tensors it covers, see :mod:`crossent._cpu.native`; else the torch-op
+            kernel for CPU tensors it covers, see :mod:`crossent.backends.native`; else the torch-op
             path), ``"native"``, ``"torch"`` (torch ops, any device) or ``"triton"``.
 
     Returns:
@@ -824,7 +825,7 @@ def binary_cross_entropy(
     :math:`1 - p_t = t'\sigma(-x) + (1 - t')\sigma(x)` (no cancellation), and the gradient
     with :math:`(1 - p_t)^{\gamma - 1}` rewritten as a bounded ratio, so loss and gradient are
     finite at logits of :math:`\pm 10^4` and for :math:`\gamma \in (0, 1)` at
-    :math:`p_t \to 1`. The derivation is in :mod:`crossent._cpu.binary`.
+    :math:`p_t \to 1`. The derivation is in :mod:`crossent.backends.torch_ops.binary`.
 
     Args:
         logits: float tensor of any shape: (N,) binary, (N, C) multi-label, (N, C, H, W), ...
@@ -1030,7 +1031,7 @@ def linear_cross_entropy(
             softmax runs on sub-blocks of 1 Mi entries) and 1/16 of the free device memory,
             clamped to [64 MiB, 1 GiB], on CUDA (``bytes_per_entry`` = element size + 12 for the
             fp32 softmax temporaries); + 4 bytes when ``dW`` accumulates in fp32 for half
-            inputs. See :mod:`crossent._cpu.linear`.
+            inputs. See :mod:`crossent.backends.torch_ops.linear`.
         weight_grad_dtype: dtype in which ``dW`` (and ``db``) accumulate over the chunks.
             Default: float32 for bfloat16/float16 weights (each chunk's contribution is added
             in fp32, then the sum is rounded once to the weight's dtype; costs a V x D fp32
@@ -1042,7 +1043,7 @@ def linear_cross_entropy(
             exact; the error is bounded by ``grad_filter_eps`` per skipped entry.
         backend: ``"auto"``, ``"native"`` and ``"torch"`` run the chunked path (any device;
             its per-chunk loss is the torch-op path, whose cost is dominated by the matmuls); ``"triton"``
-            the blockwise kernels of :mod:`crossent._triton.linear` (CUDA, or the CPU under
+            the blockwise kernels of :mod:`crossent.backends.triton.linear` (CUDA, or the CPU under
             ``TRITON_INTERPRET=1``), which cover ``ignore_index``, label smoothing, class
             weights and every reduction with class-index targets, and raise for the other
             options and for probability targets. ``"auto"`` does not
@@ -1168,7 +1169,7 @@ def linear_cross_entropy(
     except (TypeError, ValueError) as err:
         raise type(err)(str(err).replace("weight", "class_weight", 1)) from None
 
-    from crossent._cpu.linear import LinearCrossEntropyFunction
+    from crossent.backends.torch_ops.linear import LinearCrossEntropyFunction
 
     lead = tuple(hidden.shape[:-1])
     h2 = hidden.reshape(-1, D)
@@ -1183,7 +1184,7 @@ def linear_cross_entropy(
     else:
         t1 = target.reshape(-1).long()
     if backend == "triton":
-        from crossent._triton.linear import try_triton_linear_cross_entropy
+        from crossent.backends.triton.linear import try_triton_linear_cross_entropy
 
         out = try_triton_linear_cross_entropy(
             h2, weight, bias, t1, w, opts, reduction, chunk_size, weight_grad_dtype,

@@ -7,7 +7,7 @@ chunk
 
 1. ``Z_c = H_c W^T + b`` (a B x V matmul; the matmul accumulates in fp32, the result has the
    inputs' dtype, exactly as the unfused ``hidden @ weight.T`` would round it);
-2. :func:`crossent._cpu.softmax.softmax_rows` turns ``Z_c`` into the per-token losses and
+2. :func:`crossent.backends.torch_ops.softmax.softmax_rows` turns ``Z_c`` into the per-token losses and
    writes ``G_c = s * dL/dZ_c`` *into the same buffer* (``s`` is the reduction's scale, e.g.
    ``1 / sum_i w_{y_i}`` for a mean, computed once for the whole batch beforehand);
 3. the chunk's gradient is consumed at once: ``dH_c = G_c W``, ``dW += G_c^T H_c``,
@@ -18,7 +18,7 @@ schedules, z-loss, softcap, confidence penalty, Poly-1) comes from ``softmax_row
 fused path is the unfused one up to the summation order of the matmuls. This is the chunked
 scheme of Liger-Kernel's fused linear cross-entropy; the blockwise variant that keeps the
 log-sum-exp on chip is Wijmans et al. 2024, *Cut Your Losses in Large-Vocabulary Language
-Models* (see :mod:`crossent._triton.linear` when present).
+Models* (see :mod:`crossent.backends.triton.linear` when present).
 
 Probability targets: a float (N, V) target is sliced chunk by chunk alongside the hidden rows
 (:func:`target_rows`; a (..., V) tensor whose leading dims do not flatten to a view has its
@@ -54,9 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._cpu.softmax import softmax_rows
 from crossent._formula import acc_dtype, inverse_or_zero, mean_denominator
 from crossent._options import Reduction, SoftmaxOptions
+from crossent.backends.torch_ops.softmax import softmax_rows
 
 __all__ = [
     "CPU_BUDGET_BYTES",

@@ -100,7 +100,7 @@ static ACC FN(load_max)(ACC *restrict dst, const void *src, int dt, int64_t n) {
  *   per-row scalars in double: the loss and the coefficients of
  *          G = q (rowc + cpc u - pc t~) + rowconst + ow w - a - sparse onehot_y
  *   pass 3 (from L2): G written once, then the target entry replaced by its exact value.
- * The formulas are those of crossent/_cpu/softmax.py (see its docstring and
+ * The formulas are those of crossent/backends/torch_ops/softmax.py (see its docstring and
  * crossent.cross_entropy); focal rows take gamma from `gamma` or `gamma_rows`. */
 
 typedef struct {
@@ -637,7 +637,7 @@ CE_API int FN(ce_softmax)(sm_args *a) {
  * Per element, with p = sigmoid(x), the (smoothed) target t, pos_weight pw, weight w:
  *   b = pw t (-log p) + (1 - t)(-log(1 - p_m)),  p_m = max(p - clip, 0)
  *   L = w alpha_t (1 - p_t)^gamma_t b,           1 - p_t = t (1 - p) + (1 - t) p_m
- * and its gradient, as derived in crossent/_cpu/binary.py. One exp and one log per element:
+ * and its gradient, as derived in crossent/backends/torch_ops/binary.py. One exp and one log per element:
  * e = exp(-|x|) gives p, 1 - p (never as 1 - p, which rounds to 0 for x > 17 in fp32) and
  * log(1 + e), from which -log p = max(-x, 0) + log1p(e) and -log(1 - p) = max(x, 0) + log1p(e). */
 

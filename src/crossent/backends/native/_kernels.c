@@ -1,10 +1,10 @@
 /* crossent native CPU kernels: the fused softmax and sigmoid cross-entropy families.
  *
- * Built on first use by crossent/_cpu/_native.py with the system C compiler
+ * Built on first use by crossent/backends/native/__init__.py with the system C compiler
  * (cc -O3 -march=native -fopenmp -shared -fPIC) and loaded with ctypes; no Python or torch
  * headers, so the build takes 2-3 seconds. The Python side passes raw pointers of
  * contiguous tensors and a struct of options; every formula here is the one of the torch path
- * (crossent/_cpu/softmax.py, crossent/_cpu/binary.py) and of crossent.reference, and the tests
+ * (crossent/backends/torch_ops/softmax.py, crossent/backends/torch_ops/binary.py) and of crossent.reference, and the tests
  * run both paths against the reference.
  *
  * Why C: the loss is memory-bound, and the torch-op path needs several passes over each

@@ -64,9 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossent._cpu._memory import empty_hugepage
 from crossent._formula import inverse_or_zero
 from crossent._options import BinaryCall, BinaryOptions
+from crossent.backends.torch_ops._memory import empty_hugepage
 
 __all__ = ["BLOCK_ELEMENTS", "HARD_SCRATCH_ROWS", "binary_cross_entropy", "binary_elements"]
 

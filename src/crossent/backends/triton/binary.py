@@ -1,6 +1,6 @@
 r"""Triton kernel for the binary / multi-label (sigmoid) cross-entropy family (CUDA tensors).
 
-Same contract and math as :mod:`crossent._cpu.binary` (its docstring derives the gradient).
+Same contract and math as :mod:`crossent.backends.torch_ops.binary` (its docstring derives the gradient).
 Per element, with :math:`p = \sigma(x)`, :math:`q = 1 - p = \sigma(-x)`, the smoothed target
 :math:`t' = t (1 - \varepsilon) + \varepsilon / 2`, the clip :math:`c`,
 :math:`p_m = \max(p - c, 0)`, :math:`m = [p > c]`, :math:`s = p q`:
@@ -33,7 +33,7 @@ weight as ``i0 s0 + i1 s1 + k s2`` with ``(i0, i1) = divmod(row, D1)`` (one divi
 none per element). Patterns needing more than 3 dims (rare) materialise the weight.
 
 Float64 logits (gradcheck) and empty inputs are delegated to the torch path on the same
-device, as in :mod:`crossent._triton.softmax`. Targets are compared with ``ignore_index`` and
+device, as in :mod:`crossent.backends.triton.softmax`. Targets are compared with ``ignore_index`` and
 used in fp32 (the torch path also computes in fp32; float64 targets are rounded first).
 """
 
@@ -44,10 +44,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from crossent._cpu.binary import binary_cross_entropy as _torch_binary_ce
 from crossent._formula import inverse_or_zero
 from crossent._options import BinaryCall
-from crossent._triton._common import log1p, next_pow2
+from crossent.backends.torch_ops.binary import binary_cross_entropy as _torch_binary_ce
+from crossent.backends.triton._common import log1p, next_pow2
 
 __all__ = ["binary_cross_entropy", "coalesce"]
 
@@ -243,7 +243,7 @@ def binary_cross_entropy(
 ) -> tuple[Tensor, Tensor | None]:
     """Loss (reduced per ``reduction``) and its gradient w.r.t. ``logits`` (or None), by Triton.
 
-    The contract of :func:`crossent._cpu.binary.binary_cross_entropy`: any shape; ``weight``
+    The contract of :func:`crossent.backends.torch_ops.binary.binary_cross_entropy`: any shape; ``weight``
     and ``pos_weight`` broadcast to it; the loss is fp32 (of the logits' shape for "none"); the
     gradient of that (summed) loss has the logits' dtype and shape, with the mean's 1/count
     folded in (0 when every entry is masked). ``block_m``/``block_k`` override the tile.

@@ -1,8 +1,8 @@
 r"""The native CPU kernels: build on first use, load with ctypes, call.
 
 The softmax and sigmoid families are memory-bound: their floor is one read of the logits and one
-write of the gradient. The torch-op path (:mod:`crossent._cpu.softmax`,
-:mod:`crossent._cpu.binary`) gets within a few passes of that by working on cache-sized blocks,
+write of the gradient. The torch-op path (:mod:`crossent.backends.torch_ops.softmax`,
+:mod:`crossent.backends.torch_ops.binary`) gets within a few passes of that by working on cache-sized blocks,
 but ATen has no op that fuses a softmax with a row sum, or a sigmoid with a log, so each extra
 term is another pass. ``_kernels.c`` is the same formulation as one loop per row (softmax: one
 read from memory, two more from L2, one write) or per element (sigmoid: one read, one write).
@@ -49,7 +49,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from crossent._cpu._memory import empty_hugepage
 from crossent._options import (
     BINARY_ALL,
     SOFTMAX_ALL,
@@ -60,6 +59,7 @@ from crossent._options import (
     SoftmaxOptions,
     covers,
 )
+from crossent.backends.torch_ops._memory import empty_hugepage
 
 __all__ = [
     "available",
@@ -318,7 +318,7 @@ def supports_softmax(
 
 
 def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
-    """:func:`crossent._cpu.softmax.softmax_cross_entropy` by the native kernel (same contract).
+    """:func:`crossent.backends.torch_ops.softmax.softmax_cross_entropy` by the native kernel (same contract).
 
     The kernel also finds the mean's denominator and sums the row losses, so a call costs a
     handful of torch ops however small the batch.
@@ -469,7 +469,8 @@ def supports_binary(
 
 
 def binary_cross_entropy(call: BinaryCall) -> tuple[Tensor, Tensor | None]:
-    """:func:`crossent._cpu.binary.binary_cross_entropy` by the native kernel (same contract)."""
+    """:func:`crossent.backends.torch_ops.binary.binary_cross_entropy` by the native kernel
+    (same contract)."""
     logits, target, weight, pos_weight = call.logits, call.target, call.weight, call.pos_weight
     opts, reduction, need_grad = call.opts, call.reduction, call.need_grad
     acc = _acc(logits.dtype)

@@ -29,7 +29,7 @@ and schedules (without smoothing), z-loss, Poly-1, every reduction, bias, fp32/b
 inputs. Softcap, the confidence penalty, focal with smoothing (they need per-class terms in the
 kernel) and probability (soft) targets
 dispatch to the chunked torch path
-(:mod:`crossent._cpu.linear`), as does any input on a device Triton cannot run on; with
+(:mod:`crossent.backends.torch_ops.linear`), as does any input on a device Triton cannot run on; with
 ``backend="triton"`` they raise.
 
 The kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors (the variable must be set
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from crossent._formula import gamma_for_rows, inverse_or_zero, regulariser_terms, target_terms
 from crossent._options import Reduction, SoftmaxOptions, covers
-from crossent._triton import LINEAR_CAPABILITIES
+from crossent.backends.triton import LINEAR_CAPABILITIES
 
 try:
     import triton

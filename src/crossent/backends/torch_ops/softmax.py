@@ -26,7 +26,6 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from crossent._cpu._memory import empty_hugepage
 from crossent._formula import (
     Terms,
     acc_dtype,
@@ -38,6 +37,7 @@ from crossent._formula import (
     target_terms,
 )
 from crossent._options import RowGamma, SoftmaxCall, SoftmaxOptions
+from crossent.backends.torch_ops._memory import empty_hugepage
 
 __all__ = ["BLOCK_ELEMENTS", "focal_terms", "softmax_cross_entropy", "softmax_rows"]
 

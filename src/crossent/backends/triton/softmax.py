@@ -1,6 +1,6 @@
 r"""Triton kernels for the softmax cross-entropy family (CUDA tensors).
 
-Same contract and math as :mod:`crossent._cpu.softmax` (read its docstring for the notation):
+Same contract and math as :mod:`crossent.backends.torch_ops.softmax` (read its docstring for the notation):
 ``u`` the (soft-capped) logits, ``q = softmax(u)``, ``ell_k = lse(u) - u_k``, the weighted
 smoothed target ``a_k = w_k t~_k``, the sample weight ``s`` (``w_y``, 0 for ignored rows; 1 for
 probability targets), and the gradient w.r.t. ``u`` assembled per row as
@@ -58,7 +58,7 @@ pass reads a chunk before writing it (elementwise, the same thread), and the gat
 and every row sum are read in pass 1, before any write.
 
 Float64 logits (gradcheck) and empty inputs are delegated to the torch path
-(:func:`crossent._cpu.softmax.softmax_cross_entropy`) on the same device: the kernels accumulate
+(:func:`crossent.backends.torch_ops.softmax.softmax_cross_entropy`) on the same device: the kernels accumulate
 in fp32 (their scalar arguments are fp32), so fp64 would not keep its precision.
 """
 
@@ -69,10 +69,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from crossent._cpu.softmax import softmax_cross_entropy as _torch_softmax_ce
 from crossent._formula import gamma_for_rows, inverse_or_zero, mean_denominator
 from crossent._options import RowGamma, SoftmaxCall
-from crossent._triton._common import expm1, next_pow2, tanh
+from crossent.backends.torch_ops.softmax import softmax_cross_entropy as _torch_softmax_ce
+from crossent.backends.triton._common import expm1, next_pow2, tanh
 
 __all__ = ["launch_config", "softmax_cross_entropy"]
 
@@ -549,7 +549,7 @@ def softmax_cross_entropy(
 ) -> tuple[Tensor, Tensor | None]:
     """Loss (reduced) and the gradient of that loss w.r.t. ``logits`` (or None), by Triton.
 
-    The contract of :func:`crossent._cpu.softmax.softmax_cross_entropy`: layouts (C,), (N, C),
+    The contract of :func:`crossent.backends.torch_ops.softmax.softmax_cross_entropy`: layouts (C,), (N, C),
     (N, C, d1..dk); ``grad`` has the logits' dtype and shape, with the mean's 1/denominator
     folded in; a zero denominator gives loss 0 and a zero gradient; the loss is fp32. With
     ``inplace_backward`` (1-D/2-D logits) the gradient is written into ``logits``.
