@@ -25,7 +25,9 @@ logits), and enters as a per-row ``gamma_rows`` tensor.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -77,9 +79,10 @@ def scale_saved_grad(ctx: Any, grad: Tensor, grad_output: Tensor) -> Tensor:
             go = go.unsqueeze(1 if grad.ndim >= 2 else 0) if go.ndim else go
         return grad * go
     if _traced(grad, grad_output):
-        # Traced (torch.compile): functional, one pass over the gradient. An in-place scale
-        # of the saved buffer is no cheaper there: AOTAutograd clones a mutated saved tensor.
-        return grad * go
+        # Traced (torch.compile): a functional scale, one pass over the gradient (an in-place
+        # scale of the saved buffer is no cheaper there: AOTAutograd clones a mutated saved
+        # tensor), into a buffer of huge pages (see scaled_grad).
+        return torch.ops.crossent.scaled_grad(grad, go)
     applied = getattr(ctx, "applied", None)
     if applied is None:
         if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
@@ -97,6 +100,24 @@ def scale_saved_grad(ctx: Any, grad: Tensor, grad_output: Tensor) -> Tensor:
     grad.data.mul_(factor)
     ctx.applied = go.clone()
     return grad
+
+
+@torch.library.custom_op("crossent::scaled_grad", mutates_args=())
+def scaled_grad(grad: Tensor, factor: Tensor) -> Tensor:
+    """``grad * factor`` (``factor`` 0-d) into a new buffer: on the CPU one of transparent huge
+    pages, which a fresh logits-sized buffer needs (its 4 KiB page faults would cost as much as
+    the multiply). The backward of a traced fused loss."""
+    if grad.device.type == "cpu":
+        from crossent.backends.torch_ops._memory import empty_hugepage
+
+        out = empty_hugepage(*grad.shape, dtype=grad.dtype)
+        return torch.mul(grad, factor.to(grad.dtype), out=out)
+    return grad * factor.to(grad.dtype)
+
+
+@scaled_grad.register_fake
+def _(grad, factor):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +220,109 @@ def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tens
     ctx.opts = _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, softcap, cp, poly1)
     # The logits are kept (not copied) for a double backward, which recomputes q from them.
     ctx.save_for_backward(grad, logits, target, weight)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the gradient held aside instead of saved
+#
+# A traced backward cannot scale the saved gradient in place (AOTAutograd clones a mutated saved
+# tensor) and so pays one more pass over it; with a scalar grad_output of 1, the usual
+# loss.backward(), that pass is a third of the loss's time. So under torch.compile the fused
+# forward hands the gradient to a side table and returns a one-element handle; the backward
+# operator takes the gradient out of the table (it is then nobody else's: scaled in place, and
+# stolen by AccumulateGrad without a copy). Neither operator returns an alias of its inputs. The
+# table entry goes when the handle does (a forward without a backward leaks nothing).
+
+_HELD: dict[int, Tensor] = {}
+_KEYS = itertools.count(1)
+
+
+def _hold(grad: Tensor) -> Tensor:
+    key = next(_KEYS)
+    _HELD[key] = grad
+    handle = torch.tensor([key], dtype=torch.int64)
+    weakref.finalize(handle, _HELD.pop, key, None)
+    return handle
+
+
+@torch.library.custom_op("crossent::softmax_ce_held", mutates_args=())
+def softmax_ce_held(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    gamma_rows: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    gamma: float,
+    z_loss: float,
+    softcap: float | None,
+    confidence_penalty: float,
+    poly1: float,
+    reduction: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """:func:`softmax_ce` with the gradient held aside: returns the loss and an int64 handle
+    (CPU, one element) to the gradient, which :func:`held_grad` takes out."""
+    loss, grad = softmax_ce(logits, target, weight, gamma_rows, ignore_index, label_smoothing,
+                            gamma, z_loss, softcap, confidence_penalty, poly1, reduction, True,
+                            backend)
+    return loss, _hold(grad)
+
+
+@softmax_ce_held.register_fake
+def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, z_loss, softcap,
+      confidence_penalty, poly1, reduction, backend):
+    loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc_dtype(logits.dtype))
+    return loss, torch.empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("crossent::held_grad", mutates_args=())
+def held_grad(handle: Tensor, factor: Tensor, like: Tensor) -> Tensor:
+    """The gradient that :func:`softmax_ce_held` set aside, times ``factor`` (0-d, or one per
+    sample for reduction "none"), in place: it is this call's alone."""
+    grad = _HELD.pop(int(handle[0]), None)
+    if grad is None:
+        raise RuntimeError(
+            "crossent: under torch.compile the fused loss's gradient is handed over at the first "
+            "backward; a second backward through the same graph (retain_graph=True) needs the "
+            "loss recomputed, or the loss outside the compiled region"
+        )
+    f = factor.to(grad.dtype)
+    if f.ndim:
+        return grad.mul_(f.unsqueeze(1) if grad.ndim >= 2 else f)
+    if factor.device.type != "cpu" or f.item() != 1.0:
+        grad.mul_(f)
+    return grad
+
+
+@held_grad.register_fake
+def _(handle, factor, like):
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def _held_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    (logits, target, weight, gamma_rows, ignore_index, eps, gamma, z_loss, softcap, cp, poly1,
+     reduction, _backend) = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    ctx.opts = _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, softcap, cp, poly1)
+    ctx.save_for_backward(output[1], logits, target, weight)
+
+
+def _held_backward(ctx: Any, grad_loss: Tensor | None, _grad_handle: Any) -> tuple[Any, ...]:
+    handle, logits, target, weight = ctx.saved_tensors
+    nones = (None,) * 12
+    if grad_loss is None:
+        return (None, *nones)
+    if torch.is_grad_enabled() and (logits.requires_grad or grad_loss.requires_grad):
+        with torch.enable_grad():
+            loss = softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction)
+            return (graph_grad(loss, logits, grad_loss.to(loss.dtype)), *nones)
+    return (torch.ops.crossent.held_grad(handle, grad_loss, logits), *nones)
+
+
+softmax_ce_held.register_autograd(_held_backward, setup_context=_held_setup)
 
 
 def _fused_backward(
