@@ -437,3 +437,26 @@ def test_compiled_loss_hands_its_gradient_over():
     with torch.no_grad():
         f(x, y)
     assert len(_ops._HELD) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_autocast_gradients_match_unfused_autocast(dtype, bias):
+    """Under autocast the chunked path computes in the autocast dtype, as ``h @ W.T`` would, and
+    returns each gradient in its leaf's dtype (fp32 here), accumulated in fp32."""
+    gen = torch.Generator().manual_seed(21)
+    h = torch.randn(24, 16, generator=gen).requires_grad_()
+    W = (torch.randn(50, 16, generator=gen) * 0.3).requires_grad_()
+    b = torch.randn(50, generator=gen).requires_grad_() if bias else None
+    y = torch.randint(0, 50, (24,), generator=gen)
+    leaves = [t for t in (h, W, b) if t is not None]
+    with torch.autocast("cpu", dtype=dtype):
+        ours = crossent.linear_cross_entropy(h, W, y, bias=b, label_smoothing=0.1, chunk_size=7)
+        ref = F.cross_entropy(F.linear(h, W, b).float(), y, label_smoothing=0.1)
+    g_ours = torch.autograd.grad(ours, leaves)
+    g_ref = torch.autograd.grad(ref, leaves)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
+    for a, r in zip(g_ours, g_ref, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-3)

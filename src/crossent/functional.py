@@ -1083,24 +1083,27 @@ def linear_cross_entropy(
     check_logits(hidden, "hidden")
     check_logits(weight, "weight")
     dev_type = hidden.device.type
-    if torch.is_autocast_enabled(dev_type):
-        # As autocast treats ``hidden @ weight.T + bias``: float32 inputs are cast to the
-        # autocast dtype (casts that autograd differentiates, so each gradient comes back in its
-        # input's dtype); the matmuls accumulate in fp32 and the loss is fp32, as without it.
-        low = torch.get_autocast_dtype(dev_type)
-
-        def cast(t: Tensor | None) -> Tensor | None:
-            return t.to(low) if t is not None and t.dtype == torch.float32 else t
-
-        with torch.autocast(dev_type, enabled=False):
-            return linear_cross_entropy(
-                cast(hidden), cast(weight), target, bias=cast(bias), class_weight=class_weight,
-                ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
-                z_loss=z_loss, softcap=softcap, confidence_penalty=confidence_penalty,
-                poly1=poly1, reduction=reduction, chunk_size=chunk_size,
-                weight_grad_dtype=weight_grad_dtype, grad_filter_eps=grad_filter_eps,
-                backend=backend,
-            )
+    compute_dtype = None
+    if torch.is_autocast_enabled(dev_type) and hidden.dtype != torch.float64:
+        # As autocast treats ``hidden @ weight.T + bias``: computed in the autocast dtype (the
+        # matmuls accumulate in fp32, the loss is fp32); each gradient comes back in its
+        # input's dtype. The chunked path casts inside, the Triton path here.
+        compute_dtype = torch.get_autocast_dtype(dev_type)
+        if backend == "triton":
+            with torch.autocast(dev_type, enabled=False):
+                return linear_cross_entropy(
+                    hidden.to(compute_dtype), weight.to(compute_dtype), target,
+                    bias=None if bias is None else bias.to(compute_dtype),
+                    class_weight=class_weight, ignore_index=ignore_index,
+                    label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss, softcap=softcap,
+                    confidence_penalty=confidence_penalty, poly1=poly1, reduction=reduction,
+                    chunk_size=chunk_size, weight_grad_dtype=weight_grad_dtype,
+                    grad_filter_eps=grad_filter_eps, backend=backend,
+                )
+        if weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)  # mixed leaves: both cast to compute_dtype anyway
+        if bias is not None and bias.dtype != hidden.dtype:
+            bias = bias.to(hidden.dtype)
     check_reduction(reduction)
     opts = make_softmax_options(
         ignore_index=ignore_index,
@@ -1177,7 +1180,7 @@ def linear_cross_entropy(
     except (TypeError, ValueError) as err:
         raise type(err)(str(err).replace("weight", "class_weight", 1)) from None
 
-    from crossent.backends.torch_ops.linear import LinearCrossEntropyFunction
+    from crossent.backends.torch_ops.linear import LinearCrossEntropyFunction, softmax_chunk
 
     lead = tuple(hidden.shape[:-1])
     h2 = hidden.reshape(-1, D)
@@ -1200,7 +1203,9 @@ def linear_cross_entropy(
         )
         if out is not None:
             return out.reshape(lead) if reduction == "none" else out
-    loss = LinearCrossEntropyFunction.apply(
-        h2, weight, bias, t1, w, opts, reduction, chunk_size, weight_grad_dtype
-    )
+    with torch.autocast(dev_type, enabled=False):
+        loss = LinearCrossEntropyFunction.apply(
+            h2, weight, bias, t1, w, opts, reduction, chunk_size, weight_grad_dtype,
+            softmax_chunk, None, compute_dtype,
+        )
     return loss.reshape(lead) if reduction == "none" else loss

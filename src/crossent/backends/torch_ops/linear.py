@@ -259,7 +259,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         wgrad_dtype: torch.dtype | None,
         kernel: ChunkKernel = softmax_chunk,
         reduce_grad_hidden: Callable[[Tensor], Tensor] | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> Tensor:
+        # Autocast: the inputs are cast here, and the gradients returned in the inputs' own
+        # dtypes, so an fp32 weight's gradient accumulates straight into its fp32 buffer (no
+        # half-precision copy of dW on the way back).
+        ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if compute_dtype is not None:
+            hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
+            bias = None if bias is None else bias.to(compute_dtype)
+            if wgrad_dtype is None and ctx.grad_dtypes[1] == torch.float32:
+                wgrad_dtype = torch.float32  # accumulate into the fp32 gradient itself
         N, _ = hidden.shape
         V = weight.shape[0]
         acc = acc_dtype(hidden.dtype)
@@ -350,8 +360,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             )
         if dH is not None and ctx.reduce_grad_hidden is not None:
             dH = ctx.reduce_grad_hidden(dH)  # e.g. the all-reduce of a column-parallel head
-        if dW is not None and dW.dtype != weight.dtype:
-            dW = dW.to(weight.dtype)
-        if db is not None and db.dtype != bias.dtype:
-            db = db.to(bias.dtype)
-        return dH, dW, db, None, None, None, None, None, None, None, None
+        h_dtype, w_dtype, b_dtype = ctx.grad_dtypes
+        if dH is not None and dH.dtype != h_dtype:
+            dH = dH.to(h_dtype)
+        if dW is not None and dW.dtype != w_dtype:
+            dW = dW.to(w_dtype)
+        if db is not None and db.dtype != b_dtype:
+            db = db.to(b_dtype)
+        return dH, dW, db, None, None, None, None, None, None, None, None, None
