@@ -351,6 +351,10 @@ def _plot(results: list[BenchResult], path: Path) -> None:
     plt.close(fig)
 
 
+PROVIDERS = ("crossent", "crossent-ops", "torch", "naive", "compile", "liger")
+MAX_REPEATS = 10_000
+
+
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for part in text.split(","):
@@ -359,7 +363,32 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
             shapes.append((int(n), int(c)))
         except ValueError:
             raise ValueError(f"--shapes takes NxC pairs separated by commas, got {part!r}") from None
+        if shapes[-1][0] < 1 or shapes[-1][1] < 1:
+            raise ValueError(f"--shapes: N and C must be >= 1, got {part.strip()!r}")
     return shapes
+
+
+def shape_bytes(N: int, C: int, dtypes: list[str]) -> int:
+    """About the peak bytes :func:`run_shape` needs for one N x C shape: the fp32 base, and per
+    dtype the input, its differentiable copy, the gradient, the copy floor's output and two N x C
+    temporaries of the providers (log-softmax and its gradient)."""
+    per_element = 4 + sum(6 * torch.empty((), dtype=DTYPES[d]).element_size() for d in dtypes)
+    return N * C * per_element
+
+
+def _check_memory(shapes: list[tuple[int, int]], dtypes: list[str], device: str) -> None:
+    from crossent.cli import available_memory, format_bytes
+
+    free = available_memory(device)
+    if free is None:
+        return
+    for N, C in shapes:
+        need = shape_bytes(N, C, dtypes)
+        if need > free:
+            raise ValueError(
+                f"--shapes {N}x{C}: needs about {format_bytes(need)} ({', '.join(dtypes)} inputs and"
+                f" gradients), more than the {format_bytes(free)} available on {device}"
+            )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -399,6 +428,15 @@ def main(args: argparse.Namespace) -> int:
         "crossent,torch,naive,compile,liger" if args.device == "cuda" else "crossent,crossent-ops,torch,naive"
     )
     providers = (args.providers or default_providers).split(",")
+    for p in providers:
+        if p not in PROVIDERS:
+            raise ValueError(f"--providers: unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    if not 1 <= args.repeats <= MAX_REPEATS:
+        raise ValueError(f"--repeats must lie in 1..{MAX_REPEATS}, got {args.repeats}")
+    _check_memory(shapes, dtypes, args.device)
+    from crossent.cli import check_out_dir
+
+    check_out_dir(args.out)  # before the measurements: a file in the way fails now
 
     console = Console()
     info = machine_info(args.device)

@@ -98,20 +98,28 @@ def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "label
     if arr.dtype.kind == "b" or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
     if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise ValueError(f"{name} must hold integer class indices, got non-integer values")
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{name} must hold integer class indices, got non-integer values"
+                f" (entry {i} is {arr[i].item()!r})"
+            )
     if arr.shape[0] != n_samples:
         raise ValueError(
             f"{name} has {arr.shape[0]} entries but the predictions have {n_samples} rows;"
             " they must match one to one"
         )
-    out = arr.astype(np.int64, copy=False)
-    if out.size and (out.min() < 0 or out.max() >= n_classes):
-        bad = int(out[(out < 0) | (out >= n_classes)][0])
+    # check the range before the cast: 1e30 or a uint64 beyond int64 must not wrap around
+    out_of_range = (arr < 0) | (arr >= n_classes)
+    if out_of_range.any():
+        value = arr[int(np.flatnonzero(out_of_range)[0])].item()
+        shown = int(value) if isinstance(value, float) and abs(value) < 2**53 else value
         raise ValueError(
-            f"{name} must lie in [0, {n_classes - 1}] for {n_classes} classes, found {bad}"
+            f"{name} must lie in [0, {n_classes - 1}] for {n_classes} classes, found {shown}"
         )
-    return out
+    return arr.astype(np.int64, copy=False)
 
 
 def iter_chunks(t: torch.Tensor) -> Iterator[tuple[int, int]]:

@@ -16,6 +16,8 @@ __all__ = ["add_arguments", "main"]
 PRED_KEYS = ("logits", "probs", "probabilities", "predictions", "preds", "scores", "outputs")
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 FORMATS = ("npy", "npz", "pt", "csv")
+MAX_BINS = 10_000
+MAX_SEED = 2**63 - 1
 
 EPILOG = """\
 input files
@@ -130,7 +132,8 @@ def _format_of(path: Path, file_format: str) -> str:
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first row
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise ValueError("the file has no data rows")
@@ -162,8 +165,10 @@ def _read_csv(path: Path) -> np.ndarray:
 def _load(path_str: str, file_format: str, what: str) -> dict[str, np.ndarray]:
     """The arrays in a file, by key ('' for a file holding a single array)."""
     path = Path(path_str)
-    if not path.is_file():
+    if not path.exists():
         raise _error(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise _error(f"{what} file {path} is not a file")
     fmt = _format_of(path, file_format)
     try:
         if fmt == "npy":
@@ -256,7 +261,9 @@ def _predictions_and_labels(
     return preds, labels, hint
 
 
-def _check(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check(
+    preds: np.ndarray, labels: np.ndarray, labels_file: str = "LABELS"
+) -> tuple[np.ndarray, np.ndarray]:
     if preds.dtype.kind not in "fiu":
         raise _error(f"PREDICTIONS must be numeric, got dtype {preds.dtype}")
     if preds.ndim != 2:
@@ -283,21 +290,33 @@ def _check(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if labels.ndim != 1:
         raise _error(f"LABELS must be a 1-D array of class indices, got shape {labels.shape}")
     if labels.dtype.kind not in "iuf":
-        raise _error(f"LABELS must hold integer class indices, got dtype {labels.dtype}")
-    if labels.dtype.kind == "f" and not (
-        np.isfinite(labels).all() and (labels == np.round(labels)).all()
-    ):
-        raise _error("LABELS must hold integer class indices, got non-integer or NaN values")
+        raise _error(
+            f"LABELS ({labels_file}) must hold integer class indices, got dtype {labels.dtype}"
+        )
+    if labels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise _error(
+                f"LABELS ({labels_file}) must hold integer class indices; entry {i} is"
+                f" {labels[i].item()!r} ({int(bad.sum())} non-integer or NaN value(s))"
+            )
     if labels.shape[0] != n:
         raise _error(
             f"PREDICTIONS has {n} rows but LABELS has {labels.shape[0]} entries; they must match"
         )
-    labels = labels.astype(np.int64)
-    if labels.min() < 0 or labels.max() >= c:
+    # compare before any cast: 1e30 or a uint64 beyond int64 must not wrap around
+    out_of_range = (labels < 0) | (labels >= c)
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range)[0])
+        value = labels[i].item()
+        shown = int(value) if isinstance(value, float) and abs(value) < 2**53 else value
         raise _error(
-            f"LABELS must lie in 0..{c - 1} for {c} classes; found"
-            f" {int(labels.min())}..{int(labels.max())}"
+            f"LABELS must lie in 0..{c - 1} for {c} classes; {labels_file} holds {shown!r} at"
+            f" entry {i} ({int(out_of_range.sum())} value(s) out of range)"
         )
+    labels = labels.astype(np.int64)
     return preds, labels
 
 
@@ -436,13 +455,21 @@ def main(args: argparse.Namespace) -> int:
     """Run ``crossent calibrate``; returns the exit status."""
     from crossent.calibration._inputs import looks_like_probs
     from crossent.calibration.temperature import TemperatureScaler
+    from crossent.cli import check_out_dir
 
     if not (0.0 <= args.val_fraction < 1.0) or math.isnan(args.val_fraction):
         raise _error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
     if args.n_bins < 1:
         raise _error(f"--n-bins must be >= 1, got {args.n_bins}")
+    if args.n_bins > MAX_BINS:
+        raise _error(f"--n-bins must be <= {MAX_BINS}, got {args.n_bins}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise _error(f"--seed must lie in 0..{MAX_SEED}, got {args.seed}")
+    if args.out is not None:
+        check_out_dir(args.out)  # before any work: a file in the way fails now, not at the end
     preds, labels, hint = _predictions_and_labels(args)
-    preds, labels = _check(preds, labels)
+    labels_file = args.labels if args.labels is not None else args.predictions
+    preds, labels = _check(preds, labels, labels_file)
     n, c = preds.shape
 
     kind: Literal["logits", "probs"]

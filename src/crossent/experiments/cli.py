@@ -22,6 +22,7 @@ either at the top level or under a ``[run]`` table; options given on the command
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -102,13 +103,17 @@ def _load_toml(path: str) -> dict[str, Any]:
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ValueError(f"config file {path}: no such file")
+    if not p.is_file():
+        raise ValueError(f"config file {path}: not a file")
     try:
         with p.open("rb") as fh:
             raw = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if "run" in raw and isinstance(raw["run"], dict):
         raw = raw["run"]
     out: dict[str, Any] = {}
@@ -129,12 +134,35 @@ def _load_toml(path: str) -> dict[str, Any]:
     return out
 
 
-def _parse_seeds(value: Any) -> list[int]:
+#: Bounds of the integer options (a value outside is an error naming the option). Threads:
+#: torch itself crashes (SIGSEGV) on ``set_num_threads(100000)``.
+MAX_SEED = 2**63 - 1
+MAX_SEED_COUNT = 10_000
+MAX_THREADS = 1024
+_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "epochs": (1, 1_000_000),
+    "hidden": (1, 2**31 - 1),  # and what fits in memory: see _check_model_memory
+    "batch_size": (1, 2**31 - 1),
+    "threads": (1, MAX_THREADS),
+    "data_seed": (0, MAX_SEED),
+    "n_bins": (1, 10_000),
+}
+_WORDS = {"epochs": "epochs", "hidden": "the hidden width", "batch_size": "the batch size",
+          "threads": "the number of threads", "data_seed": "the data seed",
+          "n_bins": "the number of bins"}
+
+
+def _parse_seeds(value: Any, flag: str = "--seeds") -> list[int]:
+    """A count (3 -> 0, 1, 2) or a list of seeds; errors name ``flag``."""
     if isinstance(value, bool):
-        raise ValueError(f"bad seeds {value!r}")
+        raise ValueError(f"bad {flag} {value!r}: give a count or a list like 0,1,2")
     if isinstance(value, int):
         if value < 1:
-            raise ValueError(f"the number of seeds must be >= 1, got {value}")
+            raise ValueError(f"{flag}: the number of seeds must be >= 1, got {value}")
+        if value > MAX_SEED_COUNT:
+            raise ValueError(
+                f"{flag}: the number of seeds must be <= {MAX_SEED_COUNT}, got {value}"
+            )
         return list(range(value))
     if isinstance(value, list):
         items: list[Any] = value
@@ -145,19 +173,29 @@ def _parse_seeds(value: Any) -> list[int]:
                 count = int(text)
             except ValueError:
                 raise ValueError(
-                    f"bad --seeds {value!r}: give a count or a list like 0,1,2"
+                    f"bad {flag} {value!r}: give a count or a list like 0,1,2"
                 ) from None
-            return _parse_seeds(count)
+            return _parse_seeds(count, flag)
         items = [s for s in text.split(",") if s.strip()]
+    if any(isinstance(s, bool) for s in items):
+        raise ValueError(f"bad {flag} {value!r}: give a count or a list like 0,1,2")
     try:
-        seeds = [int(s) for s in items]
+        seeds = [s if isinstance(s, int) else int(str(s).strip()) for s in items]
     except (TypeError, ValueError):
-        raise ValueError(f"bad seeds {value!r}: give a count or a list like 0,1,2") from None
+        raise ValueError(f"bad {flag} {value!r}: give a count or a list like 0,1,2") from None
     if not seeds:
-        raise ValueError("no seeds given")
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"seeds must be >= 0, got {seeds}")
+        raise ValueError(f"{flag}: no seeds given")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ValueError(f"{flag}: seeds must lie in 0..{MAX_SEED}, got {bad[0]}")
     return list(dict.fromkeys(seeds))
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _split_list(value: Any) -> list[str]:
@@ -174,10 +212,31 @@ def build_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     opts: dict[str, Any] = {}
     if getattr(args, "config", None):
         opts.update(_load_toml(args.config))
+    from_cli: set[str] = set()
     for k in _CONFIG_KEYS:
         v = getattr(args, k, None)
         if v is not None:
             opts[k] = v
+            from_cli.add(k)
+
+    def flag(k: str) -> str:
+        """How the user gave option ``k``: ``--batch-size``, or the config file's key."""
+        if k in from_cli or not getattr(args, "config", None):
+            return "--" + k.replace("_", "-")
+        return f"config file {args.config}: {k}"
+
+    for k, (lo, hi) in _INT_BOUNDS.items():
+        if k in opts and not lo <= opts[k] <= hi:
+            bound = f">= {lo}" if opts[k] < lo else f"<= {hi}"
+            why = " (torch crashes on more)" if k == "threads" and opts[k] > hi else ""
+            raise ValueError(f"{flag(k)}: {_WORDS[k]} must be {bound}{why}, got {opts[k]}")
+    if "lr" in opts and not (_finite(opts["lr"]) and opts["lr"] > 0):
+        raise ValueError(f"{flag('lr')}: the learning rate must be a finite number > 0, got {opts['lr']}")
+    if "weight_decay" in opts and not (_finite(opts["weight_decay"]) and opts["weight_decay"] >= 0):
+        raise ValueError(
+            f"{flag('weight_decay')}: weight decay must be a finite number >= 0, "
+            f"got {opts['weight_decay']}"
+        )
     quick = bool(opts.get("quick", False))
     cfg = StudyConfig(quick=quick)
     if quick:
@@ -186,8 +245,10 @@ def build_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         cfg.tasks = _split_list(opts["tasks"])
     if "losses" in opts:
         cfg.losses = _split_list(opts["losses"])
+        if not cfg.losses:
+            raise ValueError(f"{flag('losses')}: no losses given")
     if "seeds" in opts:
-        cfg.seeds = _parse_seeds(opts["seeds"])
+        cfg.seeds = _parse_seeds(opts["seeds"], flag("seeds"))
     for k in ("epochs", "model", "hidden", "batch_size", "device", "threads", "data_seed",
               "n_bins", "data", "target"):
         if k in opts:
@@ -202,8 +263,41 @@ def build_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     cfg.validate()
     from crossent.experiments.runner import resolve_device
 
-    resolve_device(cfg.device)  # fail early on an unavailable device
+    device = resolve_device(cfg.device)  # fail early on an unavailable device
+    # the smallest data (1 feature, 2 classes, 1 row) already needs this much: refuse early
+    _check_model_memory(cfg, device, in_features=1, n_classes=2, n_rows=1, flag=flag("hidden"))
     return cfg, {"out": opts.get("out"), "figures": opts.get("figures", True)}
+
+
+def _model_bytes(cfg: Any, in_features: int, n_classes: int, n_rows: int) -> int:
+    """About the bytes training needs beyond the data: the model's parameters, their
+    gradients and Adam's two moments (4 float32 copies), plus the activations of a batch and of
+    a prediction chunk (8192 rows)."""
+    h = cfg.hidden
+    if cfg.model == "mlp":
+        params = in_features * h + h * h + h * n_classes + 2 * h + n_classes
+        rows = max(min(cfg.batch_size, n_rows), min(8192, n_rows))
+        activations = 6 * rows * h
+    else:
+        params = in_features * n_classes + n_classes
+        activations = 0
+    return 4 * (4 * params + activations)
+
+
+def _check_model_memory(
+    cfg: Any, device: Any, *, in_features: int, n_classes: int, n_rows: int, flag: str = "--hidden"
+) -> None:
+    from crossent.cli import available_memory, format_bytes
+
+    if cfg.model != "mlp":
+        return
+    need = _model_bytes(cfg, in_features, n_classes, n_rows)
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"{flag}: an MLP of width {cfg.hidden} needs about {format_bytes(need)} (parameters,"
+            f" gradients and Adam state), more than the {format_bytes(free)} available"
+        )
 
 
 def _default_out() -> Path:
@@ -226,19 +320,21 @@ def main(args: argparse.Namespace) -> int:
         TimeElapsedColumn,
     )
 
+    from crossent.cli import check_out_dir
     from crossent.experiments.report import rich_tables, write_run_folder
-    from crossent.experiments.runner import aggregate, load_tasks, run_study
+    from crossent.experiments.runner import aggregate, load_tasks, resolve_device, run_study
 
     cfg, output = build_config(args)
-    out = Path(output["out"]) if output["out"] else _default_out()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
+    out = check_out_dir(output["out"] if output["out"] is not None else _default_out())
     console = Console()
     if not console.is_terminal:  # piped or captured: wide enough for the whole table
         console = Console(width=200)
     err = Console(stderr=True)
     t0 = time.perf_counter()
     tasks = load_tasks(cfg)  # bad data fails here, before any training
+    for t in tasks.values():
+        _check_model_memory(cfg, resolve_device(cfg.device), in_features=t.num_features,
+                            n_classes=t.num_classes, n_rows=len(t.y_train))
     for t in tasks.values():
         err.print(f"[dim]{t.summary()}[/]")
     with Progress(

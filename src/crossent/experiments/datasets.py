@@ -417,6 +417,13 @@ def _encode_labels(values: np.ndarray, column: str, source: str) -> tuple[np.nda
                 f"{source}: target column {column!r} holds non-integer numbers "
                 f"({n_distinct} distinct values); crossent run needs class labels"
             )
+        too_big = np.abs(numeric) > 2**62  # beyond int64 after the cast: not a class label
+        if too_big.any():
+            first = numeric[too_big][0]
+            raise DataError(
+                f"{source}: target column {column!r} holds {first:g}, too large for a class "
+                "label (class labels are integers such as 0..K-1)"
+            )
         classes_num, y = np.unique(numeric.astype(np.int64), return_inverse=True)
         names = [str(c) for c in classes_num]
     else:

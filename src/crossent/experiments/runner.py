@@ -98,14 +98,15 @@ class StudyConfig:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
         if self.model not in ("linear", "mlp"):
             raise ValueError(f"model must be 'linear' or 'mlp', got {self.model!r}")
         if self.n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {self.n_bins}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            # torch itself crashes (SIGSEGV) on set_num_threads(100000)
+            raise ValueError(f"threads must lie in 1..1024, got {self.threads}")
         if self.data is None:
             for t in self.tasks:
                 if t not in BUNDLED_TASKS:

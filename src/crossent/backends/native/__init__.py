@@ -9,13 +9,18 @@ read from memory, two more from L2, one write) or per element (sigmoid: one read
 
 Build: the first call compiles ``_kernels.c`` with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) as ``-O3 -march=native`` into a shared library cached under
-``$CROSSENT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/crossent``, else ``~/.cache/crossent``),
-keyed by the source, the compiler, its flags and the CPU's feature flags; it needs no Python or
-torch headers and takes 2-3 seconds. Built with ``-fopenmp``, its threads are those of
-the OpenMP runtime torch already loaded (see ``parallel_for`` in ``_kernels.c``); without
-OpenMP it starts pthreads. Set ``CROSSENT_NATIVE=0`` to turn it off. Without a compiler (or
-when the build fails, with one warning) every call takes the torch-op path, which computes the
-same values.
+``$CROSSENT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/crossent``, else ``~/.cache/crossent``,
+else, with no home directory, ``<tempdir>/crossent-<uid>``), keyed by the source, the compiler,
+its flags and the CPU's feature flags; it needs no Python or torch headers and takes 2-3 seconds.
+The library is written atomically (a private temporary file, fsync, rename) with its SHA-256
+appended, and checked before it is loaded: the directory and the file must be this user's (or
+root's) and not writable by group or others, and the checksum must match. A cached file that fails is
+rebuilt over; a directory that fails (or cannot be written) is left alone and the kernels are
+built into a private temporary directory for the process; each with one ``RuntimeWarning``.
+Built with ``-fopenmp``, its threads are those of the OpenMP runtime torch already loaded (see
+``parallel_for`` in ``_kernels.c``); without OpenMP it starts pthreads. Set
+``CROSSENT_NATIVE=0`` to turn it off. Without a compiler (or when the build fails, with one
+warning) every call takes the torch-op path, which computes the same values.
 
 Scope: CPU tensors of fp32, bf16, fp16 (where the compiler has ``_Float16``) and fp64 (libm's
 exp and log, for gradcheck), outside ``torch.compile``:
@@ -40,6 +45,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -126,14 +132,122 @@ class _BinaryArgs(ctypes.Structure):
 
 # --------------------------------------------------------------------------------------------
 # build and load
+#
+# The cache is trusted only as far as it is checked: a library is loaded from a directory owned
+# by this user (or root) that no one else can write to, and only when the file is a regular file
+# of this user's (or root's), not writable by others, that ends with the SHA-256 of its contents
+# (the seal, appended at build time; the dynamic loader ignores bytes past the ELF image). The
+# check reads the file before dlopen, and dlopen opens the very file read (/proc/self/fd): a
+# truncated library would load and then SIGBUS, a foreign one would run its constructors. A file
+# that fails is rebuilt (atomically, over it); a directory that fails is not written to: the
+# library is built into a private temporary directory instead. Either way one RuntimeWarning
+# says what happened.
+
+#: Appended to every library built: this tag, then the SHA-256 of the bytes before it.
+_SEAL_TAG = b"\0crossent-sha256"
+_SEAL_LEN = len(_SEAL_TAG) + 32
+#: Part of the cache key: a library of another layout (an unsealed one from an older version) is
+#: never looked up, so it is never taken for a damaged one.
+_CACHE_FORMAT = "sealed-sha256-1"
+
+
+class _Unwritable(OSError):
+    """The cache directory cannot take a new file (read-only, full, not ours to write)."""
+
+
+def _seal(data: bytes) -> bytes:
+    return data + _SEAL_TAG + hashlib.sha256(data).digest()
+
+
+def _seal_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a whole sealed library, or None when it is."""
+    if len(data) <= _SEAL_LEN or data[-_SEAL_LEN:-32] != _SEAL_TAG:
+        return f"is truncated or not a crossent build ({len(data)} bytes, no checksum)"
+    if hashlib.sha256(data[:-_SEAL_LEN]).digest() != data[-32:]:
+        return "is damaged (checksum mismatch)"
+    return None
+
+
+def _euid() -> int | None:
+    return os.geteuid() if hasattr(os, "geteuid") else None
+
+
+def _ownership_problem(st: os.stat_result) -> str | None:
+    """Why a file or directory with this stat could have been written by another user."""
+    euid = _euid()
+    if euid is not None and st.st_uid not in (euid, 0):  # root could replace anything anyway
+        return f"is owned by uid {st.st_uid}, neither this user (uid {euid}) nor root"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _dir_problem(path: Path) -> str | None:
+    """Create ``path`` (mode 0o700) if needed; why it is not a safe cache, or None."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as err:
+        return f"cannot be created ({err})"
+    return _ownership_problem(st)
+
+
+def _open_checked(path: Path) -> tuple[int | None, str | None]:
+    """Open the cached library at ``path`` (not through a symbolic link) and check it: ``(fd,
+    None)`` when it may be loaded (the caller owns ``fd``), ``(None, why)`` when it may not;
+    FileNotFoundError when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        return None, f"cannot be opened ({err})"  # a symbolic link (ELOOP), not readable, ...
+    try:
+        st = os.fstat(fd)
+        problem = "is not a regular file" if not stat.S_ISREG(st.st_mode) else _ownership_problem(st)
+        if problem is None:
+            with open(fd, "rb", closefd=False) as f:
+                problem = _seal_problem(f.read())
+    except OSError as err:
+        problem = f"cannot be read ({err})"
+    if problem is not None:
+        os.close(fd)
+        return None, problem
+    return fd, None
+
+
+#: Descriptors of cached libraries loaded through /proc/self/fd, open for the life of the
+#: process: a later dlopen of the same name would be given the earlier library.
+_PINNED_FDS: list[int] = []
+
+
+def _dlopen_checked(fd: int, path: Path) -> ctypes.CDLL:
+    """Load the file :func:`_open_checked` checked: through ``/proc/self/fd`` where there is one
+    (the very file read, whatever happens to ``path`` meanwhile), else by ``path`` (in a folder
+    no one else can write to). Takes ``fd`` over."""
+    proc = f"/proc/self/fd/{fd}"
+    try:
+        lib = ctypes.CDLL(proc if os.path.exists(proc) else str(path))
+    except OSError:
+        os.close(fd)
+        raise
+    _PINNED_FDS.append(fd)
+    return lib
 
 
 def _cache_dir() -> Path:
     env = os.environ.get("CROSSENT_CACHE_DIR")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "crossent"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "crossent"
+    try:
+        return Path.home() / ".cache" / "crossent"
+    except (RuntimeError, KeyError, OSError):
+        # no $HOME and a uid without a passwd entry (common in containers): a per-user folder
+        # of the temporary directory, checked like any other cache before use
+        uid = _euid()
+        return Path(tempfile.gettempdir()) / f"crossent-{'user' if uid is None else uid}"
 
 
 def _cpu_flags() -> str:
@@ -154,57 +268,146 @@ def _compiler() -> str | None:
     return None
 
 
-def _load() -> ctypes.CDLL:
+_KERNELS = ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64", "ce_has_f16", "ce_openmp")
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the kernels' return types; AttributeError when the library lacks one."""
+    for name in _KERNELS:
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _build_into(
+    cache: Path, out: Path, cmd_head: list[str], source: Path, errors: list[str]
+) -> ctypes.CDLL | None:
+    """Compile into a private temporary file of ``cache``, seal it, fsync it, load it from there
+    and rename it to ``out`` (loading before the rename: a racing process that replaces ``out``
+    cannot swap the file under this one). None (with the reason in ``errors``) when the build or
+    the load fails; :class:`_Unwritable` when ``cache`` cannot take the file."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=cache)
+        os.close(fd)
+    except OSError as err:
+        raise _Unwritable(str(err)) from err
+    try:
+        cmd = [*cmd_head, "-o", tmp, str(source)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            errors.append(f"{' '.join(cmd)}\n{res.stderr.strip()[-2000:]}")
+            return None
+        try:
+            with open(tmp, "r+b") as f:
+                data = f.read()
+                if not data:
+                    errors.append(f"{' '.join(cmd)}: the compiler wrote an empty file")
+                    return None
+                f.write(_seal(data)[len(data):])
+                f.flush()
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), 0o644)  # not the umask's: a group-writable file would be refused
+        except OSError as err:
+            raise _Unwritable(str(err)) from err
+        try:
+            lib = ctypes.CDLL(tmp)
+        except OSError as err:  # say, an OpenMP runtime that is not there: the next flags
+            errors.append(f"loading {out}: {err}")
+            lib = None
+        try:
+            os.replace(tmp, out)
+        except OSError as err:
+            if lib is None:
+                raise _Unwritable(str(err)) from err
+            return _bind(lib)  # built and loaded, only not cached
+        _fsync_dir(cache)
+        return None if lib is None else _bind(lib)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _load_from(cache: Path, cc: str, notes: list[str]) -> ctypes.CDLL:
+    """Load the library from ``cache`` (a directory already checked), building what is missing
+    or bad. The flag sets of ``_ARCH_FLAGS`` are tried in order; a set whose build fails, or
+    whose library fails to load (say, an OpenMP runtime that is not there), gives way to the next."""
+    here = Path(__file__).parent
+    sources = b"".join((here / name).read_bytes() for name in _SOURCES)
+    errors: list[str] = []
+    for arch in _ARCH_FLAGS:
+        key = "\0".join((cc, *arch, *_FLAGS, platform.machine(), _cpu_flags(), _CACHE_FORMAT)).encode()
+        out = cache / f"kernels-{hashlib.sha256(sources + key).hexdigest()[:20]}.so"
+        try:
+            fd, problem = _open_checked(out)
+        except FileNotFoundError:
+            pass
+        else:
+            if fd is not None:
+                try:
+                    return _bind(_dlopen_checked(fd, out))
+                except AttributeError as err:
+                    problem = f"lacks the kernels' symbols ({err})"
+                except OSError as err:
+                    errors.append(f"loading {out}: {err}")
+                    continue
+            notes.append(f"the cached kernel library {out} {problem}: not loaded, rebuilt")
+        lib = _build_into(cache, out, [cc, *arch, *_FLAGS], here / "_kernels.c", errors)
+        if lib is not None:
+            return lib
+    raise OSError("building the native kernels failed:\n" + "\n".join(errors))
+
+
+def _load(notes: list[str] | None = None) -> ctypes.CDLL:
     """Build (once per source, compiler, flags and CPU, into the cache) and load the library.
 
-    The flag sets of ``_ARCH_FLAGS`` are tried in order; a set whose build fails, or whose
-    library fails to load (say, an OpenMP runtime that is not there), gives way to the next.
+    What went wrong on the way without stopping it (a bad cached file, a refused cache
+    directory) is appended to ``notes``, for the caller's one warning.
     """
+    notes = [] if notes is None else notes
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set $CC, or install gcc or clang)")
-    here = Path(__file__).parent
-    sources = b"".join((here / name).read_bytes() for name in _SOURCES)
     cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for arch in _ARCH_FLAGS:
-        key = "\0".join((cc, *arch, *_FLAGS, platform.machine(), _cpu_flags())).encode()
-        out = cache / f"kernels-{hashlib.sha256(sources + key).hexdigest()[:20]}.so"
-        if not out.exists():
-            # a private temporary name, then an atomic rename: concurrent builds (pytest -n) are safe
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-            os.close(fd)
-            cmd = [cc, *arch, *_FLAGS, "-o", tmp, str(here / "_kernels.c")]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                os.unlink(tmp)
-                errors.append(f"{' '.join(cmd)}\n{res.stderr.strip()[-2000:]}")
-                continue
-            os.replace(tmp, out)
+    problem = _dir_problem(cache)
+    if problem is None:
         try:
-            return ctypes.CDLL(str(out))
-        except OSError as err:
-            errors.append(f"loading {out}: {err}")
-    raise OSError("building the native kernels failed:\n" + "\n".join(errors))
+            return _load_from(cache, cc, notes)
+        except _Unwritable as err:
+            problem = f"is not writable ({err})"
+    notes.append(
+        f"the kernel cache {cache} {problem}: not used, the kernels are built into a private "
+        "temporary directory for this process (set CROSSENT_CACHE_DIR to a directory of your own)"
+    )
+    private = Path(tempfile.mkdtemp(prefix="crossent-"))
+    try:
+        return _load_from(private, cc, notes)  # a loaded library needs no file on disk
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    notes: list[str] = []
     try:
-        lib = _load()
-    except (OSError, subprocess.SubprocessError) as err:
+        lib = _load(notes)
+    except (OSError, subprocess.SubprocessError, RuntimeError, AttributeError) as err:
         warnings.warn(
-            f"crossent: the native CPU kernels are unavailable ({err}); using the torch-op path, "
-            "which is slower on the CPU. Set CROSSENT_NATIVE=0 to silence this.",
+            f"crossent: the native CPU kernels are unavailable ({'; '.join([*notes, str(err)])}); "
+            "using the torch-op path, which is slower on the CPU. Set CROSSENT_NATIVE=0 to silence this.",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
-    for name in ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64"):
-        getattr(lib, name).restype = ctypes.c_int
-    lib.ce_has_f16.restype = ctypes.c_int
-    lib.ce_openmp.restype = ctypes.c_int
+    if notes:
+        warnings.warn("crossent: " + "; ".join(notes) + ".", RuntimeWarning, stacklevel=3)
     return lib
 
 
