@@ -103,29 +103,54 @@ def focal_terms(ell: Tensor, gamma: Tensor | float) -> tuple[Tensor, Tensor]:
     else:
         factor = torch.exp(torch.log(one_minus_q).mul_(gamma))
     ratio = torch.where(one_minus_q > 0, ell / one_minus_q, 1.0)
-    kappa = torch.exp(-ell).mul_(ratio).mul_(gamma).add_(1.0)
+    # q ell / (1 - q) -> 0 as q -> 0: a masked class (ell = inf) gives 0, not 0 * inf
+    q_ratio = torch.where(torch.isposinf(ell), 0.0, torch.exp(-ell).mul_(ratio))
+    kappa = q_ratio.mul_(gamma).add_(1.0)
     return factor, kappa
 
 
+def _schedule_name(schedule: object) -> str:
+    name = getattr(schedule, "__name__", None)
+    return str(name) if name else type(schedule).__name__
+
+
 def gamma_for_rows(opts: SoftmaxOptions, p_true: Tensor) -> Tensor | float:
-    """The focusing parameter per row: a float, or the schedule applied to p (shape (R, 1))."""
+    """The focusing parameter per row: a float, or the schedule applied to p (shape (R, 1)).
+
+    A schedule must return a real tensor with one gamma per sample, or a single real number;
+    anything else (None, a string, a complex or boolean tensor, the wrong number of values)
+    raises a ``TypeError`` / ``ValueError`` that names ``gamma`` and the schedule."""
     if not callable(opts.gamma):
         return float(opts.gamma)
     if isinstance(opts.gamma, RowGamma):  # evaluated before the operator; validated there
         return opts.gamma.rows.reshape(-1, 1).to(p_true.dtype)
-    g = opts.gamma(p_true.detach().reshape(-1))
-    g = torch.as_tensor(g, dtype=p_true.dtype, device=p_true.device)
+    schedule = opts.gamma
+    g = schedule(p_true.detach().reshape(-1))
+    where = f"gamma schedule {_schedule_name(schedule)}"
+    wanted = "it must return a real tensor with one gamma per sample (or one real number)"
+    if isinstance(g, Tensor):
+        if g.is_complex() or g.dtype == torch.bool:
+            raise TypeError(f"{where} returned a tensor of dtype {g.dtype}; {wanted}")
+    elif g is None or isinstance(g, (bool, str, bytes, complex)):
+        raise TypeError(f"{where} returned {type(g).__name__}; {wanted}")
+    try:
+        g = torch.as_tensor(g, dtype=p_true.dtype, device=p_true.device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{where} returned {type(g).__name__} ({err}); {wanted}") from None
     if g.numel() == 1:
         g = g.reshape(1, 1).expand_as(p_true)
-    elif g.numel() == p_true.numel():
+    elif g.numel() == p_true.numel() and (g.ndim <= 1 or g.squeeze().ndim <= 1):
         g = g.reshape(-1, 1)
     else:
         raise ValueError(
-            f"gamma schedule returned {g.numel()} values for {p_true.numel()} samples: "
-            "it must map a tensor of true-class probabilities to one gamma each (or a scalar)"
+            f"{where} returned shape {tuple(g.shape)} for {p_true.numel()} samples: {wanted} "
+            "(it maps a 1-D tensor of true-class probabilities elementwise)"
         )
-    if not torch.compiler.is_compiling() and bool(((g < 0) | ~torch.isfinite(g)).any()):
-        raise ValueError("gamma schedule returned a negative or non-finite gamma; gamma must be >= 0")
+    # (a nan gamma where p itself is nan, from nan logits, is the nan that the loss carries anyway)
+    if not torch.compiler.is_compiling() and bool(
+        ((g < 0) | (~torch.isfinite(g) & ~torch.isnan(p_true))).any()
+    ):
+        raise ValueError(f"{where} returned a negative or non-finite gamma; gamma must be >= 0")
     return g
 
 

@@ -452,7 +452,7 @@ def true_class_prob(
     logits: Tensor, target: Tensor, ignore_index: int, softcap: float | None, backend: str
 ) -> Tensor:
     r"""Per row, the probability that a focal schedule is evaluated at: :math:`q_y` for class
-    indices (any value at ignored rows), :math:`\sum_k t_k q_k` for probabilities; (R,) in the
+    indices (1 at ignored rows), :math:`\sum_k t_k q_k` for probabilities; (R,) in the
     accumulation dtype, where R is the number of rows (samples times positions)."""
     from crossent.backends import native
 
@@ -470,8 +470,9 @@ def true_class_prob(
         t = (target.unsqueeze(0) if logits.ndim == 1 else target).movedim(1, -1).reshape(-1, C)
         return (torch.exp(u - lse) * t.to(acc)).sum(dim=1)
     y = target.reshape(-1, 1)
-    y = torch.where(y == ignore_index, 0, y)
-    return torch.exp(u.gather(1, y) - lse).reshape(-1)
+    ignored = y == ignore_index
+    p = torch.exp(u.gather(1, torch.where(ignored, 0, y)) - lse)
+    return torch.where(ignored, 1.0, p).reshape(-1)  # 1 at ignored rows, as the native pass
 
 
 @true_class_prob.register_fake

@@ -20,7 +20,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     if not 2 <= args.classes <= 1_000_000:
-        raise ValueError(f"--classes must lie in 2..1000000, got {args.classes}")
+        raise ValueError(f"--classes must be >= 2 and <= 1000000, got {args.classes}")
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(args.classes, generator=gen) * 2
     target = torch.tensor(int(logits.argmax()))  # a confident, correct prediction

@@ -35,10 +35,13 @@ by ``grad_output`` -- exactly as :func:`crossent.cross_entropy` does on one devi
 replicated: every rank returns the same value and must call ``backward`` with the same
 ``grad_output``.
 
-The vocabulary slice comes from ``vocab_sizes`` (every rank's local size, in group-rank order)
-or ``vocab_start_index`` + ``vocab_size``, with no collective; when neither is given it is
-derived with **one** ``all_gather`` of the local sizes (counted apart from the loss's
-all-reduces; pass the sizes to avoid it in a training loop).
+The vocabulary slice comes from ``vocab_sizes`` (every rank's local size, in group-rank order),
+with no collective, or from **one** ``all_gather`` of a small row per rank (counted apart from
+the loss's all-reduces; pass ``vocab_sizes`` to avoid it in a training loop): the local sizes
+when nothing is given, ``vocab_start_index`` + ``vocab_size`` when they are. That gather also
+checks the group's contract at the start of the call: the slices tile ``[0, V)`` exactly and
+every rank holds the same number of tokens; a broken contract raises the same ``ValueError``
+on every rank instead of a wrong loss or a hang in the next collective.
 
 Exact global normalisation
 --------------------------
@@ -59,6 +62,7 @@ gradients by the world size.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,6 +185,109 @@ def vocab_partition(
     return sum(sizes[:rank]), sum(sizes)
 
 
+def _describe_slices(rows: list[list[int]]) -> str:
+    return ", ".join(f"rank {r}: [{row[1]}, {row[1] + row[2]})" for r, row in enumerate(rows))
+
+
+def _checked_partition(
+    local_vocab_size: int,
+    n_tokens: int,
+    group: ProcessGroup | None = None,
+    *,
+    vocab_sizes: Sequence[int] | None = None,
+    vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[int, int]:
+    """:func:`vocab_partition` for a vocab-parallel call, with the group's contract checked.
+
+    Unless the partition is given as ``vocab_sizes`` (which tiles the vocabulary by
+    construction and costs no collective), the ranks exchange one small int64 row each,
+    ``(given, start, local size, vocab_size, tokens, bad)``, in **one** ``all_gather`` (the
+    one :func:`vocab_partition` makes anyway to derive the slices), and every rank checks the
+    same gathered table: the slices ``[start, start + size)`` tile ``[0, V)`` exactly (no
+    overlap, no gap, one ``V``), and every rank holds the same number of tokens. A broken
+    contract raises the same ``ValueError`` on every rank, before any collective whose size
+    depends on the tokens (which would otherwise hang, or abort in gloo with nothing that names
+    the cause); a rank whose own slice arguments are invalid raises its own error, and the
+    others one that names it.
+    """
+    world = _world_size(group)
+    if world == 1 or vocab_sizes is not None:
+        return vocab_partition(
+            local_vocab_size, group, vocab_sizes=vocab_sizes, vocab_start_index=vocab_start_index,
+            vocab_size=vocab_size, device=device,
+        )
+    given = vocab_start_index is not None or vocab_size is not None
+    local_error: ValueError | None = None
+    start = total = -1
+    if given:
+        try:  # the local checks of vocab_partition (no collective on this branch)
+            start, total = vocab_partition(
+                local_vocab_size, None, vocab_start_index=vocab_start_index, vocab_size=vocab_size
+            )
+        except ValueError as err:
+            local_error = err
+    mine = torch.tensor(
+        [int(given), start, local_vocab_size, total, n_tokens, int(local_error is not None)],
+        dtype=torch.int64, device=device,
+    )
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    rows = torch.stack(gathered).cpu().tolist()
+    rank = dist.get_rank(group)
+    what = "vocab-parallel cross-entropy"
+    bad = [r for r, row in enumerate(rows) if row[5]]
+    if bad:
+        if local_error is not None:
+            raise local_error
+        raise ValueError(
+            f"{what}: rank(s) {bad} rejected their vocabulary slice arguments (see the error there)"
+        )
+    if len({row[0] for row in rows}) > 1:
+        raise ValueError(
+            f"{what}: ranks {[r for r, row in enumerate(rows) if row[0]]} pass vocab_start_index and "
+            f"vocab_size, the others do not; every rank must describe its slice the same way"
+        )
+    tokens = [row[4] for row in rows]
+    if len(set(tokens)) > 1:
+        by_rank = ", ".join(f"rank {r}: {n}" for r, n in enumerate(tokens))
+        raise ValueError(
+            f"{what}: the ranks hold different numbers of tokens ({by_rank}); every rank of the "
+            "group must pass the logits of the same tokens (its own vocabulary slice)"
+        )
+    if not given:
+        sizes = [row[2] for row in rows]
+        return sum(sizes[:rank]), sum(sizes)
+    totals = {row[3] for row in rows}
+    if len(totals) > 1:
+        by_rank = ", ".join(f"rank {r}: {row[3]}" for r, row in enumerate(rows))
+        raise ValueError(f"{what}: the ranks disagree on vocab_size ({by_rank})")
+    V = rows[0][3]
+    pos, prev = 0, None
+    for r, row in sorted(enumerate(rows), key=lambda item: (item[1][1], item[0])):
+        lo, hi = row[1], row[1] + row[2]
+        if lo == hi:
+            continue
+        if lo < pos:
+            raise ValueError(
+                f"{what}: the vocabulary slices overlap (ranks {prev} and {r} on [{lo}, {min(hi, pos)})); "
+                f"they must tile [0, {V}) exactly. Slices: {_describe_slices(rows)}"
+            )
+        if lo > pos:
+            raise ValueError(
+                f"{what}: no rank holds classes [{pos}, {lo}); the slices must tile [0, {V}) exactly. "
+                f"Slices: {_describe_slices(rows)}"
+            )
+        pos, prev = hi, r
+    if pos != V:
+        raise ValueError(
+            f"{what}: no rank holds classes [{pos}, {V}); the slices must tile [0, {V}) exactly. "
+            f"Slices: {_describe_slices(rows)}"
+        )
+    return start, total
+
+
 # --------------------------------------------------------------------------------------------
 # vocab-parallel cross-entropy
 
@@ -239,8 +346,8 @@ def _vocab_parallel_forward(
     cols.append(u.gather(1, y_loc) * ownf if Vl else torch.zeros((R, 1), dtype=acc, device=dev))
     if eps:
         cols.append(u.sum(dim=1, keepdim=True) if w_loc is None else (u @ w_loc).unsqueeze(1))
-    if opts.confidence_penalty:
-        cols.append((e * u).sum(dim=1, keepdim=True))
+    if opts.confidence_penalty:  # 0 log 0 = 0: a masked (-inf) class has e = 0 and adds 0
+        cols.append(torch.where(e != 0, e * u, 0.0).sum(dim=1, keepdim=True))
     sums = _all_reduce(torch.cat(cols, dim=1), dist.ReduceOp.SUM, group)
     sum_e = sums[:, 0:1]
     lse = torch.log(sum_e) + m
@@ -284,7 +391,7 @@ def _vocab_parallel_forward(
     entropy = lse - eu / sum_e if opts.confidence_penalty else None
     terms = regulariser_terms(terms, s, lse, opts, V, q_y=torch.exp(-ell_y), entropy=entropy)
     if opts.confidence_penalty and need_grad:
-        qu = q * u * (s * opts.confidence_penalty)
+        qu = torch.where(q != 0, q * u, 0.0) * (s * opts.confidence_penalty)
         dense = qu if dense is None else dense + qu
     rowc, sparse = terms.rowc, terms.sparse
     rowconst = None
@@ -381,9 +488,10 @@ def vocab_parallel_cross_entropy(
     Collectives per call (see the module docstring for the math): forward 1 ``all_reduce(MAX)``
     + 1 fused ``all_reduce(SUM)`` -- plus one more fused ``all_reduce(SUM)`` only for focal
     loss (``gamma`` non-zero or a schedule) combined with label smoothing; backward none. One
-    ``all_gather`` of the local sizes when the slice is not given (``vocab_sizes``, or
-    ``vocab_start_index`` with ``vocab_size``). With no initialised process group, or a group
-    of one rank, this is exactly :func:`crossent.cross_entropy`.
+    small ``all_gather`` unless ``vocab_sizes`` is given: it derives or checks the slices
+    (they must tile ``[0, V)`` exactly) and checks that every rank holds the same number of
+    tokens, raising the same ``ValueError`` on every rank otherwise. With no initialised
+    process group, or a group of one rank, this is exactly :func:`crossent.cross_entropy`.
 
     Args:
         local_logits: (V_local,), (N, V_local) or (..., V_local) float logits, class dim *last*
@@ -426,11 +534,11 @@ def vocab_parallel_cross_entropy(
     if target.device != local_logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {local_logits.device}")
     Vl = local_logits.shape[-1]
-    start, V = vocab_partition(
-        Vl, group, vocab_sizes=vocab_sizes, vocab_start_index=vocab_start_index,
+    lead = tuple(local_logits.shape[:-1])
+    start, V = _checked_partition(
+        Vl, math.prod(lead), group, vocab_sizes=vocab_sizes, vocab_start_index=vocab_start_index,
         vocab_size=vocab_size, device=local_logits.device,
     )
-    lead = tuple(local_logits.shape[:-1])
     check_class_target(target, V, ignore_index, lead)
     options = dict(
         weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
@@ -565,8 +673,8 @@ def vocab_parallel_linear_cross_entropy(
       per-token ``grad_output`` cannot be folded into :math:`\partial W_r` afterwards) and a
       second backward (``retain_graph=True``) recompute the chunk loop in backward: its
       :math:`2C` (or :math:`3C`) all-reduces, then the 1 of ``d hidden``;
-    - one ``all_gather`` of the local sizes when the partition is not given (see
-      :func:`vocab_partition`).
+    - one small ``all_gather`` unless ``vocab_sizes`` is given, which derives or checks the
+      slices and checks the ranks' token counts (see :func:`vocab_parallel_cross_entropy`).
 
     Args:
         chunk_size: tokens per chunk; must be the same on every rank of the group. None: the
@@ -609,9 +717,9 @@ def vocab_parallel_linear_cross_entropy(
         softcap=softcap, confidence_penalty=confidence_penalty, poly1=poly1, reduction=reduction,
     )
     world = _world_size(group)
-    start, V = vocab_partition(
-        Vl, group, vocab_sizes=vocab_sizes, vocab_start_index=vocab_start_index,
-        vocab_size=vocab_size, device=hidden.device,
+    start, V = _checked_partition(
+        Vl, math.prod(hidden.shape[:-1]), group, vocab_sizes=vocab_sizes,
+        vocab_start_index=vocab_start_index, vocab_size=vocab_size, device=hidden.device,
     )
     if world == 1:
         if V != Vl:
@@ -730,7 +838,8 @@ def normalized_loss(
 
     Args:
         logits, target, options: as in :func:`crossent.cross_entropy` (``reduction`` is fixed).
-        global_count: :math:`n` from :func:`global_valid_count`.
+        global_count: :math:`n` from :func:`global_valid_count`. A count of 0 (every target
+            of the step ignored on every rank) gives a loss of 0 with a zero gradient.
         world_size: the number of ranks DDP averages over; None: the size of ``group`` (the
             default group), 1 without an initialised process group. Pass 1 when nothing
             averages the gradients (a single process, or a hand-written SUM all-reduce).
@@ -740,4 +849,7 @@ def normalized_loss(
     R = _world_size(group) if world_size is None else int(world_size)
     S = cross_entropy(logits, target, reduction="sum", **options)
     n = torch.as_tensor(global_count, device=S.device).to(S.dtype)
-    return S * (R / n) if R != 1 else S / n
+    # A step with nothing to count (every target ignored on every rank) is a loss of 0 with a
+    # zero gradient, as the one-device "mean" (not 0/0 = nan).
+    inv = inverse_or_zero(n)
+    return S * (inv * R) if R != 1 else S * inv

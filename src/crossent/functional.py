@@ -159,6 +159,8 @@ def prepare_weight(weight: Tensor | None, num_classes: int, like: Tensor) -> Ten
         return None
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor of shape ({num_classes},) or None")
+    if weight.is_complex():
+        raise TypeError(f"weight must be a real tensor, got {weight.dtype}")
     if weight.ndim != 1 or weight.shape[0] != num_classes:
         raise ValueError(
             f"weight must have shape ({num_classes},) (one weight per class), got {tuple(weight.shape)}"
@@ -254,6 +256,25 @@ class _InplaceSoftmaxFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
         return _ops.scale_saved_grad(ctx, grad, grad_output), None, None, None, None, None
+
+
+def _inplace_writable(logits: Tensor) -> bool:
+    """Whether ``inplace_backward`` may write the gradient over ``logits``: a contiguous tensor
+    whose elements are distinct memory locations inside its storage. An expanded (stride-0),
+    transposed, strided or otherwise overlapping view is not (the gradient would land on shared
+    or foreign elements: wrong values, or a heap corrupted beyond the view); such logits get
+    an ordinary gradient buffer instead. It is a memory option: nothing is said."""
+    if not logits.is_contiguous() or logits.is_conj() or logits.is_neg():
+        return False
+    if logits.numel() == 0:
+        return True
+    try:
+        if torch._debug_has_internal_overlap(logits) != 0:  # 0: none; 1: overlap; 2: unknown
+            return False
+        end = (logits.storage_offset() + logits.numel()) * logits.element_size()
+        return end <= logits.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # a tensor without a plain storage (a wrapper)
+        return False
 
 
 def _functorch_active(logits: Tensor) -> bool:
@@ -367,7 +388,9 @@ def cross_entropy(
             that part by the number of non-ignored samples, while the cross-entropy part keeps
             ``mean_denominator``. It is computed beside the kernel, by ``torch.logsumexp``.
         inplace_backward: write the gradient into ``logits``' own storage instead of a new
-            buffer (saves N x C memory; 1-D/2-D logits). Unsafe when ``logits`` is needed after
+            buffer (saves N x C memory; 1-D/2-D logits). Logits that are not contiguous or
+            whose elements share memory (``expand``, a transpose, a strided slice) cannot hold
+            it: they get an ordinary gradient buffer. Unsafe when ``logits`` is needed after
             this call (a later read, another loss on the same logits, an op that saved them
             for its backward, or a leaf whose ``.grad`` would alias it); autograd's version
             counter catches most of these, not all.
@@ -441,7 +464,10 @@ def cross_entropy(
         kernel_reduction = "none"
     elif reduction == "mean" and by == "count":
         kernel_reduction = "sum"
-    if inplace_backward and need_grad and not _compiling() and kernel_reduction == reduction:
+    if (
+        inplace_backward and need_grad and not _compiling() and kernel_reduction == reduction
+        and _inplace_writable(logits)
+    ):
         loss = _InplaceSoftmaxFunction.apply(logits, target, w, opts, reduction, chosen)
     elif _functorch_active(logits):
         # torch.func transforms (grad, vjp, jacrev, hessian, vmap) need a composite of torch ops
@@ -476,11 +502,16 @@ def _unweighted_z_loss(
     ``z_loss * lse(u)^2`` where the target is not ignored, a "mean" over their count."""
     acc = acc_dtype(logits.dtype)
     u = logits.to(acc)
+    class_dim = 0 if logits.ndim == 1 else 1
+    valid = None if target.is_floating_point() else target != opts.ignore_index
+    if valid is not None:  # ignored rows read as 0: their nan or inf reach neither loss nor gradient
+        u = torch.where(valid.unsqueeze(class_dim), u, 0.0)
     if opts.softcap is not None:
         u = torch.tanh(u / opts.softcap) * opts.softcap
-    lse = torch.logsumexp(u, dim=0 if logits.ndim == 1 else 1)
-    valid = (target != opts.ignore_index) if not target.is_floating_point() else torch.ones_like(lse)
-    rows = z_loss * lse.square() * valid
+    lse = torch.logsumexp(u, dim=class_dim)
+    if valid is None:
+        valid = torch.ones_like(lse)
+    rows = z_loss * torch.where(valid.bool(), lse.square(), 0.0)
     if sw is not None:
         rows = rows * sw
     return reduce(rows, reduction, lambda: valid.sum().to(acc))

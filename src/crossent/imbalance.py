@@ -16,6 +16,8 @@ def _counts_array(counts: torch.Tensor | np.ndarray | list[int] | list[float]) -
         raise ValueError(
             f"counts must be a non-empty 1-D sequence of per-class counts, got shape {arr.shape}"
         )
+    if np.iscomplexobj(arr):
+        raise TypeError(f"counts must be real numbers, got dtype {arr.dtype}")
     if not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"counts must be numeric, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)

@@ -57,8 +57,9 @@ def focal_factor_grad(ell: np.ndarray, gamma: np.ndarray | float) -> tuple[np.nd
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(one_minus_q > 0, ell / one_minus_q, 1.0)
         factor = np.where(gamma == 0, 1.0, np.power(one_minus_q, gamma))
+        q_ratio = np.where(q > 0, q * ratio, 0.0)  # q l / (1 - q) -> 0 as q -> 0 (l = inf)
     f = factor * ell
-    g = -factor * (1.0 + gamma * q * ratio)
+    g = -factor * (1.0 + gamma * q_ratio)
     return f, g
 
 
@@ -95,16 +96,20 @@ def per_sample_loss_and_grad(
 
     # Focal / CE part: L = sum_k a_k f_k;  dL/du_j = a_j g_j - q_j sum_k a_k g_k
     f, g = focal_factor_grad(ell, gamma)
-    loss = float(np.sum(a * f))
+    # 0 log 0 = 0: a class without target mass adds nothing, even a masked one (u = -inf, f = inf)
+    with np.errstate(invalid="ignore"):
+        loss = float(np.sum(np.where(a != 0, a * f, 0.0)))
     grad = a * g - q * np.sum(a * g)
 
     if z_loss:
         loss += s * z_loss * lse**2
         grad = grad + s * z_loss * 2.0 * lse * q  # d lse / du = q
     if confidence_penalty:
-        H = float(np.sum(q * ell))
+        with np.errstate(invalid="ignore"):  # q = 0 where ell = inf: those terms are 0
+            H = float(np.sum(np.where(q > 0, q * ell, 0.0)))
+            dH = np.where(q > 0, q * (H - ell), 0.0)  # dH/du_j = -q_j (log q_j + H)
         loss -= s * confidence_penalty * H
-        grad = grad + s * confidence_penalty * q * (H - ell)  # dH/du_j = -q_j (log q_j + H)
+        grad = grad + s * confidence_penalty * dH
     if poly1:
         P = float(np.sum(tt * q))
         loss += s * poly1 * (1.0 - P)

@@ -275,7 +275,53 @@ typedef struct {
     double denom;                       /* out: the mean's denominator */
 } bce_args;
 
-/* Number of targets != ignore_value (the denominator of a masked "mean"). */
+/* keep[k] = 1 where target i0 + k is not the ignore value, 0 where it is. The comparison is
+ * torch's `target != ignore_index` with a Python number: in the target's own dtype, the value
+ * rounded to it first (0.3 is 0.3f for fp32 targets, bf16(0.3) for bf16 ones, 0.3 for fp64);
+ * integer and bool targets compare with the value itself. The mask of the loss and the count
+ * of the "mean" both come from here, so they always agree. */
+static void ignore_keep(unsigned char *restrict keep, const void *t, int32_t t_dtype, int64_t i0, int64_t n,
+                        double value) {
+    switch (t_dtype) {
+    case DT_F64: {
+        const double *s = (const double *)t + i0;
+        for (int64_t k = 0; k < n; ++k) keep[k] = !(s[k] == value);
+        break;
+    }
+    case DT_BF16: {
+        const uint16_t *s = (const uint16_t *)t + i0;
+        const float v = bf16_to_f(f_to_bf16((float)value));
+        for (int64_t k = 0; k < n; ++k) keep[k] = !(bf16_to_f(s[k]) == v);
+        break;
+    }
+#if HAVE_F16
+    case DT_F16: {
+        const f16_t *s = (const f16_t *)t + i0;
+        const float v = (float)(f16_t)(float)value;
+        for (int64_t k = 0; k < n; ++k) keep[k] = !((float)s[k] == v);
+        break;
+    }
+#endif
+    case DT_U8: {
+        const uint8_t *s = (const uint8_t *)t + i0;
+        for (int64_t k = 0; k < n; ++k) keep[k] = !((double)s[k] == value);
+        break;
+    }
+    case DT_I64: {
+        const int64_t *s = (const int64_t *)t + i0;
+        for (int64_t k = 0; k < n; ++k) keep[k] = !((double)s[k] == value);
+        break;
+    }
+    default: {
+        const float *s = (const float *)t + i0;
+        const float v = (float)value;
+        for (int64_t k = 0; k < n; ++k) keep[k] = !(s[k] == v);
+        break;
+    }
+    }
+}
+
+/* Number of targets != ignore_value (the denominator of a masked "mean"), by ignore_keep. */
 typedef struct {
     const void *t;
     int32_t t_dtype;
@@ -285,20 +331,12 @@ typedef struct {
 
 static void count_work(void *ctx, int64_t b, int64_t e, int tid) {
     const count_args *a = (const count_args *)ctx;
+    unsigned char keep[SEG];
     int64_t c = 0;
-    for (int64_t i = b; i < e; ++i) {
-        double v;
-        switch (a->t_dtype) {
-        case DT_F64: v = ((const double *)a->t)[i]; break;
-        case DT_BF16: v = bf16_to_f(((const uint16_t *)a->t)[i]); break;
-#if HAVE_F16
-        case DT_F16: v = (float)((const f16_t *)a->t)[i]; break;
-#endif
-        case DT_U8: v = ((const uint8_t *)a->t)[i]; break;
-        case DT_I64: v = (double)((const int64_t *)a->t)[i]; break;
-        default: v = ((const float *)a->t)[i]; break;
-        }
-        c += v != a->value;
+    for (int64_t i = b; i < e; i += SEG) {
+        const int64_t n = e - i < SEG ? e - i : SEG;
+        ignore_keep(keep, a->t, a->t_dtype, i, n, a->value);
+        for (int64_t k = 0; k < n; ++k) c += keep[k];
     }
     a->partial[tid] = c;
 }

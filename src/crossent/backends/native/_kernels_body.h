@@ -275,7 +275,7 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
             for (int64_t k = k0; k < k0 + n; ++k) {
                 ACC ak = (tr[k] * keep + uni) * (w ? w[k] : (ACC)1);
                 pa += ak;
-                pau += ak * u[k];
+                pau += ak != 0 ? ak * u[k] : (ACC)0; /* no target mass: nothing, even at u = -inf */
             }
             sa += (double)pa;
             sau += (double)pau;
@@ -306,7 +306,10 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
         if (a->conf != 0.0) { /* sum e u, for the entropy H = lse - sum q u */
             ACC pe = 0;
             SIMD_SUM(pe)
-            for (int64_t k = k0; k < k0 + n; ++k) pe += EXP(u[k] - m) * u[k];
+            for (int64_t k = k0; k < k0 + n; ++k) {
+                const ACC e = EXP(u[k] - m);
+                pe += e != 0 ? e * u[k] : (ACC)0; /* 0 log 0 = 0: a masked class (u = -inf) adds 0 */
+            }
             Seu += (double)pe;
         }
         if (!index && a->poly1 != 0.0) { /* sum e t~, for P = sum q t~ */
@@ -369,7 +372,10 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
     } else if (Cp == 0) {
         for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * A + B;
     } else {
-        for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * (A + Cp * u[k]) + B;
+        for (int64_t k = 0; k < C; ++k) {
+            const ACC e = EXP(u[k] - m);
+            g[k] = (e != 0 ? e * (A + Cp * u[k]) : (ACC)0) + B; /* q u -> 0 where q = 0, u = -inf */
+        }
     }
     /* the rarer terms, each one more pass over the row in cache */
     if (w && Ow != 0 && !fused_store)
@@ -570,7 +576,8 @@ static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
             ACC *gc = a->g_dtype == ACC_DT ? (ACC *)a->grad + base + c * S : gout;
             for (int64_t j = 0; j < nb; ++j) {
                 const ACC g = ec[j] * A[j] + Bc[j] + Ow[j] * wc;
-                gc[j] = c == yv[j] ? Gy[j] : g;
+                /* an ignored position (yv = -1) gets 0 whatever its logits hold (nan, inf) */
+                gc[j] = c == yv[j] ? Gy[j] : (yv[j] >= 0 ? g : (ACC)0);
             }
             if (gc == gout) FN(store)(a->grad, a->g_dtype, base + c * S, gout, nb);
         }
@@ -656,7 +663,8 @@ ALWAYS_INLINE ACC FN(log1p_small)(ACC v) {
 }
 
 ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const ACC *restrict xp, const ACC *restrict tp,
-                               const ACC *restrict wp, const ACC *restrict pwp, ACC *restrict lp,
+                               const unsigned char *restrict kp, const ACC *restrict wp,
+                               const ACC *restrict pwp, ACC *restrict lp,
                                ACC *restrict gp, const int FOCAL, const int CLIP, const int GRAD) {
     /* FOCAL: 0 none, 1 gamma_pos = gamma_neg = 2 (a square), 2 general (exp(gamma log)) */
     const ACC keep = (ACC)(1.0 - a->eps), half = (ACC)(a->eps / 2.0);
@@ -664,11 +672,10 @@ ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const
     /* alpha_t = alpha t + (1 - alpha)(1 - t) = a0 + a1 t; 1 when alpha is off */
     const ACC a0 = a->alpha >= 0 ? (ACC)(1.0 - a->alpha) : (ACC)1;
     const ACC a1 = a->alpha >= 0 ? (ACC)(2.0 * a->alpha - 1.0) : (ACC)0;
-    /* no ignore_index: NaN, which no target equals */
-    const ACC ign = a->has_ignore ? (ACC)a->ignore_value : (ACC)NAN;
+    /* kp: 1 where the element counts, 0 where its target is ignore_index (see ignore_keep) */
     for (int64_t k = 0; k < L; ++k) {
         const ACC x = xp[k], t0 = tp[k];
-        const int valid = !(t0 == ign);
+        const int valid = kp[k] != 0;
         const ACC t = (valid ? t0 : (ACC)0) * keep + half; /* towards 1/2: t (1 - eps) + eps/2 */
         const ACC ax = x < 0 ? -x : x;
         const ACC e = EXP(-ax);
@@ -687,7 +694,9 @@ ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const
             elln = -FN(log1p_small)(-pm);
         }
         const ACC pw = pwp[k];
-        const ACC b = pw * t * ellp + ((ACC)1 - t) * elln;
+        /* a side without target mass adds nothing, even at an infinite logit (a masked
+         * negative, x = -inf and t = 0: 0 * inf would be NaN where the loss is 0) */
+        const ACC b = (t > 0 ? pw * t * ellp : (ACC)0) + (t < 1 ? ((ACC)1 - t) * elln : (ACC)0);
         const ACC mult = (a0 + a1 * t) * wp[k];
         ACC factor = 1, gt = 0, denom = 0;
         if (FOCAL) {
@@ -749,7 +758,9 @@ static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
     FN(bce_ctx) *ctx = (FN(bce_ctx) *)vctx;
     const bce_args *a = ctx->a;
     ACC xs[SEG], ts[SEG], ws[SEG], pws[SEG], ones[SEG], ls[SEG], gs[SEG];
+    unsigned char keep[SEG];
     for (int k = 0; k < SEG; ++k) ones[k] = 1;
+    if (!a->has_ignore) memset(keep, 1, sizeof(keep));
     const int focal = (a->gamma_pos != 0.0 || a->gamma_neg != 0.0)
                           ? ((a->gamma_pos == 2.0 && a->gamma_neg == 2.0) ? 1 : 2)
                           : 0;
@@ -765,9 +776,10 @@ static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
         const ACC *xp, *tp;
         if (a->x_dtype == ACC_DT) xp = (const ACC *)a->x + i; else { FN(load)(xs, a->x, a->x_dtype, i, L); xp = xs; }
         if (a->t_dtype == ACC_DT) tp = (const ACC *)a->t + i; else { FN(load)(ts, a->t, a->t_dtype, i, L); tp = ts; }
+        if (a->has_ignore) ignore_keep(keep, a->t, a->t_dtype, i, L, a->ignore_value);
         ACC *lp = loss_out ? loss_out + i : ls;
         ACC *gp = grad && a->g_dtype == ACC_DT ? (ACC *)a->grad + i : gs;
-#define BCE_CASE(F, Cl, G) FN(bce_seg)(a, (ACC)ctx->scale, L, xp, tp, wp, pwp, lp, gp, F, Cl, G)
+#define BCE_CASE(F, Cl, G) FN(bce_seg)(a, (ACC)ctx->scale, L, xp, tp, keep, wp, pwp, lp, gp, F, Cl, G)
         switch (focal * 4 + clip * 2 + grad) {
         case 0: BCE_CASE(0, 0, 0); break;
         case 1: BCE_CASE(0, 0, 1); break;

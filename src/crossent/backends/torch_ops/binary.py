@@ -171,7 +171,14 @@ def binary_elements(
         ell_n = torch.neg(pm).log1p_().neg_()  # -log(1 - p_m), exact as p_m -> 0
     pw = pos_weight
     # b = pw t ell_p + (1 - t) ell_n; lerp returns its end points exactly for t in {0, 1}.
-    b = torch.lerp(ell_n, ell_p if pw is None else ell_p * pw, t)
+    ell_pw = ell_p if pw is None else ell_p * pw
+    b = torch.lerp(ell_n, ell_pw, t)
+    if _compiling() or x.device.type != "cpu" or bool(torch.isinf(x).any()):
+        # At an infinite logit one side is inf, and lerp's 0 * inf (or inf - inf) is nan where
+        # the side without target mass should add nothing (a masked negative: x = -inf, t = 0,
+        # loss 0) or the loss is inf (soft targets): the sum of the two sides, term by term.
+        both = torch.mul(ell_pw, t).add_(torch.rsub(t, 1.0).mul_(ell_n))
+        b = torch.where(t == 0, ell_n, torch.where(t == 1, ell_pw, both))
 
     # Element multiplier w * alpha_t (None when both are 1).
     mult: Tensor | None = None
@@ -305,7 +312,8 @@ def _hard_elements(
     # one of them (on the CPU a fresh block-sized allocation costs more than the arithmetic).
     Z, P, L, Q, KL, KG, LO = (scratch[k, :n].view(shape) for k in range(HARD_SCRATCH_ROWS))
 
-    torch.addcmul(x, x, t, value=-2.0, out=Z).neg_()  # z = s x = (2t - 1) x
+    # z = s x = (2t - 1) x, as a product with s = +-1 (x - 2 x t would be nan at x = +-inf)
+    torch.mul(t, 2.0, out=Z).sub_(1.0).mul_(x)
     torch.sigmoid(Z, out=P)  # p_t
     # log p_t; sigmoid underflows to 0 for z < -88 (fp32), where log p_t = z - log1p(e^z) ~ z:
     # min(log(max(p_t, tiny)), z) is log p_t everywhere, since log p_t < z always.

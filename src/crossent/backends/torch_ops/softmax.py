@@ -179,7 +179,8 @@ def softmax_rows(
     #   G = q * rowc - uniform * w + dense - onehot_y * sparse
     dense: Tensor | None = None
     if index:
-        gam = gamma_for_rows(opts, torch.exp(-ell_y)) if focal else 0.0
+        # a schedule sees 1 at ignored rows (whatever their logits hold), as on the native path
+        gam = gamma_for_rows(opts, torch.where(validf > 0, torch.exp(-ell_y), 1.0)) if focal else 0.0
         if sparse_path:
             w_sum = float(C) if weight is None else weight.sum()
             terms = target_terms(ell_y, lse, u_sum, w_y, validf, gam, opts, C, w_sum)
@@ -207,7 +208,8 @@ def softmax_rows(
     # Regularisers, each scaled by the sample weight s; their dense parts are added here.
     entropy = p_mass = None
     if opts.confidence_penalty:
-        qu = q * u
+        # 0 log 0 = 0: a masked class (u = -inf) has q = 0 and adds nothing (q * u would be nan)
+        qu = torch.where(q != 0, q * u, 0.0)
         entropy = lse - qu.sum(dim=1, keepdim=True)
         if need_grad:
             qu.mul_(s * opts.confidence_penalty)
@@ -274,7 +276,8 @@ def _minus_ones(R: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _dense_ce(u: Tensor, lse: Tensor, a: Tensor, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """CE with dense target mass a (R, C): L = sum a ell = lse sum(a) - sum a u; G = q sum(a) - a."""
     a_sum = a.sum(dim=1, keepdim=True)
-    loss = a_sum * lse - (a * u).sum(dim=1, keepdim=True)
+    # a class without target mass adds nothing, even a masked one (u = -inf): 0 log 0 = 0
+    loss = a_sum * lse - torch.where(a != 0, a * u, 0.0).sum(dim=1, keepdim=True)
     return loss, a_sum, (a.neg() if need_grad else None)
 
 
@@ -288,7 +291,7 @@ def _dense_focal(
     """
     ell = torch.sub(lse, u)
     factor, kappa = focal_terms(ell, gam)
-    loss = (a * factor * ell).sum(dim=1, keepdim=True)
+    loss = torch.where(a != 0, a * factor * ell, 0.0).sum(dim=1, keepdim=True)  # 0 log 0 = 0
     if not need_grad:
         return loss, torch.zeros_like(lse), None
     ag = factor.mul_(kappa).mul_(a).neg_()  # a * g
@@ -417,6 +420,24 @@ def _empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def _zero_ignored_rows(
+    valid: Tensor, losses: Tensor, grad_buf: Tensor | None, C: int, spatial: bool
+) -> None:
+    """Rows whose target is ``ignore_index`` contribute nothing, whatever their logits hold
+    (nan, inf): their loss and gradient are set to 0 (``where``, not a product with a weight
+    of 0, which keeps a nan), as ``F.cross_entropy`` and the native kernels do."""
+    losses.masked_fill_(~valid, 0.0)
+    if grad_buf is None:
+        return
+    rows = grad_buf.view(-1, C) if spatial else grad_buf
+    if _compiling() or rows.device.type != "cpu":
+        rows.masked_fill_(~valid.unsqueeze(1), 0.0)
+        return
+    ignored = (~valid).nonzero().squeeze(1)  # only the ignored rows are touched
+    if ignored.numel():
+        rows.index_fill_(0, ignored, 0.0)
+
+
 def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
     """Loss (reduced) and the gradient of that loss w.r.t. ``logits`` (or None).
 
@@ -491,6 +512,9 @@ def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
             xb, tb, weight, rows_of(opts, n0 * per_n, n1 * per_n), gb, scale, scratch,
             None if all_rows is None else tuple(r[n0 * per_n : n1 * per_n] for r in all_rows),
         )
+
+    if flat_target is not None:
+        _zero_ignored_rows(flat_target != opts.ignore_index, losses, grad_buf, C, bool(spatial))
 
     if reduction == "none":
         loss = losses.reshape(()) if squeeze else losses.reshape(N, *spatial)

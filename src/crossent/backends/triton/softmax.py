@@ -123,7 +123,8 @@ def _focal_terms(ell, gam, PER_ROW: tl.constexpr):
         factor = tl.where(gam == 0.0, 1.0, factor)
     safe = tl.where(one_minus_q > 0.0, one_minus_q, 1.0)
     ratio = tl.where(one_minus_q > 0.0, ell / safe, 1.0)
-    kappa = 1.0 + gam * tl.exp(-ell) * ratio
+    q = tl.exp(-ell)
+    kappa = 1.0 + gam * tl.where(q != 0.0, q * ratio, 0.0)  # q ell / (1 - q) -> 0 as q -> 0
     return factor, kappa
 
 
@@ -299,14 +300,14 @@ def _softmax_ce_kernel(
         e = tl.exp(um - m_new[:, None])  # 0 at padding columns
         d = d * alpha + tl.sum(e, axis=1)
         if CP:
-            seu = seu * alpha + tl.sum(e * u, axis=1)
+            seu = seu * alpha + tl.sum(tl.where(e != 0.0, e * u, 0.0), axis=1)  # 0 log 0 = 0
         if PROB_TARGET:
             if not FOCAL or POLY1:
                 a, tt = _target_mass(T, trow, cols, stride_tc, rmask, cmask, W, y, s, validf,
                                      one_minus_eps, uniform, PROB_TARGET, HAS_WEIGHT, SMOOTHING)
                 if not FOCAL:
                     asum += tl.sum(a, axis=1)
-                    sau += tl.sum(a * u, axis=1)
+                    sau += tl.sum(tl.where(a != 0, a * u, 0.0), axis=1)
                 if POLY1:
                     set_ = set_ * alpha + tl.sum(e * tt, axis=1)
         else:
@@ -370,7 +371,7 @@ def _softmax_ce_kernel(
                                  one_minus_eps, uniform, PROB_TARGET, HAS_WEIGHT, SMOOTHING)
             ell = lse[:, None] - u
             fac, kap = _focal_terms(ell, gam2, SCHEDULE)
-            lsum += tl.sum(tl.where(cmask[None, :], a * fac * ell, 0.0), axis=1)
+            lsum += tl.sum(tl.where(cmask[None, :] & (a != 0), a * fac * ell, 0.0), axis=1)
             A += tl.sum(tl.where(cmask[None, :], a * fac * kap, 0.0), axis=1)  # = -sum a g
         loss += lsum
         rowc += A
@@ -399,6 +400,8 @@ def _softmax_ce_kernel(
             loss += s * poly1 * (1.0 - P)
             rowc += s * poly1 * (P - uniform)
             sparse += s * poly1 * one_minus_eps * q_y
+    # ignored rows add nothing, whatever their logits hold (where, not a weight of 0: nan, inf)
+    loss = tl.where(validf > 0, loss, 0.0)
     tl.store(LOSS + rows, loss, mask=rmask)
 
     # ---- last pass: the gradient G = q rowc + rowconst + dense - [k = y] sparse
@@ -438,10 +441,10 @@ def _softmax_ce_kernel(
                 fac, kap = _focal_terms(lse[:, None] - u, gam2, SCHEDULE)
                 g -= a * fac * kap  # a_k g_k
             if CP:
-                g += cpc[:, None] * q * u
+                g += cpc[:, None] * tl.where(q != 0.0, q * u, 0.0)
             if SOFTCAP:
                 g *= dudz
-            g *= scale
+            g = tl.where(validf[:, None] > 0, g * scale, 0.0)
             mask = rmask[:, None] & cmask[None, :]
             ptrs = G + grow[:, None] + cols[None, :].to(tl.int64) * stride_gc
             tl.store(ptrs, g.to(G.dtype.element_ty), mask=mask)
