@@ -38,7 +38,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,25 +51,9 @@ except ImportError:  # pragma: no cover
 
 import crossent.integrations.transformers as ct
 
-try:  # the benchmarks' method, when run from the repository
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-    from _shared import cpu_peak_bytes
-except ImportError:  # pragma: no cover - a minimal copy of it
-
-    def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-        """Peak of the running sum of CPU allocator events during ``fn()`` (bytes)."""
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        events.sort(key=lambda e: e.start_ns())
-        cur = peak = 0
-        for e in events:
-            cur += e.nbytes()
-            peak = max(peak, cur)
-        return peak
-
+# the benchmarks' memory method (the example runs from the repository)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from _shared import cpu_peak_bytes
 
 PAD, BOS, EOS = 0, 1, 2
 

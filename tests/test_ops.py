@@ -395,8 +395,8 @@ def test_operators_pass_opcheck():
     torch.library.opcheck(torch.ops.crossent.scaled_grad.default, (torch.randn(6, 5), torch.tensor(2.0)))
     # The held-gradient operator returns a fresh handle on every call, so its outputs differ
     # between eager and traced runs by design: the schema, fake and autograd checks apply.
-    held = (x, y, None, None, -100, 0.1, 2.0, 1e-3, None, 0.0, 0.0, "mean", "native")
-    torch.library.opcheck(torch.ops.crossent.softmax_ce_held.default, held,
+    held = (x, y, None, None, -100, 0.1, 2.0, 1e-3, None, 0.0, 0.0, "mean", True, "native", True)
+    torch.library.opcheck(torch.ops.crossent.softmax_ce.default, held,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -25,6 +25,7 @@ logits), and enters as a per-row ``gamma_rows`` tensor.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import weakref
@@ -147,18 +148,22 @@ def _softmax_backend(
     return backend
 
 
-def _softmax_kernel(backend: str):
-    if backend == "native":
-        from crossent.backends.native import softmax_cross_entropy
+_KERNEL_MODULES = {
+    "native": "crossent.backends.native",
+    "triton": "crossent.backends.triton.{family}",
+    "torch": "crossent.backends.torch_ops.{family}",
+}
 
-        return softmax_cross_entropy
-    if backend == "triton":
-        from crossent.backends.triton.softmax import softmax_cross_entropy
 
-        return softmax_cross_entropy
-    from crossent.backends.torch_ops.softmax import softmax_cross_entropy
+def _kernel(backend: str, family: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """A backend's kernel of a family (``"softmax"`` or ``"binary"``), looked up at call time
+    (tests count the calls by replacing a module's function)."""
+    module = importlib.import_module(_KERNEL_MODULES[backend].format(family=family))
+    return getattr(module, f"{family}_cross_entropy")
 
-    return softmax_cross_entropy
+
+def _softmax_kernel(backend: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    return _kernel(backend, "softmax")
 
 
 @torch.library.custom_op("crossent::softmax_ce", mutates_args=())
@@ -177,12 +182,15 @@ def softmax_ce(
     reduction: str,
     need_grad: bool,
     backend: str,
+    hold: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The softmax family's loss and (``need_grad``) the gradient of that loss w.r.t. ``logits``.
 
     ``backend`` is ``"native"``, ``"torch"`` or ``"triton"``; ``gamma_rows`` (R,) replaces the
     scalar ``gamma`` when given. The gradient is contiguous, of the logits' shape and dtype, with
-    the mean's 1/denominator folded in; without ``need_grad`` it is an empty tensor.
+    the mean's 1/denominator folded in; without ``need_grad`` it is an empty tensor. With
+    ``hold`` (under torch.compile, with ``need_grad``) the second output is instead a
+    one-element int64 handle to the gradient, held aside for :func:`held_grad`.
     """
     opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
                          confidence_penalty, poly1)
@@ -192,7 +200,7 @@ def softmax_ce(
     )
     if grad is None:
         return loss, logits.new_empty(0)
-    return loss, grad.contiguous()
+    return (loss, _hold(grad.contiguous())) if hold else (loss, grad.contiguous())
 
 
 def _softmax_loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
@@ -203,19 +211,21 @@ def _softmax_loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
 
 @softmax_ce.register_fake
 def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, z_loss, softcap,
-      confidence_penalty, poly1, reduction, need_grad, backend):
+      confidence_penalty, poly1, reduction, need_grad, backend, hold=False):
     loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc_dtype(logits.dtype))
-    grad = logits.new_empty(logits.shape if need_grad else (0,))
-    return loss, grad
+    if hold and need_grad:
+        return loss, torch.empty(1, dtype=torch.int64)
+    return loss, logits.new_empty(logits.shape if need_grad else (0,))
 
 
 def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     (logits, target, weight, gamma_rows, ignore_index, eps, gamma, z_loss, softcap, cp, poly1,
-     reduction, need_grad, _backend) = inputs
+     reduction, need_grad, _backend, *hold) = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)  # no zero-filled N x C "gradient" of the grad output
     ctx.need_grad = need_grad
+    ctx.held = bool(hold and hold[0] and need_grad)  # grad is then the handle
     ctx.reduction = reduction
     ctx.opts = _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, softcap, cp, poly1)
     # The logits are kept (not copied) for a double backward, which recomputes q from them.
@@ -245,40 +255,9 @@ def _hold(grad: Tensor) -> Tensor:
     return handle
 
 
-@torch.library.custom_op("crossent::softmax_ce_held", mutates_args=())
-def softmax_ce_held(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    gamma_rows: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    gamma: float,
-    z_loss: float,
-    softcap: float | None,
-    confidence_penalty: float,
-    poly1: float,
-    reduction: str,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """:func:`softmax_ce` with the gradient held aside: returns the loss and an int64 handle
-    (CPU, one element) to the gradient, which :func:`held_grad` takes out."""
-    loss, grad = softmax_ce(logits, target, weight, gamma_rows, ignore_index, label_smoothing,
-                            gamma, z_loss, softcap, confidence_penalty, poly1, reduction, True,
-                            backend)
-    return loss, _hold(grad)
-
-
-@softmax_ce_held.register_fake
-def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, z_loss, softcap,
-      confidence_penalty, poly1, reduction, backend):
-    loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc_dtype(logits.dtype))
-    return loss, torch.empty(1, dtype=torch.int64)
-
-
 @torch.library.custom_op("crossent::held_grad", mutates_args=())
 def held_grad(handle: Tensor, factor: Tensor, like: Tensor) -> Tensor:
-    """The gradient that :func:`softmax_ce_held` set aside, times ``factor`` (0-d, or one per
+    """The gradient that :func:`softmax_ce` with ``hold`` set aside, times ``factor`` (0-d, or one per
     sample for reduction "none"), in place: it is this call's alone."""
     grad = _HELD.pop(int(handle[0]), None)
     if grad is None:
@@ -298,31 +277,6 @@ def held_grad(handle: Tensor, factor: Tensor, like: Tensor) -> Tensor:
 @held_grad.register_fake
 def _(handle, factor, like):
     return torch.empty_like(like, memory_format=torch.contiguous_format)
-
-
-def _held_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    (logits, target, weight, gamma_rows, ignore_index, eps, gamma, z_loss, softcap, cp, poly1,
-     reduction, _backend) = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.reduction = reduction
-    ctx.opts = _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, softcap, cp, poly1)
-    ctx.save_for_backward(output[1], logits, target, weight)
-
-
-def _held_backward(ctx: Any, grad_loss: Tensor | None, _grad_handle: Any) -> tuple[Any, ...]:
-    handle, logits, target, weight = ctx.saved_tensors
-    nones = (None,) * 12
-    if grad_loss is None:
-        return (None, *nones)
-    if torch.is_grad_enabled() and (logits.requires_grad or grad_loss.requires_grad):
-        with torch.enable_grad():
-            loss = softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction)
-            return (graph_grad(loss, logits, grad_loss.to(loss.dtype)), *nones)
-    return (torch.ops.crossent.held_grad(handle, grad_loss, logits), *nones)
-
-
-softmax_ce_held.register_autograd(_held_backward, setup_context=_held_setup)
 
 
 def _fused_backward(
@@ -346,6 +300,8 @@ def _fused_backward(
         with torch.enable_grad():
             loss = graph()
             return (graph_grad(loss, logits, grad_loss.to(loss.dtype)), *nones)
+    if getattr(ctx, "held", False):  # grad is the handle of a gradient held aside
+        return (torch.ops.crossent.held_grad(grad, grad_loss, logits), *nones)
     if ctx.reduction == "none" and grad.ndim == grad_loss.ndim:
         # a grad_output per element (sigmoid family): a new buffer keeps the saved one intact
         return (grad * grad_loss.to(grad.dtype), *nones)
@@ -357,7 +313,7 @@ def _softmax_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) ->
     return _fused_backward(
         ctx, grad_loss,
         lambda: softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction),
-        (grad, logits), 14,
+        (grad, logits), 15,
     )
 
 
@@ -500,15 +456,11 @@ def _binary_kernel(backend: str, logits: Tensor, target: Tensor, weight: Tensor 
     from crossent.backends import triton as _triton
 
     if backend == "native" and native.supports_binary(logits, target, weight, pos_weight, opts):
-        return native.binary_cross_entropy
+        return _kernel("native", "binary")
     used = opts.active() | {n for n, t in (("weight", weight), ("pos_weight", pos_weight)) if t is not None}
     if backend == "triton" and covers(_triton.BINARY_CAPABILITIES, used):
-        from crossent.backends.triton.binary import binary_cross_entropy
-
-        return binary_cross_entropy
-    from crossent.backends.torch_ops.binary import binary_cross_entropy
-
-    return binary_cross_entropy
+        return _kernel("triton", "binary")
+    return _kernel("torch", "binary")
 
 
 @torch.library.custom_op("crossent::binary_ce", mutates_args=())

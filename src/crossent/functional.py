@@ -609,18 +609,12 @@ def _softmax_op(
     need_grad: bool, chosen: str,
 ) -> Tensor:
     gamma_rows = _schedule_rows(logits, target, opts, chosen) if callable(opts.gamma) else None
-    if need_grad and _compiling() and logits.device.type == "cpu":
-        # traced: the gradient is held aside, not saved (see crossent._ops.softmax_ce_held)
-        loss, _ = torch.ops.crossent.softmax_ce_held(
-            logits, target, w, gamma_rows, opts.ignore_index, opts.label_smoothing,
-            0.0 if gamma_rows is not None else float(opts.gamma), opts.z_loss, opts.softcap,
-            opts.confidence_penalty, opts.poly1, reduction, chosen,
-        )
-        return loss
+    # traced on the CPU: the gradient is held aside, not saved (see crossent._ops._hold)
+    hold = need_grad and _compiling() and logits.device.type == "cpu"
     loss, _ = torch.ops.crossent.softmax_ce(
         logits, target, w, gamma_rows, opts.ignore_index, opts.label_smoothing,
         0.0 if gamma_rows is not None else float(opts.gamma), opts.z_loss, opts.softcap,
-        opts.confidence_penalty, opts.poly1, reduction, need_grad, chosen,
+        opts.confidence_penalty, opts.poly1, reduction, need_grad, chosen, hold,
     )
     return loss
 

@@ -85,6 +85,16 @@ def as_matrix(x: object, name: str = "probs") -> torch.Tensor:
     return t
 
 
+def first_non_integer(arr: np.ndarray) -> int | None:
+    """The index of the first entry of a float array that is not a finite integer (NaN, inf,
+    2.5), or None; integer arrays have none."""
+    if arr.dtype.kind != "f":
+        return None
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
 def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "labels") -> np.ndarray:
     """Integer class labels as int64 NumPy, checked against the predictions' shape."""
     if isinstance(labels, torch.Tensor):
@@ -97,15 +107,12 @@ def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "label
         raise ValueError(f"{name} must be 1-D integer class indices, got shape {arr.shape}")
     if arr.dtype.kind == "b" or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
-    if arr.dtype.kind == "f":
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(arr) | (arr != np.round(arr))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{name} must hold integer class indices, got non-integer values"
-                f" (entry {i} is {arr[i].item()!r})"
-            )
+    i = first_non_integer(arr)
+    if i is not None:
+        raise ValueError(
+            f"{name} must hold integer class indices, got non-integer values"
+            f" (entry {i} is {arr[i].item()!r})"
+        )
     if arr.shape[0] != n_samples:
         raise ValueError(
             f"{name} has {arr.shape[0]} entries but the predictions have {n_samples} rows;"

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from crossent.calibration._inputs import first_non_integer
+
 __all__ = ["add_arguments", "main"]
 
 PRED_KEYS = ("logits", "probs", "probabilities", "predictions", "preds", "scores", "outputs")
@@ -293,15 +295,12 @@ def _check(
         raise _error(
             f"LABELS ({labels_file}) must hold integer class indices, got dtype {labels.dtype}"
         )
-    if labels.dtype.kind == "f":
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(labels) | (labels != np.round(labels))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise _error(
-                f"LABELS ({labels_file}) must hold integer class indices; entry {i} is"
-                f" {labels[i].item()!r} ({int(bad.sum())} non-integer or NaN value(s))"
-            )
+    i = first_non_integer(labels)
+    if i is not None:
+        raise _error(
+            f"LABELS ({labels_file}) must hold integer class indices; entry {i} is"
+            f" {labels[i].item()!r} (non-integer or NaN)"
+        )
     if labels.shape[0] != n:
         raise _error(
             f"PREDICTIONS has {n} rows but LABELS has {labels.shape[0]} entries; they must match"

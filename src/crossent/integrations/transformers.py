@@ -286,27 +286,18 @@ class CrossentLossFunction:
         return int(self.options.get("ignore_index", -100)) if given is None else given
 
     def _causal(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        vocab_size: int,
-        num_items_in_batch: Tensor | int | None = None,
-        ignore_index: int | None = None,
-        shift_labels: Tensor | None = None,
-        **kwargs: Any,
+        self, logits: Tensor, labels: Tensor, vocab_size: int,
+        num_items_in_batch: Tensor | int | None = None, ignore_index: int | None = None,
+        shift_labels: Tensor | None = None, **kwargs: Any,
     ) -> Tensor:
         ii = self._ignore_index(ignore_index)
         if shift_labels is None:
             shift_labels = _shift(labels, ii)
-        return self._ce(logits.reshape(-1, vocab_size), shift_labels.reshape(-1), num_items_in_batch, ii)
+        return self._masked(logits, shift_labels, vocab_size, num_items_in_batch, ii)
 
     def _masked(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        vocab_size: int,
-        num_items_in_batch: Tensor | int | None = None,
-        ignore_index: int | None = None,
+        self, logits: Tensor, labels: Tensor, vocab_size: int,
+        num_items_in_batch: Tensor | int | None = None, ignore_index: int | None = None,
         **kwargs: Any,
     ) -> Tensor:
         ii = self._ignore_index(ignore_index)
