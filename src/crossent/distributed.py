@@ -36,12 +36,12 @@ replicated: every rank returns the same value and must call ``backward`` with th
 ``grad_output``.
 
 The vocabulary slice comes from ``vocab_sizes`` (every rank's local size, in group-rank order),
-with no collective, or from **one** ``all_gather`` of a small row per rank (counted apart from
-the loss's all-reduces; pass ``vocab_sizes`` to avoid it in a training loop): the local sizes
-when nothing is given, ``vocab_start_index`` + ``vocab_size`` when they are. That gather also
-checks the group's contract at the start of the call: the slices tile ``[0, V)`` exactly and
-every rank holds the same number of tokens; a broken contract raises the same ``ValueError``
-on every rank instead of a wrong loss or a hang in the next collective.
+from ``vocab_start_index`` + ``vocab_size``, or, when nothing is given, from the local sizes,
+which every call exchanges in **one** ``all_gather`` of a small row per rank (counted apart
+from the loss's all-reduces). That gather also checks the group's contract at the start of
+the call: the slices tile ``[0, V)`` exactly and every rank holds the same number of tokens;
+a broken contract raises the same ``ValueError`` on every rank instead of a wrong loss or a
+hang in the next collective.
 
 Exact global normalisation
 --------------------------
@@ -201,8 +201,7 @@ def _checked_partition(
 ) -> tuple[int, int]:
     """:func:`vocab_partition` for a vocab-parallel call, with the group's contract checked.
 
-    Unless the partition is given as ``vocab_sizes`` (which tiles the vocabulary by
-    construction and costs no collective), the ranks exchange one small int64 row each,
+    The ranks exchange one small int64 row each,
     ``(given, start, local size, vocab_size, tokens, bad)``, in **one** ``all_gather`` (the
     one :func:`vocab_partition` makes anyway to derive the slices), and every rank checks the
     same gathered table: the slices ``[start, start + size)`` tile ``[0, V)`` exactly (no
@@ -213,18 +212,19 @@ def _checked_partition(
     others one that names it.
     """
     world = _world_size(group)
-    if world == 1 or vocab_sizes is not None:
+    if world == 1:
         return vocab_partition(
             local_vocab_size, group, vocab_sizes=vocab_sizes, vocab_start_index=vocab_start_index,
             vocab_size=vocab_size, device=device,
         )
-    given = vocab_start_index is not None or vocab_size is not None
+    given = vocab_sizes is not None or vocab_start_index is not None or vocab_size is not None
     local_error: ValueError | None = None
     start = total = -1
     if given:
-        try:  # the local checks of vocab_partition (no collective on this branch)
+        try:  # the local checks of vocab_partition (no collective on these branches)
             start, total = vocab_partition(
-                local_vocab_size, None, vocab_start_index=vocab_start_index, vocab_size=vocab_size
+                local_vocab_size, group if vocab_sizes is not None else None,
+                vocab_sizes=vocab_sizes, vocab_start_index=vocab_start_index, vocab_size=vocab_size,
             )
         except ValueError as err:
             local_error = err
@@ -488,7 +488,7 @@ def vocab_parallel_cross_entropy(
     Collectives per call (see the module docstring for the math): forward 1 ``all_reduce(MAX)``
     + 1 fused ``all_reduce(SUM)`` -- plus one more fused ``all_reduce(SUM)`` only for focal
     loss (``gamma`` non-zero or a schedule) combined with label smoothing; backward none. One
-    small ``all_gather`` unless ``vocab_sizes`` is given: it derives or checks the slices
+    small ``all_gather``: it derives or checks the slices
     (they must tile ``[0, V)`` exactly) and checks that every rank holds the same number of
     tokens, raising the same ``ValueError`` on every rank otherwise. With no initialised
     process group, or a group of one rank, this is exactly :func:`crossent.cross_entropy`.
@@ -673,7 +673,7 @@ def vocab_parallel_linear_cross_entropy(
       per-token ``grad_output`` cannot be folded into :math:`\partial W_r` afterwards) and a
       second backward (``retain_graph=True``) recompute the chunk loop in backward: its
       :math:`2C` (or :math:`3C`) all-reduces, then the 1 of ``d hidden``;
-    - one small ``all_gather`` unless ``vocab_sizes`` is given, which derives or checks the
+    - one small ``all_gather``, which derives or checks the
       slices and checks the ranks' token counts (see :func:`vocab_parallel_cross_entropy`).
 
     Args:

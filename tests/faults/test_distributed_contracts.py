@@ -93,6 +93,11 @@ def _check_contracts(group: Any) -> None:
         msg, cd.vocab_parallel_cross_entropy, local[:rows], target[:rows],
         vocab_start_index=start, vocab_size=V, group=group,
     )
+    sizes = cd.split_vocab(V, dist.get_world_size(group))  # and with the sizes given
+    _raises_everywhere(
+        msg, cd.vocab_parallel_cross_entropy, local[:rows], target[:rows], vocab_sizes=sizes,
+        group=group,
+    )
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
     W = torch.randn(V, H, generator=g, dtype=torch.float64)
