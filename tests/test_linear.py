@@ -528,3 +528,27 @@ def test_triton_supports_refuses_probability_targets():
     assert try_triton_linear_cross_entropy(
         h, W, b, t, None, SoftmaxOptions(), "mean", None, None, required=False
     ) is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1, "gamma": 1.5}, {"z_loss": 1e-3, "poly1": 0.5}],
+                         ids=lambda k: "+".join(k) or "plain")
+def test_shift_equals_slicing_by_hand(reduction, kw):
+    """shift=True scores position t against target t + 1 without slicing the hidden states."""
+    g = torch.Generator().manual_seed(31)
+    h = torch.randn(3, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(20, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 20, (3, 7), generator=g)
+    y[0, 2] = -100
+    out = crossent.linear_cross_entropy(h, W, y, shift=True, reduction=reduction, chunk_size=4, **kw)
+    ref = crossent.linear_cross_entropy(h[:, :-1], W, y[:, 1:], reduction=reduction, **kw)
+    if reduction == "none":
+        assert out.shape == y.shape and not out[:, -1].any()
+        out = out[:, :-1]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(out.sum(), (h, W))
+    gb = torch.autograd.grad(ref.sum(), (h, W))
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    with pytest.raises(TypeError, match="shift"):
+        crossent.linear_cross_entropy(h, W, torch.rand(3, 7, 20, dtype=torch.float64), shift=True)

@@ -604,6 +604,18 @@ def _prepare_sample_weight(
     return sample_weight.detach().to(acc_dtype(logits.dtype))
 
 
+def _shift_targets(target: Any, ignore_index: int) -> Tensor:
+    """``target[..., 1:]`` padded with ``ignore_index`` at the end: position t scores t + 1."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"shift=True needs class-index targets, got {target.dtype}")
+    if target.ndim < 1:
+        raise ValueError("shift=True needs targets with a sequence dim, got a 0-d tensor")
+    pad = torch.full_like(target[..., :1], ignore_index)
+    return torch.cat([target[..., 1:], pad], dim=-1)
+
+
 def _softmax_op(
     logits: Tensor, target: Tensor, w: Tensor | None, opts: SoftmaxOptions, reduction: Reduction,
     need_grad: bool, chosen: str,
@@ -1008,6 +1020,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     weight_grad_dtype: torch.dtype | None = None,
     grad_filter_eps: float = 0.0,
+    shift: bool = False,
     backend: Backend = "auto",
 ) -> Tensor:
     r"""``cross_entropy(hidden @ weight.T + bias, target, ...)`` without materialising the logits.
@@ -1074,12 +1087,18 @@ def linear_cross_entropy(
             work of a (token block, vocabulary tile) whose logits gradient is below this in
             absolute value everywhere (Wijmans et al.'s gradient filtering). 0 (default) is
             exact; the error is bounded by ``grad_filter_eps`` per skipped entry.
+        shift: the causal shift of a language model: position t is scored against
+            ``target[..., t + 1]`` and the last position is ignored, as
+            ``cross_entropy(logits[..., :-1, :], target[..., 1:])`` -- done on the targets
+            (shifted and padded with ``ignore_index``), so ``hidden`` is neither sliced nor
+            copied, and the ignored last positions cost no matmul. Class-index targets only.
         backend: ``"auto"``, ``"native"`` and ``"torch"`` run the chunked path (any device;
             its per-chunk loss is the torch-op path, whose cost is dominated by the matmuls); ``"triton"``
             the blockwise kernels of :mod:`crossent.backends.triton.linear` (CUDA, or the CPU under
-            ``TRITON_INTERPRET=1``), which cover ``ignore_index``, label smoothing, class
-            weights and every reduction with class-index targets, and raise for the other
-            options and for probability targets. ``"auto"`` does not
+            ``TRITON_INTERPRET=1``), which cover class-index targets with every option but
+            softcap, the confidence penalty and focal together with smoothing (their
+            allow-list, ``crossent.backends.triton.LINEAR_CAPABILITIES``), and raise for those
+            and for probability targets. ``"auto"`` does not
             pick Triton yet: the kernels are verified under the interpreter but have not been
             benchmarked against the chunked path on a GPU.
 
@@ -1107,6 +1126,8 @@ def linear_cross_entropy(
     """
     check_logits(hidden, "hidden")
     check_logits(weight, "weight")
+    if shift:
+        target = _shift_targets(target, ignore_index)
     dev_type = hidden.device.type
     compute_dtype = None
     if torch.is_autocast_enabled(dev_type) and hidden.dtype != torch.float64:
