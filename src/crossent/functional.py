@@ -653,7 +653,7 @@ def flsd53(p: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# binary and multi-label (sigmoid) family (issue 3)
+# binary and multi-label (sigmoid) family
 
 
 def make_binary_options(
@@ -999,7 +999,7 @@ def asymmetric_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# fused linear + cross-entropy (issue 7)
+# fused linear + cross-entropy
 
 
 def linear_cross_entropy(
