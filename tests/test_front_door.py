@@ -123,7 +123,6 @@ def test_class_dim_equals_moving_the_axis(shape, class_dim, other, prob):
     x = torch.randn(shape, generator=gen, dtype=F64)
     cd = class_dim % len(shape)
     C = shape[cd]
-    moved = x.movedim(cd, 0 if len(shape) == 1 else 1)
     if prob:
         t = torch.softmax(torch.randn(shape, generator=gen, dtype=F64), cd)
         t_moved = t.movedim(cd, 0 if len(shape) == 1 else 1)
@@ -141,7 +140,6 @@ def test_class_dim_equals_moving_the_axis(shape, class_dim, other, prob):
             z.movedim(cd, 0 if len(shape) == 1 else 1), t_moved, reduction=r, **kw), x)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-13)
-    del moved
 
 
 def test_class_dim_last_with_sample_weight_and_nn_module():
@@ -173,7 +171,6 @@ def test_errors_name_the_argument(bad, err, match):
 
 def test_every_mix_against_the_reference():
     """sample_weight x class_dim x mean_denominator x the family's options, float64."""
-    gen = torch.Generator().manual_seed(8)
     for other, by in itertools.product(OTHER, ("weight", "count")):
         x, t, sw, kw = _setup((3, 5, 4), other, seed=5)
         xl = x.movedim(1, -1).contiguous()  # (N, d, C)
@@ -186,7 +183,6 @@ def test_every_mix_against_the_reference():
         np.testing.assert_allclose(loss.item(), expect, rtol=1e-11)
         assert torch.autograd.gradcheck(lambda z, t=t, sw=sw, kw=kw, by=by: crossent.cross_entropy(
             z, t, class_dim=-1, sample_weight=sw, mean_denominator=by, **kw), (xl.requires_grad_(),))
-    del gen
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])

@@ -162,10 +162,6 @@ def _kernel(backend: str, family: str) -> Callable[..., tuple[Tensor, Tensor | N
     return getattr(module, f"{family}_cross_entropy")
 
 
-def _softmax_kernel(backend: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
-    return _kernel(backend, "softmax")
-
-
 @torch.library.custom_op("crossent::softmax_ce", mutates_args=())
 def softmax_ce(
     logits: Tensor,
@@ -195,7 +191,7 @@ def softmax_ce(
     opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
                          confidence_penalty, poly1)
     chosen = _softmax_backend(backend, logits, target, opts, weight)
-    loss, grad = _softmax_kernel(chosen)(
+    loss, grad = _kernel(chosen, "softmax")(
         SoftmaxCall(logits, target, weight, opts, reduction, need_grad)  # type: ignore[arg-type]
     )
     if grad is None:

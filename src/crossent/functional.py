@@ -245,7 +245,7 @@ class _InplaceSoftmaxFunction(torch.autograd.Function):
         ctx: Any, logits: Tensor, target: Tensor, weight: Tensor | None, opts: SoftmaxOptions,
         reduction: Reduction, backend: str,
     ) -> Tensor:
-        kernel = _ops._softmax_kernel(_ops._softmax_backend(backend, logits, target, opts, weight))
+        kernel = _ops._kernel(_ops._softmax_backend(backend, logits, target, opts, weight), "softmax")
         loss, grad = kernel(SoftmaxCall(logits, target, weight, opts, reduction, True, True))
         torch.autograd.graph.increment_version(logits)  # kernels write through raw pointers
         ctx.save_for_backward(grad)
