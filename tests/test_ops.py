@@ -41,6 +41,7 @@ SOFTMAX_OPTIONS: dict[str, dict[str, Any]] = {
     "mean_denominator": {"mean_denominator": "count", "weight": "w"},
     "z_loss_weighted": {"z_loss_weighted": False, "z_loss": 1e-2, "weight": "w"},
     "focal+smoothing": {"gamma": 2.0, "label_smoothing": 0.1},
+    "return_aux": {"return_aux": True, "z_loss": 1e-3, "ignore_index": 1},
     "all": {"gamma": 1.5, "label_smoothing": 0.1, "weight": "w", "z_loss": 1e-3, "poly1": 0.5,
             "softcap": 4.0, "confidence_penalty": 0.1},
 }
@@ -106,17 +107,21 @@ def test_compile_fullgraph_matrix(option, layout, cpu_path, kernel_calls):
         x = x.movedim(0 if x.ndim == 1 else 1, -1).contiguous()  # classes last, (N, d, C)
 
     def f(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return crossent.cross_entropy(z, t, **kw) * 2.0
+        out = crossent.cross_entropy(z, t, **kw)
+        if isinstance(out, tuple):  # return_aux: its (detached) values join the compared output
+            loss, aux = out
+            return loss * 2.0 + aux.lse.sum() + aux.z_loss.sum() + aux.accuracy + aux.entropy
+        return out * 2.0
 
     la, ga, lb, gb = _eager_and_compiled(f, x, y)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6)
     front_door = ("weight", "reduction", "sample_weight", "class_dim", "mean_denominator",
-                  "z_loss_weighted", "z_loss")
+                  "z_loss_weighted", "z_loss", "return_aux")
     covered = native.supports_softmax(x, y, crossent._options.SoftmaxOptions(
         **{k: v for k, v in kw.items() if k not in front_door}
     ))
-    if cpu_path == "native" and covered:
+    if cpu_path == "native" and covered and not kw.get("return_aux"):
         assert kernel_calls["softmax"] >= 2  # eager, then inside the compiled graph
     if cpu_path == "torch":
         assert kernel_calls["softmax"] == 0
@@ -388,6 +393,8 @@ def test_operators_pass_opcheck():
     x = x.requires_grad_()
     args = (x, y, None, None, -100, 0.1, 2.0, 1e-3, None, 0.0, 0.0, "mean", True, "torch")
     torch.library.opcheck(torch.ops.crossent.softmax_ce.default, args)
+    with_aux = (*args[:-1], "native", False, True)  # return_aux's row statistics as a third output
+    torch.library.opcheck(torch.ops.crossent.softmax_ce.default, with_aux)
     t = torch.rand(6, 5)
     bargs = (x, t, None, None, 0.0, 2.0, 2.0, 0.25, 0.0, None, "mean", True, "torch")
     torch.library.opcheck(torch.ops.crossent.binary_ce.default, bargs)

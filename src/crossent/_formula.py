@@ -30,6 +30,7 @@ __all__ = [
     "mean_denominator",
     "reduce",
     "regulariser_terms",
+    "row_statistics",
     "target_terms",
 ]
 
@@ -242,3 +243,38 @@ def regulariser_terms(
             terms.loss = terms.loss + s * e1 * (1.0 - p_mass)
             terms.rowc = terms.rowc + s * e1 * p_mass
     return terms
+
+
+#: Columns of :func:`row_statistics`' output.
+STAT_LSE, STAT_ENTROPY, STAT_HIT = 0, 1, 2
+
+
+def row_statistics(x: Tensor, target: Tensor, softcap: float | None, out: Tensor) -> Tensor:
+    r"""Per row of a block of logits, the statistics ``return_aux`` reports, written into
+    ``out`` (R, 3) in the accumulation dtype:
+
+    - :math:`\operatorname{lse}(u) = m + \log \sum_k e^{u_k - m}` (:math:`m` the row max, so
+      no exponential overflows);
+    - the entropy of the prediction :math:`H(q) = \operatorname{lse}(u) - \sum_k q_k u_k`
+      (a class with :math:`q_k = 0` adds nothing: :math:`0 \log 0 = 0`);
+    - 1 where :math:`\arg\max_k q_k` is the target class (for probability targets: the
+      target's own argmax), else 0. Ties go to the first maximum, as ``torch.argmax``.
+
+    ``u`` is the soft-capped logit :math:`c \tanh(z / c)` when ``softcap`` is given: the
+    statistics are those of the distribution the loss scores. ``x`` (R, C) is the block the
+    fused pass is working on, so it is read from cache, not from memory.
+    """
+    acc = out.dtype
+    u = x.to(acc)
+    if softcap is not None:
+        u = torch.tanh(u / softcap) * softcap
+    m, arg = u.max(dim=1, keepdim=True)
+    e = torch.sub(u, m).exp_()
+    s = e.sum(dim=1, keepdim=True)
+    lse = torch.log(s).add_(m)
+    eu = torch.where(e != 0, e * u, 0.0).sum(dim=1, keepdim=True)
+    out[:, STAT_LSE : STAT_LSE + 1] = lse
+    out[:, STAT_ENTROPY : STAT_ENTROPY + 1] = lse - eu / s
+    y = target.argmax(dim=1, keepdim=True) if target.is_floating_point() else target.reshape(-1, 1)
+    out[:, STAT_HIT : STAT_HIT + 1] = (arg == y).to(acc)
+    return out

@@ -136,13 +136,22 @@ def _softmax_opts(
     )
 
 
+#: The kernels that fill ``SoftmaxCall.stats`` (the per-row statistics of ``return_aux``); a
+#: call that asks for them runs on the torch-op path otherwise.
+AUX_BACKENDS = frozenset({"torch"})
+
+
 def _softmax_backend(
-    backend: str, logits: Tensor, target: Tensor, opts: SoftmaxOptions, weight: Tensor | None
+    backend: str, logits: Tensor, target: Tensor, opts: SoftmaxOptions, weight: Tensor | None,
+    aux: bool = False,
 ) -> str:
     """The kernel that runs, decided on the real tensors: a layout the native kernel does not
-    take (which a traced graph can hand over) goes to the torch-op path, with the same values."""
+    take (which a traced graph can hand over), or statistics it does not compute, go to the
+    torch-op path, with the same values."""
     from crossent.backends import native
 
+    if aux and backend not in AUX_BACKENDS:
+        return "torch"
     if backend == "native" and not native.supports_softmax(logits, target, opts, weight):
         return "torch"
     return backend
@@ -179,24 +188,35 @@ def softmax_ce(
     need_grad: bool,
     backend: str,
     hold: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """The softmax family's loss and (``need_grad``) the gradient of that loss w.r.t. ``logits``.
+    aux: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The softmax family's loss, (``need_grad``) the gradient of that loss w.r.t. ``logits``
+    and (``aux``) the per-row statistics of ``return_aux``.
 
     ``backend`` is ``"native"``, ``"torch"`` or ``"triton"``; ``gamma_rows`` (R,) replaces the
     scalar ``gamma`` when given. The gradient is contiguous, of the logits' shape and dtype, with
     the mean's 1/denominator folded in; without ``need_grad`` it is an empty tensor. With
     ``hold`` (under torch.compile, with ``need_grad``) the second output is instead a
-    one-element int64 handle to the gradient, held aside for :func:`held_grad`.
+    one-element int64 handle to the gradient, held aside for :func:`held_grad`. The statistics
+    are (R, 3) in the accumulation dtype (:func:`crossent._formula.row_statistics`: lse,
+    entropy, argmax hit), computed in the same pass; an empty tensor without ``aux``.
     """
     opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
                          confidence_penalty, poly1)
-    chosen = _softmax_backend(backend, logits, target, opts, weight)
+    chosen = _softmax_backend(backend, logits, target, opts, weight, aux)
+    stats = logits.new_empty((_rows(logits), 3) if aux else (0,), dtype=acc_dtype(logits.dtype))
     loss, grad = _kernel(chosen, "softmax")(
-        SoftmaxCall(logits, target, weight, opts, reduction, need_grad)  # type: ignore[arg-type]
+        SoftmaxCall(logits, target, weight, opts, reduction, need_grad,  # type: ignore[arg-type]
+                    stats=stats if aux else None)
     )
     if grad is None:
-        return loss, logits.new_empty(0)
-    return (loss, _hold(grad.contiguous())) if hold else (loss, grad.contiguous())
+        return loss, logits.new_empty(0), stats
+    return (loss, _hold(grad.contiguous()) if hold else grad.contiguous(), stats)
+
+
+def _rows(logits: Tensor) -> int:
+    """R, the number of rows (samples times positions) of (C,), (N, C) or (N, C, d...) logits."""
+    return 1 if logits.ndim == 1 else math.prod((logits.shape[0], *logits.shape[2:]))
 
 
 def _softmax_loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
@@ -207,18 +227,21 @@ def _softmax_loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
 
 @softmax_ce.register_fake
 def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, z_loss, softcap,
-      confidence_penalty, poly1, reduction, need_grad, backend, hold=False):
-    loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc_dtype(logits.dtype))
+      confidence_penalty, poly1, reduction, need_grad, backend, hold=False, aux=False):
+    acc = acc_dtype(logits.dtype)
+    loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc)
+    stats = logits.new_empty((_rows(logits), 3) if aux else (0,), dtype=acc)
     if hold and need_grad:
-        return loss, torch.empty(1, dtype=torch.int64)
-    return loss, logits.new_empty(logits.shape if need_grad else (0,))
+        return loss, torch.empty(1, dtype=torch.int64), stats
+    return loss, logits.new_empty(logits.shape if need_grad else (0,)), stats
 
 
-def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
     (logits, target, weight, gamma_rows, ignore_index, eps, gamma, z_loss, softcap, cp, poly1,
      reduction, need_grad, _backend, *hold) = inputs
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
+    hold = hold[:1]
+    _, grad, stats = output
+    ctx.mark_non_differentiable(grad, stats)
     ctx.set_materialize_grads(False)  # no zero-filled N x C "gradient" of the grad output
     ctx.need_grad = need_grad
     ctx.held = bool(hold and hold[0] and need_grad)  # grad is then the handle
@@ -304,12 +327,14 @@ def _fused_backward(
     return (scale_saved_grad(ctx, grad, grad_loss), *nones)
 
 
-def _softmax_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> tuple[Any, ...]:
+def _softmax_backward(
+    ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None, _grad_stats: Tensor | None
+) -> tuple[Any, ...]:
     grad, logits, target, weight = ctx.saved_tensors
     return _fused_backward(
         ctx, grad_loss,
         lambda: softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction),
-        (grad, logits), 15,
+        (grad, logits), 16,
     )
 
 

@@ -93,8 +93,10 @@ class BinaryOptions:
 class SoftmaxCall:
     """One validated call of the softmax family, as every backend's kernel receives it: the
     logits, the target (int64 indices or float probabilities), class weights in the
-    accumulation dtype, the options, the reduction, whether to form the gradient, and whether
-    to write it into the logits."""
+    accumulation dtype, the options, the reduction, whether to form the gradient, whether
+    to write it into the logits, and an optional (R, 3) buffer for the per-row statistics of
+    ``return_aux`` (:func:`crossent._formula.row_statistics`), filled in the same pass by the
+    kernels that name ``"return_aux"`` in their allow-list."""
 
     logits: torch.Tensor
     target: torch.Tensor
@@ -103,6 +105,7 @@ class SoftmaxCall:
     reduction: Reduction
     need_grad: bool
     inplace_backward: bool = False
+    stats: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ import importlib.util
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import torch
 from torch import Tensor
 
 from crossent import _ops
+from crossent._aux import CrossEntropyAux, assemble_aux
 from crossent._formula import MeanBy, acc_dtype, gamma_for_rows, inverse_or_zero, reduce
 from crossent._formula import mean_denominator as mean_denominator_of
 from crossent._options import (
@@ -35,7 +36,11 @@ from crossent._options import (
 from crossent.backends import native as _native
 from crossent.backends import triton as _triton
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = [
+    "CrossEntropyAux",
     "asymmetric_loss",
     "binary_cross_entropy",
     "cross_entropy",
@@ -149,7 +154,8 @@ def check_prob_target(target: Tensor, logits_shape: tuple[int, ...]) -> None:
             f"target of class probabilities must have the logits' shape {logits_shape}, got "
             f"{tuple(target.shape)} (for class indices pass an integer tensor)"
         )
-    if not _compiling() and target.numel() and bool((target < 0).any()):
+    # one reduction (amin), not a boolean tensor and a second pass (any)
+    if not _compiling() and target.numel() and bool(target.amin() < 0):
         raise ValueError("target probabilities must be >= 0 (got a negative entry)")
 
 
@@ -243,19 +249,23 @@ class _InplaceSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, logits: Tensor, target: Tensor, weight: Tensor | None, opts: SoftmaxOptions,
-        reduction: Reduction, backend: str,
-    ) -> Tensor:
-        kernel = _ops._kernel(_ops._softmax_backend(backend, logits, target, opts, weight), "softmax")
-        loss, grad = kernel(SoftmaxCall(logits, target, weight, opts, reduction, True, True))
+        reduction: Reduction, backend: str, aux: bool,
+    ) -> tuple[Tensor, Tensor]:
+        chosen = _ops._softmax_backend(backend, logits, target, opts, weight, aux)
+        stats = logits.new_empty((_ops._rows(logits), 3) if aux else (0,), dtype=acc_dtype(logits.dtype))
+        loss, grad = _ops._kernel(chosen, "softmax")(
+            SoftmaxCall(logits, target, weight, opts, reduction, True, True, stats if aux else None)
+        )
         torch.autograd.graph.increment_version(logits)  # kernels write through raw pointers
         ctx.save_for_backward(grad)
-        return loss
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return _ops.scale_saved_grad(ctx, grad, grad_output), None, None, None, None, None
+        return _ops.scale_saved_grad(ctx, grad, grad_output), None, None, None, None, None, None
 
 
 def _inplace_writable(logits: Tensor) -> bool:
@@ -306,6 +316,40 @@ def _schedule_rows(logits: Tensor, target: Tensor, opts: SoftmaxOptions, backend
     return gamma_for_rows(opts, p.unsqueeze(1)).reshape(-1)
 
 
+class CrossEntropyOptions(TypedDict, total=False):
+    """The keyword options of :func:`cross_entropy` (for its typed overloads)."""
+
+    weight: Tensor | None
+    ignore_index: int
+    label_smoothing: float
+    gamma: float | GammaSchedule
+    z_loss: float
+    softcap: float | None
+    confidence_penalty: float
+    poly1: float
+    sample_weight: Tensor | None
+    class_dim: int
+    reduction: Reduction
+    mean_denominator: MeanBy
+    z_loss_weighted: bool
+    inplace_backward: bool
+    backend: Backend
+
+
+@overload
+def cross_entropy(
+    logits: Tensor, target: Tensor, *, return_aux: Literal[False] = ...,
+    **options: Unpack[CrossEntropyOptions],
+) -> Tensor: ...
+
+
+@overload
+def cross_entropy(
+    logits: Tensor, target: Tensor, *, return_aux: Literal[True],
+    **options: Unpack[CrossEntropyOptions],
+) -> tuple[Tensor, CrossEntropyAux]: ...
+
+
 def cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -325,7 +369,8 @@ def cross_entropy(
     z_loss_weighted: bool = True,
     inplace_backward: bool = False,
     backend: Backend = "auto",
-) -> Tensor:
+    return_aux: bool = False,
+) -> Tensor | tuple[Tensor, CrossEntropyAux]:
     r"""Softmax cross-entropy and its family, fused into one autograd node.
 
     With logits :math:`z`, the (optionally soft-capped) logits
@@ -397,10 +442,15 @@ def cross_entropy(
         backend: ``"auto"`` (Triton for CUDA tensors when triton is importable; the native
             kernel for CPU tensors it covers, see :mod:`crossent.backends.native`; else the torch-op
             path), ``"native"``, ``"torch"`` (torch ops, any device) or ``"triton"``.
+        return_aux: also return a :class:`CrossEntropyAux`: the log-sum-exp per sample, the
+            z-loss term, the accuracy and the mean entropy of the prediction, computed in the
+            loss's own pass (the torch-op path's blocked pass; a call that asks for them runs
+            there, whatever ``backend`` says: the native and Triton kernels do not write them).
 
     Returns:
         The loss: float32 for float32/float16/bfloat16 logits (accumulation is always fp32),
-        float64 for float64. The gradient has the logits' dtype.
+        float64 for float64. The gradient has the logits' dtype. With ``return_aux``, the
+        pair ``(loss, aux)``.
 
     Differences from ``torch.nn.functional.cross_entropy`` (values and gradients otherwise match
     it to float tolerance): a "mean" whose denominator is 0 (every target ignored, or an empty
@@ -419,6 +469,8 @@ def cross_entropy(
     by = _check_mean_denominator(mean_denominator)
     if not isinstance(z_loss_weighted, bool):
         raise TypeError(f"z_loss_weighted must be a bool, got {type(z_loss_weighted).__name__}")
+    if not isinstance(return_aux, bool):
+        raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
     opts = make_softmax_options(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
@@ -468,16 +520,19 @@ def cross_entropy(
         inplace_backward and need_grad and not _compiling() and kernel_reduction == reduction
         and _inplace_writable(logits)
     ):
-        loss = _InplaceSoftmaxFunction.apply(logits, target, w, opts, reduction, chosen)
+        loss, stats = _InplaceSoftmaxFunction.apply(logits, target, w, opts, reduction, chosen, return_aux)
     elif _functorch_active(logits):
         # torch.func transforms (grad, vjp, jacrev, hessian, vmap) need a composite of torch ops
         if _ops.composite_unsupported(opts) is None:
             loss = _ops.softmax_loss_graph(logits, target, w, opts, kernel_reduction)
+            stats = _stats_of(logits, target, opts) if return_aux else None
         else:
             with _functorch_error(_ops.composite_unsupported(opts)):
-                loss = _softmax_op(logits, target, w, opts, kernel_reduction, need_grad, chosen)
+                loss, stats = _softmax_op(
+                    logits, target, w, opts, kernel_reduction, need_grad, chosen, return_aux
+                )
     else:
-        loss = _softmax_op(logits, target, w, opts, kernel_reduction, need_grad, chosen)
+        loss, stats = _softmax_op(logits, target, w, opts, kernel_reduction, need_grad, chosen, return_aux)
     if kernel_reduction != reduction or sw is not None:
         if sw is not None:
             loss = loss * sw
@@ -491,7 +546,49 @@ def cross_entropy(
         loss = loss + _unweighted_z_loss(logits, target, opts, sw, reduction, z_apart)
     if reduction == "none" and lead is not None:
         loss = loss.reshape(lead)
-    return loss
+    if not return_aux:
+        return loss
+    assert stats is not None
+    per_sample = lead if lead is not None else _ops._softmax_loss_shape(logits, "none")
+    return loss, _softmax_aux(stats, target, w, sw, opts, z_apart, reduction, by, per_sample)
+
+
+def _stats_of(logits: Tensor, target: Tensor, opts: SoftmaxOptions) -> Tensor:
+    """The row statistics of ``return_aux`` by torch ops on the whole logits (the composite
+    path of the ``torch.func`` transforms, which runs no fused kernel)."""
+    from crossent._formula import row_statistics
+
+    z = logits.detach()
+    z = z.unsqueeze(0) if z.ndim == 1 else z
+    C = z.shape[1]
+    rows = z.movedim(1, -1).reshape(-1, C)
+    t = target.reshape(-1) if not target.is_floating_point() else (
+        (target.unsqueeze(0) if logits.ndim == 1 else target).movedim(1, -1).reshape(-1, C)
+    )
+    out = rows.new_empty((rows.shape[0], 3), dtype=acc_dtype(z.dtype))
+    return row_statistics(rows, t, opts.softcap, out)
+
+
+def _softmax_aux(
+    stats: Tensor, target: Tensor, w: Tensor | None, sw: Tensor | None, opts: SoftmaxOptions,
+    z_apart: float, reduction: Reduction, by: MeanBy, shape: tuple[int, ...],
+) -> CrossEntropyAux:
+    """The aux outputs of :func:`cross_entropy`, with the loss's own weights and denominator."""
+    acc = stats.dtype
+    rows = stats.shape[0]
+    valid = None if target.is_floating_point() else target.reshape(-1) != opts.ignore_index
+    z_rows = denom = None
+    lam = z_apart or opts.z_loss
+    if lam:
+        if z_apart or valid is None or w is None:
+            z_rows = torch.full((rows,), lam, dtype=acc, device=stats.device)
+        else:  # weighted like the sample's loss: s = w_y
+            z_rows = lam * w[torch.where(valid, target.reshape(-1), 0)].to(acc)
+        if sw is not None:
+            z_rows = z_rows * sw.reshape(-1)
+        if reduction == "mean" and not z_apart:
+            denom = mean_denominator_of(target, w, opts.ignore_index, acc, rows, sw, by)
+    return assemble_aux(stats, valid, z_rows, reduction, denom, shape)
 
 
 def _unweighted_z_loss(
@@ -618,17 +715,18 @@ def _shift_targets(target: Any, ignore_index: int) -> Tensor:
 
 def _softmax_op(
     logits: Tensor, target: Tensor, w: Tensor | None, opts: SoftmaxOptions, reduction: Reduction,
-    need_grad: bool, chosen: str,
-) -> Tensor:
+    need_grad: bool, chosen: str, aux: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The registered operator's loss and (``aux``) its row statistics."""
     gamma_rows = _schedule_rows(logits, target, opts, chosen) if callable(opts.gamma) else None
     # traced on the CPU: the gradient is held aside, not saved (see crossent._ops._hold)
     hold = need_grad and _compiling() and logits.device.type == "cpu"
-    loss, _ = torch.ops.crossent.softmax_ce(
+    loss, _, stats = torch.ops.crossent.softmax_ce(
         logits, target, w, gamma_rows, opts.ignore_index, opts.label_smoothing,
         0.0 if gamma_rows is not None else float(opts.gamma), opts.z_loss, opts.softcap,
-        opts.confidence_penalty, opts.poly1, reduction, need_grad, chosen, hold,
+        opts.confidence_penalty, opts.poly1, reduction, need_grad, chosen, hold, aux,
     )
-    return loss
+    return loss, (stats if aux else None)
 
 
 def focal_loss(
@@ -1022,7 +1120,8 @@ def linear_cross_entropy(
     grad_filter_eps: float = 0.0,
     shift: bool = False,
     backend: Backend = "auto",
-) -> Tensor:
+    return_aux: bool = False,
+) -> Tensor | tuple[Tensor, CrossEntropyAux]:
     r"""``cross_entropy(hidden @ weight.T + bias, target, ...)`` without materialising the logits.
 
     The N x V logits of a language-model head (and their gradient) are never held: tokens are
@@ -1073,6 +1172,7 @@ def linear_cross_entropy(
             reduction: as in :func:`cross_entropy`.
         chunk_size: tokens per chunk. Default: from a memory budget,
             ``max(1, budget // (V * bytes_per_entry))`` with a 32 MiB budget on the CPU
+            (12 MiB for fp16/bf16 inputs and under autocast)
             (``bytes_per_entry`` = the element size: the gradient overwrites the logits and the
             softmax runs on sub-blocks of 1 Mi entries) and 1/16 of the free device memory,
             clamped to [64 MiB, 1 GiB], on CUDA (``bytes_per_entry`` = element size + 12 for the
@@ -1101,6 +1201,9 @@ def linear_cross_entropy(
             and for probability targets. ``"auto"`` does not
             pick Triton yet: the kernels are verified under the interpreter but have not been
             benchmarked against the chunked path on a GPU.
+        return_aux: also return a :class:`CrossEntropyAux` (per-token log-sum-exp, the z-loss
+            term, token accuracy, mean entropy; see :func:`cross_entropy`), taken from each
+            chunk's logits while they are in memory (the chunked path; not ``"triton"``).
 
     Precision: the logits of a chunk have the inputs' dtype (the matmul accumulates in fp32, as
     ``hidden @ weight.T`` does); the softmax, loss and its gradient are computed in fp32
@@ -1114,7 +1217,7 @@ def linear_cross_entropy(
 
     Returns:
         The loss (fp32 for half inputs, fp64 for fp64); for ``"none"`` of ``target``'s shape,
-        0 at ignored tokens.
+        0 at ignored tokens. With ``return_aux``, the pair ``(loss, aux)``.
 
     Example::
 
@@ -1126,6 +1229,12 @@ def linear_cross_entropy(
     """
     check_logits(hidden, "hidden")
     check_logits(weight, "weight")
+    if not isinstance(return_aux, bool):
+        raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
+    if return_aux and backend == "triton":
+        raise ValueError(
+            "return_aux is computed by the chunked path: pass backend='auto' (or 'torch'), not 'triton'"
+        )
     if shift:
         target = _shift_targets(target, ignore_index)
     dev_type = hidden.device.type
@@ -1249,9 +1358,16 @@ def linear_cross_entropy(
         )
         if out is not None:
             return out.reshape(lead) if reduction == "none" else out
+    stats = None
+    if return_aux:
+        stats = torch.zeros((h2.shape[0], 3), dtype=acc_dtype(compute_dtype or h2.dtype), device=h2.device)
     with torch.autocast(dev_type, enabled=False):
         loss = LinearCrossEntropyFunction.apply(
             h2, weight, bias, t1, w, opts, reduction, chunk_size, weight_grad_dtype,
-            softmax_chunk, None, compute_dtype,
+            softmax_chunk, None, compute_dtype, stats,
         )
-    return loss.reshape(lead) if reduction == "none" else loss
+    loss = loss.reshape(lead) if reduction == "none" else loss
+    if stats is None:
+        return loss
+    flat = t1 if not prob_target else t1.reshape(-1, V)
+    return loss, _softmax_aux(stats, flat, w, None, opts, 0.0, reduction, "weight", lead)

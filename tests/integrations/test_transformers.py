@@ -236,6 +236,32 @@ def test_options_label_smoothing_and_every_option() -> None:
     torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_return_aux_on_the_output(family: str) -> None:
+    """patch(return_aux=True): out.aux equals the quantities from the unpatched model's logits,
+    for the mean and for the Trainer's num_items_in_batch; the tuple form ends with it."""
+    model = build(family, **({"final_logit_softcapping": 3.0} if family == "gemma2" else {}))
+    ids, mask, labels = batch()
+    logits = model(input_ids=ids, attention_mask=mask).logits.detach()
+    _, want = crossent.cross_entropy(logits[:, :-1], labels[:, 1:], class_dim=-1, z_loss=1e-3,
+                                     return_aux=True)
+    with ct.patched(model, z_loss=1e-3, return_aux=True):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        nib = int((labels[:, 1:] != -100).sum()) * 2
+        out2 = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=nib)
+        as_tuple = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(out.aux, crossent.CrossEntropyAux) and out["aux"] is out.aux
+    assert isinstance(as_tuple[-1], crossent.CrossEntropyAux)
+    torch.testing.assert_close(out.aux.lse[:, :-1], want.lse)
+    assert torch.equal(out.aux.lse[:, -1], torch.zeros(ids.shape[0], dtype=out.aux.lse.dtype))
+    for name in ("z_loss", "accuracy", "entropy"):
+        torch.testing.assert_close(getattr(out.aux, name), getattr(want, name))
+    n = (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(out2.aux.z_loss, want.z_loss * n / nib)
+    with pytest.raises(ValueError, match="return_aux applies to the fused"):
+        ct.patch(T.LlamaForSequenceClassification(T.LlamaConfig(**SMALL, num_labels=3)), return_aux=True)
+
+
 def test_generation_and_logits_unchanged() -> None:
     model = build("llama")
     model.config.use_cache = True

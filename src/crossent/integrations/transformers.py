@@ -90,12 +90,16 @@ patched instance is patched on its own. A patched instance cannot be pickled who
 a softmax cross-entropy such as object detection or CTC) raises
 :class:`UnpatchableModelError` naming the class.
 
-Not covered here (they need changes to crossent's kernels or to the models): auxiliary outputs
-(``return_aux``: per-row log-sum-exp, the z-loss term, token accuracy, entropy), the
-``shift=True`` argument of ``linear_cross_entropy`` (the shift is done on the labels instead,
-which already avoids copying the hidden states), and tensor-/vocabulary-parallel heads (a
-sharded ``lm_head``). Other causal LMs, the Mixture-of-Experts families among them (whose router
-loss the model adds after ``loss_function``), take route 2, unfused. ``Qwen3ForCausalLM`` exists
+**Auxiliary outputs**: ``patch(model, return_aux=True)`` (fused causal LMs) adds a field
+``aux`` to the output object (``out.aux``, ``out["aux"]``, and the last entry of the tuple with
+``return_dict=False``): a :class:`crossent.CrossEntropyAux` with the per-token log-sum-exp, the
+z-loss term's share of the loss (divided by ``num_items_in_batch`` as the loss is), the token
+accuracy and the mean entropy of the prediction, from the same chunked pass as the loss. Other
+models refuse ``return_aux`` (their logits are returned: compute it from them).
+
+Not covered here: tensor-/vocabulary-parallel heads (a sharded ``lm_head``). Other causal LMs,
+the Mixture-of-Experts families among them (whose router loss the model adds after
+``loss_function``), take route 2, unfused. ``Qwen3ForCausalLM`` exists
 from Transformers 4.51.
 """
 
@@ -156,6 +160,7 @@ OPTIONS = (
     "softcap",
     "confidence_penalty",
     "poly1",
+    "return_aux",
     "backend",
     "chunk_size",
 )
@@ -239,7 +244,9 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     if backend not in ("auto", "native", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'native', 'torch' or 'triton', got {backend!r}")
     # crossent's own checks of the values (and of a gamma schedule), on a 2 x 3 problem
-    trial = {k: v for k, v in opts.items() if k not in ("weight", "chunk_size", "backend")}
+    if not isinstance(opts.get("return_aux", False), bool):
+        raise TypeError(f"return_aux must be a bool, got {type(opts['return_aux']).__name__}")
+    trial = {k: v for k, v in opts.items() if k not in ("weight", "chunk_size", "backend", "return_aux")}
     with torch.no_grad():
         crossent.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), **trial)
     return opts
@@ -581,9 +588,15 @@ def _make_fused_forward(
             reduction="mean" if nib is None else "sum",
             **lce_options,
         )
+        aux = None
+        if isinstance(loss, tuple):  # return_aux=True
+            loss, aux = loss
+            aux = aux._replace(z_loss=_divide(aux.z_loss, nib))  # the loss's share, as the loss
         loss = _divide(loss, nib)
         fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
         result = type(out)(loss=loss, **fields)  # logits=None: they were never computed
+        if aux is not None:
+            result["aux"] = aux  # a new field of the output: result.aux, result["aux"]
         return result if return_dict else result.to_tuple()
 
     return forward
@@ -635,6 +648,15 @@ def _route(cls: type, model: Any) -> tuple[str, Any]:
     return "loss", kind
 
 
+def _check_aux_route(cls: type, route: str, opts: dict[str, Any]) -> None:
+    if opts.get("return_aux") and route != "fused":
+        raise ValueError(
+            f"return_aux applies to the fused causal LMs ({', '.join(FUSED_CAUSAL_LMS)}); "
+            f"{cls.__name__} keeps its logits: compute them with "
+            "crossent.cross_entropy(logits, labels, return_aux=True)"
+        )
+
+
 def _state(obj: Any) -> dict[str, Any]:
     """What crossent installed on ``obj`` itself (a class or an instance): {"forward": ...,
     "loss": ...}, each present when patched."""
@@ -679,6 +701,7 @@ def patch(model_or_class: Any, **options: Any) -> Any:
         if is_patched(cls):
             unpatch(cls)
         route, arg = _route(cls, None)
+        _check_aux_route(cls, route, opts)
         if route == "fused":
             original = cls.__dict__.get("forward", _MISSING)
             unpatched = cls.forward
@@ -702,6 +725,7 @@ def patch(model_or_class: Any, **options: Any) -> Any:
         unpatch(model)
     cls = type(model)
     route, arg = _route(cls, model)
+    _check_aux_route(cls, route, opts)
     if route == "fused":
         d = vars(model)
         previous = d.get("forward", _MISSING)

@@ -33,7 +33,8 @@ sub-blocks of :data:`CPU_SOFTMAX_ELEMENTS` entries, so its fp32 temporaries are 
 and the element size plus 3 fp32 temporaries (12 bytes) elsewhere (softmax_rows runs on the
 whole chunk there), plus 4 bytes when the weight gradient is accumulated in fp32 for
 half-precision inputs (an fp32 copy of the chunk's gradient). The budget defaults to
-:data:`CPU_BUDGET_BYTES` on the CPU and to 1/16 of the free device memory, clamped to
+:data:`CPU_BUDGET_BYTES` on the CPU (:data:`CPU_HALF_BUDGET_BYTES` for fp16/bf16) and to
+1/16 of the free device memory, clamped to
 [64 MiB, 1 GiB], on CUDA.
 
 Backward. For a ``"mean"`` or ``"sum"`` loss the forward pass already holds ``dH, dW, db`` for
@@ -54,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._formula import acc_dtype, inverse_or_zero, mean_denominator
+from crossent._formula import acc_dtype, inverse_or_zero, mean_denominator, row_statistics
 from crossent._options import Reduction, SoftmaxOptions
 from crossent.backends.torch_ops.softmax import softmax_rows
 
@@ -71,6 +72,12 @@ __all__ = [
 #: Default bytes for the chunk-sized buffers on the CPU (32 MiB: 262 rows of a 32k vocabulary
 #: in fp32, enough rows for the matmuls to run at full speed).
 CPU_BUDGET_BYTES = 32 << 20
+#: The same for fp16/bf16 inputs (autocast): 12 MiB. A half-precision chunk is staged in fp32
+#: for the softmax and for the ``dW`` product, so its buffers weigh 6 bytes per entry; next to
+#: the half-precision copy of the weight that autocast makes anyway, the smaller chunk keeps
+#: the head's extra memory near that copy's own size, and 65 rows of a 32k vocabulary still
+#: run the matmuls at full speed.
+CPU_HALF_BUDGET_BYTES = 12 << 20
 #: Elements per softmax_rows call on the CPU (fp32: 4 MiB per temporary). Smaller blocks stay in
 #: cache but pay Python overhead per call; measured on a shared 2-core EPYC, 1-2 Mi elements
 #: were as fast as a whole 512 x 32k chunk, 256 Ki elements clearly slower.
@@ -79,11 +86,11 @@ _CUDA_BUDGET_MIN = 64 << 20
 _CUDA_BUDGET_MAX = 1 << 30
 
 
-def _default_budget(device: torch.device) -> int:
+def _default_budget(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(min(_CUDA_BUDGET_MAX, max(_CUDA_BUDGET_MIN, free // 16)))
-    return CPU_BUDGET_BYTES
+    return CPU_HALF_BUDGET_BYTES if dtype in (torch.float16, torch.bfloat16) else CPU_BUDGET_BYTES
 
 
 def chunk_rows(
@@ -95,7 +102,7 @@ def chunk_rows(
 ) -> int:
     """Tokens per chunk: ``max(1, budget // (vocab * bytes_per_entry))`` (see the module doc)."""
     if budget is None:
-        budget = _default_budget(device)
+        budget = _default_budget(device, dtype)
     per_entry = torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu":
         per_entry += 12
@@ -174,6 +181,7 @@ def linear_cross_entropy_rows(
     grad_hidden: Tensor | None = None,
     rows: Tensor | None = None,
     kernel: ChunkKernel = softmax_chunk,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The chunk loop: per-token losses and the gradients of ``sum_i row_scale_i * loss_i``.
 
@@ -191,6 +199,9 @@ def linear_cross_entropy_rows(
         grad_hidden: optional (N, D) buffer receiving ``dH``; row ``rows[i]`` gets token i's
             gradient (``rows=None``: row i). Allocated (M, D) when None.
         kernel: the chunk kernel (:data:`ChunkKernel`); the vocab-parallel head passes its own.
+        stats: optional (M, 3) buffer receiving the per-token statistics of ``return_aux``
+            (:func:`crossent._formula.row_statistics`), taken from each chunk's logits before
+            the kernel overwrites them with their gradient.
 
     Returns:
         (losses (M,) in the accumulation dtype, dH, dW, db) with None for gradients not asked.
@@ -219,7 +230,13 @@ def linear_cross_entropy_rows(
         sc = None
         if need_grad:
             sc = row_scale[r0:r1].to(acc).unsqueeze(1) if per_row else row_scale
-        losses[r0:r1], G = kernel(z, target_rows(target, r0, r1), class_weight, opts, sc)
+        t_c = target_rows(target, r0, r1)
+        if stats is not None:
+            sub = max(1, CPU_SOFTMAX_ELEMENTS // max(1, V))  # fp32 temporaries of ~4 MiB
+            for s0 in range(0, r1 - r0, sub):
+                s1 = min(r1 - r0, s0 + sub)
+                row_statistics(z[s0:s1], t_c[s0:s1], opts.softcap, stats[r0 + s0 : r0 + s1])
+        losses[r0:r1], G = kernel(z, t_c, class_weight, opts, sc)
         del z
         if G is None:
             continue
@@ -260,6 +277,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         kernel: ChunkKernel = softmax_chunk,
         reduce_grad_hidden: Callable[[Tensor], Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
+        stats: Tensor | None = None,
     ) -> Tensor:
         # Autocast: the inputs are cast here, and the gradients returned in the inputs' own
         # dtypes, so an fp32 weight's gradient accumulates straight into its fp32 buffer (no
@@ -300,11 +318,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = None
         if store and need_h and rows is not None:
             grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+        # return_aux: (N, 3) statistics; the kept tokens' rows are computed, the others stay 0
+        kept_stats = stats if stats is None or rows is None else stats.new_zeros((len(t_v), 3))
         losses, dH, dW, db = linear_cross_entropy_rows(
             h_v, weight, bias, t_v, class_weight, opts, scale if store else None,
             need_hidden=need_h, need_weight=need_w, need_bias=need_b, chunk_size=chunk_size,
             wgrad_dtype=wgrad_dtype, grad_hidden=grad_hidden, rows=rows, kernel=kernel,
+            stats=kept_stats,
         )
+        if stats is not None and kept_stats is not stats:
+            stats.zero_().index_copy_(0, rows, kept_stats)
         del h_v
         ctx.opts, ctx.chunk_size, ctx.wgrad_dtype = opts, chunk_size, wgrad_dtype
         ctx.kernel, ctx.reduce_grad_hidden = kernel, reduce_grad_hidden
@@ -367,4 +390,4 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dW = dW.to(w_dtype)
         if db is not None and db.dtype != b_dtype:
             db = db.to(b_dtype)
-        return dH, dW, db, None, None, None, None, None, None, None, None, None
+        return dH, dW, db, None, None, None, None, None, None, None, None, None, None

@@ -34,6 +34,7 @@ from crossent._formula import (
     inverse_or_zero,
     mean_denominator,
     regulariser_terms,
+    row_statistics,
     target_terms,
 )
 from crossent._options import RowGamma, SoftmaxCall, SoftmaxOptions
@@ -490,9 +491,11 @@ def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
     all_rows = (
         index_rows(flat_target, weight, opts.ignore_index, acc) if flat_target is not None else None
     )
+    stats = call.stats
     linear_rows = (
         need_grad and not spatial and not inplace_backward and flat_target is not None
         and logits.device.type == "cpu" and not _compiling() and _coefficients_known(opts)
+        and stats is None
     )
     if linear_rows:
         _linear_coefficient_rows(logits, all_rows, weight, opts, grad_buf, scale, scratch, losses)
@@ -508,6 +511,8 @@ def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
         else:
             xb, tb = logits[n0:n1], target[n0:n1]
             gb = grad_buf[n0:n1] if grad_buf is not None else None
+        if stats is not None:  # from the block in cache, before its gradient may overwrite it
+            row_statistics(xb, tb, opts.softcap, stats[n0 * per_n : n1 * per_n])
         losses[n0 * per_n : n1 * per_n] = softmax_rows(
             xb, tb, weight, rows_of(opts, n0 * per_n, n1 * per_n), gb, scale, scratch,
             None if all_rows is None else tuple(r[n0 * per_n : n1 * per_n] for r in all_rows),
