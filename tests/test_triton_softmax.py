@@ -304,3 +304,43 @@ def test_math_helpers_relative_accuracy():
     torch.testing.assert_close(e[keep].double(), torch.expm1(xd[keep]), rtol=4e-7, atol=0)
     torch.testing.assert_close(th.double(), torch.tanh(xd), rtol=4e-7, atol=0)
     torch.testing.assert_close(lp.double(), torch.log1p(xd.abs()), rtol=4e-7, atol=0)
+
+
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+@pytest.mark.parametrize("layout", ["2d", "spatial"])
+@pytest.mark.parametrize("opts", [{}, {"softcap": 2.0, "z_loss": 1e-2}, {"gamma": 2.0, "label_smoothing": 0.1}],
+                         ids=["default", "softcap+z", "focal+smoothing"])
+def test_return_aux_in_the_kernel(triton_backend, target_kind, layout, opts):
+    """return_aux's statistics come from the kernel's pass 1 (online argmax across chunks, ties
+    to the first index) and equal the torch-op path's."""
+    shape = (6, C) if layout == "2d" else (3, C, 2)
+    x = _logits(*shape)
+    x[0, 5] = x[0, 20] = x[0].max() + 1.0  # a tie across chunks: the first one wins
+    if target_kind == "index":
+        t = _index_target(shape[0]) if layout == "2d" else torch.randint(0, C, (3, 2))
+        t.view(-1)[0] = 5
+    else:
+        t = _prob_target(*shape)
+    _, aux = crossent.cross_entropy(x, t, return_aux=True, **opts)
+    assert len(triton_backend) == 1
+    # by hand, from the materialised (soft-capped) logits, rows last
+    u = x.double().movedim(1, -1).reshape(-1, C)
+    if "softcap" in opts:
+        u = torch.tanh(u / opts["softcap"]) * opts["softcap"]
+    lse = torch.logsumexp(u, 1)
+    H = -(torch.softmax(u, 1) * torch.log_softmax(u, 1)).sum(1)
+    if target_kind == "index":
+        y = t.reshape(-1)
+        valid = y != -100
+    else:
+        y = t.movedim(1, -1).reshape(-1, C).argmax(1)
+        valid = torch.ones_like(lse, dtype=torch.bool)
+    hit = (u.argmax(1) == y) & valid
+    sample_shape = (shape[0],) + shape[2:]
+    torch.testing.assert_close(aux.lse.double(), torch.where(valid, lse, 0.0).reshape(sample_shape),
+                               rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(aux.entropy.double(), H[valid].mean(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(aux.accuracy.double(), (hit.sum() / valid.sum()).double(), rtol=0, atol=1e-7)
+    if "z_loss" in opts:
+        want_z = opts["z_loss"] * (lse[valid] ** 2).sum() / valid.sum()
+        torch.testing.assert_close(aux.z_loss.double(), want_z, rtol=2e-5, atol=2e-6)

@@ -138,7 +138,7 @@ def _softmax_opts(
 
 #: The kernels that fill ``SoftmaxCall.stats`` (the per-row statistics of ``return_aux``); a
 #: call that asks for them runs on the torch-op path otherwise.
-AUX_BACKENDS = frozenset({"torch"})
+AUX_BACKENDS = frozenset({"torch", "triton"})
 
 
 def _softmax_backend(

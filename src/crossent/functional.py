@@ -444,8 +444,9 @@ def cross_entropy(
             path), ``"native"``, ``"torch"`` (torch ops, any device) or ``"triton"``.
         return_aux: also return a :class:`CrossEntropyAux`: the log-sum-exp per sample, the
             z-loss term, the accuracy and the mean entropy of the prediction, computed in the
-            loss's own pass (the torch-op path's blocked pass; a call that asks for them runs
-            there, whatever ``backend`` says: the native and Triton kernels do not write them).
+            loss's own pass (the first pass of the Triton kernel; the torch-op path's blocked
+            pass, from each block in cache). A CPU call that asks for them runs on the torch-op
+            path (``crossent._ops.AUX_BACKENDS`` lists the kernels that write them).
 
     Returns:
         The loss: float32 for float32/float16/bfloat16 logits (accumulation is always fp32),

@@ -201,12 +201,13 @@ def _softmax_ce_kernel(
     T, stride_tn, stride_ts, stride_tc,
     W, GAMMA, SCALE, LOSS,
     G, stride_gn, stride_gs, stride_gc,
+    STATS,
     R, C, S, ignore_index,
     cf, one_minus_eps, uniform, gamma, z_loss, cap, beta, poly1,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
     FOCAL: tl.constexpr, SCHEDULE: tl.constexpr, DENSE: tl.constexpr, Z_LOSS: tl.constexpr,
     SOFTCAP: tl.constexpr, CP: tl.constexpr, POLY1: tl.constexpr, NEED_GRAD: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    AUX: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r"""Per-row loss and gradient of the softmax family for BLOCK_R rows.
 
@@ -225,6 +226,9 @@ def _softmax_ce_kernel(
         LOSS: (R,) fp32 output, the unreduced loss of every row.
         G: gradient output (the logits' dtype), an (N, C, S) view with strides
             ``stride_gn``, ``stride_gs``, ``stride_gc``; may be X itself (inplace_backward).
+        STATS: (R, 3) fp32 output of ``return_aux`` (written when AUX): lse, the entropy
+            ``H = lse - sum q u`` and 1.0 where the first argmax of u is the target class
+            (for probability targets, the first argmax of the target), from pass 1.
         R, C, S: rows (N * S), classes, spatial size.
         ignore_index: index targets equal to it give loss 0 and gradient 0.
         cf: float(C). one_minus_eps: 1 - label_smoothing. uniform: label_smoothing / C.
@@ -283,7 +287,10 @@ def _softmax_ce_kernel(
     su = tl.zeros([BLOCK_R], tl.float32)  # sum u                  (smoothing, index)
     suw = tl.zeros([BLOCK_R], tl.float32)  # sum u w               (smoothing + weights)
     wsum = tl.zeros([BLOCK_R], tl.float32)  # sum w                (smoothing + weights)
-    seu = tl.zeros([BLOCK_R], tl.float32)  # sum e u, e = exp(u - m) (confidence penalty)
+    seu = tl.zeros([BLOCK_R], tl.float32)  # sum e u, e = exp(u - m) (confidence penalty, aux)
+    amax = tl.zeros([BLOCK_R], tl.int64)  # first argmax of u                     (aux)
+    tmax = tl.full([BLOCK_R], -float("inf"), tl.float32)  # max of the target    (aux, prob.)
+    targ = tl.zeros([BLOCK_R], tl.int64)  # its first argmax                      (aux, prob.)
     asum = tl.zeros([BLOCK_R], tl.float32)  # sum a                (probability targets)
     sau = tl.zeros([BLOCK_R], tl.float32)  # sum a u               (probability targets)
     set_ = tl.zeros([BLOCK_R], tl.float32)  # sum e t~             (Poly-1, prob. targets)
@@ -295,11 +302,21 @@ def _softmax_ce_kernel(
         else:
             u, _dudz = _load_u(X, xrow, cols, stride_xc, rmask, cmask, cap, inv_cap, SOFTCAP)
         um = tl.where(cmask[None, :], u, -float("inf"))
-        m_new = tl.maximum(m, tl.max(um, axis=1))
+        cmax = tl.max(um, axis=1)
+        if AUX:
+            # online first argmax: a later chunk takes over only with a strictly larger max
+            amax = tl.where(cmax > m, c0 + tl.argmax(um, axis=1).to(tl.int64), amax)
+            if PROB_TARGET:
+                tk = tl.load(T + trow[:, None] + cols[None, :].to(tl.int64) * stride_tc,
+                             mask=rmask[:, None] & cmask[None, :], other=-float("inf")).to(tl.float32)
+                tc = tl.max(tk, axis=1)
+                targ = tl.where(tc > tmax, c0 + tl.argmax(tk, axis=1).to(tl.int64), targ)
+                tmax = tl.maximum(tmax, tc)
+        m_new = tl.maximum(m, cmax)
         alpha = tl.exp(m - m_new)
         e = tl.exp(um - m_new[:, None])  # 0 at padding columns
         d = d * alpha + tl.sum(e, axis=1)
-        if CP:
+        if CP or AUX:
             seu = seu * alpha + tl.sum(tl.where(e != 0.0, e * u, 0.0), axis=1)  # 0 log 0 = 0
         if PROB_TARGET:
             if not FOCAL or POLY1:
@@ -320,6 +337,11 @@ def _softmax_ce_kernel(
                     su += tl.sum(u, axis=1)
         m = m_new
     lse = m + tl.log(d)
+    if AUX:
+        hit = (amax == targ) if PROB_TARGET else (amax == y)
+        tl.store(STATS + rows * 3, lse, mask=rmask)
+        tl.store(STATS + rows * 3 + 1, lse - seu / d, mask=rmask)
+        tl.store(STATS + rows * 3 + 2, hit.to(tl.float32), mask=rmask)
 
     # ---- loss and gradient coefficients of each row
     zero = tl.zeros([BLOCK_R], tl.float32)
@@ -626,6 +648,9 @@ def softmax_cross_entropy(
         grad_arg = x3  # never written (NEED_GRAD=False)
 
     losses = torch.empty(R, dtype=torch.float32, device=dev)
+    stats = call.stats
+    if stats is not None and not stats.is_contiguous():
+        raise ValueError("the return_aux statistics buffer must be contiguous (R, 3)")
     _softmax_ce_kernel[grid](
         x3, *_strides(x3),
         t_arg, *t_strides,
@@ -633,6 +658,7 @@ def softmax_cross_entropy(
         gamma_arg if gamma_arg is not None else losses,
         scale, losses,
         grad_arg, *_strides(grad_arg),
+        stats if stats is not None else losses,
         R, C, S, opts.ignore_index,
         float(C), 1.0 - eps, eps / C,
         0.0 if schedule else float(opts.gamma),
@@ -642,6 +668,7 @@ def softmax_cross_entropy(
         FOCAL=focal, SCHEDULE=schedule, DENSE=focal and (eps > 0.0 or not index),
         Z_LOSS=opts.z_loss > 0.0, SOFTCAP=softcap is not None,
         CP=opts.confidence_penalty > 0.0, POLY1=opts.poly1 != 0.0, NEED_GRAD=bool(need_grad),
+        AUX=stats is not None,
         ONE_CHUNK=BLOCK_C >= C, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
     )
 
