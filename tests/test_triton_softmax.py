@@ -308,8 +308,10 @@ def test_math_helpers_relative_accuracy():
 
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
 @pytest.mark.parametrize("layout", ["2d", "spatial"])
-@pytest.mark.parametrize("opts", [{}, {"softcap": 2.0, "z_loss": 1e-2}, {"gamma": 2.0, "label_smoothing": 0.1}],
-                         ids=["default", "softcap+z", "focal+smoothing"])
+@pytest.mark.parametrize(
+    "opts", [{}, {"softcap": 2.0, "z_loss": 1e-2}, {"gamma": 2.0, "label_smoothing": 0.1}],
+    ids=["default", "softcap+z", "focal+smoothing"],
+)
 def test_return_aux_in_the_kernel(triton_backend, target_kind, layout, opts):
     """return_aux's statistics come from the kernel's pass 1 (online argmax across chunks, ties
     to the first index) and equal the torch-op path's."""
@@ -336,7 +338,7 @@ def test_return_aux_in_the_kernel(triton_backend, target_kind, layout, opts):
         y = t.movedim(1, -1).reshape(-1, C).argmax(1)
         valid = torch.ones_like(lse, dtype=torch.bool)
     hit = (u.argmax(1) == y) & valid
-    sample_shape = (shape[0],) + shape[2:]
+    sample_shape = (shape[0], *shape[2:])
     torch.testing.assert_close(aux.lse.double(), torch.where(valid, lse, 0.0).reshape(sample_shape),
                                rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(aux.entropy.double(), H[valid].mean(), rtol=2e-5, atol=2e-6)
