@@ -1,6 +1,11 @@
 """Pieces the benchmark scripts share: CPU peak memory from the profiler, interleaved timing, the
 machine's CPU model, the eager sigmoid focal loss and integer options.
 
+Timing is ``crossent bench``'s harness (:mod:`crossent.bench`): warm-up, rounds interleaved in a
+new shuffled order each round, the machine's load measured over the same span; a busy machine
+or a noisy case prints the same warnings as ``crossent bench`` (on stderr, so the scripts'
+markdown tables on stdout stay clean).
+
 The scripts run as ``python benchmarks/bench_*.py``, which puts this folder on ``sys.path``:
 they import this module as ``_shared``.
 
@@ -14,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from crossent.bench import time_median
+from crossent.bench import LoadMonitor, reliability_warnings, summarize
+from crossent.bench import interleaved_times as _harness_times
 
 
 def cpu_model() -> str:
@@ -91,15 +97,15 @@ def backward_steps(
 
 
 def interleaved_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall times (ms) of every step over ``repeats`` rounds, the steps interleaved round by round
-    in a new shuffled order each round (``random.Random(0)``): slow phases of the machine hit all
-    alike, and no step always follows the same one (one that frees much memory can slow the
-    next down)."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = random.Random(0)
-    for _ in range(repeats):
-        for name, step in order.sample(list(steps.items()), len(steps)):
-            times[name].append(time_median(step, "cpu", repeats=1, warmup=0))
+    """Wall times (ms) of every step over ``repeats`` rounds (:func:`crossent.bench.interleaved_times`:
+    one warm-up call each, then the steps interleaved round by round in a new shuffled order each
+    round, ``random.Random(0)``). Warnings on the machine's load and on cases whose rounds spread
+    more than 10% go to stderr."""
+    with LoadMonitor() as monitor:
+        times = _harness_times(steps, repeats, device="cpu", warmup=1)
+    spreads = {name: summarize(ts).spread for name, ts in times.items()}
+    for line in reliability_warnings(spreads, monitor.result):
+        print(f"warning: {line}", file=sys.stderr)
     return times
 
 

@@ -1,8 +1,14 @@
-"""Time ``ece`` and ``TemperatureScaler.fit`` on 1,000,000 x 1,000 float32 logits.
+"""Time ``ece``, the streaming ``CalibrationMeter`` and ``TemperatureScaler.fit`` on
+1,000,000 x 1,000 float32 logits.
 
-Run: ``python benchmarks/bench_calibration.py [--n 1000000] [--c 1000] [--repeats 3]``.
-Prints a markdown table (medians of the repeats) with the machine it ran on. Needs about
-4.5 GB of memory for the default size (the logits, turned into probabilities in place).
+Run: ``python benchmarks/bench_calibration.py [--n 1000000] [--c 1000] [--repeats 5]``.
+Prints a markdown table with the machine it ran on. The one-shot ``ece`` and the meter
+(``update`` over batches of ``--batch`` rows, then ``compute``) are timed in interleaved rounds
+(:func:`_shared.interleaved_times`: a new shuffled order every round), so a busy phase of a
+shared machine hits both alike; the table gives the medians and the median of the per-round
+ratios. The default meter (classwise bins on, every one of the N C probabilities binned) is
+timed once. Needs about 4.5 GB of memory for the default size (the logits, turned into
+probabilities in place for the last rows).
 """
 
 from __future__ import annotations
@@ -12,27 +18,61 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from _shared import add_int_options, cpu_model
-from crossent.calibration import TemperatureScaler, ece
+from _shared import add_int_options, cpu_model, interleaved_times
+from crossent.calibration import CalibrationMeter, TemperatureScaler, ece
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def meter_run(x: np.ndarray, y: np.ndarray, batch: int, *, classwise: bool, from_logits: bool) -> float:
+    m = CalibrationMeter(classwise=classwise, from_logits=from_logits)
+    for start in range(0, x.shape[0], batch):
+        m.update(x[start : start + batch], y[start : start + batch])
+    return m.compute()["ece"]
+
+
+def compare(
+    label: str, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, from_logits: bool
+) -> list[tuple[str, float, str]]:
+    """Interleaved rounds of the one-shot ece and the meter (with and without classwise)."""
+    kw = {"from_logits": from_logits}
+    want = ece(x, y, **kw)  # type: ignore[arg-type]
+    steps = {
+        "ece": lambda: ece(x, y, **kw),  # type: ignore[arg-type]
+        "meter": lambda: meter_run(x, y, batch, classwise=False, from_logits=from_logits),
+    }
+    times = interleaved_times(steps, repeats)
+    med = {k: statistics.median(v) / 1e3 for k, v in times.items()}
+    ratio = statistics.median(m / e for m, e in zip(times["meter"], times["ece"], strict=True))
+    got = meter_run(x, y, batch, classwise=False, from_logits=from_logits)
+    assert abs(got - want) <= 1e-12, (got, want)  # same bins, sums to round-off
+    # the classwise meter bins every probability: far slower, timed once after an ece call
+    t_e = time.perf_counter()
+    ece(x, y, **kw)  # type: ignore[arg-type]
+    t_e = time.perf_counter() - t_e
+    t0 = time.perf_counter()
+    got = meter_run(x, y, batch, classwise=True, from_logits=from_logits)
+    med["meter+classwise"] = time.perf_counter() - t0
+    ratio_cw = med["meter+classwise"] / t_e
+    assert abs(got - want) <= 1e-12, (got, want)
+    nb = -(-x.shape[0] // batch)
+    return [
+        (f"`ece({label}, labels{', from_logits=True' if from_logits else ''})`", med["ece"],
+         f"ECE = {want:.4f}"),
+        (f"`CalibrationMeter(classwise=False)`: {nb} updates + compute", med["meter"],
+         f"{ratio:.2f}x the one-shot `ece` (median of per-round ratios); same ECE to 1e-12;"
+         " also NLL, Brier, accuracy"),
+        (f"`CalibrationMeter()` (default, classwise on): {nb} updates + compute", med["meter+classwise"],
+         f"{ratio_cw:.2f}x the `ece` call just before it (one round): classwise bins all"
+         f" {x.shape[0] * x.shape[1]:,} probabilities"),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_int_options(parser, n=1_000_000, c=1_000, repeats=3)
+    add_int_options(parser, n=1_000_000, c=1_000, repeats=5, batch=100_000, fit_repeats=1)
     args = parser.parse_args()
     n, c = args.n, args.c
 
@@ -48,23 +88,25 @@ def main() -> None:
     logits_np, labels_np = logits.numpy(), labels.numpy()
 
     rows = []
-    t_fit, scaler = median_time(lambda: TemperatureScaler().fit(logits_np, labels_np), args.repeats)
-    assert isinstance(scaler, TemperatureScaler)
+    fit_times = []
+    for _ in range(args.fit_repeats):
+        t0 = time.perf_counter()
+        scaler = TemperatureScaler().fit(logits_np, labels_np)
+        fit_times.append(time.perf_counter() - t0)
     rows.append(
         (
             "`TemperatureScaler().fit(logits, labels)`",
-            t_fit,
-            f"T = {scaler.temperature:.4f} (true 2.5), {scaler.n_iter_} passes",
+            statistics.median(fit_times),
+            f"T = {scaler.temperature:.4f} (true 2.5), {scaler.n_iter_} passes, fallback {scaler.fallback}",
         )
     )
-    t_ece_l, v = median_time(lambda: ece(logits_np, labels_np, from_logits=True), args.repeats)
-    rows.append(("`ece(logits, labels, from_logits=True)`", t_ece_l, f"ECE = {v:.4f}"))
+    rows += compare("logits", logits_np, labels_np, args.batch, args.repeats, from_logits=True)
     for start in range(0, n, step):  # probabilities in place: no second 4 GB buffer
         torch.softmax(logits[start : start + step], 1, out=logits[start : start + step])
-    t_ece_p, v = median_time(lambda: ece(logits_np, labels_np), args.repeats)
-    rows.append(("`ece(probs, labels)` (includes the row checks)", t_ece_p, f"ECE = {v:.4f}"))
+    rows += compare("probs", logits_np, labels_np, args.batch, args.repeats, from_logits=False)
 
-    print(f"### Calibration: {n:,} samples x {c:,} classes, float32 (median of {args.repeats})")
+    print(f"### Calibration: {n:,} samples x {c:,} classes, float32 (medians of {args.repeats}"
+          " interleaved rounds)")
     print()
     print(
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible, "

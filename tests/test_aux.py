@@ -17,6 +17,7 @@ OPTIONS: dict[str, dict] = {
     "default": {},
     "smoothing": {"label_smoothing": 0.1},
     "focal": {"gamma": 2.0},
+    "flsd53_smoothing": {"gamma": crossent.flsd53, "label_smoothing": 0.1},
     "z_loss": {"z_loss": 0.01},
     "z_loss_unweighted": {"z_loss": 0.01, "z_loss_weighted": False, "weight": "w"},
     "weight": {"weight": "w", "z_loss": 0.01},
@@ -82,7 +83,7 @@ def _materialise(opts: dict, sample_shape, dtype) -> dict:
 CASES = [
     (layout, prob, name, reduction, backend)
     for layout, prob, name, reduction, backend in itertools.product(
-        LAYOUTS, (False, True), OPTIONS, ("mean", "sum", "none"), ("auto", "native")
+        LAYOUTS, (False, True), OPTIONS, ("mean", "sum", "none"), ("auto", "torch")
     )
     # probability targets have no ignore_index and no class-weighted z-loss split
     if not (prob and name in ("z_loss_unweighted", "count_mean"))

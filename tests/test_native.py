@@ -46,15 +46,16 @@ def test_builds_and_is_picked_for_cpu_tensors(monkeypatch):
     crossent.cross_entropy(x, y, backend="torch")
     crossent.cross_entropy(torch.randn(3, 5, 2), torch.rand(3, 5, 2))  # 3-D soft targets: torch ops
     crossent.cross_entropy(torch.randn(3, 2, 5).transpose(1, 2), torch.zeros(3, 2, dtype=torch.long))
-    crossent.cross_entropy(x, y, gamma=2.0, label_smoothing=0.1)  # focal + smoothing: torch ops
     assert calls == [1]
+    # the dense paths: focal with smoothing, focal with probability targets
+    crossent.cross_entropy(x, y, gamma=2.0, label_smoothing=0.1)
+    crossent.cross_entropy(x, torch.softmax(torch.randn(3, 5), 1), gamma=2.5)
+    assert calls == [1, 1, 1]
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: crossent.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), gamma=1.0,
-                                        label_smoothing=0.1, backend="native"), "does not cover"),
         (lambda: crossent.cross_entropy(torch.randn(3, 5).t(), torch.tensor([0, 1, 2, 0, 1]),
                                         backend="native"), "does not cover"),
         (lambda: crossent.cross_entropy(torch.randn(3, 5, 2), torch.rand(3, 5, 2), backend="native"),
@@ -440,3 +441,135 @@ def test_a_library_that_fails_to_load_gives_way_to_the_next_flags(tmp_path, monk
     assert len(attempts) == 2 and attempts[0] != attempts[1]
     assert lib.ce_has_f16() in (0, 1)
     assert len(list(tmp_path.glob("kernels-*.so"))) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# return_aux: the kernel's row statistics equal crossent._formula.row_statistics
+
+
+def _native_stats(x, t, **kw):
+    """The (R, 3) statistics the native kernel writes for logits ``x`` (class dim 1)."""
+    from crossent._formula import acc_dtype
+
+    rows = 1 if x.ndim == 1 else x.numel() // x.shape[1]
+    stats = torch.full((rows, 3), float("nan"), dtype=acc_dtype(x.dtype))
+    opts = SoftmaxOptions(**kw)
+    assert native.supports_softmax(x, t, opts)
+    native.softmax_cross_entropy(SoftmaxCall(x, t, None, opts, "mean", True, stats=stats))
+    return stats
+
+
+def _rows_of(x, t):
+    C = x.shape[1]
+    rows = x.movedim(1, -1).reshape(-1, C)
+    return rows, (t.movedim(1, -1).reshape(-1, C) if t.is_floating_point() else t.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, F64])
+@pytest.mark.parametrize("layout", ["2d", "wide", "spatial_few", "spatial_many", "prob"])
+@pytest.mark.parametrize("kw", [{}, {"softcap": 2.0}, {"label_smoothing": 0.1, "gamma": 2.0},
+                                {"gamma": crossent.flsd53, "confidence_penalty": 0.2}])
+def test_native_stats_equal_row_statistics(dtype, layout, kw):
+    """Ties (the first index wins), soft-capping, probability targets, (N, C, d) layouts (both
+    spatial kernels: few classes vectorised across positions, many transposed into rows)."""
+    from crossent._formula import acc_dtype, row_statistics
+
+    g = torch.Generator().manual_seed(7)
+    C = {"spatial_many": 300, "wide": 1000}.get(layout, 11)
+    shape = (4, C, 3, 2) if layout.startswith("spatial") else (12, C)
+    x = (torch.randn(shape, generator=g) * 3).round().to(dtype)  # rounded: many ties
+    tie = [130, 700] if layout == "wide" else [2, 5]  # wide: beyond the first block of 64
+    x.movedim(1, -1).reshape(-1, C)[0, tie] = 50.0  # an exact tie at the max
+    if layout == "prob":
+        t = torch.softmax(torch.randn(shape, generator=g) * 2, 1).to(acc_dtype(dtype))
+        t[0, [1, 4]] = 5.0  # a tie in the target's argmax
+        t[1] = torch.nn.functional.one_hot(x[1].float().argmax(), C).to(t.dtype)  # a hit
+    else:
+        t = torch.randint(0, C, (shape[0], *shape[2:]), generator=g)
+        t.view(-1)[0] = tie[0]  # the first of the tied maxima: a hit
+        t.view(-1)[1] = x.movedim(1, -1).reshape(-1, C)[1].float().argmax()
+        t.view(-1)[::5] = -100
+    stats = _native_stats(x, t, **kw)
+    rows, tr = _rows_of(x, t)
+    ref = row_statistics(rows, tr, kw.get("softcap"), torch.empty_like(stats))
+    keep = tr != -100 if not t.is_floating_point() else torch.ones(len(stats), dtype=torch.bool)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype != F64 else {}
+    torch.testing.assert_close(stats[keep, :2], ref[keep, :2], **tol)
+    torch.testing.assert_close(stats[keep, 2], ref[keep, 2], atol=0, rtol=0)
+    assert stats[keep, 2].sum() >= 1  # the planted hits are counted
+
+
+def test_native_stats_all_rows_ignored_and_empty():
+    x = torch.randn(5, 6)
+    for layout in (x, x.reshape(5, 6, 1)):
+        t = torch.full((5,) if layout.ndim == 2 else (5, 1), -100)
+        _native_stats(layout, t)  # ignored rows may hold anything, but the call is sound
+        loss, aux = crossent.cross_entropy(layout, t, z_loss=1e-2, return_aux=True)
+        assert loss.item() == 0 and aux.accuracy.item() == 0 and aux.entropy.item() == 0
+    _native_stats(torch.randn(0, 6), torch.zeros(0, dtype=torch.long))
+
+
+def test_return_aux_runs_on_the_native_kernel(monkeypatch):
+    calls = []
+    original = native.softmax_cross_entropy
+    monkeypatch.setattr(native, "softmax_cross_entropy", lambda *a: calls.append(1) or original(*a))
+    x, y = torch.randn(6, 9), torch.randint(0, 9, (6,))
+    loss, aux = crossent.cross_entropy(x, y, return_aux=True, z_loss=1e-3)
+    assert calls == [1]
+    ref_loss, ref = crossent.cross_entropy(x, y, return_aux=True, z_loss=1e-3, backend="torch")
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(aux, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# step schedules (FLSD-53) evaluated inside the kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, F64])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"label_smoothing": 0.1}, {"label_smoothing": 0.1, "weighted": True}, {"prob": True},
+     {"spatial": True, "label_smoothing": 0.05}, {"softcap": 4.0, "z_loss": 1e-3, "poly1": 0.5},
+     {"prob": True, "zero_below": True}, {"label_smoothing": 0.1, "zero_below": True}],
+)
+def test_step_schedule_in_kernel_equals_the_schedule_outside(monkeypatch, dtype, kw):
+    """A StepGamma reaches the kernel as numbers (no true_class_prob pass) and gives the loss and
+    gradient of the same schedule evaluated outside, on the torch-op path."""
+    from crossent._options import StepGamma
+
+    kw = dict(kw)
+    # a step to gamma 0 mixes dense focal rows with plain cross-entropy rows in one call
+    step = StepGamma(0.5, 0.0, 2.5) if kw.pop("zero_below", False) else crossent.flsd53
+    g = torch.Generator().manual_seed(3)
+    C = 23
+    spatial, prob, weighted = kw.pop("spatial", False), kw.pop("prob", False), kw.pop("weighted", False)
+    shape = (6, C, 5) if spatial else (40, C)
+    x = (torch.randn(shape, generator=g) * 2.5).to(dtype)
+    if prob:
+        t = torch.softmax(torch.randn(shape, generator=g) * 3, 1).to(F64 if dtype == F64 else torch.float32)
+    else:
+        t = torch.randint(0, C, (shape[0], *shape[2:]), generator=g)
+        t.view(-1)[::7] = -100
+    if weighted:
+        kw["weight"] = (torch.rand(C, generator=g) + 0.5).to(F64 if dtype == F64 else torch.float32)
+    calls = []
+    monkeypatch.setattr(native, "true_class_prob", lambda *a: calls.append(1))
+    a = _grad(crossent.cross_entropy, x, t, backend="native", gamma=step, **kw)
+    assert calls == []
+    monkeypatch.undo()
+    b = _grad(crossent.cross_entropy, x, t, backend="torch", gamma=lambda p: step(p), **kw)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(a, b, **tol)
+
+
+def test_step_gamma_is_a_validated_schedule():
+    from crossent._options import StepGamma
+
+    p = torch.tensor([0.0, 0.19, 0.2, 0.9], dtype=F64)
+    assert crossent.flsd53(p).tolist() == [5.0, 5.0, 3.0, 3.0] and crossent.flsd53(p).dtype == F64
+    assert crossent.flsd53 == StepGamma(0.2, 5.0, 3.0) and crossent.flsd53.__name__ == "flsd53"
+    with pytest.raises(ValueError, match="below"):
+        StepGamma(0.2, -1.0, 3.0)
+    with pytest.raises(ValueError, match="threshold"):
+        StepGamma(float("nan"), 1.0, 3.0)

@@ -395,6 +395,11 @@ def test_operators_pass_opcheck():
     torch.library.opcheck(torch.ops.crossent.softmax_ce.default, args)
     with_aux = (*args[:-1], "native", False, True)  # return_aux's row statistics as a third output
     torch.library.opcheck(torch.ops.crossent.softmax_ce.default, with_aux)
+    # a step schedule (FLSD-53) as numbers, evaluated by the native kernel (the torch-op path
+    # evaluates the same step as a schedule)
+    for backend in ("native", "torch"):
+        step = (*args[:6], 0.0, *args[7:-1], backend, False, True, 0.2, 5.0, 3.0)
+        torch.library.opcheck(torch.ops.crossent.softmax_ce.default, step)
     t = torch.rand(6, 5)
     bargs = (x, t, None, None, 0.0, 2.0, 2.0, 0.25, 0.0, None, "mean", True, "torch")
     torch.library.opcheck(torch.ops.crossent.binary_ce.default, bargs)

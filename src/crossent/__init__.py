@@ -6,6 +6,7 @@ Losses (one formulation each for the softmax and the sigmoid family, every optio
 - :func:`binary_cross_entropy`, :func:`sigmoid_focal_loss`, :func:`asymmetric_loss` -- sigmoid family
 - :func:`linear_cross_entropy` -- ``hidden @ weight.T`` + CE without materialising the logits
 - :func:`class_weights`, :func:`logit_adjustment` -- class-imbalance helpers
+- :func:`entropy`, :func:`kl_divergence` -- of categorical distributions, from logits or probabilities
 
 Submodules: :mod:`crossent.nn` (modules), :mod:`crossent.reference` (NumPy float64 spec),
 :mod:`crossent.calibration`, :mod:`crossent.experiments`, :mod:`crossent.distributed`.
@@ -17,17 +18,21 @@ import importlib
 from typing import Any
 
 from crossent import nn, reference
+from crossent._aux import CrossEntropyAux
+from crossent._version import __version__
+from crossent.divergence import entropy, kl_divergence
 from crossent.functional import cross_entropy, flsd53, focal_loss
 from crossent.imbalance import class_weights, logit_adjustment
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "CrossEntropyAux",
     "__version__",
     "class_weights",
     "cross_entropy",
+    "entropy",
     "flsd53",
     "focal_loss",
+    "kl_divergence",
     "logit_adjustment",
     "nn",
     "reference",

@@ -198,6 +198,7 @@ def target_terms(
         coef = a_y
     terms = Terms(loss=loss, rowc=coef, sparse=coef)
     if eps:
+        assert u_dot is not None  # the caller passes u_dot whenever label smoothing is on
         ue = eps / C * validf
         terms.loss = loss + ue * (lse * w_sum - u_dot)
         terms.rowc = coef + ue * w_sum
@@ -228,6 +229,7 @@ def regulariser_terms(
         terms.rowc = terms.rowc + s * (2.0 * opts.z_loss) * lse
     if opts.confidence_penalty:
         beta = opts.confidence_penalty
+        assert entropy is not None  # the caller passes entropy whenever the penalty is on
         terms.loss = terms.loss - s * beta * entropy
         terms.rowc = terms.rowc + s * beta * (entropy - lse)
     if opts.poly1:
@@ -240,6 +242,7 @@ def regulariser_terms(
             extra = s * e1 * (1.0 - eps) * q_y
             terms.sparse = extra if terms.sparse is None else terms.sparse + extra
         else:
+            assert p_mass is not None  # for probability targets the caller passes p_mass
             terms.loss = terms.loss + s * e1 * (1.0 - p_mass)
             terms.rowc = terms.rowc + s * e1 * p_mass
     return terms

@@ -18,9 +18,11 @@ does so in place on the saved buffer, so forward+backward holds one logits-sized
 :func:`scale_saved_grad`).
 
 The operators take only what a schema can carry: tensors, numbers and strings. Options are
-spelled out; a focal schedule (a Python callable) is evaluated before the operator, on the
-true-class probabilities that ``crossent::true_class_prob`` computes (a first read of the
-logits), and enters as a per-row ``gamma_rows`` tensor.
+spelled out; a step schedule (:class:`crossent._options.StepGamma`, e.g. ``crossent.flsd53``)
+enters as its three numbers when the backend evaluates it inside its own pass
+(:data:`STEP_BACKENDS`); any other focal schedule (a Python callable) is evaluated before the
+operator, on the true-class probabilities that ``crossent::true_class_prob`` computes (a first
+read of the logits), and enters as a per-row ``gamma_rows`` tensor.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ import torch
 from torch import Tensor
 
 from crossent._formula import acc_dtype, reduce
-from crossent._options import BinaryCall, BinaryOptions, RowGamma, SoftmaxCall, SoftmaxOptions, covers
+from crossent._options import (
+    BinaryCall,
+    BinaryOptions,
+    GammaSchedule,
+    RowGamma,
+    SoftmaxCall,
+    SoftmaxOptions,
+    StepGamma,
+    covers,
+)
 
 __all__ = ["binary_ce", "scale_saved_grad", "softmax_ce", "true_class_prob"]
 
@@ -128,17 +139,33 @@ def _(grad, factor):
 def _softmax_opts(
     ignore_index: int, label_smoothing: float, gamma: float, gamma_rows: Tensor | None,
     z_loss: float, softcap: float | None, confidence_penalty: float, poly1: float,
+    step_threshold: float = -1.0, step_below: float = 0.0, step_above: float = 0.0,
 ) -> SoftmaxOptions:
+    g: float | GammaSchedule = gamma
+    if gamma_rows is not None:
+        g = RowGamma(gamma_rows)
+    elif step_threshold >= 0:
+        g = StepGamma(step_threshold, step_below, step_above)
     return SoftmaxOptions(
-        ignore_index=ignore_index, label_smoothing=label_smoothing,
-        gamma=RowGamma(gamma_rows) if gamma_rows is not None else gamma,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=g,
         z_loss=z_loss, softcap=softcap, confidence_penalty=confidence_penalty, poly1=poly1,
     )
 
 
 #: The kernels that fill ``SoftmaxCall.stats`` (the per-row statistics of ``return_aux``); a
 #: call that asks for them runs on the torch-op path otherwise.
-AUX_BACKENDS = frozenset({"torch", "triton"})
+AUX_BACKENDS = frozenset({"native", "torch", "triton"})
+#: The backends whose kernels evaluate a step schedule (:class:`StepGamma`) per row in their own
+#: pass; for the others the front door evaluates it first, like any schedule. (Should the native
+#: kernel not take a call after all, the torch-op path evaluates the step as a schedule.)
+STEP_BACKENDS = frozenset({"native"})
+
+
+def evaluates_step(gamma: object, backend: str) -> bool:
+    """Whether ``gamma`` enters the operator as a step (its three numbers) on ``backend``: a
+    :class:`StepGamma` with a threshold >= 0 (the operator's "no step" is a negative one; a
+    negative threshold, under which no probability falls, is evaluated as any schedule)."""
+    return isinstance(gamma, StepGamma) and gamma.threshold >= 0 and backend in STEP_BACKENDS
 
 
 def _softmax_backend(
@@ -189,12 +216,18 @@ def softmax_ce(
     backend: str,
     hold: bool = False,
     aux: bool = False,
+    step_threshold: float = -1.0,
+    step_below: float = 0.0,
+    step_above: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The softmax family's loss, (``need_grad``) the gradient of that loss w.r.t. ``logits``
     and (``aux``) the per-row statistics of ``return_aux``.
 
     ``backend`` is ``"native"``, ``"torch"`` or ``"triton"``; ``gamma_rows`` (R,) replaces the
-    scalar ``gamma`` when given. The gradient is contiguous, of the logits' shape and dtype, with
+    scalar ``gamma`` when given; a ``step_threshold`` >= 0 replaces it by the step schedule
+    ``step_below`` where the row's true-class probability is under ``step_threshold``, else
+    ``step_above`` (:class:`crossent._options.StepGamma`), evaluated by the kernel itself.
+    The gradient is contiguous, of the logits' shape and dtype, with
     the mean's 1/denominator folded in; without ``need_grad`` it is an empty tensor. With
     ``hold`` (under torch.compile, with ``need_grad``) the second output is instead a
     one-element int64 handle to the gradient, held aside for :func:`held_grad`. The statistics
@@ -202,7 +235,7 @@ def softmax_ce(
     entropy, argmax hit), computed in the same pass; an empty tensor without ``aux``.
     """
     opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
-                         confidence_penalty, poly1)
+                         confidence_penalty, poly1, step_threshold, step_below, step_above)
     chosen = _softmax_backend(backend, logits, target, opts, weight, aux)
     stats = logits.new_empty((_rows(logits), 3) if aux else (0,), dtype=acc_dtype(logits.dtype))
     loss, grad = _kernel(chosen, "softmax")(
@@ -227,7 +260,8 @@ def _softmax_loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
 
 @softmax_ce.register_fake
 def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, z_loss, softcap,
-      confidence_penalty, poly1, reduction, need_grad, backend, hold=False, aux=False):
+      confidence_penalty, poly1, reduction, need_grad, backend, hold=False, aux=False,
+      step_threshold=-1.0, step_below=0.0, step_above=0.0):
     acc = acc_dtype(logits.dtype)
     loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc)
     stats = logits.new_empty((_rows(logits), 3) if aux else (0,), dtype=acc)
@@ -238,15 +272,16 @@ def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, 
 
 def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
     (logits, target, weight, gamma_rows, ignore_index, eps, gamma, z_loss, softcap, cp, poly1,
-     reduction, need_grad, _backend, *hold) = inputs
-    hold = hold[:1]
+     reduction, need_grad, _backend, *rest) = inputs
+    hold = rest[:1]
+    step = tuple(rest[2:5])  # step_threshold, step_below, step_above when given
     _, grad, stats = output
     ctx.mark_non_differentiable(grad, stats)
     ctx.set_materialize_grads(False)  # no zero-filled N x C "gradient" of the grad output
     ctx.need_grad = need_grad
     ctx.held = bool(hold and hold[0] and need_grad)  # grad is then the handle
     ctx.reduction = reduction
-    ctx.opts = _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, softcap, cp, poly1)
+    ctx.opts = _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, softcap, cp, poly1, *step)
     # The logits are kept (not copied) for a double backward, which recomputes q from them.
     ctx.save_for_backward(grad, logits, target, weight)
 
@@ -334,7 +369,7 @@ def _softmax_backward(
     return _fused_backward(
         ctx, grad_loss,
         lambda: softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction),
-        (grad, logits), 16,
+        (grad, logits), 19,
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -23,6 +24,50 @@ class RowGamma:
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         return self.rows
+
+
+@dataclass(frozen=True)
+class StepGamma:
+    r"""A step schedule of the focusing parameter: ``below`` where the true-class probability
+    :math:`p` is under ``threshold``, else ``above``,
+
+    .. math:: \gamma(p) = \begin{cases} \text{below} & p < \text{threshold} \\
+              \text{above} & \text{otherwise} \end{cases}
+
+    Callable like any schedule (``StepGamma(0.2, 5.0, 3.0)(p)``); being a value rather than
+    a function, the native kernel evaluates it per row inside its own pass, where any other
+    schedule needs a first pass over the logits for :math:`p`. ``name`` is what reprs and
+    error messages call it; ``doc``, when given, is the instance's own ``__doc__`` (what
+    ``inspect.getdoc`` and the API docs show for a named schedule such as ``crossent.flsd53``).
+
+    >>> import torch
+    >>> StepGamma(0.2, 5.0, 3.0)(torch.tensor([0.1, 0.2, 0.9]))
+    tensor([5., 3., 3.])
+    """
+
+    threshold: float
+    below: float
+    above: float
+    name: str = field(default="", compare=False)
+    doc: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for what in ("threshold", "below", "above"):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"StepGamma {what} must be a finite number, got {v!r}")
+            object.__setattr__(self, what, float(v))
+        if self.below < 0 or self.above < 0:
+            raise ValueError(f"StepGamma gammas must be >= 0, got below={self.below}, above={self.above}")
+        if self.doc:
+            object.__setattr__(self, "__doc__", self.doc)
+
+    @property
+    def __name__(self) -> str:
+        return self.name or f"StepGamma({self.threshold}, {self.below}, {self.above})"
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.where(p < self.threshold, self.below, self.above).to(p.dtype)
 
 
 @dataclass(frozen=True)
@@ -96,7 +141,7 @@ class SoftmaxCall:
     accumulation dtype, the options, the reduction, whether to form the gradient, whether
     to write it into the logits, and an optional (R, 3) buffer for the per-row statistics of
     ``return_aux`` (:func:`crossent._formula.row_statistics`), filled in the same pass by the
-    kernels that name ``"return_aux"`` in their allow-list."""
+    kernels of :data:`crossent._ops.AUX_BACKENDS`."""
 
     logits: torch.Tensor
     target: torch.Tensor

@@ -7,8 +7,11 @@ written); ``compile`` (``torch.compile`` of the torch provider); ``liger`` (Lige
 cross entropy, CUDA only, when installed). Variants: ``ce``, ``focal`` (gamma 2), ``ls``
 (smoothing 0.1).
 
-Reports the median time of forward only and forward+backward, peak extra memory of one
-forward+backward, achieved bandwidth and its fraction of the floor. The floor of a fused loss
+Reports the median time of forward only and forward+backward over interleaved rounds in shuffled
+order (after two warm-up calls), each with its spread (interquartile range in % of the median),
+peak extra memory of one forward+backward, achieved bandwidth and its fraction of the floor; and
+a ``warning:`` line when the machine's load during the run or a row's spread makes the ratios
+unreliable (see :class:`LoadMonitor`, :func:`reliability_warnings`). The floor of a fused loss
 is to read the logits once and write the gradient once: 2 x N x C x bytes (forward only:
 N x C x bytes). Peak memory on the CPU is the kernel's high-water mark of resident memory
 (VmHWM, reset through /proc/self/clear_refs) minus the resident memory before the call; on
@@ -22,23 +25,46 @@ import csv
 import ctypes
 import gc
 import json
+import math
+import os
 import platform
 import random
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 import crossent
+from crossent._extras import MissingExtraError, require
 
-__all__ = ["BenchResult", "add_arguments", "machine_info", "main", "peak_extra_memory", "time_median"]
+__all__ = [
+    "BenchResult",
+    "LoadMonitor",
+    "MachineLoad",
+    "Timing",
+    "add_arguments",
+    "interleaved_times",
+    "machine_info",
+    "main",
+    "peak_extra_memory",
+    "reliability_warnings",
+    "summarize",
+    "text_table",
+    "time_median",
+]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS: dict[str, dict] = {"ce": {}, "focal": {"gamma": 2.0}, "ls": {"label_smoothing": 0.1}}
+#: a loss of (logits, target), as each provider is called
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+K = TypeVar("K", bound=Hashable)
+VARIANTS: dict[str, dict[str, Any]] = {"ce": {}, "focal": {"gamma": 2.0}, "ls": {"label_smoothing": 0.1}}
 DEFAULT_SHAPES = {
     "cpu": "2048x32000,65536x80,65536x1000",
     "cuda": "65536x80,65536x1000,2048x32000,8192x32000,2048x128256,8192x128256",
@@ -47,20 +73,36 @@ DEFAULT_SHAPES = {
 
 @dataclass
 class BenchResult:
+    """One (provider, variant, shape, dtype) case: medians over the interleaved rounds, their
+    interquartile range in % of the median, peak extra memory, bandwidth against the copy floor."""
+
     provider: str
     variant: str
     N: int
     C: int
     dtype: str
     device: str
-    fwd_ms: float | None
-    fwd_bwd_ms: float | None
+    fwd_ms: float
+    fwd_bwd_ms: float
     peak_extra_mib: float | None
-    gb_per_s: float | None
-    floor_fraction: float | None
+    gb_per_s: float
+    floor_fraction: float
+    fwd_iqr_pct: float = 0.0  # interquartile range of the rounds, % of the median
+    fwd_bwd_iqr_pct: float = 0.0
 
 
 # ----------------------------------------------------------------------------- measuring
+#
+# The harness shared by ``crossent bench`` and the scripts in benchmarks/: every case is warmed up,
+# then timed once per round, the cases in a new shuffled order each round; a case's figure is the
+# median of its rounds with the interquartile range as its spread. The machine's load is measured
+# over the same span, so a busy machine (another job, a shared CI runner) is reported beside the
+# numbers instead of silently inflating them.
+
+#: a row whose interquartile range exceeds this fraction of its median is flagged as noisy
+SPREAD_LIMIT = 0.10
+#: other processes busy on more than this fraction of the CPUs during a run make its figures suspect
+BUSY_LIMIT = 0.25
 
 
 def _sync(device: str) -> None:
@@ -81,6 +123,173 @@ def time_median(fn: Callable[[], object], device: str, *, repeats: int = 7, warm
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_times(
+    steps: Mapping[K, Callable[[], object]], repeats: int, *, device: str = "cpu", warmup: int = 1,
+    seed: int = 0,
+) -> dict[K, list[float]]:
+    """Wall times (ms) of every step over ``repeats`` rounds.
+
+    Each step first runs ``warmup`` times (caches, lazy initialisation, ``torch.compile``); then
+    each round runs every step once, in a new shuffled order (``random.Random(seed)``): slow phases
+    of the machine hit all steps alike, so the ratios between them are measured in the same run,
+    and no step always follows the same one (one that frees much memory can slow the next down).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    items = list(steps.items())
+    for _, step in items:
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    times: dict[K, list[float]] = {name: [] for name, _ in items}
+    order = random.Random(seed)
+    for _ in range(repeats):
+        for name, step in order.sample(items, len(items)):
+            times[name].append(time_median(step, device, repeats=1, warmup=0))
+    return times
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The rounds of one case: median, quartiles and extremes (ms)."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    rounds: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median (0.05 = the middle half of the rounds within 5%)."""
+        return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else math.inf
+
+
+def summarize(times_ms: Sequence[float]) -> Timing:
+    """Median, quartiles (inclusive method) and extremes of the rounds of one case.
+
+    >>> t = summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    >>> (t.median_ms, t.q1_ms, t.q3_ms, t.max_ms)
+    (3.0, 2.0, 4.0, 100.0)
+    >>> round(t.spread, 3)
+    0.667
+    """
+    if not times_ms:
+        raise ValueError("summarize needs at least one time")
+    ts = sorted(float(t) for t in times_ms)
+    med = statistics.median(ts)
+    q1, q3 = (med, med) if len(ts) < 2 else statistics.quantiles(ts, n=4, method="inclusive")[::2]
+    return Timing(median_ms=med, q1_ms=q1, q3_ms=q3, min_ms=ts[0], max_ms=ts[-1], rounds=len(ts))
+
+
+@dataclass(frozen=True)
+class MachineLoad:
+    """How busy the machine was around a measurement.
+
+    ``loadavg`` is the 1-minute load average when the measurement started (runnable processes,
+    averaged; a lagging figure). ``others_busy`` is the number of CPUs' worth of time that other
+    processes used during the measurement: all CPU time in ``/proc/stat`` minus this process's
+    own (``os.times``), over the wall time. ``None`` where the system does not say.
+    """
+
+    cpus: int
+    loadavg: float | None
+    others_busy: float | None
+    threads: int
+
+    def warnings(self) -> list[str]:
+        """One line per reason the machine's load makes the timings unreliable."""
+        out = []
+        if self.others_busy is not None and self.others_busy > BUSY_LIMIT * self.cpus:
+            out.append(
+                f"other processes kept {self.others_busy:.1f} of {self.cpus} CPUs busy during the run "
+                f"(this run used {self.threads} threads): the times are inflated and the ratios unreliable"
+            )
+        if self.loadavg is not None and self.loadavg > 0.5 * self.cpus:
+            out.append(
+                f"load average {self.loadavg:.2f} on {self.cpus} CPUs when the run started: the machine "
+                "was busy"
+            )
+        return out
+
+
+def _cpu_seconds_all() -> float | None:
+    """Busy CPU time of the whole machine since boot (seconds), from the first line of /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 8:
+        return None
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait is busy
+    ticks = [int(v) for v in fields[1:]]
+    busy = sum(ticks[:8]) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMonitor:
+    """Measures :class:`MachineLoad` over a ``with`` block.
+
+    >>> with LoadMonitor() as monitor:
+    ...     _ = sum(range(1000))
+    >>> monitor.result.cpus == os.cpu_count()
+    True
+    """
+
+    def __init__(self) -> None:
+        self.result: MachineLoad | None = None
+        self._start: tuple[float, float | None, float, float | None] | None = None
+
+    def __enter__(self) -> LoadMonitor:
+        try:
+            loadavg: float | None = os.getloadavg()[0]
+        except OSError:
+            loadavg = None
+        own = os.times()
+        self._start = (time.monotonic(), _cpu_seconds_all(), own.user + own.system, loadavg)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._start is not None
+        t0, busy0, own0, loadavg = self._start
+        wall = time.monotonic() - t0
+        busy1 = _cpu_seconds_all()
+        own = os.times()
+        others = None
+        if busy0 is not None and busy1 is not None and wall > 0.05:
+            others = max(0.0, (busy1 - busy0) - (own.user + own.system - own0)) / wall
+        self.result = MachineLoad(
+            cpus=os.cpu_count() or 1, loadavg=loadavg, others_busy=others, threads=torch.get_num_threads()
+        )
+
+
+def reliability_warnings(spreads: Mapping[str, float], load: MachineLoad | None) -> list[str]:
+    """The warnings to print beside a table measured under ``load``: the machine's load, and every
+    row whose spread (interquartile range over median, :attr:`Timing.spread`) exceeds
+    :data:`SPREAD_LIMIT` (ratios involving those rows are unreliable).
+
+    >>> quiet = MachineLoad(cpus=8, loadavg=0.1, others_busy=0.0, threads=8)
+    >>> reliability_warnings({"a": summarize([1.0, 1.01, 1.02]).spread}, quiet)
+    []
+    >>> busy = MachineLoad(cpus=2, loadavg=3.0, others_busy=1.9, threads=2)
+    >>> len(reliability_warnings({"a": summarize([1.0, 2.0, 9.0]).spread}, busy))
+    4
+    """
+    out = [] if load is None else list(load.warnings())
+    noisy = [f"{name} (IQR {100 * spread:.0f}% of the median)" for name, spread in spreads.items()
+             if not spread <= SPREAD_LIMIT]
+    if noisy:
+        out.append(
+            f"{len(noisy)} row(s) spread more than {100 * SPREAD_LIMIT:.0f}% between rounds, "
+            "their ratios are unreliable: " + "; ".join(noisy)
+        )
+    if out:
+        out.append("for trustworthy numbers: an idle machine, more --repeats, or --threads 1 on a shared one")
+    return out
 
 
 def _proc_status(key: str) -> int:
@@ -130,12 +339,7 @@ def machine_info(device: str) -> dict[str, str]:
         from crossent.backends import native
 
         info["native kernels"] = native.describe()
-    try:
-        import os
-
-        info["cores"] = str(os.cpu_count())
-    except Exception:  # pragma: no cover
-        pass
+    info["cores"] = str(os.cpu_count())
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = str(torch.version.cuda)
@@ -151,7 +355,9 @@ def machine_info(device: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------ providers
 
 
-def naive_loss(x: torch.Tensor, y: torch.Tensor, gamma: float = 0.0, label_smoothing: float = 0.0):
+def naive_loss(
+    x: torch.Tensor, y: torch.Tensor, gamma: float = 0.0, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """How focal loss and smoothing are usually written: an autograd graph of eager ops."""
     logp = F.log_softmax(x.float(), dim=1)
     logp_y = logp.gather(1, y[:, None]).squeeze(1)
@@ -163,7 +369,7 @@ def naive_loss(x: torch.Tensor, y: torch.Tensor, gamma: float = 0.0, label_smoot
     return nll.mean()
 
 
-def _provider(name: str, variant: dict, device: str) -> Callable | None:
+def _provider(name: str, variant: dict[str, Any], device: str) -> LossFn | None:
     if name == "crossent":
         return lambda x, y: crossent.cross_entropy(x, y, **variant)
     if name == "crossent-ops":
@@ -176,7 +382,9 @@ def _provider(name: str, variant: dict, device: str) -> Callable | None:
         return lambda x, y: naive_loss(x, y, **variant)
     if name == "compile":
         base = _provider("torch", variant, device)
-        return torch.compile(base, dynamic=False)
+        assert base is not None
+        compiled: LossFn = torch.compile(base, dynamic=False)
+        return compiled
     if name == "liger":
         if device != "cuda" or "gamma" in variant:
             return None
@@ -185,10 +393,27 @@ def _provider(name: str, variant: dict, device: str) -> Callable | None:
         except ImportError:
             return None
         mod = LigerCrossEntropyLoss(label_smoothing=variant.get("label_smoothing", 0.0))
-        return lambda x, y: mod(x, y)
+        return lambda x, y: torch.as_tensor(mod(x, y))
     raise ValueError(
         f"unknown provider {name!r}: choose from crossent, crossent-ops, torch, naive, compile, liger"
     )
+
+
+def _fwd_and_fwd_bwd(
+    fn: LossFn, x: torch.Tensor, xg: torch.Tensor, y: torch.Tensor
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The two timed steps of one case: a forward without autograd, and forward+backward on the
+    leaf ``xg`` (its ``.grad`` cleared after each)."""
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(x, y)
+
+    def fwd_bwd() -> None:
+        fn(xg, y).backward()
+        xg.grad = None
+
+    return fwd, fwd_bwd
 
 
 def run_shape(
@@ -215,47 +440,33 @@ def run_shape(
             x = base.to(DTYPES[dtype_name])
             inputs[dtype_name] = (x, x.clone().requires_grad_(True))
         x, xg = inputs[dtype_name]
-
-        def fwd(fn: Callable = fn, x: torch.Tensor = x) -> None:
-            with torch.no_grad():
-                fn(x, y)
-
-        def fwd_bwd(fn: Callable = fn, xg: torch.Tensor = xg) -> None:
-            fn(xg, y).backward()
-            xg.grad = None
-
-        steps.append(((provider, variant, dtype_name), fwd, fwd_bwd))
-    for _, fwd, fwd_bwd in steps:  # warm-up (and compilation for torch.compile)
-        for _ in range(2):
-            fwd()
-            fwd_bwd()
-    times: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {k: ([], []) for k, _, _ in steps}
-    order = random.Random(0)
-    for _ in range(repeats):
-        # a new order each round: no case always follows the same one (a case that frees
-        # hundreds of MiB can slow the next one down)
-        for key, fwd, fwd_bwd in order.sample(steps, len(steps)):
-            times[key][0].append(time_median(fwd, device, repeats=1, warmup=0))
-            times[key][1].append(time_median(fwd_bwd, device, repeats=1, warmup=0))
+        steps.append(((provider, variant, dtype_name), *_fwd_and_fwd_bwd(fn, x, xg, y)))
+    timed: dict[tuple[tuple[str, str, str], str], Callable[[], object]] = {}
+    for key, fwd, fwd_bwd in steps:
+        timed[key, "fwd"] = fwd
+        timed[key, "fwd_bwd"] = fwd_bwd
+    # warm-up twice (and compilation for torch.compile), then interleaved, shuffled rounds
+    times = {k: summarize(v) for k, v in interleaved_times(timed, repeats, device=device, warmup=2).items()}
     copy_ms = {}
     for dtype_name, (x, _) in inputs.items():
         # The floor measured on this machine: one read of the logits and one write of an N x C
         # buffer is exactly a copy.
         out = torch.empty_like(x)
-        copy_ms[dtype_name] = time_median(lambda out=out, x=x: out.copy_(x), device, repeats=repeats)
+        copy_ms[dtype_name] = time_median(partial(out.copy_, x), device, repeats=repeats)
         del out
     results = []
-    for (provider, variant, dtype_name), _, fwd_bwd in steps:
-        t_fwd = statistics.median(times[(provider, variant, dtype_name)][0])
-        t_fb = statistics.median(times[(provider, variant, dtype_name)][1])
+    for key, _, fwd_bwd in steps:
+        provider, variant, dtype_name = key
+        t_fwd, t_fb = times[key, "fwd"], times[key, "fwd_bwd"]
         peak = peak_extra_memory(fwd_bwd, device) if memory else None
         floor_bytes = 2 * N * C * inputs[dtype_name][0].element_size()
         r = BenchResult(
             provider=provider, variant=variant, N=N, C=C, dtype=dtype_name, device=device,
-            fwd_ms=round(t_fwd, 3), fwd_bwd_ms=round(t_fb, 3),
+            fwd_ms=round(t_fwd.median_ms, 3), fwd_bwd_ms=round(t_fb.median_ms, 3),
             peak_extra_mib=None if peak is None else round(peak / 2**20, 1),
-            gb_per_s=round(floor_bytes / (t_fb * 1e-3) / 1e9, 2),
-            floor_fraction=round(copy_ms[dtype_name] / t_fb, 3),
+            gb_per_s=round(floor_bytes / (t_fb.median_ms * 1e-3) / 1e9, 2),
+            floor_fraction=round(copy_ms[dtype_name] / t_fb.median_ms, 3),
+            fwd_iqr_pct=round(100 * t_fwd.spread, 1), fwd_bwd_iqr_pct=round(100 * t_fb.spread, 1),
         )
         results.append(r)
         if progress is not None:
@@ -266,34 +477,78 @@ def run_shape(
 # ------------------------------------------------------------------------------- reports
 
 
-def markdown_table(results: list[BenchResult]) -> str:
-    """Results with the ratio to torch eager and to crossent plain CE of the same shape/dtype."""
-    head = (
-        "| provider | variant | N x C | dtype | fwd ms | fwd+bwd ms | peak extra MiB | GB/s "
-        "| copy floor / this | torch / this (fwd+bwd) | this / crossent-ce |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
+def _ratio_columns(results: list[BenchResult]) -> list[tuple[str, str]]:
+    """Per result: torch eager over this (forward+backward), and this over crossent plain CE of the
+    same shape and dtype; a ratio involving a row whose spread exceeds :data:`SPREAD_LIMIT` ends in
+    ``?``."""
     key = {(r.provider, r.variant, r.N, r.C, r.dtype): r for r in results}
-    rows = []
-    for r in results:
-        torch_r = key.get(("torch", r.variant, r.N, r.C, r.dtype))
-        ce_r = key.get(("crossent", "ce", r.N, r.C, r.dtype))
-        speedup = f"{torch_r.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x" if torch_r else ""
-        vs_ce = f"{r.fwd_bwd_ms / ce_r.fwd_bwd_ms:.2f}" if ce_r else ""
-        rows.append(
-            f"| {r.provider} | {r.variant} | {r.N} x {r.C} | {r.dtype} | {r.fwd_ms} | {r.fwd_bwd_ms} "
-            f"| {r.peak_extra_mib} | {r.gb_per_s} | {r.floor_fraction} | {speedup} | {vs_ce} |"
+    limit = 100 * SPREAD_LIMIT
+
+    def ratio(a: BenchResult | None, b: BenchResult | None, fmt: str) -> str:
+        if a is None or b is None:
+            return ""
+        unsure = a.fwd_bwd_iqr_pct > limit or b.fwd_bwd_iqr_pct > limit
+        return format(a.fwd_bwd_ms / b.fwd_bwd_ms, fmt) + ("?" if unsure else "")
+
+    return [
+        (
+            ratio(key.get(("torch", r.variant, r.N, r.C, r.dtype)), r, ".2f"),
+            ratio(r, key.get(("crossent", "ce", r.N, r.C, r.dtype)), ".2f"),
         )
-    return head + "\n".join(rows) + "\n"
+        for r in results
+    ]
 
 
-#: Where issue 6 sets its floors: the CPU shape, and the GPU shape (plus the same ratios
-#: elsewhere, reported without a floor).
+TABLE_HEAD = (
+    "provider", "variant", "N x C", "dtype", "fwd ms", "IQR %", "fwd+bwd ms", "IQR %", "peak extra MiB",
+    "GB/s", "copy floor / this", "torch / this", "this / crossent-ce",
+)
+
+
+def _table_rows(results: list[BenchResult]) -> list[list[str]]:
+    return [
+        [r.provider, r.variant, f"{r.N} x {r.C}", r.dtype, f"{r.fwd_ms:g}", f"{r.fwd_iqr_pct:g}",
+         f"{r.fwd_bwd_ms:g}", f"{r.fwd_bwd_iqr_pct:g}",
+         "" if r.peak_extra_mib is None else f"{r.peak_extra_mib:g}", f"{r.gb_per_s:g}",
+         f"{r.floor_fraction:g}", speedup, vs_ce]
+        for r, (speedup, vs_ce) in zip(results, _ratio_columns(results), strict=True)
+    ]
+
+
+def markdown_table(results: list[BenchResult]) -> str:
+    """Results with their spread and the ratios to torch eager and to crossent plain CE of the same
+    shape and dtype (forward+backward medians; ``?`` marks a ratio of a noisy row)."""
+    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|---|---|---|---|" + "---:|" * (len(TABLE_HEAD) - 4)]
+    lines += ["| " + " | ".join(row) + " |" for row in _table_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def text_table(head: Sequence[str], rows: Sequence[Sequence[str]], *, left: int = 1) -> str:
+    """Plain-text columns as wide as their widest cell: nothing is ever cut, at any terminal width.
+    The first ``left`` columns (names) are left-aligned, the others (numbers) right-aligned.
+
+    >>> print(text_table(["provider", "ms"], [["crossent-ops", "1.5"], ["torch", "12"]]))
+    provider       ms
+    ------------  ---
+    crossent-ops  1.5
+    torch          12
+    """
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        cells_widths = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in cells_widths).rstrip()
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+#: The shapes where crossent's performance targets apply: the CPU shape and the GPU shape (the same
+#: ratios elsewhere are reported without a target).
 FLOOR_SHAPES = {(2048, 32000), (8192, 128256)}
 
 
 def floor_table(results: list[BenchResult]) -> str:
-    """The ratios issue 6 sets floors for, per shape and dtype: torch eager CE over crossent CE,
+    """The ratios crossent sets targets (floors) for, per shape and dtype: torch eager CE over crossent CE,
     crossent focal and smoothing over crossent CE, crossent CE bf16 over fp32 (forward+backward
     medians of the same interleaved run). Floors apply at :data:`FLOOR_SHAPES`."""
     key = {(r.provider, r.variant, r.N, r.C, r.dtype): r.fwd_bwd_ms for r in results}
@@ -327,10 +582,9 @@ def floor_table(results: list[BenchResult]) -> str:
 
 
 def _plot(results: list[BenchResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Forward+backward median against C, per provider, dtype and N (log-log), for plain CE."""
+    require("matplotlib", "the benchmark's plot").use("Agg")
+    plt = require("matplotlib.pyplot", "the benchmark's plot")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     series: dict[str, list[tuple[int, float]]] = {}
@@ -404,66 +658,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: crossent,crossent-ops,torch,naive on the CPU; "
                              "crossent,torch,naive,compile,liger on cuda)")
     parser.add_argument("--variants", default="ce,focal,ls", help="comma list of ce, focal, ls")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="interleaved rounds per case, after two warm-up calls (default 7)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own, usually one per core)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for CSV, markdown, plot")
 
 
-def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+def _comma_list(text: str, flag: str, choices: Sequence[str]) -> list[str]:
+    items = [t.strip() for t in text.split(",")]
+    for item in items:
+        if item not in choices:
+            raise ValueError(f"{flag}: unknown value {item!r}; choose from {', '.join(choices)}")
+    return items
 
+
+def main(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda needs a CUDA GPU; none is visible")
     shapes = _parse_shapes(args.shapes or DEFAULT_SHAPES[args.device])
-    dtypes = args.dtypes.split(",")
-    for d in dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"--dtypes: unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    variants = args.variants.split(",")
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    try:
+        dtypes = _comma_list(args.dtypes, "--dtypes", list(DTYPES))
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("unknown value", "unknown dtype")) from None
+    try:
+        variants = _comma_list(args.variants, "--variants", list(VARIANTS))
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("unknown value", "unknown variant")) from None
     default_providers = (
         "crossent,torch,naive,compile,liger" if args.device == "cuda" else "crossent,crossent-ops,torch,naive"
     )
-    providers = (args.providers or default_providers).split(",")
-    for p in providers:
-        if p not in PROVIDERS:
-            raise ValueError(f"--providers: unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    try:
+        providers = _comma_list(args.providers or default_providers, "--providers", PROVIDERS)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("unknown value", "unknown provider")) from None
     if not 1 <= args.repeats <= MAX_REPEATS:
         raise ValueError(f"--repeats must lie in 1..{MAX_REPEATS}, got {args.repeats}")
+    if args.threads is not None:
+        if not 1 <= args.threads <= 4096:
+            raise ValueError(f"--threads must lie in 1..4096, got {args.threads}")
+        torch.set_num_threads(args.threads)
     _check_memory(shapes, dtypes, args.device)
     from crossent.cli import check_out_dir
 
     check_out_dir(args.out)  # before the measurements: a file in the way fails now
 
-    console = Console()
     info = machine_info(args.device)
-    console.print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print(f"medians of {args.repeats} interleaved rounds in shuffled order (after 2 warm-up calls); "
+          "IQR: interquartile range of the rounds, in % of the median")
     results: list[BenchResult] = []
 
     def report(r: BenchResult) -> None:
-        console.print(f"  {r.provider:12s} {r.variant:6s} {r.N}x{r.C} {r.dtype}: fwd {r.fwd_ms} ms, "
-                      f"fwd+bwd {r.fwd_bwd_ms} ms, peak {r.peak_extra_mib} MiB")
+        print(f"  {r.provider} {r.variant} {r.N}x{r.C} {r.dtype}: fwd {r.fwd_ms:g} ms "
+              f"(IQR {r.fwd_iqr_pct:g}%), fwd+bwd {r.fwd_bwd_ms:g} ms (IQR {r.fwd_bwd_iqr_pct:g}%)"
+              + ("" if r.peak_extra_mib is None else f", peak {r.peak_extra_mib:g} MiB"), flush=True)
 
-    for N, C in shapes:
-        cases = [
-            (p, v, d) for d in dtypes for v in variants for p in providers
-            # the torch provider already is the naive composition for focal
-            if not (p == "naive" and v == "focal" and "torch" in providers)
-        ]
-        results += run_shape(cases, N, C, args.device, repeats=args.repeats, memory=not args.no_memory,
-                             progress=report)
-
-    table = Table(title=f"crossent bench ({args.device})")
-    for col in ("provider", "variant", "N x C", "dtype", "fwd ms", "fwd+bwd ms", "peak MiB", "GB/s"):
-        table.add_column(col)
-    for r in results:
-        table.add_row(r.provider, r.variant, f"{r.N}x{r.C}", r.dtype, str(r.fwd_ms), str(r.fwd_bwd_ms),
-                      str(r.peak_extra_mib), str(r.gb_per_s))
-    console.print(table)
-    console.print(floor_table(results))
+    with LoadMonitor() as monitor:
+        for N, C in shapes:
+            cases = [
+                (p, v, d) for d in dtypes for v in variants for p in providers
+                # the torch provider already is the naive composition for focal
+                if not (p == "naive" and v == "focal" and "torch" in providers)
+            ]
+            results += run_shape(cases, N, C, args.device, repeats=args.repeats,
+                                 memory=not args.no_memory, progress=report)
+    print()
+    print(text_table(TABLE_HEAD, _table_rows(results), left=4))
+    print()
+    print(floor_table(results))
+    spreads = {f"{r.provider} {r.variant} {r.N}x{r.C} {r.dtype} {phase}": pct / 100
+               for r in results for phase, pct in (("fwd", r.fwd_iqr_pct), ("fwd+bwd", r.fwd_bwd_iqr_pct))}
+    warnings = reliability_warnings(spreads, monitor.result)
+    for line in warnings:
+        print(f"warning: {line}")
+    load = monitor.result
+    if load is not None:
+        info["load average at start"] = "unknown" if load.loadavg is None else f"{load.loadavg:.2f}"
+        info["others busy (CPUs)"] = "unknown" if load.others_busy is None else f"{load.others_busy:.2f}"
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "bench.csv", "w", newline="") as f:
@@ -474,10 +747,16 @@ def main(args: argparse.Namespace) -> int:
     md = (
         "machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + "\n\n" + markdown_table(results)
         + "\n" + floor_table(results)
+        + "".join(f"\n> warning: {line}\n" for line in warnings)
     )
     (args.out / "bench.md").write_text(md)
     (args.out / "machine.json").write_text(json.dumps(info, indent=2))
+    written = "bench.csv, bench.md, machine.json"
     if results:
-        _plot(results, args.out / "bench.png")
-    console.print(f"wrote {args.out}/bench.csv, bench.md, bench.png")
+        try:
+            _plot(results, args.out / "bench.png")
+            written += ", bench.png"
+        except MissingExtraError as exc:
+            print(f"no plot: {exc}", file=sys.stderr)
+    print(f"wrote {args.out}/: {written}", flush=True)
     return 0

@@ -5,12 +5,14 @@ Each subcommand lives in the module that owns its work and exposes two functions
     add_arguments(parser: argparse.ArgumentParser) -> None
     main(args: argparse.Namespace) -> int
 
-Modules are imported when the parser is built, so they keep heavy imports (matplotlib,
-scikit-learn, triton) inside their ``main``. Bad input never shows a traceback: argparse's
-errors, any :class:`CLIError`, ``ValueError``, ``TypeError``, ``OSError``, ``OverflowError``
-or ``MemoryError`` raised by a subcommand (and torch's allocation failures) are printed as one
-line on stderr with exit status 2. ``CROSSENT_DEBUG=1`` lets them propagate with their
-traceback, to debug crossent itself.
+Modules are imported when the parser is built, so they keep optional imports (matplotlib, rich,
+scikit-learn, triton) inside their ``main``, through :func:`crossent._extras.require`. Bad input
+never shows a traceback: argparse's errors, any :class:`CLIError`, ``ValueError``,
+``TypeError``, ``OSError``, ``OverflowError`` or ``MemoryError`` raised by a subcommand (and
+torch's allocation failures) are printed as one line on stderr with exit status 2; so is a
+missing optional dependency (:class:`~crossent._extras.MissingExtraError`, or any
+``ImportError`` of a module that an extra provides), naming the extra that installs it.
+``CROSSENT_DEBUG=1`` lets them propagate with their traceback, to debug crossent itself.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
+
+from crossent._extras import EXTRA_OF, MissingExtraError
 
 __all__ = ["CLIError", "available_memory", "check_out_dir", "format_bytes", "main"]
 
@@ -65,7 +69,7 @@ def available_memory(device: object = "cpu") -> int | None:
         try:
             import torch
 
-            return int(torch.cuda.mem_get_info(device)[0])
+            return int(torch.cuda.mem_get_info(str(device))[0])
         except Exception:  # no CUDA, a bad index: the caller's own checks say so
             return None
     if kind != "cpu":
@@ -159,6 +163,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"crossent {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MissingExtraError as exc:  # an optional dependency: the message names the extra
+        if debug:
+            raise
+        print(f"crossent {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # an optional dependency imported without require(): name its extra
+        top = (exc.name or "").split(".")[0]
+        if debug or top not in EXTRA_OF:
+            raise
+        install = f"pip install 'crossent[{EXTRA_OF[top]}]'"
+        print(f"crossent {args.command}: error: {top} is not installed: {install}", file=sys.stderr)
+        return 2
     except (CLIError, ValueError, TypeError, OSError, OverflowError, MemoryError, RuntimeError) as exc:
         if debug or (isinstance(exc, RuntimeError) and not _is_allocation_failure(exc)):
             raise  # a bug of crossent's own: keep its traceback
@@ -173,4 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # ``python -m crossent.cli``: run the imported module's main, so that the exception classes
+    # the subcommands raise (crossent.cli.CLIError) are the ones main catches
+    from crossent.cli import main as _main
+
+    sys.exit(_main())

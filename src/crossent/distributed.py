@@ -503,9 +503,9 @@ def vocab_parallel_cross_entropy(
         vocab_sizes, vocab_start_index, vocab_size: the partition, see :func:`vocab_partition`.
         weight: the *full* (V,) class weights, the same on every rank (V floats; each rank
             needs :math:`w_y` of targets it does not own and :math:`\sum_k w_k`).
-        ignore_index, label_smoothing, gamma, z_loss, softcap, confidence_penalty, poly1,
-        reduction: as in :func:`crossent.cross_entropy`. The "mean" denominator
-        :math:`\sum_i w_{y_i}` needs no collective: every rank holds the same tokens.
+        ignore_index, label_smoothing, gamma, z_loss, softcap, confidence_penalty, poly1, reduction:
+            as in :func:`crossent.cross_entropy`. The "mean" denominator
+            :math:`\sum_i w_{y_i}` needs no collective: every rank holds the same tokens.
 
     Returns:
         The loss, replicated on every rank (reduction "none": the target's shape). Call
@@ -540,7 +540,7 @@ def vocab_parallel_cross_entropy(
         vocab_size=vocab_size, device=local_logits.device,
     )
     check_class_target(target, V, ignore_index, lead)
-    options = dict(
+    options: dict[str, Any] = dict(
         weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
         z_loss=z_loss, softcap=softcap, confidence_penalty=confidence_penalty, poly1=poly1,
     )
@@ -552,7 +552,7 @@ def vocab_parallel_cross_entropy(
     if _world_size(group) == 1:
         if Vl != V:
             raise ValueError(f"a single rank holds {Vl} of {V} classes")
-        loss = cross_entropy(x, t, reduction=reduction, **options)
+        loss: Tensor = cross_entropy(x, t, reduction=reduction, **options)
     else:
         w = prepare_weight(weight, V, local_logits)
         loss = _VocabParallelCrossEntropyFunction.apply(x, t, w, opts, reduction, start, V, group)
@@ -586,7 +586,8 @@ def copy_to_tensor_parallel_region(x: Tensor, group: ProcessGroup | None = None)
     """Identity whose backward all-reduces (sums) the gradient over ``group``."""
     if _world_size(group) == 1:
         return x
-    return _CopyToTensorParallelRegion.apply(x, group)
+    out: Tensor = _CopyToTensorParallelRegion.apply(x, group)
+    return out
 
 
 def _vocab_parallel_chunk(
@@ -611,6 +612,7 @@ def _vocab_parallel_chunk(
         z, target, class_weight, opts, "none", start, vocab_size, group, scale is not None
     )
     if G is not None:
+        assert scale is not None  # the gradient is only computed when a scale is given
         G.mul_(scale.to(G.dtype))
     return losses, G
 
@@ -712,7 +714,7 @@ def vocab_parallel_linear_cross_entropy(
             "vocab_parallel_linear_cross_entropy takes integer class ids (global ids in [0, V)); "
             f"probability targets are not supported on a sharded vocabulary, got {target.dtype}"
         )
-    loss_opts = dict(
+    loss_opts: dict[str, Any] = dict(
         ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
         softcap=softcap, confidence_penalty=confidence_penalty, poly1=poly1, reduction=reduction,
     )
@@ -724,10 +726,11 @@ def vocab_parallel_linear_cross_entropy(
     if world == 1:
         if V != Vl:
             raise ValueError(f"a single rank holds {Vl} of {V} classes")
-        return _functional.linear_cross_entropy(
+        single: Tensor = _functional.linear_cross_entropy(
             hidden, local_weight, target, bias=local_bias, class_weight=weight,
             chunk_size=chunk_size, **loss_opts,
         )
+        return single
 
     opts = make_softmax_options(**{k: v for k, v in loss_opts.items() if k != "reduction"})
     if local_weight.dtype != hidden.dtype or local_weight.device != hidden.device:
@@ -763,7 +766,7 @@ def vocab_parallel_linear_cross_entropy(
     # The chunk loop and autograd node of the linear path, with the vocab-parallel chunk kernel
     # (forward: its all-reduces per chunk) and one all-reduce of d hidden in backward. A second
     # backward (retain_graph) or reduction "none" recomputes the chunks, collectives included.
-    loss = LinearCrossEntropyFunction.apply(
+    loss: Tensor = LinearCrossEntropyFunction.apply(
         h2, local_weight, local_bias, t1, w, opts, reduction, chunk_size, wgrad_dtype,
         functools.partial(_vocab_parallel_chunk, start=start, vocab_size=V, group=group),
         functools.partial(_all_reduce_grad_hidden, group=group),
@@ -847,7 +850,7 @@ def normalized_loss(
     if "reduction" in options:
         raise TypeError("normalized_loss sums per micro-batch; do not pass reduction")
     R = _world_size(group) if world_size is None else int(world_size)
-    S = cross_entropy(logits, target, reduction="sum", **options)
+    S: Tensor = cross_entropy(logits, target, reduction="sum", **options)
     n = torch.as_tensor(global_count, device=S.device).to(S.dtype)
     # A step with nothing to count (every target ignored on every rank) is a loss of 0 with a
     # zero gradient, as the one-device "mean" (not 0/0 = nan).

@@ -15,7 +15,7 @@ import importlib.util
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast, overload
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from crossent._options import (
     Reduction,
     SoftmaxCall,
     SoftmaxOptions,
+    StepGamma,
     covers,
 )
 from crossent.backends import native as _native
@@ -313,7 +314,9 @@ def _functorch_error(option: str) -> Iterator[None]:
 def _schedule_rows(logits: Tensor, target: Tensor, opts: SoftmaxOptions, backend: str) -> Tensor:
     """A focal schedule evaluated per row, on the true-class probabilities (detached)."""
     p = torch.ops.crossent.true_class_prob(logits, target, opts.ignore_index, opts.softcap, backend)
-    return gamma_for_rows(opts, p.unsqueeze(1)).reshape(-1)
+    gamma = gamma_for_rows(opts, p.unsqueeze(1))
+    assert isinstance(gamma, Tensor)  # a schedule gives one gamma per row
+    return gamma.reshape(-1)
 
 
 class CrossEntropyOptions(TypedDict, total=False):
@@ -517,6 +520,8 @@ def cross_entropy(
         kernel_reduction = "none"
     elif reduction == "mean" and by == "count":
         kernel_reduction = "sum"
+    loss: Tensor
+    stats: Tensor | None
     if (
         inplace_backward and need_grad and not _compiling() and kernel_reduction == reduction
         and _inplace_writable(logits)
@@ -524,11 +529,12 @@ def cross_entropy(
         loss, stats = _InplaceSoftmaxFunction.apply(logits, target, w, opts, reduction, chosen, return_aux)
     elif _functorch_active(logits):
         # torch.func transforms (grad, vjp, jacrev, hessian, vmap) need a composite of torch ops
-        if _ops.composite_unsupported(opts) is None:
+        unsupported = _ops.composite_unsupported(opts)
+        if unsupported is None:
             loss = _ops.softmax_loss_graph(logits, target, w, opts, kernel_reduction)
             stats = _stats_of(logits, target, opts) if return_aux else None
         else:
-            with _functorch_error(_ops.composite_unsupported(opts)):
+            with _functorch_error(unsupported):
                 loss, stats = _softmax_op(
                     logits, target, w, opts, kernel_reduction, need_grad, chosen, return_aux
                 )
@@ -621,7 +627,7 @@ def _check_mean_denominator(by: Any) -> MeanBy:
             f"mean_denominator must be 'weight' (sum of the weights of non-ignored samples, "
             f"PyTorch's weighted mean) or 'count' (number of non-ignored samples), got {by!r}"
         )
-    return by
+    return cast(MeanBy, by)
 
 
 def _class_dim_to_1(
@@ -673,7 +679,7 @@ def _class_dim_to_1(
 
 
 def _prepare_sample_weight(
-    sample_weight: Any, logits: Tensor, user_shape: tuple[int, ...] | None
+    sample_weight: object, logits: Tensor, user_shape: tuple[int, ...] | None
 ) -> Tensor | None:
     """Per-sample weights: the logits' shape without the class dim (``user_shape`` when the
     class dim was moved), finite, >= 0; returned in the kernels' per-sample shape."""
@@ -718,14 +724,24 @@ def _softmax_op(
     logits: Tensor, target: Tensor, w: Tensor | None, opts: SoftmaxOptions, reduction: Reduction,
     need_grad: bool, chosen: str, aux: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The registered operator's loss and (``aux``) its row statistics."""
-    gamma_rows = _schedule_rows(logits, target, opts, chosen) if callable(opts.gamma) else None
+    """The registered operator's loss and (``aux``) its row statistics.
+
+    A step schedule (:class:`~crossent._options.StepGamma`, e.g. :data:`flsd53`) goes to the
+    native kernel as its three numbers, evaluated per row in the kernel's own pass; any other
+    schedule, or a step on another backend, is evaluated here on the true-class probabilities
+    (one more pass over the logits) and enters as per-row ``gamma_rows``."""
+    step = opts.gamma if isinstance(opts.gamma, StepGamma) else None
+    step = step if _ops.evaluates_step(step, chosen) else None
+    gamma_rows = None
+    if callable(opts.gamma) and step is None:
+        gamma_rows = _schedule_rows(logits, target, opts, chosen)
     # traced on the CPU: the gradient is held aside, not saved (see crossent._ops._hold)
     hold = need_grad and _compiling() and logits.device.type == "cpu"
     loss, _, stats = torch.ops.crossent.softmax_ce(
         logits, target, w, gamma_rows, opts.ignore_index, opts.label_smoothing,
-        0.0 if gamma_rows is not None else float(opts.gamma), opts.z_loss, opts.softcap,
+        0.0 if callable(opts.gamma) else float(opts.gamma), opts.z_loss, opts.softcap,
         opts.confidence_penalty, opts.poly1, reduction, need_grad, chosen, hold, aux,
+        *(() if step is None else (step.threshold, step.below, step.above)),
     )
     return loss, (stats if aux else None)
 
@@ -739,16 +755,18 @@ def focal_loss(
     :func:`cross_entropy` applies. Mukhoti et al. 2020 show focal loss improves calibration;
     pass ``gamma=crossent.flsd53`` for their sample-dependent schedule.
     """
-    return cross_entropy(logits, target, gamma=gamma, **options)
+    loss: Tensor = cross_entropy(logits, target, gamma=gamma, **options)  # options: Any
+    return loss
 
 
-def flsd53(p: Tensor) -> Tensor:
-    """FLSD-53 (Mukhoti et al. 2020, *Calibrating Deep Neural Networks using Focal Loss*).
+flsd53 = StepGamma(0.2, 5.0, 3.0, name="flsd53", doc="""\
+FLSD-53 (Mukhoti et al. 2020, *Calibrating Deep Neural Networks using Focal Loss*).
 
-    A sample-dependent focusing parameter: gamma = 5 when the true-class probability
-    p < 0.2, and gamma = 3 otherwise. Pass it as ``gamma=crossent.flsd53``.
-    """
-    return torch.where(p < 0.2, 5.0, 3.0).to(p.dtype)
+A sample-dependent focusing parameter: gamma = 5 when the true-class probability
+p < 0.2, and gamma = 3 otherwise. Pass it as ``gamma=crossent.flsd53``; ``flsd53(p)`` maps a
+tensor of probabilities to its gammas. A :class:`~crossent._options.StepGamma`, which the
+native CPU kernel evaluates inside its own pass.
+""")
 
 
 # --------------------------------------------------------------------------------------------
@@ -806,7 +824,7 @@ def make_binary_options(
     )
 
 
-def check_binary_target(target: Any, logits: Tensor, ignore_index: float | None) -> Tensor:
+def check_binary_target(target: object, logits: Tensor, ignore_index: float | None) -> Tensor:
     """Targets of the sigmoid family: the logits' shape and device, values in [0, 1].
 
     Float (probabilities or 0/1 labels), integer or bool. Entries equal to ``ignore_index`` are
@@ -846,7 +864,7 @@ def check_binary_target(target: Any, logits: Tensor, ignore_index: float | None)
     return target
 
 
-def prepare_binary_weight(name: str, weight: Any, logits: Tensor, hint: str = "") -> Tensor | None:
+def prepare_binary_weight(name: str, weight: object, logits: Tensor, hint: str = "") -> Tensor | None:
     """Element or class weights that broadcast to the logits' shape: finite, >= 0, in the
     accumulation dtype on the logits' device."""
     if weight is None:
@@ -905,6 +923,7 @@ def _binary_loss(
     if _functorch_active(logits) and not (opts.focal or opts.clip):
         return _ops.binary_loss_graph(logits, target, w, pw, opts, reduction)
     with _functorch_error("gamma" if opts.focal else "clip"):
+        loss: Tensor
         loss, _ = torch.ops.crossent.binary_ce(
         logits, target, w, pw, opts.label_smoothing, opts.gamma_pos, opts.gamma_neg, opts.alpha,
             opts.clip, None if opts.ignore_index is None else float(opts.ignore_index), reduction,
@@ -1101,6 +1120,40 @@ def asymmetric_loss(
 # fused linear + cross-entropy
 
 
+class LinearCrossEntropyOptions(TypedDict, total=False):
+    """The keyword options of :func:`linear_cross_entropy` (for its typed overloads)."""
+
+    bias: Tensor | None
+    class_weight: Tensor | None
+    ignore_index: int
+    label_smoothing: float
+    gamma: float | GammaSchedule
+    z_loss: float
+    softcap: float | None
+    confidence_penalty: float
+    poly1: float
+    reduction: Reduction
+    chunk_size: int | None
+    weight_grad_dtype: torch.dtype | None
+    grad_filter_eps: float
+    shift: bool
+    backend: Backend
+
+
+@overload
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, *, return_aux: Literal[False] = ...,
+    **options: Unpack[LinearCrossEntropyOptions],
+) -> Tensor: ...
+
+
+@overload
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, *, return_aux: Literal[True],
+    **options: Unpack[LinearCrossEntropyOptions],
+) -> tuple[Tensor, CrossEntropyAux]: ...
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -1169,8 +1222,8 @@ def linear_cross_entropy(
         bias: optional (V,) output bias.
         class_weight: optional (V,) non-negative class weights (``weight=`` of
             :func:`cross_entropy`; renamed, since ``weight`` is the linear layer's here).
-        ignore_index, label_smoothing, gamma, z_loss, softcap, confidence_penalty, poly1,
-            reduction: as in :func:`cross_entropy`.
+        ignore_index, label_smoothing, gamma, z_loss, softcap, confidence_penalty, poly1, reduction:
+            as in :func:`cross_entropy`.
         chunk_size: tokens per chunk. Default: from a memory budget,
             ``max(1, budget // (V * bytes_per_entry))`` with a 32 MiB budget on the CPU
             (12 MiB for fp16/bf16 inputs and under autocast)
@@ -1363,7 +1416,7 @@ def linear_cross_entropy(
     if return_aux:
         stats = torch.zeros((h2.shape[0], 3), dtype=acc_dtype(compute_dtype or h2.dtype), device=h2.device)
     with torch.autocast(dev_type, enabled=False):
-        loss = LinearCrossEntropyFunction.apply(
+        loss: Tensor = LinearCrossEntropyFunction.apply(
             h2, weight, bias, t1, w, opts, reduction, chunk_size, weight_grad_dtype,
             softmax_chunk, None, compute_dtype, stats,
         )

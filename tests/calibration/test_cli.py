@@ -20,8 +20,10 @@ def make(n: int = 3000, c: int = 6, t_true: float = 2.5, seed: int = 0) -> tuple
     return (z * t_true).astype(np.float32), y
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = main(["calibrate", *args])
+def run(
+    args: list[str], capsys: pytest.CaptureFixture[str], compare: bool = False
+) -> tuple[int, str, str]:
+    rc = main(["calibrate", *args, *([] if compare else ["--no-compare"])])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -193,3 +195,93 @@ def test_split_is_stratified_and_seeded() -> None:
     val2, _ = stratified_split(y, 0.2, seed=0)
     val3, _ = stratified_split(y, 0.2, seed=1)
     assert np.array_equal(val, val2) and not np.array_equal(val, val3)
+
+
+def runner_npz(path: Path, n: int = 400) -> None:
+    """A file laid out like ``crossent run``'s predictions.npz: many groups of arrays."""
+    arrays: dict[str, np.ndarray] = {}
+    for task in ("breast_cancer", "mnist1d"):
+        z, y = make(n=n, c=2 if task == "breast_cancer" else 4, seed=len(task))
+        arrays[f"{task}/labels"] = y
+        for loss in ("ce", "focal_3", "ls_0.1", "flsd53"):
+            for seed in range(3):
+                arrays[f"{task}/{loss}/seed{seed}/logits"] = z + seed
+                arrays[f"{task}/{loss}/seed{seed}/temperature"] = np.asarray(1.0)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+def test_key_picks_an_array_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runner_npz(tmp_path / "predictions.npz")
+    rc, _, err = run([str(tmp_path / "predictions.npz")], capsys)
+    one_line_error(rc, err, "holds 50 arrays, 24 of them 2-D: breast_cancer/ce/seed0/logits (400, 2)")
+    short = len(str(tmp_path)) + 340  # the path, then a short line
+    assert len(err) < short and "--key" in err and "(47 more)" in err
+    rc, _, err = run([str(tmp_path / "predictions.npz"), "--key", "nope"], capsys)
+    one_line_error(rc, err, "--key 'nope' is not in PREDICTIONS")
+    assert len(err) < short
+    rc, _, err = run(
+        [str(tmp_path / "predictions.npz"), "--key", "mnist1d/ce/seed1/logits", "--out", str(tmp_path / "o")],
+        capsys,
+    )
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["key"] == "mnist1d/ce/seed1/logits" and metrics["n_classes"] == 4
+    assert metrics["kind"] == "logits"  # from the key's name
+    assert metrics["temperature"] == pytest.approx(2.5, rel=0.2)
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+def test_compare_every_method_and_recommend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    z, y = make(n=1500, c=2, seed=3)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    rc, out, err = run(
+        [str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--out", str(tmp_path / "o")],
+        capsys,
+        compare=True,
+    )
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    rows = metrics["comparison"]["rows"]
+    assert set(rows) == {"none", "temperature", "vector", "matrix", "dirichlet", "histogram",
+                         "isotonic", "ensemble_temperature", "platt", "beta"}
+    best = metrics["comparison"]["recommended"]
+    assert rows[best]["nll"] == min(r["nll"] for r in rows.values())
+    assert rows[best]["nll"] < rows["none"]["nll"]  # over-confident by 2.5: something helps
+    assert f"recommended: {best} (held-out NLL" in out
+    # the comparison's temperature row is the before/after table's fit
+    assert rows["temperature"]["nll"] == pytest.approx(metrics["after"]["nll"], rel=1e-9)
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "## Every method" in report and "recommended:" in report
+
+
+def test_separable_fit_part_falls_back_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 300)
+    z = np.stack([-(2 * y - 1) * 4.0, (2 * y - 1) * 4.0], 1) + rng.normal(size=(300, 2))
+    np.savez(tmp_path / "p.npz", logits=z, labels=y)
+    rc, out, err = run([str(tmp_path / "p.npz"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    assert "warning: TemperatureScaler: the validation set is separable" in err
+    assert "fell back to the identity map" in out
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["temperature"] == 1.0 and "separable" in metrics["fallback"]
+    assert metrics["after"]["nll"] == pytest.approx(metrics["before"]["nll"], rel=1e-9)
+    assert "warning: TemperatureScaler" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_method_and_objective_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    z, y = make(n=800, c=3, seed=6)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    base = [str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy")]
+    rc, out, err = run([*base, "--objective", "ece"], capsys)
+    assert rc == 0, err
+    assert "T =" in out
+    rc, out, err = run([*base, "--method", "histogram"], capsys)
+    assert rc == 0 and "histogram" in out, err
+    one_line_error(*run([*base, "--method", "platt"], capsys)[::2], "two classes")
+    one_line_error(*run([*base, "--method", "vector", "--objective", "ece"], capsys)[::2],
+                   "--objective ece")

@@ -319,7 +319,7 @@ def test_chunked_computation_matches(monkeypatch: pytest.MonkeyPatch) -> None:
         (np.array([[0.5, 0.5]]), [2], ValueError, r"labels must lie in \[0, 1\]"),
         (np.array([[0.5, 0.5]]), [-1], ValueError, "labels must lie"),
         (np.array([[0.5, 0.5]]), [0, 1], ValueError, "labels has 2 entries.*1 rows"),
-        (np.array([0.5, 0.5]), [0], ValueError, "must be 2-D.*np.stack"),
+        (np.array([0.5, 0.5]), [0], ValueError, r"labels have shape \(1,\).*binary problem takes"),
         (np.zeros((0, 3)), [], ValueError, "empty"),
         (np.array([[1.0]]), [0], ValueError, "at least 2 columns"),
         (np.array([["a", "b"]]), [0], TypeError, "numeric"),

@@ -71,3 +71,31 @@ def test_matplotlib_imported_lazily() -> None:
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_legend_counts_low_count_bins_and_aggregate() -> None:
+    rng = np.random.default_rng(3)
+    conf = np.concatenate([rng.uniform(0.61, 0.69, 300), [0.95, 0.97], rng.uniform(0.71, 0.79, 50)])
+    # the first group is under-confident (accuracy 0.8 at confidence 0.65)
+    correct = np.concatenate([rng.random(300) < 0.8, [1, 0], rng.random(50) < 0.3])
+    p = np.stack([conf, 1 - conf], 1)
+    y = np.where(correct, 0, 1)
+    fig = reliability_diagram(p, y, n_bins=10, aggregate="pooled over 3 seeds")
+    ax = fig.axes[0]
+    assert "pooled over 3 seeds" in ax.get_title()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["perfect calibration", "accuracy", "gap: confidence > accuracy",
+                      "gap: accuracy > confidence", "bin with < 10 samples"]
+    counts = sorted(int(t.get_text()) for t in ax.texts)
+    assert counts == [2, 50, 300]  # bins (0.6, 0.7], (0.7, 0.8], (0.9, 1]
+    assert 2 in counts  # the bin of two samples is shown, drawn faint
+    faint = [b for b in ax.patches if b.get_alpha() is not None and b.get_alpha() < 0.5
+             and b.get_facecolor()[2] > 0.5 and b.get_height() > 0]
+    assert faint, "the low-count bin is not drawn faint"
+
+
+def test_compare_aggregate_in_every_panel() -> None:
+    p, y = data(seed=4)
+    fig = compare_reliability_diagrams({"a": p, "b": p}, y, aggregate="mean over seeds")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 2 and all("mean over seeds" in t for t in titles)

@@ -43,6 +43,10 @@ def test_report_files_written_and_non_empty(tmp_path: Path, blobs: TaskData) -> 
     assert len(rows) == 4 and {"ece", "ece_ts", "temperature"} <= set(rows[0])
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Automatic reading" in md and "| CE |" in md and "![" in md
+    assert "95% half-width" in md and "√(h_A² + h_B²)" in md  # the rule behind "clearly"
+    with (tmp_path / "run" / "summary.csv").open() as fh:
+        summary = list(csv.DictReader(fh))
+    assert {"ece_mean", "ece_std", "ece_ci95", "ece_tsece_mean", "temperature_ece_mean"} <= set(summary[0])
     with np.load(tmp_path / "run" / "predictions.npz") as z:
         assert z["blobs/ce/seed1/logits"].shape == (len(blobs.y_test), 3)
 
@@ -126,11 +130,16 @@ def test_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     out = tmp_path / "quick"
     assert main(["run", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for task in ("mnist1d", "digits", "mnist1d-lt"):
+    for task in ("mnist1d", "digits", "mnist1d-lt", "distill"):
         assert task in printed
     data = json.loads((out / "results.json").read_text())
-    assert {r["task"] for r in data["runs"]} == {"mnist1d", "digits", "mnist1d-lt"}
-    assert len(data["runs"]) == (3 + 3 + 4) * 2
-    for name in ("results.csv", "report.md", "figures/ece_mnist1d.png",
-                 "figures/reliability_mnist1d-lt_cb-focal.png", "figures/loss_gradient_pt.png"):
+    assert {r["task"] for r in data["runs"]} == {"mnist1d", "digits", "mnist1d-lt", "distill"}
+    assert len(data["runs"]) == (4 + 4 + 4 + 3) * 2
+    assert {r["model"] for r in data["runs"] if r["task"] == "mnist1d"} == {"cnn"}
+    for name in ("results.csv", "report.md", "figures/ece_mnist1d.png", "figures/theory_mnist1d.png",
+                 "figures/reliability_mnist1d-lt_ce.png", "figures/loss_gradient_pt.png"):
         assert (out / name).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    for needle in ("Clearly", "Mukhoti et al.", "FL ≥ CE − γH", "Post-hoc logit adjustment",
+                   "student of LS 0.1", "Label shift"):
+        assert needle in md, needle

@@ -249,7 +249,7 @@ CASES: list[tuple[list[str], str | None] | ParameterSet] = [
     (["calibrate", *P, "--n-bins", "-2"], "--n-bins"),
     (["calibrate", *P, "--n-bins", HUGE], "--n-bins"),
     (["calibrate", *P, "--n-bins", "many"], "--n-bins"),
-    (["calibrate", *P, "--method", "isotonic"], "--method"),
+    (["calibrate", *P, "--method", "spline"], "--method"),
     (["calibrate", *P, "--out", "{in}/a_file"], "--out"),
     (["calibrate", *P, "--out", "{in}/a_file/sub"], "--out"),
     (["calibrate", *P, "--out", ""], "--out"),

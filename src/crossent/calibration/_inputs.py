@@ -197,23 +197,36 @@ def probs_chunks(
         yield start, stop, (torch.softmax(block, dim=1) if from_logits else block)
 
 
+def softmax_parts(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, idx, e, s)`` of a chunk of logits: the row maximum and its (first) index,
+    :math:`e = \\exp(z - m)` and :math:`s = \\sum_k e_k`, so that the softmax is ``e / s``,
+    the top-label confidence ``1 / s`` and the log-sum-exp ``m + log s``. One exponential
+    per entry; :func:`top_label` and the streaming meter share it, so both put every sample
+    in the same bin."""
+    m, idx = block.max(dim=1)
+    e = block - m[:, None]
+    e.exp_()
+    return m, idx, e, e.sum(1)
+
+
 def top_label(
     x: object, *, from_logits: bool = False, name: str = "probs"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-label confidence (float64) and predicted class (int64) for every row.
 
     Ties go to the lowest class index. From logits the confidence is
-    :math:`\\exp(\\max_k z_k - \\operatorname{logsumexp}_k z_k)`, which never forms the full
-    softmax matrix.
+    :math:`1 / \\sum_k \\exp(z_k - \\max_j z_j)` (:func:`softmax_parts`).
     """
     t = as_matrix(x, name)
     n = t.shape[0]
     conf = np.empty(n, dtype=np.float64)
     pred = np.empty(n, dtype=np.int64)
     for start, stop, block in chunks(t, from_logits=from_logits, name=name):
-        top, idx = block.max(dim=1)
         if from_logits:
-            top = torch.exp(top - torch.logsumexp(block, dim=1))
+            _, idx, _, s = softmax_parts(block)
+            top = torch.reciprocal(s)
+        else:
+            top, idx = block.max(dim=1)
         conf[start:stop] = top.to(torch.float64).numpy()
         pred[start:stop] = idx.numpy()
     return conf, pred
@@ -238,3 +251,84 @@ def looks_like_probs(x: object, name: str = "predictions") -> bool:
 def log_eps(dtype: torch.dtype) -> float:
     """Smallest positive normal number of ``dtype``, used to clip log(0)."""
     return float(torch.finfo(dtype).tiny)
+
+
+# ----------------------------------------------------------------------------- input shapes
+def _raw_labels(labels: object) -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        return np.asarray(labels.detach().cpu().numpy())
+    return np.asarray(labels)
+
+
+def _binary_labels(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind == "b":
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold 0/1 outcomes, got dtype {arr.dtype}")
+    bad = ~np.isin(arr, (0, 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(-1))[0])
+        raise ValueError(
+            f"{name} of a binary or multi-label problem must be 0 or 1; entry {i} is"
+            f" {arr.reshape(-1)[i].item()!r}"
+        )
+    return arr.astype(np.int64)
+
+
+def select(
+    probs: object, labels: object, *, from_logits: bool, ignore_index: int | None
+) -> tuple[str, torch.Tensor, np.ndarray]:
+    """The problem's kind and its validated inputs, ignored entries dropped.
+
+    * ``"multiclass"``: ``probs`` (N, C) with labels (N,); returns the (N', C) matrix and the
+      int64 labels.
+    * ``"binary"``: ``probs`` (N,) of the positive class (logits with ``from_logits``) with
+      0/1 labels (N,), or multi-label ``probs`` (N, L) with 0/1 labels (N, L), pooled into
+      N L binary problems; returns the float64 positive-class probabilities (sigmoid of the
+      logits) as a 1-D tensor and the 0/1 labels.
+
+    Labels equal to ``ignore_index`` are dropped (rows for multiclass, entries otherwise).
+    """
+    name = "logits" if from_logits else "probs"
+    t = _to_tensor(probs, name)
+    arr = _raw_labels(labels)
+    multilabel = t.ndim == 2 and arr.ndim == 2 and tuple(arr.shape) == tuple(t.shape) and (
+        t.shape[1] > 1
+    )
+    if t.ndim == 1 or multilabel:
+        if arr.shape != tuple(t.shape) and not (t.ndim == 1 and arr.ndim == 2 and arr.size == t.numel()):
+            raise ValueError(
+                f"labels have shape {arr.shape} but {name} have shape {tuple(t.shape)};"
+                " a binary problem takes (N,) scores and (N,) 0/1 labels, a multi-label one"
+                " (N, L) scores and (N, L) 0/1 labels"
+            )
+        p = t.reshape(-1)
+        y = arr.reshape(-1)
+        if ignore_index is not None:
+            keep = y != ignore_index
+            if not keep.all():
+                p, y = p[torch.from_numpy(keep)], y[keep]
+        if p.numel() == 0:
+            raise ValueError(f"{name} is empty after dropping ignore_index labels")
+        y = _binary_labels(y, "labels")
+        p = p.to(torch.float64)
+        if not bool(torch.isfinite(p).all()):
+            i = int(torch.nonzero(~torch.isfinite(p))[0, 0])
+            raise ValueError(f"{name}: entry {i} is NaN or infinite")
+        if from_logits:
+            p = torch.sigmoid(p)
+        elif float(p.min()) < -RANGE_ATOL or float(p.max()) > 1 + RANGE_ATOL:
+            raise ValueError(
+                f"{name} of a binary problem must lie in [0, 1] (got min {float(p.min()):.4g},"
+                f" max {float(p.max()):.4g}); pass from_logits=True if these are logits"
+            )
+        return "binary", p.clamp(0.0, 1.0), y
+    t = as_matrix(t, name)
+    if ignore_index is not None:
+        flat = arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
+        keep = flat != ignore_index
+        if flat.ndim == 1 and flat.shape[0] == t.shape[0] and not keep.all():
+            if not keep.any():
+                raise ValueError("every label equals ignore_index: nothing to measure")
+            t, arr = t[torch.from_numpy(keep)], flat[keep]
+    return "multiclass", t, as_labels(arr, t.shape[0], t.shape[1])

@@ -15,6 +15,22 @@ from crossent.calibration._inputs import first_non_integer
 
 __all__ = ["add_arguments", "main"]
 
+#: --method choices; the binary ones need two classes
+METHODS = (
+    "temperature",
+    "vector",
+    "matrix",
+    "dirichlet",
+    "histogram",
+    "isotonic",
+    "ensemble_temperature",
+    "platt",
+    "beta",
+)
+BINARY_METHODS = ("platt", "beta")
+#: the comparison skips matrix and Dirichlet scaling (C x C parameters) above this many classes
+MAX_MATRIX_CLASSES = 100
+
 PRED_KEYS = ("logits", "probs", "probabilities", "predictions", "preds", "scores", "outputs")
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 FORMATS = ("npy", "npz", "pt", "csv")
@@ -29,15 +45,22 @@ input files
                logits, probs, probabilities, predictions, preds, scores, outputs; if it also
                holds labels (labels, label, targets, target, y) --labels can be omitted.
   LABELS       N integer class indices in 0..C-1, in any of the same formats.
-  Files are read without unpickling (np.load(allow_pickle=False)).
+  Files are read without unpickling (np.load(allow_pickle=False)). With many arrays (the
+  predictions.npz of crossent run) pick one with --key; its labels are the array "labels"
+  next to it or in a parent group (--labels-key overrides).
 
 what it does
   Logits or probabilities are detected from the values (rows in [0, 1] summing to 1 are
   probabilities; override with --kind); probabilities are scaled through their logs. A
   stratified random split (--seed) puts --val-fraction of every class in a validation part on
-  which the temperature T is fitted by minimising the NLL; all metrics are reported on the
-  rest (the test part) before and after scaling. --val-fraction 0 fits and evaluates on
-  everything (optimistic; a warning is printed).
+  which the --method (default: temperature scaling, T minimising the --objective) is fitted;
+  all metrics are reported on the rest (the held-out part) before and after. Then every
+  method (temperature, vector, matrix, Dirichlet, histogram binning, isotonic, ensemble
+  temperature; Platt and beta for two classes) is fitted on the same part and compared on
+  the held-out part, and the best by --objective is recommended. A degenerate fit (bound
+  reached, separable fit part, NLL worse than no scaling) falls back to the identity and
+  says so. --val-fraction 0 fits and evaluates on everything (optimistic; a warning is
+  printed).
 
 metrics
   accuracy, NLL (nats), Brier (summed over classes, range 0-2), ECE (15 equal-width bins
@@ -48,8 +71,9 @@ outputs (with --out DIR)
   DIR/report.md, DIR/metrics.json, DIR/reliability_before.png, DIR/reliability_after.png
   and DIR/reliability_comparison.png (before and after side by side).
 
-example
+examples
   crossent calibrate val_logits.npy --labels val_labels.npy --out calib/
+  crossent calibrate runs/study/predictions.npz --key mnist1d/ce/seed0/logits
 """
 
 
@@ -105,10 +129,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bins of the binned metrics (default: 15)",
     )
     parser.add_argument(
+        "--key",
+        metavar="NAME",
+        default=None,
+        help="the predictions array inside an .npz/.pt PREDICTIONS file (e.g."
+        " mnist1d/ce/seed0/logits of a crossent run); its labels are found next to it",
+    )
+    parser.add_argument(
+        "--labels-key",
+        metavar="NAME",
+        default=None,
+        help="the labels array inside the .npz/.pt file (default: found next to --key)",
+    )
+    parser.add_argument(
         "--method",
-        choices=("temperature", "vector"),
+        choices=METHODS,
         default="temperature",
-        help="temperature scaling (one T, default) or vector scaling (per-class T and bias)",
+        metavar="METHOD",
+        help="the recalibration method of the before/after table: " + ", ".join(METHODS)
+        + " (platt and beta: two classes; default: temperature)",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=("nll", "ece"),
+        default="nll",
+        help="what temperature scaling minimises on the fit part, and what the comparison"
+        " of all methods ranks by (default: nll; ece is the convention of Mukhoti et al. 2020)",
+    )
+    parser.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="skip the comparison of every method on the held-out part",
     )
     parser.add_argument(
         "--out",
@@ -216,12 +267,41 @@ def _pick(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> tuple[str, np
     return None
 
 
+def _listing(arrays: dict[str, np.ndarray], limit: int = 3) -> str:
+    """A short listing of the arrays in a file, 2-D (prediction-like) ones first."""
+    names = sorted(arrays, key=lambda k: (arrays[k].ndim != 2, k))
+    two_d = sum(arrays[k].ndim == 2 for k in names)
+    shown = ", ".join(f"{k} {tuple(arrays[k].shape)}" for k in names[:limit])
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"{len(names)} arrays, {two_d} of them 2-D: {shown}{more}"
+
+
+def _labels_next_to(arrays: dict[str, np.ndarray], key: str) -> tuple[str, np.ndarray] | None:
+    """The labels array beside ``key``: ``a/b/labels`` for ``a/b/logits``, else ``a/labels``."""
+    parts = key.split("/")[:-1]
+    lower = {k.lower(): k for k in arrays}
+    while True:
+        for name in LABEL_KEYS:
+            cand = "/".join([*parts, name]).lower()
+            if cand in lower and lower[cand] != key:
+                return lower[cand], arrays[lower[cand]]
+        if not parts:
+            return None
+        parts = parts[:-1]
+
+
 def _predictions_and_labels(
     args: argparse.Namespace,
 ) -> tuple[np.ndarray, np.ndarray, str | None]:
     arrays = _load(args.predictions, args.file_format, "PREDICTIONS")
     hint: str | None = None
-    if "" in arrays:
+    key: str | None = None
+    if args.key is not None:
+        if "" in arrays or args.key not in arrays:
+            held = "a single array" if "" in arrays else _listing(arrays)
+            raise _error(f"--key {args.key!r} is not in PREDICTIONS {args.predictions}; it holds {held}")
+        key, preds = args.key, arrays[args.key]
+    elif "" in arrays:
         preds = arrays[""]
     else:
         found = _pick(arrays, PRED_KEYS)
@@ -230,16 +310,23 @@ def _predictions_and_labels(
             found = (rest[0], arrays[rest[0]])
         if found is None:
             raise _error(
-                f"PREDICTIONS {args.predictions} holds the arrays {sorted(arrays)}; name the"
-                f" predictions one of {', '.join(PRED_KEYS)}"
+                f"PREDICTIONS {args.predictions} holds {_listing(arrays)}; pick the predictions"
+                " with --key NAME (or store them as 'logits' or 'probs')"
             )
         key, preds = found
-        if key.lower() == "logits":
+    if key is not None:
+        last = key.split("/")[-1].lower()
+        if last == "logits":
             hint = "logits"
-        elif key.lower() in ("probs", "probabilities"):
+        elif last in ("probs", "probabilities"):
             hint = "probs"
     if args.labels is not None:
         larrays = _load(args.labels, args.file_format, "LABELS")
+        if args.labels_key is not None:
+            if args.labels_key not in larrays:
+                raise _error(f"--labels-key {args.labels_key!r} is not in LABELS {args.labels};"
+                             f" it holds {_listing(larrays)}")
+            return preds, larrays[args.labels_key], hint
         if "" in larrays:
             labels = larrays[""]
         else:
@@ -248,16 +335,23 @@ def _predictions_and_labels(
                 found = next(iter(larrays.items()))
             if found is None:
                 raise _error(
-                    f"LABELS {args.labels} holds the arrays {sorted(larrays)}; name the labels"
-                    f" one of {', '.join(LABEL_KEYS)}"
+                    f"LABELS {args.labels} holds {_listing(larrays)}; pick the labels with"
+                    " --labels-key NAME"
                 )
             labels = found[1]
     else:
-        found = None if "" in arrays else _pick(arrays, LABEL_KEYS)
+        if args.labels_key is not None:
+            if args.labels_key not in arrays:
+                raise _error(f"--labels-key {args.labels_key!r} is not in PREDICTIONS"
+                             f" {args.predictions}; it holds {_listing(arrays)}")
+            return preds, arrays[args.labels_key], hint
+        found = None if "" in arrays else (
+            _labels_next_to(arrays, key) if key is not None else None
+        ) or _pick(arrays, LABEL_KEYS)
         if found is None:
             raise _error(
-                "no labels: pass --labels LABELS, or store a 'labels' array next to the"
-                " predictions in an .npz/.pt file"
+                "no labels: pass --labels LABELS (or --labels-key NAME), or store a 'labels'"
+                " array next to the predictions in an .npz/.pt file"
             )
         labels = found[1]
     return preds, labels, hint
@@ -380,13 +474,64 @@ def _fmt(value: float, percent: bool) -> str:
     return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
 
 
-def _describe_t(temperature: float | np.ndarray) -> str:
-    if isinstance(temperature, np.ndarray):
-        return (
-            f"vector scaling, T_k in [{temperature.min():.3f}, {temperature.max():.3f}]"
-            f" (geometric mean {math.exp(np.log(temperature).mean()):.4f})"
+def describe(cal: Any) -> str:
+    """One line: the fitted parameters of a recalibrator, and its fallback."""
+    from crossent.calibration import (
+        BetaCalibrator,
+        EnsembleTemperatureScaler,
+        HistogramBinning,
+        MatrixScaler,
+        PlattScaler,
+        TemperatureScaler,
+    )
+
+    if isinstance(cal, TemperatureScaler):
+        t = cal.temperature
+        text = (
+            f"T = {t:.4f}" if not isinstance(t, np.ndarray)
+            else f"T_k in [{t.min():.3f}, {t.max():.3f}] (geometric mean {math.exp(np.log(t).mean()):.4f})"
         )
-    return f"T = {temperature:.4f}"
+    elif isinstance(cal, EnsembleTemperatureScaler):
+        w = cal.weights if cal.weights is not None else np.zeros(3)
+        text = f"T = {cal.temperature:.4f}, weights {w[0]:.3f}/{w[1]:.3f}/{w[2]:.3f}"
+    elif isinstance(cal, MatrixScaler):
+        size = 0 if cal.weight is None or cal.bias is None else cal.weight.size + cal.bias.size
+        text = f"{cal.name} scaling, {size} parameters"
+    elif isinstance(cal, (PlattScaler, BetaCalibrator)):
+        text = "coef " + ", ".join(f"{c:.4f}" for c in (cal.coef if cal.coef is not None else []))
+    elif isinstance(cal, HistogramBinning):
+        text = f"{cal.n_bins} bins per class"
+    else:
+        text = cal.name
+    if cal.fallback is not None:
+        text = f"identity (fell back: {cal.fallback})"
+    return text
+
+
+def fit_method(name: str, logits: np.ndarray, labels: np.ndarray, objective: str) -> tuple[Any, list[str]]:
+    """Fit one method; returns it and the messages of the warnings it gave."""
+    import warnings
+
+    from crossent.calibration import _base
+
+    cls = _base.REGISTRY[name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", _base.CalibrationWarning)
+        if name == "temperature":
+            cal = cls().fit(logits, labels, objective=objective)  # type: ignore[call-arg]  # TemperatureScaler
+        elif name in BINARY_METHODS:
+            cal = cls().fit(logits[:, 1] - logits[:, 0], labels)  # type: ignore[attr-defined]
+        else:
+            cal = cls().fit(logits, labels)  # type: ignore[attr-defined]
+    return cal, [str(w.message) for w in caught if issubclass(w.category, _base.CalibrationWarning)]
+
+
+def method_probs(cal: Any, logits: np.ndarray) -> np.ndarray:
+    """(N, C) calibrated probabilities of a fitted method."""
+    if cal.name in BINARY_METHODS:
+        p = np.asarray(cal.predict_proba(logits[:, 1] - logits[:, 0]), dtype=np.float64)
+        return np.stack([1.0 - p, p], axis=1)
+    return np.asarray(cal.predict_proba(logits), dtype=np.float64)
 
 
 def _print_table(result: dict[str, Any]) -> None:
@@ -394,8 +539,8 @@ def _print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"calibration on {result['n_test']} test samples",
-        caption=f"{_describe_t_json(result)}, fitted on {result['n_val']} validation samples",
+        title=f"calibration on {result['n_test']} held-out samples",
+        caption=f"{result['method']}: {result['fitted']}, fitted on {result['n_val']} samples",
         title_justify="left",
         caption_justify="left",
     )
@@ -412,9 +557,89 @@ def _print_table(result: dict[str, Any]) -> None:
     Console(file=sys.stdout).print(table)
 
 
-def _describe_t_json(result: dict[str, Any]) -> str:
-    t = result["temperature"]
-    return _describe_t(np.asarray(t) if isinstance(t, list) else float(t))
+COMPARE_COLUMNS = (("nll", "NLL", False), ("ece", "ECE", True), ("brier", "Brier", False),
+                   ("accuracy", "accuracy", True))
+
+
+def _print_comparison(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cmp = result["comparison"]
+    table = Table(
+        title=f"every method, fitted on {result['n_val']} samples, scored on {result['n_test']}"
+        f" held-out samples (ranked by {result['objective'].upper()})",
+        title_justify="left",
+    )
+    table.add_column("method")
+    for _, label, _ in COMPARE_COLUMNS:
+        table.add_column(label, justify="right")
+    table.add_column("note")
+    for name, row in cmp["rows"].items():
+        if "skipped" in row:
+            table.add_row(name, *[""] * len(COMPARE_COLUMNS), f"skipped: {row['skipped']}")
+            continue
+        note = "fell back to the identity" if row["fallback"] else ""
+        mark = " *" if name == cmp["recommended"] else ""
+        table.add_row(f"{name}{mark}", *[_fmt(row[k], pct) for k, _, pct in COMPARE_COLUMNS], note)
+    console = Console(file=sys.stdout)
+    console.print(table)
+    console.print(recommendation_text(result))
+
+
+def recommendation_text(result: dict[str, Any]) -> str:
+    cmp = result["comparison"]
+    best = cmp["recommended"]
+    key = result["objective"]
+    row, none = cmp["rows"][best], cmp["rows"]["none"]
+    percent = key == "ece"
+    return (
+        f"recommended: {best} (held-out {key.upper()} {_fmt(row[key], percent)} against"
+        f" {_fmt(none[key], percent)} without recalibration)"
+    )
+
+
+def compare_methods(
+    logits: np.ndarray, labels: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray,
+    *, objective: str, n_bins: int,
+) -> dict[str, Any]:
+    """Fit every applicable method on ``val_idx`` and score it on ``test_idx``; the one with
+    the lowest held-out ``objective`` (NLL or ECE) is recommended ("none" if nothing beats
+    the uncalibrated predictions)."""
+    import importlib.util
+
+    from crossent.calibration.metrics import brier, ece, nll
+
+    c = logits.shape[1]
+    y_test = labels[test_idx]
+
+    def score(probs: np.ndarray) -> dict[str, float]:
+        return {
+            "nll": nll(probs, y_test, from_logits=False),
+            "ece": ece(probs, y_test, n_bins=n_bins),
+            "brier": brier(probs, y_test),
+            "accuracy": float((probs.argmax(1) == y_test).mean()),
+        }
+
+    from crossent.calibration._base import softmax_np
+
+    rows: dict[str, dict[str, Any]] = {"none": {**score(softmax_np(logits[test_idx])), "fallback": None}}
+    for name in METHODS:
+        if name in BINARY_METHODS and c != 2:
+            rows[name] = {"skipped": "binary only"}
+            continue
+        if name in ("matrix", "dirichlet") and c > MAX_MATRIX_CLASSES:
+            rows[name] = {"skipped": f"{c} x {c} parameters"}
+            continue
+        if name == "isotonic" and importlib.util.find_spec("sklearn") is None:
+            rows[name] = {"skipped": "needs scikit-learn (pip install 'crossent[run]')"}
+            continue
+        cal, _ = fit_method(name, logits[val_idx], labels[val_idx], objective)
+        rows[name] = {**score(method_probs(cal, logits[test_idx])), "fallback": cal.fallback,
+                      "fitted": describe(cal)}
+    scored = [k for k, r in rows.items() if "skipped" not in r]
+    best = min(scored, key=lambda k: (rows[k][objective], k != "none"))
+    return {"rows": rows, "recommended": best}
 
 
 def _write_report(out: Path, result: dict[str, Any]) -> None:
@@ -423,20 +648,32 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
         "",
         f"- predictions: `{result['predictions']}` ({result['kind']}, {result['n_samples']}"
         f" samples, {result['n_classes']} classes)",
-        f"- method: {result['method']} scaling, {_describe_t_json(result)}",
-        f"- split: {result['n_val']} validation samples (fit), {result['n_test']} test samples"
+        f"- method: {result['method']}, {result['fitted']}",
+        f"- split: {result['n_val']} samples to fit, {result['n_test']} held-out samples"
         f" (metrics), val-fraction {result['val_fraction']}, seed {result['seed']}",
         f"- binned metrics use {result['n_bins']} bins; Brier is summed over classes"
         " (range 0-2); NLL in nats",
-        "",
-        "| metric | before | after |",
-        "|---|---:|---:|",
     ]
+    for message in result["warnings"]:
+        lines.append(f"- warning: {message}")
+    lines += ["", "| metric | before | after |", "|---|---:|---:|"]
     for key, label, percent in METRICS:
         lines.append(
             f"| {label} | {_fmt(result['before'][key], percent)} |"
             f" {_fmt(result['after'][key], percent)} |"
         )
+    if "comparison" in result:
+        lines += ["", f"## Every method (ranked by held-out {result['objective'].upper()})", "",
+                  "| method | " + " | ".join(label for _, label, _ in COMPARE_COLUMNS) + " | note |",
+                  "|---|" + "---:|" * len(COMPARE_COLUMNS) + "---|"]
+        for name, row in result["comparison"]["rows"].items():
+            if "skipped" in row:
+                lines.append(f"| {name} |" + " |" * len(COMPARE_COLUMNS) + f" skipped: {row['skipped']} |")
+                continue
+            cells = " | ".join(_fmt(row[k], pct) for k, _, pct in COMPARE_COLUMNS)
+            note = f"fell back: {row['fallback']}" if row["fallback"] else row.get("fitted", "")
+            lines.append(f"| {name} | {cells} | {note} |")
+        lines += ["", recommendation_text(result)]
     lines += [
         "",
         "![reliability before and after](reliability_comparison.png)",
@@ -453,7 +690,6 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``crossent calibrate``; returns the exit status."""
     from crossent.calibration._inputs import looks_like_probs
-    from crossent.calibration.temperature import TemperatureScaler
     from crossent.cli import check_out_dir
 
     if not (0.0 <= args.val_fraction < 1.0) or math.isnan(args.val_fraction):
@@ -470,6 +706,10 @@ def main(args: argparse.Namespace) -> int:
     labels_file = args.labels if args.labels is not None else args.predictions
     preds, labels = _check(preds, labels, labels_file)
     n, c = preds.shape
+    if args.method in BINARY_METHODS and c != 2:
+        raise _error(f"--method {args.method} is for two classes; PREDICTIONS has {c} columns")
+    if args.objective == "ece" and args.method != "temperature":
+        raise _error(f"--objective ece applies to --method temperature only, not {args.method}")
 
     kind: Literal["logits", "probs"]
     if args.kind != "auto":
@@ -491,7 +731,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.val_fraction == 0:
         print(
-            "crossent calibrate: warning: --val-fraction 0 fits T and evaluates on the same"
+            "crossent calibrate: warning: --val-fraction 0 fits and evaluates on the same"
             " samples; the 'after' numbers are optimistic",
             file=sys.stderr,
         )
@@ -504,21 +744,29 @@ def main(args: argparse.Namespace) -> int:
                 " empty validation or test part; change --val-fraction or give more samples"
             )
 
-    scaler = TemperatureScaler(method=args.method).fit(logits[val_idx], labels[val_idx])
+    cal, messages = fit_method(args.method, logits[val_idx], labels[val_idx], args.objective)
+    for message in messages:
+        print(f"crossent calibrate: warning: {message}", file=sys.stderr)
     y_test = labels[test_idx]
     before = compute_metrics(
         preds[test_idx], y_test, from_logits=kind == "logits", n_bins=args.n_bins
     )
-    calibrated = scaler.transform(logits[test_idx])
-    after = compute_metrics(calibrated, y_test, from_logits=True, n_bins=args.n_bins)
-    temperature = scaler.temperature
+    calibrated = method_probs(cal, logits[test_idx])
+    after = compute_metrics(calibrated, y_test, from_logits=False, n_bins=args.n_bins)
+    temperature = getattr(cal, "_temperature", None) if args.method in ("temperature", "vector") else None
     result: dict[str, Any] = {
         "predictions": str(args.predictions),
+        "key": args.key,
         "labels": None if args.labels is None else str(args.labels),
         "kind": kind,
         "method": args.method,
+        "objective": args.objective,
+        "fitted": describe(cal),
+        "fallback": cal.fallback,
+        "warnings": messages,
+        "state": cal.state_dict(),
         "temperature": temperature.tolist() if isinstance(temperature, np.ndarray) else temperature,
-        "bias": None if scaler.bias is None else scaler.bias.tolist(),
+        "bias": None if getattr(cal, "bias", None) is None else np.asarray(cal.bias).tolist(),
         "n_samples": int(n),
         "n_classes": int(c),
         "n_val": int(val_idx.size),
@@ -531,6 +779,13 @@ def main(args: argparse.Namespace) -> int:
         "after": after,
     }
     _print_table(result)
+    if cal.fallback is not None:
+        print(f"{args.method}: fell back to the identity map: {cal.fallback}")
+    if not args.no_compare:
+        result["comparison"] = compare_methods(
+            logits, labels, val_idx, test_idx, objective=args.objective, n_bins=args.n_bins
+        )
+        _print_comparison(result)
 
     if args.out is not None:
         from crossent.calibration.plots import compare_reliability_diagrams, reliability_diagram
@@ -545,22 +800,19 @@ def main(args: argparse.Namespace) -> int:
             test_before, y_test, n_bins=args.n_bins, from_logits=from_logits, title="before"
         )
         fig.savefig(out / "reliability_before.png", dpi=110)
-        fig = reliability_diagram(
-            calibrated, y_test, n_bins=args.n_bins, from_logits=True, title="after"
-        )
+        fig = reliability_diagram(calibrated, y_test, n_bins=args.n_bins, title="after")
         fig.savefig(out / "reliability_after.png", dpi=110)
-        if from_logits:
-            panels = {"before": test_before, f"after ({_describe_t(temperature)})": calibrated}
-            fig = compare_reliability_diagrams(panels, y_test, n_bins=args.n_bins, from_logits=True)
-        else:
-            fig = compare_reliability_diagrams(
-                {
-                    "before": test_before,
-                    f"after ({_describe_t(temperature)})": scaler.predict_proba(logits[test_idx]),
-                },
-                y_test,
-                n_bins=args.n_bins,
-            )
+        before_probs = np.asarray(method_probs_identity(logits[test_idx]))
+        label = f"after ({args.method}{'' if cal.fallback is None else ', fell back to identity'})"
+        fig = compare_reliability_diagrams({"before": before_probs, label: calibrated}, y_test,
+                                           n_bins=args.n_bins)
         fig.savefig(out / "reliability_comparison.png", dpi=110)
         print(f"wrote report.md, metrics.json and 3 reliability diagrams to {out}")
     return 0
+
+
+def method_probs_identity(logits: np.ndarray) -> np.ndarray:
+    """Softmax of the logits in float64: the predictions before recalibration."""
+    from crossent.calibration._base import softmax_np
+
+    return softmax_np(logits)

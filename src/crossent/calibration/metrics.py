@@ -40,12 +40,14 @@ import torch
 
 from crossent.calibration._inputs import (
     ArrayLike,
+    _to_tensor,
     as_labels,
     as_matrix,
     chunks,
     log_eps,
     looks_like_probs,
     probs_chunks,
+    select,
     top_label,
 )
 
@@ -56,6 +58,7 @@ __all__ = [
     "classwise_ece",
     "debiased_l2_ece",
     "ece",
+    "multilabel_ece",
     "nll",
     "reliability_table",
     "smooth_ece",
@@ -178,6 +181,26 @@ def table_from_scores(
     count = np.bincount(idx, minlength=n_bins).astype(np.int64)
     sum_conf = np.bincount(idx, weights=conf, minlength=n_bins)
     sum_acc = np.bincount(idx, weights=correct, minlength=n_bins)
+    return table_from_sums(count, sum_conf, sum_acc, lower=lower, upper=upper, binning=binning)
+
+
+def table_from_sums(
+    count: np.ndarray,
+    sum_conf: np.ndarray,
+    sum_acc: np.ndarray,
+    *,
+    lower: np.ndarray | None = None,
+    upper: np.ndarray | None = None,
+    binning: Binning = "width",
+) -> ReliabilityTable:
+    """A :class:`ReliabilityTable` from per-bin counts and sums of confidence and outcome
+    (the width-bin edges unless ``lower``/``upper`` are given)."""
+    count = np.asarray(count).astype(np.int64)
+    n_bins = count.shape[0]
+    if lower is None or upper is None:
+        edges = width_edges(n_bins)
+        lower, upper = edges[:-1].copy(), edges[1:].copy()
+    n = int(count.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(count > 0, sum_conf / count, np.nan)
         mean_acc = np.where(count > 0, sum_acc / count, np.nan)
@@ -194,13 +217,15 @@ def table_from_scores(
 
 
 def top_scores(
-    probs: ArrayLike, labels: ArrayLike, from_logits: bool
+    probs: ArrayLike, labels: ArrayLike, from_logits: bool, ignore_index: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validated top-label confidence (float64) and correctness (0.0/1.0) per sample."""
-    name = "logits" if from_logits else "probs"
-    t = as_matrix(probs, name)
-    y = as_labels(labels, t.shape[0], t.shape[1])
-    conf, pred = top_label(t, from_logits=from_logits, name=name)
+    """Validated confidence (float64) and outcome (0.0/1.0) per sample: the top-label
+    confidence and its correctness for multiclass input, the positive-class probability and
+    the 0/1 label for binary and multi-label input (see the module docstring)."""
+    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    if kind == "binary":
+        return t.numpy(), y.astype(np.float64)
+    conf, pred = top_label(t, from_logits=from_logits, name="logits" if from_logits else "probs")
     return conf, (pred == y).astype(np.float64)
 
 
@@ -211,13 +236,14 @@ def reliability_table(
     n_bins: int = 15,
     binning: Binning = "width",
     from_logits: bool = False,
+    ignore_index: int | None = None,
 ) -> ReliabilityTable:
     """Per-bin range, count, mean confidence, accuracy and gap of the top-label prediction.
 
     See the module docstring for the bin conventions. :func:`ece` and the reliability
     diagrams are computed from this table.
     """
-    conf, correct = top_scores(probs, labels, from_logits)
+    conf, correct = top_scores(probs, labels, from_logits, ignore_index)
     return table_from_scores(conf, correct, n_bins=n_bins, binning=binning)
 
 
@@ -229,6 +255,7 @@ def ece(
     binning: Binning = "width",
     norm: Norm = "l1",
     from_logits: bool = False,
+    ignore_index: int | None = None,
 ) -> float:
     r"""Top-label expected calibration error (Guo et al. 2017, *On Calibration of Modern
     Neural Networks*; Naeini et al. 2015).
@@ -244,10 +271,19 @@ def ece(
     the mass-weighted mean squared gap (RMSCE) and ``norm="max"`` the maximum calibration
     error (MCE) over non-empty bins. Empty bins are skipped. Vectorised: one pass over the
     rows in chunks, no Python loop over samples.
+
+    Binary input -- ``probs`` (N,) of the positive class and 0/1 ``labels`` (N,) -- measures
+    the calibration of that probability, :math:`\hat p_i = p_i`, :math:`a_i = y_i` (the
+    convention of torchmetrics' ``BinaryCalibrationError`` and scikit-learn's
+    ``calibration_curve``); stack ``[1 - p, p]`` for the top-label version. Multi-label
+    ``probs`` (N, L) with 0/1 ``labels`` (N, L) pool the N L binary problems (for one number
+    per label see :func:`multilabel_ece`). With ``from_logits=True`` these are sigmoid
+    logits. Labels equal to ``ignore_index`` are left out.
     """
     _check_choice("norm", norm, ("l1", "l2", "max"))
     table = reliability_table(
-        probs, labels, n_bins=n_bins, binning=binning, from_logits=from_logits
+        probs, labels, n_bins=n_bins, binning=binning, from_logits=from_logits,
+        ignore_index=ignore_index,
     )
     return table.calibration_error(norm)
 
@@ -259,6 +295,7 @@ def classwise_ece(
     num_classes: int | None = None,
     n_bins: int = 15,
     from_logits: bool = False,
+    ignore_index: int | None = None,
 ) -> float:
     r"""Class-wise ECE: marginal calibration of every class, averaged over classes
     (Kull et al. 2019, *Beyond temperature scaling*; Nixon et al. 2019, *Measuring
@@ -275,27 +312,37 @@ def classwise_ece(
     """
     n_bins = _check_n_bins(n_bins)
     name = "logits" if from_logits else "probs"
-    t = as_matrix(probs, name)
+    kind, t, y_np = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    if kind == "binary":  # the two columns [1 - p, p]
+        t, from_logits = torch.stack([1.0 - t, t], dim=1), False
     n, k = t.shape
     if num_classes is not None and num_classes != k:
         raise ValueError(
             f"num_classes={num_classes} does not match {name}.shape[1]={k};"
             " give one column per class"
         )
-    y = torch.from_numpy(as_labels(labels, n, k))
-    inner = torch.from_numpy(width_edges(n_bins)[1:-1].copy())
-    offset = torch.arange(k, dtype=torch.int64) * n_bins
+    y = torch.from_numpy(y_np)
     sum_p = torch.zeros(k * n_bins, dtype=torch.float64)
     sum_y = torch.zeros(k * n_bins, dtype=torch.float64)
     for start, stop, block in probs_chunks(t, from_logits=from_logits, name=name):
-        p = block.to(torch.float64)
-        flat = torch.bucketize(p, inner, right=False) + offset
-        sum_p += torch.bincount(flat.reshape(-1), weights=p.reshape(-1), minlength=k * n_bins)
-        yb = y[start:stop]
-        hit = flat.gather(1, yb[:, None]).reshape(-1)
-        sum_y += torch.bincount(hit, minlength=k * n_bins).to(torch.float64)
+        classwise_sums(block, y[start:stop], n_bins, sum_p, sum_y)
     # (|B|/N) |mean p - mean y| = |sum p - sum y| / N for every (class, bin).
     return float((sum_p - sum_y).abs().sum() / (n * k))
+
+
+def classwise_sums(
+    p: torch.Tensor, y: torch.Tensor, n_bins: int, sum_p: torch.Tensor, sum_y: torch.Tensor
+) -> None:
+    """Add to ``sum_p`` and ``sum_y`` (K M, float64, bin ``b`` of class ``k`` at ``k M + b``)
+    the probabilities and the one-hot labels of the rows ``p`` (n, K) that fall in each
+    class's width bin."""
+    k = p.shape[1]
+    p = p.to(torch.float64)
+    inner = torch.from_numpy(width_edges(n_bins)[1:-1].copy())
+    flat = torch.bucketize(p, inner, right=False) + torch.arange(k, dtype=torch.int64) * n_bins
+    sum_p += torch.bincount(flat.reshape(-1), weights=p.reshape(-1), minlength=k * n_bins)
+    hit = flat.gather(1, y[:, None]).reshape(-1)
+    sum_y += torch.bincount(hit, minlength=k * n_bins).to(torch.float64)
 
 
 def debiased_l2_ece(
@@ -306,6 +353,7 @@ def debiased_l2_ece(
     n_bins: int = 15,
     binning: Binning = "mass",
     from_logits: bool = False,
+    ignore_index: int | None = None,
 ) -> float:
     r"""Debiased estimator of the top-label L2 calibration error (Kumar, Liang and Ma 2019,
     *Verified Uncertainty Calibration*).
@@ -323,7 +371,8 @@ def debiased_l2_ece(
     ``ece(..., norm="l2")``.
     """
     table = reliability_table(
-        probs, labels, n_bins=n_bins, binning=binning, from_logits=from_logits
+        probs, labels, n_bins=n_bins, binning=binning, from_logits=from_logits,
+        ignore_index=ignore_index,
     )
     used = table.count > 0
     nb = table.count[used].astype(np.float64)
@@ -399,6 +448,7 @@ def smooth_ece(
     *,
     sigma: float | None = None,
     from_logits: bool = False,
+    ignore_index: int | None = None,
 ) -> float:
     r"""Smooth ECE of the top-label confidence (Błasiok and Nakkiran 2023, *Smooth ECE:
     Principled Reliability Diagrams via Kernel Smoothing*).
@@ -421,11 +471,13 @@ def smooth_ece(
     """
     if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    conf, correct = top_scores(probs, labels, from_logits)
+    conf, correct = top_scores(probs, labels, from_logits, ignore_index)
     return smooth_ece_from_scores(conf, correct, sigma)[0]
 
 
-def brier(probs: ArrayLike, labels: ArrayLike, *, from_logits: bool = False) -> float:
+def brier(
+    probs: ArrayLike, labels: ArrayLike, *, from_logits: bool = False, ignore_index: int | None = None
+) -> float:
     r"""Multiclass Brier score, summed over classes (range 0 to 2).
 
     .. math::
@@ -434,10 +486,14 @@ def brier(probs: ArrayLike, labels: ArrayLike, *, from_logits: bool = False) -> 
     (Brier 1950). This is scikit-learn's multiclass ``brier_score_loss`` (which keeps the
     [0, 2] range for more than two classes); for two classes scikit-learn by default halves
     it to the binary [0, 1] score of the positive class, and this function does not.
+    Binary (N,) and multi-label (N, L) input give that binary score,
+    :math:`\frac1N\sum_i (p_i - y_i)^2` (range 0 to 1), pooled over labels.
     """
+    kind, t, y_np = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    if kind == "binary":
+        return float((t - torch.from_numpy(y_np).to(torch.float64)).square().mean())
     name = "logits" if from_logits else "probs"
-    t = as_matrix(probs, name)
-    y = torch.from_numpy(as_labels(labels, t.shape[0], t.shape[1]))
+    y = torch.from_numpy(y_np)
     total = 0.0
     for start, stop, block in probs_chunks(t, from_logits=from_logits, name=name):
         p = block.to(torch.float64)
@@ -446,7 +502,13 @@ def brier(probs: ArrayLike, labels: ArrayLike, *, from_logits: bool = False) -> 
     return total / t.shape[0]
 
 
-def nll(probs_or_logits: ArrayLike, labels: ArrayLike, *, from_logits: bool | None = None) -> float:
+def nll(
+    probs_or_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    from_logits: bool | None = None,
+    ignore_index: int | None = None,
+) -> float:
     r"""Mean negative log-likelihood of the true class, in nats.
 
     .. math::
@@ -455,10 +517,32 @@ def nll(probs_or_logits: ArrayLike, labels: ArrayLike, *, from_logits: bool | No
 
     ``from_logits=None`` (the default) detects the input: rows in [0, 1] summing to one are
     probabilities, anything else is logits. Probabilities of exactly 0 are clipped to the
-    smallest normal float64 (so the loss is large and finite, about 708 per sample).
+    smallest normal float64 (so the loss is large and finite, about 708 per sample). Binary
+    (N,) and multi-label (N, L) input give the binary cross-entropy
+    :math:`-\frac1N\sum_i y_i\log p_i + (1 - y_i)\log(1 - p_i)` (from logits
+    :math:`\operatorname{softplus}(z_i) - y_i z_i`), pooled over labels; there
+    ``from_logits=None`` means probabilities if every value lies in [0, 1].
     """
-    t = as_matrix(probs_or_logits, "probs_or_logits")
-    y = torch.from_numpy(as_labels(labels, t.shape[0], t.shape[1]))
+    raw = _to_tensor(probs_or_logits, "probs_or_logits")
+    lab = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
+    if raw.ndim == 1 or (raw.ndim == 2 and lab.shape == tuple(raw.shape) and raw.shape[1] > 1):
+        if from_logits is None:
+            from_logits = not (float(raw.min()) >= 0.0 and float(raw.max()) <= 1.0)
+        if from_logits:
+            _, _, y_np = select(raw, lab, from_logits=True, ignore_index=ignore_index)
+            keep = lab.reshape(-1) != ignore_index if ignore_index is not None else None
+            z = raw.reshape(-1).to(torch.float64)
+            z = z[torch.from_numpy(keep)] if keep is not None else z
+            yt = torch.from_numpy(y_np).to(torch.float64)
+            return float((torch.nn.functional.softplus(z) - yt * z).mean())
+        _, p, y_np = select(raw, lab, from_logits=False, ignore_index=ignore_index)
+        py = torch.where(torch.from_numpy(y_np) == 1, p, 1.0 - p)
+        return float(-torch.log(py.clamp_min(log_eps(torch.float64))).mean())
+    if ignore_index is not None:
+        _, raw, _ = select(raw, lab, from_logits=True, ignore_index=ignore_index)
+        lab = lab.reshape(-1)[lab.reshape(-1) != ignore_index]
+    t = as_matrix(raw, "probs_or_logits")
+    y = torch.from_numpy(as_labels(lab, t.shape[0], t.shape[1]))
     if from_logits is None:
         from_logits = not looks_like_probs(t, "probs_or_logits")
     total = 0.0
@@ -472,7 +556,44 @@ def nll(probs_or_logits: ArrayLike, labels: ArrayLike, *, from_logits: bool | No
     return total / t.shape[0]
 
 
-def accuracy(probs: ArrayLike, labels: ArrayLike, *, from_logits: bool = False) -> float:
-    """Top-1 accuracy: the fraction of rows whose arg-max (lowest index on ties) is the label."""
-    _, correct = top_scores(probs, labels, from_logits)
-    return float(correct.mean())
+def accuracy(
+    probs: ArrayLike, labels: ArrayLike, *, from_logits: bool = False, ignore_index: int | None = None
+) -> float:
+    """Top-1 accuracy: the fraction of rows whose arg-max (lowest index on ties) is the label.
+    Binary and multi-label input: the fraction with :math:`[p_i > 1/2] = y_i`."""
+    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    if kind == "binary":
+        return float(((t > 0.5).numpy() == (y == 1)).mean())
+    _, pred = top_label(t, from_logits=from_logits, name="logits" if from_logits else "probs")
+    return float((pred == y).mean())
+
+
+def multilabel_ece(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    average: Literal["pooled", "macro", "none"] = "macro",
+    n_bins: int = 15,
+    binning: Binning = "width",
+    from_logits: bool = False,
+    ignore_index: int | None = None,
+) -> float | np.ndarray:
+    """ECE of multi-label predictions ``probs`` (N, L) against 0/1 ``labels`` (N, L).
+
+    Every label is a binary problem whose positive-class probability is binned as in
+    :func:`ece`. ``average="none"`` returns the L per-label ECEs (float64 array),
+    ``"macro"`` their mean, ``"pooled"`` the ECE of all N L pairs together (what
+    :func:`ece` returns for this input).
+    """
+    _check_choice("average", average, ("pooled", "macro", "none"))
+    t = _to_tensor(probs, "probs")
+    if t.ndim != 2:
+        raise ValueError(f"probs must be 2-D (N, L) for multi-label input, got shape {tuple(t.shape)}")
+    lab = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
+    if lab.shape != tuple(t.shape):
+        raise ValueError(f"labels must have the shape of probs {tuple(t.shape)}, got {lab.shape}")
+    kw = {"n_bins": n_bins, "binning": binning, "from_logits": from_logits, "ignore_index": ignore_index}
+    if average == "pooled":
+        return ece(t, lab, **kw)  # type: ignore[arg-type]
+    per = np.array([ece(t[:, j], lab[:, j], **kw) for j in range(t.shape[1])])  # type: ignore[arg-type]
+    return per if average == "none" else float(per.mean())

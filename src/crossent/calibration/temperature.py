@@ -30,6 +30,13 @@ for float32 input, float64 otherwise), so a (10^6, 10^3) matrix needs no copy.
 ``method="vector"`` fits vector scaling, :math:`z'_{ik} = z_{ik}/T_k + b_k`, with per-class
 temperatures and biases by L-BFGS on the NLL (the biases are centred to mean zero, which does
 not change the probabilities). Unlike temperature scaling it can change the arg-max.
+
+A fit that stops at a bound of :math:`T`, a separable validation set (every top-1 prediction
+correct: the NLL then falls all the way to :math:`T \to 0`, and the sharpened predictions are
+catastrophically over-confident on new data), or a validation NLL worse than at :math:`T = 1`
+warns with :class:`~crossent.calibration.CalibrationWarning` and falls back to :math:`T = 1`;
+``fallback`` names the reason (``None`` when the fit is used). ``fallback_to_identity=False``
+keeps the fit (and still warns).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 
+from crossent.calibration._base import Recalibrator
 from crossent.calibration._inputs import (
     ArrayLike,
     as_labels,
@@ -49,7 +57,7 @@ from crossent.calibration._inputs import (
 )
 from crossent.calibration.metrics import table_from_scores
 
-__all__ = ["TemperatureScaler"]
+__all__ = ["TemperatureScaler", "VectorScaler"]
 
 A = TypeVar("A", np.ndarray, torch.Tensor)
 
@@ -84,7 +92,7 @@ def _top_conf_at(z: torch.Tensor, t: float) -> np.ndarray:
     return out
 
 
-class TemperatureScaler:
+class TemperatureScaler(Recalibrator):
     """Post-hoc calibration by temperature scaling (default) or vector scaling.
 
     Parameters
@@ -96,20 +104,35 @@ class TemperatureScaler:
         Bounds on the temperature(s); the fit never leaves them.
     max_iter:
         Iteration cap of the optimiser.
+    fallback_to_identity:
+        On a degenerate fit (bound reached, separable validation set, validation NLL worse
+        than at T = 1) use T = 1 instead (default), or keep the fit (``False``); both warn.
 
-    Attributes (after :meth:`fit`)
-    ------------------------------
+    Attributes
+    ----------
     temperature:
         ``float`` for temperature scaling, a float64 array of shape (C,) for vector scaling.
     bias:
         ``None`` for temperature scaling, a float64 array of shape (C,) for vector scaling.
     n_iter_:
         Passes over the data the fit took (NLL evaluations for vector scaling).
+    fallback:
+        ``None`` when the fitted temperature is used, else why T = 1 replaced it.
+    diagnostic:
+        The problem found with the fit (``None`` if none), also when it was kept.
 
     Examples
     --------
-    >>> scaler = TemperatureScaler().fit(val_logits, val_labels)
-    >>> probs = scaler.predict_proba(test_logits)
+    Logits three times too confident (labels drawn from ``softmax(z)``, logits ``3 z``) give
+    T close to 3:
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> z = torch.randn(2000, 5, generator=g) * 2
+    >>> labels = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    >>> scaler = TemperatureScaler().fit(3 * z, labels)
+    >>> round(scaler.temperature, 1)
+    3.1
+    >>> probs = scaler.predict_proba(3 * z)    # softmax(3 z / T)
     """
 
     def __init__(
@@ -119,7 +142,9 @@ class TemperatureScaler:
         t_min: float = 1e-2,
         t_max: float = 1e2,
         max_iter: int = 100,
+        fallback_to_identity: bool = True,
     ) -> None:
+        super().__init__(fallback_to_identity=fallback_to_identity)
         if method not in ("temperature", "vector"):
             raise ValueError(f"method must be 'temperature' or 'vector', got {method!r}")
         if not (0 < t_min < t_max < math.inf):
@@ -180,7 +205,70 @@ class TemperatureScaler:
         else:
             self._temperature = self._fit_ece(z, y, n_bins)
             self.bias = None
+        self._fitted = True
+        self._check_fit(z, y)
         return self
+
+    def _check_fit(self, z: torch.Tensor, y: np.ndarray) -> None:
+        """The guard of :class:`~crossent.calibration._base.Recalibrator` on the validation
+        data: one chunked pass for the arg-max and the NLLs at the identity and at the fit."""
+        t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
+        bounds = []
+        if np.any(t <= self.t_min * (1 + 1e-9)):
+            bounds.append(f"the lower bound t_min={self.t_min:g}")
+        if np.any(t >= self.t_max * (1 - 1e-9)):
+            bounds.append(f"the upper bound t_max={self.t_max:g}")
+        yt = torch.from_numpy(y)
+        nll_id = nll_fit = 0.0
+        separable = True
+        for start, stop, block in chunks(z, from_logits=True, name="logits"):
+            yb = yt[start:stop, None]
+            b64 = block.to(torch.float64)
+            separable = separable and bool((b64.argmax(1) == yb[:, 0]).all())
+            nll_id += float((torch.logsumexp(b64, 1) - b64.gather(1, yb)[:, 0]).sum())
+            s = self.transform(b64)
+            nll_fit += float((torch.logsumexp(s, 1) - s.gather(1, yb)[:, 0]).sum())
+        n = z.shape[0]
+        self._guard(
+            nll_id / n,
+            nll_fit / n,
+            n,
+            at_bound=" and ".join(bounds) or None,
+            separable=separable,
+            n_classes=z.shape[1],
+        )
+
+    # ------------------------------------------------------------------ state
+    name = "temperature"
+
+    def _options(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+            "max_iter": self.max_iter,
+            "fallback_to_identity": self.fallback_to_identity,
+        }
+
+    def _params(self) -> dict[str, object]:
+        return {"temperature": self.temperature, "bias": self.bias}
+
+    def _set_params(self, params: dict[str, object]) -> None:
+        t = params["temperature"]
+        if isinstance(t, list):
+            self._temperature = np.asarray(t, dtype=np.float64)
+            self.bias = np.asarray(params["bias"], dtype=np.float64)
+        else:
+            self._temperature = float(t)  # type: ignore[arg-type]
+            self.bias = None
+
+    def _set_identity(self, n_classes: int) -> None:
+        if self.method == "vector":
+            self._temperature = np.ones(n_classes)
+            self.bias = np.zeros(n_classes)
+        else:
+            self._temperature = 1.0
+            self.bias = None
 
     def _fit_nll(self, z: torch.Tensor, y: np.ndarray, init: float) -> float:
         s_min, s_max = 1.0 / self.t_max, 1.0 / self.t_min  # bounds on s = 1/T
@@ -369,3 +457,39 @@ class TemperatureScaler:
             raise ValueError(
                 f"logits have {c} classes but the scaler was fitted on {self.bias.shape[0]}"
             )
+
+
+class VectorScaler(TemperatureScaler):
+    r"""Vector scaling (Guo et al. 2017): :math:`z'_{ik} = z_{ik} / T_k + b_k`, per-class
+    temperatures and biases fitted by L-BFGS on the validation NLL.
+
+    ``VectorScaler(**kw)`` is ``TemperatureScaler("vector", **kw)``; netcal's vector scaling
+    (``LogisticCalibration`` on logits with a diagonal weight) fits the same map,
+    :math:`w_k = 1/T_k`, without bounds on :math:`T_k`.
+    """
+
+    name = "vector"
+
+    def __init__(
+        self,
+        *,
+        t_min: float = 1e-2,
+        t_max: float = 1e2,
+        max_iter: int = 100,
+        fallback_to_identity: bool = True,
+    ) -> None:
+        super().__init__(
+            "vector",
+            t_min=t_min,
+            t_max=t_max,
+            max_iter=max_iter,
+            fallback_to_identity=fallback_to_identity,
+        )
+
+    def __repr__(self) -> str:
+        return "VectorScaler()" if self._temperature is None else "VectorScaler(fitted)"
+
+    def _options(self) -> dict[str, object]:
+        options = super()._options()
+        del options["method"]
+        return options

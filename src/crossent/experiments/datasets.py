@@ -17,13 +17,20 @@ Three bundled tasks, all generated or loaded locally (nothing is downloaded at r
     form a balanced test set, and training and validation sets are drawn from the remaining
     400 per class with the exponential profile of Cui et al. 2019 / Cao et al. 2019,
     :math:`n_c = \\lfloor n_{\\max} \\rho^{-c/(K-1)} \\rfloor` with :math:`\\rho = 50`
-    (training :math:`n_{\\max} = 300`: 300, 194, 125, 81, 52, 33, 21, 13, 8, 6; validation
-    :math:`n_{\\max} = 100`: same profile, so temperature is fitted on data drawn like
-    the training data, never on the balanced test set).
+    (training :math:`n_{\\max} = 300`: 300, 194, 125, 81, 52, 34, 22, 14, 9, 6). The
+    validation set is balanced, 40 per class: it has the test set's class prior, so a
+    temperature fitted on it calibrates for the test distribution. Training and test
+    differ by a label shift (long-tailed -> uniform prior), which is what post-hoc logit
+    adjustment corrects.
+``distill``
+    The ``mnist1d`` split again, for knowledge distillation: students trained on the
+    softened outputs of ``mnist1d`` teachers (see :mod:`crossent.experiments.runner`).
 
-Every split is fixed by ``data_seed`` (default 0) so that the seeds of a study vary only
-the initialisation and the minibatch order, and all seeds are scored on the same test set.
-Features are standardised with training-set statistics (:func:`standardize`).
+Every split is drawn from ``data_seed`` (default 0); the study gives seed ``s`` the split
+``data_seed + s``, so seeds vary the split (train / validation; test too, except on
+MNIST-1D whose test set is the package's own) as well as the initialisation and the
+minibatch order. Features are standardised with training-set statistics
+(:func:`standardize`).
 
 User data (:func:`load_user_data`): ``.csv`` / ``.tsv`` with a header row and a target
 column, ``.npz`` with arrays ``X`` and ``y``, or ``.parquet`` (needs ``pyarrow``), split
@@ -47,6 +54,7 @@ __all__ = [
     "DataError",
     "TaskData",
     "load_digits_task",
+    "load_distill_task",
     "load_mnist1d_lt_task",
     "load_mnist1d_task",
     "load_task",
@@ -57,7 +65,7 @@ __all__ = [
 ]
 
 #: Bundled task names, in the order of the default study.
-BUNDLED_TASKS: tuple[str, ...] = ("mnist1d", "digits", "mnist1d-lt")
+BUNDLED_TASKS: tuple[str, ...] = ("mnist1d", "digits", "mnist1d-lt", "distill")
 
 #: Imbalance ratio (max count / min count) from which a task counts as imbalanced.
 IMBALANCE_RATIO = 3.0
@@ -86,6 +94,8 @@ class TaskData:
     class_names: list[str] = field(default_factory=list)
     #: Whether to add the imbalance-aware losses and report tail metrics.
     imbalanced: bool = False
+    #: For a distillation task: the task whose models are the teachers.
+    teacher_task: str | None = None
 
     def __post_init__(self) -> None:
         if not self.class_names:
@@ -269,21 +279,21 @@ def load_mnist1d_lt_task(
     data_seed: int = 0,
     rho: float = 50.0,
     n_max: int = 300,
-    n_max_val: int = 100,
+    val_per_class: int = 40,
     test_per_class: int = 100,
 ) -> TaskData:
-    """Long-tailed MNIST-1D: exponential profile with ratio ``rho``, balanced test set.
+    """Long-tailed MNIST-1D: exponential profile with ratio ``rho``; balanced validation and test.
 
-    Class ``c`` gets exactly ``long_tail_counts(n_max, 10, rho)[c]`` training and
-    ``long_tail_counts(n_max_val, 10, rho)[c]`` validation examples, and the test set has
-    ``test_per_class`` examples of every class; the three sets are disjoint.
+    Class ``c`` gets exactly ``long_tail_counts(n_max, 10, rho)[c]`` training examples,
+    ``val_per_class`` validation and ``test_per_class`` test examples; the three sets are
+    disjoint.
     """
     x_tr, y_tr, x_te, y_te = _mnist1d_raw()
     x = np.concatenate([x_tr, x_te])
     y = np.concatenate([y_tr, y_te]).astype(np.int64)
     k = 10
     n_train = long_tail_counts(n_max, k, rho)
-    n_val = long_tail_counts(n_max_val, k, rho)
+    n_val = np.full(k, val_per_class)
     rng = np.random.default_rng(data_seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for c in range(k):
@@ -301,10 +311,20 @@ def load_mnist1d_lt_task(
         name="mnist1d-lt",
         description=(
             f"long-tailed MNIST-1D, exponential profile rho={rho:g} "
-            f"(train {n_train[0]}..{n_train[-1]} per class), balanced test set"
+            f"(train {n_train[0]}..{n_train[-1]} per class), balanced validation and test sets"
         ),
         num_classes=k,
         imbalanced=True,
+    )
+
+
+def load_distill_task(*, data_seed: int = 0) -> TaskData:
+    """The ``mnist1d`` split for distillation; its teachers are the ``mnist1d`` models."""
+    return replace(
+        load_mnist1d_task(data_seed=data_seed),
+        name="distill",
+        description="MNIST-1D (the mnist1d split), students of the mnist1d teachers",
+        teacher_task="mnist1d",
     )
 
 
@@ -314,6 +334,7 @@ def load_task(name: str, *, data_seed: int = 0) -> TaskData:
         "mnist1d": load_mnist1d_task,
         "digits": load_digits_task,
         "mnist1d-lt": load_mnist1d_lt_task,
+        "distill": load_distill_task,
     }
     if name not in loaders:
         raise ValueError(f"unknown task {name!r} (choose from {', '.join(BUNDLED_TASKS)})")

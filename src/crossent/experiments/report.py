@@ -7,11 +7,15 @@ Files written by :func:`write_run_folder`:
 ``summary.csv``    one row per (task, loss): mean and std over seeds
 ``predictions.npz`` test logits of every run (``<task>/<loss>/seed<k>/logits``), test labels
                    (``<task>/labels``) and fitted temperatures, for ``crossent calibrate``
-``report.md``      tables (mean +- std) per task and the automatic reading
+``report.md``      the statistics rule, the automatic reading, the comparison with Mukhoti et
+                   al. 2020 and the tables per task (mean +- 95% half-width)
 ``figures/``       ``reliability_<task>_<loss>.png`` (before / after temperature scaling,
-                   the seeds' test predictions pooled), ``ece_<task>.png`` (ECE before /
-                   after scaling per loss) and ``loss_gradient_pt.png`` (loss and gradient
-                   magnitude against the true-class probability :math:`p_t`)
+                   the seeds' test predictions pooled; CE only with ``--quick``),
+                   ``ece_<task>.png`` (ECE before / after both temperature fits per loss),
+                   ``theory_<task>.png`` (focal gamma beside CE - gamma H: ECE, T and
+                   predictive entropy against the strength) and ``loss_gradient_pt.png``
+                   (loss and gradient magnitude against the true-class probability
+                   :math:`p_t`)
 """
 
 from __future__ import annotations
@@ -30,20 +34,30 @@ import numpy as np
 import torch
 
 from crossent.experiments._metrics import METRICS, softmax
-from crossent.experiments.runner import StudyResult, aggregate, config_dict
+from crossent.experiments.losses import KD_TEMPERATURE
+from crossent.experiments.runner import (
+    ARMS,
+    StudyResult,
+    aggregate,
+    clearly_different,
+    config_dict,
+)
 
 __all__ = [
     "automatic_reading",
     "markdown_tables",
+    "mukhoti_table",
     "plot_ece_bars",
     "plot_loss_gradient_pt",
     "plot_reliability",
+    "plot_theory",
     "rich_tables",
     "write_run_folder",
 ]
 
 #: Metrics shown in percent.
-PERCENT = {"acc", "balanced_acc", "macro_f1", "tail_recall", "ece", "adaece", "cw_ece"}
+PERCENT = {"acc", "balanced_acc", "macro_f1", "tail_recall", "ece", "adaece", "cw_ece",
+           "train_acc", "bound_holds"}
 NAMES = {
     "acc": "Acc %",
     "balanced_acc": "Bal. acc %",
@@ -54,89 +68,202 @@ NAMES = {
     "ece": "ECE %",
     "adaece": "AdaECE %",
     "cw_ece": "cw-ECE %",
+    "entropy": "H (nats)",
     "temperature": "T",
 }
 #: T within this distance of 1 counts as "no rescaling needed".
 T_TOLERANCE = 0.05
+#: Mukhoti et al. 2020, Table 1 / Table 3: ResNet-50 on CIFAR-10, test ECE-15 (%) before ->
+#: after temperature scaling (their T fitted on validation ECE by grid search).
+MUKHOTI_CIFAR10: dict[str, tuple[float, float]] = {
+    "ce": (4.35, 1.35), "ls-0.05": (2.96, 1.67), "focal-3": (1.48, 1.42), "flsd-53": (1.55, 0.95),
+}
+STATISTICS_NOTE = (
+    "Each cell is the mean over seeds ± the half-width h of a 95% interval, "
+    "h = √(h_seed² + h_boot²): h_seed = t(0.975, n−1)·s/√n from the n seeds (sample std s; "
+    "seeds vary the data split, the initialisation and the batch order), h_boot = "
+    "1.96·√(Σσᵢ²)/n from a bootstrap over test points (200 resamples per run; accuracy, "
+    "balanced accuracy, tail recall, NLL and ECE; the other metrics carry h_seed only). "
+    "**Clearly** different means: |m_A − m_B| > √(h_A² + h_B²), the 95% half-width of the "
+    "difference; anything closer is called within noise."
+)
 
 
 def _fmt(ms: Sequence[float], metric: str, *, digits: int | None = None) -> str:
-    mean, std = ms
+    """``mean ± h`` (``h`` the 95% half-width, the third entry; the std if there is none)."""
+    mean = ms[0]
+    h = ms[2] if len(ms) > 2 else ms[1]
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
     scale = 100.0 if metric in PERCENT else 1.0
-    d = digits if digits is not None else (2 if metric in PERCENT or metric == "temperature"
-                                           else 3)
-    return f"{mean * scale:.{d}f} ± {std * scale:.{d}f}"
+    d = digits if digits is not None else (
+        1 if metric in ("acc", "balanced_acc", "macro_f1", "tail_recall", "train_acc")
+        else 2 if metric in PERCENT or metric in ("temperature", "entropy") else 3)
+    return f"{mean * scale:.{d}f} ± {h * scale:.{d}f}"
 
 
 def _cell(ms: Sequence[float], metric: str, digits: int) -> str:
-    """Compact ``mean±std`` for the terminal, the std dimmed."""
-    mean, std = ms
+    """Compact ``mean±h`` for the terminal, ``h`` dimmed."""
+    mean = ms[0]
+    h = ms[2] if len(ms) > 2 else ms[1]
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
     scale = 100.0 if metric in PERCENT else 1.0
-    return f"{mean * scale:.{digits}f}[dim]±{std * scale:.{digits}f}[/]"
-
-
-def _task_columns(imbalanced: bool) -> list[str]:
-    acc = ["acc", "balanced_acc", "macro_f1", "tail_recall"] if imbalanced else ["acc"]
-    return [*acc, "nll", "brier", "ece", "adaece", "cw_ece"]
+    return f"{mean * scale:.{digits}f}[dim]±{h * scale:.{digits}f}[/]"
 
 
 def _is_imbalanced(result: StudyResult, task: str) -> bool:
     return bool(result.tasks[task].imbalanced)
 
 
+def _md_table(head: list[str], body: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    out += ["| " + " | ".join(cells) + " |" for cells in body]
+    return out
+
+
+def _nan_high(x: float) -> float:
+    return math.inf if x is None or math.isnan(x) else x
+
+
+def _num(x: float, metric: str, d: int = 2) -> str:
+    return f"{x * (100.0 if metric in PERCENT else 1.0):.{d}f}"
+
+
 # --------------------------------------------------------------------------- tables
 
 
+def _task_rows(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["task"] == task]
+
+
+def _by_loss(trows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["loss"]: r for r in trows}
+
+
+def theory_pairs(trows: list[dict[str, Any]]) -> list[tuple[float, str | None, str | None]]:
+    """``(strength, focal loss, confidence-penalty loss)`` for every gamma / beta present."""
+    strengths: dict[float, list[str | None]] = {}
+    for r in trows:
+        m = re.fullmatch(r"(focal|cp)-([\d.]+)", r["loss"])
+        if m:
+            slot = strengths.setdefault(float(m.group(2)), [None, None])
+            slot[0 if m.group(1) == "focal" else 1] = r["loss"]
+    return [(g, f, c) for g, (f, c) in sorted(strengths.items())]
+
+
 def markdown_tables(result: StudyResult, rows: list[dict[str, Any]]) -> str:
-    """Per task: a table before scaling (with T) and a table after temperature scaling."""
+    """Per task: before scaling (with T and the predictive entropy), after scaling (NLL- and
+    ECE-fitted T), post-hoc logit adjustment on imbalanced tasks, and the focal-loss bound."""
     out: list[str] = []
     for task, data in result.tasks.items():
-        trows = [r for r in rows if r["task"] == task]
+        trows = _task_rows(rows, task)
         if not trows:
             continue
-        cols = _task_columns(data.imbalanced)
-        out.append(f"### {task}\n\n{data.summary()}. {data.description}.\n")
-        head = ["Loss", *[NAMES[c] for c in cols], "T", "Train acc %"]
-        out.append("Before temperature scaling (test set, mean ± std over "
-                   f"{trows[0]['n_seeds']} seed(s)):\n")
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
-        for r in trows:
-            cells = [r["loss_label"], *[_fmt(r[c], c) for c in cols],
-                     _fmt(r["temperature"], "temperature"), _fmt(r["train_acc"], "acc", digits=1)]
-            out.append("| " + " | ".join(cells) + " |")
-        cal_cols = ["nll", "brier", "ece", "adaece", "cw_ece"]
-        head_ts = ["Loss", *[NAMES[c] for c in cal_cols], "ECE % before → after"]
-        out.append("\nAfter temperature scaling (T fitted on the validation set; accuracy "
-                   "is unchanged):\n")
-        out.append("| " + " | ".join(head_ts) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * (len(head_ts) - 1)) + "|")
-        for r in trows:
-            arrow = f"{100 * r['ece'][0]:.2f} → {100 * r['ece_ts'][0]:.2f}"
-            cells = [r["loss_label"], *[_fmt(r[f"{c}_ts"], c) for c in cal_cols], arrow]
-            out.append("| " + " | ".join(cells) + " |")
+        n_seeds = trows[0]["n_seeds"]
+        models = sorted({r["model"] for r in trows})
+        out.append(f"### {task}\n\n{data.summary()}. {data.description}. Model: "
+                   f"{', '.join(models)}.\n")
+        acc = ["acc", "balanced_acc", "macro_f1", "tail_recall"] if data.imbalanced else ["acc"]
+        cols = [*acc, "nll", "brier", "ece", "adaece", "cw_ece", "entropy"]
+        out.append(f"Before temperature scaling (test set, mean ± 95% half-width, {n_seeds} "
+                   "seed(s)):\n")
+        out += _md_table(
+            ["Loss", *[NAMES[c] for c in cols], "T (NLL)", "Train acc %"],
+            [[r["loss_label"], *[_fmt(r[c], c) for c in cols], _fmt(r["temperature"], "temperature"),
+              _fmt(r["train_acc"], "train_acc")] for r in trows],
+        )
+        out.append("\nAfter temperature scaling: T fitted on validation NLL (Guo et al.), and "
+                   "T fitted by grid search on validation ECE (Mukhoti et al.'s protocol); "
+                   "accuracy is unchanged:\n")
+        out += _md_table(
+            ["Loss", "ECE % (T: NLL)", "NLL", "Brier", "AdaECE %", "cw-ECE %", "T (ECE)",
+             "ECE % (T: ECE)", "ECE % before → after (NLL)"],
+            [[r["loss_label"], _fmt(r["ece_ts"], "ece"), _fmt(r["nll_ts"], "nll"),
+              _fmt(r["brier_ts"], "brier"), _fmt(r["adaece_ts"], "adaece"),
+              _fmt(r["cw_ece_ts"], "cw_ece"), _fmt(r["temperature_ece"], "temperature"),
+              _fmt(r["ece_tsece"], "ece"), f"{_num(r['ece'][0], 'ece')} → {_num(r['ece_ts'][0], 'ece')}"]
+             for r in trows],
+        )
+        if data.imbalanced and "balanced_acc_la" in trows[0]:
+            out.append("\nPost-hoc logit adjustment (Menon et al. 2021): LA = z − log π_train; "
+                       "LA + T = z/T − log π_train with T fitted on the balanced validation set "
+                       "(the prior-corrected temperature):\n")
+            out += _md_table(
+                ["Loss", "Bal. acc % raw", "Bal. acc % LA", "Bal. acc % LA + T", "Tail recall % raw",
+                 "Tail recall % LA", "Tail recall % LA + T", "ECE % TS", "ECE % LA + T", "T (LA)"],
+                [[r["loss_label"], _fmt(r["balanced_acc"], "acc"), _fmt(r["balanced_acc_la"], "acc"),
+                  _fmt(r["balanced_acc_lats"], "acc"), _fmt(r["tail_recall"], "acc"),
+                  _fmt(r["tail_recall_la"], "acc"), _fmt(r["tail_recall_lats"], "acc"),
+                  _fmt(r["ece_ts"], "ece"), _fmt(r["ece_lats"], "ece"),
+                  _fmt(r["temperature_la"], "temperature")] for r in trows],
+            )
+        out.append(_theory_table(trows))
         out.append("")
     return "\n".join(out)
 
 
+def _theory_table(trows: list[dict[str, Any]]) -> str:
+    """Focal gamma beside CE - beta H with beta = gamma, and the bound on the test samples."""
+    pairs = theory_pairs(trows)
+    if not any(f and c for _, f, c in pairs):
+        return ""
+    by = _by_loss(trows)
+    body = []
+    for g, f, c in pairs:
+        for name in (f, c):
+            if name is None:
+                continue
+            r = by[name]
+            bound = ("holds on " + _fmt(r["bound_holds"], "bound_holds", digits=1) + "%, gap "
+                     + _fmt(r["bound_gap"], "nll") + f" nats ({100 * r['bound_gap_rel'][0]:.0f}% of γH)"
+                     if "bound_holds" in r else "")
+            body.append([f"{g:g}", r["loss_label"], _fmt(r["acc"], "acc"), _fmt(r["ece"], "ece"),
+                         _fmt(r["temperature"], "temperature"), _fmt(r["entropy"], "entropy"),
+                         _fmt(r["ece_ts"], "ece"), bound])
+    lines = ["", "Focal loss γ beside its lower bound CE − γH (confidence penalty β = γ); the "
+             "bound FL ≥ CE − γH checked per test sample on each focal model's own logits:", ""]
+    lines += _md_table(["γ = β", "Loss", "Acc %", "ECE %", "T", "H (nats)", "ECE % after TS",
+                        "FL ≥ CE − γH on test samples"], body)
+    return "\n".join(lines)
+
+
+def mukhoti_table(result: StudyResult, rows: list[dict[str, Any]], task: str = "mnist1d") -> str:
+    """This run's ECE before -> after scaling (both T fits) beside Mukhoti et al.'s CIFAR-10."""
+    by = _by_loss(_task_rows(rows, task))
+    present = [k for k in MUKHOTI_CIFAR10 if k in by]
+    if not present:
+        return ""
+    model = by[present[0]]["model"]
+    lines = _md_table(
+        ["Loss", "Mukhoti et al., CIFAR-10 ResNet-50", f"This run, {task} {model}: before → "
+         "after (T: NLL)", "after (T: ECE, their protocol)", "T (NLL)", "T (ECE)"],
+        [[by[k]["loss_label"], f"{a:.2f} → {b:.2f}",
+          f"{_fmt(by[k]['ece'], 'ece')} → {_fmt(by[k]['ece_ts'], 'ece')}",
+          _fmt(by[k]["ece_tsece"], "ece"), _fmt(by[k]["temperature"], "temperature"),
+          _fmt(by[k]["temperature_ece"], "temperature")]
+         for k, (a, b) in ((k, MUKHOTI_CIFAR10[k]) for k in present)],
+    )
+    return "\n".join(lines)
+
+
 def rich_tables(result: StudyResult, rows: list[dict[str, Any]]) -> list[Any]:
     """One :class:`rich.table.Table` per task, for the terminal (report.md has every column)."""
-    from rich.table import Table
+    from crossent._extras import require
 
+    rich_table = require("rich.table", "the terminal tables of crossent run")
     tables = []
     for task, data in result.tasks.items():
-        trows = [r for r in rows if r["task"] == task]
+        trows = _task_rows(rows, task)
         if not trows:
             continue
         acc_cols = ["acc", "balanced_acc", "tail_recall"] if data.imbalanced else ["acc"]
-        table = Table(
-            title=f"[bold]{task}[/]: test set, mean ± std over {trows[0]['n_seeds']} seed(s)",
-            caption="ECE, AdaECE, cw-ECE in % (15 bins); T fitted on validation; "
-                    "TS = after temperature scaling; best ECE in green",
+        table = rich_table.Table(
+            title=f"[bold]{task}[/] ({trows[0]['model']}): test set, mean ± 95% half-width over "
+                  f"{trows[0]['n_seeds']} seed(s)",
+            caption="ECE in % (15 bins); H = mean predictive entropy (nats); T fitted on "
+                    "validation NLL, T(ECE) on validation ECE; TS = after scaling; best ECE in green"
+                    + ("; LA = post-hoc logit adjustment" if data.imbalanced else ""),
             header_style="bold",
             pad_edge=False,
         )
@@ -144,155 +271,216 @@ def rich_tables(result: StudyResult, rows: list[dict[str, Any]]) -> list[Any]:
         heads = {"acc": "Acc %", "balanced_acc": "BalAcc %", "tail_recall": "Tail %"}
         for c in acc_cols:
             table.add_column(heads[c], justify="right", no_wrap=True)
-        for name in ("NLL", "Brier", "ECE %", "AdaECE %", "cwECE %", "T", "ECE % TS",
-                     "AdaECE % TS", "NLL TS"):
+        extra = ("BalAcc % LA", "Tail % LA") if data.imbalanced else ()
+        for name in ("Train %", "NLL", "ECE %", "H", "T", "ECE % TS", "NLL TS", "T(ECE)",
+                     "ECE % TS(ECE)", *extra):
             table.add_column(name, justify="right", no_wrap=True,
-                             style="cyan" if "TS" in name else None)
+                             style="cyan" if "TS" in name or "LA" in name else None)
         best_ece = min(trows, key=lambda r: _nan_high(r["ece"][0]))["loss"]
         best_ts = min(trows, key=lambda r: _nan_high(r["ece_ts"][0]))["loss"]
         for r in trows:
             ece = _cell(r["ece"], "ece", 2)
             ece_ts = _cell(r["ece_ts"], "ece", 2)
-            table.add_row(
+            cells = [
                 r["loss_label"],
                 *[_cell(r[c], c, 1) for c in acc_cols],
+                f"{100 * r['train_acc'][0]:.1f}",
                 _cell(r["nll"], "nll", 3),
-                _cell(r["brier"], "brier", 3),
                 f"[bold green]{ece}[/]" if r["loss"] == best_ece else ece,
-                _cell(r["adaece"], "adaece", 2),
-                _cell(r["cw_ece"], "cw_ece", 2),
+                f"{r['entropy'][0]:.2f}",
                 _cell(r["temperature"], "temperature", 2),
                 f"[bold green]{ece_ts}[/]" if r["loss"] == best_ts else ece_ts,
-                _cell(r["adaece_ts"], "adaece", 2),
                 _cell(r["nll_ts"], "nll", 3),
-            )
+                f"{r['temperature_ece'][0]:.2f}",
+                _cell(r["ece_tsece"], "ece", 2),
+            ]
+            if data.imbalanced:
+                cells += [_cell(r["balanced_acc_la"], "acc", 1), _cell(r["tail_recall_la"], "acc", 1)]
+            table.add_row(*cells)
         tables.append(table)
     return tables
-
-
-def _nan_high(x: float) -> float:
-    return math.inf if x is None or math.isnan(x) else x
 
 
 # --------------------------------------------------------------------------- reading
 
 
 def _clearly_lower(a: Sequence[float], b: Sequence[float]) -> bool:
-    """``a`` below ``b`` by more than the sum of their seed stds (a deliberately crude rule)."""
-    return a[0] + a[1] < b[0] - b[1]
+    """``a`` clearly below ``b`` (:func:`~crossent.experiments.runner.clearly_different`)."""
+    return a[0] < b[0] and clearly_different(a, b)
+
+
+def _regime(r: dict[str, Any]) -> str:
+    t = r["temperature"][0]
+    conf = ("overconfident" if t > 1 + T_TOLERANCE else "underconfident" if t < 1 - T_TOLERANCE
+            else "close to calibrated")
+    fit = "interpolates the training set" if r["train_acc"][0] >= 0.995 else "does not interpolate"
+    return (f"{r['model']}, {100 * r['train_acc'][0]:.1f}% train / {_fmt(r['acc'], 'acc')}% test "
+            f"accuracy, T = {_fmt(r['temperature'], 'temperature')}: it {fit} and is {conf}")
 
 
 def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Short sentences per task, derived from the numbers only.
-
-    A difference is called *clear* when the two means differ by more than the sum of their
-    standard deviations over seeds; otherwise it is *within seed noise*.
-    """
+    """Short sentences per task, derived from the numbers only, with the rule of
+    :func:`~crossent.experiments.runner.clearly_different` behind every "clearly"."""
     reading: dict[str, list[str]] = {}
     for task, data in result.tasks.items():
-        trows = [r for r in rows if r["task"] == task]
+        trows = _task_rows(rows, task)
         if not trows:
             continue
         lines: list[str] = []
-        by = {r["loss"]: r for r in trows}
+        by = _by_loss(trows)
         ce = by.get("ce")
         valid = [r for r in trows if not math.isnan(r["ece"][0])]
         if not valid:
             reading[task] = ["every run diverged; nothing to read."]
             continue
+        if data.teacher_task is not None:
+            reading[task] = _distill_reading(result, rows, task)
+            continue
         if ce is not None:
-            lines.append(
-                f"CE reaches {100 * ce['train_acc'][0]:.1f}% train accuracy and "
-                f"{100 * ce['acc'][0]:.1f}% test accuracy"
-                + (" (it overfits: train accuracy ~100%)." if ce["train_acc"][0] >= 0.995
-                   else " (it does not reach 100% train accuracy in this budget).")
-            )
+            lines.append(f"Regime: CE ({_regime(ce)}).")
         b0 = min(valid, key=lambda r: r["ece"][0])
         b1 = min(valid, key=lambda r: _nan_high(r["ece_ts"][0]))
         worst0 = max(valid, key=lambda r: r["ece"][0])
         lines.append(
-            f"Lowest ECE before scaling: **{b0['loss_label']}** "
-            f"({_fmt(b0['ece'], 'ece')}%); highest: {worst0['loss_label']} "
+            f"Lowest ECE before scaling: **{b0['loss_label']}** ({_fmt(b0['ece'], 'ece')}%, "
+            f"T = {b0['temperature'][0]:.2f}); highest: {worst0['loss_label']} "
             f"({_fmt(worst0['ece'], 'ece')}%)."
         )
-        lines.append(
-            f"Lowest ECE after temperature scaling: **{b1['loss_label']}** "
-            f"({_fmt(b1['ece_ts'], 'ece')}%)."
-        )
-        ada0 = min(valid, key=lambda r: r["adaece"][0])
-        if ada0["loss"] != b0["loss"]:
-            lines.append(
-                f"AdaECE (equal-mass bins) ranks a different loss first before scaling: "
-                f"{ada0['loss_label']} ({_fmt(ada0['adaece'], 'adaece')}%)."
-            )
-        if ce is not None and not math.isnan(ce["temperature"][0]):
-            t, s = ce["temperature"]
-            if t > 1 + T_TOLERANCE:
-                verdict = "T > 1: CE is overconfident, and scaling softens its predictions"
-            elif t < 1 - T_TOLERANCE:
-                verdict = "T < 1: CE is underconfident, and scaling sharpens its predictions"
-            else:
-                verdict = f"T ≈ 1 (within {T_TOLERANCE}): CE is already close to calibrated"
-            lines.append(
-                f"CE's fitted temperature is {t:.2f} ± {s:.2f}; {verdict}. Scaling moves CE's "
-                f"ECE from {100 * ce['ece'][0]:.2f}% to {100 * ce['ece_ts'][0]:.2f}% and its "
-                f"NLL from {ce['nll'][0]:.3f} to {ce['nll_ts'][0]:.3f}."
-            )
         under = [r["loss_label"] for r in valid if r["temperature"][0] < 1 - T_TOLERANCE]
         over = [r["loss_label"] for r in valid if r["temperature"][0] > 1 + T_TOLERANCE]
         if under:
             lines.append(f"T < 1 (underconfident before scaling): {', '.join(under)}.")
         if over:
             lines.append(f"T > 1 (overconfident before scaling): {', '.join(over)}.")
-        helped = [r for r in valid if r["ece_ts"][0] < r["ece"][0]]
-        lines.append(
-            f"Temperature scaling lowers ECE for {len(helped)} of {len(valid)} losses."
-        )
         if ce is not None:
             beat_before = [r["loss_label"] for r in valid
                            if r["loss"] != "ce" and _clearly_lower(r["ece"], ce["ece"])]
+            worse_before = [r["loss_label"] for r in valid
+                            if r["loss"] != "ce" and _clearly_lower(ce["ece"], r["ece"])]
             beat_after = [r["loss_label"] for r in valid
                           if r["loss"] != "ce" and _clearly_lower(r["ece_ts"], ce["ece_ts"])]
             worse_after = [r["loss_label"] for r in valid
                            if r["loss"] != "ce" and _clearly_lower(ce["ece_ts"], r["ece_ts"])]
             lines.append(
-                "Clearly lower ECE than CE before scaling: "
-                + (", ".join(beat_before) if beat_before else "none") + ". "
-                "After scaling both: "
-                + (", ".join(beat_after) if beat_after else "none (within seed noise or worse)")
-                + (f"; clearly higher than CE + TS: {', '.join(worse_after)}" if worse_after
-                   else "") + "."
+                "Before scaling, clearly lower ECE than CE: "
+                + (", ".join(beat_before) or "none")
+                + ("; clearly higher: " + ", ".join(worse_before) if worse_before else "") + "."
             )
-            best_acc = max(valid, key=lambda r: r["acc"][0])
-            if best_acc["loss"] != "ce":
-                rel = ("clearly" if _clearly_lower(ce["acc"], best_acc["acc"])
-                       else "within seed noise")
-                lines.append(
-                    f"Highest test accuracy: {best_acc['loss_label']} "
-                    f"({_fmt(best_acc['acc'], 'acc')}%), {rel} above CE "
-                    f"({_fmt(ce['acc'], 'acc')}%)."
-                )
-            else:
-                lines.append(f"CE has the highest test accuracy ({_fmt(ce['acc'], 'acc')}%).")
-        if data.imbalanced:
-            bb = max(valid, key=lambda r: r["balanced_acc"][0])
-            bt = max(valid, key=lambda r: r["tail_recall"][0])
             lines.append(
-                f"Imbalanced task: highest balanced accuracy {bb['loss_label']} "
-                f"({_fmt(bb['balanced_acc'], 'acc')}%), highest tail-class recall "
-                f"{bt['loss_label']} ({_fmt(bt['tail_recall'], 'acc')}%)"
-                + (f"; CE's tail recall is {_fmt(ce['tail_recall'], 'acc')}%" if ce else "")
+                f"After temperature scaling (T on validation NLL), lowest ECE "
+                f"{b1['loss_label']} ({_fmt(b1['ece_ts'], 'ece')}%); clearly below CE + TS "
+                f"({_fmt(ce['ece_ts'], 'ece')}%): " + (", ".join(beat_after) or "none")
+                + ("; clearly above: " + ", ".join(worse_after) if worse_after else "")
+                + ". Every other difference after scaling is within noise."
+            )
+            accs = [r for r in valid if r["loss"] != "ce" and clearly_different(r["acc"], ce["acc"])]
+            lines.append(
+                "Test accuracy clearly different from CE's " + f"({_fmt(ce['acc'], 'acc')}%): "
+                + (", ".join(f"{r['loss_label']} {_fmt(r['acc'], 'acc')}%" for r in accs)
+                   if accs else "none; every loss is within noise of CE")
                 + "."
             )
-            if len(helped) < len(valid) / 2:
-                lines.append(
-                    "Here the validation set follows the long-tailed training distribution "
-                    "while the test set is balanced: a temperature fitted under one label "
-                    "distribution need not calibrate another (label shift), and on this task "
-                    "it mostly does not."
-                )
+        lines += _theory_reading(trows)
+        if data.imbalanced:
+            lines += _long_tail_reading(trows)
         reading[task] = lines
     return reading
+
+
+def _theory_reading(trows: list[dict[str, Any]]) -> list[str]:
+    by = _by_loss(trows)
+    lines = []
+    bounds = [r for r in trows if "bound_holds" in r]
+    if bounds:
+        worst = min(r["bound_holds"][0] for r in bounds)
+        lines.append(
+            f"The bound FL ≥ CE − γH holds on {100 * worst:.1f}% of the test samples for the "
+            "worst focal model (" + ", ".join(
+                f"{r['loss_label']}: gap {r['bound_gap'][0]:.3f} nats, "
+                f"{100 * r['bound_gap_rel'][0]:.0f}% of γH" for r in bounds) + ")."
+        )
+    for g, f, c in theory_pairs(trows):
+        if not (f and c):
+            continue
+        a, b = by[f], by[c]
+        same = [m for m, key in (("ECE", "ece"), ("T", "temperature"), ("H", "entropy"))
+                if not clearly_different(a[key], b[key])]
+        lines.append(
+            f"γ = β = {g:g}: {a['loss_label']} has ECE {_fmt(a['ece'], 'ece')}%, T "
+            f"{a['temperature'][0]:.2f}, H {a['entropy'][0]:.2f}; {b['loss_label']} has ECE "
+            f"{_fmt(b['ece'], 'ece')}%, T {b['temperature'][0]:.2f}, H {b['entropy'][0]:.2f}"
+            + (f" (within noise in {', '.join(same)})" if same else " (clearly different in all three)")
+            + "."
+        )
+    return lines
+
+
+def _long_tail_reading(trows: list[dict[str, Any]]) -> list[str]:
+    by = _by_loss(trows)
+    ce = by.get("ce")
+    if ce is None:
+        return []
+    lines = ["Label shift: the training prior is long-tailed, the validation and test sets are "
+             "balanced, so T is fitted under the test prior."]
+    moved = [r for r in trows if r["loss"] != "ce"
+             and clearly_different(r["balanced_acc"], ce["balanced_acc"])]
+    lines.append(
+        f"Balanced accuracy of CE {_fmt(ce['balanced_acc'], 'acc')}% (tail recall "
+        f"{_fmt(ce['tail_recall'], 'acc')}%); clearly different: "
+        + (", ".join(f"{r['loss_label']} {_fmt(r['balanced_acc'], 'acc')}% (tail "
+                     f"{_fmt(r['tail_recall'], 'acc')}%)" for r in moved) or "none") + "."
+    )
+    if "balanced_acc_la" in ce:
+        helped = [r["loss_label"] for r in trows
+                  if r["balanced_acc_la"][0] > r["balanced_acc"][0]
+                  and clearly_different(r["balanced_acc_la"], r["balanced_acc"])]
+        tail_up = [r["loss_label"] for r in trows if r["tail_recall_lats"][0] > r["tail_recall"][0]
+                   and clearly_different(r["tail_recall_lats"], r["tail_recall"])]
+        helped_t = [r["loss_label"] for r in trows
+                    if r["balanced_acc_lats"][0] > r["balanced_acc"][0]
+                    and clearly_different(r["balanced_acc_lats"], r["balanced_acc"])]
+        lines.append(
+            f"Post-hoc logit adjustment on the raw logits moves CE to "
+            f"{_fmt(ce['balanced_acc_la'], 'acc')}% balanced accuracy (tail "
+            f"{_fmt(ce['tail_recall_la'], 'acc')}%) and clearly helps: "
+            + (", ".join(helped) or "none")
+            + f". After the prior-corrected temperature (z/T − log π, T = "
+            f"{ce['temperature_la'][0]:.2f} for CE) CE reaches "
+            f"{_fmt(ce['balanced_acc_lats'], 'acc')}% (tail {_fmt(ce['tail_recall_lats'], 'acc')}%);"
+            " clearly above the raw logits in balanced accuracy: " + (", ".join(helped_t) or "none")
+            + "; in tail recall: " + (", ".join(tail_up) or "none") + "."
+            + (" Where tail recall rises and balanced accuracy does not, the adjustment trades "
+               "head-class recall for tail-class recall." if tail_up and not helped_t else "")
+        )
+    return lines
+
+
+def _distill_reading(result: StudyResult, rows: list[dict[str, Any]], task: str) -> list[str]:
+    by = _by_loss(_task_rows(rows, task))
+    data = result.tasks[task]
+    teachers = _by_loss(_task_rows(rows, data.teacher_task or ""))
+    lines = []
+    if "ce" in by:
+        lines.append(f"Regime: the student model on the hard labels ({_regime(by['ce'])}); "
+                     f"distillation temperature τ = {KD_TEMPERATURE:g}.")
+    for name, r in by.items():
+        if name.startswith("kd-"):
+            t = teachers.get(name[3:])
+            lines.append(
+                f"{r['loss_label']} ({r['model']}): {_fmt(r['acc'], 'acc')}% test accuracy, ECE "
+                f"{_fmt(r['ece'], 'ece')}%, T {r['temperature'][0]:.2f}"
+                + (f"; its teacher ({t['model']}) {_fmt(t['acc'], 'acc')}%, teacher's H "
+                   f"{t['entropy'][0]:.2f} nats" if t else "") + "."
+            )
+    a, b = by.get("kd-ce"), by.get("kd-ls-0.1")
+    if a and b:
+        verdict = ("clearly worse" if _clearly_lower(b["acc"], a["acc"]) else
+                   "clearly better" if _clearly_lower(a["acc"], b["acc"]) else "within noise of")
+        lines.append(
+            f"The student of the label-smoothed teacher is {verdict} the student of the CE "
+            f"teacher in accuracy ({_fmt(b['acc'], 'acc')}% vs {_fmt(a['acc'], 'acc')}%)."
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------- figures
@@ -305,8 +493,8 @@ def _safe(name: str) -> str:
 def plot_reliability(result: StudyResult, task: str, loss: str, *, n_bins: int = 15) -> Any:
     """Reliability diagrams of one (task, loss), before and after temperature scaling.
 
-    The test predictions of all seeds are pooled (each seed scaled by its own T); drawn by
-    :func:`crossent.calibration.compare_reliability_diagrams`.
+    The test predictions of all seeds are pooled (each seed scaled by its own T, each with
+    its own test labels); drawn by :func:`crossent.calibration.compare_reliability_diagrams`.
     """
     from crossent.calibration import compare_reliability_diagrams
 
@@ -314,7 +502,7 @@ def plot_reliability(result: StudyResult, task: str, loss: str, *, n_bins: int =
     if not runs:
         return None
     data = result.tasks[task]
-    labels = np.concatenate([data.y_test for _ in runs])
+    labels = np.concatenate([data.y_test if r.test_labels is None else r.test_labels for r in runs])
     probs = np.concatenate([softmax(r.test_logits.astype(np.float64)) for r in runs])
     probs_ts = np.concatenate(
         [softmax(r.test_logits.astype(np.float64) / r.temperature) for r in runs]
@@ -327,30 +515,68 @@ def plot_reliability(result: StudyResult, task: str, loss: str, *, n_bins: int =
         n_bins=n_bins,
     )
     fig.set_size_inches(10.0, 5.0)
-    fig.suptitle(f"{task} · {label} · test set, {len(runs)} seed(s) pooled", fontsize=11)
+    model = runs[0].record.get("model", "")
+    fig.suptitle(f"{task} · {model} · {label} · test set, {len(runs)} seed(s) pooled", fontsize=11)
     return fig
 
 
 def plot_ece_bars(result: StudyResult, rows: list[dict[str, Any]], task: str) -> Any:
-    """Grouped bars: ECE before and after temperature scaling, per loss (error bar: std)."""
-    from matplotlib.figure import Figure
+    """Grouped bars: ECE before and after temperature scaling, per loss (error bar: 95% h)."""
+    from crossent._extras import require
 
-    trows = [r for r in rows if r["task"] == task]
+    figure = require("matplotlib.figure", "the figures of crossent run")
+    trows = _task_rows(rows, task)
     x = np.arange(len(trows))
-    fig = Figure(figsize=(max(5.0, 0.75 * len(trows) + 2), 3.6), layout="constrained")
+    fig = figure.Figure(figsize=(max(5.0, 0.75 * len(trows) + 2), 3.6), layout="constrained")
     ax = fig.subplots()
-    w = 0.38
-    for off, key, lab, color in ((-w / 2, "ece", "before scaling", "#d62728"),
-                                 (w / 2, "ece_ts", "after scaling", "#1f77b4")):
+    w = 0.27
+    for off, key, lab, color in ((-w, "ece", "before scaling", "#d62728"),
+                                 (0.0, "ece_ts", "after scaling (T: NLL)", "#1f77b4"),
+                                 (w, "ece_tsece", "after scaling (T: ECE)", "#2ca02c")):
         means = [100 * r[key][0] for r in trows]
-        stds = [100 * r[key][1] for r in trows]
-        ax.bar(x + off, means, w, yerr=stds, capsize=3, label=lab, color=color, alpha=0.85)
+        errs = [100 * r[key][2] for r in trows]
+        ax.bar(x + off, means, w, yerr=errs, capsize=3, label=lab, color=color, alpha=0.85)
     ax.set_xticks(x, [r["loss_label"] for r in trows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("ECE-15 (%)")
-    ax.set_title(f"{task}: test ECE before / after temperature scaling (mean ± std)",
+    ax.set_title(f"{task}: test ECE before / after temperature scaling\n(mean ± 95% interval)",
                  fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_theory(rows: list[dict[str, Any]], task: str) -> Any:
+    """Focal loss gamma against its lower bound CE - beta H (beta = gamma): ECE before scaling,
+    the fitted T and the mean predictive entropy as functions of the strength, CE at 0."""
+    from crossent._extras import require
+
+    trows = _task_rows(rows, task)
+    pairs = theory_pairs(trows)
+    by = _by_loss(trows)
+    if not pairs or "ce" not in by:
+        return None
+    figure = require("matplotlib.figure", "the figures of crossent run")
+    fig = figure.Figure(figsize=(11, 3.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for which, marker, color, label in ((1, "o", "#d62728", "focal loss, γ"),
+                                        (2, "s", "#1f77b4", "CE − βH (conf. penalty), β")):
+        names = [(g, (f, c)[which - 1]) for g, f, c in pairs]
+        pts = [(0.0, by["ce"])] + [(g, by[name]) for g, name in names if name is not None]
+        xs = [g for g, _ in pts]
+        for ax, key, scale in zip(axes, ("ece", "temperature", "entropy"), (100.0, 1.0, 1.0),
+                                  strict=True):
+            ys = [scale * r[key][0] for _, r in pts]
+            es = [scale * r[key][2] for _, r in pts]
+            ax.errorbar(xs, ys, yerr=es, marker=marker, color=color, label=label, capsize=3)
+    for ax, title in zip(axes, ("ECE-15 before scaling (%)", "fitted temperature T (NLL)",
+                                "mean predictive entropy H (nats)"), strict=True):
+        ax.set_xlabel("strength γ = β")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{task}: does focal loss γ behave like CE − γH? (test set, mean ± 95% interval)",
+                 fontsize=10)
     return fig
 
 
@@ -391,11 +617,12 @@ def pt_curves(
 
 def plot_loss_gradient_pt(num_classes: int = 10) -> Any:
     r"""Loss and gradient magnitude :math:`|\partial L/\partial z_y|` against :math:`p_t`."""
-    from matplotlib.figure import Figure
+    from crossent._extras import require
 
+    figure = require("matplotlib.figure", "the figures of crossent run")
     p = np.linspace(1e-3, 1 - 1e-3, 400)
     curves = pt_curves(p, num_classes)
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = figure.Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for name, (loss, grad) in curves.items():
         style = "--" if name.startswith("LS") else "-"
@@ -443,13 +670,16 @@ def _json_clean(x: Any) -> Any:
 
 
 def _csv_rows(result: StudyResult) -> tuple[list[str], list[list[Any]]]:
-    head = ["task", "loss", "seed", "epochs", "train_acc", "temperature", "time_s", "diverged",
-            *METRICS, *[f"{m}_ts" for m in METRICS]]
+    keys = [(arm, m) for arm in ARMS for m in (*METRICS, "entropy")
+            if any(arm in r for r in result.records)]
+    head = ["task", "loss", "seed", "model", "epochs", "train_acc", "temperature",
+            "temperature_ece", "time_s", "diverged", *[m + ARMS[arm] for arm, m in keys]]
     body = []
     for r in result.records:
-        body.append([r["task"], r["loss"], r["seed"], r["epochs"], r["train_acc"],
-                     r["temperature"], round(r["time_s"], 3), r["diverged"],
-                     *[r["test"][m] for m in METRICS], *[r["test_ts"][m] for m in METRICS]])
+        body.append([r["task"], r["loss"], r["seed"], r.get("model", ""), r["epochs"],
+                     r["train_acc"], r["temperature"], r.get("temperature_ece"),
+                     round(r["time_s"], 3), r["diverged"],
+                     *[r[arm][m] if arm in r else "" for arm, m in keys]])
     return head, body
 
 
@@ -499,13 +729,14 @@ def write_run_folder(
     written["results.csv"] = p
 
     p = out / "summary.csv"
-    keys = ["train_acc", "temperature", *METRICS, *[f"{m}_ts" for m in METRICS]]
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, list)))
     with p.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["task", "loss", "n_seeds",
-                    *[f"{k}_{s}" for k in keys for s in ("mean", "std")]])
+        w.writerow(["task", "loss", "model", "n_seeds",
+                    *[f"{k}_{s}" for k in keys for s in ("mean", "std", "ci95")]])
         for r in rows:
-            w.writerow([r["task"], r["loss"], r["n_seeds"], *[v for k in keys for v in r[k]]])
+            w.writerow([r["task"], r["loss"], r["model"], r["n_seeds"],
+                        *[v for k in keys for v in r.get(k, [""] * 3)]])
     written["summary.csv"] = p
 
     arrays: dict[str, np.ndarray] = {}
@@ -515,6 +746,8 @@ def write_run_folder(
         r = run.record
         key = f"{r['task']}/{r['loss']}/seed{r['seed']}"
         arrays[f"{key}/logits"] = run.test_logits
+        if run.test_labels is not None:
+            arrays[f"{key}/labels"] = run.test_labels
         arrays[f"{key}/temperature"] = np.asarray(run.temperature)
     p = out / "predictions.npz"
     np.savez_compressed(p, **arrays)  # type: ignore[arg-type]
@@ -552,8 +785,10 @@ def _write_figures(
         if not any(r["task"] == task for r in rows):
             continue
         save(plot_ece_bars(result, rows, task), f"ece_{_safe(task)}.png")
+        save(plot_theory(rows, task), f"theory_{_safe(task)}.png")
         for r in rows:
-            if r["task"] == task:
+            # --quick draws the reliability diagram of CE only (each takes ~0.5 s)
+            if r["task"] == task and (not result.config.quick or r["loss"] == "ce"):
                 save(plot_reliability(result, task, r["loss"], n_bins=n_bins),
                      f"reliability_{_safe(task)}_{_safe(r['loss'])}.png")
     return paths
@@ -569,28 +804,40 @@ def _report_md(
 ) -> str:
     cfg = result.config
     n_runs = len(result.runs)
+    models = ", ".join(f"{t} {cfg.model_for(t)} (lr {cfg.lr_for(cfg.model_for(t)):g}, "
+                       f"{cfg.epochs_for(t)} epochs)" for t in result.tasks)
     lines = [
         "# crossent run: report",
         "",
         *([f"Command: `{command}`", ""] if command else []),
         f"{n_runs} runs ({len(result.tasks)} task(s) x losses x {len(cfg.seeds)} seed(s): "
-        f"{', '.join(map(str, cfg.seeds))}), model `{cfg.model}`, Adam lr {cfg.lr:g}, "
-        f"batch {cfg.batch_size}, epochs "
-        + ", ".join(f"{t} {cfg.epochs_for(t)}" for t in result.tasks)
-        + f"; wall time {result.wall_time_s:.0f} s.",
+        f"{', '.join(map(str, cfg.seeds))}); models: {models}; Adam, batch {cfg.batch_size}; "
+        f"wall time {result.wall_time_s:.0f} s.",
         "",
         "Metrics on the test set; ECE-15 with equal-width bins, AdaECE with equal-mass bins, "
-        "cw-ECE classwise (all in %); Brier is the multiclass sum (0-2). Temperature T is "
-        "fitted on the validation set only. Mean ± sample std over seeds.",
+        "cw-ECE classwise (all in %); Brier is the multiclass sum (0-2); H is the mean entropy "
+        "of the predictions in nats. Temperature T is fitted on the validation set only, by NLL "
+        "(Guo et al.) and, for the Mukhoti-comparable column, by grid search on ECE.",
         "",
-        "## Automatic reading",
+        "**Statistics.** " + STATISTICS_NOTE
+        + (f" Seed s uses the data split of data seed {cfg.data_seed} + s." if cfg.split_per_seed
+           else f" Every seed uses the split of data seed {cfg.data_seed}."),
         "",
     ]
+    fallbacks = [f"{r.record['task']}/{r.record['loss']}/seed{r.record['seed']}: {k} {v}"
+                 for r in result.runs for k, v in r.record.get("fallback", {}).items()]
+    if fallbacks:
+        lines += ["Temperature fits that fell back to a bound or to identity: "
+                  + "; ".join(fallbacks) + ".", ""]
+    lines += ["## Automatic reading", ""]
     for task, items in reading.items():
         lines.append(f"**{task}**")
         lines.append("")
         lines += [f"- {s}" for s in items]
         lines.append("")
+    muk = mukhoti_table(result, rows)
+    if muk:
+        lines += ["## Next to Mukhoti et al. 2020 (CIFAR-10, ResNet-50)", "", muk, ""]
     lines += ["## Tables", "", markdown_tables(result, rows), ""]
     if fig_paths:
         lines += ["## Figures", ""]

@@ -119,6 +119,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import crossent
+from crossent._options import Reduction
 
 __all__ = [
     "FUSED_CAUSAL_LMS",
@@ -133,6 +134,7 @@ __all__ = [
     "unpatch",
 ]
 
+#: The Transformers versions this integration supports (a PEP 440 version specifier).
 SUPPORTED_RANGE = ">=4.50,<6"
 _MIN_VERSION = (4, 50)
 _MAX_MAJOR_EXCLUSIVE = 6
@@ -285,7 +287,7 @@ class CrossentLossFunction:
         opts = {k: v for k, v in self.options.items() if k != "chunk_size"}
         if ignore_index is not None:
             opts["ignore_index"] = ignore_index
-        reduction = "mean" if num_items_in_batch is None else "sum"
+        reduction: Reduction = "mean" if num_items_in_batch is None else "sum"
         loss = crossent.cross_entropy(logits, target.to(logits.device), reduction=reduction, **opts)
         return _divide(loss, num_items_in_batch)
 
@@ -503,6 +505,11 @@ def _param_index(forward: Callable[..., Any], name: str) -> int | None:
     return positional.index(name) - 1 if name in positional else None
 
 
+def _passed_at(at: int | None, name: str, args: list[Any], kwargs: dict[str, Any]) -> int | None:
+    """``at`` (from :func:`_param_index`) when argument ``name`` was passed positionally, else None."""
+    return at if at is not None and name not in kwargs and len(args) > at else None
+
+
 def _make_fused_forward(
     original: Callable[..., Any],
     call: Callable[..., Any],
@@ -523,24 +530,22 @@ def _make_fused_forward(
     @functools.wraps(original)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         args_l = list(args)
-        in_args = labels_at is not None and "labels" not in kwargs and len(args_l) > labels_at
-        labels = args_l[labels_at] if in_args else kwargs.get("labels")
+        labels_pos = _passed_at(labels_at, "labels", args_l, kwargs)
+        labels = args_l[labels_pos] if labels_pos is not None else kwargs.get("labels")
         if labels is None:
             return call(self, *args, **kwargs)  # generation / no loss: the family's forward as is
-        if in_args:
-            args_l[labels_at] = None
+        if labels_pos is not None:
+            args_l[labels_pos] = None
         else:
             kwargs["labels"] = None
         loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
-        rd_in_args = (
-            return_dict_at is not None and "return_dict" not in kwargs and len(args_l) > return_dict_at
-        )
-        return_dict = args_l[return_dict_at] if rd_in_args else kwargs.get("return_dict")
+        rd_pos = _passed_at(return_dict_at, "return_dict", args_l, kwargs)
+        return_dict = args_l[rd_pos] if rd_pos is not None else kwargs.get("return_dict")
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         if not return_dict:  # ask for the output object, made a tuple at the end
-            if rd_in_args:
-                args_l[return_dict_at] = True
+            if rd_pos is not None:
+                args_l[rd_pos] = True
             else:
                 kwargs["return_dict"] = True
 
@@ -548,7 +553,8 @@ def _make_fused_forward(
         capture = _capture_of(head)
         if capture is None:
             capture = _install_capture(head, heads)
-        capture.seen = seen = []  # the head records its input and computes nothing while set
+        seen: list[Tensor] = []
+        capture.seen = seen  # the head records its input and computes nothing while set
         try:
             out = call(self, *args_l, **kwargs)
         finally:
@@ -697,7 +703,7 @@ def patch(model_or_class: Any, **options: Any) -> Any:
     _check_model_type(model_or_class)
     opts = _check_options(options)
     if isinstance(model_or_class, type):
-        cls = model_or_class
+        cls: type[Any] = model_or_class
         if is_patched(cls):
             unpatch(cls)
         route, arg = _route(cls, None)

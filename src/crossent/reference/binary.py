@@ -30,7 +30,7 @@ Sigmoid focal loss (Lin et al. 2017, torchvision's form) is :math:`\gamma_+ = \g
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -149,7 +149,7 @@ def binary_loss(
 
 
 def binary_cross_entropy(
-    logits: np.ndarray, target: np.ndarray, *, gamma: float = 0.0, **options
+    logits: np.ndarray, target: np.ndarray, *, gamma: float = 0.0, **options: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference of :func:`crossent.binary_cross_entropy` (``gamma`` for both signs)."""
     return binary_loss(logits, target, gamma_pos=gamma, gamma_neg=gamma, **options)
@@ -161,7 +161,7 @@ def sigmoid_focal_loss(
     *,
     alpha: float | None = 0.25,
     gamma: float = 2.0,
-    **options,
+    **options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference of :func:`crossent.sigmoid_focal_loss`."""
     return binary_loss(logits, target, alpha=alpha, gamma_pos=gamma, gamma_neg=gamma, **options)
@@ -174,7 +174,7 @@ def asymmetric_loss(
     gamma_pos: float = 0.0,
     gamma_neg: float = 4.0,
     clip: float = 0.05,
-    **options,
+    **options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference of :func:`crossent.asymmetric_loss` (Ridnik et al. 2021)."""
     return binary_loss(

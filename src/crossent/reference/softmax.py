@@ -38,7 +38,8 @@ def flsd53(p: np.ndarray) -> np.ndarray:
 def log_softmax(u: np.ndarray) -> np.ndarray:
     """log q = u - lse(u), with the max subtracted before exponentiating."""
     m = u.max(axis=-1, keepdims=True)
-    return u - (m + np.log(np.exp(u - m).sum(axis=-1, keepdims=True)))
+    out: np.ndarray = u - (m + np.log(np.exp(u - m).sum(axis=-1, keepdims=True)))
+    return out
 
 
 def focal_factor_grad(ell: np.ndarray, gamma: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
@@ -183,8 +184,8 @@ def cross_entropy(
 
     if reduction == "none":
         loss = losses.reshape(out_shape)
-        go = np.ones(R) if grad_output is None else np.broadcast_to(grad_output, out_shape).reshape(-1)
-        grad = grads * go[:, None]
+        go_rows = np.ones(R) if grad_output is None else np.broadcast_to(grad_output, out_shape).reshape(-1)
+        grad = grads * go_rows[:, None]
     elif reduction in ("sum", "mean"):
         if reduction == "sum":
             scale = 1.0

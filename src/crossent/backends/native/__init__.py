@@ -11,7 +11,8 @@ Build: the first call compiles ``_kernels.c`` with the system C compiler (``$CC`
 ``gcc`` or ``clang``) as ``-O3 -march=native`` into a shared library cached under
 ``$CROSSENT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/crossent``, else ``~/.cache/crossent``,
 else, with no home directory, ``<tempdir>/crossent-<uid>``), keyed by the source, the compiler,
-its flags and the CPU's feature flags; it needs no Python or torch headers and takes 2-3 seconds.
+its flags and the CPU's feature flags; it needs no Python or torch headers and takes 10-20
+seconds of CPU time (the loops are instantiated per option set so that each one vectorises).
 The library is written atomically (a private temporary file, fsync, rename) with its SHA-256
 appended, and checked before it is loaded: the directory and the file must be this user's (or
 root's) and not writable by group or others, and the checksum must match. A cached file that fails is
@@ -27,10 +28,15 @@ exp and log, for gradcheck), outside ``torch.compile``:
 
 - softmax family: 1-D or 2-D logits with contiguous rows, and contiguous (N, C, d1, ...)
   logits with index targets (tiles of positions: vectorised across positions for few classes,
-  else transposed into rows in cache); index targets with every
-  option (schedules of gamma take a first pass for q_y) except focal with label smoothing;
-  probability targets (1-D/2-D) with every option except focal. Other cases take the torch-op
-  path.
+  else transposed into rows in cache); index targets and probability targets (1-D/2-D) with
+  every option. A step schedule of gamma (:class:`crossent._options.StepGamma`, e.g.
+  ``crossent.flsd53``) is evaluated per row inside the pass, from q_y (or sum_k t_k q_k) once
+  the row's log-sum-exp is known; any other schedule takes a first pass for those. The
+  statistics of ``return_aux`` (lse, entropy, argmax hit) come from the same passes. A focal
+  term with label smoothing or with probability targets needs the focal factor of every class:
+  the kernel's dense pass computes it at one exp per element for an integer gamma (the
+  exponential the softmax takes anyway, then multiplications), two more (one log, one exp) for
+  another gamma. Other cases take the torch-op path.
 - sigmoid family: contiguous logits and targets (any dtype); every option; ``weight`` and
   ``pos_weight`` that broadcast by repetition (a scalar, a per-class (C,), a per-sample (N, 1),
   a full tensor, ...).
@@ -49,7 +55,7 @@ import stat
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -63,6 +69,7 @@ from crossent._options import (
     RowGamma,
     SoftmaxCall,
     SoftmaxOptions,
+    StepGamma,
     covers,
 )
 from crossent.backends.torch_ops._memory import empty_hugepage
@@ -107,6 +114,8 @@ class _SoftmaxArgs(ctypes.Structure):
         ("poly1", ctypes.c_double), ("scale", ctypes.c_double),
         ("n_threads", ctypes.c_int32), ("mean", ctypes.c_int32),
         ("total", ctypes.c_double), ("denom", ctypes.c_double), ("spatial", ctypes.c_int64),
+        ("stats", ctypes.c_void_p), ("has_step", ctypes.c_int32), ("step_threshold", ctypes.c_double),
+        ("step_below", ctypes.c_double), ("step_above", ctypes.c_double),
     ]
 
 
@@ -268,7 +277,8 @@ def _compiler() -> str | None:
     return None
 
 
-_KERNELS = ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64", "ce_has_f16", "ce_openmp")
+_KERNELS = ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64", "ce_has_f16", "ce_openmp",
+            "ce_exp_log_f32")
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -455,7 +465,8 @@ def _dtype_ok(dtype: torch.dtype) -> bool:
 
 @torch.compiler.assume_constant_result
 def _has_f16() -> bool:
-    return bool(_library().ce_has_f16())
+    lib = _library()
+    return lib is not None and bool(lib.ce_has_f16())
 
 
 def _threads() -> int:
@@ -484,14 +495,12 @@ def _check(status: int) -> None:
 
 
 #: What the native softmax kernel computes (an allow-list, see :func:`crossent._options.covers`):
-#: class indices with every option, except a focal term together with label smoothing (that
-#: needs a focal factor per class); probability targets with every option but the focal term.
+#: every option together, for class indices and for probability targets (a focal term with
+#: label smoothing or with probability targets takes the kernel's dense pass, a focal factor
+#: per class).
 SOFTMAX_CAPABILITIES = {
-    "index": (
-        SOFTMAX_ALL - {"gamma", "gamma_schedule"},
-        SOFTMAX_ALL - {"label_smoothing"},
-    ),
-    "prob": (SOFTMAX_ALL - {"gamma", "gamma_schedule"},),
+    "index": (SOFTMAX_ALL,),
+    "prob": (SOFTMAX_ALL,),
 }
 #: The native sigmoid kernel: every option of the family but the Poly-1 term and the detached
 #: focal weight (those calls run on the torch-op path).
@@ -562,20 +571,29 @@ def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
         conf=float(opts.confidence_penalty), poly1=float(opts.poly1),
         scale=1.0, n_threads=_threads(), mean=int(reduction == "mean"),
     )
+    stats = call.stats
+    if stats is not None and R:
+        if not (stats.is_contiguous() and stats.dtype == acc and tuple(stats.shape) == (R, 3)):
+            raise ValueError(f"stats must be a contiguous ({R}, 3) tensor of {acc}")
+        args.stats = stats.data_ptr()
     kernel = getattr(_library(), f"ce_softmax_{_suffix(acc)}")
     gamma_rows = None
-    if isinstance(opts.gamma, RowGamma):
+    if isinstance(opts.gamma, StepGamma):  # evaluated per row inside the kernel, after pass 2
+        args.has_step = 1
+        args.step_threshold = opts.gamma.threshold
+        args.step_below, args.step_above = opts.gamma.below, opts.gamma.above
+    elif isinstance(opts.gamma, RowGamma):
         gamma_rows = opts.gamma.rows.to(acc).reshape(-1).expand(R).contiguous()
         args.gamma_rows = gamma_rows.data_ptr()
     elif callable(opts.gamma) and R:
         # A schedule needs every row's q_y before its gradient: a first, forward-only pass.
         p = _true_class_prob(kernel, args, R, acc)
-        gamma_rows = gamma_for_rows(opts, p.unsqueeze(1))
-        gamma_rows = torch.as_tensor(gamma_rows, dtype=acc).reshape(-1).expand(R).contiguous()
+        scheduled = gamma_for_rows(opts, p.unsqueeze(1))
+        gamma_rows = torch.as_tensor(scheduled, dtype=acc).reshape(-1).expand(R).contiguous()
         args.gamma_rows = gamma_rows.data_ptr()
     _check(kernel(ctypes.byref(args)))
 
-    if reduction == "none":
+    if losses is not None:  # reduction "none"
         loss = losses.reshape(()) if squeeze else losses.reshape(x.shape[:1] + x.shape[2:])
     else:
         loss = torch.tensor(args.total, dtype=acc)
@@ -584,12 +602,13 @@ def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
     return loss, grad
 
 
-def _true_class_prob(kernel: ctypes._CFuncPtr, args: _SoftmaxArgs, R: int, acc: torch.dtype) -> Tensor:
+def _true_class_prob(kernel: Callable[..., int], args: _SoftmaxArgs, R: int, acc: torch.dtype) -> Tensor:
     """q_y (or sum_k t_k q_k) per row: the kernel's forward-only pass with ``ell`` set writes
     -log of it."""
     ell = torch.empty(R, dtype=acc)
     first = _SoftmaxArgs.from_buffer_copy(args)
     first.grad, first.ell, first.gamma, first.gamma_rows = None, ell.data_ptr(), 0.0, None
+    first.stats = None
     _check(kernel(ctypes.byref(first)))
     return ell.neg_().exp_()
 
@@ -691,7 +710,8 @@ def binary_cross_entropy(call: BinaryCall) -> tuple[Tensor, Tensor | None]:
         w_inner=1 if w_pat is None else w_pat[1], w_period=1 if w_pat is None else w_pat[2],
         pw_inner=1 if pw_pat is None else pw_pat[1], pw_period=1 if pw_pat is None else pw_pat[2],
         loss=_ptr(out), x_dtype=_DT[logits.dtype], g_dtype=_DT[logits.dtype], t_dtype=_DT[t.dtype],
-        has_ignore=int(has_ignore), ignore_value=float(opts.ignore_index) if has_ignore else 0.0,
+        has_ignore=int(has_ignore),
+        ignore_value=0.0 if opts.ignore_index is None else float(opts.ignore_index),
         eps=float(opts.label_smoothing), gamma_pos=float(opts.gamma_pos),
         gamma_neg=float(opts.gamma_neg), alpha=-1.0 if opts.alpha is None else float(opts.alpha),
         clip=float(opts.clip), scale=1.0, n_threads=_threads(), mean=int(reduction == "mean"),

@@ -19,6 +19,9 @@
 #endif
 
 #define TINY ((ACC)(sizeof(ACC) == 4 ? 1.17549435e-38 : 2.2250738585072014e-308))
+/* about the log of TINY: the floor of a clamped log, whose exp is still finite and whose
+ * product with a gamma in [0, 1) is at most its negation */
+#define LOG_MIN ((ACC)(sizeof(ACC) == 4 ? -87.0 : -708.0))
 
 /* src[i0 : i0 + n] (dtype dt) -> dst, converted to ACC */
 static void FN(load)(ACC *restrict dst, const void *src, int dt, int64_t i0, int64_t n) {
@@ -96,16 +99,22 @@ static ACC FN(load_max)(ACC *restrict dst, const void *src, int dt, int64_t n) {
  * Per row (u = the logits, soft-capped u = c tanh(x / c) when softcap is set):
  *   pass 1 (the one read from memory): m = max u, and the row sums the loss needs
  *          (sum_k w_k u_k for smoothing; sum a_k, sum a_k u_k for probability targets);
- *   pass 2 (from L2): S = sum exp(u - m), so lse = m + log S;
+ *   (statistics only: the first argmax of u, from L1 right after the max)
+ *   pass 2 (from L2): e = exp(u - m) kept in cache, S = sum e, so lse = m + log S (and
+ *          sum e u for the entropy); a step schedule picks the row's gamma here, from q_y;
+ *   dense pass (focal with smoothing or with probability targets only; see dense_focal): the
+ *          focal factor of every class, D = a g and the row sums of a f ell and of D;
  *   per-row scalars in double: the loss and the coefficients of
- *          G = q (rowc + cpc u - pc t~) + rowconst + ow w - a - sparse onehot_y
+ *          G = q (rowc + cpc u - pc t~) + rowconst + ow w + Dc D - a - sparse onehot_y
  *   pass 3 (from L2): G written once, then the target entry replaced by its exact value.
  * The formulas are those of crossent/backends/torch_ops/softmax.py (see its docstring and
- * crossent.cross_entropy); focal rows take gamma from `gamma` or `gamma_rows`. */
+ * crossent.cross_entropy); focal rows take gamma from `gamma`, `gamma_rows` or the step schedule
+ * (`has_step`). With `stats`, each row's [lse, H(q), argmax hit] is written too
+ * (crossent._formula.row_statistics). */
 
 typedef struct {
     const sm_args *a;
-    ACC *scratch;     /* per thread: (u row, g row) */
+    ACC *scratch;     /* per thread: (u, g, e, D rows), then the tiles of sm_work_spatial */
     int64_t per_thread;
     double scale;     /* the gradient's multiplier */
     int64_t tile;     /* positions per tile of (N, C, S) logits */
@@ -119,38 +128,46 @@ typedef struct {
  *
  * Inputs: s the sample weight (w_y, 0 when ignored), valid (1, or 0 when ignored), lse,
  * ell = lse - u_y = -log q_y, omq = 1 - q_y and qy = q_y (each computed without cancellation by
- * the caller), su = sum_k w_k u_k (smoothing), gam the focusing parameter, keep = 1 - eps,
- * uni = eps / C, wsum = sum_k w_k, zl the z-loss weight, p1 the Poly-1 weight; has_w whether
- * class weights are given. Outputs: the row's loss and the coefficients of
- *   G = q rowc + rowconst + ow w - sparse onehot_y   (times the reduction's scale)
+ * the caller), uf = sum_k w_k f_k ell_k and ug = sum_k w_k g_k the uniform part's row sums
+ * (f_k = (1 - q_k)^gamma, g_k = -f_k kappa_k; for gamma = 0 lse sum(w) - sum_k w_k u_k and
+ * -sum(w)), gam the focusing parameter, keep = 1 - eps, uni = eps / C, wsum = sum_k w_k, zl the
+ * z-loss weight, p1 the Poly-1 weight; has_w whether class weights are given; dense whether
+ * the caller adds the uniform part's per-class term (eps/C) w_k g_k itself (focal with
+ * smoothing; else it is the closed form -(eps/C) w here). Outputs: the row's loss and the
+ * coefficients of
+ *   G = q rowc + rowconst + ow w - sparse onehot_y [+ (eps/C) w g]   (times the reduction's scale)
  * - target part a_y (1-q_y)^gamma ell_y, a_y = (1-eps) s; its gradient is a_y f kappa (q -
  *   onehot_y) with f = (1-q_y)^gamma and kappa = 1 + gamma q_y ell / (1 - q_y): the finite
  *   ratio ell / (1 - q_y) -> 1 replaces (1-q)^(gamma-1), which overflows for gamma < 1;
- * - smoothing's uniform part (eps/C) sum_k w_k ell_k = (eps/C)(lse sum(w) - sum w u), gradient
- *   (eps/C)(q sum(w) - w);
+ * - smoothing's uniform part (eps/C) sum_k w_k f_k ell_k, gradient (eps/C)(w g - q sum_k w_k g_k)
+ *   (for gamma = 0: (eps/C)(lse sum(w) - sum w u) and (eps/C)(q sum(w) - w)); the target entry
+ *   of its dense term, -(eps/C) w_y f_y kappa_y, joins `sparse`, which the caller writes exactly;
  * - z-loss (PaLM) s lambda lse^2, gradient 2 s lambda lse q;
  * - Poly-1 (Leng et al. 2022) s eps1 (1 - P), P = (1-eps) q_y + eps/C. */
 #define CE_INDEX_COEFFICIENTS(NAME, T, POW)                                                       \
-    ALWAYS_INLINE void NAME(T s, T valid, T lse, T ell, T omq, T qy, T su, T gam, T keep, T uni,  \
-                            T wsum, T zl, T p1, int has_w, T *loss, T *rowc, T *sparse,           \
-                            T *rowconst, T *ow) {                                                 \
+    ALWAYS_INLINE void NAME(T s, T valid, T lse, T ell, T omq, T qy, T uf, T ug, T gam, T keep,   \
+                            T uni, T wsum, T zl, T p1, int has_w, int dense, T *loss, T *rowc,    \
+                            T *sparse, T *rowconst, T *ow) {                                      \
         const T a_y = s * keep;                                                                   \
-        T l, c;                                                                                   \
+        T l, fk; /* fk = f_y kappa_y */                                                           \
         if (gam != 0) {                                                                           \
             const T factor = POW(omq, gam); /* omq = 0: 0 (1 for gamma = 0, never reached) */     \
             const T ratio = omq > 0 ? ell / omq : (T)1;                                           \
             l = a_y * factor * ell;                                                               \
-            c = a_y * factor * ((T)1 + gam * qy * ratio);                                         \
+            fk = factor * ((T)1 + gam * qy * ratio);                                              \
         } else {                                                                                  \
             l = a_y * ell;                                                                        \
-            c = a_y;                                                                              \
+            fk = 1;                                                                               \
         }                                                                                         \
+        T c = a_y * fk;                                                                           \
         T sp = c, rc = 0, o = 0;                                                                  \
         if (uni != 0) {                                                                           \
             const T ue = uni * valid;                                                             \
-            l += ue * (lse * wsum - su);                                                          \
-            c += ue * wsum;                                                                       \
-            if (has_w) o = -ue; else rc = -ue;                                                    \
+            l += ue * uf;                                                                         \
+            c -= ue * ug;                                                                         \
+            if (dense) sp += ue * s * fk;                                                         \
+            else if (has_w) o = -ue;                                                              \
+            else rc = -ue;                                                                        \
         }                                                                                         \
         if (zl != 0) {                                                                            \
             l += s * zl * lse * lse;                                                              \
@@ -207,13 +224,131 @@ static inline ACC FN(row_max)(const ACC *restrict u, int64_t C) {
     return m;
 }
 
+/* The first k with v[k] == x, or -1: blocks of 64 compared at once (a vectorised OR), then the
+ * block that holds it scanned one by one; for the statistics' argmax, right after the max pass
+ * found x among the row's values (the row is still in cache). */
+static inline int64_t FN(first_equal)(const ACC *restrict v, int64_t n, ACC x) {
+    int64_t k0 = 0;
+    for (; k0 + 64 <= n; k0 += 64) {
+        int any = 0;
+        CE_PRAGMA(omp simd reduction(| : any))
+        for (int64_t k = k0; k < k0 + 64; ++k) any |= v[k] == x;
+        if (any) break;
+    }
+    for (int64_t k = k0; k < n; ++k)
+        if (v[k] == x) return k;
+    return -1;
+}
+
+/* The dense target part, for a focal term that needs every class (probability targets, or the
+ * uniform part of label smoothing): with a_k = w_k (t_k keep + uni) for probability targets
+ * (`tr`), a_k = w_k for the uniform part of class indices (tr NULL; the caller scales it by
+ * eps / C), writes D_k = a_k g_k to `d` and returns sum_k a_k f_k ell_k in *lf and sum_k D_k in
+ * *lg, where f_k = (1 - q_k)^gamma and g_k = -f_k kappa_k, kappa = 1 + gamma q ell / (1 - q)
+ * (see CE_INDEX_COEFFICIENTS). e = exp(u - m) (pass 2), q = e / S, ell = lse - u, and 1 - q
+ * as such: it loses its relative precision as q -> 1 (the torch-op path's -expm1(-ell) keeps
+ * it), but only at the row's max, where each use of it vanishes with it: the loss term
+ * f ell ~ (1 - q)^(gamma + 1), and in the gradient a_j g_j - q_j sum_k a_k g_k the entry's own
+ * a_j g_j comes with the factor 1 - q_j. An absolute error of ~1e-7 in 1 - q moves neither by
+ * more than that (test_dense.py checks a saturated max against the reference). Float partial
+ * sums of SEG terms, added in double.
+ *
+ * The power, chosen once per row (POW, see focal_power): for an integer gamma = POW in 1..5 by
+ * repeated multiplication, so that f kappa = f + gamma q ell (1 - q)^(gamma - 1) needs no
+ * division; for any other gamma (POW = 0) by one log and one exp, (1 - q)^(gamma - 1) =
+ * exp((gamma - 1) log(1 - q)) with the log clamped at LOG_MIN (about the log of the smallest
+ * normal number), so that it stays finite for gamma < 1 as q -> 1, where it multiplies 1 - q and
+ * ell, both -> 0. POW, HAS_T and HAS_W are compile-time constants: one loop each, with no branch
+ * inside, which the compiler vectorises. */
+ALWAYS_INLINE void FN(dense_focal_seg)(const ACC *restrict u, const ACC *restrict e, const ACC *restrict tr,
+                                       const ACC *restrict w, int64_t k0, int64_t k1, ACC keep, ACC uni,
+                                       ACC lse, ACC inv_s, ACC gam, ACC *restrict d,
+                                       ACC *pf_out, ACC *pg_out, const int POW, const int HAS_T,
+                                       const int HAS_W) {
+    ACC pf = 0, pg = 0;
+    SIMD_SUM(pf, pg)
+    for (int64_t k = k0; k < k1; ++k) {
+        const ACC ek = e[k], q = ek * inv_s, ell = lse - u[k];
+        const ACC omq = (ACC)1 - q;
+        /* q ell -> 0 as q -> 0: a masked class (u = -inf, ell = inf) gives 0, not 0 * inf */
+        const ACC qell = q > 0 ? q * ell : (ACC)0;
+        ACC f, fk;
+        if (POW > 0) {
+            /* (1 - q)^(gamma - 1), the conditions folded at compile time */
+            const ACC o2 = omq * omq, o4 = o2 * o2;
+            const ACC pm1 = (((POW - 1) & 1) ? omq : (ACC)1) * (((POW - 1) & 2) ? o2 : (ACC)1)
+                            * (((POW - 1) & 4) ? o4 : (ACC)1);
+            f = pm1 * omq;
+            fk = f + gam * qell * pm1;
+        } else {
+            ACC lo = LOG_POS(omq);
+            lo = lo > LOG_MIN ? lo : LOG_MIN;
+            const ACC pm1 = EXP((gam - (ACC)1) * lo);
+            f = pm1 * omq;
+            fk = f + gam * qell * pm1;
+        }
+        const ACC ak = (HAS_T ? tr[k] * keep + uni : (ACC)1) * (HAS_W ? w[k] : (ACC)1);
+        pf += ak != 0 ? ak * f * ell : (ACC)0; /* no target mass: nothing, even at u = -inf */
+        const ACC dk = -ak * fk;
+        pg += dk;
+        d[k] = dk;
+    }
+    *pf_out = pf;
+    *pg_out = pg;
+}
+
+static void FN(dense_focal)(const ACC *restrict u, const ACC *restrict e, const ACC *restrict tr,
+                            const ACC *restrict w, int64_t C, ACC keep, ACC uni, ACC lse, ACC inv_s,
+                            ACC gam, int pw, ACC *restrict d, double *lf, double *lg) {
+    double tf = 0.0, tg = 0.0;
+    if (sizeof(ACC) == 8) pw = 0; /* see focal_power: the double build has the exp/log loop only */
+    const int mode = (tr != NULL) * 2 + (w != NULL);
+    for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+        const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
+        ACC pf = 0, pg = 0;
+#define DENSE_CASE(P, T, W) \
+    FN(dense_focal_seg)(u, e, tr, w, k0, k1, keep, uni, lse, inv_s, gam, d, &pf, &pg, P, T, W)
+#define DENSE_POW(P)                                  \
+    switch (mode) {                                   \
+    case 0: DENSE_CASE(P, 0, 0); break;               \
+    case 1: DENSE_CASE(P, 0, 1); break;               \
+    case 2: DENSE_CASE(P, 1, 0); break;               \
+    default: DENSE_CASE(P, 1, 1); break;              \
+    }
+        switch (pw) {
+        case 1: DENSE_POW(1); break;
+        case 2: DENSE_POW(2); break;
+        case 3: DENSE_POW(3); break;
+        case 4: DENSE_POW(4); break;
+        case 5: DENSE_POW(5); break;
+        default: DENSE_POW(0); break;
+        }
+#undef DENSE_POW
+#undef DENSE_CASE
+        tf += (double)pf;
+        tg += (double)pg;
+    }
+    *lf = tf;
+    *lg = tg;
+}
+
+/* The `pw` of dense_focal for a row's gamma: the integer itself for 1..5 (the gammas of focal
+ * loss and of FLSD-53), else 0 (exp/log); always 0 in double, where exp and log are libm's
+ * scalar calls anyway (gradcheck and the float64 tests), which keeps the build small. */
+static inline int FN(focal_power)(double gam) {
+    if (sizeof(ACC) == 8) return 0;
+    return (gam >= 1.0 && gam <= 5.0 && gam == (double)(int)gam) ? (int)gam : 0;
+}
+
 /* One row r: x row `xr` (dtype x_dtype, contiguous), gradient row `gr` (g_dtype) or NULL,
- * probability-target row `tr` or NULL; `ubuf`, `gbuf` are this thread's scratch rows. Writes
- * the row's loss (and -log q_y) and returns the loss as stored. */
+ * probability-target row `tr` or NULL; `scr` is this thread's 4 scratch rows of C (u, g, e =
+ * exp(u - m), the dense term D). Writes the row's loss (and -log q_y, or -log sum_k t_k q_k for
+ * probability targets) and returns the loss as stored. */
 static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x_dtype, char *gr, int g_dtype,
-                         const ACC *tr, ACC *ubuf, ACC *gbuf) {
+                         const ACC *tr, ACC *scr) {
     const sm_args *a = ctx->a;
     const int64_t C = a->n_cols;
+    ACC *ubuf = scr, *gbuf = scr + C, *ebuf = scr + 2 * C, *dbuf = scr + 3 * C;
     const ACC *w = (const ACC *)a->w;
     const int index = a->y != NULL;
     const int cap = a->softcap > 0;
@@ -225,6 +360,16 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
     ACC *loss_out = (ACC *)a->loss;
     ACC *ell_out = (ACC *)a->ell;
     const ACC *u = (const ACC *)xr;
+    ACC *st = a->stats ? (ACC *)a->stats + 3 * r : NULL; /* this row's statistics, or NULL */
+    /* the focusing parameter of this row: fixed, per row, or (a step schedule) chosen after pass
+     * 2, from the row's true-class probability. The focal term needs every class (it is "dense")
+     * with probability targets and with label smoothing; before the step is chosen, may_dense
+     * says whether it can be, may_plain whether the row sums of the plain formulas can be needed */
+    const int step = a->has_step != 0;
+    double gam = a->gamma_rows ? (double)((const ACC *)a->gamma_rows)[r] : a->gamma;
+    const int spread = !index || eps != 0.0;
+    const int may_dense = spread && (step ? (a->step_below != 0.0 || a->step_above != 0.0) : gam != 0.0);
+    const int may_plain = !may_dense || (step && (a->step_below == 0.0 || a->step_above == 0.0));
     /* half precision without softcap: the conversion and the max in one read */
     const int load_max = need_u && !cap && !(index && eps != 0.0);
     ACC m_loaded = -INFINITY;
@@ -250,6 +395,7 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
         if (s == 0.0) {
             if (loss_out) loss_out[r] = 0;
             if (ell_out) ell_out[r] = 0;
+            if (st) st[0] = st[1] = st[2] = 0; /* masked by the caller */
             if (gr) {
                 for (int64_t k = 0; k < C; ++k) g[k] = 0;
                 if (need_g) FN(store)(gr, g_dtype, 0, gbuf, C);
@@ -262,64 +408,118 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
      * the largest term is 1), and the row sums of the loss */
     ACC m;
     double su = 0.0, sa = 0.0, sau = 0.0;
-    if (index && eps != 0.0) {
+    if (index && eps != 0.0 && may_plain) {
         m = FN(row_max_sum)(u, w, C, &su); /* and sum_k w_k u_k, in the same read */
     } else {
         m = load_max ? m_loaded : FN(row_max)(u, C);
     }
-    if (!index) {
+    /* the statistics' argmax: the first class whose u equals the max (ties go to the first, as
+     * torch.argmax), found while the row is still in L1 from the max pass and before pass 2 may
+     * overwrite u; for probability targets also the target row's first argmax */
+    int64_t hit = 0;
+    if (st) {
+        const int64_t am = FN(first_equal)(u, C, m);
+        int64_t tgt = y;
+        if (!index) {
+            ACC tm = -INFINITY;
+            SIMD_MAX(tm)
+            for (int64_t k = 0; k < C; ++k) tm = tr[k] > tm ? tr[k] : tm;
+            tgt = FN(first_equal)(tr, C, tm); /* -1 when the target row has no max (NaN) */
+        }
+        hit = am >= 0 && am == tgt;
+    }
+    if (!index && may_plain) {
         for (int64_t k0 = 0; k0 < C; k0 += SEG) {
             int64_t n = C - k0 < SEG ? C - k0 : SEG;
             ACC pa = 0, pau = 0;
-            SIMD_SUM(pa, pau)
-            for (int64_t k = k0; k < k0 + n; ++k) {
-                ACC ak = (tr[k] * keep + uni) * (w ? w[k] : (ACC)1);
-                pa += ak;
-                pau += ak != 0 ? ak * u[k] : (ACC)0; /* no target mass: nothing, even at u = -inf */
+            /* no target mass: nothing, even at u = -inf (a select, not a branch) */
+            if (w) {
+                SIMD_SUM(pa, pau)
+                for (int64_t k = k0; k < k0 + n; ++k) {
+                    const ACC ak = (tr[k] * keep + uni) * w[k], au = ak * u[k];
+                    pa += ak;
+                    pau += ak != 0 ? au : (ACC)0;
+                }
+            } else {
+                SIMD_SUM(pa, pau)
+                for (int64_t k = k0; k < k0 + n; ++k) {
+                    const ACC ak = tr[k] * keep + uni, au = ak * u[k];
+                    pa += ak;
+                    pau += ak != 0 ? au : (ACC)0;
+                }
             }
             sa += (double)pa;
             sau += (double)pau;
         }
     }
 
-    /* pass 2: S = sum exp(u - m) in float partial sums of SEG terms, added in double */
-    /* In the common case pass 2 keeps e = exp(u - m) in the gradient row (in cache) and
-     * pass 3 only rescales it. Not when a later pass still reads u, which g may alias. */
-    const int keep_e = gr != NULL && index && !cap && a->conf == 0.0;
+    /* pass 2: e = exp(u - m) and S = sum e, in float partial sums of SEG terms added in double.
+     * e is kept for the later passes: in the gradient row in the common case (pass 3 only
+     * rescales it), else in the scratch row `ebuf` (when a later pass still reads u, which g
+     * may alias, or e itself: Poly-1 with probability targets). */
+    const int keep_e = gr != NULL && !cap && a->conf == 0.0 && !may_dense && (index || a->poly1 == 0.0);
+    /* sum e u, for the entropy H = lse - sum q u (the confidence penalty and the statistics) */
+    const int want_seu = a->conf != 0.0 || st != NULL;
+    ACC *ev = keep_e ? g : ebuf;
     const ACC u_y_acc = index ? u[y] : (ACC)0; /* read before g, which may alias u, is written */
-    double S = 0.0, Seu = 0.0, Set = 0.0;
+    double S = 0.0, Seu = 0.0, Set = 0.0, St = 0.0;
     for (int64_t k0 = 0; k0 < C; k0 += SEG) {
         int64_t n = C - k0 < SEG ? C - k0 : SEG;
         ACC ps = 0;
-        if (keep_e) {
-            SIMD_SUM(ps)
-            for (int64_t k = k0; k < k0 + n; ++k) {
-                const ACC e = EXP(u[k] - m);
-                g[k] = e;
-                ps += e;
-            }
-        } else {
-            SIMD_SUM(ps)
-            for (int64_t k = k0; k < k0 + n; ++k) ps += EXP(u[k] - m);
-        }
-        S += (double)ps;
-        if (a->conf != 0.0) { /* sum e u, for the entropy H = lse - sum q u */
+        if (want_seu) {
+            /* u[k] is read before ev[k] is written: ev may alias u (e kept in the gradient row
+             * of inplace_backward) */
             ACC pe = 0;
-            SIMD_SUM(pe)
+            SIMD_SUM(ps, pe)
             for (int64_t k = k0; k < k0 + n; ++k) {
-                const ACC e = EXP(u[k] - m);
-                pe += e != 0 ? e * u[k] : (ACC)0; /* 0 log 0 = 0: a masked class (u = -inf) adds 0 */
+                const ACC uk = u[k], e = EXP(uk - m);
+                ev[k] = e;
+                ps += e;
+                pe += e != 0 ? e * uk : (ACC)0; /* 0 log 0 = 0: a masked class adds 0 */
             }
             Seu += (double)pe;
+        } else {
+            SIMD_SUM(ps)
+            for (int64_t k = k0; k < k0 + n; ++k) {
+                const ACC e = EXP(u[k] - m);
+                ev[k] = e;
+                ps += e;
+            }
         }
+        S += (double)ps;
         if (!index && a->poly1 != 0.0) { /* sum e t~, for P = sum q t~ */
             ACC pe = 0;
             SIMD_SUM(pe)
-            for (int64_t k = k0; k < k0 + n; ++k) pe += EXP(u[k] - m) * (tr[k] * keep + uni);
+            for (int64_t k = k0; k < k0 + n; ++k) pe += ev[k] * (tr[k] * keep + uni);
             Set += (double)pe;
+        }
+        if (!index && (ell_out || step)) { /* sum e t, for the probability a focal schedule reads */
+            ACC pe = 0;
+            SIMD_SUM(pe)
+            for (int64_t k = k0; k < k0 + n; ++k) pe += ev[k] * tr[k];
+            St += (double)pe;
         }
     }
     const double lse = (double)m + log(S);
+    if (st) {
+        st[0] = (ACC)lse;
+        st[1] = (ACC)(lse - Seu / S);
+        st[2] = (ACC)hit;
+    }
+    if (step) {
+        /* the probability the schedule reads, in ACC as the operator true_class_prob gives it:
+         * q_y = exp(-ell_y) for class indices, sum_k t_k q_k for probability targets */
+        const ACC ell_p = (ACC)(lse - (double)u_y_acc);
+        const ACC p = index ? (ACC)exp(-(double)ell_p) : (ACC)(St / S);
+        gam = p < (ACC)a->step_threshold ? a->step_below : a->step_above;
+    }
+    const int dense = gam != 0.0 && spread;
+
+    /* the dense focal term: D in dbuf, the row sums of a f ell and of D */
+    double lf = 0.0, lg = 0.0;
+    if (dense)
+        FN(dense_focal)(u, ev, tr, w, C, keep, uni, (ACC)lse, (ACC)(1.0 / S), (ACC)gam, FN(focal_power)(gam),
+                        dbuf, &lf, &lg);
 
     /* per-row scalars (double) */
     double loss, rowc, sparse = 0.0, rowconst = 0.0, ow = 0.0, cpc = 0.0, pc = 0.0;
@@ -327,18 +527,22 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
     if (index) {
         u_y = (double)u_y_acc;
         ell_y = lse - u_y; /* -log q_y, exact even where q_y underflows */
-        const double gam = a->gamma_rows ? (double)((const ACC *)a->gamma_rows)[r] : a->gamma;
-        FN(coef_d)(s, 1.0, lse, ell_y, -expm1(-ell_y), exp(-ell_y), su, gam, 1.0 - eps,
-                   eps / (double)C, a->w_sum, a->z_loss, a->poly1, w != NULL,
+        /* the uniform part's sums: in closed form for cross-entropy, sum_k w_k ell_k =
+         * lse sum(w) - sum w u and sum_k w_k g_k = -sum(w); from the dense pass for focal */
+        const double uf = dense ? lf : lse * a->w_sum - su, ug = dense ? lg : -a->w_sum;
+        FN(coef_d)(s, 1.0, lse, ell_y, -expm1(-ell_y), exp(-ell_y), uf, ug, gam, 1.0 - eps,
+                   eps / (double)C, a->w_sum, a->z_loss, a->poly1, w != NULL, dense,
                    &loss, &rowc, &sparse, &rowconst, &ow);
     } else {
-        /* dense target mass a = t~ w: L = lse sum(a) - sum a u; G = q sum(a) - a */
-        loss = sa * lse - sau;
-        rowc = sa;
+        /* dense target mass a = t~ w: L = sum a f ell, G = -q sum(a g) + a g; for
+         * cross-entropy (g = -1) L = lse sum(a) - sum a u, G = q sum(a) - a */
+        loss = dense ? lf : sa * lse - sau;
+        rowc = dense ? -lg : sa;
         if (a->z_loss != 0.0) { /* z-loss (PaLM): lambda lse^2, d/du = 2 lambda lse q */
             loss += a->z_loss * lse * lse;
             rowc += 2.0 * a->z_loss * lse;
         }
+        if (ell_out) ell_y = log(S) - log(St); /* -log sum_k t_k q_k */
     }
     if (a->conf != 0.0) {
         /* -beta H(q) (Pereyra et al. 2017); d(-beta H)/du = beta q (H - lse) + beta q u */
@@ -358,23 +562,34 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
     if (ell_out) ell_out[r] = (ACC)ell_y;
     if (!gr) return stored;
 
-    /* pass 3: G = scale (q (rowc + cpc u - pc t~) + rowconst + ow w - a), q = e^(u-m) / S.
-     * u - m (not u - lse): m is one of the row's values, so the difference is exact
-     * where it matters, even at logits of 1e4 */
+    /* pass 3: G = scale (q (rowc + cpc u - pc t~) + rowconst + ow w + Dc D - a), q = e / S with
+     * e = exp(u - m) from pass 2. u - m (not u - lse): m is one of the row's values, so the
+     * difference is exact where it matters, even at logits of 1e4 */
     const ACC A = (ACC)(rowc * sc / S), B = (ACC)(rowconst * sc);
     const ACC Cp = (ACC)(cpc * sc / S), Pc = (ACC)(pc * sc / S), Ow = (ACC)(ow * sc), Ad = (ACC)sc;
+    /* the dense term's scale: eps / C for the uniform part of class indices */
+    const ACC Dc = (ACC)(sc * (index ? eps / (double)C : 1.0));
     /* half-precision gradient of the common case: scaled and rounded in one loop */
-    const int fused_store = keep_e && need_g && !(w && Ow != 0);
-    if (fused_store) {
+    const int fused_store = keep_e && need_g && !tr && !(w && Ow != 0);
+    /* probability targets without a focal term: G = q rowc + rowconst - a, a = t~ w, one loop */
+    const int prob_fused = tr && !dense && Cp == 0 && Pc == 0;
+    if (prob_fused && w) {
+        for (int64_t k = 0; k < C; ++k) g[k] = ev[k] * A + B - Ad * (tr[k] * keep + uni) * w[k];
+    } else if (prob_fused) {
+        for (int64_t k = 0; k < C; ++k) g[k] = ev[k] * A + B - Ad * (tr[k] * keep + uni);
+    } else if (fused_store) {
         FN(store_affine)(gr, g_dtype, g, A, B, C);
     } else if (keep_e) {
         for (int64_t k = 0; k < C; ++k) g[k] = g[k] * A + B;
+    } else if (Cp == 0 && dense) {
+        for (int64_t k = 0; k < C; ++k) g[k] = ev[k] * A + dbuf[k] * Dc + B;
     } else if (Cp == 0) {
-        for (int64_t k = 0; k < C; ++k) g[k] = EXP(u[k] - m) * A + B;
+        for (int64_t k = 0; k < C; ++k) g[k] = ev[k] * A + B;
     } else {
         for (int64_t k = 0; k < C; ++k) {
-            const ACC e = EXP(u[k] - m);
-            g[k] = (e != 0 ? e * (A + Cp * u[k]) : (ACC)0) + B; /* q u -> 0 where q = 0, u = -inf */
+            const ACC e = ev[k];
+            /* q u -> 0 where q = 0, u = -inf */
+            g[k] = (e != 0 ? e * (A + Cp * u[k]) : (ACC)0) + (dense ? dbuf[k] * Dc : (ACC)0) + B;
         }
     }
     /* the rarer terms, each one more pass over the row in cache */
@@ -382,11 +597,14 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
         for (int64_t k = 0; k < C; ++k) g[k] += Ow * w[k];
     if (tr) {
         if (Pc != 0)
-            for (int64_t k = 0; k < C; ++k) g[k] -= EXP(u[k] - m) * Pc * (tr[k] * keep + uni);
-        if (w)
+            for (int64_t k = 0; k < C; ++k) g[k] -= ev[k] * Pc * (tr[k] * keep + uni);
+        if (dense || prob_fused) {
+            /* -a is in D, or in the loop above */
+        } else if (w) {
             for (int64_t k = 0; k < C; ++k) g[k] -= Ad * (tr[k] * keep + uni) * w[k];
-        else
+        } else {
             for (int64_t k = 0; k < C; ++k) g[k] -= Ad * (tr[k] * keep + uni);
+        }
     }
     if (cap) {
         const ACC ic = (ACC)(1.0 / a->softcap);
@@ -417,16 +635,14 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
 static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     FN(sm_ctx) *ctx = (FN(sm_ctx) *)vctx;
     const sm_args *a = ctx->a;
-    const int64_t C = a->n_cols;
-    ACC *ubuf = ctx->scratch + (int64_t)tid * ctx->per_thread;
-    ACC *gbuf = ubuf + C;
+    ACC *scr = ctx->scratch + (int64_t)tid * ctx->per_thread;
     const size_t xsz = dtype_size(a->x_dtype), gsz = dtype_size(a->g_dtype);
     double total = 0.0;
     for (int64_t r = r0; r < r1; ++r) {
         const char *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * xsz;
         char *gr = a->grad ? (char *)a->grad + (size_t)(r * a->g_row_stride) * gsz : NULL;
         const ACC *tr = a->t ? (const ACC *)a->t + r * a->t_row_stride : NULL;
-        total += FN(sm_row)(ctx, r, xr, a->x_dtype, gr, a->g_dtype, tr, ubuf, gbuf);
+        total += FN(sm_row)(ctx, r, xr, a->x_dtype, gr, a->g_dtype, tr, scr);
     }
     ctx->partial[tid] = total;
 }
@@ -440,9 +656,8 @@ static void FN(sm_work_spatial)(void *vctx, int64_t t0, int64_t t1, int tid) {
     const sm_args *a = ctx->a;
     const int64_t C = a->n_cols, S = a->spatial, B = ctx->tile;
     const int64_t tiles_per_n = (S + B - 1) / B;
-    ACC *ubuf = ctx->scratch + (int64_t)tid * ctx->per_thread;
-    ACC *gbuf = ubuf + C;
-    ACC *xt = gbuf + C;   /* (B, C) logits, row-major */
+    ACC *scr = ctx->scratch + (int64_t)tid * ctx->per_thread; /* 4 rows of C for sm_row */
+    ACC *xt = scr + 4 * C; /* (B, C) logits, row-major */
     ACC *gt = xt + B * C; /* (B, C) gradient */
     double total = 0.0;
     for (int64_t tile = t0; tile < t1; ++tile) {
@@ -459,7 +674,7 @@ static void FN(sm_work_spatial)(void *vctx, int64_t t0, int64_t t1, int tid) {
         }
         for (int64_t j = 0; j < nb; ++j)
             total += FN(sm_row)(ctx, n * S + s0 + j, xt + j * C, ACC_DT, a->grad ? (char *)(gt + j * C) : NULL,
-                                ACC_DT, NULL, ubuf, gbuf);
+                                ACC_DT, NULL, scr);
         if (a->grad) {
             for (int64_t c = 0; c < C; ++c) {
                 ACC tmp[256];
@@ -478,7 +693,8 @@ static void FN(sm_work_spatial)(void *vctx, int64_t t0, int64_t t1, int tid) {
  * positions (a row of C = 21 classes is too short to vectorise over, and a per-row call costs
  * more than its arithmetic). The layout needs no transpose: for each class the tile's logits
  * and gradient are contiguous. Covers index targets with class weights, ignore_index,
- * smoothing, a fixed focal gamma (without smoothing), z-loss and Poly-1; the same formulas as
+ * smoothing, a fixed focal gamma (without smoothing), z-loss, Poly-1 and the statistics of
+ * return_aux (the argmax tracked in pass 1, sum e u in pass 2); the same formulas as
  * sm_row, with the per-position scalars in ACC arithmetic. 1 - q_y is the sum of the other
  * classes' exponentials over S, never 1 - q_y, so it keeps its precision as q_y -> 1. */
 static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
@@ -496,7 +712,9 @@ static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
     ACC *tmp = E + C * B;     /* (B): one class's logits, converted */
     ACC *m = tmp + B, *Ssum = m + B, *Sn = Ssum + B, *su = Sn + B, *uy = su + B, *sw = uy + B;
     ACC *A = sw + B, *Bc = A + B, *Ow = Bc + B, *Gy = Ow + B, *gout = Gy + B;
-    int64_t *yv = (int64_t *)(gout + B);
+    ACC *am = gout + B, *seu = am + B; /* the statistics: first argmax (as ACC) and sum e u */
+    int64_t *yv = (int64_t *)(seu + B);
+    ACC *stats = (ACC *)a->stats;
     ACC *loss_out = (ACC *)a->loss;
     double total = 0.0;
     for (int64_t tile = t0; tile < t1; ++tile) {
@@ -509,7 +727,7 @@ static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
             yv[j] = ok ? y : -1; /* -1 matches no class: an ignored position has no target entry */
             sw[j] = ok ? (w ? w[y] : (ACC)1) : (ACC)0;
             m[j] = -INFINITY;
-            Ssum[j] = Sn[j] = su[j] = uy[j] = 0;
+            Ssum[j] = Sn[j] = su[j] = uy[j] = am[j] = seu[j] = 0;
         }
         /* pass 1: max, sum_c w_c u_c, u_y */
         for (int64_t c = 0; c < C; ++c) {
@@ -519,11 +737,22 @@ static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
                 xc = tmp;
             }
             const ACC wc = w ? w[c] : (ACC)1;
-            for (int64_t j = 0; j < nb; ++j) {
-                const ACC v = xc[j];
-                m[j] = v > m[j] ? v : m[j];
-                su[j] += wc * v;
-                uy[j] = c == yv[j] ? v : uy[j];
+            if (stats) {
+                /* a strictly larger value moves the argmax: ties stay with the first class */
+                for (int64_t j = 0; j < nb; ++j) {
+                    const ACC v = xc[j];
+                    am[j] = v > m[j] ? (ACC)c : am[j];
+                    m[j] = v > m[j] ? v : m[j];
+                    su[j] += wc * v;
+                    uy[j] = c == yv[j] ? v : uy[j];
+                }
+            } else {
+                for (int64_t j = 0; j < nb; ++j) {
+                    const ACC v = xc[j];
+                    m[j] = v > m[j] ? v : m[j];
+                    su[j] += wc * v;
+                    uy[j] = c == yv[j] ? v : uy[j];
+                }
             }
         }
         /* pass 2: exponentials, their sum, and the sum over the other classes */
@@ -540,7 +769,18 @@ static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
                 Ssum[j] += e;
                 Sn[j] += c == yv[j] ? (ACC)0 : e;
             }
+            if (stats)
+                for (int64_t j = 0; j < nb; ++j)
+                    seu[j] += ec[j] != 0 ? ec[j] * xc[j] : (ACC)0; /* 0 log 0 = 0 */
         }
+        if (stats) /* lse, H = lse - sum q u and the argmax hit of each position (see sm_row) */
+            for (int64_t j = 0; j < nb; ++j) {
+                ACC *st = stats + 3 * (r0 + j);
+                const ACC lse = m[j] + LOG(Ssum[j]);
+                st[0] = lse;
+                st[1] = lse - seu[j] / Ssum[j];
+                st[2] = yv[j] >= 0 && am[j] == (ACC)yv[j] ? (ACC)1 : (ACC)0;
+            }
         /* per-position scalars (see sm_row); ignored positions get all-zero coefficients */
         ACC part = 0;
         SIMD_SUM(part)
@@ -550,8 +790,8 @@ static void FN(sm_work_columns)(void *vctx, int64_t t0, int64_t t1, int tid) {
             const ACC ell = valid > 0 ? lse - uy[j] : (ACC)0;
             const ACC omq = Sn[j] / Ssum[j], qy = (Ssum[j] - Sn[j]) / Ssum[j];
             ACC loss, rowc, sparse, rowconst, ow;
-            FN(coef_a)(s, valid, lse, ell, omq, qy, su[j], gam, keep, uni, wsum, zl, p1, w != NULL,
-                       &loss, &rowc, &sparse, &rowconst, &ow);
+            FN(coef_a)(s, valid, lse, ell, omq, qy, lse * wsum - su[j], -wsum, gam, keep, uni, wsum, zl, p1,
+                       w != NULL, 0, &loss, &rowc, &sparse, &rowconst, &ow);
             loss = valid > 0 ? loss : (ACC)0;
             uy[j] = loss; /* u_y and m are not needed any more: their slots keep loss and ell */
             m[j] = ell;
@@ -596,7 +836,7 @@ CE_API int FN(ce_softmax)(sm_args *a) {
      * in cache (2 x 128 KiB of fp32) */
     /* few classes and the options sm_work_columns covers: vectorise across positions */
     const int columns = spatial && C <= 256 && a->softcap <= 0 && a->conf == 0.0 && a->gamma_rows == NULL
-                        && !(a->gamma != 0.0 && a->eps != 0.0);
+                        && !a->has_step && !(a->gamma != 0.0 && a->eps != 0.0);
     ctx.tile = spatial ? (columns ? 256 : (C < 32768 ? 32768 / C : 1)) : 0;
     if (spatial && ctx.tile > a->spatial) ctx.tile = a->spatial;
     const int64_t units = spatial ? (a->n_rows / a->spatial) * ((a->spatial + ctx.tile - 1) / ctx.tile)
@@ -622,7 +862,7 @@ CE_API int FN(ce_softmax)(sm_args *a) {
         a->denom = denom;
         ctx.scale = denom > 0.0 ? a->scale / denom : 0.0;
     }
-    ctx.per_thread = columns ? (C + 16) * ctx.tile : 2 * C + (spatial ? 2 * ctx.tile * C : 0);
+    ctx.per_thread = columns ? (C + 18) * ctx.tile : 4 * C + (spatial ? 2 * ctx.tile * C : 0);
     ctx.scratch = (ACC *)malloc((size_t)(ctx.per_thread * threads) * sizeof(ACC));
     if (!ctx.scratch) return -1;
     if (columns)
@@ -662,16 +902,26 @@ ALWAYS_INLINE ACC FN(log1p_small)(ACC v) {
     return LOG(w) - ((w - (ACC)1) - v) / w;
 }
 
+/* x^n for an integer n in 0..8 that is the same for the whole loop: selects on its bits, no
+ * branch and no exp/log, so that the loop around it vectorises */
+ALWAYS_INLINE ACC FN(powi)(ACC x, int n) {
+    const ACC x2 = x * x, x4 = x2 * x2;
+    const ACC lo = ((n & 1) ? x : (ACC)1) * ((n & 2) ? x2 : (ACC)1) * ((n & 4) ? x4 : (ACC)1);
+    return (n & 8) ? x4 * x4 : lo;
+}
+
 ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const ACC *restrict xp, const ACC *restrict tp,
                                const unsigned char *restrict kp, const ACC *restrict wp,
                                const ACC *restrict pwp, ACC *restrict lp,
                                ACC *restrict gp, const int FOCAL, const int CLIP, const int GRAD) {
-    /* FOCAL: 0 none, 1 gamma_pos = gamma_neg = 2 (a square), 2 general (exp(gamma log)) */
+    /* FOCAL: 0 none, 1 gamma_pos = gamma_neg = 2 (a square), 2 general (exp(gamma log)), 3 hard
+     * targets (every t in {0, 1}) with integer gammas in 0..8 (by multiplication, see powi) */
     const ACC keep = (ACC)(1.0 - a->eps), half = (ACC)(a->eps / 2.0);
     const ACC gpos = (ACC)a->gamma_pos, gneg = (ACC)a->gamma_neg, c = (ACC)a->clip;
     /* alpha_t = alpha t + (1 - alpha)(1 - t) = a0 + a1 t; 1 when alpha is off */
     const ACC a0 = a->alpha >= 0 ? (ACC)(1.0 - a->alpha) : (ACC)1;
     const ACC a1 = a->alpha >= 0 ? (ACC)(2.0 * a->alpha - 1.0) : (ACC)0;
+    const int ipos = (int)a->gamma_pos, ineg = (int)a->gamma_neg; /* FOCAL 3: integers */
     /* kp: 1 where the element counts, 0 where its target is ignore_index (see ignore_keep) */
     for (int64_t k = 0; k < L; ++k) {
         const ACC x = xp[k], t0 = tp[k];
@@ -704,10 +954,18 @@ ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const
             denom = t * q + ((ACC)1 - t) * pm; /* 1 - p_t: a convex combination, no cancellation */
             if (FOCAL == 1) {
                 factor = denom * denom;
+            } else if (FOCAL == 3) {
+                /* t = 1: (1 - p)^gamma_pos, t = 0: p_m^gamma_neg; both formed, one kept */
+                const ACC fpos = FN(powi)(q, ipos), fneg = FN(powi)(pm, ineg);
+                factor = t > (ACC)0.5 ? fpos : fneg;
             } else {
-                /* (1 - p_t)^gamma_t = exp(gamma_t log(1 - p_t)); a gamma_t of 0 gives exactly 1
-                 * (0 * log 0 would be NaN) */
-                factor = gt == 0 ? (ACC)1 : EXP(gt * LOG(denom));
+                /* (1 - p_t)^gamma_t = exp(gamma_t log(1 - p_t)), one log and one exp per element,
+                 * vectorised; the log clamped at LOG_MIN (1 - p_t = 0 gives exp(gamma_t LOG_MIN),
+                 * 0 for gamma_t >= 2 and at most 1e-19 for gamma_t >= 0.5 in fp32, never the NaN
+                 * of 0 * log 0), so that a gamma_t of 0 gives exactly exp(0) = 1 */
+                ACC lo = LOG_POS(denom);
+                lo = lo > LOG_MIN ? lo : LOG_MIN;
+                factor = EXP(gt * lo);
             }
         }
         lp[k] = valid ? mult * factor * b : (ACC)0;
@@ -764,6 +1022,11 @@ static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
     const int focal = (a->gamma_pos != 0.0 || a->gamma_neg != 0.0)
                           ? ((a->gamma_pos == 2.0 && a->gamma_neg == 2.0) ? 1 : 2)
                           : 0;
+    /* integer gammas (0..8) and no smoothing: segments whose targets are all 0 or 1 take the
+     * powers by multiplication (FOCAL 3); a segment with a soft target, exp(gamma log) */
+    const int int_gammas = focal == 2 && a->eps == 0.0 && a->gamma_pos == (double)(int)a->gamma_pos
+                           && a->gamma_neg == (double)(int)a->gamma_neg && a->gamma_pos >= 0.0
+                           && a->gamma_pos <= 8.0 && a->gamma_neg >= 0.0 && a->gamma_neg <= 8.0;
     const int clip = a->clip > 0.0;
     const int grad = a->grad != NULL;
     ACC *loss_out = (ACC *)a->loss;
@@ -780,7 +1043,17 @@ static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
         ACC *lp = loss_out ? loss_out + i : ls;
         ACC *gp = grad && a->g_dtype == ACC_DT ? (ACC *)a->grad + i : gs;
 #define BCE_CASE(F, Cl, G) FN(bce_seg)(a, (ACC)ctx->scale, L, xp, tp, keep, wp, pwp, lp, gp, F, Cl, G)
-        switch (focal * 4 + clip * 2 + grad) {
+        int seg_focal = focal;
+        if (int_gammas) {
+            ACC soft = 0; /* the count of targets (ignored ones read as 0) neither 0 nor 1 */
+            SIMD_SUM(soft)
+            for (int64_t k = 0; k < L; ++k) {
+                const ACC tk = keep[k] ? tp[k] : (ACC)0;
+                soft += (tk == (ACC)0 || tk == (ACC)1) ? (ACC)0 : (ACC)1;
+            }
+            seg_focal = soft == 0 ? 3 : 2;
+        }
+        switch (seg_focal * 4 + clip * 2 + grad) {
         case 0: BCE_CASE(0, 0, 0); break;
         case 1: BCE_CASE(0, 0, 1); break;
         case 2: BCE_CASE(0, 1, 0); break;
@@ -792,7 +1065,11 @@ static void FN(bce_work)(void *vctx, int64_t b, int64_t e, int tid) {
         case 8: BCE_CASE(2, 0, 0); break;
         case 9: BCE_CASE(2, 0, 1); break;
         case 10: BCE_CASE(2, 1, 0); break;
-        default: BCE_CASE(2, 1, 1); break;
+        case 11: BCE_CASE(2, 1, 1); break;
+        case 12: BCE_CASE(3, 0, 0); break;
+        case 13: BCE_CASE(3, 0, 1); break;
+        case 14: BCE_CASE(3, 1, 0); break;
+        default: BCE_CASE(3, 1, 1); break;
         }
 #undef BCE_CASE
         if (grad && gp == gs) FN(store)(a->grad, a->g_dtype, i, gs, L);
@@ -831,4 +1108,5 @@ CE_API int FN(ce_binary)(bce_args *a) {
 
 #undef FN
 #undef TINY
+#undef LOG_MIN
 #undef ALWAYS_INLINE

@@ -229,6 +229,7 @@ def linear_cross_entropy_rows(
         z = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)  # (B, V)
         sc = None
         if need_grad:
+            assert row_scale is not None  # need_grad implies it
             sc = row_scale[r0:r1].to(acc).unsqueeze(1) if per_row else row_scale
         t_c = target_rows(target, r0, r1)
         if stats is not None:
@@ -327,6 +328,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             stats=kept_stats,
         )
         if stats is not None and kept_stats is not stats:
+            assert rows is not None and kept_stats is not None  # the kept rows' own buffer
             stats.zero_().index_copy_(0, rows, kept_stats)
         del h_v
         ctx.opts, ctx.chunk_size, ctx.wgrad_dtype = opts, chunk_size, wgrad_dtype

@@ -126,6 +126,7 @@ def softmax_rows(
     )
     th = None
     u = x
+    q: Tensor | None  # None only on the sparse path without a gradient (q is not needed then)
     if sparse_path:
         u_y = x.gather(1, y).to(acc)
 
@@ -133,13 +134,17 @@ def softmax_rows(
             return z.sum(dim=1, keepdim=True, dtype=acc) if weight is None else (z.to(acc) @ weight)[:, None]
 
         # With inplace_backward the gradient overwrites x: take the row sums before that.
-        aliased = need_grad and grad_out.data_ptr() == x.data_ptr()
+        aliased = grad_out is not None and grad_out.data_ptr() == x.data_ptr()
         u_sum = row_sums(x) if eps and (aliased or not need_grad) else None
         if need_grad or scratch is not None:
             # The fused softmax is about twice as fast as logsumexp here, so inference runs it
             # too, into a reused scratch block instead of the gradient buffer.
             if x.dtype == acc:
-                q = _softmax_into(x, grad_out if need_grad else scratch[:R])
+                if grad_out is not None:
+                    q = _softmax_into(x, grad_out)
+                else:
+                    assert scratch is not None  # inference comes here only with a scratch block
+                    q = _softmax_into(x, scratch[:R])
             else:  # fp16/bf16: stage the block in fp32 (accumulation), softmax in place
                 q = scratch[:R].copy_(x) if scratch is not None else x.to(acc)
                 if eps and u_sum is None:
@@ -179,6 +184,7 @@ def softmax_rows(
     # Per-row pieces of the gradient w.r.t. u (crossent._formula.Terms):
     #   G = q * rowc - uniform * w + dense - onehot_y * sparse
     dense: Tensor | None = None
+    rowc: Tensor | float
     if index:
         # a schedule sees 1 at ignored rows (whatever their logits hold), as on the native path
         gam = gamma_for_rows(opts, torch.where(validf > 0, torch.exp(-ell_y), 1.0)) if focal else 0.0
@@ -196,6 +202,7 @@ def softmax_rows(
             )
             terms = Terms(loss=loss, rowc=rowc)
     else:
+        assert q is not None  # not the sparse path
         t = target.to(acc)
         tt = t * (1.0 - eps) + eps / C if eps else t
         a = tt if weight is None else tt * weight
@@ -209,6 +216,7 @@ def softmax_rows(
     # Regularisers, each scaled by the sample weight s; their dense parts are added here.
     entropy = p_mass = None
     if opts.confidence_penalty:
+        assert q is not None  # not the sparse path
         # 0 log 0 = 0: a masked class (u = -inf) has q = 0 and adds nothing (q * u would be nan)
         qu = torch.where(q != 0, q * u, 0.0)
         entropy = lse - qu.sum(dim=1, keepdim=True)
@@ -216,6 +224,7 @@ def softmax_rows(
             qu.mul_(s * opts.confidence_penalty)
             dense = qu if dense is None else dense.add_(qu)
     if opts.poly1 and not index:
+        assert q is not None  # not the sparse path
         qt = q * tt
         p_mass = qt.sum(dim=1, keepdim=True)
         if need_grad:
@@ -233,7 +242,8 @@ def softmax_rows(
         else:
             outer = (-terms.uniform, weight)
 
-    if need_grad:
+    if grad_out is not None:
+        assert q is not None  # computed whenever a gradient is
         if sparse is not None and sparse is rowc:
             # plain CE / focal: G = rowc * (q - onehot_y); ignored rows have rowc = 0
             q.scatter_add_(1, y, _minus_ones(R, acc, x.device))
@@ -374,18 +384,19 @@ def _linear_coefficient_rows(
         n1 = min(N, n0 + n_block)
         xb, gb, yb = logits[n0:n1], grad_buf[n0:n1], y[n0:n1]
         if half:
+            assert scratch is not None  # the driver allocates it for half precision
             q = scratch[: n1 - n0].copy_(xb)  # fp32 staging
             src = q
         else:
             q, src = gb, xb
-        if eps:  # the uniform part of the smoothed target needs sum_k w_k u_k
+        if u_sum is not None:  # eps: the uniform part of the smoothed target needs sum_k w_k u_k
             torch.sum(src, dim=1, keepdim=True, out=u_sum[n0:n1]) if weight is None else torch.mv(
                 src.to(acc), weight, out=u_sum[n0:n1, 0]
             )
         q = _softmax_into(src, q)
         torch.gather(q, 1, yb, out=q_y[n0:n1])
         q.scatter_add_(1, yb, ratio[n0:n1])
-        if focal:
+        if factor_y is not None:  # focal
             # coef = a_y (1-q_y)^gamma kappa from this block's q_y; where q_y underflows the
             # factor and kappa are 1 to working precision, so clamping -log q_y is harmless
             # here (the loss below uses the exact value).
@@ -399,6 +410,7 @@ def _linear_coefficient_rows(
         if rowconst is not None:
             q.add_(rowconst[n0:n1])
         elif outer_a is not None:
+            assert weight is not None  # outer_a is set only with class weights
             q.addcmul_(outer_a[n0:n1], weight)
         if half:
             gb.copy_(q)  # rounded once, to the logits' dtype
@@ -409,10 +421,16 @@ def _linear_coefficient_rows(
         lse_exact = torch.logsumexp(logits[idx].to(acc), dim=1, keepdim=True)
         ell_y[idx] = lse_exact - u_y[idx]
     loss = a_y * ell_y if factor_y is None else a_y * factor_y * ell_y
-    if eps:
+    if u_sum is not None:  # eps
         loss = loss + ue * ((u_y + ell_y) * w_sum - u_sum)
     losses.copy_(loss.reshape(-1))
 
+
+
+def _slice_rows(rows: tuple[Tensor, Tensor, Tensor], r0: int, r1: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows [r0, r1) of :func:`index_rows`' columns."""
+    y, validf, w_y = rows
+    return y[r0:r1], validf[r0:r1], w_y[r0:r1]
 
 
 def _empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -498,6 +516,7 @@ def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
         and stats is None
     )
     if linear_rows:
+        assert all_rows is not None and grad_buf is not None  # index targets, need_grad
         _linear_coefficient_rows(logits, all_rows, weight, opts, grad_buf, scale, scratch, losses)
     for n0 in range(0, 0 if linear_rows else N, max(n_block, 1)):
         n1 = min(N, n0 + n_block)
@@ -515,7 +534,7 @@ def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
             row_statistics(xb, tb, opts.softcap, stats[n0 * per_n : n1 * per_n])
         losses[n0 * per_n : n1 * per_n] = softmax_rows(
             xb, tb, weight, rows_of(opts, n0 * per_n, n1 * per_n), gb, scale, scratch,
-            None if all_rows is None else tuple(r[n0 * per_n : n1 * per_n] for r in all_rows),
+            None if all_rows is None else _slice_rows(all_rows, n0 * per_n, n1 * per_n),
         )
 
     if flat_target is not None:

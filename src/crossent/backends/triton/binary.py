@@ -267,7 +267,7 @@ def binary_cross_entropy(
 
     has_ignore = opts.ignore_index is not None
     if reduction == "mean":
-        if has_ignore:
+        if opts.ignore_index is not None:
             count = (target != opts.ignore_index).sum().to(torch.float32)
         else:
             count = torch.tensor(float(logits.numel()), device=dev)
@@ -293,7 +293,7 @@ def binary_cross_entropy(
         pw_arg if pw_arg is not None else scale,
         scale, loss_buf, loss_buf, grad if grad is not None else x,
         M, K, D1, *wst, *pwst, n_kblocks,
-        float(opts.ignore_index) if has_ignore else 0.0, 1.0 - eps, eps / 2.0, gp, gn,
+        float(opts.ignore_index) if opts.ignore_index is not None else 0.0, 1.0 - eps, eps / 2.0, gp, gn,
         float(opts.alpha) if opts.alpha is not None else 0.0, float(opts.clip),
         HAS_IGNORE=has_ignore, SMOOTHING=eps > 0.0, HAS_WEIGHT=w_arg is not None,
         HAS_POS_WEIGHT=pw_arg is not None, HAS_ALPHA=opts.alpha is not None,

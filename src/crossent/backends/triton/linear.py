@@ -245,6 +245,7 @@ class _TritonLinearCE(torch.autograd.Function):
         terms = target_terms(ell_y, lse1, wz1, w_y1, torch.ones_like(w_y1), gam, opts, V, sum_w)
         terms = regulariser_terms(terms, w_y1, lse1, opts, V, q_y=q_y)
         losses = terms.loss.reshape(-1)
+        assert terms.sparse is not None  # target_terms always sets it for class indices
         coef = torch.stack([  # per row: c (times q), u (times w), a (at the target)
             torch.as_tensor(terms.rowc, dtype=f32, device=dev).expand(M, 1).reshape(-1),
             (terms.uniform if terms.uniform is not None else torch.zeros_like(w_y1)).reshape(-1),
@@ -293,7 +294,7 @@ class _TritonLinearCE(torch.autograd.Function):
                 BLOCK_M=BM, BLOCK_V=BV, BLOCK_D=BD,
             )
         d_hidden = None
-        if need_h:
+        if dh is not None:  # need_h
             d_hidden = torch.zeros(hshape, dtype=dtype, device=dev)
             d_hidden.index_copy_(0, rows, dh.to(dtype))
         return (

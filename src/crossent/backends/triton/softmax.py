@@ -633,7 +633,9 @@ def softmax_cross_entropy(
             PROB_TARGET=not index, SOFTCAP=softcap is not None,
             BLOCK_R=BLOCK_R, BLOCK_C=min(BLOCK_C, CHUNK), num_warps=warps,
         )
-        gamma_arg = gamma_for_rows(opts, p_true.unsqueeze(1)).reshape(-1)
+        gamma_rows = gamma_for_rows(opts, p_true.unsqueeze(1))
+        assert isinstance(gamma_rows, Tensor)  # a schedule gives one gamma per row
+        gamma_arg = gamma_rows.reshape(-1)
         gamma_arg = gamma_arg.to(torch.float32).contiguous()
 
     grad_arg: Tensor
@@ -661,7 +663,7 @@ def softmax_cross_entropy(
         stats if stats is not None else losses,
         R, C, S, opts.ignore_index,
         float(C), 1.0 - eps, eps / C,
-        0.0 if schedule else float(opts.gamma),
+        0.0 if callable(opts.gamma) else float(opts.gamma),
         float(opts.z_loss), float(softcap) if softcap is not None else 1.0,
         float(opts.confidence_penalty), float(opts.poly1),
         PROB_TARGET=not index, HAS_WEIGHT=w_arg is not None, SMOOTHING=eps > 0.0,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Release check: build the sdist and the wheel, install the wheel in a fresh virtual environment
+# with only the core dependencies (numpy, torch) and run the core-only smoke test from outside the
+# checkout, so the installed package is what runs; then reinstall from the sdist and run it again.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PY:-$repo/.venv/bin/python}"       # the development environment (has `build`)
+BASE="${PYTHON:-python3}"                # the interpreter the fresh environment starts from
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }  # this machine's pip config is chatty
+
+"$PY" -m build --outdir "$work/dist" "$repo" > "$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
+ls -l "$work/dist"
+
+env="$work/venv"
+"$BASE" -m venv "$env"
+# torch by exact pin: on this CI machine 2.13.0 resolves to the local CPU wheel (pip's find-links);
+# elsewhere it is whatever build PyPI serves for the platform (see the README's install section).
+quiet "$env/bin/pip" install -q torch==2.13.0
+quiet "$env/bin/pip" install -q "$work"/dist/crossent-*.whl
+echo "--- core-only install from the wheel: pip list"
+"$env/bin/pip" list --format=freeze 2>/dev/null | grep -v -E '^(pip|setuptools)=='
+cd "$work"
+"$env/bin/crossent" --version
+"$env/bin/python" "$repo/.ci/smoke_core.py"
+
+echo "--- the same from the sdist"
+quiet "$env/bin/pip" install -q --force-reinstall --no-deps "$work"/dist/crossent-*.tar.gz
+"$env/bin/crossent" --version
+"$env/bin/python" "$repo/.ci/smoke_core.py" | tail -n 1
+echo "wheel and sdist smoke test: passed"

@@ -1,0 +1,219 @@
+r"""What every recalibration method shares: one interface, a JSON state, and the guard that
+keeps a fit from silently making the predictions worse (private).
+
+The interface is ``fit(val_logits, val_labels) -> self``, ``transform(logits)`` (calibrated
+logits: for every method ``softmax(transform(z))`` -- ``sigmoid`` for the binary ones -- is
+``predict_proba(z)``), ``predict_proba(logits)`` and ``state_dict()`` / ``load_state_dict()``
+with JSON-serialisable values (:func:`save` and :func:`load` write and read a file).
+
+The guard. After a fit, :meth:`Recalibrator._guard` checks three things on the validation data:
+
+1. the fitted map is at a bound of its parameters (a temperature at ``t_min`` or ``t_max``);
+2. the validation set is separable for the predictions (every top-1 prediction is correct, so
+   the likelihood keeps rising as the map sharpens and the fit is driven to a bound, or, for
+   the binning methods, every bin says "always right");
+3. the validation NLL of the fitted map is worse than that of the identity map.
+
+If one holds, a :class:`CalibrationWarning` names it; unless ``fallback_to_identity=False``
+the method then becomes the identity (``T = 1``) and ``fallback`` holds the reason
+(``None`` when the fit is used). ``diagnostic`` holds the reason in either case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+
+__all__ = ["CalibrationWarning", "Recalibrator", "load", "save"]
+
+R = TypeVar("R", bound="Recalibrator")
+
+#: Relative tolerance of "worse than the identity" on the validation NLL.
+NLL_RTOL = 1e-9
+
+#: every method by its ``state_dict()["method"]`` name, filled in by the subclasses
+REGISTRY: dict[str, type[Recalibrator]] = {}
+
+
+class CalibrationWarning(UserWarning):
+    """A recalibration fit was degenerate (bound reached, separable data, or worse NLL)."""
+
+
+def nll_of_probs(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean NLL in nats of (N, C) probabilities, or of (N,) positive-class probabilities."""
+    tiny = np.finfo(np.float64).tiny
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        py = np.where(labels == 1, p, 1.0 - p)
+    else:
+        py = p[np.arange(p.shape[0]), labels]
+    return float(-np.log(np.maximum(py, tiny)).mean())
+
+
+def softmax_np(z: np.ndarray) -> np.ndarray:
+    """Row softmax in float64."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def to_json_value(x: Any) -> Any:
+    """NumPy scalars and arrays as plain floats and (nested) lists."""
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+class Recalibrator:
+    """Base class of the recalibration methods (see the module docstring)."""
+
+    #: the name in ``state_dict()["method"]``
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, *, fallback_to_identity: bool = True) -> None:
+        self.fallback_to_identity = bool(fallback_to_identity)
+        #: the reason the identity map replaced the fit, or None when the fit is used
+        self.fallback: str | None = None
+        #: the problem the guard found, whether or not it fell back (None: none found)
+        self.diagnostic: str | None = None
+        self._fitted = False
+
+    # ----------------------------------------------------------------- to implement
+    def fit(self: R, logits: Any, labels: Any) -> R:
+        """Fit on validation logits and labels; returns ``self``."""
+        raise NotImplementedError
+
+    def transform(self, logits: Any) -> Any:
+        """Calibrated logits (``softmax``, or ``sigmoid`` for binary, gives the probabilities)."""
+        raise NotImplementedError
+
+    def _params(self) -> dict[str, Any]:
+        """The fitted parameters, JSON-serialisable."""
+        raise NotImplementedError
+
+    def _set_params(self, params: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _set_identity(self, n_classes: int) -> None:
+        """Make the map the identity for ``n_classes`` classes."""
+        raise NotImplementedError
+
+    def _options(self) -> dict[str, Any]:
+        """Constructor keyword arguments, JSON-serialisable."""
+        return {"fallback_to_identity": self.fallback_to_identity}
+
+    def predict_proba(self, logits: Any) -> Any:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- shared
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise RuntimeError(
+                f"{type(self).__name__} is not fitted: call fit(logits, labels) first"
+            )
+
+    def _guard(
+        self,
+        nll_id: float,
+        nll_fit: float,
+        n_samples: int,
+        *,
+        at_bound: str | None,
+        separable: bool,
+        n_classes: int,
+    ) -> None:
+        """Check the fit against the identity on the validation data (their mean NLLs
+        ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to."""
+        problem: str | None = None
+        if separable:
+            problem = (
+                f"the validation set is separable (all {n_samples} top-1 predictions are"
+                " correct), so the fit has nothing to calibrate against"
+            )
+            if at_bound is not None:
+                problem += f" and stopped at {at_bound}"
+        elif at_bound is not None:
+            problem = f"the fit stopped at {at_bound}"
+        elif math.isfinite(nll_id) and not nll_fit <= nll_id + NLL_RTOL * max(1.0, abs(nll_id)):
+            problem = (
+                f"the fitted map's validation NLL ({nll_fit:.4g}) is worse than the identity's"
+                f" ({nll_id:.4g})"
+            )
+        self.diagnostic = problem
+        self.fallback = None
+        if problem is None:
+            return
+        if self.fallback_to_identity:
+            self.fallback = problem
+            self._set_identity(n_classes)
+            action = "falling back to the identity map (T = 1); pass fallback_to_identity=False"
+            action += " to keep the fit"
+        else:
+            action = "keeping the fit (fallback_to_identity=False)"
+        warnings.warn(
+            f"{type(self).__name__}: {problem}; {action}", CalibrationWarning, stacklevel=4
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method, its options, the fitted parameters and the fallback, as JSON-ready
+        values: ``json.dumps(c.state_dict())`` works, and :func:`load_state_dict` restores."""
+        self._check_fitted()
+        return {
+            "method": self.name,
+            "options": self._options(),
+            "params": {k: to_json_value(v) for k, v in self._params().items()},
+            "fallback": self.fallback,
+            "diagnostic": self.diagnostic,
+        }
+
+    def load_state_dict(self: R, state: dict[str, Any]) -> R:
+        """Restore the fitted parameters of :meth:`state_dict`; returns ``self``."""
+        if state.get("method") != self.name:
+            raise ValueError(
+                f"state is for method {state.get('method')!r}, not {self.name!r};"
+                " use crossent.calibration.from_state_dict(state) to build the right class"
+            )
+        self._set_params(state["params"])
+        self.fallback = state.get("fallback")
+        self.diagnostic = state.get("diagnostic")
+        self._fitted = True
+        return self
+
+
+def from_state_dict(state: dict[str, Any]) -> Recalibrator:
+    """The recalibrator a :meth:`Recalibrator.state_dict` describes, fitted."""
+    method = state.get("method")
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r} in state; known: {', '.join(sorted(REGISTRY))}")
+    obj = REGISTRY[str(method)](**state.get("options", {}))
+    return obj.load_state_dict(state)
+
+
+def save(calibrator: Recalibrator, path: str | Path) -> None:
+    """Write ``calibrator.state_dict()`` to ``path`` as JSON."""
+    Path(path).write_text(json.dumps(calibrator.state_dict(), indent=2) + "\n")
+
+
+def load(path: str | Path) -> Recalibrator:
+    """Read a recalibrator written by :func:`save`."""
+    return from_state_dict(json.loads(Path(path).read_text()))
+
+
+def as_float64_numpy(x: Any) -> np.ndarray:
+    """A float64 NumPy copy of an array or tensor."""
+    if isinstance(x, torch.Tensor):
+        return np.asarray(x.detach().cpu().to(torch.float64).numpy())
+    return np.asarray(x, dtype=np.float64)

@@ -1,0 +1,574 @@
+r"""Post-hoc recalibration methods beyond temperature scaling, all with one interface.
+
+``fit(val_logits, val_labels) -> self``; ``predict_proba(logits)`` gives calibrated
+probabilities; ``transform(logits)`` calibrated logits (``log`` of the probabilities for the
+methods that are not affine in the logits, so that ``softmax(transform(z)) ==
+predict_proba(z)`` for every method); ``state_dict()`` is JSON-ready
+(:func:`~crossent.calibration.save`, :func:`~crossent.calibration.load`). Every fit is
+checked by the guard of :mod:`crossent.calibration._base` and falls back to the identity map
+(with a :class:`~crossent.calibration.CalibrationWarning` and ``fallback`` set) when it is
+degenerate, unless ``fallback_to_identity=False``.
+
+Multiclass methods take (N, C) logits and integer labels; :class:`PlattScaler` and
+:class:`BetaCalibrator` take binary (N,) logits of the positive class (``from_logits=False``
+for probabilities) and 0/1 labels.
+
+Conventions against netcal (Küppers et al. 2020) where the definitions meet:
+
+* :class:`HistogramBinning` and :class:`IsotonicCalibrator` are netcal's one-vs-rest
+  ``HistogramBinning`` and ``IsotonicRegression`` on the softmax probabilities, rows
+  renormalised. Histogram bins here are ((m-1)/M, m/M] (netcal fits on [a, b) bins and
+  applies (a, b]); an empty bin maps to its centre, as in netcal.
+* :class:`PlattScaler` is the maximum-likelihood logistic fit :math:`\sigma(a z + b)` without
+  Platt's target smoothing (netcal's ``LogisticCalibration`` on binary input, scikit-learn's
+  unpenalised ``LogisticRegression``).
+* :class:`BetaCalibrator` is the "abm" beta calibration of Kull et al. 2017 with
+  :math:`a, b \ge 0` enforced as in the authors' ``betacal`` package (netcal's
+  ``BetaCalibration`` leaves the signs free).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from crossent.calibration._base import Recalibrator, as_float64_numpy
+from crossent.calibration._inputs import as_labels, as_matrix
+from crossent.calibration.metrics import width_bin_index, width_edges
+from crossent.calibration.temperature import TemperatureScaler
+
+__all__ = [
+    "BetaCalibrator",
+    "DirichletCalibrator",
+    "EnsembleTemperatureScaler",
+    "HistogramBinning",
+    "IsotonicCalibrator",
+    "MatrixScaler",
+    "PlattScaler",
+]
+
+A = TypeVar("A", np.ndarray, torch.Tensor)
+
+
+def _multiclass(logits: Any, labels: Any) -> tuple[torch.Tensor, np.ndarray]:
+    z = as_matrix(logits, "logits")
+    y = as_labels(labels, z.shape[0], z.shape[1])
+    z64 = z.to(torch.float64)
+    if not bool(torch.isfinite(z64).all()):
+        raise ValueError("logits contain NaN or infinite values")
+    return z64, y
+
+
+def _like(out: np.ndarray, x: Any) -> Any:
+    """``out`` (float64) as the type of ``x``: a tensor on its device, or NumPy."""
+    if isinstance(x, torch.Tensor):
+        return torch.from_numpy(out).to(device=x.device, dtype=x.dtype if x.is_floating_point()
+                                         else torch.float32)
+    return out
+
+
+def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float = 1e-6) -> None:
+    """Minimise ``loss_fn()`` over ``params`` by L-BFGS with a strong-Wolfe line search, to a
+    gradient of ``tol`` (1e-6 for the C x C maps, where the softmax leaves directions nearly
+    flat and the probabilities converge long before the parameters)."""
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol,
+                            tolerance_change=tol * 1e-4, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+class _MulticlassRecalibrator(Recalibrator):
+    """Shared parts of the (N, C)-logit methods: the guard, ``transform``/``predict_proba``."""
+
+    def _probs64(self, z: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_proba(self, logits: A) -> A:
+        """Calibrated probabilities (N, C), of the input's type."""
+        self._check_fitted()
+        z = as_matrix(logits, "logits").to(torch.float64)
+        return _like(self._probs64(z), logits)  # type: ignore[no-any-return]
+
+    def transform(self, logits: A) -> A:
+        """Calibrated logits: the log of :meth:`predict_proba` (probabilities of 0 give
+        ``log`` of the smallest normal float64)."""
+        self._check_fitted()
+        z = as_matrix(logits, "logits").to(torch.float64)
+        p = self._probs64(z)
+        return _like(np.log(np.maximum(p, np.finfo(np.float64).tiny)), logits)  # type: ignore[no-any-return]
+
+    def _check_fit(self, z: torch.Tensor, y: np.ndarray, at_bound: str | None = None) -> None:
+        yt = torch.from_numpy(y)
+        nll_id = float((torch.logsumexp(z, 1) - z.gather(1, yt[:, None])[:, 0]).mean())
+        p = self._probs64(z)
+        nll_fit = float(-np.log(np.maximum(p[np.arange(len(y)), y], np.finfo(np.float64).tiny)).mean())
+        separable = bool((z.argmax(1) == yt).all())
+        self._guard(nll_id, nll_fit, len(y), at_bound=at_bound, separable=separable,
+                    n_classes=z.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# matrix and Dirichlet scaling
+
+
+class MatrixScaler(_MulticlassRecalibrator):
+    r"""Matrix scaling (Guo et al. 2017) with the ODIR regulariser of Kull et al. 2019.
+
+    .. math::
+        \hat p = \operatorname{softmax}(W f(z) + b), \qquad
+        \min_{W, b}\ \frac1N\sum_i -\log \hat p_{i y_i}
+            + \frac{\lambda}{K(K-1)}\sum_{j \ne k} W_{jk}^2 + \frac{\mu}{K}\sum_k b_k^2
+
+    with :math:`f(z) = z` (the logits). Off-diagonal and intercept regularisation (ODIR,
+    Kull et al. 2019, *Beyond temperature scaling: Obtaining well-calibrated multi-class
+    probabilities with Dirichlet calibration*) leaves the diagonal free, so the fit can
+    still rescale every class. ``reg_off_diagonal`` is :math:`\lambda`, ``reg_bias``
+    :math:`\mu`; the paper picks both by cross-validation. Fitted by L-BFGS from
+    :math:`W = I, b = 0` (the identity), in float64.
+    """
+
+    name = "matrix"
+
+    def __init__(
+        self,
+        *,
+        reg_off_diagonal: float = 1e-2,
+        reg_bias: float = 1e-2,
+        max_iter: int = 200,
+        fallback_to_identity: bool = True,
+    ) -> None:
+        super().__init__(fallback_to_identity=fallback_to_identity)
+        for arg, value in (("reg_off_diagonal", reg_off_diagonal), ("reg_bias", reg_bias)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{arg} must be a finite number >= 0, got {value!r}")
+        self.reg_off_diagonal = float(reg_off_diagonal)
+        self.reg_bias = float(reg_bias)
+        self.max_iter = int(max_iter)
+        self.weight: np.ndarray | None = None
+        self.bias: np.ndarray | None = None
+
+    def _features(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def fit(self, logits: Any, labels: Any) -> MatrixScaler:
+        """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
+        z, y = _multiclass(logits, labels)
+        x = self._features(z)
+        k = z.shape[1]
+        # Centred features condition the problem (log-probabilities share a large negative
+        # offset): x W^T + b = (x - mu) W^T + c with c = b + W mu; the penalty stays on b.
+        mu = x.mean(0)
+        xc = x - mu
+        w = torch.eye(k, dtype=torch.float64, requires_grad=True)
+        c = mu.clone().requires_grad_(True)
+        yt = torch.from_numpy(y)
+        off = 1.0 - torch.eye(k, dtype=torch.float64)
+
+        def loss() -> torch.Tensor:
+            b = c - w @ mu
+            nll = F.cross_entropy(xc @ w.T + c, yt)
+            reg = self.reg_off_diagonal * (w * off).square().sum() / (k * (k - 1))
+            return nll + reg + self.reg_bias * b.square().sum() / k
+
+        if self.fallback_to_identity and bool((z.argmax(1) == yt).all()):
+            pass  # separable: the guard below restores the identity, so skip the optimiser
+        else:
+            _lbfgs([w, c], loss, self.max_iter)
+        b = (c - w @ mu).detach()
+        self.weight = w.detach().numpy().copy()
+        self.bias = b.numpy().copy()
+        self._fitted = True
+        self._check_fit(z, y)
+        return self
+
+    def _probs64(self, z: torch.Tensor) -> np.ndarray:
+        assert self.weight is not None and self.bias is not None
+        if z.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"logits have {z.shape[1]} classes but the map was fitted on"
+                             f" {self.weight.shape[0]}")
+        s = self._features(z) @ torch.from_numpy(self.weight).T + torch.from_numpy(self.bias)
+        return np.asarray(torch.softmax(s, 1).numpy())
+
+    def _set_identity(self, n_classes: int) -> None:
+        self.weight = np.eye(n_classes)
+        self.bias = np.zeros(n_classes)
+
+    def _params(self) -> dict[str, Any]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def _set_params(self, params: dict[str, Any]) -> None:
+        self.weight = np.asarray(params["weight"], dtype=np.float64)
+        self.bias = np.asarray(params["bias"], dtype=np.float64)
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "reg_off_diagonal": self.reg_off_diagonal,
+                "reg_bias": self.reg_bias, "max_iter": self.max_iter}
+
+
+class DirichletCalibrator(MatrixScaler):
+    r"""Dirichlet calibration (Kull et al. 2019): matrix scaling of the log-probabilities,
+    :math:`\hat p = \operatorname{softmax}(W \log \operatorname{softmax}(z) + b)`, with the
+    same ODIR regulariser as :class:`MatrixScaler` (the paper's "Dir-ODIR"). It is the
+    multinomial logistic regression on :math:`\log p` that the paper derives from Dirichlet
+    class-conditional densities; with :math:`W = I, b = 0` it is the identity.
+    """
+
+    name = "dirichlet"
+
+    def _features(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(z, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# histogram binning and isotonic regression (one-vs-rest on the softmax probabilities)
+
+
+def _normalise(q: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Rows of ``q`` divided by their sums; a row summing to zero keeps ``fallback``'s row."""
+    s = q.sum(1, keepdims=True)
+    zero = s[:, 0] <= 0
+    out = np.divide(q, np.where(s > 0, s, 1.0))
+    out[zero] = fallback[zero]
+    return out
+
+
+class HistogramBinning(_MulticlassRecalibrator):
+    r"""Histogram binning (Zadrozny and Elkan 2001), one-vs-rest on the softmax probabilities.
+
+    For every class :math:`k` the probability :math:`p_{ik}` falls in a width bin
+    ((m-1)/M, m/M]; the calibrated value is the frequency of class :math:`k` among the
+    validation samples in that bin, :math:`\theta_{km} = |\{i \in B_{km} : y_i = k\}| /
+    |B_{km}|` (the bin centre for an empty bin), and the rows are renormalised to sum to one.
+    """
+
+    name = "histogram"
+
+    def __init__(self, n_bins: int = 15, *, fallback_to_identity: bool = True) -> None:
+        super().__init__(fallback_to_identity=fallback_to_identity)
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+        self.n_bins = n_bins
+        self.bin_values: np.ndarray | None = None  # (C, M)
+
+    def fit(self, logits: Any, labels: Any) -> HistogramBinning:
+        """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
+        z, y = _multiclass(logits, labels)
+        p = torch.softmax(z, 1).numpy()
+        n, k = p.shape
+        m = self.n_bins
+        idx = width_bin_index(p, m) + np.arange(k) * m  # (N, C): bin of class k at k M + b
+        count = np.bincount(idx.reshape(-1), minlength=k * m)
+        hits = np.bincount(idx[np.arange(n), y], minlength=k * m)
+        centre = np.tile((width_edges(m)[:-1] + width_edges(m)[1:]) / 2, k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.bin_values = np.where(count > 0, hits / np.maximum(count, 1), centre).reshape(k, m)
+        self._fitted = True
+        self._check_fit(z, y)
+        return self
+
+    def _probs64(self, z: torch.Tensor) -> np.ndarray:
+        if self.bin_values is None:  # the identity (after a fallback)
+            return np.asarray(torch.softmax(z, 1).numpy())
+        k, m = self.bin_values.shape
+        if z.shape[1] != k:
+            raise ValueError(f"logits have {z.shape[1]} classes but the map was fitted on {k}")
+        p = torch.softmax(z, 1).numpy()
+        q = np.take_along_axis(self.bin_values.T, width_bin_index(p, m), axis=0)
+        return _normalise(q, p)
+
+    def _set_identity(self, n_classes: int) -> None:
+        self.bin_values = None
+
+    def _params(self) -> dict[str, Any]:
+        return {"bin_values": self.bin_values}
+
+    def _set_params(self, params: dict[str, Any]) -> None:
+        v = params["bin_values"]
+        self.bin_values = None if v is None else np.asarray(v, dtype=np.float64)
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "n_bins": self.n_bins}
+
+
+class IsotonicCalibrator(_MulticlassRecalibrator):
+    r"""Isotonic regression (Zadrozny and Elkan 2002), one-vs-rest on the softmax
+    probabilities: for every class the non-decreasing step function :math:`g_k` minimising
+    :math:`\sum_i (g_k(p_{ik}) - [y_i = k])^2` (pool-adjacent-violators, scikit-learn's
+    ``IsotonicRegression`` with ``out_of_bounds="clip"``), rows renormalised. As netcal's
+    ``IsotonicRegression``. Needs scikit-learn (the ``run`` extra).
+    """
+
+    name = "isotonic"
+
+    def __init__(self, *, fallback_to_identity: bool = True) -> None:
+        super().__init__(fallback_to_identity=fallback_to_identity)
+        self.knots: list[tuple[np.ndarray, np.ndarray]] | None = None  # (x, y) per class
+
+    def fit(self, logits: Any, labels: Any) -> IsotonicCalibrator:
+        """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
+        from crossent._extras import require
+
+        iso = require("sklearn.isotonic", "isotonic calibration")
+        z, y = _multiclass(logits, labels)
+        p = torch.softmax(z, 1).numpy()
+        self.knots = []
+        for k in range(p.shape[1]):
+            reg = iso.IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+            reg.fit(p[:, k], (y == k).astype(np.float64))
+            self.knots.append((np.asarray(reg.X_thresholds_), np.asarray(reg.y_thresholds_)))
+        self._fitted = True
+        self._check_fit(z, y)
+        return self
+
+    def _probs64(self, z: torch.Tensor) -> np.ndarray:
+        p = torch.softmax(z, 1).numpy()
+        if self.knots is None:
+            return p
+        if z.shape[1] != len(self.knots):
+            raise ValueError(f"logits have {z.shape[1]} classes but the map was fitted on"
+                             f" {len(self.knots)}")
+        # scikit-learn predicts by linear interpolation between its thresholds, clipped
+        q = np.stack([np.interp(p[:, k], x, v) for k, (x, v) in enumerate(self.knots)], 1)
+        return _normalise(q, p)
+
+    def _set_identity(self, n_classes: int) -> None:
+        self.knots = None
+
+    def _params(self) -> dict[str, Any]:
+        return {"knots": None if self.knots is None else [[x.tolist(), v.tolist()] for x, v in self.knots]}
+
+    def _set_params(self, params: dict[str, Any]) -> None:
+        k = params["knots"]
+        self.knots = None if k is None else [(np.asarray(x, float), np.asarray(v, float)) for x, v in k]
+
+
+# --------------------------------------------------------------------------------------------
+# ensemble temperature scaling
+
+
+class EnsembleTemperatureScaler(_MulticlassRecalibrator):
+    r"""Ensemble temperature scaling (Zhang, Kailkhura and Han 2020, *Mix-n-Match:
+    Ensemble and Compositional Methods for Uncertainty Calibration in Deep Learning*).
+
+    .. math::
+        \hat p = w_1 \operatorname{softmax}(z / T) + w_2 \operatorname{softmax}(z)
+            + w_3 \frac{1}{K}, \qquad w \in \Delta^2,
+
+    with :math:`T` from temperature scaling (NLL) and the weights minimising the validation
+    ``loss``: ``"mse"`` (the squared error to the one-hot label, the default of the authors'
+    code) or ``"nll"``. The weights are the softmax of three free parameters (L-BFGS).
+    """
+
+    name = "ensemble_temperature"
+
+    def __init__(self, *, loss: Literal["mse", "nll"] = "mse", fallback_to_identity: bool = True) -> None:
+        super().__init__(fallback_to_identity=fallback_to_identity)
+        if loss not in ("mse", "nll"):
+            raise ValueError(f"loss must be 'mse' or 'nll', got {loss!r}")
+        self.loss = loss
+        self.temperature: float | None = None
+        self.weights: np.ndarray | None = None
+
+    def fit(self, logits: Any, labels: Any) -> EnsembleTemperatureScaler:
+        """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
+        import warnings
+
+        z, y = _multiclass(logits, labels)
+        with warnings.catch_warnings():  # the ensemble's own guard speaks for the whole map
+            warnings.simplefilter("ignore")
+            ts = TemperatureScaler(fallback_to_identity=False).fit(z, y)
+        t = float(ts.temperature)
+        k = z.shape[1]
+        comps = torch.stack([torch.softmax(z / t, 1), torch.softmax(z, 1),
+                             torch.full_like(z, 1.0 / k)])  # (3, N, C)
+        onehot = F.one_hot(torch.from_numpy(y), k).to(torch.float64)
+        a = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+
+        def loss() -> torch.Tensor:
+            p = torch.einsum("j,jnc->nc", torch.softmax(a, 0), comps)
+            if self.loss == "mse":
+                return (p - onehot).square().sum(1).mean()
+            return -torch.log((p * onehot).sum(1).clamp_min(1e-300)).mean()
+
+        _lbfgs([a], loss, 200)
+        self.temperature = t
+        self.weights = torch.softmax(a.detach(), 0).numpy().copy()
+        self._fitted = True
+        self._check_fit(z, y, at_bound=ts.diagnostic if ts.diagnostic and "bound" in ts.diagnostic
+                        else None)
+        return self
+
+    def _probs64(self, z: torch.Tensor) -> np.ndarray:
+        assert self.weights is not None and self.temperature is not None
+        w = self.weights
+        k = z.shape[1]
+        p = w[0] * torch.softmax(z / self.temperature, 1) + w[1] * torch.softmax(z, 1) + w[2] / k
+        return np.asarray(p.numpy())
+
+    def _set_identity(self, n_classes: int) -> None:
+        self.temperature = 1.0
+        self.weights = np.array([0.0, 1.0, 0.0])
+
+    def _params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "weights": self.weights}
+
+    def _set_params(self, params: dict[str, Any]) -> None:
+        self.temperature = float(params["temperature"])
+        self.weights = np.asarray(params["weights"], dtype=np.float64)
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "loss": self.loss}
+
+
+# --------------------------------------------------------------------------------------------
+# binary: Platt and beta calibration
+
+
+class _BinaryRecalibrator(Recalibrator):
+    """Shared parts of the binary methods: input handling, guard, ``transform``."""
+
+    def __init__(self, *, from_logits: bool = True, fallback_to_identity: bool = True) -> None:
+        super().__init__(fallback_to_identity=fallback_to_identity)
+        self.from_logits = bool(from_logits)
+        self.coef: np.ndarray | None = None
+
+    def _scores(self, x: Any) -> torch.Tensor:
+        """Positive-class logits (float64, 1-D) from (N,) logits/probabilities or (N, 2)."""
+        t = torch.as_tensor(as_float64_numpy(x))
+        if t.ndim == 2 and t.shape[1] == 2:
+            t = t[:, 1] - t[:, 0] if self.from_logits else t[:, 1]
+        if t.ndim != 1:
+            raise ValueError(f"{type(self).__name__} takes binary scores of shape (N,) or (N, 2),"
+                             f" got shape {tuple(t.shape)}")
+        if t.numel() == 0 or not bool(torch.isfinite(t).all()):
+            raise ValueError("scores must be non-empty and finite")
+        if self.from_logits:
+            return t
+        if float(t.min()) < 0 or float(t.max()) > 1:
+            raise ValueError("probabilities must lie in [0, 1]; pass from_logits=True for logits")
+        return torch.logit(t, eps=1e-15)
+
+    def _features(self, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _logit(self, s: torch.Tensor) -> torch.Tensor:
+        assert self.coef is not None
+        return self._features(s) @ torch.from_numpy(self.coef[:-1]) + float(self.coef[-1])
+
+    def transform(self, logits: A) -> A:
+        """Calibrated positive-class logits (N,)."""
+        self._check_fitted()
+        return _like(self._logit(self._scores(logits)).numpy(), logits)  # type: ignore[no-any-return]
+
+    def predict_proba(self, logits: A) -> A:
+        """Calibrated positive-class probabilities (N,)."""
+        self._check_fitted()
+        return _like(torch.sigmoid(self._logit(self._scores(logits))).numpy(), logits)  # type: ignore[no-any-return]
+
+    def _fit_logistic(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        """Maximum-likelihood logistic regression on features ``x`` (N, d) with an intercept:
+        coefficients then intercept."""
+        w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+
+        def loss() -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(x @ w[:-1] + w[-1], y)
+
+        _lbfgs([w], loss, 500, tol=1e-12)  # two or three parameters: converge fully
+        return w.detach().numpy().copy()
+
+    def _labels(self, labels: Any, n: int) -> torch.Tensor:
+        y = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
+        y = y.reshape(-1)
+        if y.shape[0] != n:
+            raise ValueError(f"labels has {y.shape[0]} entries but the scores {n}")
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError("labels of a binary problem must be 0 or 1")
+        return torch.from_numpy(y.astype(np.float64))
+
+    def _check_fit(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        nll_id = float(F.binary_cross_entropy_with_logits(s, y))
+        nll_fit = float(F.binary_cross_entropy_with_logits(self._logit(s), y))
+        separable = bool(((s > 0).to(torch.float64) == y).all())
+        self._guard(nll_id, nll_fit, s.shape[0], at_bound=None, separable=separable, n_classes=2)
+
+    def _params(self) -> dict[str, Any]:
+        return {"coef": self.coef}
+
+    def _set_params(self, params: dict[str, Any]) -> None:
+        self.coef = np.asarray(params["coef"], dtype=np.float64)
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "from_logits": self.from_logits}
+
+
+class PlattScaler(_BinaryRecalibrator):
+    r"""Platt scaling (Platt 1999): :math:`\hat p = \sigma(a z + b)` on the positive-class
+    logit :math:`z`, fitted by maximum likelihood (no target smoothing). ``coef`` is
+    ``[a, b]``."""
+
+    name = "platt"
+
+    def _features(self, s: torch.Tensor) -> torch.Tensor:
+        return s[:, None]
+
+    def fit(self, logits: Any, labels: Any) -> PlattScaler:
+        """Fit on validation scores (N,) and 0/1 labels (N,); returns ``self``."""
+        s = self._scores(logits)
+        y = self._labels(labels, s.shape[0])
+        self.coef = self._fit_logistic(self._features(s), y)
+        self._fitted = True
+        self._check_fit(s, y)
+        return self
+
+    def _set_identity(self, n_classes: int) -> None:
+        self.coef = np.array([1.0, 0.0])
+
+
+class BetaCalibrator(_BinaryRecalibrator):
+    r"""Beta calibration (Kull, Silva Filho and Flach 2017, *Beta calibration: a
+    well-founded and easily implemented improvement on logistic calibration for binary
+    classifiers*), the three-parameter "abm" family:
+
+    .. math::
+        \hat p = \sigma\big(a \log p - b \log(1 - p) + c\big), \qquad a, b \ge 0,
+
+    with :math:`\log p = -\operatorname{softplus}(-z)` and
+    :math:`-\log(1 - p) = \operatorname{softplus}(z)` from the logit (no clipping). A
+    maximum-likelihood logistic fit on the two features; if a coefficient comes out
+    negative it is fixed at 0 and the other refitted, as in the authors' ``betacal``.
+    ``coef`` is ``[a, b, c]``; the identity is ``[1, 1, 0]``.
+    """
+
+    name = "beta"
+
+    def _features(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.stack([-F.softplus(-s), F.softplus(s)], 1)
+
+    def fit(self, logits: Any, labels: Any) -> BetaCalibrator:
+        """Fit on validation scores (N,) and 0/1 labels (N,); returns ``self``."""
+        s = self._scores(logits)
+        y = self._labels(labels, s.shape[0])
+        x = self._features(s)
+        coef = self._fit_logistic(x, y)
+        if coef[0] < 0 or coef[1] < 0:
+            keep = 1 if coef[0] < 0 else 0
+            sub = self._fit_logistic(x[:, keep : keep + 1], y)
+            coef = np.zeros(3)
+            coef[keep], coef[2] = max(sub[0], 0.0), sub[1]
+        self.coef = coef
+        self._fitted = True
+        self._check_fit(s, y)
+        return self
+
+    def _set_identity(self, n_classes: int) -> None:
+        self.coef = np.array([1.0, 1.0, 0.0])

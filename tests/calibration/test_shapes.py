@@ -1,0 +1,107 @@
+"""Binary (N,), multi-label (N, L) and ignore_index inputs of the metrics, against
+torchmetrics, scikit-learn and the stacked / sliced equivalents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from crossent import calibration as cal
+
+
+def binary_case(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = rng.beta(0.7, 0.9, size=n)
+    return p, (rng.random(n) < p**1.5).astype(np.int64)
+
+
+@pytest.mark.parametrize(("seed", "n_bins", "norm"), [
+    (s, m, norm) for s in (0, 1) for m in (5, 15) for norm in ("l1", "l2", "max")
+])
+def test_binary_ece_matches_torchmetrics(seed: int, n_bins: int, norm: str) -> None:
+    tmc = pytest.importorskip("torchmetrics.functional.classification")
+    p, y = binary_case(500, seed)
+    want = tmc.binary_calibration_error(torch.from_numpy(p), torch.from_numpy(y), n_bins=n_bins, norm=norm)
+    got = cal.ece(p, y, n_bins=n_bins, norm=norm)  # type: ignore[arg-type]
+    assert got == pytest.approx(float(want), abs=1e-6)  # torchmetrics works in float32
+
+
+def test_binary_reliability_matches_sklearn_curve() -> None:
+    calibration = pytest.importorskip("sklearn.calibration")
+    p, y = binary_case(800, 2)
+    frac, mean = calibration.calibration_curve(y, p, n_bins=10, strategy="uniform")
+    table = cal.reliability_table(p, y, n_bins=10)
+    used = table.count > 0
+    np.testing.assert_allclose(table.accuracy[used], frac, rtol=1e-12)
+    np.testing.assert_allclose(table.confidence[used], mean, rtol=1e-12)
+
+
+def test_binary_metrics_against_formulas_and_logits() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    p, y = binary_case(300, 3)
+    assert cal.brier(p, y) == pytest.approx(metrics.brier_score_loss(y, p), rel=1e-12)
+    assert cal.nll(p, y) == pytest.approx(metrics.log_loss(y, p), rel=1e-12)
+    assert cal.accuracy(p, y) == np.mean((p > 0.5) == y)
+    z = np.log(p) - np.log1p(-p)
+    assert cal.ece(z, y, from_logits=True) == pytest.approx(cal.ece(p, y), abs=1e-12)
+    assert cal.nll(z, y) == pytest.approx(cal.nll(p, y), rel=1e-9)  # logits detected
+    stacked = np.stack([1 - p, p], 1)
+    assert cal.classwise_ece(p, y) == pytest.approx(cal.classwise_ece(stacked, y), rel=1e-12)
+    assert cal.brier(stacked, y) == pytest.approx(2 * cal.brier(p, y), rel=1e-12)
+
+
+def test_multilabel_pooled_and_per_label() -> None:
+    rng = np.random.default_rng(4)
+    p = rng.random((400, 3))
+    y = (rng.random((400, 3)) < p**2).astype(np.int64)
+    per = cal.multilabel_ece(p, y, average="none")
+    assert isinstance(per, np.ndarray) and per.shape == (3,)
+    for j in range(3):
+        assert per[j] == cal.ece(p[:, j], y[:, j])
+    assert cal.multilabel_ece(p, y) == pytest.approx(per.mean())
+    assert cal.ece(p, y) == cal.ece(p.reshape(-1), y.reshape(-1))
+    assert cal.multilabel_ece(p, y, average="pooled") == cal.ece(p, y)
+    tmc = pytest.importorskip("torchmetrics.functional.classification")
+    want = tmc.binary_calibration_error(torch.from_numpy(p.reshape(-1)), torch.from_numpy(y.reshape(-1)))
+    assert cal.ece(p, y) == pytest.approx(float(want), abs=1e-6)
+
+
+FUNCTIONS = [cal.ece, cal.classwise_ece, cal.brier, cal.accuracy, cal.smooth_ece, cal.debiased_l2_ece]
+
+
+@pytest.mark.parametrize(("fn", "kind"), [
+    (fn, kind) for fn in FUNCTIONS for kind in ("multiclass", "binary", "multilabel")
+    if not (kind == "multilabel" and fn is cal.classwise_ece)  # classwise is for one problem
+])
+def test_ignore_index_equals_slicing(fn: Any, kind: str) -> None:
+    rng = np.random.default_rng(5)
+    if kind == "multiclass":
+        z = rng.normal(size=(200, 4)) * 2
+        y = rng.integers(0, 4, 200)
+    elif kind == "binary":
+        z = rng.normal(size=200) * 2
+        y = rng.integers(0, 2, 200)
+    else:
+        z = rng.normal(size=(200, 3)) * 2
+        y = rng.integers(0, 2, (200, 3))
+    masked = y.copy()
+    masked.reshape(-1)[::5] = -100
+    keep = masked != -100
+    got = fn(z, masked, from_logits=True, ignore_index=-100)
+    want = fn(z[keep], y[keep], from_logits=True)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert cal.nll(z, masked, ignore_index=-100) == pytest.approx(cal.nll(z[keep], y[keep]), rel=1e-12)
+
+
+def test_shape_errors() -> None:
+    with pytest.raises(ValueError, match="0 or 1"):
+        cal.ece(np.array([0.2, 0.7]), np.array([0, 2]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*from_logits"):
+        cal.ece(np.array([0.2, 1.7]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        cal.ece(np.array([0.2, 0.7, 0.1]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="average"):
+        cal.multilabel_ece(np.zeros((2, 2)), np.zeros((2, 2)), average="micro")  # type: ignore[arg-type]

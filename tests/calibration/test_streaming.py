@@ -1,0 +1,165 @@
+"""CalibrationMeter: streaming over batches and gloo ranks equals the one-shot functions."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from crossent import calibration as cal
+from crossent.calibration.streaming import CalibrationMeter
+
+
+def dataset(kind: str, n: int, seed: int, dtype: Any = np.float64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if kind == "multiclass":
+        return (rng.normal(size=(n, 6)) * 3).astype(dtype), rng.integers(0, 6, n)
+    if kind == "binary":
+        z = rng.normal(size=n) * 2
+        return z.astype(dtype), (rng.random(n) < 1 / (1 + np.exp(-0.5 * z))).astype(np.int64)
+    z = rng.normal(size=(n, 3)) * 2
+    return z.astype(dtype), (rng.random((n, 3)) < 0.4).astype(np.int64)
+
+
+def one_shot(z: np.ndarray, y: np.ndarray, binning: str, ignore: int | None) -> dict[str, float]:
+    kw: dict[str, Any] = {"from_logits": True, "ignore_index": ignore}
+    return {
+        "ece": cal.ece(z, y, binning=binning, **kw),  # type: ignore[arg-type]
+        "classwise_ece": cal.classwise_ece(z, y, **kw),
+        "brier": cal.brier(z, y, **kw),
+        "nll": cal.nll(z, y, **kw),
+        "accuracy": cal.accuracy(z, y, **kw),
+    }
+
+
+def check(meter: CalibrationMeter, want: dict[str, float], count: int) -> None:
+    got = meter.compute()
+    assert got["count"] == count
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+CASES = [
+    (kind, binning, ignore)
+    for kind in ("multiclass", "binary", "multilabel")
+    for binning in ("width", "mass")
+    for ignore in (None, -100)
+]
+
+
+@pytest.mark.parametrize(("kind", "binning", "ignore"), CASES)
+def test_batches_equal_one_shot(kind: str, binning: str, ignore: int | None) -> None:
+    z, y = dataset(kind, 701, seed=len(kind))
+    if ignore is not None:
+        y = y.copy()
+        y.reshape(-1)[::7] = ignore
+    meter = CalibrationMeter(binning=binning, ignore_index=ignore, from_logits=True)  # type: ignore[arg-type]
+    for start, stop in ((0, 1), (1, 100), (100, 100), (100, 523), (523, 701)):  # uneven, one empty
+        if stop > start:
+            meter.update(torch.from_numpy(z[start:stop]), torch.from_numpy(y[start:stop]))
+    count = int((y != ignore).sum()) if ignore is not None else y.size
+    want = one_shot(z, y, binning, ignore)
+    check(meter, want, count)
+    meter.reset()
+    with pytest.raises(RuntimeError, match="no samples"):
+        meter.compute()
+
+
+def test_float32_and_probabilities_detected() -> None:
+    z, y = dataset("multiclass", 500, seed=3, dtype=np.float32)
+    m = CalibrationMeter()
+    m.update(z, y)  # logits detected on the first batch
+    assert m.from_logits is True
+    assert m.compute()["ece"] == cal.ece(z, y, from_logits=True)  # same bins, same order: bit-equal
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    mp_ = CalibrationMeter(classwise=False)
+    mp_.update(p[:200], y[:200])
+    mp_.update(p[200:], y[200:])
+    assert mp_.from_logits is False
+    got = mp_.compute()
+    assert got["ece"] == pytest.approx(cal.ece(p, y), rel=1e-12)
+    assert got["brier"] == pytest.approx(cal.brier(p, y), rel=1e-6)
+    assert np.isnan(got["classwise_ece"])
+
+
+def test_dyadic_sums_are_bit_exact() -> None:
+    # probabilities k/64: every partial sum is exact in float64, so the order does not matter
+    rng = np.random.default_rng(4)
+    k = rng.integers(1, 64, size=(400, 1))
+    p = np.concatenate([k / 64, 1 - k / 64], axis=1)
+    y = rng.integers(0, 2, 400)
+    m = CalibrationMeter(n_bins=10, from_logits=False)
+    for s in range(0, 400, 33):
+        m.update(p[s : s + 33], y[s : s + 33])
+    assert m.compute()["ece"] == cal.ece(p, y, n_bins=10)
+    assert m.compute()["classwise_ece"] == cal.classwise_ece(p, y, n_bins=10)
+
+
+def test_errors() -> None:
+    m = CalibrationMeter(from_logits=True)
+    m.update(np.zeros((2, 3)), [0, 1])
+    with pytest.raises(ValueError, match="3"):
+        m.update(np.zeros((2, 4)), [0, 1])
+    with pytest.raises(ValueError, match="binary"):
+        m.update(np.zeros(2), [0, 1])
+    with pytest.raises(ValueError, match="binning"):
+        CalibrationMeter(binning="quantile")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_bins"):
+        CalibrationMeter(n_bins=0)
+
+
+# --------------------------------------------------------------------------------------------
+# gloo ranks: each rank holds an uneven slice; after sync every rank has the global numbers
+
+N_DIST = 301
+
+
+def _check_ranks(rank: int, world: int, group: Any) -> None:
+    cuts = np.linspace(0, N_DIST, world + 1).astype(int)
+    cuts[1] = 5  # rank 0 holds 5 samples only
+    lo, hi = cuts[rank], cuts[rank + 1]
+    for kind in ("multiclass", "binary"):
+        z, y = dataset(kind, N_DIST, seed=11)
+        y = y.copy()
+        y[::9] = -1
+        want = {b: one_shot(z, y, b, -1) for b in ("width", "mass")}
+        for binning in ("width", "mass"):
+            m = CalibrationMeter(
+                binning=binning,  # type: ignore[arg-type]
+                num_classes=6 if kind == "multiclass" else None,
+                ignore_index=-1,
+                from_logits=True,
+            )
+            m.update(z[lo:hi], y[lo:hi])
+            m.sync(group)
+            check(m, want[binning], int((y != -1).sum()))
+            m.sync(group)  # idempotent: reduces the local statistics again
+            check(m, want[binning], int((y != -1).sum()))
+
+
+def _worker(rank: int, world: int, init_method: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        _check_ranks(rank, world, None)  # world size 3
+        pair = dist.new_group([0, 1])  # world size 2, in the same spawn (each spawn costs seconds)
+        if rank < 2:
+            _check_ranks(rank, 2, pair)
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see tests/test_distributed.py: skip gloo's flaky teardown
+
+
+def test_gloo_sync_world_sizes_3_and_2(tmp_path: Any) -> None:
+    mp.spawn(_worker, args=(3, f"file://{tmp_path / 'store'}"), nprocs=3, join=True)

@@ -1,0 +1,160 @@
+"""The benchmark harness of ``crossent bench`` and benchmarks/: warm-up, interleaved shuffled
+rounds, medians with their spread, warnings when the load or the spread makes a ratio unreliable,
+columns never cut. Nothing here asserts a time."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossent import bench
+from crossent.bench import MachineLoad, interleaved_times, reliability_warnings, summarize, text_table
+from crossent.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("n,seed", list(itertools.product([1, 2, 3, 4, 7, 10, 31], [0, 1, 2])))
+def test_summarize_matches_numpy_percentiles(n, seed):
+    xs = np.random.default_rng(seed).lognormal(size=n)
+    t = summarize(list(xs))
+    assert t.median_ms == pytest.approx(np.median(xs))
+    q1, q3 = (np.median(xs),) * 2 if n < 2 else np.percentile(xs, [25, 75])  # numpy's linear = inclusive
+    assert (t.q1_ms, t.q3_ms) == (pytest.approx(q1), pytest.approx(q3))
+    assert (t.min_ms, t.max_ms, t.rounds) == (xs.min(), xs.max(), n)
+    assert t.spread == pytest.approx((q3 - q1) / np.median(xs))
+
+
+def test_summarize_rejects_nothing_to_summarize():
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([])
+
+
+def _recording_steps(names, calls):
+    return {name: (lambda name=name: calls.append(name)) for name in names}
+
+
+@pytest.mark.parametrize("n_steps,repeats,warmup", [(1, 1, 0), (2, 5, 1), (5, 8, 2), (9, 3, 0)])
+def test_interleaved_rounds_warm_up_then_every_step_once_per_round_shuffled(n_steps, repeats, warmup):
+    names = [f"s{i}" for i in range(n_steps)]
+    calls: list[str] = []
+    times = interleaved_times(_recording_steps(names, calls), repeats, warmup=warmup)
+    assert calls[: warmup * n_steps] == [n for n in names for _ in range(warmup)]
+    rounds = [calls[warmup * n_steps + r * n_steps:][:n_steps] for r in range(repeats)]
+    assert all(sorted(r) == names for r in rounds)
+    assert len(calls) == (warmup + repeats) * n_steps
+    assert {k: len(v) for k, v in times.items()} == dict.fromkeys(names, repeats)
+    assert all(t >= 0 for v in times.values() for t in v)
+    if n_steps >= 5 and repeats >= 3:
+        assert len({tuple(r) for r in rounds}) > 1, "the order must change between rounds"
+
+
+def test_interleaved_times_rejects_zero_rounds():
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        interleaved_times({"a": lambda: None}, 0)
+
+
+def test_benchmark_scripts_share_the_harness(monkeypatch):
+    """benchmarks/_shared.interleaved_times runs crossent.bench's harness: the same calls in the
+    same order for the same steps."""
+    spec = importlib.util.spec_from_file_location("_shared", ROOT / "benchmarks" / "_shared.py")
+    assert spec is not None and spec.loader is not None
+    shared = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shared)
+    names = [f"s{i}" for i in range(6)]
+    via_scripts: list[str] = []
+    via_harness: list[str] = []
+    shared.interleaved_times(_recording_steps(names, via_scripts), 4)
+    interleaved_times(_recording_steps(names, via_harness), 4, warmup=1)
+    assert via_scripts == via_harness
+
+
+QUIET = MachineLoad(cpus=4, loadavg=0.2, others_busy=0.1, threads=4)
+
+
+@pytest.mark.parametrize(
+    "load,spreads,expect",
+    [
+        (QUIET, {"a": 0.02, "b": 0.10}, []),
+        (None, {"a": 0.05}, []),
+        (QUIET, {"a": 0.02, "b": 0.25}, ["spread more than 10%", "b (IQR 25%"]),
+        (QUIET, {"a": float("nan")}, ["spread more than 10%"]),
+        (MachineLoad(cpus=4, loadavg=0.2, others_busy=1.5, threads=4), {"a": 0.0},
+         ["kept 1.5 of 4 CPUs busy"]),
+        (MachineLoad(cpus=2, loadavg=1.5, others_busy=0.0, threads=2), {"a": 0.0},
+         ["load average 1.50 on 2"]),
+        (MachineLoad(cpus=2, loadavg=None, others_busy=None, threads=2), {"a": 0.0}, []),
+        (MachineLoad(cpus=2, loadavg=4.0, others_busy=2.0, threads=2), {"a": 0.5},
+         ["kept 2.0 of 2", "load average 4.00", "spread more than 10%"]),
+    ],
+)
+def test_reliability_warnings(load, spreads, expect):
+    got = reliability_warnings(spreads, load)
+    for fragment in expect:
+        assert any(fragment in line for line in got), (fragment, got)
+    if expect:
+        assert "--threads 1" in got[-1]  # what to do about it
+    else:
+        assert got == []
+
+
+def test_text_table_never_cuts_a_cell():
+    head = ["provider", "variant", "fwd+bwd ms"]
+    rows = [["crossent-ops-with-a-very-long-name" * 3, "ce", "12.5"], ["torch", "focal", "0.25"]]
+    lines = text_table(head, rows, left=2).splitlines()
+    assert lines[2].startswith(rows[0][0]) and lines[2].endswith("12.5")
+    assert len({len(line.rstrip()) for line in lines[1:]}) <= 2  # aligned columns
+    for row, line in zip(rows, lines[2:], strict=True):
+        assert line.split() == row
+
+
+def _spinners(n: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_bench_warns_on_a_loaded_machine(tmp_path, capsys):
+    """Background processes spinning on every CPU while ``crossent bench`` runs: its output says
+    that the machine was busy, with the figure measured, and the table is complete."""
+    spinners = _spinners(os.cpu_count() or 1)
+    try:
+        time.sleep(0.5)  # let them start spinning
+        rc = main(["bench", "--shapes", "64x10", "--dtypes", "fp32", "--variants", "ce",
+                   "--providers", "crossent,crossent-ops,torch", "--repeats", "5", "--no-memory",
+                   "--out", str(tmp_path)])
+    finally:
+        for p in spinners:
+            p.kill()
+        for p in spinners:
+            p.wait()
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "warning: other processes kept" in out, out
+    assert "the ratios unreliable" in out
+    table = out[out.index("provider  "):]
+    assert "crossent-ops" in table and "…" not in table  # the provider column is never cut
+    assert "IQR %" in table
+    assert "warning: other processes kept" in (tmp_path / "bench.md").read_text()
+
+
+def test_load_monitor_sees_other_processes():
+    spinners = _spinners(1)
+    try:
+        time.sleep(0.3)
+        with bench.LoadMonitor() as monitor:
+            time.sleep(1.0)  # idle here: the busy CPU time is the spinner's
+    finally:
+        spinners[0].kill()
+        spinners[0].wait()
+    load = monitor.result
+    assert load is not None and load.cpus == os.cpu_count()
+    if load.others_busy is None:
+        pytest.skip("no /proc/stat on this system")
+    assert load.others_busy >= 0.5  # one process spinning on a whole CPU (plus whatever else runs)
