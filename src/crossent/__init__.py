@@ -19,6 +19,7 @@ from typing import Any
 
 from crossent import nn, reference
 from crossent._aux import CrossEntropyAux
+from crossent._options import StepGamma
 from crossent._version import __version__
 from crossent.divergence import entropy, kl_divergence
 from crossent.functional import cross_entropy, flsd53, focal_loss
@@ -26,6 +27,7 @@ from crossent.imbalance import class_weights, logit_adjustment
 
 __all__ = [
     "CrossEntropyAux",
+    "StepGamma",
     "__version__",
     "class_weights",
     "cross_entropy",

@@ -1226,7 +1226,7 @@ def linear_cross_entropy(
             as in :func:`cross_entropy`.
         chunk_size: tokens per chunk. Default: from a memory budget,
             ``max(1, budget // (V * bytes_per_entry))`` with a 32 MiB budget on the CPU
-            (12 MiB for fp16/bf16 inputs and under autocast)
+            (30 MiB for fp16/bf16 inputs and under autocast, rounded to a multiple of 32 rows)
             (``bytes_per_entry`` = the element size: the gradient overwrites the logits and the
             softmax runs on sub-blocks of 1 Mi entries) and 1/16 of the free device memory,
             clamped to [64 MiB, 1 GiB], on CUDA (``bytes_per_entry`` = element size + 12 for the
