@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,3 +44,23 @@ def poly1_partners(label_smoothing: float, ignore_index: float) -> dict[str, dic
         "weights": dict(weight="w", pos_weight="pw"),
         "ignore_index": dict(ignore_index=ignore_index),
     }
+
+
+def gloo_world_and_pair(check: Callable[[Any], None]) -> None:
+    """In a spawned gloo worker whose world has 3 ranks: ``check(None)`` on the whole world, then
+    ``check(pair)`` on ranks 0 and 1 (world size 2 without a second spawn: each costs seconds),
+    then leave through ``os._exit(0)`` (gloo's teardown is flaky; see tests/test_distributed.py)."""
+    import torch.distributed as dist
+
+    try:
+        check(None)
+        pair = dist.new_group([0, 1])
+        if dist.get_rank() < 2:
+            check(pair)
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

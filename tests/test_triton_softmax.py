@@ -248,17 +248,17 @@ _COMPILE_SCRIPT = textwrap.dedent(
     k = sm._softmax_ce_kernel
     types = {n: "i64" if n.startswith("stride") else "i32" for n in k.arg_names}
     types.update(X="*bf16", T="*i64", W="*fp32", GAMMA="*fp32", SCALE="*fp32", LOSS="*fp32",
-                 G="*bf16")
+                 G="*bf16", STATS="*fp32")
     for n in ("cf", "one_minus_eps", "uniform", "gamma", "z_loss", "cap", "beta", "poly1"):
         types[n] = "fp32"
     flags = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "FOCAL", "SCHEDULE", "DENSE", "Z_LOSS",
-             "SOFTCAP", "CP", "POLY1", "NEED_GRAD", "ONE_CHUNK"]
+             "SOFTCAP", "CP", "POLY1", "NEED_GRAD", "AUX", "ONE_CHUNK"]
     configs = [
         (dict(NEED_GRAD=True, ONE_CHUNK=True), 16, 128, 4, "*i64"),
         (dict(NEED_GRAD=True, HAS_WEIGHT=True, SMOOTHING=True, FOCAL=True, Z_LOSS=True,
-              SOFTCAP=True, CP=True, POLY1=True), 1, 4096, 16, "*i64"),
+              SOFTCAP=True, CP=True, POLY1=True, AUX=True), 1, 4096, 16, "*i64"),
         (dict(NEED_GRAD=True, PROB_TARGET=True, FOCAL=True, SCHEDULE=True, DENSE=True,
-              SMOOTHING=True, POLY1=True, CP=True, ONE_CHUNK=True), 8, 256, 8, "*bf16"),
+              SMOOTHING=True, POLY1=True, CP=True, AUX=True, ONE_CHUNK=True), 8, 256, 8, "*bf16"),
     ]
     for on, br, bc, warps, ttype in configs:
         cfg = {f: f in on for f in flags}

@@ -319,10 +319,9 @@ def _schedule_rows(logits: Tensor, target: Tensor, opts: SoftmaxOptions, backend
     return gamma.reshape(-1)
 
 
-class CrossEntropyOptions(TypedDict, total=False):
-    """The keyword options of :func:`cross_entropy` (for its typed overloads)."""
+class _FormulaOptions(TypedDict, total=False):
+    """The options of the one softmax formulation, shared by the typed overloads below."""
 
-    weight: Tensor | None
     ignore_index: int
     label_smoothing: float
     gamma: float | GammaSchedule
@@ -330,13 +329,19 @@ class CrossEntropyOptions(TypedDict, total=False):
     softcap: float | None
     confidence_penalty: float
     poly1: float
+    reduction: Reduction
+    backend: Backend
+
+
+class CrossEntropyOptions(_FormulaOptions, total=False):
+    """The keyword options of :func:`cross_entropy` (for its typed overloads)."""
+
+    weight: Tensor | None
     sample_weight: Tensor | None
     class_dim: int
-    reduction: Reduction
     mean_denominator: MeanBy
     z_loss_weighted: bool
     inplace_backward: bool
-    backend: Backend
 
 
 @overload
@@ -1120,24 +1125,15 @@ def asymmetric_loss(
 # fused linear + cross-entropy
 
 
-class LinearCrossEntropyOptions(TypedDict, total=False):
+class LinearCrossEntropyOptions(_FormulaOptions, total=False):
     """The keyword options of :func:`linear_cross_entropy` (for its typed overloads)."""
 
     bias: Tensor | None
     class_weight: Tensor | None
-    ignore_index: int
-    label_smoothing: float
-    gamma: float | GammaSchedule
-    z_loss: float
-    softcap: float | None
-    confidence_penalty: float
-    poly1: float
-    reduction: Reduction
     chunk_size: int | None
     weight_grad_dtype: torch.dtype | None
     grad_filter_eps: float
     shift: bool
-    backend: Backend
 
 
 @overload

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _helpers import gloo_world_and_pair
 from crossent import calibration as cal
 from crossent.calibration.streaming import CalibrationMeter
 
@@ -147,18 +147,7 @@ def _worker(rank: int, world: int, init_method: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
-    try:
-        _check_ranks(rank, world, None)  # world size 3
-        pair = dist.new_group([0, 1])  # world size 2, in the same spawn (each spawn costs seconds)
-        if rank < 2:
-            _check_ranks(rank, 2, pair)
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see tests/test_distributed.py: skip gloo's flaky teardown
+    gloo_world_and_pair(lambda group: _check_ranks(rank, world if group is None else 2, group))
 
 
 def test_gloo_sync_world_sizes_3_and_2(tmp_path: Any) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ import torch.multiprocessing as mp
 
 import crossent
 import test_distributed as td
+from _helpers import gloo_world_and_pair
 from crossent import distributed as cd
 
 V, N, H, IGN = td.V, td.N, td.H, td.IGN
@@ -148,19 +148,8 @@ def _worker(rank: int, world: int, init_method: str) -> None:
         "gloo", init_method=init_method, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
-    try:
-        td._install_counters()
-        _check_contracts(None)  # world 3
-        pair = dist.new_group([0, 1])  # and world 2, without a second spawn (seconds each)
-        if rank < 2:
-            _check_contracts(pair)
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/test_distributed.py: skip gloo's teardown once every check passed
+    td._install_counters()
+    gloo_world_and_pair(_check_contracts)
 
 
 def test_contracts_multiprocess_gloo(tmp_path: Any) -> None:

@@ -41,15 +41,7 @@ from crossent.calibration._inputs import as_labels, as_matrix
 from crossent.calibration.metrics import width_bin_index, width_edges
 from crossent.calibration.temperature import TemperatureScaler
 
-__all__ = [
-    "BetaCalibrator",
-    "DirichletCalibrator",
-    "EnsembleTemperatureScaler",
-    "HistogramBinning",
-    "IsotonicCalibrator",
-    "MatrixScaler",
-    "PlattScaler",
-]
+# The public names are re-exported by crossent.calibration, whose __all__ lists them.
 
 A = TypeVar("A", np.ndarray, torch.Tensor)
 

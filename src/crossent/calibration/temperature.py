@@ -42,6 +42,7 @@ keeps the fit (and still warns).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -62,6 +63,29 @@ __all__ = ["TemperatureScaler", "VectorScaler"]
 A = TypeVar("A", np.ndarray, torch.Tensor)
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def golden_section(
+    f: Callable[[float], float], a: float, b: float, *, max_iter: int = 80, tol: float = 0.0
+) -> tuple[float, float]:
+    """Golden-section search for a minimum of ``f`` on ``[a, b]`` (exact for a unimodal ``f``):
+    each step keeps the sub-interval around the lower of two interior points, which shrinks the
+    bracket by the golden ratio and reuses one point. Stops after ``max_iter`` steps or when the
+    bracket is at most ``tol`` wide; returns the final bracket."""
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(max_iter):
+        if b - a <= tol:
+            break
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - _GOLDEN * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + _GOLDEN * (b - a)
+            fd = f(d)
+    return a, b
 
 
 def _nll_derivatives(z: torch.Tensor, y: np.ndarray, s: float) -> tuple[float, float, float]:
@@ -350,19 +374,7 @@ class TemperatureScaler(Recalibrator):
         fine = np.linspace(a, b, 17)
         best = int(np.argmin([evaluate(float(x)) for x in fine]))
         a, b = float(fine[max(best - 1, 0)]), float(fine[min(best + 1, len(fine) - 1)])
-        c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-        fc, fd = evaluate(c), evaluate(d)
-        for _ in range(self.max_iter):
-            if b - a <= 1e-5:
-                break
-            if fc <= fd:
-                b, d, fd = d, c, fc
-                c = b - _GOLDEN * (b - a)
-                fc = evaluate(c)
-            else:
-                a, c, fc = c, d, fd
-                d = a + _GOLDEN * (b - a)
-                fd = evaluate(d)
+        golden_section(evaluate, a, b, max_iter=self.max_iter, tol=1e-5)
         evaluate(math.log(self._fit_nll(z, y, 1.0)))
         self.n_iter_ += len(seen)
         best_x = min(seen, key=lambda x: (seen[x], abs(x)))

@@ -337,19 +337,9 @@ def fit_prior_corrected_temperature(
         lse = m[:, 0] + np.log(np.exp(u - m).sum(axis=1))
         return float(np.mean(lse - u[rows, y]))
 
-    lo, hi = math.log(1.0 / t_max), math.log(1.0 / t_min)
-    g = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(80):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(b)
+    from crossent.calibration.temperature import golden_section
+
+    lo, hi = golden_section(nll, math.log(1.0 / t_max), math.log(1.0 / t_min), max_iter=80)
     return float(math.exp(-(lo + hi) / 2.0))
 
 

@@ -73,19 +73,10 @@ static inline __attribute__((always_inline)) float exp_f(float x) {
     return y * f_from_bits((uint32_t)(n2 + 127) << 23);
 }
 
-/* log(x) in float, vectorisable (Cephes logf): x = 2^e m with m in [sqrt(1/2), sqrt(2)),
- * log(m) = f - f^2/2 + f^3 P(f) with f = m - 1. Subnormals are scaled by 2^23 first;
- * log(0) = -inf, log(inf) = inf, log(x < 0) = NaN, NaN stays NaN. */
-static inline __attribute__((always_inline)) float log_f(float x) {
-    int sub = x < 1.17549435e-38f;
-    float xs = sub ? x * 8388608.0f : x;
-    uint32_t u = bits_from_f(xs);
-    int32_t e = (int32_t)((u >> 23) & 0xffu) - 126;
-    float m = f_from_bits((u & 0x007fffffu) | 0x3f000000u); /* [0.5, 1) */
-    int small = m < 0.707106781186547524f;
-    e = small ? e - 1 : e;
-    m = small ? m + m : m;
-    e = sub ? e - 23 : e;
+/* Cephes logf's polynomial: log(2^e m) for m in [sqrt(1/2), sqrt(2)), as
+ * f - f^2/2 + f^3 P(f) + e log 2 with f = m - 1 and log 2 split in two parts (the
+ * 0.693359375 part is exact in float, so e * it adds no rounding for |e| < 2^15). */
+static inline __attribute__((always_inline)) float log_reduced_f(float m, int32_t e) {
     float f = m - 1.0f;
     float fe = (float)e;
     float z = f * f;
@@ -101,7 +92,27 @@ static inline __attribute__((always_inline)) float log_f(float x) {
     y = y * f * z;
     y = y + fe * -2.12194440e-4f;
     y = y - 0.5f * z;
-    float res = f + y + fe * 0.693359375f;
+    return f + y + fe * 0.693359375f;
+}
+
+/* log of the float with bits u, times 2^e_offset: the exponent and mantissa m in [0.5, 1) read
+ * from the bits, m moved to [sqrt(1/2), sqrt(2)), then log_reduced_f. */
+static inline __attribute__((always_inline)) float log_bits_f(uint32_t u, int32_t e_offset) {
+    int32_t e = (int32_t)((u >> 23) & 0xffu) - 126 + e_offset;
+    float m = f_from_bits((u & 0x007fffffu) | 0x3f000000u); /* [0.5, 1) */
+    int small = m < 0.707106781186547524f;
+    e = small ? e - 1 : e;
+    m = small ? m + m : m;
+    return log_reduced_f(m, e);
+}
+
+/* log(x) in float, vectorisable (Cephes logf): x = 2^e m with m in [sqrt(1/2), sqrt(2)),
+ * log(m) = f - f^2/2 + f^3 P(f) with f = m - 1. Subnormals are scaled by 2^23 first;
+ * log(0) = -inf, log(inf) = inf, log(x < 0) = NaN, NaN stays NaN. */
+static inline __attribute__((always_inline)) float log_f(float x) {
+    int sub = x < 1.17549435e-38f;
+    float xs = sub ? x * 8388608.0f : x;
+    float res = log_bits_f(bits_from_f(xs), sub ? -23 : 0);
     res = x == 0.0f ? -INFINITY : res;
     res = x < 0.0f ? NAN : res;
     res = x == INFINITY ? INFINITY : res;
@@ -114,28 +125,7 @@ static inline __attribute__((always_inline)) float log_f(float x) {
  * result at -87 (the log of the smallest normal float, about -87.34), where any power
  * x^gamma with gamma >= 0.1 is below 2e-4 of its largest value. NaN in gives NaN out. */
 static inline __attribute__((always_inline)) float log_pos_f(float x) {
-    uint32_t u = bits_from_f(x);
-    int32_t e = (int32_t)((u >> 23) & 0xffu) - 126;
-    float m = f_from_bits((u & 0x007fffffu) | 0x3f000000u); /* [0.5, 1) */
-    int small = m < 0.707106781186547524f;
-    e = small ? e - 1 : e;
-    m = small ? m + m : m;
-    float f = m - 1.0f;
-    float fe = (float)e;
-    float z = f * f;
-    float y = 7.0376836292E-2f;
-    y = y * f - 1.1514610310E-1f;
-    y = y * f + 1.1676998740E-1f;
-    y = y * f - 1.2420140846E-1f;
-    y = y * f + 1.4249322787E-1f;
-    y = y * f - 1.6668057665E-1f;
-    y = y * f + 2.0000714765E-1f;
-    y = y * f - 2.4999993993E-1f;
-    y = y * f + 3.3333331174E-1f;
-    y = y * f * z;
-    y = y + fe * -2.12194440e-4f;
-    y = y - 0.5f * z;
-    float res = f + y + fe * 0.693359375f;
+    float res = log_bits_f(bits_from_f(x), 0);
     return x != x ? x : res;
 }
 
