@@ -96,13 +96,15 @@ def backward_steps(
     return steps
 
 
-def interleaved_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+def interleaved_times(
+    steps: dict[str, Callable[[], object]], repeats: int, *, device: str = "cpu", warmup: int = 1
+) -> dict[str, list[float]]:
     """Wall times (ms) of every step over ``repeats`` rounds (:func:`crossent.bench.interleaved_times`:
     one warm-up call each, then the steps interleaved round by round in a new shuffled order each
     round, ``random.Random(0)``). Warnings on the machine's load and on cases whose rounds spread
     more than 10% go to stderr."""
     with LoadMonitor() as monitor:
-        times = _harness_times(steps, repeats, device="cpu", warmup=1)
+        times = _harness_times(steps, repeats, device=device, warmup=warmup)
     spreads = {name: summarize(ts).spread for name, ts in times.items()}
     for line in reliability_warnings(spreads, monitor.result):
         print(f"warning: {line}", file=sys.stderr)

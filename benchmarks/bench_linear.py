@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import crossent
-from _shared import cpu_model, cpu_peak_bytes, validate_cpu_peak
+from _shared import cpu_model, cpu_peak_bytes, interleaved_times, validate_cpu_peak
 
 Provider = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -93,14 +92,16 @@ def measure(
             times[name] = []
         except Exception as err:  # an optional provider failing must not hide the others
             errors[name] = f"{type(err).__name__}: {err}"[:80]
-    for _ in range(repeats):
-        for name in times:
+    def step(name: str) -> Callable[[], None]:
+        def timed() -> None:
             h.grad = w.grad = None
-            sync()
-            t0 = time.perf_counter()
             run_once(provs[name], h, w, y)
-            sync()
-            times[name].append(time.perf_counter() - t0)
+
+        return timed
+
+    # crossent bench's harness (ms): rounds interleaved in a new shuffled order each round
+    ms = interleaved_times({name: step(name) for name in times}, repeats, device=device, warmup=0)
+    times = {name: [t / 1e3 for t in ts] for name, ts in ms.items()}
     out: dict[str, tuple[float, int] | str] = {}
     for name, fn in provs.items():
         if name in errors:

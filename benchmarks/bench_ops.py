@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import random
 import statistics
 import sys
 import time
@@ -44,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from _shared import cpu_peak_bytes, eager_sigmoid_focal, validate_cpu_peak
-from crossent.bench import machine_info, time_median
+from _shared import cpu_peak_bytes, eager_sigmoid_focal, interleaved_times, validate_cpu_peak
+from crossent.bench import machine_info
 
 ALPHA, GAMMA, SMOOTHING = 0.25, 2.0, 0.1
 FULL = {"softmax": (2048, 32_000), "binary": (65_536, 80), "linear": (2048, 1024, 32_000)}
@@ -223,12 +222,13 @@ def warm(section: Section) -> None:
 
 def run(section: Section) -> None:
     live = [c for c in section.cases if c.error is None]
-    order = random.Random(0)
-    for r in range(section.repeats):
-        # a new order each round: no case always follows the same one
-        for case in order.sample(live, len(live)):
-            case.times.append(time_median(case.step, "cpu", repeats=1, warmup=0))
-        log(f"  {section.key}: round {r + 1}/{section.repeats}")
+    # crossent bench's harness: rounds interleaved in a new shuffled order each round, with a
+    # warning when the machine's load or a case's spread makes the ratios unreliable (the cases
+    # were warmed up by warm())
+    times = interleaved_times({c.name: c.step for c in live}, section.repeats, warmup=0)
+    for case in live:
+        case.times = times[case.name]
+    log(f"  {section.key}: {section.repeats} rounds")
     for case in live:
         gc.collect()
         case.peak = cpu_peak_bytes(case.step)
