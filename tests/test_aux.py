@@ -191,3 +191,19 @@ def test_linear_aux_shift_and_triton_refused():
     torch.testing.assert_close(aux.lse[:, :-1], ref.lse)
     with pytest.raises(ValueError, match="return_aux"):
         crossent.linear_cross_entropy(h, W, y, return_aux=True, backend="triton")
+
+
+def test_linear_aux_under_autocast():
+    """bf16 autocast: the chunked head's aux equals cross_entropy's on the autocast logits."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 9, 16, generator=g)
+    W = torch.randn(C, 16, generator=g)
+    y = torch.randint(0, C, (2, 9), generator=g)
+    y[1, :4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, aux = crossent.linear_cross_entropy(h, W, y, z_loss=1e-2, return_aux=True, chunk_size=5)
+        logits = h @ W.T
+    assert logits.dtype == torch.bfloat16
+    _, ref = crossent.cross_entropy(logits, y, class_dim=-1, z_loss=1e-2, return_aux=True)
+    for a, b in zip(aux, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -237,7 +237,7 @@ def softmax_ce(
     opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
                          confidence_penalty, poly1, step_threshold, step_below, step_above)
     chosen = _softmax_backend(backend, logits, target, opts, weight, aux)
-    stats = logits.new_empty((_rows(logits), 3) if aux else (0,), dtype=acc_dtype(logits.dtype))
+    stats = stats_buffer(logits, aux)
     loss, grad = _kernel(chosen, "softmax")(
         SoftmaxCall(logits, target, weight, opts, reduction, need_grad,  # type: ignore[arg-type]
                     stats=stats if aux else None)
@@ -245,6 +245,12 @@ def softmax_ce(
     if grad is None:
         return loss, logits.new_empty(0), stats
     return (loss, _hold(grad.contiguous()) if hold else grad.contiguous(), stats)
+
+
+def stats_buffer(logits: Tensor, aux: bool) -> Tensor:
+    """The (R, 3) buffer of ``return_aux``'s row statistics in the accumulation dtype, or an
+    empty tensor without ``aux`` (the operator's third output is then empty)."""
+    return logits.new_empty((_rows(logits), 3) if aux else (0,), dtype=acc_dtype(logits.dtype))
 
 
 def _rows(logits: Tensor) -> int:
@@ -264,7 +270,7 @@ def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, 
       step_threshold=-1.0, step_below=0.0, step_above=0.0):
     acc = acc_dtype(logits.dtype)
     loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc)
-    stats = logits.new_empty((_rows(logits), 3) if aux else (0,), dtype=acc)
+    stats = stats_buffer(logits, aux)
     if hold and need_grad:
         return loss, torch.empty(1, dtype=torch.int64), stats
     return loss, logits.new_empty(logits.shape if need_grad else (0,)), stats

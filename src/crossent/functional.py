@@ -253,7 +253,7 @@ class _InplaceSoftmaxFunction(torch.autograd.Function):
         reduction: Reduction, backend: str, aux: bool,
     ) -> tuple[Tensor, Tensor]:
         chosen = _ops._softmax_backend(backend, logits, target, opts, weight, aux)
-        stats = logits.new_empty((_ops._rows(logits), 3) if aux else (0,), dtype=acc_dtype(logits.dtype))
+        stats = _ops.stats_buffer(logits, aux)
         loss, grad = _ops._kernel(chosen, "softmax")(
             SoftmaxCall(logits, target, weight, opts, reduction, True, True, stats if aux else None)
         )
@@ -452,9 +452,9 @@ def cross_entropy(
             path), ``"native"``, ``"torch"`` (torch ops, any device) or ``"triton"``.
         return_aux: also return a :class:`CrossEntropyAux`: the log-sum-exp per sample, the
             z-loss term, the accuracy and the mean entropy of the prediction, computed in the
-            loss's own pass (the first pass of the Triton kernel; the torch-op path's blocked
-            pass, from each block in cache). A CPU call that asks for them runs on the torch-op
-            path (``crossent._ops.AUX_BACKENDS`` lists the kernels that write them).
+            loss's own pass (the native kernel's passes over each row, the first pass of the
+            Triton kernel, the torch-op path's blocks in cache; ``crossent._ops.AUX_BACKENDS``
+            lists the kernels that write them, any other runs on the torch-op path).
 
     Returns:
         The loss: float32 for float32/float16/bfloat16 logits (accumulation is always fp32),

@@ -143,9 +143,12 @@ ChunkKernel = Callable[
 
 
 def softmax_chunk(
-    z: Tensor, target: Tensor, class_weight: Tensor | None, opts: SoftmaxOptions, scale: Tensor | None
+    z: Tensor, target: Tensor, class_weight: Tensor | None, opts: SoftmaxOptions, scale: Tensor | None,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """The default chunk kernel: the fused softmax rows, writing the gradient over ``z``."""
+    """The default chunk kernel: the fused softmax rows, writing the gradient over ``z``; with
+    ``stats`` (B, 3) also ``return_aux``'s row statistics, from each sub-block while it is in
+    cache, before its gradient overwrites it."""
     B, V = z.shape
     losses = torch.empty(B, dtype=acc_dtype(z.dtype), device=z.device)
     # softmax_rows on cache-sized sub-blocks on the CPU (its temporaries stay ~1 MiB); one call
@@ -155,6 +158,8 @@ def softmax_chunk(
     for s0 in range(0, B, sub):
         s1 = min(B, s0 + sub)
         zb = z[s0:s1]
+        if stats is not None:
+            row_statistics(zb, target[s0:s1], opts.softcap, stats[s0:s1])
         if scale is not None:
             # The gradient overwrites the logits it came from (each row is read first).
             sc = scale[s0:s1] if per_row else scale
@@ -212,12 +217,14 @@ def linear_cross_entropy_rows(
             gradient (``rows=None``: row i). Allocated (M, D) when None.
         kernel: the chunk kernel (:data:`ChunkKernel`); the vocab-parallel head passes its own.
         stats: optional (M, 3) buffer receiving the per-token statistics of ``return_aux``
-            (:func:`crossent._formula.row_statistics`), taken from each chunk's logits before
-            the kernel overwrites them with their gradient.
+            (:func:`crossent._formula.row_statistics`); they are written by :func:`softmax_chunk`
+            in its pass over each chunk, so ``kernel`` must be the default one.
 
     Returns:
         (losses (M,) in the accumulation dtype, dH, dW, db) with None for gradients not asked.
     """
+    if stats is not None and kernel is not softmax_chunk:
+        raise ValueError("return_aux statistics are written by the default chunk kernel only")
     M, _ = hidden.shape
     V = weight.shape[0]
     acc = acc_dtype(hidden.dtype)
@@ -244,12 +251,10 @@ def linear_cross_entropy_rows(
             assert row_scale is not None  # need_grad implies it
             sc = row_scale[r0:r1].to(acc).unsqueeze(1) if per_row else row_scale
         t_c = target_rows(target, r0, r1)
-        if stats is not None:
-            sub = max(1, CPU_SOFTMAX_ELEMENTS // max(1, V))  # fp32 temporaries of ~4 MiB
-            for s0 in range(0, r1 - r0, sub):
-                s1 = min(r1 - r0, s0 + sub)
-                row_statistics(z[s0:s1], t_c[s0:s1], opts.softcap, stats[r0 + s0 : r0 + s1])
-        losses[r0:r1], G = kernel(z, t_c, class_weight, opts, sc)
+        if stats is None:
+            losses[r0:r1], G = kernel(z, t_c, class_weight, opts, sc)
+        else:  # return_aux: the default kernel writes the statistics in its own pass
+            losses[r0:r1], G = softmax_chunk(z, t_c, class_weight, opts, sc, stats[r0:r1])
         del z
         if G is None:
             continue
