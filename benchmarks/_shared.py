@@ -20,13 +20,16 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from crossent.bench import LoadMonitor, reliability_warnings, summarize
 from crossent.bench import interleaved_times as _harness_times
+
+K = TypeVar("K", bound=Hashable)
 
 
 def cpu_model() -> str:
@@ -97,14 +100,16 @@ def backward_steps(
 
 
 def interleaved_times(
-    steps: dict[str, Callable[[], object]], repeats: int, *, device: str = "cpu", warmup: int = 1
-) -> dict[str, list[float]]:
-    """Wall times (ms) of every step over ``repeats`` rounds (:func:`crossent.bench.interleaved_times`:
+    steps: dict[K, Callable[[], object]], repeats: int, *, device: str = "cpu", warmup: int = 1,
+    before: Callable[[K], object] | None = None, flush_l2: bool = False,
+) -> dict[K, list[float]]:
+    """Times (ms) of every step over ``repeats`` rounds (:func:`crossent.bench.interleaved_times`:
     one warm-up call each, then the steps interleaved round by round in a new shuffled order each
-    round, ``random.Random(0)``). Warnings on the machine's load and on cases whose rounds spread
-    more than 10% go to stderr."""
+    round, ``random.Random(0)``; on CUDA, CUDA events, with ``before`` and ``flush_l2`` untimed).
+    Warnings on the machine's load and on cases whose rounds spread more than 10% go to stderr."""
     with LoadMonitor() as monitor:
-        times = _harness_times(steps, repeats, device=device, warmup=warmup)
+        times = _harness_times(steps, repeats, device=device, warmup=warmup, before=before,
+                               flush_l2=flush_l2)
     spreads = {name: summarize(ts).spread for name, ts in times.items()}
     for line in reliability_warnings(spreads, monitor.result):
         print(f"warning: {line}", file=sys.stderr)

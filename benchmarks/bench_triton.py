@@ -14,8 +14,10 @@ and, with ``--binary``, the sigmoid family (``crossent.binary_cross_entropy`` ag
 ``F.binary_cross_entropy_with_logits`` eager and compiled).
 
 Reported per shape: the median of forward only (no gradient) and of forward+backward over
-``--repeats`` runs timed with CUDA events (the L2 cache flushed and the logits restored before
-each run, outside the timed region), the peak extra memory of one forward+backward
+``--repeats`` rounds of the shared harness (``_shared.interleaved_times``, which is
+``crossent bench``'s: warm-up, every case once per round in a new shuffled order; on CUDA each
+call timed by CUDA events, the L2 cache flushed and the logits restored before it, outside the
+timed region), the peak extra memory of one forward+backward
 (``torch.cuda.max_memory_allocated`` minus the memory allocated before it), the achieved
 bandwidth ``2 N C bytes / t`` and ``t / t_copy``, the multiple of the floor.
 
@@ -43,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from _shared import interleaved_times
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHAPES = "8192x128256,8192x32000,8192x128,8192x256,1024x1000"
 TARGET_SHAPE = (8192, 128256)
@@ -59,26 +63,6 @@ class Row:
     peak_mib: float | None
     gb_s: float | None
     x_floor: float | None
-
-
-def cuda_time(fn: Callable[[], object], before: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeats`` runs (CUDA events), ``before`` untimed."""
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    for _ in range(3):
-        before()
-        fn()
-    times = []
-    for _ in range(repeats):
-        before()
-        flush.zero_()  # evict the L2 cache (50 MB on an H100)
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def peak_mib(fn: Callable[[], object], before: Callable[[], object]) -> float:
@@ -118,35 +102,51 @@ def softmax_providers(variant: str) -> dict[str, Callable]:
     return out
 
 
-def measure(name: str, variant: str, loss_fn: Callable, x0: torch.Tensor, y: torch.Tensor,
-            repeats: int, floor_ms: float) -> Row:
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def measure(
+    cases: dict[tuple[str, str], Loss], x0: torch.Tensor, y: torch.Tensor, repeats: int
+) -> list[Row]:
+    """Forward and forward+backward of every ``(provider, variant): loss`` on ``x0``, and the
+    copy floor, interleaved in one run; then each case's peak memory on its own (CUDA only:
+    on the CPU, where the tests run this function, the peak is left out)."""
+    device = x0.device.type
     N, C = x0.shape
     x = x0.clone().requires_grad_(True)
+    dst = torch.empty_like(x0)
 
-    def restore() -> None:
+    def restore(_: object = None) -> None:
         x.grad = None
         with torch.no_grad():
             x.copy_(x0)  # an in-place backward (Liger, crossent inplace) overwrote it
 
-    def fwd() -> None:
-        # detached: crossent's autograd node decides on computing the gradient from
-        # needs_input_grad, which stays True under no_grad
-        with torch.no_grad():
-            loss_fn(x.detach(), y)
+    steps: dict[tuple[str, str, str], Callable[[], object]] = {("copy (floor)", "-", "fwd_bwd"): (
+        lambda: dst.copy_(x0))}
+    for (name, variant), fn in cases.items():
+        # detached under no_grad: crossent's autograd node decides on computing the gradient
+        # from needs_input_grad, which stays True under no_grad
+        def fwd(fn: Loss = fn) -> None:
+            with torch.no_grad():
+                fn(x.detach(), y)
 
-    def fwd_bwd() -> None:
-        loss_fn(x, y).backward()
+        def fwd_bwd(fn: Loss = fn) -> None:
+            fn(x, y).backward()
 
-    t_f = cuda_time(fwd, restore, repeats)
-    t_fb = cuda_time(fwd_bwd, restore, repeats)
-    mem = peak_mib(fwd_bwd, restore)
+        steps[(name, variant, "fwd")] = fwd
+        steps[(name, variant, "fwd_bwd")] = fwd_bwd
+    times = interleaved_times(steps, repeats, device=device, warmup=3, before=restore, flush_l2=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med[("copy (floor)", "-", "fwd_bwd")]
     nbytes = 2 * N * C * x0.element_size()
-    return Row(name, variant, N, C, t_f, t_fb, mem, nbytes / t_fb / 1e6, t_fb / floor_ms)
-
-
-def copy_floor(x0: torch.Tensor, repeats: int) -> float:
-    dst = torch.empty_like(x0)
-    return cuda_time(lambda: dst.copy_(x0), lambda: None, repeats)
+    rows = []
+    for (name, variant), fn in cases.items():
+        t_fb = med[(name, variant, "fwd_bwd")]
+        mem = peak_mib(lambda fn=fn: fn(x, y).backward(), restore) if device == "cuda" else None
+        rows.append(Row(name, variant, N, C, med[(name, variant, "fwd")], t_fb, mem,
+                        nbytes / t_fb / 1e6, t_fb / floor))
+    rows.append(Row("copy (floor)", "-", N, C, None, floor, None, nbytes / floor / 1e6, 1.0))
+    return rows
 
 
 def sweep(x0: torch.Tensor, y: torch.Tensor, repeats: int) -> list[tuple[int, int, int, float]]:
@@ -163,14 +163,19 @@ def sweep(x0: torch.Tensor, y: torch.Tensor, repeats: int) -> list[tuple[int, in
                 if br * bc <= 16384]
     else:
         grid = [(bc, 1, w) for bc in (2048, 4096, 8192, 16384, 32768) for w in (4, 8, 16, 32)]
+    runs: dict[tuple[int, int, int], Callable[[], object]] = {}
     for bc, br, w in grid:
-        def run(bc=bc, br=br, w=w) -> None:
+        def run(bc: int = bc, br: int = br, w: int = w) -> None:
             ts.softmax_cross_entropy(SoftmaxCall(x0, y, None, opts, "mean", True), block_c=bc,
                                      block_r=br, num_warps=w)
         try:
-            results.append((bc, br, w, cuda_time(run, lambda: None, repeats)))
+            run()  # compiles; a configuration the GPU cannot hold fails here
         except Exception as err:  # e.g. out of shared memory / registers
             print(f"  sweep BLOCK_C={bc} BLOCK_R={br} warps={w}: {type(err).__name__}")
+        else:
+            runs[(bc, br, w)] = run
+    times = interleaved_times(runs, repeats, device="cuda", flush_l2=True)
+    results = [(bc, br, w, statistics.median(times[(bc, br, w)])) for bc, br, w in runs]
     return sorted(results, key=lambda r: r[3])
 
 
@@ -181,18 +186,14 @@ def binary_rows(shapes: list[tuple[int, int]], dtype: torch.dtype, repeats: int)
     for N, C in shapes:
         x0 = torch.randn(N, C, device="cuda", dtype=dtype)
         t = (torch.rand(N, C, device="cuda") < 0.1).to(dtype)
-        floor = copy_floor(x0, repeats)
-        provs = {
+        provs: dict[str, Loss] = {
             "crossent": lambda x, t: crossent.binary_cross_entropy(x, t, backend="triton"),
             "crossent focal": lambda x, t: crossent.binary_cross_entropy(
                 x, t, gamma=2.0, alpha=0.25, backend="triton"),
             "torch": F.binary_cross_entropy_with_logits,
             "compile": torch.compile(F.binary_cross_entropy_with_logits),
         }
-        for name, fn in provs.items():
-            rows.append(measure(name, "binary", fn, x0, t, repeats, floor))
-        rows.append(Row("copy (floor)", "binary", N, C, None, floor, None,
-                        2 * N * C * x0.element_size() / floor / 1e6, 1.0))
+        rows += measure({(name, "binary"): fn for name, fn in provs.items()}, x0, t, repeats)
     return rows
 
 
@@ -267,17 +268,13 @@ def main() -> int:
     for N, C in shapes:
         x0 = torch.randn(N, C, device="cuda", dtype=dtype, generator=gen)
         y = torch.randint(0, C, (N,), device="cuda", generator=gen)
-        floor = copy_floor(x0, args.repeats)
-        for variant in ("ce", "focal", "ls"):
-            for name, fn in softmax_providers(variant).items():
-                try:
-                    rows.append(measure(name, variant, fn, x0, y, args.repeats, floor))
-                except Exception as err:  # report and go on (e.g. out of memory)
-                    print(f"{name} {variant} {N}x{C}: {type(err).__name__}: {err}",
-                          file=sys.stderr)
-                torch.cuda.empty_cache()
-        nbytes = 2 * N * C * x0.element_size()
-        rows.append(Row("copy (floor)", "-", N, C, None, floor, None, nbytes / floor / 1e6, 1.0))
+        cases = {(name, variant): fn for variant in ("ce", "focal", "ls")
+                 for name, fn in softmax_providers(variant).items()}
+        try:
+            rows += measure(cases, x0, y, args.repeats)
+        except Exception as err:  # report and go on to the next shape (e.g. out of memory)
+            print(f"{N}x{C}: {type(err).__name__}: {err}", file=sys.stderr)
+        torch.cuda.empty_cache()
         if args.sweep:
             best = sweep(x0, y, args.repeats)[:5]
             sweeps.append(f"{N}x{C}: " + "; ".join(

@@ -77,6 +77,57 @@ def test_benchmark_scripts_share_the_harness(monkeypatch):
     assert via_scripts == via_harness
 
 
+def _load_script(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_before_runs_untimed_before_every_call(warmup):
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    interleaved_times(steps, 4, warmup=warmup, before=lambda name: calls.append(f"before {name}"))
+    assert len(calls) == 2 * 3 * (warmup + 4)
+    assert all(calls[i] == f"before {calls[i + 1]}" for i in range(0, len(calls), 2))
+
+
+def test_bench_triton_measure_restores_the_logits_of_an_inplace_backward():
+    """bench_triton.measure on the CPU (the GPU script's bookkeeping, not its times): every case
+    sees the original logits, though one provider's backward overwrites them."""
+    torch = pytest.importorskip("torch")
+    bt = _load_script("bench_triton")
+    x0 = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,))
+    seen: list[bool] = []
+
+    def clobbering(x, t):
+        seen.append(bool(torch.equal(x.detach(), x0)))
+        loss = torch.nn.functional.cross_entropy(x, t)
+        if x.requires_grad:
+            def clobber(g):
+                x.data.zero_()  # as an in-place backward writes the gradient into the logits
+                return g
+
+            x.register_hook(clobber)
+        return loss
+
+    rows = bt.measure({("torch", "ce"): torch.nn.functional.cross_entropy, ("inplace", "ce"): clobbering},
+                      x0, y, repeats=3)
+    names = [(r.provider, r.variant) for r in rows]
+    assert names == [("torch", "ce"), ("inplace", "ce"), ("copy (floor)", "-")]
+    assert seen and all(seen)
+    assert all(r.fwd_bwd_ms is not None and r.fwd_bwd_ms > 0 and r.peak_mib is None for r in rows)
+    assert rows[-1].x_floor == 1.0
+
+
 QUIET = MachineLoad(cpus=4, loadavg=0.2, others_busy=0.1, threads=4)
 
 

@@ -125,29 +125,66 @@ def time_median(fn: Callable[[], object], device: str, *, repeats: int = 7, warm
     return statistics.median(times)
 
 
+#: bytes written between timed GPU calls to evict the L2 cache (50 MB on an H100, 60 MB on an H200)
+L2_FLUSH_BYTES = 256 << 20
+
+
+def _time_once(fn: Callable[[], object], device: str, flush: torch.Tensor | None) -> float:
+    """Milliseconds of one call: CUDA events around it on the GPU (after the optional L2 flush,
+    which is outside the events), the wall clock on the CPU."""
+    if device != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    if flush is not None:
+        flush.zero_()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end))
+
+
 def interleaved_times(
     steps: Mapping[K, Callable[[], object]], repeats: int, *, device: str = "cpu", warmup: int = 1,
-    seed: int = 0,
+    seed: int = 0, before: Callable[[K], object] | None = None, flush_l2: bool = False,
 ) -> dict[K, list[float]]:
-    """Wall times (ms) of every step over ``repeats`` rounds.
+    """Times (ms) of every step over ``repeats`` rounds.
 
     Each step first runs ``warmup`` times (caches, lazy initialisation, ``torch.compile``); then
     each round runs every step once, in a new shuffled order (``random.Random(seed)``): slow phases
     of the machine hit all steps alike, so the ratios between them are measured in the same run,
     and no step always follows the same one (one that frees much memory can slow the next down).
+
+    ``before(name)``, when given, runs before every call of step ``name`` (warm-up included),
+    untimed: restoring inputs that an in-place step overwrote, clearing gradients. On ``"cuda"``
+    each call is timed by CUDA events, so the time is the device's; ``flush_l2=True`` also writes
+    :data:`L2_FLUSH_BYTES` before each timed call, so that no step finds its inputs in the L2
+    cache left warm by the step before it. On the CPU the time is the wall clock.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     items = list(steps.items())
-    for _, step in items:
+    for name, step in items:
         for _ in range(warmup):
+            if before is not None:
+                before(name)
             step()
     _sync(device)
+    flush = (
+        torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+        if flush_l2 and device == "cuda" else None
+    )
     times: dict[K, list[float]] = {name: [] for name, _ in items}
     order = random.Random(seed)
     for _ in range(repeats):
         for name, step in order.sample(items, len(items)):
-            times[name].append(time_median(step, device, repeats=1, warmup=0))
+            if before is not None:
+                before(name)
+            _sync(device)
+            times[name].append(_time_once(step, device, flush))
     return times
 
 

@@ -51,13 +51,18 @@ def test_interface_state_and_improvement(method: type[cal.Recalibrator]) -> None
     fit, test = slice(0, 400), slice(400, None)
     c = method().fit(x[fit], y[fit])  # type: ignore[attr-defined]
     assert c.fallback is None and c.diagnostic is None
-    q = c.predict_proba(x[test])  # type: ignore[attr-defined]
+    q = c.transform(x[test])  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(c.predict_proba(x[test]), q)  # type: ignore[attr-defined]
+    if method in BINARY:
+        assert q.shape == (x[test].shape[0],) and ((q >= 0) & (q <= 1)).all()
+    else:
+        np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-12)
     state = json.loads(json.dumps(c.state_dict()))
     assert state["method"] == method.name
     again = cal.from_state_dict(state)
     assert type(again) is method
     np.testing.assert_allclose(again.predict_proba(x[test]), q, rtol=1e-12)  # type: ignore[attr-defined]
-    z = torch.as_tensor(c.transform(x[test]))  # type: ignore[attr-defined]
+    z = torch.as_tensor(c.transform_logits(x[test]))  # type: ignore[attr-defined]
     back = torch.sigmoid(z) if method in BINARY else torch.softmax(z, 1)
     np.testing.assert_allclose(back.numpy(), q, rtol=1e-9, atol=1e-12)
     qt = c.predict_proba(torch.from_numpy(x[test]).float())  # type: ignore[attr-defined]
@@ -106,8 +111,8 @@ def test_breast_cancer_like_case() -> None:
         safe = cal.TemperatureScaler().fit(z[val], y[val])
     assert safe.temperature == 1.0 and "separable" in str(safe.fallback)
     before = cal.nll(z[test], y[test], from_logits=True)
-    assert cal.nll(safe.transform(z[test]), y[test], from_logits=True) == pytest.approx(before)
-    assert cal.nll(kept.transform(z[test]), y[test], from_logits=True) > 3 * before
+    assert cal.nll(safe.transform_logits(z[test]), y[test], from_logits=True) == pytest.approx(before)
+    assert cal.nll(kept.transform_logits(z[test]), y[test], from_logits=True) > 3 * before
 
 
 def test_worse_than_identity_falls_back() -> None:
@@ -119,7 +124,7 @@ def test_worse_than_identity_falls_back() -> None:
     with pytest.warns(cal.CalibrationWarning, match="keeping"):
         kept = cal.TemperatureScaler(fallback_to_identity=False).fit(z, y, objective="ece")
     assert kept.temperature != 1.0
-    nll_kept = cal.nll(kept.transform(z), y, from_logits=True)
+    nll_kept = cal.nll(kept.transform_logits(z), y, from_logits=True)
     assert nll_kept > cal.nll(z, y, from_logits=True)  # the premise
     with pytest.warns(cal.CalibrationWarning, match="worse than the identity"):
         c = cal.TemperatureScaler().fit(z, y, objective="ece")

@@ -61,7 +61,7 @@ def test_matches_dense_grid_minimum() -> None:
     assert abs(math.log(scaler.temperature) - log_grid[best]) <= log_grid[1] - log_grid[0]
     fitted = float(grid_nll(z, y, np.array([scaler.temperature]))[0])
     assert fitted <= values[best] + 1e-12
-    assert fitted == pytest.approx(nll(scaler.transform(z), y, from_logits=True), rel=1e-12)
+    assert fitted == pytest.approx(nll(scaler.transform_logits(z), y, from_logits=True), rel=1e-12)
 
 
 @pytest.mark.parametrize("t_true", [0.3, 3.0])
@@ -120,12 +120,12 @@ def test_temperature_always_positive_and_bounded(
 def test_accuracy_unchanged_and_types_preserved() -> None:
     z, y = calibrated_logits(2000, 7, seed=5)
     scaler = TemperatureScaler().fit(z * 3, y)
-    out = scaler.transform((z * 3).astype(np.float32))
+    out = scaler.transform_logits((z * 3).astype(np.float32))
     assert isinstance(out, np.ndarray) and out.dtype == np.float32
     assert accuracy(out, y, from_logits=True) == accuracy(z * 3, y, from_logits=True)
     np.testing.assert_array_equal(out.argmax(1), (z * 3).argmax(1))
     zt = torch.from_numpy(z * 3).float().requires_grad_()
-    outt = scaler.transform(zt)
+    outt = scaler.transform_logits(zt)
     assert isinstance(outt, torch.Tensor) and outt.dtype == torch.float32
     outt.sum().backward()
     assert zt.grad is not None
@@ -142,7 +142,7 @@ def test_ece_objective() -> None:
     z, y = calibrated_logits(4000, 5, seed=6)
     scaler = TemperatureScaler().fit(z * 2, y, objective="ece", n_bins=15)
     t = scaler.temperature
-    got = ece(scaler.transform(z * 2), y, from_logits=True)
+    got = ece(scaler.transform_logits(z * 2), y, from_logits=True)
     grid = np.exp(np.linspace(math.log(1e-2), math.log(1e2), 33))
     grid_best = min(ece(z * 2 / g, y, from_logits=True) for g in grid)
     assert got <= grid_best + 1e-12
@@ -161,14 +161,14 @@ def test_vector_scaling() -> None:
     np.testing.assert_allclose(scaler.temperature, t_true, rtol=0.1)
     np.testing.assert_allclose(scaler.bias, b_true - b_true.mean(), atol=0.1)
     scalar = TemperatureScaler().fit(observed, y)
-    assert nll(scaler.transform(observed), y, from_logits=True) < nll(
-        scalar.transform(observed), y, from_logits=True
+    assert nll(scaler.transform_logits(observed), y, from_logits=True) < nll(
+        scalar.transform_logits(observed), y, from_logits=True
     )
     assert np.all(scaler.temperature > 0)
-    out = scaler.transform(torch.from_numpy(observed))
+    out = scaler.transform_logits(torch.from_numpy(observed))
     assert isinstance(out, torch.Tensor)
     with pytest.raises(ValueError, match="classes"):
-        scaler.transform(observed[:, :3])
+        scaler.transform_logits(observed[:, :3])
     with pytest.raises(ValueError, match="objective='nll'"):
         TemperatureScaler(method="vector").fit(observed, y, objective="ece")
 

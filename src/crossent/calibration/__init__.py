@@ -11,12 +11,13 @@ over batches and all-reduces them over ``torch.distributed`` ranks.
 Inputs: multiclass (N, C) with integer labels, binary (N,) positive-class scores and
 multi-label (N, L) with 0/1 labels of the same shape; ``ignore_index`` drops labels.
 
-Post-hoc recalibration, one interface (``fit``, ``transform``, ``predict_proba``,
-``state_dict``; :func:`save`/:func:`load` as JSON): :class:`TemperatureScaler` (NLL or ECE
-objective), :class:`VectorScaler`, :class:`MatrixScaler`, :class:`DirichletCalibrator`,
-:class:`HistogramBinning`, :class:`IsotonicCalibrator`, :class:`EnsembleTemperatureScaler`,
-and for binary scores :class:`PlattScaler` and :class:`BetaCalibrator`. A degenerate fit
-warns (:class:`CalibrationWarning`) and falls back to the identity; ``fallback`` says why.
+Post-hoc recalibration, one interface (``fit``, ``transform`` to probabilities,
+``transform_logits``, ``state_dict``; :func:`save`/:func:`load` as JSON):
+:class:`TemperatureScaler` (NLL or ECE objective), :class:`VectorScaler`, :class:`MatrixScaler`,
+:class:`DirichletCalibrator`, :class:`HistogramBinning`, :class:`IsotonicCalibrator`,
+:class:`EnsembleTemperatureScaler`, and for binary scores :class:`PlattScaler` and
+:class:`BetaCalibrator`. A degenerate fit warns (:class:`CalibrationWarning`) and falls back
+to the identity; ``fallback`` says why.
 
 Plots (matplotlib is imported on first use): :func:`reliability_diagram`,
 :func:`compare_reliability_diagrams`.

@@ -2,9 +2,11 @@ r"""What every recalibration method shares: one interface, a JSON state, and the
 keeps a fit from silently making the predictions worse (private).
 
 The interface is ``fit(val_logits, val_labels) -> self``, ``transform(logits)`` (calibrated
-logits: for every method ``softmax(transform(z))`` -- ``sigmoid`` for the binary ones -- is
-``predict_proba(z)``), ``predict_proba(logits)`` and ``state_dict()`` / ``load_state_dict()``
-with JSON-serialisable values (:func:`save` and :func:`load` write and read a file).
+probabilities, as netcal's ``transform``; ``predict_proba`` is the same, named as in
+scikit-learn), ``transform_logits(logits)`` (calibrated logits: for every method
+``softmax(transform_logits(z))`` -- ``sigmoid`` for the binary ones -- is ``transform(z)``) and
+``state_dict()`` / ``load_state_dict()`` with JSON-serialisable values (:func:`save` and
+:func:`load` write and read a file).
 
 The guard. After a fit, :meth:`Recalibrator._guard` checks three things on the validation data:
 
@@ -96,9 +98,14 @@ class Recalibrator:
         """Fit on validation logits and labels; returns ``self``."""
         raise NotImplementedError
 
-    def transform(self, logits: Any) -> Any:
+    def transform_logits(self, logits: Any) -> Any:
         """Calibrated logits (``softmax``, or ``sigmoid`` for binary, gives the probabilities)."""
         raise NotImplementedError
+
+    def transform(self, logits: Any) -> Any:
+        """Calibrated probabilities, of the input's type: (N, C) for the multiclass methods,
+        the positive class's (N,) for the binary ones (:meth:`predict_proba`)."""
+        return self.predict_proba(logits)
 
     def _params(self) -> dict[str, Any]:
         """The fitted parameters, JSON-serialisable."""
@@ -116,6 +123,7 @@ class Recalibrator:
         return {"fallback_to_identity": self.fallback_to_identity}
 
     def predict_proba(self, logits: Any) -> Any:
+        """Calibrated probabilities (what :meth:`transform` returns)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- shared

@@ -335,14 +335,38 @@ def classwise_sums(
 ) -> None:
     """Add to ``sum_p`` and ``sum_y`` (K M, float64, bin ``b`` of class ``k`` at ``k M + b``)
     the probabilities and the one-hot labels of the rows ``p`` (n, K) that fall in each
-    class's width bin."""
+    class's width bin.
+
+    Only the entries above the first edge 1/M need a bin lookup: a row of probabilities has
+    fewer than M of them. Each class's first bin gets its column total (float64) less those
+    entries, so the cost is one comparison and one float64 column sum per entry instead of a
+    search and a scatter per entry. The comparison runs in ``p``'s own dtype against the largest
+    value of that dtype not above 1/M, which selects exactly the entries whose float64 value
+    exceeds 1/M.
+    """
     k = p.shape[1]
-    p = p.to(torch.float64)
-    inner = torch.from_numpy(width_edges(n_bins)[1:-1].copy())
-    flat = torch.bucketize(p, inner, right=False) + torch.arange(k, dtype=torch.int64) * n_bins
-    sum_p += torch.bincount(flat.reshape(-1), weights=p.reshape(-1), minlength=k * n_bins)
-    hit = flat.gather(1, y[:, None]).reshape(-1)
-    sum_y += torch.bincount(hit, minlength=k * n_bins).to(torch.float64)
+    edges = width_edges(n_bins)
+    pn = np.ascontiguousarray(p.detach().cpu().numpy())
+    first = edges[1]
+    if pn.dtype != np.float64:
+        below = np.asarray(first, dtype=pn.dtype)
+        if float(below) > first:  # rounded up: step down to the largest value <= 1/M
+            below = np.nextafter(below, np.asarray(-np.inf, dtype=pn.dtype))
+        first = below
+    flat = np.flatnonzero(pn > first)
+    cols = flat % k
+    big = pn.reshape(-1)[flat].astype(np.float64)
+    inner = edges[1:-1]
+    out_p = sum_p.numpy()  # a view: the float64 CPU tensors are updated in place
+    out_p += np.bincount(cols * n_bins + np.searchsorted(inner, big, side="left"), weights=big,
+                         minlength=k * n_bins)
+    out_p[::n_bins] += np.add.reduce(pn, axis=0, dtype=np.float64) - np.bincount(
+        cols, weights=big, minlength=k
+    )
+    yn = y.cpu().numpy()
+    py = pn[np.arange(pn.shape[0]), yn].astype(np.float64)
+    sum_y.numpy()[:] += np.bincount(yn * n_bins + np.searchsorted(inner, py, side="left"),
+                                    minlength=k * n_bins)
 
 
 def debiased_l2_ece(

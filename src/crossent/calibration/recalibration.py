@@ -1,9 +1,10 @@
 r"""Post-hoc recalibration methods beyond temperature scaling, all with one interface.
 
-``fit(val_logits, val_labels) -> self``; ``predict_proba(logits)`` gives calibrated
-probabilities; ``transform(logits)`` calibrated logits (``log`` of the probabilities for the
-methods that are not affine in the logits, so that ``softmax(transform(z)) ==
-predict_proba(z)`` for every method); ``state_dict()`` is JSON-ready
+``fit(val_logits, val_labels) -> self``; ``transform(logits)`` (and its alias
+``predict_proba``) gives calibrated probabilities, as netcal's ``transform`` does;
+``transform_logits(logits)`` calibrated logits (``log`` of the probabilities for the methods
+that are not affine in the logits, so that ``softmax(transform_logits(z)) == transform(z)`` for
+every method); ``state_dict()`` is JSON-ready
 (:func:`~crossent.calibration.save`, :func:`~crossent.calibration.load`). Every fit is
 checked by the guard of :mod:`crossent.calibration._base` and falls back to the identity map
 (with a :class:`~crossent.calibration.CalibrationWarning` and ``fallback`` set) when it is
@@ -80,7 +81,7 @@ def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float =
 
 
 class _MulticlassRecalibrator(Recalibrator):
-    """Shared parts of the (N, C)-logit methods: the guard, ``transform``/``predict_proba``."""
+    """Shared parts of the (N, C)-logit methods: the guard, ``transform_logits``/``predict_proba``."""
 
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -91,7 +92,7 @@ class _MulticlassRecalibrator(Recalibrator):
         z = as_matrix(logits, "logits").to(torch.float64)
         return _like(self._probs64(z), logits)  # type: ignore[no-any-return]
 
-    def transform(self, logits: A) -> A:
+    def transform_logits(self, logits: A) -> A:
         """Calibrated logits: the log of :meth:`predict_proba` (probabilities of 0 give
         ``log`` of the smallest normal float64)."""
         self._check_fitted()
@@ -427,7 +428,7 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
 
 
 class _BinaryRecalibrator(Recalibrator):
-    """Shared parts of the binary methods: input handling, guard, ``transform``."""
+    """Shared parts of the binary methods: input handling, guard, ``transform_logits``."""
 
     def __init__(self, *, from_logits: bool = True, fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
@@ -457,7 +458,7 @@ class _BinaryRecalibrator(Recalibrator):
         assert self.coef is not None
         return self._features(s) @ torch.from_numpy(self.coef[:-1]) + float(self.coef[-1])
 
-    def transform(self, logits: A) -> A:
+    def transform_logits(self, logits: A) -> A:
         """Calibrated positive-class logits (N,)."""
         self._check_fitted()
         return _like(self._logit(self._scores(logits)).numpy(), logits)  # type: ignore[no-any-return]

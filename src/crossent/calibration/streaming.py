@@ -33,7 +33,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from crossent.calibration._inputs import ArrayLike, chunks, looks_like_probs, select, softmax_parts
+from crossent.calibration._inputs import (
+    ArrayLike,
+    chunks,
+    compute_dtype,
+    looks_like_probs,
+    select,
+    softmax_parts,
+)
 from crossent.calibration.metrics import (
     _check_choice,
     _check_n_bins,
@@ -157,38 +164,52 @@ class CalibrationMeter:
         self._update_multiclass(t, torch.from_numpy(y))
 
     def _update_multiclass(self, t: torch.Tensor, y: torch.Tensor) -> None:
-        """One chunked pass: top-label confidence, NLL and Brier from the same exponentials."""
+        """One chunked pass: top-label confidence, NLL and Brier from the same exponentials.
+
+        Each chunk only fills per-row vectors (the reductions over its classes); the per-sample
+        terms are formed once per update from those vectors, so the Python work per chunk stays
+        a few calls."""
         n, k = t.shape
         assert self.from_logits is not None
         name = "logits" if self.from_logits else "probs"
-        conf = np.empty(n)
-        correct = np.empty(n)
-        nll = brier = 0.0
-        tiny = float(torch.finfo(torch.float64).tiny)
+        dtype = compute_dtype(t)
+        # per row: top-label confidence (logits: the row max m), first argmax, the label's
+        # entry, |row|_2 and (logits) the softmax denominator s
+        top = torch.empty(n, dtype=dtype)
+        idx = torch.empty(n, dtype=torch.int64)
+        at_y = torch.empty(n, dtype=dtype)
+        norm = torch.empty(n, dtype=dtype)
+        denom = torch.empty(n, dtype=dtype) if self.from_logits else None
+        zy = torch.empty(n, dtype=dtype) if self.from_logits else None
         for start, stop, block in chunks(t, from_logits=self.from_logits, name=name):
             yb = y[start:stop, None]
             if self.from_logits:
-                # one exponential per entry (softmax_parts, as crossent.calibration.ece):
-                # confidence 1/s, NLL m + log s - z_y, Brier |e|^2 / s^2 - 2 e_y / s + 1
-                m, idx, e, s = softmax_parts(block)
-                top = torch.reciprocal(s)
-                s64 = s.to(torch.float64)
-                zy = block.gather(1, yb)[:, 0]
-                nll += float((m.to(torch.float64) + torch.log(s64) - zy.to(torch.float64)).sum())
-                py = e.gather(1, yb)[:, 0].to(torch.float64) / s64
-                sq = torch.linalg.vector_norm(e, dim=1).to(torch.float64).square() / s64.square()
-                p = e / s[:, None] if self.classwise else e
+                assert denom is not None and zy is not None
+                # one exponential per entry (softmax_parts, as crossent.calibration.ece)
+                m, i, e, s_ = softmax_parts(block)
+                top[start:stop], idx[start:stop], denom[start:stop] = m, i, s_
+                torch.gather(block, 1, yb, out=zy[start:stop, None])
+                p = e
             else:
+                torch.max(block, 1, out=(top[start:stop], idx[start:stop]))
                 p = block
-                top, idx = block.max(dim=1)
-                py = p.gather(1, yb)[:, 0].to(torch.float64)
-                nll -= float(torch.log(py.clamp_min(tiny)).sum())
-                sq = torch.linalg.vector_norm(p, dim=1).to(torch.float64).square()
-            brier += float((sq - 2.0 * py + 1.0).sum())
-            conf[start:stop] = top.to(torch.float64).numpy()
-            correct[start:stop] = (idx == yb[:, 0]).numpy()
+            torch.gather(p, 1, yb, out=at_y[start:stop, None])
+            torch.linalg.vector_norm(p, dim=1, out=norm[start:stop])
             if self.classwise:
-                self._add_classwise(p, yb[:, 0], k)
+                self._add_classwise(p / denom[start:stop, None] if denom is not None else p, yb[:, 0], k)
+        py, sq = at_y.to(torch.float64), norm.to(torch.float64).square()
+        if denom is not None and zy is not None:
+            # confidence 1/s, NLL m + log s - z_y, Brier |e|^2 / s^2 - 2 e_y / s + 1
+            s64 = denom.to(torch.float64)
+            nll = float((top.to(torch.float64) + torch.log(s64) - zy.to(torch.float64)).sum())
+            conf_t = torch.reciprocal(denom)
+            py, sq = py / s64, sq / s64.square()
+        else:
+            nll = -float(torch.log(py.clamp_min(float(torch.finfo(torch.float64).tiny))).sum())
+            conf_t = top
+        brier = float((sq - 2.0 * py + 1.0).sum())
+        conf = conf_t.to(torch.float64).numpy()
+        correct = (idx == y).to(torch.float64).numpy()
         self._add_scores(conf, correct)
         self._scalars += [n, correct.sum(), nll, brier]
 

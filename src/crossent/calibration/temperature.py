@@ -250,7 +250,7 @@ class TemperatureScaler(Recalibrator):
             b64 = block.to(torch.float64)
             separable = separable and bool((b64.argmax(1) == yb[:, 0]).all())
             nll_id += float((torch.logsumexp(b64, 1) - b64.gather(1, yb)[:, 0]).sum())
-            s = self.transform(b64)
+            s = self.transform_logits(b64)
             nll_fit += float((torch.logsumexp(s, 1) - s.gather(1, yb)[:, 0]).sum())
         n = z.shape[0]
         self._guard(
@@ -425,7 +425,7 @@ class TemperatureScaler(Recalibrator):
         self.bias = b
 
     # ------------------------------------------------------------------ applying
-    def transform(self, logits: A) -> A:
+    def transform_logits(self, logits: A) -> A:
         """Calibrated logits :math:`z / T` (or :math:`z / T_k + b_k`), same type as the input.
 
         NumPy in gives NumPy out (float32 stays float32), a tensor gives a tensor on its own
@@ -454,8 +454,8 @@ class TemperatureScaler(Recalibrator):
         return (arr / t + self.bias.astype(arr.dtype)).astype(arr.dtype, copy=False)
 
     def predict_proba(self, logits: A) -> A:
-        """Calibrated probabilities ``softmax(transform(logits))``, same type as the input."""
-        out = self.transform(logits)
+        """Calibrated probabilities ``softmax(transform_logits(logits))``, same type as the input."""
+        out = self.transform_logits(logits)
         if isinstance(out, torch.Tensor):
             return torch.softmax(out, dim=1)
         shifted = out - out.max(axis=1, keepdims=True)
