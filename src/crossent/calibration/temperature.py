@@ -156,7 +156,7 @@ class TemperatureScaler(Recalibrator):
     >>> scaler = TemperatureScaler().fit(3 * z, labels)
     >>> round(scaler.temperature, 1)
     3.1
-    >>> probs = scaler.predict_proba(3 * z)    # softmax(3 z / T)
+    >>> probs = scaler.transform(3 * z)    # softmax(3 z / T); transform_logits gives 3 z / T
     """
 
     def __init__(
