@@ -152,3 +152,26 @@ def _worker(rank: int, world: int, init_method: str) -> None:
 
 def test_gloo_sync_world_sizes_3_and_2(tmp_path: Any) -> None:
     mp.spawn(_worker, args=(3, f"file://{tmp_path / 'store'}"), nprocs=3, join=True)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("n_bins", [15, 10, 7])
+def test_float32_many_classes_classwise_equals_one_shot(from_logits: bool, n_bins: int) -> None:
+    """float32 with 100 classes and uneven batches: every probability lands in the bin the
+    one-shot functions give it (same softmax arithmetic), so the classwise sums agree to
+    float64 round-off; a few entries sit exactly on bin edges."""
+    rng = np.random.default_rng(n_bins)
+    z = (rng.normal(size=(3000, 100)) * 4).astype(np.float32)
+    y = rng.integers(0, 100, 3000)
+    x = z if from_logits else torch.softmax(torch.from_numpy(z), 1).numpy()
+    if not from_logits:
+        x[0] = 0.0
+        x[0, :n_bins] = np.float32(1 / n_bins)  # every entry on the first edge
+    meter = CalibrationMeter(n_bins=n_bins, from_logits=from_logits)
+    for start, stop in ((0, 777), (777, 1500), (1500, 3000)):
+        meter.update(x[start:stop], y[start:stop])
+    got = meter.compute()
+    kw: dict[str, Any] = {"from_logits": from_logits, "n_bins": n_bins}
+    assert got["classwise_ece"] == pytest.approx(cal.classwise_ece(x, y, **kw), rel=1e-12)
+    assert got["ece"] == pytest.approx(cal.ece(x, y, **kw), rel=1e-12)
+    assert got["brier"] == pytest.approx(cal.brier(x, y, from_logits=from_logits), rel=1e-12)

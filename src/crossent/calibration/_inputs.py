@@ -192,9 +192,13 @@ def chunks(
 def probs_chunks(
     t: torch.Tensor, *, from_logits: bool, name: str
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Validated chunks as probabilities (a stable softmax is applied to logits)."""
+    """Validated chunks as probabilities: logits go through :func:`softmax_parts` as ``e / s``,
+    the arithmetic of the streaming meter, so that both bin every probability alike."""
     for start, stop, block in chunks(t, from_logits=from_logits, name=name):
-        yield start, stop, (torch.softmax(block, dim=1) if from_logits else block)
+        if from_logits:
+            _, _, e, s = softmax_parts(block)
+            block = e.div_(s[:, None])
+        yield start, stop, block
 
 
 def softmax_parts(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -48,6 +48,7 @@ from crossent.calibration._inputs import (
     looks_like_probs,
     probs_chunks,
     select,
+    softmax_parts,
     top_label,
 )
 
@@ -519,11 +520,33 @@ def brier(
     name = "logits" if from_logits else "probs"
     y = torch.from_numpy(y_np)
     total = 0.0
-    for start, stop, block in probs_chunks(t, from_logits=from_logits, name=name):
-        p = block.to(torch.float64)
-        py = p.gather(1, y[start:stop, None]).reshape(-1)
-        total += float((p.square().sum(1) - 2.0 * py + 1.0).sum())
+    for start, stop, block in chunks(t, from_logits=from_logits, name=name):
+        total += float(brier_rows(block, y[start:stop], from_logits=from_logits).sum())
     return total / t.shape[0]
+
+
+def brier_rows(block: torch.Tensor, y: torch.Tensor, *, from_logits: bool) -> torch.Tensor:
+    """Per-row Brier score (float64) of a chunk (:func:`brier_from_parts`)."""
+    if from_logits:
+        _, _, e, s = softmax_parts(block)
+        return brier_from_parts(torch.linalg.vector_norm(e, dim=1), e.gather(1, y[:, None])[:, 0], s)
+    return brier_from_parts(torch.linalg.vector_norm(block, dim=1), block.gather(1, y[:, None])[:, 0])
+
+
+def brier_from_parts(
+    norm: torch.Tensor, at_y: torch.Tensor, denom: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Per-row Brier score :math:`\|p\|^2 - 2 p_y + 1` (float64) from the row's norm and
+    label entry, reduced in the input's dtype: of the probabilities, or with ``denom`` of
+    :math:`e = \exp(z - \max z)` (:func:`softmax_parts`), :math:`p = e / s`, so that
+    :math:`\|p\|^2 = \|e\|^2 / s^2` and no probability is formed. :func:`brier` and the
+    streaming meter both go through it, so they agree to float64 round-off."""
+    sq = norm.to(torch.float64).square()
+    py = at_y.to(torch.float64)
+    if denom is not None:
+        s64 = denom.to(torch.float64)
+        sq, py = sq / s64.square(), py / s64
+    return sq - 2.0 * py + 1.0
 
 
 def nll(

@@ -44,6 +44,7 @@ from crossent.calibration._inputs import (
 from crossent.calibration.metrics import (
     _check_choice,
     _check_n_bins,
+    brier_from_parts,
     classwise_sums,
     table_from_scores,
     table_from_sums,
@@ -197,17 +198,16 @@ class CalibrationMeter:
             torch.linalg.vector_norm(p, dim=1, out=norm[start:stop])
             if self.classwise:
                 self._add_classwise(p / denom[start:stop, None] if denom is not None else p, yb[:, 0], k)
-        py, sq = at_y.to(torch.float64), norm.to(torch.float64).square()
+        brier = float(brier_from_parts(norm, at_y, denom).sum())
         if denom is not None and zy is not None:
-            # confidence 1/s, NLL m + log s - z_y, Brier |e|^2 / s^2 - 2 e_y / s + 1
+            # confidence 1/s, NLL m + log s - z_y
             s64 = denom.to(torch.float64)
             nll = float((top.to(torch.float64) + torch.log(s64) - zy.to(torch.float64)).sum())
             conf_t = torch.reciprocal(denom)
-            py, sq = py / s64, sq / s64.square()
         else:
+            py = at_y.to(torch.float64)
             nll = -float(torch.log(py.clamp_min(float(torch.finfo(torch.float64).tiny))).sum())
             conf_t = top
-        brier = float((sq - 2.0 * py + 1.0).sum())
         conf = conf_t.to(torch.float64).numpy()
         correct = (idx == y).to(torch.float64).numpy()
         self._add_scores(conf, correct)
