@@ -249,6 +249,8 @@ def test_compare_every_method_and_recommend(tmp_path: Path, capsys: pytest.Captu
     assert rows[best]["nll"] == min(r["nll"] for r in rows.values())
     assert rows[best]["nll"] < rows["none"]["nll"]  # over-confident by 2.5: something helps
     assert f"recommended: {best} (held-out NLL" in out
+    for name in rows:  # every method's name whole in the table, however narrow the terminal
+        assert f"│ {name}" in out
     # the comparison's temperature row is the before/after table's fit
     assert rows["temperature"]["nll"] == pytest.approx(metrics["after"]["nll"], rel=1e-9)
     report = (tmp_path / "o" / "report.md").read_text()

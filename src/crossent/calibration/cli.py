@@ -571,10 +571,11 @@ def _print_comparison(result: dict[str, Any]) -> None:
         f" held-out samples (ranked by {result['objective'].upper()})",
         title_justify="left",
     )
-    table.add_column("method")
+    # the method names and the figures are never cut or wrapped; the note wraps instead
+    table.add_column("method", no_wrap=True, min_width=max(len(name) for name in cmp["rows"]) + 2)
     for _, label, _ in COMPARE_COLUMNS:
-        table.add_column(label, justify="right")
-    table.add_column("note")
+        table.add_column(label, justify="right", no_wrap=True, min_width=len(label))
+    table.add_column("note", overflow="fold")
     for name, row in cmp["rows"].items():
         if "skipped" in row:
             table.add_row(name, *[""] * len(COMPARE_COLUMNS), f"skipped: {row['skipped']}")
