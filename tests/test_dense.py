@@ -315,3 +315,17 @@ def test_vectorised_exp_and_log_meet_their_documented_error_bounds():
     _, lg, lp = run(np.array([0.0, np.inf, -1.0, np.nan], dtype=np.float32))
     assert lg[0] == -np.inf and lg[1] == np.inf and np.isnan(lg[2]) and np.isnan(lg[3])
     assert -89 < lp[0] < -87 and np.isnan(lp[3])
+
+
+@needs_native
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("gamma", [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 0.5, 1.25, 5.5])
+def test_every_power_of_the_dense_pass_equals_the_reference(gamma, kind, weighted):
+    """Each loop of the fp32 dense pass: a gamma that is a multiple of 1/2 in 1..5 by
+    multiplications and (half-integers) one square root, any other by exp and log; with and
+    without class weights, index targets (with smoothing) and probability targets."""
+    x, target = _inputs(kind, torch.float32, seed=int(gamma * 10))
+    kw = {"gamma": gamma, "weighted": weighted} | ({"label_smoothing": 0.1} if kind == "index" else {})
+    weight = torch.linspace(0.5, 2.0, x.shape[1]) if weighted else None
+    _assert_close(_run(x, target, kw, weight, "native"), _reference(x, target, kw, weight), torch.float32)

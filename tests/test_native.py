@@ -573,3 +573,94 @@ def test_step_gamma_is_a_validated_schedule():
         StepGamma(0.2, -1.0, 3.0)
     with pytest.raises(ValueError, match="threshold"):
         StepGamma(float("nan"), 1.0, 3.0)
+
+
+_DENSE_KWS = [
+    {"gamma": 2.0, "label_smoothing": 0.1},
+    {"gamma": 2.5, "label_smoothing": 0.1},
+    {"gamma": 0.7, "label_smoothing": 0.1},
+    {"gamma": crossent.flsd53, "label_smoothing": 0.1},
+    {"confidence_penalty": 0.2},
+    {"gamma": 2.0, "label_smoothing": 0.1, "confidence_penalty": 0.2},
+    {"gamma": 2.0, "label_smoothing": 0.1, "softcap": 3.0},
+    {"poly1": 1.0, "label_smoothing": 0.1},
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("kw", _DENSE_KWS, ids=lambda kw: "+".join(f"{k}={v}" for k, v in kw.items()))
+def test_inplace_backward_equals_out_of_place_on_every_pass(kw, kind, dtype):
+    """The exponentials of pass 2 live in the gradient row unless that row is the logits
+    themselves and a later pass still reads them (the dense pass, the confidence penalty):
+    inplace_backward, where it is, gives the out-of-place result."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(6, 301, generator=g) * 3).to(dtype)
+    target = torch.randint(0, 301, (6,), generator=g)
+    if kind == "prob":
+        target = torch.softmax(torch.randn(6, 301, generator=g) * 2, dim=1)
+    ref = _grad(crossent.cross_entropy, x, target, backend="native", **kw)
+    leaf = x.clone().requires_grad_(True)
+    z = leaf * 1  # in place on a non-leaf, as in a model
+    loss = crossent.cross_entropy(z, target, inplace_backward=True, backend="native", **kw)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref[0])
+    torch.testing.assert_close(leaf.grad, ref[1])
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"label_smoothing": 0.1}, {"gamma": 2.0}, {"gamma": crossent.flsd53}, {"softcap": 5.0},
+           {"poly1": 1.0}, {"confidence_penalty": 0.1}],
+    ids=lambda kw: "+".join(f"{k}={v}" for k, v in kw.items()) or "plain",
+)
+def test_negative_probability_target_is_caught_in_the_kernels_read(kw):
+    """The kernel checks t >= 0 in its one read of the targets (the front door skips its own
+    pass where the kernel runs): a single negative entry in any row, on any thread, raises; a
+    NaN or a -0.0 does not, as ``target.amin() < 0`` on the torch-op path."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 3001, generator=g)
+    t = torch.softmax(torch.randn(64, 3001, generator=g), dim=1)
+    for r, c in [(0, 0), (50, 2999), (63, 1500)]:
+        bad = t.clone()
+        bad[r, c] = -1e-3
+        with pytest.raises(ValueError, match="probabilities must be >= 0"):
+            native.softmax_cross_entropy(SoftmaxCall(x, bad, None, SoftmaxOptions(**kw), "mean", True))
+        for backend in ("native", "torch"):
+            with pytest.raises(ValueError, match="probabilities must be >= 0"):
+                crossent.cross_entropy(x.requires_grad_(), bad, backend=backend, **kw)
+    odd = t.clone()
+    odd[3, 4], odd[5, 6] = float("nan"), -0.0
+    for backend in ("native", "torch"):
+        loss = crossent.cross_entropy(x, odd, backend=backend, **kw)
+        assert torch.isnan(loss)
+    # inplace_backward keeps the front door's check: the logits are not written first
+    bad = t.clone()
+    bad[50, 2999] = -1e-3
+    z = x.detach().clone().requires_grad_(True) * 1
+    before = z.detach().clone()
+    with pytest.raises(ValueError, match="probabilities must be >= 0"):
+        crossent.cross_entropy(z, bad, inplace_backward=True, backend="native", **kw)
+    torch.testing.assert_close(z.detach(), before)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_softcap_blocks_of_small_and_large_logits_equal_the_reference(kind):
+    """softcap per block of 2,048 classes: a block whose |u| / c stays under 0.625 takes tanh's
+    polynomial alone, one with a larger entry the whole tanh; a row of 5,000 classes mixes both
+    (the first and last blocks small, the middle one with logits up to 4 c), fp32 against the
+    float64 reference."""
+    g = torch.Generator().manual_seed(4)
+    c = 6.0
+    x = torch.randn(4, 5000, generator=g) * 0.5
+    x[:, 2048:4096] = torch.linspace(-4 * c, 4 * c, 2048)  # the whole range of tanh
+    x[1, 4999] = 0.62 * c  # just under the polynomial's bound, in a small block
+    target = torch.randint(0, 5000, (4,), generator=g)
+    if kind == "prob":
+        target = torch.softmax(torch.randn(4, 5000, generator=g) * 2, dim=1)
+    loss, grad = _grad(crossent.cross_entropy, x, target, backend="native", softcap=c, reduction="sum")
+    ref_loss, ref_grad = R.cross_entropy(
+        x.double().numpy(), target.numpy() if kind == "index" else target.double().numpy(), softcap=c,
+        reduction="sum",
+    )
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad.double().numpy(), ref_grad, rtol=1e-4, atol=1e-7 * np.abs(ref_grad).max())

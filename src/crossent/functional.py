@@ -149,14 +149,16 @@ def check_class_target(
         )
 
 
-def check_prob_target(target: Tensor, logits_shape: tuple[int, ...]) -> None:
+def check_prob_target(target: Tensor, logits_shape: tuple[int, ...], *, sign: bool = True) -> None:
+    """Shape and (``sign``) no negative entry; the native kernel checks the sign itself, in its
+    one read of the targets (``sign=False`` where it runs)."""
     if tuple(target.shape) != logits_shape:
         raise ValueError(
             f"target of class probabilities must have the logits' shape {logits_shape}, got "
             f"{tuple(target.shape)} (for class indices pass an integer tensor)"
         )
     # one reduction (amin), not a boolean tensor and a second pass (any)
-    if not _compiling() and target.numel() and bool(target.amin() < 0):
+    if sign and not _compiling() and target.numel() and bool(target.amin() < 0):
         raise ValueError("target probabilities must be >= 0 (got a negative entry)")
 
 
@@ -496,7 +498,7 @@ def cross_entropy(
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     if target.is_floating_point():
-        check_prob_target(target, tuple(logits.shape))
+        check_prob_target(target, tuple(logits.shape), sign=False)  # the sign: below
         target = target.detach()
     elif target.is_complex():
         raise TypeError("target must hold int64 class indices or float probabilities, got complex")
@@ -519,6 +521,10 @@ def cross_entropy(
 
     chosen = _covered(chosen, backend, covered, "softmax")
     need_grad = torch.is_grad_enabled() and logits.requires_grad
+    if target.is_floating_point() and (chosen != "native" or inplace_backward or _functorch_active(logits)):
+        # elsewhere the native kernel checks the sign in its own read of the targets (raising
+        # before any result is returned; inplace_backward would have written the logits)
+        check_prob_target(target, tuple(logits.shape))
     # Sample weights and a count denominator reduce the kernel's per-sample or summed loss here.
     kernel_reduction = reduction
     if sw is not None:

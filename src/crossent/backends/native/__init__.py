@@ -34,9 +34,12 @@ exp and log, for gradcheck), outside ``torch.compile``:
   the row's log-sum-exp is known; any other schedule takes a first pass for those. The
   statistics of ``return_aux`` (lse, entropy, argmax hit) come from the same passes. A focal
   term with label smoothing or with probability targets needs the focal factor of every class:
-  the kernel's dense pass computes it at one exp per element for an integer gamma (the
-  exponential the softmax takes anyway, then multiplications), two more (one log, one exp) for
-  another gamma. Other cases take the torch-op path.
+  the kernel's dense pass computes it at one exp per element for a gamma that is a multiple of
+  1/2 in 1..5 (the exponential the softmax takes anyway, then multiplications and, for a
+  half-integer, one square root), two more (one log, one exp) for another gamma. Probability
+  targets are read once, in the pass that takes the exponentials, which also checks that none
+  is negative (raising ``ValueError``: the front door leaves that check to the kernel where it
+  runs). Other cases take the torch-op path.
 - sigmoid family: contiguous logits and targets (any dtype); every option; ``weight`` and
   ``pos_weight`` that broadcast by repetition (a scalar, a per-class (C,), a per-sample (N, 1),
   a full tensor, ...).
@@ -115,7 +118,7 @@ class _SoftmaxArgs(ctypes.Structure):
         ("n_threads", ctypes.c_int32), ("mean", ctypes.c_int32),
         ("total", ctypes.c_double), ("denom", ctypes.c_double), ("spatial", ctypes.c_int64),
         ("stats", ctypes.c_void_p), ("has_step", ctypes.c_int32), ("step_threshold", ctypes.c_double),
-        ("step_below", ctypes.c_double), ("step_above", ctypes.c_double),
+        ("step_below", ctypes.c_double), ("step_above", ctypes.c_double), ("t_negative", ctypes.c_int32),
     ]
 
 
@@ -592,6 +595,8 @@ def softmax_cross_entropy(call: SoftmaxCall) -> tuple[Tensor, Tensor | None]:
         gamma_rows = torch.as_tensor(scheduled, dtype=acc).reshape(-1).expand(R).contiguous()
         args.gamma_rows = gamma_rows.data_ptr()
     _check(kernel(ctypes.byref(args)))
+    if args.t_negative:  # checked in the kernel's one read of the targets, not a pass of its own
+        raise ValueError("target probabilities must be >= 0 (got a negative entry)")
 
     if losses is not None:  # reduction "none"
         loss = losses.reshape(()) if squeeze else losses.reshape(x.shape[:1] + x.shape[2:])

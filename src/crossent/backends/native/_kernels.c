@@ -129,20 +129,28 @@ static inline __attribute__((always_inline)) float log_pos_f(float x) {
     return x != x ? x : res;
 }
 
-/* tanh(x) in float (Cephes tanhf): an odd polynomial for |x| < 0.625, else
- * 1 - 2 / (exp(2|x|) + 1) with the sign of x (no cancellation there: |tanh| > 0.55). */
-static inline __attribute__((always_inline)) float tanh_f(float x) {
-    float ax = x < 0.0f ? -x : x;
+/* tanh(x) in float for |x| < TANH_SMALL_MAX (Cephes tanhf's odd polynomial); a loop whose
+ * arguments all lie there (the common case of a soft cap well above the logits) needs nothing
+ * more: no exp, no division. */
+#define TANH_SMALL_MAX 0.625f
+static inline __attribute__((always_inline)) float tanh_small_f(float x) {
     float z = x * x;
     float p = -5.70498872745E-3f;
     p = p * z + 2.06390887954E-2f;
     p = p * z - 5.37397155531E-2f;
     p = p * z + 1.33314422036E-1f;
     p = p * z - 3.33332819422E-1f;
-    float small = p * z * x + x;
+    return p * z * x + x;
+}
+
+/* tanh(x) in float (Cephes tanhf): tanh_small_f for |x| < 0.625, else
+ * 1 - 2 / (exp(2|x|) + 1) with the sign of x (no cancellation there: |tanh| > 0.55). */
+static inline __attribute__((always_inline)) float tanh_f(float x) {
+    float ax = x < 0.0f ? -x : x;
+    float small = tanh_small_f(x);
     float big = 1.0f - 2.0f / (exp_f(2.0f * ax) + 1.0f);
     big = x < 0.0f ? -big : big;
-    return ax < 0.625f ? small : big;
+    return ax < TANH_SMALL_MAX ? small : big;
 }
 
 static inline float bf16_to_f(uint16_t h) { return f_from_bits((uint32_t)h << 16); }
@@ -293,6 +301,7 @@ typedef struct {
     int32_t has_step;                   /* 1: a step schedule, gamma = step_below where the row's
                                          * true-class probability p < step_threshold, else step_above */
     double step_threshold, step_below, step_above;
+    int32_t t_negative;                 /* out: 1 where a probability target is below 0, else 0 */
 } sm_args;
 
 typedef struct {
@@ -401,7 +410,9 @@ static int64_t ce_count_ne(const void *t, int32_t t_dtype, int64_t n, double val
 #define EXP exp_f
 #define LOG log_f
 #define LOG_POS log_pos_f
+#define SQRT sqrtf
 #define TANH tanh_f
+#define TANH_SMALL tanh_small_f
 #include "_kernels_body.h"
 #undef ACC
 #undef ACC_DT
@@ -409,7 +420,9 @@ static int64_t ce_count_ne(const void *t, int32_t t_dtype, int64_t n, double val
 #undef EXP
 #undef LOG
 #undef LOG_POS
+#undef SQRT
 #undef TANH
+#undef TANH_SMALL
 
 #define ACC double
 #define ACC_DT DT_F64
@@ -417,6 +430,8 @@ static int64_t ce_count_ne(const void *t, int32_t t_dtype, int64_t n, double val
 #define EXP exp
 #define LOG log
 #define LOG_POS log
+#define SQRT sqrt
 #define TANH tanh
+#define TANH_SMALL tanh
 #include "_kernels_body.h"
 

@@ -1,5 +1,6 @@
 /* The kernels of _kernels.c, written once for an accumulation type ACC (float or double).
- * Included by _kernels.c with ACC, ACC_DT, SFX, EXP, LOG and TANH defined. */
+ * Included by _kernels.c with ACC, ACC_DT, SFX, EXP, LOG, LOG_POS, SQRT, TANH and TANH_SMALL
+ * defined. */
 
 #ifndef CE_CAT
 #define CE_CAT_(a, b) a##b
@@ -97,11 +98,13 @@ static ACC FN(load_max)(ACC *restrict dst, const void *src, int dt, int64_t n) {
 /* Softmax family: one row at a time.
  *
  * Per row (u = the logits, soft-capped u = c tanh(x / c) when softcap is set):
- *   pass 1 (the one read from memory): m = max u, and the row sums the loss needs
- *          (sum_k w_k u_k for smoothing; sum a_k, sum a_k u_k for probability targets);
+ *   pass 1 (the one read of the logits from memory): m = max u (and sum_k w_k u_k for
+ *          smoothing);
  *   (statistics only: the first argmax of u, from L1 right after the max)
- *   pass 2 (from L2): e = exp(u - m) kept in cache, S = sum e, so lse = m + log S (and
- *          sum e u for the entropy); a step schedule picks the row's gamma here, from q_y;
+ *   pass 2 (u from L2): e = exp(u - m), kept in the gradient row where it can be, S = sum e, so
+ *          lse = m + log S (and sum e u for the entropy); for probability targets, in the one
+ *          read of the target row from memory, sum a_k, sum a_k u_k and the check t >= 0; a
+ *          step schedule picks the row's gamma here, from q_y;
  *   dense pass (focal with smoothing or with probability targets only; see dense_focal): the
  *          focal factor of every class, D = a g and the row sums of a f ell and of D;
  *   per-row scalars in double: the loss and the coefficients of
@@ -119,6 +122,7 @@ typedef struct {
     double scale;     /* the gradient's multiplier */
     int64_t tile;     /* positions per tile of (N, C, S) logits */
     double partial[MAX_THREADS]; /* per-thread sums of the row losses */
+    int t_negative[MAX_THREADS]; /* per thread: 1 where a probability target was below 0 */
 } FN(sm_ctx);
 
 /* The per-row coefficients of the formulation for class-index targets, from the row's
@@ -182,7 +186,18 @@ typedef struct {
         *loss = l; *rowc = c; *sparse = sp; *rowconst = rc; *ow = o;                              \
     }
 
-#define CE_POW_D(b, e) pow(b, e)
+/* b^e in double for the per-row coefficients: for e a multiple of 1/2 in 1..5 (see
+ * focal_halves) by multiplication and a square root, a few ulps from pow and much cheaper
+ * (rows of 100 classes spend as long in pow as in their exponentials); else pow */
+static inline double FN(pow_row)(double b, double e) {
+    const double h = 2.0 * e;
+    if (!(h >= 2.0 && h <= 10.0 && h == (double)(int)h)) return pow(b, e);
+    const int n = (int)h;
+    double r = (n & 1) ? sqrt(b) : 1.0;
+    for (int i = 0; i < n / 2; ++i) r *= b;
+    return r;
+}
+#define CE_POW_D(b, e) FN(pow_row)(b, e)
 #define CE_POW_A(b, e) EXP((e) * LOG(b)) /* b = 0: log -inf, exp 0 */
 CE_INDEX_COEFFICIENTS(FN(coef_d), double, CE_POW_D)
 CE_INDEX_COEFFICIENTS(FN(coef_a), ACC, CE_POW_A)
@@ -253,17 +268,20 @@ static inline int64_t FN(first_equal)(const ACC *restrict v, int64_t n, ACC x) {
  * more than that (test_dense.py checks a saturated max against the reference). Float partial
  * sums of SEG terms, added in double.
  *
- * The power, chosen once per row (POW, see focal_power): for an integer gamma = POW in 1..5 by
- * repeated multiplication, so that f kappa = f + gamma q ell (1 - q)^(gamma - 1) needs no
- * division; for any other gamma (POW = 0) by one log and one exp, (1 - q)^(gamma - 1) =
- * exp((gamma - 1) log(1 - q)) with the log clamped at LOG_MIN (about the log of the smallest
+ * The power, chosen once per row (HALVES = 2 gamma, see focal_halves): for a gamma in 1..5 that
+ * is a multiple of 1/2, (1 - q)^(gamma - 1) = (1 - q)^n sqrt(1 - q)^h with n = floor(gamma - 1)
+ * and h = 2 (gamma - 1) - 2n in {0, 1}: repeated multiplication and, for a half-integer gamma
+ * (focal 1.5, 2.5, ...), one square root (a vector instruction, correctly rounded, about a
+ * quarter of the cost of a log and an exp); f kappa = f + gamma q ell (1 - q)^(gamma - 1) then
+ * needs no division. For any other gamma (HALVES = 0) by one log and one exp, (1 - q)^(gamma - 1)
+ * = exp((gamma - 1) log(1 - q)) with the log clamped at LOG_MIN (about the log of the smallest
  * normal number), so that it stays finite for gamma < 1 as q -> 1, where it multiplies 1 - q and
- * ell, both -> 0. POW, HAS_T and HAS_W are compile-time constants: one loop each, with no branch
- * inside, which the compiler vectorises. */
+ * ell, both -> 0. HALVES, HAS_T and HAS_W are compile-time constants: one loop each, with no
+ * branch inside, which the compiler vectorises. */
 ALWAYS_INLINE void FN(dense_focal_seg)(const ACC *restrict u, const ACC *restrict e, const ACC *restrict tr,
                                        const ACC *restrict w, int64_t k0, int64_t k1, ACC keep, ACC uni,
                                        ACC lse, ACC inv_s, ACC gam, ACC *restrict d,
-                                       ACC *pf_out, ACC *pg_out, const int POW, const int HAS_T,
+                                       ACC *pf_out, ACC *pg_out, const int HALVES, const int HAS_T,
                                        const int HAS_W) {
     ACC pf = 0, pg = 0;
     SIMD_SUM(pf, pg)
@@ -273,11 +291,13 @@ ALWAYS_INLINE void FN(dense_focal_seg)(const ACC *restrict u, const ACC *restric
         /* q ell -> 0 as q -> 0: a masked class (u = -inf, ell = inf) gives 0, not 0 * inf */
         const ACC qell = q > 0 ? q * ell : (ACC)0;
         ACC f, fk;
-        if (POW > 0) {
-            /* (1 - q)^(gamma - 1), the conditions folded at compile time */
+        if (HALVES > 0) {
+            /* (1 - q)^(gamma - 1) = (1 - q)^n sqrt(1 - q)^h, n = (HALVES - 2) / 2, h = HALVES odd;
+             * the conditions folded at compile time */
+            const int n = (HALVES - 2) / 2;
             const ACC o2 = omq * omq, o4 = o2 * o2;
-            const ACC pm1 = (((POW - 1) & 1) ? omq : (ACC)1) * (((POW - 1) & 2) ? o2 : (ACC)1)
-                            * (((POW - 1) & 4) ? o4 : (ACC)1);
+            const ACC pm1 = ((n & 1) ? omq : (ACC)1) * ((n & 2) ? o2 : (ACC)1) * ((n & 4) ? o4 : (ACC)1)
+                            * ((HALVES & 1) ? SQRT(omq) : (ACC)1);
             f = pm1 * omq;
             fk = f + gam * qell * pm1;
         } else {
@@ -299,9 +319,9 @@ ALWAYS_INLINE void FN(dense_focal_seg)(const ACC *restrict u, const ACC *restric
 
 static void FN(dense_focal)(const ACC *restrict u, const ACC *restrict e, const ACC *restrict tr,
                             const ACC *restrict w, int64_t C, ACC keep, ACC uni, ACC lse, ACC inv_s,
-                            ACC gam, int pw, ACC *restrict d, double *lf, double *lg) {
+                            ACC gam, int halves, ACC *restrict d, double *lf, double *lg) {
     double tf = 0.0, tg = 0.0;
-    if (sizeof(ACC) == 8) pw = 0; /* see focal_power: the double build has the exp/log loop only */
+    if (sizeof(ACC) == 8) halves = 0; /* see focal_halves: the double build has the exp/log loop only */
     const int mode = (tr != NULL) * 2 + (w != NULL);
     for (int64_t k0 = 0; k0 < C; k0 += SEG) {
         const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
@@ -315,12 +335,16 @@ static void FN(dense_focal)(const ACC *restrict u, const ACC *restrict e, const 
     case 2: DENSE_CASE(P, 1, 0); break;               \
     default: DENSE_CASE(P, 1, 1); break;              \
     }
-        switch (pw) {
-        case 1: DENSE_POW(1); break;
+        switch (halves) {
         case 2: DENSE_POW(2); break;
         case 3: DENSE_POW(3); break;
         case 4: DENSE_POW(4); break;
         case 5: DENSE_POW(5); break;
+        case 6: DENSE_POW(6); break;
+        case 7: DENSE_POW(7); break;
+        case 8: DENSE_POW(8); break;
+        case 9: DENSE_POW(9); break;
+        case 10: DENSE_POW(10); break;
         default: DENSE_POW(0); break;
         }
 #undef DENSE_POW
@@ -332,20 +356,75 @@ static void FN(dense_focal)(const ACC *restrict u, const ACC *restrict e, const 
     *lg = tg;
 }
 
-/* The `pw` of dense_focal for a row's gamma: the integer itself for 1..5 (the gammas of focal
- * loss and of FLSD-53), else 0 (exp/log); always 0 in double, where exp and log are libm's
- * scalar calls anyway (gradcheck and the float64 tests), which keeps the build small. */
-static inline int FN(focal_power)(double gam) {
+/* The `halves` of dense_focal for a row's gamma: 2 gamma where gamma is a multiple of 1/2 in
+ * 1..5 (the gammas of focal loss, 1, 2, 2.5, ..., and of FLSD-53, 5 and 3), else 0 (exp/log);
+ * always 0 in double, where exp and log are libm's scalar calls anyway (gradcheck and the
+ * float64 tests), which keeps the build small. */
+static inline int FN(focal_halves)(double gam) {
     if (sizeof(ACC) == 8) return 0;
-    return (gam >= 1.0 && gam <= 5.0 && gam == (double)(int)gam) ? (int)gam : 0;
+    const double h = 2.0 * gam;
+    return (h >= 2.0 && h <= 10.0 && h == (double)(int)h) ? (int)h : 0;
+}
+
+/* Pass 2 of sm_row over classes [k0, k1): e = exp(u - m) into `ev` (which may be u itself: each
+ * u[k] is read before ev[k] is written) and the sums *ps = sum e; with SEU *pe = sum e u (the
+ * entropy's); with probability targets (T) *pa = sum a, *pau = sum a u (the loss and gradient
+ * of cross-entropy), a = t~ w (w with W), and *pm = min t, the check that the targets are
+ * probabilities, all in the one read of the target row. SEU, T and W are compile-time
+ * constants: one vector loop each. */
+ALWAYS_INLINE void FN(exp_pass_seg)(const ACC *u, const ACC *restrict tr, const ACC *restrict w, ACC m,
+                                    ACC keep, ACC uni, ACC *ev, int64_t k0, int64_t k1, ACC *ps_out,
+                                    ACC *pe_out, ACC *pa_out, ACC *pau_out, ACC *pm_out, const int SEU,
+                                    const int T, const int W) {
+    ACC ps = 0, pe = 0, pa = 0, pau = 0, pm = INFINITY;
+    CE_PRAGMA(omp simd reduction(+ : ps, pe, pa, pau) reduction(min : pm))
+    for (int64_t k = k0; k < k1; ++k) {
+        const ACC uk = u[k], e = EXP(uk - m);
+        ev[k] = e;
+        ps += e;
+        if (SEU) pe += e != 0 ? e * uk : (ACC)0; /* 0 log 0 = 0: a masked class adds 0 */
+        if (T) {
+            const ACC tk = tr[k], ak = (tk * keep + uni) * (W ? w[k] : (ACC)1);
+            pa += ak;
+            pau += ak != 0 ? ak * uk : (ACC)0; /* no target mass: nothing, even at u = -inf */
+            pm = tk < pm ? tk : pm;
+        }
+    }
+    *ps_out = ps;
+    *pe_out = pe;
+    *pa_out = pa;
+    *pau_out = pau;
+    *pm_out = pm;
+}
+
+/* u = c tanh(u / c) in place, `ic` = 1 / c. Per block of SEG classes, the largest |u| / c picks
+ * the loop: all below TANH_SMALL_MAX, tanh's polynomial alone (a cap above the logits, the
+ * usual case); else the whole tanh, its exp and division, for every class of the block. The
+ * two give the same value where both apply. */
+static void FN(softcap_row)(ACC *restrict u, int64_t C, ACC c, ACC ic) {
+    for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+        const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
+        ACC big = 0;
+        SIMD_MAX(big)
+        for (int64_t k = k0; k < k1; ++k) {
+            const ACC v = u[k] < 0 ? -u[k] : u[k];
+            big = v > big ? v : big;
+        }
+        if (big * ic < (ACC)TANH_SMALL_MAX) {
+            for (int64_t k = k0; k < k1; ++k) u[k] = c * TANH_SMALL(u[k] * ic);
+        } else {
+            for (int64_t k = k0; k < k1; ++k) u[k] = c * TANH(u[k] * ic);
+        }
+    }
 }
 
 /* One row r: x row `xr` (dtype x_dtype, contiguous), gradient row `gr` (g_dtype) or NULL,
  * probability-target row `tr` or NULL; `scr` is this thread's 4 scratch rows of C (u, g, e =
  * exp(u - m), the dense term D). Writes the row's loss (and -log q_y, or -log sum_k t_k q_k for
- * probability targets) and returns the loss as stored. */
+ * probability targets) and returns the loss as stored; sets *t_negative where a probability
+ * target of the row is below 0 (a NaN is not). */
 static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x_dtype, char *gr, int g_dtype,
-                         const ACC *tr, ACC *scr) {
+                         const ACC *tr, ACC *scr, int *t_negative) {
     const sm_args *a = ctx->a;
     const int64_t C = a->n_cols;
     ACC *ubuf = scr, *gbuf = scr + C, *ebuf = scr + 2 * C, *dbuf = scr + 3 * C;
@@ -378,10 +457,7 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
         u = ubuf;
     } else if (need_u) {
         FN(load)(ubuf, xr, x_dtype, 0, C);
-        if (cap) {
-            const ACC c = (ACC)a->softcap, ic = (ACC)(1.0 / a->softcap);
-            for (int64_t k = 0; k < C; ++k) ubuf[k] = c * TANH(ubuf[k] * ic);
-        }
+        if (cap) FN(softcap_row)(ubuf, C, (ACC)a->softcap, (ACC)(1.0 / a->softcap));
         u = ubuf;
     }
     ACC *g = need_g ? gbuf : (ACC *)gr;
@@ -428,65 +504,41 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
         }
         hit = am >= 0 && am == tgt;
     }
-    if (!index && may_plain) {
-        for (int64_t k0 = 0; k0 < C; k0 += SEG) {
-            int64_t n = C - k0 < SEG ? C - k0 : SEG;
-            ACC pa = 0, pau = 0;
-            /* no target mass: nothing, even at u = -inf (a select, not a branch) */
-            if (w) {
-                SIMD_SUM(pa, pau)
-                for (int64_t k = k0; k < k0 + n; ++k) {
-                    const ACC ak = (tr[k] * keep + uni) * w[k], au = ak * u[k];
-                    pa += ak;
-                    pau += ak != 0 ? au : (ACC)0;
-                }
-            } else {
-                SIMD_SUM(pa, pau)
-                for (int64_t k = k0; k < k0 + n; ++k) {
-                    const ACC ak = tr[k] * keep + uni, au = ak * u[k];
-                    pa += ak;
-                    pau += ak != 0 ? au : (ACC)0;
-                }
-            }
-            sa += (double)pa;
-            sau += (double)pau;
-        }
-    }
-
     /* pass 2: e = exp(u - m) and S = sum e, in float partial sums of SEG terms added in double.
-     * e is kept for the later passes: in the gradient row in the common case (pass 3 only
-     * rescales it), else in the scratch row `ebuf` (when a later pass still reads u, which g
-     * may alias, or e itself: Poly-1 with probability targets). */
-    const int keep_e = gr != NULL && !cap && a->conf == 0.0 && !may_dense && (index || a->poly1 == 0.0);
+     * e is kept for the later passes in the gradient row whenever it can be (pass 3 then
+     * overwrites each entry in place, and the row's first write to memory overlaps the exp
+     * here rather than stalling pass 3), else in the scratch row `ebuf`: when g is u itself
+     * (inplace_backward on ACC logits without softcap) and a later pass still reads u (the
+     * dense pass, the confidence penalty), or with Poly-1 and probability targets, whose
+     * pass 3 reads e after g is written. */
+    const int g_is_u = (const ACC *)g == u;
+    const int keep_e = gr != NULL && !(g_is_u && (may_dense || a->conf != 0.0)) && (index || a->poly1 == 0.0);
     /* sum e u, for the entropy H = lse - sum q u (the confidence penalty and the statistics) */
     const int want_seu = a->conf != 0.0 || st != NULL;
     ACC *ev = keep_e ? g : ebuf;
     const ACC u_y_acc = index ? u[y] : (ACC)0; /* read before g, which may alias u, is written */
     double S = 0.0, Seu = 0.0, Set = 0.0, St = 0.0;
+    ACC tmin = INFINITY;
+    const int mode = want_seu * 4 + (tr != NULL) * 2 + (tr != NULL && w != NULL);
     for (int64_t k0 = 0; k0 < C; k0 += SEG) {
-        int64_t n = C - k0 < SEG ? C - k0 : SEG;
-        ACC ps = 0;
-        if (want_seu) {
-            /* u[k] is read before ev[k] is written: ev may alias u (e kept in the gradient row
-             * of inplace_backward) */
-            ACC pe = 0;
-            SIMD_SUM(ps, pe)
-            for (int64_t k = k0; k < k0 + n; ++k) {
-                const ACC uk = u[k], e = EXP(uk - m);
-                ev[k] = e;
-                ps += e;
-                pe += e != 0 ? e * uk : (ACC)0; /* 0 log 0 = 0: a masked class adds 0 */
-            }
-            Seu += (double)pe;
-        } else {
-            SIMD_SUM(ps)
-            for (int64_t k = k0; k < k0 + n; ++k) {
-                const ACC e = EXP(u[k] - m);
-                ev[k] = e;
-                ps += e;
-            }
+        const int64_t k1 = C - k0 < SEG ? C : k0 + SEG, n = k1 - k0;
+        ACC ps = 0, pe = 0, pa = 0, pau = 0, pm = INFINITY;
+#define EXP_CASE(SEU, T, W) \
+    FN(exp_pass_seg)(u, tr, w, m, keep, uni, ev, k0, k1, &ps, &pe, &pa, &pau, &pm, SEU, T, W)
+        switch (mode) {
+        case 0: EXP_CASE(0, 0, 0); break;
+        case 2: EXP_CASE(0, 1, 0); break;
+        case 3: EXP_CASE(0, 1, 1); break;
+        case 4: EXP_CASE(1, 0, 0); break;
+        case 6: EXP_CASE(1, 1, 0); break;
+        default: EXP_CASE(1, 1, 1); break;
         }
+#undef EXP_CASE
         S += (double)ps;
+        Seu += (double)pe;
+        sa += (double)pa;
+        sau += (double)pau;
+        tmin = pm < tmin ? pm : tmin;
         if (!index && a->poly1 != 0.0) { /* sum e t~, for P = sum q t~ */
             ACC pe = 0;
             SIMD_SUM(pe)
@@ -500,6 +552,7 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
             St += (double)pe;
         }
     }
+    if (tmin < 0 && t_negative) *t_negative = 1;
     const double lse = (double)m + log(S);
     if (st) {
         st[0] = (ACC)lse;
@@ -518,19 +571,21 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
     /* the dense focal term: D in dbuf, the row sums of a f ell and of D */
     double lf = 0.0, lg = 0.0;
     if (dense)
-        FN(dense_focal)(u, ev, tr, w, C, keep, uni, (ACC)lse, (ACC)(1.0 / S), (ACC)gam, FN(focal_power)(gam),
+        FN(dense_focal)(u, ev, tr, w, C, keep, uni, (ACC)lse, (ACC)(1.0 / S), (ACC)gam, FN(focal_halves)(gam),
                         dbuf, &lf, &lg);
 
     /* per-row scalars (double) */
     double loss, rowc, sparse = 0.0, rowconst = 0.0, ow = 0.0, cpc = 0.0, pc = 0.0;
-    double ell_y = 0.0, u_y = 0.0;
+    double ell_y = 0.0, u_y = 0.0, omq_y = 0.0, q_y = 0.0; /* -log q_y, u_y, 1 - q_y, q_y */
     if (index) {
         u_y = (double)u_y_acc;
         ell_y = lse - u_y; /* -log q_y, exact even where q_y underflows */
         /* the uniform part's sums: in closed form for cross-entropy, sum_k w_k ell_k =
          * lse sum(w) - sum w u and sum_k w_k g_k = -sum(w); from the dense pass for focal */
         const double uf = dense ? lf : lse * a->w_sum - su, ug = dense ? lg : -a->w_sum;
-        FN(coef_d)(s, 1.0, lse, ell_y, -expm1(-ell_y), exp(-ell_y), uf, ug, gam, 1.0 - eps,
+        omq_y = -expm1(-ell_y);
+        q_y = exp(-ell_y);
+        FN(coef_d)(s, 1.0, lse, ell_y, omq_y, q_y, uf, ug, gam, 1.0 - eps,
                    eps / (double)C, a->w_sum, a->z_loss, a->poly1, w != NULL, dense,
                    &loss, &rowc, &sparse, &rowconst, &ow);
     } else {
@@ -570,7 +625,7 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
     /* the dense term's scale: eps / C for the uniform part of class indices */
     const ACC Dc = (ACC)(sc * (index ? eps / (double)C : 1.0));
     /* half-precision gradient of the common case: scaled and rounded in one loop */
-    const int fused_store = keep_e && need_g && !tr && !(w && Ow != 0);
+    const int fused_store = keep_e && need_g && !tr && !(w && Ow != 0) && !cap && Cp == 0 && !dense;
     /* probability targets without a focal term: G = q rowc + rowconst - a, a = t~ w, one loop */
     const int prob_fused = tr && !dense && Cp == 0 && Pc == 0;
     if (prob_fused && w) {
@@ -579,8 +634,6 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
         for (int64_t k = 0; k < C; ++k) g[k] = ev[k] * A + B - Ad * (tr[k] * keep + uni);
     } else if (fused_store) {
         FN(store_affine)(gr, g_dtype, g, A, B, C);
-    } else if (keep_e) {
-        for (int64_t k = 0; k < C; ++k) g[k] = g[k] * A + B;
     } else if (Cp == 0 && dense) {
         for (int64_t k = 0; k < C; ++k) g[k] = ev[k] * A + dbuf[k] * Dc + B;
     } else if (Cp == 0) {
@@ -614,10 +667,9 @@ static double FN(sm_row)(const FN(sm_ctx) *ctx, int64_t r, const void *xr, int x
         }
     }
     if (index) {
-        /* the target entry: rowc q_y - sparse = rowc expm1(-ell_y) + (rowc - sparse), in
-         * double, so 1 - q_y stays exact where q_y -> 1 */
-        const double qy = exp(-ell_y);
-        double v = rowc * expm1(-ell_y) + (rowc - sparse) + rowconst + cpc * qy * u_y;
+        /* the target entry: rowc q_y - sparse = -rowc (1 - q_y) + (rowc - sparse), in double
+         * with 1 - q_y = -expm1(-ell_y), so it stays exact where q_y -> 1 */
+        double v = -rowc * omq_y + (rowc - sparse) + rowconst + cpc * q_y * u_y;
         if (w) v += ow * (double)w[y];
         v *= sc;
         if (cap) {
@@ -638,13 +690,15 @@ static void FN(sm_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     ACC *scr = ctx->scratch + (int64_t)tid * ctx->per_thread;
     const size_t xsz = dtype_size(a->x_dtype), gsz = dtype_size(a->g_dtype);
     double total = 0.0;
+    int t_negative = 0;
     for (int64_t r = r0; r < r1; ++r) {
         const char *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * xsz;
         char *gr = a->grad ? (char *)a->grad + (size_t)(r * a->g_row_stride) * gsz : NULL;
         const ACC *tr = a->t ? (const ACC *)a->t + r * a->t_row_stride : NULL;
-        total += FN(sm_row)(ctx, r, xr, a->x_dtype, gr, a->g_dtype, tr, scr);
+        total += FN(sm_row)(ctx, r, xr, a->x_dtype, gr, a->g_dtype, tr, scr, &t_negative);
     }
     ctx->partial[tid] = total;
+    ctx->t_negative[tid] = t_negative;
 }
 
 /* (N, C, S) logits (class dim in the middle, S = the product of the trailing dims; index
@@ -674,7 +728,7 @@ static void FN(sm_work_spatial)(void *vctx, int64_t t0, int64_t t1, int tid) {
         }
         for (int64_t j = 0; j < nb; ++j)
             total += FN(sm_row)(ctx, n * S + s0 + j, xt + j * C, ACC_DT, a->grad ? (char *)(gt + j * C) : NULL,
-                                ACC_DT, NULL, scr);
+                                ACC_DT, NULL, scr, NULL);
         if (a->grad) {
             for (int64_t c = 0; c < C; ++c) {
                 ACC tmp[256];
@@ -873,7 +927,11 @@ CE_API int FN(ce_softmax)(sm_args *a) {
         parallel_for(a->n_rows, threads, FN(sm_work), &ctx);
     free(ctx.scratch);
     double total = 0.0;
-    for (int t = 0; t < MAX_THREADS; ++t) total += ctx.partial[t];
+    a->t_negative = 0;
+    for (int t = 0; t < MAX_THREADS; ++t) {
+        total += ctx.partial[t];
+        a->t_negative |= ctx.t_negative[t];
+    }
     a->total = a->mean ? (a->denom > 0.0 ? total / a->denom : 0.0) : total;
     return 0;
 }
