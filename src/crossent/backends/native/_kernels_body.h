@@ -942,7 +942,8 @@ CE_API int FN(ce_softmax)(sm_args *a) {
  * Per element, with p = sigmoid(x), the (smoothed) target t, pos_weight pw, weight w:
  *   b = pw t (-log p) + (1 - t)(-log(1 - p_m)),  p_m = max(p - clip, 0)
  *   L = w alpha_t (1 - p_t)^gamma_t b,           1 - p_t = t (1 - p) + (1 - t) p_m
- * and its gradient, as derived in crossent/backends/torch_ops/binary.py. One exp and one log per element:
+ * and its gradient, as derived in crossent/backends/torch_ops/binary.py. One exp and one log per element
+ * (a second log for the clipped negative term of soft targets):
  * e = exp(-|x|) gives p, 1 - p (never as 1 - p, which rounds to 0 for x > 17 in fp32) and
  * log(1 + e), from which -log p = max(-x, 0) + log1p(e) and -log(1 - p) = max(x, 0) + log1p(e). */
 
@@ -951,14 +952,6 @@ typedef struct {
     double scale;
     double partial[MAX_THREADS];
 } FN(bce_ctx);
-
-ALWAYS_INLINE ACC FN(log1p_small)(ACC v) {
-    /* log1p(v) for v in [-1, 1] from log: with w = fl(1 + v), log(w) - ((w - 1) - v) / w
-     * corrects the rounding of 1 + v (Goldberg's trick); for |v| below the epsilon w = 1 and
-     * the result is v itself */
-    const ACC w = (ACC)1 + v;
-    return LOG(w) - ((w - (ACC)1) - v) / w;
-}
 
 /* x^n for an integer n in 0..8 that is the same for the whole loop: selects on its bits, no
  * branch and no exp/log, so that the loop around it vectorises */
@@ -989,17 +982,28 @@ ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const
         const ACC e = EXP(-ax);
         const ACC w1 = (ACC)1 + e;
         const ACC r = (ACC)1 / w1;
-        const ACC l1 = LOG(w1) - ((w1 - (ACC)1) - e) * r; /* log1p(e), as in log1p_small */
         const ACC er = e * r;
         const ACC p = x >= 0 ? r : er;
         const ACC q = x >= 0 ? er : r; /* 1 - p */
+        /* where p > clip, 1 - p_m = (1 - p) + clip: a sum of positives, formed without the
+         * cancellation of 1 - p_m, so a plain log (no log1p) is exact to rounding; 1 / (q + c)
+         * serves the gradient too. Where p <= clip, p_m = 0 and the term is -log 1 = 0. */
+        const ACC qc = q + c;
+        /* Hard targets with a clip (FOCAL 3): a positive needs only -log p, a negative only
+         * -log(1 - p_m), so one log of the argument its side needs; the other side's value is
+         * finite (w1 >= 1, qc >= clip > 0) and dropped below by a select, not a product. */
+        const ACC lw = LOG(CLIP && FOCAL == 3 && t < (ACC)0.5 ? qc : w1);
+        /* log1p(e) from log: log(w1) - ((w1 - 1) - e) / w1 corrects the rounding of w1 = fl(1 + e)
+         * (Goldberg's trick); for e below the epsilon w1 = 1 and the result is e itself */
+        const ACC l1 = lw - ((w1 - (ACC)1) - e) * r;
         const ACC ellp = (x < 0 ? -x : (ACC)0) + l1; /* -log p = softplus(-x) */
         ACC elln = (x > 0 ? x : (ACC)0) + l1;        /* -log(1 - p) = softplus(x) */
-        ACC pm = p;
+        ACC pm = p, iqc = 0;
         if (CLIP) {
             pm = p - c;
             pm = pm > 0 ? pm : (ACC)0; /* the shifted probability of the asymmetric loss */
-            elln = -FN(log1p_small)(-pm);
+            iqc = (ACC)1 / qc;
+            elln = pm > 0 ? -(FOCAL == 3 ? lw : LOG(qc)) : (ACC)0;
         }
         const ACC pw = pwp[k];
         /* a side without target mass adds nothing, even at an infinite logit (a masked
@@ -1032,7 +1036,7 @@ ALWAYS_INLINE void FN(bce_seg)(const bce_args *a, const ACC sc, int64_t L, const
             ACC db;
             if (CLIP) {
                 /* d[-log(1 - p_m)]/dx = m s / (1 - p_m), 1 - p_m = (1 - p) + clip where p > clip */
-                const ACC dn = pm > 0 ? s / (q + c) : (ACC)0;
+                const ACC dn = pm > 0 ? s * iqc : (ACC)0;
                 db = ((ACC)1 - t) * dn - pw * t * q;
             } else {
                 db = ((ACC)1 - t) * p - pw * t * q; /* not p - t: keeps the -(1 - p) of a positive */
