@@ -141,7 +141,7 @@ def main() -> None:
         cal.reliability_diagram(probs, labels)
     except ImportError as exc:  # MissingExtraError names the extra; a bare ImportError still fails
         message = str(exc)
-        assert "\n" not in message and "matplotlib" in message, message
+        assert "\n" not in message and "pip install 'crossent[plot]'" in message, message
         print(f"  reliability_diagram: {type(exc).__name__}: {message}")
     else:
         raise AssertionError("reliability_diagram ran without matplotlib")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from crossent._extras import require
 from crossent.calibration._inputs import ArrayLike
 from crossent.calibration.metrics import (
     Binning,
@@ -142,7 +143,7 @@ def reliability_diagram(
     With ``ax`` the diagram is drawn into that axes (its lower part is split off for the
     histogram) and ``ax.figure`` is returned; otherwise a new figure is made.
     """
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
     conf, correct = top_scores(probs, labels, from_logits)
     if ax is None:
@@ -174,7 +175,7 @@ def compare_reliability_diagrams(
     Every panel is drawn as in :func:`reliability_diagram`, against the same ``labels``;
     ``aggregate`` (e.g. ``"pooled over seeds"``) is printed in every panel's title.
     """
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
     if not probs_by_name:
         raise ValueError("probs_by_name is empty: give at least one {name: probs} entry")
