@@ -110,19 +110,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_median(fn: Callable[[], object], device: str, *, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA: synchronised around each call)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 #: bytes written between timed GPU calls to evict the L2 cache (50 MB on an H100, 60 MB on an H200)
@@ -145,6 +132,18 @@ def _time_once(fn: Callable[[], object], device: str, flush: torch.Tensor | None
     end.record()
     end.synchronize()
     return float(start.elapsed_time(end))
+
+
+def time_median(fn: Callable[[], object], device: str, *, repeats: int = 7, warmup: int = 2) -> float:
+    """Median time of ``fn`` in milliseconds, each call timed as in :func:`interleaved_times`
+    (CUDA events on the GPU, the wall clock on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        times.append(_time_once(fn, device, None))
+    return statistics.median(times)
 
 
 def interleaved_times(

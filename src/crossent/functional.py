@@ -149,16 +149,19 @@ def check_class_target(
         )
 
 
-def check_prob_target(target: Tensor, logits_shape: tuple[int, ...], *, sign: bool = True) -> None:
-    """Shape and (``sign``) no negative entry; the native kernel checks the sign itself, in its
-    one read of the targets (``sign=False`` where it runs)."""
+def check_prob_target(target: Tensor, logits_shape: tuple[int, ...]) -> None:
+    """The shape of a probability target (its sign: :func:`check_prob_sign`)."""
     if tuple(target.shape) != logits_shape:
         raise ValueError(
             f"target of class probabilities must have the logits' shape {logits_shape}, got "
             f"{tuple(target.shape)} (for class indices pass an integer tensor)"
         )
-    # one reduction (amin), not a boolean tensor and a second pass (any)
-    if sign and not _compiling() and target.numel() and bool(target.amin() < 0):
+
+
+def check_prob_sign(target: Tensor) -> None:
+    """No negative probability target. One reduction (amin), not a boolean tensor and a second
+    pass (any); the native kernel makes the same check in its own read of the targets instead."""
+    if not _compiling() and target.numel() and bool(target.detach().amin() < 0):
         raise ValueError("target probabilities must be >= 0 (got a negative entry)")
 
 
@@ -498,7 +501,7 @@ def cross_entropy(
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     if target.is_floating_point():
-        check_prob_target(target, tuple(logits.shape), sign=False)  # the sign: below
+        check_prob_target(target, tuple(logits.shape))  # the sign: below
         target = target.detach()
     elif target.is_complex():
         raise TypeError("target must hold int64 class indices or float probabilities, got complex")
@@ -524,7 +527,7 @@ def cross_entropy(
     if target.is_floating_point() and (chosen != "native" or inplace_backward or _functorch_active(logits)):
         # elsewhere the native kernel checks the sign in its own read of the targets (raising
         # before any result is returned; inplace_backward would have written the logits)
-        check_prob_target(target, tuple(logits.shape))
+        check_prob_sign(target)
     # Sample weights and a count denominator reduce the kernel's per-sample or summed loss here.
     kernel_reduction = reduction
     if sw is not None:
@@ -1369,8 +1372,7 @@ def linear_cross_entropy(
                 f"leading shape plus V), got {tuple(target.shape)} (for class indices pass an "
                 f"integer tensor)"
             )
-        if not _compiling() and target.numel() and bool(target.detach().amin() < 0):
-            raise ValueError("target probabilities must be >= 0 (got a negative entry)")
+        check_prob_sign(target)
     else:
         check_class_target(target, V, ignore_index, tuple(hidden.shape[:-1]))
     if chunk_size is not None and (

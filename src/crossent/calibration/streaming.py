@@ -197,7 +197,9 @@ class CalibrationMeter:
             torch.gather(p, 1, yb, out=at_y[start:stop, None])
             torch.linalg.vector_norm(p, dim=1, out=norm[start:stop])
             if self.classwise:
-                self._add_classwise(p / denom[start:stop, None] if denom is not None else p, yb[:, 0], k)
+                if denom is not None:  # e / s in place, as probs_chunks: e is not read again
+                    p = p.div_(denom[start:stop, None])
+                self._add_classwise(p, yb[:, 0], k)
         brier = float(brier_from_parts(norm, at_y, denom).sum())
         if denom is not None and zy is not None:
             # confidence 1/s, NLL m + log s - z_y
