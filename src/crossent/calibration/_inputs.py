@@ -22,7 +22,6 @@ __all__ = [
     "compute_dtype",
     "iter_chunks",
     "looks_like_probs",
-    "top_label",
 ]
 
 #: What the public functions accept: a NumPy array, a torch tensor (any device; it is moved
@@ -187,53 +186,6 @@ def chunks(
         block = _chunk(t, start, stop)
         check_chunk(block, start, from_logits=from_logits, name=name, storage=t.dtype)
         yield start, stop, block
-
-
-def probs_chunks(
-    t: torch.Tensor, *, from_logits: bool, name: str
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Validated chunks as probabilities: logits go through :func:`softmax_parts` as ``e / s``,
-    the arithmetic of the streaming meter, so that both bin every probability alike."""
-    for start, stop, block in chunks(t, from_logits=from_logits, name=name):
-        if from_logits:
-            _, _, e, s = softmax_parts(block)
-            block = e.div_(s[:, None])
-        yield start, stop, block
-
-
-def softmax_parts(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(m, idx, e, s)`` of a chunk of logits: the row maximum and its (first) index,
-    :math:`e = \\exp(z - m)` and :math:`s = \\sum_k e_k`, so that the softmax is ``e / s``,
-    the top-label confidence ``1 / s`` and the log-sum-exp ``m + log s``. One exponential
-    per entry; :func:`top_label` and the streaming meter share it, so both put every sample
-    in the same bin."""
-    m, idx = block.max(dim=1)
-    e = block - m[:, None]
-    e.exp_()
-    return m, idx, e, e.sum(1)
-
-
-def top_label(
-    x: object, *, from_logits: bool = False, name: str = "probs"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-label confidence (float64) and predicted class (int64) for every row.
-
-    Ties go to the lowest class index. From logits the confidence is
-    :math:`1 / \\sum_k \\exp(z_k - \\max_j z_j)` (:func:`softmax_parts`).
-    """
-    t = as_matrix(x, name)
-    n = t.shape[0]
-    conf = np.empty(n, dtype=np.float64)
-    pred = np.empty(n, dtype=np.int64)
-    for start, stop, block in chunks(t, from_logits=from_logits, name=name):
-        if from_logits:
-            _, idx, _, s = softmax_parts(block)
-            top = torch.reciprocal(s)
-        else:
-            top, idx = block.max(dim=1)
-        conf[start:stop] = top.to(torch.float64).numpy()
-        pred[start:stop] = idx.numpy()
-    return conf, pred
 
 
 def looks_like_probs(x: object, name: str = "predictions") -> bool:

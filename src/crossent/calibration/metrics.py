@@ -43,14 +43,11 @@ from crossent.calibration._inputs import (
     _to_tensor,
     as_labels,
     as_matrix,
-    chunks,
     log_eps,
     looks_like_probs,
-    probs_chunks,
     select,
-    softmax_parts,
-    top_label,
 )
+from crossent.calibration._rows import row_statistics, width_bin_index, width_edges
 
 __all__ = [
     "ReliabilityTable",
@@ -78,16 +75,6 @@ def _check_n_bins(n_bins: int) -> int:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def width_edges(n_bins: int) -> np.ndarray:
-    """The M + 1 edges ``m / M`` of the width bins, correctly rounded."""
-    return np.arange(n_bins + 1, dtype=np.float64) / n_bins
-
-
-def width_bin_index(values: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin of each value for the width bins ((m-1)/M, m/M], 0 going to the first bin."""
-    return np.searchsorted(width_edges(n_bins)[1:-1], values, side="left")
 
 
 @dataclass(frozen=True)
@@ -226,8 +213,9 @@ def top_scores(
     kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":
         return t.numpy(), y.astype(np.float64)
-    conf, pred = top_label(t, from_logits=from_logits, name="logits" if from_logits else "probs")
-    return conf, (pred == y).astype(np.float64)
+    r = row_statistics(t, torch.from_numpy(y), from_logits=from_logits,
+                       name="logits" if from_logits else "probs", scores=False)
+    return r.conf, (r.pred == y).astype(np.float64)
 
 
 def reliability_table(
@@ -322,52 +310,11 @@ def classwise_ece(
             f"num_classes={num_classes} does not match {name}.shape[1]={k};"
             " give one column per class"
         )
-    y = torch.from_numpy(y_np)
-    sum_p = torch.zeros(k * n_bins, dtype=torch.float64)
-    sum_y = torch.zeros(k * n_bins, dtype=torch.float64)
-    for start, stop, block in probs_chunks(t, from_logits=from_logits, name=name):
-        classwise_sums(block, y[start:stop], n_bins, sum_p, sum_y)
+    r = row_statistics(t, torch.from_numpy(y_np), from_logits=from_logits, name=name, n_bins=n_bins,
+                       scores=False)
+    assert r.cw_p is not None and r.cw_y is not None
     # (|B|/N) |mean p - mean y| = |sum p - sum y| / N for every (class, bin).
-    return float((sum_p - sum_y).abs().sum() / (n * k))
-
-
-def classwise_sums(
-    p: torch.Tensor, y: torch.Tensor, n_bins: int, sum_p: torch.Tensor, sum_y: torch.Tensor
-) -> None:
-    """Add to ``sum_p`` and ``sum_y`` (K M, float64, bin ``b`` of class ``k`` at ``k M + b``)
-    the probabilities and the one-hot labels of the rows ``p`` (n, K) that fall in each
-    class's width bin.
-
-    Only the entries above the first edge 1/M need a bin lookup: a row of probabilities has
-    fewer than M of them. Each class's first bin gets its column total (float64) less those
-    entries, so the cost is one comparison and one float64 column sum per entry instead of a
-    search and a scatter per entry. The comparison runs in ``p``'s own dtype against the largest
-    value of that dtype not above 1/M, which selects exactly the entries whose float64 value
-    exceeds 1/M.
-    """
-    k = p.shape[1]
-    edges = width_edges(n_bins)
-    pn = np.ascontiguousarray(p.detach().cpu().numpy())
-    first = edges[1]
-    if pn.dtype != np.float64:
-        below = np.asarray(first, dtype=pn.dtype)
-        if float(below) > first:  # rounded up: step down to the largest value <= 1/M
-            below = np.nextafter(below, np.asarray(-np.inf, dtype=pn.dtype))
-        first = below
-    flat = np.flatnonzero(pn > first)
-    cols = flat % k
-    big = pn.reshape(-1)[flat].astype(np.float64)
-    inner = edges[1:-1]
-    out_p = sum_p.numpy()  # a view: the float64 CPU tensors are updated in place
-    out_p += np.bincount(cols * n_bins + np.searchsorted(inner, big, side="left"), weights=big,
-                         minlength=k * n_bins)
-    out_p[::n_bins] += np.add.reduce(pn, axis=0, dtype=np.float64) - np.bincount(
-        cols, weights=big, minlength=k
-    )
-    yn = y.cpu().numpy()
-    py = pn[np.arange(pn.shape[0]), yn].astype(np.float64)
-    sum_y.numpy()[:] += np.bincount(yn * n_bins + np.searchsorted(inner, py, side="left"),
-                                    minlength=k * n_bins)
+    return float((r.cw_p - r.cw_y).abs().sum() / (n * k))
 
 
 def debiased_l2_ece(
@@ -517,36 +464,10 @@ def brier(
     kind, t, y_np = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":
         return float((t - torch.from_numpy(y_np).to(torch.float64)).square().mean())
-    name = "logits" if from_logits else "probs"
-    y = torch.from_numpy(y_np)
-    total = 0.0
-    for start, stop, block in chunks(t, from_logits=from_logits, name=name):
-        total += float(brier_rows(block, y[start:stop], from_logits=from_logits).sum())
-    return total / t.shape[0]
-
-
-def brier_rows(block: torch.Tensor, y: torch.Tensor, *, from_logits: bool) -> torch.Tensor:
-    """Per-row Brier score (float64) of a chunk (:func:`brier_from_parts`)."""
-    if from_logits:
-        _, _, e, s = softmax_parts(block)
-        return brier_from_parts(torch.linalg.vector_norm(e, dim=1), e.gather(1, y[:, None])[:, 0], s)
-    return brier_from_parts(torch.linalg.vector_norm(block, dim=1), block.gather(1, y[:, None])[:, 0])
-
-
-def brier_from_parts(
-    norm: torch.Tensor, at_y: torch.Tensor, denom: torch.Tensor | None = None
-) -> torch.Tensor:
-    r"""Per-row Brier score :math:`\|p\|^2 - 2 p_y + 1` (float64) from the row's norm and
-    label entry, reduced in the input's dtype: of the probabilities, or with ``denom`` of
-    :math:`e = \exp(z - \max z)` (:func:`softmax_parts`), :math:`p = e / s`, so that
-    :math:`\|p\|^2 = \|e\|^2 / s^2` and no probability is formed. :func:`brier` and the
-    streaming meter both go through it, so they agree to float64 round-off."""
-    sq = norm.to(torch.float64).square()
-    py = at_y.to(torch.float64)
-    if denom is not None:
-        s64 = denom.to(torch.float64)
-        sq, py = sq / s64.square(), py / s64
-    return sq - 2.0 * py + 1.0
+    r = row_statistics(t, torch.from_numpy(y_np), from_logits=from_logits,
+                       name="logits" if from_logits else "probs")
+    assert r.brier is not None
+    return float(r.brier.sum()) / t.shape[0]
 
 
 def nll(
@@ -592,15 +513,9 @@ def nll(
     y = torch.from_numpy(as_labels(lab, t.shape[0], t.shape[1]))
     if from_logits is None:
         from_logits = not looks_like_probs(t, "probs_or_logits")
-    total = 0.0
-    for start, stop, block in chunks(t, from_logits=from_logits, name="probs_or_logits"):
-        z = block.to(torch.float64)
-        zy = z.gather(1, y[start:stop, None]).reshape(-1)
-        if from_logits:
-            total += float((torch.logsumexp(z, dim=1) - zy).sum())
-        else:
-            total -= float(torch.log(zy.clamp_min(log_eps(torch.float64))).sum())
-    return total / t.shape[0]
+    r = row_statistics(t, y, from_logits=from_logits, name="probs_or_logits")
+    assert r.nll is not None
+    return float(r.nll.sum()) / t.shape[0]
 
 
 def accuracy(
@@ -611,8 +526,9 @@ def accuracy(
     kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":
         return float(((t > 0.5).numpy() == (y == 1)).mean())
-    _, pred = top_label(t, from_logits=from_logits, name="logits" if from_logits else "probs")
-    return float((pred == y).mean())
+    r = row_statistics(t, torch.from_numpy(y), from_logits=from_logits,
+                       name="logits" if from_logits else "probs", scores=False)
+    return float((r.pred == y).mean())
 
 
 def multilabel_ece(

@@ -33,23 +33,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from crossent.calibration._inputs import (
-    ArrayLike,
-    chunks,
-    compute_dtype,
-    looks_like_probs,
-    select,
-    softmax_parts,
-)
-from crossent.calibration.metrics import (
-    _check_choice,
-    _check_n_bins,
-    brier_from_parts,
-    classwise_sums,
-    table_from_scores,
-    table_from_sums,
-    width_bin_index,
-)
+from crossent.calibration._inputs import ArrayLike, looks_like_probs, select
+from crossent.calibration._rows import row_statistics, width_bin_index
+from crossent.calibration.metrics import _check_choice, _check_n_bins, table_from_scores, table_from_sums
 
 __all__ = ["CalibrationMeter"]
 
@@ -152,8 +138,11 @@ class CalibrationMeter:
             py = torch.where(yt == 1, p, 1.0 - p).clamp_min(np.finfo(np.float64).tiny)
             self._scalars += [conf.shape[0], float(((p > 0.5).to(torch.float64) == yt).sum()),
                               float(-torch.log(py).sum()), float((p - yt).square().sum())]
-            if self.classwise:
-                self._add_classwise(torch.stack([1.0 - p, p], 1), torch.from_numpy(y), 2)
+            if self.classwise:  # the two columns, as classwise_ece
+                r = row_statistics(torch.stack([1.0 - p, p], 1), torch.from_numpy(y), from_logits=False,
+                                   name="probs", n_bins=self.n_bins, scores=False)
+                assert r.cw_p is not None and r.cw_y is not None
+                self._add_classwise_sums(r.cw_p, r.cw_y, 2)
             return
         n, k = t.shape
         if self._k is None:
@@ -165,55 +154,19 @@ class CalibrationMeter:
         self._update_multiclass(t, torch.from_numpy(y))
 
     def _update_multiclass(self, t: torch.Tensor, y: torch.Tensor) -> None:
-        """One chunked pass: top-label confidence, NLL and Brier from the same exponentials.
-
-        Each chunk only fills per-row vectors (the reductions over its classes); the per-sample
-        terms are formed once per update from those vectors, so the Python work per chunk stays
-        a few calls."""
+        """One read of the batch (:func:`~crossent.calibration._rows.row_statistics`, the pass of
+        the one-shot functions): per-row confidence, prediction, NLL and Brier score, and the
+        classwise bin sums, added to the statistics only once the whole batch is validated."""
         n, k = t.shape
         assert self.from_logits is not None
-        name = "logits" if self.from_logits else "probs"
-        dtype = compute_dtype(t)
-        # per row: top-label confidence (logits: the row max m), first argmax, the label's
-        # entry, |row|_2 and (logits) the softmax denominator s
-        top = torch.empty(n, dtype=dtype)
-        idx = torch.empty(n, dtype=torch.int64)
-        at_y = torch.empty(n, dtype=dtype)
-        norm = torch.empty(n, dtype=dtype)
-        denom = torch.empty(n, dtype=dtype) if self.from_logits else None
-        zy = torch.empty(n, dtype=dtype) if self.from_logits else None
-        for start, stop, block in chunks(t, from_logits=self.from_logits, name=name):
-            yb = y[start:stop, None]
-            if self.from_logits:
-                assert denom is not None and zy is not None
-                # one exponential per entry (softmax_parts, as crossent.calibration.ece)
-                m, i, e, s_ = softmax_parts(block)
-                top[start:stop], idx[start:stop], denom[start:stop] = m, i, s_
-                torch.gather(block, 1, yb, out=zy[start:stop, None])
-                p = e
-            else:
-                torch.max(block, 1, out=(top[start:stop], idx[start:stop]))
-                p = block
-            torch.gather(p, 1, yb, out=at_y[start:stop, None])
-            torch.linalg.vector_norm(p, dim=1, out=norm[start:stop])
-            if self.classwise:
-                if denom is not None:  # e / s in place, as probs_chunks: e is not read again
-                    p = p.div_(denom[start:stop, None])
-                self._add_classwise(p, yb[:, 0], k)
-        brier = float(brier_from_parts(norm, at_y, denom).sum())
-        if denom is not None and zy is not None:
-            # confidence 1/s, NLL m + log s - z_y
-            s64 = denom.to(torch.float64)
-            nll = float((top.to(torch.float64) + torch.log(s64) - zy.to(torch.float64)).sum())
-            conf_t = torch.reciprocal(denom)
-        else:
-            py = at_y.to(torch.float64)
-            nll = -float(torch.log(py.clamp_min(float(torch.finfo(torch.float64).tiny))).sum())
-            conf_t = top
-        conf = conf_t.to(torch.float64).numpy()
-        correct = (idx == y).to(torch.float64).numpy()
-        self._add_scores(conf, correct)
-        self._scalars += [n, correct.sum(), nll, brier]
+        r = row_statistics(t, y, from_logits=self.from_logits, name="logits" if self.from_logits else "probs",
+                           n_bins=self.n_bins if self.classwise else 0)
+        assert r.nll is not None and r.brier is not None
+        correct = (r.pred == y.numpy()).astype(np.float64)
+        self._add_scores(r.conf, correct)
+        self._scalars += [n, correct.sum(), float(r.nll.sum()), float(r.brier.sum())]
+        if r.cw_p is not None and r.cw_y is not None:
+            self._add_classwise_sums(r.cw_p, r.cw_y, k)
 
     def _add_scores(self, conf: np.ndarray, correct: np.ndarray) -> None:
         if self.binning == "mass":
@@ -225,11 +178,13 @@ class CalibrationMeter:
         self._bins[2] += np.bincount(idx, weights=correct, minlength=self.n_bins)
         self._synced = None
 
-    def _add_classwise(self, p: torch.Tensor, y: torch.Tensor, k: int) -> None:
+    def _add_classwise_sums(self, cw_p: torch.Tensor, cw_y: torch.Tensor, k: int) -> None:
         if self._cw_p is None or self._cw_y is None:
             self._cw_p = torch.zeros(k * self.n_bins, dtype=torch.float64)
             self._cw_y = torch.zeros(k * self.n_bins, dtype=torch.float64)
-        classwise_sums(p, y, self.n_bins, self._cw_p, self._cw_y)
+        self._cw_p += cw_p
+        self._cw_y += cw_y
+        self._synced = None
 
     # ------------------------------------------------------------------ ranks
     def _flat(self) -> torch.Tensor:

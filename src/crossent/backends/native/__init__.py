@@ -60,6 +60,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -78,12 +79,15 @@ from crossent._options import (
 from crossent.backends.torch_ops._memory import empty_hugepage
 
 __all__ = [
+    "CalibrationRows",
     "available",
     "binary_cross_entropy",
+    "calibration_rows",
     "describe",
     "disabled",
     "softmax_cross_entropy",
     "supports_binary",
+    "supports_calibration",
     "supports_softmax",
     "true_class_prob",
 ]
@@ -139,6 +143,19 @@ class _BinaryArgs(ctypes.Structure):
         ("alpha", ctypes.c_double), ("clip", ctypes.c_double), ("scale", ctypes.c_double),
         ("n_threads", ctypes.c_int32), ("mean", ctypes.c_int32),
         ("total", ctypes.c_double), ("denom", ctypes.c_double),
+    ]
+
+
+class _CalibrationArgs(ctypes.Structure):
+    """``cal_args`` of _kernels.c, field for field."""
+
+    _fields_ = [
+        ("n_rows", ctypes.c_int64), ("n_cols", ctypes.c_int64), ("x_row_stride", ctypes.c_int64),
+        ("x", ctypes.c_void_p), ("x_dtype", ctypes.c_int32), ("from_logits", ctypes.c_int32),
+        ("y", ctypes.c_void_p), ("n_threads", ctypes.c_int32), ("n_bins", ctypes.c_int32),
+        ("conf", ctypes.c_void_p), ("pred", ctypes.c_void_p), ("nll", ctypes.c_void_p),
+        ("brier", ctypes.c_void_p), ("rowsum", ctypes.c_void_p), ("rowmin", ctypes.c_void_p),
+        ("cw_p", ctypes.c_void_p), ("cw_y", ctypes.c_void_p),
     ]
 
 
@@ -280,8 +297,8 @@ def _compiler() -> str | None:
     return None
 
 
-_KERNELS = ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64", "ce_has_f16", "ce_openmp",
-            "ce_exp_log_f32")
+_KERNELS = ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64", "ce_calibration_f32",
+            "ce_calibration_f64", "ce_has_f16", "ce_openmp", "ce_exp_log_f32")
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -725,3 +742,58 @@ def binary_cross_entropy(call: BinaryCall) -> tuple[Tensor, Tensor | None]:
     if out is not None:
         return out, grad
     return torch.tensor(args.total, dtype=acc), grad
+
+
+# --------------------------------------------------------------------------------------------
+# calibration statistics
+
+
+class CalibrationRows(NamedTuple):
+    """Per-row outputs of :func:`calibration_rows` (float64 unless noted)."""
+
+    conf: Tensor  #: top-label confidence
+    pred: Tensor  #: first argmax (int64)
+    nll: Tensor | None  #: -log p_y
+    brier: Tensor | None  #: sum_k (p_k - [y = k])^2
+    rowsum: Tensor  #: sum of the row's entries: finite iff every entry is
+    rowmin: Tensor | None  #: smallest entry (probabilities)
+    cw_p: Tensor | None  #: (C M) classwise sums of p per (class, bin)
+    cw_y: Tensor | None  #: (C M) classwise label counts per (class, bin)
+
+
+def supports_calibration(x: Tensor) -> bool:
+    """Whether :func:`calibration_rows` takes ``x`` (a CPU (N, C) tensor with contiguous rows)."""
+    return (
+        x.device.type == "cpu" and x.ndim == 2 and available() and _dtype_ok(x.dtype)
+        and (x.shape[1] == 1 or x.stride(1) == 1)
+    )
+
+
+def calibration_rows(
+    x: Tensor, y: Tensor, *, from_logits: bool, n_bins: int = 0, scores: bool = True
+) -> CalibrationRows:
+    """The calibration statistics of every row of ``x`` (N, C) with labels ``y`` (N,) (int64,
+    in range) in one read of the rows: see ``ce_calibration`` in ``_kernels_body.h``. With
+    ``n_bins`` > 0 also the classwise width-bin sums; ``scores=False`` skips the NLL and Brier
+    outputs. Nothing is validated here: the caller checks ``rowsum`` (and ``rowmin``, ``conf``
+    for probabilities)."""
+    n, c = x.shape
+    y = y.to(torch.int64).contiguous()
+    f64 = torch.float64
+    out = CalibrationRows(
+        conf=torch.empty(n, dtype=f64), pred=torch.empty(n, dtype=torch.int64),
+        nll=torch.empty(n, dtype=f64) if scores else None,
+        brier=torch.empty(n, dtype=f64) if scores else None,
+        rowsum=torch.empty(n, dtype=f64), rowmin=None if from_logits else torch.empty(n, dtype=f64),
+        cw_p=torch.zeros(c * n_bins, dtype=f64) if n_bins else None,
+        cw_y=torch.zeros(c * n_bins, dtype=f64) if n_bins else None,
+    )
+    args = _CalibrationArgs(
+        n_rows=n, n_cols=c, x_row_stride=x.stride(0) if n > 1 else c, x=x.data_ptr(),
+        x_dtype=_DT[x.dtype], from_logits=int(from_logits), y=y.data_ptr(), n_threads=_threads(),
+        n_bins=n_bins, conf=out.conf.data_ptr(), pred=out.pred.data_ptr(), nll=_ptr(out.nll),
+        brier=_ptr(out.brier), rowsum=out.rowsum.data_ptr(), rowmin=_ptr(out.rowmin),
+        cw_p=_ptr(out.cw_p), cw_y=_ptr(out.cw_y),
+    )
+    _check(getattr(_library(), f"ce_calibration_{_suffix(_acc(x.dtype))}")(ctypes.byref(args)))
+    return out

@@ -325,6 +325,77 @@ typedef struct {
     double denom;                       /* out: the mean's denominator */
 } bce_args;
 
+/* Calibration statistics of (N, C) logits or probabilities (crossent.calibration), per row:
+ * the top-label confidence, the first argmax, the NLL and Brier score of the label, the row sum
+ * (and for probabilities the row minimum) for the caller's validation, and optionally the
+ * classwise width-bin sums of every entry. */
+typedef struct {
+    int64_t n_rows, n_cols, x_row_stride;
+    const void *x;                      /* (N, C), rows contiguous */
+    int32_t x_dtype;
+    int32_t from_logits;
+    const int64_t *y;                   /* (N,) labels in [0, C) */
+    int32_t n_threads;
+    int32_t n_bins;                     /* M > 0: the classwise sums into cw_p, cw_y */
+    double *conf;                       /* (N,) out: top-label confidence, 1 / s or max p */
+    int64_t *pred;                      /* (N,) out: first argmax */
+    double *nll;                        /* (N,) out or NULL: -log p_y */
+    double *brier;                      /* (N,) out or NULL: sum_k (p_k - [y = k])^2 */
+    double *rowsum;                     /* (N,) out: sum_k x_k (finite iff the row is) */
+    double *rowmin;                     /* (N,) out (probabilities) or NULL: min_k x_k */
+    double *cw_p, *cw_y;                /* (C M) out, zeroed by the caller: bin b of class k at k M + b */
+} cal_args;
+
+/* The width bin of p for M bins ((b - 1)/M, b/M], 0 going to the first: the number of inner
+ * edges below p, as np.searchsorted(edges[1:-1], p, side="left"), with `edges` the M + 1 values
+ * b/M (correctly rounded, as NumPy's arange(M + 1) / M). p M rounded down is a guess at most one
+ * off, corrected against the edges themselves. NaN gives 0. */
+static inline int width_bin(double p, const double *edges, int M) {
+    const double f = p * M;
+    int b = f >= 1.0 ? (f < (double)M ? (int)f : M - 1) : 0;
+    while (b > 0 && !(edges[b] < p)) --b;
+    while (b < M - 1 && edges[b + 1] < p) ++b;
+    return b;
+}
+
+/* The classwise pass of one row for float rows u (see ce_calibration in _kernels_body.h): every
+ * entry adds p_k = u_k inv (in double) to the column total first[k]; each entry above thr (an
+ * AVX-512 mask, rarely nonzero) moves its p_k from there to its own bin in cwp. 16 entries take
+ * one compare, two conversions and two FMAs, and the few entries above thr are taken from the
+ * mask's set bits; without AVX-512 the portable loop of the body runs instead. */
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define HAVE_CW_AVX512 1
+static inline void cw_big_f32(const float *u, int64_t j, double inv, double *restrict first, double *restrict cwp,
+                              const double *edges, int M) {
+    const double p = (double)u[j] * inv;
+    cwp[j * M + width_bin(p, edges, M)] += p;
+    first[j] -= p;
+}
+
+static void cw_row_avx512(const float *u, int64_t C, float thr, double inv, double *restrict first,
+                          double *restrict cwp, const double *edges, int M) {
+    const __m512 tv = _mm512_set1_ps(thr);
+    const __m512d iv = _mm512_set1_pd(inv);
+    int64_t k = 0;
+    for (; k + 16 <= C; k += 16) {
+        unsigned big = _mm512_cmp_ps_mask(_mm512_loadu_ps(u + k), tv, _CMP_GT_OQ);
+        /* the halves converted from memory: a load, not a shuffle on the conversion's port */
+        _mm512_storeu_pd(first + k, _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k)), iv,
+                                                     _mm512_loadu_pd(first + k)));
+        _mm512_storeu_pd(first + k + 8, _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k + 8)), iv,
+                                                         _mm512_loadu_pd(first + k + 8)));
+        for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), inv, first, cwp, edges, M);
+    }
+    for (; k < C; ++k) {
+        first[k] += (double)u[k] * inv;
+        if (u[k] > thr) cw_big_f32(u, k, inv, first, cwp, edges, M);
+    }
+}
+#else
+#define HAVE_CW_AVX512 0
+#endif
+
 /* keep[k] = 1 where target i0 + k is not the ignore value, 0 where it is. The comparison is
  * torch's `target != ignore_index` with a Python number: in the target's own dtype, the value
  * rounded to it first (0.3 is 0.3f for fp32 targets, bf16(0.3) for bf16 ones, 0.3 for fp64);

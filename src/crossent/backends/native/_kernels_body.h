@@ -1168,6 +1168,222 @@ CE_API int FN(ce_binary)(bce_args *a) {
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Calibration statistics (crossent.calibration._rows.row_statistics), one row at a time:
+ *
+ *   pass 1 (the row from memory; float and double rows in place, others converted into the
+ *           scratch row): the max m, the row sum (finite iff every entry is) and for
+ *           probabilities the min and sum p^2 (row_moments); then the first argmax, while the
+ *           row is in L1. The next row is prefetched meanwhile.
+ *   pass 2 (logits, from L1): e = exp(u - m) into the scratch row, s = sum e, q = sum e^2
+ *           (float partial sums of SEG terms added in double). The confidence is 1 / s (e = 1 at
+ *           the max), the NLL m + log s - u_y and the Brier score q / s^2 - 2 e_y / s + 1: no
+ *           probability is formed. Probabilities: the confidence is m, the NLL -log p_y (p_y
+ *           clipped at the smallest normal double) and the Brier score q - 2 p_y + 1.
+ *   pass 3 (classwise, from L1): p_k = e_k (1 / s) in double (p_k itself for probabilities),
+ *           every one added to its class's column total first[k]. Only entries above the first
+ *           edge 1/M need a bin, and a row has fewer than M of them: a test in ACC against a
+ *           threshold a little below 1/M (it misses none) finds them, and each moves its exact
+ *           double p_k from the column total to its own bin. The label's count goes to the bin
+ *           of its own p_y, the same double, so it lands where its entry did. At the end each
+ *           class's first bin gets its column total.
+ *
+ * Each thread sums into its own scratch (cw_p, cw_y, the column totals), added to the outputs in
+ * thread order afterwards. */
+typedef struct {
+    const cal_args *a;
+    double *scratch;
+    int64_t per_thread;
+    int failed[MAX_THREADS];
+} FN(cal_ctx);
+
+/* max, min, sum and (with SQ) sum of squares of a row, each as two independent vector chains
+ * (the two halves of a block interleaved): a single chain would wait on the latency of every
+ * add. Float partial sums of SEG terms are added in double. */
+ALWAYS_INLINE void FN(row_moments)(const ACC *restrict u, int64_t C, ACC *m_out, ACC *lo_out, double *sum_out,
+                                   double *sq_out, const int SQ) {
+    ACC m0 = -INFINITY, m1 = -INFINITY, l0 = INFINITY, l1 = INFINITY;
+    double sum = 0.0, sq = 0.0;
+    for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+        const int64_t n = C - k0 < SEG ? C - k0 : SEG, h = n / 2;
+        const ACC *restrict v = u + k0, *restrict w = u + k0 + h;
+        ACC s0 = 0, s1 = 0, q0 = 0, q1 = 0;
+        CE_PRAGMA(omp simd reduction(max : m0, m1) reduction(min : l0, l1) reduction(+ : s0, s1, q0, q1))
+        for (int64_t k = 0; k < h; ++k) {
+            const ACC a = v[k], b = w[k];
+            m0 = a > m0 ? a : m0;
+            m1 = b > m1 ? b : m1;
+            l0 = a < l0 ? a : l0;
+            l1 = b < l1 ? b : l1;
+            s0 += a;
+            s1 += b;
+            if (SQ) {
+                q0 += a * a;
+                q1 += b * b;
+            }
+        }
+        if (n & 1) { /* the odd one out, the block's last */
+            const ACC b = u[k0 + n - 1];
+            m1 = b > m1 ? b : m1;
+            l1 = b < l1 ? b : l1;
+            s1 += b;
+            q1 += b * b;
+        }
+        sum += (double)s0 + (double)s1;
+        sq += (double)q0 + (double)q1;
+    }
+    *m_out = m0 > m1 ? m0 : m1;
+    *lo_out = l0 < l1 ? l0 : l1;
+    *sum_out = sum;
+    *sq_out = sq;
+}
+
+static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
+    FN(cal_ctx) *ctx = (FN(cal_ctx) *)vctx;
+    const cal_args *a = ctx->a;
+    const int64_t C = a->n_cols;
+    const int M = a->n_bins;
+    ACC *buf = (ACC *)malloc((size_t)C * sizeof(ACC));
+    if (!buf) {
+        ctx->failed[tid] = 1;
+        return;
+    }
+    double *cwp = NULL, *cwy = NULL, *first = NULL, *edges = NULL;
+    if (M > 0) {
+        cwp = ctx->scratch + (size_t)tid * (size_t)ctx->per_thread;
+        cwy = cwp + C * M;
+        first = cwy + C * M;
+        edges = first + C;
+        for (int b = 0; b <= M; ++b) edges[b] = (double)b / M;
+    }
+    const size_t es = dtype_size(a->x_dtype);
+    const int logits = a->from_logits, direct = a->x_dtype == ACC_DT;
+    /* a little below 1/M (in p; times s for e): never above any entry that exceeds 1/M */
+    const double below = M > 0 ? (1.0 / M) * (1.0 - 1e-5) : 0.0;
+    for (int64_t r = r0; r < r1; ++r) {
+        const void *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * es;
+        if (r + 1 < r1) { /* the next row, from memory while this one is computed: the hardware
+                           * prefetcher stops at page boundaries, about every row */
+            const char *next = (const char *)a->x + (size_t)((r + 1) * a->x_row_stride) * es;
+            for (size_t off = 0; off < (size_t)C * es; off += 64) __builtin_prefetch(next + off, 0, 3);
+        }
+        const ACC *u = (const ACC *)xr;
+        if (!direct) {
+            FN(load)(buf, xr, a->x_dtype, 0, C);
+            u = buf;
+        }
+        ACC m, lo;
+        double sum, q;
+        if (logits)
+            FN(row_moments)(u, C, &m, &lo, &sum, &q, 0);
+        else
+            FN(row_moments)(u, C, &m, &lo, &sum, &q, 1);
+        const int64_t am = FN(first_equal)(u, C, m);
+        const int64_t y = a->y[r];
+        const ACC uy = u[y];
+        double inv = 1.0, conf, nll, brier;
+        const ACC *p = u;
+        if (logits) {
+            double S = 0.0;
+            q = 0.0;
+            for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+                const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
+                ACC ps = 0, pq = 0;
+                SIMD_SUM(ps, pq)
+                for (int64_t k = k0; k < k1; ++k) { /* buf may be u itself: u[k] is read first */
+                    const ACC e = EXP(u[k] - m);
+                    buf[k] = e;
+                    ps += e;
+                    pq += e * e;
+                }
+                S += (double)ps;
+                q += (double)pq;
+            }
+            p = buf;
+            inv = 1.0 / S;
+            conf = inv;
+            nll = (double)m + log(S) - (double)uy;
+            const double py = (double)p[y] * inv;
+            brier = q * inv * inv - 2.0 * py + 1.0;
+        } else {
+            const double py = (double)uy;
+            conf = (double)m;
+            nll = -log(py > 2.2250738585072014e-308 ? py : 2.2250738585072014e-308);
+            brier = q - 2.0 * py + 1.0;
+            a->rowmin[r] = (double)lo;
+        }
+        a->conf[r] = conf;
+        a->pred[r] = am < 0 ? 0 : am;
+        a->rowsum[r] = sum;
+        if (a->nll) a->nll[r] = nll;
+        if (a->brier) a->brier[r] = brier;
+        if (M > 0) {
+            const ACC thr = (ACC)(logits ? below / inv : below);
+#if HAVE_CW_AVX512
+            if (sizeof(ACC) == 4) {
+                cw_row_avx512((const float *)p, C, (float)thr, inv, first, cwp, edges, M);
+            } else
+#endif
+            {
+                for (int64_t k0 = 0; k0 < C; k0 += 64) {
+                    const int64_t k1 = C - k0 < 64 ? C : k0 + 64;
+                    int any = 0;
+                    CE_PRAGMA(omp simd reduction(| : any))
+                    for (int64_t k = k0; k < k1; ++k) {
+                        first[k] += (double)p[k] * inv;
+                        any |= p[k] > thr;
+                    }
+                    if (!any) continue;
+                    for (int64_t k = k0; k < k1; ++k) {
+                        if (p[k] > thr) {
+                            const double pk = (double)p[k] * inv;
+                            cwp[k * M + width_bin(pk, edges, M)] += pk;
+                            first[k] -= pk;
+                        }
+                    }
+                }
+            }
+            cwy[y * M + width_bin((double)p[y] * inv, edges, M)] += 1.0;
+        }
+    }
+    free(buf);
+}
+
+CE_API int FN(ce_calibration)(cal_args *a) {
+    const int64_t N = a->n_rows, C = a->n_cols;
+    const int M = a->n_bins;
+    int threads = (int)(N * C / 32768 + 1);
+    if (threads > a->n_threads) threads = a->n_threads;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > N) threads = (int)(N > 0 ? N : 1);
+    FN(cal_ctx) ctx;
+    memset(&ctx, 0, sizeof(ctx));
+    ctx.a = a;
+    if (M > 0) {
+        ctx.per_thread = 2 * C * M + C + M + 1;
+        /* at most 256 MiB of per-thread sums (a vocabulary-sized C): fewer threads beyond */
+        while (threads > 1 && (double)threads * (double)ctx.per_thread * 8.0 > 268435456.0) --threads;
+        ctx.scratch = (double *)calloc((size_t)threads * (size_t)ctx.per_thread, sizeof(double));
+        if (!ctx.scratch) return 1;
+    }
+    if (N) parallel_for(N, threads, FN(cal_work), &ctx);
+    int status = 0;
+    for (int t = 0; t < MAX_THREADS; ++t) status |= ctx.failed[t];
+    if (M > 0) {
+        for (int t = 0; t < threads; ++t) {
+            const double *cwp = ctx.scratch + (size_t)t * (size_t)ctx.per_thread;
+            const double *cwy = cwp + C * M, *first = cwy + C * M;
+            for (int64_t i = 0; i < C * M; ++i) {
+                a->cw_p[i] += cwp[i];
+                a->cw_y[i] += cwy[i];
+            }
+            for (int64_t k = 0; k < C; ++k) a->cw_p[k * M] += first[k];
+        }
+        free(ctx.scratch);
+    }
+    return status;
+}
+
 #undef FN
 #undef TINY
 #undef LOG_MIN

@@ -1,0 +1,197 @@
+r"""Per-row statistics of (N, C) logits or probabilities: the one pass behind every multiclass metric.
+
+:func:`row_statistics` gives, for every row with its label, the top-label confidence and
+prediction, the NLL and Brier score of the label and, optionally, the classwise width-bin sums
+of all N C probabilities. :func:`~crossent.calibration.ece`, ``classwise_ece``, ``brier``,
+``nll``, ``accuracy`` and the streaming :class:`~crossent.calibration.CalibrationMeter` all
+call it, so the meter puts every sample in the bin the one-shot functions put it in.
+
+From logits :math:`z`, with :math:`m = \max_k z_k`, :math:`e_k = \exp(z_k - m)` and
+:math:`s = \sum_k e_k` (one exponential per entry):
+
+.. math::
+    \hat p = 1 / s, \qquad -\log p_y = m + \log s - z_y, \qquad
+    \sum_k (p_k - [y = k])^2 = \frac{\sum_k e_k^2}{s^2} - \frac{2 e_y}{s} + 1,
+
+and the classwise bins take :math:`p_k = e_k \cdot (1 / s)` in float64. On the CPU the native
+kernel (``ce_calibration`` in ``crossent/backends/native/_kernels_body.h``) does this in one
+read of each row; elsewhere (no compiler, ``CROSSENT_NATIVE=0``) the same formulas run as torch
+ops on chunks of rows. Within a process every caller takes the same path.
+
+The classwise sums only look up the bin of entries above the first edge 1/M, of which a row has
+fewer than M; every other entry adds to its class's first bin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from crossent.backends import native
+from crossent.calibration._inputs import RANGE_ATOL, chunks, compute_dtype, sum_atol
+
+__all__ = ["RowStatistics", "classwise_sums", "row_statistics", "width_bin_index", "width_edges"]
+
+
+def width_edges(n_bins: int) -> np.ndarray:
+    """The M + 1 edges ``m / M`` of the width bins, correctly rounded."""
+    return np.arange(n_bins + 1, dtype=np.float64) / n_bins
+
+
+def width_bin_index(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin of each value for the width bins ((m-1)/M, m/M], 0 going to the first bin."""
+    return np.searchsorted(width_edges(n_bins)[1:-1], values, side="left")
+
+
+@dataclass(frozen=True)
+class RowStatistics:
+    """What :func:`row_statistics` returns (float64 unless noted)."""
+
+    conf: np.ndarray  #: (N,) top-label confidence
+    pred: np.ndarray  #: (N,) int64 first arg-max (lowest index on ties)
+    nll: np.ndarray | None  #: (N,) -log p_y (``scores=True``)
+    brier: np.ndarray | None  #: (N,) sum_k (p_k - [y = k])^2 (``scores=True``)
+    cw_p: torch.Tensor | None  #: (K M,) sum of p_k per (class k, bin b) at k M + b (``n_bins``)
+    cw_y: torch.Tensor | None  #: (K M,) count of labels k per (class k, bin of p_k)
+
+
+def row_statistics(
+    t: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    from_logits: bool,
+    name: str,
+    n_bins: int = 0,
+    scores: bool = True,
+) -> RowStatistics:
+    """Validated per-row statistics of ``t`` (N, C) with int64 labels ``y`` (N,) in range.
+
+    Raises ``ValueError`` naming the first row that holds NaN or infinity, and for
+    probabilities (``from_logits=False``) the first row outside [0, 1] or not summing to one.
+    """
+    if native.available():
+        if not native.supports_calibration(t):  # a layout or dtype the kernel takes, so that the
+            t = t.contiguous()  # path depends on the build alone, not on the input
+            if not native.supports_calibration(t):
+                t = t.to(compute_dtype(t))
+        r = native.calibration_rows(t, y, from_logits=from_logits, n_bins=n_bins, scores=scores)
+        _check_rows(t, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name)
+        return RowStatistics(
+            conf=r.conf.numpy(), pred=r.pred.numpy(),
+            nll=None if r.nll is None else r.nll.numpy(),
+            brier=None if r.brier is None else r.brier.numpy(),
+            cw_p=r.cw_p, cw_y=r.cw_y,
+        )
+    return _row_statistics_torch(t, y, from_logits=from_logits, name=name, n_bins=n_bins, scores=scores)
+
+
+def _check_rows(
+    t: torch.Tensor,
+    rowsum: torch.Tensor,
+    rowmin: torch.Tensor | None,
+    rowmax: torch.Tensor,
+    *,
+    from_logits: bool,
+    name: str,
+) -> None:
+    """The checks of :func:`crossent.calibration._inputs.check_chunk`, from per-row sums,
+    minima and maxima."""
+    finite = torch.isfinite(rowsum)
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite)[:, 0]
+        # a sum may overflow for large finite entries: look at those rows themselves
+        bad = rows[~torch.isfinite(t[rows]).all(1)]
+        if bad.numel():
+            raise ValueError(f"{name}: row {int(bad[0])} contains NaN or infinite values")
+    if from_logits:
+        return
+    assert rowmin is not None
+    bad = (rowmin < -RANGE_ATOL) | (rowmax > 1 + RANGE_ATOL)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"{name}: row {i} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
+            f" max {float(rowmax[i]):.4g}); pass from_logits=True if these are logits"
+        )
+    tol = sum_atol(t.dtype)
+    bad = (rowsum - 1).abs() > tol
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"{name}: row {i} sums to {float(rowsum[i]):.6g}, not 1 (tolerance {tol:g});"
+            " normalise the rows, or pass from_logits=True if these are logits"
+        )
+
+
+def _row_statistics_torch(
+    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, scores: bool
+) -> RowStatistics:
+    """:func:`row_statistics` as torch ops over chunks of rows (the same formulas)."""
+    n, k = t.shape
+    f64 = torch.float64
+    conf = torch.empty(n, dtype=f64)
+    pred = torch.empty(n, dtype=torch.int64)
+    nll = torch.empty(n, dtype=f64) if scores else None
+    brier = torch.empty(n, dtype=f64) if scores else None
+    cw_p = torch.zeros(k * n_bins, dtype=f64) if n_bins else None
+    cw_y = torch.zeros(k * n_bins, dtype=f64) if n_bins else None
+    for start, stop, block in chunks(t, from_logits=from_logits, name=name):
+        yb = y[start:stop, None]
+        at_y = block.gather(1, yb)[:, 0].to(f64)
+        if from_logits:
+            m, idx = block.max(dim=1)
+            e = (block - m[:, None]).exp_()
+            s = e.sum(1).to(f64)
+            inv = torch.reciprocal(s)
+            conf[start:stop] = inv
+            if nll is not None and brier is not None:
+                nll[start:stop] = m.to(f64) + torch.log(s) - at_y
+                sq = torch.linalg.vector_norm(e, dim=1).to(f64).square()
+                brier[start:stop] = sq * inv.square() - 2.0 * e.gather(1, yb)[:, 0].to(f64) * inv + 1.0
+            p = e.to(f64).mul_(inv[:, None]) if cw_p is not None else None
+        else:
+            top, idx = block.max(dim=1)
+            conf[start:stop] = top.to(f64)
+            if nll is not None and brier is not None:
+                nll[start:stop] = -torch.log(at_y.clamp_min(float(torch.finfo(f64).tiny)))
+                sq = torch.linalg.vector_norm(block, dim=1).to(f64).square()
+                brier[start:stop] = sq - 2.0 * at_y + 1.0
+            p = block.to(f64) if cw_p is not None else None
+        pred[start:stop] = idx
+        if p is not None and cw_p is not None and cw_y is not None:
+            classwise_sums(p, y[start:stop], n_bins, cw_p, cw_y)
+    return RowStatistics(
+        conf=conf.numpy(), pred=pred.numpy(),
+        nll=None if nll is None else nll.numpy(), brier=None if brier is None else brier.numpy(),
+        cw_p=cw_p, cw_y=cw_y,
+    )
+
+
+def classwise_sums(
+    p: torch.Tensor, y: torch.Tensor, n_bins: int, sum_p: torch.Tensor, sum_y: torch.Tensor
+) -> None:
+    """Add to ``sum_p`` and ``sum_y`` (K M, float64, bin ``b`` of class ``k`` at ``k M + b``)
+    the float64 probabilities ``p`` (n, K) and the one-hot labels ``y`` that fall in each
+    class's width bin.
+
+    Only the entries above the first edge 1/M need a bin lookup: a row of probabilities has
+    fewer than M of them. The first bin of each class gets the sum of the others.
+    """
+    k = p.shape[1]
+    edges = width_edges(n_bins)
+    pn = np.ascontiguousarray(p.detach().cpu().numpy(), dtype=np.float64)
+    big_mask = pn > edges[1]
+    flat = np.flatnonzero(big_mask)
+    cols = flat % k
+    big = pn.reshape(-1)[flat]
+    inner = edges[1:-1]
+    out_p = sum_p.numpy()  # a view: the float64 CPU tensors are updated in place
+    out_p += np.bincount(cols * n_bins + np.searchsorted(inner, big, side="left"), weights=big,
+                         minlength=k * n_bins)
+    out_p[::n_bins] += np.add.reduce(np.where(big_mask, 0.0, pn), axis=0)
+    yn = y.cpu().numpy()
+    py = pn[np.arange(pn.shape[0]), yn]
+    sum_y.numpy()[:] += np.bincount(yn * n_bins + np.searchsorted(inner, py, side="left"),
+                                    minlength=k * n_bins)

@@ -1,0 +1,202 @@
+"""row_statistics: the native kernel and the torch-op path against a float64 NumPy reference,
+bins at their edges, threads, layouts and hostile rows."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from crossent import calibration as cal
+from crossent.backends import native
+from crossent.calibration._rows import RowStatistics, row_statistics
+
+PATHS = ("native", "torch")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def path(name: str) -> Iterator[None]:
+    if name == "torch":
+        with native.disabled():
+            yield
+        return
+    if not native.available():
+        pytest.skip("the native kernels are not built on this machine")
+    yield
+
+
+def reference(x: torch.Tensor, y: np.ndarray, from_logits: bool, n_bins: int) -> dict[str, np.ndarray]:
+    """Float64 NumPy: softmax, top label, NLL, Brier and the classwise bins by searchsorted."""
+    z = x.to(torch.float64).numpy()
+    n, k = z.shape
+    if from_logits:
+        e = np.exp(z - z.max(1, keepdims=True))
+        p = e / e.sum(1, keepdims=True)
+    else:
+        p = z
+    py = p[np.arange(n), y]
+    out = {
+        "conf": p.max(1),
+        "pred": z.argmax(1),
+        "nll": -np.log(np.maximum(py, np.finfo(np.float64).tiny)),
+        "brier": (p**2).sum(1) - 2 * py + 1,
+    }
+    if n_bins:
+        inner = np.arange(1, n_bins, dtype=np.float64) / n_bins
+        b = np.searchsorted(inner, p, side="left")  # (n, k)
+        cw_p = np.zeros(k * n_bins)
+        np.add.at(cw_p, (np.arange(k)[None, :] * n_bins + b).ravel(), p.ravel())
+        cw_y = np.zeros(k * n_bins)
+        np.add.at(cw_y, y * n_bins + b[np.arange(n), y], 1.0)
+        out["cw_p"], out["cw_y"] = cw_p, cw_y
+    return out
+
+
+def data(n: int, k: int, dtype: torch.dtype, from_logits: bool, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((n, k), generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, k, (n,), generator=g).numpy()
+    if from_logits:
+        return z.to(dtype), y
+    p = torch.softmax(z, 1).to(dtype)
+    # renormalised in the storage dtype's precision: rows sum to one within its tolerance
+    return (p.to(torch.float64) / p.to(torch.float64).sum(1, keepdim=True)).to(dtype), y
+
+
+MATRIX = list(itertools.product(PATHS, (True, False), DTYPES, (0, 1, 15), (2, 37, 1000)))
+
+
+@pytest.mark.parametrize(("where", "from_logits", "dtype", "n_bins", "k"), MATRIX)
+def test_matches_float64_reference(
+    where: str, from_logits: bool, dtype: torch.dtype, n_bins: int, k: int
+) -> None:
+    x, y = data(67, k, dtype, from_logits, seed=k + n_bins)
+    with path(where):
+        r = row_statistics(x, torch.from_numpy(y), from_logits=from_logits, name="x", n_bins=n_bins)
+    want = reference(x, y, from_logits, n_bins)
+    exact = dtype == torch.float64 or not from_logits  # the probabilities are the input's own values
+    rel = 1e-12 if dtype == torch.float64 else 2e-6
+    np.testing.assert_allclose(r.conf, want["conf"], rtol=rel, atol=0)
+    np.testing.assert_array_equal(r.pred, want["pred"])
+    assert r.nll is not None and r.brier is not None
+    np.testing.assert_allclose(r.nll, want["nll"], rtol=rel, atol=1e-6 if rel > 1e-12 else 1e-13)
+    np.testing.assert_allclose(r.brier, want["brier"], rtol=rel, atol=1e-6 if rel > 1e-12 else 1e-13)
+    if not n_bins:
+        assert r.cw_p is None and r.cw_y is None
+        return
+    assert r.cw_p is not None and r.cw_y is not None
+    if exact:  # the same doubles in the same bins: the sums agree to round-off
+        np.testing.assert_array_equal(r.cw_y.numpy(), want["cw_y"])
+        np.testing.assert_allclose(r.cw_p.numpy(), want["cw_p"], rtol=1e-12, atol=1e-13)
+    else:  # p from float exponentials: a value within round-off of an edge may change bins
+        got = float((r.cw_p - r.cw_y).abs().sum())
+        assert got == pytest.approx(float(np.abs(want["cw_p"] - want["cw_y"]).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("where", PATHS)
+@pytest.mark.parametrize("n_bins", [1, 2, 3, 7, 10, 15, 20, 100])
+def test_entries_at_the_edges_bin_like_searchsorted(where: str, n_bins: int) -> None:
+    """Entries exactly at b/M and one ulp to either side, in float64 and float32 rows."""
+    edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
+    vals = np.concatenate([edges, np.nextafter(edges, 2.0), np.nextafter(edges, -1.0)])
+    vals = vals[(vals >= 0) & (vals <= 1)]
+    for dtype in (np.float64, np.float32):
+        v = vals.astype(dtype)
+        x = np.stack([v, (1 - v.astype(np.float64)).astype(dtype)], 1)
+        y = np.arange(v.shape[0]) % 2
+        with path(where):
+            r = row_statistics(torch.from_numpy(x), torch.from_numpy(y), from_logits=False, name="x",
+                               n_bins=n_bins, scores=False)
+        want = reference(torch.from_numpy(x), y, False, n_bins)
+        assert r.cw_p is not None and r.cw_y is not None
+        np.testing.assert_array_equal(r.cw_y.numpy(), want["cw_y"])
+        np.testing.assert_allclose(r.cw_p.numpy(), want["cw_p"], rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_threads_and_layouts_do_not_change_the_sums(from_logits: bool) -> None:
+    x, y = data(3001, 53, torch.float32, from_logits, seed=5)
+    yt = torch.from_numpy(y)
+
+    def run(t: torch.Tensor) -> RowStatistics:
+        return row_statistics(t, yt, from_logits=from_logits, name="x", n_bins=15)
+
+    base = run(x)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x)
+    finally:
+        torch.set_num_threads(before)
+    strided = run(torch.empty((53, 3001), dtype=torch.float32).copy_(x.T).T)  # column-major rows
+    padded = run(torch.zeros((3001, 64), dtype=torch.float32)[:, :53].copy_(x))  # a row stride of 64
+    for other in (one, strided, padded):
+        np.testing.assert_array_equal(other.conf, base.conf)
+        np.testing.assert_array_equal(other.pred, base.pred)
+        assert other.cw_p is not None and base.cw_p is not None and other.cw_y is not None
+        np.testing.assert_allclose(other.cw_p.numpy(), base.cw_p.numpy(), rtol=1e-12, atol=1e-13)
+        np.testing.assert_array_equal(other.cw_y.numpy(), base.cw_y.numpy())
+
+
+@pytest.mark.parametrize("where", PATHS)
+def test_many_classes(where: str) -> None:
+    """A vocabulary-sized row (per-thread sums of K M entries) against the reference."""
+    x, y = data(24, 50_000, torch.float32, True, seed=1)
+    with path(where):
+        r = row_statistics(x, torch.from_numpy(y), from_logits=True, name="x", n_bins=15)
+    want = reference(x, y, True, 15)
+    np.testing.assert_allclose(r.conf, want["conf"], rtol=2e-6)
+    assert r.cw_p is not None and r.cw_y is not None
+    assert float(r.cw_p.sum()) == pytest.approx(24.0, rel=1e-6)  # every probability, once
+    np.testing.assert_array_equal(r.cw_y.numpy(), want["cw_y"])
+
+
+@pytest.mark.parametrize("where", PATHS)
+def test_hostile_rows(where: str) -> None:
+    y = torch.tensor([0, 1, 2])
+    z = torch.zeros((3, 4))
+    with path(where):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            zb = z.clone()
+            zb[1, 3] = bad
+            with pytest.raises(ValueError, match="logits: row 1 contains NaN or infinite values"):
+                row_statistics(zb, y, from_logits=True, name="logits", n_bins=15)
+        big = torch.full((3, 4), 3e38)  # finite, though the row sums overflow in float
+        big[:, 0] = -3e38
+        r = row_statistics(big, y, from_logits=True, name="logits", n_bins=15)
+        np.testing.assert_allclose(r.conf, 1 / 3, rtol=1e-6)
+        assert np.isfinite(r.nll).all() and np.isfinite(r.brier).all()  # type: ignore[arg-type]
+        p = torch.full((3, 4), 0.25)
+        p[2] = torch.tensor([1.5, -0.5, 0.0, 0.0])
+        with pytest.raises(ValueError, match=r"probs: row 2 has values outside \[0, 1\]"):
+            row_statistics(p, y, from_logits=False, name="probs")
+        p[2] = torch.tensor([0.5, 0.2, 0.0, 0.0])
+        with pytest.raises(ValueError, match=r"probs: row 2 sums to 0\.7, not 1"):
+            row_statistics(p, y, from_logits=False, name="probs")
+
+
+@pytest.mark.parametrize("where", PATHS)
+def test_meter_equals_one_shot_on_either_path(where: str) -> None:
+    x, y = data(2503, 40, torch.float32, True, seed=9)
+    with path(where):
+        m = cal.CalibrationMeter(from_logits=True)
+        for s in range(0, 2503, 600):
+            m.update(x[s : s + 600], y[s : s + 600])
+        got = m.compute()
+        want = {
+            "ece": cal.ece(x, y, from_logits=True),
+            "classwise_ece": cal.classwise_ece(x, y, from_logits=True),
+            "brier": cal.brier(x, y, from_logits=True),
+            "nll": cal.nll(x, y, from_logits=True),
+            "accuracy": cal.accuracy(x, y, from_logits=True),
+        }
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    with native.disabled():
+        other = cal.classwise_ece(x, y, from_logits=True)
+    assert got["classwise_ece"] == pytest.approx(other, rel=1e-4)  # the two paths, to float round-off
