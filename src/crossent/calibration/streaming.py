@@ -19,8 +19,9 @@ uint8) and :meth:`~CalibrationMeter.sync` all-gathers them in rank order, so the
 exactly :func:`~crossent.calibration.ece` with ``binning="mass"`` on the concatenated data.
 
 Exactness. Counts and the number correct are exact. The confidences, bins and per-sample terms
-are computed row by row with the same arithmetic as the one-shot functions, so every sample
-lands in the same bin; the float64 per-bin sums are added in a different order (per batch,
+come from the pass the one-shot functions make (:func:`crossent.calibration._rows.row_statistics`:
+the native kernel on the CPU, else the same formulas as torch ops), so every sample lands in the
+same bin; the float64 per-bin sums are added in a different order (per batch,
 then across ranks), so the sums, and the ECE, agree with the one-shot value to float64
 round-off (relative 1e-12 in the tests), and exactly when the sums are exact (dyadic values).
 """
@@ -59,8 +60,9 @@ class CalibrationMeter:
         ``True`` for logits, ``False`` for probabilities, ``None`` to detect it on the first
         batch (rows in [0, 1] summing to one are probabilities) and keep it.
     classwise:
-        Also accumulate the classwise ECE (K M bins; it bins every one of the N K
-        probabilities, the expensive part for large K).
+        Also accumulate the classwise ECE (K M bins). It adds every one of the N K
+        probabilities to a float64 column total, which costs about a third to a half more than
+        the rest of an update (BENCHMARKS.md); ``False`` skips it.
 
     Notes
     -----

@@ -43,6 +43,10 @@ exp and log, for gradcheck), outside ``torch.compile``:
 - sigmoid family: contiguous logits and targets (any dtype); every option; ``weight`` and
   ``pos_weight`` that broadcast by repetition (a scalar, a per-class (C,), a per-sample (N, 1),
   a full tensor, ...).
+- calibration statistics (:func:`calibration_rows`, for :mod:`crossent.calibration`): per row
+  of (N, C) logits or probabilities with contiguous rows, the top-label confidence and
+  prediction, the NLL and Brier score of the label and the classwise width-bin sums, in one
+  read of the row.
 """
 
 from __future__ import annotations
@@ -770,13 +774,14 @@ def supports_calibration(x: Tensor) -> bool:
 
 
 def calibration_rows(
-    x: Tensor, y: Tensor, *, from_logits: bool, n_bins: int = 0, scores: bool = True
+    x: Tensor, y: Tensor, *, from_logits: bool, n_bins: int = 0, scores: bool = True,
+    library: ctypes.CDLL | None = None,
 ) -> CalibrationRows:
     """The calibration statistics of every row of ``x`` (N, C) with labels ``y`` (N,) (int64,
     in range) in one read of the rows: see ``ce_calibration`` in ``_kernels_body.h``. With
     ``n_bins`` > 0 also the classwise width-bin sums; ``scores=False`` skips the NLL and Brier
     outputs. Nothing is validated here: the caller checks ``rowsum`` (and ``rowmin``, ``conf``
-    for probabilities)."""
+    for probabilities). ``library``: another build of ``_kernels.c`` (the tests' portable one)."""
     n, c = x.shape
     y = y.to(torch.int64).contiguous()
     f64 = torch.float64
@@ -795,5 +800,6 @@ def calibration_rows(
         brier=_ptr(out.brier), rowsum=out.rowsum.data_ptr(), rowmin=_ptr(out.rowmin),
         cw_p=_ptr(out.cw_p), cw_y=_ptr(out.cw_y),
     )
-    _check(getattr(_library(), f"ce_calibration_{_suffix(_acc(x.dtype))}")(ctypes.byref(args)))
+    lib = library if library is not None else _library()
+    _check(getattr(lib, f"ce_calibration_{_suffix(_acc(x.dtype))}")(ctypes.byref(args)))
     return out

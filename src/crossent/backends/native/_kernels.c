@@ -1,4 +1,5 @@
-/* crossent native CPU kernels: the fused softmax and sigmoid cross-entropy families.
+/* crossent native CPU kernels: the fused softmax and sigmoid cross-entropy families, and the
+ * per-row statistics of the calibration metrics.
  *
  * Built on first use by crossent/backends/native/__init__.py with the system C compiler
  * (cc -O3 -march=native -fopenmp -shared -fPIC) and loaded with ctypes; no Python or torch
@@ -21,6 +22,9 @@
  * that change per element (a per-class focal factor, the asymmetric loss's two gammas) are
  * chosen per call, per row or per segment and instantiated as separate loops, never branched on
  * inside one. The double path (used by gradcheck and the float64 tests) calls libm.
+ * One loop uses intrinsics: the classwise pass of the calibration statistics, where a compare
+ * mask picks the few entries that go to a bin of their own (cw_row_avx512, AVX-512 builds only;
+ * the body's portable loop elsewhere, and with -DCE_PORTABLE, which the tests build).
  *
  * Threads: rows (softmax) or element ranges (binary) are split across `n_threads` threads of
  * the OpenMP runtime that torch uses (pthreads when built without OpenMP); each thread owns its
@@ -363,7 +367,7 @@ static inline int width_bin(double p, const double *edges, int M) {
  * AVX-512 mask, rarely nonzero) moves its p_k from there to its own bin in cwp. 16 entries take
  * one compare, two conversions and two FMAs, and the few entries above thr are taken from the
  * mask's set bits; without AVX-512 the portable loop of the body runs instead. */
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(CE_PORTABLE)
 #include <immintrin.h>
 #define HAVE_CW_AVX512 1
 static inline void cw_big_f32(const float *u, int64_t j, double inv, double *restrict first, double *restrict cwp,
