@@ -231,3 +231,21 @@ def test_portable_build_equals_the_built_one(tmp_path: Path, from_logits: bool) 
     else:
         np.testing.assert_array_equal(got.cw_y.numpy(), want.cw_y.numpy())
         np.testing.assert_allclose(got.cw_p.numpy(), want.cw_p.numpy(), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("where", PATHS)
+def test_a_rejected_batch_adds_nothing_to_the_meter(where: str) -> None:
+    """A bad row past the first chunk of rows: the meter keeps nothing of that batch."""
+    x, y = data(140_000, 8, torch.float32, True, seed=2)  # more rows than one chunk holds
+    good, yg = x[:500], y[:500]
+    with path(where):
+        m = cal.CalibrationMeter(from_logits=True)
+        bad = x.clone()
+        bad[-1, 3] = float("nan")
+        with pytest.raises(ValueError, match="logits: row 139999 contains NaN"):
+            m.update(bad, y)
+        m.update(good, yg)
+        got = m.compute()
+        assert got["count"] == 500
+        assert got["classwise_ece"] == pytest.approx(cal.classwise_ece(good, yg, from_logits=True), rel=1e-12)
+        assert got["ece"] == pytest.approx(cal.ece(good, yg, from_logits=True), rel=1e-12)
