@@ -1174,7 +1174,8 @@ CE_API int FN(ce_binary)(bce_args *a) {
  *   pass 1 (the row from memory; float and double rows in place, others converted into the
  *           scratch row): the max m, the row sum (finite iff every entry is) and for
  *           probabilities the min and sum p^2 (row_moments); then the first argmax, while the
- *           row is in L1. The next row is prefetched meanwhile.
+ *           row is in L1. The next row is prefetched meanwhile (with the AVX-512 classwise
+ *           pass, the row after it, a line at a time during that pass).
  *   pass 2 (logits, from L1): e = exp(u - m) into the scratch row, s = sum e, q = sum e^2
  *           (float partial sums of SEG terms added in double). The confidence is 1 / s (e = 1 at
  *           the max), the NLL m + log s - u_y and the Brier score q / s^2 - 2 e_y / s + 1: no
@@ -1260,10 +1261,11 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     const int logits = a->from_logits, direct = a->x_dtype == ACC_DT;
     /* a little below 1/M (in p; times s for e): never above any entry that exceeds 1/M */
     const double below = M > 0 ? (1.0 / M) * (1.0 - 1e-5) : 0.0;
+    const int cw_prefetches = HAVE_CW_AVX512 && sizeof(ACC) == 4 && M > 0; /* see cw_row_avx512 */
     for (int64_t r = r0; r < r1; ++r) {
         const void *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * es;
-        if (r + 1 < r1) { /* the next row, from memory while this one is computed: the hardware
-                           * prefetcher stops at page boundaries, about every row */
+        if (!cw_prefetches && r + 1 < r1) { /* the next row, from memory while this one is computed: the
+                                      * hardware prefetcher stops at page boundaries, about every row */
             const char *next = (const char *)a->x + (size_t)((r + 1) * a->x_row_stride) * es;
             for (size_t off = 0; off < (size_t)C * es; off += 64) __builtin_prefetch(next + off, 0, 3);
         }
@@ -1321,7 +1323,9 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
             const ACC thr = (ACC)(logits ? below / inv : below);
 #if HAVE_CW_AVX512
             if (sizeof(ACC) == 4) {
-                cw_row_avx512((const float *)p, C, (float)thr, inv, first, cwp, edges, M);
+                const char *ahead =
+                    r + 2 < r1 ? (const char *)a->x + (size_t)((r + 2) * a->x_row_stride) * es : NULL;
+                cw_row_avx512((const float *)p, C, (float)thr, inv, first, cwp, edges, M, ahead, (int64_t)es);
             } else
 #endif
             {
