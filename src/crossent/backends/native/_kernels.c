@@ -401,6 +401,69 @@ static void cw_row_avx512(const float *u, int64_t C, float thr, double inv, doub
         if (u[k] > thr) cw_big_f32(u, k, inv, first, cwp, edges, M);
     }
 }
+
+/* Probabilities in float rows: pass 1 (max, min, sum, sum of squares) and with CW the classwise
+ * pass (p_k = u_k) in the one read of the row. The sums run in the same order with or without
+ * CW, so a row's statistics do not depend on whether the classwise sums are taken (the meter
+ * and the one-shot functions agree). Float partial sums of SEG entries are added in double. Also
+ * prefetches the row `ahead`, one line per 16 entries. */
+static inline __attribute__((always_inline)) void prob_row_avx512_(
+    const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp, const double *edges,
+    int M, const char *ahead, int64_t es, float *m_out, float *lo_out, double *sum_out, double *sq_out,
+    const int CW) {
+    __m512 vm = _mm512_set1_ps(-INFINITY), vl = _mm512_set1_ps(INFINITY);
+    const __m512 tv = _mm512_set1_ps(thr);
+    double sum = 0.0, sq = 0.0;
+    int64_t k = 0;
+    const int64_t full = C / 16 * 16;
+    while (k < full) {
+        const int64_t end = full - k < SEG ? full : k + SEG;
+        __m512 vs = _mm512_setzero_ps(), vq = _mm512_setzero_ps();
+        for (; k < end; k += 16) {
+            if (ahead) __builtin_prefetch(ahead + k * es, 0, 2);
+            const __m512 v = _mm512_loadu_ps(u + k);
+            vm = _mm512_max_ps(vm, v);
+            vl = _mm512_min_ps(vl, v);
+            vs = _mm512_add_ps(vs, v);
+            vq = _mm512_fmadd_ps(v, v, vq);
+            if (CW) {
+                _mm512_storeu_pd(first + k, _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k)),
+                                                          _mm512_loadu_pd(first + k)));
+                _mm512_storeu_pd(first + k + 8, _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k + 8)),
+                                                              _mm512_loadu_pd(first + k + 8)));
+                for (unsigned big = _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ); big; big &= big - 1)
+                    cw_big_f32(u, k + __builtin_ctz(big), 1.0, first, cwp, edges, M);
+            }
+        }
+        sum += (double)_mm512_reduce_add_ps(vs);
+        sq += (double)_mm512_reduce_add_ps(vq);
+    }
+    float m = _mm512_reduce_max_ps(vm), lo = _mm512_reduce_min_ps(vl), ts = 0.0f, tq = 0.0f;
+    for (; k < C; ++k) {
+        const float v = u[k];
+        m = v > m ? v : m;
+        lo = v < lo ? v : lo;
+        ts += v;
+        tq += v * v;
+        if (CW) {
+            first[k] += (double)v;
+            if (v > thr) cw_big_f32(u, k, 1.0, first, cwp, edges, M);
+        }
+    }
+    *m_out = m;
+    *lo_out = lo;
+    *sum_out = sum + (double)ts;
+    *sq_out = sq + (double)tq;
+}
+
+static void prob_row_avx512(const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp,
+                            const double *edges, int M, const char *ahead, int64_t es, float *m_out, float *lo_out,
+                            double *sum_out, double *sq_out) {
+    if (first)
+        prob_row_avx512_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 1);
+    else
+        prob_row_avx512_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 0);
+}
 #else
 #define HAVE_CW_AVX512 0
 #endif

@@ -1261,11 +1261,13 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     const int logits = a->from_logits, direct = a->x_dtype == ACC_DT;
     /* a little below 1/M (in p; times s for e): never above any entry that exceeds 1/M */
     const double below = M > 0 ? (1.0 / M) * (1.0 - 1e-5) : 0.0;
-    const int cw_prefetches = HAVE_CW_AVX512 && sizeof(ACC) == 4 && M > 0; /* see cw_row_avx512 */
+    /* the AVX-512 passes prefetch two rows on as they go (see cw_row_avx512) */
+    const int cw_prefetches = HAVE_CW_AVX512 && sizeof(ACC) == 4 && (M > 0 || !logits);
     for (int64_t r = r0; r < r1; ++r) {
         const void *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * es;
-        if (!cw_prefetches && r + 1 < r1) { /* the next row, from memory while this one is computed: the
-                                      * hardware prefetcher stops at page boundaries, about every row */
+        if (!cw_prefetches && r + 1 < r1) {
+            /* the next row, from memory while this one is computed: the hardware prefetcher stops
+             * at page boundaries, about every row */
             const char *next = (const char *)a->x + (size_t)((r + 1) * a->x_row_stride) * es;
             for (size_t off = 0; off < (size_t)C * es; off += 64) __builtin_prefetch(next + off, 0, 3);
         }
@@ -1276,6 +1278,18 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         }
         ACC m, lo;
         double sum, q;
+        int cw_done = 0;
+        const char *ahead = r + 2 < r1 ? (const char *)a->x + (size_t)((r + 2) * a->x_row_stride) * es : NULL;
+#if HAVE_CW_AVX512
+        if (sizeof(ACC) == 4 && !logits) { /* pass 1 and the classwise pass in one read */
+            float mf, lof;
+            prob_row_avx512((const float *)u, C, (float)below, first, cwp, edges, M, ahead, (int64_t)es, &mf, &lof,
+                            &sum, &q);
+            m = (ACC)mf;
+            lo = (ACC)lof;
+            cw_done = 1;
+        } else
+#endif
         if (logits)
             FN(row_moments)(u, C, &m, &lo, &sum, &q, 0);
         else
@@ -1319,12 +1333,10 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         a->rowsum[r] = sum;
         if (a->nll) a->nll[r] = nll;
         if (a->brier) a->brier[r] = brier;
-        if (M > 0) {
+        if (M > 0 && !cw_done) {
             const ACC thr = (ACC)(logits ? below / inv : below);
 #if HAVE_CW_AVX512
             if (sizeof(ACC) == 4) {
-                const char *ahead =
-                    r + 2 < r1 ? (const char *)a->x + (size_t)((r + 2) * a->x_row_stride) * es : NULL;
                 cw_row_avx512((const float *)p, C, (float)thr, inv, first, cwp, edges, M, ahead, (int64_t)es);
             } else
 #endif
@@ -1347,8 +1359,8 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
                     }
                 }
             }
-            cwy[y * M + width_bin((double)p[y] * inv, edges, M)] += 1.0;
         }
+        if (M > 0) cwy[y * M + width_bin((double)p[y] * inv, edges, M)] += 1.0;
     }
     free(buf);
 }
