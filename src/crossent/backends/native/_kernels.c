@@ -406,7 +406,7 @@ static void cw_row_avx512(const float *u, int64_t C, float thr, double inv, doub
  * pass (p_k = u_k) in the one read of the row. The sums run in the same order with or without
  * CW, so a row's statistics do not depend on whether the classwise sums are taken (the meter
  * and the one-shot functions agree). Float partial sums of SEG entries are added in double. Also
- * prefetches the row `ahead`, one line per 16 entries. */
+ * prefetches the row `ahead`, one line per 16 entries (es <= 4 bytes each). */
 static inline __attribute__((always_inline)) void prob_row_avx512_(
     const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp, const double *edges,
     int M, const char *ahead, int64_t es, float *m_out, float *lo_out, double *sum_out, double *sq_out,
@@ -415,28 +415,33 @@ static inline __attribute__((always_inline)) void prob_row_avx512_(
     const __m512 tv = _mm512_set1_ps(thr);
     double sum = 0.0, sq = 0.0;
     int64_t k = 0;
-    const int64_t full = C / 16 * 16;
-    while (k < full) {
+    const int64_t full = C / 32 * 32;
+    while (k < full) { /* 32 entries a step: two vectors, two chains per sum, one branch for both */
         const int64_t end = full - k < SEG ? full : k + SEG;
-        __m512 vs = _mm512_setzero_ps(), vq = _mm512_setzero_ps();
-        for (; k < end; k += 16) {
-            if (ahead) __builtin_prefetch(ahead + k * es, 0, 2);
-            const __m512 v = _mm512_loadu_ps(u + k);
-            vm = _mm512_max_ps(vm, v);
-            vl = _mm512_min_ps(vl, v);
-            vs = _mm512_add_ps(vs, v);
-            vq = _mm512_fmadd_ps(v, v, vq);
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
+        for (; k < end; k += 32) {
+            if (ahead) {
+                __builtin_prefetch(ahead + k * es, 0, 2);
+                __builtin_prefetch(ahead + (k + 16) * es, 0, 2);
+            }
+            const __m512 v = _mm512_loadu_ps(u + k), w = _mm512_loadu_ps(u + k + 16);
+            vm = _mm512_max_ps(vm, _mm512_max_ps(v, w));
+            vl = _mm512_min_ps(vl, _mm512_min_ps(v, w));
+            s0 = _mm512_add_ps(s0, v);
+            s1 = _mm512_add_ps(s1, w);
+            q0 = _mm512_fmadd_ps(v, v, q0);
+            q1 = _mm512_fmadd_ps(w, w, q1);
             if (CW) {
-                _mm512_storeu_pd(first + k, _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k)),
-                                                          _mm512_loadu_pd(first + k)));
-                _mm512_storeu_pd(first + k + 8, _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k + 8)),
-                                                              _mm512_loadu_pd(first + k + 8)));
-                for (unsigned big = _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ); big; big &= big - 1)
-                    cw_big_f32(u, k + __builtin_ctz(big), 1.0, first, cwp, edges, M);
+                for (int h = 0; h < 32; h += 8) /* the halves converted from memory, not shuffled out */
+                    _mm512_storeu_pd(first + k + h, _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k + h)),
+                                                                  _mm512_loadu_pd(first + k + h)));
+                const unsigned big = (unsigned)_mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ) |
+                                     ((unsigned)_mm512_cmp_ps_mask(w, tv, _CMP_GT_OQ) << 16);
+                for (unsigned b = big; b; b &= b - 1) cw_big_f32(u, k + __builtin_ctz(b), 1.0, first, cwp, edges, M);
             }
         }
-        sum += (double)_mm512_reduce_add_ps(vs);
-        sq += (double)_mm512_reduce_add_ps(vq);
+        sum += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        sq += (double)_mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
     }
     float m = _mm512_reduce_max_ps(vm), lo = _mm512_reduce_min_ps(vl), ts = 0.0f, tq = 0.0f;
     for (; k < C; ++k) {
