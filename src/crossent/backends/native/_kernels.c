@@ -22,9 +22,10 @@
  * that change per element (a per-class focal factor, the asymmetric loss's two gammas) are
  * chosen per call, per row or per segment and instantiated as separate loops, never branched on
  * inside one. The double path (used by gradcheck and the float64 tests) calls libm.
- * One loop uses intrinsics: the classwise pass of the calibration statistics, where a compare
- * mask picks the few entries that go to a bin of their own (cw_row_avx512, AVX-512 builds only;
- * the body's portable loop elsewhere, and with -DCE_PORTABLE, which the tests build).
+ * Two loops use intrinsics, both in the calibration statistics, where a compare mask picks the
+ * few entries that go to a classwise bin of their own: cw_row_avx512 and prob_row_avx512, in
+ * AVX-512 builds only (the body's portable loops elsewhere, and with -DCE_PORTABLE, which the
+ * tests build).
  *
  * Threads: rows (softmax) or element ranges (binary) are split across `n_threads` threads of
  * the OpenMP runtime that torch uses (pthreads when built without OpenMP); each thread owns its
