@@ -249,3 +249,23 @@ def test_a_rejected_batch_adds_nothing_to_the_meter(where: str) -> None:
         assert got["count"] == 500
         assert got["classwise_ece"] == pytest.approx(cal.classwise_ece(good, yg, from_logits=True), rel=1e-12)
         assert got["ece"] == pytest.approx(cal.ece(good, yg, from_logits=True), rel=1e-12)
+
+
+@pytest.mark.parametrize("where", PATHS)
+def test_column_major_input_in_chunks(where: str) -> None:
+    """Rows that are not contiguous are read a chunk at a time (no full-size copy): same numbers
+    as the contiguous input, and a bad row named by its index in the whole input."""
+    x, y = data(300_000, 8, torch.float32, True, seed=4)  # a few chunks of rows
+    yt = torch.from_numpy(y)
+    col = torch.empty((8, 300_000), dtype=torch.float32).copy_(x.T).T
+    with path(where):
+        want = row_statistics(x, yt, from_logits=True, name="x", n_bins=15)
+        got = row_statistics(col, yt, from_logits=True, name="x", n_bins=15)
+        col[200_000, 5] = float("nan")
+        with pytest.raises(ValueError, match="x: row 200000 contains NaN"):
+            row_statistics(col, yt, from_logits=True, name="x", n_bins=15)
+    np.testing.assert_array_equal(got.conf, want.conf)
+    np.testing.assert_array_equal(got.pred, want.pred)
+    assert got.cw_p is not None and want.cw_p is not None and got.cw_y is not None and want.cw_y is not None
+    np.testing.assert_allclose(got.cw_p.numpy(), want.cw_p.numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(got.cw_y.numpy(), want.cw_y.numpy())

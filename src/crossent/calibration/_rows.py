@@ -24,13 +24,14 @@ fewer than M; every other entry adds to its class's first bin.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from crossent.backends import native
-from crossent.calibration._inputs import RANGE_ATOL, chunks, compute_dtype, sum_atol
+from crossent.calibration._inputs import RANGE_ATOL, _chunk, chunks, iter_chunks, sum_atol
 
 __all__ = ["RowStatistics", "classwise_sums", "row_statistics", "width_bin_index", "width_edges"]
 
@@ -72,19 +73,40 @@ def row_statistics(
     probabilities (``from_logits=False``) the first row outside [0, 1] or not summing to one.
     """
     if native.available():
-        if not native.supports_calibration(t):  # a layout or dtype the kernel takes, so that the
-            t = t.contiguous()  # path depends on the build alone, not on the input
-            if not native.supports_calibration(t):
-                t = t.to(compute_dtype(t))
-        r = native.calibration_rows(t, y, from_logits=from_logits, n_bins=n_bins, scores=scores)
-        _check_rows(t, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name)
-        return RowStatistics(
-            conf=r.conf.numpy(), pred=r.pred.numpy(),
-            nll=None if r.nll is None else r.nll.numpy(),
-            brier=None if r.brier is None else r.brier.numpy(),
-            cw_p=r.cw_p, cw_y=r.cw_y,
-        )
+        return _row_statistics_native(t, y, from_logits=from_logits, name=name, n_bins=n_bins, scores=scores)
     return _row_statistics_torch(t, y, from_logits=from_logits, name=name, n_bins=n_bins, scores=scores)
+
+
+def _row_statistics_native(
+    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, scores: bool
+) -> RowStatistics:
+    """:func:`row_statistics` by the native kernel: in one call on ``t`` itself, or, for a layout
+    or dtype the kernel does not take (columns not contiguous, float16 without compiler support),
+    on chunks of rows made contiguous in the compute dtype, so that no full-size copy is made and
+    the path depends on the build alone, not on the input."""
+    if native.supports_calibration(t):
+        parts: Iterator[tuple[int, int, torch.Tensor]] = iter([(0, t.shape[0], t)])
+    else:
+        parts = ((a, b, _chunk(t, a, b).contiguous()) for a, b in iter_chunks(t))
+    n, k = t.shape
+    conf = np.empty(n)
+    pred = np.empty(n, dtype=np.int64)
+    nll = np.empty(n) if scores else None
+    brier = np.empty(n) if scores else None
+    cw_p = torch.zeros(k * n_bins, dtype=torch.float64) if n_bins else None
+    cw_y = torch.zeros(k * n_bins, dtype=torch.float64) if n_bins else None
+    for start, stop, block in parts:
+        yb = y[start:stop]
+        r = native.calibration_rows(block, yb, from_logits=from_logits, n_bins=n_bins, scores=scores)
+        _check_rows(block, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name, start=start,
+                    storage=t.dtype)
+        conf[start:stop], pred[start:stop] = r.conf.numpy(), r.pred.numpy()
+        if nll is not None and brier is not None and r.nll is not None and r.brier is not None:
+            nll[start:stop], brier[start:stop] = r.nll.numpy(), r.brier.numpy()
+        if cw_p is not None and cw_y is not None and r.cw_p is not None and r.cw_y is not None:
+            cw_p += r.cw_p
+            cw_y += r.cw_y
+    return RowStatistics(conf=conf, pred=pred, nll=nll, brier=brier, cw_p=cw_p, cw_y=cw_y)
 
 
 def _check_rows(
@@ -95,16 +117,19 @@ def _check_rows(
     *,
     from_logits: bool,
     name: str,
+    start: int,
+    storage: torch.dtype,
 ) -> None:
-    """The checks of :func:`crossent.calibration._inputs.check_chunk`, from per-row sums,
-    minima and maxima."""
+    """The checks of :func:`crossent.calibration._inputs.check_chunk` on the rows ``t`` (the
+    first of them row ``start`` of the input, stored as ``storage``), from their sums, minima
+    and maxima."""
     finite = torch.isfinite(rowsum)
     if not bool(finite.all()):
         rows = torch.nonzero(~finite)[:, 0]
         # a sum may overflow for large finite entries: look at those rows themselves
         bad = rows[~torch.isfinite(t[rows]).all(1)]
         if bad.numel():
-            raise ValueError(f"{name}: row {int(bad[0])} contains NaN or infinite values")
+            raise ValueError(f"{name}: row {start + int(bad[0])} contains NaN or infinite values")
     if from_logits:
         return
     assert rowmin is not None
@@ -112,15 +137,15 @@ def _check_rows(
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0, 0])
         raise ValueError(
-            f"{name}: row {i} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
+            f"{name}: row {start + i} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
             f" max {float(rowmax[i]):.4g}); pass from_logits=True if these are logits"
         )
-    tol = sum_atol(t.dtype)
+    tol = sum_atol(storage)
     bad = (rowsum - 1).abs() > tol
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0, 0])
         raise ValueError(
-            f"{name}: row {i} sums to {float(rowsum[i]):.6g}, not 1 (tolerance {tol:g});"
+            f"{name}: row {start + i} sums to {float(rowsum[i]):.6g}, not 1 (tolerance {tol:g});"
             " normalise the rows, or pass from_logits=True if these are logits"
         )
 
