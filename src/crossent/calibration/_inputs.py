@@ -151,22 +151,40 @@ def check_chunk(
 ) -> None:
     """Raise ``ValueError`` naming the first bad row of ``block`` (rows start at ``start``)."""
     rowsum = block.sum(1)  # float32 is ample for a 1e-3 tolerance, and fast
+    lo, hi = (None, None) if from_logits else (block.amin(1), block.amax(1))
+    check_rows(block, rowsum, lo, hi, from_logits=from_logits, name=name, start=start, storage=storage)
+
+
+def check_rows(
+    rows: torch.Tensor,
+    rowsum: torch.Tensor,
+    rowmin: torch.Tensor | None,
+    rowmax: torch.Tensor | None,
+    *,
+    from_logits: bool,
+    name: str,
+    start: int,
+    storage: torch.dtype,
+) -> None:
+    """Raise ``ValueError`` naming the first bad one of ``rows`` (the first of them row ``start``
+    of the input, stored as ``storage``) from their sums and, for probabilities, their minima and
+    maxima: NaN or infinity; for probabilities also entries outside [0, 1] and sums off one."""
     finite = torch.isfinite(rowsum)
     if not bool(finite.all()):
-        rows_ok = torch.isfinite(block).all(1)
-        if not bool(rows_ok.all()):
-            i = _first(~rows_ok)
-            raise ValueError(f"{name}: row {start + i} contains NaN or infinite values")
+        suspects = torch.nonzero(~finite)[:, 0]
+        # a sum may overflow for large finite entries: look at those rows themselves
+        bad = suspects[~torch.isfinite(rows[suspects]).all(1)]
+        if bad.numel():
+            raise ValueError(f"{name}: row {start + int(bad[0])} contains NaN or infinite values")
     if from_logits:
         return
-    lo = block.amin(1)
-    hi = block.amax(1)
-    bad = (lo < -RANGE_ATOL) | (hi > 1 + RANGE_ATOL)
+    assert rowmin is not None and rowmax is not None
+    bad = (rowmin < -RANGE_ATOL) | (rowmax > 1 + RANGE_ATOL)
     if bool(bad.any()):
         i = _first(bad)
         raise ValueError(
-            f"{name}: row {start + i} has values outside [0, 1] (min {float(lo[i]):.4g},"
-            f" max {float(hi[i]):.4g}); pass from_logits=True if these are logits"
+            f"{name}: row {start + i} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
+            f" max {float(rowmax[i]):.4g}); pass from_logits=True if these are logits"
         )
     tol = sum_atol(storage)
     bad = (rowsum - 1).abs() > tol

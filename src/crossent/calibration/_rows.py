@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from crossent.backends import native
-from crossent.calibration._inputs import RANGE_ATOL, _chunk, chunks, iter_chunks, sum_atol
+from crossent.calibration._inputs import _chunk, check_rows, chunks, iter_chunks
 
 __all__ = ["RowStatistics", "classwise_sums", "row_statistics", "width_bin_index", "width_edges"]
 
@@ -98,8 +98,8 @@ def _row_statistics_native(
     for start, stop, block in parts:
         yb = y[start:stop]
         r = native.calibration_rows(block, yb, from_logits=from_logits, n_bins=n_bins, scores=scores)
-        _check_rows(block, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name, start=start,
-                    storage=t.dtype)
+        check_rows(block, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name, start=start,
+                   storage=t.dtype)
         conf[start:stop], pred[start:stop] = r.conf.numpy(), r.pred.numpy()
         if nll is not None and brier is not None and r.nll is not None and r.brier is not None:
             nll[start:stop], brier[start:stop] = r.nll.numpy(), r.brier.numpy()
@@ -107,47 +107,6 @@ def _row_statistics_native(
             cw_p += r.cw_p
             cw_y += r.cw_y
     return RowStatistics(conf=conf, pred=pred, nll=nll, brier=brier, cw_p=cw_p, cw_y=cw_y)
-
-
-def _check_rows(
-    t: torch.Tensor,
-    rowsum: torch.Tensor,
-    rowmin: torch.Tensor | None,
-    rowmax: torch.Tensor,
-    *,
-    from_logits: bool,
-    name: str,
-    start: int,
-    storage: torch.dtype,
-) -> None:
-    """The checks of :func:`crossent.calibration._inputs.check_chunk` on the rows ``t`` (the
-    first of them row ``start`` of the input, stored as ``storage``), from their sums, minima
-    and maxima."""
-    finite = torch.isfinite(rowsum)
-    if not bool(finite.all()):
-        rows = torch.nonzero(~finite)[:, 0]
-        # a sum may overflow for large finite entries: look at those rows themselves
-        bad = rows[~torch.isfinite(t[rows]).all(1)]
-        if bad.numel():
-            raise ValueError(f"{name}: row {start + int(bad[0])} contains NaN or infinite values")
-    if from_logits:
-        return
-    assert rowmin is not None
-    bad = (rowmin < -RANGE_ATOL) | (rowmax > 1 + RANGE_ATOL)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(
-            f"{name}: row {start + i} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
-            f" max {float(rowmax[i]):.4g}); pass from_logits=True if these are logits"
-        )
-    tol = sum_atol(storage)
-    bad = (rowsum - 1).abs() > tol
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(
-            f"{name}: row {start + i} sums to {float(rowsum[i]):.6g}, not 1 (tolerance {tol:g});"
-            " normalise the rows, or pass from_logits=True if these are logits"
-        )
 
 
 def _row_statistics_torch(
