@@ -144,7 +144,7 @@ class CalibrationMeter:
                 r = row_statistics(torch.stack([1.0 - p, p], 1), torch.from_numpy(y), from_logits=False,
                                    name="probs", n_bins=self.n_bins, scores=False)
                 assert r.cw_p is not None and r.cw_y is not None
-                self._add_classwise_sums(r.cw_p, r.cw_y, 2)
+                self._add_classwise_sums(r.cw_p, r.cw_y)
             return
         n, k = t.shape
         if self._k is None:
@@ -159,7 +159,7 @@ class CalibrationMeter:
         """One read of the batch (:func:`~crossent.calibration._rows.row_statistics`, the pass of
         the one-shot functions): per-row confidence, prediction, NLL and Brier score, and the
         classwise bin sums, added to the statistics only once the whole batch is validated."""
-        n, k = t.shape
+        n = t.shape[0]
         assert self.from_logits is not None
         r = row_statistics(t, y, from_logits=self.from_logits, name="logits" if self.from_logits else "probs",
                            n_bins=self.n_bins if self.classwise else 0)
@@ -168,7 +168,7 @@ class CalibrationMeter:
         self._add_scores(r.conf, correct)
         self._scalars += [n, correct.sum(), float(r.nll.sum()), float(r.brier.sum())]
         if r.cw_p is not None and r.cw_y is not None:
-            self._add_classwise_sums(r.cw_p, r.cw_y, k)
+            self._add_classwise_sums(r.cw_p, r.cw_y)
 
     def _add_scores(self, conf: np.ndarray, correct: np.ndarray) -> None:
         if self.binning == "mass":
@@ -180,12 +180,12 @@ class CalibrationMeter:
         self._bins[2] += np.bincount(idx, weights=correct, minlength=self.n_bins)
         self._synced = None
 
-    def _add_classwise_sums(self, cw_p: torch.Tensor, cw_y: torch.Tensor, k: int) -> None:
+    def _add_classwise_sums(self, cw_p: torch.Tensor, cw_y: torch.Tensor) -> None:
         if self._cw_p is None or self._cw_y is None:
-            self._cw_p = torch.zeros(k * self.n_bins, dtype=torch.float64)
-            self._cw_y = torch.zeros(k * self.n_bins, dtype=torch.float64)
-        self._cw_p += cw_p
-        self._cw_y += cw_y
+            self._cw_p, self._cw_y = cw_p.clone(), cw_y.clone()
+        else:
+            self._cw_p += cw_p
+            self._cw_y += cw_y
         self._synced = None
 
     # ------------------------------------------------------------------ ranks

@@ -1172,8 +1172,9 @@ CE_API int FN(ce_binary)(bce_args *a) {
 /* Calibration statistics (crossent.calibration._rows.row_statistics), one row at a time:
  *
  *   pass 1 (the row from memory; float and double rows in place, others converted into the
- *           scratch row): the max m, the row sum (finite iff every entry is) and for
- *           probabilities the min and sum p^2 (row_moments); then the first argmax, while the
+ *           scratch row): the max m and the row sum (finite iff every entry is; row_max_sum),
+ *           for probabilities also the min and sum p^2 (row_moments, or with AVX-512
+ *           prob_row_avx512, which also takes pass 3); then the first argmax, while the
  *           row is in L1. The next row is prefetched meanwhile (with the AVX-512 classwise
  *           pass, the row after it, a line at a time during that pass).
  *   pass 2 (logits, from L1): e = exp(u - m) into the scratch row, s = sum e, q = sum e^2
@@ -1198,11 +1199,11 @@ typedef struct {
     int failed[MAX_THREADS];
 } FN(cal_ctx);
 
-/* max, min, sum and (with SQ) sum of squares of a row, each as two independent vector chains
- * (the two halves of a block interleaved): a single chain would wait on the latency of every
- * add. Float partial sums of SEG terms are added in double. */
+/* max, min, sum and sum of squares of a row of probabilities, each as two independent vector
+ * chains (the two halves of a block interleaved): a single chain would wait on the latency of
+ * every add. Float partial sums of SEG terms are added in double. */
 ALWAYS_INLINE void FN(row_moments)(const ACC *restrict u, int64_t C, ACC *m_out, ACC *lo_out, double *sum_out,
-                                   double *sq_out, const int SQ) {
+                                   double *sq_out) {
     ACC m0 = -INFINITY, m1 = -INFINITY, l0 = INFINITY, l1 = INFINITY;
     double sum = 0.0, sq = 0.0;
     for (int64_t k0 = 0; k0 < C; k0 += SEG) {
@@ -1218,10 +1219,8 @@ ALWAYS_INLINE void FN(row_moments)(const ACC *restrict u, int64_t C, ACC *m_out,
             l1 = b < l1 ? b : l1;
             s0 += a;
             s1 += b;
-            if (SQ) {
-                q0 += a * a;
-                q1 += b * b;
-            }
+            q0 += a * a;
+            q1 += b * b;
         }
         if (n & 1) { /* the odd one out, the block's last */
             const ACC b = u[k0 + n - 1];
@@ -1237,6 +1236,30 @@ ALWAYS_INLINE void FN(row_moments)(const ACC *restrict u, int64_t C, ACC *m_out,
     *lo_out = l0 < l1 ? l0 : l1;
     *sum_out = sum;
     *sq_out = sq;
+}
+
+/* The classwise pass of one row in portable C (the AVX-512 builds use cw_row_avx512): every
+ * p_k = u_k inv to its column total, then the entries above thr, found by blocks of 64, moved
+ * from there to their own bins. */
+static void FN(cw_row)(const ACC *u, int64_t C, ACC thr, double inv, double *restrict first, double *restrict cwp,
+                       const double *edges, int M) {
+    for (int64_t k0 = 0; k0 < C; k0 += 64) {
+        const int64_t k1 = C - k0 < 64 ? C : k0 + 64;
+        int any = 0;
+        CE_PRAGMA(omp simd reduction(| : any))
+        for (int64_t k = k0; k < k1; ++k) {
+            first[k] += (double)u[k] * inv;
+            any |= u[k] > thr;
+        }
+        if (!any) continue;
+        for (int64_t k = k0; k < k1; ++k) {
+            if (u[k] > thr) {
+                const double pk = (double)u[k] * inv;
+                cwp[k * M + width_bin(pk, edges, M)] += pk;
+                first[k] -= pk;
+            }
+        }
+    }
 }
 
 static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
@@ -1276,11 +1299,11 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
             FN(load)(buf, xr, a->x_dtype, 0, C);
             u = buf;
         }
-        ACC m, lo;
-        double sum, q;
+        ACC m, lo = 0;
+        double sum, q = 0.0;
         int cw_done = 0;
-        const char *ahead = r + 2 < r1 ? (const char *)a->x + (size_t)((r + 2) * a->x_row_stride) * es : NULL;
 #if HAVE_CW_AVX512
+        const char *ahead = r + 2 < r1 ? (const char *)a->x + (size_t)((r + 2) * a->x_row_stride) * es : NULL;
         if (sizeof(ACC) == 4 && !logits) { /* pass 1 and the classwise pass in one read */
             float mf, lof;
             prob_row_avx512((const float *)u, C, (float)below, first, cwp, edges, M, ahead, (int64_t)es, &mf, &lof,
@@ -1291,9 +1314,9 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         } else
 #endif
         if (logits)
-            FN(row_moments)(u, C, &m, &lo, &sum, &q, 0);
+            m = FN(row_max_sum)(u, NULL, C, &sum); /* lo and q are not needed, or come from pass 2 */
         else
-            FN(row_moments)(u, C, &m, &lo, &sum, &q, 1);
+            FN(row_moments)(u, C, &m, &lo, &sum, &q);
         const int64_t am = FN(first_equal)(u, C, m);
         const int64_t y = a->y[r];
         const ACC uy = u[y];
@@ -1336,29 +1359,11 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         if (M > 0 && !cw_done) {
             const ACC thr = (ACC)(logits ? below / inv : below);
 #if HAVE_CW_AVX512
-            if (sizeof(ACC) == 4) {
+            if (sizeof(ACC) == 4)
                 cw_row_avx512((const float *)p, C, (float)thr, inv, first, cwp, edges, M, ahead, (int64_t)es);
-            } else
+            else
 #endif
-            {
-                for (int64_t k0 = 0; k0 < C; k0 += 64) {
-                    const int64_t k1 = C - k0 < 64 ? C : k0 + 64;
-                    int any = 0;
-                    CE_PRAGMA(omp simd reduction(| : any))
-                    for (int64_t k = k0; k < k1; ++k) {
-                        first[k] += (double)p[k] * inv;
-                        any |= p[k] > thr;
-                    }
-                    if (!any) continue;
-                    for (int64_t k = k0; k < k1; ++k) {
-                        if (p[k] > thr) {
-                            const double pk = (double)p[k] * inv;
-                            cwp[k * M + width_bin(pk, edges, M)] += pk;
-                            first[k] -= pk;
-                        }
-                    }
-                }
-            }
+                FN(cw_row)(p, C, thr, inv, first, cwp, edges, M);
         }
         if (M > 0) cwy[y * M + width_bin((double)p[y] * inv, edges, M)] += 1.0;
     }
