@@ -101,6 +101,77 @@ def test_matches_float64_reference(
         assert got == pytest.approx(float(np.abs(want["cw_p"] - want["cw_y"]).sum()), rel=1e-4)
 
 
+def scaled_reference(x: torch.Tensor, y: np.ndarray, beta: float) -> dict[str, np.ndarray]:
+    """Float64 NumPy: the NLL of softmax(beta z) and the mean and variance of z under it."""
+    z = x.to(torch.float64).numpy()
+    n = z.shape[0]
+    a = beta * z
+    lse = a.max(1) + np.log(np.exp(a - a.max(1, keepdims=True)).sum(1))
+    p = np.exp(a - lse[:, None])
+    zy = z[np.arange(n), y]
+    mean = (p * z).sum(1)
+    return {"conf": p.max(1), "nll": lse - beta * zy, "dmean": mean - zy,
+            "dvar": (p * (z - mean[:, None]) ** 2).sum(1)}
+
+
+SCALED = list(itertools.product(PATHS, DTYPES, (0.37, 1.0, 4.0), (2, 37, 1000)))
+
+
+@pytest.mark.parametrize(("where", "dtype", "beta", "k"), SCALED)
+def test_inverse_temperature_and_moments_match_float64_reference(
+    where: str, dtype: torch.dtype, beta: float, k: int
+) -> None:
+    """``scale`` (temperature scaling's inverse temperature) and ``moments`` (its Newton step)."""
+    x, y = data(67, k, dtype, True, seed=k + 7)
+    with path(where):
+        r = row_statistics(x, torch.from_numpy(y), from_logits=True, name="x", scale=beta, moments=True)
+    want = scaled_reference(x, y, beta)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    np.testing.assert_allclose(r.conf, want["conf"], **tol)
+    np.testing.assert_array_equal(r.pred, x.to(torch.float64).numpy().argmax(1))
+    for key in ("nll", "dmean", "dvar"):
+        np.testing.assert_allclose(getattr(r, key), want[key], **tol, err_msg=key)
+
+
+@pytest.mark.parametrize("where", PATHS)
+def test_moments_are_the_derivatives_of_the_nll(where: str) -> None:
+    """Sum of dmean = d/d(beta) of the summed NLL, sum of dvar = d/d(beta) of the sum of dmean
+    (central differences in float64)."""
+    x, y = data(300, 50, torch.float64, True, seed=11)
+    yt = torch.from_numpy(y)
+
+    def at(beta: float) -> RowStatistics:
+        return row_statistics(x, yt, from_logits=True, name="x", scale=beta, moments=True)
+
+    h = 1e-5
+    for beta in (0.3, 1.0, 2.5):
+        mid, up, down = at(beta), at(beta + h), at(beta - h)
+        assert mid.dmean is not None and mid.dvar is not None and up.nll is not None and down.nll is not None
+        assert up.dmean is not None and down.dmean is not None
+        slope = float(up.nll.sum() - down.nll.sum()) / (2 * h)
+        curvature = float(up.dmean.sum() - down.dmean.sum()) / (2 * h)
+        assert float(mid.dmean.sum()) == pytest.approx(slope, rel=1e-7)
+        assert float(mid.dvar.sum()) == pytest.approx(curvature, rel=1e-7)
+
+
+@pytest.mark.parametrize("where", PATHS)
+def test_scale_and_moments_reject_what_they_cannot_take(where: str) -> None:
+    x, y = data(5, 4, torch.float32, True, seed=0)
+    yt = torch.from_numpy(y)
+    with path(where):
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="scale must be a finite positive inverse temperature"):
+                row_statistics(x, yt, from_logits=True, name="x", scale=bad)
+        p = torch.softmax(x, 1)
+        with pytest.raises(ValueError, match="scale and moments are for logits"):
+            row_statistics(p, yt, from_logits=False, name="x", moments=True)
+        big = torch.full((3, 4), 3e38)  # finite; z - max overflows to -inf in float
+        big[:, 0] = -3e38
+        r = row_statistics(big, yt[:3], from_logits=True, name="x", scale=0.5, moments=True)
+        for key in ("nll", "dmean", "dvar"):
+            assert np.isfinite(getattr(r, key)).all(), key
+
+
 @pytest.mark.parametrize("where", PATHS)
 @pytest.mark.parametrize("n_bins", [1, 2, 3, 7, 10, 15, 20, 100])
 def test_entries_at_the_edges_bin_like_searchsorted(where: str, n_bins: int) -> None:
@@ -228,6 +299,11 @@ def test_portable_build_equals_the_built_one(tmp_path: Path, from_logits: bool) 
     if from_logits:  # e from differently contracted polynomials: an edge case may change bins
         assert float((got.cw_p - got.cw_y).abs().sum()) == pytest.approx(
             float((want.cw_p - want.cw_y).abs().sum()), rel=1e-5)
+        want_m = native.calibration_rows(x, yt, from_logits=True, scale=0.4, moments=True)
+        got_m = native.calibration_rows(x, yt, from_logits=True, scale=0.4, moments=True, library=lib)
+        for key in ("nll", "dmean", "dvar"):
+            np.testing.assert_allclose(getattr(got_m, key).numpy(), getattr(want_m, key).numpy(), rtol=1e-5,
+                                       atol=2e-5, err_msg=key)
     else:
         np.testing.assert_array_equal(got.cw_y.numpy(), want.cw_y.numpy())
         np.testing.assert_allclose(got.cw_p.numpy(), want.cw_p.numpy(), rtol=1e-12, atol=1e-13)

@@ -173,6 +173,25 @@ def test_vector_scaling() -> None:
         TemperatureScaler(method="vector").fit(observed, y, objective="ece")
 
 
+@pytest.mark.parametrize("objective", ["nll", "ece"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_native_and_torch_paths_fit_the_same_temperature(objective: str, dtype: torch.dtype) -> None:
+    """The fit's passes (row_statistics with an inverse temperature and moments) on the native
+    kernel and on torch ops."""
+    from crossent.backends import native
+
+    if not native.available():
+        pytest.skip("the native kernels are not built on this machine")
+    z, y = calibrated_logits(3000, 20, seed=9)
+    x = torch.from_numpy(z * 2.5).to(dtype)
+    got = TemperatureScaler().fit(x, y, objective=objective)  # type: ignore[arg-type]
+    with native.disabled():
+        want = TemperatureScaler().fit(x, y, objective=objective)  # type: ignore[arg-type]
+    rel = 1e-9 if dtype == torch.float64 else 1e-4
+    assert got.temperature == pytest.approx(want.temperature, rel=rel)
+    assert got.temperature == pytest.approx(2.5, rel=0.1)
+
+
 def test_chunked_fit_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     z, y = calibrated_logits(600, 5, seed=8)
     ref = TemperatureScaler().fit(z * 2, y).temperature

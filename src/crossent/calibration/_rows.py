@@ -24,6 +24,7 @@ fewer than M; every other entry adds to its class's first bin.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ class RowStatistics:
     brier: np.ndarray | None  #: (N,) sum_k (p_k - [y = k])^2 (``scores=True``)
     cw_p: torch.Tensor | None  #: (K M,) sum of p_k per (class k, bin b) at k M + b (``n_bins``)
     cw_y: torch.Tensor | None  #: (K M,) count of labels k per (class k, bin of p_k)
+    dmean: np.ndarray | None = None  #: (N,) E_p[z] - z_y (``moments``)
+    dvar: np.ndarray | None = None  #: (N,) Var_p[z] (``moments``)
 
 
 def row_statistics(
@@ -66,19 +69,34 @@ def row_statistics(
     name: str,
     n_bins: int = 0,
     scores: bool = True,
+    scale: float = 1.0,
+    moments: bool = False,
 ) -> RowStatistics:
-    """Validated per-row statistics of ``t`` (N, C) with int64 labels ``y`` (N,) in range.
+    r"""Validated per-row statistics of ``t`` (N, C) with int64 labels ``y`` (N,) in range.
+
+    Logits only: ``scale`` is an inverse temperature :math:`\beta > 0`, every statistic then
+    being that of :math:`p = \operatorname{softmax}(\beta z)` (the NLL
+    :math:`\beta (m - z_y) + \log \sum_k e^{\beta (z_k - m)}`), and ``moments`` adds
+    :math:`\mathbb E_p[z] - z_y` and :math:`\operatorname{Var}_p[z]`, the per-row first and
+    second derivatives of the NLL in :math:`\beta` (temperature scaling's Newton step).
 
     Raises ``ValueError`` naming the first row that holds NaN or infinity, and for
     probabilities (``from_logits=False``) the first row outside [0, 1] or not summing to one.
     """
+    if not from_logits and (scale != 1.0 or moments):
+        raise ValueError("scale and moments are for logits (from_logits=True)")
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"scale must be a finite positive inverse temperature, got {scale!r}")
+    kw = {"from_logits": from_logits, "name": name, "n_bins": n_bins, "scores": scores, "scale": float(scale),
+          "moments": moments}
     if native.available():
-        return _row_statistics_native(t, y, from_logits=from_logits, name=name, n_bins=n_bins, scores=scores)
-    return _row_statistics_torch(t, y, from_logits=from_logits, name=name, n_bins=n_bins, scores=scores)
+        return _row_statistics_native(t, y, **kw)  # type: ignore[arg-type]
+    return _row_statistics_torch(t, y, **kw)  # type: ignore[arg-type]
 
 
 def _row_statistics_native(
-    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, scores: bool
+    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, scores: bool,
+    scale: float, moments: bool,
 ) -> RowStatistics:
     """:func:`row_statistics` by the native kernel: in one call on ``t`` itself, or, for a layout
     or dtype the kernel does not take (columns not contiguous, float16 without compiler support),
@@ -95,9 +113,12 @@ def _row_statistics_native(
     brier = np.empty(n) if scores else None
     cw_p = torch.zeros(k * n_bins, dtype=torch.float64) if n_bins else None
     cw_y = torch.zeros(k * n_bins, dtype=torch.float64) if n_bins else None
+    dmean = np.empty(n) if moments else None
+    dvar = np.empty(n) if moments else None
     for start, stop, block in parts:
         yb = y[start:stop]
-        r = native.calibration_rows(block, yb, from_logits=from_logits, n_bins=n_bins, scores=scores)
+        r = native.calibration_rows(block, yb, from_logits=from_logits, n_bins=n_bins, scores=scores,
+                                    scale=scale, moments=moments)
         check_rows(block, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name, start=start,
                    storage=t.dtype)
         conf[start:stop], pred[start:stop] = r.conf.numpy(), r.pred.numpy()
@@ -106,11 +127,15 @@ def _row_statistics_native(
         if cw_p is not None and cw_y is not None and r.cw_p is not None and r.cw_y is not None:
             cw_p += r.cw_p
             cw_y += r.cw_y
-    return RowStatistics(conf=conf, pred=pred, nll=nll, brier=brier, cw_p=cw_p, cw_y=cw_y)
+        if dmean is not None and dvar is not None and r.dmean is not None and r.dvar is not None:
+            dmean[start:stop], dvar[start:stop] = r.dmean.numpy(), r.dvar.numpy()
+    return RowStatistics(conf=conf, pred=pred, nll=nll, brier=brier, cw_p=cw_p, cw_y=cw_y, dmean=dmean,
+                         dvar=dvar)
 
 
 def _row_statistics_torch(
-    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, scores: bool
+    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, scores: bool,
+    scale: float, moments: bool,
 ) -> RowStatistics:
     """:func:`row_statistics` as torch ops over chunks of rows (the same formulas)."""
     n, k = t.shape
@@ -121,17 +146,26 @@ def _row_statistics_torch(
     brier = torch.empty(n, dtype=f64) if scores else None
     cw_p = torch.zeros(k * n_bins, dtype=f64) if n_bins else None
     cw_y = torch.zeros(k * n_bins, dtype=f64) if n_bins else None
+    dmean = torch.empty(n, dtype=f64) if moments else None
+    dvar = torch.empty(n, dtype=f64) if moments else None
     for start, stop, block in chunks(t, from_logits=from_logits, name=name):
         yb = y[start:stop, None]
         at_y = block.gather(1, yb)[:, 0].to(f64)
         if from_logits:
             m, idx = block.max(dim=1)
-            e = (block - m[:, None]).exp_()
+            d = block - m[:, None]
+            e = (d * scale).exp_() if scale != 1.0 else d.exp()
             s = e.sum(1).to(f64)
             inv = torch.reciprocal(s)
             conf[start:stop] = inv
+            if dmean is not None and dvar is not None:
+                live = e > 0  # e = 0 where z - m overflows to -inf: those entries add 0
+                mean_d = torch.where(live, e * d, 0.0).sum(1).to(f64) * inv
+                dmean[start:stop] = mean_d - (at_y - m.to(f64))
+                dev = d - mean_d.to(d.dtype)[:, None]
+                dvar[start:stop] = torch.where(live, e * dev * dev, 0.0).sum(1).to(f64) * inv
             if nll is not None and brier is not None:
-                nll[start:stop] = m.to(f64) + torch.log(s) - at_y
+                nll[start:stop] = scale * (m.to(f64) - at_y) + torch.log(s)
                 sq = torch.linalg.vector_norm(e, dim=1).to(f64).square()
                 brier[start:stop] = sq * inv.square() - 2.0 * e.gather(1, yb)[:, 0].to(f64) * inv + 1.0
             p = e.to(f64).mul_(inv[:, None]) if cw_p is not None else None
@@ -149,7 +183,8 @@ def _row_statistics_torch(
     return RowStatistics(
         conf=conf.numpy(), pred=pred.numpy(),
         nll=None if nll is None else nll.numpy(), brier=None if brier is None else brier.numpy(),
-        cw_p=cw_p, cw_y=cw_y,
+        cw_p=cw_p, cw_y=cw_y, dmean=None if dmean is None else dmean.numpy(),
+        dvar=None if dvar is None else dvar.numpy(),
     )
 
 

@@ -21,8 +21,10 @@ geometric bisection of the bracket whenever a Newton step leaves it. Because :ma
 monotone the bracket always contains the minimiser, so the iteration converges from any
 start, and the result lies in :math:`[T_{\min}, T_{\max}]` -- in particular :math:`T > 0`.
 If the minimiser is beyond a bound (for instance, separable data drive :math:`T \to 0`) the
-bound is returned. Each iteration is one vectorised pass over the rows in chunks (float32
-for float32 input, float64 otherwise), so a (10^6, 10^3) matrix needs no copy.
+bound is returned. Each iteration is one read of the rows by the calibration kernel
+(:func:`~crossent.calibration._rows.row_statistics` with ``moments``: float32 arithmetic for
+float32 input, with float64 sums over rows; float64 otherwise), so a (10^6, 10^3) matrix needs
+no copy; the guard's two NLLs are taken in float64 (torch ops on chunks of rows).
 
 ``objective="ece"`` minimises the top-label ECE instead (the convention of Mukhoti et al.
 2020), with a grid over :math:`\log T` followed by a golden-section refinement.
@@ -53,9 +55,9 @@ from crossent.calibration._inputs import (
     ArrayLike,
     as_labels,
     as_matrix,
-    chunks,
     iter_chunks,
 )
+from crossent.calibration._rows import row_statistics
 from crossent.calibration.metrics import table_from_scores
 
 __all__ = ["TemperatureScaler", "VectorScaler"]
@@ -89,31 +91,19 @@ def golden_section(
 
 
 def _nll_derivatives(z: torch.Tensor, y: np.ndarray, s: float) -> tuple[float, float, float]:
-    """Mean NLL of softmax(s z) and its first two derivatives in s; one pass in chunks."""
-    yt = torch.from_numpy(y)
-    loss = grad = hess = 0.0
-    for start, stop, block in chunks(z, from_logits=True, name="logits"):
-        zy = block.gather(1, yt[start:stop, None]).reshape(-1)
-        lse = torch.logsumexp(block * s, dim=1)
-        p = torch.exp(block * s - lse[:, None])
-        mean_z = (p * block).sum(1)
-        var_z = (p * (block - mean_z[:, None]).square()).sum(1)
-        # per-row values are O(1); their float64 sums over rows keep the total accurate
-        loss += float((lse - s * zy).to(torch.float64).sum())
-        grad += float((mean_z - zy).to(torch.float64).sum())
-        hess += float(var_z.to(torch.float64).sum())
+    """Mean NLL of softmax(s z) and its first two derivatives in s: one read of the rows
+    (:func:`~crossent.calibration._rows.row_statistics` with ``moments``)."""
+    r = row_statistics(z, torch.from_numpy(y), from_logits=True, name="logits", scale=s, moments=True)
+    assert r.nll is not None and r.dmean is not None and r.dvar is not None
+    # per-row values are O(1); their float64 sums over rows keep the total accurate
     n = z.shape[0]
-    return loss / n, grad / n, hess / n
+    return float(r.nll.sum()) / n, float(r.dmean.sum()) / n, float(r.dvar.sum()) / n
 
 
-def _top_conf_at(z: torch.Tensor, t: float) -> np.ndarray:
+def _top_conf_at(z: torch.Tensor, y: np.ndarray, t: float) -> np.ndarray:
     """Top-label confidence of softmax(z / t) for every row."""
-    out = np.empty(z.shape[0], dtype=np.float64)
-    for start, stop, block in chunks(z, from_logits=True, name="logits"):
-        scaled = block / t
-        top = torch.exp(scaled.amax(1) - torch.logsumexp(scaled, dim=1))
-        out[start:stop] = top.to(torch.float64).numpy()
-    return out
+    yt = torch.from_numpy(y)
+    return row_statistics(z, yt, from_logits=True, name="logits", scores=False, scale=1.0 / t).conf
 
 
 class TemperatureScaler(Recalibrator):
@@ -245,9 +235,9 @@ class TemperatureScaler(Recalibrator):
         yt = torch.from_numpy(y)
         nll_id = nll_fit = 0.0
         separable = True
-        for start, stop, block in chunks(z, from_logits=True, name="logits"):
+        for start, stop in iter_chunks(z):  # in float64: the guard compares the two NLLs to 1e-9
             yb = yt[start:stop, None]
-            b64 = block.to(torch.float64)
+            b64 = z[start:stop].to(torch.float64)
             separable = separable and bool((b64.argmax(1) == yb[:, 0]).all())
             nll_id += float((torch.logsumexp(b64, 1) - b64.gather(1, yb)[:, 0]).sum())
             s = self.transform_logits(b64)
@@ -349,13 +339,11 @@ class TemperatureScaler(Recalibrator):
         return float(min(max(1.0 / s, self.t_min), self.t_max))
 
     def _fit_ece(self, z: torch.Tensor, y: np.ndarray, n_bins: int) -> float:
-        pred = np.empty(z.shape[0], dtype=np.int64)
-        for start, stop, block in chunks(z, from_logits=True, name="logits"):
-            pred[start:stop] = block.argmax(1).numpy()
+        pred = row_statistics(z, torch.from_numpy(y), from_logits=True, name="logits", scores=False).pred
         correct = (pred == y).astype(np.float64)
 
         def objective(log_t: float) -> float:
-            conf = _top_conf_at(z, math.exp(log_t))
+            conf = _top_conf_at(z, y, math.exp(log_t))
             return table_from_scores(conf, correct, n_bins=n_bins).calibration_error("l1")
 
         # The ECE is a rough, piecewise-smooth function of T: a coarse grid over log T, a

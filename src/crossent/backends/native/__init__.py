@@ -159,7 +159,8 @@ class _CalibrationArgs(ctypes.Structure):
         ("y", ctypes.c_void_p), ("n_threads", ctypes.c_int32), ("n_bins", ctypes.c_int32),
         ("conf", ctypes.c_void_p), ("pred", ctypes.c_void_p), ("nll", ctypes.c_void_p),
         ("brier", ctypes.c_void_p), ("rowsum", ctypes.c_void_p), ("rowmin", ctypes.c_void_p),
-        ("cw_p", ctypes.c_void_p), ("cw_y", ctypes.c_void_p),
+        ("cw_p", ctypes.c_void_p), ("cw_y", ctypes.c_void_p), ("scale", ctypes.c_double),
+        ("dmean", ctypes.c_void_p), ("dvar", ctypes.c_void_p),
     ]
 
 
@@ -763,6 +764,8 @@ class CalibrationRows(NamedTuple):
     rowmin: Tensor | None  #: smallest entry (probabilities)
     cw_p: Tensor | None  #: (C M) classwise sums of p per (class, bin)
     cw_y: Tensor | None  #: (C M) classwise label counts per (class, bin)
+    dmean: Tensor | None  #: E_p[x] - x_y, p = softmax(scale x) (``moments``)
+    dvar: Tensor | None  #: Var_p[x] (``moments``)
 
 
 def supports_calibration(x: Tensor) -> bool:
@@ -775,13 +778,15 @@ def supports_calibration(x: Tensor) -> bool:
 
 def calibration_rows(
     x: Tensor, y: Tensor, *, from_logits: bool, n_bins: int = 0, scores: bool = True,
-    library: ctypes.CDLL | None = None,
+    scale: float = 1.0, moments: bool = False, library: ctypes.CDLL | None = None,
 ) -> CalibrationRows:
     """The calibration statistics of every row of ``x`` (N, C) with labels ``y`` (N,) (int64,
     in range) in one read of the rows: see ``ce_calibration`` in ``_kernels_body.h``. With
     ``n_bins`` > 0 also the classwise width-bin sums; ``scores=False`` skips the NLL and Brier
-    outputs. Nothing is validated here: the caller checks ``rowsum`` (and ``rowmin``, ``conf``
-    for probabilities). ``library``: another build of ``_kernels.c`` (the tests' portable one)."""
+    outputs. Logits only: ``scale`` (> 0) is the inverse temperature b of p = softmax(b x), and
+    ``moments`` adds the mean and variance of x under p. Nothing is validated here: the caller
+    checks ``rowsum`` (and ``rowmin``, ``conf`` for probabilities). ``library``: another build
+    of ``_kernels.c`` (the tests' portable one)."""
     n, c = x.shape
     y = y.to(torch.int64).contiguous()
     f64 = torch.float64
@@ -792,13 +797,15 @@ def calibration_rows(
         rowsum=torch.empty(n, dtype=f64), rowmin=None if from_logits else torch.empty(n, dtype=f64),
         cw_p=torch.zeros(c * n_bins, dtype=f64) if n_bins else None,
         cw_y=torch.zeros(c * n_bins, dtype=f64) if n_bins else None,
+        dmean=torch.empty(n, dtype=f64) if moments else None,
+        dvar=torch.empty(n, dtype=f64) if moments else None,
     )
     args = _CalibrationArgs(
         n_rows=n, n_cols=c, x_row_stride=x.stride(0) if n > 1 else c, x=x.data_ptr(),
         x_dtype=_DT[x.dtype], from_logits=int(from_logits), y=y.data_ptr(), n_threads=_threads(),
         n_bins=n_bins, conf=out.conf.data_ptr(), pred=out.pred.data_ptr(), nll=_ptr(out.nll),
         brier=_ptr(out.brier), rowsum=out.rowsum.data_ptr(), rowmin=_ptr(out.rowmin),
-        cw_p=_ptr(out.cw_p), cw_y=_ptr(out.cw_y),
+        cw_p=_ptr(out.cw_p), cw_y=_ptr(out.cw_y), scale=scale, dmean=_ptr(out.dmean), dvar=_ptr(out.dvar),
     )
     lib = library if library is not None else _library()
     _check(getattr(lib, f"ce_calibration_{_suffix(_acc(x.dtype))}")(ctypes.byref(args)))

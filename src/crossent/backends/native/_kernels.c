@@ -333,7 +333,9 @@ typedef struct {
 /* Calibration statistics of (N, C) logits or probabilities (crossent.calibration), per row:
  * the top-label confidence, the first argmax, the NLL and Brier score of the label, the row sum
  * (and for probabilities the row minimum) for the caller's validation, and optionally the
- * classwise width-bin sums of every entry. */
+ * classwise width-bin sums of every entry. Logits may be scaled by an inverse temperature s
+ * (p = softmax(s x)), with the first two moments of x under p for temperature scaling's
+ * Newton steps. */
 typedef struct {
     int64_t n_rows, n_cols, x_row_stride;
     const void *x;                      /* (N, C), rows contiguous */
@@ -349,6 +351,9 @@ typedef struct {
     double *rowsum;                     /* (N,) out: sum_k x_k (finite iff the row is) */
     double *rowmin;                     /* (N,) out (probabilities) or NULL: min_k x_k */
     double *cw_p, *cw_y;                /* (C M) out, zeroed by the caller: bin b of class k at k M + b */
+    double scale;                       /* logits: the inverse temperature s > 0 (1 for the metrics) */
+    double *dmean;                      /* (N,) out (logits) or NULL: E_p[x] - x_y */
+    double *dvar;                       /* (N,) out (logits, with dmean) or NULL: Var_p[x] */
 } cal_args;
 
 /* The width bin of p for M bins ((b - 1)/M, b/M], 0 going to the first: the number of inner

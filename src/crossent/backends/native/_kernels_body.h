@@ -1177,11 +1177,17 @@ CE_API int FN(ce_binary)(bce_args *a) {
  *           prob_row_avx512, which also takes pass 3); then the first argmax, while the
  *           row is in L1. The next row is prefetched meanwhile (with the AVX-512 classwise
  *           pass, the row after it, a line at a time during that pass).
- *   pass 2 (logits, from L1): e = exp(u - m) into the scratch row, s = sum e, q = sum e^2
- *           (float partial sums of SEG terms added in double). The confidence is 1 / s (e = 1 at
- *           the max), the NLL m + log s - u_y and the Brier score q / s^2 - 2 e_y / s + 1: no
- *           probability is formed. Probabilities: the confidence is m, the NLL -log p_y (p_y
- *           clipped at the smallest normal double) and the Brier score q - 2 p_y + 1.
+ *   pass 2 (logits, from L1): e = exp(b (u - m)) into the scratch row, with b the inverse
+ *           temperature (`scale`, 1 for the metrics), s = sum e, q = sum e^2 (float partial sums
+ *           of SEG terms added in double). The confidence is 1 / s (e = 1 at the max), the NLL
+ *           b (m - u_y) + log s and the Brier score q / s^2 - 2 e_y / s + 1: no probability is
+ *           formed. Probabilities: the confidence is m, the NLL -log p_y (p_y clipped at the
+ *           smallest normal double) and the Brier score q - 2 p_y + 1.
+ *   moments (logits, with dmean; from L1): with d = u - m, the mean D = sum e d / s and then
+ *           V = sum e (d - D)^2 / s, the variance of the logits under p = softmax(b u) by the
+ *           two-pass formula (no cancellation between E[d^2] and D^2); dmean = D - (u_y - m) =
+ *           E_p[u] - u_y and dvar = V are the per-row derivatives of the NLL in b (temperature
+ *           scaling's Newton step).
  *   pass 3 (classwise, from L1): p_k = e_k (1 / s) in double (p_k itself for probabilities),
  *           every one added to its class's column total first[k]. Only entries above the first
  *           edge 1/M need a bin, and a row has fewer than M of them: a test in ACC against a
@@ -1267,7 +1273,11 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     const cal_args *a = ctx->a;
     const int64_t C = a->n_cols;
     const int M = a->n_bins;
-    ACC *buf = (ACC *)malloc((size_t)C * sizeof(ACC));
+    const int logits = a->from_logits, direct = a->x_dtype == ACC_DT;
+    /* converted rows live in buf, so the exponentials of a row whose moments are taken (they
+     * read the row again) go to a second scratch row */
+    const int moments = logits && a->dmean != NULL;
+    ACC *buf = (ACC *)malloc((size_t)C * sizeof(ACC) * (moments && !direct ? 2 : 1));
     if (!buf) {
         ctx->failed[tid] = 1;
         return;
@@ -1281,7 +1291,8 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         for (int b = 0; b <= M; ++b) edges[b] = (double)b / M;
     }
     const size_t es = dtype_size(a->x_dtype);
-    const int logits = a->from_logits, direct = a->x_dtype == ACC_DT;
+    ACC *ebuf = moments && !direct ? buf + C : buf;
+    const ACC beta = (ACC)a->scale;
     /* a little below 1/M (in p; times s for e): never above any entry that exceeds 1/M */
     const double below = M > 0 ? (1.0 / M) * (1.0 - 1e-5) : 0.0;
     /* the AVX-512 passes prefetch two rows on as they go (see cw_row_avx512) */
@@ -1329,19 +1340,46 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
                 const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
                 ACC ps = 0, pq = 0;
                 SIMD_SUM(ps, pq)
-                for (int64_t k = k0; k < k1; ++k) { /* buf may be u itself: u[k] is read first */
-                    const ACC e = EXP(u[k] - m);
-                    buf[k] = e;
+                for (int64_t k = k0; k < k1; ++k) { /* ebuf may be u itself: u[k] is read first */
+                    const ACC e = EXP((u[k] - m) * beta);
+                    ebuf[k] = e;
                     ps += e;
                     pq += e * e;
                 }
                 S += (double)ps;
                 q += (double)pq;
             }
-            p = buf;
+            p = ebuf;
             inv = 1.0 / S;
             conf = inv;
-            nll = (double)m + log(S) - (double)uy;
+            nll = a->scale * ((double)m - (double)uy) + log(S);
+            if (moments) {
+                double D = 0.0, V = 0.0;
+                for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+                    const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
+                    ACC pd = 0;
+                    SIMD_SUM(pd)
+                    for (int64_t k = k0; k < k1; ++k) { /* e = 0 where u - m overflows to -inf: adds 0 */
+                        const ACC e = ebuf[k];
+                        pd += e > 0 ? e * (u[k] - m) : (ACC)0;
+                    }
+                    D += (double)pd;
+                }
+                D *= inv;
+                const ACC Da = (ACC)D;
+                for (int64_t k0 = 0; k0 < C; k0 += SEG) {
+                    const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
+                    ACC pv = 0;
+                    SIMD_SUM(pv)
+                    for (int64_t k = k0; k < k1; ++k) {
+                        const ACC e = ebuf[k], dev = (u[k] - m) - Da;
+                        pv += e > 0 ? e * dev * dev : (ACC)0;
+                    }
+                    V += (double)pv;
+                }
+                a->dmean[r] = D - ((double)uy - (double)m);
+                a->dvar[r] = V * inv;
+            }
             const double py = (double)p[y] * inv;
             brier = q * inv * inv - 2.0 * py + 1.0;
         } else {
