@@ -61,7 +61,7 @@ class CalibrationMeter:
         batch (rows in [0, 1] summing to one are probabilities) and keep it.
     classwise:
         Also accumulate the classwise ECE (K M bins). It adds every one of the N K
-        probabilities to a float64 column total, which costs about 15-20 % more than the rest
+        probabilities to a float64 column total, which costs about 10-30 % more than the rest
         of an update on the CPU (BENCHMARKS.md); ``False`` skips it.
 
     Notes
