@@ -70,6 +70,27 @@ def test_every_edge_lands_in_the_bin_it_closes() -> None:
     assert idx.tolist() == [0, *range(m)]
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 10, 13, 15, 20, 49, 100, 1000])
+def test_width_bin_index_is_the_search_it_replaces(m: int) -> None:
+    """Every edge, its float64 and float32 neighbours, out-of-range, infinite, NaN and random
+    values, in (n,) and (n, k) shapes: the same bin as np.searchsorted on the inner edges."""
+    rng = np.random.default_rng(m)
+    edges = np.arange(m + 1) / m
+    e32 = edges.astype(np.float32)
+    values = np.concatenate([
+        edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf),
+        e32, np.nextafter(e32, np.float32(2)), np.nextafter(e32, np.float32(-1)),
+        [np.nan, np.inf, -np.inf, -1.0, 2.0, -0.0, 5e-324, 1e300, -1e300],
+        rng.random(5000), rng.random(1000) ** 20,
+    ]).astype(np.float64)
+    rng.shuffle(values)
+    want = np.searchsorted(edges[1:-1], values, side="left")
+    got = width_bin_index(values, m)
+    assert got.dtype == np.intp and np.array_equal(got, want)
+    square = values[: values.shape[0] // 4 * 4].reshape(-1, 4)
+    assert np.array_equal(width_bin_index(square, m), np.searchsorted(edges[1:-1], square, side="left"))
+
+
 def test_all_in_one_bin_and_single_sample() -> None:
     probs = top_rows([0.91, 0.92, 0.93, 0.94])
     labels = labels_for([1, 1, 0, 1])

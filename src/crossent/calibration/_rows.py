@@ -48,8 +48,28 @@ def width_edges(n_bins: int) -> np.ndarray:
 
 
 def width_bin_index(values: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin of each value for the width bins ((m-1)/M, m/M], 0 going to the first bin."""
-    return np.searchsorted(width_edges(n_bins)[1:-1], values, side="left")
+    r"""Bin of each value for the width bins ((m-1)/M, m/M], 0 going to the first bin: the
+    number of inner edges below it, ``np.searchsorted(width_edges(M)[1:-1], values, "left")``
+    (NaN going to the last bin, as there).
+
+    Computed without a search: :math:`\lfloor v M \rfloor` clamped to [0, M - 1] is at most one
+    off (one rounding in the product, one in each edge), so one step down where the guessed
+    bin's lower edge is not below ``v`` and one step up where the next edge is below it give
+    the exact count, the same comparisons against the same edges as the search (and as
+    ``width_bin`` in the native kernel), at a third of its cost.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    edges = width_edges(n_bins)
+    guess = v * n_bins
+    np.fmax(guess, 0.0, out=guess)  # fmax, fmin: NaN becomes 0 here and M - 1 below
+    np.fmin(guess, n_bins - 1.0, out=guess)
+    b = guess.astype(np.intp)
+    b -= (b > 0) & (edges[b] >= v)
+    b += (b < n_bins - 1) & (edges[b + 1] < v)
+    nan = np.isnan(v)
+    if nan.any():
+        b[nan] = n_bins - 1
+    return b
 
 
 @dataclass(frozen=True)
@@ -210,12 +230,11 @@ def classwise_sums(
     flat = np.flatnonzero(big_mask)
     cols = flat % k
     big = pn.reshape(-1)[flat]
-    inner = edges[1:-1]
     out_p = sum_p.numpy()  # a view: the float64 CPU tensors are updated in place
-    out_p += np.bincount(cols * n_bins + np.searchsorted(inner, big, side="left"), weights=big,
+    out_p += np.bincount(cols * n_bins + width_bin_index(big, n_bins), weights=big,
                          minlength=k * n_bins)
     out_p[::n_bins] += np.add.reduce(np.where(big_mask, 0.0, pn), axis=0)
     yn = y.cpu().numpy()
     py = pn[np.arange(pn.shape[0]), yn]
-    sum_y.numpy()[:] += np.bincount(yn * n_bins + np.searchsorted(inner, py, side="left"),
+    sum_y.numpy()[:] += np.bincount(yn * n_bins + width_bin_index(py, n_bins),
                                     minlength=k * n_bins)
