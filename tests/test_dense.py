@@ -318,6 +318,33 @@ def test_vectorised_exp_and_log_meet_their_documented_error_bounds():
 
 
 @needs_native
+def test_vectorised_double_exp_is_within_one_ulp():
+    """exp_d, the float64 kernels' exp (see _kernels.c): at most 1 ulp from NumPy's exp over the
+    normal range and around 0, at most one unit of 2^-1074 in the subnormal range, exp(0) = 1,
+    and the limits (overflow to inf, underflow to 0, NaN through) where NumPy has them."""
+    import ctypes
+
+    lib = native._library()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        e = np.empty_like(x)
+        lib.ce_exp_f64(x.ctypes.data_as(ctypes.c_void_p), e.ctypes.data_as(ctypes.c_void_p),
+                       ctypes.c_int64(x.size))
+        return e
+
+    for x in (np.linspace(-708.0, 709.7, 1_000_001), np.linspace(-0.35, 0.35, 200_001)):
+        ref = np.exp(x)
+        assert np.max(np.abs(run(x) - ref) / np.spacing(ref)) <= 1.0
+    x = np.linspace(-745.2, -708.0, 100_001)
+    assert np.max(np.abs(run(x) - np.exp(x))) <= 5e-324
+    edge = np.array([0.0, -0.0, 1e-300, -1e-300, 709.78, 709.79, 1e308, np.inf, -745.13, -745.14, -1e308,
+                     -np.inf, np.nan])
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(run(edge), np.exp(edge))
+
+
+@needs_native
 @pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("gamma", [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 0.5, 1.25, 5.5])

@@ -23,8 +23,8 @@ Built with ``-fopenmp``, its threads are those of the OpenMP runtime torch alrea
 ``CROSSENT_NATIVE=0`` to turn it off. Without a compiler (or when the build fails, with one
 warning) every call takes the torch-op path, which computes the same values.
 
-Scope: CPU tensors of fp32, bf16, fp16 (where the compiler has ``_Float16``) and fp64 (libm's
-exp and log, for gradcheck), outside ``torch.compile``:
+Scope: CPU tensors of fp32, bf16, fp16 (where the compiler has ``_Float16``) and fp64 (a
+vectorised exp within 1 ulp, libm's log and pow), outside ``torch.compile``:
 
 - softmax family: 1-D or 2-D logits with contiguous rows, and contiguous (N, C, d1, ...)
   logits with index targets (tiles of positions: vectorised across positions for few classes,
@@ -303,7 +303,7 @@ def _compiler() -> str | None:
 
 
 _KERNELS = ("ce_softmax_f32", "ce_softmax_f64", "ce_binary_f32", "ce_binary_f64", "ce_calibration_f32",
-            "ce_calibration_f64", "ce_has_f16", "ce_openmp", "ce_exp_log_f32")
+            "ce_calibration_f64", "ce_has_f16", "ce_openmp", "ce_exp_log_f32", "ce_exp_f64")
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

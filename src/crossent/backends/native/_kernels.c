@@ -21,7 +21,8 @@
  * [0.5, 2]), checked over dense grids by tests/test_dense.py through ce_exp_log_f32. Options
  * that change per element (a per-class focal factor, the asymmetric loss's two gammas) are
  * chosen per call, per row or per segment and instantiated as separate loops, never branched on
- * inside one. The double path (used by gradcheck and the float64 tests) calls libm.
+ * inside one. The double path (gradcheck, the float64 tests, float64 NumPy input to the calibration
+ * metrics) has its own vectorisable exp, exp_d, and calls libm for the rest.
  * Two loops use intrinsics, both in the calibration statistics, where a compare mask picks the
  * few entries that go to a classwise bin of their own: cw_row_avx512 and prob_row_avx512, in
  * AVX-512 builds only (the body's portable loops elsewhere, and with -DCE_PORTABLE, which the
@@ -76,6 +77,45 @@ static inline __attribute__((always_inline)) float exp_f(float x) {
     int32_t n2 = ni - n1;
     y = y * f_from_bits((uint32_t)(n1 + 127) << 23);
     return y * f_from_bits((uint32_t)(n2 + 127) << 23);
+}
+
+static inline double d_from_bits(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
+static inline uint64_t bits_from_d(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+
+/* exp(x) in double, vectorisable (libm's exp is a call, and a loop that calls it stays scalar).
+ * x = n ln2 + r with |r| <= ln2/2: ln2 split as fdlibm's ln2_hi (21 trailing zero bits, so
+ * n ln2_hi is exact for |n| < 2^21) and ln2_lo; exp(r) = 1 + r + r^2 P(r) with P the Taylor
+ * polynomial 1/2! + r/3! + ... + r^11/13!, whose truncation error (|r|^14/14! < 4e-18) is below
+ * the rounding of the result; 2^n built in the exponent bits in two halves, so that results
+ * down to the subnormal range are right. About 1 ulp (tests/test_dense.py bounds it against
+ * NumPy over dense grids). exp(0) = 1 exactly; NaN stays NaN; x > 709.79 overflows to inf;
+ * x < -745.2 gives 0. */
+static inline __attribute__((always_inline)) double exp_d(double x) {
+    x = x < -746.0 ? -746.0 : x; /* comparisons are false for NaN: NaN passes through */
+    x = x > 710.0 ? 710.0 : x;
+    /* 1.5 * 2^52: adding it rounds x*log2(e) to an integer held in the low mantissa bits */
+    const double magic = 6755399441055744.0;
+    const double t = x * 1.4426950408889634 + magic;
+    const double n = t - magic;
+    const int64_t ni = (int64_t)(bits_from_d(t) - bits_from_d(magic));
+    double r = x - n * 6.93147180369123816490e-01;
+    r = r - n * 1.90821492927058770002e-10;
+    double p = 1.6059043836821613e-10; /* 1/13! */
+    p = p * r + 2.08767569878681e-09;  /* 1/12! */
+    p = p * r + 2.505210838544172e-08;
+    p = p * r + 2.755731922398589e-07;
+    p = p * r + 2.7557319223985893e-06;
+    p = p * r + 2.48015873015873e-05;
+    p = p * r + 1.984126984126984e-04;
+    p = p * r + 1.388888888888889e-03;
+    p = p * r + 8.333333333333333e-03;
+    p = p * r + 4.1666666666666664e-02;
+    p = p * r + 1.6666666666666666e-01;
+    p = p * r + 0.5;
+    const double y = p * (r * r) + r + 1.0;
+    const int64_t n1 = ni >> 1; /* floor(n / 2): both halves stay within the normal exponent range */
+    const int64_t n2 = ni - n1;
+    return y * d_from_bits((uint64_t)(n1 + 1023) << 52) * d_from_bits((uint64_t)(n2 + 1023) << 52);
 }
 
 /* Cephes logf's polynomial: log(2^e m) for m in [sqrt(1/2), sqrt(2)), as
@@ -180,6 +220,12 @@ CE_API int ce_has_f16(void) { return HAVE_F16; }
 
 /* The float exp and logs above, elementwise over n values (for the tests of their error bounds):
  * e[i] = exp_f(x[i]), l[i] = log_f(x[i]), lp[i] = log_pos_f(x[i]). */
+/* exp_d elementwise over n values (for the test of its error bound). */
+CE_API int ce_exp_f64(const double *x, double *e, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) e[i] = exp_d(x[i]);
+    return 0;
+}
+
 CE_API int ce_exp_log_f32(const float *x, float *e, float *l, float *lp, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         e[i] = exp_f(x[i]);
@@ -581,7 +627,7 @@ static int64_t ce_count_ne(const void *t, int32_t t_dtype, int64_t n, double val
 #define ACC double
 #define ACC_DT DT_F64
 #define SFX _f64
-#define EXP exp
+#define EXP exp_d
 #define LOG log
 #define LOG_POS log
 #define SQRT sqrt

@@ -358,7 +358,7 @@ static void FN(dense_focal)(const ACC *restrict u, const ACC *restrict e, const 
 
 /* The `halves` of dense_focal for a row's gamma: 2 gamma where gamma is a multiple of 1/2 in
  * 1..5 (the gammas of focal loss, 1, 2, 2.5, ..., and of FLSD-53, 5 and 3), else 0 (exp/log);
- * always 0 in double, where exp and log are libm's scalar calls anyway (gradcheck and the
+ * always 0 in double, where log and pow are libm's scalar calls anyway (gradcheck and the
  * float64 tests), which keeps the build small. */
 static inline int FN(focal_halves)(double gam) {
     if (sizeof(ACC) == 8) return 0;
