@@ -216,3 +216,41 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="labels"):
         TemperatureScaler().fit(z, [0, 1])
     assert "temperature=" in repr(TemperatureScaler().fit(z, [0, 1, 0]))
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("separable", [False, True])
+def test_guard_measures_float64_nlls_on_either_path(
+    path: str, dtype: torch.dtype, separable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard's two mean NLLs (identity, fitted T) and its separability test, from the
+    calibration rows on the float64 chunks, equal log_softmax in float64 to 1e-12, chunked."""
+    import contextlib
+
+    from crossent.backends import native
+
+    if path == "native" and not native.available():
+        pytest.skip("the native kernels are not built on this machine")
+    z, y = calibrated_logits(500, 7, seed=3)
+    if separable:
+        z[np.arange(500), y] += 50.0
+    x = torch.from_numpy(z * 2.5).to(dtype)
+    seen: dict[str, object] = {}
+
+    def capture(nll_id: float, nll_fit: float, n: int, **kw: object) -> None:
+        seen.update(nll_id=nll_id, nll_fit=nll_fit, n=n, **kw)
+
+    scaler = TemperatureScaler()
+    scaler._set_params({"temperature": 1.7})
+    monkeypatch.setattr(scaler, "_guard", capture)
+    monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", 700)  # several chunks
+    with native.disabled() if path == "torch" else contextlib.nullcontext():
+        scaler._check_fit(x, y)
+    x64 = x.to(torch.float64)
+    yt = torch.from_numpy(y)[:, None]
+    for key, t in (("nll_id", 1.0), ("nll_fit", 1.7)):
+        want = float(-torch.log_softmax(x64 / t, 1).gather(1, yt).mean())
+        assert seen[key] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert seen["separable"] is bool((x64.argmax(1) == yt[:, 0]).all())
+    assert seen["separable"] is separable and seen["n"] == 500

@@ -24,7 +24,8 @@ If the minimiser is beyond a bound (for instance, separable data drive :math:`T 
 bound is returned. Each iteration is one read of the rows by the calibration kernel
 (:func:`~crossent.calibration._rows.row_statistics` with ``moments``: float32 arithmetic for
 float32 input, with float64 sums over rows; float64 otherwise), so a (10^6, 10^3) matrix needs
-no copy; the guard's two NLLs are taken in float64 (torch ops on chunks of rows).
+no copy; the guard's two NLLs are taken in float64, on chunks of rows converted to float64
+(for one temperature, two calibration-row passes per chunk; vector scaling uses torch ops).
 
 ``objective="ece"`` minimises the top-label ECE instead (the convention of Mukhoti et al.
 2020), with a grid over :math:`\log T` followed by a golden-section refinement.
@@ -225,7 +226,9 @@ class TemperatureScaler(Recalibrator):
 
     def _check_fit(self, z: torch.Tensor, y: np.ndarray) -> None:
         """The guard of :class:`~crossent.calibration._base.Recalibrator` on the validation
-        data: one chunked pass for the arg-max and the NLLs at the identity and at the fit."""
+        data: the arg-max and the NLLs at the identity and at the fit, in float64 over chunks
+        of rows (with one temperature, :func:`~crossent.calibration._rows.row_statistics` at
+        scales 1 and 1 / T on each float64 chunk)."""
         t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
         bounds = []
         if np.any(t <= self.t_min * (1 + 1e-9)):
@@ -235,9 +238,19 @@ class TemperatureScaler(Recalibrator):
         yt = torch.from_numpy(y)
         nll_id = nll_fit = 0.0
         separable = True
+        scalar = self.bias is None and np.ndim(self.temperature) == 0
         for start, stop in iter_chunks(z):  # in float64: the guard compares the two NLLs to 1e-9
             yb = yt[start:stop, None]
             b64 = z[start:stop].to(torch.float64)
+            if scalar:  # two passes of the calibration rows over the float64 chunk
+                ident = row_statistics(b64, yb[:, 0], from_logits=True, name="logits")
+                at_t = row_statistics(b64, yb[:, 0], from_logits=True, name="logits",
+                                      scale=1.0 / float(self.temperature))
+                assert ident.nll is not None and at_t.nll is not None
+                separable = separable and bool((ident.pred == y[start:stop]).all())
+                nll_id += float(ident.nll.sum())
+                nll_fit += float(at_t.nll.sum())
+                continue
             separable = separable and bool((b64.argmax(1) == yb[:, 0]).all())
             nll_id += float((torch.logsumexp(b64, 1) - b64.gather(1, yb)[:, 0]).sum())
             s = self.transform_logits(b64)
