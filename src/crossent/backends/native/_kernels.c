@@ -220,18 +220,18 @@ CE_API int ce_has_f16(void) { return HAVE_F16; }
 
 /* The float exp and logs above, elementwise over n values (for the tests of their error bounds):
  * e[i] = exp_f(x[i]), l[i] = log_f(x[i]), lp[i] = log_pos_f(x[i]). */
-/* exp_d elementwise over n values (for the test of its error bound). */
-CE_API int ce_exp_f64(const double *x, double *e, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) e[i] = exp_d(x[i]);
-    return 0;
-}
-
 CE_API int ce_exp_log_f32(const float *x, float *e, float *l, float *lp, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         e[i] = exp_f(x[i]);
         l[i] = log_f(x[i]);
         lp[i] = log_pos_f(x[i]);
     }
+    return 0;
+}
+
+/* exp_d elementwise over n values (for the test of its error bound). */
+CE_API int ce_exp_f64(const double *x, double *e, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) e[i] = exp_d(x[i]);
     return 0;
 }
 
