@@ -87,8 +87,11 @@ def test_width_bin_index_is_the_search_it_replaces(m: int) -> None:
     want = np.searchsorted(edges[1:-1], values, side="left")
     got = width_bin_index(values, m)
     assert got.dtype == np.intp and np.array_equal(got, want)
+    assert values.size >= 2048  # the arithmetic bins (smaller inputs take the search itself)
     square = values[: values.shape[0] // 4 * 4].reshape(-1, 4)
     assert np.array_equal(width_bin_index(square, m), np.searchsorted(edges[1:-1], square, side="left"))
+    small = values[:100]
+    assert np.array_equal(width_bin_index(small, m), np.searchsorted(edges[1:-1], small, side="left"))
 
 
 def test_all_in_one_bin_and_single_sample() -> None:
