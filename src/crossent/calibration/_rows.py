@@ -118,11 +118,9 @@ def row_statistics(
         raise ValueError("scale and moments are for logits (from_logits=True)")
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"scale must be a finite positive inverse temperature, got {scale!r}")
-    kw = {"from_logits": from_logits, "name": name, "n_bins": n_bins, "scores": scores, "scale": float(scale),
-          "moments": moments}
-    if native.available():
-        return _row_statistics_native(t, y, **kw)  # type: ignore[arg-type]
-    return _row_statistics_torch(t, y, **kw)  # type: ignore[arg-type]
+    impl = _row_statistics_native if native.available() else _row_statistics_torch
+    return impl(t, y, from_logits=from_logits, name=name, n_bins=n_bins, scores=scores, scale=float(scale),
+                moments=moments)
 
 
 def _row_statistics_native(
