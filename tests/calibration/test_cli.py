@@ -274,6 +274,56 @@ def test_separable_fit_part_falls_back_and_says_so(
     assert "warning: TemperatureScaler" in (tmp_path / "o" / "report.md").read_text()
 
 
+def _split_apart(hard_test: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class logits of margin 2 whose fit part (the CLI's own split) is right 95% of the
+    time, so the fitted T sharpens them, and whose held-out part is right 95% of the time as
+    well, or only 60% (``hard_test``: overconfident already, so sharpening hurts it)."""
+    from crossent.calibration.cli import stratified_split
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, 1000)
+    val_idx, test_idx = stratified_split(y, 0.2, 0)
+    right = np.empty(y.shape[0], bool)
+    right[val_idx] = rng.random(val_idx.size) < 0.95
+    right[test_idx] = rng.random(test_idx.size) < (0.6 if hard_test else 0.95)
+    pred = np.where(right, y, 1 - y)
+    z = np.zeros((y.shape[0], 2))
+    z[np.arange(y.shape[0]), pred] = 2.0
+    return z, y
+
+
+@pytest.mark.parametrize("objective", ["nll", "ece"])
+@pytest.mark.parametrize("hard_test", [True, False])
+@pytest.mark.parametrize("compare", [True, False])
+def test_a_fit_that_hurts_the_held_out_part_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], objective: str, hard_test: bool, compare: bool
+) -> None:
+    z, y = _split_apart(hard_test)
+    np.savez(tmp_path / "p.npz", logits=z, labels=y)
+    rc, out, err = run([str(tmp_path / "p.npz"), "--objective", objective, "--out", str(tmp_path / "o")],
+                       capsys, compare=compare)
+    assert rc == 0, err
+    assert ("recommended:" in out) == compare
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["temperature"] < 0.9  # sharpened on the fit part, in both cases
+    before, after = metrics["before"][objective], metrics["after"][objective]
+    report = (tmp_path / "o" / "report.md").read_text()
+    if not hard_test:
+        assert after < before
+        assert "worse" not in err and "worse" not in report
+        assert not any("worse" in w for w in metrics["warnings"])
+        return
+    assert after > before
+    pct = objective == "ece"
+    shown = (f"{100 * before:.2f}%", f"{100 * after:.2f}%") if pct else (f"{before:.4f}", f"{after:.4f}")
+    want = (f"temperature made the held-out {objective.upper()} worse ({shown[0]} -> {shown[1]} on"
+            f" {metrics['n_test']} samples, fitted on {metrics['n_val']})")
+    assert f"crossent calibrate: warning: {want}" in err
+    assert ("compare the methods below" in err) == compare
+    assert any(w.startswith(want) for w in metrics["warnings"])
+    assert f"- warning: {want}" in report
+
+
 def test_method_and_objective_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     z, y = make(n=800, c=3, seed=6)
     np.save(tmp_path / "z.npy", z)

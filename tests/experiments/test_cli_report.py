@@ -11,7 +11,7 @@ import pytest
 
 from crossent.cli import main
 from crossent.experiments.datasets import TaskData
-from crossent.experiments.report import pt_curves, write_run_folder
+from crossent.experiments.report import _scaling_effect, pt_curves, write_run_folder
 from crossent.experiments.runner import StudyConfig, run_study
 
 TINY = ["--epochs", "3", "--hidden", "16", "--seeds", "1", "--no-figures"]
@@ -38,6 +38,7 @@ def test_report_files_written_and_non_empty(tmp_path: Path, blobs: TaskData) -> 
     data = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(data["runs"]) == 4 and len(data["summary"]) == 2
     assert data["reading"]["blobs"]
+    assert any(line.startswith("Temperature scaling ") for line in data["reading"]["blobs"])
     with (tmp_path / "run" / "results.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and {"ece", "ece_ts", "temperature"} <= set(rows[0])
@@ -49,6 +50,23 @@ def test_report_files_written_and_non_empty(tmp_path: Path, blobs: TaskData) -> 
     assert {"ece_mean", "ece_std", "ece_ci95", "ece_tsece_mean", "temperature_ece_mean"} <= set(summary[0])
     with np.load(tmp_path / "run" / "predictions.npz") as z:
         assert z["blobs/ce/seed1/logits"].shape == (len(blobs.y_test), 3)
+
+
+def test_the_reading_names_each_loss_that_scaling_made_worse() -> None:
+    def row(label: str, ece: float, ece_ts: float, nll: float, nll_ts: float) -> dict[str, object]:
+        return {"loss_label": label, "ece": (ece, 0.0, 0.0), "ece_ts": (ece_ts, 0.0, 0.0),
+                "nll": (nll, 0.0, 0.0), "nll_ts": (nll_ts, 0.0, 0.0)}
+
+    better = row("CE", 0.05, 0.02, 0.30, 0.25)
+    assert _scaling_effect([better]) == (
+        "Temperature scaling lowered (or kept) both the test ECE and NLL of every loss.")
+    ece_up = row("LS 0.1", 0.0252, 0.0321, 0.062, 0.060)
+    nll_up = row("focal γ=3", 0.08, 0.03, 0.141, 1.438)
+    diverged = row("cp", float("nan"), float("nan"), float("nan"), float("nan"))
+    assert _scaling_effect([better, ece_up, nll_up, diverged]) == (
+        "Temperature scaling raised the test ECE or NLL (means over seeds) of: "
+        "LS 0.1 (ECE 2.52 → 3.21%, NLL 0.062 → 0.060); focal γ=3 (ECE 8.00 → 3.00%, "
+        "NLL 0.141 → 1.438). Its T comes from the validation set only.")
 
 
 def test_pt_curves_closed_forms() -> None:
@@ -113,6 +131,35 @@ def test_cli_user_csv_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert [(r["loss"], r["seed"]) for r in data["runs"]] == [("ce", 5), ("focal-2", 5)]
     assert data["tasks"]["mine"]["class_names"] == ["k0", "k1", "k2"]
     assert "mine" in capsys.readouterr().out
+
+
+def test_cli_says_when_temperature_scaling_fell_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Separable user data: every validation prediction is right, so the NLL fit falls back
+    to T = 1 and the ECE fit is kept; the terminal and report.md both say so."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    x = rng.normal(size=(300, 3))
+    x[:, 0] += np.where(y == 1, 8.0, -8.0)
+    rows = ["a,b,c,label", *(f"{a:.4f},{b:.4f},{c:.4f},{t}" for (a, b, c), t in zip(x, y, strict=True))]
+    (tmp_path / "sep.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    rc = main(["run", "--data", str(tmp_path / "sep.csv"), "--target", "label", "--losses", "ce,ls-0.1",
+               "--epochs", "20", "--lr", "0.05", "--hidden", "16", "--seeds", "1", "--no-figures",
+               "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    assert ("sep: temperature scaling (T on validation NLL) fell back to T = 1 in 2 of 2 runs"
+            " (CE, LS 0.1; separable validation set)") in stdout
+    data = json.loads((out / "results.json").read_text())
+    for run in data["runs"]:
+        assert run["temperature"] == 1.0
+        assert "separable" in run["fallback"]["ts"] and "separable" in run["fallback"]["tsece"]
+        assert run["temperature_ece"] < 1.0
+    md = (out / "report.md").read_text()
+    assert "sep/ce/seed0, T on validation NLL, fell back to T = 1: the validation set is separable" in md
+    assert "sep/ls-0.1/seed0, T on validation ECE, kept: the validation set is separable" in md
 
 
 def test_cli_same_seed_same_results(tmp_path: Path) -> None:

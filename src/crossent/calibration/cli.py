@@ -600,6 +600,25 @@ def recommendation_text(result: dict[str, Any]) -> str:
     )
 
 
+def held_out_warning(result: dict[str, Any], *, compare: bool) -> str | None:
+    """The warning when the fitted method makes the held-out ``objective`` (NLL or ECE) worse
+    than the predictions as they are; ``None`` otherwise. The fit's own guard sees only the
+    fit part, on which a fitted temperature is never worse than T = 1; a small fit part can
+    still give a T that hurts on new data, and the user is told, with the numbers."""
+    key = result["objective"]
+    before, after = result["before"][key], result["after"][key]
+    if not after > before:
+        return None
+    percent = key == "ece"
+    advice = ("compare the methods below" if compare
+              else "keep the predictions as they are, or compare the methods (without --no-compare)")
+    return (
+        f"{result['method']} made the held-out {key.upper()} worse ({_fmt(before, percent)} ->"
+        f" {_fmt(after, percent)} on {result['n_test']} samples, fitted on {result['n_val']});"
+        f" {advice}"
+    )
+
+
 def compare_methods(
     logits: np.ndarray, labels: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray,
     *, objective: str, n_bins: int,
@@ -779,9 +798,14 @@ def main(args: argparse.Namespace) -> int:
         "before": before,
         "after": after,
     }
+    worse = held_out_warning(result, compare=not args.no_compare)
+    if worse is not None:
+        result["warnings"].append(worse)
     _print_table(result)
     if cal.fallback is not None:
         print(f"{args.method}: fell back to the identity map: {cal.fallback}")
+    if worse is not None:
+        print(f"crossent calibrate: warning: {worse}", file=sys.stderr)
     if not args.no_compare:
         result["comparison"] = compare_methods(
             logits, labels, val_idx, test_idx, objective=args.objective, n_bins=args.n_bins

@@ -324,7 +324,7 @@ def main(args: argparse.Namespace) -> int:
     TextColumn, TimeElapsedColumn = rp.TextColumn, rp.TimeElapsedColumn
 
     from crossent.cli import check_out_dir
-    from crossent.experiments.report import rich_tables, write_run_folder
+    from crossent.experiments.report import rich_tables, terminal_notes, write_run_folder
     from crossent.experiments.runner import aggregate, load_tasks, resolve_device, run_study
 
     cfg, output = build_config(args)
@@ -352,6 +352,8 @@ def main(args: argparse.Namespace) -> int:
     rows = aggregate(result)
     for table in rich_tables(result, rows):
         console.print(table)
+    for note in terminal_notes(result, rows):
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     command = None
     if Path(sys.argv[0]).name == "crossent" and sys.argv[1:2] == ["run"]:
         command = "crossent " + shlex.join(sys.argv[1:])

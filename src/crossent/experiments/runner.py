@@ -289,7 +289,8 @@ def fit_temperature(
     val_logits: np.ndarray, val_labels: np.ndarray, *, objective: str = "nll", n_bins: int = 15
 ) -> tuple[float, str | None]:
     """Temperature fitted on the validation set by :class:`TemperatureScaler`, and the
-    scaler's ``fallback`` reason (``None`` when the fit is used as fitted).
+    guard's reason (``None`` when the fit is sound): why the NLL fit fell back to
+    :math:`T = 1`, or what the guard found degenerate in the ECE fit that was kept.
 
     The NLL fit falls back to :math:`T = 1` on a degenerate fit (a bound reached, a separable
     validation set). The ECE fit (Mukhoti et al.'s protocol) keeps its grid-search optimum
@@ -305,8 +306,10 @@ def fit_temperature(
         scaler.fit(torch.as_tensor(val_logits, dtype=torch.float64), torch.as_tensor(val_labels),
                    objective=objective, n_bins=n_bins)  # type: ignore[arg-type]
     t = scaler.temperature
-    fallback = getattr(scaler, "fallback", None)
-    return float(t.item() if isinstance(t, torch.Tensor) else t), fallback
+    # the NLL fit falls back (fallback names why); the ECE fit is kept, and diagnostic says why
+    # it would have fallen back
+    reason = scaler.fallback if objective == "nll" else scaler.diagnostic
+    return float(t.item() if isinstance(t, torch.Tensor) else t), reason
 
 
 def fit_prior_corrected_temperature(
