@@ -425,10 +425,10 @@ static inline int width_bin(double p, const double *edges, int M) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(CE_PORTABLE)
 #include <immintrin.h>
 #define HAVE_CW_AVX512 1
-static inline void cw_big_f32(const float *u, int64_t j, double inv, double *restrict first, double *restrict cwp,
-                              const double *edges, int M) {
+static inline void cw_big_f32(const float *u, int64_t j, int64_t C, double inv, double *restrict first,
+                              double *restrict cwp, const double *edges, int M) {
     const double p = (double)u[j] * inv;
-    cwp[j * M + width_bin(p, edges, M)] += p;
+    cwp[width_bin(p, edges, M) * C + j] += p; /* bin-major: see ce_calibration's scratch */
     first[j] -= p;
 }
 
@@ -446,11 +446,11 @@ static void cw_row_avx512(const float *u, int64_t C, float thr, double inv, doub
                                                      _mm512_loadu_pd(first + k)));
         _mm512_storeu_pd(first + k + 8, _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k + 8)), iv,
                                                          _mm512_loadu_pd(first + k + 8)));
-        for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), inv, first, cwp, edges, M);
+        for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), C, inv, first, cwp, edges, M);
     }
     for (; k < C; ++k) {
         first[k] += (double)u[k] * inv;
-        if (u[k] > thr) cw_big_f32(u, k, inv, first, cwp, edges, M);
+        if (u[k] > thr) cw_big_f32(u, k, C, inv, first, cwp, edges, M);
     }
 }
 
@@ -489,7 +489,7 @@ static inline __attribute__((always_inline)) void prob_row_avx512_(
                                                                   _mm512_loadu_pd(first + k + h)));
                 const unsigned big = (unsigned)_mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ) |
                                      ((unsigned)_mm512_cmp_ps_mask(w, tv, _CMP_GT_OQ) << 16);
-                for (unsigned b = big; b; b &= b - 1) cw_big_f32(u, k + __builtin_ctz(b), 1.0, first, cwp, edges, M);
+                for (unsigned b = big; b; b &= b - 1) cw_big_f32(u, k + __builtin_ctz(b), C, 1.0, first, cwp, edges, M);
             }
         }
         sum += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
@@ -504,7 +504,7 @@ static inline __attribute__((always_inline)) void prob_row_avx512_(
         tq += v * v;
         if (CW) {
             first[k] += (double)v;
-            if (v > thr) cw_big_f32(u, k, 1.0, first, cwp, edges, M);
+            if (v > thr) cw_big_f32(u, k, C, 1.0, first, cwp, edges, M);
         }
     }
     *m_out = m;
