@@ -50,7 +50,7 @@ def test_interface_state_and_improvement(method: type[cal.Recalibrator]) -> None
         x, y = multiclass(800, 4, seed=1)
     fit, test = slice(0, 400), slice(400, None)
     c = method().fit(x[fit], y[fit])  # type: ignore[attr-defined]
-    assert c.fallback is None and c.diagnostic is None
+    assert c.fallback is None and c.diagnostic is None and c.diagnostic_kind is None
     q = c.transform(x[test])  # type: ignore[attr-defined]
     np.testing.assert_array_equal(c.predict_proba(x[test]), q)  # type: ignore[attr-defined]
     if method in BINARY:
@@ -83,16 +83,17 @@ def test_separable_validation_falls_back(method: type[cal.Recalibrator], tmp_pat
         y = x.argmax(1)  # every top-1 prediction correct
     with pytest.warns(cal.CalibrationWarning, match="separable.*falling back"):
         c = method().fit(x, y)  # type: ignore[attr-defined]
-    assert c.fallback is not None and "separable" in c.fallback
+    assert c.fallback is not None and "separable" in c.fallback and c.diagnostic_kind == "separable"
     ident = torch.sigmoid(torch.from_numpy(x)) if method in BINARY else torch.softmax(torch.from_numpy(x), 1)
     np.testing.assert_allclose(c.predict_proba(x), ident.numpy(), rtol=1e-12)  # type: ignore[attr-defined]
     cal.save(c, tmp_path / "c.json")
     assert cal.load(tmp_path / "c.json").fallback == c.fallback
+    assert cal.load(tmp_path / "c.json").diagnostic_kind == "separable"
     # the kept fit runs to its iteration cap on separable data: keep the cap small here
     cap = {"max_iter": 10} if "max_iter" in inspect.signature(method).parameters else {}
     with pytest.warns(cal.CalibrationWarning, match="keeping the fit"):
         kept = method(fallback_to_identity=False, **cap).fit(x, y)  # type: ignore[attr-defined, call-arg]
-    assert kept.fallback is None and kept.diagnostic is not None
+    assert kept.fallback is None and kept.diagnostic is not None and kept.diagnostic_kind == "separable"
 
 
 def test_breast_cancer_like_case() -> None:
@@ -128,7 +129,8 @@ def test_worse_than_identity_falls_back() -> None:
     assert nll_kept > cal.nll(z, y, from_logits=True)  # the premise
     with pytest.warns(cal.CalibrationWarning, match="worse than the identity"):
         c = cal.TemperatureScaler().fit(z, y, objective="ece")
-    assert c.temperature == 1.0 and "worse" in str(c.fallback)
+    assert c.temperature == 1.0 and "worse" in str(c.fallback) and c.diagnostic_kind == "nll"
+    assert kept.diagnostic_kind == "nll"
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,8 +84,11 @@ def test_bounds_hold_on_degenerate_data() -> None:
     # separable with a margin: the NLL keeps falling as T -> 0, so T = t_min
     z = np.array([[5.0, 0.0], [0.0, 5.0], [4.0, -1.0]])
     assert raw().fit(z, [0, 1, 0]).temperature == pytest.approx(1e-2)
+    assert raw().fit(z, [0, 1, 0]).diagnostic_kind == "separable"
     # always confidently wrong: the NLL falls as T -> inf, so T = t_max
-    assert raw().fit(z, [1, 0, 1]).temperature == pytest.approx(1e2)
+    wrong = raw().fit(z, [1, 0, 1])
+    assert wrong.temperature == pytest.approx(1e2)
+    assert wrong.diagnostic_kind == "bound" and "t_max" in str(wrong.diagnostic)
     # constant logits: the NLL does not depend on T; T stays where it starts
     flat = np.zeros((4, 3))
     assert raw().fit(flat, [0, 1, 2, 0]).temperature == 1.0

@@ -156,7 +156,8 @@ def test_bootstrap_and_bound_helpers() -> None:
         b = focal_bound(z, y, g)
         assert b["holds"] == 1.0 and b["gap"] >= 0
     # the prior-corrected temperature: with a uniform prior it is the NLL temperature
-    t_nll, _ = fit_temperature(z, y)
+    t_nll, reason = fit_temperature(z, y)
+    assert reason is None
     assert math.isclose(fit_prior_corrected_temperature(z, y, np.zeros(6)), t_nll, rel_tol=1e-4)
     # and it minimises the NLL of z / T - log(prior)
     log_prior = np.log(np.array([0.5, 0.2, 0.1, 0.1, 0.05, 0.05]))
@@ -169,3 +170,20 @@ def test_bootstrap_and_bound_helpers() -> None:
     assert nll(t) <= min(nll(t * 1.01), nll(t / 1.01))
     assert clearly_different([0.5, 0.0, 0.01], [0.4, 0.0, 0.01])
     assert not clearly_different([0.5, 0.0, 0.1], [0.4, 0.0, 0.1])
+
+
+def test_fit_temperature_records_the_guards_reason_per_objective() -> None:
+    """The NLL fit names why it fell back; the ECE fit, kept as fitted, names a separable set
+    but not a validation NLL above T = 1's (expected of a fit to another objective)."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 3)) * 2
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    y = np.minimum((p.cumsum(1) > rng.random((300, 1))).argmax(1), 2)  # calibrated logits
+    t_ece, reason = fit_temperature(z, y, objective="ece")
+    assert t_ece != 1.0 and reason is None
+    sep = np.eye(3)[np.arange(60) % 3] * 4 + rng.normal(size=(60, 3)) * 0.1
+    ys = np.arange(60) % 3
+    t, reason = fit_temperature(sep, ys)
+    assert t == 1.0 and reason is not None and "separable" in reason
+    t_ece, reason = fit_temperature(sep, ys, objective="ece")
+    assert t_ece < 1.0 and reason is not None and "separable" in reason

@@ -18,7 +18,8 @@ The guard. After a fit, :meth:`Recalibrator._guard` checks three things on the v
 
 If one holds, a :class:`CalibrationWarning` names it; unless ``fallback_to_identity=False``
 the method then becomes the identity (``T = 1``) and ``fallback`` holds the reason
-(``None`` when the fit is used). ``diagnostic`` holds the reason in either case.
+(``None`` when the fit is used). ``diagnostic`` holds the reason in either case, and
+``diagnostic_kind`` which of the three it is (``"bound"``, ``"separable"``, ``"nll"``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -91,6 +92,8 @@ class Recalibrator:
         self.fallback: str | None = None
         #: the problem the guard found, whether or not it fell back (None: none found)
         self.diagnostic: str | None = None
+        #: which check found it: "separable", "bound" or "nll" (None: none found)
+        self.diagnostic_kind: Literal["separable", "bound", "nll"] | None = None
         self._fitted = False
 
     # ----------------------------------------------------------------- to implement
@@ -146,7 +149,9 @@ class Recalibrator:
         """Check the fit against the identity on the validation data (their mean NLLs
         ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to."""
         problem: str | None = None
+        kind: Literal["separable", "bound", "nll"] | None = None
         if separable:
+            kind = "separable"
             problem = (
                 f"the validation set is separable (all {n_samples} top-1 predictions are"
                 " correct), so the fit has nothing to calibrate against"
@@ -155,12 +160,15 @@ class Recalibrator:
                 problem += f" and stopped at {at_bound}"
         elif at_bound is not None:
             problem = f"the fit stopped at {at_bound}"
+            kind = "bound"
         elif math.isfinite(nll_id) and not nll_fit <= nll_id + NLL_RTOL * max(1.0, abs(nll_id)):
             problem = (
                 f"the fitted map's validation NLL ({nll_fit:.4g}) is worse than the identity's"
                 f" ({nll_id:.4g})"
             )
+            kind = "nll"
         self.diagnostic = problem
+        self.diagnostic_kind = kind
         self.fallback = None
         if problem is None:
             return
@@ -185,6 +193,7 @@ class Recalibrator:
             "params": {k: to_json_value(v) for k, v in self._params().items()},
             "fallback": self.fallback,
             "diagnostic": self.diagnostic,
+            "diagnostic_kind": self.diagnostic_kind,
         }
 
     def load_state_dict(self: R, state: dict[str, Any]) -> R:
@@ -197,6 +206,7 @@ class Recalibrator:
         self._set_params(state["params"])
         self.fallback = state.get("fallback")
         self.diagnostic = state.get("diagnostic")
+        self.diagnostic_kind = state.get("diagnostic_kind")
         self._fitted = True
         return self
 

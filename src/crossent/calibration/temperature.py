@@ -135,6 +135,9 @@ class TemperatureScaler(Recalibrator):
         ``None`` when the fitted temperature is used, else why T = 1 replaced it.
     diagnostic:
         The problem found with the fit (``None`` if none), also when it was kept.
+    diagnostic_kind:
+        Which check found it: ``"bound"``, ``"separable"`` or ``"nll"`` (a validation NLL
+        worse than at T = 1); ``None`` if none.
 
     Examples
     --------

@@ -290,13 +290,14 @@ def fit_temperature(
 ) -> tuple[float, str | None]:
     """Temperature fitted on the validation set by :class:`TemperatureScaler`, and the
     guard's reason (``None`` when the fit is sound): why the NLL fit fell back to
-    :math:`T = 1`, or what the guard found degenerate in the ECE fit that was kept.
+    :math:`T = 1`, or what made the ECE fit that was kept degenerate.
 
     The NLL fit falls back to :math:`T = 1` on a degenerate fit (a bound reached, a separable
-    validation set). The ECE fit (Mukhoti et al.'s protocol) keeps its grid-search optimum
-    even where the validation NLL is worse than at :math:`T = 1`, which is expected of a
-    temperature that minimises another objective; the reason is still recorded. The
-    scaler's warnings are recorded in the run (and listed in report.md) instead of printed.
+    validation set, a validation NLL worse than at :math:`T = 1`). The ECE fit (Mukhoti et
+    al.'s protocol) keeps its grid-search optimum; a separable validation set or a bound is
+    recorded for it, a validation NLL worse than at :math:`T = 1` is not: that is expected of
+    a temperature that minimises another objective. The reasons are listed in report.md and
+    the scaler's warnings are not printed.
     """
     from crossent.calibration import TemperatureScaler
 
@@ -307,8 +308,10 @@ def fit_temperature(
                    objective=objective, n_bins=n_bins)  # type: ignore[arg-type]
     t = scaler.temperature
     # the NLL fit falls back (fallback names why); the ECE fit is kept, and diagnostic says why
-    # it would have fallen back
+    # it would have fallen back: its NLL above T = 1's is no fault of an ECE fit
     reason = scaler.fallback if objective == "nll" else scaler.diagnostic
+    if objective != "nll" and scaler.diagnostic_kind == "nll":
+        reason = None
     return float(t.item() if isinstance(t, torch.Tensor) else t), reason
 
 
