@@ -11,7 +11,7 @@ import pytest
 
 from crossent.cli import main
 from crossent.experiments.datasets import TaskData
-from crossent.experiments.report import _scaling_effect, pt_curves, write_run_folder
+from crossent.experiments.report import _scaling_effect, _scaling_hurt, pt_curves, write_run_folder
 from crossent.experiments.runner import StudyConfig, run_study
 
 TINY = ["--epochs", "3", "--hidden", "16", "--seeds", "1", "--no-figures"]
@@ -58,12 +58,12 @@ def test_the_reading_names_each_loss_that_scaling_made_worse() -> None:
                 "nll": (nll, 0.0, 0.0), "nll_ts": (nll_ts, 0.0, 0.0)}
 
     better = row("CE", 0.05, 0.02, 0.30, 0.25)
-    assert _scaling_effect([better]) == (
+    assert _scaling_effect(_scaling_hurt([better])) == (
         "Temperature scaling lowered (or kept) both the test ECE and NLL of every loss.")
     ece_up = row("LS 0.1", 0.0252, 0.0321, 0.062, 0.060)
     nll_up = row("focal γ=3", 0.08, 0.03, 0.141, 1.438)
     diverged = row("cp", float("nan"), float("nan"), float("nan"), float("nan"))
-    assert _scaling_effect([better, ece_up, nll_up, diverged]) == (
+    assert _scaling_effect(_scaling_hurt([better, ece_up, nll_up, diverged])) == (
         "Temperature scaling raised the test ECE or NLL (means over seeds) of: "
         "LS 0.1 (ECE 2.52 → 3.21%, NLL 0.062 → 0.060); focal γ=3 (ECE 8.00 → 3.00%, "
         "NLL 0.141 → 1.438). Its T comes from the validation set only.")

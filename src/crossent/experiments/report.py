@@ -380,7 +380,7 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
                    if accs else "none; every loss is within noise of CE")
                 + "."
             )
-        lines.append(_scaling_effect(valid))
+        lines.append(_scaling_effect(_scaling_hurt(valid)))
         lines += _theory_reading(trows)
         if data.imbalanced:
             lines += _long_tail_reading(trows)
@@ -421,19 +421,21 @@ def terminal_notes(result: StudyResult, rows: list[dict[str, Any]]) -> list[str]
             notes.append(f"{task}: temperature scaling (T on validation NLL) fell back to T = 1 in"
                          f" {len(fell)} of {len(recs)} runs ({losses}; {kinds}); their TS columns"
                          " are the unscaled model's")
-        valid = [r for r in trows if not math.isnan(r["ece"][0])]
-        effect = _scaling_effect(valid) if valid else ""
-        if effect.startswith("Temperature scaling raised"):
-            notes.append(f"{task}: {effect}")
+        hurt = _scaling_hurt([r for r in trows if not math.isnan(r["ece"][0])])
+        if hurt:
+            notes.append(f"{task}: {_scaling_effect(hurt)}")
     return notes
 
 
-def _scaling_effect(valid: list[dict[str, Any]]) -> str:
-    """Which losses temperature scaling (T on validation NLL) left worse off on the test set:
-    a higher mean test ECE or NLL over the seeds than before scaling. A fit on a small or
-    separable validation set can move T far from the test set's optimum; the report says so
-    rather than leaving it to the tables."""
-    hurt = [r for r in valid if r["ece_ts"][0] > r["ece"][0] or r["nll_ts"][0] > r["nll"][0]]
+def _scaling_hurt(valid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The losses temperature scaling (T on validation NLL) left worse off on the test set: a
+    higher mean test ECE or NLL over the seeds than before scaling. A fit on a small or
+    separable validation set can move T far from the test set's optimum."""
+    return [r for r in valid if r["ece_ts"][0] > r["ece"][0] or r["nll_ts"][0] > r["nll"][0]]
+
+
+def _scaling_effect(hurt: list[dict[str, Any]]) -> str:
+    """The sentence of the reading on :func:`_scaling_hurt`'s losses (none: scaling helped)."""
     if not hurt:
         return "Temperature scaling lowered (or kept) both the test ECE and NLL of every loss."
     parts = [

@@ -307,11 +307,10 @@ def fit_temperature(
         scaler.fit(torch.as_tensor(val_logits, dtype=torch.float64), torch.as_tensor(val_labels),
                    objective=objective, n_bins=n_bins)  # type: ignore[arg-type]
     t = scaler.temperature
-    # the NLL fit falls back (fallback names why); the ECE fit is kept, and diagnostic says why
-    # it would have fallen back: its NLL above T = 1's is no fault of an ECE fit
-    reason = scaler.fallback if objective == "nll" else scaler.diagnostic
-    if objective != "nll" and scaler.diagnostic_kind == "nll":
-        reason = None
+    if objective == "nll":  # fallen back to T = 1: fallback names why
+        reason = scaler.fallback
+    else:  # kept as fitted; an NLL above T = 1's is no fault of a fit to the ECE
+        reason = scaler.diagnostic if scaler.diagnostic_kind in ("separable", "bound") else None
     return float(t.item() if isinstance(t, torch.Tensor) else t), reason
 
 
