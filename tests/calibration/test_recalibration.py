@@ -84,6 +84,9 @@ def test_separable_validation_falls_back(method: type[cal.Recalibrator], tmp_pat
     with pytest.warns(cal.CalibrationWarning, match="separable.*falling back"):
         c = method().fit(x, y)  # type: ignore[attr-defined]
     assert c.fallback is not None and "separable" in c.fallback and c.diagnostic_kind == "separable"
+    assert c.fallback.count("separable") == 1 and c.fallback.count("stopped at") <= 1
+    if method in (cal.TemperatureScaler, cal.EnsembleTemperatureScaler):  # T driven to t_min
+        assert c.fallback.endswith("and stopped at the lower bound t_min=0.01")
     ident = torch.sigmoid(torch.from_numpy(x)) if method in BINARY else torch.softmax(torch.from_numpy(x), 1)
     np.testing.assert_allclose(c.predict_proba(x), ident.numpy(), rtol=1e-12)  # type: ignore[attr-defined]
     cal.save(c, tmp_path / "c.json")
@@ -94,6 +97,18 @@ def test_separable_validation_falls_back(method: type[cal.Recalibrator], tmp_pat
     with pytest.warns(cal.CalibrationWarning, match="keeping the fit"):
         kept = method(fallback_to_identity=False, **cap).fit(x, y)  # type: ignore[attr-defined, call-arg]
     assert kept.fallback is None and kept.diagnostic is not None and kept.diagnostic_kind == "separable"
+
+
+@pytest.mark.parametrize("method", [cal.TemperatureScaler, cal.EnsembleTemperatureScaler],
+                         ids=lambda m: m.__name__)
+def test_a_bound_reached_is_named_once(method: type[cal.Recalibrator]) -> None:
+    """Always confidently wrong: the NLL falls as T grows, so T stops at t_max; the ensemble
+    names the bound its temperature reached, not its temperature's whole diagnostic."""
+    z = np.array([[5.0, 0.0], [0.0, 5.0], [4.0, -1.0]])
+    with pytest.warns(cal.CalibrationWarning, match="falling back"):
+        c = method().fit(z, [1, 0, 1])  # type: ignore[attr-defined]
+    assert c.fallback == "the fit stopped at the upper bound t_max=100"
+    assert c.diagnostic_kind == "bound"
 
 
 def test_breast_cancer_like_case() -> None:

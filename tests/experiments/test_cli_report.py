@@ -156,6 +156,7 @@ def test_cli_says_when_temperature_scaling_fell_back(
     for run in data["runs"]:
         assert run["temperature"] == 1.0
         assert "separable" in run["fallback"]["ts"] and "separable" in run["fallback"]["tsece"]
+        assert run["fallback_kind"] == {"ts": "separable", "tsece": "separable"}
         assert run["temperature_ece"] < 1.0
     md = (out / "report.md").read_text()
     assert "sep/ce/seed0, T on validation NLL, fell back to T = 1: the validation set is separable" in md

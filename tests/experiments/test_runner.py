@@ -156,8 +156,8 @@ def test_bootstrap_and_bound_helpers() -> None:
         b = focal_bound(z, y, g)
         assert b["holds"] == 1.0 and b["gap"] >= 0
     # the prior-corrected temperature: with a uniform prior it is the NLL temperature
-    t_nll, reason = fit_temperature(z, y)
-    assert reason is None
+    t_nll, reason, kind = fit_temperature(z, y)
+    assert reason is None and kind is None
     assert math.isclose(fit_prior_corrected_temperature(z, y, np.zeros(6)), t_nll, rel_tol=1e-4)
     # and it minimises the NLL of z / T - log(prior)
     log_prior = np.log(np.array([0.5, 0.2, 0.1, 0.1, 0.05, 0.05]))
@@ -179,11 +179,14 @@ def test_fit_temperature_records_the_guards_reason_per_objective() -> None:
     z = rng.normal(size=(300, 3)) * 2
     p = torch.softmax(torch.from_numpy(z), 1).numpy()
     y = np.minimum((p.cumsum(1) > rng.random((300, 1))).argmax(1), 2)  # calibrated logits
-    t_ece, reason = fit_temperature(z, y, objective="ece")
-    assert t_ece != 1.0 and reason is None
+    t_ece, reason, kind = fit_temperature(z, y, objective="ece")
+    assert t_ece != 1.0 and reason is None and kind is None
     sep = np.eye(3)[np.arange(60) % 3] * 4 + rng.normal(size=(60, 3)) * 0.1
     ys = np.arange(60) % 3
-    t, reason = fit_temperature(sep, ys)
-    assert t == 1.0 and reason is not None and "separable" in reason
-    t_ece, reason = fit_temperature(sep, ys, objective="ece")
-    assert t_ece < 1.0 and reason is not None and "separable" in reason
+    t, reason, kind = fit_temperature(sep, ys)
+    assert t == 1.0 and reason is not None and "separable" in reason and kind == "separable"
+    t_ece, reason, kind = fit_temperature(sep, ys, objective="ece")
+    assert t_ece < 1.0 and reason is not None and "separable" in reason and kind == "separable"
+    wrong = np.array([[5.0, 0.0], [0.0, 5.0], [4.0, -1.0]])  # confidently wrong: T runs to t_max
+    t, reason, kind = fit_temperature(wrong, np.array([1, 0, 1]))
+    assert (t, reason, kind) == (1.0, "the fit stopped at the upper bound t_max=100", "bound")

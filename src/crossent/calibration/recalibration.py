@@ -397,8 +397,7 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
         self.temperature = t
         self.weights = torch.softmax(a.detach(), 0).numpy().copy()
         self._fitted = True
-        self._check_fit(z, y, at_bound=ts.diagnostic if ts.diagnostic and "bound" in ts.diagnostic
-                        else None)
+        self._check_fit(z, y, at_bound=ts._bound_reached())
         return self
 
     def _probs64(self, z: torch.Tensor) -> np.ndarray:

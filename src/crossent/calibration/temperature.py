@@ -227,17 +227,21 @@ class TemperatureScaler(Recalibrator):
         self._check_fit(z, y)
         return self
 
-    def _check_fit(self, z: torch.Tensor, y: np.ndarray) -> None:
-        """The guard of :class:`~crossent.calibration._base.Recalibrator` on the validation
-        data: the arg-max and the NLLs at the identity and at the fit, in float64 over chunks
-        of rows (with one temperature, :func:`~crossent.calibration._rows.row_statistics` at
-        scales 1 and 1 / T on each float64 chunk)."""
+    def _bound_reached(self) -> str | None:
+        """The bound(s) of T the fitted temperature(s) sit on, in words; ``None`` if none."""
         t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
         bounds = []
         if np.any(t <= self.t_min * (1 + 1e-9)):
             bounds.append(f"the lower bound t_min={self.t_min:g}")
         if np.any(t >= self.t_max * (1 - 1e-9)):
             bounds.append(f"the upper bound t_max={self.t_max:g}")
+        return " and ".join(bounds) or None
+
+    def _check_fit(self, z: torch.Tensor, y: np.ndarray) -> None:
+        """The guard of :class:`~crossent.calibration._base.Recalibrator` on the validation
+        data: the arg-max and the NLLs at the identity and at the fit, in float64 over chunks
+        of rows (with one temperature, :func:`~crossent.calibration._rows.row_statistics` at
+        scales 1 and 1 / T on each float64 chunk)."""
         yt = torch.from_numpy(y)
         nll_id = nll_fit = 0.0
         separable = True
@@ -263,7 +267,7 @@ class TemperatureScaler(Recalibrator):
             nll_id / n,
             nll_fit / n,
             n,
-            at_bound=" and ".join(bounds) or None,
+            at_bound=self._bound_reached(),
             separable=separable,
             n_classes=z.shape[1],
         )

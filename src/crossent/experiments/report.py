@@ -392,15 +392,16 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
 FIT_NAMES = {"ts": "T on validation NLL, fell back to T = 1", "tsece": "T on validation ECE, kept"}
 
 
-def _reason_kind(reason: str) -> str:
-    """The kind of a guard's reason (:meth:`crossent.calibration._base.Calibrator._guard`)."""
-    if "separable" in reason:
-        return "separable validation set"
-    if "stopped at" in reason:
-        return "a bound of T reached"
-    if "worse" in reason:
-        return "validation NLL worse than at T = 1"
-    return reason
+#: the guard's finding (a recalibrator's ``diagnostic_kind``), in words
+REASON_KINDS = {"separable": "separable validation set", "bound": "a bound of T reached",
+                "nll": "validation NLL worse than at T = 1"}
+
+
+def _reason_kind(record: dict[str, Any], fit: str) -> str:
+    """What the guard found in the temperature fit ``fit`` (a key of :data:`FIT_NAMES`) of a
+    run, in words; the reason itself where the record holds no kind."""
+    kind = record.get("fallback_kind", {}).get(fit)
+    return REASON_KINDS.get(kind, record["fallback"][fit])
 
 
 def terminal_notes(result: StudyResult, rows: list[dict[str, Any]]) -> list[str]:
@@ -417,7 +418,7 @@ def terminal_notes(result: StudyResult, rows: list[dict[str, Any]]) -> list[str]
         fell = [rec for rec in recs if "ts" in rec.get("fallback", {})]
         if fell:
             losses = ", ".join(dict.fromkeys(labels.get(rec["loss"], rec["loss"]) for rec in fell))
-            kinds = ", ".join(sorted({_reason_kind(rec["fallback"]["ts"]) for rec in fell}))
+            kinds = ", ".join(sorted({_reason_kind(rec, "ts") for rec in fell}))
             notes.append(f"{task}: temperature scaling (T on validation NLL) fell back to T = 1 in"
                          f" {len(fell)} of {len(recs)} runs ({losses}; {kinds}); their TS columns"
                          " are the unscaled model's")

@@ -287,10 +287,11 @@ def evaluate(
 
 def fit_temperature(
     val_logits: np.ndarray, val_labels: np.ndarray, *, objective: str = "nll", n_bins: int = 15
-) -> tuple[float, str | None]:
-    """Temperature fitted on the validation set by :class:`TemperatureScaler`, and the
-    guard's reason (``None`` when the fit is sound): why the NLL fit fell back to
-    :math:`T = 1`, or what made the ECE fit that was kept degenerate.
+) -> tuple[float, str | None, str | None]:
+    """Temperature fitted on the validation set by :class:`TemperatureScaler`, the guard's
+    reason (``None`` when the fit is sound) and its kind (the scaler's ``diagnostic_kind``:
+    ``"separable"``, ``"bound"`` or ``"nll"``): why the NLL fit fell back to :math:`T = 1`,
+    or what made the ECE fit that was kept degenerate.
 
     The NLL fit falls back to :math:`T = 1` on a degenerate fit (a bound reached, a separable
     validation set, a validation NLL worse than at :math:`T = 1`). The ECE fit (Mukhoti et
@@ -307,11 +308,10 @@ def fit_temperature(
         scaler.fit(torch.as_tensor(val_logits, dtype=torch.float64), torch.as_tensor(val_labels),
                    objective=objective, n_bins=n_bins)  # type: ignore[arg-type]
     t = scaler.temperature
-    if objective == "nll":  # fallen back to T = 1: fallback names why
-        reason = scaler.fallback
-    else:  # kept as fitted; an NLL above T = 1's is no fault of a fit to the ECE
-        reason = scaler.diagnostic if scaler.diagnostic_kind in ("separable", "bound") else None
-    return float(t.item() if isinstance(t, torch.Tensor) else t), reason
+    reason, kind = scaler.diagnostic, scaler.diagnostic_kind
+    if objective == "ece" and kind == "nll":  # an NLL above T = 1's is no fault of an ECE fit
+        reason = kind = None
+    return float(t.item() if isinstance(t, torch.Tensor) else t), reason, kind
 
 
 def fit_prior_corrected_temperature(
@@ -374,10 +374,12 @@ def _evaluate_arms(
     arms: dict[str, np.ndarray] = {"test": test_logits}
     temps: dict[str, float] = {}
     fallbacks: dict[str, str | None] = {}
+    kinds: dict[str, str | None] = {}
     finite = not diverged and bool(np.all(np.isfinite(val_logits)))
     if finite:
-        temps["temperature"], fallbacks["ts"] = fit_temperature(val_logits, task.y_val)
-        temps["temperature_ece"], fallbacks["tsece"] = fit_temperature(
+        temps["temperature"], fallbacks["ts"], kinds["ts"] = fit_temperature(val_logits,
+                                                                             task.y_val)
+        temps["temperature_ece"], fallbacks["tsece"], kinds["tsece"] = fit_temperature(
             val_logits, task.y_val, objective="ece", n_bins=config.n_bins)
         arms["test_ts"] = test_logits / temps["temperature"]
         arms["test_tsece"] = test_logits / temps["temperature_ece"]
@@ -400,6 +402,7 @@ def _evaluate_arms(
         if key != "temperature_la" or task.imbalanced:
             record[key] = temps.get(key, float("nan"))
     record["fallback"] = {k: v for k, v in fallbacks.items() if v}
+    record["fallback_kind"] = {k: v for k, v in kinds.items() if v}
     record["boot"] = boot
     if spec.gamma and spec.weighting is None and spec.teacher is None and finite:
         record["bound"] = focal_bound(test_logits, y_test, spec.gamma)
