@@ -337,3 +337,30 @@ def test_method_and_objective_options(tmp_path: Path, capsys: pytest.CaptureFixt
     one_line_error(*run([*base, "--method", "platt"], capsys)[::2], "two classes")
     one_line_error(*run([*base, "--method", "vector", "--objective", "ece"], capsys)[::2],
                    "--objective ece")
+
+
+@pytest.mark.parametrize(("n", "fraction", "want"), [
+    (400, "0.2", "the fit part holds only 80 samples (--val-fraction 0.2 of 400); fits on so few, and"
+                 " the comparison of methods, are noisy: raise --val-fraction or give more samples"),
+    (150, "0.6", "the fit part holds only 90 samples (--val-fraction 0.6 of 150); fits on so few, and"
+                 " the comparison of methods, are noisy: give more samples"),
+    (60, "0", "the fit uses only 60 samples; fits on so few are noisy"),
+    (500, "0.2", None),
+    (3000, "0", None),
+])
+def test_a_small_fit_part_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], n: int, fraction: str, want: str | None
+) -> None:
+    z, y = make(n=n, c=2, seed=4)
+    np.savez(tmp_path / "p.npz", logits=z, labels=y)
+    rc, _, err = run([str(tmp_path / "p.npz"), "--val-fraction", fraction, "--out", str(tmp_path / "o")],
+                     capsys)
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    report = (tmp_path / "o" / "report.md").read_text()
+    if want is None:
+        assert metrics["n_val"] >= 100 and "fits on so few" not in err + report
+        return
+    assert metrics["n_val"] < 100
+    assert f"crossent calibrate: warning: {want}\n" in err
+    assert metrics["warnings"][0] == want and f"- warning: {want}" in report

@@ -60,7 +60,7 @@ what it does
   the held-out part, and the best by --objective is recommended. A degenerate fit (bound
   reached, separable fit part, NLL worse than no scaling) falls back to the identity and
   says so. --val-fraction 0 fits and evaluates on everything (optimistic; a warning is
-  printed).
+  printed). A fit part of fewer than 100 samples gives a warning.
 
 metrics
   accuracy, NLL (nats), Brier (summed over classes, range 0-2), ECE (15 equal-width bins
@@ -508,6 +508,23 @@ def describe(cal: Any) -> str:
     return text
 
 
+#: below this many samples in the fit part, :func:`small_fit_warning` speaks
+MIN_FIT_SAMPLES = 100
+
+
+def small_fit_warning(n_fit: int, n: int, val_fraction: float) -> str | None:
+    """The warning when the part the method is fitted on holds fewer than
+    :data:`MIN_FIT_SAMPLES` samples: fits on so few, and the comparison of methods with many
+    parameters fitted on them, are noisy."""
+    if n_fit >= MIN_FIT_SAMPLES:
+        return None
+    if val_fraction == 0:
+        return f"the fit uses only {n_fit} samples; fits on so few are noisy"
+    fix = "give more samples" if val_fraction >= 0.5 else "raise --val-fraction or give more samples"
+    return (f"the fit part holds only {n_fit} samples (--val-fraction {val_fraction:g} of {n});"
+            f" fits on so few, and the comparison of methods, are noisy: {fix}")
+
+
 def fit_method(name: str, logits: np.ndarray, labels: np.ndarray, objective: str) -> tuple[Any, list[str]]:
     """Fit one method; returns it and the messages of the warnings it gave."""
     import warnings
@@ -765,6 +782,9 @@ def main(args: argparse.Namespace) -> int:
             )
 
     cal, messages = fit_method(args.method, logits[val_idx], labels[val_idx], args.objective)
+    small = small_fit_warning(int(val_idx.size), n, args.val_fraction)
+    if small is not None:
+        messages.insert(0, small)
     for message in messages:
         print(f"crossent calibrate: warning: {message}", file=sys.stderr)
     y_test = labels[test_idx]
