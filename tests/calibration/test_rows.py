@@ -7,7 +7,7 @@ import contextlib
 import ctypes
 import itertools
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -277,26 +277,67 @@ def test_meter_equals_one_shot_on_either_path(where: str) -> None:
     assert got["classwise_ece"] == pytest.approx(other, rel=1e-4)  # the two paths, to float round-off
 
 
+def _cpu_has(*flags: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    have = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return all(f in have for f in flags)
+
+
+#: the builds of the classwise pass: the body's portable loop, and the intrinsics of each ISA
+BUILDS = {
+    "portable": (["-DCE_PORTABLE"], ()),
+    "avx2": (["-mavx2", "-mfma", "-mno-avx512f"], ("avx2", "fma")),
+    "avx512": (["-mavx2", "-mfma", "-mavx512f", "-mavx512dq"], ("avx512f", "avx512dq")),
+}
+
+
+@pytest.fixture(scope="module")
+def build_library(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ctypes.CDLL]:
+    """The library of a build of :data:`BUILDS`, compiled once per module; skips where this
+    CPU cannot run it."""
+    built: dict[str, ctypes.CDLL] = {}
+
+    def get(build: str) -> ctypes.CDLL:
+        cc = native._compiler()
+        if cc is None or not native.available():
+            pytest.skip("no C compiler, or the native kernels are not built")
+        flags, cpu = BUILDS[build]
+        if not _cpu_has(*cpu):
+            pytest.skip(f"this CPU lacks {', '.join(cpu)}")
+        if build not in built:
+            src = Path(native.__file__).parent / "_kernels.c"
+            so = tmp_path_factory.mktemp("builds") / f"{build}.so"
+            subprocess.run([cc, "-O1", *flags, "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+                            "-shared", "-fPIC", "-pthread", "-o", str(so), str(src)], check=True,
+                           capture_output=True)
+            built[build] = ctypes.CDLL(str(so))
+            built[build].ce_calibration_f32.restype = ctypes.c_int
+        return built[build]
+
+    return get
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("n_cols", [7, 301])
 @pytest.mark.parametrize("from_logits", [True, False])
-def test_portable_build_equals_the_built_one(tmp_path: Path, from_logits: bool) -> None:
-    """The classwise pass without AVX-512 (the body's portable loop, as built on other CPUs or
-    without -march=native) against the library in use."""
-    cc = native._compiler()
-    if cc is None or not native.available():
-        pytest.skip("no C compiler, or the native kernels are not built")
-    src = Path(native.__file__).parent / "_kernels.c"
-    so = tmp_path / "portable.so"
-    subprocess.run([cc, "-O1", "-DCE_PORTABLE", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
-                    "-shared", "-fPIC", "-pthread", "-o", str(so), str(src)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(so))
-    lib.ce_calibration_f32.restype = ctypes.c_int
-    x, y = data(700, 301, torch.float32, from_logits, seed=3)
+def test_each_build_equals_the_built_one(
+    build_library: Callable[[str], ctypes.CDLL], from_logits: bool, n_cols: int, build: str
+) -> None:
+    """The classwise pass of each build (portable C; AVX2 + FMA or AVX-512 intrinsics, where
+    this CPU runs them) against the library in use, which the other tests hold to the
+    reference: rows shorter than one vector step (7) and with a tail (301)."""
+    lib = build_library(build)
+    x, y = data(700, n_cols, torch.float32, from_logits, seed=3)
     yt = torch.from_numpy(y)
     want = native.calibration_rows(x, yt, from_logits=from_logits, n_bins=15)
     got = native.calibration_rows(x, yt, from_logits=from_logits, n_bins=15, library=lib)
     np.testing.assert_allclose(got.conf.numpy(), want.conf.numpy(), rtol=1e-6)
     np.testing.assert_array_equal(got.pred.numpy(), want.pred.numpy())
     assert got.cw_p is not None and want.cw_p is not None and got.cw_y is not None and want.cw_y is not None
+    assert float(want.cw_y.sum()) == 700 and float(want.cw_y.reshape(n_cols, 15)[:, 1:].sum()) > 0
     if from_logits:  # e from differently contracted polynomials: an edge case may change bins
         assert float((got.cw_p - got.cw_y).abs().sum()) == pytest.approx(
             float((want.cw_p - want.cw_y).abs().sum()), rel=1e-5)
@@ -308,6 +349,9 @@ def test_portable_build_equals_the_built_one(tmp_path: Path, from_logits: bool) 
     else:
         np.testing.assert_array_equal(got.cw_y.numpy(), want.cw_y.numpy())
         np.testing.assert_allclose(got.cw_p.numpy(), want.cw_p.numpy(), rtol=1e-12, atol=1e-13)
+        for key in ("brier", "rowsum", "rowmin"):
+            np.testing.assert_allclose(getattr(got, key).numpy(), getattr(want, key).numpy(), rtol=1e-6,
+                                       atol=1e-7, err_msg=key)
 
 
 @pytest.mark.parametrize("where", PATHS)

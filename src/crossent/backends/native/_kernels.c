@@ -24,9 +24,9 @@
  * inside one. The double path (gradcheck, the float64 tests, float64 NumPy input to the calibration
  * metrics) has its own vectorisable exp, exp_d, and calls libm for the rest.
  * Two loops use intrinsics, both in the calibration statistics, where a compare mask picks the
- * few entries that go to a classwise bin of their own: cw_row_avx512 and prob_row_avx512, in
- * AVX-512 builds only (the body's portable loops elsewhere, and with -DCE_PORTABLE, which the
- * tests build).
+ * few entries that go to a classwise bin of their own: cw_row_simd and prob_row_simd, written
+ * for AVX-512 and for AVX2 + FMA (the body's portable loops elsewhere, and with -DCE_PORTABLE,
+ * which the tests build: tests/calibration/test_rows.py builds each variant the CPU can run).
  *
  * Threads: rows (softmax) or element ranges (binary) are split across `n_threads` threads of
  * the OpenMP runtime that torch uses (pthreads when built without OpenMP); each thread owns its
@@ -414,25 +414,34 @@ static inline int width_bin(double p, const double *edges, int M) {
     return b;
 }
 
-/* The classwise pass of one row for float rows u (see ce_calibration in _kernels_body.h): every
- * entry adds p_k = u_k inv (in double) to the column total first[k]; each entry above thr (an
- * AVX-512 mask, rarely nonzero) moves its p_k from there to its own bin in cwp. 16 entries take
- * one compare, two conversions and two FMAs, and the few entries above thr are taken from the
- * mask's set bits; without AVX-512 the portable loop of the body runs instead. The loop also
- * prefetches the row `ahead` (two rows on: its rows' es-byte entries, es <= 4, so one 64-byte line
- * or less per 16 entries), spread over the pass: measured faster here than the burst of
- * prefetches at the start of each row that the rest of the kernel uses. */
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(CE_PORTABLE)
+/* The classwise pass of one row for float rows u (see ce_calibration in _kernels_body.h),
+ * with intrinsics for AVX-512 or AVX2 + FMA (the portable loop of the body otherwise): every
+ * entry adds p_k = u_k inv (in double) to the column total first[k]; each entry above thr (a
+ * compare mask, rarely nonzero) moves its p_k from there to its own bin in cwp. A step takes one
+ * compare per vector, the conversions to double and their FMAs, and the few entries above thr
+ * are taken from the mask's set bits. The loop also prefetches the row `ahead` (two rows on: its
+ * rows' es-byte entries, es <= 4, so one 64-byte line or less per 16 entries), spread over the
+ * pass: measured faster here than the burst of prefetches at the start of each row that the
+ * rest of the kernel uses. prob_row_simd, for probabilities, also takes the row's max, min, sum
+ * and sum of squares in the same read, with or without the classwise sums in the same order, so
+ * that a row's statistics do not depend on whether they are taken (the meter and the one-shot
+ * functions agree). Float partial sums of SEG entries are added in double. */
+#if ((defined(__AVX512F__) && defined(__AVX512DQ__)) || (defined(__AVX2__) && defined(__FMA__))) && \
+    !defined(CE_PORTABLE)
 #include <immintrin.h>
-#define HAVE_CW_AVX512 1
+#define HAVE_CW_SIMD 1
 static inline void cw_big_f32(const float *u, int64_t j, int64_t C, double inv, double *restrict first,
                               double *restrict cwp, const double *edges, int M) {
     const double p = (double)u[j] * inv;
     cwp[width_bin(p, edges, M) * C + j] += p; /* bin-major: see ce_calibration's scratch */
     first[j] -= p;
 }
+#else
+#define HAVE_CW_SIMD 0
+#endif
 
-static void cw_row_avx512(const float *u, int64_t C, float thr, double inv, double *restrict first,
+#if HAVE_CW_SIMD && defined(__AVX512F__) && defined(__AVX512DQ__)
+static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double *restrict first,
                           double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
     const __m512 tv = _mm512_set1_ps(thr);
     const __m512d iv = _mm512_set1_pd(inv);
@@ -454,12 +463,7 @@ static void cw_row_avx512(const float *u, int64_t C, float thr, double inv, doub
     }
 }
 
-/* Probabilities in float rows: pass 1 (max, min, sum, sum of squares) and with CW the classwise
- * pass (p_k = u_k) in the one read of the row. The sums run in the same order with or without
- * CW, so a row's statistics do not depend on whether the classwise sums are taken (the meter
- * and the one-shot functions agree). Float partial sums of SEG entries are added in double. Also
- * prefetches the row `ahead`, one line per 16 entries (es <= 4 bytes each). */
-static inline __attribute__((always_inline)) void prob_row_avx512_(
+static inline __attribute__((always_inline)) void prob_row_simd_(
     const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp, const double *edges,
     int M, const char *ahead, int64_t es, float *m_out, float *lo_out, double *sum_out, double *sq_out,
     const int CW) {
@@ -513,16 +517,118 @@ static inline __attribute__((always_inline)) void prob_row_avx512_(
     *sq_out = sq + (double)tq;
 }
 
-static void prob_row_avx512(const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp,
+static void prob_row_simd(const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp,
                             const double *edges, int M, const char *ahead, int64_t es, float *m_out, float *lo_out,
                             double *sum_out, double *sq_out) {
     if (first)
-        prob_row_avx512_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 1);
+        prob_row_simd_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 1);
     else
-        prob_row_avx512_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 0);
+        prob_row_simd_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 0);
 }
-#else
-#define HAVE_CW_AVX512 0
+#elif HAVE_CW_SIMD /* AVX2 + FMA: 8 floats a vector, 4 doubles */
+static inline float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+static inline float hmin8(__m256 v) {
+    __m128 h = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_min_ss(h, _mm_movehdup_ps(h)));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* first[k .. k + 8) += (double)u[k .. k + 8) * inv: the halves converted from memory */
+static inline void cw_first8(const float *u, int64_t k, __m256d iv, double *restrict first) {
+    _mm256_storeu_pd(first + k, _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(u + k)), iv, _mm256_loadu_pd(first + k)));
+    _mm256_storeu_pd(first + k + 4,
+                     _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(u + k + 4)), iv, _mm256_loadu_pd(first + k + 4)));
+}
+
+static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double *restrict first,
+                        double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
+    const __m256 tv = _mm256_set1_ps(thr);
+    const __m256d iv = _mm256_set1_pd(inv);
+    int64_t k = 0;
+    for (; k + 16 <= C; k += 16) {
+        if (ahead) __builtin_prefetch(ahead + k * es, 0, 2);
+        unsigned big = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(u + k), tv, _CMP_GT_OQ)) |
+                       (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(u + k + 8), tv, _CMP_GT_OQ)) << 8;
+        cw_first8(u, k, iv, first);
+        cw_first8(u, k + 8, iv, first);
+        for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), C, inv, first, cwp, edges, M);
+    }
+    for (; k < C; ++k) {
+        first[k] += (double)u[k] * inv;
+        if (u[k] > thr) cw_big_f32(u, k, C, inv, first, cwp, edges, M);
+    }
+}
+
+static inline __attribute__((always_inline)) void prob_row_simd_(
+    const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp, const double *edges,
+    int M, const char *ahead, int64_t es, float *m_out, float *lo_out, double *sum_out, double *sq_out,
+    const int CW) {
+    __m256 vm = _mm256_set1_ps(-INFINITY), vl = _mm256_set1_ps(INFINITY);
+    const __m256 tv = _mm256_set1_ps(thr);
+    const __m256d one = _mm256_set1_pd(1.0);
+    double sum = 0.0, sq = 0.0;
+    int64_t k = 0;
+    const int64_t full = C / 16 * 16;
+    while (k < full) { /* 16 entries a step: two vectors, two chains per sum, one branch for both */
+        const int64_t end = full - k < SEG ? full : k + SEG;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
+        for (; k < end; k += 16) {
+            if (ahead) __builtin_prefetch(ahead + k * es, 0, 2);
+            const __m256 v = _mm256_loadu_ps(u + k), w = _mm256_loadu_ps(u + k + 8);
+            vm = _mm256_max_ps(vm, _mm256_max_ps(v, w));
+            vl = _mm256_min_ps(vl, _mm256_min_ps(v, w));
+            s0 = _mm256_add_ps(s0, v);
+            s1 = _mm256_add_ps(s1, w);
+            q0 = _mm256_fmadd_ps(v, v, q0);
+            q1 = _mm256_fmadd_ps(w, w, q1);
+            if (CW) {
+                cw_first8(u, k, one, first);
+                cw_first8(u, k + 8, one, first);
+                const unsigned big = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_GT_OQ)) |
+                                     (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(w, tv, _CMP_GT_OQ)) << 8;
+                for (unsigned b = big; b; b &= b - 1) cw_big_f32(u, k + __builtin_ctz(b), C, 1.0, first, cwp, edges, M);
+            }
+        }
+        sum += (double)hsum8(_mm256_add_ps(s0, s1));
+        sq += (double)hsum8(_mm256_add_ps(q0, q1));
+    }
+    float m = hmax8(vm), lo = hmin8(vl), ts = 0.0f, tq = 0.0f;
+    for (; k < C; ++k) {
+        const float v = u[k];
+        m = v > m ? v : m;
+        lo = v < lo ? v : lo;
+        ts += v;
+        tq += v * v;
+        if (CW) {
+            first[k] += (double)v;
+            if (v > thr) cw_big_f32(u, k, C, 1.0, first, cwp, edges, M);
+        }
+    }
+    *m_out = m;
+    *lo_out = lo;
+    *sum_out = sum + (double)ts;
+    *sq_out = sq + (double)tq;
+}
+
+static void prob_row_simd(const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp,
+                          const double *edges, int M, const char *ahead, int64_t es, float *m_out, float *lo_out,
+                          double *sum_out, double *sq_out) {
+    if (first)
+        prob_row_simd_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 1);
+    else
+        prob_row_simd_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 0);
+}
 #endif
 
 /* keep[k] = 1 where target i0 + k is not the ignore value, 0 where it is. The comparison is

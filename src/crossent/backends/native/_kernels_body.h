@@ -1173,9 +1173,9 @@ CE_API int FN(ce_binary)(bce_args *a) {
  *
  *   pass 1 (the row from memory; float and double rows in place, others converted into the
  *           scratch row): the max m and the row sum (finite iff every entry is; row_max_sum),
- *           for probabilities also the min and sum p^2 (row_moments, or with AVX-512
- *           prob_row_avx512, which also takes pass 3); then the first argmax, while the
- *           row is in L1. The next row is prefetched meanwhile (with the AVX-512 classwise
+ *           for probabilities also the min and sum p^2 (row_moments, or with AVX-512 or AVX2
+ *           prob_row_simd, which also takes pass 3); then the first argmax, while the
+ *           row is in L1. The next row is prefetched meanwhile (with the intrinsic classwise
  *           pass, the row after it, a line at a time during that pass).
  *   pass 2 (logits, from L1): e = exp(b (u - m)) into the scratch row, with b the inverse
  *           temperature (`scale`, 1 for the metrics), s = sum e, q = sum e^2 (float partial sums
@@ -1248,7 +1248,7 @@ ALWAYS_INLINE void FN(row_moments)(const ACC *restrict u, int64_t C, ACC *m_out,
     *sq_out = sq;
 }
 
-/* The classwise pass of one row in portable C (the AVX-512 builds use cw_row_avx512): every
+/* The classwise pass of one row in portable C (AVX-512 and AVX2 builds use cw_row_simd): every
  * p_k = u_k inv to its column total, then the entries above thr, found by blocks of 64, moved
  * from there to their own bins. */
 static void FN(cw_row)(const ACC *u, int64_t C, ACC thr, double inv, double *restrict first, double *restrict cwp,
@@ -1299,8 +1299,8 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     const ACC beta = (ACC)a->scale;
     /* a little below 1/M (in p; times s for e): never above any entry that exceeds 1/M */
     const double below = M > 0 ? (1.0 / M) * (1.0 - 1e-5) : 0.0;
-    /* the AVX-512 passes prefetch two rows on as they go (see cw_row_avx512) */
-    const int cw_prefetches = HAVE_CW_AVX512 && sizeof(ACC) == 4 && (M > 0 || !logits);
+    /* the intrinsic passes prefetch two rows on as they go (see cw_row_simd) */
+    const int cw_prefetches = HAVE_CW_SIMD && sizeof(ACC) == 4 && (M > 0 || !logits);
     for (int64_t r = r0; r < r1; ++r) {
         const void *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * es;
         if (!cw_prefetches && r + 1 < r1) {
@@ -1317,11 +1317,11 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         ACC m, lo = 0;
         double sum, q = 0.0;
         int cw_done = 0;
-#if HAVE_CW_AVX512
+#if HAVE_CW_SIMD
         const char *ahead = r + 2 < r1 ? (const char *)a->x + (size_t)((r + 2) * a->x_row_stride) * es : NULL;
         if (sizeof(ACC) == 4 && !logits) { /* pass 1 and the classwise pass in one read */
             float mf, lof;
-            prob_row_avx512((const float *)u, C, (float)below, first, cwp, edges, M, ahead, (int64_t)es, &mf, &lof,
+            prob_row_simd((const float *)u, C, (float)below, first, cwp, edges, M, ahead, (int64_t)es, &mf, &lof,
                             &sum, &q);
             m = (ACC)mf;
             lo = (ACC)lof;
@@ -1400,9 +1400,9 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         if (a->brier) a->brier[r] = brier;
         if (M > 0 && !cw_done) {
             const ACC thr = (ACC)(logits ? below / inv : below);
-#if HAVE_CW_AVX512
+#if HAVE_CW_SIMD
             if (sizeof(ACC) == 4)
-                cw_row_avx512((const float *)p, C, (float)thr, inv, first, cwp, edges, M, ahead, (int64_t)es);
+                cw_row_simd((const float *)p, C, (float)thr, inv, first, cwp, edges, M, ahead, (int64_t)es);
             else
 #endif
                 FN(cw_row)(p, C, thr, inv, first, cwp, edges, M);
