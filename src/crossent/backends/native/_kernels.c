@@ -436,13 +436,46 @@ static inline void cw_big_f32(const float *u, int64_t j, int64_t C, double inv, 
     cwp[width_bin(p, edges, M) * C + j] += p; /* bin-major: see ce_calibration's scratch */
     first[j] -= p;
 }
+
+/* the entries from k on of cw_row_simd, one at a time */
+static inline void cw_tail(const float *u, int64_t k, int64_t C, float thr, double inv, double *restrict first,
+                           double *restrict cwp, const double *edges, int M) {
+    for (; k < C; ++k) {
+        first[k] += (double)u[k] * inv;
+        if (u[k] > thr) cw_big_f32(u, k, C, inv, first, cwp, edges, M);
+    }
+}
+
+/* the entries from k on of prob_row_simd_, one at a time, into the max m, the min lo and the
+ * sums of the vector part (sum, sq); then the row's outputs */
+static inline __attribute__((always_inline)) void prob_tail(
+    const float *u, int64_t k, int64_t C, float thr, double *restrict first, double *restrict cwp,
+    const double *edges, int M, float m, float lo, double sum, double sq, float *m_out, float *lo_out,
+    double *sum_out, double *sq_out, const int CW) {
+    float ts = 0.0f, tq = 0.0f;
+    for (; k < C; ++k) {
+        const float v = u[k];
+        m = v > m ? v : m;
+        lo = v < lo ? v : lo;
+        ts += v;
+        tq += v * v;
+        if (CW) {
+            first[k] += (double)v;
+            if (v > thr) cw_big_f32(u, k, C, 1.0, first, cwp, edges, M);
+        }
+    }
+    *m_out = m;
+    *lo_out = lo;
+    *sum_out = sum + (double)ts;
+    *sq_out = sq + (double)tq;
+}
 #else
 #define HAVE_CW_SIMD 0
 #endif
 
 #if HAVE_CW_SIMD && defined(__AVX512F__) && defined(__AVX512DQ__)
 static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double *restrict first,
-                          double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
+                        double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
     const __m512 tv = _mm512_set1_ps(thr);
     const __m512d iv = _mm512_set1_pd(inv);
     int64_t k = 0;
@@ -457,10 +490,7 @@ static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double
                                                          _mm512_loadu_pd(first + k + 8)));
         for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), C, inv, first, cwp, edges, M);
     }
-    for (; k < C; ++k) {
-        first[k] += (double)u[k] * inv;
-        if (u[k] > thr) cw_big_f32(u, k, C, inv, first, cwp, edges, M);
-    }
+    cw_tail(u, k, C, thr, inv, first, cwp, edges, M);
 }
 
 static inline __attribute__((always_inline)) void prob_row_simd_(
@@ -499,32 +529,10 @@ static inline __attribute__((always_inline)) void prob_row_simd_(
         sum += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
         sq += (double)_mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
     }
-    float m = _mm512_reduce_max_ps(vm), lo = _mm512_reduce_min_ps(vl), ts = 0.0f, tq = 0.0f;
-    for (; k < C; ++k) {
-        const float v = u[k];
-        m = v > m ? v : m;
-        lo = v < lo ? v : lo;
-        ts += v;
-        tq += v * v;
-        if (CW) {
-            first[k] += (double)v;
-            if (v > thr) cw_big_f32(u, k, C, 1.0, first, cwp, edges, M);
-        }
-    }
-    *m_out = m;
-    *lo_out = lo;
-    *sum_out = sum + (double)ts;
-    *sq_out = sq + (double)tq;
+    prob_tail(u, k, C, thr, first, cwp, edges, M, _mm512_reduce_max_ps(vm), _mm512_reduce_min_ps(vl), sum, sq, m_out, lo_out, sum_out,
+              sq_out, CW);
 }
 
-static void prob_row_simd(const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp,
-                            const double *edges, int M, const char *ahead, int64_t es, float *m_out, float *lo_out,
-                            double *sum_out, double *sq_out) {
-    if (first)
-        prob_row_simd_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 1);
-    else
-        prob_row_simd_(u, C, thr, first, cwp, edges, M, ahead, es, m_out, lo_out, sum_out, sq_out, 0);
-}
 #elif HAVE_CW_SIMD /* AVX2 + FMA: 8 floats a vector, 4 doubles */
 static inline float hmax8(__m256 v) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -564,10 +572,7 @@ static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double
         cw_first8(u, k + 8, iv, first);
         for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), C, inv, first, cwp, edges, M);
     }
-    for (; k < C; ++k) {
-        first[k] += (double)u[k] * inv;
-        if (u[k] > thr) cw_big_f32(u, k, C, inv, first, cwp, edges, M);
-    }
+    cw_tail(u, k, C, thr, inv, first, cwp, edges, M);
 }
 
 static inline __attribute__((always_inline)) void prob_row_simd_(
@@ -603,24 +608,14 @@ static inline __attribute__((always_inline)) void prob_row_simd_(
         sum += (double)hsum8(_mm256_add_ps(s0, s1));
         sq += (double)hsum8(_mm256_add_ps(q0, q1));
     }
-    float m = hmax8(vm), lo = hmin8(vl), ts = 0.0f, tq = 0.0f;
-    for (; k < C; ++k) {
-        const float v = u[k];
-        m = v > m ? v : m;
-        lo = v < lo ? v : lo;
-        ts += v;
-        tq += v * v;
-        if (CW) {
-            first[k] += (double)v;
-            if (v > thr) cw_big_f32(u, k, C, 1.0, first, cwp, edges, M);
-        }
-    }
-    *m_out = m;
-    *lo_out = lo;
-    *sum_out = sum + (double)ts;
-    *sq_out = sq + (double)tq;
+    prob_tail(u, k, C, thr, first, cwp, edges, M, hmax8(vm), hmin8(vl), sum, sq, m_out, lo_out, sum_out,
+              sq_out, CW);
 }
 
+#endif
+
+#if HAVE_CW_SIMD
+/* prob_row_simd_ with its CW constant: the pass with classwise sums where first is given */
 static void prob_row_simd(const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp,
                           const double *edges, int M, const char *ahead, int64_t es, float *m_out, float *lo_out,
                           double *sum_out, double *sq_out) {
