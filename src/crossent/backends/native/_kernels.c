@@ -529,8 +529,8 @@ static inline __attribute__((always_inline)) void prob_row_simd_(
         sum += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
         sq += (double)_mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
     }
-    prob_tail(u, k, C, thr, first, cwp, edges, M, _mm512_reduce_max_ps(vm), _mm512_reduce_min_ps(vl), sum, sq, m_out, lo_out, sum_out,
-              sq_out, CW);
+    prob_tail(u, k, C, thr, first, cwp, edges, M, _mm512_reduce_max_ps(vm), _mm512_reduce_min_ps(vl), sum, sq,
+              m_out, lo_out, sum_out, sq_out, CW);
 }
 
 #elif HAVE_CW_SIMD /* AVX2 + FMA: 8 floats a vector, 4 doubles */
@@ -608,8 +608,8 @@ static inline __attribute__((always_inline)) void prob_row_simd_(
         sum += (double)hsum8(_mm256_add_ps(s0, s1));
         sq += (double)hsum8(_mm256_add_ps(q0, q1));
     }
-    prob_tail(u, k, C, thr, first, cwp, edges, M, hmax8(vm), hmin8(vl), sum, sq, m_out, lo_out, sum_out,
-              sq_out, CW);
+    prob_tail(u, k, C, thr, first, cwp, edges, M, hmax8(vm), hmin8(vl), sum, sq, m_out, lo_out, sum_out, sq_out,
+              CW);
 }
 
 #endif
