@@ -1322,7 +1322,7 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         if (sizeof(ACC) == 4 && !logits) { /* pass 1 and the classwise pass in one read */
             float mf, lof;
             prob_row_simd((const float *)u, C, (float)below, first, cwp, edges, M, ahead, (int64_t)es, &mf, &lof,
-                            &sum, &q);
+                          &sum, &q);
             m = (ACC)mf;
             lo = (ACC)lof;
             cw_done = 1;
