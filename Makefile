@@ -28,7 +28,9 @@ run: $(VENV)/.installed
 quick: $(VENV)/.installed
 	$(VENV)/bin/crossent run --quick
 
-test: $(VENV)/.installed doctest typecheck
+test: $(VENV)/.installed
+	# the docstring examples and mypy are one process each: side by side, then the suite on two workers
+	$(MAKE) -j2 --output-sync doctest typecheck
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 doctest: $(VENV)/.installed

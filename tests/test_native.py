@@ -326,6 +326,31 @@ def test_build_is_cached_by_source_and_cpu(tmp_path):
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
+def test_the_compile_marker_is_the_one_torch_sets():
+    """native._assume_constant_result sets by hand what torch.compiler.assume_constant_result sets
+    (so that importing crossent does not import torch._dynamo); this fails if torch changes it."""
+
+    def theirs() -> bool:
+        return True
+
+    def ours() -> bool:
+        return True
+
+    torch.compiler.assume_constant_result(theirs)
+    native._assume_constant_result(ours)
+    assert vars(theirs) == vars(ours) == {"_dynamo_marked_constant": True}
+    assert vars(native.available) == vars(ours)
+
+
+def test_importing_crossent_leaves_dynamo_unimported():
+    res = subprocess.run(
+        [sys.executable, "-c", "import sys, crossent; print('torch._dynamo' in sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
 def test_schedule_sees_the_true_class_probability(monkeypatch):
     seen = []
 

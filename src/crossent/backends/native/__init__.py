@@ -64,7 +64,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -446,9 +446,24 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def _assume_constant_result(fn: _F) -> _F:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo``.
+
+    The public decorator imports ``torch._dynamo`` (about 1.4 s, more than the rest of crossent's
+    import) only to set this marker, which dynamo reads when it meets the call while tracing.
+    tests/test_native.py checks that the public decorator sets exactly this, and the fullgraph
+    compile tests fail if dynamo stops honouring it.
+    """
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 # Under torch.compile these two are evaluated once while tracing, not traced: the kernels run
 # inside the registered operators (crossent._ops), which check again on the real tensors.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def available() -> bool:
     """True when the native kernels are enabled and built (building them on the first call)."""
     return _enabled and _library() is not None
@@ -488,7 +503,7 @@ def _dtype_ok(dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and _has_f16()
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _has_f16() -> bool:
     lib = _library()
     return lib is not None and bool(lib.ce_has_f16())
