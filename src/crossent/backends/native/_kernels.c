@@ -25,8 +25,9 @@
  * metrics) has its own vectorisable exp, exp_d, and calls libm for the rest.
  * Two loops use intrinsics, both in the calibration statistics, where a compare mask picks the
  * few entries that go to a classwise bin of their own: cw_row_simd and prob_row_simd, written
- * for AVX-512 and for AVX2 + FMA (the body's portable loops elsewhere, and with -DCE_PORTABLE,
- * which the tests build: tests/calibration/test_rows.py builds each variant the CPU can run).
+ * once over a small vector shim (vf, vd) defined for AVX-512 and for AVX2 + FMA (the body's
+ * portable loops elsewhere, and with -DCE_PORTABLE; tests/calibration/test_rows.py builds each
+ * variant the CPU can run).
  *
  * Threads: rows (softmax) or element ranges (binary) are split across `n_threads` threads of
  * the OpenMP runtime that torch uses (pthreads when built without OpenMP); each thread owns its
@@ -417,9 +418,9 @@ static inline int width_bin(double p, const double *edges, int M) {
 /* The classwise pass of one row for float rows u (see ce_calibration in _kernels_body.h),
  * with intrinsics for AVX-512 or AVX2 + FMA (the portable loop of the body otherwise): every
  * entry adds p_k = u_k inv (in double) to the column total first[k]; each entry above thr (a
- * compare mask, rarely nonzero) moves its p_k from there to its own bin in cwp. A step takes one
- * compare per vector, the conversions to double and their FMAs, and the few entries above thr
- * are taken from the mask's set bits. The loop also prefetches the row `ahead` (two rows on: its
+ * compare mask, rarely nonzero) moves its p_k from there to its own bin in cwp. A step is two
+ * vectors (2 VW entries: 32 with AVX-512, 16 with AVX2): one compare each, the conversions to
+ * double and their FMAs, and the few entries above thr taken from the masks' set bits. The loop also prefetches the row `ahead` (two rows on: its
  * rows' es-byte entries, es <= 4, so one 64-byte line or less per 16 entries), spread over the
  * pass: measured faster here than the burst of prefetches at the start of each row that the
  * rest of the kernel uses. prob_row_simd, for probabilities, also takes the row's max, min, sum
@@ -473,148 +474,107 @@ static inline __attribute__((always_inline)) void prob_tail(
 #define HAVE_CW_SIMD 0
 #endif
 
+/* The vector shim of cw_row_simd and prob_row_simd_: a vf holds VW floats, a vd VW / 2 doubles;
+ * VF(op) and VD(op) name the instruction set's intrinsic, HALF_LOAD loads VW / 2 floats. */
 #if HAVE_CW_SIMD && defined(__AVX512F__) && defined(__AVX512DQ__)
-static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double *restrict first,
-                        double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
-    const __m512 tv = _mm512_set1_ps(thr);
-    const __m512d iv = _mm512_set1_pd(inv);
-    int64_t k = 0;
-    for (; k + 16 <= C; k += 16) {
-        /* a line of a row further on per 16 entries (ahead: NULL at the end of the range) */
-        if (ahead) __builtin_prefetch(ahead + k * es, 0, 2);
-        unsigned big = _mm512_cmp_ps_mask(_mm512_loadu_ps(u + k), tv, _CMP_GT_OQ);
-        /* the halves converted from memory: a load, not a shuffle on the conversion's port */
-        _mm512_storeu_pd(first + k, _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k)), iv,
-                                                     _mm512_loadu_pd(first + k)));
-        _mm512_storeu_pd(first + k + 8, _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k + 8)), iv,
-                                                         _mm512_loadu_pd(first + k + 8)));
-        for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), C, inv, first, cwp, edges, M);
+#define VW 16
+#define VF(op) _mm512_##op##_ps
+#define VD(op) _mm512_##op##_pd
+#define HALF_LOAD _mm256_loadu_ps
+typedef __m512 vf;
+typedef __m512d vd;
+/* bit i set where a[i] > b[i] (false for NaN) */
+static inline unsigned vf_gt(vf a, vf b) { return (unsigned)_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+static inline float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
+static inline float vf_hmin(vf v) { return _mm512_reduce_min_ps(v); }
+static inline float vf_hsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif HAVE_CW_SIMD /* AVX2 + FMA */
+#define VW 8
+#define VF(op) _mm256_##op##_ps
+#define VD(op) _mm256_##op##_pd
+#define HALF_LOAD _mm_loadu_ps
+typedef __m256 vf;
+typedef __m256d vd;
+static inline unsigned vf_gt(vf a, vf b) { return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+/* the horizontal reductions: the two 128-bit halves, then within one */
+#define HREDUCE8(name, op)                                                                                   \
+    static inline float name(vf v) {                                                                       \
+        __m128 h = _mm_##op##_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                 \
+        h = _mm_##op##_ps(h, _mm_movehl_ps(h, h));                                                           \
+        return _mm_cvtss_f32(_mm_##op##_ss(h, _mm_movehdup_ps(h)));                                          \
     }
-    cw_tail(u, k, C, thr, inv, first, cwp, edges, M);
-}
-
-static inline __attribute__((always_inline)) void prob_row_simd_(
-    const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp, const double *edges,
-    int M, const char *ahead, int64_t es, float *m_out, float *lo_out, double *sum_out, double *sq_out,
-    const int CW) {
-    __m512 vm = _mm512_set1_ps(-INFINITY), vl = _mm512_set1_ps(INFINITY);
-    const __m512 tv = _mm512_set1_ps(thr);
-    double sum = 0.0, sq = 0.0;
-    int64_t k = 0;
-    const int64_t full = C / 32 * 32;
-    while (k < full) { /* 32 entries a step: two vectors, two chains per sum, one branch for both */
-        const int64_t end = full - k < SEG ? full : k + SEG;
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
-        for (; k < end; k += 32) {
-            if (ahead) {
-                __builtin_prefetch(ahead + k * es, 0, 2);
-                __builtin_prefetch(ahead + (k + 16) * es, 0, 2);
-            }
-            const __m512 v = _mm512_loadu_ps(u + k), w = _mm512_loadu_ps(u + k + 16);
-            vm = _mm512_max_ps(vm, _mm512_max_ps(v, w));
-            vl = _mm512_min_ps(vl, _mm512_min_ps(v, w));
-            s0 = _mm512_add_ps(s0, v);
-            s1 = _mm512_add_ps(s1, w);
-            q0 = _mm512_fmadd_ps(v, v, q0);
-            q1 = _mm512_fmadd_ps(w, w, q1);
-            if (CW) {
-                for (int h = 0; h < 32; h += 8) /* the halves converted from memory, not shuffled out */
-                    _mm512_storeu_pd(first + k + h, _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(u + k + h)),
-                                                                  _mm512_loadu_pd(first + k + h)));
-                const unsigned big = (unsigned)_mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ) |
-                                     ((unsigned)_mm512_cmp_ps_mask(w, tv, _CMP_GT_OQ) << 16);
-                for (unsigned b = big; b; b &= b - 1) cw_big_f32(u, k + __builtin_ctz(b), C, 1.0, first, cwp, edges, M);
-            }
-        }
-        sum += (double)_mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-        sq += (double)_mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
-    }
-    prob_tail(u, k, C, thr, first, cwp, edges, M, _mm512_reduce_max_ps(vm), _mm512_reduce_min_ps(vl), sum, sq,
-              m_out, lo_out, sum_out, sq_out, CW);
-}
-
-#elif HAVE_CW_SIMD /* AVX2 + FMA: 8 floats a vector, 4 doubles */
-static inline float hmax8(__m256 v) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-}
-
-static inline float hmin8(__m256 v) {
-    __m128 h = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_min_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_min_ss(h, _mm_movehdup_ps(h)));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-/* first[k .. k + 8) += (double)u[k .. k + 8) * inv: the halves converted from memory */
-static inline void cw_first8(const float *u, int64_t k, __m256d iv, double *restrict first) {
-    _mm256_storeu_pd(first + k, _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(u + k)), iv, _mm256_loadu_pd(first + k)));
-    _mm256_storeu_pd(first + k + 4,
-                     _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(u + k + 4)), iv, _mm256_loadu_pd(first + k + 4)));
-}
-
-static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double *restrict first,
-                        double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
-    const __m256 tv = _mm256_set1_ps(thr);
-    const __m256d iv = _mm256_set1_pd(inv);
-    int64_t k = 0;
-    for (; k + 16 <= C; k += 16) {
-        if (ahead) __builtin_prefetch(ahead + k * es, 0, 2);
-        unsigned big = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(u + k), tv, _CMP_GT_OQ)) |
-                       (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(u + k + 8), tv, _CMP_GT_OQ)) << 8;
-        cw_first8(u, k, iv, first);
-        cw_first8(u, k + 8, iv, first);
-        for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), C, inv, first, cwp, edges, M);
-    }
-    cw_tail(u, k, C, thr, inv, first, cwp, edges, M);
-}
-
-static inline __attribute__((always_inline)) void prob_row_simd_(
-    const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp, const double *edges,
-    int M, const char *ahead, int64_t es, float *m_out, float *lo_out, double *sum_out, double *sq_out,
-    const int CW) {
-    __m256 vm = _mm256_set1_ps(-INFINITY), vl = _mm256_set1_ps(INFINITY);
-    const __m256 tv = _mm256_set1_ps(thr);
-    const __m256d one = _mm256_set1_pd(1.0);
-    double sum = 0.0, sq = 0.0;
-    int64_t k = 0;
-    const int64_t full = C / 16 * 16;
-    while (k < full) { /* 16 entries a step: two vectors, two chains per sum, one branch for both */
-        const int64_t end = full - k < SEG ? full : k + SEG;
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
-        for (; k < end; k += 16) {
-            if (ahead) __builtin_prefetch(ahead + k * es, 0, 2);
-            const __m256 v = _mm256_loadu_ps(u + k), w = _mm256_loadu_ps(u + k + 8);
-            vm = _mm256_max_ps(vm, _mm256_max_ps(v, w));
-            vl = _mm256_min_ps(vl, _mm256_min_ps(v, w));
-            s0 = _mm256_add_ps(s0, v);
-            s1 = _mm256_add_ps(s1, w);
-            q0 = _mm256_fmadd_ps(v, v, q0);
-            q1 = _mm256_fmadd_ps(w, w, q1);
-            if (CW) {
-                cw_first8(u, k, one, first);
-                cw_first8(u, k + 8, one, first);
-                const unsigned big = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_GT_OQ)) |
-                                     (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(w, tv, _CMP_GT_OQ)) << 8;
-                for (unsigned b = big; b; b &= b - 1) cw_big_f32(u, k + __builtin_ctz(b), C, 1.0, first, cwp, edges, M);
-            }
-        }
-        sum += (double)hsum8(_mm256_add_ps(s0, s1));
-        sq += (double)hsum8(_mm256_add_ps(q0, q1));
-    }
-    prob_tail(u, k, C, thr, first, cwp, edges, M, hmax8(vm), hmin8(vl), sum, sq, m_out, lo_out, sum_out, sq_out,
-              CW);
-}
-
+HREDUCE8(vf_hmax, max)
+HREDUCE8(vf_hmin, min)
+HREDUCE8(vf_hsum, add)
+#undef HREDUCE8
 #endif
 
 #if HAVE_CW_SIMD
+/* first[k .. k + VW) += (double)u[k .. k + VW) * iv; the halves converted from memory, a load
+ * each, not a shuffle on the conversion's port */
+static inline __attribute__((always_inline)) void first_fma(const float *u, int64_t k, vd iv, double *restrict first) {
+    for (int h = 0; h < VW; h += VW / 2)
+        VD(storeu)(first + k + h, VD(fmadd)(VD(cvtps)(HALF_LOAD(u + k + h)), iv, VD(loadu)(first + k + h)));
+}
+
+/* A step is two vectors, 2 VW entries. Its prefetches: a line of the row `ahead` per 16 entries
+ * (es <= 4 bytes each; ahead is NULL at the end of the range). */
+static inline __attribute__((always_inline)) void prefetch_step(const char *ahead, int64_t k, int64_t es) {
+    if (ahead)
+        for (int h = 0; h < 2 * VW; h += 16) __builtin_prefetch(ahead + (k + h) * es, 0, 2);
+}
+
+static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double *restrict first,
+                        double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
+    const vf tv = VF(set1)(thr);
+    const vd iv = VD(set1)(inv);
+    int64_t k = 0;
+    for (; k + 2 * VW <= C; k += 2 * VW) {
+        prefetch_step(ahead, k, es);
+        unsigned big = vf_gt(VF(loadu)(u + k), tv) | vf_gt(VF(loadu)(u + k + VW), tv) << VW;
+        first_fma(u, k, iv, first);
+        first_fma(u, k + VW, iv, first);
+        for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), C, inv, first, cwp, edges, M);
+    }
+    cw_tail(u, k, C, thr, inv, first, cwp, edges, M);
+}
+
+static inline __attribute__((always_inline)) void prob_row_simd_(
+    const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp, const double *edges,
+    int M, const char *ahead, int64_t es, float *m_out, float *lo_out, double *sum_out, double *sq_out,
+    const int CW) {
+    vf vm = VF(set1)(-INFINITY), vl = VF(set1)(INFINITY);
+    const vf tv = VF(set1)(thr);
+    const vd one = VD(set1)(1.0);
+    double sum = 0.0, sq = 0.0;
+    int64_t k = 0;
+    const int64_t full = C / (2 * VW) * (2 * VW);
+    while (k < full) { /* two vectors a step, two chains per sum, one branch for both */
+        const int64_t end = full - k < SEG ? full : k + SEG;
+        vf s0 = VF(set1)(0.0f), s1 = s0, q0 = s0, q1 = s0;
+        for (; k < end; k += 2 * VW) {
+            prefetch_step(ahead, k, es);
+            const vf v = VF(loadu)(u + k), w = VF(loadu)(u + k + VW);
+            vm = VF(max)(vm, VF(max)(v, w));
+            vl = VF(min)(vl, VF(min)(v, w));
+            s0 = VF(add)(s0, v);
+            s1 = VF(add)(s1, w);
+            q0 = VF(fmadd)(v, v, q0);
+            q1 = VF(fmadd)(w, w, q1);
+            if (CW) {
+                first_fma(u, k, one, first);
+                first_fma(u, k + VW, one, first);
+                const unsigned big = vf_gt(v, tv) | vf_gt(w, tv) << VW;
+                for (unsigned b = big; b; b &= b - 1) cw_big_f32(u, k + __builtin_ctz(b), C, 1.0, first, cwp, edges, M);
+            }
+        }
+        sum += (double)vf_hsum(VF(add)(s0, s1));
+        sq += (double)vf_hsum(VF(add)(q0, q1));
+    }
+    prob_tail(u, k, C, thr, first, cwp, edges, M, vf_hmax(vm), vf_hmin(vl), sum, sq, m_out, lo_out, sum_out, sq_out,
+              CW);
+}
+
 /* prob_row_simd_ with its CW constant: the pass with classwise sums where first is given */
 static void prob_row_simd(const float *u, int64_t C, float thr, double *restrict first, double *restrict cwp,
                           const double *edges, int M, const char *ahead, int64_t es, float *m_out, float *lo_out,
