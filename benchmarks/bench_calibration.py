@@ -6,7 +6,8 @@ Prints a markdown table with the machine it ran on. The one-shot ``ece`` and the
 (``update`` over batches of ``--batch`` rows, then ``compute``) are timed in interleaved rounds
 (:func:`_shared.interleaved_times`: a new shuffled order every round), so a busy phase of a
 shared machine hits both alike; the table gives the medians and the median of the per-round
-ratios. The default meter (classwise bins on, every one of the N C probabilities binned) is
+ratios. The meters are made as users make them, ``from_logits`` detected on the first batch.
+The default meter (classwise bins on, every one of the N C probabilities binned) is
 timed in the same rounds, beside the one-shot ``ece`` + ``classwise_ece`` it replaces. Needs
 about 4.5 GB of memory for the default size (the logits, turned into
 probabilities in place for the last rows).
@@ -27,8 +28,9 @@ from _shared import add_int_options, cpu_model, interleaved_times
 from crossent.calibration import CalibrationMeter, TemperatureScaler, classwise_ece, ece
 
 
-def meter_run(x: np.ndarray, y: np.ndarray, batch: int, *, classwise: bool, from_logits: bool) -> float:
-    m = CalibrationMeter(classwise=classwise, from_logits=from_logits)
+def meter_run(x: np.ndarray, y: np.ndarray, batch: int, *, classwise: bool) -> float:
+    """The meter as users make it: ``from_logits`` left to the detection on the first batch."""
+    m = CalibrationMeter(classwise=classwise)
     for start in range(0, x.shape[0], batch):
         m.update(x[start : start + batch], y[start : start + batch])
     return m.compute()["ece"]
@@ -44,8 +46,8 @@ def compare(
     want_cw = classwise_ece(x, y, **kw)  # type: ignore[arg-type]
     steps = {
         "ece": lambda: ece(x, y, **kw),  # type: ignore[arg-type]
-        "meter": lambda: meter_run(x, y, batch, classwise=False, from_logits=from_logits),
-        "meter+classwise": lambda: meter_run(x, y, batch, classwise=True, from_logits=from_logits),
+        "meter": lambda: meter_run(x, y, batch, classwise=False),
+        "meter+classwise": lambda: meter_run(x, y, batch, classwise=True),
         "ece+classwise_ece": lambda: (ece(x, y, **kw), classwise_ece(x, y, **kw)),  # type: ignore[arg-type]
     }
     times = interleaved_times(steps, repeats)
@@ -55,9 +57,10 @@ def compare(
         return statistics.median(u / v for u, v in zip(times[a], times[b], strict=True))
 
     for classwise in (False, True):  # same bins, sums to round-off
-        m = CalibrationMeter(classwise=classwise, from_logits=from_logits)
+        m = CalibrationMeter(classwise=classwise)
         for start in range(0, x.shape[0], batch):
             m.update(x[start : start + batch], y[start : start + batch])
+        assert m.from_logits is from_logits
         got = m.compute()
         assert abs(got["ece"] - want) <= 1e-12, (got, want)
         if classwise:

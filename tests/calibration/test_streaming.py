@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -86,6 +87,53 @@ def test_float32_and_probabilities_detected() -> None:
     assert got["ece"] == pytest.approx(cal.ece(p, y), rel=1e-12)
     assert got["brier"] == pytest.approx(cal.brier(p, y), rel=1e-6)
     assert np.isnan(got["classwise_ece"])
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("bad_row", [None, 0, 150_000])
+def test_detection_reads_the_batch_once_and_checks_every_row(
+    monkeypatch: pytest.MonkeyPatch, path: str, bad_row: int | None
+) -> None:
+    """from_logits=None: the first chunk of rows tells logits apart, and the probabilities pass
+    of the update itself checks the rest, so a batch of probabilities is read once; a row that is
+    not a probability row anywhere in the first batch makes the meter take logits, as before."""
+    from crossent.backends import native
+    from crossent.calibration import _inputs, streaming
+
+    n, k = 160_000, 8  # more rows than one chunk (2 ** 20 entries) holds
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(n, k)).astype(np.float32) * 2
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    y = rng.integers(0, k, n)
+    if bad_row is not None:
+        p[bad_row] *= 1.5  # sums to 1.5: not probabilities
+    seen: list[int] = []
+    calls: list[bool] = []
+    looks, rows = _inputs.looks_like_probs, streaming.row_statistics
+
+    def looks_counted(x: torch.Tensor, name: str = "predictions") -> bool:
+        seen.append(int(x.shape[0]))
+        return looks(x, name)
+
+    def rows_counted(*args: Any, **kw: Any) -> Any:
+        calls.append(kw["from_logits"])
+        return rows(*args, **kw)
+
+    monkeypatch.setattr(streaming, "looks_like_probs", looks_counted)
+    monkeypatch.setattr(streaming, "row_statistics", rows_counted)
+    m = CalibrationMeter()
+    with native.disabled() if path == "torch" else contextlib.nullcontext():
+        m.update(p, y)
+        logits = bad_row is not None
+        want = {f.__name__: f(p, y, from_logits=logits) for f in (cal.ece, cal.classwise_ece, cal.nll)}
+    assert seen == [_inputs.CHUNK_ELEMENTS // k]
+    if bad_row is None:
+        assert m.from_logits is False and calls == [False]
+    else:
+        assert m.from_logits is True and calls == ([True] if bad_row == 0 else [False, True])
+    got = m.compute()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
 
 
 def test_dyadic_sums_are_bit_exact() -> None:

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from crossent.calibration._inputs import ArrayLike, looks_like_probs, select
+from crossent.calibration._inputs import ArrayLike, iter_chunks, looks_like_probs, select
 from crossent.calibration._rows import row_statistics, width_bin_index
 from crossent.calibration.metrics import _check_choice, _check_n_bins, table_from_scores, table_from_sums
 
@@ -122,11 +122,17 @@ class CalibrationMeter:
             t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
             if t.ndim == 2 and t.shape[0] > 0 and not (np.ndim(labels) == 2 and t.shape[1] > 1
                                                       and tuple(np.shape(labels)) == tuple(t.shape)):
-                self.from_logits = not looks_like_probs(t, "logits_or_probs")
+                # Rows of probabilities are told apart from logits on the first chunk of rows;
+                # if it holds probabilities, the rest is checked by the update's own pass
+                # (_update_multiclass), which validates every row as probabilities: no extra
+                # read of the batch.
+                start, stop = next(iter_chunks(t))
+                if not looks_like_probs(t[start:stop], "logits_or_probs"):
+                    self.from_logits = True
             else:
                 self.from_logits = not bool(((t >= 0) & (t <= 1)).all())
         kind, t, y = select(
-            logits_or_probs, labels, from_logits=self.from_logits, ignore_index=self.ignore_index
+            logits_or_probs, labels, from_logits=bool(self.from_logits), ignore_index=self.ignore_index
         )
         if self._kind is None:
             self._kind = kind
@@ -160,9 +166,18 @@ class CalibrationMeter:
         the one-shot functions): per-row confidence, prediction, NLL and Brier score, and the
         classwise bin sums, added to the statistics only once the whole batch is validated."""
         n = t.shape[0]
-        assert self.from_logits is not None
-        r = row_statistics(t, y, from_logits=self.from_logits, name="logits" if self.from_logits else "probs",
-                           n_bins=self.n_bins if self.classwise else 0)
+        n_bins = self.n_bins if self.classwise else 0
+        r = None
+        if self.from_logits is None:  # the first batch's first rows are probabilities: are all?
+            try:
+                r = row_statistics(t, y, from_logits=False, name="probs", n_bins=n_bins)
+            except ValueError:  # a row is not: logits, as looks_like_probs on the whole batch says
+                self.from_logits = True
+            else:
+                self.from_logits = False
+        if r is None:
+            r = row_statistics(t, y, from_logits=self.from_logits,
+                               name="logits" if self.from_logits else "probs", n_bins=n_bins)
         assert r.nll is not None and r.brier is not None
         correct = (r.pred == y.numpy()).astype(np.float64)
         self._add_scores(r.conf, correct)
