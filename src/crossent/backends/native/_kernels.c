@@ -420,13 +420,14 @@ static inline int width_bin(double p, const double *edges, int M) {
  * entry adds p_k = u_k inv (in double) to the column total first[k]; each entry above thr (a
  * compare mask, rarely nonzero) moves its p_k from there to its own bin in cwp. A step is two
  * vectors (2 VW entries: 32 with AVX-512, 16 with AVX2): one compare each, the conversions to
- * double and their FMAs, and the few entries above thr taken from the masks' set bits. The loop also prefetches the row `ahead` (two rows on: its
- * rows' es-byte entries, es <= 4, so one 64-byte line or less per 16 entries), spread over the
- * pass: measured faster here than the burst of prefetches at the start of each row that the
- * rest of the kernel uses. prob_row_simd, for probabilities, also takes the row's max, min, sum
- * and sum of squares in the same read, with or without the classwise sums in the same order, so
- * that a row's statistics do not depend on whether they are taken (the meter and the one-shot
- * functions agree). Float partial sums of SEG entries are added in double. */
+ * double and their FMAs, and the few entries above thr taken from the masks' set bits. The loop
+ * also prefetches the row `ahead` (two rows on: its rows' es-byte entries, es <= 4, so one
+ * 64-byte line or less per 16 entries), spread over the pass: measured faster here than the
+ * burst of prefetches at the start of each row that the rest of the kernel uses. prob_row_simd,
+ * for probabilities, also takes the row's max, min, sum and sum of squares in the same read,
+ * with or without the classwise sums in the same order, so that a row's statistics do not
+ * depend on whether they are taken (the meter and the one-shot functions agree). Float partial
+ * sums of SEG entries are added in double. */
 #if ((defined(__AVX512F__) && defined(__AVX512DQ__)) || (defined(__AVX2__) && defined(__FMA__))) && \
     !defined(CE_PORTABLE)
 #include <immintrin.h>
@@ -512,7 +513,8 @@ HREDUCE8(vf_hsum, add)
 #if HAVE_CW_SIMD
 /* first[k .. k + VW) += (double)u[k .. k + VW) * iv; the halves converted from memory, a load
  * each, not a shuffle on the conversion's port */
-static inline __attribute__((always_inline)) void first_fma(const float *u, int64_t k, vd iv, double *restrict first) {
+static inline __attribute__((always_inline)) void first_fma(const float *u, int64_t k, vd iv,
+                                                            double *restrict first) {
     for (int h = 0; h < VW; h += VW / 2)
         VD(storeu)(first + k + h, VD(fmadd)(VD(cvtps)(HALF_LOAD(u + k + h)), iv, VD(loadu)(first + k + h)));
 }
