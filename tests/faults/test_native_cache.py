@@ -2,8 +2,11 @@
 truncated, foreign-owned, group/world-writable and symbol-less cache files, no home directory, no
 compiler, a read-only cache, and several processes building into one empty cache at once.
 
-Each scenario runs in a subprocess with its own ``CROSSENT_CACHE_DIR``, so the library this test
-process loaded is not disturbed. What a scenario must show: the process exits 0, a loss call
+Each scenario runs in a process of its own with its own ``CROSSENT_CACHE_DIR``, so the library
+this test process loaded is not disturbed: a child forked from one server process per module that
+has imported torch and crossent but never touched the native kernels (``SERVER``), so that a
+scenario costs a fork rather than an interpreter importing torch. What a scenario must show: the
+process exits 0, a loss call
 agrees with ``torch.nn.functional.cross_entropy``, exactly the warnings expected (one, or none),
 and a library another user could have written is never loaded (its constructor would write a
 marker file).
@@ -12,7 +15,7 @@ To keep the suite fast, ``$CC`` is a stand-in compiler that copies a library com
 module (at -O0, about 0.3 s): the cache logic sees a normal build, in milliseconds.
 
 Running as root (CI): permission bits do not stop root, so the read-only and no-home scenarios
-drop to a uid without a passwd entry (``OTHER_UID``) inside the subprocess, after torch is
+drop to a uid without a passwd entry (``OTHER_UID``) inside the child, after torch is
 imported; foreign ownership is made with ``os.chown``. Not as root, those take their
 unprivileged form (``chmod 0o500`` works as is; ``Path.home`` is made to fail as it does for such
 a uid), and the ``chown`` cases are skipped.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import stat
 import subprocess
@@ -70,11 +74,14 @@ __attribute__((constructor)) static void planted(void) {
 int not_a_kernel(void) { return 0; }
 """
 
-# The scenario's process: torch is imported (and the torch-op path warmed) while still privileged,
-# then the uid and $HOME are taken away if asked, then the first native call builds or loads.
-SCENARIO = r"""
-import json, os, warnings
+# The scenarios' server: torch is imported (and the torch-op path warmed) once, while still
+# privileged; then each scenario runs in a child forked from it, which takes the scenario's
+# environment, drops the uid and $HOME if asked, and makes the first native call.
+SERVER = r"""
+import faulthandler, json, os, sys, tempfile, traceback, warnings
 import torch
+
+torch.set_num_threads(1)  # no OpenMP team in the server: a forked child could not use one
 import crossent
 from crossent._options import SoftmaxOptions
 from crossent.backends import native
@@ -83,36 +90,92 @@ x = torch.randn(5, 11, generator=torch.Generator().manual_seed(0), dtype=torch.f
 y = torch.tensor([0, 3, 10, -100, 7])
 with native.disabled():
     crossent.cross_entropy(x, y)
-uid = int(os.environ.pop("TEST_SETUID", "0"))
-if uid:
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-if os.environ.pop("TEST_NO_HOME", ""):
-    os.environ.pop("HOME", None)
-    if not uid:  # as for a uid without a passwd entry
-        import pathlib
-
-        def _no_home(cls):
-            raise RuntimeError("Could not determine home directory.")
-
-        pathlib.Path.home = classmethod(_no_home)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    available = native.available()
-    used = available and native.supports_softmax(x, y, SoftmaxOptions(label_smoothing=0.1))
-    xg = x.clone().requires_grad_(True)
-    loss = crossent.cross_entropy(xg, y, label_smoothing=0.1)
-    loss.backward()
 xr = x.clone().requires_grad_(True)
 ref = torch.nn.functional.cross_entropy(xr, y, label_smoothing=0.1)
 ref.backward()
-print(json.dumps({
-    "native": bool(used), "loss_err": abs(float(loss) - float(ref)),
-    "grad_err": float((xg.grad - xr.grad).abs().max()),
-    "warnings": [str(w.message) for w in caught if str(w.message).startswith("crossent")],
-}))
+
+
+def scenario(out):
+    uid = int(os.environ.pop("TEST_SETUID", "0"))
+    if uid:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    if os.environ.pop("TEST_NO_HOME", ""):
+        os.environ.pop("HOME", None)
+        if not uid:  # as for a uid without a passwd entry
+            import pathlib
+
+            def _no_home(cls):
+                raise RuntimeError("Could not determine home directory.")
+
+            pathlib.Path.home = classmethod(_no_home)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = native.available()
+        used = available and native.supports_softmax(x, y, SoftmaxOptions(label_smoothing=0.1))
+        xg = x.clone().requires_grad_(True)
+        loss = crossent.cross_entropy(xg, y, label_smoothing=0.1)
+        loss.backward()
+    json.dump({
+        "native": bool(used), "loss_err": abs(float(loss) - float(ref)),
+        "grad_err": float((xg.grad - xr.grad).abs().max()),
+        "warnings": [str(w.message) for w in caught if str(w.message).startswith("crossent")],
+    }, out)
+
+
+for line in sys.stdin:  # one request a line: the environment and the result file of a scenario
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.environ.clear()
+            os.environ.update(request["env"])
+            tempfile.tempdir = None  # $TMPDIR as the scenario sets it
+            faulthandler.dump_traceback_later(150, exit=True)  # a hang shows where, before the client's 180 s
+            with open(request["out"], "w") as out:  # opened before the uid is dropped
+                scenario(out)
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
+
+
+class Server:
+    """The process running :data:`SERVER`; :meth:`run` runs one scenario in a child of it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.errors = folder / "server-stderr.txt"
+        env = {**os.environ, "CROSSENT_NATIVE": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+        with open(self.errors, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+
+    def run(self, env: dict[str, str], out: Path) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        start = self.errors.stat().st_size
+        self.proc.stdin.write(json.dumps({"env": env, "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 180)
+        status = self.proc.stdout.readline().strip() if ready else "timed out"
+        with open(self.errors) as f:
+            f.seek(start)
+            errors = f.read()
+        assert status == "0", f"exit status {status}\n{errors[-4000:]}"
+        return json.loads(out.read_text())
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 @dataclass(frozen=True)
@@ -147,6 +210,17 @@ def kit() -> Iterator[Kit]:
         yield Kit(cc=cc, name=built.name, built=built.read_bytes(), planted=planted.read_bytes())
     finally:
         shutil.rmtree(tools, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One :data:`SERVER` for the module: each scenario costs a fork, not an interpreter that
+    imports torch."""
+    srv = Server(tmp_path_factory.mktemp("server"))
+    try:
+        yield srv
+    finally:
+        srv.close()
 
 
 @pytest.fixture
@@ -199,14 +273,20 @@ class Ctx:
         return path
 
 
-def _run(ctx: Ctx, code: str = SCENARIO) -> dict:
-    env = {**os.environ, "CC": str(ctx.kit.cc), "CROSSENT_CACHE_DIR": str(ctx.cache), "CROSSENT_NATIVE": "1",
-           "CROSSENT_TEST_MARKER": str(ctx.base / "marker"), "PYTHONDONTWRITEBYTECODE": "1"}
+def _env(ctx: Ctx) -> dict[str, str]:
+    env: dict[str, str | None] = {
+        **os.environ, "CC": str(ctx.kit.cc), "CROSSENT_CACHE_DIR": str(ctx.cache), "CROSSENT_NATIVE": "1",
+        "CROSSENT_TEST_MARKER": str(ctx.base / "marker"), "PYTHONDONTWRITEBYTECODE": "1"}
     env.update(ctx.env)
     if ctx.uid:
         env["TEST_SETUID"] = str(ctx.uid)
-    env = {k: v for k, v in env.items() if v is not None}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def _run(ctx: Ctx, code: str) -> dict:
+    """``code`` in a new interpreter with the scenario's environment; its last line, as JSON."""
+    res = subprocess.run([sys.executable, "-c", code], env=_env(ctx), capture_output=True, text=True,
+                         timeout=180)
     assert res.returncode == 0, f"exit status {res.returncode}\n{res.stderr[-4000:]}"
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -325,14 +405,14 @@ CASES = {
     "case",
     [pytest.param(c, id=k, marks=[root_only] if k.startswith("foreign") else []) for k, c in CASES.items()],
 )
-def test_cache_faults(kit: Kit, base: Path, case: Case) -> None:
+def test_cache_faults(kit: Kit, server: Server, base: Path, case: Case) -> None:
     cache = base / "cache"
     cache.mkdir(mode=0o700)
     ctx = Ctx(kit=kit, base=base, cache=cache)
     case.setup(ctx)
     before = _listing(ctx.cache) if case.then == UNTOUCHED else None
 
-    out = _run(ctx)
+    out = server.run(_env(ctx), base / "result.json")
 
     assert out["loss_err"] < 1e-12 and out["grad_err"] < 1e-12, out  # fp64 on both paths
     assert out["native"] is case.native, out
