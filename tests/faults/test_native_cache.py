@@ -6,10 +6,9 @@ Each scenario runs in a process of its own with its own ``CROSSENT_CACHE_DIR``, 
 this test process loaded is not disturbed: a child forked from one server process per module that
 has imported torch and crossent but never touched the native kernels (``SERVER``), so that a
 scenario costs a fork rather than an interpreter importing torch. What a scenario must show: the
-process exits 0, a loss call
-agrees with ``torch.nn.functional.cross_entropy``, exactly the warnings expected (one, or none),
-and a library another user could have written is never loaded (its constructor would write a
-marker file).
+process exits 0, a loss call agrees with ``torch.nn.functional.cross_entropy``, exactly the
+warnings expected (one, or none), and a library another user could have written is never loaded
+(its constructor would write a marker file).
 
 To keep the suite fast, ``$CC`` is a stand-in compiler that copies a library compiled once per
 module (at -O0, about 0.3 s): the cache logic sees a normal build, in milliseconds.
