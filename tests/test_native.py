@@ -343,10 +343,7 @@ def test_the_compile_marker_is_the_one_torch_sets():
 
 
 def test_importing_crossent_leaves_dynamo_unimported():
-    res = subprocess.run(
-        [sys.executable, "-c", "import sys, crossent; print('torch._dynamo' in sys.modules)"],
-        capture_output=True, text=True, timeout=120,
-    )
+    res = _run("import sys, crossent; print('torch._dynamo' in sys.modules)")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
 

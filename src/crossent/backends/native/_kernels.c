@@ -526,6 +526,17 @@ static inline __attribute__((always_inline)) void prefetch_step(const char *ahea
         for (int h = 0; h < 2 * VW; h += 16) __builtin_prefetch(ahead + (k + h) * es, 0, 2);
 }
 
+/* The classwise part of the step at k whose two vectors are v and w: their p = u inv (iv holds
+ * inv) to the column totals, and the entries above the threshold tv to their own bins. */
+static inline __attribute__((always_inline)) void cw_step(const float *u, int64_t k, int64_t C, vf v, vf w, vf tv,
+                                                          vd iv, double inv, double *restrict first,
+                                                          double *restrict cwp, const double *edges, int M) {
+    first_fma(u, k, iv, first);
+    first_fma(u, k + VW, iv, first);
+    for (unsigned b = vf_gt(v, tv) | vf_gt(w, tv) << VW; b; b &= b - 1)
+        cw_big_f32(u, k + __builtin_ctz(b), C, inv, first, cwp, edges, M);
+}
+
 static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double *restrict first,
                         double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
     const vf tv = VF(set1)(thr);
@@ -533,10 +544,7 @@ static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double
     int64_t k = 0;
     for (; k + 2 * VW <= C; k += 2 * VW) {
         prefetch_step(ahead, k, es);
-        unsigned big = vf_gt(VF(loadu)(u + k), tv) | vf_gt(VF(loadu)(u + k + VW), tv) << VW;
-        first_fma(u, k, iv, first);
-        first_fma(u, k + VW, iv, first);
-        for (; big; big &= big - 1) cw_big_f32(u, k + __builtin_ctz(big), C, inv, first, cwp, edges, M);
+        cw_step(u, k, C, VF(loadu)(u + k), VF(loadu)(u + k + VW), tv, iv, inv, first, cwp, edges, M);
     }
     cw_tail(u, k, C, thr, inv, first, cwp, edges, M);
 }
@@ -563,12 +571,7 @@ static inline __attribute__((always_inline)) void prob_row_simd_(
             s1 = VF(add)(s1, w);
             q0 = VF(fmadd)(v, v, q0);
             q1 = VF(fmadd)(w, w, q1);
-            if (CW) {
-                first_fma(u, k, one, first);
-                first_fma(u, k + VW, one, first);
-                const unsigned big = vf_gt(v, tv) | vf_gt(w, tv) << VW;
-                for (unsigned b = big; b; b &= b - 1) cw_big_f32(u, k + __builtin_ctz(b), C, 1.0, first, cwp, edges, M);
-            }
+            if (CW) cw_step(u, k, C, v, w, tv, one, 1.0, first, cwp, edges, M);
         }
         sum += (double)vf_hsum(VF(add)(s0, s1));
         sq += (double)vf_hsum(VF(add)(q0, q1));
