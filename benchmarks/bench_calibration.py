@@ -10,7 +10,8 @@ ratios. The meters are made as users make them, ``from_logits`` detected on the 
 The default meter (classwise bins on, every one of the N C probabilities binned) is
 timed in the same rounds, beside the one-shot ``ece`` + ``classwise_ece`` it replaces. Needs
 about 4.5 GB of memory for the default size (the logits, turned into
-probabilities in place for the last rows).
+probabilities in place for the last rows). A second table times the meter as an evaluation
+loop feeds it, 200 batches of 256 x 1,000 and of 64 x 10 (:func:`small_batches`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -81,11 +83,65 @@ def compare(
     ]
 
 
+def small_batches(repeats: int) -> list[tuple[str, float, str]]:
+    """An evaluation loop's batches: the default meter over 200 batches of 256 x 1,000 and of
+    64 x 10 logits or probabilities, against the one-shot ``ece`` on the same rows and, where it
+    is installed, torchmetrics' ``MulticlassCalibrationError`` (15 width bins; it keeps every
+    confidence and bins them in ``compute``), in the same interleaved rounds."""
+    try:
+        from torchmetrics.classification import MulticlassCalibrationError as metric
+    except ImportError:
+        metric = None  # type: ignore[assignment,misc]
+    out = []
+    gen = torch.Generator().manual_seed(1)
+    for batch, c in ((256, 1_000), (64, 10)):
+        n = 200 * batch
+        z = torch.randn((n, c), generator=gen) * 3.0
+        y = torch.randint(0, c, (n,), generator=gen)
+        for label, x, from_logits in (("logits", z, True), ("probs", torch.softmax(z, 1), False)):
+            parts = [(x[s : s + batch], y[s : s + batch]) for s in range(0, n, batch)]
+
+            def meter(parts: list[tuple[torch.Tensor, torch.Tensor]] = parts) -> float:
+                m = CalibrationMeter()
+                for xb, yb in parts:
+                    m.update(xb, yb)
+                return m.compute()["ece"]
+
+            def one_shot(x: torch.Tensor = x, y: torch.Tensor = y, fl: bool = from_logits) -> float:
+                return ece(x, y, from_logits=fl)
+
+            steps: dict[str, Callable[[], object]] = {"ece": one_shot, "meter": meter}
+            if metric is not None:
+                def torchmetrics_run(parts: list[tuple[torch.Tensor, torch.Tensor]] = parts,
+                                     c: int = c) -> float:
+                    m = metric(num_classes=c, n_bins=15)  # softmaxes rows not in [0, 1]
+                    for xb, yb in parts:
+                        m.update(xb, yb)
+                    return float(m.compute())
+
+                steps["torchmetrics"] = torchmetrics_run
+            times = interleaved_times(steps, repeats)
+            med = {k: statistics.median(v) / 1e3 for k, v in times.items()}
+
+            def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> float:
+                return statistics.median(u / v for u, v in zip(times[a], times[b], strict=True))
+
+            shape = f"200 batches of {batch} x {c:,} {label}"
+            note = f"**{ratio('meter', 'ece'):.2f}x** the one-shot `ece`"
+            if "torchmetrics" in med:
+                note += f", {ratio('meter', 'torchmetrics'):.2f}x torchmetrics"
+                out.append((f"torchmetrics `MulticlassCalibrationError`: {shape}", med["torchmetrics"], ""))
+            out.append((f"`ece` on the same rows at once: {shape}", med["ece"], ""))
+            out.append((f"`CalibrationMeter()`: {shape}", med["meter"], note))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_int_options(parser, n=1_000_000, c=1_000, repeats=5, batch=100_000, fit_repeats=1)
     args = parser.parse_args()
     n, c = args.n, args.c
+    small = small_batches(args.repeats)
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.empty((n, c), dtype=torch.float32)
@@ -131,6 +187,13 @@ def main() -> None:
     print("|---|---:|---|")
     for name, t, note in rows:
         print(f"| {name} | {t:.2f} | {note} |")
+    print()
+    print(f"### Calibration in small batches (medians of {args.repeats} interleaved rounds)")
+    print()
+    print("| call | median time (ms) | meter against |")
+    print("|---|---:|---|")
+    for name, t, note in small:
+        print(f"| {name} | {t * 1e3:.1f} | {note} |")
 
 
 if __name__ == "__main__":

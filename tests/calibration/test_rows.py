@@ -16,7 +16,8 @@ import torch
 
 from crossent import calibration as cal
 from crossent.backends import native
-from crossent.calibration._rows import RowStatistics, row_statistics
+from crossent.calibration import _inputs as cal_inputs
+from crossent.calibration._rows import RowStatistics, row_statistics, top_sums
 
 PATHS = ("native", "torch")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -52,10 +53,10 @@ def reference(x: torch.Tensor, y: np.ndarray, from_logits: bool, n_bins: int) ->
     if n_bins:
         inner = np.arange(1, n_bins, dtype=np.float64) / n_bins
         b = np.searchsorted(inner, p, side="left")  # (n, k)
-        cw_p = np.zeros(k * n_bins)
-        np.add.at(cw_p, (np.arange(k)[None, :] * n_bins + b).ravel(), p.ravel())
-        cw_y = np.zeros(k * n_bins)
-        np.add.at(cw_y, y * n_bins + b[np.arange(n), y], 1.0)
+        cw_p = np.zeros(n_bins * k)  # bin b of class c at b K + c
+        np.add.at(cw_p, (b * k + np.arange(k)[None, :]).ravel(), p.ravel())
+        cw_y = np.zeros(n_bins * k)
+        np.add.at(cw_y, b[np.arange(n), y] * k + y, 1.0)
         out["cw_p"], out["cw_y"] = cw_p, cw_y
     return out
 
@@ -80,7 +81,8 @@ def test_matches_float64_reference(
 ) -> None:
     x, y = data(67, k, dtype, from_logits, seed=k + n_bins)
     with path(where):
-        r = row_statistics(x, torch.from_numpy(y), from_logits=from_logits, name="x", n_bins=n_bins)
+        r = row_statistics(x, torch.from_numpy(y), from_logits=from_logits, name="x", n_bins=n_bins,
+                           top=n_bins > 0)
     want = reference(x, y, from_logits, n_bins)
     exact = dtype == torch.float64 or not from_logits  # the probabilities are the input's own values
     rel = 1e-12 if dtype == torch.float64 else 2e-6
@@ -90,8 +92,20 @@ def test_matches_float64_reference(
     np.testing.assert_allclose(r.nll, want["nll"], rtol=rel, atol=1e-6 if rel > 1e-12 else 1e-13)
     np.testing.assert_allclose(r.brier, want["brier"], rtol=rel, atol=1e-6 if rel > 1e-12 else 1e-13)
     if not n_bins:
-        assert r.cw_p is None and r.cw_y is None
+        assert r.cw_p is None and r.cw_y is None and r.top is None
         return
+    assert r.top is not None
+    m = n_bins
+    top = top_sums(want["conf"], (want["pred"] == y).astype(np.float64), want["nll"], want["brier"], m)
+    if exact:  # the same confidences in the same bins
+        np.testing.assert_array_equal(r.top[:m], top[:m])
+        np.testing.assert_array_equal(r.top[2 * m : 3 * m], top[2 * m : 3 * m])
+    else:  # a confidence from float exponentials within round-off of an edge may change bins
+        assert np.abs(r.top[:m] - top[:m]).sum() <= 2
+    assert r.top[:m].sum() == 67
+    np.testing.assert_allclose(r.top[m : 2 * m].sum(), want["conf"].sum(), rtol=rel)
+    assert r.top[2 * m : 3 * m].sum() == (want["pred"] == y).sum()
+    np.testing.assert_allclose(r.top[3 * m :], top[3 * m :], rtol=rel, atol=1e-6 if rel > 1e-12 else 1e-13)
     assert r.cw_p is not None and r.cw_y is not None
     if exact:  # the same doubles in the same bins: the sums agree to round-off
         np.testing.assert_array_equal(r.cw_y.numpy(), want["cw_y"])
@@ -199,7 +213,7 @@ def test_threads_and_layouts_do_not_change_the_sums(from_logits: bool) -> None:
     yt = torch.from_numpy(y)
 
     def run(t: torch.Tensor) -> RowStatistics:
-        return row_statistics(t, yt, from_logits=from_logits, name="x", n_bins=15)
+        return row_statistics(t, yt, from_logits=from_logits, name="x", n_bins=15, top=True)
 
     base = run(x)
     before = torch.get_num_threads()
@@ -216,6 +230,62 @@ def test_threads_and_layouts_do_not_change_the_sums(from_logits: bool) -> None:
         assert other.cw_p is not None and base.cw_p is not None and other.cw_y is not None
         np.testing.assert_allclose(other.cw_p.numpy(), base.cw_p.numpy(), rtol=1e-12, atol=1e-13)
         np.testing.assert_array_equal(other.cw_y.numpy(), base.cw_y.numpy())
+        assert other.top is not None and base.top is not None
+        np.testing.assert_allclose(other.top, base.top, rtol=1e-12)
+        np.testing.assert_array_equal(other.top[:15], base.top[:15])
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_kernel_counts_every_row_check_rows_rejects(storage: torch.dtype) -> None:
+    """The native path runs the row checks only where the kernel counted a suspect row: rows
+    at, inside and just outside each tolerance, in both orders of rows, against the checks of
+    check_rows on the kernel's own per-row outputs."""
+    if not native.available():
+        pytest.skip("the native kernels are not built on this machine")
+    tol = cal_inputs.sum_atol(storage)
+    atol = cal_inputs.RANGE_ATOL
+    good = torch.full((8,), 1 / 8, dtype=torch.float64)
+
+    def row(**where: float) -> torch.Tensor:
+        r = good.clone()
+        for k, v in where.items():
+            r[int(k[1:])] = v
+        return r
+
+    cases = {
+        "fine": good,
+        "inside the sum's tolerance": row(c0=1 / 8 + tol / 4, c1=1 / 8 + tol / 4),
+        "over the sum's tolerance": row(c0=1 / 8 + 2 * tol),
+        "under the sum's tolerance": row(c0=1 / 8 - 2 * tol),
+        "below zero": row(c0=-4 * atol, c1=1 / 8 + 4 * atol),
+        "above one": row(c0=1 + 4 * atol, c1=0.0, c2=0.0, c3=0.0, c4=0.0, c5=0.0, c6=0.0, c7=-4 * atol),
+        "nan": row(c3=float("nan")),
+        "inf": row(c3=float("inf")),
+    }
+    bad = {"over the sum's tolerance", "under the sum's tolerance", "below zero", "above one", "nan", "inf"}
+    for name, r in cases.items():
+        for first in (True, False):
+            x = (torch.stack([r, good, good]) if first else torch.stack([good, good, r])).to(storage)
+            y = torch.zeros(3, dtype=torch.int64)
+            rows = native.calibration_rows(x, y, from_logits=False, limits=(-atol, 1 + atol, tol))
+            assert rows.rowmin is not None
+            try:
+                cal_inputs.check_rows(x, rows.rowsum, rows.rowmin, rows.conf, from_logits=False, name="p",
+                                      start=0, storage=storage)
+            except ValueError:
+                rejected = True
+            else:
+                rejected = False
+            assert rows.suspects == rejected, name
+            assert rejected == (name in bad) or "tolerance" in name, name  # sums: as rounded in storage
+            if rejected:
+                with pytest.raises(ValueError, match=f"p: row {0 if first else 2} "):
+                    row_statistics(x, y, from_logits=False, name="p", n_bins=15, top=True)
+    # logits: a sum that overflows is a suspect that the checks let through
+    big = torch.full((2, 4), 3e38)
+    rows = native.calibration_rows(big, torch.zeros(2, dtype=torch.int64), from_logits=True)
+    assert rows.suspects == 2
+    row_statistics(big, torch.zeros(2, dtype=torch.int64), from_logits=True, name="z", n_bins=15, top=True)
 
 
 @pytest.mark.parametrize("where", PATHS)
@@ -332,12 +402,15 @@ def test_each_build_equals_the_built_one(
     lib = build_library(build)
     x, y = data(700, n_cols, torch.float32, from_logits, seed=3)
     yt = torch.from_numpy(y)
-    want = native.calibration_rows(x, yt, from_logits=from_logits, n_bins=15)
-    got = native.calibration_rows(x, yt, from_logits=from_logits, n_bins=15, library=lib)
+    want = native.calibration_rows(x, yt, from_logits=from_logits, n_bins=15, top=True)
+    got = native.calibration_rows(x, yt, from_logits=from_logits, n_bins=15, top=True, library=lib)
     np.testing.assert_allclose(got.conf.numpy(), want.conf.numpy(), rtol=1e-6)
     np.testing.assert_array_equal(got.pred.numpy(), want.pred.numpy())
+    assert got.top is not None and want.top is not None
+    np.testing.assert_allclose(got.top.numpy(), want.top.numpy(), rtol=1e-5)
+    assert float(got.top[:15].sum()) == 700
     assert got.cw_p is not None and want.cw_p is not None and got.cw_y is not None and want.cw_y is not None
-    assert float(want.cw_y.sum()) == 700 and float(want.cw_y.reshape(n_cols, 15)[:, 1:].sum()) > 0
+    assert float(want.cw_y.sum()) == 700 and float(want.cw_y.reshape(15, n_cols)[1:].sum()) > 0
     if from_logits:  # e from differently contracted polynomials: an edge case may change bins
         assert float((got.cw_p - got.cw_y).abs().sum()) == pytest.approx(
             float((want.cw_p - want.cw_y).abs().sum()), rel=1e-5)

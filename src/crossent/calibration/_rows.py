@@ -30,16 +30,15 @@ under it, the NLL's derivatives in :math:`\beta`: each Newton step of
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from crossent.backends import native
-from crossent.calibration._inputs import _chunk, check_rows, chunks, iter_chunks
+from crossent.calibration._inputs import RANGE_ATOL, _chunk, check_rows, chunks, iter_chunks, sum_atol
 
-__all__ = ["RowStatistics", "classwise_sums", "row_statistics", "width_bin_index", "width_edges"]
+__all__ = ["RowStatistics", "classwise_sums", "row_statistics", "top_sums", "width_bin_index", "width_edges"]
 
 
 def width_edges(n_bins: int) -> np.ndarray:
@@ -86,10 +85,13 @@ class RowStatistics:
     pred: np.ndarray  #: (N,) int64 first arg-max (lowest index on ties)
     nll: np.ndarray | None  #: (N,) -log p_y (``scores=True``)
     brier: np.ndarray | None  #: (N,) sum_k (p_k - [y = k])^2 (``scores=True``)
-    cw_p: torch.Tensor | None  #: (K M,) sum of p_k per (class k, bin b) at k M + b (``n_bins``)
-    cw_y: torch.Tensor | None  #: (K M,) count of labels k per (class k, bin of p_k)
+    cw_p: torch.Tensor | None  #: (M K,) sum of p_k per (bin b, class k) at b K + k (``classwise``)
+    cw_y: torch.Tensor | None  #: (M K,) count of labels k per (bin of p_k, class k)
     dmean: np.ndarray | None = None  #: (N,) E_p[z] - z_y (``moments``)
     dvar: np.ndarray | None = None  #: (N,) Var_p[z] (``moments``)
+    #: (3 M + 2,) ``top``: per width bin of the confidence the count, the sum of confidences and
+    #: the number correct (:func:`top_sums`); then the sums of the NLL and the Brier score
+    top: np.ndarray | None = None
 
 
 def row_statistics(
@@ -99,11 +101,17 @@ def row_statistics(
     from_logits: bool,
     name: str,
     n_bins: int = 0,
+    classwise: bool = True,
+    top: bool = False,
     scores: bool = True,
     scale: float = 1.0,
     moments: bool = False,
 ) -> RowStatistics:
     r"""Validated per-row statistics of ``t`` (N, C) with int64 labels ``y`` (N,) in range.
+
+    With ``n_bins`` M > 0: the classwise width-bin sums (``classwise``) and, with ``top``, the
+    sums of the top-label width bins and of the scores (:attr:`RowStatistics.top`: what the
+    width-bin ECE and the streaming meter keep, summed in the pass itself on the native path).
 
     Logits only: ``scale`` is an inverse temperature :math:`\beta > 0`, every statistic then
     being that of :math:`p = \operatorname{softmax}(\beta z)` (the NLL
@@ -118,38 +126,70 @@ def row_statistics(
         raise ValueError("scale and moments are for logits (from_logits=True)")
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"scale must be a finite positive inverse temperature, got {scale!r}")
+    if top and n_bins <= 0:
+        raise ValueError("top needs n_bins > 0")
     impl = _row_statistics_native if native.available() else _row_statistics_torch
-    return impl(t, y, from_logits=from_logits, name=name, n_bins=n_bins, scores=scores, scale=float(scale),
-                moments=moments)
+    return impl(t, y, from_logits=from_logits, name=name, n_bins=n_bins, classwise=classwise and n_bins > 0,
+                top=top, scores=scores, scale=float(scale), moments=moments)
+
+
+def top_sums(
+    conf: np.ndarray, correct: np.ndarray, nll: np.ndarray | None, brier: np.ndarray | None, n_bins: int
+) -> np.ndarray:
+    """(3 M + 2,): per width bin of ``conf`` the count, the sum of ``conf`` and of ``correct``
+    (0/1); then the sums of ``nll`` and ``brier`` (0 where None)."""
+    idx = width_bin_index(conf, n_bins)
+    out = np.zeros(3 * n_bins + 2)
+    out[:n_bins] = np.bincount(idx, minlength=n_bins)
+    out[n_bins : 2 * n_bins] = np.bincount(idx, weights=conf, minlength=n_bins)
+    out[2 * n_bins : 3 * n_bins] = np.bincount(idx, weights=correct, minlength=n_bins)
+    out[3 * n_bins] = 0.0 if nll is None else nll.sum()
+    out[3 * n_bins + 1] = 0.0 if brier is None else brier.sum()
+    return out
 
 
 def _row_statistics_native(
-    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, scores: bool,
-    scale: float, moments: bool,
+    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, classwise: bool,
+    top: bool, scores: bool, scale: float, moments: bool,
 ) -> RowStatistics:
-    """:func:`row_statistics` by the native kernel: in one call on ``t`` itself, or, for a layout
-    or dtype the kernel does not take (columns not contiguous, float16 without compiler support),
-    on chunks of rows made contiguous in the compute dtype, so that no full-size copy is made and
-    the path depends on the build alone, not on the input."""
-    if native.supports_calibration(t):
-        parts: Iterator[tuple[int, int, torch.Tensor]] = iter([(0, t.shape[0], t)])
-    else:
-        parts = ((a, b, _chunk(t, a, b).contiguous()) for a, b in iter_chunks(t))
+    """:func:`row_statistics` by the native kernel: in one call on ``t`` itself, its outputs
+    returned as they are, or, for a layout or dtype the kernel does not take (columns not
+    contiguous, float16 without compiler support), on chunks of rows made contiguous in the
+    compute dtype, so that no full-size copy is made and the path depends on the build alone,
+    not on the input. The kernel counts the rows that fail the checks of
+    :func:`~crossent.calibration._inputs.check_rows` on its own outputs; those run (and name the
+    first bad row) only where it found any."""
+    limits = (-RANGE_ATOL, 1 + RANGE_ATOL, sum_atol(t.dtype))
+
+    def call(block: torch.Tensor, start: int, stop: int) -> native.CalibrationRows:
+        r = native.calibration_rows(block, y[start:stop], from_logits=from_logits, n_bins=n_bins,
+                                    classwise=classwise, top=top, scores=scores, scale=scale, moments=moments,
+                                    limits=limits)
+        if r.suspects:
+            check_rows(block, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name, start=start,
+                       storage=t.dtype)
+        return r
+
+    def numpy(x: torch.Tensor | None) -> np.ndarray | None:
+        return None if x is None else x.numpy()
+
+    if native.supports_calibration(t):  # the kernel's outputs as they are
+        r = call(t, 0, t.shape[0])
+        return RowStatistics(conf=r.conf.numpy(), pred=r.pred.numpy(), nll=numpy(r.nll), brier=numpy(r.brier),
+                             cw_p=r.cw_p, cw_y=r.cw_y, dmean=numpy(r.dmean), dvar=numpy(r.dvar),
+                             top=numpy(r.top))
     n, k = t.shape
     conf = np.empty(n)
     pred = np.empty(n, dtype=np.int64)
     nll = np.empty(n) if scores else None
     brier = np.empty(n) if scores else None
-    cw_p = torch.zeros(k * n_bins, dtype=torch.float64) if n_bins else None
-    cw_y = torch.zeros(k * n_bins, dtype=torch.float64) if n_bins else None
+    cw_p = torch.zeros(k * n_bins, dtype=torch.float64) if classwise else None
+    cw_y = torch.zeros(k * n_bins, dtype=torch.float64) if classwise else None
     dmean = np.empty(n) if moments else None
     dvar = np.empty(n) if moments else None
-    for start, stop, block in parts:
-        yb = y[start:stop]
-        r = native.calibration_rows(block, yb, from_logits=from_logits, n_bins=n_bins, scores=scores,
-                                    scale=scale, moments=moments)
-        check_rows(block, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name, start=start,
-                   storage=t.dtype)
+    sums = np.zeros(3 * n_bins + 2) if top else None
+    for start, stop in iter_chunks(t):
+        r = call(_chunk(t, start, stop).contiguous(), start, stop)
         conf[start:stop], pred[start:stop] = r.conf.numpy(), r.pred.numpy()
         if nll is not None and brier is not None and r.nll is not None and r.brier is not None:
             nll[start:stop], brier[start:stop] = r.nll.numpy(), r.brier.numpy()
@@ -158,23 +198,26 @@ def _row_statistics_native(
             cw_y += r.cw_y
         if dmean is not None and dvar is not None and r.dmean is not None and r.dvar is not None:
             dmean[start:stop], dvar[start:stop] = r.dmean.numpy(), r.dvar.numpy()
+        if sums is not None and r.top is not None:
+            sums += r.top.numpy()
     return RowStatistics(conf=conf, pred=pred, nll=nll, brier=brier, cw_p=cw_p, cw_y=cw_y, dmean=dmean,
-                         dvar=dvar)
+                         dvar=dvar, top=sums)
 
 
 def _row_statistics_torch(
-    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, scores: bool,
-    scale: float, moments: bool,
+    t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, classwise: bool,
+    top: bool, scores: bool, scale: float, moments: bool,
 ) -> RowStatistics:
-    """:func:`row_statistics` as torch ops over chunks of rows (the same formulas)."""
+    """:func:`row_statistics` as torch ops over chunks of rows (the same formulas; the sums of
+    ``top`` from the per-row values)."""
     n, k = t.shape
     f64 = torch.float64
     conf = torch.empty(n, dtype=f64)
     pred = torch.empty(n, dtype=torch.int64)
-    nll = torch.empty(n, dtype=f64) if scores else None
-    brier = torch.empty(n, dtype=f64) if scores else None
-    cw_p = torch.zeros(k * n_bins, dtype=f64) if n_bins else None
-    cw_y = torch.zeros(k * n_bins, dtype=f64) if n_bins else None
+    nll = torch.empty(n, dtype=f64) if scores or top else None
+    brier = torch.empty(n, dtype=f64) if scores or top else None
+    cw_p = torch.zeros(k * n_bins, dtype=f64) if classwise else None
+    cw_y = torch.zeros(k * n_bins, dtype=f64) if classwise else None
     dmean = torch.empty(n, dtype=f64) if moments else None
     dvar = torch.empty(n, dtype=f64) if moments else None
     for start, stop, block in chunks(t, from_logits=from_logits, name=name):
@@ -199,8 +242,8 @@ def _row_statistics_torch(
                 brier[start:stop] = sq * inv.square() - 2.0 * e.gather(1, yb)[:, 0].to(f64) * inv + 1.0
             p = e.to(f64).mul_(inv[:, None]) if cw_p is not None else None
         else:
-            top, idx = block.max(dim=1)
-            conf[start:stop] = top.to(f64)
+            pmax, idx = block.max(dim=1)
+            conf[start:stop] = pmax.to(f64)
             if nll is not None and brier is not None:
                 nll[start:stop] = -torch.log(at_y.clamp_min(float(torch.finfo(f64).tiny)))
                 sq = torch.linalg.vector_norm(block, dim=1).to(f64).square()
@@ -209,18 +252,23 @@ def _row_statistics_torch(
         pred[start:stop] = idx
         if p is not None and cw_p is not None and cw_y is not None:
             classwise_sums(p, y[start:stop], n_bins, cw_p, cw_y)
+    conf_n, pred_n = conf.numpy(), pred.numpy()
+    nll_n = None if nll is None else nll.numpy()
+    brier_n = None if brier is None else brier.numpy()
+    sums = None
+    if top:
+        sums = top_sums(conf_n, (pred_n == y.numpy()).astype(np.float64), nll_n, brier_n, n_bins)
     return RowStatistics(
-        conf=conf.numpy(), pred=pred.numpy(),
-        nll=None if nll is None else nll.numpy(), brier=None if brier is None else brier.numpy(),
+        conf=conf_n, pred=pred_n, nll=nll_n if scores else None, brier=brier_n if scores else None,
         cw_p=cw_p, cw_y=cw_y, dmean=None if dmean is None else dmean.numpy(),
-        dvar=None if dvar is None else dvar.numpy(),
+        dvar=None if dvar is None else dvar.numpy(), top=sums,
     )
 
 
 def classwise_sums(
     p: torch.Tensor, y: torch.Tensor, n_bins: int, sum_p: torch.Tensor, sum_y: torch.Tensor
 ) -> None:
-    """Add to ``sum_p`` and ``sum_y`` (K M, float64, bin ``b`` of class ``k`` at ``k M + b``)
+    """Add to ``sum_p`` and ``sum_y`` (M K, float64, bin ``b`` of class ``k`` at ``b K + k``)
     the float64 probabilities ``p`` (n, K) and the one-hot labels ``y`` that fall in each
     class's width bin.
 
@@ -235,10 +283,8 @@ def classwise_sums(
     cols = flat % k
     big = pn.reshape(-1)[flat]
     out_p = sum_p.numpy()  # a view: the float64 CPU tensors are updated in place
-    out_p += np.bincount(cols * n_bins + width_bin_index(big, n_bins), weights=big,
-                         minlength=k * n_bins)
-    out_p[::n_bins] += np.add.reduce(np.where(big_mask, 0.0, pn), axis=0)
+    out_p += np.bincount(width_bin_index(big, n_bins) * k + cols, weights=big, minlength=k * n_bins)
+    out_p[:k] += np.add.reduce(np.where(big_mask, 0.0, pn), axis=0)
     yn = y.cpu().numpy()
     py = pn[np.arange(pn.shape[0]), yn]
-    sum_y.numpy()[:] += np.bincount(yn * n_bins + width_bin_index(py, n_bins),
-                                    minlength=k * n_bins)
+    sum_y.numpy()[:] += np.bincount(width_bin_index(py, n_bins) * k + yn, minlength=k * n_bins)

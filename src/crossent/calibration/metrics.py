@@ -210,7 +210,11 @@ def top_scores(
     """Validated confidence (float64) and outcome (0.0/1.0) per sample: the top-label
     confidence and its correctness for multiclass input, the positive-class probability and
     the 0/1 label for binary and multi-label input (see the module docstring)."""
-    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    return _scores(*select(probs, labels, from_logits=from_logits, ignore_index=ignore_index), from_logits)
+
+
+def _scores(kind: str, t: torch.Tensor, y: np.ndarray, from_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_scores` of the output of :func:`~crossent.calibration._inputs.select`."""
     if kind == "binary":
         return t.numpy(), y.astype(np.float64)
     r = row_statistics(t, torch.from_numpy(y), from_logits=from_logits,
@@ -230,10 +234,20 @@ def reliability_table(
     """Per-bin range, count, mean confidence, accuracy and gap of the top-label prediction.
 
     See the module docstring for the bin conventions. :func:`ece` and the reliability
-    diagrams are computed from this table.
+    diagrams are computed from this table. Multiclass width bins are summed in the pass over
+    the rows (:func:`~crossent.calibration._rows.row_statistics` with ``top``), as the
+    streaming :class:`~crossent.calibration.CalibrationMeter` sums them.
     """
-    conf, correct = top_scores(probs, labels, from_logits, ignore_index)
-    return table_from_scores(conf, correct, n_bins=n_bins, binning=binning)
+    n_bins = _check_n_bins(n_bins)
+    _check_choice("binning", binning, ("width", "mass"))
+    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    if kind == "multiclass" and binning == "width":
+        name = "logits" if from_logits else "probs"
+        s = row_statistics(t, torch.from_numpy(y), from_logits=from_logits, name=name, n_bins=n_bins,
+                           classwise=False, top=True, scores=False).top
+        assert s is not None
+        return table_from_sums(s[:n_bins], s[n_bins : 2 * n_bins], s[2 * n_bins : 3 * n_bins])
+    return table_from_scores(*_scores(kind, t, y, from_logits), n_bins=n_bins, binning=binning)
 
 
 def ece(

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from crossent.calibration._inputs import ArrayLike, iter_chunks, looks_like_probs, select
-from crossent.calibration._rows import row_statistics, width_bin_index
+from crossent.calibration._rows import RowStatistics, row_statistics, width_bin_index
 from crossent.calibration.metrics import _check_choice, _check_n_bins, table_from_scores, table_from_sums
 
 __all__ = ["CalibrationMeter"]
@@ -61,8 +61,9 @@ class CalibrationMeter:
         batch (rows in [0, 1] summing to one are probabilities) and keep it.
     classwise:
         Also accumulate the classwise ECE (K M bins). It adds every one of the N K
-        probabilities to a float64 column total, which costs about 10-30 % more than the rest
-        of an update on the CPU (BENCHMARKS.md); ``False`` skips it.
+        probabilities to a float64 column total: on the CPU up to about 30 % more than the rest
+        of an update, or nothing where the update waits on memory (BENCHMARKS.md); ``False``
+        skips it.
 
     Notes
     -----
@@ -163,25 +164,36 @@ class CalibrationMeter:
 
     def _update_multiclass(self, t: torch.Tensor, y: torch.Tensor) -> None:
         """One read of the batch (:func:`~crossent.calibration._rows.row_statistics`, the pass of
-        the one-shot functions): per-row confidence, prediction, NLL and Brier score, and the
-        classwise bin sums, added to the statistics only once the whole batch is validated."""
+        the one-shot functions): for width bins the sums of the top-label bins and of the NLL
+        and Brier score taken in that pass (the per-row values for mass bins), and the classwise
+        bin sums, added to the statistics only once the whole batch is validated."""
         n = t.shape[0]
-        n_bins = self.n_bins if self.classwise else 0
+        width = self.binning == "width"  # the bins and scores summed in the pass itself
+
+        def rows(from_logits: bool) -> RowStatistics:
+            return row_statistics(t, y, from_logits=from_logits, name="logits" if from_logits else "probs",
+                                  n_bins=self.n_bins, classwise=self.classwise, top=width, scores=not width)
+
         r = None
         if self.from_logits is None:  # the first batch's first rows are probabilities: are all?
             try:
-                r = row_statistics(t, y, from_logits=False, name="probs", n_bins=n_bins)
+                r = rows(False)
             except ValueError:  # a row is not: logits, as looks_like_probs on the whole batch says
                 self.from_logits = True
             else:
                 self.from_logits = False
         if r is None:
-            r = row_statistics(t, y, from_logits=self.from_logits,
-                               name="logits" if self.from_logits else "probs", n_bins=n_bins)
-        assert r.nll is not None and r.brier is not None
-        correct = (r.pred == y.numpy()).astype(np.float64)
-        self._add_scores(r.conf, correct)
-        self._scalars += [n, correct.sum(), float(r.nll.sum()), float(r.brier.sum())]
+            r = rows(self.from_logits)
+        m = self.n_bins
+        if r.top is not None:
+            self._bins += r.top[: 3 * m].reshape(3, m)
+            self._scalars += [n, r.top[2 * m : 3 * m].sum(), r.top[3 * m], r.top[3 * m + 1]]
+            self._synced = None
+        else:
+            assert r.nll is not None and r.brier is not None
+            correct = (r.pred == y.numpy()).astype(np.float64)
+            self._add_scores(r.conf, correct)
+            self._scalars += [n, correct.sum(), float(r.nll.sum()), float(r.brier.sum())]
         if r.cw_p is not None and r.cw_y is not None:
             self._add_classwise_sums(r.cw_p, r.cw_y)
 

@@ -55,6 +55,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -160,7 +161,9 @@ class _CalibrationArgs(ctypes.Structure):
         ("conf", ctypes.c_void_p), ("pred", ctypes.c_void_p), ("nll", ctypes.c_void_p),
         ("brier", ctypes.c_void_p), ("rowsum", ctypes.c_void_p), ("rowmin", ctypes.c_void_p),
         ("cw_p", ctypes.c_void_p), ("cw_y", ctypes.c_void_p), ("scale", ctypes.c_double),
-        ("dmean", ctypes.c_void_p), ("dvar", ctypes.c_void_p),
+        ("dmean", ctypes.c_void_p), ("dvar", ctypes.c_void_p), ("top", ctypes.c_void_p),
+        ("range_lo", ctypes.c_double), ("range_hi", ctypes.c_double), ("sum_tol", ctypes.c_double),
+        ("suspects", ctypes.c_int64),
     ]
 
 
@@ -777,10 +780,13 @@ class CalibrationRows(NamedTuple):
     brier: Tensor | None  #: sum_k (p_k - [y = k])^2
     rowsum: Tensor  #: sum of the row's entries: finite iff every entry is
     rowmin: Tensor | None  #: smallest entry (probabilities)
-    cw_p: Tensor | None  #: (C M) classwise sums of p per (class, bin)
-    cw_y: Tensor | None  #: (C M) classwise label counts per (class, bin)
+    cw_p: Tensor | None  #: (M C) classwise sums of p per (bin b, class k) at b C + k
+    cw_y: Tensor | None  #: (M C) classwise label counts per (bin, class)
     dmean: Tensor | None  #: E_p[x] - x_y, p = softmax(scale x) (``moments``)
     dvar: Tensor | None  #: Var_p[x] (``moments``)
+    top: Tensor | None  #: (3 M + 2): per width bin of the confidence the count, the sum of
+    #: confidences and the number correct; then the sums of the NLL and the Brier score (``top``)
+    suspects: int  #: rows that fail (or, for a sum of logits that overflowed, may fail) the checks
 
 
 def supports_calibration(x: Tensor) -> bool:
@@ -792,36 +798,46 @@ def supports_calibration(x: Tensor) -> bool:
 
 
 def calibration_rows(
-    x: Tensor, y: Tensor, *, from_logits: bool, n_bins: int = 0, scores: bool = True,
-    scale: float = 1.0, moments: bool = False, library: ctypes.CDLL | None = None,
+    x: Tensor, y: Tensor, *, from_logits: bool, n_bins: int = 0, classwise: bool = True,
+    top: bool = False, scores: bool = True, scale: float = 1.0, moments: bool = False,
+    limits: tuple[float, float, float] = (-math.inf, math.inf, math.inf), library: ctypes.CDLL | None = None,
 ) -> CalibrationRows:
     """The calibration statistics of every row of ``x`` (N, C) with labels ``y`` (N,) (int64,
     in range) in one read of the rows: see ``ce_calibration`` in ``_kernels_body.h``. With
-    ``n_bins`` > 0 also the classwise width-bin sums; ``scores=False`` skips the NLL and Brier
-    outputs. Logits only: ``scale`` (> 0) is the inverse temperature b of p = softmax(b x), and
-    ``moments`` adds the mean and variance of x under p. Nothing is validated here: the caller
-    checks ``rowsum`` (and ``rowmin``, ``conf`` for probabilities). ``library``: another build
-    of ``_kernels.c`` (the tests' portable one)."""
+    ``n_bins`` > 0 also the classwise width-bin sums (unless ``classwise=False``) and, with
+    ``top``, the sums of the top-label width bins and of the scores; ``scores=False`` skips the
+    per-row NLL and Brier outputs. Logits only: ``scale`` (> 0) is the inverse temperature b of
+    p = softmax(b x), and ``moments`` adds the mean and variance of x under p. Nothing is
+    validated here: ``suspects`` counts the rows whose sum is not finite and, for probabilities,
+    whose min is below ``limits[0]``, max above ``limits[1]`` or sum off one by more than
+    ``limits[2]``; the caller checks the per-row outputs where there are any. ``library``:
+    another build of ``_kernels.c`` (the tests' portable one)."""
     n, c = x.shape
     y = y.to(torch.int64).contiguous()
     f64 = torch.float64
-    out = CalibrationRows(
-        conf=torch.empty(n, dtype=f64), pred=torch.empty(n, dtype=torch.int64),
-        nll=torch.empty(n, dtype=f64) if scores else None,
-        brier=torch.empty(n, dtype=f64) if scores else None,
-        rowsum=torch.empty(n, dtype=f64), rowmin=None if from_logits else torch.empty(n, dtype=f64),
-        cw_p=torch.zeros(c * n_bins, dtype=f64) if n_bins else None,
-        cw_y=torch.zeros(c * n_bins, dtype=f64) if n_bins else None,
-        dmean=torch.empty(n, dtype=f64) if moments else None,
-        dvar=torch.empty(n, dtype=f64) if moments else None,
-    )
+    cw = n_bins > 0 and classwise
+    if top and n_bins <= 0:
+        raise ValueError("top needs n_bins > 0")
+    # two allocations (a call on a small batch is mostly this function's own time): the per-row
+    # outputs, and the sums, zeroed
+    rows = torch.empty((3 + 2 * scores + (not from_logits) + 2 * moments, n), dtype=f64)
+    sums = torch.zeros((2 * c * n_bins if cw else 0) + (3 * n_bins + 2 if top else 0), dtype=f64)
+    conf, pred, rowsum = rows[0], rows[1].view(torch.int64), rows[2]
+    nll, brier = (rows[3], rows[4]) if scores else (None, None)
+    rowmin = None if from_logits else rows[3 + 2 * scores]
+    cw_p, cw_y = (sums[: c * n_bins], sums[c * n_bins : 2 * c * n_bins]) if cw else (None, None)
+    dmean, dvar = (rows[-2], rows[-1]) if moments else (None, None)
+    top_sums = sums[-(3 * n_bins + 2) :] if top else None
     args = _CalibrationArgs(
         n_rows=n, n_cols=c, x_row_stride=x.stride(0) if n > 1 else c, x=x.data_ptr(),
         x_dtype=_DT[x.dtype], from_logits=int(from_logits), y=y.data_ptr(), n_threads=_threads(),
-        n_bins=n_bins, conf=out.conf.data_ptr(), pred=out.pred.data_ptr(), nll=_ptr(out.nll),
-        brier=_ptr(out.brier), rowsum=out.rowsum.data_ptr(), rowmin=_ptr(out.rowmin),
-        cw_p=_ptr(out.cw_p), cw_y=_ptr(out.cw_y), scale=scale, dmean=_ptr(out.dmean), dvar=_ptr(out.dvar),
+        n_bins=n_bins, conf=conf.data_ptr(), pred=pred.data_ptr(), nll=_ptr(nll), brier=_ptr(brier),
+        rowsum=rowsum.data_ptr(), rowmin=_ptr(rowmin), cw_p=_ptr(cw_p), cw_y=_ptr(cw_y), scale=scale,
+        dmean=_ptr(dmean), dvar=_ptr(dvar), top=_ptr(top_sums), range_lo=limits[0], range_hi=limits[1],
+        sum_tol=limits[2],
     )
     lib = library if library is not None else _library()
     _check(getattr(lib, f"ce_calibration_{_suffix(_acc(x.dtype))}")(ctypes.byref(args)))
-    return out
+    return CalibrationRows(conf=conf, pred=pred, nll=nll, brier=brier, rowsum=rowsum, rowmin=rowmin,
+                           cw_p=cw_p, cw_y=cw_y, dmean=dmean, dvar=dvar, top=top_sums,
+                           suspects=int(args.suspects))

@@ -379,8 +379,9 @@ typedef struct {
 
 /* Calibration statistics of (N, C) logits or probabilities (crossent.calibration), per row:
  * the top-label confidence, the first argmax, the NLL and Brier score of the label, the row sum
- * (and for probabilities the row minimum) for the caller's validation, and optionally the
- * classwise width-bin sums of every entry. Logits may be scaled by an inverse temperature s
+ * (and for probabilities the row minimum) for the caller's validation, with a count of the rows
+ * that fail it; optionally the sums over rows of the top-label width bins and of the scores, and
+ * the classwise width-bin sums of every entry. Logits may be scaled by an inverse temperature s
  * (p = softmax(s x)), with the first two moments of x under p for temperature scaling's
  * Newton steps. */
 typedef struct {
@@ -390,17 +391,23 @@ typedef struct {
     int32_t from_logits;
     const int64_t *y;                   /* (N,) labels in [0, C) */
     int32_t n_threads;
-    int32_t n_bins;                     /* M > 0: the classwise sums into cw_p, cw_y */
+    int32_t n_bins;                     /* M: the width bins of top and of cw_p, cw_y */
     double *conf;                       /* (N,) out: top-label confidence, 1 / s or max p */
     int64_t *pred;                      /* (N,) out: first argmax */
     double *nll;                        /* (N,) out or NULL: -log p_y */
     double *brier;                      /* (N,) out or NULL: sum_k (p_k - [y = k])^2 */
     double *rowsum;                     /* (N,) out: sum_k x_k (finite iff the row is) */
     double *rowmin;                     /* (N,) out (probabilities) or NULL: min_k x_k */
-    double *cw_p, *cw_y;                /* (C M) out, zeroed by the caller: bin b of class k at k M + b */
+    double *cw_p, *cw_y;                /* (M C) out or NULL, zeroed by the caller: bin b of class k at b C + k */
     double scale;                       /* logits: the inverse temperature s > 0 (1 for the metrics) */
     double *dmean;                      /* (N,) out (logits) or NULL: E_p[x] - x_y */
     double *dvar;                       /* (N,) out (logits, with dmean) or NULL: Var_p[x] */
+    double *top;                        /* (3 M + 2) out or NULL, zeroed by the caller: per width bin of the
+                                           confidence the count, the sum of confidences and the number
+                                           correct; then the sums of the NLL and of the Brier score */
+    double range_lo, range_hi, sum_tol; /* probabilities: the bounds of an entry and of |sum - 1| */
+    int64_t suspects;                   /* out: rows whose sum is not finite and, for probabilities,
+                                           rows with min < range_lo, max > range_hi or |sum - 1| > sum_tol */
 } cal_args;
 
 /* The width bin of p for M bins ((b - 1)/M, b/M], 0 going to the first: the number of inner
@@ -417,8 +424,9 @@ static inline int width_bin(double p, const double *edges, int M) {
 
 /* The classwise pass of one row for float rows u (see ce_calibration in _kernels_body.h),
  * with intrinsics for AVX-512 or AVX2 + FMA (the portable loop of the body otherwise): every
- * entry adds p_k = u_k inv (in double) to the column total first[k]; each entry above thr (a
- * compare mask, rarely nonzero) moves its p_k from there to its own bin in cwp. A step is two
+ * entry adds p_k = u_k inv (in double) to the column total first[k] (its class's first bin);
+ * each entry above thr (a compare mask, rarely nonzero) moves its p_k from there to its own bin
+ * in cwp, where that is another. A step is two
  * vectors (2 VW entries: 32 with AVX-512, 16 with AVX2): one compare each, the conversions to
  * double and their FMAs, and the few entries above thr taken from the masks' set bits. The loop
  * also prefetches the row `ahead` (two rows on: its rows' es-byte entries, es <= 4, so one
@@ -435,8 +443,11 @@ static inline int width_bin(double p, const double *edges, int M) {
 static inline void cw_big_f32(const float *u, int64_t j, int64_t C, double inv, double *restrict first,
                               double *restrict cwp, const double *edges, int M) {
     const double p = (double)u[j] * inv;
-    cwp[width_bin(p, edges, M) * C + j] += p; /* bin-major: see ce_calibration's scratch */
-    first[j] -= p;
+    const int b = width_bin(p, edges, M);
+    if (b) { /* bin-major, first = bin 0: see ce_calibration's sums */
+        cwp[b * C + j] += p;
+        first[j] -= p;
+    }
 }
 
 /* the entries from k on of cw_row_simd, one at a time */

@@ -1189,23 +1189,34 @@ CE_API int FN(ce_binary)(bce_args *a) {
  *           E_p[u] - u_y and dvar = V are the per-row derivatives of the NLL in b (temperature
  *           scaling's Newton step).
  *   pass 3 (classwise, from L1): p_k = e_k (1 / s) in double (p_k itself for probabilities),
- *           every one added to its class's column total first[k]. Only entries above the first
- *           edge 1/M need a bin, and a row has fewer than M of them: a test in ACC against a
- *           threshold a little below 1/M (it misses none) finds them, and each moves its exact
- *           double p_k from the column total to its own bin. The label's count goes to the bin
- *           of its own p_y, the same double, so it lands where its entry did. At the end each
- *           class's first bin gets its column total.
+ *           every one added to its class's first bin (the column total first[k]). Only entries
+ *           above the first edge 1/M can go to another bin, and a row has fewer than M of them:
+ *           a test in ACC against a threshold a little below 1/M (it misses none) finds them,
+ *           and each whose bin is another moves its exact double p_k from the first bin to it.
+ *           The label's count goes to the bin of its own p_y, the same double, so it lands where
+ *           its entry did.
+ *   per row, with top: the confidence's width bin gets the row's count, confidence and 1 if
+ *           the first argmax is the label; the NLL and Brier score add to their sums. With these
+ *           sums (what the streaming meter and the width-bin ECE keep) the caller need not read
+ *           the per-row outputs back.
+ *   validation: a row whose sum is not finite (some entry is NaN or infinite, or a sum of
+ *           large finite logits overflowed), or for probabilities whose min, max or sum is out
+ *           of bounds, counts as a suspect; the caller looks at the per-row outputs only if
+ *           there are any.
  *
- * Each thread sums into its own scratch (cw_p, cw_y, the column totals), added to the outputs in
- * thread order afterwards. The scratch sums are bin-major (bin b of class k at b C + k, the
- * outputs class-major): the entries above 1/M fall mostly in the low bins, whose sums then
- * share a few kilobytes that stay in L1 while the rows stream past; class-major, a row's few
- * updates land on random lines of all 2 C M doubles (BENCHMARKS.md: the pass with classwise sums
- * over the pass without, 1.17-1.20x bin-major against 1.20-1.26x class-major). */
+ * Thread 0 sums into the outputs (zeroed by the caller), every other thread into its own scratch,
+ * added to them in thread order afterwards, so that a call with one thread needs no scratch and
+ * no reduction. The classwise sums are bin-major (bin b of class k at b C + k): the entries
+ * above 1/M fall mostly in the low bins, whose sums then share a few kilobytes that stay in L1
+ * while the rows stream past; class-major, a row's few updates land on random lines of all
+ * 2 C M doubles (BENCHMARKS.md: the pass with classwise sums over the pass without, 1.17-1.20x
+ * bin-major against 1.20-1.26x class-major). */
 typedef struct {
     const cal_args *a;
-    double *scratch;
-    int64_t per_thread;
+    double *scratch;     /* per thread: the edges (M + 1), top (3 M + 2); then cw_p, cw_y (2 M C) from thread 1 */
+    int64_t per_thread;  /* doubles of edges and top */
+    int n_threads;
+    int64_t suspects[MAX_THREADS];
     int failed[MAX_THREADS];
 } FN(cal_ctx);
 
@@ -1249,8 +1260,8 @@ ALWAYS_INLINE void FN(row_moments)(const ACC *restrict u, int64_t C, ACC *m_out,
 }
 
 /* The classwise pass of one row in portable C (AVX-512 and AVX2 builds use cw_row_simd): every
- * p_k = u_k inv to its column total, then the entries above thr, found by blocks of 64, moved
- * from there to their own bins. */
+ * p_k = u_k inv to its column total (its first bin), then the entries above thr, found by blocks
+ * of 64, moved from there to their own bins where those are others. */
 static void FN(cw_row)(const ACC *u, int64_t C, ACC thr, double inv, double *restrict first, double *restrict cwp,
                        const double *edges, int M) {
     for (int64_t k0 = 0; k0 < C; k0 += 64) {
@@ -1265,8 +1276,11 @@ static void FN(cw_row)(const ACC *u, int64_t C, ACC thr, double inv, double *res
         for (int64_t k = k0; k < k1; ++k) {
             if (u[k] > thr) {
                 const double pk = (double)u[k] * inv;
-                cwp[width_bin(pk, edges, M) * C + k] += pk;
-                first[k] -= pk;
+                const int b = width_bin(pk, edges, M);
+                if (b) {
+                    cwp[b * C + k] += pk;
+                    first[k] -= pk;
+                }
             }
         }
     }
@@ -1286,21 +1300,26 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         ctx->failed[tid] = 1;
         return;
     }
-    double *cwp = NULL, *cwy = NULL, *first = NULL, *edges = NULL;
+    double *cwp = NULL, *cwy = NULL, *edges = NULL, *top = NULL;
     if (M > 0) {
-        cwp = ctx->scratch + (size_t)tid * (size_t)ctx->per_thread;
-        cwy = cwp + C * M;
-        first = cwy + C * M;
-        edges = first + C;
+        edges = ctx->scratch + (size_t)tid * (size_t)ctx->per_thread;
         for (int b = 0; b <= M; ++b) edges[b] = (double)b / M;
+        if (a->top) top = tid ? edges + M + 1 : a->top;
+        if (a->cw_p) {
+            cwp = tid ? ctx->scratch + (size_t)ctx->n_threads * (size_t)ctx->per_thread + (size_t)(tid - 1) * 2 * C * M
+                      : a->cw_p;
+            cwy = tid ? cwp + C * M : a->cw_y;
+        }
     }
+    double *first = cwp; /* the first bins, bin-major */
+    int64_t suspects = 0;
     const size_t es = dtype_size(a->x_dtype);
     ACC *ebuf = moments && !direct ? buf + C : buf;
     const ACC beta = (ACC)a->scale;
     /* a little below 1/M (in p; times s for e): never above any entry that exceeds 1/M */
     const double below = M > 0 ? (1.0 / M) * (1.0 - 1e-5) : 0.0;
     /* the intrinsic passes prefetch two rows on as they go (see cw_row_simd) */
-    const int cw_prefetches = HAVE_CW_SIMD && sizeof(ACC) == 4 && (M > 0 || !logits);
+    const int cw_prefetches = HAVE_CW_SIMD && sizeof(ACC) == 4 && (cwp || !logits);
     for (int64_t r = r0; r < r1; ++r) {
         const void *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * es;
         if (!cw_prefetches && r + 1 < r1) {
@@ -1393,12 +1412,24 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
             brier = q - 2.0 * py + 1.0;
             a->rowmin[r] = (double)lo;
         }
+        const int64_t pred = am < 0 ? 0 : am;
         a->conf[r] = conf;
-        a->pred[r] = am < 0 ? 0 : am;
+        a->pred[r] = pred;
         a->rowsum[r] = sum;
         if (a->nll) a->nll[r] = nll;
         if (a->brier) a->brier[r] = brier;
-        if (M > 0 && !cw_done) {
+        /* the caller's checks (check_rows), on the same doubles */
+        suspects += !isfinite(sum) ||
+                    (!logits && ((double)lo < a->range_lo || conf > a->range_hi || fabs(sum - 1.0) > a->sum_tol));
+        if (top) {
+            const int b = width_bin(conf, edges, M);
+            top[b] += 1.0;
+            top[M + b] += conf;
+            top[2 * M + b] += pred == y ? 1.0 : 0.0;
+            top[3 * M] += nll;
+            top[3 * M + 1] += brier;
+        }
+        if (cwp && !cw_done) {
             const ACC thr = (ACC)(logits ? below / inv : below);
 #if HAVE_CW_SIMD
             if (sizeof(ACC) == 4)
@@ -1407,15 +1438,20 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
 #endif
                 FN(cw_row)(p, C, thr, inv, first, cwp, edges, M);
         }
-        if (M > 0) cwy[width_bin((double)p[y] * inv, edges, M) * C + y] += 1.0;
+        if (cwy) cwy[width_bin((double)p[y] * inv, edges, M) * C + y] += 1.0;
     }
+    ctx->suspects[tid] = suspects;
     free(buf);
 }
 
 CE_API int FN(ce_calibration)(cal_args *a) {
     const int64_t N = a->n_rows, C = a->n_cols;
     const int M = a->n_bins;
+    const int64_t cw = a->cw_p ? 2 * C * M : 0; /* doubles of classwise sums per thread */
     int threads = (int)(N * C / 32768 + 1);
+    /* a second thread adds (and, if it sums classwise, zeroes) its own 2 M C classwise sums:
+     * worth it once the rows hold a few times more entries */
+    if (cw && N * C < 8 * cw) threads = 1;
     if (threads > a->n_threads) threads = a->n_threads;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > N) threads = (int)(N > 0 ? N : 1);
@@ -1423,25 +1459,32 @@ CE_API int FN(ce_calibration)(cal_args *a) {
     memset(&ctx, 0, sizeof(ctx));
     ctx.a = a;
     if (M > 0) {
-        ctx.per_thread = 2 * C * M + C + M + 1;
+        ctx.per_thread = (M + 1) + 3 * M + 2;
         /* at most 256 MiB of per-thread sums (a vocabulary-sized C): fewer threads beyond */
-        while (threads > 1 && (double)threads * (double)ctx.per_thread * 8.0 > 268435456.0) --threads;
-        ctx.scratch = (double *)calloc((size_t)threads * (size_t)ctx.per_thread, sizeof(double));
+        while (threads > 1 && (double)(threads - 1) * (double)cw * 8.0 > 268435456.0) --threads;
+        ctx.n_threads = threads;
+        ctx.scratch = (double *)calloc((size_t)threads * (size_t)ctx.per_thread + (size_t)(threads - 1) * (size_t)cw,
+                                       sizeof(double));
         if (!ctx.scratch) return 1;
     }
     if (N) parallel_for(N, threads, FN(cal_work), &ctx);
     int status = 0;
-    for (int t = 0; t < MAX_THREADS; ++t) status |= ctx.failed[t];
+    a->suspects = 0;
+    for (int t = 0; t < MAX_THREADS; ++t) {
+        status |= ctx.failed[t];
+        a->suspects += ctx.suspects[t];
+    }
     if (M > 0) {
-        for (int t = 0; t < threads; ++t) {
-            const double *cwp = ctx.scratch + (size_t)t * (size_t)ctx.per_thread;
-            const double *cwy = cwp + C * M, *first = cwy + C * M;
-            for (int64_t k = 0; k < C; ++k) /* bin-major scratch into the class-major outputs */
-                for (int b = 0; b < M; ++b) {
-                    a->cw_p[k * M + b] += cwp[b * C + k];
-                    a->cw_y[k * M + b] += cwy[b * C + k];
+        for (int t = 1; t < threads; ++t) { /* thread 0 summed into the outputs */
+            const double *top = ctx.scratch + (size_t)t * (size_t)ctx.per_thread + M + 1;
+            if (a->top)
+                for (int i = 0; i < 3 * M + 2; ++i) a->top[i] += top[i];
+            const double *cwp = ctx.scratch + (size_t)threads * (size_t)ctx.per_thread + (size_t)(t - 1) * (size_t)cw;
+            if (cw)
+                for (int64_t i = 0; i < C * M; ++i) {
+                    a->cw_p[i] += cwp[i];
+                    a->cw_y[i] += cwp[C * M + i];
                 }
-            for (int64_t k = 0; k < C; ++k) a->cw_p[k * M] += first[k];
         }
         free(ctx.scratch);
     }
