@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from crossent.calibration._inputs import ArrayLike, iter_chunks, looks_like_probs, select
-from crossent.calibration._rows import RowStatistics, row_statistics, width_bin_index
+from crossent.calibration._rows import RowStatistics, row_statistics, top_sums
 from crossent.calibration.metrics import _check_choice, _check_n_bins, table_from_scores, table_from_sums
 
 __all__ = ["CalibrationMeter"]
@@ -201,10 +201,8 @@ class CalibrationMeter:
         if self.binning == "mass":
             self._conf.append(conf.astype(np.float64, copy=True))
             self._correct.append(correct.astype(np.uint8))
-        idx = width_bin_index(conf, self.n_bins)
-        self._bins[0] += np.bincount(idx, minlength=self.n_bins)
-        self._bins[1] += np.bincount(idx, weights=conf, minlength=self.n_bins)
-        self._bins[2] += np.bincount(idx, weights=correct, minlength=self.n_bins)
+        m = self.n_bins
+        self._bins += top_sums(conf, correct, None, None, m)[: 3 * m].reshape(3, m)
         self._synced = None
 
     def _add_classwise_sums(self, cw_p: torch.Tensor, cw_y: torch.Tensor) -> None:

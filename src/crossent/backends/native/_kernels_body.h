@@ -1213,9 +1213,9 @@ CE_API int FN(ce_binary)(bce_args *a) {
  * bin-major against 1.20-1.26x class-major). */
 typedef struct {
     const cal_args *a;
-    double *scratch;     /* per thread: the edges (M + 1), top (3 M + 2); then cw_p, cw_y (2 M C) from thread 1 */
-    int64_t per_thread;  /* doubles of edges and top */
-    int n_threads;
+    double *scratch;    /* per thread: the edges (M + 1) and top (3 M + 2) */
+    int64_t per_thread; /* M + 1 + 3 M + 2 */
+    double *cw_scratch; /* threads 1, 2, ...: cw_p and cw_y, 2 M C each */
     int64_t suspects[MAX_THREADS];
     int failed[MAX_THREADS];
 } FN(cal_ctx);
@@ -1306,8 +1306,7 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         for (int b = 0; b <= M; ++b) edges[b] = (double)b / M;
         if (a->top) top = tid ? edges + M + 1 : a->top;
         if (a->cw_p) {
-            cwp = tid ? ctx->scratch + (size_t)ctx->n_threads * (size_t)ctx->per_thread + (size_t)(tid - 1) * 2 * C * M
-                      : a->cw_p;
+            cwp = tid ? ctx->cw_scratch + (size_t)(tid - 1) * 2 * (size_t)(C * M) : a->cw_p;
             cwy = tid ? cwp + C * M : a->cw_y;
         }
     }
@@ -1449,8 +1448,8 @@ CE_API int FN(ce_calibration)(cal_args *a) {
     const int M = a->n_bins;
     const int64_t cw = a->cw_p ? 2 * C * M : 0; /* doubles of classwise sums per thread */
     int threads = (int)(N * C / 32768 + 1);
-    /* a second thread adds (and, if it sums classwise, zeroes) its own 2 M C classwise sums:
-     * worth it once the rows hold a few times more entries */
+    /* every thread after the first zeroes its own 2 M C classwise sums and adds them to the
+     * outputs at the end: one is started only for 8 times as many entries */
     if (cw && N * C < 8 * cw) threads = 1;
     if (threads > a->n_threads) threads = a->n_threads;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -1462,10 +1461,10 @@ CE_API int FN(ce_calibration)(cal_args *a) {
         ctx.per_thread = (M + 1) + 3 * M + 2;
         /* at most 256 MiB of per-thread sums (a vocabulary-sized C): fewer threads beyond */
         while (threads > 1 && (double)(threads - 1) * (double)cw * 8.0 > 268435456.0) --threads;
-        ctx.n_threads = threads;
         ctx.scratch = (double *)calloc((size_t)threads * (size_t)ctx.per_thread + (size_t)(threads - 1) * (size_t)cw,
                                        sizeof(double));
         if (!ctx.scratch) return 1;
+        ctx.cw_scratch = ctx.scratch + (size_t)threads * (size_t)ctx.per_thread;
     }
     if (N) parallel_for(N, threads, FN(cal_work), &ctx);
     int status = 0;
@@ -1479,7 +1478,7 @@ CE_API int FN(ce_calibration)(cal_args *a) {
             const double *top = ctx.scratch + (size_t)t * (size_t)ctx.per_thread + M + 1;
             if (a->top)
                 for (int i = 0; i < 3 * M + 2; ++i) a->top[i] += top[i];
-            const double *cwp = ctx.scratch + (size_t)threads * (size_t)ctx.per_thread + (size_t)(t - 1) * (size_t)cw;
+            const double *cwp = ctx.cw_scratch + (size_t)(t - 1) * (size_t)cw;
             if (cw)
                 for (int64_t i = 0; i < C * M; ++i) {
                     a->cw_p[i] += cwp[i];
