@@ -426,13 +426,12 @@ static inline int width_bin(double p, const double *edges, int M) {
  * with intrinsics for AVX-512 or AVX2 + FMA (the portable loop of the body otherwise): every
  * entry adds p_k = u_k inv (in double) to the column total first[k] (its class's first bin);
  * each entry above thr (a compare mask, rarely nonzero) moves its p_k from there to its own bin
- * in cwp, where that is another. A step is two
- * vectors (2 VW entries: 32 with AVX-512, 16 with AVX2): one compare each, the conversions to
- * double and their FMAs, and the few entries above thr taken from the masks' set bits. The loop
- * also prefetches the row `ahead` (two rows on: its rows' es-byte entries, es <= 4, so one
- * 64-byte line or less per 16 entries), spread over the pass: measured faster here than the
- * burst of prefetches at the start of each row that the rest of the kernel uses. prob_row_simd,
- * for probabilities, also takes the row's max, min, sum and sum of squares in the same read,
+ * in cwp, where that is another. A step is two vectors (2 VW entries: 32 with AVX-512, 16 with
+ * AVX2): one compare each, the conversions to double and their FMAs, and the few entries above
+ * thr taken from the masks' set bits. prob_row_simd, for probabilities, also takes the row's
+ * max, min, sum and sum of squares in the same read, and prefetches the row `ahead` (two rows
+ * on: its rows' es-byte entries, es <= 4, so one 64-byte line or less per 16 entries) spread
+ * over the pass (see `spread` in ce_calibration),
  * with or without the classwise sums in the same order, so that a row's statistics do not
  * depend on whether they are taken (the meter and the one-shot functions agree). Float partial
  * sums of SEG entries are added in double. */
@@ -549,14 +548,12 @@ static inline __attribute__((always_inline)) void cw_step(const float *u, int64_
 }
 
 static void cw_row_simd(const float *u, int64_t C, float thr, double inv, double *restrict first,
-                        double *restrict cwp, const double *edges, int M, const char *ahead, int64_t es) {
+                        double *restrict cwp, const double *edges, int M) {
     const vf tv = VF(set1)(thr);
     const vd iv = VD(set1)(inv);
     int64_t k = 0;
-    for (; k + 2 * VW <= C; k += 2 * VW) {
-        prefetch_step(ahead, k, es);
+    for (; k + 2 * VW <= C; k += 2 * VW)
         cw_step(u, k, C, VF(loadu)(u + k), VF(loadu)(u + k + VW), tv, iv, inv, first, cwp, edges, M);
-    }
     cw_tail(u, k, C, thr, inv, first, cwp, edges, M);
 }
 

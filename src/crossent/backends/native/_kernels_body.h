@@ -1317,14 +1317,13 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     const ACC beta = (ACC)a->scale;
     /* a little below 1/M (in p; times s for e): never above any entry that exceeds 1/M */
     const double below = M > 0 ? (1.0 / M) * (1.0 - 1e-5) : 0.0;
-    /* With the intrinsic builds, a float row's compute pass over the row in L1 prefetches the row
-     * two on into L2 as it goes: the probabilities' pass (prob_row_simd) and the classwise pass
-     * of logits (cw_row_simd) a line or two a step, the exponentials of logits without classwise
-     * sums the lines of each block of 1,024 entries before it (one burst for a row of 1,000).
-     * Measured faster than the burst of the next row into L1 at the start of each row that the
-     * other builds use (BENCHMARKS.md: the pass of logits without classwise sums 20-25 % faster;
-     * with them, 1.06-1.09x the pass without against 1.32-1.48x with the burst). Up to 1,024
-     * entries the blocks leave the sums of the pass as one loop adds them. */
+    /* With the intrinsic builds, a float row's pass prefetches the row two on into L2: the
+     * probabilities' pass (prob_row_simd) a line or two a step, the exponentials of logits the
+     * lines of each block of 1,024 entries before it (one burst for a row of 1,000). Measured
+     * faster than the burst of the next row into L1 at the start of each row that the other
+     * builds use (BENCHMARKS.md: the pass of logits 20-25 % faster without classwise sums, 5-9 %
+     * with them, where the classwise pass prefetched a line a step before). Up to 1,024 entries
+     * the blocks leave the sums of the pass as one loop adds them. */
     const int spread = HAVE_CW_SIMD && sizeof(ACC) == 4;
     for (int64_t r = r0; r < r1; ++r) {
         const void *xr = (const char *)a->x + (size_t)(r * a->x_row_stride) * es;
@@ -1365,15 +1364,14 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
         if (logits) {
             double S = 0.0;
             q = 0.0;
-            const char *exp_ahead = cwp ? NULL : ahead; /* else the classwise pass prefetches */
             for (int64_t k0 = 0; k0 < C; k0 += SEG) {
                 const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
                 ACC ps = 0, pq = 0;
-                for (int64_t kb = k0; kb < k1; kb += 1024) { /* exp_ahead's lines of the block, then its entries */
+                for (int64_t kb = k0; kb < k1; kb += 1024) { /* ahead's lines of the block, then its entries */
                     const int64_t kc = k1 - kb < 1024 ? k1 : kb + 1024;
-                    if (exp_ahead)
+                    if (ahead)
                         for (size_t off = (size_t)kb * es; off < (size_t)kc * es; off += 64)
-                            __builtin_prefetch(exp_ahead + off, 0, 2);
+                            __builtin_prefetch(ahead + off, 0, 2);
                     SIMD_SUM(ps, pq)
                     for (int64_t k = kb; k < kc; ++k) { /* ebuf may be u itself: u[k] is read first */
                         const ACC e = EXP((u[k] - m) * beta);
@@ -1446,7 +1444,7 @@ static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
             const ACC thr = (ACC)(logits ? below / inv : below);
 #if HAVE_CW_SIMD
             if (sizeof(ACC) == 4)
-                cw_row_simd((const float *)p, C, (float)thr, inv, first, cwp, edges, M, ahead, (int64_t)es);
+                cw_row_simd((const float *)p, C, (float)thr, inv, first, cwp, edges, M);
             else
 #endif
                 FN(cw_row)(p, C, thr, inv, first, cwp, edges, M);
