@@ -453,8 +453,8 @@ def test_column_major_input_in_chunks(where: str) -> None:
     yt = torch.from_numpy(y)
     col = torch.empty((8, 300_000), dtype=torch.float32).copy_(x.T).T
     with path(where):
-        want = row_statistics(x, yt, from_logits=True, name="x", n_bins=15)
-        got = row_statistics(col, yt, from_logits=True, name="x", n_bins=15)
+        want = row_statistics(x, yt, from_logits=True, name="x", n_bins=15, top=True)
+        got = row_statistics(col, yt, from_logits=True, name="x", n_bins=15, top=True)
         col[200_000, 5] = float("nan")
         with pytest.raises(ValueError, match="x: row 200000 contains NaN"):
             row_statistics(col, yt, from_logits=True, name="x", n_bins=15)
@@ -463,3 +463,7 @@ def test_column_major_input_in_chunks(where: str) -> None:
     assert got.cw_p is not None and want.cw_p is not None and got.cw_y is not None and want.cw_y is not None
     np.testing.assert_allclose(got.cw_p.numpy(), want.cw_p.numpy(), rtol=1e-12)
     np.testing.assert_array_equal(got.cw_y.numpy(), want.cw_y.numpy())
+    assert got.top is not None and want.top is not None  # summed over the chunks
+    np.testing.assert_array_equal(got.top[:15], want.top[:15])
+    np.testing.assert_allclose(got.top, want.top, rtol=1e-12)
+    assert got.top[:15].sum() == 300_000

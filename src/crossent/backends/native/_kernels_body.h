@@ -1176,7 +1176,7 @@ CE_API int FN(ce_binary)(bce_args *a) {
  *           for probabilities also the min and sum p^2 (row_moments, or with AVX-512 or AVX2
  *           prob_row_simd, which also takes pass 3); then the first argmax, while the
  *           row is in L1. The next row is prefetched meanwhile (with the intrinsic builds, the
- *           row after it, a few lines at a time during a compute pass: see `spread`).
+ *           row after it, during a pass over this one in L1: see `spread`).
  *   pass 2 (logits, from L1): e = exp(b (u - m)) into the scratch row, with b the inverse
  *           temperature (`scale`, 1 for the metrics), s = sum e, q = sum e^2 (float partial sums
  *           of SEG terms added in double). The confidence is 1 / s (e = 1 at the max), the NLL
