@@ -270,8 +270,9 @@ def test_the_kernel_counts_every_row_check_rows_rejects(storage: torch.dtype) ->
             rows = native.calibration_rows(x, y, from_logits=False, limits=(-atol, 1 + atol, tol))
             assert rows.rowmin is not None
             try:
-                cal_inputs.check_rows(x, rows.rowsum, rows.rowmin, rows.conf, from_logits=False, name="p",
-                                      start=0, storage=storage)
+                cal_inputs.check_rows(x, torch.from_numpy(rows.rowsum), torch.from_numpy(rows.rowmin),
+                                      torch.from_numpy(rows.conf), from_logits=False, name="p", start=0,
+                                      storage=storage)
             except ValueError:
                 rejected = True
             else:
@@ -404,10 +405,10 @@ def test_each_build_equals_the_built_one(
     yt = torch.from_numpy(y)
     want = native.calibration_rows(x, yt, from_logits=from_logits, n_bins=15, top=True)
     got = native.calibration_rows(x, yt, from_logits=from_logits, n_bins=15, top=True, library=lib)
-    np.testing.assert_allclose(got.conf.numpy(), want.conf.numpy(), rtol=1e-6)
-    np.testing.assert_array_equal(got.pred.numpy(), want.pred.numpy())
+    np.testing.assert_allclose(got.conf, want.conf, rtol=1e-6)
+    np.testing.assert_array_equal(got.pred, want.pred)
     assert got.top is not None and want.top is not None
-    np.testing.assert_allclose(got.top.numpy(), want.top.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got.top, want.top, rtol=1e-5)
     assert float(got.top[:15].sum()) == 700
     assert got.cw_p is not None and want.cw_p is not None and got.cw_y is not None and want.cw_y is not None
     assert float(want.cw_y.sum()) == 700 and float(want.cw_y.reshape(15, n_cols)[1:].sum()) > 0
@@ -417,13 +418,13 @@ def test_each_build_equals_the_built_one(
         want_m = native.calibration_rows(x, yt, from_logits=True, scale=0.4, moments=True)
         got_m = native.calibration_rows(x, yt, from_logits=True, scale=0.4, moments=True, library=lib)
         for key in ("nll", "dmean", "dvar"):
-            np.testing.assert_allclose(getattr(got_m, key).numpy(), getattr(want_m, key).numpy(), rtol=1e-5,
+            np.testing.assert_allclose(getattr(got_m, key), getattr(want_m, key), rtol=1e-5,
                                        atol=2e-5, err_msg=key)
     else:
         np.testing.assert_array_equal(got.cw_y.numpy(), want.cw_y.numpy())
         np.testing.assert_allclose(got.cw_p.numpy(), want.cw_p.numpy(), rtol=1e-12, atol=1e-13)
         for key in ("brier", "rowsum", "rowmin"):
-            np.testing.assert_allclose(getattr(got, key).numpy(), getattr(want, key).numpy(), rtol=1e-6,
+            np.testing.assert_allclose(getattr(got, key), getattr(want, key), rtol=1e-6,
                                        atol=1e-7, err_msg=key)
 
 

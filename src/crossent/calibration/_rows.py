@@ -166,18 +166,15 @@ def _row_statistics_native(
                                     classwise=classwise, top=top, scores=scores, scale=scale, moments=moments,
                                     limits=limits)
         if r.suspects:
-            check_rows(block, r.rowsum, r.rowmin, r.conf, from_logits=from_logits, name=name, start=start,
-                       storage=t.dtype)
+            rowmin = None if r.rowmin is None else torch.from_numpy(r.rowmin)
+            check_rows(block, torch.from_numpy(r.rowsum), rowmin, torch.from_numpy(r.conf),
+                       from_logits=from_logits, name=name, start=start, storage=t.dtype)
         return r
-
-    def numpy(x: torch.Tensor | None) -> np.ndarray | None:
-        return None if x is None else x.numpy()
 
     if native.supports_calibration(t):  # the kernel's outputs as they are
         r = call(t, 0, t.shape[0])
-        return RowStatistics(conf=r.conf.numpy(), pred=r.pred.numpy(), nll=numpy(r.nll), brier=numpy(r.brier),
-                             cw_p=r.cw_p, cw_y=r.cw_y, dmean=numpy(r.dmean), dvar=numpy(r.dvar),
-                             top=numpy(r.top))
+        return RowStatistics(conf=r.conf, pred=r.pred, nll=r.nll, brier=r.brier, cw_p=r.cw_p, cw_y=r.cw_y,
+                             dmean=r.dmean, dvar=r.dvar, top=r.top)
     n, k = t.shape
     conf = np.empty(n)
     pred = np.empty(n, dtype=np.int64)
@@ -190,16 +187,16 @@ def _row_statistics_native(
     sums = np.zeros(3 * n_bins + 2) if top else None
     for start, stop in iter_chunks(t):
         r = call(_chunk(t, start, stop).contiguous(), start, stop)
-        conf[start:stop], pred[start:stop] = r.conf.numpy(), r.pred.numpy()
+        conf[start:stop], pred[start:stop] = r.conf, r.pred
         if nll is not None and brier is not None and r.nll is not None and r.brier is not None:
-            nll[start:stop], brier[start:stop] = r.nll.numpy(), r.brier.numpy()
+            nll[start:stop], brier[start:stop] = r.nll, r.brier
         if cw_p is not None and cw_y is not None and r.cw_p is not None and r.cw_y is not None:
             cw_p += r.cw_p
             cw_y += r.cw_y
         if dmean is not None and dvar is not None and r.dmean is not None and r.dvar is not None:
-            dmean[start:stop], dvar[start:stop] = r.dmean.numpy(), r.dvar.numpy()
+            dmean[start:stop], dvar[start:stop] = r.dmean, r.dvar
         if sums is not None and r.top is not None:
-            sums += r.top.numpy()
+            sums += r.top
     return RowStatistics(conf=conf, pred=pred, nll=nll, brier=brier, cw_p=cw_p, cw_y=cw_y, dmean=dmean,
                          dvar=dvar, top=sums)
 

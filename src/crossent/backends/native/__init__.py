@@ -67,6 +67,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -772,19 +773,20 @@ def binary_cross_entropy(call: BinaryCall) -> tuple[Tensor, Tensor | None]:
 
 
 class CalibrationRows(NamedTuple):
-    """Per-row outputs of :func:`calibration_rows` (float64 unless noted)."""
+    """Outputs of :func:`calibration_rows`: per-row NumPy arrays (float64 unless noted), the
+    classwise sums as tensors (views of one buffer with ``top``)."""
 
-    conf: Tensor  #: top-label confidence
-    pred: Tensor  #: first argmax (int64)
-    nll: Tensor | None  #: -log p_y
-    brier: Tensor | None  #: sum_k (p_k - [y = k])^2
-    rowsum: Tensor  #: sum of the row's entries: finite iff every entry is
-    rowmin: Tensor | None  #: smallest entry (probabilities)
+    conf: np.ndarray  #: top-label confidence
+    pred: np.ndarray  #: first argmax (int64)
+    nll: np.ndarray | None  #: -log p_y
+    brier: np.ndarray | None  #: sum_k (p_k - [y = k])^2
+    rowsum: np.ndarray  #: sum of the row's entries: finite iff every entry is
+    rowmin: np.ndarray | None  #: smallest entry (probabilities)
     cw_p: Tensor | None  #: (M C) classwise sums of p per (bin b, class k) at b C + k
     cw_y: Tensor | None  #: (M C) classwise label counts per (bin, class)
-    dmean: Tensor | None  #: E_p[x] - x_y, p = softmax(scale x) (``moments``)
-    dvar: Tensor | None  #: Var_p[x] (``moments``)
-    top: Tensor | None  #: (3 M + 2): per width bin of the confidence the count, the sum of
+    dmean: np.ndarray | None  #: E_p[x] - x_y, p = softmax(scale x) (``moments``)
+    dvar: np.ndarray | None  #: Var_p[x] (``moments``)
+    top: np.ndarray | None  #: (3 M + 2): per width bin of the confidence the count, the sum of
     #: confidences and the number correct; then the sums of the NLL and the Brier score (``top``)
     suspects: int  #: rows that fail (or, for a sum of logits that overflowed, may fail) the checks
 
@@ -814,30 +816,38 @@ def calibration_rows(
     another build of ``_kernels.c`` (the tests' portable one)."""
     n, c = x.shape
     y = y.to(torch.int64).contiguous()
-    f64 = torch.float64
     cw = n_bins > 0 and classwise
     if top and n_bins <= 0:
         raise ValueError("top needs n_bins > 0")
-    # two allocations (a call on a small batch is mostly this function's own time): the per-row
-    # outputs, and the sums, zeroed
-    rows = torch.empty((3 + 2 * scores + (not from_logits) + 2 * moments, n), dtype=f64)
-    sums = torch.zeros((2 * c * n_bins if cw else 0) + (3 * n_bins + 2 if top else 0), dtype=f64)
-    conf, pred, rowsum = rows[0], rows[1].view(torch.int64), rows[2]
-    nll, brier = (rows[3], rows[4]) if scores else (None, None)
-    rowmin = None if from_logits else rows[3 + 2 * scores]
-    cw_p, cw_y = (sums[: c * n_bins], sums[c * n_bins : 2 * c * n_bins]) if cw else (None, None)
-    dmean, dvar = (rows[-2], rows[-1]) if moments else (None, None)
-    top_sums = sums[-(3 * n_bins + 2) :] if top else None
+    # two NumPy allocations, the pointers into them by offset (a call on a small batch is mostly
+    # this function's own time: slicing a tensor costs several times what NumPy's does): the
+    # per-row outputs, one row each, and the sums, zeroed
+    n_out = 3 + 2 * scores + (not from_logits) + 2 * moments
+    rows = np.empty((n_out, n))
+    n_cw = c * n_bins if cw else 0
+    sums = np.zeros(2 * n_cw + (3 * n_bins + 2 if top else 0))
+    rp, sp = rows.__array_interface__["data"][0], sums.__array_interface__["data"][0]
+
+    def at(i: int, on: bool = True) -> int | None:
+        return rp + 8 * n * i if on else None
+
     args = _CalibrationArgs(
         n_rows=n, n_cols=c, x_row_stride=x.stride(0) if n > 1 else c, x=x.data_ptr(),
         x_dtype=_DT[x.dtype], from_logits=int(from_logits), y=y.data_ptr(), n_threads=_threads(),
-        n_bins=n_bins, conf=conf.data_ptr(), pred=pred.data_ptr(), nll=_ptr(nll), brier=_ptr(brier),
-        rowsum=rowsum.data_ptr(), rowmin=_ptr(rowmin), cw_p=_ptr(cw_p), cw_y=_ptr(cw_y), scale=scale,
-        dmean=_ptr(dmean), dvar=_ptr(dvar), top=_ptr(top_sums), range_lo=limits[0], range_hi=limits[1],
-        sum_tol=limits[2],
+        n_bins=n_bins, conf=at(0), pred=at(1), nll=at(3, scores), brier=at(4, scores), rowsum=at(2),
+        rowmin=at(3 + 2 * scores, not from_logits), cw_p=sp if cw else None,
+        cw_y=sp + 8 * n_cw if cw else None, scale=scale, dmean=at(n_out - 2, moments),
+        dvar=at(n_out - 1, moments), top=sp + 16 * n_cw if top else None, range_lo=limits[0],
+        range_hi=limits[1], sum_tol=limits[2],
     )
     lib = library if library is not None else _library()
     _check(getattr(lib, f"ce_calibration_{_suffix(_acc(x.dtype))}")(ctypes.byref(args)))
-    return CalibrationRows(conf=conf, pred=pred, nll=nll, brier=brier, rowsum=rowsum, rowmin=rowmin,
-                           cw_p=cw_p, cw_y=cw_y, dmean=dmean, dvar=dvar, top=top_sums,
-                           suspects=int(args.suspects))
+    return CalibrationRows(
+        conf=rows[0], pred=rows[1].view(np.int64), nll=rows[3] if scores else None,
+        brier=rows[4] if scores else None, rowsum=rows[2],
+        rowmin=None if from_logits else rows[3 + 2 * scores],
+        cw_p=torch.from_numpy(sums[:n_cw]) if cw else None,
+        cw_y=torch.from_numpy(sums[n_cw : 2 * n_cw]) if cw else None,
+        dmean=rows[-2] if moments else None, dvar=rows[-1] if moments else None,
+        top=sums[2 * n_cw :] if top else None, suspects=int(args.suspects),
+    )
