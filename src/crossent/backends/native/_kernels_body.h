@@ -1286,7 +1286,7 @@ static void FN(cw_row)(const ACC *u, int64_t C, ACC thr, double inv, double *res
     }
 }
 
-static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
+WIDE_VECTORS static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int tid) {
     FN(cal_ctx) *ctx = (FN(cal_ctx) *)vctx;
     const cal_args *a = ctx->a;
     const int64_t C = a->n_cols;
