@@ -42,10 +42,11 @@
 #define CE_API __attribute__((visibility("default")))
 
 /* On CPUs with AVX-512, gcc's tuning vectorises loops at 256 bits. The calibration pass
- * (ce_calibration, mostly one exponential per entry) is faster with 512-bit vectors: 22 % from
+ * (ce_calibration, mostly one exponential per entry) is faster with 512-bit vectors: 18 % from
  * logits on an Intel Xeon (BENCHMARKS.md), where the softmax kernels were not all faster (rows
- * of 80 classes 5-16 % slower), so only that pass asks for them. clang has no such attribute. */
-#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+ * of 80 classes 5-16 % slower), so only that pass asks for them (gcc 8 on; clang has no such
+ * attribute). */
+#if defined(__AVX512F__) && defined(__GNUC__) && __GNUC__ >= 8 && !defined(__clang__)
 #define WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
 #else
 #define WIDE_VECTORS
