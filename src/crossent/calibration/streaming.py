@@ -105,8 +105,8 @@ class CalibrationMeter:
         self._k: int | None = self.num_classes
         self._bins = np.zeros((3, self.n_bins))  # count, sum of confidence, sum correct
         self._scalars = np.zeros(len(_SCALARS))
-        self._cw_p: torch.Tensor | None = None
-        self._cw_y: torch.Tensor | None = None
+        self._cw_p: np.ndarray | None = None  # float64, bin-major as RowStatistics.cw_p
+        self._cw_y: np.ndarray | None = None
         self._conf: list[np.ndarray] = []
         self._correct: list[np.ndarray] = []
         self._synced: dict[str, object] | None = None
@@ -132,8 +132,8 @@ class CalibrationMeter:
                     self.from_logits = True
             else:
                 self.from_logits = not bool(((t >= 0) & (t <= 1)).all())
-        kind, t, y = select(
-            logits_or_probs, labels, from_logits=bool(self.from_logits), ignore_index=self.ignore_index
+        kind, t, y = select(  # the labels as read above
+            logits_or_probs, lab, from_logits=bool(self.from_logits), ignore_index=self.ignore_index
         )
         if self._kind is None:
             self._kind = kind
@@ -206,11 +206,11 @@ class CalibrationMeter:
         self._synced = None
 
     def _add_classwise_sums(self, cw_p: torch.Tensor, cw_y: torch.Tensor) -> None:
-        if self._cw_p is None or self._cw_y is None:
-            self._cw_p, self._cw_y = cw_p.clone(), cw_y.clone()
+        if self._cw_p is None or self._cw_y is None:  # NumPy: a small batch's adds cost less
+            self._cw_p, self._cw_y = cw_p.numpy().copy(), cw_y.numpy().copy()
         else:
-            self._cw_p += cw_p
-            self._cw_y += cw_y
+            self._cw_p += cw_p.numpy()
+            self._cw_y += cw_y.numpy()
         self._synced = None
 
     # ------------------------------------------------------------------ ranks
@@ -222,7 +222,7 @@ class CalibrationMeter:
                 size = (k or 0) * self.n_bins
                 parts += [torch.zeros(size, dtype=torch.float64)] * 2
             else:
-                parts += [self._cw_p, self._cw_y]
+                parts += [torch.from_numpy(self._cw_p), torch.from_numpy(self._cw_y)]
         return torch.cat(parts)
 
     def statistics(self) -> torch.Tensor:
