@@ -364,3 +364,23 @@ def test_a_small_fit_part_is_named(
     assert metrics["n_val"] < 100
     assert f"crossent calibrate: warning: {want}\n" in err
     assert metrics["warnings"][0] == want and f"- warning: {want}" in report
+
+
+def test_an_identity_fallback_keeps_a_huge_nll(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Logits so large that p_y underflows: every table scores calibrated logits, so a fit that
+    falls back to the identity shows the NLL it had (an NLL from clipped probabilities would
+    seem to halve it)."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "z.npy", rng.normal(size=(300, 4)) * 900)
+    np.save(tmp_path / "y.npy", rng.integers(0, 4, 300))
+    args = [str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--out", str(tmp_path / "o")]
+    rc, _, err = run(args, capsys, compare=True)
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["before"]["nll"] > 800  # about 900 |z| per wrong sample, not clipped at 708
+    assert metrics["after"]["nll"] == pytest.approx(metrics["before"]["nll"], rel=1e-12)
+    rows = metrics["comparison"]["rows"]
+    for name in ("temperature", "ensemble_temperature"):
+        assert rows[name]["fallback"] is not None
+        assert rows[name]["nll"] == pytest.approx(rows["none"]["nll"], rel=1e-12)
+    assert rows["none"]["nll"] == pytest.approx(metrics["before"]["nll"], rel=1e-12)

@@ -269,3 +269,12 @@ def test_netcal_scaling_parity() -> None:
     ours_beta = cal.BetaCalibrator().fit(s, yb)
     assert ours_beta.coef is not None and (ours_beta.coef[:2] > 0).all()  # where the conventions meet
     np.testing.assert_allclose(ours_beta.predict_proba(s), beta, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+def test_negative_strides(method: type[cal.Recalibrator]) -> None:
+    """np.flip views (negative strides, which torch refuses) fit and transform as their copies."""
+    x, y = binary(300, seed=4) if method in BINARY else multiclass(300, 3, seed=4)
+    a = method().fit(np.flip(x, 0), np.flip(y)).transform(np.flip(x, 0))  # type: ignore[attr-defined]
+    b = method().fit(x[::-1].copy(), y[::-1].copy()).transform(x[::-1].copy())  # type: ignore[attr-defined]
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)

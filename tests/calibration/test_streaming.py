@@ -223,3 +223,71 @@ def test_float32_many_classes_classwise_equals_one_shot(from_logits: bool, n_bin
     assert got["classwise_ece"] == pytest.approx(cal.classwise_ece(x, y, **kw), rel=1e-12)
     assert got["ece"] == pytest.approx(cal.ece(x, y, **kw), rel=1e-12)
     assert got["brier"] == pytest.approx(cal.brier(x, y, from_logits=from_logits), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(40,), (20, 3)], ids=["binary", "multilabel"])
+def test_binary_logits_nll_is_not_clipped(shape: tuple[int, ...]) -> None:
+    """Logits far on the wrong side: the meter's NLL is softplus(z) - y z, as ``nll``'s, not
+    -log of a probability clipped at the smallest float (about 708 per sample)."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=shape) * 60
+    y = (rng.random(shape) < 0.5).astype(np.int64)
+    want = float(np.mean(np.logaddexp(0.0, z) - y * z))
+    for from_logits in (True, None):
+        m = CalibrationMeter(from_logits=from_logits)
+        m.update(z[: len(z) // 2], y[: len(z) // 2])
+        m.update(z[len(z) // 2 :], y[len(z) // 2 :])
+        assert m.compute()["nll"] == pytest.approx(want, rel=1e-12)
+    assert cal.nll(z, y, from_logits=True) == pytest.approx(want, rel=1e-12)
+
+
+def test_detection_ignores_padding_rows() -> None:
+    """Rows or entries whose label is ignore_index may hold any padding: whether the input is
+    probabilities or logits is decided on what is measured."""
+    rng = np.random.default_rng(0)
+    p = torch.softmax(torch.from_numpy(rng.normal(size=(50, 4))), 1).numpy()
+    y = rng.integers(0, 4, 50)
+    p[-5:], y[-5:] = 0.0, -100
+    m = CalibrationMeter(ignore_index=-100)
+    m.update(p, y)
+    assert m.compute()["ece"] == pytest.approx(cal.ece(p[:-5], y[:-5]), rel=1e-12)
+    pb, yb = rng.uniform(size=50), rng.integers(0, 2, 50)
+    pb[-3:], yb[-3:] = -1.0, -100
+    k = slice(0, 47)
+    want = float(-np.mean(np.where(yb[k] == 1, np.log(pb[k]), np.log1p(-pb[k]))))
+    assert cal.nll(pb, yb, ignore_index=-100) == pytest.approx(want, rel=1e-12)
+    m = CalibrationMeter(ignore_index=-100)
+    m.update(pb, yb)
+    assert m.compute()["nll"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "binary"])
+def test_a_rejected_batch_leaves_the_meter_as_it_was(kind: str) -> None:
+    """A first batch with NaN is refused; the detection it started is forgotten, so the next
+    batch of probabilities is read as probabilities."""
+    rng = np.random.default_rng(1)
+    if kind == "multiclass":
+        p = torch.softmax(torch.from_numpy(rng.normal(size=(50, 4))), 1).numpy()
+        y = rng.integers(0, 4, 50)
+    else:
+        p, y = rng.uniform(size=50), rng.integers(0, 2, 50)
+    bad = p.copy()
+    bad[3] = np.nan
+    m = CalibrationMeter()
+    with pytest.raises(ValueError, match="NaN"):
+        m.update(bad, y)
+    assert m.from_logits is None
+    m.update(p, y)
+    assert m.compute()["ece"] == pytest.approx(cal.ece(p, y), rel=1e-12)
+
+
+def test_negative_strides() -> None:
+    """np.flip views (negative strides, which torch refuses) are read as their values."""
+    rng = np.random.default_rng(2)
+    p = torch.softmax(torch.from_numpy(rng.normal(size=(100, 4))), 1).numpy()
+    y = rng.integers(0, 4, 100)
+    want = cal.ece(p[::-1].copy(), y[::-1].copy())
+    assert cal.ece(np.flip(p, 0), np.flip(y)) == pytest.approx(want, rel=1e-12)
+    m = CalibrationMeter()
+    m.update(np.flip(p, 0), np.flip(y))
+    assert m.compute()["ece"] == pytest.approx(want, rel=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crossent.calibration._inputs as inputs
+from crossent import calibration as cal
 from crossent.calibration import TemperatureScaler, accuracy, ece, nll
 
 
@@ -257,3 +259,18 @@ def test_guard_measures_float64_nlls_on_either_path(
         assert seen[key] == pytest.approx(want, rel=1e-12, abs=1e-15)
     assert seen["separable"] is bool((x64.argmax(1) == yt[:, 0]).all())
     assert seen["separable"] is separable and seen["n"] == 500
+
+
+def test_running_out_of_steps_warns() -> None:
+    """A fit stopped by max_iter before the NLL's derivative vanished says so; the default
+    converges on the same data without a warning."""
+    rng = np.random.default_rng(13)
+    z = rng.normal(size=(500, 5)) * 6
+    p = torch.softmax(torch.from_numpy(z / 3), 1).numpy()
+    y = (p.cumsum(1) > rng.random((500, 1))).argmax(1)
+    with pytest.warns(cal.CalibrationWarning, match="max_iter=2 steps without converging"):
+        cal.TemperatureScaler(max_iter=2).fit(z, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = cal.TemperatureScaler().fit(z, y)
+    assert c.n_iter_ < c.max_iter and abs(c.temperature - 3.0) < 0.5

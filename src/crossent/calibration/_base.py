@@ -231,7 +231,7 @@ def load(path: str | Path) -> Recalibrator:
 
 
 def as_float64_numpy(x: Any) -> np.ndarray:
-    """A float64 NumPy copy of an array or tensor."""
+    """A float64 NumPy array of an array or tensor, without negative strides (torch takes none)."""
     if isinstance(x, torch.Tensor):
         return np.asarray(x.detach().cpu().to(torch.float64).numpy())
-    return np.asarray(x, dtype=np.float64)
+    return np.ascontiguousarray(x, dtype=np.float64)

@@ -62,6 +62,8 @@ def _to_tensor(x: object, name: str) -> torch.Tensor:
         )
     if arr.dtype.kind in "iu" or arr.dtype == np.float16 or arr.dtype.itemsize > 8:
         arr = arr.astype(np.float64 if arr.dtype != np.float16 else np.float32)
+    if any(s < 0 for s in arr.strides):  # np.flip and [::-1] views: torch takes no negative strides
+        arr = np.ascontiguousarray(arr)
     with warnings.catch_warnings():
         # Read-only arrays (np.load with mmap, broadcast views) are fine: we never write.
         warnings.simplefilter("ignore", UserWarning)
@@ -125,7 +127,7 @@ def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "label
         raise ValueError(
             f"{name} must lie in [0, {n_classes - 1}] for {n_classes} classes, found {shown}"
         )
-    return arr.astype(np.int64, copy=False)
+    return np.ascontiguousarray(arr, dtype=np.int64)  # also for torch.from_numpy: no negative strides
 
 
 def iter_chunks(t: torch.Tensor) -> Iterator[tuple[int, int]]:

@@ -551,6 +551,20 @@ def method_probs(cal: Any, logits: np.ndarray) -> np.ndarray:
     return np.asarray(cal.predict_proba(logits), dtype=np.float64)
 
 
+def method_logits(cal: Any, logits: np.ndarray) -> np.ndarray:
+    """(N, C) calibrated logits of a fitted method (their softmax is :func:`method_probs`).
+    The tables score these, as they score the uncalibrated logits: an NLL from probabilities
+    clips each p_y at the smallest float64 (about 708 nats), one from logits does not, so an
+    identity map scored from its probabilities would seem to lower a very large NLL. A fit
+    that fell back is the identity: the logits themselves."""
+    if cal.fallback is not None:
+        return np.asarray(logits, dtype=np.float64)
+    if cal.name in BINARY_METHODS:  # softmax([0, s]) = [1 - sigmoid(s), sigmoid(s)]
+        s = np.asarray(cal.transform_logits(logits[:, 1] - logits[:, 0]), dtype=np.float64)
+        return np.stack([np.zeros_like(s), s], axis=1)
+    return np.asarray(cal.transform_logits(logits), dtype=np.float64)
+
+
 def _print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -650,17 +664,15 @@ def compare_methods(
     c = logits.shape[1]
     y_test = labels[test_idx]
 
-    def score(probs: np.ndarray) -> dict[str, float]:
+    def score(z: np.ndarray) -> dict[str, float]:  # calibrated logits: see method_logits
         return {
-            "nll": nll(probs, y_test, from_logits=False),
-            "ece": ece(probs, y_test, n_bins=n_bins),
-            "brier": brier(probs, y_test),
-            "accuracy": float((probs.argmax(1) == y_test).mean()),
+            "nll": nll(z, y_test, from_logits=True),
+            "ece": ece(z, y_test, n_bins=n_bins, from_logits=True),
+            "brier": brier(z, y_test, from_logits=True),
+            "accuracy": float((z.argmax(1) == y_test).mean()),
         }
 
-    from crossent.calibration._base import softmax_np
-
-    rows: dict[str, dict[str, Any]] = {"none": {**score(softmax_np(logits[test_idx])), "fallback": None}}
+    rows: dict[str, dict[str, Any]] = {"none": {**score(logits[test_idx]), "fallback": None}}
     for name in METHODS:
         if name in BINARY_METHODS and c != 2:
             rows[name] = {"skipped": "binary only"}
@@ -672,7 +684,7 @@ def compare_methods(
             rows[name] = {"skipped": "needs scikit-learn (pip install 'crossent[run]')"}
             continue
         cal, _ = fit_method(name, logits[val_idx], labels[val_idx], objective)
-        rows[name] = {**score(method_probs(cal, logits[test_idx])), "fallback": cal.fallback,
+        rows[name] = {**score(method_logits(cal, logits[test_idx])), "fallback": cal.fallback,
                       "fitted": describe(cal)}
     scored = [k for k, r in rows.items() if "skipped" not in r]
     best = min(scored, key=lambda k: (rows[k][objective], k != "none"))
@@ -792,7 +804,9 @@ def main(args: argparse.Namespace) -> int:
         preds[test_idx], y_test, from_logits=kind == "logits", n_bins=args.n_bins
     )
     calibrated = method_probs(cal, logits[test_idx])
-    after = compute_metrics(calibrated, y_test, from_logits=False, n_bins=args.n_bins)
+    after = compute_metrics(
+        method_logits(cal, logits[test_idx]), y_test, from_logits=True, n_bins=args.n_bins
+    )
     temperature = getattr(cal, "_temperature", None) if args.method in ("temperature", "vector") else None
     result: dict[str, Any] = {
         "predictions": str(args.predictions),

@@ -508,8 +508,11 @@ def nll(
     raw = _to_tensor(probs_or_logits, "probs_or_logits")
     lab = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
     if raw.ndim == 1 or (raw.ndim == 2 and lab.shape == tuple(raw.shape) and raw.shape[1] > 1):
-        if from_logits is None:
-            from_logits = not (float(raw.min()) >= 0.0 and float(raw.max()) <= 1.0)
+        if from_logits is None:  # on the entries measured: ignored ones may hold any padding
+            kept = raw.reshape(-1)
+            if ignore_index is not None and lab.size == raw.numel():
+                kept = kept[torch.from_numpy(lab.reshape(-1) != ignore_index)]
+            from_logits = kept.numel() > 0 and not (float(kept.min()) >= 0.0 and float(kept.max()) <= 1.0)
         if from_logits:
             _, _, y_np = select(raw, lab, from_logits=True, ignore_index=ignore_index)
             keep = lab.reshape(-1) != ignore_index if ignore_index is not None else None

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from crossent.calibration._inputs import ArrayLike, iter_chunks, looks_like_probs, select
+from crossent.calibration._inputs import ArrayLike, _to_tensor, iter_chunks, looks_like_probs, select
 from crossent.calibration._rows import RowStatistics, row_statistics, top_sums
 from crossent.calibration.metrics import _check_choice, _check_n_bins, table_from_scores, table_from_sums
 
@@ -118,9 +118,17 @@ class CalibrationMeter:
         lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         if lab.size == 0 or (self.ignore_index is not None and bool((lab == self.ignore_index).all())):
             return
+        before = (self.from_logits, self._kind, self._k)
+        try:
+            self._update(logits_or_probs, labels, lab)
+        except BaseException:  # a rejected batch leaves the meter as it was, detection included
+            self.from_logits, self._kind, self._k = before
+            raise
+
+    def _update(self, logits_or_probs: ArrayLike, labels: ArrayLike, lab: np.ndarray) -> None:
         if self.from_logits is None:
             x = logits_or_probs
-            t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+            t = _kept(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index)
             if t.ndim == 2 and t.shape[0] > 0 and not (np.ndim(labels) == 2 and t.shape[1] > 1
                                                       and tuple(np.shape(labels)) == tuple(t.shape)):
                 # Rows of probabilities are told apart from logits on the first chunk of rows;
@@ -145,8 +153,15 @@ class CalibrationMeter:
             yt = torch.from_numpy(y).to(torch.float64)
             p = t.clamp(0.0, 1.0)
             py = torch.where(yt == 1, p, 1.0 - p).clamp_min(np.finfo(np.float64).tiny)
-            self._scalars += [conf.shape[0], float(((p > 0.5).to(torch.float64) == yt).sum()),
-                              float(-torch.log(py).sum()), float((p - yt).square().sum())]
+            if self.from_logits:  # softplus(z) - y z, as nll: no clipping of 1 - sigmoid(z) at large z
+                x = logits_or_probs
+                z = _kept(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index).reshape(-1)
+                z = z.to(torch.float64)
+                nll_sum = float((torch.nn.functional.softplus(z) - yt * z).sum())
+            else:
+                nll_sum = float(-torch.log(py).sum())
+            self._scalars += [conf.shape[0], float(((p > 0.5).to(torch.float64) == yt).sum()), nll_sum,
+                              float((p - yt).square().sum())]
             if self.classwise:  # the two columns, as classwise_ece
                 r = row_statistics(torch.stack([1.0 - p, p], 1), torch.from_numpy(y), from_logits=False,
                                    name="probs", n_bins=self.n_bins, scores=False)
@@ -313,3 +328,17 @@ class CalibrationMeter:
             "accuracy": float(correct / n),
             "count": float(n),
         }
+
+
+def _kept(t: torch.Tensor, lab: np.ndarray, ignore_index: int | None) -> torch.Tensor:
+    """``t`` without what ``ignore_index`` drops (rows of (N, C) scores with (N,) labels, else
+    entries, flattened): the probabilities-or-logits detection and the binary NLL look only at
+    what is measured."""
+    if ignore_index is None:
+        return t
+    keep = torch.from_numpy(np.asarray(lab != ignore_index).reshape(-1))
+    if t.ndim == 2 and lab.size == t.shape[0] and lab.size != t.numel():
+        return t[keep]
+    if lab.size == t.numel():
+        return t.reshape(-1)[keep]
+    return t  # shapes that do not match: select names the problem

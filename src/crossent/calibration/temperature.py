@@ -45,13 +45,14 @@ keeps the fit (and still warns).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 
-from crossent.calibration._base import Recalibrator
+from crossent.calibration._base import CalibrationWarning, Recalibrator
 from crossent.calibration._inputs import (
     ArrayLike,
     as_labels,
@@ -356,6 +357,13 @@ class TemperatureScaler(Recalibrator):
                 break
             s = cand
             g, h = derivatives(s)
+        else:  # no break: the steps ran out before the NLL's derivative vanished
+            warnings.warn(
+                f"TemperatureScaler: the NLL fit stopped after max_iter={self.max_iter} steps without"
+                f" converging (T = {1.0 / s:.6g}, dNLL/d(1/T) = {g:.3g}); raise max_iter",
+                CalibrationWarning,
+                stacklevel=4,
+            )
         return float(min(max(1.0 / s, self.t_min), self.t_max))
 
     def _fit_ece(self, z: torch.Tensor, y: np.ndarray, n_bins: int) -> float:
