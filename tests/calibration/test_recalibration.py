@@ -24,6 +24,7 @@ MULTICLASS = [
     cal.EnsembleTemperatureScaler,
 ]
 BINARY = [cal.PlattScaler, cal.BetaCalibrator]
+SCALING = (cal.TemperatureScaler, cal.VectorScaler)  # z / T + b elementwise, as torch ops
 
 
 def multiclass(n: int, c: int, seed: int, t_true: float = 2.5) -> tuple[np.ndarray, np.ndarray]:
@@ -278,3 +279,33 @@ def test_negative_strides(method: type[cal.Recalibrator]) -> None:
     a = method().fit(np.flip(x, 0), np.flip(y)).transform(np.flip(x, 0))  # type: ignore[attr-defined]
     b = method().fit(x[::-1].copy(), y[::-1].copy()).transform(x[::-1].copy())  # type: ignore[attr-defined]
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", [m for m in MULTICLASS if m not in SCALING],
+                         ids=lambda m: m.__name__)
+def test_transform_refuses_non_finite_logits(method: type[cal.Recalibrator]) -> None:
+    """A bin or a fitted map would turn NaN into a finite probability or give a NaN row.
+    (Temperature and vector scaling map z to z / T + b elementwise, as torch ops do, on any
+    device and differentiably: NaN stays NaN there.)"""
+    x, y = multiclass(300, 3, seed=5)
+    c = method().fit(x, y)  # type: ignore[attr-defined]
+    for bad in (np.nan, np.inf):
+        z = x[:4].copy()
+        z[2, 1] = bad
+        for call in (c.predict_proba, c.transform, c.transform_logits):  # type: ignore[attr-defined]
+            with pytest.raises(ValueError, match="logits: row 2 contains NaN or infinite"):
+                call(z)
+
+
+def test_option_and_state_errors() -> None:
+    assert cal.HistogramBinning(n_bins=np.int64(10)).n_bins == 10
+    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+        cal.HistogramBinning(n_bins=2.5)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="VectorScaler is not fitted"):
+        _ = cal.VectorScaler().temperature
+    with pytest.raises(ValueError, match="no 'params' mapping"):
+        cal.from_state_dict({"method": "temperature"})
+    assert cal.CalibrationMeter(num_classes=np.int64(4)).num_classes == 4
+    for bad in (2.5, "4", True):
+        with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+            cal.CalibrationMeter(num_classes=bad)  # type: ignore[arg-type]

@@ -216,6 +216,8 @@ def from_state_dict(state: dict[str, Any]) -> Recalibrator:
     method = state.get("method")
     if method not in REGISTRY:
         raise ValueError(f"unknown method {method!r} in state; known: {', '.join(sorted(REGISTRY))}")
+    if not isinstance(state.get("params"), dict):
+        raise ValueError(f"the state of {method!r} has no 'params' mapping: pass what state_dict() returned")
     obj = REGISTRY[str(method)](**state.get("options", {}))
     return obj.load_state_dict(state)
 

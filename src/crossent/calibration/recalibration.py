@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from crossent.calibration._base import Recalibrator, as_float64_numpy
 from crossent.calibration._inputs import as_labels, as_matrix
-from crossent.calibration.metrics import width_bin_index, width_edges
+from crossent.calibration.metrics import _check_n_bins, width_bin_index, width_edges
 from crossent.calibration.temperature import TemperatureScaler
 
 # The public names are re-exported by crossent.calibration, whose __all__ lists them.
@@ -86,18 +86,25 @@ class _MulticlassRecalibrator(Recalibrator):
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
 
-    def predict_proba(self, logits: A) -> A:
-        """Calibrated probabilities (N, C), of the input's type."""
+    def _logits64(self, logits: object) -> torch.Tensor:
+        """The (N, C) logits to transform, float64, refused where not finite (a bin or a
+        fitted map would turn NaN into a finite probability, or give NaN rows)."""
         self._check_fitted()
         z = as_matrix(logits, "logits").to(torch.float64)
-        return _like(self._probs64(z), logits)  # type: ignore[no-any-return]
+        finite = torch.isfinite(z).all(1)
+        if not bool(finite.all()):
+            i = int(torch.nonzero(~finite)[0, 0])
+            raise ValueError(f"logits: row {i} contains NaN or infinite values")
+        return z
+
+    def predict_proba(self, logits: A) -> A:
+        """Calibrated probabilities (N, C), of the input's type."""
+        return _like(self._probs64(self._logits64(logits)), logits)  # type: ignore[no-any-return]
 
     def transform_logits(self, logits: A) -> A:
         """Calibrated logits: the log of :meth:`predict_proba` (probabilities of 0 give
         ``log`` of the smallest normal float64)."""
-        self._check_fitted()
-        z = as_matrix(logits, "logits").to(torch.float64)
-        p = self._probs64(z)
+        p = self._probs64(self._logits64(logits))
         return _like(np.log(np.maximum(p, np.finfo(np.float64).tiny)), logits)  # type: ignore[no-any-return]
 
     def _check_fit(self, z: torch.Tensor, y: np.ndarray, at_bound: str | None = None) -> None:
@@ -248,9 +255,7 @@ class HistogramBinning(_MulticlassRecalibrator):
 
     def __init__(self, n_bins: int = 15, *, fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-            raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-        self.n_bins = n_bins
+        self.n_bins = _check_n_bins(n_bins)
         self.bin_values: np.ndarray | None = None  # (C, M)
 
     def fit(self, logits: Any, labels: Any) -> HistogramBinning:

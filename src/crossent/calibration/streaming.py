@@ -90,10 +90,12 @@ class CalibrationMeter:
     ) -> None:
         self.n_bins = _check_n_bins(n_bins)
         _check_choice("binning", binning, ("width", "mass"))
-        if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 2):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2
+        ):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.binning = binning
-        self.num_classes = num_classes
+        self.num_classes = None if num_classes is None else int(num_classes)
         self.ignore_index = ignore_index
         self.from_logits = from_logits
         self.classwise = bool(classwise)

@@ -186,7 +186,7 @@ class TemperatureScaler(Recalibrator):
     def temperature(self) -> float | np.ndarray:
         """The fitted temperature (``float``), or per-class temperatures for vector scaling."""
         if self._temperature is None:
-            raise RuntimeError("TemperatureScaler is not fitted: call fit(logits, labels) first")
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(logits, labels) first")
         return self._temperature
 
     # ------------------------------------------------------------------ fitting
