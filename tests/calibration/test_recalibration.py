@@ -309,3 +309,24 @@ def test_option_and_state_errors() -> None:
     for bad in (2.5, "4", True):
         with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
             cal.CalibrationMeter(num_classes=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", BINARY, ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    ("x", "y", "how"),
+    [
+        ([-2.0, -1.0, 1.0, 2.0], [1, 1, 0, 0], "the positives below it"),  # reversed scores
+        ([0.5, 1.0, 2.0, 3.0], [0, 0, 1, 1], "a threshold on the score splits"),  # threshold not at 0
+        ([-1.0, 0.3, 2.0, -0.7, 1.1], [0, 0, 0, 0, 0], "all 5 labels are 0"),
+    ],
+    ids=["reversed", "shifted", "one-class"],
+)
+def test_binary_fits_without_a_finite_optimum_fall_back(
+    method: type[cal.Recalibrator], x: list[float], y: list[int], how: str
+) -> None:
+    """Every case where the logistic fit has no finite optimum is named and falls back."""
+    with pytest.warns(cal.CalibrationWarning, match="separable.*falling back"):
+        c = method().fit(np.array(x), np.array(y))  # type: ignore[attr-defined]
+    assert c.diagnostic_kind == "separable" and how in c.fallback
+    s = torch.from_numpy(np.array(x))
+    np.testing.assert_allclose(c.predict_proba(np.array(x)), torch.sigmoid(s).numpy(), rtol=1e-12)  # type: ignore[attr-defined]

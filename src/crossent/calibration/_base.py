@@ -145,17 +145,18 @@ class Recalibrator:
         at_bound: str | None,
         separable: bool,
         n_classes: int,
+        separable_how: str | None = None,
     ) -> None:
         """Check the fit against the identity on the validation data (their mean NLLs
-        ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to."""
+        ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to.
+        ``separable_how`` says how a separable set is separable (by default: every top-1
+        prediction correct)."""
         problem: str | None = None
         kind: Literal["separable", "bound", "nll"] | None = None
         if separable:
             kind = "separable"
-            problem = (
-                f"the validation set is separable (all {n_samples} top-1 predictions are"
-                " correct), so the fit has nothing to calibrate against"
-            )
+            how = separable_how or f"all {n_samples} top-1 predictions are correct"
+            problem = f"the validation set is separable ({how}), so the fit has nothing to calibrate against"
             if at_bound is not None:
                 problem += f" and stopped at {at_bound}"
         elif at_bound is not None:

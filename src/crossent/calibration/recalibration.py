@@ -495,8 +495,19 @@ class _BinaryRecalibrator(Recalibrator):
     def _check_fit(self, s: torch.Tensor, y: torch.Tensor) -> None:
         nll_id = float(F.binary_cross_entropy_with_logits(s, y))
         nll_fit = float(F.binary_cross_entropy_with_logits(self._logit(s), y))
-        separable = bool(((s > 0).to(torch.float64) == y).all())
-        self._guard(nll_id, nll_fit, s.shape[0], at_bound=None, separable=separable, n_classes=2)
+        # A logistic fit on the score diverges whenever some threshold splits the classes, in
+        # either direction, and when there is one class only: its slope or intercept has no
+        # finite optimum.
+        pos, neg = s[y == 1], s[y == 0]
+        how = None
+        if pos.numel() == 0 or neg.numel() == 0:
+            how = f"all {s.shape[0]} labels are {0 if pos.numel() == 0 else 1}"
+        elif float(pos.min()) > float(neg.max()):
+            how = "a threshold on the score splits the two classes"
+        elif float(pos.max()) < float(neg.min()):
+            how = "a threshold on the score splits the two classes, the positives below it"
+        self._guard(nll_id, nll_fit, s.shape[0], at_bound=None, separable=how is not None, n_classes=2,
+                    separable_how=how)
 
     def _params(self) -> dict[str, Any]:
         return {"coef": self.coef}
