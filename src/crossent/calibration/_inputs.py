@@ -308,3 +308,17 @@ def select(
                 raise ValueError("every label equals ignore_index: nothing to measure")
             t, arr = t[torch.from_numpy(keep)], flat[keep]
     return "multiclass", t, as_labels(arr, t.shape[0], t.shape[1])
+
+
+def drop_ignored(t: torch.Tensor, lab: np.ndarray, ignore_index: int | None) -> torch.Tensor:
+    """``t`` without what ``ignore_index`` drops (rows of (N, C) scores with (N,) labels, else
+    entries, flattened), before :func:`select` has validated anything: the probabilities-or-
+    logits detection and the binary NLL from logits look only at what is measured."""
+    if ignore_index is None:
+        return t
+    keep = torch.from_numpy(np.asarray(lab != ignore_index).reshape(-1))
+    if t.ndim == 2 and lab.size == t.shape[0] and lab.size != t.numel():
+        return t[keep]
+    if lab.size == t.numel():
+        return t.reshape(-1)[keep]
+    return t  # shapes that do not match: select names the problem

@@ -43,6 +43,7 @@ from crossent.calibration._inputs import (
     _to_tensor,
     as_labels,
     as_matrix,
+    drop_ignored,
     log_eps,
     looks_like_probs,
     select,
@@ -508,16 +509,13 @@ def nll(
     raw = _to_tensor(probs_or_logits, "probs_or_logits")
     lab = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
     if raw.ndim == 1 or (raw.ndim == 2 and lab.shape == tuple(raw.shape) and raw.shape[1] > 1):
-        if from_logits is None:  # on the entries measured: ignored ones may hold any padding
-            kept = raw.reshape(-1)
-            if ignore_index is not None and lab.size == raw.numel():
-                kept = kept[torch.from_numpy(lab.reshape(-1) != ignore_index)]
+        # the entries measured (ignored ones may hold any padding), for the detection and logits
+        kept = drop_ignored(raw, lab, ignore_index).reshape(-1) if from_logits is not False else raw
+        if from_logits is None:
             from_logits = kept.numel() > 0 and not (float(kept.min()) >= 0.0 and float(kept.max()) <= 1.0)
         if from_logits:
             _, _, y_np = select(raw, lab, from_logits=True, ignore_index=ignore_index)
-            keep = lab.reshape(-1) != ignore_index if ignore_index is not None else None
-            z = raw.reshape(-1).to(torch.float64)
-            z = z[torch.from_numpy(keep)] if keep is not None else z
+            z = kept.to(torch.float64)
             yt = torch.from_numpy(y_np).to(torch.float64)
             return float((torch.nn.functional.softplus(z) - yt * z).mean())
         _, p, y_np = select(raw, lab, from_logits=False, ignore_index=ignore_index)

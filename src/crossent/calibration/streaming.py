@@ -34,7 +34,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from crossent.calibration._inputs import ArrayLike, _to_tensor, iter_chunks, looks_like_probs, select
+from crossent.calibration._inputs import (
+    ArrayLike,
+    _to_tensor,
+    drop_ignored,
+    iter_chunks,
+    looks_like_probs,
+    select,
+)
 from crossent.calibration._rows import RowStatistics, row_statistics, top_sums
 from crossent.calibration.metrics import _check_choice, _check_n_bins, table_from_scores, table_from_sums
 
@@ -130,7 +137,7 @@ class CalibrationMeter:
     def _update(self, logits_or_probs: ArrayLike, labels: ArrayLike, lab: np.ndarray) -> None:
         if self.from_logits is None:
             x = logits_or_probs
-            t = _kept(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index)
+            t = drop_ignored(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index)
             if t.ndim == 2 and t.shape[0] > 0 and not (np.ndim(labels) == 2 and t.shape[1] > 1
                                                       and tuple(np.shape(labels)) == tuple(t.shape)):
                 # Rows of probabilities are told apart from logits on the first chunk of rows;
@@ -157,7 +164,7 @@ class CalibrationMeter:
             py = torch.where(yt == 1, p, 1.0 - p).clamp_min(np.finfo(np.float64).tiny)
             if self.from_logits:  # softplus(z) - y z, as nll: no clipping of 1 - sigmoid(z) at large z
                 x = logits_or_probs
-                z = _kept(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index).reshape(-1)
+                z = drop_ignored(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index).reshape(-1)
                 z = z.to(torch.float64)
                 nll_sum = float((torch.nn.functional.softplus(z) - yt * z).sum())
             else:
@@ -331,16 +338,3 @@ class CalibrationMeter:
             "count": float(n),
         }
 
-
-def _kept(t: torch.Tensor, lab: np.ndarray, ignore_index: int | None) -> torch.Tensor:
-    """``t`` without what ``ignore_index`` drops (rows of (N, C) scores with (N,) labels, else
-    entries, flattened): the probabilities-or-logits detection and the binary NLL look only at
-    what is measured."""
-    if ignore_index is None:
-        return t
-    keep = torch.from_numpy(np.asarray(lab != ignore_index).reshape(-1))
-    if t.ndim == 2 and lab.size == t.shape[0] and lab.size != t.numel():
-        return t[keep]
-    if lab.size == t.numel():
-        return t.reshape(-1)[keep]
-    return t  # shapes that do not match: select names the problem

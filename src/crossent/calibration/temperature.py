@@ -359,7 +359,7 @@ class TemperatureScaler(Recalibrator):
             g, h = derivatives(s)
         else:  # no break: the steps ran out before the NLL's derivative vanished
             warnings.warn(
-                f"TemperatureScaler: the NLL fit stopped after max_iter={self.max_iter} steps without"
+                f"{type(self).__name__}: the NLL fit stopped after max_iter={self.max_iter} steps without"
                 f" converging (T = {1.0 / s:.6g}, dNLL/d(1/T) = {g:.3g}); raise max_iter",
                 CalibrationWarning,
                 stacklevel=4,
