@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 
+from crossent.calibration import ece, nll
 from crossent.cli import main
 
 
@@ -384,3 +386,264 @@ def test_an_identity_fallback_keeps_a_huge_nll(tmp_path: Path, capsys: pytest.Ca
         assert rows[name]["fallback"] is not None
         assert rows[name]["nll"] == pytest.approx(rows["none"]["nll"], rel=1e-12)
     assert rows["none"]["nll"] == pytest.approx(metrics["before"]["nll"], rel=1e-12)
+
+
+# --------------------------------------------------------------------------- csv header rows
+def write_csv(path: Path, values: np.ndarray, header: str | None = None) -> Path:
+    """``values`` written as pandas' ``DataFrame(values).to_csv(path, index=False)`` writes
+    them (pandas is not a dependency): a header of the column indices ``0,1,...`` for an
+    unnamed frame, floats in their shortest round-trip form, integers as integers."""
+    lines = [] if header is None else [header]
+    if values.ndim == 1:
+        lines += [str(v.item()) for v in values]
+    else:
+        lines += [",".join(str(v.item()) for v in row) for row in values]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def metrics_of(out_dir: Path) -> dict[str, Any]:
+    return cast(dict[str, Any], json.loads((out_dir / "metrics.json").read_text()))
+
+
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+@pytest.mark.parametrize("csv_header", [None, "auto", "yes"])
+def test_csv_header_of_column_indices_is_a_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, csv_header: str | None
+) -> None:
+    """The header ``0,1,2,3`` of an unnamed pandas frame was read as a row of data: 301
+    samples for 300, the header scored as logits or probabilities."""
+    z, y = make(n=300, c=4, seed=7)
+    values = z.astype(np.float64)
+    if kind == "probs":
+        values = torch.softmax(torch.from_numpy(values), 1).numpy()
+    write_csv(tmp_path / "p.csv", values, header="0,1,2,3")
+    np.save(tmp_path / "y.npy", y)
+    args = [str(tmp_path / "p.csv"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
+            "--out", str(tmp_path / "o")]
+    rc, _, err = run([*args, *([] if csv_header is None else ["--csv-header", csv_header])], capsys)
+    assert rc == 0, err
+    metrics = metrics_of(tmp_path / "o")
+    assert metrics["n_samples"] == 300 and metrics["n_classes"] == 4 and metrics["kind"] == kind
+    assert metrics["before"]["ece"] == pytest.approx(
+        ece(values, y, n_bins=15, from_logits=kind == "logits"), rel=1e-12
+    )
+    assert metrics["before"]["nll"] == pytest.approx(nll(values, y, from_logits=kind == "logits"), rel=1e-12)
+
+
+def test_csv_header_no_keeps_the_first_row_and_auto_keeps_float_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    z, y = make(n=300, c=4, seed=8)
+    np.save(tmp_path / "y.npy", y)
+    write_csv(tmp_path / "p.csv", z, header="0,1,2,3")
+    one_line_error(
+        *run([str(tmp_path / "p.csv"), "--labels", str(tmp_path / "y.npy"), "--csv-header", "no"],
+             capsys)[::2],
+        "PREDICTIONS has 301 rows but LABELS has 300 entries",
+    )
+    # a first data row 0.0,1.0,2.0,3.0 is written as floats: data, not pandas' header
+    ramp = z.astype(np.float64)
+    ramp[0] = np.arange(4)
+    write_csv(tmp_path / "ramp.csv", ramp)
+    assert (tmp_path / "ramp.csv").read_text().startswith("0.0,1.0,2.0,3.0\n")
+    rc, _, err = run([str(tmp_path / "ramp.csv"), "--labels", str(tmp_path / "y.npy"), "--val-fraction",
+                      "0", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    metrics = metrics_of(tmp_path / "o")
+    assert metrics["n_samples"] == 300
+    assert metrics["before"]["ece"] == pytest.approx(ece(ramp, y, from_logits=True), rel=1e-12)
+
+
+def test_csv_headers_0_and_0_1_above_floats_or_integers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``0,1`` above rows of floats is pandas' header of two columns; ``0`` above integer labels
+    (pandas' header of an unnamed series) is a valid label, so auto reads it as data and the
+    row-count error names the fix."""
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, 2, 300)
+    probs = np.eye(2)[np.where(rng.random(300) < 0.8, y, 1 - y)] * 0.9 + 0.05
+    probs_csv = write_csv(tmp_path / "p.csv", probs, header="0,1")
+    labels_csv = write_csv(tmp_path / "y.csv", y, header="0")
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "p.npy", probs)
+
+    out = tmp_path / "auto"
+    rc, _, err = run([str(probs_csv), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
+                      "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert metrics_of(out)["n_samples"] == 300
+    assert metrics_of(out)["before"]["ece"] == pytest.approx(ece(probs, y), rel=1e-12)
+
+    fix = (f"; if the first row of LABELS {labels_csv} is a header, delete it or pass --csv-header yes"
+           " (which drops the first row of every .csv input)")
+    for preds in (tmp_path / "p.npy", probs_csv):
+        rc, _, err = run([str(preds), "--labels", str(labels_csv)], capsys)
+        one_line_error(rc, err, "PREDICTIONS has 300 rows but LABELS has 301 entries; they must match" + fix)
+
+    for preds, labels in ((probs_csv, tmp_path / "y.npy"), (tmp_path / "p.npy", labels_csv),
+                          (probs_csv, labels_csv)):
+        out = tmp_path / f"o_{preds.suffix}_{labels.suffix}"
+        rc, _, err = run([str(preds), "--labels", str(labels), "--csv-header", "yes", "--val-fraction",
+                          "0", "--out", str(out)], capsys)
+        assert rc == 0, err
+        metrics = metrics_of(out)
+        assert metrics["n_samples"] == 300 and metrics["kind"] == "probs"
+        assert metrics["before"]["ece"] == pytest.approx(ece(probs, y), rel=1e-12)
+
+    # one-hot rows written as integers: 0,1 is a valid first row of them, kept by auto
+    hard = np.eye(2, dtype=np.int64)[y]
+    write_csv(tmp_path / "hard.csv", hard)
+    out = tmp_path / "hard"
+    rc, _, err = run([str(tmp_path / "hard.csv"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
+                      "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert metrics_of(out)["n_samples"] == 300
+
+
+@pytest.mark.parametrize(("text", "option"), [
+    ("a,b,c\n", []),
+    ("0,1,2\n", []),
+    ("# written by hand\n0,1,2,3\n\n", []),
+    ("0,1\n", ["--csv-header", "yes"]),
+])
+def test_csv_with_only_a_header_has_no_data_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, option: list[str]
+) -> None:
+    """It said "rows have different numbers of columns: []"."""
+    (tmp_path / "h.csv").write_text(text)
+    np.save(tmp_path / "y.npy", np.arange(3))
+    rc, _, err = run([str(tmp_path / "h.csv"), "--labels", str(tmp_path / "y.npy"), *option], capsys)
+    one_line_error(rc, err, f"cannot read PREDICTIONS file {tmp_path / 'h.csv'} as csv: the file has a"
+                   " header row")
+    assert err.rstrip().endswith("and no data rows") and "columns" not in err
+    rc, _, err = run([str(tmp_path / "y.npy"), "--labels", str(tmp_path / "h.csv"), *option], capsys)
+    one_line_error(rc, err, f"LABELS file {tmp_path / 'h.csv'}")
+    assert "no data rows" in err
+
+
+def test_csv_header_option_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    z, y = make(n=100, c=3)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    write_csv(tmp_path / "named.csv", z, header="a,b,c")
+    one_line_error(
+        *run([str(tmp_path / "named.csv"), "--labels", str(tmp_path / "y.npy"), "--csv-header", "no"],
+             capsys)[::2],
+        "data row 1 is not numeric: 'a,b,c'; if it is a header, drop --csv-header no",
+    )
+    one_line_error(
+        *run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--csv-header", "yes"],
+             capsys)[::2],
+        "--csv-header yes applies to .csv files and no input is one: drop it",
+    )
+    # pandas' to_csv with its default index=True: an unnamed first column 0..N-1
+    (tmp_path / "indexed.csv").write_text(
+        ",0,1,2\n" + "".join(f"{i}," + ",".join(map(repr, map(float, r))) + "\n" for i, r in enumerate(z))
+    )
+    one_line_error(
+        *run([str(tmp_path / "indexed.csv"), "--labels", str(tmp_path / "y.npy")], capsys)[::2],
+        "its first column is an unnamed row index 0..N-1 (pandas' to_csv without index=False)",
+    )
+
+
+def test_help_documents_csv_header(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--csv-header {auto,yes,no}" in out
+    assert "0,1,...,W-1 written as integers" in out and "pass --csv-header yes" in out
+
+
+# --------------------------------------------------------------------------- file formats
+def _format_cases(d: Path) -> list[tuple[str, list[str], str]]:
+    """(PREDICTIONS, extra arguments, the error's ending) for files read as another format."""
+    z, y = make(n=100, c=3)
+    np.save(d / "z.npy", z)
+    np.save(d / "y.npy", y)
+    np.savez(d / "p.npz", logits=z, labels=y)
+    torch.save({"logits": torch.from_numpy(z), "labels": torch.from_numpy(y)}, d / "p.pt")
+    torch.save(torch.from_numpy(z), d / "legacy.pt", _use_new_zipfile_serialization=False)
+    write_csv(d / "z.csv", z)
+    (d / "npz_named.npy").write_bytes((d / "p.npz").read_bytes())
+    npy = r"it is an .npy file (it starts with \x93NUMPY)"
+    npz = "it is an .npz file (a zip of .npy arrays)"
+    pt = "it is a torch file (a zip holding data.pkl)"
+    return [
+        ("z.npy", ["--format", "npz"], f"as npz: {npy}; use --format npy"),
+        ("z.npy", ["--format", "pt"], f"as pt: {npy}; use --format npy"),
+        ("z.npy", ["--format", "csv"], f"as csv: {npy}; use --format npy"),
+        ("p.npz", ["--format", "npy"], f"as npy: {npz}; use --format npz"),
+        ("p.npz", ["--format", "pt"], f"as pt: {npz}; use --format npz"),
+        ("p.pt", ["--format", "npz"], f"as npz: {pt}; use --format pt"),
+        ("p.pt", ["--format", "npy"], f"as npy: {pt}; use --format pt"),
+        ("legacy.pt", ["--format", "npy"], "as npy: it is a torch file (legacy format); use --format pt"),
+        ("z.csv", ["--format", "npy"], "as npy: it is text; if it is CSV, use --format csv"),
+        ("npz_named.npy", [], f"as npy (its extension): {npz}; rename it .npz or pass --format npz"),
+    ]
+
+
+def test_a_file_read_as_another_format_says_what_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--format npz`` of an .npy said "'numpy.ndarray' object does not support the context
+    manager protocol", ``--format pt`` torch's long weights_only text, ``--format npy`` of a
+    torch file gave a traceback."""
+    for name, extra, want in _format_cases(tmp_path):
+        path = tmp_path / name
+        rc, _, err = run([str(path), "--labels", str(tmp_path / "y.npy"), *extra], capsys)
+        one_line_error(rc, err, f"cannot read PREDICTIONS file {path} {want}")
+        assert err.strip().endswith(want), err
+        assert len(err.strip()) - len(str(path)) < 160, err
+    # the labels file is checked alike; --format applies to both files
+    rc, _, err = run([str(tmp_path / "p.npz"), "--labels", str(tmp_path / "y.npy"), "--format", "npz"],
+                     capsys)
+    one_line_error(rc, err, f"cannot read LABELS file {tmp_path / 'y.npy'} as npz: it is an .npy file")
+
+
+def test_odd_zip_and_empty_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import zipfile
+
+    np.save(tmp_path / "y.npy", np.arange(3))
+    np.savez(tmp_path / "y.npz", labels=np.arange(3))
+    with zipfile.ZipFile(tmp_path / "odd.npz", "w") as zf:  # a zip, but no .npz
+        zf.writestr("notes.txt", "hello")
+    for fmt in ("npz", "npy"):  # the labels file is good, as --format reads it
+        labels = str(tmp_path / f"y.{fmt}")
+        rc, _, err = run([str(tmp_path / "odd.npz"), "--labels", labels, "--format", fmt], capsys)
+        one_line_error(rc, err, f"cannot read PREDICTIONS file {tmp_path / 'odd.npz'} as {fmt}")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    one_line_error(*run([str(tmp_path / "empty.npy"), "--labels", str(tmp_path / "y.npy")], capsys)[::2],
+                   f"PREDICTIONS file {tmp_path / 'empty.npy'} is empty")
+
+
+# --------------------------------------------------------------------------- --key, --labels-key
+def test_key_options_on_a_file_of_one_array(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--labels-key with an .npy LABELS file listed "1 arrays, 0 of them 2-D:  (300,)", an
+    empty name."""
+    z, y = make(n=100, c=3)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    write_csv(tmp_path / "y.csv", y, header="label")
+    torch.save(torch.from_numpy(z), tmp_path / "z.pt")
+    np.savez(tmp_path / "p.npz", logits=z)
+    for labels in ("y.npy", "y.csv"):
+        rc, _, err = run([str(tmp_path / "p.npz"), "--labels", str(tmp_path / labels), "--labels-key",
+                          "labels"], capsys)
+        one_line_error(rc, err, f"--labels-key names an array inside an .npz/.pt file; LABELS"
+                       f" {tmp_path / labels} holds a single unnamed array: drop --labels-key")
+        assert "arrays" not in err
+    for preds in ("z.npy", "z.pt"):
+        rc, _, err = run([str(tmp_path / preds), "--labels", str(tmp_path / "y.npy"), "--key", "logits"],
+                         capsys)
+        one_line_error(rc, err, f"--key names an array inside an .npz/.pt file; PREDICTIONS"
+                       f" {tmp_path / preds} holds a single unnamed array: drop --key")
+        rc, _, err = run([str(tmp_path / preds), "--labels-key", "labels"], capsys)
+        one_line_error(rc, err, f"--labels-key names an array inside PREDICTIONS, but {tmp_path / preds}"
+                       " holds a single unnamed array (the predictions): pass --labels LABELS")
+        assert "arrays" not in err
+    # an .npz keeps its listing
+    rc, _, err = run([str(tmp_path / "p.npz"), "--labels-key", "labels"], capsys)
+    one_line_error(rc, err, "--labels-key 'labels' is not in PREDICTIONS")
+    assert "1 arrays, 1 of them 2-D: logits (100, 3)" in err

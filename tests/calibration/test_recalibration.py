@@ -330,3 +330,180 @@ def test_binary_fits_without_a_finite_optimum_fall_back(
     assert c.diagnostic_kind == "separable" and how in c.fallback
     s = torch.from_numpy(np.array(x))
     np.testing.assert_allclose(c.predict_proba(np.array(x)), torch.sigmoid(s).numpy(), rtol=1e-12)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------
+# validation labels that miss classes, and label shapes
+
+#: methods whose map has parameters per class, fitted jointly through the softmax: an absent
+#: class has no finite optimum, so they fall back to the identity as a whole
+PER_CLASS_PARAMETERS = (cal.VectorScaler, cal.MatrixScaler, cal.DirichletCalibrator)
+#: one-vs-rest methods: an absent class's own map falls back to the identity
+ONE_VS_REST = (cal.HistogramBinning, cal.IsotonicCalibrator)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(x), 1).numpy()
+
+
+@pytest.mark.parametrize("method", MULTICLASS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize(("c", "k"), [(c, k) for c in (2, 3, 5) for k in sorted({0, c // 2, c - 1})],
+                         ids=lambda v: str(v))
+def test_one_class_validation_falls_back(method: type[cal.Recalibrator], c: int, k: int,
+                                         tmp_path: Any) -> None:
+    """Labels that are all class k: every map that gives k probability 1 fits them, and the
+    other classes would get probability 0 (an infinite NLL on any test sample of them)."""
+    x, _ = multiclass(80, c, seed=10 * c + k)
+    fit, test = slice(0, 40), slice(40, None)
+    y = np.full(40, k)
+    want = f"the validation set is separable (all 40 labels are class {k}), so the fit has nothing"
+    with pytest.warns(cal.CalibrationWarning, match=r"separable \(all 40 labels are class") as rec:
+        cal_ = method().fit(x[fit], y)  # type: ignore[attr-defined]
+    assert any(want in str(w.message) and "falling back to the identity" in str(w.message) for w in rec)
+    assert cal_.fallback is not None and cal_.fallback.startswith(want)
+    assert cal_.diagnostic == cal_.fallback and cal_.diagnostic_kind == "separable"
+    np.testing.assert_allclose(cal_.predict_proba(x[test]), softmax(x[test]), rtol=1e-12)  # type: ignore[attr-defined]
+    again = cal.from_state_dict(json.loads(json.dumps(cal_.state_dict())))
+    assert again.fallback == cal_.fallback and again.diagnostic_kind == "separable"
+    np.testing.assert_allclose(again.predict_proba(x[test]), softmax(x[test]), rtol=1e-12)  # type: ignore[attr-defined]
+    cap = {"max_iter": 10} if "max_iter" in inspect.signature(method).parameters else {}
+    with pytest.warns(cal.CalibrationWarning, match=r"all 40 labels are class .*keeping the fit"):
+        kept = method(fallback_to_identity=False, **cap).fit(x[fit], y)  # type: ignore[attr-defined, call-arg]
+    assert kept.fallback is None and kept.diagnostic_kind == "separable"
+    assert kept.diagnostic is not None and kept.diagnostic.startswith(want)
+
+
+def _one_vs_rest_reference(method: type[cal.Recalibrator], p_fit: np.ndarray, y_fit: np.ndarray,
+                           p: np.ndarray, identity: tuple[int, ...]) -> np.ndarray:
+    """Histogram binning (width bins ((m-1)/M, m/M], an empty bin at its centre) or
+    scikit-learn's isotonic regression per class, the softmax probability for the classes
+    ``identity``, rows renormalised (a row of zeros keeps the softmax row)."""
+    q = p.copy()
+    for k in range(p.shape[1]):
+        if k in identity:
+            continue
+        if method is cal.HistogramBinning:
+            m = 15
+            bins_fit = np.clip(np.ceil(p_fit[:, k] * m).astype(int) - 1, 0, m - 1)
+            hits = np.bincount(bins_fit, weights=(y_fit == k), minlength=m)
+            count = np.bincount(bins_fit, minlength=m)
+            theta = np.where(count > 0, hits / np.maximum(count, 1), (np.arange(m) + 0.5) / m)
+            q[:, k] = theta[np.clip(np.ceil(p[:, k] * m).astype(int) - 1, 0, m - 1)]
+        else:
+            iso = pytest.importorskip("sklearn.isotonic")
+            reg = iso.IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip")
+            q[:, k] = reg.fit(p_fit[:, k], y_fit == k).predict(p[:, k])
+    total = q.sum(1, keepdims=True)
+    return np.where(total > 0, q / np.where(total > 0, total, 1.0), p)
+
+
+@pytest.mark.parametrize("method", MULTICLASS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    ("c", "absent"),
+    [(c, absent) for c in (3, 5) for a in range(1, c - 1)
+     for absent in (tuple(range(c - a, c)), tuple(range(a)))],
+    ids=lambda v: str(v),
+)
+def test_partly_absent_classes(method: type[cal.Recalibrator], c: int, absent: tuple[int, ...],
+                               tmp_path: Any) -> None:
+    """Some classes (not all but one) have no validation sample. Temperature scaling and its
+    ensemble share one temperature over the classes and fit as usual; the maps with per-class
+    parameters fall back to the identity; the one-vs-rest maps use the identity for the absent
+    classes only. Every test sample of an absent class keeps a finite NLL."""
+    x, y_all = multiclass(900, c, seed=c + 7 * len(absent) + absent[0])
+    fit = np.flatnonzero(~np.isin(y_all[:600], absent))
+    test = np.arange(600, 900)
+    x_fit, y_fit = x[fit], y_all[fit]
+    assert set(np.unique(y_fit)) == set(range(c)) - set(absent)
+    phrase = (f"class {absent[0]} (1 of {c} classes) has" if len(absent) == 1 else
+              f"classes {', '.join(map(str, absent))} ({len(absent)} of {c} classes) have")
+    phrase += " no validation sample"
+    p = softmax(x[test])
+    y_test = y_all[test]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        c_ = method().fit(x_fit, y_fit)  # type: ignore[attr-defined]
+    messages = [str(w.message) for w in rec if issubclass(w.category, cal.CalibrationWarning)]
+    q = c_.predict_proba(x[test])  # type: ignore[attr-defined]
+    if method in (cal.TemperatureScaler, cal.EnsembleTemperatureScaler):
+        assert messages == [] and c_.fallback is None and c_.diagnostic is None
+    elif method in PER_CLASS_PARAMETERS:
+        assert len(messages) == 1, messages
+        want = f"the validation set is separable ({phrase}), so the fit drives their probabilities"
+        assert want in messages[0] and "falling back to the identity" in messages[0]
+        assert c_.fallback is not None and c_.fallback.startswith(want)
+        assert c_.diagnostic_kind == "separable"
+        np.testing.assert_allclose(q, p, rtol=1e-12)
+    else:
+        assert len(messages) == 1, messages
+        assert messages[0].startswith(f"{method.__name__}: {phrase}")
+        assert "probability 0" in messages[0] and "using the identity" in messages[0]
+        assert c_.fallback is None and c_.diagnostic_kind == "separable"
+        assert c_.diagnostic is not None and phrase in c_.diagnostic
+        p_fit = softmax(x_fit)
+        want = _one_vs_rest_reference(method, p_fit, y_fit, p, absent)
+        np.testing.assert_allclose(q, want, rtol=1e-12)
+        assert (q[:, list(absent)] > 0).all()
+        again = cal.from_state_dict(json.loads(json.dumps(c_.state_dict())))
+        np.testing.assert_allclose(again.predict_proba(x[test]), q, rtol=1e-12)  # type: ignore[attr-defined]
+        assert again.diagnostic == c_.diagnostic
+        # kept: the one-vs-rest fit of an absent class gives it probability 0 wherever the
+        # validation data reach (histogram: an empty bin still maps to its centre)
+        with pytest.warns(cal.CalibrationWarning, match="keeping the fit"):
+            kept = method(fallback_to_identity=False).fit(x_fit, y_fit)  # type: ignore[attr-defined, call-arg]
+        assert kept.diagnostic_kind == "separable" and phrase in str(kept.diagnostic)
+        assert kept.fallback is None
+        q_kept = kept.predict_proba(x[test])  # type: ignore[attr-defined]
+        np.testing.assert_allclose(q_kept, _one_vs_rest_reference(method, p_fit, y_fit, p, ()), rtol=1e-12)
+        at_zero = np.isin(y_test, absent) & (q_kept[np.arange(len(test)), y_test] == 0)
+        assert at_zero.any()  # the defect the identity removes: an infinite NLL
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-12)
+    of_absent = np.isin(y_test, absent)
+    assert of_absent.any()  # the test part holds samples of the absent classes
+    assert (q[np.arange(len(test)), y_test][of_absent] > 0).all()
+
+
+N_SHAPE = 60
+#: label shapes that are not one label per score: every 2-D factorisation of N, and 3-D
+BAD_LABEL_SHAPES = [(a, N_SHAPE // a) for a in range(2, N_SHAPE) if N_SHAPE % a == 0] + [
+    (N_SHAPE, 1, 1), (N_SHAPE - 1,), (N_SHAPE + 1, 1)]
+
+
+@pytest.mark.parametrize("method", BINARY, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("shape", BAD_LABEL_SHAPES, ids=str)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_binary_labels_of_another_shape_are_refused(
+    method: type[cal.Recalibrator], shape: tuple[int, ...], as_tensor: bool
+) -> None:
+    """Labels of another shape, even of the same size, are not flattened into place."""
+    s, y = binary(N_SHAPE, seed=12)
+    labels = np.resize(y, shape)
+    want = f"labels (the validation labels) have shape {shape} but the scores have shape ({N_SHAPE},)"
+    with pytest.raises(ValueError, match=rf"^{want.replace('(', '[(]').replace(')', '[)]')}"):
+        method().fit(s, torch.from_numpy(labels) if as_tensor else labels)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", BINARY, ids=lambda m: m.__name__)
+def test_binary_labels_of_one_column_or_row_are_accepted(method: type[cal.Recalibrator]) -> None:
+    """(N, 1) and (1, N) labels are one label per score, as the multiclass methods take them."""
+    s, y = binary(N_SHAPE, seed=12)
+    flat = method().fit(s, y)  # type: ignore[attr-defined]
+    for labels in (y[:, None], y[None, :], torch.from_numpy(y[:, None])):
+        np.testing.assert_array_equal(method().fit(s, labels).coef, flat.coef)  # type: ignore[attr-defined]
+    two = np.stack([np.zeros_like(s), s], 1)  # (N, 2) logits: the shape in the error is theirs
+    with pytest.raises(ValueError, match=r"have shape \(6, 10\) but the scores have shape \(60, 2\)"):
+        method().fit(two, y.reshape(6, 10))  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="labels must hold 0/1 outcomes"):
+        method().fit(s, y.astype(str))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", MULTICLASS, ids=lambda m: m.__name__)
+def test_multiclass_label_shapes(method: type[cal.Recalibrator]) -> None:
+    """(N, 1) and (1, N) labels are taken as (N,); labels of any other shape are refused."""
+    x, y = multiclass(N_SHAPE, 3, seed=13)
+    flat = method().fit(x, y).predict_proba(x)  # type: ignore[attr-defined]
+    for labels in (y[:, None], y[None, :]):
+        np.testing.assert_array_equal(method().fit(x, labels).predict_proba(x), flat)  # type: ignore[attr-defined]
+    for shape in BAD_LABEL_SHAPES:
+        with pytest.raises(ValueError, match="labels"):
+            method().fit(x, np.resize(y, shape))  # type: ignore[attr-defined]

@@ -105,3 +105,30 @@ def test_shape_errors() -> None:
         cal.ece(np.array([0.2, 0.7, 0.1]), np.array([0, 1]))
     with pytest.raises(ValueError, match="average"):
         cal.multilabel_ece(np.zeros((2, 2)), np.zeros((2, 2)), average="micro")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fn", [cal.ece, cal.classwise_ece, cal.brier, cal.nll, cal.accuracy])
+def test_empty_binary_input_says_why(fn: Any) -> None:
+    """No samples at all, and every label ignored, are two messages; the first does not talk
+    of an ignore_index that was never given."""
+    for kw in ({}, {"ignore_index": -100}):
+        with pytest.raises(ValueError, match="is empty: it needs at least one sample") as err:
+            fn(np.empty(0), np.empty(0, np.int64), **kw)
+        assert "ignore_index" not in str(err.value)
+    with pytest.raises(ValueError, match="after dropping the labels equal to ignore_index=-100"):
+        fn(np.array([0.2, 0.7]), np.array([-100, -100]), ignore_index=-100)
+
+
+@pytest.mark.parametrize("fn", [cal.ece, cal.classwise_ece, cal.brier, cal.nll, cal.accuracy])
+def test_binary_labels_one_per_score(fn: Any) -> None:
+    """Binary (N,) scores take labels (N,), (N, 1) or (1, N); labels of another shape with the
+    same size are refused, not flattened against the scores."""
+    rng = np.random.default_rng(3)
+    p = rng.uniform(size=100)
+    y = (rng.uniform(size=100) < p).astype(np.int64)
+    want = fn(p, y)
+    for shape in ((100, 1), (1, 100)):
+        assert fn(p, y.reshape(shape)) == pytest.approx(want, rel=1e-12)
+    for shape in ((10, 10), (4, 25), (100, 1, 1)):
+        with pytest.raises(ValueError, match=rf"labels have shape \({shape[0]}, "):
+            fn(p, y.reshape(shape))

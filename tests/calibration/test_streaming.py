@@ -291,3 +291,33 @@ def test_negative_strides() -> None:
     m = CalibrationMeter()
     m.update(np.flip(p, 0), np.flip(y))
     assert m.compute()["ece"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("binning", ["width", "mass"])
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel"])
+def test_a_batch_failing_in_its_classwise_pass_adds_nothing(
+    kind: str, binning: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever step of an update fails (here the pass that gives the classwise sums), the
+    statistics are those of the batches before it: no top-label bins or scores of the failed
+    batch are left behind."""
+    import crossent.calibration.streaming as streaming
+
+    z, y = dataset(kind, 80, 7)
+    m = CalibrationMeter(binning=binning, from_logits=True)
+    m.update(z[:40], y[:40])
+    want = m.compute()
+    real = streaming.row_statistics
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("classwise", True):
+            raise ValueError("refused")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "row_statistics", failing)
+    with pytest.raises(ValueError, match="refused"):
+        m.update(z[40:], y[40:])
+    monkeypatch.setattr(streaming, "row_statistics", real)
+    assert m.compute() == want
+    m.update(z[40:], y[40:])
+    assert m.compute()["ece"] == pytest.approx(cal.ece(z, y, binning=binning, from_logits=True), rel=1e-12)

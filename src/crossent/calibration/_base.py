@@ -13,7 +13,11 @@ The guard. After a fit, :meth:`Recalibrator._guard` checks three things on the v
 1. the fitted map is at a bound of its parameters (a temperature at ``t_min`` or ``t_max``);
 2. the validation set is separable for the predictions (every top-1 prediction is correct, so
    the likelihood keeps rising as the map sharpens and the fit is driven to a bound, or, for
-   the binning methods, every bin says "always right");
+   the binning methods, every bin says "always right"); a validation set whose labels are all
+   one class is separable for every method (a map that gives that class probability 1
+   everywhere fits it perfectly, and every other class gets probability 0), and so, for the
+   maps with a parameter per class (vector, matrix and Dirichlet scaling), is one where some
+   classes have no sample (:func:`absent_classes`: their probabilities are driven towards 0);
 3. the validation NLL of the fitted map is worse than that of the identity map.
 
 If one holds, a :class:`CalibrationWarning` names it; unless ``fallback_to_identity=False``
@@ -57,6 +61,63 @@ def nll_of_probs(probs: np.ndarray, labels: np.ndarray) -> float:
     else:
         py = p[np.arange(p.shape[0]), labels]
     return float(-np.log(np.maximum(py, tiny)).mean())
+
+
+def absent_classes(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """The classes of ``range(n_classes)`` that no entry of the integer ``labels`` holds,
+    sorted (int64)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1), minlength=n_classes)
+    return np.flatnonzero(counts[:n_classes] == 0)
+
+
+def one_class_how(labels: np.ndarray, n_classes: int) -> str | None:
+    """``"all N labels are class k"`` when the labels hold one class only (of ``n_classes``
+    >= 2), else ``None``: how such a validation set is separable."""
+    y = np.asarray(labels).reshape(-1)
+    if y.size == 0 or n_classes < 2 or not bool((y == y[0]).all()):
+        return None
+    return f"all {y.size} labels are class {int(y[0])}"
+
+
+def absent_how(absent: np.ndarray, n_classes: int, *, shown: int = 8) -> str:
+    """The classes ``absent`` of ``n_classes`` in words, as the subject of "... no validation
+    sample": ``"class 2 (1 of 3 classes) has"``, ``"classes 0, 4 (2 of 5 classes) have"``,
+    the first ``shown`` of them listed."""
+    a = [int(k) for k in np.asarray(absent).reshape(-1)]
+    listed = ", ".join(str(k) for k in a[:shown]) + (", ..." if len(a) > shown else "")
+    if len(a) == 1:
+        return f"class {listed} (1 of {n_classes} classes) has"
+    return f"classes {listed} ({len(a)} of {n_classes} classes) have"
+
+
+def label_separation(
+    top1_correct: bool,
+    labels: np.ndarray,
+    n_classes: int,
+    *,
+    absent_consequence: str | None = None,
+) -> tuple[bool, str | None, str | None]:
+    """Whether a multiclass validation set is separable for the guard, how (``None``: every
+    top-1 prediction correct, the guard's default) and what that does to the fit (``None``:
+    the guard's default), from ``top1_correct`` and the labels.
+
+    Labels that are all one class make it separable for every method. Classes with no sample
+    make it separable for the maps with parameters per class, which pass
+    ``absent_consequence`` (what the fit does with those classes); the others (one shared
+    temperature, or one-vs-rest maps that handle an absent class on their own) pass ``None``.
+    """
+    one = one_class_how(labels, n_classes)
+    if one is not None:
+        return True, one, None
+    if absent_consequence is not None:
+        absent = absent_classes(labels, n_classes)
+        if absent.size:
+            how = f"{absent_how(absent, n_classes)} no validation sample"
+            if top1_correct:
+                n = np.asarray(labels).size
+                return True, f"all {n} top-1 predictions are correct, and {how}", None
+            return True, how, absent_consequence
+    return top1_correct, None, None
 
 
 def softmax_np(z: np.ndarray) -> np.ndarray:
@@ -146,17 +207,20 @@ class Recalibrator:
         separable: bool,
         n_classes: int,
         separable_how: str | None = None,
+        separable_consequence: str | None = None,
     ) -> None:
         """Check the fit against the identity on the validation data (their mean NLLs
         ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to.
         ``separable_how`` says how a separable set is separable (by default: every top-1
-        prediction correct)."""
+        prediction correct), ``separable_consequence`` what that does to the fit (by default:
+        "so the fit has nothing to calibrate against")."""
         problem: str | None = None
         kind: Literal["separable", "bound", "nll"] | None = None
         if separable:
             kind = "separable"
             how = separable_how or f"all {n_samples} top-1 predictions are correct"
-            problem = f"the validation set is separable ({how}), so the fit has nothing to calibrate against"
+            consequence = separable_consequence or "so the fit has nothing to calibrate against"
+            problem = f"the validation set is separable ({how}), {consequence}"
             if at_bound is not None:
                 problem += f" and stopped at {at_bound}"
         elif at_bound is not None:
@@ -176,8 +240,8 @@ class Recalibrator:
         if self.fallback_to_identity:
             self.fallback = problem
             self._set_identity(n_classes)
-            action = "falling back to the identity map (T = 1); pass fallback_to_identity=False"
-            action += " to keep the fit"
+            t1 = " (T = 1)" if getattr(self, "method", None) == "temperature" else ""
+            action = f"falling back to the identity map{t1}; pass fallback_to_identity=False to keep the fit"
         else:
             action = "keeping the fit (fallback_to_identity=False)"
         warnings.warn(

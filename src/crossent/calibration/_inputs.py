@@ -229,6 +229,24 @@ def log_eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).tiny)
 
 
+def binary_nll_terms(scores: torch.Tensor, y: np.ndarray, *, from_logits: bool) -> torch.Tensor:
+    r"""Per-sample binary cross-entropy, float64, of the kept entries ``scores`` (1-D: logits, or
+    probabilities of the positive class) with 0/1 labels ``y``.
+
+    From logits :math:`\operatorname{softplus}(z) - y z` (:math:`-\log\sigma(z) =
+    \operatorname{softplus}(-z)` and :math:`-\log(1 - \sigma(z)) = \operatorname{softplus}(z)`,
+    exact at any :math:`|z|`: no clipping of :math:`1 - \sigma(z)`, which is 0 in float64
+    beyond :math:`z \approx 37`); from probabilities :math:`-\log p_y` with :math:`p_y` clipped
+    to :func:`log_eps`.
+    """
+    yt = torch.from_numpy(np.asarray(y)).to(torch.float64)
+    s = scores.reshape(-1).to(torch.float64)
+    if from_logits:
+        return torch.nn.functional.softplus(s) - yt * s
+    p = s.clamp(0.0, 1.0)
+    return -torch.log(torch.where(yt == 1, p, 1.0 - p).clamp_min(log_eps(torch.float64)))
+
+
 # ----------------------------------------------------------------------------- input shapes
 def _raw_labels(labels: object) -> np.ndarray:
     if isinstance(labels, torch.Tensor):
@@ -272,7 +290,8 @@ def select(
         t.shape[1] > 1
     )
     if t.ndim == 1 or multilabel:
-        if arr.shape != tuple(t.shape) and not (t.ndim == 1 and arr.ndim == 2 and arr.size == t.numel()):
+        n = t.shape[0]
+        if arr.shape != tuple(t.shape) and not (t.ndim == 1 and arr.shape in ((n, 1), (1, n))):
             raise ValueError(
                 f"labels have shape {arr.shape} but {name} have shape {tuple(t.shape)};"
                 " a binary problem takes (N,) scores and (N,) 0/1 labels, a multi-label one"
@@ -285,7 +304,11 @@ def select(
             if not keep.all():
                 p, y = p[torch.from_numpy(keep)], y[keep]
         if p.numel() == 0:
-            raise ValueError(f"{name} is empty after dropping ignore_index labels")
+            raise ValueError(
+                f"{name} is empty: it needs at least one sample"
+                if arr.size == 0
+                else f"{name} is empty after dropping the labels equal to ignore_index={ignore_index}"
+            )
         y = _binary_labels(y, "labels")
         p = p.to(torch.float64)
         if not bool(torch.isfinite(p).all()):

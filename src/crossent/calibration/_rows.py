@@ -30,7 +30,7 @@ under it, the NLL's derivatives in :math:`\beta`: each Newton step of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -77,9 +77,9 @@ def width_bin_index(values: np.ndarray, n_bins: int) -> np.ndarray:
     return b
 
 
-@dataclass(frozen=True)
-class RowStatistics:
-    """What :func:`row_statistics` returns (float64 unless noted)."""
+class RowStatistics(NamedTuple):
+    """What :func:`row_statistics` returns (float64 unless noted). A named tuple: made once per
+    call, so that a small batch's call costs little more than the kernel's."""
 
     conf: np.ndarray  #: (N,) top-label confidence
     pred: np.ndarray  #: (N,) int64 first arg-max (lowest index on ties)
@@ -162,7 +162,8 @@ def _row_statistics_native(
     limits = (-RANGE_ATOL, 1 + RANGE_ATOL, sum_atol(t.dtype))
 
     def call(block: torch.Tensor, start: int, stop: int) -> native.CalibrationRows:
-        r = native.calibration_rows(block, y[start:stop], from_logits=from_logits, n_bins=n_bins,
+        yb = y if start == 0 and stop == y.shape[0] else y[start:stop]
+        r = native.calibration_rows(block, yb, from_logits=from_logits, n_bins=n_bins,
                                     classwise=classwise, top=top, scores=scores, scale=scale, moments=moments,
                                     limits=limits)
         if r.suspects:

@@ -1,11 +1,28 @@
-"""``crossent calibrate``: calibration metrics and temperature scaling of saved predictions."""
+"""``crossent calibrate``: calibration metrics and temperature scaling of saved predictions.
+
+A .csv file may start with a header row (``--csv-header``). In the default ``auto`` mode the
+first row is a header when it is not numeric, or when it is exactly the column indices
+``0,1,...,W-1`` written as integers (the header pandas writes for an unnamed frame,
+``DataFrame(arr).to_csv(path, index=False)``, or series) and either W >= 3 (never a row of
+probabilities, not a plausible row of logits) or the rows below are not all integers. A first
+row ``0`` or ``0,1`` above integer rows is also a valid label or one-hot row, so ``auto``
+reads it as data; when the two files then differ by that one row the error says so, and
+``--csv-header yes`` drops it (``no`` keeps any first row).
+
+The file's content is checked against the format asked for (``--format`` or the extension) by
+its magic bytes, so that an .npy read as .npz (or a torch file read as an .npy) gets a
+one-line error naming the format it is.
+"""
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
+import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +51,7 @@ MAX_MATRIX_CLASSES = 100
 PRED_KEYS = ("logits", "probs", "probabilities", "predictions", "preds", "scores", "outputs")
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 FORMATS = ("npy", "npz", "pt", "csv")
+CSV_HEADERS = ("auto", "yes", "no")
 MAX_BINS = 10_000
 MAX_SEED = 2**63 - 1
 
@@ -41,13 +59,23 @@ EPILOG = """\
 input files
   PREDICTIONS  an (N, C) array of logits or probabilities in a .npy, .npz, .pt (torch tensor
                or dict of tensors, loaded with weights_only=True) or .csv file (comma
-               separated, optional header row). An .npz/.pt dict is searched for the keys
-               logits, probs, probabilities, predictions, preds, scores, outputs; if it also
-               holds labels (labels, label, targets, target, y) --labels can be omitted.
+               separated, optional header row: see below). An .npz/.pt dict is searched for
+               the keys logits, probs, probabilities, predictions, preds, scores, outputs; if
+               it also holds labels (labels, label, targets, target, y) --labels can be omitted.
   LABELS       N integer class indices in 0..C-1, in any of the same formats.
   Files are read without unpickling (np.load(allow_pickle=False)). With many arrays (the
   predictions.npz of crossent run) pick one with --key; its labels are the array "labels"
-  next to it or in a parent group (--labels-key overrides).
+  next to it or in a parent group (--labels-key overrides). --key and --labels-key name
+  arrays inside .npz/.pt files: a .npy, .csv or one-tensor .pt file holds a single unnamed
+  array. A file whose content is another format than the one asked for (--format, else the
+  extension) is refused, naming the format it is.
+
+csv header row (--csv-header, for PREDICTIONS and LABELS alike)
+  auto (default): the first row is a header when it is not numeric, or when it is exactly
+  the column indices 0,1,...,W-1 written as integers (pandas' header of an unnamed frame or
+  series) with W >= 3 or above rows that are not all integers. A first row 0 or 0,1 above
+  integer rows is a valid label or one-hot row, so auto reads it as data: pass
+  --csv-header yes if it is a header. yes: the first row is always a header. no: never.
 
 what it does
   Logits or probabilities are detected from the values (rows in [0, 1] summing to 1 are
@@ -113,6 +141,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="file format of PREDICTIONS and LABELS (default: from the file extension)",
     )
     parser.add_argument(
+        "--csv-header",
+        choices=CSV_HEADERS,
+        default="auto",
+        help="whether the first row of a .csv PREDICTIONS or LABELS file is a header: auto"
+        " (default) takes a non-numeric row, or the column indices 0,1,...,W-1 written as"
+        " integers (pandas' header) with W >= 3 or above non-integer rows, as one; yes: always;"
+        " no: never",
+    )
+    parser.add_argument(
         "--val-fraction",
         type=float,
         default=0.2,
@@ -139,7 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels-key",
         metavar="NAME",
         default=None,
-        help="the labels array inside the .npz/.pt file (default: found next to --key)",
+        help="the labels array inside the .npz/.pt LABELS file, or inside PREDICTIONS without"
+        " --labels (default: found next to --key)",
     )
     parser.add_argument(
         "--method",
@@ -184,38 +222,134 @@ def _format_of(path: Path, file_format: str) -> str:
     return ext
 
 
-def _read_csv(path: Path) -> np.ndarray:
+def _csv_lines(path: Path) -> list[str]:
+    """The rows of a CSV file: its stripped lines, less blank and ``#`` comment lines."""
     # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first row
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    lines = (ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _is_numeric_row(line: str) -> bool:
+    try:
+        [float(v) for v in line.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
+def _is_index_row(line: str) -> bool:
+    """Whether ``line`` is exactly the column indices ``0,1,...,W-1`` written as integers."""
+    cells = [v.strip() for v in line.split(",")]
+    return cells == [str(i) for i in range(len(cells))]
+
+
+#: a CSV row of integers only
+_INTEGER_ROW = re.compile(r"\s*[-+]?\d+\s*(,\s*[-+]?\d+\s*)*")
+
+
+def _is_header(line: str, rest: list[str], csv_header: str) -> bool:
+    """Whether ``line``, the first row of a CSV file, is a header by the ``--csv-header`` rule;
+    ``rest`` are the rows below it.
+
+    ``auto``: a non-numeric row, or the column indices ``0,1,...,W-1`` written as integers (the
+    header pandas writes for an unnamed frame or series) when W >= 3 (as data an exact integer
+    ramp of logits, never probabilities) or when the rows below are not all written as integers
+    (pandas writes floats as ``0.0``, ``0.25``). ``0`` and ``0,1`` above integer rows are a
+    valid label and a valid one-hot row, so ``auto`` reads them as data."""
+    if csv_header != "auto":
+        return csv_header == "yes"
+    if not _is_numeric_row(line):
+        return True
+    if not _is_index_row(line):
+        return False
+    return line.count(",") >= 2 or any(not _INTEGER_ROW.fullmatch(r) for r in rest[:100])
+
+
+def _read_csv(path: Path, csv_header: str = "auto") -> np.ndarray:
+    """The numbers of a comma-separated file: (N, W), or (N,) for one column. The first row
+    is dropped when it is a header (see :func:`_is_header`)."""
+    lines = _csv_lines(path)
     if not lines:
         raise ValueError("the file has no data rows")
-
-    def is_numeric(line: str) -> bool:
-        try:
-            [float(v) for v in line.split(",")]
-        except ValueError:
-            return False
-        return True
-
-    if not is_numeric(lines[0]):
-        lines = lines[1:]  # a header row
+    first = lines[0]
+    header = _is_header(first, lines[1:], csv_header)
+    if header:
+        lines = lines[1:]
+        if not lines:
+            raise ValueError(f"the file has a header row ({first[:60]!r}) and no data rows")
     rows: list[list[float]] = []
     for i, line in enumerate(lines):
         try:
             rows.append([float(v) for v in line.split(",")])
         except ValueError:
-            raise ValueError(f"data row {i + 1} is not numeric: {line[:60]!r}") from None
+            fix = "; if it is a header, drop --csv-header no" if i == 0 and csv_header == "no" else ""
+            raise ValueError(f"data row {i + 1} is not numeric: {line[:60]!r}{fix}") from None
     widths = {len(r) for r in rows}
     if len(widths) != 1:
         raise ValueError(f"rows have different numbers of columns: {sorted(widths)}")
-    if not rows:
-        raise ValueError("the file has no data rows")
     arr = np.asarray(rows, dtype=np.float64)
+    # pandas' to_csv writes its row index as a first column named "" unless index=False
+    if (header and first.split(",")[0].strip() in ("", '""') and arr.shape[1] >= 2
+            and np.array_equal(arr[:, 0], np.arange(arr.shape[0]))):
+        raise ValueError(
+            "its first column is an unnamed row index 0..N-1 (pandas' to_csv without"
+            " index=False): drop that column"
+        )
     return arr[:, 0] if arr.shape[1] == 1 else arr
 
 
-def _load(path_str: str, file_format: str, what: str) -> dict[str, np.ndarray]:
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members; an empty zip
+#: torch.save's legacy (non-zip) format: pickle protocol 2, then torch's magic number
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _sniff(path: Path) -> tuple[str, str] | None:
+    """What the content of ``path`` is, by its first bytes: (format, a few words saying so),
+    or ``None`` when it cannot tell (the reader of the format asked for then has its say).
+    .npz and torch .pt files are both zips: an .npz holds only ``*.npy`` members, a torch
+    file a ``data.pkl``."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if head.startswith(NPY_MAGIC):
+        return "npy", r"an .npy file (it starts with \x93NUMPY)"
+    if head.startswith(TORCH_LEGACY_MAGIC):
+        return "pt", "a torch file (legacy format)"
+    if head.startswith(ZIP_MAGICS):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz", "an .npz file (a zip of .npy arrays)"
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "pt", "a torch file (a zip holding data.pkl)"
+        return None
+    if head and b"\x00" not in head:
+        try:  # final=False: the 4096 bytes may end inside a character
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            return None
+        return "csv", "text"
+    return None
+
+
+def _format_mismatch(what: str, path: Path, fmt: str, file_format: str, seen: tuple[str, str]) -> str:
+    """The one-line error for a file whose content is ``seen`` but was asked for as ``fmt``."""
+    kind, desc = seen
+    if file_format == "auto":  # the extension chose fmt
+        asked, fix = f"{fmt} (its extension)", f"rename it .{kind} or pass --format {kind}"
+    else:
+        asked, fix = fmt, f"use --format {kind}"
+    if kind == "csv":
+        fix = f"if it is CSV, {fix}"
+    return f"cannot read {what} file {path} as {asked}: it is {desc}; {fix}"
+
+
+def _load(
+    path_str: str, file_format: str, what: str, csv_header: str = "auto"
+) -> dict[str, np.ndarray]:
     """The arrays in a file, by key ('' for a file holding a single array)."""
     path = Path(path_str)
     if not path.exists():
@@ -224,24 +358,42 @@ def _load(path_str: str, file_format: str, what: str) -> dict[str, np.ndarray]:
         raise _error(f"{what} file {path} is not a file")
     fmt = _format_of(path, file_format)
     try:
+        if path.stat().st_size == 0:
+            raise _error(f"{what} file {path} is empty")
+        seen = _sniff(path)
+        if seen is not None and seen[0] != fmt:
+            raise _error(_format_mismatch(what, path, fmt, file_format, seen))
         if fmt == "npy":
-            return {"": np.load(path, allow_pickle=False)}
+            arr = np.load(path, allow_pickle=False)
+            if not isinstance(arr, np.ndarray):  # np.load opens any zip as an NpzFile
+                arr.close()
+                raise ValueError("it is a zip archive, not an .npy file")
+            return {"": arr}
         if fmt == "npz":
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it is not a zip of .npy arrays")
+            with data:
+                out: dict[str, np.ndarray] = {}
+                for k in data.files:
+                    value = data[k]
+                    if not isinstance(value, np.ndarray):  # a member that is no .npy file
+                        raise ValueError(f"its member {k!r} is not an .npy array")
+                    out[k] = value
+                return out
         if fmt == "csv":
-            return {"": _read_csv(path)}
+            return {"": _read_csv(path, csv_header)}
         import torch
 
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, torch.Tensor):
             return {"": _tensor_to_numpy(obj)}
         if isinstance(obj, dict):
-            out = {
+            tensors = {
                 str(k): _tensor_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)
             }
-            if out:
-                return out
+            if tensors:
+                return tensors
         raise ValueError("expected a tensor or a dict of tensors")
     except Exception as exc:  # any reader failure becomes one line, never a traceback
         if type(exc).__name__ == "CLIError":
@@ -269,6 +421,8 @@ def _pick(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> tuple[str, np
 
 def _listing(arrays: dict[str, np.ndarray], limit: int = 3) -> str:
     """A short listing of the arrays in a file, 2-D (prediction-like) ones first."""
+    if "" in arrays:  # .npy, .csv, a .pt of one tensor
+        return f"a single unnamed array of shape {tuple(arrays[''].shape)}"
     names = sorted(arrays, key=lambda k: (arrays[k].ndim != 2, k))
     two_d = sum(arrays[k].ndim == 2 for k in names)
     shown = ", ".join(f"{k} {tuple(arrays[k].shape)}" for k in names[:limit])
@@ -293,13 +447,20 @@ def _labels_next_to(arrays: dict[str, np.ndarray], key: str) -> tuple[str, np.nd
 def _predictions_and_labels(
     args: argparse.Namespace,
 ) -> tuple[np.ndarray, np.ndarray, str | None]:
-    arrays = _load(args.predictions, args.file_format, "PREDICTIONS")
+    arrays = _load(args.predictions, args.file_format, "PREDICTIONS", args.csv_header)
     hint: str | None = None
     key: str | None = None
     if args.key is not None:
-        if "" in arrays or args.key not in arrays:
-            held = "a single array" if "" in arrays else _listing(arrays)
-            raise _error(f"--key {args.key!r} is not in PREDICTIONS {args.predictions}; it holds {held}")
+        if "" in arrays:
+            raise _error(
+                f"--key names an array inside an .npz/.pt file; PREDICTIONS {args.predictions}"
+                " holds a single unnamed array: drop --key"
+            )
+        if args.key not in arrays:
+            raise _error(
+                f"--key {args.key!r} is not in PREDICTIONS {args.predictions}; it holds"
+                f" {_listing(arrays)}"
+            )
         key, preds = args.key, arrays[args.key]
     elif "" in arrays:
         preds = arrays[""]
@@ -321,8 +482,13 @@ def _predictions_and_labels(
         elif last in ("probs", "probabilities"):
             hint = "probs"
     if args.labels is not None:
-        larrays = _load(args.labels, args.file_format, "LABELS")
+        larrays = _load(args.labels, args.file_format, "LABELS", args.csv_header)
         if args.labels_key is not None:
+            if "" in larrays:
+                raise _error(
+                    f"--labels-key names an array inside an .npz/.pt file; LABELS {args.labels}"
+                    " holds a single unnamed array: drop --labels-key"
+                )
             if args.labels_key not in larrays:
                 raise _error(f"--labels-key {args.labels_key!r} is not in LABELS {args.labels};"
                              f" it holds {_listing(larrays)}")
@@ -341,6 +507,11 @@ def _predictions_and_labels(
             labels = found[1]
     else:
         if args.labels_key is not None:
+            if "" in arrays:
+                raise _error(
+                    f"--labels-key names an array inside PREDICTIONS, but {args.predictions}"
+                    " holds a single unnamed array (the predictions): pass --labels LABELS"
+                )
             if args.labels_key not in arrays:
                 raise _error(f"--labels-key {args.labels_key!r} is not in PREDICTIONS"
                              f" {args.predictions}; it holds {_listing(arrays)}")
@@ -357,8 +528,27 @@ def _predictions_and_labels(
     return preds, labels, hint
 
 
+def _csv_header_hint(args: argparse.Namespace, preds: np.ndarray, labels: np.ndarray) -> str:
+    """The fix to add to the row-count mismatch of PREDICTIONS and LABELS when the file with
+    one row more is a CSV read with ``--csv-header auto`` (its first row may be pandas' ``0``
+    header, which auto reads as a label); ``""`` otherwise."""
+    if args.csv_header != "auto" or args.labels is None or preds.ndim != 2:
+        return ""
+    n_labels = labels.size if labels.ndim == 1 or (labels.ndim == 2 and 1 in labels.shape) else -1
+    if n_labels == preds.shape[0] + 1:
+        what, longer = "LABELS", args.labels
+    elif n_labels == preds.shape[0] - 1:
+        what, longer = "PREDICTIONS", args.predictions
+    else:
+        return ""
+    if _format_of(Path(longer), args.file_format) != "csv":
+        return ""
+    return (f"; if the first row of {what} {longer} is a header, delete it or pass --csv-header yes"
+            " (which drops the first row of every .csv input)")
+
+
 def _check(
-    preds: np.ndarray, labels: np.ndarray, labels_file: str = "LABELS"
+    preds: np.ndarray, labels: np.ndarray, labels_file: str = "LABELS", mismatch_hint: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
     if preds.dtype.kind not in "fiu":
         raise _error(f"PREDICTIONS must be numeric, got dtype {preds.dtype}")
@@ -398,6 +588,7 @@ def _check(
     if labels.shape[0] != n:
         raise _error(
             f"PREDICTIONS has {n} rows but LABELS has {labels.shape[0]} entries; they must match"
+            + mismatch_hint
         )
     # compare before any cast: 1e30 or a uint64 beyond int64 must not wrap around
     out_of_range = (labels < 0) | (labels >= c)
@@ -752,8 +943,12 @@ def main(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_out_dir(args.out)  # before any work: a file in the way fails now, not at the end
     preds, labels, hint = _predictions_and_labels(args)
+    if args.csv_header != "auto":
+        files = [args.predictions] if args.labels is None else [args.predictions, args.labels]
+        if all(_format_of(Path(f), args.file_format) != "csv" for f in files):
+            raise _error(f"--csv-header {args.csv_header} applies to .csv files and no input is one: drop it")
     labels_file = args.labels if args.labels is not None else args.predictions
-    preds, labels = _check(preds, labels, labels_file)
+    preds, labels = _check(preds, labels, labels_file, _csv_header_hint(args, preds, labels))
     n, c = preds.shape
     if args.method in BINARY_METHODS and c != 2:
         raise _error(f"--method {args.method} is for two classes; PREDICTIONS has {c} columns")

@@ -43,8 +43,8 @@ from crossent.calibration._inputs import (
     _to_tensor,
     as_labels,
     as_matrix,
+    binary_nll_terms,
     drop_ignored,
-    log_eps,
     looks_like_probs,
     select,
 )
@@ -515,12 +515,9 @@ def nll(
             from_logits = kept.numel() > 0 and not (float(kept.min()) >= 0.0 and float(kept.max()) <= 1.0)
         if from_logits:
             _, _, y_np = select(raw, lab, from_logits=True, ignore_index=ignore_index)
-            z = kept.to(torch.float64)
-            yt = torch.from_numpy(y_np).to(torch.float64)
-            return float((torch.nn.functional.softplus(z) - yt * z).mean())
+            return float(binary_nll_terms(kept, y_np, from_logits=True).mean())
         _, p, y_np = select(raw, lab, from_logits=False, ignore_index=ignore_index)
-        py = torch.where(torch.from_numpy(y_np) == 1, p, 1.0 - p)
-        return float(-torch.log(py.clamp_min(log_eps(torch.float64))).mean())
+        return float(binary_nll_terms(p, y_np, from_logits=False).mean())
     if ignore_index is not None:
         _, raw, _ = select(raw, lab, from_logits=True, ignore_index=ignore_index)
         lab = lab.reshape(-1)[lab.reshape(-1) != ignore_index]

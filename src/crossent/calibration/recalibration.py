@@ -10,9 +10,33 @@ checked by the guard of :mod:`crossent.calibration._base` and falls back to the 
 (with a :class:`~crossent.calibration.CalibrationWarning` and ``fallback`` set) when it is
 degenerate, unless ``fallback_to_identity=False``.
 
-Multiclass methods take (N, C) logits and integer labels; :class:`PlattScaler` and
-:class:`BetaCalibrator` take binary (N,) logits of the positive class (``from_logits=False``
-for probabilities) and 0/1 labels.
+Multiclass methods take (N, C) logits and integer labels (N,) (or (N, 1), (1, N));
+:class:`PlattScaler` and :class:`BetaCalibrator` take binary (N,) logits of the positive class
+(``from_logits=False`` for probabilities), or (N, 2) logits, and 0/1 labels of the same forms.
+
+Validation labels that miss classes. Labels that are all one class make every fit degenerate
+(a map that gives that class probability 1 everywhere fits them perfectly, and every other
+class gets probability 0): every method warns and falls back to the identity, with
+``diagnostic_kind == "separable"``. When some classes of C >= 3 have no sample but two or more
+have, the methods differ:
+
+* temperature scaling and :class:`EnsembleTemperatureScaler` share their parameters over the
+  classes, so the fit is determined by the present ones and is used as it is, without a
+  warning;
+* :class:`~crossent.calibration.VectorScaler`, :class:`MatrixScaler` and
+  :class:`DirichletCalibrator` have parameters per class, fitted jointly through the softmax:
+  an absent class's probability is driven towards 0 (its bias down), limited only by the
+  regularisation and ``max_iter``, so the validation set counts as separable: the whole map
+  falls back to the identity (the softmax couples the classes, so an absent class's
+  parameters cannot be reset alone);
+* :class:`HistogramBinning` and :class:`IsotonicCalibrator` fit one map per class, and an
+  absent class's map would give it probability 0 (an infinite NLL on any test sample of it):
+  those classes alone keep the identity, their softmax probability, renormalised with the
+  calibrated others, and a :class:`~crossent.calibration.CalibrationWarning` names them. The
+  present classes keep their fit (``diagnostic_kind == "separable"``, ``fallback`` stays
+  ``None``).
+
+With ``fallback_to_identity=False`` each of these cases that warns keeps the raw fit (and warns).
 
 Conventions against netcal (Küppers et al. 2020) where the definitions meet:
 
@@ -31,13 +55,21 @@ Conventions against netcal (Küppers et al. 2020) where the definitions meet:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, TypeVar
+import warnings
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crossent.calibration._base import Recalibrator, as_float64_numpy
+from crossent.calibration._base import (
+    CalibrationWarning,
+    Recalibrator,
+    absent_classes,
+    absent_how,
+    as_float64_numpy,
+    label_separation,
+)
 from crossent.calibration._inputs import as_labels, as_matrix
 from crossent.calibration.metrics import _check_n_bins, width_bin_index, width_edges
 from crossent.calibration.temperature import TemperatureScaler
@@ -83,6 +115,13 @@ def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float =
 class _MulticlassRecalibrator(Recalibrator):
     """Shared parts of the (N, C)-logit methods: the guard, ``transform_logits``/``predict_proba``."""
 
+    #: for the maps with parameters per class: what the fit does with a class that has no
+    #: validation sample (the guard then counts the set as separable); ``None`` for the maps
+    #: whose parameters are shared or one-vs-rest
+    _absent_consequence: ClassVar[str | None] = None
+    #: for the one-vs-rest maps: what the map of a class with no validation sample gives it
+    _absent_zero: ClassVar[str] = ""
+
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
 
@@ -107,14 +146,45 @@ class _MulticlassRecalibrator(Recalibrator):
         p = self._probs64(self._logits64(logits))
         return _like(np.log(np.maximum(p, np.finfo(np.float64).tiny)), logits)  # type: ignore[no-any-return]
 
-    def _check_fit(self, z: torch.Tensor, y: np.ndarray, at_bound: str | None = None) -> None:
+    def _separation(self, z: torch.Tensor, y: np.ndarray) -> tuple[bool, str | None, str | None]:
+        """Whether the validation set is separable for this map, how, and what that does to
+        the fit (:func:`~crossent.calibration._base.label_separation`)."""
+        top1 = bool((z.argmax(1) == torch.from_numpy(y)).all())
+        return label_separation(top1, y, z.shape[1], absent_consequence=self._absent_consequence)
+
+    def _check_fit(
+        self, z: torch.Tensor, y: np.ndarray, at_bound: str | None = None, *, note: str | None = None
+    ) -> None:
+        """The guard on the validation data. ``note``: a problem the fit has already handled
+        (absent classes of a one-vs-rest map), the diagnostic when the guard finds none."""
         yt = torch.from_numpy(y)
         nll_id = float((torch.logsumexp(z, 1) - z.gather(1, yt[:, None])[:, 0]).mean())
         p = self._probs64(z)
         nll_fit = float(-np.log(np.maximum(p[np.arange(len(y)), y], np.finfo(np.float64).tiny)).mean())
-        separable = bool((z.argmax(1) == yt).all())
+        separable, how, consequence = self._separation(z, y)
         self._guard(nll_id, nll_fit, len(y), at_bound=at_bound, separable=separable,
-                    n_classes=z.shape[1])
+                    n_classes=z.shape[1], separable_how=how, separable_consequence=consequence)
+        if self.diagnostic is None and note is not None:
+            self.diagnostic, self.diagnostic_kind = note, "separable"
+
+    def _absent_one_vs_rest(self, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, str | None]:
+        """For a one-vs-rest map: the classes with no validation sample whose maps become the
+        identity (none with ``fallback_to_identity=False``), and the problem in words (``None``
+        if no class, or all classes but one, are absent: the guard speaks for one class only).
+        Warns when there is a problem."""
+        absent = absent_classes(y, n_classes)
+        if absent.size == 0 or absent.size >= n_classes - 1:
+            return absent[:0], None
+        problem = (f"{absent_how(absent, n_classes)} no validation sample, so their one-vs-rest"
+                   f" maps give them probability 0 {self._absent_zero} (an infinite NLL on any"
+                   " test sample of them)")
+        if self.fallback_to_identity:
+            action = ("using the identity (the softmax probability, renormalised with the other"
+                      " classes) for them; pass fallback_to_identity=False to keep the fit")
+        else:
+            action = "keeping the fit (fallback_to_identity=False)"
+        warnings.warn(f"{type(self).__name__}: {problem}; {action}", CalibrationWarning, stacklevel=3)
+        return (absent if self.fallback_to_identity else absent[:0]), problem
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +205,18 @@ class MatrixScaler(_MulticlassRecalibrator):
     still rescale every class. ``reg_off_diagonal`` is :math:`\lambda`, ``reg_bias``
     :math:`\mu`; the paper picks both by cross-validation. Fitted by L-BFGS from
     :math:`W = I, b = 0` (the identity), in float64.
+
+    A class :math:`k` with no validation sample only lowers the NLL as
+    :math:`\hat p_{ik} \to 0`: the fit drives row :math:`k` of :math:`W f(z) + b` down,
+    limited only by the regulariser and ``max_iter`` (for :class:`DirichletCalibrator`, whose
+    features :math:`\log p_{ik}` are negative, the free diagonal :math:`W_{kk}` alone does it
+    without bound). The guard counts such a validation set as separable: it warns and falls
+    back to the identity (``fallback_to_identity=False`` keeps the fit and warns), as it does
+    for labels that are all one class.
     """
+
+    _absent_consequence = ("so the fit drives their probabilities towards 0, limited only by"
+                           " the regularisation and max_iter")
 
     name = "matrix"
 
@@ -180,7 +261,7 @@ class MatrixScaler(_MulticlassRecalibrator):
             reg = self.reg_off_diagonal * (w * off).square().sum() / (k * (k - 1))
             return nll + reg + self.reg_bias * b.square().sum() / k
 
-        if self.fallback_to_identity and bool((z.argmax(1) == yt).all()):
+        if self.fallback_to_identity and self._separation(z, y)[0]:
             pass  # separable: the guard below restores the identity, so skip the optimiser
         else:
             _lbfgs([w, c], loss, self.max_iter)
@@ -249,14 +330,24 @@ class HistogramBinning(_MulticlassRecalibrator):
     ((m-1)/M, m/M]; the calibrated value is the frequency of class :math:`k` among the
     validation samples in that bin, :math:`\theta_{km} = |\{i \in B_{km} : y_i = k\}| /
     |B_{km}|` (the bin centre for an empty bin), and the rows are renormalised to sum to one.
+
+    A class with no validation sample would get :math:`\theta_{km} = 0` in every bin the
+    validation data reach. When some classes (but not all others) are absent, their maps are
+    the identity instead, :math:`q_{ik} = p_{ik}` before the renormalisation, listed in
+    ``identity_classes``, and a :class:`~crossent.calibration.CalibrationWarning` names them
+    (``diagnostic_kind == "separable"``; ``fallback_to_identity=False`` keeps the zeros).
+    Labels that are all one class fall back to the identity map as a whole.
     """
 
     name = "histogram"
+    _absent_zero = "in every bin the validation samples reach"
 
     def __init__(self, n_bins: int = 15, *, fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
         self.n_bins = _check_n_bins(n_bins)
         self.bin_values: np.ndarray | None = None  # (C, M)
+        #: the classes whose map is the identity (no validation sample of them)
+        self.identity_classes: list[int] = []
 
     def fit(self, logits: Any, labels: Any) -> HistogramBinning:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
@@ -270,8 +361,10 @@ class HistogramBinning(_MulticlassRecalibrator):
         centre = np.tile((width_edges(m)[:-1] + width_edges(m)[1:]) / 2, k)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.bin_values = np.where(count > 0, hits / np.maximum(count, 1), centre).reshape(k, m)
+        identity, note = self._absent_one_vs_rest(y, k)
+        self.identity_classes = [int(c) for c in identity]
         self._fitted = True
-        self._check_fit(z, y)
+        self._check_fit(z, y, note=note)
         return self
 
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
@@ -282,17 +375,21 @@ class HistogramBinning(_MulticlassRecalibrator):
             raise ValueError(f"logits have {z.shape[1]} classes but the map was fitted on {k}")
         p = torch.softmax(z, 1).numpy()
         q = np.take_along_axis(self.bin_values.T, width_bin_index(p, m), axis=0)
+        if self.identity_classes:
+            q[:, self.identity_classes] = p[:, self.identity_classes]
         return _normalise(q, p)
 
     def _set_identity(self, n_classes: int) -> None:
         self.bin_values = None
+        self.identity_classes = []
 
     def _params(self) -> dict[str, Any]:
-        return {"bin_values": self.bin_values}
+        return {"bin_values": self.bin_values, "identity_classes": list(self.identity_classes)}
 
     def _set_params(self, params: dict[str, Any]) -> None:
         v = params["bin_values"]
         self.bin_values = None if v is None else np.asarray(v, dtype=np.float64)
+        self.identity_classes = [int(c) for c in params.get("identity_classes", [])]
 
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "n_bins": self.n_bins}
@@ -304,9 +401,17 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
     :math:`\sum_i (g_k(p_{ik}) - [y_i = k])^2` (pool-adjacent-violators, scikit-learn's
     ``IsotonicRegression`` with ``out_of_bounds="clip"``), rows renormalised. As netcal's
     ``IsotonicRegression``. Needs scikit-learn (the ``run`` extra).
+
+    A class with no validation sample would get :math:`g_k \equiv 0`. When some classes (but
+    not all others) are absent, their maps are the identity instead, :math:`g_k(p) = p` (the
+    knots ``([0, 1], [0, 1])``), before the renormalisation, and a
+    :class:`~crossent.calibration.CalibrationWarning` names them (``diagnostic_kind ==
+    "separable"``; ``fallback_to_identity=False`` keeps the zeros). Labels that are all one
+    class fall back to the identity map as a whole.
     """
 
     name = "isotonic"
+    _absent_zero = "everywhere"
 
     def __init__(self, *, fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
@@ -324,8 +429,11 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
             reg = iso.IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
             reg.fit(p[:, k], (y == k).astype(np.float64))
             self.knots.append((np.asarray(reg.X_thresholds_), np.asarray(reg.y_thresholds_)))
+        identity, note = self._absent_one_vs_rest(y, p.shape[1])
+        for k in identity:  # g(p) = p on [0, 1]: linear interpolation between (0, 0) and (1, 1)
+            self.knots[k] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
         self._fitted = True
-        self._check_fit(z, y)
+        self._check_fit(z, y, note=note)
         return self
 
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
@@ -365,6 +473,11 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
     with :math:`T` from temperature scaling (NLL) and the weights minimising the validation
     ``loss``: ``"mse"`` (the squared error to the one-hot label, the default of the authors'
     code) or ``"nll"``. The weights are the softmax of three free parameters (L-BFGS).
+
+    Labels that are all one class make the fit degenerate: it warns and falls back to the
+    identity (``diagnostic_kind == "separable"``). Classes without a validation sample, when
+    two or more others have samples, need nothing special: the temperature and the weights are
+    shared by all classes.
     """
 
     name = "ensemble_temperature"
@@ -379,8 +492,6 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
 
     def fit(self, logits: Any, labels: Any) -> EnsembleTemperatureScaler:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
-        import warnings
-
         z, y = _multiclass(logits, labels)
         with warnings.catch_warnings():  # the ensemble's own guard speaks for the whole map
             warnings.simplefilter("ignore")
@@ -483,13 +594,26 @@ class _BinaryRecalibrator(Recalibrator):
         _lbfgs([w], loss, 500, tol=1e-12)  # two or three parameters: converge fully
         return w.detach().numpy().copy()
 
-    def _labels(self, labels: Any, n: int) -> torch.Tensor:
+    def _labels(self, labels: Any, scores: Any, n: int) -> torch.Tensor:
+        """The 0/1 labels, one per score: shape (N,), or (N, 1) or (1, N) as the multiclass
+        methods take them; ``scores`` (the argument as given) and their ``n`` rows name the
+        expected shape. Labels of another shape are refused, whatever their size: flattening
+        them would pair labels and scores by their memory order."""
         y = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
+        one_per_score = y.shape == (n,) or y.shape in ((n, 1), (1, n))
+        if not one_per_score:
+            shape = tuple(scores.shape) if hasattr(scores, "shape") else np.shape(scores)
+            raise ValueError(
+                f"labels (the validation labels) have shape {y.shape} but the scores have shape"
+                f" {shape}: pass one 0/1 label per score, of shape ({n},)"
+            )
         y = y.reshape(-1)
-        if y.shape[0] != n:
-            raise ValueError(f"labels has {y.shape[0]} entries but the scores {n}")
-        if not np.isin(y, (0, 1)).all():
-            raise ValueError("labels of a binary problem must be 0 or 1")
+        if y.dtype.kind not in "biuf":
+            raise TypeError(f"labels must hold 0/1 outcomes, got dtype {y.dtype}")
+        bad = ~np.isin(y, (0, 1))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"labels of a binary problem must be 0 or 1; entry {i} is {y[i].item()!r}")
         return torch.from_numpy(y.astype(np.float64))
 
     def _check_fit(self, s: torch.Tensor, y: torch.Tensor) -> None:
@@ -530,9 +654,10 @@ class PlattScaler(_BinaryRecalibrator):
         return s[:, None]
 
     def fit(self, logits: Any, labels: Any) -> PlattScaler:
-        """Fit on validation scores (N,) and 0/1 labels (N,); returns ``self``."""
+        """Fit on validation scores (N,) (or (N, 2) logits) and 0/1 labels (N,) (or (N, 1),
+        (1, N)); returns ``self``."""
         s = self._scores(logits)
-        y = self._labels(labels, s.shape[0])
+        y = self._labels(labels, logits, s.shape[0])
         self.coef = self._fit_logistic(self._features(s), y)
         self._fitted = True
         self._check_fit(s, y)
@@ -563,9 +688,10 @@ class BetaCalibrator(_BinaryRecalibrator):
         return torch.stack([-F.softplus(-s), F.softplus(s)], 1)
 
     def fit(self, logits: Any, labels: Any) -> BetaCalibrator:
-        """Fit on validation scores (N,) and 0/1 labels (N,); returns ``self``."""
+        """Fit on validation scores (N,) (or (N, 2) logits) and 0/1 labels (N,) (or (N, 1),
+        (1, N)); returns ``self``."""
         s = self._scores(logits)
-        y = self._labels(labels, s.shape[0])
+        y = self._labels(labels, logits, s.shape[0])
         x = self._features(s)
         coef = self._fit_logistic(x, y)
         if coef[0] < 0 or coef[1] < 0:

@@ -37,6 +37,7 @@ import torch
 from crossent.calibration._inputs import (
     ArrayLike,
     _to_tensor,
+    binary_nll_terms,
     drop_ignored,
     iter_chunks,
     looks_like_probs,
@@ -158,23 +159,22 @@ class CalibrationMeter:
             raise ValueError(f"this batch is {kind} but the meter holds {self._kind} batches")
         if kind == "binary":  # positive-class probabilities; classwise on [1 - p, p]
             conf, correct = t.numpy(), y.astype(np.float64)
-            self._add_scores(conf, correct)
             yt = torch.from_numpy(y).to(torch.float64)
             p = t.clamp(0.0, 1.0)
-            py = torch.where(yt == 1, p, 1.0 - p).clamp_min(np.finfo(np.float64).tiny)
-            if self.from_logits:  # softplus(z) - y z, as nll: no clipping of 1 - sigmoid(z) at large z
-                x = logits_or_probs
-                z = drop_ignored(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index).reshape(-1)
-                z = z.to(torch.float64)
-                nll_sum = float((torch.nn.functional.softplus(z) - yt * z).sum())
-            else:
-                nll_sum = float(-torch.log(py).sum())
-            self._scalars += [conf.shape[0], float(((p > 0.5).to(torch.float64) == yt).sum()), nll_sum,
-                              float((p - yt).square().sum())]
+            # from logits the logits themselves, as nll: 1 - sigmoid(z) is 0 at large z
+            scores = (drop_ignored(_to_tensor(logits_or_probs, "logits_or_probs"), lab, self.ignore_index)
+                      if self.from_logits else p)
+            nll_sum = float(binary_nll_terms(scores, y, from_logits=bool(self.from_logits)).sum())
+            r = None
             if self.classwise:  # the two columns, as classwise_ece
                 r = row_statistics(torch.stack([1.0 - p, p], 1), torch.from_numpy(y), from_logits=False,
                                    name="probs", n_bins=self.n_bins, scores=False)
                 assert r.cw_p is not None and r.cw_y is not None
+            # every statistic of the batch is computed: only now is any of it added
+            self._add_scores(conf, correct)
+            self._scalars += [conf.shape[0], float(((p > 0.5).to(torch.float64) == yt).sum()), nll_sum,
+                              float((p - yt).square().sum())]
+            if r is not None and r.cw_p is not None and r.cw_y is not None:
                 self._add_classwise_sums(r.cw_p, r.cw_y)
             return
         n, k = t.shape

@@ -40,6 +40,13 @@ catastrophically over-confident on new data), or a validation NLL worse than at 
 warns with :class:`~crossent.calibration.CalibrationWarning` and falls back to :math:`T = 1`;
 ``fallback`` names the reason (``None`` when the fit is used). ``fallback_to_identity=False``
 keeps the fit (and still warns).
+
+Validation labels that are all one class count as separable for both methods (a map that
+gives that class probability 1 fits them, and the other classes get probability 0). Classes
+with no validation sample, when two or more others have samples, count as separable for
+vector scaling only: the bias of an absent class is driven down without bound (limited only
+by ``max_iter``), while the one temperature is shared by all classes and determined by the
+present ones.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 
-from crossent.calibration._base import CalibrationWarning, Recalibrator
+from crossent.calibration._base import CalibrationWarning, Recalibrator, label_separation
 from crossent.calibration._inputs import (
     ArrayLike,
     as_labels,
@@ -123,6 +130,8 @@ class TemperatureScaler(Recalibrator):
     fallback_to_identity:
         On a degenerate fit (bound reached, separable validation set, validation NLL worse
         than at T = 1) use T = 1 instead (default), or keep the fit (``False``); both warn.
+        Labels that are all one class make the set separable; for vector scaling, so do
+        classes with no validation sample (their biases have no finite optimum).
 
     Attributes
     ----------
@@ -264,6 +273,13 @@ class TemperatureScaler(Recalibrator):
             s = self.transform_logits(b64)
             nll_fit += float((torch.logsumexp(s, 1) - s.gather(1, yb)[:, 0]).sum())
         n = z.shape[0]
+        consequence = None
+        if self.bias is not None:  # vector scaling: an absent class's bias has no finite optimum
+            consequence = ("so the fit drives their probabilities towards 0 (their biases down"
+                           " without bound, limited only by max_iter)")
+        separable, how, consequence = label_separation(
+            separable, y, z.shape[1], absent_consequence=consequence
+        )
         self._guard(
             nll_id / n,
             nll_fit / n,
@@ -271,6 +287,8 @@ class TemperatureScaler(Recalibrator):
             at_bound=self._bound_reached(),
             separable=separable,
             n_classes=z.shape[1],
+            separable_how=how,
+            separable_consequence=consequence,
         )
 
     # ------------------------------------------------------------------ state
@@ -494,6 +512,11 @@ class VectorScaler(TemperatureScaler):
     ``VectorScaler(**kw)`` is ``TemperatureScaler("vector", **kw)``; netcal's vector scaling
     (``LogisticCalibration`` on logits with a diagonal weight) fits the same map,
     :math:`w_k = 1/T_k`, without bounds on :math:`T_k`.
+
+    A class :math:`k` with no validation sample only lowers the NLL as :math:`b_k \to
+    -\infty`: the fit has no finite optimum, so the guard counts the validation set as
+    separable, warns and falls back to the identity (``fallback_to_identity=False`` keeps the
+    fit and warns), as it does for labels that are all one class.
     """
 
     name = "vector"
