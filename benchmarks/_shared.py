@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from crossent.bench import LoadMonitor, reliability_warnings, summarize
+from crossent.bench import Clock, LoadMonitor, reliability_warnings, summarize
 from crossent.bench import interleaved_times as _harness_times
 
 K = TypeVar("K", bound=Hashable)
@@ -101,15 +101,16 @@ def backward_steps(
 
 def interleaved_times(
     steps: dict[K, Callable[[], object]], repeats: int, *, device: str = "cpu", warmup: int = 1,
-    before: Callable[[K], object] | None = None, flush_l2: bool = False,
+    before: Callable[[K], object] | None = None, flush_l2: bool = False, clock: Clock = "wall",
 ) -> dict[K, list[float]]:
     """Times (ms) of every step over ``repeats`` rounds (:func:`crossent.bench.interleaved_times`:
     one warm-up call each, then the steps interleaved round by round in a new shuffled order each
-    round, ``random.Random(0)``; on CUDA, CUDA events, with ``before`` and ``flush_l2`` untimed).
+    round, ``random.Random(0)``; on CUDA, CUDA events, with ``before`` and ``flush_l2`` untimed;
+    on the CPU the wall clock or, ``clock="cpu"``, the process's CPU time).
     Warnings on the machine's load and on cases whose rounds spread more than 10% go to stderr."""
     with LoadMonitor() as monitor:
         times = _harness_times(steps, repeats, device=device, warmup=warmup, before=before,
-                               flush_l2=flush_l2)
+                               flush_l2=flush_l2, clock=clock)
     spreads = {name: summarize(ts).spread for name, ts in times.items()}
     for line in reliability_warnings(spreads, monitor.result):
         print(f"warning: {line}", file=sys.stderr)

@@ -57,6 +57,28 @@ def test_interleaved_rounds_warm_up_then_every_step_once_per_round_shuffled(n_st
         assert len({tuple(r) for r in rounds}) > 1, "the order must change between rounds"
 
 
+def test_cpu_clock_counts_work_not_waiting():
+    """clock="cpu" times the process's CPU time: a step that sleeps 60 ms costs next to nothing,
+    one that computes for 60 ms about that much; the wall clock sees both."""
+    def sleep() -> None:
+        time.sleep(0.06)
+
+    def spin() -> None:
+        end = time.process_time() + 0.06
+        while time.process_time() < end:
+            pass
+
+    steps = {"sleep": sleep, "spin": spin}
+    cpu = interleaved_times(steps, 3, warmup=0, clock="cpu")
+    wall = interleaved_times(steps, 3, warmup=0)
+    assert max(cpu["sleep"]) < 20 and min(cpu["spin"]) >= 55
+    assert min(wall["sleep"]) >= 55 and min(wall["spin"]) >= 55
+    with pytest.raises(ValueError, match="clock must be 'wall' or 'cpu'"):
+        interleaved_times(steps, 1, clock="gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="CUDA events"):
+        interleaved_times(steps, 1, device="cuda", clock="cpu")
+
+
 def test_interleaved_times_rejects_zero_rounds():
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         interleaved_times({"a": lambda: None}, 0)
@@ -145,6 +167,9 @@ QUIET = MachineLoad(cpus=4, loadavg=0.2, others_busy=0.1, threads=4)
         (MachineLoad(cpus=2, loadavg=None, others_busy=None, threads=2), {"a": 0.0}, []),
         (MachineLoad(cpus=2, loadavg=4.0, others_busy=2.0, threads=2), {"a": 0.5},
          ["kept 2.0 of 2", "load average 4.00", "spread more than 10%"]),
+        (MachineLoad(cpus=2, loadavg=0.1, others_busy=0.0, threads=2, stolen=0.8), {"a": 0.0},
+         ["the hypervisor took 0.8 of 2 CPUs during the run (steal time)"]),
+        (MachineLoad(cpus=2, loadavg=0.1, others_busy=0.0, threads=2, stolen=0.1), {"a": 0.0}, []),
     ],
 )
 def test_reliability_warnings(load, spreads, expect):
@@ -155,6 +180,17 @@ def test_reliability_warnings(load, spreads, expect):
         assert "--threads 1" in got[-1]  # what to do about it
     else:
         assert got == []
+
+
+def test_parse_proc_stat_keeps_steal_apart():
+    """Busy time is user + nice + system + irq + softirq; steal (a hypervisor running other
+    guests) is its own figure, not "other processes"; a kernel without the steal column gives 0."""
+    hz = os.sysconf("SC_CLK_TCK")
+    got = bench.parse_proc_stat("cpu  100 2 30 5000 7 1 4 250 0 0")
+    assert got == pytest.approx(((100 + 2 + 30 + 1 + 4) / hz, 250 / hz))
+    assert bench.parse_proc_stat("cpu  100 2 30 5000 7 1 4") == pytest.approx((137 / hz, 0.0))
+    assert bench.parse_proc_stat("cpu0 1 2 3 4 5 6 7 8") is None
+    assert bench.parse_proc_stat("") is None
 
 
 def test_text_table_never_cuts_a_cell():

@@ -37,7 +37,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,8 @@ class BenchResult:
 SPREAD_LIMIT = 0.10
 #: other processes busy on more than this fraction of the CPUs during a run make its figures suspect
 BUSY_LIMIT = 0.25
+#: a hypervisor taking more than this fraction of the CPUs (steal time) makes them suspect too
+STEAL_LIMIT = 0.10
 
 
 def _sync(device: str) -> None:
@@ -118,13 +120,21 @@ def _sync(device: str) -> None:
 L2_FLUSH_BYTES = 256 << 20
 
 
-def _time_once(fn: Callable[[], object], device: str, flush: torch.Tensor | None) -> float:
+#: what a CPU call is timed by: the wall clock, or the CPU time of the process (every thread)
+Clock = Literal["wall", "cpu"]
+
+
+def _time_once(
+    fn: Callable[[], object], device: str, flush: torch.Tensor | None, clock: Clock = "wall"
+) -> float:
     """Milliseconds of one call: CUDA events around it on the GPU (after the optional L2 flush,
-    which is outside the events), the wall clock on the CPU."""
+    which is outside the events); on the CPU the wall clock, or with ``clock="cpu"`` the CPU
+    time of the process summed over its threads (``time.process_time``)."""
     if device != "cuda":
-        t0 = time.perf_counter()
+        now = time.process_time if clock == "cpu" else time.perf_counter
+        t0 = now()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        return (now() - t0) * 1e3
     if flush is not None:
         flush.zero_()
     start = torch.cuda.Event(enable_timing=True)
@@ -150,7 +160,7 @@ def time_median(fn: Callable[[], object], device: str, *, repeats: int = 7, warm
 
 def interleaved_times(
     steps: Mapping[K, Callable[[], object]], repeats: int, *, device: str = "cpu", warmup: int = 1,
-    seed: int = 0, before: Callable[[K], object] | None = None, flush_l2: bool = False,
+    seed: int = 0, before: Callable[[K], object] | None = None, flush_l2: bool = False, clock: Clock = "wall",
 ) -> dict[K, list[float]]:
     """Times (ms) of every step over ``repeats`` rounds.
 
@@ -163,10 +173,19 @@ def interleaved_times(
     untimed: restoring inputs that an in-place step overwrote, clearing gradients. On ``"cuda"``
     each call is timed by CUDA events, so the time is the device's; ``flush_l2=True`` also writes
     :data:`L2_FLUSH_BYTES` before each timed call, so that no step finds its inputs in the L2
-    cache left warm by the step before it. On the CPU the time is the wall clock.
+    cache left warm by the step before it. On the CPU the time is the wall clock, or with
+    ``clock="cpu"`` the process's CPU time over all its threads: on a virtual machine whose
+    hypervisor steals much of its CPUs' time (:class:`MachineLoad` ``stolen``) it leaves the
+    stolen time out, where the wall clock charges it to whichever step was running; it also
+    leaves out time spent waiting (a thread blocked, a pool idle), so it measures work, not
+    latency.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and device == "cuda":
+        raise ValueError("clock='cpu' times CPU work; CUDA steps are timed by CUDA events")
     items = list(steps.items())
     for name, step in items:
         for _ in range(warmup):
@@ -185,7 +204,7 @@ def interleaved_times(
             if before is not None:
                 before(name)
             _sync(device)
-            times[name].append(_time_once(step, device, flush))
+            times[name].append(_time_once(step, device, flush, clock))
     return times
 
 
@@ -229,14 +248,18 @@ class MachineLoad:
 
     ``loadavg`` is the 1-minute load average when the measurement started (runnable processes,
     averaged; a lagging figure). ``others_busy`` is the number of CPUs' worth of time that other
-    processes used during the measurement: all CPU time in ``/proc/stat`` minus this process's
-    own (``os.times``), over the wall time. ``None`` where the system does not say.
+    processes used during the measurement: all busy CPU time in ``/proc/stat`` (steal excluded)
+    minus this process's own (``os.times``), over the wall time. ``stolen`` is the CPUs' worth of
+    time a hypervisor ran other guests on this virtual machine's CPUs while this one had work
+    for them (``/proc/stat``'s steal time): on a shared VM it can inflate every time measured,
+    unevenly from one round to the next. ``None`` where the system does not say.
     """
 
     cpus: int
     loadavg: float | None
     others_busy: float | None
     threads: int
+    stolen: float | None = None
 
     def warnings(self) -> list[str]:
         """One line per reason the machine's load makes the timings unreliable."""
@@ -246,6 +269,11 @@ class MachineLoad:
                 f"other processes kept {self.others_busy:.1f} of {self.cpus} CPUs busy during the run "
                 f"(this run used {self.threads} threads): the times are inflated and the ratios unreliable"
             )
+        if self.stolen is not None and self.stolen > STEAL_LIMIT * self.cpus:
+            out.append(
+                f"the hypervisor took {self.stolen:.1f} of {self.cpus} CPUs during the run (steal time):"
+                " the times are inflated, unevenly, and the ratios unreliable"
+            )
         if self.loadavg is not None and self.loadavg > 0.5 * self.cpus:
             out.append(
                 f"load average {self.loadavg:.2f} on {self.cpus} CPUs when the run started: the machine "
@@ -254,19 +282,27 @@ class MachineLoad:
         return out
 
 
-def _cpu_seconds_all() -> float | None:
-    """Busy CPU time of the whole machine since boot (seconds), from the first line of /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
+def parse_proc_stat(line: str) -> tuple[float, float] | None:
+    """The busy and the stolen CPU time (seconds since boot) of the whole machine from the first
+    line of ``/proc/stat`` ("cpu  user nice system idle iowait irq softirq steal ...", in clock
+    ticks): busy is everything but idle, iowait and steal. ``None`` for another line."""
+    fields = line.split()
     if not fields or fields[0] != "cpu" or len(fields) < 8:
         return None
-    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait is busy
-    ticks = [int(v) for v in fields[1:]]
-    busy = sum(ticks[:8]) - ticks[3] - ticks[4]
-    return busy / os.sysconf("SC_CLK_TCK")
+    ticks = [int(v) for v in fields[1:9]]
+    steal = ticks[7] if len(ticks) > 7 else 0
+    busy = sum(ticks[:7]) - ticks[3] - ticks[4]
+    hz = os.sysconf("SC_CLK_TCK")
+    return busy / hz, steal / hz
+
+
+def _cpu_seconds_all() -> tuple[float, float] | None:
+    """:func:`parse_proc_stat` of this machine's ``/proc/stat``; ``None`` without one."""
+    try:
+        with open("/proc/stat") as f:
+            return parse_proc_stat(f.readline())
+    except OSError:
+        return None
 
 
 class LoadMonitor:
@@ -280,7 +316,7 @@ class LoadMonitor:
 
     def __init__(self) -> None:
         self.result: MachineLoad | None = None
-        self._start: tuple[float, float | None, float, float | None] | None = None
+        self._start: tuple[float, tuple[float, float] | None, float, float | None] | None = None
 
     def __enter__(self) -> LoadMonitor:
         try:
@@ -297,11 +333,13 @@ class LoadMonitor:
         wall = time.monotonic() - t0
         busy1 = _cpu_seconds_all()
         own = os.times()
-        others = None
+        others = stolen = None
         if busy0 is not None and busy1 is not None and wall > 0.05:
-            others = max(0.0, (busy1 - busy0) - (own.user + own.system - own0)) / wall
+            others = max(0.0, (busy1[0] - busy0[0]) - (own.user + own.system - own0)) / wall
+            stolen = max(0.0, busy1[1] - busy0[1]) / wall
         self.result = MachineLoad(
-            cpus=os.cpu_count() or 1, loadavg=loadavg, others_busy=others, threads=torch.get_num_threads()
+            cpus=os.cpu_count() or 1, loadavg=loadavg, others_busy=others, threads=torch.get_num_threads(),
+            stolen=stolen,
         )
 
 
@@ -789,6 +827,7 @@ def main(args: argparse.Namespace) -> int:
     if load is not None:
         info["load average at start"] = "unknown" if load.loadavg is None else f"{load.loadavg:.2f}"
         info["others busy (CPUs)"] = "unknown" if load.others_busy is None else f"{load.others_busy:.2f}"
+        info["stolen by the hypervisor (CPUs)"] = "unknown" if load.stolen is None else f"{load.stolen:.2f}"
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "bench.csv", "w", newline="") as f:
