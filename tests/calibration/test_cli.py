@@ -419,7 +419,7 @@ def test_csv_header_of_column_indices_is_a_header(
         values = torch.softmax(torch.from_numpy(values), 1).numpy()
     write_csv(tmp_path / "p.csv", values, header="0,1,2,3")
     np.save(tmp_path / "y.npy", y)
-    args = [str(tmp_path / "p.csv"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0", "--no-compare",
+    args = [str(tmp_path / "p.csv"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
             "--out", str(tmp_path / "o")]
     rc, _, err = run([*args, *([] if csv_header is None else ["--csv-header", csv_header])], capsys)
     assert rc == 0, err
@@ -470,7 +470,7 @@ def test_csv_headers_0_and_0_1_above_floats_or_integers(
     np.save(tmp_path / "p.npy", probs)
 
     out = tmp_path / "auto"
-    rc, _, err = run([str(probs_csv), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0", "--no-compare",
+    rc, _, err = run([str(probs_csv), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
                       "--out", str(out)], capsys)
     assert rc == 0, err
     assert metrics_of(out)["n_samples"] == 300
@@ -486,7 +486,7 @@ def test_csv_headers_0_and_0_1_above_floats_or_integers(
                           (probs_csv, labels_csv)):
         out = tmp_path / f"o_{preds.suffix}_{labels.suffix}"
         rc, _, err = run([str(preds), "--labels", str(labels), "--csv-header", "yes", "--val-fraction",
-                          "0", "--no-compare", "--out", str(out)], capsys)
+                          "0", "--out", str(out)], capsys)
         assert rc == 0, err
         metrics = metrics_of(out)
         assert metrics["n_samples"] == 300 and metrics["kind"] == "probs"
@@ -496,7 +496,7 @@ def test_csv_headers_0_and_0_1_above_floats_or_integers(
     hard = np.eye(2, dtype=np.int64)[y]
     write_csv(tmp_path / "hard.csv", hard)
     out = tmp_path / "hard"
-    rc, _, err = run([str(tmp_path / "hard.csv"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0", "--no-compare",
+    rc, _, err = run([str(tmp_path / "hard.csv"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
                       "--out", str(out)], capsys)
     assert rc == 0, err
     assert metrics_of(out)["n_samples"] == 300
@@ -570,17 +570,19 @@ def _format_cases(d: Path) -> list[tuple[str, list[str], str]]:
     npy = r"it is an .npy file (it starts with \x93NUMPY)"
     npz = "it is an .npz file (a zip of .npy arrays)"
     pt = "it is a torch file (a zip holding data.pkl)"
+    drop = "drop --format (its extension says what it is)"  # both files' extensions say their formats
     return [
-        ("z.npy", ["--format", "npz"], f"as npz: {npy}; use --format npy"),
-        ("z.npy", ["--format", "pt"], f"as pt: {npy}; use --format npy"),
-        ("z.npy", ["--format", "csv"], f"as csv: {npy}; use --format npy"),
-        ("p.npz", ["--format", "npy"], f"as npy: {npz}; use --format npz"),
-        ("p.npz", ["--format", "pt"], f"as pt: {npz}; use --format npz"),
-        ("p.pt", ["--format", "npz"], f"as npz: {pt}; use --format pt"),
-        ("p.pt", ["--format", "npy"], f"as npy: {pt}; use --format pt"),
-        ("legacy.pt", ["--format", "npy"], "as npy: it is a torch file (legacy format); use --format pt"),
-        ("z.csv", ["--format", "npy"], "as npy: it is text; if it is CSV, use --format csv"),
+        ("z.npy", ["--format", "npz"], f"as npz: {npy}; {drop}"),
+        ("z.npy", ["--format", "pt"], f"as pt: {npy}; {drop}"),
+        ("z.npy", ["--format", "csv"], f"as csv: {npy}; {drop}"),
+        ("p.npz", ["--format", "npy"], f"as npy: {npz}; {drop}"),
+        ("p.npz", ["--format", "pt"], f"as pt: {npz}; {drop}"),
+        ("p.pt", ["--format", "npz"], f"as npz: {pt}; {drop}"),
+        ("p.pt", ["--format", "npy"], f"as npy: {pt}; {drop}"),
+        ("legacy.pt", ["--format", "npy"], f"as npy: it is a torch file (legacy format); {drop}"),
+        ("z.csv", ["--format", "npy"], f"as npy: it is text; if it is CSV, {drop}"),
         ("npz_named.npy", [], f"as npy (its extension): {npz}; rename it .npz or pass --format npz"),
+        ("npz_named.npy", ["--format", "pt"], f"as pt: {npz}; use --format npz"),
     ]
 
 
@@ -646,4 +648,39 @@ def test_key_options_on_a_file_of_one_array(tmp_path: Path, capsys: pytest.Captu
     # an .npz keeps its listing
     rc, _, err = run([str(tmp_path / "p.npz"), "--labels-key", "labels"], capsys)
     one_line_error(rc, err, "--labels-key 'labels' is not in PREDICTIONS")
-    assert "1 arrays, 1 of them 2-D: logits (100, 3)" in err
+    assert "it holds one array: logits (100, 3)" in err
+
+
+def test_csv_trailing_commas_format_hints_and_empty_npz(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A comma ending every row is an empty last column, not a header; --format given for both
+    files where the extensions already say each one's format names that fix; a row lost to
+    --csv-header yes is named; an .npz without arrays says so."""
+    z, y = make(n=200, c=3, seed=11)
+    np.save(tmp_path / "y.npy", y)
+    (tmp_path / "t.csv").write_text("".join(",".join(str(float(v)) for v in row) + ",\n" for row in z))
+    out = tmp_path / "o"
+    rc, _, err = run([str(tmp_path / "t.csv"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
+                      "--out", str(out)], capsys)
+    assert rc == 0, err
+    metrics = metrics_of(out)
+    assert metrics["n_samples"] == 200 and metrics["n_classes"] == 3
+    want = ece(z.astype(np.float64), y, from_logits=True)
+    assert metrics["before"]["ece"] == pytest.approx(want, rel=1e-12)
+
+    write_csv(tmp_path / "z.csv", z)
+    rc, _, err = run([str(tmp_path / "z.csv"), "--labels", str(tmp_path / "y.npy"), "--format", "csv"],
+                     capsys)
+    one_line_error(rc, err, f"cannot read LABELS file {tmp_path / 'y.npy'} as csv: it is an .npy file")
+    assert err.strip().endswith("drop --format (its extension says what it is)")
+
+    write_csv(tmp_path / "y.csv", y)
+    rc, _, err = run([str(tmp_path / "z.csv"), "--labels", str(tmp_path / "y.npy"), "--csv-header", "yes"],
+                     capsys)
+    one_line_error(rc, err, f"PREDICTIONS has 199 rows but LABELS has 200 entries; they must match;"
+                   f" --csv-header yes dropped the first row of {tmp_path / 'z.csv'}")
+
+    np.savez(tmp_path / "empty.npz")
+    rc, _, err = run([str(tmp_path / "empty.npz"), "--labels", str(tmp_path / "y.npy")], capsys)
+    one_line_error(rc, err, "holds no arrays")

@@ -440,6 +440,7 @@ def test_partly_absent_classes(method: type[cal.Recalibrator], c: int, absent: t
         assert "probability 0" in messages[0] and "using the identity" in messages[0]
         assert c_.fallback is None and c_.diagnostic_kind == "separable"
         assert c_.diagnostic is not None and phrase in c_.diagnostic
+        assert c_.identity_classes == list(absent)  # type: ignore[attr-defined]
         p_fit = softmax(x_fit)
         want = _one_vs_rest_reference(method, p_fit, y_fit, p, absent)
         np.testing.assert_allclose(q, want, rtol=1e-12)
@@ -447,12 +448,13 @@ def test_partly_absent_classes(method: type[cal.Recalibrator], c: int, absent: t
         again = cal.from_state_dict(json.loads(json.dumps(c_.state_dict())))
         np.testing.assert_allclose(again.predict_proba(x[test]), q, rtol=1e-12)  # type: ignore[attr-defined]
         assert again.diagnostic == c_.diagnostic
+        assert again.identity_classes == list(absent)  # type: ignore[attr-defined]
         # kept: the one-vs-rest fit of an absent class gives it probability 0 wherever the
         # validation data reach (histogram: an empty bin still maps to its centre)
         with pytest.warns(cal.CalibrationWarning, match="keeping the fit"):
             kept = method(fallback_to_identity=False).fit(x_fit, y_fit)  # type: ignore[attr-defined, call-arg]
         assert kept.diagnostic_kind == "separable" and phrase in str(kept.diagnostic)
-        assert kept.fallback is None
+        assert kept.fallback is None and kept.identity_classes == []  # type: ignore[attr-defined]
         q_kept = kept.predict_proba(x[test])  # type: ignore[attr-defined]
         np.testing.assert_allclose(q_kept, _one_vs_rest_reference(method, p_fit, y_fit, p, ()), rtol=1e-12)
         at_zero = np.isin(y_test, absent) & (q_kept[np.arange(len(test)), y_test] == 0)

@@ -271,6 +271,8 @@ def _read_csv(path: Path, csv_header: str = "auto") -> np.ndarray:
     lines = _csv_lines(path)
     if not lines:
         raise ValueError("the file has no data rows")
+    if all(ln.endswith(",") for ln in lines):  # a comma ending every row: an empty last column
+        lines = [ln[:-1].rstrip() for ln in lines]
     first = lines[0]
     header = _is_header(first, lines[1:], csv_header)
     if header:
@@ -338,8 +340,12 @@ def _sniff(path: Path) -> tuple[str, str] | None:
 def _format_mismatch(what: str, path: Path, fmt: str, file_format: str, seen: tuple[str, str]) -> str:
     """The one-line error for a file whose content is ``seen`` but was asked for as ``fmt``."""
     kind, desc = seen
+    ext = path.suffix.lower().lstrip(".")
     if file_format == "auto":  # the extension chose fmt
         asked, fix = f"{fmt} (its extension)", f"rename it .{kind} or pass --format {kind}"
+    elif {"pth": "pt"}.get(ext, ext) == kind:
+        # --format serves both files: the extensions already tell each file's format
+        asked, fix = fmt, "drop --format (its extension says what it is)"
     else:
         asked, fix = fmt, f"use --format {kind}"
     if kind == "csv":
@@ -423,8 +429,12 @@ def _listing(arrays: dict[str, np.ndarray], limit: int = 3) -> str:
     """A short listing of the arrays in a file, 2-D (prediction-like) ones first."""
     if "" in arrays:  # .npy, .csv, a .pt of one tensor
         return f"a single unnamed array of shape {tuple(arrays[''].shape)}"
+    if not arrays:
+        return "no arrays"
     names = sorted(arrays, key=lambda k: (arrays[k].ndim != 2, k))
     two_d = sum(arrays[k].ndim == 2 for k in names)
+    if len(names) == 1:
+        return f"one array: {names[0]} {tuple(arrays[names[0]].shape)}"
     shown = ", ".join(f"{k} {tuple(arrays[k].shape)}" for k in names[:limit])
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return f"{len(names)} arrays, {two_d} of them 2-D: {shown}{more}"
@@ -532,7 +542,7 @@ def _csv_header_hint(args: argparse.Namespace, preds: np.ndarray, labels: np.nda
     """The fix to add to the row-count mismatch of PREDICTIONS and LABELS when the file with
     one row more is a CSV read with ``--csv-header auto`` (its first row may be pandas' ``0``
     header, which auto reads as a label); ``""`` otherwise."""
-    if args.csv_header != "auto" or args.labels is None or preds.ndim != 2:
+    if args.csv_header == "no" or args.labels is None or preds.ndim != 2:
         return ""
     n_labels = labels.size if labels.ndim == 1 or (labels.ndim == 2 and 1 in labels.shape) else -1
     if n_labels == preds.shape[0] + 1:
@@ -541,6 +551,12 @@ def _csv_header_hint(args: argparse.Namespace, preds: np.ndarray, labels: np.nda
         what, longer = "PREDICTIONS", args.predictions
     else:
         return ""
+    shorter = args.predictions if what == "LABELS" else args.labels
+    if args.csv_header == "yes":  # the first row dropped from a file that had no header?
+        if _format_of(Path(shorter), args.file_format) != "csv":
+            return ""
+        return (f"; --csv-header yes dropped the first row of {shorter}: if it has no header row,"
+                " drop --csv-header yes and delete the other file's header row instead")
     if _format_of(Path(longer), args.file_format) != "csv":
         return ""
     return (f"; if the first row of {what} {longer} is a header, delete it or pass --csv-header yes"

@@ -406,8 +406,8 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
     not all others) are absent, their maps are the identity instead, :math:`g_k(p) = p` (the
     knots ``([0, 1], [0, 1])``), before the renormalisation, and a
     :class:`~crossent.calibration.CalibrationWarning` names them (``diagnostic_kind ==
-    "separable"``; ``fallback_to_identity=False`` keeps the zeros). Labels that are all one
-    class fall back to the identity map as a whole.
+    "separable"``; ``fallback_to_identity=False`` keeps the zeros), and ``identity_classes``
+    lists them. Labels that are all one class fall back to the identity map as a whole.
     """
 
     name = "isotonic"
@@ -416,6 +416,8 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
     def __init__(self, *, fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
         self.knots: list[tuple[np.ndarray, np.ndarray]] | None = None  # (x, y) per class
+        #: the classes whose map is the identity (no validation sample of them)
+        self.identity_classes: list[int] = []
 
     def fit(self, logits: Any, labels: Any) -> IsotonicCalibrator:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
@@ -432,6 +434,7 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
         identity, note = self._absent_one_vs_rest(y, p.shape[1])
         for k in identity:  # g(p) = p on [0, 1]: linear interpolation between (0, 0) and (1, 1)
             self.knots[k] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+        self.identity_classes = [int(c) for c in identity]
         self._fitted = True
         self._check_fit(z, y, note=note)
         return self
@@ -449,13 +452,16 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
 
     def _set_identity(self, n_classes: int) -> None:
         self.knots = None
+        self.identity_classes = []
 
     def _params(self) -> dict[str, Any]:
-        return {"knots": None if self.knots is None else [[x.tolist(), v.tolist()] for x, v in self.knots]}
+        knots = None if self.knots is None else [[x.tolist(), v.tolist()] for x, v in self.knots]
+        return {"knots": knots, "identity_classes": list(self.identity_classes)}
 
     def _set_params(self, params: dict[str, Any]) -> None:
         k = params["knots"]
         self.knots = None if k is None else [(np.asarray(x, float), np.asarray(v, float)) for x, v in k]
+        self.identity_classes = [int(c) for c in params.get("identity_classes", [])]
 
 
 # --------------------------------------------------------------------------------------------
