@@ -683,4 +683,13 @@ def test_csv_trailing_commas_format_hints_and_empty_npz(
 
     np.savez(tmp_path / "empty.npz")
     rc, _, err = run([str(tmp_path / "empty.npz"), "--labels", str(tmp_path / "y.npy")], capsys)
-    one_line_error(rc, err, "holds no arrays")
+    one_line_error(rc, err, f"PREDICTIONS {tmp_path / 'empty.npz'} holds no arrays")
+    assert err.strip().endswith("holds no arrays")
+
+    # Excel's "Unicode text" (UTF-16 with a byte-order mark), and a CSV of one column
+    (tmp_path / "u16.csv").write_bytes("0.2,0.8\n0.6,0.4\n".encode("utf-16"))
+    rc, _, err = run([str(tmp_path / "u16.csv"), "--labels", str(tmp_path / "y.npy")], capsys)
+    one_line_error(rc, err, "it is not UTF-8 text (byte 0 is b'\\xff'): save it as CSV UTF-8, uncompressed")
+    write_csv(tmp_path / "one.csv", z[:, 0])
+    rc, _, err = run([str(tmp_path / "one.csv"), "--labels", str(tmp_path / "y.npy")], capsys)
+    one_line_error(rc, err, "got shape (200,) (a .csv file of one column)")

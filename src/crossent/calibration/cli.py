@@ -225,7 +225,14 @@ def _format_of(path: Path, file_format: str) -> str:
 def _csv_lines(path: Path) -> list[str]:
     """The rows of a CSV file: its stripped lines, less blank and ``#`` comment lines."""
     # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first row
-    lines = (ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines())
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"it is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}):"
+            " save it as CSV UTF-8, uncompressed"
+        ) from None
+    lines = (ln.strip() for ln in text.splitlines())
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
@@ -479,6 +486,8 @@ def _predictions_and_labels(
         rest = [k for k in arrays if k.lower() not in LABEL_KEYS]
         if found is None and len(rest) == 1:
             found = (rest[0], arrays[rest[0]])
+        if found is None and not arrays:
+            raise _error(f"PREDICTIONS {args.predictions} holds no arrays")
         if found is None:
             raise _error(
                 f"PREDICTIONS {args.predictions} holds {_listing(arrays)}; pick the predictions"
@@ -564,13 +573,15 @@ def _csv_header_hint(args: argparse.Namespace, preds: np.ndarray, labels: np.nda
 
 
 def _check(
-    preds: np.ndarray, labels: np.ndarray, labels_file: str = "LABELS", mismatch_hint: str = ""
+    preds: np.ndarray, labels: np.ndarray, labels_file: str = "LABELS", mismatch_hint: str = "",
+    csv_input: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     if preds.dtype.kind not in "fiu":
         raise _error(f"PREDICTIONS must be numeric, got dtype {preds.dtype}")
     if preds.ndim != 2:
+        one_column = " (a .csv file of one column)" if preds.ndim == 1 and csv_input else ""
         raise _error(
-            f"PREDICTIONS must be a 2-D array (samples x classes), got shape {preds.shape}"
+            f"PREDICTIONS must be a 2-D array (samples x classes), got shape {preds.shape}{one_column}"
         )
     n, c = preds.shape
     if c < 2:
@@ -964,7 +975,8 @@ def main(args: argparse.Namespace) -> int:
         if all(_format_of(Path(f), args.file_format) != "csv" for f in files):
             raise _error(f"--csv-header {args.csv_header} applies to .csv files and no input is one: drop it")
     labels_file = args.labels if args.labels is not None else args.predictions
-    preds, labels = _check(preds, labels, labels_file, _csv_header_hint(args, preds, labels))
+    csv_input = _format_of(Path(args.predictions), args.file_format) == "csv"
+    preds, labels = _check(preds, labels, labels_file, _csv_header_hint(args, preds, labels), csv_input)
     n, c = preds.shape
     if args.method in BINARY_METHODS and c != 2:
         raise _error(f"--method {args.method} is for two classes; PREDICTIONS has {c} columns")
