@@ -208,12 +208,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- loading
+def _extension_format(path: Path) -> str:
+    """The format the extension of ``path`` names (``.pth`` is ``pt``), lower case, without the
+    dot; not checked against :data:`FORMATS`."""
+    ext = path.suffix.lower().lstrip(".")
+    return "pt" if ext == "pth" else ext
+
+
 def _format_of(path: Path, file_format: str) -> str:
     if file_format != "auto":
         return file_format
-    ext = path.suffix.lower().lstrip(".")
-    if ext in ("pth",):
-        ext = "pt"
+    ext = _extension_format(path)
     if ext not in FORMATS:
         raise _error(
             f"{path}: cannot tell the format from the extension {path.suffix!r};"
@@ -260,8 +265,9 @@ def _is_header(line: str, rest: list[str], csv_header: str) -> bool:
 
     ``auto``: a non-numeric row, or the column indices ``0,1,...,W-1`` written as integers (the
     header pandas writes for an unnamed frame or series) when W >= 3 (as data an exact integer
-    ramp of logits, never probabilities) or when the rows below are not all written as integers
-    (pandas writes floats as ``0.0``, ``0.25``). ``0`` and ``0,1`` above integer rows are a
+    ramp of logits, never probabilities) or when the rows below (the first 100 of them, so that
+    a long file of integer labels is not scanned twice) are not all written as integers (pandas
+    writes floats as ``0.0``, ``0.25``). ``0`` and ``0,1`` above integer rows are a
     valid label and a valid one-hot row, so ``auto`` reads them as data."""
     if csv_header != "auto":
         return csv_header == "yes"
@@ -347,10 +353,9 @@ def _sniff(path: Path) -> tuple[str, str] | None:
 def _format_mismatch(what: str, path: Path, fmt: str, file_format: str, seen: tuple[str, str]) -> str:
     """The one-line error for a file whose content is ``seen`` but was asked for as ``fmt``."""
     kind, desc = seen
-    ext = path.suffix.lower().lstrip(".")
     if file_format == "auto":  # the extension chose fmt
         asked, fix = f"{fmt} (its extension)", f"rename it .{kind} or pass --format {kind}"
-    elif {"pth": "pt"}.get(ext, ext) == kind:
+    elif _extension_format(path) == kind:
         # --format serves both files: the extensions already tell each file's format
         asked, fix = fmt, "drop --format (its extension says what it is)"
     else:
