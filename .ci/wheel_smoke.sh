@@ -17,7 +17,8 @@ env="$work/venv"
 "$BASE" -m venv "$env"
 # torch by exact pin: on this CI machine 2.13.0 resolves to the local CPU wheel (pip's find-links);
 # elsewhere it is whatever build PyPI serves for the platform (see the README's install section).
-quiet "$env/bin/pip" install -q torch==2.13.0
+# --no-compile: the smoke test imports a small part of torch; byte-compiling all of it costs a minute.
+quiet "$env/bin/pip" install -q --no-compile torch==2.13.0
 quiet "$env/bin/pip" install -q "$work"/dist/crossent-*.whl
 echo "--- core-only install from the wheel: pip list"
 "$env/bin/pip" list --format=freeze 2>/dev/null | grep -v -E '^(pip|setuptools)=='

@@ -693,3 +693,179 @@ def test_csv_trailing_commas_format_hints_and_empty_npz(
     write_csv(tmp_path / "one.csv", z[:, 0])
     rc, _, err = run([str(tmp_path / "one.csv"), "--labels", str(tmp_path / "y.npy")], capsys)
     one_line_error(rc, err, "got shape (200,) (a .csv file of one column)")
+
+
+class _NoFigure:
+    def savefig(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+@pytest.fixture
+def no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out writes its report.md and metrics.json, and no slow PNG figure."""
+    import crossent.calibration.plots as plots
+
+    for name in ("reliability_diagram", "compare_reliability_diagrams"):
+        monkeypatch.setattr(plots, name, lambda *a, **k: _NoFigure())
+
+
+def _rare_class(n: int = 400, c: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels whose last class has 2 samples: the 0.2 split puts none of them in
+    the fit part (round(0.4) = 0), both in the held-out part."""
+    z, y = make(n=n, c=c, seed=7)
+    y = np.where(y == c - 1, 0, y)
+    y[:2] = c - 1
+    return z, y
+
+
+def _note_cell(out: str, method: str) -> str:
+    """The comparison table's note for ``method``, its wrapped lines joined."""
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"│ {method} "))
+    cells = [lines[start].split("│")[-2].strip()]
+    for ln in lines[start + 1:]:
+        if not ln.startswith("│  "):  # the next method's row, or the end of the table
+            break
+        cells.append(ln.split("│")[-2].strip())
+    return " ".join(cells)
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+@pytest.mark.usefixtures("no_figures")
+def test_classes_absent_from_the_fit_part_are_named_in_the_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Histogram binning and isotonic regression keep the identity for the classes with no
+    sample in the fit part (``identity_classes``): the notes under the table, the comparison's
+    note column, report.md and metrics.json say so (only a Python warning did)."""
+    import crossent.calibration.cli as cli
+
+    monkeypatch.setattr(cli, "METHODS", ("temperature", "histogram", "isotonic"))  # fast
+    z, y = _rare_class()
+    np.savez(tmp_path / "p.npz", logits=z, labels=y)
+    note = "class 3 (1 of 4 classes) has no sample in the fit part: left uncalibrated (identity)"
+    outs = {}
+    for method, compare in (("histogram", True), ("isotonic", False)):
+        out_dir = tmp_path / method
+        rc, out, err = run([str(tmp_path / "p.npz"), "--method", method, "--out", str(out_dir)],
+                           capsys, compare=compare)
+        assert rc == 0, err
+        outs[method] = out
+        assert f"{method}: note: {note}" in " ".join(out.split())  # rich wraps long lines
+        metrics = metrics_of(out_dir)
+        assert metrics["note"] == note and metrics["identity_classes"] == [3]
+        assert f"- note: {note}" in (out_dir / "report.md").read_text()
+    rows = metrics_of(tmp_path / "histogram")["comparison"]["rows"]
+    for method in ("histogram", "isotonic"):
+        assert rows[method]["note"] == note
+        assert "identity for class 3 (no fit sample)" in _note_cell(outs["histogram"], method)
+    assert rows["temperature"]["note"] is None
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    return cast(np.ndarray, torch.softmax(torch.from_numpy(z.astype(np.float64)), 1).numpy())
+
+
+@pytest.mark.usefixtures("no_figures")
+def test_rounded_probabilities_are_not_taken_for_logits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Probabilities written with two decimals (rows sum to 0.97..1.03) were taken for logits
+    (T = 0.385 on log-probabilities read as logits); they are renormalised, with a warning.
+    Values in [0, 1] that are no probability rows (sigmoid outputs) are refused, naming --kind."""
+    z, y = make(n=300, c=4, t_true=1.0, seed=2)
+    p = np.round(_softmax(z), 2)
+    assert np.abs(p.sum(1) - 1).max() > 1e-3  # rounded: auto-detection said "logits"
+    np.save(tmp_path / "y.npy", y)
+    np.savetxt(tmp_path / "p.csv", p, fmt="%.2f", delimiter=",")
+    out = tmp_path / "o"
+    rc, _, err = run([str(tmp_path / "p.csv"), "--labels", str(tmp_path / "y.npy"), "--out", str(out)],
+                     capsys)
+    assert rc == 0, err
+    assert "renormalised" in err and "--kind logits" in err
+    metrics = metrics_of(out)
+    assert metrics["kind"] == "probs"
+    from crossent.calibration.cli import stratified_split
+
+    _, test = stratified_split(y, 0.2, 0)
+    q = p / p.sum(1, keepdims=True)
+    assert metrics["before"]["nll"] == pytest.approx(nll(q[test], y[test]), rel=1e-9)
+    assert metrics["temperature"] == pytest.approx(1.0, abs=0.3)  # calibrated: T near 1
+
+    s = np.random.default_rng(0).random((300, 4))  # independent sigmoid outputs
+    np.save(tmp_path / "s.npy", s)
+    for kind in ([], ["--kind", "probs"]):
+        rc, _, err = run([str(tmp_path / "s.npy"), "--labels", str(tmp_path / "y.npy"), *kind], capsys)
+        one_line_error(rc, err, "--kind logits")
+        assert "sums to" in err
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+@pytest.mark.usefixtures("no_figures")
+@pytest.mark.parametrize("shape", ["(N,)", "(N, 1)"])
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+def test_binary_scores_of_the_positive_class(
+    shape: str, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Binary (N,) or (N, 1) scores of class 1 (a sigmoid's logits or probabilities, what
+    Platt and beta scaling take) were refused as "must be 2-D" with no way on; they are the
+    two columns [0, s] (logits) or [1 - p, p] (probabilities)."""
+    rng = np.random.default_rng(4)
+    s = rng.normal(size=400) * 3
+    y = (rng.random(400) < 1 / (1 + np.exp(-s / 2))).astype(np.int64)
+    values = s if kind == "logits" else 1 / (1 + np.exp(-s))
+    np.save(tmp_path / "s.npy", values if shape == "(N,)" else values[:, None])
+    np.save(tmp_path / "y.npy", y)
+    out = tmp_path / "o"
+    rc, stdout, err = run([str(tmp_path / "s.npy"), "--labels", str(tmp_path / "y.npy"), "--method",
+                           "platt", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "binary scores of class 1" in stdout
+    metrics = metrics_of(out)
+    assert metrics["n_classes"] == 2 and metrics["kind"] == kind
+    from crossent.calibration.cli import stratified_split
+
+    _, test = stratified_split(y, 0.2, 0)
+    z2 = np.stack([np.zeros_like(s), s], 1)[test]
+    assert metrics["before"]["nll"] == pytest.approx(nll(z2, y[test], from_logits=True), rel=1e-6)
+    assert metrics["after"]["nll"] < metrics["before"]["nll"]  # over-confident by 2
+
+
+def test_binary_scores_need_0_1_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    z, y = make(n=100, c=3)
+    np.save(tmp_path / "s.npy", z[:, 0])
+    np.save(tmp_path / "y.npy", y)
+    rc, _, err = run([str(tmp_path / "s.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
+    one_line_error(rc, err, "PREDICTIONS must be a 2-D array (samples x classes), got shape (100,)")
+    assert "binary scores" in err and "labels 0/1" in err
+
+
+@pytest.mark.usefixtures("no_figures")
+def test_label_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Boolean labels are 0/1; one-hot labels are their argmax; 1-based labels, class names
+    and multi-label rows are refused with the fix."""
+    z, y = make(n=200, c=2, seed=5)
+    np.save(tmp_path / "z.npy", z)
+    zp = str(tmp_path / "z.npy")
+    out = tmp_path / "o"
+    np.save(tmp_path / "yb.npy", y.astype(bool))
+    rc, _, err = run([zp, "--labels", str(tmp_path / "yb.npy"), "--out", str(out)], capsys)
+    assert rc == 0, err
+    reference = metrics_of(out)["before"]
+    np.save(tmp_path / "yoh.npy", np.eye(2, dtype=np.float32)[y])
+    rc, _, err = run([zp, "--labels", str(tmp_path / "yoh.npy"), "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert metrics_of(out)["before"] == reference
+
+    np.save(tmp_path / "y1.npy", y + 1)
+    rc, _, err = run([zp, "--labels", str(tmp_path / "y1.npy")], capsys)
+    one_line_error(rc, err, "LABELS must lie in 0..1")
+    assert "1-based" in err and "subtract 1" in err
+    np.save(tmp_path / "ys.npy", np.where(y == 1, "cat", "dog"))
+    rc, _, err = run([zp, "--labels", str(tmp_path / "ys.npy")], capsys)
+    one_line_error(rc, err, "integer class indices")
+    assert "column order of PREDICTIONS" in err
+    np.save(tmp_path / "yml.npy", np.ones((200, 2)))
+    rc, _, err = run([zp, "--labels", str(tmp_path / "yml.npy")], capsys)
+    one_line_error(rc, err, "LABELS must be a 1-D array of class indices, got shape (200, 2)")
+    assert "multilabel_ece" in err

@@ -5,11 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
 
 from crossent.calibration import compare_reliability_diagrams, ece, reliability_diagram
+
+if TYPE_CHECKING:
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import Bbox
 
 
 def data(n: int = 800, c: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -99,3 +108,79 @@ def test_compare_aggregate_in_every_panel() -> None:
     fig = compare_reliability_diagrams({"a": p, "b": p}, y, aggregate="mean over seeds")
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert len(titles) == 2 and all("mean over seeds" in t for t in titles)
+
+
+def _drawn(fig: Figure) -> tuple[RendererAgg, Bbox]:
+    """Lay the figure out and draw it as savefig does; the renderer and the figure's bounds."""
+    fig.set_dpi(40)  # the layout is the same at any dpi; fewer pixels draw faster
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer(), fig.bbox
+
+
+def _inside(inner: Bbox, outer: Bbox, tol: float = 1.0) -> bool:
+    return (inner.x0 >= outer.x0 - tol and inner.y0 >= outer.y0 - tol
+            and inner.x1 <= outer.x1 + tol and inner.y1 <= outer.y1 + tol)
+
+
+def test_legend_hides_no_bar_of_an_underconfident_model() -> None:
+    """Accuracy 1 at every confidence: the bars fill the upper left, where the legend sat."""
+    conf = np.linspace(0.34, 0.99, 400)
+    p = np.stack([conf, (1 - conf) / 2, (1 - conf) / 2], 1)
+    fig = reliability_diagram(p, np.zeros(400, dtype=int), n_bins=10)
+    renderer, bounds = _drawn(fig)
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        box = legend.get_window_extent(renderer)
+        assert _inside(box, bounds), "legend cut off"
+        for bar in ax.patches:
+            if bar.get_height() > 0:
+                assert not box.overlaps(bar.get_window_extent(renderer)), "legend hides a bar"
+
+
+def test_long_titles_stay_inside_the_saved_figure() -> None:
+    p, y = data(seed=5)
+    long = "focal loss γ=3 with label smoothing 0.1 and a warm-up schedule over 30 epochs"
+    for fig in (reliability_diagram(p, y, title=long, aggregate="pooled over 10 seeds"),
+                compare_reliability_diagrams({long: p, "after " + long: p}, y,
+                                             aggregate="pooled over 10 seeds")):
+        renderer, bounds = _drawn(fig)
+        titles = [ax.title for ax in fig.axes if ax.get_title()]
+        assert titles
+        for t in titles:
+            assert _inside(t.get_window_extent(renderer), bounds), t.get_text()
+        assert all("10 seeds" in t.get_text() for t in titles)
+
+
+def test_legend_swatches_look_like_the_drawn_gaps() -> None:
+    """The gap bars are drawn over the accuracy bar (under-confident) or above it on white
+    (over-confident): each legend swatch has the colour the bars show."""
+    rng = np.random.default_rng(6)
+    conf = np.concatenate([rng.uniform(0.41, 0.49, 200), rng.uniform(0.81, 0.89, 200)])
+    correct = np.concatenate([rng.random(200) < 0.9, rng.random(200) < 0.5])
+    p = np.stack([conf, (1 - conf) / 2, (1 - conf) / 2], 1)
+    fig = reliability_diagram(p, np.where(correct, 0, 1), n_bins=10)
+    ax = fig.axes[0]
+    swatches = {t.get_text(): h for t, h in
+                zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles, strict=True)}
+    for label, hatch in (("gap: confidence > accuracy", "//"),
+                         ("gap: accuracy > confidence", "\\\\")):
+        drawn = [b for b in ax.patches if b.get_hatch() == hatch and b.get_height() > 0]
+        assert drawn, label
+        want = to_rgba(swatches[label].get_facecolor())
+        assert want[3] == 1.0, label
+        for b in drawn:  # opaque, so what is underneath does not change the colour
+            assert to_rgba(b.get_facecolor()) == pytest.approx(want), label
+
+
+def test_binary_input_axes_name_the_positive_class() -> None:
+    """(N,) positive-class probabilities are binned as such, not as top-label confidences."""
+    rng = np.random.default_rng(7)
+    pb = rng.random(300)
+    fig = reliability_diagram(pb, (rng.random(300) < pb).astype(int))
+    ax, hax = fig.axes[:2]
+    assert ax.get_ylabel() == "fraction of positives"
+    assert hax.get_xlabel() == "predicted probability of the positive class"
+    fig = reliability_diagram(np.stack([1 - pb, pb], 1), (rng.random(300) < pb).astype(int))
+    assert fig.axes[0].get_ylabel() == "accuracy"
+    assert fig.axes[1].get_xlabel() == "confidence"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import warnings
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from crossent import calibration as cal
+from crossent.calibration._base import warn_if_probabilities
 
 MULTICLASS = [
     cal.TemperatureScaler,
@@ -509,3 +511,109 @@ def test_multiclass_label_shapes(method: type[cal.Recalibrator]) -> None:
     for shape in BAD_LABEL_SHAPES:
         with pytest.raises(ValueError, match="labels"):
             method().fit(x, np.resize(y, shape))  # type: ignore[attr-defined]
+
+
+# A non-default option of every method: the options are part of what the state restores
+# (``from_logits`` changes what transform does with its input). A few L-BFGS steps keep the
+# fits of the tests below fast.
+NON_DEFAULT: dict[type[cal.Recalibrator], dict[str, Any]] = {
+    cal.TemperatureScaler: {"t_min": 0.5},
+    cal.VectorScaler: {"t_max": 50.0, "max_iter": 5},
+    cal.MatrixScaler: {"reg_bias": 0.1, "max_iter": 5},
+    cal.DirichletCalibrator: {"reg_off_diagonal": 0.1, "max_iter": 5},
+    cal.HistogramBinning: {"n_bins": 10},
+    cal.IsotonicCalibrator: {"fallback_to_identity": False},
+    cal.EnsembleTemperatureScaler: {"loss": "nll"},
+    cal.PlattScaler: {"from_logits": False},
+    cal.BetaCalibrator: {"from_logits": False},
+}
+
+
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+def test_load_state_dict_restores_the_options(method: type[cal.Recalibrator]) -> None:
+    """A default-built instance that loads a state takes the state's options, so it
+    transforms as the fitted one did (bit for bit, also through JSON) and its state is the
+    same."""
+    if method in BINARY:
+        s, y = binary(120, seed=14)
+        x: np.ndarray = 1 / (1 + np.exp(-s))  # probabilities: fitted with from_logits=False
+    else:
+        x, y = multiclass(120, 3, seed=14)
+    fitted = method(**NON_DEFAULT[method]).fit(x, y)  # type: ignore[attr-defined]
+    state = json.loads(json.dumps(fitted.state_dict()))
+    loaded = method().load_state_dict(state)
+    assert loaded.state_dict() == fitted.state_dict()
+    np.testing.assert_array_equal(loaded.transform(x), fitted.transform(x))  # type: ignore[attr-defined]
+
+
+def test_load_state_dict_restores_the_method_of_a_temperature_scaler() -> None:
+    x, y = multiclass(120, 3, seed=15)
+    vector = cal.TemperatureScaler("vector").fit(x, y)
+    loaded = cal.TemperatureScaler().load_state_dict(vector.state_dict())
+    assert loaded.method == "vector" and loaded.state_dict() == vector.state_dict()
+    with pytest.raises(ValueError, match="method must be 'temperature' or 'vector'"):
+        state = vector.state_dict()
+        cal.TemperatureScaler().load_state_dict({**state, "options": {**state["options"], "method": "x"}})
+
+
+def test_beta_with_both_slopes_negative_fits_the_base_rate() -> None:
+    """Scores that fall as the positive rate rises: both coefficients are held at 0 and the
+    intercept is the maximum-likelihood constant, the log-odds of the positive rate (not the
+    intercept of a fit whose slope was negative)."""
+    s, y = binary(400, seed=16, a=-1.0, b=1.0)
+    c = cal.BetaCalibrator().fit(s, y)
+    assert c.coef is not None
+    np.testing.assert_allclose(c.coef, [0.0, 0.0, math.log(y.mean() / (1 - y.mean()))], atol=1e-6)
+    np.testing.assert_allclose(c.predict_proba(s), y.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+def test_probabilities_passed_as_logits_warn(method: type[cal.Recalibrator]) -> None:
+    """Rows that lie in [0, 1] and sum to one are probabilities, not logits: the fit warns
+    and says to pass their log (made an error here, so the fit stops there). Their log, and
+    logits, do not look like probabilities."""
+    x, y = multiclass(60, 2 if method in BINARY else 3, seed=17)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cal.CalibrationWarning)
+        with pytest.raises(cal.CalibrationWarning, match=r"logits look like probabilities.*log"):
+            method().fit(softmax(x), y)  # type: ignore[attr-defined]
+        for z in (np.log(softmax(x)), x, np.abs(x) / np.abs(x).sum(1, keepdims=True) + 1e-2):
+            warn_if_probabilities(torch.from_numpy(z), method.__name__)
+
+
+@pytest.mark.parametrize("method", SCALING, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_half_precision_probabilities_do_not_overflow(
+    method: type[cal.Recalibrator], as_tensor: bool
+) -> None:
+    """float16 logits of 1e4 at T = 0.1 overflow float16 as z / T; the probabilities are
+    computed in float32 and stored as float16, as the float32 ones rounded."""
+    z = np.array([[1e4, 0.0, -1e4], [1.0, 2.0, 3.0]], dtype=np.float16)
+    c = method().load_state_dict(  # type: ignore[attr-defined]
+        {"method": method.name, "params": {"temperature": 0.1 if method is cal.TemperatureScaler
+                                           else [0.1] * 3, "bias": None if method is
+                                           cal.TemperatureScaler else [0.0] * 3}}
+    )
+    half = c.transform(torch.from_numpy(z) if as_tensor else z)
+    want = c.transform(z.astype(np.float32)).astype(np.float16)
+    assert half.dtype == (torch.float16 if as_tensor else np.float16)
+    np.testing.assert_array_equal(np.asarray(half), want)
+
+
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+def test_docstring_states_formula_paper_and_gradient(method: type[cal.Recalibrator]) -> None:
+    """Every method's docstring carries its formula and its paper (year), and the module
+    says which methods keep the autograd graph of a tensor input (the scaling methods) and
+    which return a detached tensor (the others), as they do."""
+    import re
+
+    doc = inspect.getdoc(method) or ""
+    assert ":math:" in doc or ".. math::" in doc
+    assert re.search(r"\b(19|20)\d\d\b", doc)
+    mod = inspect.getdoc(inspect.getmodule(cal.MatrixScaler)) or ""
+    assert "autograd" in mod
+    x, y = binary(60, seed=18) if method in BINARY else multiclass(60, 3, seed=18)
+    options = {k: v for k, v in NON_DEFAULT[method].items() if k != "from_logits"}
+    c = method(**options).fit(x, y)  # type: ignore[attr-defined]
+    out = c.transform(torch.from_numpy(x).requires_grad_())  # type: ignore[attr-defined]
+    assert out.requires_grad == (method in SCALING)

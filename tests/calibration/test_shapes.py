@@ -132,3 +132,51 @@ def test_binary_labels_one_per_score(fn: Any) -> None:
     for shape in ((10, 10), (4, 25), (100, 1, 1)):
         with pytest.raises(ValueError, match=rf"labels have shape \({shape[0]}, "):
             fn(p, y.reshape(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.bool, torch.int8])
+@pytest.mark.parametrize(
+    "fn", [cal.ece, cal.classwise_ece, cal.brier, cal.nll, cal.accuracy, cal.multilabel_ece]
+)
+def test_binary_labels_of_any_torch_dtype(fn: Any, dtype: torch.dtype) -> None:
+    """0/1 targets in the model's dtype (bfloat16 has no NumPy type) are taken as 0/1."""
+    rng = np.random.default_rng(6)
+    p = rng.uniform(size=(30, 3))
+    y = (rng.uniform(size=(30, 3)) < p).astype(np.int64)
+    assert fn(p, torch.from_numpy(y).to(dtype)) == pytest.approx(fn(p, y), rel=1e-12)
+
+
+def test_multiclass_labels_in_bfloat16() -> None:
+    rng = np.random.default_rng(7)
+    p = torch.softmax(torch.from_numpy(rng.normal(size=(20, 4))), 1)
+    y = torch.from_numpy(rng.integers(0, 4, 20))
+    assert cal.ece(p, y.to(torch.bfloat16)) == cal.ece(p, y)
+    assert cal.nll(p, y.to(torch.bfloat16)) == cal.nll(p, y)
+
+
+def test_classwise_num_classes_is_checked_and_named() -> None:
+    """num_classes must be an integer; binary and multi-label input has the two classes
+    [1 - p, p], which the message says (not a shape[1] the input does not have)."""
+    rng = np.random.default_rng(8)
+    p = torch.softmax(torch.from_numpy(rng.normal(size=(20, 4))), 1).numpy()
+    y = rng.integers(0, 4, 20)
+    for bad in ("4", 4.5, True):
+        with pytest.raises(ValueError, match="num_classes must be an integer"):
+            cal.classwise_ece(p, y, num_classes=bad)  # type: ignore[arg-type]
+    assert cal.classwise_ece(p, y, num_classes=np.int64(4)) == cal.classwise_ece(p, y)
+    pm, ym = p[:, :3], (p[:, :3] > 0.25).astype(np.int64)
+    with pytest.raises(ValueError, match=r"binary and multi-label.*\[1 - p, p\]"):
+        cal.classwise_ece(pm, ym, num_classes=3)
+    assert cal.classwise_ece(pm, ym, num_classes=2) == cal.classwise_ece(pm, ym)
+
+
+def test_one_column_or_3d_scores_say_what_to_pass() -> None:
+    """(N, 1) or (N, C, d) scores are refused with the shapes that are taken, not advice to
+    stack [1 - p, p] (binary (N,) scores are taken as they are)."""
+    p = np.array([[0.2], [0.9]])
+    for fn in (cal.ece, cal.nll):
+        with pytest.raises(ValueError, match=r"at least 2 columns.*\(N,\)"):
+            fn(p, [0, 1])
+        with pytest.raises(ValueError, match=r"\(N,\) scores.*\(N, L\)") as err:
+            fn(np.zeros((2, 3, 4)), np.zeros((2, 4), np.int64))
+        assert "np.stack" not in str(err.value)

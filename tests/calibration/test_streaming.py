@@ -321,3 +321,73 @@ def test_a_batch_failing_in_its_classwise_pass_adds_nothing(
     assert m.compute() == want
     m.update(z[40:], y[40:])
     assert m.compute()["ece"] == pytest.approx(cal.ece(z, y, binning=binning, from_logits=True), rel=1e-12)
+
+
+def test_reset_forgets_the_detected_input_kind() -> None:
+    """from_logits=None detects per run of updates: after reset() (a new epoch) the next batch
+    is detected afresh, so probabilities after an epoch of logits are not softmaxed again. An
+    explicit from_logits stays."""
+    z, y = dataset("multiclass", 60, seed=8)
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    m = CalibrationMeter()
+    m.update(z, y)
+    m.reset()
+    assert m.from_logits is None
+    m.update(p, y)
+    assert m.compute()["ece"] == pytest.approx(cal.ece(p, y), rel=1e-12)
+    fixed = CalibrationMeter(from_logits=True)
+    fixed.reset()
+    assert fixed.from_logits is True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.bool, torch.uint8])
+@pytest.mark.parametrize("kind", ["binary", "multilabel"])
+def test_labels_of_any_torch_dtype(kind: str, dtype: torch.dtype) -> None:
+    """0/1 targets cast to the model's dtype (bfloat16 has no NumPy type) are taken."""
+    z, y = dataset(kind, 40, seed=9)
+    m = CalibrationMeter(from_logits=True)
+    m.update(z, torch.from_numpy(y).to(dtype))
+    assert m.compute()["ece"] == pytest.approx(cal.ece(z, y, from_logits=True), rel=1e-12)
+
+
+def test_labels_that_do_not_match_the_predictions_are_refused() -> None:
+    """Empty or all-ignored labels add nothing only where the predictions are empty or match
+    them; a batch whose labels were lost (an empty tensor) is an error, not a silent no-op."""
+    z, y = dataset("multiclass", 4, seed=10)
+    m = CalibrationMeter(ignore_index=-1, from_logits=True)
+    m.update(np.zeros((0, 6)), np.zeros(0, np.int64))
+    m.update(z, np.full(4, -1))  # all ignored: nothing to add
+    with pytest.raises(ValueError, match="labels"):
+        m.update(z, np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="labels"):
+        m.update(z, np.full(3, -1))
+    m.update(z, y)
+    assert m.compute()["count"] == 4
+
+
+def test_binary_batches_have_two_classes() -> None:
+    """Binary and multi-label batches are measured on [1 - p, p]: num_classes other than 2 is
+    refused (a meter without updates would else give statistics of another length to sync)."""
+    z, y = dataset("binary", 20, seed=11)
+    with pytest.raises(ValueError, match="num_classes"):
+        CalibrationMeter(num_classes=5, from_logits=True).update(z, y)
+    m = CalibrationMeter(num_classes=2, from_logits=True)
+    m.update(z, y)
+    assert m.statistics().shape == CalibrationMeter(num_classes=2).statistics().shape
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "binary"])
+def test_load_statistics_into_a_fresh_meter(kind: str) -> None:
+    """The sum of two meters' statistics loads into a third with the same options, num_classes
+    not given (it is read off the length), as the docstring promises."""
+    z, y = dataset(kind, 90, seed=12)
+    a, b = CalibrationMeter(from_logits=True), CalibrationMeter(from_logits=True)
+    a.update(z[:50], y[:50])
+    b.update(z[50:], y[50:])
+    fresh = CalibrationMeter(from_logits=True)
+    fresh.load_statistics(a.statistics() + b.statistics())
+    check(fresh, one_shot(z, y, "width", None), 90)
+    with pytest.raises(ValueError, match="shape"):
+        CalibrationMeter().load_statistics(a.statistics()[:-1])
+    with pytest.raises(ValueError, match="mass"):
+        CalibrationMeter(binning="mass").load_statistics(a.statistics())

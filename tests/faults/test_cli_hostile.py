@@ -60,6 +60,12 @@ def _make_inputs(d: Path) -> None:
     np.save(d / "y_half.npy", np.where(np.arange(N) == 3, 0.5, y).astype(float))
     np.save(d / "y_nan.npy", np.where(np.arange(N) == 3, np.nan, y).astype(float))
     np.save(d / "y_neg.npy", y - 1)
+    np.save(d / "y_plus1.npy", y + 1)  # 1-based labels
+    np.save(d / "y_multilabel.npy", (rng.random((N, C)) < 0.5).astype(np.int64))
+    np.save(d / "y_names.npy", np.array(["cat", "dog", "emu"])[y])
+    np.save(d / "sigmoid.npy", rng.random((N, C)))  # in [0, 1], rows not summing to 1
+    np.save(d / "flat01.npy", rng.random(N))  # binary probabilities of class 1
+    np.save(d / "y01.npy", y % 2)
     np.save(d / "y_uint_huge.npy", np.full(N, 2**64 - 1, dtype=np.uint64))
     np.save(d / "y_complex.npy", y.astype(complex))
     np.save(d / "z_complex.npy", z.astype(complex))
@@ -228,6 +234,13 @@ CASES: list[tuple[list[str], str | None] | ParameterSet] = [
     (["calibrate", "{in}/z.npy", "--labels", "{in}/y_nan.npy"], "y_nan.npy"),
     (["calibrate", "{in}/z.npy", "--labels", "{in}/y_neg.npy"], "holds -1"),
     (["calibrate", "{in}/z.npy", "--labels", "{in}/y_complex.npy"], "integer class indices"),
+    (["calibrate", "{in}/z.npy", "--labels", "{in}/y_plus1.npy"], "subtract 1"),
+    (["calibrate", "{in}/z.npy", "--labels", "{in}/y_multilabel.npy"], "multilabel_ece"),
+    (["calibrate", "{in}/z.npy", "--labels", "{in}/y_names.npy"], "column order of PREDICTIONS"),
+    (["calibrate", "{in}/sigmoid.npy", "--labels", "{in}/y.npy"], "--kind logits"),
+    (["calibrate", "{in}/sigmoid.npy", "--labels", "{in}/y.npy", "--kind", "probs"], "--kind logits"),
+    (["calibrate", "{in}/flat01.npy", "--labels", "{in}/y.npy"], "labels 0/1"),
+    (["calibrate", "{in}/flat.npy", "--labels", "{in}/y01.npy", "--kind", "probs"], "--kind logits"),
     (["calibrate", "{in}/z.npy", "--labels", "{in}/y_text.csv"], "not numeric"),
     (["calibrate", "{in}/z.npy", "--labels", "{in}/labels_nokey.npz"], "labels"),
     (["calibrate", "{in}/z.npy", "--labels"], "--labels"),

@@ -120,6 +120,32 @@ def label_separation(
     return top1_correct, None, None
 
 
+def warn_if_probabilities(z: torch.Tensor, owner: str, *, hint: str = "", stacklevel: int = 3) -> None:
+    """Warn (:class:`CalibrationWarning`) when the (N, C) ``logits`` ``z`` given to a fit look
+    like probabilities: every entry in [0, 1] and every row summing to 1 (within 1e-3; 1e-2
+    for half precision). Logits are almost never like that, and a fit on probabilities
+    calibrates ``softmax(p)``, not ``p``. The first rows decide for real logits; the whole
+    matrix is read (in float64 chunks) only when they look like probabilities."""
+    from crossent.calibration._inputs import iter_chunks, sum_atol
+
+    atol = sum_atol(z.dtype)
+
+    def rows_are_probabilities(start: int, stop: int) -> bool:
+        b = z[start:stop].to(torch.float64)
+        return bool(((b >= 0) & (b <= 1)).all()) and bool(((b.sum(1) - 1).abs() <= atol).all())
+
+    if not rows_are_probabilities(0, min(z.shape[0], 256)):
+        return
+    if not all(rows_are_probabilities(start, stop) for start, stop in iter_chunks(z)):
+        return
+    warnings.warn(
+        f"{owner}: the logits look like probabilities (every entry in [0, 1], every row summing"
+        f" to 1), but the recalibrators take logits: pass their log (softmax(log p) = p){hint}",
+        CalibrationWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def softmax_np(z: np.ndarray) -> np.ndarray:
     """Row softmax in float64."""
     z = np.asarray(z, dtype=np.float64)
@@ -262,12 +288,19 @@ class Recalibrator:
         }
 
     def load_state_dict(self: R, state: dict[str, Any]) -> R:
-        """Restore the fitted parameters of :meth:`state_dict`; returns ``self``."""
+        """Restore the options and the fitted parameters of :meth:`state_dict`; returns
+        ``self``. The state's options replace the ones this instance was built with (they
+        are part of the fitted map: ``from_logits`` says what :meth:`transform` takes)."""
         if state.get("method") != self.name:
             raise ValueError(
                 f"state is for method {state.get('method')!r}, not {self.name!r};"
                 " use crossent.calibration.from_state_dict(state) to build the right class"
             )
+        options = state.get("options") or {}
+        if options:  # built afresh, so the constructor checks them; then copied over
+            fresh = type(self)(**options)
+            for key in options:
+                setattr(self, key, getattr(fresh, key))
         self._set_params(state["params"])
         self.fallback = state.get("fallback")
         self.diagnostic = state.get("diagnostic")

@@ -21,6 +21,7 @@ __all__ = [
     "as_matrix",
     "compute_dtype",
     "iter_chunks",
+    "label_array",
     "looks_like_probs",
 ]
 
@@ -96,17 +97,25 @@ def first_non_integer(arr: np.ndarray) -> int | None:
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
+def label_array(labels: object) -> np.ndarray:
+    """``labels`` as a NumPy array (a view of a CPU tensor where possible), unvalidated.
+
+    bfloat16 has no NumPy type: such a tensor (0/1 targets cast to the model's dtype) is
+    widened to float32 first, which holds every bfloat16 value exactly."""
+    if isinstance(labels, torch.Tensor):
+        t = labels.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    return np.asarray(labels)
+
+
 def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "labels") -> np.ndarray:
     """Integer class labels as int64 NumPy, checked against the predictions' shape."""
-    if isinstance(labels, torch.Tensor):
-        arr = labels.detach().cpu().numpy()
-    else:
-        arr = np.asarray(labels)
+    arr = label_array(labels)
     if arr.ndim == 2 and 1 in arr.shape:
         arr = arr.reshape(-1)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D integer class indices, got shape {arr.shape}")
-    if arr.dtype.kind == "b" or arr.dtype.kind not in "iuf":
+    if arr.dtype.kind not in "iuf":  # bool ("b") too
         raise TypeError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
     i = first_non_integer(arr)
     if i is not None:
@@ -119,9 +128,11 @@ def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "label
             f"{name} has {arr.shape[0]} entries but the predictions have {n_samples} rows;"
             " they must match one to one"
         )
-    # check the range before the cast: 1e30 or a uint64 beyond int64 must not wrap around
-    out_of_range = (arr < 0) | (arr >= n_classes)
-    if out_of_range.any():
+    # check the range before the cast: 1e30 or a uint64 beyond int64 must not wrap around. Two
+    # reductions (the ufuncs' own, without np.min's wrapper) find whether any entry is out; only
+    # then is the first one looked for.
+    if arr.size and (np.minimum.reduce(arr) < 0 or np.maximum.reduce(arr) >= n_classes):
+        out_of_range = (arr < 0) | (arr >= n_classes)
         value = arr[int(np.flatnonzero(out_of_range)[0])].item()
         shown = int(value) if isinstance(value, float) and abs(value) < 2**53 else value
         raise ValueError(
@@ -248,10 +259,21 @@ def binary_nll_terms(scores: torch.Tensor, y: np.ndarray, *, from_logits: bool) 
 
 
 # ----------------------------------------------------------------------------- input shapes
-def _raw_labels(labels: object) -> np.ndarray:
-    if isinstance(labels, torch.Tensor):
-        return np.asarray(labels.detach().cpu().numpy())
-    return np.asarray(labels)
+def check_class_matrix(t: torch.Tensor, name: str) -> None:
+    """Refuse scores that are neither (N, C >= 2) nor what :func:`select` takes as binary,
+    saying which shapes the metrics take (:func:`as_matrix`'s message is the recalibrators')."""
+    if t.ndim != 2:
+        raise ValueError(
+            f"{name} must be (N, C) with labels (N,), (N,) scores of a binary problem, or (N, L)"
+            f" scores of a multi-label one with 0/1 labels (N, L); got shape {tuple(t.shape)}"
+        )
+    if t.shape[1] < 2:
+        raise ValueError(
+            f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}; for a binary"
+            f" problem pass the positive-class scores as (N,), {name}[:, 0]"
+        )
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it needs at least one row (sample)")
 
 
 def _binary_labels(arr: np.ndarray, name: str) -> np.ndarray:
@@ -259,7 +281,7 @@ def _binary_labels(arr: np.ndarray, name: str) -> np.ndarray:
         return arr.astype(np.int64)
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold 0/1 outcomes, got dtype {arr.dtype}")
-    bad = ~np.isin(arr, (0, 1))
+    bad = (arr != 0) & (arr != 1)  # NaN too; np.isin costs ten times more on a small batch
     if bad.any():
         i = int(np.flatnonzero(bad.reshape(-1))[0])
         raise ValueError(
@@ -285,7 +307,7 @@ def select(
     """
     name = "logits" if from_logits else "probs"
     t = _to_tensor(probs, name)
-    arr = _raw_labels(labels)
+    arr = label_array(labels)
     multilabel = t.ndim == 2 and arr.ndim == 2 and tuple(arr.shape) == tuple(t.shape) and (
         t.shape[1] > 1
     )
@@ -322,7 +344,7 @@ def select(
                 f" max {float(p.max()):.4g}); pass from_logits=True if these are logits"
             )
         return "binary", p.clamp(0.0, 1.0), y
-    t = as_matrix(t, name)
+    check_class_matrix(t, name)  # what as_matrix checks, on the tensor _to_tensor made
     if ignore_index is not None:
         flat = arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
         keep = flat != ignore_index

@@ -62,7 +62,10 @@ input files
                separated, optional header row: see below). An .npz/.pt dict is searched for
                the keys logits, probs, probabilities, predictions, preds, scores, outputs; if
                it also holds labels (labels, label, targets, target, y) --labels can be omitted.
-  LABELS       N integer class indices in 0..C-1, in any of the same formats.
+               (N,) or (N, 1) scores are binary scores of class 1 (logits s or probabilities p,
+               read as the columns 0, s or 1 - p, p), with labels 0/1.
+  LABELS       N integer class indices in 0..C-1 (booleans are 0/1, one-hot (N, C) rows their
+               argmax), in any of the same formats.
   Files are read without unpickling (np.load(allow_pickle=False)). With many arrays (the
   predictions.npz of crossent run) pick one with --key; its labels are the array "labels"
   next to it or in a parent group (--labels-key overrides). --key and --labels-key name
@@ -79,16 +82,19 @@ csv header row (--csv-header, for PREDICTIONS and LABELS alike)
 
 what it does
   Logits or probabilities are detected from the values (rows in [0, 1] summing to 1 are
-  probabilities; override with --kind); probabilities are scaled through their logs. A
-  stratified random split (--seed) puts --val-fraction of every class in a validation part on
-  which the --method (default: temperature scaling, T minimising the --objective) is fitted;
-  all metrics are reported on the rest (the held-out part) before and after. Then every
-  method (temperature, vector, matrix, Dirichlet, histogram binning, isotonic, ensemble
-  temperature; Platt and beta for two classes) is fitted on the same part and compared on
-  the held-out part, and the best by --objective is recommended. A degenerate fit (bound
-  reached, separable fit part, NLL worse than no scaling) falls back to the identity and
-  says so. --val-fraction 0 fits and evaluates on everything (optimistic; a warning is
-  printed). A fit part of fewer than 100 samples gives a warning.
+  probabilities; rows in [0, 1] summing to 1 within 0.05, such as rounded probabilities, are
+  renormalised with a warning; other rows in [0, 1] need --kind logits; override with
+  --kind); probabilities are scaled through their logs. A stratified random split (--seed)
+  puts --val-fraction of every class in a validation part on which the --method (default:
+  temperature scaling, T minimising the --objective) is fitted; all metrics are reported on
+  the rest (the held-out part) before and after. Then every method (temperature, vector,
+  matrix, Dirichlet, histogram binning, isotonic, ensemble temperature; Platt and beta for
+  two classes) is fitted on the same part and compared on the held-out part, and the best by
+  --objective is recommended. A degenerate fit (bound reached, separable fit part, NLL worse
+  than no scaling) falls back to the identity and says so; the classes with no sample in the
+  fit part, which histogram binning and isotonic regression leave uncalibrated (identity),
+  are named in a note. --val-fraction 0 fits and evaluates on everything (optimistic; a
+  warning is printed). A fit part of fewer than 100 samples gives a warning.
 
 metrics
   accuracy, NLL (nats), Brier (summed over classes, range 0-2), ECE (15 equal-width bins
@@ -581,35 +587,96 @@ def _check(
     preds: np.ndarray, labels: np.ndarray, labels_file: str = "LABELS", mismatch_hint: str = "",
     csv_input: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """PREDICTIONS and LABELS checked, as float (N, C) or (N,) and int64 (N,). (N,) and (N, 1)
+    PREDICTIONS are binary scores of class 1 (returned (N,)), which need labels 0/1."""
     if preds.dtype.kind not in "fiu":
         raise _error(f"PREDICTIONS must be numeric, got dtype {preds.dtype}")
-    if preds.ndim != 2:
-        one_column = " (a .csv file of one column)" if preds.ndim == 1 and csv_input else ""
-        raise _error(
-            f"PREDICTIONS must be a 2-D array (samples x classes), got shape {preds.shape}{one_column}"
+    if preds.ndim == 2 and preds.shape[1] == 1:  # a column of binary scores
+        shape_error = f"PREDICTIONS needs at least 2 columns (classes), got shape {preds.shape}"
+        preds = preds[:, 0]
+    else:
+        shape_error = (
+            f"PREDICTIONS must be a 2-D array (samples x classes), got shape {preds.shape}"
+            + (" (a .csv file of one column)" if preds.ndim == 1 and csv_input else "")
         )
-    n, c = preds.shape
+    if preds.ndim not in (1, 2):
+        raise _error(shape_error)
+    n, c = preds.shape[0], (2 if preds.ndim == 1 else preds.shape[1])
     if c < 2:
         raise _error(f"PREDICTIONS needs at least 2 columns (classes), got shape {preds.shape}")
     if n < 2:
         raise _error(f"PREDICTIONS needs at least 2 rows (samples), got {n}")
     if preds.dtype not in (np.float32, np.float64):
         preds = preds.astype(np.float64)
-    bad = ~np.isfinite(preds).all(axis=1)
+    bad = ~np.isfinite(preds.reshape(n, -1)).all(axis=1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise _error(
             f"PREDICTIONS has {int(bad.sum())} row(s) with NaN or infinite values"
             f" (first: row {first}); drop or fix them"
         )
-    labels = np.asarray(labels)
+    labels = _label_indices(np.asarray(labels), n, c, labels_file)
+    if labels.shape[0] != n:
+        raise _error(
+            f"PREDICTIONS has {n} rows but LABELS has {labels.shape[0]} entries; they must match"
+            + mismatch_hint
+        )
+    if preds.ndim == 1:
+        not01 = (labels != 0) & (labels != 1)
+        if not01.any():
+            i = int(np.flatnonzero(not01)[0])
+            raise _error(
+                f"{shape_error}; (N,) binary scores of class 1 need labels 0/1, and {labels_file}"
+                f" holds {_shown(labels[i].item())!r} at entry {i}: for C classes pass (N, C)"
+                " PREDICTIONS"
+            )
+    # compare before any cast: 1e30 or a uint64 beyond int64 must not wrap around
+    out_of_range = (labels < 0) | (labels >= c)
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range)[0])
+        one_based = ("; they look 1-based (1..C): subtract 1"
+                     if labels.min() >= 1 and labels.max() == c else "")
+        raise _error(
+            f"LABELS must lie in 0..{c - 1} for {c} classes; {labels_file} holds"
+            f" {_shown(labels[i].item())!r} at entry {i} ({int(out_of_range.sum())} value(s) out of"
+            f" range){one_based}"
+        )
+    return preds, labels.astype(np.int64)
+
+
+def _shown(value: Any) -> Any:
+    """A label value as the errors show it: a float that is an exact integer as that integer."""
+    return int(value) if isinstance(value, float) and abs(value) < 2**53 else value
+
+
+def _label_indices(labels: np.ndarray, n: int, c: int, labels_file: str) -> np.ndarray:
+    """LABELS as a 1-D array of integer values (not yet range-checked): (N, 1) and (1, N)
+    flattened, booleans as 0/1, one-hot rows (N, C) as their argmax."""
     if labels.ndim == 2 and 1 in labels.shape:
         labels = labels.reshape(-1)
+    if labels.dtype.kind == "b":
+        labels = labels.astype(np.int64)
+    if labels.ndim == 2 and labels.dtype.kind in "iuf" and labels.shape == (n, c):
+        ones = (labels == 1).sum(1)
+        if ((labels == 0) | (labels == 1)).all() and (ones == 1).all():  # one-hot
+            return np.asarray(labels.argmax(1))
+        if ((labels == 0) | (labels == 1)).all():
+            row = int(np.flatnonzero(ones != 1)[0])
+            raise _error(
+                f"LABELS must be a 1-D array of class indices, got shape {labels.shape} with"
+                f" {int(ones[row])} ones in row {row} (multi-label): calibrate takes one class per"
+                " sample; for multi-label predictions use crossent.calibration.multilabel_ece"
+            )
     if labels.ndim != 1:
-        raise _error(f"LABELS must be a 1-D array of class indices, got shape {labels.shape}")
-    if labels.dtype.kind not in "iuf":
         raise _error(
-            f"LABELS ({labels_file}) must hold integer class indices, got dtype {labels.dtype}"
+            f"LABELS must be a 1-D array of class indices, got shape {labels.shape}; pass"
+            f" {n} class indices (or one-hot rows of {c} columns)"
+        )
+    if labels.dtype.kind not in "iuf":
+        names = " (class names?)" if labels.dtype.kind in "USO" else ""
+        raise _error(
+            f"LABELS ({labels_file}) must hold integer class indices, got dtype"
+            f" {labels.dtype}{names}: map them to 0..{c - 1} in the column order of PREDICTIONS"
         )
     i = first_non_integer(labels)
     if i is not None:
@@ -617,23 +684,60 @@ def _check(
             f"LABELS ({labels_file}) must hold integer class indices; entry {i} is"
             f" {labels[i].item()!r} (non-integer or NaN)"
         )
-    if labels.shape[0] != n:
+    return labels
+
+
+#: --kind probs (or auto) renormalises rows in [0, 1] whose sums are off 1 by at most this
+#: (probabilities written with few decimals); rows further off are refused
+RENORM_ATOL = 0.05
+
+
+def read_kind(
+    preds: np.ndarray, kind: str
+) -> tuple[Literal["logits", "probs"], np.ndarray, str | None]:
+    """What PREDICTIONS hold (``kind``: ``auto``, ``logits`` or ``probs``, asked for or hinted
+    by the array's name), the (N, C) predictions to use, and the warning when they were
+    renormalised. (N,) binary scores of class 1 are probabilities when all lie in [0, 1] (for
+    ``auto``), the columns ``1 - p, p``; logits ``s`` are the columns ``0, s``. (N, C) rows
+    in [0, 1] summing to 1 within :data:`RENORM_ATOL` (but not within the metrics' 1e-3) are
+    rounded probabilities, renormalised with a warning; other rows in [0, 1] are refused
+    unless ``kind`` is ``logits`` (as logits they would be read silently as log-probabilities
+    of nearly uniform predictions)."""
+    from crossent.calibration._inputs import RANGE_ATOL, looks_like_probs
+
+    if preds.ndim == 1:
+        outside = (preds < 0) | (preds > 1)
+        if kind == "auto":
+            kind = "logits" if outside.any() else "probs"
+        if kind == "logits":
+            return "logits", np.stack([np.zeros_like(preds), preds], axis=1), None
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise _error(f"PREDICTIONS are not probabilities: entry {i} is {preds[i]:.4g}, outside"
+                         " [0, 1]; pass --kind logits if they are logits")
+        return "probs", np.stack([1 - preds, preds], axis=1), None
+    if kind == "logits":
+        return "logits", preds, None
+    if looks_like_probs(preds, "PREDICTIONS"):
+        return "probs", preds, None
+    bad_rows = ((preds < -RANGE_ATOL) | (preds > 1 + RANGE_ATOL)).any(axis=1)
+    if bad_rows.any():
+        if kind == "auto":
+            return "logits", preds, None
+        raise _error(f"PREDICTIONS are not probabilities: row {int(np.flatnonzero(bad_rows)[0])} has"
+                     " values outside [0, 1]; pass --kind logits if they are logits")
+    sums = preds.sum(axis=1, dtype=np.float64)
+    worst = int(np.argmax(np.abs(sums - 1)))
+    if abs(sums[worst] - 1) > RENORM_ATOL:
         raise _error(
-            f"PREDICTIONS has {n} rows but LABELS has {labels.shape[0]} entries; they must match"
-            + mismatch_hint
+            f"PREDICTIONS are not probabilities of one class per sample: every value lies in"
+            f" [0, 1] but row {worst} sums to {sums[worst]:.4g}, not 1 (independent sigmoid"
+            " outputs are not supported); pass --kind logits if they are logits"
         )
-    # compare before any cast: 1e30 or a uint64 beyond int64 must not wrap around
-    out_of_range = (labels < 0) | (labels >= c)
-    if out_of_range.any():
-        i = int(np.flatnonzero(out_of_range)[0])
-        value = labels[i].item()
-        shown = int(value) if isinstance(value, float) and abs(value) < 2**53 else value
-        raise _error(
-            f"LABELS must lie in 0..{c - 1} for {c} classes; {labels_file} holds {shown!r} at"
-            f" entry {i} ({int(out_of_range.sum())} value(s) out of range)"
-        )
-    labels = labels.astype(np.int64)
-    return preds, labels
+    q = np.clip(preds.astype(np.float64), 0.0, 1.0) / sums[:, None]
+    fix = "; pass --kind logits if they are logits" if kind == "auto" else ""
+    return "probs", q, (f"the rows of PREDICTIONS sum to {sums.min():.4g}..{sums.max():.4g}, not 1"
+                        f" (rounded probabilities?): read as probabilities and renormalised{fix}")
 
 
 def stratified_split(
@@ -724,11 +828,41 @@ def describe(cal: Any) -> str:
         text = "coef " + ", ".join(f"{c:.4f}" for c in (cal.coef if cal.coef is not None else []))
     elif isinstance(cal, HistogramBinning):
         text = f"{cal.n_bins} bins per class"
+    elif cal.name == "isotonic":
+        text = "one isotonic map per class"
     else:
         text = cal.name
     if cal.fallback is not None:
         text = f"identity (fell back: {cal.fallback})"
     return text
+
+
+def fit_note(cal: Any, n_classes: int) -> str | None:
+    """What the guard found in a fit that was kept (``fallback`` is ``None``), in words;
+    ``None`` when it found nothing. Histogram binning and isotonic regression keep the
+    identity for the classes with no sample in the fit part (``identity_classes``), which
+    only a Python warning named."""
+    from crossent.calibration._base import absent_how
+
+    if cal.fallback is not None:
+        return None
+    identity = getattr(cal, "identity_classes", None)
+    if identity:
+        return (f"{absent_how(np.asarray(identity), n_classes)} no sample in the fit part:"
+                " left uncalibrated (identity)")
+    return None if cal.diagnostic is None else f"{cal.diagnostic} (the fit is kept)"
+
+
+def short_note(cal: Any) -> str:
+    """The comparison table's note: the fallback, or the identity classes, in a few words."""
+    if cal.fallback is not None:
+        return "fell back to the identity"
+    identity = getattr(cal, "identity_classes", None)
+    if identity:
+        listed = ", ".join(str(k) for k in identity[:4]) + (", ..." if len(identity) > 4 else "")
+        which = "class" if len(identity) == 1 else "classes"
+        return f"identity for {which} {listed} (no fit sample)"
+    return "" if cal.diagnostic is None else "see note"
 
 
 #: below this many samples in the fit part, :func:`small_fit_warning` speaks
@@ -834,7 +968,7 @@ def _print_comparison(result: dict[str, Any]) -> None:
         if "skipped" in row:
             table.add_row(name, *[""] * len(COMPARE_COLUMNS), f"skipped: {row['skipped']}")
             continue
-        note = "fell back to the identity" if row["fallback"] else ""
+        note = row.get("short_note", "")
         mark = " *" if name == cmp["recommended"] else ""
         table.add_row(f"{name}{mark}", *[_fmt(row[k], pct) for k, _, pct in COMPARE_COLUMNS], note)
     console = Console(file=sys.stdout)
@@ -908,7 +1042,8 @@ def compare_methods(
             continue
         cal, _ = fit_method(name, logits[val_idx], labels[val_idx], objective)
         rows[name] = {**score(method_logits(cal, logits[test_idx])), "fallback": cal.fallback,
-                      "fitted": describe(cal)}
+                      "fitted": describe(cal), "note": fit_note(cal, c),
+                      "short_note": short_note(cal)}
     scored = [k for k, r in rows.items() if "skipped" not in r]
     best = min(scored, key=lambda k: (rows[k][objective], k != "none"))
     return {"rows": rows, "recommended": best}
@@ -926,6 +1061,10 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
         f"- binned metrics use {result['n_bins']} bins; Brier is summed over classes"
         " (range 0-2); NLL in nats",
     ]
+    if result["input_note"] is not None:
+        lines.append(f"- {result['input_note']}")
+    if result["note"] is not None:
+        lines.append(f"- note: {result['note']}")
     for message in result["warnings"]:
         lines.append(f"- warning: {message}")
     lines += ["", "| metric | before | after |", "|---|---:|---:|"]
@@ -944,6 +1083,8 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
                 continue
             cells = " | ".join(_fmt(row[k], pct) for k, _, pct in COMPARE_COLUMNS)
             note = f"fell back: {row['fallback']}" if row["fallback"] else row.get("fitted", "")
+            if row.get("note"):
+                note = f"{note}; {row['note']}"
             lines.append(f"| {name} | {cells} | {note} |")
         lines += ["", recommendation_text(result)]
     lines += [
@@ -961,7 +1102,6 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``crossent calibrate``; returns the exit status."""
-    from crossent.calibration._inputs import looks_like_probs
     from crossent.cli import check_out_dir
 
     if not (0.0 <= args.val_fraction < 1.0) or math.isnan(args.val_fraction):
@@ -982,29 +1122,25 @@ def main(args: argparse.Namespace) -> int:
     labels_file = args.labels if args.labels is not None else args.predictions
     csv_input = _format_of(Path(args.predictions), args.file_format) == "csv"
     preds, labels = _check(preds, labels, labels_file, _csv_header_hint(args, preds, labels), csv_input)
-    n, c = preds.shape
+    binary_scores = preds.ndim == 1
+    c = 2 if binary_scores else preds.shape[1]
     if args.method in BINARY_METHODS and c != 2:
         raise _error(f"--method {args.method} is for two classes; PREDICTIONS has {c} columns")
     if args.objective == "ece" and args.method != "temperature":
         raise _error(f"--objective ece applies to --method temperature only, not {args.method}")
 
-    kind: Literal["logits", "probs"]
-    if args.kind != "auto":
-        kind = args.kind
-    elif hint is not None:
-        kind = "logits" if hint == "logits" else "probs"
-    else:
-        kind = "probs" if looks_like_probs(preds, "PREDICTIONS") else "logits"
+    kind_asked = args.kind if args.kind != "auto" else (hint or "auto")
+    kind, preds, renormalised = read_kind(preds, kind_asked)
+    n = preds.shape[0]
     if kind == "probs":
-        if not looks_like_probs(preds, "PREDICTIONS"):
-            raise _error(
-                "PREDICTIONS are not probabilities (rows must lie in [0, 1] and sum to 1);"
-                " pass --kind logits if they are logits"
-            )
         with np.errstate(divide="ignore"):
             logits = np.log(np.maximum(preds, np.finfo(preds.dtype).tiny))
     else:
         logits = preds
+    input_note = None if not binary_scores else (
+        f"PREDICTIONS: {n} binary scores of class 1, read as {kind}"
+        f" (the columns {'1 - p, p' if kind == 'probs' else '0, s'}; --kind to override)"
+    )
 
     if args.val_fraction == 0:
         print(
@@ -1025,6 +1161,8 @@ def main(args: argparse.Namespace) -> int:
     small = small_fit_warning(int(val_idx.size), n, args.val_fraction)
     if small is not None:
         messages.insert(0, small)
+    if renormalised is not None:
+        messages.insert(0, renormalised)
     for message in messages:
         print(f"crossent calibrate: warning: {message}", file=sys.stderr)
     y_test = labels[test_idx]
@@ -1041,10 +1179,14 @@ def main(args: argparse.Namespace) -> int:
         "key": args.key,
         "labels": None if args.labels is None else str(args.labels),
         "kind": kind,
+        "binary_scores": binary_scores,
+        "input_note": input_note,
         "method": args.method,
         "objective": args.objective,
         "fitted": describe(cal),
         "fallback": cal.fallback,
+        "note": fit_note(cal, c),
+        "identity_classes": list(getattr(cal, "identity_classes", [])),
         "warnings": messages,
         "state": cal.state_dict(),
         "temperature": temperature.tolist() if isinstance(temperature, np.ndarray) else temperature,
@@ -1063,9 +1205,13 @@ def main(args: argparse.Namespace) -> int:
     worse = held_out_warning(result, compare=not args.no_compare)
     if worse is not None:
         result["warnings"].append(worse)
+    if input_note is not None:
+        print(input_note)
     _print_table(result)
     if cal.fallback is not None:
         print(f"{args.method}: fell back to the identity map: {cal.fallback}")
+    if result["note"] is not None:
+        print(f"{args.method}: note: {result['note']}")
     if worse is not None:
         print(f"crossent calibrate: warning: {worse}", file=sys.stderr)
     if not args.no_compare:

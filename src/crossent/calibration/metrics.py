@@ -44,7 +44,9 @@ from crossent.calibration._inputs import (
     as_labels,
     as_matrix,
     binary_nll_terms,
+    check_class_matrix,
     drop_ignored,
+    label_array,
     looks_like_probs,
     select,
 )
@@ -71,6 +73,14 @@ def _check_n_bins(n_bins: int) -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     return int(n_bins)
+
+
+def _check_num_classes(num_classes: int | None) -> int | None:
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    return int(num_classes)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -315,9 +325,15 @@ def classwise_ece(
     ``max(labels) + 1``); ``num_classes``, if given, must equal it.
     """
     n_bins = _check_n_bins(n_bins)
+    num_classes = _check_num_classes(num_classes)
     name = "logits" if from_logits else "probs"
     kind, t, y_np = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":  # the two columns [1 - p, p]
+        if num_classes not in (None, 2):
+            raise ValueError(
+                f"num_classes={num_classes}, but binary and multi-label input is measured as the"
+                " two classes [1 - p, p]: pass num_classes=2 or leave it out"
+            )
         t, from_logits = torch.stack([1.0 - t, t], dim=1), False
     n, k = t.shape
     if num_classes is not None and num_classes != k:
@@ -507,7 +523,7 @@ def nll(
     ``from_logits=None`` means probabilities if every value lies in [0, 1].
     """
     raw = _to_tensor(probs_or_logits, "probs_or_logits")
-    lab = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
+    lab = label_array(labels)
     if raw.ndim == 1 or (raw.ndim == 2 and lab.shape == tuple(raw.shape) and raw.shape[1] > 1):
         # the entries measured (ignored ones may hold any padding), for the detection and logits
         kept = drop_ignored(raw, lab, ignore_index).reshape(-1) if from_logits is not False else raw
@@ -518,6 +534,7 @@ def nll(
             return float(binary_nll_terms(kept, y_np, from_logits=True).mean())
         _, p, y_np = select(raw, lab, from_logits=False, ignore_index=ignore_index)
         return float(binary_nll_terms(p, y_np, from_logits=False).mean())
+    check_class_matrix(raw, "probs_or_logits")
     if ignore_index is not None:
         _, raw, _ = select(raw, lab, from_logits=True, ignore_index=ignore_index)
         lab = lab.reshape(-1)[lab.reshape(-1) != ignore_index]
@@ -564,7 +581,7 @@ def multilabel_ece(
     t = _to_tensor(probs, "probs")
     if t.ndim != 2:
         raise ValueError(f"probs must be 2-D (N, L) for multi-label input, got shape {tuple(t.shape)}")
-    lab = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
+    lab = label_array(labels)
     if lab.shape != tuple(t.shape):
         raise ValueError(f"labels must have the shape of probs {tuple(t.shape)}, got {lab.shape}")
     kw = {"n_bins": n_bins, "binning": binning, "from_logits": from_logits, "ignore_index": ignore_index}

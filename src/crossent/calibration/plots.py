@@ -7,17 +7,19 @@ functions work headless with the Agg backend: ``fig.savefig("diagram.png")``.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from crossent._extras import require
-from crossent.calibration._inputs import ArrayLike
+from crossent.calibration._inputs import ArrayLike, select
 from crossent.calibration.metrics import (
     Binning,
+    _scores,
     table_from_scores,
-    top_scores,
     width_bin_index,
     width_edges,
 )
@@ -32,6 +34,60 @@ __all__ = ["compare_reliability_diagrams", "reliability_diagram"]
 #: Bins holding fewer samples than this are drawn faint with a dotted edge.
 LOW_COUNT = 10
 
+#: Opacity of the faint low-count bins, and of the gap colours' tint over white.
+FAINT = 0.35
+GAP_TINT = 0.35
+
+#: Title characters per inch of axes width at the title's font size ("medium", 10 pt).
+TITLE_CHARS_PER_INCH = 12.0
+
+
+@dataclass(frozen=True)
+class _Names:
+    """What the axes show: top-label accuracy against confidence (multiclass), or the fraction
+    of positives against the positive-class probability (binary and multi-label input)."""
+
+    y: str
+    x: str
+    mean_x: str
+    high: str  # the gap where x exceeds y
+    low: str  # the gap where y exceeds x
+
+
+MULTICLASS = _Names("accuracy", "confidence", "mean confidence",
+                    "gap: confidence > accuracy", "gap: accuracy > confidence")
+BINARY = _Names("fraction of positives", "predicted probability of the positive class",
+                "mean predicted probability", "gap: predicted > observed",
+                "gap: observed > predicted")
+
+
+def _tint(color: str, amount: float) -> tuple[float, float, float]:
+    """``color`` at opacity ``amount`` over white, as an opaque colour: the gap bars are drawn
+    over the accuracy bar or over the white background, and must look like their swatch."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.asarray(to_rgb(color))
+    r, g, b = (amount * rgb + (1.0 - amount)).tolist()
+    return r, g, b
+
+
+def _scored(
+    probs: ArrayLike, labels: ArrayLike, from_logits: bool
+) -> tuple[np.ndarray, np.ndarray, _Names]:
+    """:func:`~crossent.calibration.metrics.top_scores` and the names of what they are."""
+    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=None)
+    conf, correct = _scores(kind, t, y, from_logits)
+    return conf, correct, BINARY if kind == "binary" else MULTICLASS
+
+
+def _wrap(text: str, ax: Axes) -> str:
+    """``text`` broken into lines that fit the width of ``ax`` (a long loss name or title
+    would otherwise run past the figure's edge, where savefig cuts it off)."""
+    root = ax.get_figure(root=True)
+    width_in = ax.get_position().width * (root.get_figwidth() if root is not None else 6.4)
+    chars = max(16, int(width_in * TITLE_CHARS_PER_INCH))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
 
 def _draw(
     ax: Axes,
@@ -39,11 +95,13 @@ def _draw(
     conf: np.ndarray,
     correct: np.ndarray,
     *,
+    names: _Names,
     n_bins: int,
     binning: Binning,
     title: str | None,
     aggregate: str | None,
     low_count: int,
+    legend: Literal["outside", "inside", "none"],
 ) -> None:
     from matplotlib.patches import Patch
 
@@ -53,45 +111,49 @@ def _draw(
     width = np.maximum(upper - lower, 0.004)
     acc, mean_conf, count = table.accuracy[used], table.confidence[used], table.count[used]
     low = count < low_count
+    over_color, under_color = _tint("C3", GAP_TINT), _tint("C2", GAP_TINT)
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.45", linewidth=1)
-    for mask, alpha, style in ((~low, 1.0, "solid"), (low, 0.35, "dotted")):
+    for mask, alpha, style in ((~low, 1.0, "solid"), (low, FAINT, "dotted")):
         ax.bar(lower[mask], acc[mask], width=width[mask], align="edge", color="C0", alpha=alpha,
                edgecolor="black", linestyle=style, linewidth=0.6)
         over = mask & (mean_conf > acc)  # over-confident: the gap sits above the accuracy bar
         ax.bar(lower[over], (mean_conf - acc)[over], bottom=acc[over], width=width[over],
-               align="edge", color="C3", alpha=0.3 * alpha, edgecolor="C3", hatch="//",
+               align="edge", color=over_color, alpha=alpha, edgecolor="C3", hatch="//",
                linestyle=style, linewidth=0.6)
         under = mask & (acc > mean_conf)  # under-confident: the gap is the top of the bar
         ax.bar(lower[under], (acc - mean_conf)[under], bottom=mean_conf[under],
-               width=width[under], align="edge", color="C2", alpha=0.3 * alpha, edgecolor="C2",
-               hatch="\\\\", linestyle=style, linewidth=0.6)
+               width=width[under], align="edge", color=under_color, alpha=alpha,
+               edgecolor="C2", hatch="\\\\", linestyle=style, linewidth=0.6)
     for x, w, n in zip(lower, width, count, strict=True):  # the count strip along the bottom
         ax.text(x + w / 2, 0.01, str(int(n)), ha="center", va="bottom", fontsize=6,
                 rotation=90 if n_bins > 12 else 0, color="black" if n >= low_count else "C3")
+    ax.lines[0].set_label("perfect calibration")
     handles = [
         ax.lines[0],
-        Patch(facecolor="C0", edgecolor="black", label="accuracy"),
-        Patch(facecolor="C3", alpha=0.3, edgecolor="C3", hatch="//",
-              label="gap: confidence > accuracy"),
-        Patch(facecolor="C2", alpha=0.3, edgecolor="C2", hatch="\\\\",
-              label="gap: accuracy > confidence"),
-        Patch(facecolor="C0", alpha=0.35, edgecolor="black", linestyle="dotted",
+        Patch(facecolor="C0", edgecolor="black", label=names.y),
+        Patch(facecolor=over_color, edgecolor="C3", hatch="//", label=names.high),
+        Patch(facecolor=under_color, edgecolor="C2", hatch="\\\\", label=names.low),
+        Patch(facecolor="C0", alpha=FAINT, edgecolor="black", linestyle="dotted",
               label=f"bin with < {low_count} samples"),
     ]
-    ax.lines[0].set_label("perfect calibration")
-    ax.legend(handles=handles, loc="upper left", fontsize="x-small", framealpha=0.9,
-              title="numbers: samples per bin", title_fontsize="x-small")
+    # Outside (to the right of the axes, in a figure laid out by this module) the legend
+    # can hide no bar; inside a caller's axes it goes where it covers the least.
+    place = ({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0}
+             if legend == "outside" else {"loc": "best"})
+    if legend != "none":
+        ax.legend(handles=handles, fontsize="x-small", framealpha=0.9,
+                  title="numbers: samples per bin", title_fontsize="x-small", **place)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(names.y)
     ax.tick_params(labelbottom=False)
     name = f"{title}: " if title else ""
     kind = "AdaECE" if binning == "mass" else "ECE"
-    detail = f"{n_bins} {binning} bins, N = {table.n_samples}"
+    detail = f"{n_bins} {binning} bin{'s' if n_bins != 1 else ''}, N = {table.n_samples}"
     if aggregate:
         detail += f", {aggregate}"
     ax.set_title(
-        f"{name}{kind} = {100 * table.calibration_error('l1'):.2f}%\n({detail})",
+        _wrap(f"{name}{kind} = {100 * table.calibration_error('l1'):.2f}%\n({detail})", ax),
         fontsize="medium",
     )
 
@@ -106,13 +168,14 @@ def _draw(
         edgecolor="black",
         linewidth=0.5,
     )
-    hax.axvline(float(conf.mean()), color="C3", linewidth=1.2, label="mean confidence")
-    hax.axvline(float(correct.mean()), color="C0", linestyle="--", linewidth=1.2, label="accuracy")
+    hax.axvline(float(conf.mean()), color="C3", linewidth=1.2, label=names.mean_x)
+    hax.axvline(float(correct.mean()), color="C0", linestyle="--", linewidth=1.2, label=names.y)
     hax.set_xlim(0, 1)
     hax.set_ylim(0, max(float(frac.max()) * 1.15, 1e-3))
-    hax.set_xlabel("confidence")
+    hax.set_xlabel(names.x)
     hax.set_ylabel("fraction")
-    hax.legend(loc="upper left", fontsize="x-small", framealpha=0.9)
+    if legend != "none":
+        hax.legend(fontsize="x-small", framealpha=0.9, **place)
 
 
 def reliability_diagram(
@@ -138,24 +201,29 @@ def reliability_diagram(
     seeds"``, wherever a table next to the figure averages per-seed numbers instead). The
     over-confident gap is hatched red, the under-confident one hatched green; the number at
     the foot of every bar is its sample count, and bins with fewer than ``low_count``
-    samples are drawn faint with a dotted edge.
+    samples are drawn faint with a dotted edge. Binary input ((N,) positive-class
+    probabilities, or multi-label (N, L)) is binned by the positive-class probability, and
+    the axes say so: the fraction of positives against the predicted probability.
 
-    With ``ax`` the diagram is drawn into that axes (its lower part is split off for the
-    histogram) and ``ax.figure`` is returned; otherwise a new figure is made.
+    Without ``ax`` a new figure is made, its legends to the right of the axes, where they
+    hide no bar. With ``ax`` the diagram is drawn into that axes (its lower part is split
+    off for the histogram), the legends inside it where they cover the least, and
+    ``ax.figure`` is returned. Titles are wrapped to the width of the axes.
     """
     Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
-    conf, correct = top_scores(probs, labels, from_logits)
+    conf, correct, names = _scored(probs, labels, from_logits)
+    legend: Literal["outside", "inside"] = "outside" if ax is None else "inside"
     if ax is None:
-        fig = Figure(figsize=(5.0, 5.8), layout="constrained")
+        fig = Figure(figsize=(7.0, 5.8), layout="constrained")
         ax, hax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     else:
         from mpl_toolkits.axes_grid1 import make_axes_locatable
 
         fig = ax.figure  # type: ignore[assignment]  # a Figure: ax is not in a SubFigure here
         hax = make_axes_locatable(ax).append_axes("bottom", size="33%", pad=0.12, sharex=ax)
-    _draw(ax, hax, conf, correct, n_bins=n_bins, binning=binning, title=title,
-          aggregate=aggregate, low_count=low_count)
+    _draw(ax, hax, conf, correct, names=names, n_bins=n_bins, binning=binning, title=title,
+          aggregate=aggregate, low_count=low_count, legend=legend)
     return fig
 
 
@@ -173,17 +241,19 @@ def compare_reliability_diagrams(
     scaling: ``compare_reliability_diagrams({"before": p, "after (T=1.7)": q}, labels)``.
 
     Every panel is drawn as in :func:`reliability_diagram`, against the same ``labels``;
-    ``aggregate`` (e.g. ``"pooled over seeds"``) is printed in every panel's title.
+    ``aggregate`` (e.g. ``"pooled over seeds"``) is printed in every panel's title. The
+    legends, the same for every panel, stand once, to the right of the last panel.
     """
     Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
     if not probs_by_name:
         raise ValueError("probs_by_name is empty: give at least one {name: probs} entry")
-    panels = [(name, *top_scores(p, labels, from_logits)) for name, p in probs_by_name.items()]
+    panels = [(name, *_scored(p, labels, from_logits)) for name, p in probs_by_name.items()]
     k = len(panels)
-    fig = Figure(figsize=(4.8 * k, 5.8), layout="constrained")
+    fig = Figure(figsize=(4.8 * k + 2.0, 5.8), layout="constrained")
     axes = fig.subplots(2, k, sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1]})
-    for j, (name, conf, correct) in enumerate(panels):
-        _draw(axes[0, j], axes[1, j], conf, correct, n_bins=n_bins, binning=binning, title=name,
-              aggregate=aggregate, low_count=low_count)
+    for j, (name, conf, correct, names) in enumerate(panels):
+        _draw(axes[0, j], axes[1, j], conf, correct, names=names, n_bins=n_bins,
+              binning=binning, title=name, aggregate=aggregate, low_count=low_count,
+              legend="outside" if j == k - 1 else "none")
     return fig

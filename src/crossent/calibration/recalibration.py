@@ -14,6 +14,17 @@ Multiclass methods take (N, C) logits and integer labels (N,) (or (N, 1), (1, N)
 :class:`PlattScaler` and :class:`BetaCalibrator` take binary (N,) logits of the positive class
 (``from_logits=False`` for probabilities), or (N, 2) logits, and 0/1 labels of the same forms.
 
+Tensors and arrays. ``transform``, ``predict_proba`` and ``transform_logits`` return the
+input's type: a tensor on its device and in its (floating) dtype, or a NumPy array. The methods
+here compute in float64 on the CPU: a tensor comes back **detached from the autograd graph**
+(no gradient reaches logits that require grad), a NumPy array as float64, and NaN or infinite
+logits are refused. Temperature and vector scaling (:mod:`crossent.calibration.temperature`)
+are torch ops on a tensor instead: they keep its autograd graph, and NaN stays NaN.
+
+Logits, not probabilities. The multiclass methods take logits only; a fit given rows that look
+like probabilities (entries in [0, 1], rows summing to 1) warns with a
+:class:`~crossent.calibration.CalibrationWarning`: pass ``log(p)``, whose softmax is ``p``.
+
 Validation labels that miss classes. Labels that are all one class make every fit degenerate
 (a map that gives that class probability 1 everywhere fits them perfectly, and every other
 class gets probability 0): every method warns and falls back to the identity, with
@@ -69,6 +80,7 @@ from crossent.calibration._base import (
     absent_how,
     as_float64_numpy,
     label_separation,
+    warn_if_probabilities,
 )
 from crossent.calibration._inputs import as_labels, as_matrix
 from crossent.calibration.metrics import _check_n_bins, width_bin_index, width_edges
@@ -79,12 +91,14 @@ from crossent.calibration.temperature import TemperatureScaler
 A = TypeVar("A", np.ndarray, torch.Tensor)
 
 
-def _multiclass(logits: Any, labels: Any) -> tuple[torch.Tensor, np.ndarray]:
+def _multiclass(logits: Any, labels: Any, owner: str) -> tuple[torch.Tensor, np.ndarray]:
+    """The validation logits (float64) and labels of a fit by ``owner`` (the class name)."""
     z = as_matrix(logits, "logits")
     y = as_labels(labels, z.shape[0], z.shape[1])
     z64 = z.to(torch.float64)
     if not bool(torch.isfinite(z64).all()):
         raise ValueError("logits contain NaN or infinite values")
+    warn_if_probabilities(z, owner, stacklevel=4)  # _multiclass, fit, the caller
     return z64, y
 
 
@@ -243,7 +257,7 @@ class MatrixScaler(_MulticlassRecalibrator):
 
     def fit(self, logits: Any, labels: Any) -> MatrixScaler:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
-        z, y = _multiclass(logits, labels)
+        z, y = _multiclass(logits, labels, type(self).__name__)
         x = self._features(z)
         k = z.shape[1]
         # Centred features condition the problem (log-probabilities share a large negative
@@ -324,7 +338,9 @@ def _normalise(q: np.ndarray, fallback: np.ndarray) -> np.ndarray:
 
 
 class HistogramBinning(_MulticlassRecalibrator):
-    r"""Histogram binning (Zadrozny and Elkan 2001), one-vs-rest on the softmax probabilities.
+    r"""Histogram binning (Zadrozny and Elkan 2001, *Obtaining calibrated probability estimates
+    from decision trees and naive Bayesian classifiers*), one-vs-rest on the softmax
+    probabilities.
 
     For every class :math:`k` the probability :math:`p_{ik}` falls in a width bin
     ((m-1)/M, m/M]; the calibrated value is the frequency of class :math:`k` among the
@@ -351,7 +367,7 @@ class HistogramBinning(_MulticlassRecalibrator):
 
     def fit(self, logits: Any, labels: Any) -> HistogramBinning:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
-        z, y = _multiclass(logits, labels)
+        z, y = _multiclass(logits, labels, type(self).__name__)
         p = torch.softmax(z, 1).numpy()
         n, k = p.shape
         m = self.n_bins
@@ -396,8 +412,9 @@ class HistogramBinning(_MulticlassRecalibrator):
 
 
 class IsotonicCalibrator(_MulticlassRecalibrator):
-    r"""Isotonic regression (Zadrozny and Elkan 2002), one-vs-rest on the softmax
-    probabilities: for every class the non-decreasing step function :math:`g_k` minimising
+    r"""Isotonic regression (Zadrozny and Elkan 2002, *Transforming classifier scores into
+    accurate multiclass probability estimates*), one-vs-rest on the softmax probabilities:
+    for every class the non-decreasing step function :math:`g_k` minimising
     :math:`\sum_i (g_k(p_{ik}) - [y_i = k])^2` (pool-adjacent-violators, scikit-learn's
     ``IsotonicRegression`` with ``out_of_bounds="clip"``), rows renormalised. As netcal's
     ``IsotonicRegression``. Needs scikit-learn (the ``run`` extra).
@@ -424,7 +441,7 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
         from crossent._extras import require
 
         iso = require("sklearn.isotonic", "isotonic calibration")
-        z, y = _multiclass(logits, labels)
+        z, y = _multiclass(logits, labels, type(self).__name__)
         p = torch.softmax(z, 1).numpy()
         self.knots = []
         for k in range(p.shape[1]):
@@ -498,7 +515,7 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
 
     def fit(self, logits: Any, labels: Any) -> EnsembleTemperatureScaler:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
-        z, y = _multiclass(logits, labels)
+        z, y = _multiclass(logits, labels, type(self).__name__)
         with warnings.catch_warnings():  # the ensemble's own guard speaks for the whole map
             warnings.simplefilter("ignore")
             ts = TemperatureScaler(fallback_to_identity=False).fit(z, y)
@@ -556,10 +573,14 @@ class _BinaryRecalibrator(Recalibrator):
         self.from_logits = bool(from_logits)
         self.coef: np.ndarray | None = None
 
-    def _scores(self, x: Any) -> torch.Tensor:
-        """Positive-class logits (float64, 1-D) from (N,) logits/probabilities or (N, 2)."""
+    def _scores(self, x: Any, *, fitting: bool = False) -> torch.Tensor:
+        """Positive-class logits (float64, 1-D) from (N,) logits/probabilities or (N, 2);
+        ``fitting``: warn when (N, 2) logits look like probabilities."""
         t = torch.as_tensor(as_float64_numpy(x))
         if t.ndim == 2 and t.shape[1] == 2:
+            if fitting and self.from_logits and bool(torch.isfinite(t).all()):
+                warn_if_probabilities(t, type(self).__name__, hint=" or from_logits=False",
+                                      stacklevel=4)  # _scores, fit, the caller
             t = t[:, 1] - t[:, 0] if self.from_logits else t[:, 1]
         if t.ndim != 1:
             raise ValueError(f"{type(self).__name__} takes binary scores of shape (N,) or (N, 2),"
@@ -650,9 +671,11 @@ class _BinaryRecalibrator(Recalibrator):
 
 
 class PlattScaler(_BinaryRecalibrator):
-    r"""Platt scaling (Platt 1999): :math:`\hat p = \sigma(a z + b)` on the positive-class
-    logit :math:`z`, fitted by maximum likelihood (no target smoothing). ``coef`` is
-    ``[a, b]``."""
+    r"""Platt scaling (Platt 1999, *Probabilistic outputs for support vector machines and
+    comparisons to regularized likelihood methods*): :math:`\hat p = \sigma(a z + b)` on the
+    positive-class logit :math:`z`, fitted by maximum likelihood (no target smoothing).
+    ``coef`` is ``[a, b]``; ``from_logits=False`` takes probabilities :math:`p` and uses
+    :math:`z = \operatorname{logit}(p)`."""
 
     name = "platt"
 
@@ -662,7 +685,7 @@ class PlattScaler(_BinaryRecalibrator):
     def fit(self, logits: Any, labels: Any) -> PlattScaler:
         """Fit on validation scores (N,) (or (N, 2) logits) and 0/1 labels (N,) (or (N, 1),
         (1, N)); returns ``self``."""
-        s = self._scores(logits)
+        s = self._scores(logits, fitting=True)
         y = self._labels(labels, logits, s.shape[0])
         self.coef = self._fit_logistic(self._features(s), y)
         self._fitted = True
@@ -684,7 +707,9 @@ class BetaCalibrator(_BinaryRecalibrator):
     with :math:`\log p = -\operatorname{softplus}(-z)` and
     :math:`-\log(1 - p) = \operatorname{softplus}(z)` from the logit (no clipping). A
     maximum-likelihood logistic fit on the two features; if a coefficient comes out
-    negative it is fixed at 0 and the other refitted, as in the authors' ``betacal``.
+    negative it is fixed at 0 and the other refitted, as in the authors' ``betacal``; if that
+    one comes out negative too (scores that fall as the positive rate rises), both are 0 and
+    :math:`c` is the log-odds of the positive rate (``betacal`` keeps the negative one).
     ``coef`` is ``[a, b, c]``; the identity is ``[1, 1, 0]``.
     """
 
@@ -696,7 +721,7 @@ class BetaCalibrator(_BinaryRecalibrator):
     def fit(self, logits: Any, labels: Any) -> BetaCalibrator:
         """Fit on validation scores (N,) (or (N, 2) logits) and 0/1 labels (N,) (or (N, 1),
         (1, N)); returns ``self``."""
-        s = self._scores(logits)
+        s = self._scores(logits, fitting=True)
         y = self._labels(labels, logits, s.shape[0])
         x = self._features(s)
         coef = self._fit_logistic(x, y)
@@ -704,7 +729,10 @@ class BetaCalibrator(_BinaryRecalibrator):
             keep = 1 if coef[0] < 0 else 0
             sub = self._fit_logistic(x[:, keep : keep + 1], y)
             coef = np.zeros(3)
-            coef[keep], coef[2] = max(sub[0], 0.0), sub[1]
+            if sub[0] >= 0:
+                coef[keep], coef[2] = sub[0], sub[1]
+            else:  # both slopes held at 0: the intercept alone, the log-odds of the positive rate
+                coef[2] = self._fit_logistic(x[:, :0], y)[0]
         self.coef = coef
         self._fitted = True
         self._check_fit(s, y)

@@ -40,11 +40,18 @@ from crossent.calibration._inputs import (
     binary_nll_terms,
     drop_ignored,
     iter_chunks,
+    label_array,
     looks_like_probs,
     select,
 )
 from crossent.calibration._rows import RowStatistics, row_statistics, top_sums
-from crossent.calibration.metrics import _check_choice, _check_n_bins, table_from_scores, table_from_sums
+from crossent.calibration.metrics import (
+    _check_choice,
+    _check_n_bins,
+    _check_num_classes,
+    table_from_scores,
+    table_from_sums,
+)
 
 __all__ = ["CalibrationMeter"]
 
@@ -62,11 +69,13 @@ class CalibrationMeter:
         keeps the per-sample pairs; see the module docstring).
     num_classes:
         Number of classes; optional (taken from the first batch), checked on every batch.
+        Binary and multi-label batches have the two classes [1 - p, p]: 2 or ``None``.
     ignore_index:
         Labels equal to it are left out.
     from_logits:
         ``True`` for logits, ``False`` for probabilities, ``None`` to detect it on the first
-        batch (rows in [0, 1] summing to one are probabilities) and keep it.
+        batch (rows in [0, 1] summing to one are probabilities; binary and multi-label scores
+        all in [0, 1]) and keep it until :meth:`reset`.
     classwise:
         Also accumulate the classwise ECE (K M bins). It adds every one of the N K
         probabilities to a float64 column total: on the CPU about 10 % more than the rest of an
@@ -98,19 +107,16 @@ class CalibrationMeter:
     ) -> None:
         self.n_bins = _check_n_bins(n_bins)
         _check_choice("binning", binning, ("width", "mass"))
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2
-        ):
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.binning = binning
-        self.num_classes = None if num_classes is None else int(num_classes)
+        self.num_classes = _check_num_classes(num_classes)
         self.ignore_index = ignore_index
-        self.from_logits = from_logits
+        self._from_logits_option = from_logits
         self.classwise = bool(classwise)
         self.reset()
 
     def reset(self) -> None:
-        """Forget every update (the options stay)."""
+        """Forget every update (the options stay; ``from_logits=None`` detects afresh)."""
+        self.from_logits: bool | None = self._from_logits_option
         self._kind: str | None = None
         self._k: int | None = self.num_classes
         self._bins = np.zeros((3, self.n_bins))  # count, sum of confidence, sum correct
@@ -125,9 +131,11 @@ class CalibrationMeter:
     def update(self, logits_or_probs: ArrayLike, labels: ArrayLike) -> None:
         """Add a batch: (N, C) with labels (N,), or binary (N,) / multi-label (N, L) with 0/1
         labels of the same shape. A batch whose labels all equal ``ignore_index`` adds nothing."""
-        lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        lab = label_array(labels)
         if lab.size == 0 or (self.ignore_index is not None and bool((lab == self.ignore_index).all())):
-            return
+            shape = tuple(np.shape(logits_or_probs))  # nothing to add, if the labels fit the scores
+            if shape and lab.size in (shape[0], math.prod(shape)):
+                return
         before = (self.from_logits, self._kind, self._k)
         try:
             self._update(logits_or_probs, labels, lab)
@@ -157,10 +165,14 @@ class CalibrationMeter:
             self._kind = kind
         elif kind != self._kind:
             raise ValueError(f"this batch is {kind} but the meter holds {self._kind} batches")
+        if kind == "binary" and self.num_classes not in (None, 2):
+            raise ValueError(
+                f"num_classes={self.num_classes}, but binary and multi-label batches are measured as"
+                " the two classes [1 - p, p]: pass num_classes=2 or leave it out"
+            )
         if kind == "binary":  # positive-class probabilities; classwise on [1 - p, p]
-            conf, correct = t.numpy(), y.astype(np.float64)
-            yt = torch.from_numpy(y).to(torch.float64)
-            p = t.clamp(0.0, 1.0)
+            p = t  # float64 in [0, 1]; NumPy below: on a small batch a torch op costs several times more
+            conf, correct = p.numpy(), y.astype(np.float64)
             # from logits the logits themselves, as nll: 1 - sigmoid(z) is 0 at large z
             scores = (drop_ignored(_to_tensor(logits_or_probs, "logits_or_probs"), lab, self.ignore_index)
                       if self.from_logits else p)
@@ -172,8 +184,8 @@ class CalibrationMeter:
                 assert r.cw_p is not None and r.cw_y is not None
             # every statistic of the batch is computed: only now is any of it added
             self._add_scores(conf, correct)
-            self._scalars += [conf.shape[0], float(((p > 0.5).to(torch.float64) == yt).sum()), nll_sum,
-                              float((p - yt).square().sum())]
+            self._add_scalars(conf.shape[0], int(np.count_nonzero((conf > 0.5) == (y == 1))), nll_sum,
+                              float(np.square(conf - correct).sum()))
             if r is not None and r.cw_p is not None and r.cw_y is not None:
                 self._add_classwise_sums(r.cw_p, r.cw_y)
             return
@@ -210,16 +222,24 @@ class CalibrationMeter:
             r = rows(self.from_logits)
         m = self.n_bins
         if r.top is not None:
-            self._bins += r.top[: 3 * m].reshape(3, m)
-            self._scalars += [n, r.top[2 * m : 3 * m].sum(), r.top[3 * m], r.top[3 * m + 1]]
+            top = r.top
+            self._bins += top[: 3 * m].reshape(3, m)
+            self._add_scalars(n, float(top[2 * m : 3 * m].sum()), float(top[3 * m]), float(top[3 * m + 1]))
             self._synced = None
         else:
             assert r.nll is not None and r.brier is not None
             correct = (r.pred == y.numpy()).astype(np.float64)
             self._add_scores(r.conf, correct)
-            self._scalars += [n, correct.sum(), float(r.nll.sum()), float(r.brier.sum())]
+            self._add_scalars(n, float(correct.sum()), float(r.nll.sum()), float(r.brier.sum()))
         if r.cw_p is not None and r.cw_y is not None:
             self._add_classwise_sums(r.cw_p, r.cw_y)
+
+    def _add_scalars(self, n: int, correct: float, nll: float, brier: float) -> None:
+        s = self._scalars  # item by item: a list made into an array costs more on a small batch
+        s[0] += n
+        s[1] += correct
+        s[2] += nll
+        s[3] += brier
 
     def _add_scores(self, conf: np.ndarray, correct: np.ndarray) -> None:
         if self.binning == "mass":
@@ -259,9 +279,15 @@ class CalibrationMeter:
 
     def load_statistics(self, flat: torch.Tensor) -> None:
         """Make :meth:`compute` report on ``flat`` (a sum of :meth:`statistics`) until the
-        next update."""
+        next update. A meter that has not yet seen its number of classes (no ``num_classes``, no
+        update) reads it off the length of ``flat``."""
+        if self.binning == "mass":
+            raise ValueError("mass bins keep per-sample pairs, not fixed statistics; use sync()")
         flat = torch.as_tensor(flat, dtype=torch.float64).detach().cpu()
-        if flat.shape != self._flat().shape:
+        m = self.n_bins
+        extra = flat.shape[0] - (3 * m + 4) if flat.ndim == 1 else -1
+        free = self.classwise and self._k is None and self._kind is None  # K still unknown
+        if not (free and extra >= 4 * m and extra % (2 * m) == 0) and flat.shape != self._flat().shape:
             raise ValueError(
                 f"flat has shape {tuple(flat.shape)}, the meter's statistics {tuple(self._flat().shape)};"
                 " use meters with the same n_bins, num_classes and classwise"

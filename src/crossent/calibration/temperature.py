@@ -59,7 +59,12 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 
-from crossent.calibration._base import CalibrationWarning, Recalibrator, label_separation
+from crossent.calibration._base import (
+    CalibrationWarning,
+    Recalibrator,
+    label_separation,
+    warn_if_probabilities,
+)
 from crossent.calibration._inputs import (
     ArrayLike,
     as_labels,
@@ -116,7 +121,20 @@ def _top_conf_at(z: torch.Tensor, y: np.ndarray, t: float) -> np.ndarray:
 
 
 class TemperatureScaler(Recalibrator):
-    """Post-hoc calibration by temperature scaling (default) or vector scaling.
+    r"""Post-hoc calibration by temperature scaling (default) or vector scaling (Guo, Pleiss,
+    Sun and Weinberger 2017, *On Calibration of Modern Neural Networks*):
+
+    .. math::
+        \hat p_i = \operatorname{softmax}(z_i / T), \qquad
+        \hat T = \arg\min_{T \in [T_{\min}, T_{\max}]} -\frac1N \sum_{i=1}^N \log \hat p_{i y_i},
+
+    or :math:`z'_{ik} = z_{ik} / T_k + b_k` for vector scaling (:class:`VectorScaler`). The
+    fit is described in the module docstring; netcal's ``TemperatureScaling`` fits the same
+    :math:`T` (on probabilities, whose log it takes).
+
+    ``transform`` and ``transform_logits`` are torch ops on a tensor (on its device, in its
+    dtype, keeping the autograd graph: differentiable in the logits; NaN stays NaN) and NumPy
+    ops on an array (float32 and float16 stay so).
 
     Parameters
     ----------
@@ -217,6 +235,7 @@ class TemperatureScaler(Recalibrator):
         """
         z = as_matrix(logits, "logits")
         y = as_labels(labels, z.shape[0], z.shape[1])
+        warn_if_probabilities(z, type(self).__name__)
         if objective not in ("nll", "ece"):
             raise ValueError(f"objective must be 'nll' or 'ece', got {objective!r}")
         if not (init_temperature > 0 and math.isfinite(init_temperature)):
@@ -488,7 +507,16 @@ class TemperatureScaler(Recalibrator):
         return (arr / t + self.bias.astype(arr.dtype)).astype(arr.dtype, copy=False)
 
     def predict_proba(self, logits: A) -> A:
-        """Calibrated probabilities ``softmax(transform_logits(logits))``, same type as the input."""
+        """Calibrated probabilities ``softmax(transform_logits(logits))``, same type as the input.
+
+        Half-precision logits are scaled and normalised in float32 and the probabilities
+        stored in their dtype: :math:`z / T` overflows float16 (``1e4 / 0.1``) where the
+        probabilities do not.
+        """
+        if isinstance(logits, torch.Tensor) and logits.dtype in (torch.float16, torch.bfloat16):
+            return self.predict_proba(logits.float()).to(logits.dtype)
+        if isinstance(logits, np.ndarray) and logits.dtype == np.float16:
+            return self.predict_proba(logits.astype(np.float32)).astype(np.float16)
         out = self.transform_logits(logits)
         if isinstance(out, torch.Tensor):
             return torch.softmax(out, dim=1)

@@ -33,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from crossent.calibration.plots import LOW_COUNT
 from crossent.experiments._metrics import METRICS, softmax
 from crossent.experiments.losses import KD_TEMPERATURE
 from crossent.experiments.runner import (
     ARMS,
+    RunResult,
     StudyResult,
     aggregate,
     clearly_different,
@@ -309,13 +311,41 @@ def _clearly_lower(a: Sequence[float], b: Sequence[float]) -> bool:
     return a[0] < b[0] and clearly_different(a, b)
 
 
-def _regime(r: dict[str, Any]) -> str:
+def _regime(r: dict[str, Any], fell: int = 0, runs: int = 0) -> str:
+    """The CE row's regime; ``fell`` of its ``runs`` NLL temperature fits fell back to T = 1,
+    which says nothing about its calibration (a T of 1 from a fallback is no measurement)."""
     t = r["temperature"][0]
     conf = ("overconfident" if t > 1 + T_TOLERANCE else "underconfident" if t < 1 - T_TOLERANCE
             else "close to calibrated")
+    if fell and fell == runs:
+        conf = ("of unmeasured calibration: every NLL temperature fit fell back to T = 1 "
+                "(see below)")
+    elif fell:
+        conf += f" ({fell} of {runs} NLL temperature fits fell back to T = 1, in this mean)"
     fit = "interpolates the training set" if r["train_acc"][0] >= 0.995 else "does not interpolate"
     return (f"{r['model']}, {100 * r['train_acc'][0]:.1f}% train / {_fmt(r['acc'], 'acc')}% test "
             f"accuracy, T = {_fmt(r['temperature'], 'temperature')}: it {fit} and is {conf}")
+
+
+def _fell_back(result: StudyResult, task: str) -> tuple[list[dict[str, Any]], int]:
+    """The records of ``task`` whose NLL temperature fit fell back to T = 1, and the number
+    of its runs."""
+    recs = [run.record for run in result.runs if run.record["task"] == task]
+    return [rec for rec in recs if "ts" in rec.get("fallback", {})], len(recs)
+
+
+def _fallback_reading(fell: list[dict[str, Any]], n_runs: int) -> str:
+    """The reading's sentence on the NLL temperature fits that fell back to T = 1: how many,
+    which (loss and seed), and why, with the guard's numbers; runs that share a reason are
+    listed together."""
+    by_reason: dict[str, list[str]] = {}
+    for rec in fell:
+        by_reason.setdefault(rec["fallback"]["ts"], []).append(
+            f"{rec.get('loss_label', rec['loss'])} seed {rec['seed']}")
+    reasons = "; ".join(f"{', '.join(runs)}: {reason}" for reason, runs in by_reason.items())
+    return (f"Temperature scaling (T on validation NLL) fell back to T = 1 (the identity) in "
+            f"{len(fell)} of {n_runs} runs, so their TS columns are the unscaled model's. Why: "
+            f"{reasons}.")
 
 
 def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -336,8 +366,13 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
         if data.teacher_task is not None:
             reading[task] = _distill_reading(result, rows, task)
             continue
+        fell, n_runs = _fell_back(result, task)
         if ce is not None:
-            lines.append(f"Regime: CE ({_regime(ce)}).")
+            ce_fell = sum(rec["loss"] == "ce" for rec in fell)
+            ce_runs = sum(run.record["loss"] == "ce" for run in result.runs_for(task, "ce"))
+            lines.append(f"Regime: CE ({_regime(ce, ce_fell, ce_runs)}).")
+        if fell:  # before any sentence on the TS columns, which hold unscaled numbers for these
+            lines.append(_fallback_reading(fell, n_runs))
         b0 = min(valid, key=lambda r: r["ece"][0])
         b1 = min(valid, key=lambda r: _nan_high(r["ece_ts"][0]))
         worst0 = max(valid, key=lambda r: r["ece"][0])
@@ -380,7 +415,15 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
                    if accs else "none; every loss is within noise of CE")
                 + "."
             )
-        lines.append(_scaling_effect(_scaling_hurt(valid)))
+        # a loss whose every fit fell back was not scaled: scaling neither helped nor hurt it
+        unscaled = {loss for loss in by if sum(rec["loss"] == loss for rec in fell)
+                    == len(result.runs_for(task, loss))}
+        scaled = [r for r in valid if r["loss"] not in unscaled]
+        if scaled:
+            effect = _scaling_effect(_scaling_hurt(scaled))
+            if unscaled and effect.endswith("every loss."):
+                effect = effect[:-1] + " it was applied to."
+            lines.append(effect)
         lines += _theory_reading(trows)
         if data.imbalanced:
             lines += _long_tail_reading(trows)
@@ -551,12 +594,32 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+#: seeds up to which the reliability figure lists every seed's temperature
+LISTED_TEMPERATURES = 5
+
+
+def _temperatures(runs: list[RunResult]) -> str:
+    """The temperatures of the seeds pooled in a reliability figure: each seed's own T (a T
+    that fell back to 1 marked), or their range beyond :data:`LISTED_TEMPERATURES` seeds."""
+    fell = ["ts" in r.record.get("fallback", {}) for r in runs]
+    if len(runs) <= LISTED_TEMPERATURES:
+        return "T = " + ", ".join("1 (fell back)" if f else f"{r.temperature:.2f}"
+                                  for r, f in zip(runs, fell, strict=True))
+    ts = [r.temperature for r in runs]
+    text = f"T = {min(ts):.2f} to {max(ts):.2f} over {len(runs)} seeds"
+    return text + (f", {sum(fell)} fell back to 1" if any(fell) else "")
+
+
 def plot_reliability(result: StudyResult, task: str, loss: str, *, n_bins: int = 15) -> Any:
     """Reliability diagrams of one (task, loss), before and after temperature scaling.
 
     The test predictions of all seeds are pooled (each seed scaled by its own T, each with
     its own test labels); drawn by :func:`crossent.calibration.compare_reliability_diagrams`.
+    The "after" panel lists the seeds' temperatures (marking those whose fit fell back to
+    T = 1), and the title says that the figure pools the seeds where the tables average them.
     """
+    import textwrap
+
     from crossent.calibration import compare_reliability_diagrams
 
     runs = [r for r in result.runs_for(task, loss) if math.isfinite(r.temperature)]
@@ -569,15 +632,17 @@ def plot_reliability(result: StudyResult, task: str, loss: str, *, n_bins: int =
         [softmax(r.test_logits.astype(np.float64) / r.temperature) for r in runs]
     )
     label = runs[0].record["loss_label"]
-    t_mean = float(np.mean([r.temperature for r in runs]))
     fig = compare_reliability_diagrams(
-        {"before scaling": probs, f"after scaling (T={t_mean:.2f})": probs_ts},
+        {"before scaling": probs, f"after scaling ({_temperatures(runs)})": probs_ts},
         labels,
         n_bins=n_bins,
     )
-    fig.set_size_inches(10.0, 5.0)
     model = runs[0].record.get("model", "")
-    fig.suptitle(f"{task} · {model} · {label} · test set, {len(runs)} seed(s) pooled", fontsize=11)
+    seeds = f"{len(runs)} seed{'s' if len(runs) != 1 else ''}"
+    title = (f"{task} · {model} · {label} · test set, {seeds} pooled (the ECE of the pooled "
+             "predictions; the tables give the mean over seeds)")
+    width = int(fig.get_figwidth() * 9)  # characters per line at 11 pt: nothing runs off
+    fig.suptitle(textwrap.fill(title, width), fontsize=11)
     return fig
 
 
@@ -901,9 +966,25 @@ def _report_md(
         lines += ["## Next to Mukhoti et al. 2020 (CIFAR-10, ResNet-50)", "", muk, ""]
     lines += ["## Tables", "", markdown_tables(result, rows), ""]
     if fig_paths:
-        lines += ["## Figures", ""]
+        lines += ["## Figures", "", _figures_note(result, fig_paths), ""]
         for f in fig_paths:
             rel = f.relative_to(out).as_posix()
             lines.append(f"![{f.stem}]({rel})")
         lines.append("")
     return "\n".join(lines)
+
+
+def _figures_note(result: StudyResult, fig_paths: list[Path]) -> str:
+    """What the figures aggregate, where it differs from the tables (the reliability
+    diagrams pool the seeds' predictions), and what their T = 1 (fell back) marks mean."""
+    note = ("ECE bars and the focal-loss figure: mean over seeds ± 95% half-width, as in the "
+            "tables.")
+    if any(f.stem.startswith("reliability_") for f in fig_paths):
+        note += (" Reliability diagrams: the test predictions of all seeds pooled, each seed "
+                 "scaled by its own T (listed in the \"after\" panel); their ECE is that of "
+                 "the pooled predictions, the tables' ECE the mean over seeds, so the two can "
+                 f"differ. Bar numbers are samples per bin; faint bins hold fewer than {LOW_COUNT}.")
+        if any("ts" in run.record.get("fallback", {}) for run in result.runs):
+            note += (" A seed marked \"1 (fell back)\" kept T = 1: its NLL temperature fit "
+                     "fell back to the identity (the reasons are above).")
+    return note

@@ -1,0 +1,101 @@
+"""The calibration parts of the report: what the reliability figures pool, and temperature
+fits that fell back to T = 1. Built from hand-made logits (no training) to stay fast."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from crossent.experiments.datasets import TaskData
+from crossent.experiments.losses import parse_loss
+from crossent.experiments.report import (
+    _report_md,
+    _temperatures,
+    automatic_reading,
+    plot_reliability,
+)
+from crossent.experiments.runner import (
+    RunResult,
+    StudyConfig,
+    StudyResult,
+    _evaluate_arms,
+    aggregate,
+)
+
+
+def _study(separable_seeds: set[int], seeds: tuple[int, ...] = (0, 1)) -> StudyResult:
+    """Two classes, CE logits per seed: calibrated ones (a sound temperature fit), or, for the
+    seeds in ``separable_seeds``, a validation set whose every prediction is right (the NLL
+    fit falls back to T = 1)."""
+    rng = np.random.default_rng(0)
+    n = 60
+    y = np.arange(n) % 2
+    x = np.zeros((n, 1))
+    task = TaskData(name="sep", description="two classes", X_train=x, y_train=y, X_val=x,
+                    y_val=y, X_test=x, y_test=y, num_classes=2)
+    config = StudyConfig(losses=["ce"], seeds=list(seeds), n_bins=10)
+    spec = parse_loss("ce")
+    runs = []
+    for seed in seeds:
+        margin = np.where(y == 1, 1.0, -1.0)
+        if seed in separable_seeds:
+            val = 3.0 * margin + rng.normal(0.0, 0.3, n)  # every validation prediction right
+        else:
+            val = 3.0 * margin * np.where(rng.random(n) < 0.3, -1.0, 1.0)  # 30% wrong at 95%
+        test = 2.0 * margin + rng.normal(0.0, 1.5, n)
+        val_logits = np.stack([-val / 2, val / 2], 1)
+        test_logits = np.stack([-test / 2, test / 2], 1)
+        record = {"task": "sep", "loss": "ce", "loss_label": spec.label, "seed": seed,
+                  "model": "linear", "epochs": 1, "train_acc": 0.9, "final_train_loss": 0.3,
+                  "diverged": False, "time_s": 0.0}
+        t = _evaluate_arms(record, spec, task, config, seed, val_logits, test_logits)
+        runs.append(RunResult(record, test_logits.astype(np.float32),
+                              val_logits.astype(np.float32), t, test_labels=y))
+    return StudyResult(config=config, tasks={"sep": task}, runs=runs)
+
+
+def test_reading_says_the_fit_fell_back_and_does_not_call_t_1_calibrated() -> None:
+    result = _study({0, 1})
+    assert [r.temperature for r in result.runs] == [1.0, 1.0]
+    lines = automatic_reading(result, aggregate(result))["sep"]
+    regime = next(s for s in lines if s.startswith("Regime"))
+    assert "close to calibrated" not in regime and "fell back" in regime
+    fell = [s for s in lines if s.startswith("Temperature scaling (T on validation NLL) fell")]
+    assert fell, lines
+    assert "2 of 2 runs" in fell[0] and "all 60 top-1 predictions are correct" in fell[0]
+    assert not any(s.startswith("Temperature scaling lowered") for s in lines)
+
+
+def test_reliability_figure_names_per_seed_temperatures_and_fallbacks() -> None:
+    result = _study({1})
+    fig = plot_reliability(result, "sep", "ce", n_bins=10)
+    titles = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title()]
+    t0 = result.runs[0].temperature
+    assert not math.isclose(t0, 1.0)
+    after = next(t for t in titles if t.startswith("after scaling"))
+    assert f"T = {t0:.2f}, 1 (fell back)" in after, after
+    suptitle = fig.get_suptitle()
+    assert "pooled" in suptitle and "mean over seeds" in suptitle, suptitle
+
+
+def test_report_md_says_figures_pool_seeds_where_tables_average(tmp_path: Path) -> None:
+    result = _study({1})
+    rows = aggregate(result)
+    fig = tmp_path / "figures" / "reliability_sep_ce.png"
+    bars = tmp_path / "figures" / "ece_sep.png"
+    md = _report_md(result, rows, automatic_reading(result, rows), [bars, fig], tmp_path, None)
+    figures = md.split("## Figures", 1)[1]
+    assert "pooled" in figures and "mean over seeds" in figures
+    assert "fell back" in figures  # the figure's T = 1 of seed 1 is explained next to it
+
+
+def test_many_seeds_give_the_range_of_t_and_the_number_that_fell_back() -> None:
+    def run(t: float, fell: bool) -> RunResult:
+        record = {"fallback": {"ts": "why"}} if fell else {}
+        return RunResult(record, np.zeros((1, 2)), np.zeros((1, 2)), t)
+
+    runs = [run(1.0 if i == 3 else 0.5 + i / 10, i == 3) for i in range(8)]
+    assert _temperatures(runs) == "T = 0.50 to 1.20 over 8 seeds, 1 fell back to 1"
+    assert _temperatures(runs[:2]) == "T = 0.50, 0.60"
