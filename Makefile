@@ -17,11 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, by exact pin: where a CPU wheel is at hand (this CI machine's pip find-links)
 	# it is the CPU build; an unpinned torch from PyPI on Linux is the multi-GB CUDA build.
-	# --no-compile: Python compiles each module on its first import; byte-compiling all of
-	# torch up front costs about a minute and most of it is never imported.
-	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0
 	# [dev] holds every extra ([all]: plot, cli, run, hf, gpu) and the test, docs and build tools
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 run: $(VENV)/.installed

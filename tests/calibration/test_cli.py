@@ -109,12 +109,13 @@ def test_pt_and_csv_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert rc == 2 and "--kind logits" in err
 
 
-def one_line_error(rc: int, err: str, fragment: str) -> None:
+def one_line_error(rc: int, err: str, *fragments: str) -> None:
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("crossent calibrate: error:")
-    assert fragment in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
     assert "Traceback" not in err
 
 
@@ -176,6 +177,29 @@ def test_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     one_line_error(
         *run([str(tmp_path / "bad.csv"), "--labels", str(good_y)], capsys)[::2], "not numeric"
     )
+
+
+def test_split_errors_name_a_fraction_that_works(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty part of the split names the --val-fraction that fills it (the largest class
+    decides), or --val-fraction 0 where every class has one sample; object labels say what
+    to save instead of NumPy's allow_pickle."""
+    z = np.random.default_rng(0).normal(size=(8, 2))
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", np.array([0, 0, 0, 1, 1, 1, 1, 1]))
+    args = [str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--no-compare"]
+    one_line_error(*run([*args, "--val-fraction", "0.05"], capsys)[::2],
+                   "leaves the validation part empty", "--val-fraction 0.101 or more")
+    one_line_error(*run([*args, "--val-fraction", "0.95"], capsys)[::2],
+                   "leaves the test part empty", "--val-fraction 0.899 or less")
+    code, _, _ = run([*args, "--val-fraction", "0.101"], capsys)
+    assert code == 0
+    np.save(tmp_path / "z5.npy", np.random.default_rng(1).normal(size=(5, 5)))
+    np.save(tmp_path / "y5.npy", np.arange(5))
+    one_line_error(*run([str(tmp_path / "z5.npy"), "--labels", str(tmp_path / "y5.npy")], capsys)[::2],
+                   "every class has one sample", "--val-fraction 0")
+    np.save(tmp_path / "names.npy", np.array(["a", "b", "c", "d", "e"], dtype=object), allow_pickle=True)
+    one_line_error(*run([str(tmp_path / "z5.npy"), "--labels", str(tmp_path / "names.npy")], capsys)[::2],
+                   "holds Python objects", "class indices 0..C-1 as integers")
 
 
 def test_help_documents_inputs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -360,6 +360,11 @@ def test_argument_errors() -> None:
     p, y = np.array([[0.5, 0.5]]), [0]
     with pytest.raises(ValueError, match="n_bins"):
         ece(p, y, n_bins=0)
+    for fn in (ece, classwise_ece):  # a huge count is refused by name, not a MemoryError
+        with pytest.raises(ValueError, match="n_bins=1000000000 is more than"):
+            fn(p, y, n_bins=10**9)
+    with pytest.raises(ValueError, match="n_bins=1000000000 is more than"):
+        calibration.CalibrationMeter(n_bins=10**9)
     with pytest.raises(ValueError, match="norm"):
         ece(p, y, norm="l3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="binning"):

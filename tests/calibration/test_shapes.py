@@ -69,6 +69,23 @@ def test_multilabel_pooled_and_per_label() -> None:
     assert cal.ece(p, y) == pytest.approx(float(want), abs=1e-6)
 
 
+def test_multilabel_label_wholly_ignored() -> None:
+    """A label whose every entry is ignored has no ECE: NaN per label, left out of the macro
+    mean; the others equal the ECE of their kept entries. All ignored is an error."""
+    rng = np.random.default_rng(14)
+    p = rng.random((50, 3))
+    y = (rng.random((50, 3)) < p).astype(np.int64)
+    y[:, 1] = -1
+    y[:5, 2] = -1
+    per = cal.multilabel_ece(p, y, average="none", ignore_index=-1)
+    assert isinstance(per, np.ndarray) and np.isnan(per[1])
+    assert per[0] == cal.ece(p[:, 0], y[:, 0])
+    assert per[2] == cal.ece(p[5:, 2], y[5:, 2])
+    assert cal.multilabel_ece(p, y, ignore_index=-1) == pytest.approx((per[0] + per[2]) / 2, rel=1e-15)
+    with pytest.raises(ValueError, match="every entry of labels equals ignore_index"):
+        cal.multilabel_ece(p, np.full_like(y, -1), ignore_index=-1)
+
+
 FUNCTIONS = [cal.ece, cal.classwise_ece, cal.brier, cal.accuracy, cal.smooth_ece, cal.debiased_l2_ece]
 
 

@@ -99,3 +99,21 @@ def test_many_seeds_give_the_range_of_t_and_the_number_that_fell_back() -> None:
     runs = [run(1.0 if i == 3 else 0.5 + i / 10, i == 3) for i in range(8)]
     assert _temperatures(runs) == "T = 0.50 to 1.20 over 8 seeds, 1 fell back to 1"
     assert _temperatures(runs[:2]) == "T = 0.50, 0.60"
+
+
+def test_ece_bars_are_cut_at_zero() -> None:
+    """An interval wider than its mean (two seeds) is drawn down to 0, not below: an ECE is
+    never negative. The upper end stays mean + h."""
+    from crossent.experiments.report import plot_ece_bars
+
+    row = {"task": "t", "loss": "ce", "loss_label": "CE", "ece": (0.02, 0.0, 0.05),
+           "ece_ts": (0.01, 0.0, 0.004), "ece_tsece": (math.nan, 0.0, math.nan)}
+    fig = plot_ece_bars(None, [row], "t")  # type: ignore[arg-type]
+    ax = fig.axes[0]
+    ends = sorted(
+        round(float(y), 9) for line in ax.lines for y in np.atleast_1d(line.get_ydata())
+         if math.isfinite(float(y))
+    )
+    assert ends[0] == 0.0  # 2 - 5 cut at 0
+    assert 7.0 in ends and 0.6 in ends and 1.4 in ends  # 2 + 5, 1 - 0.4, 1 + 0.4
+    assert "cut at 0" in ax.get_title()

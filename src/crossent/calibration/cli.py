@@ -423,6 +423,9 @@ def _load(
         if type(exc).__name__ == "CLIError":
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "allow_pickle=False" in msg:  # NumPy's words for an array of Python objects
+            msg = ("it holds Python objects (strings or mixed types?), which are not read without"
+                   " unpickling: save numbers, e.g. class indices 0..C-1 as integers")
         raise _error(f"cannot read {what} file {path} as {fmt}: {msg}") from None
 
 
@@ -753,6 +756,21 @@ def stratified_split(
     n_val = np.floor(val_fraction * counts + 0.5).astype(np.int64)
     in_val = rank < np.repeat(n_val, counts)
     return np.sort(grouped[in_val]), np.sort(grouped[~in_val])
+
+
+def _empty_split_message(labels: np.ndarray, val_fraction: float, val_empty: bool) -> str:
+    """Why :func:`stratified_split` left a part empty, and the --val-fraction that does not:
+    every class rounds ``val_fraction`` times its count, so the largest class decides."""
+    largest = int(np.unique(labels, return_counts=True)[1].max())
+    part = "validation" if val_empty else "test"
+    head = (f"the split of {labels.shape[0]} samples with --val-fraction {val_fraction} leaves the {part}"
+            " part empty (every class gives round(fraction x its count) samples to validation)")
+    if largest < 2:
+        return (f"{head}; every class has one sample, so no fraction splits them: pass"
+                " --val-fraction 0 (fit and evaluate on all, optimistic) or give more samples")
+    if val_empty:
+        return f"{head}; pass --val-fraction {0.5 / largest + 1e-3:.3g} or more, or give more samples"
+    return f"{head}; pass --val-fraction {1 - 0.5 / largest - 1e-3:.3g} or less, or give more samples"
 
 
 # --------------------------------------------------------------------------- metrics
@@ -1152,10 +1170,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         val_idx, test_idx = stratified_split(labels, args.val_fraction, args.seed)
         if val_idx.size == 0 or test_idx.size == 0:
-            raise _error(
-                f"the split of {n} samples with --val-fraction {args.val_fraction} leaves an"
-                " empty validation or test part; change --val-fraction or give more samples"
-            )
+            raise _error(_empty_split_message(labels, args.val_fraction, val_idx.size == 0))
 
     cal, messages = fit_method(args.method, logits[val_idx], labels[val_idx], args.objective)
     small = small_fit_warning(int(val_idx.size), n, args.val_fraction)

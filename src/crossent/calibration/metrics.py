@@ -69,9 +69,18 @@ Binning = Literal["width", "mass"]
 Norm = Literal["l1", "l2", "max"]
 
 
+#: The most bins a metric or recalibrator takes: the classwise sums hold 2 K M doubles, and
+#: beyond this a bin holds no sample of any realistic evaluation set.
+MAX_BINS = 100_000
+
+
 def _check_n_bins(n_bins: int) -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    if n_bins > MAX_BINS:
+        raise ValueError(
+            f"n_bins={n_bins} is more than {MAX_BINS:,} bins: pass a smaller n_bins (15 is usual)"
+        )
     return int(n_bins)
 
 
@@ -575,7 +584,9 @@ def multilabel_ece(
     Every label is a binary problem whose positive-class probability is binned as in
     :func:`ece`. ``average="none"`` returns the L per-label ECEs (float64 array),
     ``"macro"`` their mean, ``"pooled"`` the ECE of all N L pairs together (what
-    :func:`ece` returns for this input).
+    :func:`ece` returns for this input). With ``ignore_index``, a label whose every entry is
+    ignored has no ECE: NaN in ``"none"``, left out of the ``"macro"`` mean (an error only if
+    no label has an entry left).
     """
     _check_choice("average", average, ("pooled", "macro", "none"))
     t = _to_tensor(probs, "probs")
@@ -587,5 +598,11 @@ def multilabel_ece(
     kw = {"n_bins": n_bins, "binning": binning, "from_logits": from_logits, "ignore_index": ignore_index}
     if average == "pooled":
         return ece(t, lab, **kw)  # type: ignore[arg-type]
-    per = np.array([ece(t[:, j], lab[:, j], **kw) for j in range(t.shape[1])])  # type: ignore[arg-type]
-    return per if average == "none" else float(per.mean())
+    measured = (np.ones(t.shape[1], dtype=bool) if ignore_index is None
+                else (lab != ignore_index).any(axis=0))
+    if not measured.any():
+        raise ValueError(f"every entry of labels equals ignore_index={ignore_index}: no label to measure")
+    per = np.full(t.shape[1], np.nan)
+    for j in np.flatnonzero(measured):
+        per[j] = ece(t[:, j], lab[:, j], **kw)  # type: ignore[arg-type]
+    return per if average == "none" else float(per[measured].mean())

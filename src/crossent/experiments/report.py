@@ -661,10 +661,13 @@ def plot_ece_bars(result: StudyResult, rows: list[dict[str, Any]], task: str) ->
                                  (w, "ece_tsece", "after scaling (T: ECE)", "#2ca02c")):
         means = [100 * r[key][0] for r in trows]
         errs = [100 * r[key][2] for r in trows]
-        ax.bar(x + off, means, w, yerr=errs, capsize=3, label=lab, color=color, alpha=0.85)
+        # an ECE is >= 0: the interval's lower end is drawn at 0 at most (two seeds give a
+        # t-interval wider than the mean)
+        below = [min(e, m) if math.isfinite(m) else e for e, m in zip(errs, means, strict=True)]
+        ax.bar(x + off, means, w, yerr=[below, errs], capsize=3, label=lab, color=color, alpha=0.85)
     ax.set_xticks(x, [r["loss_label"] for r in trows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("ECE-15 (%)")
-    ax.set_title(f"{task}: test ECE before / after temperature scaling\n(mean ± 95% interval)",
+    ax.set_title(f"{task}: test ECE before / after temperature scaling\n(mean ± 95% interval, cut at 0)",
                  fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
