@@ -122,21 +122,13 @@ def label_separation(
 
 def warn_if_probabilities(z: torch.Tensor, owner: str, *, hint: str = "", stacklevel: int = 3) -> None:
     """Warn (:class:`CalibrationWarning`) when the (N, C) ``logits`` ``z`` given to a fit look
-    like probabilities: every entry in [0, 1] and every row summing to 1 (within 1e-3; 1e-2
-    for half precision). Logits are almost never like that, and a fit on probabilities
+    like probabilities (:func:`~crossent.calibration._inputs.looks_like_probs`: every row in
+    [0, 1] and summing to 1). Logits are almost never like that, and a fit on probabilities
     calibrates ``softmax(p)``, not ``p``. The first rows decide for real logits; the whole
-    matrix is read (in float64 chunks) only when they look like probabilities."""
-    from crossent.calibration._inputs import iter_chunks, sum_atol
+    matrix is read only when they look like probabilities."""
+    from crossent.calibration._inputs import looks_like_probs
 
-    atol = sum_atol(z.dtype)
-
-    def rows_are_probabilities(start: int, stop: int) -> bool:
-        b = z[start:stop].to(torch.float64)
-        return bool(((b >= 0) & (b <= 1)).all()) and bool(((b.sum(1) - 1).abs() <= atol).all())
-
-    if not rows_are_probabilities(0, min(z.shape[0], 256)):
-        return
-    if not all(rows_are_probabilities(start, stop) for start, stop in iter_chunks(z)):
+    if not (looks_like_probs(z[:256], "logits") and looks_like_probs(z, "logits")):
         return
     warnings.warn(
         f"{owner}: the logits look like probabilities (every entry in [0, 1], every row summing"

@@ -71,11 +71,16 @@ def _to_tensor(x: object, name: str) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def as_matrix(x: object, name: str = "probs") -> torch.Tensor:
-    """``x`` as a CPU tensor of shape (n_samples, n_classes), sharing memory where possible."""
+def as_matrix(x: object, name: str = "probs", *, metrics: bool = False) -> torch.Tensor:
+    """``x`` as a CPU tensor of shape (n_samples, n_classes), sharing memory where possible.
+    The errors say which other shapes are taken: a binary problem's (N,) scores by the
+    metrics (``metrics``), its stacked [1 - p, p] by the recalibrators."""
     t = _to_tensor(x, name)
     if t.ndim != 2:
         raise ValueError(
+            f"{name} must be (N, C) with labels (N,), (N,) scores of a binary problem, or (N, L)"
+            f" scores of a multi-label one with 0/1 labels (N, L); got shape {tuple(t.shape)}"
+            if metrics else
             f"{name} must be 2-D (n_samples, n_classes), got shape {tuple(t.shape)};"
             " for a binary problem with positive-class probabilities p pass"
             " np.stack([1 - p, p], axis=1)"
@@ -83,7 +88,9 @@ def as_matrix(x: object, name: str = "probs") -> torch.Tensor:
     if t.shape[0] == 0:
         raise ValueError(f"{name} is empty: it needs at least one row (sample)")
     if t.shape[1] < 2:
-        raise ValueError(f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}")
+        binary = f"; for a binary problem pass the positive-class scores as (N,), {name}[:, 0]"
+        raise ValueError(f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}"
+                         + (binary if metrics else ""))
     return t
 
 
@@ -106,6 +113,11 @@ def label_array(labels: object) -> np.ndarray:
         t = labels.detach().cpu()
         return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     return np.asarray(labels)
+
+
+def shown_label(value: object) -> object:
+    """A label value as the errors show it: a float that is an exact integer as that integer."""
+    return int(value) if isinstance(value, float) and abs(value) < 2**53 else value
 
 
 def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "labels") -> np.ndarray:
@@ -134,7 +146,7 @@ def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "label
     if arr.size and (np.minimum.reduce(arr) < 0 or np.maximum.reduce(arr) >= n_classes):
         out_of_range = (arr < 0) | (arr >= n_classes)
         value = arr[int(np.flatnonzero(out_of_range)[0])].item()
-        shown = int(value) if isinstance(value, float) and abs(value) < 2**53 else value
+        shown = shown_label(value)
         raise ValueError(
             f"{name} must lie in [0, {n_classes - 1}] for {n_classes} classes, found {shown}"
         )
@@ -259,23 +271,6 @@ def binary_nll_terms(scores: torch.Tensor, y: np.ndarray, *, from_logits: bool) 
 
 
 # ----------------------------------------------------------------------------- input shapes
-def check_class_matrix(t: torch.Tensor, name: str) -> None:
-    """Refuse scores that are neither (N, C >= 2) nor what :func:`select` takes as binary,
-    saying which shapes the metrics take (:func:`as_matrix`'s message is the recalibrators')."""
-    if t.ndim != 2:
-        raise ValueError(
-            f"{name} must be (N, C) with labels (N,), (N,) scores of a binary problem, or (N, L)"
-            f" scores of a multi-label one with 0/1 labels (N, L); got shape {tuple(t.shape)}"
-        )
-    if t.shape[1] < 2:
-        raise ValueError(
-            f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}; for a binary"
-            f" problem pass the positive-class scores as (N,), {name}[:, 0]"
-        )
-    if t.shape[0] == 0:
-        raise ValueError(f"{name} is empty: it needs at least one row (sample)")
-
-
 def _binary_labels(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype.kind == "b":
         return arr.astype(np.int64)
@@ -344,7 +339,7 @@ def select(
                 f" max {float(p.max()):.4g}); pass from_logits=True if these are logits"
             )
         return "binary", p.clamp(0.0, 1.0), y
-    check_class_matrix(t, name)  # what as_matrix checks, on the tensor _to_tensor made
+    t = as_matrix(t, name, metrics=True)
     if ignore_index is not None:
         flat = arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
         keep = flat != ignore_index

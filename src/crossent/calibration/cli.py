@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from crossent.calibration._inputs import first_non_integer
+from crossent.calibration._inputs import first_non_integer, shown_label
 
 __all__ = ["add_arguments", "main"]
 
@@ -630,7 +630,7 @@ def _check(
             i = int(np.flatnonzero(not01)[0])
             raise _error(
                 f"{shape_error}; (N,) binary scores of class 1 need labels 0/1, and {labels_file}"
-                f" holds {_shown(labels[i].item())!r} at entry {i}: for C classes pass (N, C)"
+                f" holds {shown_label(labels[i].item())!r} at entry {i}: for C classes pass (N, C)"
                 " PREDICTIONS"
             )
     # compare before any cast: 1e30 or a uint64 beyond int64 must not wrap around
@@ -641,15 +641,10 @@ def _check(
                      if labels.min() >= 1 and labels.max() == c else "")
         raise _error(
             f"LABELS must lie in 0..{c - 1} for {c} classes; {labels_file} holds"
-            f" {_shown(labels[i].item())!r} at entry {i} ({int(out_of_range.sum())} value(s) out of"
+            f" {shown_label(labels[i].item())!r} at entry {i} ({int(out_of_range.sum())} value(s) out of"
             f" range){one_based}"
         )
     return preds, labels.astype(np.int64)
-
-
-def _shown(value: Any) -> Any:
-    """A label value as the errors show it: a float that is an exact integer as that integer."""
-    return int(value) if isinstance(value, float) and abs(value) < 2**53 else value
 
 
 def _label_indices(labels: np.ndarray, n: int, c: int, labels_file: str) -> np.ndarray:

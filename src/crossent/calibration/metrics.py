@@ -44,7 +44,6 @@ from crossent.calibration._inputs import (
     as_labels,
     as_matrix,
     binary_nll_terms,
-    check_class_matrix,
     drop_ignored,
     label_array,
     looks_like_probs,
@@ -543,7 +542,7 @@ def nll(
             return float(binary_nll_terms(kept, y_np, from_logits=True).mean())
         _, p, y_np = select(raw, lab, from_logits=False, ignore_index=ignore_index)
         return float(binary_nll_terms(p, y_np, from_logits=False).mean())
-    check_class_matrix(raw, "probs_or_logits")
+    as_matrix(raw, "probs_or_logits", metrics=True)
     if ignore_index is not None:
         _, raw, _ = select(raw, lab, from_logits=True, ignore_index=ignore_index)
         lab = lab.reshape(-1)[lab.reshape(-1) != ignore_index]

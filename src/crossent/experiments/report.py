@@ -331,7 +331,12 @@ def _fell_back(result: StudyResult, task: str) -> tuple[list[dict[str, Any]], in
     """The records of ``task`` whose NLL temperature fit fell back to T = 1, and the number
     of its runs."""
     recs = [run.record for run in result.runs if run.record["task"] == task]
-    return [rec for rec in recs if "ts" in rec.get("fallback", {})], len(recs)
+    return [rec for rec in recs if _ts_fell_back(rec)], len(recs)
+
+
+def _ts_fell_back(record: dict[str, Any]) -> bool:
+    """Whether the run's NLL temperature fit ("ts") fell back to T = 1."""
+    return "ts" in record.get("fallback", {})
 
 
 def _fallback_reading(fell: list[dict[str, Any]], n_runs: int) -> str:
@@ -457,13 +462,12 @@ def terminal_notes(result: StudyResult, rows: list[dict[str, Any]]) -> list[str]
         if not trows:
             continue
         labels = {r["loss"]: r["loss_label"] for r in trows}
-        recs = [run.record for run in result.runs if run.record["task"] == task]
-        fell = [rec for rec in recs if "ts" in rec.get("fallback", {})]
+        fell, n_runs = _fell_back(result, task)
         if fell:
             losses = ", ".join(dict.fromkeys(labels.get(rec["loss"], rec["loss"]) for rec in fell))
             kinds = ", ".join(sorted({_reason_kind(rec, "ts") for rec in fell}))
             notes.append(f"{task}: temperature scaling (T on validation NLL) fell back to T = 1 in"
-                         f" {len(fell)} of {len(recs)} runs ({losses}; {kinds}); their TS columns"
+                         f" {len(fell)} of {n_runs} runs ({losses}; {kinds}); their TS columns"
                          " are the unscaled model's")
         hurt = _scaling_hurt([r for r in trows if not math.isnan(r["ece"][0])])
         if hurt:
@@ -601,7 +605,7 @@ LISTED_TEMPERATURES = 5
 def _temperatures(runs: list[RunResult]) -> str:
     """The temperatures of the seeds pooled in a reliability figure: each seed's own T (a T
     that fell back to 1 marked), or their range beyond :data:`LISTED_TEMPERATURES` seeds."""
-    fell = ["ts" in r.record.get("fallback", {}) for r in runs]
+    fell = [_ts_fell_back(r.record) for r in runs]
     if len(runs) <= LISTED_TEMPERATURES:
         return "T = " + ", ".join("1 (fell back)" if f else f"{r.temperature:.2f}"
                                   for r, f in zip(runs, fell, strict=True))
@@ -987,7 +991,7 @@ def _figures_note(result: StudyResult, fig_paths: list[Path]) -> str:
                  "scaled by its own T (listed in the \"after\" panel); their ECE is that of "
                  "the pooled predictions, the tables' ECE the mean over seeds, so the two can "
                  f"differ. Bar numbers are samples per bin; faint bins hold fewer than {LOW_COUNT}.")
-        if any("ts" in run.record.get("fallback", {}) for run in result.runs):
+        if any(_ts_fell_back(run.record) for run in result.runs):
             note += (" A seed marked \"1 (fell back)\" kept T = 1: its NLL temperature fit "
                      "fell back to the identity (the reasons are above).")
     return note
