@@ -102,17 +102,20 @@ def backward_steps(
 def interleaved_times(
     steps: dict[K, Callable[[], object]], repeats: int, *, device: str = "cpu", warmup: int = 1,
     before: Callable[[K], object] | None = None, flush_l2: bool = False, clock: Clock = "wall",
+    one_thread: str = "OMP_NUM_THREADS=1",
 ) -> dict[K, list[float]]:
     """Times (ms) of every step over ``repeats`` rounds (:func:`crossent.bench.interleaved_times`:
     one warm-up call each, then the steps interleaved round by round in a new shuffled order each
     round, ``random.Random(0)``; on CUDA, CUDA events, with ``before`` and ``flush_l2`` untimed;
     on the CPU the wall clock or, ``clock="cpu"``, the process's CPU time).
-    Warnings on the machine's load and on cases whose rounds spread more than 10% go to stderr."""
+    Warnings on the machine's load and on cases whose rounds spread more than 10% go to stderr,
+    with ``one_thread``, how the script runs on one thread (a script with its own option names
+    it; torch reads the variable in every script)."""
     with LoadMonitor() as monitor:
         times = _harness_times(steps, repeats, device=device, warmup=warmup, before=before,
                                flush_l2=flush_l2, clock=clock)
     spreads = {name: summarize(ts).spread for name, ts in times.items()}
-    for line in reliability_warnings(spreads, monitor.result):
+    for line in reliability_warnings(spreads, monitor.result, one_thread=one_thread):
         print(f"warning: {line}", file=sys.stderr)
     return times
 

@@ -50,7 +50,8 @@ def interleaved_ms(fns: dict[str, Callable[[], None]], repeats: int, warmup: int
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    return [statistics.median(ts) for ts in interleaved_times(fns, repeats).values()]
+    times = interleaved_times(fns, repeats, one_thread="--threads 1")
+    return [statistics.median(ts) for ts in times.values()]
 
 
 def main() -> None:

@@ -125,7 +125,7 @@ def _time(
     cases: dict[str, Case], repeats: int, device: str, pooled: dict[str, list[str]] | None = None
 ) -> dict[str, float]:
     """Median ms of every case; ``pooled`` names cases whose rounds are pooled into one figure."""
-    times = interleaved_times(backward_steps(cases), repeats, device=device)
+    times = interleaved_times(backward_steps(cases), repeats, device=device, one_thread="--threads 1")
     for name, parts in (pooled or {}).items():
         times[name] = [v for part in parts for v in times.pop(part)]
     return {name: statistics.median(v) for name, v in times.items()}
@@ -268,7 +268,7 @@ def transcendental_table(elements: int, C: int, repeats: int, device: str) -> li
         step()
     all_steps = {**steps, **ce_steps}
     if device == "cpu":
-        times = interleaved_times(all_steps, repeats)
+        times = interleaved_times(all_steps, repeats, one_thread="--threads 1")
     else:
         from crossent.bench import interleaved_times as timed
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -180,6 +181,21 @@ def test_reliability_warnings(load, spreads, expect):
         assert "--threads 1" in got[-1]  # what to do about it
     else:
         assert got == []
+
+
+def test_reliability_advice_names_a_way_the_caller_has():
+    """The advice names how the caller runs on one thread: crossent bench's option by default,
+    what the caller passes otherwise; and every benchmark script that names ``--threads 1``
+    has that option (the others are told ``OMP_NUM_THREADS=1``, which torch reads)."""
+    busy = MachineLoad(cpus=2, loadavg=4.0, others_busy=2.0, threads=2)
+    assert "or --threads 1 on a shared one" in reliability_warnings({"a": 0.5}, busy)[-1]
+    got = reliability_warnings({"a": 0.5}, busy, one_thread="OMP_NUM_THREADS=1")
+    assert "or OMP_NUM_THREADS=1 on a shared one" in got[-1] and "--threads" not in got[-1]
+    scripts = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.py"))
+    naming = [p for p in scripts if 'one_thread="--threads 1"' in p.read_text()]
+    assert naming, "no script names --threads 1"
+    for p in naming:
+        assert re.search(r'add_argument\(\s*"--threads"', p.read_text()), p.name
 
 
 def test_parse_proc_stat_keeps_steal_apart():

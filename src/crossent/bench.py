@@ -343,10 +343,13 @@ class LoadMonitor:
         )
 
 
-def reliability_warnings(spreads: Mapping[str, float], load: MachineLoad | None) -> list[str]:
+def reliability_warnings(
+    spreads: Mapping[str, float], load: MachineLoad | None, *, one_thread: str = "--threads 1"
+) -> list[str]:
     """The warnings to print beside a table measured under ``load``: the machine's load, and every
     row whose spread (interquartile range over median, :attr:`Timing.spread`) exceeds
-    :data:`SPREAD_LIMIT` (ratios involving those rows are unreliable).
+    :data:`SPREAD_LIMIT` (ratios involving those rows are unreliable). ``one_thread`` is how the
+    caller's command line runs on one thread (``crossent bench``'s option by default).
 
     >>> quiet = MachineLoad(cpus=8, loadavg=0.1, others_busy=0.0, threads=8)
     >>> reliability_warnings({"a": summarize([1.0, 1.01, 1.02]).spread}, quiet)
@@ -364,7 +367,8 @@ def reliability_warnings(spreads: Mapping[str, float], load: MachineLoad | None)
             "their ratios are unreliable: " + "; ".join(noisy)
         )
     if out:
-        out.append("for trustworthy numbers: an idle machine, more --repeats, or --threads 1 on a shared one")
+        out.append(f"for trustworthy numbers: an idle machine, more --repeats, or {one_thread}"
+                   " on a shared one")
     return out
 
 

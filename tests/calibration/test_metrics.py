@@ -345,7 +345,7 @@ def test_chunked_computation_matches(monkeypatch: pytest.MonkeyPatch) -> None:
         (np.array([[0.5, 0.5]]), [0, 1], ValueError, "labels has 2 entries.*1 rows"),
         (np.array([0.5, 0.5]), [0], ValueError, r"labels have shape \(1,\).*binary problem takes"),
         (np.zeros((0, 3)), [], ValueError, "empty"),
-        (np.array([[1.0]]), [0], ValueError, "at least 2 columns"),
+        (np.zeros((2, 0)), [0, 1], ValueError, "at least 2 columns"),
         (np.array([["a", "b"]]), [0], TypeError, "numeric"),
         (np.array([[0.5, 0.5]]), [0.5], ValueError, "integer"),
         (np.array([[0.5, 0.5]]), np.array([[0, 1], [1, 0]]), ValueError, "1-D"),

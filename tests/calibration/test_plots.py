@@ -184,3 +184,24 @@ def test_binary_input_axes_name_the_positive_class() -> None:
     fig = reliability_diagram(np.stack([1 - pb, pb], 1), (rng.random(300) < pb).astype(int))
     assert fig.axes[0].get_ylabel() == "accuracy"
     assert fig.axes[1].get_xlabel() == "confidence"
+
+
+def test_mean_lines_at_1_are_drawn_over_the_right_edge() -> None:
+    """Every prediction right: the accuracy mark of the histogram (a dashed C0 line at 1)
+    lies on the right spine and must show there, not be clipped away or painted over."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 200)
+    p = np.full((200, 3), 0.01)
+    p[np.arange(200), y] = 0.98
+    fig = reliability_diagram(p, y, n_bins=10)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    img = np.asarray(canvas.buffer_rgba())[..., :3].astype(float) / 255
+    hax = fig.axes[1]
+    box = hax.get_window_extent()
+    height = img.shape[0]
+    x = round(box.x1)
+    rows = slice(int(height - box.y1) + 2, int(height - box.y0) - 2)  # pixel rows run downwards
+    blue = np.array(to_rgba("C0")[:3])
+    on_spine = np.abs(img[rows, x] - blue).max(-1) < 0.25  # the spine's own pixel column
+    assert on_spine.mean() > 0.3, "no C0 dashes over the right spine"

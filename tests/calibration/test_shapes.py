@@ -187,13 +187,70 @@ def test_classwise_num_classes_is_checked_and_named() -> None:
     assert cal.classwise_ece(pm, ym, num_classes=2) == cal.classwise_ece(pm, ym)
 
 
-def test_one_column_or_3d_scores_say_what_to_pass() -> None:
-    """(N, 1) or (N, C, d) scores are refused with the shapes that are taken, not advice to
-    stack [1 - p, p] (binary (N,) scores are taken as they are)."""
+ONE_COLUMN_FNS = [cal.ece, cal.classwise_ece, cal.brier, cal.nll, cal.accuracy, cal.debiased_l2_ece,
+                  cal.smooth_ece, lambda p, y, **kw: cal.reliability_table(p, y, **kw).count.tolist()]
+
+
+@pytest.mark.parametrize("fn", ONE_COLUMN_FNS)
+@pytest.mark.parametrize("label_shape", [(120,), (120, 1), (1, 120)])
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("ignore_index", [None, -100])
+@pytest.mark.parametrize("tensor", [False, True])
+def test_one_column_scores_are_binary_scores(
+    fn: Any, label_shape: tuple[int, ...], from_logits: bool, ignore_index: int | None, tensor: bool
+) -> None:
+    """An (N, 1) column (a one-logit head's output, as BCEWithLogitsLoss takes it) is the
+    binary (N,) scores it holds, with labels (N,), (N, 1) or (1, N): the same value as the
+    (N,) scores, for every metric, from probabilities and logits, with ignored labels."""
+    rng = np.random.default_rng(12)
+    p = rng.uniform(0.02, 0.98, size=120)
+    y = (rng.uniform(size=120) < p).astype(np.int64)
+    if ignore_index is not None:
+        y[::7] = ignore_index
+    s = np.log(p) - np.log1p(-p) if from_logits else p
+    kw: dict[str, Any] = {"ignore_index": ignore_index}
+    if fn is not cal.nll:
+        kw["from_logits"] = from_logits
+    want = fn(s, y, **kw)
+    col, lab = s[:, None], y.reshape(label_shape)
+    got = fn(torch.from_numpy(col), torch.from_numpy(lab), **kw) if tensor else fn(col, lab, **kw)
+    assert got == want
+
+
+def test_one_column_scores_in_the_meter_and_the_binary_recalibrators() -> None:
+    """The meter (from_logits detected as for (N,) scores: in [0, 1] is probabilities) and
+    Platt and beta calibration take the (N, 1) column as the (N,) scores."""
+    rng = np.random.default_rng(13)
+    p = rng.uniform(0.02, 0.98, size=200)
+    y = (rng.uniform(size=200) < p).astype(np.int64)
+    z = np.log(p) - np.log1p(-p)
+    for s in (p, z):
+        want = cal.CalibrationMeter()
+        want.update(s[:100], y[:100])
+        want.update(s[100:], y[100:])
+        got = cal.CalibrationMeter()
+        got.update(torch.from_numpy(s[:100, None]).float(), torch.from_numpy(y[:100, None]).float())
+        got.update(s[100:, None], y[100:])
+        assert got.from_logits == want.from_logits == (s is z)
+        w = want.compute()
+        for key, value in got.compute().items():  # float32 scores of the first half: rounded
+            assert value == pytest.approx(w[key], rel=1e-6, abs=1e-7), key
+    for method in (cal.PlattScaler, cal.BetaCalibrator):
+        want_c = method().fit(z, y)
+        got_c = method().fit(z[:, None], y[:, None])
+        np.testing.assert_array_equal(got_c.coef, want_c.coef)
+        np.testing.assert_array_equal(got_c.transform(z[:, None]), want_c.transform(z))
+
+
+def test_one_column_labels_must_match_and_3d_scores_say_what_to_pass() -> None:
+    """(N, 1) scores with labels of another count say what binary input takes; (N, C, d)
+    scores are refused with the shapes that are taken, not advice to stack [1 - p, p]."""
     p = np.array([[0.2], [0.9]])
     for fn in (cal.ece, cal.nll):
-        with pytest.raises(ValueError, match=r"at least 2 columns.*\(N,\)"):
-            fn(p, [0, 1])
-        with pytest.raises(ValueError, match=r"\(N,\) scores.*\(N, L\)") as err:
+        with pytest.raises(ValueError, match=r"labels have shape \(3,\).*\(N,\) or \(N, 1\) scores"):
+            fn(p, [0, 1, 1])
+        with pytest.raises(ValueError, match=r"\(N,\) or \(N, 1\) scores.*\(N, L\)") as err:
             fn(np.zeros((2, 3, 4)), np.zeros((2, 4), np.int64))
         assert "np.stack" not in str(err.value)
+    with pytest.raises(ValueError, match="at least 2 columns"):
+        cal.ece(np.zeros((2, 0)), [0, 1])

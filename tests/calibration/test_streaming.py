@@ -202,6 +202,47 @@ def test_gloo_sync_world_sizes_3_and_2(tmp_path: Any) -> None:
     mp.spawn(_worker, args=(3, f"file://{tmp_path / 'store'}"), nprocs=3, join=True)
 
 
+@pytest.mark.parametrize(
+    ("config", "want"),
+    [
+        ("cpu:gloo,cuda:gloo", "cpu"),  # init_process_group("gloo")
+        ("cpu:gloo,cuda:nccl", "cpu"),  # init_process_group() on a GPU machine
+        ("cpu:mpi,cuda:mpi", "cpu"),
+        ("cuda:nccl", "cuda:3"),  # init_process_group("nccl"): NCCL takes no CPU tensor
+        ("xpu:xccl", "xpu:3"),
+    ],
+)
+def test_sync_runs_its_collectives_where_the_backend_takes_tensors(
+    config: str, want: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statistics live on the CPU; an NCCL-only group gets them on the current GPU (an
+    all_reduce of a CPU tensor there fails with "No backend type associated with device type
+    cpu"), every group that takes CPU tensors keeps them there."""
+    from crossent.calibration.streaming import _collective_device
+
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: config)
+    for kind in ("cuda", "xpu"):
+        if getattr(torch, kind, None) is not None:
+            monkeypatch.setattr(getattr(torch, kind), "current_device", lambda: 3, raising=False)
+    assert _collective_device(None) == torch.device(want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (NCCL)")
+def test_nccl_sync_of_cpu_statistics(tmp_path: Any) -> None:
+    """One rank of an NCCL-only group: sync moves the statistics to the GPU and back, and
+    compute() gives the one-shot numbers, for both kinds of bins."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        z, y = dataset("multiclass", N_DIST, seed=11)
+        for binning in ("width", "mass"):
+            m = CalibrationMeter(binning=binning, num_classes=6, from_logits=True)  # type: ignore[arg-type]
+            m.update(z, y)
+            m.sync()
+            check(m, one_shot(z, y, binning, None), N_DIST)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("from_logits", [True, False])
 @pytest.mark.parametrize("n_bins", [15, 10, 7])
 def test_float32_many_classes_classwise_equals_one_shot(from_logits: bool, n_bins: int) -> None:

@@ -91,6 +91,20 @@ def test_report_md_says_figures_pool_seeds_where_tables_average(tmp_path: Path) 
     assert "fell back" in figures  # the figure's T = 1 of seed 1 is explained next to it
 
 
+def test_report_md_lists_each_degenerate_fit_reason_once(tmp_path: Path) -> None:
+    """Seeds on one split fail the same way: one line per fit and reason, naming its runs,
+    not the same sentence once per seed."""
+    result = _study({0, 1, 2}, seeds=(0, 1, 2))
+    rows = aggregate(result)
+    md = _report_md(result, rows, automatic_reading(result, rows), [], tmp_path, None)
+    part = md.split("Degenerate temperature fits", 1)[1].split("## ", 1)[0]
+    items = [line for line in part.splitlines() if line.startswith("- ")]
+    assert len(items) == 2, items  # the NLL fit and the ECE fit, each for all three runs
+    for item in items:
+        assert "sep/ce/seed0, sep/ce/seed1, sep/ce/seed2" in item
+        assert item.count("all 60 top-1 predictions are correct") == 1
+
+
 def test_many_seeds_give_the_range_of_t_and_the_number_that_fell_back() -> None:
     def run(t: float, fell: bool) -> RunResult:
         record = {"fallback": {"ts": "why"}} if fell else {}

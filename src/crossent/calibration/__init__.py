@@ -8,8 +8,9 @@ Metrics (NumPy arrays or torch tensors; ``probs`` (N, C) and integer ``labels`` 
 Streaming: :class:`CalibrationMeter` accumulates ECE, classwise ECE, Brier, NLL and accuracy
 over batches and all-reduces them over ``torch.distributed`` ranks.
 
-Inputs: multiclass (N, C) with integer labels, binary (N,) positive-class scores and
-multi-label (N, L) with 0/1 labels of the same shape; ``ignore_index`` drops labels.
+Inputs: multiclass (N, C) with integer labels, binary (N,) positive-class scores (or an
+(N, 1) column of them) and multi-label (N, L) with 0/1 labels of the same shape;
+``ignore_index`` drops labels.
 
 Post-hoc recalibration, one interface (``fit``, ``transform`` to probabilities,
 ``transform_logits``, ``state_dict``; :func:`save`/:func:`load` as JSON):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -152,6 +153,149 @@ def to_json_value(x: Any) -> Any:
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     return x
+
+
+# ------------------------------------------------------------------------------- loading states
+#: what every error about a loaded state ends with
+STATE_FIX = "pass what state_dict() returned (or save() wrote), unedited"
+
+_MISSING: Any = object()
+
+
+def short_repr(x: Any, width: int = 60) -> str:
+    """``x`` for a one-line message: its type and a repr cut to ``width`` characters."""
+    r = repr(x)
+    r = r if len(r) <= width else r[: width - 3] + "..."
+    return r if isinstance(x, (int, float)) and not isinstance(x, bool) else f"{type(x).__name__} {r}"
+
+
+def state_error(owner: str, where: str, expected: str, found: str,
+                error: type[Exception] = ValueError) -> Exception:
+    """The one-line error of a state that cannot be loaded: whose state (``owner``), which key
+    (``where``, e.g. ``state['params']['weight']``), what it must be and what it is."""
+    return error(f"cannot load the state of {owner}: {where} must be {expected}, got {found}; {STATE_FIX}")
+
+
+def state_value(container: Mapping[str, Any], key: str, *, owner: str, expected: str,
+                where: str = "state['params']", default: Any = _MISSING) -> Any:
+    """``container[key]`` of a loaded state (``where`` names the container), ``default`` when
+    it is missing, else a :class:`ValueError` saying what was ``expected``."""
+    if key in container:
+        return container[key]
+    if default is not _MISSING:
+        return default
+    raise state_error(owner, f"{where}[{key!r}]", expected, "nothing (the key is missing)")
+
+
+def state_array(
+    container: Mapping[str, Any] | Sequence[Any],
+    key: str | int,
+    *,
+    owner: str,
+    where: str = "state['params']",
+    shape: tuple[int | str | None, ...] = (),
+    dims: dict[str, tuple[int, str]] | None = None,
+    min_size: int = 0,
+    integer: bool = False,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    default: Any = _MISSING,
+) -> np.ndarray:
+    """The numeric param ``container[key]`` of a state read back from JSON, checked: a float64
+    array (int64 with ``integer``) of ``shape``, finite, within ``ge`` / ``gt`` / ``le``.
+
+    ``shape`` holds an int per axis (that length), ``None`` (any length) or a name: a name
+    already in ``dims`` must have its length there (``dims[name] = (length, where it came
+    from)``), a new one is bound in ``dims`` once the whole array passes, and must be at least
+    ``min_size``. ``()`` is a single number. ``where`` names the container in the messages
+    (the default: ``state['params']``); ``default`` is returned as the value of a missing key.
+
+    A missing key, a wrong shape, a non-finite or out-of-range value raises
+    :class:`ValueError`, a value that is not numbers (a string, ``None``, ``true``, a dict)
+    :class:`TypeError`; the one-line message names ``owner``, the key, what was expected and
+    what was found (:func:`state_error`).
+    """
+    path = f"{where}[{key!r}]"
+    dims = {} if dims is None else dims
+    kind = "integers" if integer else "finite numbers"
+    bounds = ""
+    if ge is not None and le is not None:
+        bounds = f" in [{ge:g}, {le:g}]"
+    elif gt is not None or ge is not None:
+        bounds = f" > {gt:g}" if gt is not None else f" >= {ge:g}"
+    elif le is not None:
+        bounds = f" <= {le:g}"
+    names = [d if isinstance(d, str) else ("any number of" if d is None else str(d)) for d in shape]
+    if not shape:
+        expected = ("an integer" if integer else "a finite number") + bounds
+    elif len(shape) == 1:
+        expected = f"a list of {names[0]} {kind}{bounds}".replace("any number of ", "")
+    else:
+        expected = f"a {' x '.join(names)} nested list of {kind}{bounds}"
+    notes = [f"{d} = {dims[d][0]} from {dims[d][1]}" for d in dict.fromkeys(shape)
+             if isinstance(d, str) and d in dims]
+    notes += [f"{d} >= {min_size}" for d in dict.fromkeys(shape)
+              if isinstance(d, str) and d not in dims and min_size > 0]
+    if notes:
+        expected += f" ({'; '.join(notes)})"
+
+    def fail(found: str, error: type[Exception] = ValueError) -> Exception:
+        return state_error(owner, path, expected, found, error)
+
+    if isinstance(container, Mapping):
+        value = state_value(container, str(key), owner=owner, expected=expected, where=where,
+                            default=default)
+    else:
+        value = container[int(key)]
+    if value is None or isinstance(value, (str, bytes, bool, Mapping)):
+        raise fail("null" if value is None else short_repr(value), TypeError)
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        raise fail("a ragged nested list (rows of different lengths)") from None
+    if arr.dtype.kind == "b":
+        raise fail("true/false values", TypeError)
+    if arr.dtype.kind not in "iuf":  # the entries as given: NumPy makes every one a string
+        items = np.asarray(value, dtype=object)  # when one is
+        for index in np.ndindex(items.shape):
+            item = items[index]
+            if isinstance(item, bool) or not isinstance(item, (int, float, np.integer, np.floating)):
+                at = path + "".join(f"[{i}]" for i in index)
+                raise fail(f"{'null' if item is None else short_repr(item)} at {at}", TypeError)
+        try:
+            arr = arr.astype(np.float64)
+        except OverflowError:
+            raise fail("an integer too large for a float64") from None
+    if arr.ndim != len(shape):
+        raise fail(f"the number {arr.item()!r}" if arr.ndim == 0 else f"a list of shape {arr.shape}")
+    bound = dict(dims)
+    for d, n in zip(shape, arr.shape, strict=True):
+        if isinstance(d, int) and n != d:
+            raise fail(f"a list of shape {arr.shape}")
+        if isinstance(d, str):
+            if d not in bound:
+                if n < min_size:
+                    raise fail(f"a list of shape {arr.shape}")
+                bound[d] = (n, path)
+            elif bound[d][0] != n:
+                raise fail(f"a list of shape {arr.shape}")
+    out = arr.astype(np.float64)
+    bad = ~np.isfinite(out)
+    if integer:
+        bad |= out != np.round(out)
+    if ge is not None:
+        bad |= out < ge
+    if gt is not None:
+        bad |= out <= gt
+    if le is not None:
+        bad |= out > le
+    if bad.any():
+        index = np.unravel_index(int(np.flatnonzero(bad)[0]), out.shape) if out.ndim else ()
+        at = f" at {path}" + "".join(f"[{i}]" for i in index) if out.ndim else ""
+        raise fail(f"{arr[index].item()!r}{at}")
+    dims.update(bound)
+    return out.astype(np.int64) if integer else out
 
 
 class Recalibrator:
@@ -279,21 +423,58 @@ class Recalibrator:
             "diagnostic_kind": self.diagnostic_kind,
         }
 
+    def _state_owner(self) -> str:
+        """Whose state a loading error is about: the method's name and the class."""
+        return f"{self.name!r} ({type(self).__name__})"
+
     def load_state_dict(self: R, state: dict[str, Any]) -> R:
         """Restore the options and the fitted parameters of :meth:`state_dict`; returns
         ``self``. The state's options replace the ones this instance was built with (they
-        are part of the fitted map: ``from_logits`` says what :meth:`transform` takes)."""
+        are part of the fitted map: ``from_logits`` says what :meth:`transform` takes).
+
+        Every part of the state is checked before anything changes: a missing key, an array
+        of the wrong shape, a NaN or a value out of its range raises :class:`ValueError`, a
+        value of the wrong type :class:`TypeError`, and the instance stays as it was."""
+        _check_state_type(state)
         if state.get("method") != self.name:
             raise ValueError(
                 f"state is for method {state.get('method')!r}, not {self.name!r};"
                 " use crossent.calibration.from_state_dict(state) to build the right class"
             )
-        options = state.get("options") or {}
-        if options:  # built afresh, so the constructor checks them; then copied over
-            fresh = type(self)(**options)
+        owner = self._state_owner()
+        options = state.get("options")
+        options = {} if options is None else options
+        if not isinstance(options, Mapping):
+            raise state_error(owner, "state['options']", "a dict of the constructor's options",
+                              short_repr(options), TypeError)
+        try:  # built afresh, so the constructor checks them; then copied over
+            fresh = type(self)(**options) if options else self
+        except (TypeError, ValueError) as err:
+            raise state_error(owner, "state['options']", f"options {type(self).__name__} takes",
+                              f"{short_repr(dict(options), 200)} ({err})", type(err)) from None
+        params = state.get("params")
+        if "params" not in state:
+            raise state_error(owner, "state['params']", "a dict of the fitted parameters",
+                              "nothing (the state has no 'params' mapping)")
+        if not isinstance(params, Mapping):
+            raise state_error(owner, "state['params']", "a dict of the fitted parameters",
+                              "null" if params is None else short_repr(params), TypeError)
+        for key in ("fallback", "diagnostic"):
+            if not isinstance(state.get(key), (str, type(None))):
+                raise state_error(owner, f"state[{key!r}]", "a string or null", short_repr(state[key]),
+                                  TypeError)
+        if state.get("diagnostic_kind") not in (None, "separable", "bound", "nll"):
+            raise state_error(owner, "state['diagnostic_kind']", "'separable', 'bound', 'nll' or null",
+                              short_repr(state["diagnostic_kind"]))
+        before = dict(vars(self))
+        try:
             for key in options:
                 setattr(self, key, getattr(fresh, key))
-        self._set_params(state["params"])
+            self._set_params(dict(params))  # checks every param (state_array) before setting any
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(before)
+            raise
         self.fallback = state.get("fallback")
         self.diagnostic = state.get("diagnostic")
         self.diagnostic_kind = state.get("diagnostic_kind")
@@ -301,15 +482,24 @@ class Recalibrator:
         return self
 
 
+def _check_state_type(state: Any) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"cannot load a recalibrator state: the state must be a dict (what state_dict() returns),"
+            f" got {'null' if state is None else short_repr(state)}; {STATE_FIX}"
+        )
+
+
 def from_state_dict(state: dict[str, Any]) -> Recalibrator:
-    """The recalibrator a :meth:`Recalibrator.state_dict` describes, fitted."""
+    """The recalibrator a :meth:`Recalibrator.state_dict` describes, fitted. A state that does
+    not describe one (edited, truncated, of another version) raises :class:`ValueError` or
+    :class:`TypeError` naming the key (:meth:`Recalibrator.load_state_dict`)."""
+    _check_state_type(state)
     method = state.get("method")
-    if method not in REGISTRY:
-        raise ValueError(f"unknown method {method!r} in state; known: {', '.join(sorted(REGISTRY))}")
-    if not isinstance(state.get("params"), dict):
-        raise ValueError(f"the state of {method!r} has no 'params' mapping: pass what state_dict() returned")
-    obj = REGISTRY[str(method)](**state.get("options", {}))
-    return obj.load_state_dict(state)
+    if not isinstance(method, str) or method not in REGISTRY:
+        raise ValueError(f"cannot load a recalibrator state: unknown method {short_repr(method)} in"
+                         f" state['method']; known: {', '.join(sorted(REGISTRY))}; {STATE_FIX}")
+    return REGISTRY[method]().load_state_dict(state)
 
 
 def save(calibrator: Recalibrator, path: str | Path) -> None:

@@ -78,8 +78,8 @@ def as_matrix(x: object, name: str = "probs", *, metrics: bool = False) -> torch
     t = _to_tensor(x, name)
     if t.ndim != 2:
         raise ValueError(
-            f"{name} must be (N, C) with labels (N,), (N,) scores of a binary problem, or (N, L)"
-            f" scores of a multi-label one with 0/1 labels (N, L); got shape {tuple(t.shape)}"
+            f"{name} must be (N, C) with labels (N,), (N,) or (N, 1) scores of a binary problem,"
+            f" or (N, L) scores of a multi-label one with 0/1 labels (N, L); got shape {tuple(t.shape)}"
             if metrics else
             f"{name} must be 2-D (n_samples, n_classes), got shape {tuple(t.shape)};"
             " for a binary problem with positive-class probabilities p pass"
@@ -87,10 +87,8 @@ def as_matrix(x: object, name: str = "probs", *, metrics: bool = False) -> torch
         )
     if t.shape[0] == 0:
         raise ValueError(f"{name} is empty: it needs at least one row (sample)")
-    if t.shape[1] < 2:
-        binary = f"; for a binary problem pass the positive-class scores as (N,), {name}[:, 0]"
-        raise ValueError(f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}"
-                         + (binary if metrics else ""))
+    if t.shape[1] < 2:  # the metrics take an (N, 1) column as binary scores before this
+        raise ValueError(f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}")
     return t
 
 
@@ -286,6 +284,16 @@ def _binary_labels(arr: np.ndarray, name: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def binary_shaped(shape: Sequence[int], label_shape: Sequence[int]) -> bool:
+    """Whether scores of ``shape`` with labels of ``label_shape`` are binary problems (0/1
+    labels, one per score): (N,) scores, an (N, 1) column of them (a one-logit head, as
+    ``BCEWithLogitsLoss`` takes it), or multi-label (N, L) scores with labels of their shape.
+    Anything else is (N, C) multiclass scores with (N,) class labels."""
+    return len(shape) == 1 or (
+        len(shape) == 2 and (shape[1] == 1 or tuple(label_shape) == tuple(shape))
+    )
+
+
 def select(
     probs: object, labels: object, *, from_logits: bool, ignore_index: int | None
 ) -> tuple[str, torch.Tensor, np.ndarray]:
@@ -293,26 +301,24 @@ def select(
 
     * ``"multiclass"``: ``probs`` (N, C) with labels (N,); returns the (N', C) matrix and the
       int64 labels.
-    * ``"binary"``: ``probs`` (N,) of the positive class (logits with ``from_logits``) with
-      0/1 labels (N,), or multi-label ``probs`` (N, L) with 0/1 labels (N, L), pooled into
-      N L binary problems; returns the float64 positive-class probabilities (sigmoid of the
-      logits) as a 1-D tensor and the 0/1 labels.
+    * ``"binary"``: ``probs`` (N,) or (N, 1) of the positive class (logits with
+      ``from_logits``) with 0/1 labels (N,) (or (N, 1), (1, N)), or multi-label ``probs``
+      (N, L) with 0/1 labels (N, L), pooled into N L binary problems; returns the float64
+      positive-class probabilities (sigmoid of the logits) as a 1-D tensor and the 0/1 labels.
 
     Labels equal to ``ignore_index`` are dropped (rows for multiclass, entries otherwise).
     """
     name = "logits" if from_logits else "probs"
     t = _to_tensor(probs, name)
     arr = label_array(labels)
-    multilabel = t.ndim == 2 and arr.ndim == 2 and tuple(arr.shape) == tuple(t.shape) and (
-        t.shape[1] > 1
-    )
-    if t.ndim == 1 or multilabel:
+    if binary_shaped(t.shape, arr.shape):
         n = t.shape[0]
-        if arr.shape != tuple(t.shape) and not (t.ndim == 1 and arr.shape in ((n, 1), (1, n))):
+        column = t.ndim == 1 or t.shape[1] == 1
+        if arr.shape != tuple(t.shape) and not (column and arr.shape in ((n,), (n, 1), (1, n))):
             raise ValueError(
                 f"labels have shape {arr.shape} but {name} have shape {tuple(t.shape)};"
-                " a binary problem takes (N,) scores and (N,) 0/1 labels, a multi-label one"
-                " (N, L) scores and (N, L) 0/1 labels"
+                " a binary problem takes (N,) or (N, 1) scores and (N,) 0/1 labels, a"
+                " multi-label one (N, L) scores and (N, L) 0/1 labels"
             )
         p = t.reshape(-1)
         y = arr.reshape(-1)

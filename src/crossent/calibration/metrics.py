@@ -44,6 +44,7 @@ from crossent.calibration._inputs import (
     as_labels,
     as_matrix,
     binary_nll_terms,
+    binary_shaped,
     drop_ignored,
     label_array,
     looks_like_probs,
@@ -532,7 +533,7 @@ def nll(
     """
     raw = _to_tensor(probs_or_logits, "probs_or_logits")
     lab = label_array(labels)
-    if raw.ndim == 1 or (raw.ndim == 2 and lab.shape == tuple(raw.shape) and raw.shape[1] > 1):
+    if binary_shaped(raw.shape, lab.shape):
         # the entries measured (ignored ones may hold any padding), for the detection and logits
         kept = drop_ignored(raw, lab, ignore_index).reshape(-1) if from_logits is not False else raw
         if from_logits is None:

@@ -168,8 +168,10 @@ def _draw(
         edgecolor="black",
         linewidth=0.5,
     )
-    hax.axvline(float(conf.mean()), color="C3", linewidth=1.2, label=names.mean_x)
-    hax.axvline(float(correct.mean()), color="C0", linestyle="--", linewidth=1.2, label=names.y)
+    # unclipped and over the spines: a mean of 1 (every prediction right) lies on the right edge
+    marks = {"linewidth": 1.2, "clip_on": False, "zorder": 3}
+    hax.axvline(float(conf.mean()), color="C3", label=names.mean_x, **marks)
+    hax.axvline(float(correct.mean()), color="C0", linestyle="--", label=names.y, **marks)
     hax.set_xlim(0, 1)
     hax.set_ylim(0, max(float(frac.max()) * 1.15, 1e-3))
     hax.set_xlabel(names.x)

@@ -11,8 +11,9 @@ checked by the guard of :mod:`crossent.calibration._base` and falls back to the 
 degenerate, unless ``fallback_to_identity=False``.
 
 Multiclass methods take (N, C) logits and integer labels (N,) (or (N, 1), (1, N));
-:class:`PlattScaler` and :class:`BetaCalibrator` take binary (N,) logits of the positive class
-(``from_logits=False`` for probabilities), or (N, 2) logits, and 0/1 labels of the same forms.
+:class:`PlattScaler` and :class:`BetaCalibrator` take binary (N,) or (N, 1) logits of the
+positive class (``from_logits=False`` for probabilities), or (N, 2) logits, and 0/1 labels of
+the same forms.
 
 Tensors and arrays. ``transform``, ``predict_proba`` and ``transform_logits`` return the
 input's type: a tensor on its device and in its (floating) dtype, or a NumPy array. The methods
@@ -80,6 +81,10 @@ from crossent.calibration._base import (
     absent_how,
     as_float64_numpy,
     label_separation,
+    short_repr,
+    state_array,
+    state_error,
+    state_value,
     warn_if_probabilities,
 )
 from crossent.calibration._inputs import as_labels, as_matrix
@@ -180,6 +185,25 @@ class _MulticlassRecalibrator(Recalibrator):
                     n_classes=z.shape[1], separable_how=how, separable_consequence=consequence)
         if self.diagnostic is None and note is not None:
             self.diagnostic, self.diagnostic_kind = note, "separable"
+
+    def _read_identity_classes(self, params: dict[str, Any], n_classes: int | None) -> list[int]:
+        """``params["identity_classes"]`` of a loaded state, checked (a missing key, as in states
+        written before it existed, is no class): distinct classes of ``range(n_classes)``, or
+        none when the whole map is the identity (``n_classes`` ``None``)."""
+        owner, where = self._state_owner(), "state['params']['identity_classes']"
+        if n_classes is None:
+            value = state_value(params, "identity_classes", owner=owner, expected="", default=[])
+            if not (isinstance(value, (list, tuple)) and len(value) == 0):
+                raise state_error(owner, where, "an empty list when the whole map is the identity"
+                                  " (its other parameter null)", short_repr(value))
+            return []
+        classes = state_array(params, "identity_classes", owner=owner, shape=(None,), integer=True,
+                              ge=0, le=n_classes - 1, default=[])
+        unique, counts = np.unique(classes, return_counts=True)
+        if (counts > 1).any():
+            raise state_error(owner, where, "a list of distinct classes",
+                              f"{classes.tolist()} (class {int(unique[counts > 1][0])} more than once)")
+        return [int(c) for c in classes]
 
     def _absent_one_vs_rest(self, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, str | None]:
         """For a one-vs-rest map: the classes with no validation sample whose maps become the
@@ -302,8 +326,10 @@ class MatrixScaler(_MulticlassRecalibrator):
         return {"weight": self.weight, "bias": self.bias}
 
     def _set_params(self, params: dict[str, Any]) -> None:
-        self.weight = np.asarray(params["weight"], dtype=np.float64)
-        self.bias = np.asarray(params["bias"], dtype=np.float64)
+        owner, dims = self._state_owner(), dict[str, tuple[int, str]]()  # W (C, C), b (C,)
+        weight = state_array(params, "weight", owner=owner, shape=("C", "C"), dims=dims, min_size=2)
+        self.bias = state_array(params, "bias", owner=owner, shape=("C",), dims=dims)
+        self.weight = weight
 
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "reg_off_diagonal": self.reg_off_diagonal,
@@ -403,9 +429,17 @@ class HistogramBinning(_MulticlassRecalibrator):
         return {"bin_values": self.bin_values, "identity_classes": list(self.identity_classes)}
 
     def _set_params(self, params: dict[str, Any]) -> None:
-        v = params["bin_values"]
-        self.bin_values = None if v is None else np.asarray(v, dtype=np.float64)
-        self.identity_classes = [int(c) for c in params.get("identity_classes", [])]
+        owner = self._state_owner()
+        expected = f"a C x {self.n_bins} nested list of numbers in [0, 1], or null (the identity)"
+        if state_value(params, "bin_values", owner=owner, expected=expected) is None:
+            self.identity_classes = self._read_identity_classes(params, None)
+            self.bin_values = None
+            return
+        dims = {"M": (self.n_bins, "the n_bins option")}  # (C, M): a frequency per class and bin
+        values = state_array(params, "bin_values", owner=owner, shape=("C", "M"), dims=dims,
+                             min_size=2, ge=0.0, le=1.0)
+        self.identity_classes = self._read_identity_classes(params, values.shape[0])
+        self.bin_values = values
 
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "n_bins": self.n_bins}
@@ -476,9 +510,36 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
         return {"knots": knots, "identity_classes": list(self.identity_classes)}
 
     def _set_params(self, params: dict[str, Any]) -> None:
-        k = params["knots"]
-        self.knots = None if k is None else [(np.asarray(x, float), np.asarray(v, float)) for x, v in k]
-        self.identity_classes = [int(c) for c in params.get("identity_classes", [])]
+        owner, where = self._state_owner(), "state['params']['knots']"
+        pair = "a pair [x, y] of lists of one length of numbers in [0, 1], x sorted"
+        expected = f"a list of C >= 2 knots, each {pair}, or null (the identity)"
+        knots = state_value(params, "knots", owner=owner, expected=expected)
+        if knots is None:
+            self.identity_classes = self._read_identity_classes(params, None)
+            self.knots = None
+            return
+        if not isinstance(knots, (list, tuple)) or len(knots) < 2:
+            found = short_repr(knots) if not isinstance(knots, (list, tuple)) else f"a list of {len(knots)}"
+            raise state_error(owner, where, expected, found,
+                              ValueError if isinstance(knots, (list, tuple)) else TypeError)
+        read = []
+        for k, xy in enumerate(knots):  # g_k: linear interpolation between its (x, y) thresholds
+            at = f"{where}[{k}]"
+            if not isinstance(xy, (list, tuple)) or len(xy) != 2:
+                found = f"a list of {len(xy)}" if isinstance(xy, (list, tuple)) else short_repr(xy)
+                raise state_error(owner, at, pair, found,
+                                  ValueError if isinstance(xy, (list, tuple)) else TypeError)
+            dims = dict[str, tuple[int, str]]()
+            x = state_array(xy, 0, owner=owner, where=at, shape=("L",), dims=dims, min_size=1, ge=0.0, le=1.0)
+            v = state_array(xy, 1, owner=owner, where=at, shape=("L",), dims=dims, ge=0.0, le=1.0)
+            down = np.flatnonzero(np.diff(x) < 0)
+            if down.size:
+                i = int(down[0])
+                raise state_error(owner, f"{at}[0]", "sorted thresholds (non-decreasing)",
+                                  f"{float(x[i])!r} then {float(x[i + 1])!r} at index {i}")
+            read.append((x, v))
+        self.identity_classes = self._read_identity_classes(params, len(read))
+        self.knots = read
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,8 +615,13 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
         return {"temperature": self.temperature, "weights": self.weights}
 
     def _set_params(self, params: dict[str, Any]) -> None:
-        self.temperature = float(params["temperature"])
-        self.weights = np.asarray(params["weights"], dtype=np.float64)
+        owner = self._state_owner()
+        temperature = float(state_array(params, "temperature", owner=owner, gt=0.0))
+        w = state_array(params, "weights", owner=owner, shape=(3,), ge=0.0)
+        if not abs(float(w.sum()) - 1.0) <= 1e-6:  # softmax weights: a point of the simplex
+            raise state_error(owner, "state['params']['weights']", "3 numbers >= 0 summing to 1",
+                              f"{w.tolist()} (sum {float(w.sum())!r})")
+        self.temperature, self.weights = temperature, w
 
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "loss": self.loss}
@@ -568,22 +634,29 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
 class _BinaryRecalibrator(Recalibrator):
     """Shared parts of the binary methods: input handling, guard, ``transform_logits``."""
 
+    #: the length of ``coef`` (the slopes, then the intercept)
+    _n_coef: ClassVar[int] = 2
+    #: how many of the slopes the fit keeps >= 0
+    _n_nonnegative: ClassVar[int] = 0
+
     def __init__(self, *, from_logits: bool = True, fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
         self.from_logits = bool(from_logits)
         self.coef: np.ndarray | None = None
 
     def _scores(self, x: Any, *, fitting: bool = False) -> torch.Tensor:
-        """Positive-class logits (float64, 1-D) from (N,) logits/probabilities or (N, 2);
+        """Positive-class logits (float64, 1-D) from (N,) or (N, 1) logits/probabilities or (N, 2);
         ``fitting``: warn when (N, 2) logits look like probabilities."""
         t = torch.as_tensor(as_float64_numpy(x))
+        if t.ndim == 2 and t.shape[1] == 1:  # a one-logit head's column
+            t = t[:, 0]
         if t.ndim == 2 and t.shape[1] == 2:
             if fitting and self.from_logits and bool(torch.isfinite(t).all()):
                 warn_if_probabilities(t, type(self).__name__, hint=" or from_logits=False",
                                       stacklevel=4)  # _scores, fit, the caller
             t = t[:, 1] - t[:, 0] if self.from_logits else t[:, 1]
         if t.ndim != 1:
-            raise ValueError(f"{type(self).__name__} takes binary scores of shape (N,) or (N, 2),"
+            raise ValueError(f"{type(self).__name__} takes binary scores of shape (N,), (N, 1) or (N, 2),"
                              f" got shape {tuple(t.shape)}")
         if t.numel() == 0 or not bool(torch.isfinite(t).all()):
             raise ValueError("scores must be non-empty and finite")
@@ -664,7 +737,13 @@ class _BinaryRecalibrator(Recalibrator):
         return {"coef": self.coef}
 
     def _set_params(self, params: dict[str, Any]) -> None:
-        self.coef = np.asarray(params["coef"], dtype=np.float64)
+        owner = self._state_owner()
+        coef = state_array(params, "coef", owner=owner, shape=(self._n_coef,))
+        k = self._n_nonnegative
+        if (coef[:k] < 0).any():
+            raise state_error(owner, "state['params']['coef']",
+                              f"{self._n_coef} finite numbers, the first {k} >= 0", str(coef.tolist()))
+        self.coef = coef
 
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "from_logits": self.from_logits}
@@ -683,7 +762,7 @@ class PlattScaler(_BinaryRecalibrator):
         return s[:, None]
 
     def fit(self, logits: Any, labels: Any) -> PlattScaler:
-        """Fit on validation scores (N,) (or (N, 2) logits) and 0/1 labels (N,) (or (N, 1),
+        """Fit on validation scores (N,) (or (N, 1), or (N, 2) logits) and 0/1 labels (N,) (or (N, 1),
         (1, N)); returns ``self``."""
         s = self._scores(logits, fitting=True)
         y = self._labels(labels, logits, s.shape[0])
@@ -714,12 +793,14 @@ class BetaCalibrator(_BinaryRecalibrator):
     """
 
     name = "beta"
+    _n_coef = 3
+    _n_nonnegative = 2  # a, b >= 0
 
     def _features(self, s: torch.Tensor) -> torch.Tensor:
         return torch.stack([-F.softplus(-s), F.softplus(s)], 1)
 
     def fit(self, logits: Any, labels: Any) -> BetaCalibrator:
-        """Fit on validation scores (N,) (or (N, 2) logits) and 0/1 labels (N,) (or (N, 1),
+        """Fit on validation scores (N,) (or (N, 1), or (N, 2) logits) and 0/1 labels (N,) (or (N, 1),
         (1, N)); returns ``self``."""
         s = self._scores(logits, fitting=True)
         y = self._labels(labels, logits, s.shape[0])

@@ -10,7 +10,9 @@ numbers of the one-shot functions on all the data without gathering the predicti
 * sums of the per-sample NLL and Brier score, the number correct and the number of samples.
 
 :meth:`CalibrationMeter.sync` all-reduces these (one ``torch.distributed.all_reduce`` of a
-flat float64 vector; counts stay exact integers below :math:`2^{53}`).
+flat float64 vector; counts stay exact integers below :math:`2^{53}`). The statistics live on
+the CPU; the collective runs where the group's backend takes tensors: on the CPU for gloo or
+MPI, on the current GPU for a group that is NCCL only.
 
 Equal-mass bins cannot be formed from fixed-size statistics: a bin edge is a quantile of all
 confidences, which per-batch histograms cannot recover exactly. With ``binning="mass"`` the
@@ -38,6 +40,7 @@ from crossent.calibration._inputs import (
     ArrayLike,
     _to_tensor,
     binary_nll_terms,
+    binary_shaped,
     drop_ignored,
     iter_chunks,
     label_array,
@@ -54,6 +57,23 @@ from crossent.calibration.metrics import (
 )
 
 __all__ = ["CalibrationMeter"]
+
+
+def _collective_device(group: object | None = None) -> torch.device:
+    """Where the tensors of a collective over ``group`` must be: the CPU when the group's
+    backend takes CPU tensors (gloo, MPI, or a group made with ``backend=None``, which is
+    ``cpu:gloo,cuda:nccl``), else the current device of the backend's first device type
+    (``init_process_group("nccl")`` is ``cuda:nccl`` only: NCCL takes no CPU tensor)."""
+    import torch.distributed as dist
+
+    config = str(dist.get_backend_config(group))  # type: ignore[arg-type]  # "cpu:gloo,cuda:nccl"
+    kinds = [part.split(":", 1)[0].strip() for part in config.split(",") if ":" in part]
+    if not kinds or "cpu" in kinds:
+        return torch.device("cpu")
+    module = getattr(torch, kinds[0], None)
+    current = getattr(module, "current_device", None)
+    return torch.device(kinds[0], current() if callable(current) else 0)
+
 
 #: order of the scalar statistics in the flat vector
 _SCALARS = ("n", "correct", "nll", "brier")
@@ -84,8 +104,8 @@ class CalibrationMeter:
 
     Notes
     -----
-    Binary (N,) and multi-label (N, L) inputs with 0/1 labels of the same shape are pooled
-    binary problems, as in :func:`~crossent.calibration.ece`.
+    Binary (N,) or (N, 1) and multi-label (N, L) inputs with 0/1 labels of the same shape are
+    pooled binary problems, as in :func:`~crossent.calibration.ece`.
 
     Examples
     --------
@@ -129,8 +149,8 @@ class CalibrationMeter:
 
     # ------------------------------------------------------------------ update
     def update(self, logits_or_probs: ArrayLike, labels: ArrayLike) -> None:
-        """Add a batch: (N, C) with labels (N,), or binary (N,) / multi-label (N, L) with 0/1
-        labels of the same shape. A batch whose labels all equal ``ignore_index`` adds nothing."""
+        """Add a batch: (N, C) with labels (N,), or binary (N,) or (N, 1) / multi-label (N, L)
+        with 0/1 labels of the same shape. A batch whose labels all equal ``ignore_index`` adds nothing."""
         lab = label_array(labels)
         if lab.size == 0 or (self.ignore_index is not None and bool((lab == self.ignore_index).all())):
             shape = tuple(np.shape(logits_or_probs))  # nothing to add, if the labels fit the scores
@@ -147,8 +167,7 @@ class CalibrationMeter:
         if self.from_logits is None:
             x = logits_or_probs
             t = drop_ignored(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index)
-            if t.ndim == 2 and t.shape[0] > 0 and not (np.ndim(labels) == 2 and t.shape[1] > 1
-                                                      and tuple(np.shape(labels)) == tuple(t.shape)):
+            if t.ndim == 2 and t.shape[0] > 0 and not binary_shaped(t.shape, lab.shape):
                 # Rows of probabilities are told apart from logits on the first chunk of rows;
                 # if it holds probabilities, the rest is checked by the update's own pass
                 # (_update_multiclass), which validates every row as probabilities: no extra
@@ -304,23 +323,25 @@ class CalibrationMeter:
             return
         if self.classwise and self._k is None and self._kind != "binary":
             raise RuntimeError("sync before any update: pass num_classes= so every rank agrees")
-        flat = self._flat().clone()
+        device = _collective_device(group)
+        flat = self._flat().to(device, copy=True)
         dist.all_reduce(flat, group=group)  # type: ignore[arg-type]
-        synced: dict[str, object] = {"flat": flat}
+        synced: dict[str, object] = {"flat": flat.cpu()}
         if self.binning == "mass":
             conf = np.concatenate(self._conf) if self._conf else np.empty(0)
             correct = np.concatenate(self._correct) if self._correct else np.empty(0, np.uint8)
             world = dist.get_world_size(group)  # type: ignore[arg-type]
-            size = torch.tensor([conf.shape[0]], dtype=torch.int64)
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+            size = torch.tensor([conf.shape[0]], dtype=torch.int64, device=device)
+            sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
             dist.all_gather(sizes, size, group=group)  # type: ignore[arg-type]
             most = max(int(s) for s in sizes)
             pairs = torch.zeros((2, most), dtype=torch.float64)
             pairs[0, : conf.shape[0]] = torch.from_numpy(conf)
             pairs[1, : conf.shape[0]] = torch.from_numpy(correct.astype(np.float64))
+            pairs = pairs.to(device)
             gathered = [torch.empty_like(pairs) for _ in range(world)]
             dist.all_gather(gathered, pairs, group=group)  # type: ignore[arg-type]
-            parts = [g[:, : int(s)].numpy() for g, s in zip(gathered, sizes, strict=True)]
+            parts = [g[:, : int(s)].cpu().numpy() for g, s in zip(gathered, sizes, strict=True)]
             synced["conf"] = np.concatenate([q[0] for q in parts])
             synced["correct"] = np.concatenate([q[1] for q in parts])
         self._synced = synced

@@ -63,6 +63,10 @@ from crossent.calibration._base import (
     CalibrationWarning,
     Recalibrator,
     label_separation,
+    short_repr,
+    state_array,
+    state_error,
+    state_value,
     warn_if_probabilities,
 )
 from crossent.calibration._inputs import (
@@ -325,14 +329,27 @@ class TemperatureScaler(Recalibrator):
     def _params(self) -> dict[str, object]:
         return {"temperature": self.temperature, "bias": self.bias}
 
+    def _state_owner(self) -> str:
+        if self.name == "temperature" and self.method != "temperature":
+            return f"'temperature' (TemperatureScaler, method={self.method!r})"
+        return super()._state_owner()
+
     def _set_params(self, params: dict[str, object]) -> None:
-        t = params["temperature"]
-        if isinstance(t, list):
-            self._temperature = np.asarray(t, dtype=np.float64)
-            self.bias = np.asarray(params["bias"], dtype=np.float64)
-        else:
-            self._temperature = float(t)  # type: ignore[arg-type]
-            self.bias = None
+        owner = self._state_owner()
+        if self.method == "temperature":  # one temperature T > 0, no bias
+            t = float(state_array(params, "temperature", owner=owner, gt=0.0))
+            bias = state_value(params, "bias", owner=owner, expected="null", default=None)
+            if bias is not None:
+                raise state_error(owner, "state['params']['bias']",
+                                  "null (method='temperature' has no bias; vector scaling is"
+                                  " method='vector')", short_repr(bias))
+            self._temperature, self.bias = t, None
+            return
+        dims: dict[str, tuple[int, str]] = {}  # vector scaling: C temperatures T_k > 0, C biases
+        temperature = state_array(params, "temperature", owner=owner, shape=("C",), dims=dims,
+                                  min_size=2, gt=0.0)
+        self.bias = state_array(params, "bias", owner=owner, shape=("C",), dims=dims)
+        self._temperature = temperature
 
     def _set_identity(self, n_classes: int) -> None:
         if self.method == "vector":

@@ -957,11 +957,17 @@ def _report_md(
            else f" Every seed uses the split of data seed {cfg.data_seed}."),
         "",
     ]
-    fallbacks = [f"{r.record['task']}/{r.record['loss']}/seed{r.record['seed']}, {FIT_NAMES[k]}: {v}"
-                 for r in result.runs for k, v in r.record.get("fallback", {}).items()]
+    # one line per fit and reason, naming its runs: seeds that share a split share the reason
+    fallbacks: dict[tuple[str, str], list[str]] = {}
+    for r in result.runs:
+        for k, v in r.record.get("fallback", {}).items():
+            run = f"{r.record['task']}/{r.record['loss']}/seed{r.record['seed']}"
+            fallbacks.setdefault((k, v), []).append(run)
     if fallbacks:
         lines += ["Degenerate temperature fits (the NLL fit then falls back to T = 1; the ECE fit"
-                  " of Mukhoti et al.'s protocol is kept): " + "; ".join(fallbacks) + ".", ""]
+                  " of Mukhoti et al.'s protocol is kept):", ""]
+        lines += [f"- {FIT_NAMES[k]} in {', '.join(runs)}: {v}." for (k, v), runs in fallbacks.items()]
+        lines.append("")
     lines += ["## Automatic reading", ""]
     for task, items in reading.items():
         lines.append(f"**{task}**")
