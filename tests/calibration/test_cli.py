@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,9 +24,12 @@ def make(n: int = 3000, c: int = 6, t_true: float = 2.5, seed: int = 0) -> tuple
 
 
 def run(
-    args: list[str], capsys: pytest.CaptureFixture[str], compare: bool = False
+    args: list[str], capsys: pytest.CaptureFixture[str], compare: bool = False, figures: bool = False
 ) -> tuple[int, str, str]:
-    rc = main(["calibrate", *args, *([] if compare else ["--no-compare"])])
+    """``crossent calibrate ARGS``: the comparison and the figures (three PNGs, most of a
+    small run's time) only where a test asks for them."""
+    extra = ([] if compare else ["--no-compare"]) + ([] if figures else ["--no-figures"])
+    rc = main(["calibrate", *args, *extra])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -44,6 +48,7 @@ def test_end_to_end_npy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
             str(out_dir),
         ],
         capsys,
+        figures=True,
     )
     assert rc == 0, err
     for name in (
@@ -71,6 +76,31 @@ def test_end_to_end_npy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     for png in ("reliability_before.png", "reliability_after.png", "reliability_comparison.png"):
         raw = (out_dir / png).read_bytes()
         assert raw[:4] == b"\x89PNG" and len(raw) > 10_000
+
+
+def test_no_figures_writes_the_report_without_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--no-figures: report.md and metrics.json as with figures, no PNG and no link to one, and
+    matplotlib not needed; without it, a missing matplotlib is one line naming the option,
+    before any work."""
+    z, y = make(n=500)
+    np.save(tmp_path / "logits.npy", z)
+    np.save(tmp_path / "labels.npy", y)
+    args = [str(tmp_path / "logits.npy"), "--labels", str(tmp_path / "labels.npy")]
+    rc, out, err = run([*args, "--out", str(tmp_path / "a")], capsys, figures=True)
+    assert rc == 0, err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    rc, out, err = run([*args, "--out", str(tmp_path / "b")], capsys)
+    assert rc == 0, err
+    assert "wrote report.md and metrics.json to" in out
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["metrics.json", "report.md"]
+    assert ".png" not in (tmp_path / "b" / "report.md").read_text()
+    with_figs = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text()) == with_figs
+    rc, out, err = run([*args, "--out", str(tmp_path / "c")], capsys, figures=True)
+    one_line_error(rc, err, "matplotlib")
+    assert "--no-figures" in err and not (tmp_path / "c" / "metrics.json").exists()
 
 
 def test_npz_with_labels_probs_and_val_fraction_zero(

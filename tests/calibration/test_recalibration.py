@@ -3,6 +3,7 @@ netcal, scikit-learn and the papers' formulas where the definitions meet."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -598,6 +599,46 @@ def test_half_precision_probabilities_do_not_overflow(
     want = c.transform(z.astype(np.float32)).astype(np.float16)
     assert half.dtype == (torch.float16 if as_tensor else np.float16)
     np.testing.assert_array_equal(np.asarray(half), want)
+
+
+@functools.cache
+def _fitted_on_normal_logits(method: type[cal.Recalibrator]) -> tuple[cal.Recalibrator, np.ndarray]:
+    """``method`` fitted on 200 random logits (binary: scores), and those logits."""
+    rng = np.random.default_rng(31)
+    binary = method in BINARY
+    z = rng.normal(size=(200,) if binary else (200, 4)) * 2
+    y = (rng.random(200) < 0.5).astype(np.int64) if binary else rng.integers(0, 4, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        return method().fit(z, y), z
+
+
+FLOAT_DTYPES = [np.float16, np.float32, np.float64,
+                torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_outputs_keep_the_input_dtype(method: type[cal.Recalibrator], dtype: Any) -> None:
+    """Every method returns its input's floating dtype, NumPy as torch (a float32 array of
+    1M x 1000 logits gives 4 GB of probabilities, not 8): the float64 result of the same input
+    to the dtype's precision (temperature and vector scaling compute half precision in float32,
+    so they round twice). Integer and list input give float64 (float32 for an integer tensor)."""
+    c, z = _fitted_on_normal_logits(method)
+    tensor = isinstance(dtype, torch.dtype)
+    x = torch.from_numpy(z).to(dtype) if tensor else z.astype(dtype)
+    exact = torch.from_numpy(z).to(dtype).double().numpy() if tensor else z.astype(dtype).astype(np.float64)
+    for fn in ("transform", "transform_logits"):
+        got = getattr(c, fn)(x)
+        assert got.dtype == dtype, (fn, got.dtype)
+        want = torch.from_numpy(np.asarray(getattr(c, fn)(exact))).to(dtype) if tensor else (
+            np.asarray(getattr(c, fn)(exact)).astype(dtype))
+        eps = float(torch.finfo(dtype).eps) if tensor else float(np.finfo(dtype).eps)
+        got64 = np.asarray(got.float() if tensor else got, dtype=np.float64)
+        want64 = np.asarray(want.float() if tensor else want, dtype=np.float64)
+        np.testing.assert_allclose(got64, want64, rtol=2 * eps, atol=2 * eps * max(1.0, np.abs(want64).max()))
+    assert c.transform(z.tolist()).dtype == np.float64
+    assert c.transform(np.round(z * 10).astype(np.int64)).dtype == np.float64
 
 
 @pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)

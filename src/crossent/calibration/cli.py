@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from crossent._extras import require
 from crossent.calibration._inputs import first_non_integer, shown_label
 
 __all__ = ["add_arguments", "main"]
@@ -210,6 +211,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         default=None,
         help="write report.md, metrics.json and reliability diagrams (PNG) to DIR",
+    )
+    parser.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="with --out, skip the reliability diagrams (no matplotlib needed; as crossent run)",
     )
 
 
@@ -914,7 +921,9 @@ def fit_method(name: str, logits: np.ndarray, labels: np.ndarray, objective: str
 
 
 def method_probs(cal: Any, logits: np.ndarray) -> np.ndarray:
-    """(N, C) calibrated probabilities of a fitted method."""
+    """(N, C) calibrated probabilities of a fitted method, computed from float64 logits (the
+    methods return their input's dtype: float32 would flush tiny probabilities to 0)."""
+    logits = np.asarray(logits, dtype=np.float64)
     if cal.name in BINARY_METHODS:
         p = np.asarray(cal.predict_proba(logits[:, 1] - logits[:, 0]), dtype=np.float64)
         return np.stack([1.0 - p, p], axis=1)
@@ -927,8 +936,9 @@ def method_logits(cal: Any, logits: np.ndarray) -> np.ndarray:
     clips each p_y at the smallest float64 (about 708 nats), one from logits does not, so an
     identity map scored from its probabilities would seem to lower a very large NLL. A fit
     that fell back is the identity: the logits themselves."""
+    logits = np.asarray(logits, dtype=np.float64)  # as method_probs
     if cal.fallback is not None:
-        return np.asarray(logits, dtype=np.float64)
+        return logits
     if cal.name in BINARY_METHODS:  # softmax([0, s]) = [1 - sigmoid(s), sigmoid(s)]
         s = np.asarray(cal.transform_logits(logits[:, 1] - logits[:, 0]), dtype=np.float64)
         return np.stack([np.zeros_like(s), s], axis=1)
@@ -1062,7 +1072,7 @@ def compare_methods(
     return {"rows": rows, "recommended": best}
 
 
-def _write_report(out: Path, result: dict[str, Any]) -> None:
+def _write_report(out: Path, result: dict[str, Any], *, figures: bool = True) -> None:
     lines = [
         "# Calibration report",
         "",
@@ -1100,9 +1110,9 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
                 note = f"{note}; {row['note']}"
             lines.append(f"| {name} | {cells} | {note} |")
         lines += ["", recommendation_text(result)]
+    if figures:
+        lines += ["", "![reliability before and after](reliability_comparison.png)"]
     lines += [
-        "",
-        "![reliability before and after](reliability_comparison.png)",
         "",
         "Conventions: ECE/MCE use equal-width bins ((m-1)/M, m/M] (Guo et al. 2017), AdaECE"
         " equal-mass bins (Mukhoti et al. 2020), classwise ECE averages per-class marginal"
@@ -1127,6 +1137,8 @@ def main(args: argparse.Namespace) -> int:
         raise _error(f"--seed must lie in 0..{MAX_SEED}, got {args.seed}")
     if args.out is not None:
         check_out_dir(args.out)  # before any work: a file in the way fails now, not at the end
+        if args.figures:  # as early: a missing extra names the option that does without it
+            require("matplotlib", "the reliability diagrams of --out (--no-figures skips them)")
     preds, labels, hint = _predictions_and_labels(args)
     if args.csv_header != "auto":
         files = [args.predictions] if args.labels is None else [args.predictions, args.labels]
@@ -1231,12 +1243,15 @@ def main(args: argparse.Namespace) -> int:
         _print_comparison(result)
 
     if args.out is not None:
-        from crossent.calibration.plots import compare_reliability_diagrams, reliability_diagram
-
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        _write_report(out, result)
+        _write_report(out, result, figures=args.figures)
+        if not args.figures:
+            print(f"wrote report.md and metrics.json to {out}")
+            return 0
+        from crossent.calibration.plots import compare_reliability_diagrams, reliability_diagram
+
         test_before = preds[test_idx]
         from_logits = kind == "logits"
         fig = reliability_diagram(

@@ -16,11 +16,12 @@ positive class (``from_logits=False`` for probabilities), or (N, 2) logits, and 
 the same forms.
 
 Tensors and arrays. ``transform``, ``predict_proba`` and ``transform_logits`` return the
-input's type: a tensor on its device and in its (floating) dtype, or a NumPy array. The methods
+input's type: a tensor on its device, or a NumPy array, in its (floating) dtype. The methods
 here compute in float64 on the CPU: a tensor comes back **detached from the autograd graph**
-(no gradient reaches logits that require grad), a NumPy array as float64, and NaN or infinite
-logits are refused. Temperature and vector scaling (:mod:`crossent.calibration.temperature`)
-are torch ops on a tensor instead: they keep its autograd graph, and NaN stays NaN.
+(no gradient reaches logits that require grad), a NumPy array in its floating dtype (float64
+for integers and lists), and NaN or infinite logits are refused. Temperature and vector
+scaling (:mod:`crossent.calibration.temperature`) are torch ops on a tensor instead: they keep
+its autograd graph, and NaN stays NaN.
 
 Logits, not probabilities. The multiclass methods take logits only; a fit given rows that look
 like probabilities (entries in [0, 1], rows summing to 1) warns with a
@@ -108,10 +109,14 @@ def _multiclass(logits: Any, labels: Any, owner: str) -> tuple[torch.Tensor, np.
 
 
 def _like(out: np.ndarray, x: Any) -> Any:
-    """``out`` (float64) as the type of ``x``: a tensor on its device, or NumPy."""
+    """``out`` (float64) as the type of ``x``: a tensor on its device in its floating dtype
+    (float32 for an integer tensor), or NumPy in the floating dtype of an array (float64 for
+    integer arrays and lists), as temperature and vector scaling return."""
     if isinstance(x, torch.Tensor):
         return torch.from_numpy(out).to(device=x.device, dtype=x.dtype if x.is_floating_point()
                                          else torch.float32)
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+        return out.astype(x.dtype, copy=False)
     return out
 
 
