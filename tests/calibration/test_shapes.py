@@ -254,3 +254,38 @@ def test_one_column_labels_must_match_and_3d_scores_say_what_to_pass() -> None:
         assert "np.stack" not in str(err.value)
     with pytest.raises(ValueError, match="at least 2 columns"):
         cal.ece(np.zeros((2, 0)), [0, 1])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p, y: cal.ece(p, y),
+        lambda p, y: cal.brier(p, y),
+        lambda p, y: cal.nll(p, y),
+        lambda p, y: cal.multilabel_ece(p, y, average="pooled"),
+        lambda p, y: cal.CalibrationMeter().update(p, y),
+    ],
+    ids=["ece", "brier", "nll", "multilabel_ece", "meter"],
+)
+def test_one_hot_labels_of_softmax_rows_warn_at_the_callers_line(call: Any) -> None:
+    """(N, C) softmax rows with one-hot labels are measured as multi-label, as documented, but
+    are far more likely a multiclass problem: a warning names labels.argmax(1), pointing at the
+    caller's line. Sigmoid scores with one-hot labels and softmax rows with real multi-label
+    labels do not warn."""
+    import warnings
+
+    rng = np.random.default_rng(14)
+    p = torch.softmax(torch.from_numpy(rng.normal(size=(60, 4))), 1).numpy()
+    y = rng.integers(0, 4, 60)
+    one_hot = np.eye(4, dtype=np.int64)[y]
+    with pytest.warns(UserWarning, match=r"one-hot.*labels\.argmax\(1\)") as record:
+        call(p, one_hot)
+    assert record[0].filename == __file__
+    sigmoid = 1 / (1 + np.exp(-rng.normal(size=(60, 4))))
+    multi = (rng.random((60, 4)) < 0.4).astype(np.int64)
+    multi[:, 0] = 1 - multi[:, 1]  # no row without a label, some with two
+    multi[0, :2] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(sigmoid, one_hot)
+        call(p, multi)

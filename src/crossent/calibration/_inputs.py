@@ -8,6 +8,7 @@ is over chunks of rows.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TypeAlias
@@ -294,6 +295,32 @@ def binary_shaped(shape: Sequence[int], label_shape: Sequence[int]) -> bool:
     )
 
 
+def _warn_if_one_hot_of_a_softmax(t: torch.Tensor, y: np.ndarray, name: str) -> None:
+    """Warn when (N, C) multi-label input is more likely a multiclass problem given in one-hot
+    form: every label row holds exactly one 1 and every row of ``t`` is a probability row
+    summing to 1 (a softmax). Measured as multi-label, its C N entries are pooled binary
+    problems, which is not the multiclass (top-label) ECE."""
+    if not bool((y.sum(axis=1) == 1).all()) or not looks_like_probs(t, name):
+        return
+    warnings.warn(
+        f"the labels are one-hot rows and the {name} rows sum to 1 (a softmax): this is measured"
+        " as multi-label input, every entry a binary problem; for the multiclass metrics pass"
+        " the class indices, labels.argmax(1)",
+        UserWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of :func:`warnings.warn`, called by this function's caller, that
+    names the first frame outside crossent: the metrics reach :func:`select` at different
+    depths, and the warning should point at the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith("crossent."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def select(
     probs: object, labels: object, *, from_logits: bool, ignore_index: int | None
 ) -> tuple[str, torch.Tensor, np.ndarray]:
@@ -333,6 +360,8 @@ def select(
                 else f"{name} is empty after dropping the labels equal to ignore_index={ignore_index}"
             )
         y = _binary_labels(y, "labels")
+        if t.ndim == 2 and t.shape[1] > 1 and not from_logits and y.size == t.numel():
+            _warn_if_one_hot_of_a_softmax(t, y.reshape(t.shape), name)
         p = p.to(torch.float64)
         if not bool(torch.isfinite(p).all()):
             i = int(torch.nonzero(~torch.isfinite(p))[0, 0])
