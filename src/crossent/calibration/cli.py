@@ -921,9 +921,7 @@ def fit_method(name: str, logits: np.ndarray, labels: np.ndarray, objective: str
 
 
 def method_probs(cal: Any, logits: np.ndarray) -> np.ndarray:
-    """(N, C) calibrated probabilities of a fitted method, computed from float64 logits (the
-    methods return their input's dtype: float32 would flush tiny probabilities to 0)."""
-    logits = np.asarray(logits, dtype=np.float64)
+    """(N, C) calibrated probabilities of a fitted method."""
     if cal.name in BINARY_METHODS:
         p = np.asarray(cal.predict_proba(logits[:, 1] - logits[:, 0]), dtype=np.float64)
         return np.stack([1.0 - p, p], axis=1)
@@ -936,9 +934,8 @@ def method_logits(cal: Any, logits: np.ndarray) -> np.ndarray:
     clips each p_y at the smallest float64 (about 708 nats), one from logits does not, so an
     identity map scored from its probabilities would seem to lower a very large NLL. A fit
     that fell back is the identity: the logits themselves."""
-    logits = np.asarray(logits, dtype=np.float64)  # as method_probs
     if cal.fallback is not None:
-        return logits
+        return np.asarray(logits, dtype=np.float64)
     if cal.name in BINARY_METHODS:  # softmax([0, s]) = [1 - sigmoid(s), sigmoid(s)]
         s = np.asarray(cal.transform_logits(logits[:, 1] - logits[:, 0]), dtype=np.float64)
         return np.stack([np.zeros_like(s), s], axis=1)
@@ -1162,6 +1159,9 @@ def main(args: argparse.Namespace) -> int:
             logits = np.log(np.maximum(preds, np.finfo(preds.dtype).tiny))
     else:
         logits = preds
+    # the methods compute in their input's dtype: float64, so that float32 input loses no tiny
+    # probability of the tables to 0
+    logits = np.asarray(logits, dtype=np.float64)
     input_note = None if not binary_scores else (
         f"PREDICTIONS: {n} binary scores of class 1, read as {kind}"
         f" (the columns {'1 - p, p' if kind == 'probs' else '0, s'}; --kind to override)"
