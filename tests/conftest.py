@@ -2,6 +2,12 @@
 
 Triton kernels run on CPU tensors under Triton's interpreter, which triton reads when it is
 first imported: set it before anything (torch.compile included) can import triton.
+
+Under pytest-xdist each worker gets an equal share of the cores for its OpenMP threads (torch's
+and the native kernels', which use torch's pool), and so do the Python processes the tests
+start, which inherit the variable. Two workers on two cores with two threads each would run
+four busy teams on two cores; the suite takes about a sixth less time without that. The tests
+of the threaded paths set their thread counts themselves (``torch.set_num_threads``).
 """
 
 import os
@@ -10,6 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # set in each worker, before it imports torch
+    _share = (os.cpu_count() or 1) // max(1, int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 
 @pytest.fixture(params=["native", "torch"])
