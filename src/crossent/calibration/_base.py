@@ -24,6 +24,9 @@ If one holds, a :class:`CalibrationWarning` names it; unless ``fallback_to_ident
 the method then becomes the identity (``T = 1``) and ``fallback`` holds the reason
 (``None`` when the fit is used). ``diagnostic`` holds the reason in either case, and
 ``diagnostic_kind`` which of the three it is (``"bound"``, ``"separable"``, ``"nll"``).
+A fit whose parameters are not finite (a diverged fit) becomes the identity even with
+``fallback_to_identity=False`` (its ``diagnostic_kind`` is ``"nll"`` unless another check
+found a problem): it has no usable map to keep, and every saved state loads.
 """
 
 from __future__ import annotations
@@ -155,6 +158,24 @@ def to_json_value(x: Any) -> Any:
     return x
 
 
+def params_finite(value: Any) -> bool:
+    """Whether every number of ``value`` (fitted parameters: numbers, arrays, and lists, tuples
+    and dicts of them; ``None`` and strings hold none) is finite."""
+    if value is None or isinstance(value, str):
+        return True
+    if isinstance(value, Mapping):
+        return all(params_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(params_finite(v) for v in value)
+    return bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+
+
+def class_count_error(found: int, fitted: int) -> ValueError:
+    """The error of logits with ``found`` classes given to a map fitted on ``fitted``."""
+    return ValueError(f"logits have {found} classes but the map was fitted on {fitted}: pass (N, {fitted})"
+                      " logits, of the classes it was fitted on")
+
+
 # ------------------------------------------------------------------------------- loading states
 #: what every error about a loaded state ends with
 STATE_FIX = "pass what state_dict() returned (or save() wrote), unedited"
@@ -200,6 +221,10 @@ def state_array(
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
+    slack: float = 0.0,
+    exempt: float | None = None,
+    increasing: Literal["strictly", "weakly"] | None = None,
+    note: str = "",
     default: Any = _MISSING,
 ) -> np.ndarray:
     """The numeric param ``container[key]`` of a state read back from JSON, checked: a float64
@@ -211,10 +236,17 @@ def state_array(
     ``min_size``. ``()`` is a single number. ``where`` names the container in the messages
     (the default: ``state['params']``); ``default`` is returned as the value of a missing key.
 
-    A missing key, a wrong shape, a non-finite or out-of-range value raises
-    :class:`ValueError`, a value that is not numbers (a string, ``None``, ``true``, a dict)
-    :class:`TypeError`; the one-line message names ``owner``, the key, what was expected and
-    what was found (:func:`state_error`).
+    ``slack`` widens ``ge`` and ``le`` by that fraction of their size (a bound reached through
+    ``exp(log(bound))`` can land an ulp beyond it); ``exempt`` is a value accepted whatever
+    the bounds. ``increasing`` (1-D only) asks for entries that rise (``"strictly"``) or never
+    fall (``"weakly"``) along the list. ``note`` says where the bounds come from (or what the
+    exempt value is), in the messages.
+
+    A missing key, a wrong shape, a non-finite, out-of-range or out-of-order value raises
+    :class:`ValueError`, a value that is not numbers (a string, ``None``, ``true`` or ``false``
+    -- also among numbers, which NumPy would read as 1 and 0 --, a dict) :class:`TypeError`;
+    the one-line message names ``owner``, the key, what was expected and what was found
+    (:func:`state_error`).
     """
     path = f"{where}[{key!r}]"
     dims = {} if dims is None else dims
@@ -226,6 +258,10 @@ def state_array(
         bounds = f" > {gt:g}" if gt is not None else f" >= {ge:g}"
     elif le is not None:
         bounds = f" <= {le:g}"
+    if bounds and exempt is not None:
+        bounds += f" or {exempt:g}"
+    if increasing is not None:
+        bounds += ", strictly increasing" if increasing == "strictly" else ", non-decreasing"
     names = [d if isinstance(d, str) else ("any number of" if d is None else str(d)) for d in shape]
     if not shape:
         expected = ("an integer" if integer else "a finite number") + bounds
@@ -237,6 +273,7 @@ def state_array(
              if isinstance(d, str) and d in dims]
     notes += [f"{d} >= {min_size}" for d in dict.fromkeys(shape)
               if isinstance(d, str) and d not in dims and min_size > 0]
+    notes += [note] if note else []
     if notes:
         expected += f" ({'; '.join(notes)})"
 
@@ -254,15 +291,28 @@ def state_array(
         arr = np.asarray(value)
     except (ValueError, TypeError):
         raise fail("a ragged nested list (rows of different lengths)") from None
-    if arr.dtype.kind == "b":
-        raise fail("true/false values", TypeError)
-    if arr.dtype.kind not in "iuf":  # the entries as given: NumPy makes every one a string
-        items = np.asarray(value, dtype=object)  # when one is
-        for index in np.ndindex(items.shape):
-            item = items[index]
-            if isinstance(item, bool) or not isinstance(item, (int, float, np.integer, np.floating)):
-                at = path + "".join(f"[{i}]" for i in index)
-                raise fail(f"{'null' if item is None else short_repr(item)} at {at}", TypeError)
+    # The entries as given are checked where NumPy may have hidden one: every entry when the
+    # array is not numeric (all true/false, or NumPy made every entry a string when one is),
+    # else the entries read as 0 or 1 (NumPy reads true and false among numbers as 1 and 0).
+    if arr.dtype.kind not in "iuf":
+        suspects = np.arange(arr.size)
+    elif arr.ndim and not isinstance(value, np.ndarray):
+        suspects = np.flatnonzero((arr == 0) | (arr == 1))
+    else:
+        suspects = np.arange(0)
+    if suspects.size:
+        items = np.asarray(value, dtype=object)
+        entries = items.reshape(-1)[suspects].tolist()
+        numbers = (int, float, np.integer, np.floating)
+        first = None if set(map(type, entries)) <= {int, float} else next(  # type(True) is bool
+            (i for i, item in enumerate(entries) if isinstance(item, bool) or not isinstance(item, numbers)),
+            None)
+        if first is not None:
+            item = entries[first]
+            index = np.unravel_index(int(suspects[first]), items.shape)
+            at = path + "".join(f"[{i}]" for i in index)
+            raise fail(f"{'null' if item is None else short_repr(item)} at {at}", TypeError)
+    if arr.dtype.kind not in "iuf":
         try:
             arr = arr.astype(np.float64)
         except OverflowError:
@@ -285,15 +335,23 @@ def state_array(
     if integer:
         bad |= out != np.round(out)
     if ge is not None:
-        bad |= out < ge
+        bad |= out < ge - slack * abs(ge)
     if gt is not None:
         bad |= out <= gt
     if le is not None:
-        bad |= out > le
+        bad |= out > le + slack * abs(le)
+    if exempt is not None:
+        bad &= out != exempt
     if bad.any():
         index = np.unravel_index(int(np.flatnonzero(bad)[0]), out.shape) if out.ndim else ()
         at = f" at {path}" + "".join(f"[{i}]" for i in index) if out.ndim else ""
         raise fail(f"{arr[index].item()!r}{at}")
+    if increasing is not None:
+        step = np.diff(out)
+        wrong = np.flatnonzero(step <= 0 if increasing == "strictly" else step < 0)
+        if wrong.size:
+            i = int(wrong[0])
+            raise fail(f"{out[i].item()!r} at {path}[{i}] then {out[i + 1].item()!r}")
     dims.update(bound)
     return out.astype(np.int64) if integer else out
 
@@ -338,6 +396,8 @@ class Recalibrator:
         raise NotImplementedError
 
     def _set_params(self, params: dict[str, Any]) -> None:
+        """Check and set the fitted parameters of a loaded state (the options and ``fallback``
+        of the state are already set)."""
         raise NotImplementedError
 
     def _set_identity(self, n_classes: int) -> None:
@@ -373,6 +433,8 @@ class Recalibrator:
     ) -> None:
         """Check the fit against the identity on the validation data (their mean NLLs
         ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to.
+        A fit whose parameters are not finite (a diverged fit) always falls back: it has no
+        usable map to keep, and its state could not be loaded.
         ``separable_how`` says how a separable set is separable (by default: every top-1
         prediction correct), ``separable_consequence`` what that does to the fit (by default:
         "so the fit has nothing to calibrate against")."""
@@ -394,16 +456,24 @@ class Recalibrator:
                 f" ({nll_id:.4g})"
             )
             kind = "nll"
+        diverged = not params_finite(self._params())
+        if diverged:
+            why = "the fitted parameters are not finite (NaN or infinite: the fit diverged)"
+            problem = why if problem is None else f"{problem}, and {why}"
+            kind = kind or "nll"  # as a rule, non-finite parameters give a NaN or infinite NLL
         self.diagnostic = problem
         self.diagnostic_kind = kind
         self.fallback = None
         if problem is None:
             return
-        if self.fallback_to_identity:
+        t1 = " (T = 1)" if getattr(self, "method", None) == "temperature" else ""
+        if self.fallback_to_identity or diverged:
             self.fallback = problem
             self._set_identity(n_classes)
-            t1 = " (T = 1)" if getattr(self, "method", None) == "temperature" else ""
             action = f"falling back to the identity map{t1}; pass fallback_to_identity=False to keep the fit"
+            if diverged:
+                action = (f"falling back to the identity map{t1} whatever fallback_to_identity says:"
+                          " a map with non-finite parameters is not usable, nor could its state be loaded")
         else:
             action = "keeping the fit (fallback_to_identity=False)"
         warnings.warn(
@@ -447,6 +517,13 @@ class Recalibrator:
         if not isinstance(options, Mapping):
             raise state_error(owner, "state['options']", "a dict of the constructor's options",
                               short_repr(options), TypeError)
+        current = self._options()
+        for key, value in options.items():  # JSON true/false where a number is due, or not
+            if key in current and isinstance(current[key], bool) != isinstance(value, bool):
+                due = ("true or false" if isinstance(current[key], bool) else
+                       "a number" if isinstance(current[key], (int, float)) else "a string")
+                raise state_error(owner, f"state['options'][{key!r}]", due,
+                                  "null" if value is None else short_repr(value), TypeError)
         try:  # built afresh, so the constructor checks them; then copied over
             fresh = type(self)(**options) if options else self
         except (TypeError, ValueError) as err:
@@ -470,14 +547,14 @@ class Recalibrator:
         try:
             for key in options:
                 setattr(self, key, getattr(fresh, key))
+            self.fallback = state.get("fallback")  # _set_params reads the options and fallback
+            self.diagnostic = state.get("diagnostic")
+            self.diagnostic_kind = state.get("diagnostic_kind")
             self._set_params(dict(params))  # checks every param (state_array) before setting any
         except BaseException:
             vars(self).clear()
             vars(self).update(before)
             raise
-        self.fallback = state.get("fallback")
-        self.diagnostic = state.get("diagnostic")
-        self.diagnostic_kind = state.get("diagnostic_kind")
         self._fitted = True
         return self
 

@@ -81,6 +81,7 @@ from crossent.calibration._base import (
     absent_classes,
     absent_how,
     as_float64_numpy,
+    class_count_error,
     label_separation,
     short_repr,
     state_array,
@@ -318,8 +319,7 @@ class MatrixScaler(_MulticlassRecalibrator):
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
         assert self.weight is not None and self.bias is not None
         if z.shape[1] != self.weight.shape[0]:
-            raise ValueError(f"logits have {z.shape[1]} classes but the map was fitted on"
-                             f" {self.weight.shape[0]}")
+            raise class_count_error(z.shape[1], self.weight.shape[0])
         s = self._features(z) @ torch.from_numpy(self.weight).T + torch.from_numpy(self.bias)
         return np.asarray(torch.softmax(s, 1).numpy())
 
@@ -419,7 +419,7 @@ class HistogramBinning(_MulticlassRecalibrator):
             return np.asarray(torch.softmax(z, 1).numpy())
         k, m = self.bin_values.shape
         if z.shape[1] != k:
-            raise ValueError(f"logits have {z.shape[1]} classes but the map was fitted on {k}")
+            raise class_count_error(z.shape[1], k)
         p = torch.softmax(z, 1).numpy()
         q = np.take_along_axis(self.bin_values.T, width_bin_index(p, m), axis=0)
         if self.identity_classes:
@@ -500,8 +500,7 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
         if self.knots is None:
             return p
         if z.shape[1] != len(self.knots):
-            raise ValueError(f"logits have {z.shape[1]} classes but the map was fitted on"
-                             f" {len(self.knots)}")
+            raise class_count_error(z.shape[1], len(self.knots))
         # scikit-learn predicts by linear interpolation between its thresholds, clipped
         q = np.stack([np.interp(p[:, k], x, v) for k, (x, v) in enumerate(self.knots)], 1)
         return _normalise(q, p)
@@ -515,8 +514,11 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
         return {"knots": knots, "identity_classes": list(self.identity_classes)}
 
     def _set_params(self, params: dict[str, Any]) -> None:
+        """The knots of a state are what scikit-learn's fit leaves (``X_thresholds_`` and
+        ``y_thresholds_``, its duplicate scores merged): per class, x strictly increasing and
+        y non-decreasing, both in [0, 1]."""
         owner, where = self._state_owner(), "state['params']['knots']"
-        pair = "a pair [x, y] of lists of one length of numbers in [0, 1], x sorted"
+        pair = "a pair [x, y] of lists of one length of numbers in [0, 1], x increasing, y non-decreasing"
         expected = f"a list of C >= 2 knots, each {pair}, or null (the identity)"
         knots = state_value(params, "knots", owner=owner, expected=expected)
         if knots is None:
@@ -535,13 +537,10 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
                 raise state_error(owner, at, pair, found,
                                   ValueError if isinstance(xy, (list, tuple)) else TypeError)
             dims = dict[str, tuple[int, str]]()
-            x = state_array(xy, 0, owner=owner, where=at, shape=("L",), dims=dims, min_size=1, ge=0.0, le=1.0)
-            v = state_array(xy, 1, owner=owner, where=at, shape=("L",), dims=dims, ge=0.0, le=1.0)
-            down = np.flatnonzero(np.diff(x) < 0)
-            if down.size:
-                i = int(down[0])
-                raise state_error(owner, f"{at}[0]", "sorted thresholds (non-decreasing)",
-                                  f"{float(x[i])!r} then {float(x[i + 1])!r} at index {i}")
+            x = state_array(xy, 0, owner=owner, where=at, shape=("L",), dims=dims, min_size=1, ge=0.0, le=1.0,
+                            increasing="strictly")
+            v = state_array(xy, 1, owner=owner, where=at, shape=("L",), dims=dims, ge=0.0, le=1.0,
+                            increasing="weakly")
             read.append((x, v))
         self.identity_classes = self._read_identity_classes(params, len(read))
         self.knots = read
@@ -559,9 +558,10 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
         \hat p = w_1 \operatorname{softmax}(z / T) + w_2 \operatorname{softmax}(z)
             + w_3 \frac{1}{K}, \qquad w \in \Delta^2,
 
-    with :math:`T` from temperature scaling (NLL) and the weights minimising the validation
-    ``loss``: ``"mse"`` (the squared error to the one-hot label, the default of the authors'
-    code) or ``"nll"``. The weights are the softmax of three free parameters (L-BFGS).
+    with :math:`T \in [0.01, 100]` from temperature scaling (NLL) and the weights minimising
+    the validation ``loss``: ``"mse"`` (the squared error to the one-hot label, the default of
+    the authors' code) or ``"nll"``. The weights are the softmax of three free parameters
+    (L-BFGS).
 
     Labels that are all one class make the fit degenerate: it warns and falls back to the
     identity (``diagnostic_kind == "separable"``). Classes without a validation sample, when
@@ -570,6 +570,8 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
     """
 
     name = "ensemble_temperature"
+    #: the bounds of the temperature (those of the inner :class:`TemperatureScaler`)
+    _t_bounds: ClassVar[tuple[float, float]] = (1e-2, 1e2)
 
     def __init__(self, *, loss: Literal["mse", "nll"] = "mse", fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
@@ -584,7 +586,8 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
         z, y = _multiclass(logits, labels, type(self).__name__)
         with warnings.catch_warnings():  # the ensemble's own guard speaks for the whole map
             warnings.simplefilter("ignore")
-            ts = TemperatureScaler(fallback_to_identity=False).fit(z, y)
+            t_min, t_max = self._t_bounds
+            ts = TemperatureScaler(t_min=t_min, t_max=t_max, fallback_to_identity=False).fit(z, y)
         t = float(ts.temperature)
         k = z.shape[1]
         comps = torch.stack([torch.softmax(z / t, 1), torch.softmax(z, 1),
@@ -621,7 +624,9 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
 
     def _set_params(self, params: dict[str, Any]) -> None:
         owner = self._state_owner()
-        temperature = float(state_array(params, "temperature", owner=owner, gt=0.0))
+        t_min, t_max = self._t_bounds
+        temperature = float(state_array(params, "temperature", owner=owner, ge=t_min, le=t_max,
+                                        note="the bounds of the fit"))
         w = state_array(params, "weights", owner=owner, shape=(3,), ge=0.0)
         if not abs(float(w.sum()) - 1.0) <= 1e-6:  # softmax weights: a point of the simplex
             raise state_error(owner, "state['params']['weights']", "3 numbers >= 0 summing to 1",

@@ -51,6 +51,7 @@ present ones.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -62,6 +63,7 @@ import torch
 from crossent.calibration._base import (
     CalibrationWarning,
     Recalibrator,
+    class_count_error,
     label_separation,
     short_repr,
     state_array,
@@ -335,9 +337,17 @@ class TemperatureScaler(Recalibrator):
         return super()._state_owner()
 
     def _set_params(self, params: dict[str, object]) -> None:
+        """The temperature(s) of a state lie in the state's [t_min, t_max], as the fit leaves
+        them (to a relative 1e-12: vector scaling's are ``exp(log T)``), or are 1 when the
+        state records a fallback to the identity (T = 1 may lie outside custom bounds)."""
         owner = self._state_owner()
-        if self.method == "temperature":  # one temperature T > 0, no bias
-            t = float(state_array(params, "temperature", owner=owner, gt=0.0))
+        identity = 1.0 if self.fallback is not None else None
+        note = "t_min and t_max of state['options']"
+        note += "" if identity is None else "; 1: the identity of a fallback"
+        temperatures = functools.partial(state_array, params, "temperature", owner=owner, ge=self.t_min,
+                                         le=self.t_max, slack=1e-12, exempt=identity, note=note)
+        if self.method == "temperature":  # one temperature T in [t_min, t_max], no bias
+            t = float(temperatures())
             bias = state_value(params, "bias", owner=owner, expected="null", default=None)
             if bias is not None:
                 raise state_error(owner, "state['params']['bias']",
@@ -345,9 +355,8 @@ class TemperatureScaler(Recalibrator):
                                   " method='vector')", short_repr(bias))
             self._temperature, self.bias = t, None
             return
-        dims: dict[str, tuple[int, str]] = {}  # vector scaling: C temperatures T_k > 0, C biases
-        temperature = state_array(params, "temperature", owner=owner, shape=("C",), dims=dims,
-                                  min_size=2, gt=0.0)
+        dims: dict[str, tuple[int, str]] = {}  # vector scaling: C temperatures T_k, C biases
+        temperature = temperatures(shape=("C",), dims=dims, min_size=2)
         self.bias = state_array(params, "bias", owner=owner, shape=("C",), dims=dims)
         self._temperature = temperature
 
@@ -545,9 +554,7 @@ class TemperatureScaler(Recalibrator):
     def _check_classes(self, c: int) -> None:
         assert self.bias is not None
         if c != self.bias.shape[0]:
-            raise ValueError(
-                f"logits have {c} classes but the scaler was fitted on {self.bias.shape[0]}"
-            )
+            raise class_count_error(c, self.bias.shape[0])
 
 
 class VectorScaler(TemperatureScaler):
