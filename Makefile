@@ -1,6 +1,6 @@
 # Two commands do all the set-up from a clean clone (Linux, Python 3.11):
 #   make run    -> the main job: `crossent run` on its bundled default data
-#   make test   -> the whole test suite and the docstring examples (what CI runs, with `make docs`)
+#   make test   -> the whole test suite, the docstring examples and mypy (what CI runs, with `make docs`)
 # and, for the release and the documentation:
 #   make docs       -> the documentation site in docs/_build/html (Sphinx, warnings are errors)
 #   make typecheck  -> mypy on src/ (configuration in pyproject.toml)
@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run quick test doctest typecheck docs dist wheel-smoke lint bench clean
+.PHONY: run quick test suite doctest typecheck docs dist wheel-smoke lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,11 @@ quick: $(VENV)/.installed
 	$(VENV)/bin/crossent run --quick
 
 test: $(VENV)/.installed
-	# the docstring examples and mypy are one process each: side by side, then the suite on two workers
-	$(MAKE) -j2 --output-sync doctest typecheck
+	# the docstring examples and mypy (one process each) beside the suite (two workers): each
+	# target's output comes whole when it ends
+	$(MAKE) -j3 --output-sync doctest typecheck suite
+
+suite: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 doctest: $(VENV)/.installed
