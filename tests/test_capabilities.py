@@ -9,6 +9,7 @@ an option a backend does not list is never dropped.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -248,9 +249,9 @@ def test_binary_triton_leaves_poly1_and_detach_to_the_torch_path(names, monkeypa
     np.testing.assert_allclose(xg.grad.numpy(), ref_grad, rtol=1e-8, atol=1e-11)
     with pytest.raises(ValueError, match="does not cover"):
         crossent.asymmetric_loss(x, t, backend="triton", **call)
+    numbers = [0.0, 0.0, call["gamma_neg"], math.nan, call["clip"], math.nan, kw.get("poly1", 0.0)]
     direct, _ = torch.ops.crossent.binary_ce(
-        x, t, None, None, 0.0, 0.0, call["gamma_neg"], None, call["clip"], None, "mean", False,
-        "triton", kw.get("poly1", 0.0), kw.get("detach_focal_weight", False),
+        x, t, None, None, numbers, "mean", False, "triton", kw.get("detach_focal_weight", False),
     )
     np.testing.assert_allclose(direct.numpy(), ref_loss, rtol=1e-9, atol=1e-12)
     assert not calls

@@ -9,6 +9,7 @@ values and gradients, and the native kernel must have run inside the compiled gr
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -391,23 +392,35 @@ def test_operators_pass_opcheck():
     (where traced) the AOT dispatcher agree with the real kernels."""
     x, y = _inputs((6, 5))
     x = x.requires_grad_()
-    args = (x, y, None, None, -100, 0.1, 2.0, 1e-3, None, 0.0, 0.0, "mean", True, "torch")
+    # numbers: label_smoothing, gamma, z_loss, softcap (NaN: none), confidence_penalty, poly1,
+    # step_threshold (< 0: no step), step_below, step_above (crossent._ops.SOFTMAX_NUMBERS)
+    numbers = [0.1, 2.0, 1e-3, math.nan, 0.0, 0.0, -1.0, 0.0, 0.0]
+    args = (x, y, None, None, -100, numbers, "mean", True, "torch")
     torch.library.opcheck(torch.ops.crossent.softmax_ce.default, args)
     with_aux = (*args[:-1], "native", False, True)  # return_aux's row statistics as a third output
     torch.library.opcheck(torch.ops.crossent.softmax_ce.default, with_aux)
+    # the other numbers each on their own: softcap, confidence penalty, Poly-1
+    for i, value in ((3, 5.0), (4, 0.3), (5, 1.0)):
+        one = [*numbers[:i], value, *numbers[i + 1:]]
+        torch.library.opcheck(torch.ops.crossent.softmax_ce.default, (*args[:5], one, *args[6:]))
     # a step schedule (FLSD-53) as numbers, evaluated by the native kernel (the torch-op path
     # evaluates the same step as a schedule)
     for backend in ("native", "torch"):
-        step = (*args[:6], 0.0, *args[7:-1], backend, False, True, 0.2, 5.0, 3.0)
-        torch.library.opcheck(torch.ops.crossent.softmax_ce.default, step)
+        step = [0.1, 0.0, 1e-3, math.nan, 0.0, 0.0, 0.2, 5.0, 3.0]
+        torch.library.opcheck(torch.ops.crossent.softmax_ce.default, (*args[:5], step, "mean", True, backend))
     t = torch.rand(6, 5)
-    bargs = (x, t, None, None, 0.0, 2.0, 2.0, 0.25, 0.0, None, "mean", True, "torch")
+    # label_smoothing, gamma_pos, gamma_neg, alpha, clip, ignore_index (NaN: none), poly1
+    bnumbers = [0.0, 2.0, 2.0, 0.25, 0.0, math.nan, 0.0]
+    bargs = (x, t, None, None, bnumbers, "mean", True, "torch")
     torch.library.opcheck(torch.ops.crossent.binary_ce.default, bargs)
+    ignored = [0.0, 0.0, 0.0, math.nan, 0.0, 1.0, 0.5]  # ignore_index 1, Poly-1
+    bignored = (x, t.round(), None, None, ignored, "sum", True, "torch")
+    torch.library.opcheck(torch.ops.crossent.binary_ce.default, bignored)
     torch.library.opcheck(torch.ops.crossent.true_class_prob.default, (x.detach(), y, -100, None, "torch"))
     torch.library.opcheck(torch.ops.crossent.scaled_grad.default, (torch.randn(6, 5), torch.tensor(2.0)))
     # The held-gradient operator returns a fresh handle on every call, so its outputs differ
     # between eager and traced runs by design: the schema, fake and autograd checks apply.
-    held = (x, y, None, None, -100, 0.1, 2.0, 1e-3, None, 0.0, 0.0, "mean", True, "native", True)
+    held = (x, y, None, None, -100, numbers, "mean", True, "native", True)
     torch.library.opcheck(torch.ops.crossent.softmax_ce.default, held,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

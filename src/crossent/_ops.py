@@ -17,8 +17,13 @@ does so in place on the saved buffer, so forward+backward holds one logits-sized
 ``ctx.applied`` keeps a second backward through the same graph exact (see
 :func:`scale_saved_grad`).
 
-The operators take only what a schema can carry: tensors, numbers and strings. Options are
-spelled out; a step schedule (:class:`crossent._options.StepGamma`, e.g. ``crossent.flsd53``)
+The operators take only what a schema can carry: tensors, numbers, lists of numbers and strings.
+The numeric options of a call travel as one list of floats (:func:`softmax_numbers`,
+:func:`binary_numbers`) rather than as an argument each: on every call torch's custom-op
+autograd re-reads the operator's schema once per argument (``fill_defaults`` in
+``torch._library.utils``), a cost that grows as the square of their number (130 us a call with
+the 19 arguments the softmax operator had, a third of the forward and backward of a 64 x 10
+batch on a 2-core VM). A step schedule (:class:`crossent._options.StepGamma`, e.g. ``crossent.flsd53``)
 enters as its three numbers when the backend evaluates it inside its own pass
 (:data:`STEP_BACKENDS`); any other focal schedule (a Python callable) is evaluated before the
 operator, on the true-class probabilities that ``crossent::true_class_prob`` computes (a first
@@ -136,6 +141,41 @@ def _(grad, factor):
 # softmax family
 
 
+#: The numbers of a softmax-family call, in the order of the operator's ``numbers`` list
+#: (:func:`softmax_numbers`); ``ignore_index`` is an argument of its own, an exact integer.
+SOFTMAX_NUMBERS = ("label_smoothing", "gamma", "z_loss", "softcap", "confidence_penalty", "poly1",
+                   "step_threshold", "step_below", "step_above")
+
+
+def _none_as_nan(x: float | None) -> float:
+    """An optional number in a list of floats: None as NaN (the options are validated finite)."""
+    return math.nan if x is None else float(x)
+
+
+def _nan_as_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def softmax_numbers(opts: SoftmaxOptions, step: StepGamma | None) -> list[float]:
+    """The ``numbers`` of :func:`softmax_ce` for ``opts`` (:data:`SOFTMAX_NUMBERS`): a focal
+    schedule enters as ``gamma`` 0 (the rows' values come as ``gamma_rows``) or, as ``step``,
+    its three numbers; a negative ``step_threshold`` is no step."""
+    gamma = 0.0 if callable(opts.gamma) else float(opts.gamma)
+    st = (-1.0, 0.0, 0.0) if step is None else (step.threshold, step.below, step.above)
+    return [float(opts.label_smoothing), gamma, float(opts.z_loss), _none_as_nan(opts.softcap),
+            float(opts.confidence_penalty), float(opts.poly1), *map(float, st)]
+
+
+def _softmax_opts_of(ignore_index: int, numbers: list[float], gamma_rows: Tensor | None) -> SoftmaxOptions:
+    """The options of a call from the operator's arguments (the inverse of :func:`softmax_numbers`)."""
+    if len(numbers) != len(SOFTMAX_NUMBERS):
+        raise ValueError(f"crossent::softmax_ce takes {len(SOFTMAX_NUMBERS)} numbers {SOFTMAX_NUMBERS},"
+                         f" got {len(numbers)}")
+    eps, gamma, z_loss, softcap, cp, poly1, st, sb, sa = numbers
+    return _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, _nan_as_none(softcap), cp, poly1,
+                         st, sb, sa)
+
+
 def _softmax_opts(
     ignore_index: int, label_smoothing: float, gamma: float, gamma_rows: Tensor | None,
     z_loss: float, softcap: float | None, confidence_penalty: float, poly1: float,
@@ -205,24 +245,17 @@ def softmax_ce(
     weight: Tensor | None,
     gamma_rows: Tensor | None,
     ignore_index: int,
-    label_smoothing: float,
-    gamma: float,
-    z_loss: float,
-    softcap: float | None,
-    confidence_penalty: float,
-    poly1: float,
+    numbers: list[float],
     reduction: str,
     need_grad: bool,
     backend: str,
     hold: bool = False,
     aux: bool = False,
-    step_threshold: float = -1.0,
-    step_below: float = 0.0,
-    step_above: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The softmax family's loss, (``need_grad``) the gradient of that loss w.r.t. ``logits``
     and (``aux``) the per-row statistics of ``return_aux``.
 
+    ``numbers`` are the numeric options (:data:`SOFTMAX_NUMBERS`, :func:`softmax_numbers`).
     ``backend`` is ``"native"``, ``"torch"`` or ``"triton"``; ``gamma_rows`` (R,) replaces the
     scalar ``gamma`` when given; a ``step_threshold`` >= 0 replaces it by the step schedule
     ``step_below`` where the row's true-class probability is under ``step_threshold``, else
@@ -234,8 +267,7 @@ def softmax_ce(
     are (R, 3) in the accumulation dtype (:func:`crossent._formula.row_statistics`: lse,
     entropy, argmax hit), computed in the same pass; an empty tensor without ``aux``.
     """
-    opts = _softmax_opts(ignore_index, label_smoothing, gamma, gamma_rows, z_loss, softcap,
-                         confidence_penalty, poly1, step_threshold, step_below, step_above)
+    opts = _softmax_opts_of(ignore_index, numbers, gamma_rows)
     chosen = _softmax_backend(backend, logits, target, opts, weight, aux)
     stats = stats_buffer(logits, aux)
     loss, grad = _kernel(chosen, "softmax")(
@@ -265,9 +297,8 @@ def _softmax_loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
 
 
 @softmax_ce.register_fake
-def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, z_loss, softcap,
-      confidence_penalty, poly1, reduction, need_grad, backend, hold=False, aux=False,
-      step_threshold=-1.0, step_below=0.0, step_above=0.0):
+def _(logits, target, weight, gamma_rows, ignore_index, numbers, reduction, need_grad, backend, hold=False,
+      aux=False):
     acc = acc_dtype(logits.dtype)
     loss = logits.new_empty(_softmax_loss_shape(logits, reduction), dtype=acc)
     stats = stats_buffer(logits, aux)
@@ -277,17 +308,16 @@ def _(logits, target, weight, gamma_rows, ignore_index, label_smoothing, gamma, 
 
 
 def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    (logits, target, weight, gamma_rows, ignore_index, eps, gamma, z_loss, softcap, cp, poly1,
-     reduction, need_grad, _backend, *rest) = inputs
+    (logits, target, weight, gamma_rows, ignore_index, numbers, reduction, need_grad, _backend,
+     *rest) = inputs
     hold = rest[:1]
-    step = tuple(rest[2:5])  # step_threshold, step_below, step_above when given
     _, grad, stats = output
     ctx.mark_non_differentiable(grad, stats)
     ctx.set_materialize_grads(False)  # no zero-filled N x C "gradient" of the grad output
     ctx.need_grad = need_grad
     ctx.held = bool(hold and hold[0] and need_grad)  # grad is then the handle
     ctx.reduction = reduction
-    ctx.opts = _softmax_opts(ignore_index, eps, gamma, gamma_rows, z_loss, softcap, cp, poly1, *step)
+    ctx.opts = _softmax_opts_of(ignore_index, numbers, gamma_rows)
     # The logits are kept (not copied) for a double backward, which recomputes q from them.
     ctx.save_for_backward(grad, logits, target, weight)
 
@@ -375,7 +405,7 @@ def _softmax_backward(
     return _fused_backward(
         ctx, grad_loss,
         lambda: softmax_loss_graph(logits, target, weight, ctx.opts, ctx.reduction),
-        (grad, logits), 19,
+        (grad, logits), 11,
     )
 
 
@@ -503,6 +533,27 @@ def _(logits, target, ignore_index, softcap, backend):
 # sigmoid family
 
 
+#: The numbers of a sigmoid-family call, in the order of the operator's ``numbers`` list
+#: (:func:`binary_numbers`; ``alpha`` and ``ignore_index`` None as NaN).
+BINARY_NUMBERS = ("label_smoothing", "gamma_pos", "gamma_neg", "alpha", "clip", "ignore_index", "poly1")
+
+
+def binary_numbers(opts: BinaryOptions) -> list[float]:
+    """The ``numbers`` of :func:`binary_ce` for ``opts`` (:data:`BINARY_NUMBERS`)."""
+    return [float(opts.label_smoothing), float(opts.gamma_pos), float(opts.gamma_neg),
+            _none_as_nan(opts.alpha), float(opts.clip), _none_as_nan(opts.ignore_index), float(opts.poly1)]
+
+
+def _binary_opts_of(numbers: list[float], detach_focal_weight: bool) -> BinaryOptions:
+    """The options of a call from the operator's arguments (the inverse of :func:`binary_numbers`)."""
+    if len(numbers) != len(BINARY_NUMBERS):
+        raise ValueError(f"crossent::binary_ce takes {len(BINARY_NUMBERS)} numbers {BINARY_NUMBERS},"
+                         f" got {len(numbers)}")
+    eps, gamma_pos, gamma_neg, alpha, clip, ignore_index, poly1 = numbers
+    return _binary_opts(eps, gamma_pos, gamma_neg, _nan_as_none(alpha), clip, _nan_as_none(ignore_index),
+                        poly1, detach_focal_weight)
+
+
 def _binary_opts(
     label_smoothing: float, gamma_pos: float, gamma_neg: float, alpha: float | None, clip: float,
     ignore_index: float | None, poly1: float, detach_focal_weight: bool,
@@ -531,25 +582,17 @@ def binary_ce(
     target: Tensor,
     weight: Tensor | None,
     pos_weight: Tensor | None,
-    label_smoothing: float,
-    gamma_pos: float,
-    gamma_neg: float,
-    alpha: float | None,
-    clip: float,
-    ignore_index: float | None,
+    numbers: list[float],
     reduction: str,
     need_grad: bool,
     backend: str,
-    poly1: float = 0.0,
     detach_focal_weight: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The sigmoid family's loss and (``need_grad``) its gradient w.r.t. ``logits``; see
-    :func:`crossent.binary_cross_entropy`. Contract as :func:`softmax_ce`. ``poly1`` and
-    ``detach_focal_weight`` come last, with defaults, so that calls written before them keep
-    their meaning; a kernel whose allow-list does not name an option in use is not called (the
-    torch-op path computes every option)."""
-    opts = _binary_opts(label_smoothing, gamma_pos, gamma_neg, alpha, clip, ignore_index, poly1,
-                        detach_focal_weight)
+    :func:`crossent.binary_cross_entropy`. Contract as :func:`softmax_ce`; ``numbers`` are the
+    numeric options (:data:`BINARY_NUMBERS`, :func:`binary_numbers`). A kernel whose allow-list
+    does not name an option in use is not called (the torch-op path computes every option)."""
+    opts = _binary_opts_of(numbers, detach_focal_weight)
     kernel = _binary_kernel(backend, logits, target, weight, pos_weight, opts)
     loss, grad = kernel(
         BinaryCall(logits, target, weight, pos_weight, opts, reduction, need_grad)  # type: ignore[arg-type]
@@ -560,22 +603,20 @@ def binary_ce(
 
 
 @binary_ce.register_fake
-def _(logits, target, weight, pos_weight, label_smoothing, gamma_pos, gamma_neg, alpha, clip,
-      ignore_index, reduction, need_grad, backend, poly1=0.0, detach_focal_weight=False):
+def _(logits, target, weight, pos_weight, numbers, reduction, need_grad, backend, detach_focal_weight=False):
     shape = tuple(logits.shape) if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=acc_dtype(logits.dtype))
     return loss, logits.new_empty(logits.shape if need_grad else (0,))
 
 
 def _binary_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    (logits, target, weight, pos_weight, eps, gamma_pos, gamma_neg, alpha, clip, ignore_index,
-     reduction, need_grad, _backend, poly1, detach_focal_weight) = inputs
+    (logits, target, weight, pos_weight, numbers, reduction, need_grad, _backend,
+     detach_focal_weight) = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled "gradient" of the grad output
     ctx.need_grad = need_grad
     ctx.reduction = reduction
-    ctx.opts = _binary_opts(eps, gamma_pos, gamma_neg, alpha, clip, ignore_index, poly1,
-                            detach_focal_weight)
+    ctx.opts = _binary_opts_of(numbers, detach_focal_weight)
     ctx.save_for_backward(output[1], logits, target, weight, pos_weight)
 
 
@@ -584,7 +625,7 @@ def _binary_backward(ctx: Any, grad_loss: Tensor, _grad_grad: Tensor | None) -> 
     return _fused_backward(
         ctx, grad_loss,
         lambda: binary_loss_graph(logits, target, weight, pos_weight, ctx.opts, ctx.reduction),
-        (grad, logits), 15,
+        (grad, logits), 9,
     )
 
 

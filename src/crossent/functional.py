@@ -752,10 +752,8 @@ def _softmax_op(
     # traced on the CPU: the gradient is held aside, not saved (see crossent._ops._hold)
     hold = need_grad and _compiling() and logits.device.type == "cpu"
     loss, _, stats = torch.ops.crossent.softmax_ce(
-        logits, target, w, gamma_rows, opts.ignore_index, opts.label_smoothing,
-        0.0 if callable(opts.gamma) else float(opts.gamma), opts.z_loss, opts.softcap,
-        opts.confidence_penalty, opts.poly1, reduction, need_grad, chosen, hold, aux,
-        *(() if step is None else (step.threshold, step.below, step.above)),
+        logits, target, w, gamma_rows, opts.ignore_index, _ops.softmax_numbers(opts, step), reduction,
+        need_grad, chosen, hold, aux,
     )
     return loss, (stats if aux else None)
 
@@ -939,9 +937,8 @@ def _binary_loss(
     with _functorch_error("gamma" if opts.focal else "clip"):
         loss: Tensor
         loss, _ = torch.ops.crossent.binary_ce(
-        logits, target, w, pw, opts.label_smoothing, opts.gamma_pos, opts.gamma_neg, opts.alpha,
-            opts.clip, None if opts.ignore_index is None else float(opts.ignore_index), reduction,
-            need_grad, chosen, opts.poly1, opts.detach_focal_weight,
+            logits, target, w, pw, _ops.binary_numbers(opts), reduction, need_grad, chosen,
+            opts.detach_focal_weight,
         )
     return loss
 
