@@ -41,6 +41,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 import numpy as np
 import torch
 
+from crossent.calibration._inputs import check_bool
+
 __all__ = ["CalibrationWarning", "Recalibrator", "load", "save"]
 
 R = TypeVar("R", bound="Recalibrator")
@@ -368,7 +370,7 @@ class Recalibrator:
             REGISTRY[cls.name] = cls
 
     def __init__(self, *, fallback_to_identity: bool = True) -> None:
-        self.fallback_to_identity = bool(fallback_to_identity)
+        self.fallback_to_identity = check_bool("fallback_to_identity", fallback_to_identity)
         #: the reason the identity map replaced the fit, or None when the fit is used
         self.fallback: str | None = None
         #: the problem the guard found, whether or not it fell back (None: none found)

@@ -11,15 +11,21 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import TypeAlias
+from typing import Literal, TypeAlias, TypeVar, cast, overload
 
 import numpy as np
 import torch
 
 __all__ = [
     "ArrayLike",
+    "OptionTypeError",
     "as_labels",
     "as_matrix",
+    "check_bool",
+    "check_choice",
+    "check_ignore_index",
+    "check_int",
+    "check_real",
     "compute_dtype",
     "iter_chunks",
     "label_array",
@@ -397,3 +403,105 @@ def drop_ignored(t: torch.Tensor, lab: np.ndarray, ignore_index: int | None) -> 
     if lab.size == t.numel():
         return t.reshape(-1)[keep]
     return t  # shapes that do not match: select names the problem
+
+
+# ----------------------------------------------------------------------------- options
+# The checks of the options of every public function and constructor of the calibration
+# toolkit: a value of the wrong type is refused, never coerced (``bool("no")`` is True,
+# ``int(2.5)`` is 2), with a one-line message naming the option, what it takes and what it got.
+
+S = TypeVar("S", bound=str)
+
+
+class OptionTypeError(TypeError, ValueError):
+    """An option of the wrong type (``from_logits="no"``, ``n_bins=2.5``). A :class:`TypeError`,
+    and a :class:`ValueError` as well: ``n_bins``, ``num_classes`` and the string choices
+    (``binning``, ``norm``, ...) refused a wrong type with a ``ValueError`` before, and code that
+    catches that still catches it."""
+
+
+def shown_option(value: object, width: int = 60) -> str:
+    """``value`` as an option error shows it: its repr, cut to ``width`` characters."""
+    r = repr(value)
+    return r if len(r) <= width else r[: width - 3] + "..."
+
+
+@overload
+def check_bool(name: str, value: object, *, none: Literal[False] = ...) -> bool: ...
+@overload
+def check_bool(name: str, value: object, *, none: Literal[True]) -> bool | None: ...
+def check_bool(name: str, value: object, *, none: bool = False) -> bool | None:
+    """``value`` as a Python bool: ``True``, ``False`` or a NumPy bool (``None`` too with
+    ``none``); anything else (``"no"``, 1, 0) raises :class:`OptionTypeError`."""
+    if value is None and none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        wanted = "True, False or None" if none else "True or False"
+        raise OptionTypeError(f"{name} must be {wanted}, got {shown_option(value)}")
+    return bool(value)
+
+
+@overload
+def check_int(name: str, value: object, *, low: int | None = ..., high: int | None = ...,
+              what: str | None = ..., none: Literal[False] = ...) -> int: ...
+@overload
+def check_int(name: str, value: object, *, low: int | None = ..., high: int | None = ...,
+              what: str | None = ..., none: Literal[True]) -> int | None: ...
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None,
+              what: str | None = None, none: bool = False) -> int | None:
+    """``value`` as a Python int: an ``int`` or NumPy integer, not a bool (``None`` too with
+    ``none``), in ``[low, high]``. Another type (2.5, 10.0, ``"10"``, ``True``) raises
+    :class:`OptionTypeError`, a value out of range :class:`ValueError`; the message says
+    ``what`` the option takes (by default "an integer" and its range)."""
+    if value is None and none:
+        return None
+    if what is None:
+        what = "an integer" + (
+            "" if low is None and high is None
+            else f" >= {low}" if high is None
+            else f" <= {high}" if low is None
+            else f" in [{low}, {high}]"
+        )
+    wanted = f"{what} or None" if none else what
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise OptionTypeError(f"{name} must be {wanted}, got {shown_option(value)}")
+    n = int(value)
+    if (low is not None and n < low) or (high is not None and n > high):
+        raise ValueError(f"{name} must be {wanted}, got {shown_option(value)}")
+    return n
+
+
+def check_ignore_index(value: object) -> int | None:
+    """The ``ignore_index`` option: an integer label value, or ``None``."""
+    return check_int("ignore_index", value, what="an integer (the label value to leave out)", none=True)
+
+
+@overload
+def check_real(name: str, value: object, *, what: str = ..., none: Literal[False] = ...) -> float: ...
+@overload
+def check_real(name: str, value: object, *, what: str = ..., none: Literal[True]) -> float | None: ...
+def check_real(name: str, value: object, *, what: str = "a number", none: bool = False) -> float | None:
+    """``value`` as a Python float: an ``int``, ``float`` or NumPy number, not a bool (``None``
+    too with ``none``); another type (``"0.1"``, ``True``) raises :class:`OptionTypeError`
+    saying ``what`` the option takes. The range is the caller's to check."""
+    if value is None and none:
+        return None
+    wanted = f"{what} or None" if none else what
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise OptionTypeError(f"{name} must be {wanted}, got {shown_option(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name} must be {wanted}, got {shown_option(value)}") from None
+
+
+def check_choice(name: str, value: S, choices: tuple[str, ...]) -> S:
+    """``value`` if it is one of the strings ``choices`` (a NumPy string as the plain one);
+    another type raises :class:`OptionTypeError`, another string :class:`ValueError`."""
+    quoted = [repr(c) for c in choices]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    if not isinstance(value, str):
+        raise OptionTypeError(f"{name} must be {listed}, got {shown_option(value)}")
+    if value not in choices:
+        raise ValueError(f"{name} must be {listed}, got {shown_option(value)}")
+    return cast(S, str(value))

@@ -45,6 +45,11 @@ from crossent.calibration._inputs import (
     as_matrix,
     binary_nll_terms,
     binary_shaped,
+    check_bool,
+    check_choice,
+    check_ignore_index,
+    check_int,
+    check_real,
     drop_ignored,
     label_array,
     looks_like_probs,
@@ -75,26 +80,23 @@ MAX_BINS = 100_000
 
 
 def _check_n_bins(n_bins: int) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    if n_bins > MAX_BINS:
+    """The ``n_bins`` option (of the metrics, the meter, the plots and histogram binning)."""
+    n = check_int("n_bins", n_bins, low=1, what="a positive integer")
+    if n > MAX_BINS:
         raise ValueError(
-            f"n_bins={n_bins} is more than {MAX_BINS:,} bins: pass a smaller n_bins (15 is usual)"
+            f"n_bins={n} is more than {MAX_BINS:,} bins: pass a smaller n_bins (15 is usual)"
         )
-    return int(n_bins)
+    return n
 
 
 def _check_num_classes(num_classes: int | None) -> int | None:
-    if num_classes is None:
-        return None
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return int(num_classes)
+    """The ``num_classes`` option: an integer >= 2, or None."""
+    return check_int("num_classes", num_classes, low=2, none=True)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+def _check_scores(from_logits: bool, ignore_index: int | None) -> tuple[bool, int | None]:
+    """The ``from_logits`` and ``ignore_index`` options of the metrics, checked."""
+    return check_bool("from_logits", from_logits), check_ignore_index(ignore_index)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class ReliabilityTable:
 
         sums and maxima running over non-empty bins only.
         """
-        _check_choice("norm", norm, ("l1", "l2", "max"))
+        norm = check_choice("norm", norm, ("l1", "l2", "max"))
         used = self.count > 0
         gap = np.abs(self.gap[used])
         weight = self.count[used] / self.n_samples
@@ -167,7 +169,7 @@ def table_from_scores(
     ``conf`` must already lie in [0, 1]; this is the one place where binning happens.
     """
     n_bins = _check_n_bins(n_bins)
-    _check_choice("binning", binning, ("width", "mass"))
+    binning = check_choice("binning", binning, ("width", "mass"))
     conf = np.asarray(conf, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     n = conf.shape[0]
@@ -259,7 +261,8 @@ def reliability_table(
     streaming :class:`~crossent.calibration.CalibrationMeter` sums them.
     """
     n_bins = _check_n_bins(n_bins)
-    _check_choice("binning", binning, ("width", "mass"))
+    binning = check_choice("binning", binning, ("width", "mass"))
+    from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "multiclass" and binning == "width":
         name = "logits" if from_logits else "probs"
@@ -303,7 +306,7 @@ def ece(
     per label see :func:`multilabel_ece`). With ``from_logits=True`` these are sigmoid
     logits. Labels equal to ``ignore_index`` are left out.
     """
-    _check_choice("norm", norm, ("l1", "l2", "max"))
+    norm = check_choice("norm", norm, ("l1", "l2", "max"))
     table = reliability_table(
         probs, labels, n_bins=n_bins, binning=binning, from_logits=from_logits,
         ignore_index=ignore_index,
@@ -335,6 +338,7 @@ def classwise_ece(
     """
     n_bins = _check_n_bins(n_bins)
     num_classes = _check_num_classes(num_classes)
+    from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     name = "logits" if from_logits else "probs"
     kind, t, y_np = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":  # the two columns [1 - p, p]
@@ -382,6 +386,7 @@ def debiased_l2_ece(
     by default the result is :math:`\sqrt{\max(\widehat{\mathrm{CE}^2}, 0)}`, comparable with
     ``ece(..., norm="l2")``.
     """
+    squared = check_bool("squared", squared)
     table = reliability_table(
         probs, labels, n_bins=n_bins, binning=binning, from_logits=from_logits,
         ignore_index=ignore_index,
@@ -481,8 +486,11 @@ def smooth_ece(
     The integral is computed on a grid of 4096 points per unit (linear deposit of the
     samples, FFT convolution on the mirrored circle), which is vectorised in N.
     """
+    what = "a finite number >= 0 (the kernel bandwidth)"
+    sigma = check_real("sigma", sigma, what=what, none=True)
     if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        raise ValueError(f"sigma must be {what} or None, got {sigma!r}")
+    from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     conf, correct = top_scores(probs, labels, from_logits, ignore_index)
     return smooth_ece_from_scores(conf, correct, sigma)[0]
 
@@ -501,6 +509,7 @@ def brier(
     Binary (N,) and multi-label (N, L) input give that binary score,
     :math:`\frac1N\sum_i (p_i - y_i)^2` (range 0 to 1), pooled over labels.
     """
+    from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     kind, t, y_np = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":
         return float((t - torch.from_numpy(y_np).to(torch.float64)).square().mean())
@@ -531,6 +540,8 @@ def nll(
     :math:`\operatorname{softplus}(z_i) - y_i z_i`), pooled over labels; there
     ``from_logits=None`` means probabilities if every value lies in [0, 1].
     """
+    from_logits = check_bool("from_logits", from_logits, none=True)
+    ignore_index = check_ignore_index(ignore_index)
     raw = _to_tensor(probs_or_logits, "probs_or_logits")
     lab = label_array(labels)
     if binary_shaped(raw.shape, lab.shape):
@@ -561,6 +572,7 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy: the fraction of rows whose arg-max (lowest index on ties) is the label.
     Binary and multi-label input: the fraction with :math:`[p_i > 1/2] = y_i`."""
+    from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":
         return float(((t > 0.5).numpy() == (y == 1)).mean())
@@ -588,7 +600,10 @@ def multilabel_ece(
     ignored has no ECE: NaN in ``"none"``, left out of the ``"macro"`` mean (an error only if
     no label has an entry left).
     """
-    _check_choice("average", average, ("pooled", "macro", "none"))
+    average = check_choice("average", average, ("pooled", "macro", "none"))
+    n_bins = _check_n_bins(n_bins)
+    binning = check_choice("binning", binning, ("width", "mass"))
+    from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     t = _to_tensor(probs, "probs")
     if t.ndim != 2:
         raise ValueError(f"probs must be 2-D (N, L) for multi-label input, got shape {tuple(t.shape)}")

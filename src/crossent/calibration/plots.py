@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from crossent._extras import require
-from crossent.calibration._inputs import ArrayLike, select
+from crossent.calibration._inputs import ArrayLike, check_bool, check_choice, check_int, select
 from crossent.calibration.metrics import (
     Binning,
+    _check_n_bins,
     _scores,
     table_from_scores,
     width_bin_index,
@@ -69,6 +70,14 @@ def _tint(color: str, amount: float) -> tuple[float, float, float]:
     rgb = np.asarray(to_rgb(color))
     r, g, b = (amount * rgb + (1.0 - amount)).tolist()
     return r, g, b
+
+
+def _check_options(
+    n_bins: int, binning: Binning, from_logits: bool, low_count: int
+) -> tuple[int, Binning, bool, int]:
+    """The options the two diagrams share, checked before any figure is made."""
+    return (_check_n_bins(n_bins), check_choice("binning", binning, ("width", "mass")),
+            check_bool("from_logits", from_logits), check_int("low_count", low_count, low=0))
 
 
 def _scored(
@@ -212,6 +221,7 @@ def reliability_diagram(
     off for the histogram), the legends inside it where they cover the least, and
     ``ax.figure`` is returned. Titles are wrapped to the width of the axes.
     """
+    n_bins, binning, from_logits, low_count = _check_options(n_bins, binning, from_logits, low_count)
     Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
     conf, correct, names = _scored(probs, labels, from_logits)
@@ -246,6 +256,7 @@ def compare_reliability_diagrams(
     ``aggregate`` (e.g. ``"pooled over seeds"``) is printed in every panel's title. The
     legends, the same for every panel, stand once, to the right of the last panel.
     """
+    n_bins, binning, from_logits, low_count = _check_options(n_bins, binning, from_logits, low_count)
     Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
     if not probs_by_name:

@@ -89,7 +89,7 @@ from crossent.calibration._base import (
     state_value,
     warn_if_probabilities,
 )
-from crossent.calibration._inputs import as_labels, as_matrix
+from crossent.calibration._inputs import as_labels, as_matrix, check_bool, check_choice, check_int, check_real
 from crossent.calibration.metrics import _check_n_bins, width_bin_index, width_edges
 from crossent.calibration.temperature import TemperatureScaler
 
@@ -273,12 +273,14 @@ class MatrixScaler(_MulticlassRecalibrator):
         fallback_to_identity: bool = True,
     ) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
+        regs = []
         for arg, value in (("reg_off_diagonal", reg_off_diagonal), ("reg_bias", reg_bias)):
-            if not (value >= 0 and math.isfinite(value)):
+            reg = check_real(arg, value, what="a finite number >= 0")
+            if not (reg >= 0 and math.isfinite(reg)):
                 raise ValueError(f"{arg} must be a finite number >= 0, got {value!r}")
-        self.reg_off_diagonal = float(reg_off_diagonal)
-        self.reg_bias = float(reg_bias)
-        self.max_iter = int(max_iter)
+            regs.append(reg)
+        self.reg_off_diagonal, self.reg_bias = regs
+        self.max_iter = check_int("max_iter", max_iter, low=1)
         self.weight: np.ndarray | None = None
         self.bias: np.ndarray | None = None
 
@@ -575,9 +577,7 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
 
     def __init__(self, *, loss: Literal["mse", "nll"] = "mse", fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
-        if loss not in ("mse", "nll"):
-            raise ValueError(f"loss must be 'mse' or 'nll', got {loss!r}")
-        self.loss = loss
+        self.loss = check_choice("loss", loss, ("mse", "nll"))
         self.temperature: float | None = None
         self.weights: np.ndarray | None = None
 
@@ -651,7 +651,7 @@ class _BinaryRecalibrator(Recalibrator):
 
     def __init__(self, *, from_logits: bool = True, fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
-        self.from_logits = bool(from_logits)
+        self.from_logits = check_bool("from_logits", from_logits)
         self.coef: np.ndarray | None = None
 
     def _scores(self, x: Any, *, fitting: bool = False) -> torch.Tensor:

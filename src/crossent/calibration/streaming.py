@@ -41,6 +41,9 @@ from crossent.calibration._inputs import (
     _to_tensor,
     binary_nll_terms,
     binary_shaped,
+    check_bool,
+    check_choice,
+    check_ignore_index,
     drop_ignored,
     iter_chunks,
     label_array,
@@ -49,7 +52,6 @@ from crossent.calibration._inputs import (
 )
 from crossent.calibration._rows import RowStatistics, row_statistics, top_sums
 from crossent.calibration.metrics import (
-    _check_choice,
     _check_n_bins,
     _check_num_classes,
     table_from_scores,
@@ -126,12 +128,11 @@ class CalibrationMeter:
         classwise: bool = True,
     ) -> None:
         self.n_bins = _check_n_bins(n_bins)
-        _check_choice("binning", binning, ("width", "mass"))
-        self.binning = binning
+        self.binning = check_choice("binning", binning, ("width", "mass"))
         self.num_classes = _check_num_classes(num_classes)
-        self.ignore_index = ignore_index
-        self._from_logits_option = from_logits
-        self.classwise = bool(classwise)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self._from_logits_option = check_bool("from_logits", from_logits, none=True)
+        self.classwise = check_bool("classwise", classwise)
         self.reset()
 
     def reset(self) -> None:

@@ -75,10 +75,13 @@ from crossent.calibration._inputs import (
     ArrayLike,
     as_labels,
     as_matrix,
+    check_choice,
+    check_int,
+    check_real,
     iter_chunks,
 )
 from crossent.calibration._rows import row_statistics
-from crossent.calibration.metrics import table_from_scores
+from crossent.calibration.metrics import _check_n_bins, table_from_scores
 
 __all__ = ["TemperatureScaler", "VectorScaler"]
 
@@ -197,16 +200,13 @@ class TemperatureScaler(Recalibrator):
         fallback_to_identity: bool = True,
     ) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
-        if method not in ("temperature", "vector"):
-            raise ValueError(f"method must be 'temperature' or 'vector', got {method!r}")
-        if not (0 < t_min < t_max < math.inf):
+        self.method = check_choice("method", method, ("temperature", "vector"))
+        bounds = "a number, with 0 < t_min < t_max < inf"
+        self.t_min = check_real("t_min", t_min, what=bounds)
+        self.t_max = check_real("t_max", t_max, what=bounds)
+        if not (0 < self.t_min < self.t_max < math.inf):
             raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        self.method = method
-        self.t_min = float(t_min)
-        self.t_max = float(t_max)
-        self.max_iter = int(max_iter)
+        self.max_iter = check_int("max_iter", max_iter, low=1)
         self._temperature: float | np.ndarray | None = None
         self.bias: np.ndarray | None = None
         self.n_iter_ = 0
@@ -239,15 +239,16 @@ class TemperatureScaler(Recalibrator):
         only). ``init_temperature`` is where the NLL iteration starts (clipped to the bounds);
         the result does not depend on it.
         """
-        z = as_matrix(logits, "logits")
-        y = as_labels(labels, z.shape[0], z.shape[1])
-        warn_if_probabilities(z, type(self).__name__)
-        if objective not in ("nll", "ece"):
-            raise ValueError(f"objective must be 'nll' or 'ece', got {objective!r}")
+        objective = check_choice("objective", objective, ("nll", "ece"))
+        n_bins = _check_n_bins(n_bins)
+        init_temperature = check_real("init_temperature", init_temperature, what="a finite number > 0")
         if not (init_temperature > 0 and math.isfinite(init_temperature)):
             raise ValueError(
                 f"init_temperature must be a finite number > 0, got {init_temperature}"
             )
+        z = as_matrix(logits, "logits")
+        y = as_labels(labels, z.shape[0], z.shape[1])
+        warn_if_probabilities(z, type(self).__name__)
         if self.method == "vector":
             if objective != "nll":
                 raise ValueError("vector scaling is fitted on the NLL only: use objective='nll'")
