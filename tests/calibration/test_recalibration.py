@@ -658,3 +658,28 @@ def test_docstring_states_formula_paper_and_gradient(method: type[cal.Recalibrat
     c = method(**options).fit(x, y)  # type: ignore[attr-defined]
     out = c.transform(torch.from_numpy(x).requires_grad_())  # type: ignore[attr-defined]
     assert out.requires_grad == (method in SCALING)
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_lbfgs_stops_once_the_parameters_are_not_finite(poison: str) -> None:
+    """Parameters that turn NaN or infinite end the L-BFGS fit at once (every later step would
+    stay non-finite, and the line search's comparisons with NaN never end it before max_iter);
+    the guard then falls back. A finite problem runs as before, to its minimum."""
+    from crossent.calibration.recalibration import _lbfgs
+
+    p = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    calls = 0
+
+    def diverging() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return (p * float(poison)).sum()  # its gradient is non-finite: the first step poisons p
+
+    _lbfgs([p], diverging, max_iter=200)
+    assert not torch.isfinite(p).all()
+    assert calls <= 2, calls  # before: 251 evaluations, to max_iter * 5 / 4
+
+    q = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    _lbfgs([q], lambda: (q - target).square().sum(), max_iter=200)
+    torch.testing.assert_close(q.detach(), target)

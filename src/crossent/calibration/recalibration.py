@@ -121,20 +121,34 @@ def _like(out: np.ndarray, x: Any) -> Any:
     return out
 
 
+class _Diverged(Exception):
+    """Raised inside an L-BFGS closure whose parameters are no longer finite."""
+
+
 def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float = 1e-6) -> None:
     """Minimise ``loss_fn()`` over ``params`` by L-BFGS with a strong-Wolfe line search, to a
     gradient of ``tol`` (1e-6 for the C x C maps, where the softmax leaves directions nearly
-    flat and the probabilities converge long before the parameters)."""
+    flat and the probabilities converge long before the parameters).
+
+    Parameters that stop being finite cannot come back (every step from NaN is NaN, and the
+    line search's comparisons with NaN are all false, so L-BFGS would run on to ``max_iter``):
+    the fit stops there, and the guard (:meth:`Recalibrator._guard`) falls back to the
+    identity. A non-finite loss at finite parameters (a trial step of the line search) goes on."""
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol,
                             tolerance_change=tol * 1e-4, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise _Diverged
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
         return loss
 
-    opt.step(closure)
+    try:
+        opt.step(closure)
+    except _Diverged:
+        pass
 
 
 class _MulticlassRecalibrator(Recalibrator):
