@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import numpy as np
 import torch
 
-from crossent.calibration._inputs import check_bool
+from crossent.calibration._inputs import check_bool, shown_option
 
 __all__ = ["CalibrationWarning", "Recalibrator", "load", "save"]
 
@@ -187,8 +187,7 @@ _MISSING: Any = object()
 
 def short_repr(x: Any, width: int = 60) -> str:
     """``x`` for a one-line message: its type and a repr cut to ``width`` characters."""
-    r = repr(x)
-    r = r if len(r) <= width else r[: width - 3] + "..."
+    r = shown_option(x, width)
     return r if isinstance(x, (int, float)) and not isinstance(x, bool) else f"{type(x).__name__} {r}"
 
 
