@@ -683,3 +683,31 @@ def test_lbfgs_stops_once_the_parameters_are_not_finite(poison: str) -> None:
     target = torch.tensor([0.5, -2.0], dtype=torch.float64)
     _lbfgs([q], lambda: (q - target).square().sum(), max_iter=200)
     torch.testing.assert_close(q.detach(), target)
+
+
+CHUNK_CASES = [(m, "nll") for m in MULTICLASS + BINARY] + [(cal.TemperatureScaler, "ece")]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("method", "objective"), CHUNK_CASES,
+                         ids=[f"{m.__name__}-{o}" for m, o in CHUNK_CASES])
+def test_a_fit_over_several_chunks_equals_the_fit_in_one(
+    method: type[cal.Recalibrator], objective: str, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large inputs are read in chunks of about ``CHUNK_ELEMENTS`` entries (a fit's NLL, its
+    gradient and the guard's NLLs summed over them); a fit over many chunks gives the fit over
+    one. (Vector scaling's fit once ran its second chunk's backward through the first chunk's
+    freed graph.)"""
+    from crossent.calibration import _inputs
+
+    if method in BINARY:
+        x, y = binary(600, seed=21)
+    else:
+        x, y = multiclass(600, 5, seed=21)
+    x = x.astype(dtype)
+    kw: dict[str, Any] = {"objective": objective} if objective == "ece" else {}
+    whole = method().fit(x, y, **kw)  # type: ignore[attr-defined]
+    monkeypatch.setattr(_inputs, "CHUNK_ELEMENTS", 240)  # 48 rows (240 binary) per chunk
+    chunked = method().fit(x, y, **kw)  # type: ignore[attr-defined]
+    assert whole.fallback is None and chunked.fallback is None
+    np.testing.assert_allclose(chunked.predict_proba(x), whole.predict_proba(x), rtol=1e-6, atol=1e-9)  # type: ignore[attr-defined]

@@ -483,8 +483,9 @@ class TemperatureScaler(Recalibrator):
         def closure() -> torch.Tensor:
             opt.zero_grad()
             total = 0.0
-            inv_t = torch.exp(-log_t.clamp(lo, hi))
             for start, stop in iter_chunks(z):
+                # a graph of its own per chunk: each backward frees the graph it ran through
+                inv_t = torch.exp(-log_t.clamp(lo, hi))
                 block = z[start:stop].to(torch.float64)
                 loss = (
                     torch.nn.functional.cross_entropy(
