@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -332,6 +333,83 @@ def test_chunked_computation_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     bad[377] = np.nan
     with pytest.raises(ValueError, match="row 377"):
         ece(bad, y)
+
+
+def _meter(x: object, y: np.ndarray, **kw: object) -> list[float]:
+    m = calibration.CalibrationMeter(**kw)  # type: ignore[arg-type]
+    for start in range(0, 400, 150):
+        m.update(x[start : start + 150], y[start : start + 150])  # type: ignore[index]
+    return [float(v) for v in m.compute().values()]
+
+
+# every metric, each of its input forms on its own (logits, probabilities, ignore_index, mass
+# bins, binary, multi-label): name -> (function of x, y, keyword arguments); the inputs of a case
+# are made by _chunk_case
+CHUNKED_METRICS = {
+    "ece": lambda x, y, **kw: ece(x, y, **kw),
+    "ece-mass": lambda x, y, **kw: ece(x, y, binning="mass", **kw),
+    "ece-l2": lambda x, y, **kw: ece(x, y, norm="l2", **kw),
+    "classwise_ece": lambda x, y, **kw: classwise_ece(x, y, **kw),
+    "debiased_l2_ece": lambda x, y, **kw: calibration.debiased_l2_ece(x, y, **kw),
+    "smooth_ece": lambda x, y, **kw: smooth_ece(x, y, **kw),
+    "brier": lambda x, y, **kw: brier(x, y, **kw),
+    "nll": lambda x, y, **kw: nll(x, y, **kw),
+    "accuracy": lambda x, y, **kw: accuracy(x, y, **kw),
+    "reliability_table": lambda x, y, **kw: [
+        *(np.nan_to_num(np.asarray(v, dtype=np.float64)).tolist()
+          for v in vars(reliability_table(x, y, **kw)).values()
+          if isinstance(v, np.ndarray))
+    ],
+    "meter": lambda x, y, **kw: _meter(x, y, **kw),
+    "meter-mass": lambda x, y, **kw: _meter(x, y, binning="mass", **kw),
+    "multilabel_ece": lambda x, y, **kw: [
+        calibration.multilabel_ece(x, y, average=a, **kw) for a in ("pooled", "macro")
+    ],
+}
+CHUNK_FORMS = ["probs", "logits", "logits-float32", "tensor", "ignore_index", "binary", "multilabel"]
+
+
+def _chunk_case(form: str) -> tuple[object, np.ndarray, dict[str, object]]:
+    z, p, y = random_probs(400, 7, seed=17)
+    if form == "probs":
+        return p, y, {}
+    if form == "logits":
+        return z, y, {"from_logits": True}
+    if form == "logits-float32":
+        return z.astype(np.float32), y, {"from_logits": True}
+    if form == "tensor":
+        return torch.from_numpy(p), y, {}
+    if form == "ignore_index":
+        y = y.copy()
+        y[::5] = -100
+        return p, y, {"ignore_index": -100}
+    if form == "binary":
+        return p[:, 0], (y == 0).astype(np.int64), {}
+    rng = np.random.default_rng(18)  # multilabel: (N, L) probabilities, 0/1 labels
+    return p, (rng.random(p.shape) < p).astype(np.int64), {}
+
+
+@pytest.mark.parametrize("form", CHUNK_FORMS)
+@pytest.mark.parametrize("metric", list(CHUNKED_METRICS))
+def test_every_metric_over_many_chunks_equals_one_chunk(
+    metric: str, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inputs above ``CHUNK_ELEMENTS`` entries are read in chunks of rows; every metric, in each
+    of its input forms, gives over chunks of 7 rows what it gives over one chunk (to 1e-12: the
+    float partial sums are added in another order)."""
+    fn = CHUNKED_METRICS[metric]
+    x, y, kw = _chunk_case(form)
+    try:
+        want = fn(x, y, **kw)
+    except (TypeError, ValueError) as error:  # refused alike over chunks
+        monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", 50)
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            fn(x, y, **kw)
+        return
+    monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", 50)  # 7 rows per chunk
+    got = fn(x, y, **kw)
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64),
+                               rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize(
