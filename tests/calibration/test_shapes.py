@@ -3,6 +3,8 @@ torchmetrics, scikit-learn and the stacked / sliced equivalents."""
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import numpy as np
@@ -289,3 +291,33 @@ def test_one_hot_labels_of_softmax_rows_warn_at_the_callers_line(call: Any) -> N
         warnings.simplefilter("error")
         call(sigmoid, one_hot)
         call(p, multi)
+
+
+SEQUENCE_FRONT_DOORS = {
+    "CalibrationMeter.update": lambda x, y: cal.CalibrationMeter().update(x, y),
+    "ece": lambda x, y: cal.ece(x, y, from_logits=True),
+    "classwise_ece": lambda x, y: cal.classwise_ece(x, y, from_logits=True),
+    "nll": lambda x, y: cal.nll(x, y, from_logits=True),
+    "reliability_table": lambda x, y: cal.reliability_table(x, y, from_logits=True),
+    **{f"{m.__name__}.fit": functools.partial(lambda m, x, y: m().fit(x, y), m)
+       for m in (cal.TemperatureScaler, cal.VectorScaler, cal.MatrixScaler, cal.HistogramBinning,
+                 cal.IsotonicCalibrator, cal.EnsembleTemperatureScaler)},
+}
+
+
+@pytest.mark.parametrize("form", ["tensor", "numpy"])
+@pytest.mark.parametrize("door", list(SEQUENCE_FRONT_DOORS))
+def test_sequence_scores_are_refused_with_the_reshape_that_fixes_them(door: str, form: str) -> None:
+    """(B, T, C) logits of a sequence model with (B, T) labels: refused, naming the reshape
+    to (B T, C) and (B T,); the reshaped call runs."""
+    call = SEQUENCE_FRONT_DOORS[door]
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 30, 6, generator=g) * 3, torch.randint(0, 6, (4, 30), generator=g)
+    if form == "numpy":
+        x, y = x.numpy(), y.numpy()  # type: ignore[assignment]
+    fix = r"got shape \(4, 30, 6\); .*\.reshape\(-1, 6\) and labels\.reshape\(-1\)"
+    with pytest.raises(ValueError, match=fix):
+        call(x, y)
+    with warnings.catch_warnings():  # random labels: a fit may fall back, which is beside the point
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        call(x.reshape(-1, 6), y.reshape(-1))

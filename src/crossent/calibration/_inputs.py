@@ -84,13 +84,17 @@ def as_matrix(x: object, name: str = "probs", *, metrics: bool = False) -> torch
     metrics (``metrics``), its stacked [1 - p, p] by the recalibrators."""
     t = _to_tensor(x, name)
     if t.ndim != 2:
+        # a sequence model's (B, T, C) scores: one row per position
+        rows = (f"; for (B, T, ..., C) scores with one label per position pass"
+                f" {name}.reshape(-1, {t.shape[-1]}) and labels.reshape(-1)" if t.ndim > 2 else "")
         raise ValueError(
             f"{name} must be (N, C) with labels (N,), (N,) or (N, 1) scores of a binary problem,"
             f" or (N, L) scores of a multi-label one with 0/1 labels (N, L); got shape {tuple(t.shape)}"
+            + rows
             if metrics else
-            f"{name} must be 2-D (n_samples, n_classes), got shape {tuple(t.shape)};"
-            " for a binary problem with positive-class probabilities p pass"
-            " np.stack([1 - p, p], axis=1)"
+            f"{name} must be 2-D (n_samples, n_classes), got shape {tuple(t.shape)}"
+            + (rows or "; for a binary problem with positive-class probabilities p pass"
+               " np.stack([1 - p, p], axis=1)")
         )
     if t.shape[0] == 0:
         raise ValueError(f"{name} is empty: it needs at least one row (sample)")
