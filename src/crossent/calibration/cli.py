@@ -85,7 +85,9 @@ what it does
   Logits or probabilities are detected from the values (rows in [0, 1] summing to 1 are
   probabilities; rows in [0, 1] summing to 1 within 0.05, such as rounded probabilities, are
   renormalised with a warning; other rows in [0, 1] need --kind logits; override with
-  --kind); probabilities are scaled through their logs. A stratified random split (--seed)
+  --kind); probabilities are scaled through their logs. Exact zeros of probabilities all
+  written with d decimals are read as half the last digit (5e-07 for 6 decimals), the most
+  that rounds to 0, with a warning. A stratified random split (--seed)
   puts --val-fraction of every class in a validation part on which the --method (default:
   temperature scaling, T minimising the --objective) is fitted; all metrics are reported on
   the rest (the held-out part) before and after. Then every method (temperature, vector,
@@ -745,6 +747,25 @@ def read_kind(
                         f" (rounded probabilities?): read as probabilities and renormalised{fix}")
 
 
+def rounding_step(preds: np.ndarray) -> float | None:
+    """The step :math:`10^{-d}`, d = 1..9, of which every entry of ``preds`` is a multiple: the
+    predictions were written with d decimals. None if there is none, and for integers (hard 0/1
+    predictions). An entry passes within a hundredth of a step plus twice its dtype's rounding
+    error (float32 keeps about 7 digits: d <= 6 there); a full-precision value passes with
+    probability below 1/2, so a sample of 4,096 entries is tried first."""
+    x = np.asarray(preds)
+    eps = float(np.finfo(x.dtype).eps) if x.dtype.kind == "f" else 0.0
+    x = x.astype(np.float64, copy=False).ravel()
+    for d in range(10):
+        scale = 10.0**d
+        if 2 * eps * scale > 0.25:  # the dtype's rounding error would pass any value
+            break
+        if all(bool(np.all(np.abs(v * scale - np.rint(v * scale)) <= 0.01 + 2 * eps * scale * np.abs(v)))
+               for v in (x[:4096], x)):
+            return 1.0 / scale if d else None  # integers: hard 0/1 predictions, not rounded ones
+    return None
+
+
 def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -1152,11 +1173,23 @@ def main(args: argparse.Namespace) -> int:
         raise _error(f"--objective ece applies to --method temperature only, not {args.method}")
 
     kind_asked = args.kind if args.kind != "auto" else (hint or "auto")
+    step = rounding_step(preds) if kind_asked != "logits" else None
     kind, preds, renormalised = read_kind(preds, kind_asked)
     n = preds.shape[0]
+    zero_note = None
     if kind == "probs":
+        floor = np.finfo(preds.dtype).tiny
+        zeros = int(np.count_nonzero(preds == 0))
+        if zeros and step is not None:
+            # A probability written with d decimals and read back as 0 was below half a step:
+            # as log(tiny) (about -708), one such entry outweighs every other logit of a
+            # matrix or Dirichlet fit.
+            floor = step / 2
+            zero_note = (f"{zeros} entries of PREDICTIONS are 0 and every entry is a multiple of"
+                         f" {step:g} (probabilities rounded to {round(-math.log10(step))} decimals?):"
+                         f" the zeros are read as {floor:g}, the most that rounds to 0")
         with np.errstate(divide="ignore"):
-            logits = np.log(np.maximum(preds, np.finfo(preds.dtype).tiny))
+            logits = np.log(np.maximum(preds, floor))
     else:
         logits = preds
     # the methods compute in their input's dtype: float64, so that float32 input loses no tiny
@@ -1185,11 +1218,14 @@ def main(args: argparse.Namespace) -> int:
         messages.insert(0, small)
     if renormalised is not None:
         messages.insert(0, renormalised)
+    if zero_note is not None:
+        messages.insert(0, zero_note)
     for message in messages:
         print(f"crossent calibrate: warning: {message}", file=sys.stderr)
     y_test = labels[test_idx]
-    before = compute_metrics(
-        preds[test_idx], y_test, from_logits=kind == "logits", n_bins=args.n_bins
+    before = compute_metrics(  # with zeros read as a floor: the probabilities the methods see
+        logits[test_idx] if zero_note is not None else preds[test_idx], y_test,
+        from_logits=kind == "logits" or zero_note is not None, n_bins=args.n_bins
     )
     calibrated = method_probs(cal, logits[test_idx])
     after = compute_metrics(
