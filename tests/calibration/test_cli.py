@@ -988,3 +988,29 @@ def test_zeros_of_rounded_probabilities_are_read_as_half_a_step(
                       "--out", str(tmp_path / "o3")], capsys)
     assert rc == 0, err
     assert "are 0" not in err
+
+
+def test_the_comparison_runs_over_many_chunks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inputs whose validation part passes ``CHUNK_ELEMENTS`` entries (about 2^20: 20,000 x
+    1,000 logits at the default split) are fitted in chunks. Vector scaling's fit over several
+    chunks once ended the comparison with a traceback ("Trying to backward through the graph a
+    second time"); over chunks of 40 entries every method gives what it gives over one."""
+    from crossent.calibration import _inputs
+
+    z, y = make(n=600, c=4, seed=6)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    args = [str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy")]
+    rc, _, err = run([*args, "--out", str(tmp_path / "one")], capsys, compare=True)
+    assert rc == 0, err
+    monkeypatch.setattr(_inputs, "CHUNK_ELEMENTS", 40)  # 10 rows per chunk
+    rc, _, err = run([*args, "--out", str(tmp_path / "many")], capsys, compare=True)
+    assert rc == 0, err
+    one = metrics_of(tmp_path / "one")["comparison"]["rows"]
+    many = metrics_of(tmp_path / "many")["comparison"]["rows"]
+    assert one.keys() == many.keys()
+    for name, row in one.items():
+        if "skipped" not in row:
+            assert many[name]["nll"] == pytest.approx(row["nll"], rel=1e-6), name
