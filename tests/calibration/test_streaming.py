@@ -432,3 +432,28 @@ def test_load_statistics_into_a_fresh_meter(kind: str) -> None:
         CalibrationMeter().load_statistics(a.statistics()[:-1])
     with pytest.raises(ValueError, match="mass"):
         CalibrationMeter(binning="mass").load_statistics(a.statistics())
+
+
+@pytest.mark.parametrize("form", ["multiclass", "binary", "multilabel"])
+def test_compute_without_samples_says_why(form: str) -> None:
+    """A meter with no update, or whose every label so far equals ``ignore_index``, has nothing
+    to measure: ``compute`` says which, and ``reset`` forgets the ignored labels."""
+    g = torch.Generator().manual_seed(5)
+    x = {"multiclass": torch.randn(6, 4, generator=g), "binary": torch.rand(6, generator=g),
+         "multilabel": torch.rand(6, 3, generator=g)}[form]
+    y_shape = (6,) if form != "multilabel" else (6, 3)
+    m = CalibrationMeter(ignore_index=-100)
+    with pytest.raises(RuntimeError, match=r"holds no samples: call update\(logits, labels\) first"):
+        m.compute()
+    m.update(x, torch.full(y_shape, -100))
+    m.update(x[:2], torch.full((2, *y_shape[1:]), -100))
+    n = 8 * (3 if form == "multilabel" else 1)
+    with pytest.raises(RuntimeError, match=f"all {n} labels of its updates equal ignore_index=-100"):
+        m.compute()
+    m.reset()
+    with pytest.raises(RuntimeError, match="call update"):
+        m.compute()
+    labels = torch.zeros(y_shape, dtype=torch.int64)
+    labels[0] = -100
+    m.update(x, labels)
+    assert m.compute()["count"] == (5 if form != "multilabel" else 15)

@@ -147,6 +147,7 @@ class CalibrationMeter:
         self._conf: list[np.ndarray] = []
         self._correct: list[np.ndarray] = []
         self._synced: dict[str, object] | None = None
+        self._labels_seen = 0  # labels of accepted updates, ignored ones included
 
     # ------------------------------------------------------------------ update
     def update(self, logits_or_probs: ArrayLike, labels: ArrayLike) -> None:
@@ -156,6 +157,7 @@ class CalibrationMeter:
         if lab.size == 0 or (self.ignore_index is not None and bool((lab == self.ignore_index).all())):
             shape = tuple(np.shape(logits_or_probs))  # nothing to add, if the labels fit the scores
             if shape and lab.size in (shape[0], math.prod(shape)):
+                self._labels_seen += lab.size
                 return
         before = (self.from_logits, self._kind, self._k)
         try:
@@ -163,6 +165,7 @@ class CalibrationMeter:
         except BaseException:  # a rejected batch leaves the meter as it was, detection included
             self.from_logits, self._kind, self._k = before
             raise
+        self._labels_seen += lab.size
 
     def _update(self, logits_or_probs: ArrayLike, labels: ArrayLike, lab: np.ndarray) -> None:
         if self.from_logits is None:
@@ -360,6 +363,11 @@ class CalibrationMeter:
         n_, correct, nll, brier = f[3 * m : 3 * m + 4]
         n = int(n_)
         if n == 0:
+            if self._labels_seen and self.ignore_index is not None:
+                raise RuntimeError(
+                    f"the meter holds no samples: all {self._labels_seen} labels of its updates equal"
+                    f" ignore_index={self.ignore_index}"
+                )
             raise RuntimeError("the meter holds no samples: call update(logits, labels) first")
         if self.binning == "mass":
             if self._synced is not None and "conf" in self._synced:
