@@ -173,10 +173,12 @@ TARGETS: list[Target] = [
             "classwise": BOOL}),
     # plots
     Target("reliability_diagram", lambda **kw: _titles(cal.reliability_diagram(P, Y, **kw)),
-           {**BINS, "from_logits": BOOL, "low_count": LOW_COUNT}, not_options=("ax", "title", "aggregate")),
+           {**BINS, "from_logits": BOOL, "low_count": LOW_COUNT, "ignore_index": IGNORE_INDEX},
+           not_options=("ax", "title", "aggregate")),
     Target("compare_reliability_diagrams",
            lambda **kw: _titles(cal.compare_reliability_diagrams({"a": P}, Y, **kw)),
-           {**BINS, "from_logits": BOOL, "low_count": LOW_COUNT}, not_options=("aggregate",)),
+           {**BINS, "from_logits": BOOL, "low_count": LOW_COUNT, "ignore_index": IGNORE_INDEX},
+           not_options=("aggregate",)),
     # recalibrators: run gives the options; fit, one fit with the options given
     Target("Recalibrator", lambda **kw: _options(cal.Recalibrator(**kw)), FALLBACK),
     Target("TemperatureScaler", lambda **kw: _options(cal.TemperatureScaler(**kw)),

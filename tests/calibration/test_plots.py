@@ -205,3 +205,31 @@ def test_mean_lines_at_1_are_drawn_over_the_right_edge() -> None:
     blue = np.array(to_rgba("C0")[:3])
     on_spine = np.abs(img[rows, x] - blue).max(-1) < 0.25  # the spine's own pixel column
     assert on_spine.mean() > 0.3, "no C0 dashes over the right spine"
+
+
+def _bars(fig: Figure) -> list[tuple[float, float]]:
+    """(x, height) of every bar drawn on the figure's axes, in drawing order."""
+    return [(p.get_x(), p.get_height()) for ax in fig.axes for p in ax.patches if hasattr(p, "get_height")]
+
+
+@pytest.mark.parametrize("binning", ["width", "mass"])
+@pytest.mark.parametrize("which", ["one", "compare"])
+def test_ignore_index_draws_the_diagram_of_the_kept_samples(which: str, binning: str) -> None:
+    """Labels equal to ``ignore_index`` (-100 of a segmentation or language model) are left out,
+    as by the metrics: the same title (its ECE and N) and bars as the diagram of the kept rows."""
+    p, y = data(600, seed=9)
+    yi = y.copy()
+    yi[::4] = -100
+    keep = yi != -100
+
+    def draw(probs: np.ndarray, labels: np.ndarray, **kw: object) -> Figure:
+        if which == "one":
+            return reliability_diagram(probs, labels, binning=binning, **kw)  # type: ignore[arg-type]
+        return compare_reliability_diagrams({"a": probs}, labels, binning=binning, **kw)  # type: ignore[arg-type]
+
+    got, want = draw(p, yi, ignore_index=-100), draw(p[keep], y[keep])
+    assert [ax.get_title() for ax in got.axes] == [ax.get_title() for ax in want.axes]
+    assert "N = 450" in got.axes[0].get_title()
+    assert len(_bars(want)) > 15 and _bars(got) == _bars(want)
+    with pytest.raises(ValueError, match="labels"):
+        draw(p, yi)  # -100 is no class without ignore_index

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from crossent._extras import require
-from crossent.calibration._inputs import ArrayLike, check_bool, check_choice, check_int, select
+from crossent.calibration._inputs import (
+    ArrayLike,
+    check_bool,
+    check_choice,
+    check_ignore_index,
+    check_int,
+    select,
+)
 from crossent.calibration.metrics import (
     Binning,
     _check_n_bins,
@@ -73,18 +80,19 @@ def _tint(color: str, amount: float) -> tuple[float, float, float]:
 
 
 def _check_options(
-    n_bins: int, binning: Binning, from_logits: bool, low_count: int
-) -> tuple[int, Binning, bool, int]:
+    n_bins: int, binning: Binning, from_logits: bool, low_count: int, ignore_index: int | None
+) -> tuple[int, Binning, bool, int, int | None]:
     """The options the two diagrams share, checked before any figure is made."""
     return (_check_n_bins(n_bins), check_choice("binning", binning, ("width", "mass")),
-            check_bool("from_logits", from_logits), check_int("low_count", low_count, low=0))
+            check_bool("from_logits", from_logits), check_int("low_count", low_count, low=0),
+            check_ignore_index(ignore_index))
 
 
 def _scored(
-    probs: ArrayLike, labels: ArrayLike, from_logits: bool
+    probs: ArrayLike, labels: ArrayLike, from_logits: bool, ignore_index: int | None
 ) -> tuple[np.ndarray, np.ndarray, _Names]:
     """:func:`~crossent.calibration.metrics.top_scores` and the names of what they are."""
-    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=None)
+    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     conf, correct = _scores(kind, t, y, from_logits)
     return conf, correct, BINARY if kind == "binary" else MULTICLASS
 
@@ -200,6 +208,7 @@ def reliability_diagram(
     title: str | None = None,
     aggregate: str | None = None,
     low_count: int = LOW_COUNT,
+    ignore_index: int | None = None,
 ) -> Figure:
     """Reliability diagram of the top-label confidence; returns the matplotlib Figure.
 
@@ -212,7 +221,8 @@ def reliability_diagram(
     seeds"``, wherever a table next to the figure averages per-seed numbers instead). The
     over-confident gap is hatched red, the under-confident one hatched green; the number at
     the foot of every bar is its sample count, and bins with fewer than ``low_count``
-    samples are drawn faint with a dotted edge. Binary input ((N,) positive-class
+    samples are drawn faint with a dotted edge. Samples whose label equals ``ignore_index``
+    are left out, as by the metrics. Binary input ((N,) positive-class
     probabilities, or multi-label (N, L)) is binned by the positive-class probability, and
     the axes say so: the fraction of positives against the predicted probability.
 
@@ -221,10 +231,11 @@ def reliability_diagram(
     off for the histogram), the legends inside it where they cover the least, and
     ``ax.figure`` is returned. Titles are wrapped to the width of the axes.
     """
-    n_bins, binning, from_logits, low_count = _check_options(n_bins, binning, from_logits, low_count)
+    n_bins, binning, from_logits, low_count, ignore_index = _check_options(
+        n_bins, binning, from_logits, low_count, ignore_index)
     Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
-    conf, correct, names = _scored(probs, labels, from_logits)
+    conf, correct, names = _scored(probs, labels, from_logits, ignore_index)
     legend: Literal["outside", "inside"] = "outside" if ax is None else "inside"
     if ax is None:
         fig = Figure(figsize=(7.0, 5.8), layout="constrained")
@@ -248,6 +259,7 @@ def compare_reliability_diagrams(
     from_logits: bool = False,
     aggregate: str | None = None,
     low_count: int = LOW_COUNT,
+    ignore_index: int | None = None,
 ) -> Figure:
     """Side-by-side reliability diagrams on one figure, e.g. before and after temperature
     scaling: ``compare_reliability_diagrams({"before": p, "after (T=1.7)": q}, labels)``.
@@ -256,12 +268,13 @@ def compare_reliability_diagrams(
     ``aggregate`` (e.g. ``"pooled over seeds"``) is printed in every panel's title. The
     legends, the same for every panel, stand once, to the right of the last panel.
     """
-    n_bins, binning, from_logits, low_count = _check_options(n_bins, binning, from_logits, low_count)
+    n_bins, binning, from_logits, low_count, ignore_index = _check_options(
+        n_bins, binning, from_logits, low_count, ignore_index)
     Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
     if not probs_by_name:
         raise ValueError("probs_by_name is empty: give at least one {name: probs} entry")
-    panels = [(name, *_scored(p, labels, from_logits)) for name, p in probs_by_name.items()]
+    panels = [(name, *_scored(p, labels, from_logits, ignore_index)) for name, p in probs_by_name.items()]
     k = len(panels)
     fig = Figure(figsize=(4.8 * k + 2.0, 5.8), layout="constrained")
     axes = fig.subplots(2, k, sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1]})
