@@ -1014,3 +1014,42 @@ def test_the_comparison_runs_over_many_chunks(
     for name, row in one.items():
         if "skipped" not in row:
             assert many[name]["nll"] == pytest.approx(row["nll"], rel=1e-6), name
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["multiclass", "binary"])
+def test_ignore_index_leaves_out_those_samples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], binary: bool
+) -> None:
+    """Labels of -100 (PyTorch's padding or void label): refused with the option that takes
+    them; with --ignore-index -100 the run is the run on the files without those samples, and
+    says how many it left out."""
+    z, y = make(n=900, c=2 if binary else 4, seed=8)
+    preds = z[:, 1] - z[:, 0] if binary else z
+    yi = y.copy()
+    yi[::6] = -100
+    keep = yi != -100
+    np.save(tmp_path / "z.npy", preds)
+    np.save(tmp_path / "y.npy", yi)
+    np.save(tmp_path / "zk.npy", preds[keep])
+    np.save(tmp_path / "yk.npy", y[keep])
+    args = [str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy")]
+    rc, _, err = run([*args, "--out", str(tmp_path / "o")], capsys)
+    one_line_error(rc, err, "holds -100 at entry 0", "pass --ignore-index -100")
+
+    rc, out, err = run([*args, "--ignore-index", "-100", "--out", str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    assert f"left out {int((~keep).sum())} samples whose label is -100" in out
+    rc, _, err = run([str(tmp_path / "zk.npy"), "--labels", str(tmp_path / "yk.npy"),
+                      "--out", str(tmp_path / "k")], capsys, compare=True)
+    assert rc == 0, err
+    got, want = metrics_of(tmp_path / "o"), metrics_of(tmp_path / "k")
+    assert got["n_samples"] == want["n_samples"] == int(keep.sum()) and got["n_ignored"] == int((~keep).sum())
+    for key in ("before", "after", "state"):
+        assert got[key] == want[key]
+    assert got["comparison"] == want["comparison"]
+    assert "samples left out, their label -100" in (tmp_path / "o" / "report.md").read_text()
+
+    np.save(tmp_path / "all.npy", np.full_like(y, -100))
+    rc, _, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "all.npy"),
+                      "--ignore-index", "-100"], capsys)
+    one_line_error(rc, err, "every label equals --ignore-index -100")

@@ -168,6 +168,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
     parser.add_argument(
+        "--ignore-index",
+        type=int,
+        default=None,
+        metavar="N",
+        help="leave out the samples whose label is N (e.g. -100, the padding or void label of"
+        " PyTorch's losses) before anything else",
+    )
+    parser.add_argument(
         "--n-bins",
         type=int,
         default=15,
@@ -597,10 +605,11 @@ def _csv_header_hint(args: argparse.Namespace, preds: np.ndarray, labels: np.nda
 
 def _check(
     preds: np.ndarray, labels: np.ndarray, labels_file: str = "LABELS", mismatch_hint: str = "",
-    csv_input: bool = False,
+    csv_input: bool = False, ignore_index: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PREDICTIONS and LABELS checked, as float (N, C) or (N,) and int64 (N,). (N,) and (N, 1)
-    PREDICTIONS are binary scores of class 1 (returned (N,)), which need labels 0/1."""
+    PREDICTIONS are binary scores of class 1 (returned (N,)), which need labels 0/1. Samples
+    whose label is ``ignore_index`` are left out first."""
     if preds.dtype.kind not in "fiu":
         raise _error(f"PREDICTIONS must be numeric, got dtype {preds.dtype}")
     if preds.ndim == 2 and preds.shape[1] == 1:  # a column of binary scores
@@ -616,6 +625,13 @@ def _check(
     n, c = preds.shape[0], (2 if preds.ndim == 1 else preds.shape[1])
     if c < 2:
         raise _error(f"PREDICTIONS needs at least 2 columns (classes), got shape {preds.shape}")
+    if ignore_index is not None:
+        labels = _label_indices(np.asarray(labels), n, c, labels_file)
+        if labels.shape[0] == n:
+            keep = labels != ignore_index
+            if not keep.any():
+                raise _error(f"every label equals --ignore-index {ignore_index}: nothing to calibrate")
+            preds, labels, n = preds[keep], labels[keep], int(keep.sum())
     if n < 2:
         raise _error(f"PREDICTIONS needs at least 2 rows (samples), got {n}")
     if preds.dtype not in (np.float32, np.float64):
@@ -640,7 +656,7 @@ def _check(
             raise _error(
                 f"{shape_error}; (N,) binary scores of class 1 need labels 0/1, and {labels_file}"
                 f" holds {shown_label(labels[i].item())!r} at entry {i}: for C classes pass (N, C)"
-                " PREDICTIONS"
+                " PREDICTIONS" + _ignore_hint(labels[not01], ignore_index)
             )
     # compare before any cast: 1e30 or a uint64 beyond int64 must not wrap around
     out_of_range = (labels < 0) | (labels >= c)
@@ -648,12 +664,23 @@ def _check(
         i = int(np.flatnonzero(out_of_range)[0])
         one_based = ("; they look 1-based (1..C): subtract 1"
                      if labels.min() >= 1 and labels.max() == c else "")
+        one_based = one_based or _ignore_hint(labels[out_of_range], ignore_index)
         raise _error(
             f"LABELS must lie in 0..{c - 1} for {c} classes; {labels_file} holds"
             f" {shown_label(labels[i].item())!r} at entry {i} ({int(out_of_range.sum())} value(s) out of"
             f" range){one_based}"
         )
     return preds, labels.astype(np.int64)
+
+
+def _ignore_hint(bad: np.ndarray, ignore_index: int | None) -> str:
+    """The option to name when every out-of-range label is one negative integer (-100, a
+    padding or void label): nothing once ``--ignore-index`` is given, or for other values."""
+    values = np.unique(bad)
+    if ignore_index is not None or values.size != 1 or not values[0] < 0 or not float(values[0]).is_integer():
+        return ""
+    v = int(values[0])
+    return f"; if {v} marks samples to leave out, pass --ignore-index {v}"
 
 
 def _label_indices(labels: np.ndarray, n: int, c: int, labels_file: str) -> np.ndarray:
@@ -1095,7 +1122,9 @@ def _write_report(out: Path, result: dict[str, Any], *, figures: bool = True) ->
         "# Calibration report",
         "",
         f"- predictions: `{result['predictions']}` ({result['kind']}, {result['n_samples']}"
-        f" samples, {result['n_classes']} classes)",
+        f" samples, {result['n_classes']} classes)"
+        + (f"; {result['n_ignored']} samples left out, their label {result['ignore_index']}"
+           " (--ignore-index)" if result.get("n_ignored") else ""),
         f"- method: {result['method']}, {result['fitted']}",
         f"- split: {result['n_val']} samples to fit, {result['n_test']} held-out samples"
         f" (metrics), val-fraction {result['val_fraction']}, seed {result['seed']}",
@@ -1164,7 +1193,9 @@ def main(args: argparse.Namespace) -> int:
             raise _error(f"--csv-header {args.csv_header} applies to .csv files and no input is one: drop it")
     labels_file = args.labels if args.labels is not None else args.predictions
     csv_input = _format_of(Path(args.predictions), args.file_format) == "csv"
-    preds, labels = _check(preds, labels, labels_file, _csv_header_hint(args, preds, labels), csv_input)
+    n_given = len(preds)
+    preds, labels = _check(preds, labels, labels_file, _csv_header_hint(args, preds, labels), csv_input,
+                           args.ignore_index)
     binary_scores = preds.ndim == 1
     c = 2 if binary_scores else preds.shape[1]
     if args.method in BINARY_METHODS and c != 2:
@@ -1250,6 +1281,8 @@ def main(args: argparse.Namespace) -> int:
         "temperature": temperature.tolist() if isinstance(temperature, np.ndarray) else temperature,
         "bias": None if getattr(cal, "bias", None) is None else np.asarray(cal.bias).tolist(),
         "n_samples": int(n),
+        "ignore_index": args.ignore_index,
+        "n_ignored": int(n_given - n),
         "n_classes": int(c),
         "n_val": int(val_idx.size),
         "n_test": int(test_idx.size),
@@ -1265,6 +1298,8 @@ def main(args: argparse.Namespace) -> int:
         result["warnings"].append(worse)
     if input_note is not None:
         print(input_note)
+    if n_given > n:
+        print(f"left out {n_given - n} samples whose label is {args.ignore_index} (--ignore-index)")
     _print_table(result)
     if cal.fallback is not None:
         print(f"{args.method}: fell back to the identity map: {cal.fallback}")
