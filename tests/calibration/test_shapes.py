@@ -309,13 +309,15 @@ SEQUENCE_FRONT_DOORS = {
 @pytest.mark.parametrize("door", list(SEQUENCE_FRONT_DOORS))
 def test_sequence_scores_are_refused_with_the_reshape_that_fixes_them(door: str, form: str) -> None:
     """(B, T, C) logits of a sequence model with (B, T) labels: refused, naming the reshape
-    to (B T, C) and (B T,); the reshaped call runs."""
+    to (B T, C) and (B T,), and the move of the class dim of (N, C, H, W) scores; the reshaped
+    call runs."""
     call = SEQUENCE_FRONT_DOORS[door]
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(4, 30, 6, generator=g) * 3, torch.randint(0, 6, (4, 30), generator=g)
     if form == "numpy":
         x, y = x.numpy(), y.numpy()  # type: ignore[assignment]
-    fix = r"got shape \(4, 30, 6\); .*\.reshape\(-1, 6\) and labels\.reshape\(-1\)"
+    fix = (r"got shape \(4, 30, 6\); .*\.reshape\(-1, 6\) and labels\.reshape\(-1\); for \(N, C, d1, \.\.\.\)"
+           r" .*np\.moveaxis\(.*, 1, -1\), then reshape\(-1, 30\)")
     with pytest.raises(ValueError, match=fix):
         call(x, y)
     with warnings.catch_warnings():  # random labels: a fit may fall back, which is beside the point

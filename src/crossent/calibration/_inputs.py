@@ -84,9 +84,12 @@ def as_matrix(x: object, name: str = "probs", *, metrics: bool = False) -> torch
     metrics (``metrics``), its stacked [1 - p, p] by the recalibrators."""
     t = _to_tensor(x, name)
     if t.ndim != 2:
-        # a sequence model's (B, T, C) scores: one row per position
+        # one label per position: a sequence model's (B, T, C) scores, or (N, C, H, W) ones
+        # with PyTorch's class dim 1 (a segmentation model's)
         rows = (f"; for (B, T, ..., C) scores with one label per position pass"
-                f" {name}.reshape(-1, {t.shape[-1]}) and labels.reshape(-1)" if t.ndim > 2 else "")
+                f" {name}.reshape(-1, {t.shape[-1]}) and labels.reshape(-1); for (N, C, d1, ...) scores"
+                f" (class dim 1) move it last first: torch.movedim({name}, 1, -1) or"
+                f" np.moveaxis({name}, 1, -1), then reshape(-1, {t.shape[1]})" if t.ndim > 2 else "")
         raise ValueError(
             f"{name} must be (N, C) with labels (N,), (N,) or (N, 1) scores of a binary problem,"
             f" or (N, L) scores of a multi-label one with 0/1 labels (N, L); got shape {tuple(t.shape)}"
