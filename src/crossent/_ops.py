@@ -22,7 +22,7 @@ The numeric options of a call travel as one list of floats (:func:`softmax_numbe
 :func:`binary_numbers`) rather than as an argument each: on every call torch's custom-op
 autograd re-reads the operator's schema once per argument (``fill_defaults`` in
 ``torch._library.utils``), a cost that grows as the square of their number (130 us a call with
-the 19 arguments the softmax operator had, a third of the forward and backward of a 64 x 10
+the 19 arguments the softmax operator had, a fifth of the forward and backward of a 64 x 10
 batch on a 2-core VM). A step schedule (:class:`crossent._options.StepGamma`, e.g. ``crossent.flsd53``)
 enters as its three numbers when the backend evaluates it inside its own pass
 (:data:`STEP_BACKENDS`); any other focal schedule (a Python callable) is evaluated before the

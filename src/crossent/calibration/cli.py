@@ -1204,14 +1204,15 @@ def main(args: argparse.Namespace) -> int:
         raise _error(f"--objective ece applies to --method temperature only, not {args.method}")
 
     kind_asked = args.kind if args.kind != "auto" else (hint or "auto")
-    step = rounding_step(preds) if kind_asked != "logits" else None
+    raw = preds  # as written: read_kind renormalises rounded rows
     kind, preds, renormalised = read_kind(preds, kind_asked)
     n = preds.shape[0]
     zero_note = None
     if kind == "probs":
         floor = np.finfo(preds.dtype).tiny
         zeros = int(np.count_nonzero(preds == 0))
-        if zeros and step is not None:
+        step = rounding_step(raw) if zeros else None
+        if step is not None:
             # A probability written with d decimals and read back as 0 was below half a step:
             # as log(tiny) (about -708), one such entry outweighs every other logit of a
             # matrix or Dirichlet fit.

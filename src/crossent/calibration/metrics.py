@@ -89,6 +89,11 @@ def _check_n_bins(n_bins: int) -> int:
     return n
 
 
+def _check_binning(binning: Binning) -> Binning:
+    """The ``binning`` option: ``"width"`` or ``"mass"``."""
+    return check_choice("binning", binning, ("width", "mass"))
+
+
 def _check_num_classes(num_classes: int | None) -> int | None:
     """The ``num_classes`` option: an integer >= 2, or None."""
     return check_int("num_classes", num_classes, low=2, none=True)
@@ -169,7 +174,7 @@ def table_from_scores(
     ``conf`` must already lie in [0, 1]; this is the one place where binning happens.
     """
     n_bins = _check_n_bins(n_bins)
-    binning = check_choice("binning", binning, ("width", "mass"))
+    binning = _check_binning(binning)
     conf = np.asarray(conf, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     n = conf.shape[0]
@@ -261,7 +266,7 @@ def reliability_table(
     streaming :class:`~crossent.calibration.CalibrationMeter` sums them.
     """
     n_bins = _check_n_bins(n_bins)
-    binning = check_choice("binning", binning, ("width", "mass"))
+    binning = _check_binning(binning)
     from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "multiclass" and binning == "width":
@@ -602,7 +607,7 @@ def multilabel_ece(
     """
     average = check_choice("average", average, ("pooled", "macro", "none"))
     n_bins = _check_n_bins(n_bins)
-    binning = check_choice("binning", binning, ("width", "mass"))
+    binning = _check_binning(binning)
     from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     t = _to_tensor(probs, "probs")
     if t.ndim != 2:

@@ -18,13 +18,13 @@ from crossent._extras import require
 from crossent.calibration._inputs import (
     ArrayLike,
     check_bool,
-    check_choice,
     check_ignore_index,
     check_int,
     select,
 )
 from crossent.calibration.metrics import (
     Binning,
+    _check_binning,
     _check_n_bins,
     _scores,
     table_from_scores,
@@ -83,7 +83,7 @@ def _check_options(
     n_bins: int, binning: Binning, from_logits: bool, low_count: int, ignore_index: int | None
 ) -> tuple[int, Binning, bool, int, int | None]:
     """The options the two diagrams share, checked before any figure is made."""
-    return (_check_n_bins(n_bins), check_choice("binning", binning, ("width", "mass")),
+    return (_check_n_bins(n_bins), _check_binning(binning),
             check_bool("from_logits", from_logits), check_int("low_count", low_count, low=0),
             check_ignore_index(ignore_index))
 

@@ -42,7 +42,6 @@ from crossent.calibration._inputs import (
     binary_nll_terms,
     binary_shaped,
     check_bool,
-    check_choice,
     check_ignore_index,
     drop_ignored,
     iter_chunks,
@@ -52,6 +51,7 @@ from crossent.calibration._inputs import (
 )
 from crossent.calibration._rows import RowStatistics, row_statistics, top_sums
 from crossent.calibration.metrics import (
+    _check_binning,
     _check_n_bins,
     _check_num_classes,
     table_from_scores,
@@ -128,7 +128,7 @@ class CalibrationMeter:
         classwise: bool = True,
     ) -> None:
         self.n_bins = _check_n_bins(n_bins)
-        self.binning = check_choice("binning", binning, ("width", "mass"))
+        self.binning = _check_binning(binning)
         self.num_classes = _check_num_classes(num_classes)
         self.ignore_index = check_ignore_index(ignore_index)
         self._from_logits_option = check_bool("from_logits", from_logits, none=True)
