@@ -977,17 +977,39 @@ def test_zeros_of_rounded_probabilities_are_read_as_half_a_step(
 
     monkeypatch.setattr(calibrate_cli, "rounding_step", lambda preds: None)  # zeros as log(tiny)
     rc, _, err = run([*args, "--out", str(tmp_path / "o2")], capsys, compare=True)
-    assert rc == 0 and "are 0" not in err
+    assert rc == 0 and "read as 2.22507e-308, the smallest normal float64" in err
     tiny_rows = metrics_of(tmp_path / "o2")["comparison"]["rows"]
     assert tiny_rows["matrix"]["nll"] > rows["none"]["nll"]  # what the floor fixes
 
-    full = _softmax(z * 30).astype(np.float32)  # full precision, zeros from underflow
-    assert (full == 0).any()
+
+def test_zeros_of_full_precision_probabilities_are_read_alike_in_every_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Zeros of float32 probabilities that are not rounded (a softmax that underflowed) are read
+    as the smallest normal float32, log about -87, by the methods and by the numbers before
+    recalibration alike, and the output says so: the NLL before once read them as the smallest
+    float64 (-708), so that an identity map (a fallback) showed an NLL 88 lower than before."""
+    from crossent.calibration.cli import stratified_split
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(3000, 10)) * 3
+    y = (_softmax(z / 2).cumsum(1) > rng.random((3000, 1))).argmax(1)
+    full = _softmax(z * 30).astype(np.float32)
+    zeros = int((full == 0).sum())
+    assert zeros and (full[np.arange(3000), y] == 0).any()
     np.save(tmp_path / "f.npy", full)
+    np.save(tmp_path / "y.npy", y)
     rc, _, err = run([str(tmp_path / "f.npy"), "--labels", str(tmp_path / "y.npy"),
-                      "--out", str(tmp_path / "o3")], capsys)
+                      "--out", str(tmp_path / "o")], capsys, compare=True)
     assert rc == 0, err
-    assert "are 0" not in err
+    assert f"{zeros} entries of PREDICTIONS are 0: read as 1.17549e-38, the smallest normal float32" in err
+    report = metrics_of(tmp_path / "o")
+    none = report["comparison"]["rows"]["none"]["nll"]
+    assert report["before"]["nll"] == pytest.approx(none, rel=1e-12)
+    _, test = stratified_split(y, 0.2, 0)
+    q = np.maximum(full.astype(np.float64), float(np.finfo(np.float32).tiny))
+    want = -np.log(q[test, y[test]] / q[test].sum(1)).mean()
+    assert none == pytest.approx(want, rel=1e-9)
 
 
 def test_the_comparison_runs_over_many_chunks(
@@ -1053,3 +1075,45 @@ def test_ignore_index_leaves_out_those_samples(
     rc, _, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "all.npy"),
                       "--ignore-index", "-100"], capsys)
     one_line_error(rc, err, "every label equals --ignore-index -100")
+
+
+def test_a_pickle_that_is_not_tensors_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A .pt file that torch.load(weights_only=True) refuses (a plain pickle of a NumPy array)
+    gives one short line, without torch's warning about the pickle protocol and without its
+    advice to load with weights_only=False, which a command-line user cannot take."""
+    import pickle
+
+    with open(tmp_path / "p.pt", "wb") as f:
+        pickle.dump(np.zeros((10, 3)), f, protocol=4)
+    np.save(tmp_path / "y.npy", np.zeros(10, dtype=int))
+    rc, out, err = run([str(tmp_path / "p.pt"), "--labels", str(tmp_path / "y.npy")], capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("crossent calibrate: error: cannot read PREDICTIONS")
+    assert "weights_only=False" not in err and "torch.save(tensor) or np.save" in err
+
+
+@pytest.mark.parametrize(
+    ("objective", "before", "after", "warned"),
+    [
+        ("nll", 3.11460, 3.114604, False),  # worse by 4e-6 nats: the same number as printed
+        ("nll", 3.1146, 3.1151, True),
+        ("nll", 3.1151, 3.1146, False),
+        ("ece", 0.012341, 0.012344, False),  # 1.23 % both
+        ("ece", 0.0123, 0.0151, True),
+    ],
+)
+def test_the_held_out_warning_needs_a_difference_that_shows(
+    objective: str, before: float, after: float, warned: bool
+) -> None:
+    """The warning that the method made the held-out objective worse fires where the numbers
+    it prints differ, not for a difference below their last digit."""
+    from crossent.calibration.cli import held_out_warning
+
+    result = {"objective": objective, "before": {objective: before}, "after": {objective: after},
+              "method": "temperature", "n_test": 600, "n_val": 2400}
+    message = held_out_warning(result, compare=True)
+    assert (message is not None) == warned
+    if message is not None:
+        assert "worse" in message

@@ -711,3 +711,42 @@ def test_a_fit_over_several_chunks_equals_the_fit_in_one(
     chunked = method().fit(x, y, **kw)  # type: ignore[attr-defined]
     assert whole.fallback is None and chunked.fallback is None
     np.testing.assert_allclose(chunked.predict_proba(x), whole.predict_proba(x), rtol=1e-6, atol=1e-9)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", MULTICLASS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("separable", [False, True], ids=["fitted", "fallen back"])
+def test_logits_of_other_classes_are_refused_fitted_or_fallen_back(
+    method: type[cal.Recalibrator], separable: bool
+) -> None:
+    """A map with parameters per class refuses logits of another number of classes whether its
+    fit was used or fell back to the identity (whose parameters no longer say the number): a
+    pipeline that feeds it the wrong logits is told either way. Temperature and ensemble
+    temperature scaling share their parameters over the classes and apply to any number."""
+    z, y = multiclass(400, 4, seed=3)
+    labels = z.argmax(1) if separable else y
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = method().fit(z, labels)  # type: ignore[attr-defined]
+    assert (c.fallback is not None) == separable
+    other = np.random.default_rng(0).normal(size=(5, 3))
+    if method in (cal.TemperatureScaler, cal.EnsembleTemperatureScaler):
+        assert c.transform(other).shape == (5, 3)  # type: ignore[attr-defined]
+        return
+    with pytest.raises(ValueError, match="logits have 3 classes but the map was fitted on 4"):
+        c.transform(other)  # type: ignore[attr-defined]
+    assert c.transform(z[:5]).shape == (5, 4)  # type: ignore[attr-defined]
+    loaded = method().load_state_dict(c.state_dict())  # type: ignore[attr-defined]
+    if not separable:  # a loaded fit's parameters carry the number
+        with pytest.raises(ValueError, match="fitted on 4"):
+            loaded.transform(other)
+
+
+@pytest.mark.parametrize("method", BINARY, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int32, torch.bool])
+def test_binary_labels_of_any_torch_dtype(method: type[cal.Recalibrator], dtype: torch.dtype) -> None:
+    """0/1 targets cast to the model's dtype (bfloat16, which NumPy has no type for, included)
+    fit the same map as int64 labels."""
+    s, y = binary(500, seed=4)
+    want = method().fit(s, y)  # type: ignore[attr-defined]
+    got = method().fit(torch.from_numpy(s), torch.from_numpy(y).to(dtype))  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(got.coef, want.coef)

@@ -189,6 +189,34 @@ def _check_ranks(rank: int, world: int, group: Any) -> None:
             check(m, want[binning], int((y != -1).sum()))
             m.sync(group)  # idempotent: reduces the local statistics again
             check(m, want[binning], int((y != -1).sum()))
+    _check_class_agreement(rank, group)
+
+
+def _check_class_agreement(rank: int, group: Any) -> None:
+    """Without num_classes, the classwise sums' size comes from the ranks that measured a batch:
+    rank 1 sees padding only and rank 2 nothing, and both take rank 0's K. Where no rank knows
+    K, or the ranks disagree on it, every rank raises the same error (none is left waiting in a
+    collective)."""
+    z, y = dataset("multiclass", 40, seed=3)
+    for binning in ("width", "mass"):
+        m = CalibrationMeter(binning=binning, ignore_index=-1, from_logits=True)  # type: ignore[arg-type]
+        if rank == 0:
+            m.update(z, y)
+        elif rank == 1:
+            m.update(z, np.full(40, -1))
+        m.sync(group)
+        check(m, one_shot(z, y, binning, None), 40)
+    with pytest.raises(RuntimeError, match="no rank has measured a batch"):
+        CalibrationMeter(ignore_index=-1).sync(group)
+    m = CalibrationMeter(from_logits=True)
+    m.update(z if rank == 0 else z[:, :4], y % 4)
+    with pytest.raises(ValueError, match="4 to 6 classes"):
+        m.sync(group)
+    m = CalibrationMeter(classwise=False, from_logits=True)  # no classwise sums: K is not needed
+    if rank == 0:
+        m.update(z, y)
+    m.sync(group)
+    assert m.compute()["count"] == 40
 
 
 def _worker(rank: int, world: int, init_method: str) -> None:
@@ -457,3 +485,87 @@ def test_compute_without_samples_says_why(form: str) -> None:
     labels[0] = -100
     m.update(x, labels)
     assert m.compute()["count"] == (5 if form != "multilabel" else 15)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel"])
+def test_load_statistics_refuses_what_no_meter_makes(kind: str) -> None:
+    """Statistics of another meter that happen to have the right length (5 bins of 21 classes
+    read as 15 bins of 6), negative, NaN or fractional counts are refused with the reason,
+    not turned into an ECE above 1 or a negative count."""
+    z, y = dataset(kind, 90, seed=12)
+    a = CalibrationMeter(from_logits=True)
+    a.update(z, y)
+    good = a.statistics()
+    CalibrationMeter(from_logits=True).load_statistics(good + good)  # a sum is a sum
+    bad = {"negated": -good, "nan": good * float("nan"), "half": good / 2}
+    for flat in bad.values():
+        with pytest.raises(ValueError, match=r"not a sum of CalibrationMeter\.statistics"):
+            CalibrationMeter(from_logits=True).load_statistics(flat)
+    shifted = good.clone()
+    shifted[0] += 1  # one more sample in a bin than in the total
+    with pytest.raises(ValueError, match="its bins count"):
+        CalibrationMeter(from_logits=True).load_statistics(shifted)
+    rng = np.random.default_rng(0)
+    other = CalibrationMeter(n_bins=5)
+    other.update(rng.normal(size=(400, 21)), rng.integers(0, 21, 400))
+    assert other.statistics().shape[0] == 3 * 15 + 4 + 2 * 15 * 6
+    with pytest.raises(ValueError, match="not a sum"):
+        CalibrationMeter(n_bins=15).load_statistics(other.statistics())
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 1), (3, 2)])
+def test_binary_probabilities_off_by_round_off_are_detected_as_probabilities(shape: tuple[int, ...]) -> None:
+    """Binary and multi-label scores within 1e-5 of [0, 1] (what ``from_logits=False``
+    accepts) are probabilities to the detection too, as rows of a multiclass batch are."""
+    p = np.array([0.1, 0.2, 0.9, 1 + 1e-6, -1e-6, 0.5]).reshape(shape)
+    y = np.array([0, 0, 1, 1, 0, 1]).reshape(shape if len(shape) == 2 and shape[1] > 1 else (6,))
+    m = CalibrationMeter()
+    m.update(p, y)
+    assert m.from_logits is False
+    assert m.compute()["nll"] == pytest.approx(cal.nll(p, y, from_logits=False), rel=1e-12)
+    assert cal.nll(p, y) == cal.nll(p, y, from_logits=False)
+    for outside in (1 + 2e-5, -2e-5):  # beyond the round-off: logits
+        q = p.copy()
+        q.reshape(-1)[0] = outside
+        m = CalibrationMeter()
+        m.update(q, y)
+        assert m.from_logits is True
+        assert cal.nll(q, y) == cal.nll(q, y, from_logits=True)
+
+
+BAD_PADDING = [
+    ("3-D scores", np.zeros((4, 3, 5)), [-100] * 4, "must be \\(N, C\\)"),
+    ("other class count", np.full((4, 7), np.nan), [-100] * 4, "7 classes, the meter 3"),
+    ("labels not one per row", np.zeros((2, 3)), [-100] * 6, "one per row"),
+    ("empty batch of other classes", np.zeros((0, 9)), [], "9 classes, the meter 3"),
+    ("binary batch in a multiclass meter", np.zeros(4), [-100] * 4, "binary but the meter holds multiclass"),
+    ("binary labels of another shape", np.zeros((4, 2)), np.full((2, 4), -100), "labels have shape"),
+    ("not numbers", np.array(["a", "b"]), [-100] * 2, "numeric"),
+]
+
+
+@pytest.mark.parametrize(("case", "x", "labels", "match"), BAD_PADDING, ids=[c[0] for c in BAD_PADDING])
+def test_a_batch_with_nothing_to_measure_is_still_checked(case: str, x: Any, labels: Any, match: str) -> None:
+    """A batch that is all padding (every label ignored) or empty adds nothing, but its shapes
+    are checked as a measured batch's are: a wrong batch is refused when it comes, not when a
+    later batch happens to hold a label. Its values are not read (padding may be NaN)."""
+    m = CalibrationMeter(ignore_index=-100, from_logits=True)
+    m.update(np.zeros((2, 3)), [0, 1])
+    before = m.statistics()
+    with pytest.raises((ValueError, TypeError), match=match):
+        m.update(x, labels)
+    assert torch.equal(m.statistics(), before), case
+    m.update(np.full((4, 3), np.nan), [-100] * 4)  # padding of the right shape: accepted
+    m.update(np.zeros((0, 3)), [])
+    assert m.compute()["count"] == 2
+
+
+def test_a_padding_batch_fixes_the_number_of_classes() -> None:
+    """Without num_classes, a first batch that is all padding fixes the classes as a measured
+    one does: a later batch of other classes is refused."""
+    m = CalibrationMeter(ignore_index=-100, from_logits=True)
+    m.update(np.zeros((4, 5)), [-100] * 4)
+    with pytest.raises(ValueError, match="4 classes, the meter 5"):
+        m.update(np.zeros((2, 4)), [0, 1])
+    m.update(np.zeros((2, 5)), [0, 4])
+    assert m.compute()["count"] == 2

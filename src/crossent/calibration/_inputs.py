@@ -259,6 +259,15 @@ def looks_like_probs(x: object, name: str = "predictions") -> bool:
     return True
 
 
+def looks_like_binary_probs(t: torch.Tensor) -> bool:
+    """True if every entry of binary or multi-label scores ``t`` lies in [0, 1], within the
+    round-off that ``from_logits=False`` accepts (:data:`RANGE_ATOL`), as the rows of
+    :func:`looks_like_probs` do; NaN and infinity are not probabilities."""
+    if t.numel() == 0:
+        return False
+    return float(t.min()) >= -RANGE_ATOL and float(t.max()) <= 1 + RANGE_ATOL
+
+
 def log_eps(dtype: torch.dtype) -> float:
     """Smallest positive normal number of ``dtype``, used to clip log(0)."""
     return float(torch.finfo(dtype).tiny)
@@ -334,6 +343,19 @@ def _caller_level() -> int:
     return level
 
 
+def check_binary_labels_shape(t: torch.Tensor, arr: np.ndarray, name: str) -> None:
+    """Raise ValueError unless labels of ``arr``'s shape fit the binary or multi-label scores
+    ``t`` (:func:`binary_shaped`): one 0/1 label per score."""
+    n = t.shape[0]
+    column = t.ndim == 1 or t.shape[1] == 1
+    if arr.shape != tuple(t.shape) and not (column and arr.shape in ((n,), (n, 1), (1, n))):
+        raise ValueError(
+            f"labels have shape {arr.shape} but {name} have shape {tuple(t.shape)};"
+            " a binary problem takes (N,) or (N, 1) scores and (N,) 0/1 labels, a"
+            " multi-label one (N, L) scores and (N, L) 0/1 labels"
+        )
+
+
 def select(
     probs: object, labels: object, *, from_logits: bool, ignore_index: int | None
 ) -> tuple[str, torch.Tensor, np.ndarray]:
@@ -352,14 +374,7 @@ def select(
     t = _to_tensor(probs, name)
     arr = label_array(labels)
     if binary_shaped(t.shape, arr.shape):
-        n = t.shape[0]
-        column = t.ndim == 1 or t.shape[1] == 1
-        if arr.shape != tuple(t.shape) and not (column and arr.shape in ((n,), (n, 1), (1, n))):
-            raise ValueError(
-                f"labels have shape {arr.shape} but {name} have shape {tuple(t.shape)};"
-                " a binary problem takes (N,) or (N, 1) scores and (N,) 0/1 labels, a"
-                " multi-label one (N, L) scores and (N, L) 0/1 labels"
-            )
+        check_binary_labels_shape(t, arr, name)
         p = t.reshape(-1)
         y = arr.reshape(-1)
         if ignore_index is not None:

@@ -20,8 +20,10 @@ import argparse
 import codecs
 import json
 import math
+import pickle
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -426,7 +428,16 @@ def _load(
             return {"": _read_csv(path, csv_header)}
         import torch
 
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of the pickle protocol before it refuses
+            warnings.simplefilter("ignore")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                raise ValueError(
+                    "it is not a file of tensors that torch.load(weights_only=True) reads, and a pickle of"
+                    " other objects is not loaded (unpickling can run code): save the arrays with"
+                    " torch.save(tensor) or np.save"
+                ) from None
         if isinstance(obj, torch.Tensor):
             return {"": _tensor_to_numpy(obj)}
         if isinstance(obj, dict):
@@ -1063,9 +1074,9 @@ def held_out_warning(result: dict[str, Any], *, compare: bool) -> str | None:
     still give a T that hurts on new data, and the user is told, with the numbers."""
     key = result["objective"]
     before, after = result["before"][key], result["after"][key]
-    if not after > before:
-        return None
     percent = key == "ece"
+    if not after > before or _fmt(after, percent) == _fmt(before, percent):  # worse where it shows
+        return None
     advice = ("compare the methods below" if compare
               else "keep the predictions as they are, or compare the methods (without --no-compare)")
     return (
@@ -1220,8 +1231,11 @@ def main(args: argparse.Namespace) -> int:
             zero_note = (f"{zeros} entries of PREDICTIONS are 0 and every entry is a multiple of"
                          f" {step:g} (probabilities rounded to {round(-math.log10(step))} decimals?):"
                          f" the zeros are read as {floor:g}, the most that rounds to 0")
-        with np.errstate(divide="ignore"):
-            logits = np.log(np.maximum(preds, floor))
+        elif zeros:
+            zero_note = (f"{zeros} entries of PREDICTIONS are 0: read as {floor:g}, the smallest"
+                         f" normal {preds.dtype} (every NLL, the one before recalibration too)")
+        logits = np.maximum(preds, floor, dtype=np.float64)  # the log in float64, as the methods compute
+        np.log(logits, out=logits)
     else:
         logits = preds
     # the methods compute in their input's dtype: float64, so that float32 input loses no tiny

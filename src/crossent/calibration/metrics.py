@@ -52,6 +52,7 @@ from crossent.calibration._inputs import (
     check_real,
     drop_ignored,
     label_array,
+    looks_like_binary_probs,
     looks_like_probs,
     select,
 )
@@ -543,7 +544,8 @@ def nll(
     (N,) and multi-label (N, L) input give the binary cross-entropy
     :math:`-\frac1N\sum_i y_i\log p_i + (1 - y_i)\log(1 - p_i)` (from logits
     :math:`\operatorname{softplus}(z_i) - y_i z_i`), pooled over labels; there
-    ``from_logits=None`` means probabilities if every value lies in [0, 1].
+    ``from_logits=None`` means probabilities if every value lies in [0, 1] (within the 1e-5 of
+    round-off that ``from_logits=False`` accepts).
     """
     from_logits = check_bool("from_logits", from_logits, none=True)
     ignore_index = check_ignore_index(ignore_index)
@@ -553,7 +555,7 @@ def nll(
         # the entries measured (ignored ones may hold any padding), for the detection and logits
         kept = drop_ignored(raw, lab, ignore_index).reshape(-1) if from_logits is not False else raw
         if from_logits is None:
-            from_logits = kept.numel() > 0 and not (float(kept.min()) >= 0.0 and float(kept.max()) <= 1.0)
+            from_logits = kept.numel() > 0 and not looks_like_binary_probs(kept)
         if from_logits:
             _, _, y_np = select(raw, lab, from_logits=True, ignore_index=ignore_index)
             return float(binary_nll_terms(kept, y_np, from_logits=True).mean())

@@ -89,7 +89,15 @@ from crossent.calibration._base import (
     state_value,
     warn_if_probabilities,
 )
-from crossent.calibration._inputs import as_labels, as_matrix, check_bool, check_choice, check_int, check_real
+from crossent.calibration._inputs import (
+    as_labels,
+    as_matrix,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    label_array,
+)
 from crossent.calibration.metrics import _check_n_bins, width_bin_index, width_edges
 from crossent.calibration.temperature import TemperatureScaler
 
@@ -160,6 +168,13 @@ class _MulticlassRecalibrator(Recalibrator):
     _absent_consequence: ClassVar[str | None] = None
     #: for the one-vs-rest maps: what the map of a class with no validation sample gives it
     _absent_zero: ClassVar[str] = ""
+    #: whether the map has parameters per class, so that it takes logits of the classes it was
+    #: fitted on only; the maps of shared parameters (ensemble temperature scaling, like
+    #: temperature scaling) apply to any number of classes
+    _per_class: ClassVar[bool] = True
+    #: the number of classes of the fit: logits of another are refused even where the map
+    #: fell back to the identity, whose parameters do not say it (None once a state is loaded)
+    _n_classes: int | None = None
 
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -169,6 +184,8 @@ class _MulticlassRecalibrator(Recalibrator):
         fitted map would turn NaN into a finite probability, or give NaN rows)."""
         self._check_fitted()
         z = as_matrix(logits, "logits").to(torch.float64)
+        if self._per_class and self._n_classes is not None and z.shape[1] != self._n_classes:
+            raise class_count_error(z.shape[1], self._n_classes)
         finite = torch.isfinite(z).all(1)
         if not bool(finite.all()):
             i = int(torch.nonzero(~finite)[0, 0])
@@ -197,6 +214,7 @@ class _MulticlassRecalibrator(Recalibrator):
         """The guard on the validation data. ``note``: a problem the fit has already handled
         (absent classes of a one-vs-rest map), the diagnostic when the guard finds none."""
         yt = torch.from_numpy(y)
+        self._n_classes = z.shape[1]
         nll_id = float((torch.logsumexp(z, 1) - z.gather(1, yt[:, None])[:, 0]).mean())
         p = self._probs64(z)
         nll_fit = float(-np.log(np.maximum(p[np.arange(len(y)), y], np.finfo(np.float64).tiny)).mean())
@@ -586,6 +604,7 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
     """
 
     name = "ensemble_temperature"
+    _per_class = False  # T and the weights are shared; the uniform term is 1/K of the logits given
     #: the bounds of the temperature (those of the inner :class:`TemperatureScaler`)
     _t_bounds: ClassVar[tuple[float, float]] = (1e-2, 1e2)
 
@@ -723,7 +742,7 @@ class _BinaryRecalibrator(Recalibrator):
         methods take them; ``scores`` (the argument as given) and their ``n`` rows name the
         expected shape. Labels of another shape are refused, whatever their size: flattening
         them would pair labels and scores by their memory order."""
-        y = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
+        y = label_array(labels)
         one_per_score = y.shape == (n,) or y.shape in ((n, 1), (1, n))
         if not one_per_score:
             shape = tuple(scores.shape) if hasattr(scores, "shape") else np.shape(scores)

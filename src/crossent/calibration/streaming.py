@@ -39,13 +39,16 @@ import torch
 from crossent.calibration._inputs import (
     ArrayLike,
     _to_tensor,
+    as_matrix,
     binary_nll_terms,
     binary_shaped,
+    check_binary_labels_shape,
     check_bool,
     check_ignore_index,
     drop_ignored,
     iter_chunks,
     label_array,
+    looks_like_binary_probs,
     looks_like_probs,
     select,
 )
@@ -81,6 +84,28 @@ def _collective_device(group: object | None = None) -> torch.device:
 _SCALARS = ("n", "correct", "nll", "brier")
 
 
+def _not_statistics(f: np.ndarray, m: int, classwise: bool) -> str | None:
+    """Why the flat vector ``f`` cannot be a sum of statistics of meters with ``m`` width bins,
+    or None. Every entry of a sum is finite and non-negative, the counts are whole numbers, the
+    bins' counts add up to the samples and, with classwise sums, so do the label counts (one
+    per sample): which also catches another meter's statistics of the same length read with
+    other bins or classes."""
+    if not np.isfinite(f).all():
+        return f"entry {int(np.flatnonzero(~np.isfinite(f))[0])} is NaN or infinite"
+    if (f < 0).any():
+        return f"entry {int(np.flatnonzero(f < 0)[0])} is negative ({f[f < 0][0]:.6g})"
+    counts = [f[:m], f[3 * m : 3 * m + 2]]
+    n = f[3 * m]
+    cw_y = f[3 * m + 4 + (f.shape[0] - 3 * m - 4) // 2 :] if classwise else np.empty(0)
+    if any((c != np.round(c)).any() for c in (*counts, cw_y)):
+        return "a count (samples, correct, per bin or per class and bin) is not a whole number"
+    if f[:m].sum() != n:
+        return f"its bins count {f[:m].sum():.17g} samples, its total {n:.17g}"
+    if classwise and cw_y.sum() != n:
+        return f"its classwise bins count {cw_y.sum():.17g} labels, its total {n:.17g} samples"
+    return None
+
+
 class CalibrationMeter:
     """Accumulate ECE, classwise ECE, Brier, NLL and accuracy over batches and ranks.
 
@@ -97,7 +122,8 @@ class CalibrationMeter:
     from_logits:
         ``True`` for logits, ``False`` for probabilities, ``None`` to detect it on the first
         batch (rows in [0, 1] summing to one are probabilities; binary and multi-label scores
-        all in [0, 1]) and keep it until :meth:`reset`.
+        all in [0, 1]; both within the round-off ``from_logits=False`` accepts) and keep it until
+        :meth:`reset`.
     classwise:
         Also accumulate the classwise ECE (K M bins). It adds every one of the N K
         probabilities to a float64 column total: on the CPU about 10 % more than the rest of an
@@ -154,18 +180,56 @@ class CalibrationMeter:
         """Add a batch: (N, C) with labels (N,), or binary (N,) or (N, 1) / multi-label (N, L)
         with 0/1 labels of the same shape. A batch whose labels all equal ``ignore_index`` adds nothing."""
         lab = label_array(labels)
-        if lab.size == 0 or (self.ignore_index is not None and bool((lab == self.ignore_index).all())):
-            shape = tuple(np.shape(logits_or_probs))  # nothing to add, if the labels fit the scores
-            if shape and lab.size in (shape[0], math.prod(shape)):
-                self._labels_seen += lab.size
-                return
         before = (self.from_logits, self._kind, self._k)
         try:
-            self._update(logits_or_probs, labels, lab)
+            if lab.size == 0 or (self.ignore_index is not None and bool((lab == self.ignore_index).all())):
+                self._check_unmeasured(logits_or_probs, lab)  # nothing to add: shapes checked only
+            else:
+                self._update(logits_or_probs, labels, lab)
         except BaseException:  # a rejected batch leaves the meter as it was, detection included
             self.from_logits, self._kind, self._k = before
             raise
         self._labels_seen += lab.size
+
+    def _check_unmeasured(self, logits_or_probs: ArrayLike, lab: np.ndarray) -> None:
+        """The checks of a batch with no label to measure (empty, or every label ignored): its
+        scores' type and shape, against its labels and the meter's other batches, which it then
+        fixes as a measured batch does (the values, which nothing reads, are not checked: the
+        ignored rows of padding may hold anything)."""
+        name = "logits_or_probs"
+        t = _to_tensor(logits_or_probs, name)
+        if binary_shaped(t.shape, lab.shape):
+            check_binary_labels_shape(t, lab, name)
+            self._note_shape("binary", 2)
+            return
+        if t.ndim != 2:
+            as_matrix(t, name, metrics=True)  # raises, with the reshape that fixes (B, T, C) scores
+        flat = lab.reshape(-1) if lab.ndim == 2 and 1 in lab.shape else lab
+        if flat.ndim != 1 or flat.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"labels have shape {lab.shape} but {name} has {t.shape[0]} rows;"
+                " (N, C) scores take N class labels, one per row"
+            )
+        self._note_shape("multiclass", t.shape[1])
+
+    def _note_shape(self, kind: str, k: int) -> None:
+        """Check a batch's kind and number of classes against the meter's; the first batch
+        sets them."""
+        if self._kind is None:
+            self._kind = kind
+        elif kind != self._kind:
+            raise ValueError(f"this batch is {kind} but the meter holds {self._kind} batches")
+        if kind == "binary":
+            if self.num_classes not in (None, 2):
+                raise ValueError(
+                    f"num_classes={self.num_classes}, but binary and multi-label batches are measured"
+                    " as the two classes [1 - p, p]: pass num_classes=2 or leave it out"
+                )
+            return
+        if self._k is None:
+            self._k = k
+        elif k != self._k:
+            raise ValueError(f"this batch has {k} classes, the meter {self._k}; keep them equal")
 
     def _update(self, logits_or_probs: ArrayLike, labels: ArrayLike, lab: np.ndarray) -> None:
         if self.from_logits is None:
@@ -179,20 +243,12 @@ class CalibrationMeter:
                 start, stop = next(iter_chunks(t))
                 if not looks_like_probs(t[start:stop], "logits_or_probs"):
                     self.from_logits = True
-            else:
-                self.from_logits = not bool(((t >= 0) & (t <= 1)).all())
+            elif t.numel() > 0:  # binary and multi-label: every score in [0, 1]
+                self.from_logits = not looks_like_binary_probs(t)
         kind, t, y = select(  # the labels as read above
             logits_or_probs, lab, from_logits=bool(self.from_logits), ignore_index=self.ignore_index
         )
-        if self._kind is None:
-            self._kind = kind
-        elif kind != self._kind:
-            raise ValueError(f"this batch is {kind} but the meter holds {self._kind} batches")
-        if kind == "binary" and self.num_classes not in (None, 2):
-            raise ValueError(
-                f"num_classes={self.num_classes}, but binary and multi-label batches are measured as"
-                " the two classes [1 - p, p]: pass num_classes=2 or leave it out"
-            )
+        self._note_shape(kind, 2 if kind == "binary" else t.shape[1])
         if kind == "binary":  # positive-class probabilities; classwise on [1 - p, p]
             p = t  # float64 in [0, 1]; NumPy below: on a small batch a torch op costs several times more
             conf, correct = p.numpy(), y.astype(np.float64)
@@ -212,12 +268,7 @@ class CalibrationMeter:
             if r is not None and r.cw_p is not None and r.cw_y is not None:
                 self._add_classwise_sums(r.cw_p, r.cw_y)
             return
-        n, k = t.shape
-        if self._k is None:
-            self._k = k
-        elif k != self._k:
-            raise ValueError(f"this batch has {k} classes, the meter {self._k}; keep them equal")
-        if n == 0:
+        if t.shape[0] == 0:
             return
         self._update_multiclass(t, torch.from_numpy(y))
 
@@ -315,6 +366,12 @@ class CalibrationMeter:
                 f"flat has shape {tuple(flat.shape)}, the meter's statistics {tuple(self._flat().shape)};"
                 " use meters with the same n_bins, num_classes and classwise"
             )
+        problem = _not_statistics(flat.numpy(), m, self.classwise)
+        if problem:
+            raise ValueError(
+                f"flat is not a sum of CalibrationMeter.statistics() with n_bins={m}"
+                f" (classwise={self.classwise}): {problem}"
+            )
         self._synced = {"flat": flat.clone()}
 
     def sync(self, group: object | None = None) -> None:
@@ -325,9 +382,9 @@ class CalibrationMeter:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        if self.classwise and self._k is None and self._kind != "binary":
-            raise RuntimeError("sync before any update: pass num_classes= so every rank agrees")
         device = _collective_device(group)
+        if self.classwise:
+            self._agree_on_classes(group, device)
         flat = self._flat().to(device, copy=True)
         dist.all_reduce(flat, group=group)  # type: ignore[arg-type]
         synced: dict[str, object] = {"flat": flat.cpu()}
@@ -349,6 +406,30 @@ class CalibrationMeter:
             synced["conf"] = np.concatenate([q[0] for q in parts])
             synced["correct"] = np.concatenate([q[1] for q in parts])
         self._synced = synced
+
+    def _agree_on_classes(self, group: object | None, device: torch.device) -> None:
+        """The number of classes K, which sizes the classwise sums, from the ranks that know it
+        (a rank that measured nothing yet, such as one whose batches were all padding, takes
+        theirs): one all-reduce of two numbers, so that every rank raises the same error or
+        none does, never one rank alone while the others wait in the collective."""
+        import torch.distributed as dist
+
+        k = 2 if self._kind == "binary" else self._k
+        head = torch.tensor([float(k or 0), -float(k or 2**53)], dtype=torch.float64, device=device)
+        dist.all_reduce(head, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
+        k_max, k_min = int(head[0]), int(-head[1])
+        if k_max == 0:
+            raise RuntimeError(
+                "sync: no rank has measured a batch, so the number of classes of the classwise sums is"
+                " unknown; pass num_classes= to CalibrationMeter, or classwise=False"
+            )
+        if k_min != k_max:
+            raise ValueError(
+                f"sync: the ranks' meters hold {k_min} to {k_max} classes; every rank must measure the"
+                " same classes (pass the same num_classes= everywhere)"
+            )
+        if k is None:
+            self._k = k_max
 
     # ------------------------------------------------------------------ result
     def compute(self) -> dict[str, float]:
