@@ -131,6 +131,43 @@ def scaled_reference(x: torch.Tensor, y: np.ndarray, beta: float) -> dict[str, n
 SCALED = list(itertools.product(PATHS, DTYPES, (0.37, 1.0, 4.0), (2, 37, 1000)))
 
 
+@pytest.mark.parametrize("where", PATHS)
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("margin", [0.5, 3.0, 8.0, 16.0, 30.0])
+def test_confident_rows_keep_the_relative_precision_of_nll_and_brier(
+    where: str, from_logits: bool, dtype: torch.dtype, margin: float
+) -> None:
+    """Rows whose label holds most of the probability: the NLL and Brier score are small, and
+    the forms -log p_y = m + log s - z_y and q - 2 p_y + 1 would cancel to the round-off of the
+    float sums (a Brier of 8.9e-8 read as 6.0e-8 once). Each row's values keep the relative
+    precision of the storage dtype against float64 computed from the other entries."""
+    g = torch.Generator().manual_seed(int(margin * 10))
+    n, k = 64, 50
+    z = torch.randn((n, k), generator=g, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=g)
+    z[torch.arange(n), y] += margin
+    if from_logits:
+        x = z.to(dtype)
+        e = torch.exp(x.double() - x.double().max(1, keepdim=True).values)
+    else:
+        x = torch.softmax(z, 1).to(dtype)
+        e = x.double()
+    s = e.sum(1)
+    e_y = e[torch.arange(n), y]
+    others = e.scatter(1, y[:, None], 0.0)
+    s_ex, q_ex = others.sum(1), others.square().sum(1)
+    if from_logits:
+        want_nll, want_brier = torch.log1p(s_ex / e_y), (q_ex + s_ex.square()) / s.square()
+    else:
+        want_nll, want_brier = -torch.log(e_y), q_ex + (1 - e_y).square()
+    with path(where):
+        r = row_statistics(x, y, from_logits=from_logits, name="x")
+    rtol = 3e-6 if dtype == torch.float32 else 1e-11
+    np.testing.assert_allclose(r.nll, want_nll.numpy(), rtol=rtol, atol=0)
+    np.testing.assert_allclose(r.brier, want_brier.numpy(), rtol=rtol, atol=0)
+
+
 @pytest.mark.parametrize(("where", "dtype", "beta", "k"), SCALED)
 def test_inverse_temperature_and_moments_match_float64_reference(
     where: str, dtype: torch.dtype, beta: float, k: int

@@ -13,6 +13,10 @@ From logits :math:`z`, with :math:`m = \max_k z_k`, :math:`e_k = \exp(z_k - m)` 
     \hat p = 1 / s, \qquad -\log p_y = m + \log s - z_y, \qquad
     \sum_k (p_k - [y = k])^2 = \frac{\sum_k e_k^2}{s^2} - \frac{2 e_y}{s} + 1,
 
+and where :math:`p_y > 1/2`, whose NLL and Brier score those forms would cancel to the float
+sums' round-off, :math:`\log(1 + s'/e_y)` and :math:`(q' + s'^2)/s^2` from the other entries'
+sum :math:`s'` and sum of squares :math:`q'` (one more read of the row, in cache),
+
 and the classwise bins take :math:`p_k = e_k \cdot (1 / s)` in float64. On the CPU the native
 kernel (``ce_calibration`` in ``crossent/backends/native/_kernels_body.h``) does this in one
 read of each row; elsewhere (no compiler, ``CROSSENT_NATIVE=0``) the same formulas run as torch
@@ -235,9 +239,17 @@ def _row_statistics_torch(
                 dev = d - mean_d.to(d.dtype)[:, None]
                 dvar[start:stop] = torch.where(live, e * dev * dev, 0.0).sum(1).to(f64) * inv
             if nll is not None and brier is not None:
-                nll[start:stop] = scale * (m.to(f64) - at_y) + torch.log(s)
+                # where p_y > 1/2, from the other entries themselves (see sums_but in the kernel)
+                e_y = e.gather(1, yb)[:, 0].to(f64)
+                others = e.scatter(1, yb, 0.0)
+                s_ex = others.sum(1).to(f64)
+                q_ex = torch.linalg.vector_norm(others, dim=1).to(f64).square()
+                dominant = e_y * inv > 0.5
+                nll[start:stop] = torch.where(dominant, torch.log1p(s_ex / e_y),
+                                              scale * (m.to(f64) - at_y) + torch.log(s))
                 sq = torch.linalg.vector_norm(e, dim=1).to(f64).square()
-                brier[start:stop] = sq * inv.square() - 2.0 * e.gather(1, yb)[:, 0].to(f64) * inv + 1.0
+                brier[start:stop] = torch.where(dominant, q_ex * inv.square() + (s_ex * inv).square(),
+                                                sq * inv.square() - 2.0 * e_y * inv + 1.0)
             p = e.to(f64).mul_(inv[:, None]) if cw_p is not None else None
         else:
             pmax, idx = block.max(dim=1)
@@ -245,7 +257,9 @@ def _row_statistics_torch(
             if nll is not None and brier is not None:
                 nll[start:stop] = -torch.log(at_y.clamp_min(float(torch.finfo(f64).tiny)))
                 sq = torch.linalg.vector_norm(block, dim=1).to(f64).square()
-                brier[start:stop] = sq - 2.0 * at_y + 1.0
+                q_ex = torch.linalg.vector_norm(block.scatter(1, yb, 0.0), dim=1).to(f64).square()
+                brier[start:stop] = torch.where(at_y > 0.5, q_ex + (1.0 - at_y).square(),
+                                                sq - 2.0 * at_y + 1.0)
             p = block.to(f64) if cw_p is not None else None
         pred[start:stop] = idx
         if p is not None and cw_p is not None and cw_y is not None:

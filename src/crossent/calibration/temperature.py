@@ -238,6 +238,11 @@ class TemperatureScaler(Recalibrator):
         minimises the top-label width-binned ECE with ``n_bins`` bins (temperature scaling
         only). ``init_temperature`` is where the NLL iteration starts (clipped to the bounds);
         the result does not depend on it.
+
+        The guard judges every fit by the validation NLL, the ECE objective's too: near
+        :math:`T = 1` an ECE-fitted temperature often has a higher validation NLL than
+        :math:`T = 1`, and then falls back to it; ``fallback_to_identity=False`` keeps it (with
+        the warning).
         """
         objective = check_choice("objective", objective, ("nll", "ece"))
         n_bins = _check_n_bins(n_bins)

@@ -1259,6 +1259,33 @@ ALWAYS_INLINE void FN(row_moments)(const ACC *restrict u, int64_t C, ACC *m_out,
     *sq_out = sq;
 }
 
+/* The sum and the sum of squares of a row's entries other than its label's, y. The Brier
+ * score of a row, sum_k (p_k - [k = y])^2, is q - 2 p_y + 1 from the row's sum of squares q,
+ * and the NLL of logits m - z_y + log s; where p_y > 1/2 both cancel (q ~ p_y^2, s ~ e_y) to an
+ * absolute error of the float sums' round-off, about 1e-7, which is most of a confident row's
+ * score (a Brier of 9e-8 read as 6e-8). From the other entries themselves,
+ * sum_{k != y} p_k^2 + (1 - p_y)^2 and log1p(sum_{k != y} e_k / e_y) keep their relative
+ * precision; a second read of the row, in L1 by then, for those rows only. */
+static void FN(sums_but)(const ACC *v, int64_t C, int64_t y, double *s_out, double *q_out) {
+    double s = 0.0, q = 0.0;
+    for (int part = 0; part < 2; ++part) {
+        const int64_t lo = part ? y + 1 : 0, hi = part ? C : y;
+        for (int64_t k0 = lo; k0 < hi; k0 += SEG) {
+            const int64_t k1 = hi - k0 < SEG ? hi : k0 + SEG;
+            ACC ps = 0, pq = 0;
+            SIMD_SUM(ps, pq)
+            for (int64_t k = k0; k < k1; ++k) {
+                ps += v[k];
+                pq += v[k] * v[k];
+            }
+            s += (double)ps;
+            q += (double)pq;
+        }
+    }
+    *s_out = s;
+    *q_out = q;
+}
+
 /* The classwise pass of one row in portable C (AVX-512 and AVX2 builds use cw_row_simd): every
  * p_k = u_k inv to its column total (its first bin), then the entries above thr, found by blocks
  * of 64, moved from there to their own bins where those are others. */
@@ -1415,12 +1442,25 @@ WIDE_VECTORS static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int ti
                 a->dvar[r] = V * inv;
             }
             const double py = (double)p[y] * inv;
-            brier = q * inv * inv - 2.0 * py + 1.0;
+            if (py > 0.5) { /* the label dominates: see FN(sums_but) */
+                double s_ex, q_ex;
+                FN(sums_but)(p, C, y, &s_ex, &q_ex);
+                brier = q_ex * inv * inv + (s_ex * inv) * (s_ex * inv);
+                nll = log1p(s_ex / (double)p[y]); /* log(s / e_y), s = e_y + s_ex */
+            } else {
+                brier = q * inv * inv - 2.0 * py + 1.0;
+            }
         } else {
             const double py = (double)uy;
             conf = (double)m;
             nll = -log(py > 2.2250738585072014e-308 ? py : 2.2250738585072014e-308);
-            brier = q - 2.0 * py + 1.0;
+            if (py > 0.5) {
+                double s_ex, q_ex;
+                FN(sums_but)(u, C, y, &s_ex, &q_ex);
+                brier = q_ex + (1.0 - py) * (1.0 - py);
+            } else {
+                brier = q - 2.0 * py + 1.0;
+            }
             a->rowmin[r] = (double)lo;
         }
         const int64_t pred = am < 0 ? 0 : am;
