@@ -552,8 +552,7 @@ class Recalibrator:
             self.diagnostic = state.get("diagnostic")
             self.diagnostic_kind = state.get("diagnostic_kind")
             self._set_params(dict(params))  # checks every param (state_array) before setting any
-            if "_n_classes" in vars(self):  # the fit's class count: the loaded params carry theirs
-                del self._n_classes
+            vars(self).pop("_n_classes", None)  # the fit's class count: the loaded params carry theirs
         except BaseException:
             vars(self).clear()
             vars(self).update(before)
