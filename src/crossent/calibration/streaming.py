@@ -10,9 +10,11 @@ numbers of the one-shot functions on all the data without gathering the predicti
 * sums of the per-sample NLL and Brier score, the number correct and the number of samples.
 
 :meth:`CalibrationMeter.sync` all-reduces these (one ``torch.distributed.all_reduce`` of a
-flat float64 vector; counts stay exact integers below :math:`2^{53}`). The statistics live on
-the CPU; the collective runs where the group's backend takes tensors: on the CPU for gloo or
-MPI, on the current GPU for a group that is NCCL only.
+flat float64 vector; counts stay exact integers below :math:`2^{53}`), after one of two numbers
+with the classwise sums, by which the ranks agree on the number of classes those hold (a rank
+that measured nothing takes the others'). The statistics live on the CPU; the collectives run
+where the group's backend takes tensors: on the CPU for gloo or MPI, on the current GPU for a
+group that is NCCL only.
 
 Equal-mass bins cannot be formed from fixed-size statistics: a bin edge is a quantile of all
 confidences, which per-batch histograms cannot recover exactly. With ``binning="mass"`` the
@@ -377,7 +379,10 @@ class CalibrationMeter:
     def sync(self, group: object | None = None) -> None:
         """All-reduce the statistics over the ranks of ``group`` (default: the world); no-op
         without an initialised process group. Every rank must call it; afterwards
-        :meth:`compute` gives the numbers over all ranks' data, until the next update."""
+        :meth:`compute` gives the numbers over all ranks' data, until the next update. A rank
+        with no data (no update, or only padding) takes part with empty statistics; where the
+        ranks cannot agree on the number of classes (no rank knows it, or they differ), every
+        rank raises the same error."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
