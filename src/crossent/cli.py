@@ -18,9 +18,11 @@ missing optional dependency (:class:`~crossent._extras.MissingExtraError`, or an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -106,7 +108,33 @@ def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
         raise CLIError(f"{flag} {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CLIError(f"{flag} {out}: cannot create it, {parent} is not writable")
+    _probe_out_dir(out, flag)
     return out
+
+
+def _probe_out_dir(out: Path, flag: str) -> None:
+    """Create the folders of ``out`` that are missing and a file in it, then remove what was
+    made: what the permission bits do not tell (a read-only file system, ``/proc``, a user
+    such as root for whom every ``os.access`` succeeds) fails here, before any work, not when
+    the results are written."""
+    made: list[Path] = []
+    try:
+        missing = []
+        p = out.absolute()
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise CLIError(f"{flag} {out}: cannot write there ({err.strerror or err})") from None
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 #: subcommand -> (module, one-line help)

@@ -82,6 +82,12 @@ LOW_COUNT = Kind(  # an integer >= 0
 )
 
 
+TEXT = Kind(  # a title: a string or None
+    bad=((3, TypeError), (2.5, TypeError), (True, TypeError), (["a title"], TypeError)),
+    good=((np.str_("a title"), "a title"), (None, None)),
+)
+
+
 def choice(*values: str) -> Kind:
     return Kind(bad=((1, TypeError), (None, TypeError), (b"x", TypeError), ("nope", ValueError),
                      (values[0].upper(), ValueError)),
@@ -173,12 +179,13 @@ TARGETS: list[Target] = [
             "classwise": BOOL}),
     # plots
     Target("reliability_diagram", lambda **kw: _titles(cal.reliability_diagram(P, Y, **kw)),
-           {**BINS, "from_logits": BOOL, "low_count": LOW_COUNT, "ignore_index": IGNORE_INDEX},
-           not_options=("ax", "title", "aggregate")),
+           {**BINS, "from_logits": BOOL, "low_count": LOW_COUNT, "ignore_index": IGNORE_INDEX,
+            "title": TEXT, "aggregate": TEXT},
+           not_options=("ax",)),
     Target("compare_reliability_diagrams",
            lambda **kw: _titles(cal.compare_reliability_diagrams({"a": P}, Y, **kw)),
-           {**BINS, "from_logits": BOOL, "low_count": LOW_COUNT, "ignore_index": IGNORE_INDEX},
-           not_options=("aggregate",)),
+           {**BINS, "from_logits": BOOL, "low_count": LOW_COUNT, "ignore_index": IGNORE_INDEX,
+            "aggregate": TEXT}),
     # recalibrators: run gives the options; fit, one fit with the options given
     Target("Recalibrator", lambda **kw: _options(cal.Recalibrator(**kw)), FALLBACK),
     Target("TemperatureScaler", lambda **kw: _options(cal.TemperatureScaler(**kw)),

@@ -233,3 +233,25 @@ def test_ignore_index_draws_the_diagram_of_the_kept_samples(which: str, binning:
     assert len(_bars(want)) > 15 and _bars(got) == _bars(want)
     with pytest.raises(ValueError, match="labels"):
         draw(p, yi)  # -100 is no class without ignore_index
+
+
+@pytest.mark.parametrize("ax", ["foo", 3, np.zeros(2)], ids=["str", "int", "array"])
+def test_ax_that_is_not_axes_is_refused_naming_it(ax: object) -> None:
+    """``ax`` is checked with the other options, before anything is drawn: an AttributeError
+    from inside matplotlib named nothing."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), 20)
+    with pytest.raises(TypeError, match="ax must be a matplotlib Axes or None"):
+        reliability_diagram(p, rng.integers(0, 3, 20), ax=ax)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("given", ["list", "pairs", "array", "int key"])
+def test_probs_by_name_that_is_not_a_mapping_of_titles_is_refused(given: str) -> None:
+    """``compare_reliability_diagrams`` takes {title: probs}: a list, a list of pairs or an
+    array is refused naming ``probs_by_name``, not with an AttributeError or NumPy's "truth
+    value of an array is ambiguous"."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), 20)
+    arg = {"list": [p, p], "pairs": [("a", p)], "array": np.stack([p, p]), "int key": {1: p}}[given]
+    with pytest.raises(TypeError, match="probs_by_name"):
+        compare_reliability_diagrams(arg, rng.integers(0, 3, 20))  # type: ignore[arg-type]

@@ -196,3 +196,57 @@ def test_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for needle in ("Clearly", "Mukhoti et al.", "FL ≥ CE − γH", "Post-hoc logit adjustment",
                    "student of LS 0.1", "Label shift"):
         assert needle in md, needle
+
+
+def test_one_seed_gives_means_without_an_interval(tmp_path: Path, blobs: TaskData) -> None:
+    """From one seed the spread between seeds is unknown: the cells give the mean alone (not
+    "± 0.00", which claimed certainty), the statistics note says why, and the reading calls no
+    difference clear or within noise."""
+    from crossent.experiments.report import ONE_SEED_NOTE
+    from crossent.experiments.runner import _mean_std, clearly_different
+
+    one = _mean_std([0.25], boot_sds=[0.01])
+    assert one[0] == 0.25 and np.isnan(one[1]) and np.isnan(one[2])
+    assert not clearly_different([0.0, np.nan, np.nan], [1.0, np.nan, np.nan])
+    cfg = StudyConfig(losses=["ce", "focal-3", "cp-3"], seeds=[0], epochs=3, hidden=16)
+    result = run_study(cfg, tasks={"blobs": blobs})
+    write_run_folder(result, tmp_path / "run", command="crossent run --test", figures=False)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert ONE_SEED_NOTE in md
+    reading = [line for line in md.splitlines() if line.startswith("- ")]
+    verdicts = [line for line in reading if not line.startswith("- One seed: no interval")]
+    assert len(verdicts) == len(reading) - 1
+    assert not any("within noise" in line or "clearly" in line for line in verdicts)
+    table_rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table_rows and not any("±" in line for line in table_rows)
+    with (tmp_path / "run" / "summary.csv").open() as fh:
+        summary = list(csv.DictReader(fh))
+    assert summary[0]["temperature_ci95"] == "nan" and summary[0]["temperature_mean"] != "nan"
+
+
+def test_a_class_too_small_to_split_is_named_by_its_label(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = ["f,species"] + [f"{i},setosa" for i in range(6)] + ["7,virginica", "8,virginica"]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    rc = main(["run", "--data", str(tmp_path / "t.csv"), "--target", "species", *TINY,
+               "--out", str(tmp_path / "out")])
+    err = _one_line_error(capsys, rc)
+    assert "class 'virginica' has only 2 example(s)" in err and "np.int64" not in err
+
+
+def test_an_out_that_cannot_be_written_fails_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the permission bits do not tell (here /proc, where every os.access succeeds for
+    root but nothing can be created) is found by creating the folder and a file before the
+    study, not after it; a probe of a new nested folder leaves nothing behind."""
+    from crossent.cli import check_out_dir
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc")
+    rc = main(["run", "--quick", "--out", "/proc/crossent-out"])
+    assert "--out /proc/crossent-out: cannot write there" in _one_line_error(capsys, rc)
+    assert capsys.readouterr().out == ""  # nothing trained
+    check_out_dir(tmp_path / "a" / "b" / "c")
+    assert not (tmp_path / "a").exists()

@@ -17,10 +17,12 @@ import numpy as np
 from crossent._extras import require
 from crossent.calibration._inputs import (
     ArrayLike,
+    OptionTypeError,
     check_bool,
     check_ignore_index,
     check_int,
     select,
+    shown_option,
 )
 from crossent.calibration.metrics import (
     Binning,
@@ -86,6 +88,13 @@ def _check_options(
     return (_check_n_bins(n_bins), _check_binning(binning),
             check_bool("from_logits", from_logits), check_int("low_count", low_count, low=0),
             check_ignore_index(ignore_index))
+
+
+def _check_text(name: str, value: object) -> str | None:
+    """A title-like option: a string or None."""
+    if value is not None and not isinstance(value, str):
+        raise OptionTypeError(f"{name} must be a string or None, got {shown_option(value)}")
+    return value
 
 
 def _scored(
@@ -233,7 +242,10 @@ def reliability_diagram(
     """
     n_bins, binning, from_logits, low_count, ignore_index = _check_options(
         n_bins, binning, from_logits, low_count, ignore_index)
+    title, aggregate = _check_text("title", title), _check_text("aggregate", aggregate)
     Figure = require("matplotlib.figure", "reliability diagrams").Figure
+    if ax is not None and not isinstance(ax, require("matplotlib.axes", "reliability diagrams").Axes):
+        raise OptionTypeError(f"ax must be a matplotlib Axes or None, got {shown_option(ax)}")
 
     conf, correct, names = _scored(probs, labels, from_logits, ignore_index)
     legend: Literal["outside", "inside"] = "outside" if ax is None else "inside"
@@ -270,8 +282,19 @@ def compare_reliability_diagrams(
     """
     n_bins, binning, from_logits, low_count, ignore_index = _check_options(
         n_bins, binning, from_logits, low_count, ignore_index)
+    aggregate = _check_text("aggregate", aggregate)
     Figure = require("matplotlib.figure", "reliability diagrams").Figure
 
+    if not isinstance(probs_by_name, Mapping):
+        raise OptionTypeError(
+            "probs_by_name must be a mapping {name: probs} (a dict), one panel per entry, got"
+            f" {type(probs_by_name).__name__}"
+        )
+    bad = next((name for name in probs_by_name if not isinstance(name, str)), None)
+    if bad is not None:
+        raise OptionTypeError(
+            f"probs_by_name's keys are the panels' titles: strings, got {shown_option(bad)}"
+        )
     if not probs_by_name:
         raise ValueError("probs_by_name is empty: give at least one {name: probs} entry")
     panels = [(name, *_scored(p, labels, from_logits, ignore_index)) for name, p in probs_by_name.items()]

@@ -146,13 +146,15 @@ def stratified_split(
     fractions: Sequence[float],
     *,
     seed: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> list[np.ndarray]:
     """Split indices into parts with the given fractions, class by class.
 
     Within each class the indices are shuffled with ``seed``; part ``j > 0`` receives
     ``round(n_c * fractions[j])`` of them (at least one each) and part 0 the rest, so every
     class appears in every part. Each class therefore needs at least ``len(fractions)``
-    examples. Returns sorted index arrays, one per part.
+    examples; the error names a class by ``class_names[c]`` where given (the user's label of
+    the encoded class ``c``). Returns sorted index arrays, one per part.
     """
     y = np.asarray(y)
     if abs(sum(fractions) - 1.0) > 1e-6 or any(f <= 0 for f in fractions):
@@ -162,8 +164,9 @@ def stratified_split(
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         if len(idx) < len(fractions):
+            shown = class_names[int(c)] if class_names is not None else c.item()
             raise DataError(
-                f"class {c!r} has only {len(idx)} example(s); each class needs at least "
+                f"class {shown!r} has only {len(idx)} example(s); each class needs at least "
                 f"{len(fractions)} (train / validation / test)"
             )
         idx = rng.permutation(idx)
@@ -558,7 +561,7 @@ def load_user_data(
     if not p.is_file():
         raise DataError(f"{p}: not a file")
     x, y, names = _read_user_arrays(p, target)
-    splits = stratified_split(y, [0.6, 0.2, 0.2], seed=data_seed)
+    splits = stratified_split(y, [0.6, 0.2, 0.2], seed=data_seed, class_names=names)
     k = len(names)
     return _split_task(
         x,

@@ -89,6 +89,11 @@ STATISTICS_NOTE = (
     "**Clearly** different means: |m_A − m_B| > √(h_A² + h_B²), the 95% half-width of the "
     "difference; anything closer is called within noise."
 )
+#: added to :data:`STATISTICS_NOTE` where a (task, loss) ran with one seed
+ONE_SEED_NOTE = (
+    "With one seed the spread between seeds is unknown: such cells give the mean alone, without "
+    "an interval, and nothing involving them is called clearly different (run more --seeds)."
+)
 
 
 def _fmt(ms: Sequence[float], metric: str, *, digits: int | None = None) -> str:
@@ -101,6 +106,8 @@ def _fmt(ms: Sequence[float], metric: str, *, digits: int | None = None) -> str:
     d = digits if digits is not None else (
         1 if metric in ("acc", "balanced_acc", "macro_f1", "tail_recall", "train_acc")
         else 2 if metric in PERCENT or metric in ("temperature", "entropy") else 3)
+    if math.isnan(h):  # one seed: no interval (ONE_SEED_NOTE)
+        return f"{mean * scale:.{d}f}"
     return f"{mean * scale:.{d}f} ± {h * scale:.{d}f}"
 
 
@@ -111,6 +118,8 @@ def _cell(ms: Sequence[float], metric: str, digits: int) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
     scale = 100.0 if metric in PERCENT else 1.0
+    if math.isnan(h):
+        return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f}[dim]±{h * scale:.{digits}f}[/]"
 
 
@@ -392,7 +401,11 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
             lines.append(f"T < 1 (underconfident before scaling): {', '.join(under)}.")
         if over:
             lines.append(f"T > 1 (overconfident before scaling): {', '.join(over)}.")
-        if ce is not None:
+        one_seed = all(r["n_seeds"] == 1 for r in trows)  # no interval: nothing to judge
+        if one_seed:
+            lines.append("One seed: no interval, so no difference between losses is called clear or"
+                         " within noise (run more --seeds).")
+        if ce is not None and not one_seed:
             beat_before = [r["loss_label"] for r in valid
                            if r["loss"] != "ce" and _clearly_lower(r["ece"], ce["ece"])]
             worse_before = [r["loss_label"] for r in valid
@@ -429,7 +442,7 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
             if unscaled and effect.endswith("every loss."):
                 effect = effect[:-1] + " it was applied to."
             lines.append(effect)
-        lines += _theory_reading(trows)
+        lines += _theory_reading(trows, judge=not one_seed)
         if data.imbalanced:
             lines += _long_tail_reading(trows)
         reading[task] = lines
@@ -495,7 +508,9 @@ def _scaling_effect(hurt: list[dict[str, Any]]) -> str:
             + "; ".join(parts) + ". Its T comes from the validation set only.")
 
 
-def _theory_reading(trows: list[dict[str, Any]]) -> list[str]:
+def _theory_reading(trows: list[dict[str, Any]], *, judge: bool = True) -> list[str]:
+    """The sentences on the bound FL >= CE - gamma H and on each focal / confidence-penalty
+    pair; ``judge=False`` (one seed) leaves out whether a pair differs clearly."""
     by = _by_loss(trows)
     lines = []
     bounds = [r for r in trows if "bound_holds" in r]
@@ -517,7 +532,8 @@ def _theory_reading(trows: list[dict[str, Any]]) -> list[str]:
             f"γ = β = {g:g}: {a['loss_label']} has ECE {_fmt(a['ece'], 'ece')}%, T "
             f"{a['temperature'][0]:.2f}, H {a['entropy'][0]:.2f}; {b['loss_label']} has ECE "
             f"{_fmt(b['ece'], 'ece')}%, T {b['temperature'][0]:.2f}, H {b['entropy'][0]:.2f}"
-            + (f" (within noise in {', '.join(same)})" if same else " (clearly different in all three)")
+            + ("" if not judge else f" (within noise in {', '.join(same)})" if same
+               else " (clearly different in all three)")
             + "."
         )
     return lines
@@ -953,6 +969,7 @@ def _report_md(
         "(Guo et al.) and, for the Mukhoti-comparable column, by grid search on ECE.",
         "",
         "**Statistics.** " + STATISTICS_NOTE
+        + (" " + ONE_SEED_NOTE if len(cfg.seeds) == 1 else "")
         + (f" Seed s uses the data split of data seed {cfg.data_seed} + s." if cfg.split_per_seed
            else f" Every seed uses the split of data seed {cfg.data_seed}."),
         "",

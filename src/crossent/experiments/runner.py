@@ -610,7 +610,9 @@ def _t975(df: int) -> float:
 
 def _mean_std(values: Sequence[float], boot_sds: Sequence[float] | None = None) -> list[float]:
     """``[mean, std, h]`` over seeds: sample std (ddof = 1) and the 95% half-width ``h``
-    (seed part from Student's t, bootstrap part from the per-seed bootstrap stds)."""
+    (seed part from Student's t, bootstrap part from the per-seed bootstrap stds). From one
+    seed the spread between seeds is unknown, and so are ``std`` and ``h`` (NaN): the report
+    then gives the mean alone and calls nothing clearly different."""
     a = np.asarray(values, dtype=np.float64)
     keep = ~np.isnan(a)
     if not keep.any():
@@ -618,8 +620,10 @@ def _mean_std(values: Sequence[float], boot_sds: Sequence[float] | None = None) 
     a = a[keep]
     n = a.size
     mean = float(a.mean())
-    std = float(a.std(ddof=1)) if n > 1 else 0.0
-    h_seed = _t975(n - 1) * std / math.sqrt(n) if n > 1 else 0.0
+    if n == 1:
+        return [mean, float("nan"), float("nan")]
+    std = float(a.std(ddof=1))
+    h_seed = _t975(n - 1) * std / math.sqrt(n)
     h_boot = 0.0
     if boot_sds is not None:
         b = np.asarray(boot_sds, dtype=np.float64)[keep]
