@@ -89,7 +89,7 @@ STATISTICS_NOTE = (
     "**Clearly** different means: |m_A − m_B| > √(h_A² + h_B²), the 95% half-width of the "
     "difference; anything closer is called within noise."
 )
-#: added to :data:`STATISTICS_NOTE` where a (task, loss) ran with one seed
+#: added to :data:`STATISTICS_NOTE` when the study ran one seed
 ONE_SEED_NOTE = (
     "With one seed the spread between seeds is unknown: such cells give the mean alone, without "
     "an interval, and nothing involving them is called clearly different (run more --seeds)."
