@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -274,3 +275,28 @@ def test_running_out_of_steps_warns() -> None:
         warnings.simplefilter("error")
         c = cal.TemperatureScaler().fit(z, y)
     assert c.n_iter_ < c.max_iter and abs(c.temperature - 3.0) < 0.5
+
+
+@pytest.mark.parametrize("method", ["temperature", "vector"])
+@pytest.mark.parametrize(
+    "bad",
+    ["complex tensor", "bool tensor", "complex array", "string array"],
+)
+def test_transform_refuses_what_is_not_real_numbers(method: str, bad: str) -> None:
+    """A fitted scaler's transform takes real logits as the fit and the metrics do: complex
+    logits lost their imaginary part in a cast (with only the cast's warning) and bools became
+    0/1 logits; both are refused, naming ``logits``. Integer logits are numbers, and work."""
+    z, y = calibrated_logits(300, 3, seed=2)
+    scaler = TemperatureScaler(method=method).fit(z * 2, y)  # type: ignore[arg-type]
+    x: Any = {
+        "complex tensor": torch.from_numpy(z).to(torch.complex64),
+        "bool tensor": torch.from_numpy(z > 0),
+        "complex array": z.astype(np.complex128),
+        "string array": z.astype(str),
+    }[bad]
+    for call in (scaler.transform_logits, scaler.transform):
+        with pytest.raises(TypeError, match="logits must"):
+            call(x)
+    ints = torch.from_numpy(np.round(z * 3).astype(np.int64))
+    np.testing.assert_allclose(scaler.transform_logits(ints).numpy(),
+                               scaler.transform_logits(ints.double()).numpy(), rtol=1e-6)

@@ -52,22 +52,30 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def check_real_scores(x: torch.Tensor | np.ndarray, name: str) -> None:
+    """Raise TypeError unless the scores ``x`` hold real numbers (integers included): complex
+    values, bools, strings and objects are refused, never cast."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {x.dtype}")
+    elif x.dtype.kind not in "fiu":
+        raise TypeError(
+            f"{name} must be a numeric array or tensor, got dtype {x.dtype}"
+            " (convert it with np.asarray(..., dtype=float))"
+        )
+
+
 def _to_tensor(x: object, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        if t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {t.dtype}")
+        check_real_scores(t, name)
         if not t.is_floating_point():
             t = t.to(torch.float64)
         return t
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(
-            f"{name} must be a numeric array or tensor, got dtype {arr.dtype}"
-            " (convert it with np.asarray(..., dtype=float))"
-        )
+    check_real_scores(arr, name)
     if arr.dtype.kind in "iu" or arr.dtype == np.float16 or arr.dtype.itemsize > 8:
         arr = arr.astype(np.float64 if arr.dtype != np.float16 else np.float32)
     if any(s < 0 for s in arr.strides):  # np.flip and [::-1] views: torch takes no negative strides

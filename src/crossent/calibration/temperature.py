@@ -78,6 +78,7 @@ from crossent.calibration._inputs import (
     check_choice,
     check_int,
     check_real,
+    check_real_scores,
     iter_chunks,
 )
 from crossent.calibration._rows import row_statistics
@@ -519,6 +520,7 @@ class TemperatureScaler(Recalibrator):
         """
         temperature = self.temperature
         if isinstance(logits, torch.Tensor):
+            check_real_scores(logits, "logits")  # complex would lose its imaginary part in the cast
             if logits.ndim != 2:
                 raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
             dtype = logits.dtype if logits.is_floating_point() else torch.float32
@@ -529,6 +531,7 @@ class TemperatureScaler(Recalibrator):
             self._check_classes(logits.shape[1])
             return logits.to(dtype) / t + b
         arr = np.asarray(logits)
+        check_real_scores(arr, "logits")
         if arr.ndim != 2:
             raise ValueError(f"logits must be 2-D (N, C), got shape {arr.shape}")
         if arr.dtype.kind != "f":
