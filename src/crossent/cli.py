@@ -100,6 +100,7 @@ def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
             raise CLIError(f"{flag} {out}: exists and is not a directory")
         if not os.access(out, os.W_OK | os.X_OK):
             raise CLIError(f"{flag} {out}: the directory is not writable")
+        _probe_out_dir(out, flag)
         return out
     parent = out.absolute().parent
     while not parent.exists():

@@ -241,7 +241,7 @@ def test_an_out_that_cannot_be_written_fails_before_any_training(
     """What the permission bits do not tell (here /proc, where every os.access succeeds for
     root but nothing can be created) is found by creating the folder and a file before the
     study, not after it; a probe of a new nested folder leaves nothing behind."""
-    from crossent.cli import check_out_dir
+    from crossent.cli import CLIError, check_out_dir
 
     if not Path("/proc/self").is_dir():
         pytest.skip("needs /proc")
@@ -250,3 +250,5 @@ def test_an_out_that_cannot_be_written_fails_before_any_training(
     assert capsys.readouterr().out == ""  # nothing trained
     check_out_dir(tmp_path / "a" / "b" / "c")
     assert not (tmp_path / "a").exists()
+    with pytest.raises(CLIError, match="--out /proc"):  # an existing folder is probed too
+        check_out_dir("/proc")

@@ -239,27 +239,24 @@ def _row_statistics_torch(
                 dev = d - mean_d.to(d.dtype)[:, None]
                 dvar[start:stop] = torch.where(live, e * dev * dev, 0.0).sum(1).to(f64) * inv
             if nll is not None and brier is not None:
-                # where p_y > 1/2, from the other entries themselves (see sums_but in the kernel)
+                # from the other entries themselves (see sums_but in the kernel): the Brier score
+                # (q' + s'^2) / s^2 for every row, the NLL log1p(s' / e_y) where p_y > 1/2
                 e_y = e.gather(1, yb)[:, 0].to(f64)
                 others = e.scatter(1, yb, 0.0)
                 s_ex = others.sum(1).to(f64)
                 q_ex = torch.linalg.vector_norm(others, dim=1).to(f64).square()
-                dominant = e_y * inv > 0.5
-                nll[start:stop] = torch.where(dominant, torch.log1p(s_ex / e_y),
+                nll[start:stop] = torch.where(e_y * inv > 0.5, torch.log1p(s_ex / e_y),
                                               scale * (m.to(f64) - at_y) + torch.log(s))
-                sq = torch.linalg.vector_norm(e, dim=1).to(f64).square()
-                brier[start:stop] = torch.where(dominant, q_ex * inv.square() + (s_ex * inv).square(),
-                                                sq * inv.square() - 2.0 * e_y * inv + 1.0)
+                brier[start:stop] = (q_ex + s_ex.square()) * inv.square()
             p = e.to(f64).mul_(inv[:, None]) if cw_p is not None else None
         else:
             pmax, idx = block.max(dim=1)
             conf[start:stop] = pmax.to(f64)
             if nll is not None and brier is not None:
                 nll[start:stop] = -torch.log(at_y.clamp_min(float(torch.finfo(f64).tiny)))
-                sq = torch.linalg.vector_norm(block, dim=1).to(f64).square()
+                # sum_{k != y} p_k^2 + (1 - p_y)^2 for every row (see sums_but in the kernel)
                 q_ex = torch.linalg.vector_norm(block.scatter(1, yb, 0.0), dim=1).to(f64).square()
-                brier[start:stop] = torch.where(at_y > 0.5, q_ex + (1.0 - at_y).square(),
-                                                sq - 2.0 * at_y + 1.0)
+                brier[start:stop] = q_ex + (1.0 - at_y).square()
             p = block.to(f64) if cw_p is not None else None
         pred[start:stop] = idx
         if p is not None and cw_p is not None and cw_y is not None:
