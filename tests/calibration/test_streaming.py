@@ -569,3 +569,192 @@ def test_a_padding_batch_fixes_the_number_of_classes() -> None:
         m.update(np.zeros((2, 4)), [0, 1])
     m.update(np.zeros((2, 5)), [0, 4])
     assert m.compute()["count"] == 2
+
+
+def _saved_and_loaded(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` through ``torch.save`` and ``torch.load`` (weights only), as a checkpoint."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf)  # type: ignore[no-any-return]
+
+
+RESUME = [(kind, binning, source) for kind in ("multiclass", "binary", "multilabel")
+          for binning in ("width", "mass") for source in ("logits", "probs")]
+
+
+@pytest.mark.parametrize(("kind", "binning", "source"), RESUME)
+def test_state_dict_resumes_mid_stream(kind: str, binning: str, source: str) -> None:
+    """A meter saved after some batches (``torch.save`` of ``state_dict``) and loaded into a
+    fresh one goes on accumulating: after the remaining batches it holds exactly what one meter
+    over all of them holds, equal to the one-shot functions, with the detected input kind
+    kept (the fresh meter does not detect again)."""
+    z, y = dataset(kind, 300, seed=21)
+    if source == "probs":
+        z = torch.softmax(torch.from_numpy(z), 1).numpy() if kind == "multiclass" else 1 / (1 + np.exp(-z))
+    cuts = [(0, 90), (90, 91), (91, 200), (200, 300)]
+    whole = CalibrationMeter(binning=binning)  # type: ignore[arg-type]
+    for a, b in cuts:
+        whole.update(z[a:b], y[a:b])
+    first = CalibrationMeter(binning=binning)  # type: ignore[arg-type]
+    for a, b in cuts[:2]:
+        first.update(z[a:b], y[a:b])
+    resumed = CalibrationMeter(binning=binning)  # type: ignore[arg-type]
+    resumed.load_state_dict(_saved_and_loaded(first.state_dict()))
+    assert resumed.from_logits is (source == "logits")
+    assert resumed.compute() == first.compute()
+    for a, b in cuts[2:]:
+        resumed.update(z[a:b], y[a:b])
+    assert resumed.compute() == whole.compute()
+    assert torch.equal(resumed.state_dict()["statistics"], whole.state_dict()["statistics"])  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"from_logits": source == "logits"}
+    assert resumed.compute()["ece"] == pytest.approx(cal.ece(z, y, binning=binning, **kw), rel=1e-12)  # type: ignore[arg-type]
+
+
+def test_load_statistics_then_update_adds_to_them() -> None:
+    """Statistics loaded into a meter are its own: :meth:`statistics` returns them and later
+    updates add to them (a checkpoint of width-bin statistics resumes)."""
+    z, y = dataset("multiclass", 120, seed=22)
+    whole = CalibrationMeter(from_logits=True)
+    whole.update(z, y)
+    first = CalibrationMeter(from_logits=True)
+    first.update(z[:50], y[:50])
+    resumed = CalibrationMeter(from_logits=True)
+    resumed.load_statistics(first.statistics())
+    assert torch.equal(resumed.statistics(), first.statistics())
+    resumed.update(z[50:], y[50:])
+    assert resumed.compute() == whole.compute()
+    assert resumed.compute()["count"] == 120
+
+
+def _state_variants(state: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """States that no meter with the default options makes, each with the words of its error."""
+    def edit(**kw: Any) -> dict[str, Any]:
+        return {**state, **kw}
+
+    stats = state["statistics"]
+    shifted = stats.clone()
+    shifted[0] += 1
+    return [
+        ("n_bins", edit(n_bins=10), "n_bins=10"),
+        ("binning", edit(binning="mass"), "binning='mass'"),
+        ("num_classes", edit(num_classes=6), "num_classes=6"),
+        ("ignore_index", edit(ignore_index=-100), "ignore_index=-100"),
+        ("classwise", edit(classwise=False), "classwise=False"),
+        ("missing key", {k: v for k, v in state.items() if k != "statistics"}, "lacks 'statistics'"),
+        ("kind", edit(kind="ternary"), "kind='ternary'"),
+        ("k", edit(k=-3), "k=-3"),
+        ("k bool", edit(k=True), "k=True"),
+        ("from_logits", edit(from_logits=1), "from_logits=1"),
+        ("labels_seen", edit(labels_seen=-1), "labels_seen=-1"),
+        ("statistics negated", edit(statistics=-stats), "not a sum"),
+        ("statistics shifted", edit(statistics=shifted), "its bins count"),
+        ("statistics short", edit(statistics=stats[:-1]), "shape"),
+        ("statistics list", edit(statistics=stats.tolist()), "must be a tensor"),
+        ("pairs in width bins", edit(conf=torch.tensor([0.5]), correct=torch.tensor([1], dtype=torch.uint8)),
+         "only mass bins"),
+    ]
+
+
+def test_load_state_dict_refuses_what_no_meter_makes() -> None:
+    """A state of other options, with a key missing, or with values no meter holds is refused
+    with the option or the reason named, and the loading meter is left as it was."""
+    z, y = dataset("multiclass", 60, seed=23)
+    saved = CalibrationMeter()
+    saved.update(z, y)
+    state = saved.state_dict()
+    target = CalibrationMeter()
+    target.update(z[:10], y[:10])
+    before = target.state_dict()
+    for case, bad, words in _state_variants(state):
+        with pytest.raises((ValueError, TypeError), match=__import__("re").escape(words)):
+            target.load_state_dict(bad)
+        after = target.state_dict()
+        assert torch.equal(after["statistics"], before["statistics"]), case  # type: ignore[arg-type]
+        assert (after["from_logits"], after["kind"], after["k"]) == (before["from_logits"], before["kind"],
+                                                                      before["k"]), case
+    with pytest.raises(TypeError, match="state must be a dict"):
+        target.load_state_dict([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="from_logits"):  # the meter fixes probabilities, the state logits
+        CalibrationMeter(from_logits=False).load_state_dict(state)
+    mass = CalibrationMeter(binning="mass")
+    mass.update(z, y)
+    mstate = mass.state_dict()
+    for bad, words in [({**mstate, "conf": mstate["conf"][:-1]}, "59 confidences"),  # type: ignore[index]
+                       ({**mstate, "conf": mstate["conf"] + 2}, "in [0, 1]"),  # type: ignore[operator]
+                       ({**mstate, "correct": mstate["correct"] * 3}, "0 or 1")]:  # type: ignore[operator]
+        with pytest.raises(ValueError, match=__import__("re").escape(words)):
+            CalibrationMeter(binning="mass").load_state_dict(bad)
+
+
+def test_a_binary_batch_after_statistics_of_more_classes_is_refused() -> None:
+    """Statistics of 6 classes fix K = 6 in a fresh meter: a binary batch (two classes) is
+    then refused, not added to sums of another size."""
+    z, y = dataset("multiclass", 40, seed=24)
+    src = CalibrationMeter(from_logits=True)
+    src.update(z, y)
+    m = CalibrationMeter(from_logits=True)
+    m.load_statistics(src.statistics())
+    zb, yb = dataset("binary", 10, seed=24)
+    with pytest.raises(ValueError, match="binary .* meter holds 6 classes"):
+        m.update(zb, yb)
+    assert m.compute() == src.compute()
+
+
+def test_unnormalised_scores_in_the_unit_interval_warn() -> None:
+    """Rows in [0, 1] that do not sum to one (one-vs-rest sigmoids with class labels) are read
+    as logits, as documented, with a warning that says so and names the fixes; real logits,
+    probabilities and an explicit from_logits=True stay silent."""
+    import warnings
+
+    g = torch.Generator().manual_seed(25)
+    z = torch.randn(200, 10, generator=g) * 3
+    y = torch.randint(0, 10, (200,), generator=g)
+    m = CalibrationMeter()
+    with pytest.warns(cal.CalibrationWarning, match=r"every entry lies in \[0, 1\] but row \d+ sums to"):
+        m.update(torch.sigmoid(z), y)
+    assert m.from_logits is True
+    with pytest.warns(cal.CalibrationWarning, match="normalise the rows"):
+        cal.nll(torch.sigmoid(z), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, fl in ((z, None), (torch.softmax(z, 1), None), (torch.sigmoid(z), True)):
+            CalibrationMeter(from_logits=fl).update(x, y)
+            cal.nll(x, y, from_logits=fl)
+
+
+def test_numpy_float16_is_read_as_torch_float16() -> None:
+    """A float16 NumPy array gives what the same float16 tensor gives: the row-sum tolerance
+    of float16 (1e-2), not float32's, so detection and values do not depend on the library."""
+    p = np.array([[0.705, 0.3], [0.2, 0.8]], dtype=np.float16)  # row 0 sums to 1.0051
+    y = np.array([0, 1])
+    t = torch.from_numpy(p)
+    assert cal.ece(p, y) == cal.ece(t, y)
+    assert cal.nll(p, y) == cal.nll(t, y)
+    for x in (p, t):
+        m = CalibrationMeter()
+        m.update(x, y)
+        assert m.from_logits is False
+        assert m.compute()["ece"] == cal.ece(t, y)
+
+
+@pytest.mark.parametrize("where", ["scores", "labels"])
+def test_ragged_and_sparse_inputs_are_refused_by_name(where: str) -> None:
+    """Ragged nested lists and sparse tensors give an error naming the argument and the fix,
+    not NumPy's or torch's internals."""
+    good_x, good_y = [[0.5, 0.5], [0.3, 0.7]], [0, 1]
+    ragged_x, ragged_y = [[0.5, 0.5], [1.0]], [[0], [1, 0]]
+    x, y = (ragged_x, good_y) if where == "scores" else (good_x, ragged_y)
+    name = "probs" if where == "scores" else "labels"
+    with pytest.raises(ValueError, match=f"{name} (is|are) ragged"):
+        cal.ece(x, y)
+    with pytest.raises(ValueError, match="ragged"):
+        CalibrationMeter().update(x, y)
+    xs, ys = torch.tensor(good_x), torch.tensor(good_y)
+    xs, ys = (xs.to_sparse(), ys) if where == "scores" else (xs, ys.to_sparse())
+    with pytest.raises(TypeError, match=r"sparse_coo tensor; pass \w+\.to_dense\(\)"):
+        cal.ece(xs, ys)
+    with pytest.raises(TypeError, match="to_dense"):
+        CalibrationMeter().update(xs, ys)

@@ -68,16 +68,27 @@ def check_real_scores(x: torch.Tensor | np.ndarray, name: str) -> None:
 def _to_tensor(x: object, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.detach()
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"{name} is a {str(t.layout).removeprefix('torch.')} tensor; pass {name}.to_dense()"
+            )
         if t.device.type != "cpu":
             t = t.cpu()
         check_real_scores(t, name)
         if not t.is_floating_point():
             t = t.to(torch.float64)
         return t
-    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    try:
+        arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    except ValueError:  # ragged nested lists
+        raise ValueError(
+            f"{name} is ragged (its rows differ in length); give an array or tensor of shape (N, C), (N,)"
+            " or (N, L)"
+        ) from None
     check_real_scores(arr, name)
-    if arr.dtype.kind in "iu" or arr.dtype == np.float16 or arr.dtype.itemsize > 8:
-        arr = arr.astype(np.float64 if arr.dtype != np.float16 else np.float32)
+    # float16 stays float16 (its own row-sum tolerance, as for a float16 tensor)
+    if arr.dtype.kind in "iu" or arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64)
     if any(s < 0 for s in arr.strides):  # np.flip and [::-1] views: torch takes no negative strides
         arr = np.ascontiguousarray(arr)
     with warnings.catch_warnings():
@@ -130,9 +141,20 @@ def label_array(labels: object) -> np.ndarray:
     bfloat16 has no NumPy type: such a tensor (0/1 targets cast to the model's dtype) is
     widened to float32 first, which holds every bfloat16 value exactly."""
     if isinstance(labels, torch.Tensor):
-        t = labels.detach().cpu()
+        t = labels.detach()
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"labels is a {str(t.layout).removeprefix('torch.')} tensor; pass labels.to_dense()"
+            )
+        t = t.cpu()
         return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-    return np.asarray(labels)
+    try:
+        return np.asarray(labels)
+    except ValueError:  # ragged nested lists
+        raise ValueError(
+            "labels are ragged (their rows differ in length); give an array or tensor of N class"
+            " labels, or (N, L) 0/1 labels"
+        ) from None
 
 
 def shown_label(value: object) -> object:
@@ -265,6 +287,29 @@ def looks_like_probs(x: object, name: str = "predictions") -> bool:
         if float((rowsum - 1).abs().max()) > tol:
             return False
     return True
+
+
+def warn_if_unnormalised(t: torch.Tensor, name: str) -> None:
+    """Warn (:class:`~crossent.calibration.CalibrationWarning`) when rows that the detection
+    reads as logits, since they do not sum to one, have every entry in [0, 1]: scores like
+    that are rarely logits and often per-class probabilities that were never normalised
+    (one-vs-rest sigmoids), whose softmax is not what they mean."""
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()):
+        return
+    if float(t.min()) < -RANGE_ATOL or float(t.max()) > 1 + RANGE_ATOL:
+        return
+    from crossent.calibration._base import CalibrationWarning
+
+    sums = t.sum(1, dtype=torch.float64)
+    i = int((sums - 1).abs().argmax())
+    warnings.warn(
+        f"{name}: every entry lies in [0, 1] but row {i} sums to {float(sums[i]):.6g}, not 1, so the rows"
+        " are read as logits and softmaxed. If they are per-class probabilities (one-vs-rest"
+        " sigmoids, say), normalise the rows, or measure them as multi-label scores with (N, L)"
+        " 0/1 labels; pass from_logits=True to read them as logits without this warning",
+        CalibrationWarning,
+        stacklevel=_caller_level(),
+    )
 
 
 def looks_like_binary_probs(t: torch.Tensor) -> bool:

@@ -55,6 +55,7 @@ from crossent.calibration._inputs import (
     looks_like_binary_probs,
     looks_like_probs,
     select,
+    warn_if_unnormalised,
 )
 from crossent.calibration._rows import row_statistics, width_bin_index, width_edges
 
@@ -569,6 +570,8 @@ def nll(
     y = torch.from_numpy(as_labels(lab, t.shape[0], t.shape[1]))
     if from_logits is None:
         from_logits = not looks_like_probs(t, "probs_or_logits")
+        if from_logits:
+            warn_if_unnormalised(t, "probs_or_logits")
     r = row_statistics(t, y, from_logits=from_logits, name="probs_or_logits")
     assert r.nll is not None
     return float(r.nll.sum()) / t.shape[0]

@@ -33,6 +33,7 @@ round-off (relative 1e-12 in the tests), and exactly when the sums are exact (dy
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -53,6 +54,7 @@ from crossent.calibration._inputs import (
     looks_like_binary_probs,
     looks_like_probs,
     select,
+    warn_if_unnormalised,
 )
 from crossent.calibration._rows import RowStatistics, row_statistics, top_sums
 from crossent.calibration.metrics import (
@@ -84,6 +86,9 @@ def _collective_device(group: object | None = None) -> torch.device:
 
 #: order of the scalar statistics in the flat vector
 _SCALARS = ("n", "correct", "nll", "brier")
+#: the keys of CalibrationMeter.state_dict()
+_STATE_KEYS = ("n_bins", "binning", "num_classes", "ignore_index", "classwise", "from_logits", "kind", "k",
+               "labels_seen", "statistics", "conf", "correct")
 
 
 def _not_statistics(f: np.ndarray, m: int, classwise: bool) -> str | None:
@@ -227,6 +232,10 @@ class CalibrationMeter:
                     f"num_classes={self.num_classes}, but binary and multi-label batches are measured"
                     " as the two classes [1 - p, p]: pass num_classes=2 or leave it out"
                 )
+            if self._k not in (None, 2):
+                raise ValueError(
+                    f"this batch is binary (the two classes [1 - p, p]), the meter holds {self._k} classes"
+                )
             return
         if self._k is None:
             self._k = k
@@ -245,6 +254,7 @@ class CalibrationMeter:
                 start, stop = next(iter_chunks(t))
                 if not looks_like_probs(t[start:stop], "logits_or_probs"):
                     self.from_logits = True
+                    warn_if_unnormalised(t[start:stop], "logits_or_probs")
             elif t.numel() > 0:  # binary and multi-label: every score in [0, 1]
                 self.from_logits = not looks_like_binary_probs(t)
         kind, t, y = select(  # the labels as read above
@@ -354,27 +364,140 @@ class CalibrationMeter:
         return self._flat().clone()
 
     def load_statistics(self, flat: torch.Tensor) -> None:
-        """Make :meth:`compute` report on ``flat`` (a sum of :meth:`statistics`) until the
-        next update. A meter that has not yet seen its number of classes (no ``num_classes``, no
-        update) reads it off the length of ``flat``."""
+        """Replace the meter's statistics with ``flat`` (a sum of :meth:`statistics`): then
+        :meth:`compute` reports on it, :meth:`statistics` returns it and later updates add to
+        it. A meter that has not yet seen its number of classes (no ``num_classes``, no update)
+        reads it off the length of ``flat``. What detection decided (``from_logits``) is not in
+        ``flat``: :meth:`state_dict` keeps it, and the per-sample pairs of mass bins."""
         if self.binning == "mass":
-            raise ValueError("mass bins keep per-sample pairs, not fixed statistics; use sync()")
+            raise ValueError(
+                "mass bins keep per-sample pairs, not fixed statistics; use sync(), or state_dict()"
+                " and load_state_dict() to save and resume a meter"
+            )
+        self._set_statistics(flat, "flat")
+
+    def _set_statistics(self, flat: object, name: str) -> None:
+        """Validate ``flat`` as a sum of statistics of this meter's options and make it the
+        meter's own; K is read off its length where the meter does not know it yet."""
+        if not isinstance(flat, torch.Tensor | np.ndarray):
+            raise TypeError(
+                f"{name} must be a tensor (CalibrationMeter.statistics()), got {type(flat).__name__}"
+            )
         flat = torch.as_tensor(flat, dtype=torch.float64).detach().cpu()
         m = self.n_bins
         extra = flat.shape[0] - (3 * m + 4) if flat.ndim == 1 else -1
         free = self.classwise and self._k is None and self._kind is None  # K still unknown
         if not (free and extra >= 4 * m and extra % (2 * m) == 0) and flat.shape != self._flat().shape:
             raise ValueError(
-                f"flat has shape {tuple(flat.shape)}, the meter's statistics {tuple(self._flat().shape)};"
+                f"{name} has shape {tuple(flat.shape)}, the meter's statistics {tuple(self._flat().shape)};"
                 " use meters with the same n_bins, num_classes and classwise"
             )
-        problem = _not_statistics(flat.numpy(), m, self.classwise)
+        f = flat.numpy().copy()
+        problem = _not_statistics(f, m, self.classwise)
         if problem:
             raise ValueError(
-                f"flat is not a sum of CalibrationMeter.statistics() with n_bins={m}"
+                f"{name} is not a sum of CalibrationMeter.statistics() with n_bins={m}"
                 f" (classwise={self.classwise}): {problem}"
             )
-        self._synced = {"flat": flat.clone()}
+        self._bins = f[: 3 * m].reshape(3, m)
+        self._scalars = f[3 * m : 3 * m + 4]
+        if self.classwise:
+            rest = f[3 * m + 4 :]
+            half = rest.shape[0] // 2
+            if free and half:
+                self._k = half // m
+            self._cw_p, self._cw_y = (rest[:half], rest[half:]) if half else (None, None)
+        self._synced = None
+
+    def state_dict(self) -> dict[str, object]:
+        """Everything the meter holds, to save mid-stream (``torch.save``) and resume with
+        :meth:`load_state_dict`: the options (which the loading meter must share), what the
+        first batch decided (``from_logits``, the kind of input, the number of classes), the
+        statistics and, for mass bins, the per-sample (confidence, correct) pairs. Tensors
+        are copies."""
+        mass = self.binning == "mass"
+        conf = np.concatenate(self._conf) if mass and self._conf else np.empty(0)
+        correct = np.concatenate(self._correct) if mass and self._correct else np.empty(0, np.uint8)
+        return {
+            "n_bins": self.n_bins,
+            "binning": self.binning,
+            "num_classes": self.num_classes,
+            "ignore_index": self.ignore_index,
+            "classwise": self.classwise,
+            "from_logits": self.from_logits,
+            "kind": self._kind,
+            "k": self._k,
+            "labels_seen": self._labels_seen,
+            "statistics": self._flat().clone(),
+            "conf": torch.from_numpy(conf.astype(np.float64)),
+            "correct": torch.from_numpy(correct.astype(np.uint8)),
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Resume from :meth:`state_dict`: the meter then holds exactly what the saved one did,
+        and further updates add to it. The options must match (``n_bins``, ``binning``,
+        ``num_classes``, ``ignore_index``, ``classwise``, and ``from_logits`` where both fix
+        it); a state that no meter makes is refused with the reason, and leaves this meter as
+        it was."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"state must be a dict from CalibrationMeter.state_dict(), got {type(state).__name__}"
+            )
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"state lacks {', '.join(map(repr, missing))}: it is not from CalibrationMeter.state_dict()"
+            )
+        for key in ("n_bins", "binning", "num_classes", "ignore_index", "classwise"):
+            if state[key] != getattr(self, key) or type(state[key]) is not type(getattr(self, key)):
+                raise ValueError(
+                    f"state has {key}={state[key]!r}, this meter {key}={getattr(self, key)!r};"
+                    f" make the meter with {key}={state[key]!r} to load it"
+                )
+        fl, kind, k, seen = state["from_logits"], state["kind"], state["k"], state["labels_seen"]
+        fixed = self._from_logits_option
+        if not (fl is None or isinstance(fl, bool)) or (fixed is not None and fl is not None and fl != fixed):
+            raise ValueError(
+                f"state has from_logits={fl!r}, this meter from_logits={self._from_logits_option!r};"
+                " make the meter with from_logits=None or the state's value"
+            )
+        if kind not in (None, "binary", "multiclass"):
+            raise ValueError(f"state has kind={kind!r}; a meter's is None, 'binary' or 'multiclass'")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1
+                              or (self.num_classes is not None and k != self.num_classes)):
+            raise ValueError(
+                f"state has k={k!r}; a meter's is None or its number of classes (a positive int)"
+            )
+        if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
+            raise ValueError(f"state has labels_seen={seen!r}; a meter's is a non-negative int")
+        conf, correct = state["conf"], state["correct"]
+        if not (isinstance(conf, torch.Tensor) and isinstance(correct, torch.Tensor)):
+            raise TypeError("state's conf and correct must be tensors, as state_dict() gives them")
+        conf_np = conf.detach().cpu().to(torch.float64).numpy().reshape(-1)
+        correct_np = correct.detach().cpu().to(torch.float64).numpy().reshape(-1)
+        saved = (self.from_logits, self._kind, self._k, self._bins, self._scalars, self._cw_p, self._cw_y)
+        self.from_logits, self._kind, self._k = fl, kind, k
+        try:
+            self._set_statistics(state["statistics"], "state['statistics']")
+            n = int(self._scalars[0])
+            if self.binning == "mass":
+                if conf_np.shape[0] != n or correct_np.shape[0] != n:
+                    raise ValueError(
+                        f"state holds {conf_np.shape[0]} confidences and {correct_np.shape[0]} correct flags"
+                        f" for {n} samples; mass bins keep one pair per sample"
+                    )
+                if not (np.isfinite(conf_np).all() and (conf_np >= 0).all() and (conf_np <= 1).all()):
+                    raise ValueError("state's conf must hold confidences in [0, 1]")
+                if not np.isin(correct_np, (0.0, 1.0)).all():
+                    raise ValueError("state's correct must hold 0 or 1 per sample")
+            elif conf_np.shape[0] or correct_np.shape[0]:
+                raise ValueError("state holds per-sample pairs, which only mass bins keep")
+        except BaseException:
+            (self.from_logits, self._kind, self._k, self._bins, self._scalars, self._cw_p, self._cw_y) = saved
+            raise
+        self._conf = [conf_np.copy()] if conf_np.shape[0] else []
+        self._correct = [correct_np.astype(np.uint8)] if correct_np.shape[0] else []
+        self._labels_seen = seen
 
     def sync(self, group: object | None = None) -> None:
         """All-reduce the statistics over the ranks of ``group`` (default: the world); no-op
