@@ -4,7 +4,8 @@
 confidence and correctness, classwise bins, NLL and Brier sums) as one torchmetrics state
 with ``dist_reduce_fx="sum"``, so torchmetrics (or Lightning, which calls the same
 ``update``/``compute``/``reset``) syncs it across ranks like any other metric: the result is
-exactly ``crossent.calibration.ece`` on all the epoch's predictions, without gathering them.
+``crossent.calibration.ece`` on all the epoch's predictions (to float64 round-off: the sums are
+added per batch), without gathering them.
 
 Run: ``python examples/calibration_callback.py [--epochs 5]`` (CPU, a few seconds). In
 Lightning, call ``metric.update(logits, y)`` in ``validation_step`` and

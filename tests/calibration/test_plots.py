@@ -255,3 +255,79 @@ def test_probs_by_name_that_is_not_a_mapping_of_titles_is_refused(given: str) ->
     arg = {"list": [p, p], "pairs": [("a", p)], "array": np.stack([p, p]), "int key": {1: p}}[given]
     with pytest.raises(TypeError, match="probs_by_name"):
         compare_reliability_diagrams(arg, rng.integers(0, 3, 20))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("layout", ["constrained", "tight", None])
+def test_given_axes_in_a_laid_out_figure_keep_every_label_inside(layout: str | None) -> None:
+    """A diagram drawn into a caller's subplot, in a figure with constrained layout, with
+    tight_layout or with neither: the histogram's axis label and tick labels, and the title,
+    lie inside the saved figure (the subplot's cell is split, so the layout sees both axes)."""
+    from matplotlib.figure import Figure
+
+    p, y = data(seed=7)
+    fig = Figure(figsize=(9, 4), layout=layout if layout == "constrained" else None)
+    axes = fig.subplots(1, 2)
+    for ax in axes:
+        assert reliability_diagram(p, y, ax=ax) is fig
+    if layout == "tight":
+        fig.tight_layout()
+    renderer, bounds = _drawn(fig)
+    assert len(fig.axes) == 4
+    for ax in fig.axes:
+        for artist in (ax.xaxis.label, ax.yaxis.label, ax.title, *ax.get_xticklabels()):
+            if artist.get_visible() and artist.get_text():
+                assert _inside(artist.get_window_extent(renderer), bounds), artist.get_text()
+
+
+def test_given_axes_in_a_subfigure_return_the_root_figure(tmp_path: Path) -> None:
+    """An axes inside a SubFigure: the Figure that can be saved is returned."""
+    from matplotlib.figure import Figure
+
+    p, y = data(seed=8)
+    fig = Figure(figsize=(9, 4))
+    ax = fig.subfigures(1, 2)[0].subplots()
+    out = reliability_diagram(p, y, ax=ax)
+    assert out is fig
+    out.savefig(tmp_path / "sub.png", dpi=60)
+    assert (tmp_path / "sub.png").stat().st_size > 1000
+
+
+def test_titles_are_not_wrapped_inside_math() -> None:
+    """A long title with $...$ spans wraps between them, so every line keeps its math
+    balanced (a line with an odd number of $ is drawn as plain text)."""
+    p, y = data(seed=9)
+    title = (r"CE with label smoothing $\epsilon=0.1$ and focal loss $\gamma = 2$"
+             r" with z-loss $\lambda = 10^{-4}$")
+    fig = reliability_diagram(p, y, title=title)
+    text = fig.axes[0].get_title()
+    assert "\n" in text
+    assert all(line.count("$") % 2 == 0 for line in text.split("\n")), text
+    assert r"$\gamma = 2$" in text and r"$\lambda = 10^{-4}$" in text
+
+
+def test_mass_bins_of_one_repeated_confidence_are_one_visible_bar() -> None:
+    """360 of 600 rows at confidence exactly 1.0 fill six mass bins of width 0 at 1.0: they
+    are drawn as one bar inside the axes, labelled with their summed count, and the title's
+    AdaECE is the one of the table (unchanged)."""
+    p, y = data(n=600, seed=10)
+    p[:360] = np.eye(p.shape[1])[y[:360]]
+    fig = reliability_diagram(p, y, binning="mass", n_bins=10)
+    ax = fig.axes[0]
+    counts = [t.get_text() for t in ax.texts]
+    assert "360" in counts and counts.count("60") == 4
+    bars = [b for b in ax.patches if b.get_height() > 0 and b.get_x() >= 0.9]
+    assert bars
+    assert all(b.get_x() + b.get_width() <= 1.0 + 1e-12 and b.get_width() >= 0.02 - 1e-12 for b in bars)
+    assert f"AdaECE = {100 * ece(p, y, n_bins=10, binning='mass'):.2f}%" in ax.get_title()
+
+
+def test_compare_refuses_binary_and_multiclass_panels_together() -> None:
+    """(N,) positive-class scores and (N, 2) rows are binned by different confidences: their
+    panels side by side would compare two measures, so the mix is refused with the fix."""
+    rng = np.random.default_rng(11)
+    pb = rng.random(300)
+    yb = (rng.random(300) < pb).astype(int)
+    with pytest.raises(ValueError, match=r"mixes a binary panel \('before'.*multiclass one \('after'"):
+        compare_reliability_diagrams({"before": pb, "after": np.stack([1 - pb, pb], 1)}, yb)
+    fig = compare_reliability_diagrams({"before": pb, "after": pb ** 1.1}, yb)  # same kind: fine
+    assert len(fig.axes) == 4

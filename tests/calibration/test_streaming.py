@@ -698,7 +698,7 @@ def test_a_binary_batch_after_statistics_of_more_classes_is_refused() -> None:
     m = CalibrationMeter(from_logits=True)
     m.load_statistics(src.statistics())
     zb, yb = dataset("binary", 10, seed=24)
-    with pytest.raises(ValueError, match="binary .* meter holds 6 classes"):
+    with pytest.raises(ValueError, match=r"binary .* meter holds 6 classes"):
         m.update(zb, yb)
     assert m.compute() == src.compute()
 

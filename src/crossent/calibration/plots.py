@@ -106,13 +106,32 @@ def _scored(
     return conf, correct, BINARY if kind == "binary" else MULTICLASS
 
 
+def _root_figure(ax: Axes) -> Figure:
+    """The Figure that holds ``ax``, through any SubFigures (whose ``figure`` is their root:
+    ``get_figure(root=True)`` exists from matplotlib 3.10 only)."""
+    fig = ax.figure
+    while fig is not None and getattr(fig, "figure", fig) is not fig:
+        fig = fig.figure
+    return fig  # type: ignore[return-value]
+
+
+#: a stand-in for the spaces of a $...$ math span while a title is wrapped
+_MATH_SPACE = "\x00"
+
+
 def _wrap(text: str, ax: Axes) -> str:
     """``text`` broken into lines that fit the width of ``ax`` (a long loss name or title
-    would otherwise run past the figure's edge, where savefig cuts it off)."""
-    root = ax.get_figure(root=True)
+    would otherwise run past the figure's edge, where savefig cuts it off), never inside a
+    ``$...$`` math span (a line with an odd number of ``$`` is drawn as plain text)."""
+    root = _root_figure(ax)
     width_in = ax.get_position().width * (root.get_figwidth() if root is not None else 6.4)
     chars = max(16, int(width_in * TITLE_CHARS_PER_INCH))
-    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+    parts = text.split("$")
+    if len(parts) % 2 == 1:  # balanced: the odd-numbered parts are math
+        parts = [part.replace(" ", _MATH_SPACE) if i % 2 else part for i, part in enumerate(parts)]
+    kept = "$".join(parts)
+    wrapped = "\n".join(textwrap.fill(line, chars, break_long_words=False) for line in kept.split("\n"))
+    return wrapped.replace(_MATH_SPACE, " ")
 
 
 def _draw(
@@ -134,8 +153,19 @@ def _draw(
     table = table_from_scores(conf, correct, n_bins=n_bins, binning=binning)
     used = table.count > 0
     lower, upper = table.lower[used], table.upper[used]
-    width = np.maximum(upper - lower, 0.004)
     acc, mean_conf, count = table.accuracy[used], table.confidence[used], table.count[used]
+    # Mass bins of one repeated confidence (many rows at exactly 1.0) share their edges: one
+    # bar for them all, with their summed count, the count-weighted accuracy and confidence.
+    edges_used, group = np.unique(np.stack([lower, upper], 1), axis=0, return_inverse=True)
+    if edges_used.shape[0] < lower.shape[0]:
+        group = group.reshape(-1)
+        merged = np.bincount(group, weights=count)
+        acc = np.bincount(group, weights=acc * count) / merged
+        mean_conf = np.bincount(group, weights=mean_conf * count) / merged
+        lower, upper, count = edges_used[:, 0], edges_used[:, 1], merged
+    # a bin of one value (width 0) as a bar of 0.02, inside the axes (one at 1.0 ends there)
+    width = np.where(upper > lower, np.maximum(upper - lower, 0.004), 0.02)
+    lower = np.minimum(lower, 1.0 - width)
     low = count < low_count
     over_color, under_color = _tint("C3", GAP_TINT), _tint("C2", GAP_TINT)
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.45", linewidth=1)
@@ -237,8 +267,11 @@ def reliability_diagram(
 
     Without ``ax`` a new figure is made, its legends to the right of the axes, where they
     hide no bar. With ``ax`` the diagram is drawn into that axes (its lower part is split
-    off for the histogram), the legends inside it where they cover the least, and
-    ``ax.figure`` is returned. Titles are wrapped to the width of the axes.
+    off for the histogram: in a grid of subplots the cell is split in two, so that constrained
+    and tight layouts make room for both), the legends inside it where they cover the least,
+    and the figure that holds ``ax`` is returned. Titles are wrapped to the width of the axes.
+    Mass bins that share their edges (one confidence repeated, such as many rows at 1.0) are
+    drawn as one bar.
     """
     n_bins, binning, from_logits, low_count, ignore_index = _check_options(
         n_bins, binning, from_logits, low_count, ignore_index)
@@ -253,10 +286,18 @@ def reliability_diagram(
         fig = Figure(figsize=(7.0, 5.8), layout="constrained")
         ax, hax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     else:
-        from mpl_toolkits.axes_grid1 import make_axes_locatable
+        fig = _root_figure(ax)
+        spec = ax.get_subplotspec()
+        if spec is not None:
+            # ax's cell split in two (ax moved to the upper part): a layout engine (constrained,
+            # tight) sees both axes and makes room for the histogram's labels
+            cells = spec.subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+            ax.set_subplotspec(cells[0])
+            hax = ax.get_figure().add_subplot(cells[1], sharex=ax)  # type: ignore[union-attr]
+        else:  # an axes placed by hand (fig.add_axes): its lower part split off
+            from mpl_toolkits.axes_grid1 import make_axes_locatable
 
-        fig = ax.figure  # type: ignore[assignment]  # a Figure: ax is not in a SubFigure here
-        hax = make_axes_locatable(ax).append_axes("bottom", size="33%", pad=0.12, sharex=ax)
+            hax = make_axes_locatable(ax).append_axes("bottom", size="33%", pad=0.12, sharex=ax)
     _draw(ax, hax, conf, correct, names=names, n_bins=n_bins, binning=binning, title=title,
           aggregate=aggregate, low_count=low_count, legend=legend)
     return fig
@@ -298,6 +339,14 @@ def compare_reliability_diagrams(
     if not probs_by_name:
         raise ValueError("probs_by_name is empty: give at least one {name: probs} entry")
     panels = [(name, *_scored(p, labels, from_logits, ignore_index)) for name, p in probs_by_name.items()]
+    kinds = {names is BINARY: name for name, _, _, names in panels}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"probs_by_name mixes a binary panel ({kinds[True]!r}: positive-class scores, binned by"
+            f" p(positive)) with a multiclass one ({kinds[False]!r}: binned by the top-label"
+            " confidence); their ECEs measure different things. Give every panel the same form: the"
+            " binary (N,) scores as np.stack([1 - p, p], 1), or the (N, 2) rows' p[:, 1]"
+        )
     k = len(panels)
     fig = Figure(figsize=(4.8 * k + 2.0, 5.8), layout="constrained")
     axes = fig.subplots(2, k, sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1]})
