@@ -1117,3 +1117,74 @@ def test_the_held_out_warning_needs_a_difference_that_shows(
     assert (message is not None) == warned
     if message is not None:
         assert "worse" in message
+
+
+def test_a_scalar_array_is_refused_by_its_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 0-d array (a run's ``.../temperature`` picked by a wrong --key) is refused by its
+    shape in one line, not with Python's "len() of unsized object"."""
+    np.save(tmp_path / "s.npy", np.float64(3.0))
+    np.save(tmp_path / "y.npy", np.arange(4) % 2)
+    rc, _, err = run([str(tmp_path / "s.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
+    one_line_error(rc, err, "shape ()")
+    assert "unsized" not in err
+    arrays = {"t/ce/seed0/logits": np.zeros((4, 2)), "t/ce/seed0/temperature": np.asarray(1.5),
+              "t/ce/seed0/labels": np.arange(4) % 2}
+    np.savez(tmp_path / "p.npz", **arrays)  # type: ignore[arg-type]
+    rc, _, err = run([str(tmp_path / "p.npz"), "--key", "t/ce/seed0/temperature"], capsys)
+    one_line_error(rc, err, "shape ()")
+
+
+def test_the_ece_objective_fits_the_ece_of_n_bins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--objective ece --n-bins 5 fits T by the 5-bin ECE, the ECE the report shows and ranks
+    by: T is TemperatureScaler's with n_bins=5 on the same fit part."""
+    from crossent.calibration import TemperatureScaler
+    from crossent.calibration.cli import stratified_split
+
+    z, y = make(n=1200, c=4, seed=9)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    rc, _, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--objective", "ece",
+                      "--n-bins", "5", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    fit, _ = stratified_split(y, 0.2, 0)
+    zf = z[fit].astype(np.float64)
+    want = TemperatureScaler().fit(zf, y[fit], objective="ece", n_bins=5).temperature
+    other = TemperatureScaler().fit(zf, y[fit], objective="ece", n_bins=15).temperature
+    got = metrics_of(tmp_path / "o")["temperature"]
+    assert got == pytest.approx(float(want), rel=1e-12)
+    assert float(want) != pytest.approx(float(other), rel=1e-6)  # the bins make a difference here
+
+
+def test_probabilities_below_zero_by_round_off_are_counted_with_the_zeros(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Entries a hair below 0 (within the round-off a probability may carry) are read as the
+    zeros are, and the note counts them with the zeros and says how many are negative."""
+    rng = np.random.default_rng(12)
+    z = rng.normal(size=(1500, 5)) * 3
+    y = (_softmax(z).cumsum(1) > rng.random((1500, 1))).argmax(1)
+    p = _softmax(z * 4)
+    p[p < 1e-4] = 0
+    p /= p.sum(1, keepdims=True)
+    zeros = int((p == 0).sum())
+    neg = p.copy()
+    neg[neg == 0] = -1e-12
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "p0.npy", p)
+    np.save(tmp_path / "pn.npy", neg)
+    rc0, out0, err0 = run([str(tmp_path / "p0.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
+    rcn, outn, errn = run([str(tmp_path / "pn.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
+    assert rc0 == rcn == 0, (err0, errn)
+    assert f"{zeros} entries of PREDICTIONS are 0:" in err0
+    assert f"{zeros} entries of PREDICTIONS are 0 ({zeros} of them below 0 by round-off):" in errn
+    assert out0 == outn
+
+
+def test_python_dash_m_crossent_runs_the_command() -> None:
+    """``python -m crossent`` is the ``crossent`` command."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "crossent", "calibrate", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--objective" in res.stdout

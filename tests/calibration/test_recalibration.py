@@ -750,3 +750,166 @@ def test_binary_labels_of_any_torch_dtype(method: type[cal.Recalibrator], dtype:
     want = method().fit(s, y)  # type: ignore[attr-defined]
     got = method().fit(torch.from_numpy(s), torch.from_numpy(y).to(dtype))  # type: ignore[attr-defined]
     np.testing.assert_array_equal(got.coef, want.coef)
+
+
+@pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])
+def test_ties_at_the_threshold_are_separable_for_platt_and_beta(method: Any) -> None:
+    """Classes that a threshold splits with scores tied at it (quasi-complete separation: the
+    slope still has no finite optimum) fall back as strictly split ones do; scores all equal
+    (no split) do not."""
+    s = np.array([0.1, 0.4, 0.4, 0.8])
+    y = np.array([0, 0, 1, 1])
+    with pytest.warns(cal.CalibrationWarning, match="threshold on the score splits"):
+        c = method(from_logits=False).fit(s, y)
+    assert c.diagnostic_kind == "separable" and c.fallback is not None
+    with pytest.warns(cal.CalibrationWarning, match="positives below it"):
+        method(from_logits=False).fit(s[::-1].copy(), y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = method(from_logits=False).fit(np.full(4, 0.4), y)
+    assert c.diagnostic_kind != "separable", [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])
+def test_binary_methods_refuse_scores_that_are_not_real_arrays(method: Any) -> None:
+    """Complex, string and bool scores, ragged lists and sparse tensors are refused by name,
+    as the multiclass methods refuse them, not cast or passed to NumPy's internals."""
+    y = np.array([0, 1, 0, 1])
+    for bad in (np.array([1 + 5j, -2j, 0.5, 3]), np.array(["0.5", "2", "1", "3"]),
+                np.array([True, False, True, False])):
+        with pytest.raises(TypeError, match="scores must be a numeric array"):
+            method().fit(bad, y)
+    with pytest.raises(ValueError, match="scores is ragged"):
+        method().fit([[0.1, 0.2], [0.3]], [0, 1])
+    with pytest.raises(TypeError, match=r"scores is a sparse_coo tensor; pass scores\.to_dense\(\)"):
+        method().fit(torch.tensor([0.1, 2.0, -1.0, 0.5]).to_sparse(), y)
+    fitted = method(from_logits=False).fit(np.array([0.2, 0.6, 0.4, 0.9, 0.7, 0.3]),
+                                           np.array([0, 1, 1, 1, 0, 0]))
+    with pytest.raises(TypeError, match="numeric"):
+        fitted.transform(np.array([True, False]))
+
+
+@pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])
+def test_binary_probabilities_read_as_logits_warn(method: Any) -> None:
+    """(N,) scores all in [0, 1] fitted with the default from_logits=True are probably
+    probabilities: a warning names from_logits=False, as the (N, 2) form's does; logits and
+    from_logits=False stay silent."""
+    rng = np.random.default_rng(3)
+    p = rng.random(300)
+    y = (rng.random(300) < p).astype(int)
+    with pytest.warns(cal.CalibrationWarning, match="pass from_logits=False"):
+        method().fit(p, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method(from_logits=False).fit(p, y)
+        method().fit(np.log(p / (1 - p)), y)
+
+
+def test_the_upper_bound_names_a_larger_t_max() -> None:
+    """Logits whose best temperature lies beyond t_max: the fallback's reason says which
+    t_max fits it, and with that t_max the fit is kept."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 4, generator=g, dtype=torch.float64) * 2
+    y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    bound = (r"upper bound t_max=100; .*; the optimum may lie beyond t_max:"
+             r" TemperatureScaler\(t_max=1000\) fits it")
+    with pytest.warns(cal.CalibrationWarning, match=bound):
+        t = cal.TemperatureScaler().fit(1000 * z, y)
+    assert t.diagnostic_kind == "bound"
+    assert t.fallback == "the fit stopped at the upper bound t_max=100"  # the reports' words: no advice
+    kept = cal.TemperatureScaler(t_max=1e4).fit(1000 * z, y)
+    assert kept.fallback is None and 100 < float(kept.temperature) < 1e4
+    with pytest.warns(cal.CalibrationWarning) as caught:  # ETS has no t_max to raise
+        cal.EnsembleTemperatureScaler().fit(1000 * z, y)
+    assert not any("t_max=1000" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("method", [cal.MatrixScaler, cal.DirichletCalibrator, cal.VectorScaler])
+def test_a_fit_far_from_its_optimum_at_max_iter_warns(method: Any) -> None:
+    """L-BFGS that runs out of steps with a large gradient (logits scaled by 1e4) warns and
+    names max_iter; an ordinary fit stays silent."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2000, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method().fit(z, y)
+    if method is cal.VectorScaler:  # its temperatures reach t_max first
+        with pytest.warns(cal.CalibrationWarning, match="t_max"):
+            method().fit(z * 1e4 / 3, y)
+        return
+    steps = r"max_iter=200 L-BFGS steps with a gradient of .*raise max_iter"
+    with pytest.warns(cal.CalibrationWarning, match=steps):
+        method().fit(z * 1e4 / 3, y)
+
+
+@pytest.mark.parametrize("method", [cal.MatrixScaler, cal.DirichletCalibrator])
+def test_fewer_validation_samples_than_parameters_warn(method: Any) -> None:
+    """C (C + 1) parameters on fewer samples can fit them exactly: the fit warns (pointing at
+    the caller's line) and names the counts; with enough samples it does not."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2000, 5, generator=g, dtype=torch.float64) * 3
+    y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    y[:5] = torch.arange(5)  # every class in the small set
+    words = r"30 parameters \(C = 5\) fitted on 20 validation samples"
+    with pytest.warns(cal.CalibrationWarning, match=words) as caught:
+        method().fit(z[:20], y[:20])
+    assert any(w.filename == __file__ for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method().fit(z, y)
+
+
+def test_the_nll_max_iter_warning_points_at_the_callers_line() -> None:
+    """The temperature fit's max_iter warning names the line that called fit, on the NLL
+    path and through the ECE objective alike."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(500, 4, generator=g, dtype=torch.float64) * 5
+    y = torch.multinomial(torch.softmax(z / 3, 1), 1, generator=g).squeeze(1)
+    for objective in ("nll", "ece"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cal.TemperatureScaler(max_iter=1).fit(z, y, objective=objective)
+        hits = [w for w in caught if "max_iter=1 steps" in str(w.message)]
+        assert hits, [str(w.message) for w in caught]
+        assert all(w.filename == __file__ for w in hits), [w.filename for w in hits]
+
+
+def test_load_of_a_file_that_is_not_json_and_save_of_another_object(tmp_path: Any) -> None:
+    """A saved file cut short or empty raises ValueError naming it; save refuses what is not
+    a recalibrator."""
+    good = cal.TemperatureScaler().fit(*_tiny_multiclass())
+    path = tmp_path / "t.json"
+    cal.save(good, path)
+    text = path.read_text()
+    for cut in (text[: len(text) // 2], ""):
+        path.write_text(cut)
+        with pytest.raises(ValueError, match=f"{path} is not the JSON that crossent.calibration.save writes"):
+            cal.load(path)
+    with pytest.raises(TypeError, match="calibrator must be a fitted recalibrator"):
+        cal.save("TemperatureScaler", path)  # type: ignore[arg-type]
+
+
+def _tiny_multiclass() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(200, 3)) * 2
+    return z, (_softmax_rows(z).cumsum(1) > rng.random((200, 1))).argmax(1)
+
+
+def _softmax_rows(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_the_shape_error_of_binary_scores_shows_two_columns_of_logits() -> None:
+    """(N,) scores given to a multiclass method: the fix names two columns of logits (the log
+    of stacked probabilities), which the method then takes without a warning."""
+    rng = np.random.default_rng(5)
+    p = rng.random(400) * 0.98 + 0.01
+    y = (rng.random(400) < p).astype(int)
+    with pytest.raises(ValueError, match=r"np\.log\(np\.stack\(\[1 - p, p\], axis=1\)\)"):
+        cal.TemperatureScaler().fit(p, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = cal.TemperatureScaler().fit(np.log(np.stack([1 - p, p], axis=1)), y)
+    assert 0.5 < float(t.temperature) < 2

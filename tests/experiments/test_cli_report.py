@@ -50,6 +50,10 @@ def test_report_files_written_and_non_empty(tmp_path: Path, blobs: TaskData) -> 
     assert {"ece_mean", "ece_std", "ece_ci95", "ece_tsece_mean", "temperature_ece_mean"} <= set(summary[0])
     with np.load(tmp_path / "run" / "predictions.npz") as z:
         assert z["blobs/ce/seed1/logits"].shape == (len(blobs.y_test), 3)
+        # each run's labels beside its logits (a seed may draw its own split), and no task-level
+        # array that another seed's logits could be paired with by mistake
+        assert z["blobs/ce/seed1/labels"].shape == (z["blobs/ce/seed1/logits"].shape[0],)
+        assert "blobs/labels" not in z.files
 
 
 def test_the_reading_names_each_loss_that_scaling_made_worse() -> None:

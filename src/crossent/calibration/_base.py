@@ -126,6 +126,29 @@ def label_separation(
     return top1_correct, None, None
 
 
+#: the largest gradient entry an L-BFGS fit may end with at ``max_iter`` without a warning
+#: (typical fits that run out of steps end near 1e-3; a fit far from its optimum, such as one on
+#: logits scaled by 1e4, at 0.1 or more)
+UNCONVERGED_GRAD = 1e-2
+
+
+def warn_if_unconverged(opt: torch.optim.LBFGS, max_iter: int, owner: str) -> None:
+    """Warn (:class:`CalibrationWarning`) when the L-BFGS ``opt`` used its ``max_iter`` steps
+    and its parameters' last gradient is still above :data:`UNCONVERGED_GRAD`."""
+    steps = int(opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0))
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    worst = max((float(g.abs().max()) for g in grads), default=0.0)
+    if steps >= max_iter and worst > UNCONVERGED_GRAD:
+        from crossent.calibration._inputs import _caller_level
+
+        warnings.warn(
+            f"{owner}: the fit stopped after max_iter={max_iter} L-BFGS steps with a gradient of"
+            f" {worst:.3g}, far from its optimum; raise max_iter (e.g. max_iter={10 * max_iter})",
+            CalibrationWarning,
+            stacklevel=_caller_level(),
+        )
+
+
 def warn_if_probabilities(z: torch.Tensor, owner: str, *, hint: str = "", stacklevel: int = 3) -> None:
     """Warn (:class:`CalibrationWarning`) when the (N, C) ``logits`` ``z`` given to a fit look
     like probabilities (:func:`~crossent.calibration._inputs.looks_like_probs`: every row in
@@ -431,6 +454,7 @@ class Recalibrator:
         n_classes: int,
         separable_how: str | None = None,
         separable_consequence: str | None = None,
+        advice: str | None = None,
     ) -> None:
         """Check the fit against the identity on the validation data (their mean NLLs
         ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to.
@@ -438,7 +462,9 @@ class Recalibrator:
         usable map to keep, and its state could not be loaded.
         ``separable_how`` says how a separable set is separable (by default: every top-1
         prediction correct), ``separable_consequence`` what that does to the fit (by default:
-        "so the fit has nothing to calibrate against")."""
+        "so the fit has nothing to calibrate against"). ``advice`` (for a fit stopped at a
+        bound) ends the warning, not ``fallback``: a library call's fix, which the commands'
+        reports do not offer."""
         problem: str | None = None
         kind: Literal["separable", "bound", "nll"] | None = None
         if separable:
@@ -477,8 +503,9 @@ class Recalibrator:
                           " a map with non-finite parameters is not usable, nor could its state be loaded")
         else:
             action = "keeping the fit (fallback_to_identity=False)"
+        tail = f"; {advice}" if advice and kind == "bound" else ""
         warnings.warn(
-            f"{type(self).__name__}: {problem}; {action}", CalibrationWarning, stacklevel=4
+            f"{type(self).__name__}: {problem}; {action}{tail}", CalibrationWarning, stacklevel=4
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -583,16 +610,23 @@ def from_state_dict(state: dict[str, Any]) -> Recalibrator:
 
 def save(calibrator: Recalibrator, path: str | Path) -> None:
     """Write ``calibrator.state_dict()`` to ``path`` as JSON."""
+    if not isinstance(calibrator, Recalibrator):
+        raise TypeError(
+            f"calibrator must be a fitted recalibrator of crossent.calibration (TemperatureScaler, ...),"
+            f" got {type(calibrator).__name__}"
+        )
     Path(path).write_text(json.dumps(calibrator.state_dict(), indent=2) + "\n")
 
 
 def load(path: str | Path) -> Recalibrator:
-    """Read a recalibrator written by :func:`save`."""
-    return from_state_dict(json.loads(Path(path).read_text()))
-
-
-def as_float64_numpy(x: Any) -> np.ndarray:
-    """A float64 NumPy array of an array or tensor, without negative strides (torch takes none)."""
-    if isinstance(x, torch.Tensor):
-        return np.asarray(x.detach().cpu().to(torch.float64).numpy())
-    return np.ascontiguousarray(x, dtype=np.float64)
+    """Read a recalibrator written by :func:`save`. A file that is not JSON (empty, cut
+    short) raises :class:`ValueError` naming it."""
+    text = Path(path).read_text()
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not the JSON that crossent.calibration.save writes ({err.msg}: line {err.lineno},"
+            f" column {err.colno}); is it empty or cut short? Save the calibrator again"
+        ) from None
+    return from_state_dict(state)

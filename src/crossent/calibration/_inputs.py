@@ -115,8 +115,9 @@ def as_matrix(x: object, name: str = "probs", *, metrics: bool = False) -> torch
             + rows
             if metrics else
             f"{name} must be 2-D (n_samples, n_classes), got shape {tuple(t.shape)}"
-            + (rows or "; for a binary problem with positive-class probabilities p pass"
-               " np.stack([1 - p, p], axis=1)")
+            + (rows or "; for a binary problem pass two columns of logits, np.stack([-z, z], axis=1) / 2"
+               " for a positive-class logit z or np.log(np.stack([1 - p, p], axis=1)) for probabilities p"
+               " (PlattScaler and BetaCalibrator take the (N,) scores themselves)")
         )
     if t.shape[0] == 0:
         raise ValueError(f"{name} is empty: it needs at least one row (sample)")

@@ -961,8 +961,11 @@ def small_fit_warning(n_fit: int, n: int, val_fraction: float) -> str | None:
             f" fits on so few, and the comparison of methods, are noisy: {fix}")
 
 
-def fit_method(name: str, logits: np.ndarray, labels: np.ndarray, objective: str) -> tuple[Any, list[str]]:
-    """Fit one method; returns it and the messages of the warnings it gave."""
+def fit_method(
+    name: str, logits: np.ndarray, labels: np.ndarray, objective: str, n_bins: int = 15
+) -> tuple[Any, list[str]]:
+    """Fit one method; returns it and the messages of the warnings it gave. Temperature
+    scaling by the ECE objective minimises the ECE of ``n_bins`` width bins, the ECE reported."""
     import warnings
 
     from crossent.calibration import _base
@@ -971,7 +974,7 @@ def fit_method(name: str, logits: np.ndarray, labels: np.ndarray, objective: str
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", _base.CalibrationWarning)
         if name == "temperature":
-            cal = cls().fit(logits, labels, objective=objective)  # type: ignore[call-arg]  # TemperatureScaler
+            cal = cls().fit(logits, labels, objective=objective, n_bins=n_bins)  # type: ignore[call-arg]
         elif name in BINARY_METHODS:
             cal = cls().fit(logits[:, 1] - logits[:, 0], labels)  # type: ignore[attr-defined]
         else:
@@ -1119,7 +1122,7 @@ def compare_methods(
         if name == "isotonic" and importlib.util.find_spec("sklearn") is None:
             rows[name] = {"skipped": "needs scikit-learn (pip install 'crossent[run]')"}
             continue
-        cal, _ = fit_method(name, logits[val_idx], labels[val_idx], objective)
+        cal, _ = fit_method(name, logits[val_idx], labels[val_idx], objective, n_bins)
         rows[name] = {**score(method_logits(cal, logits[test_idx])), "fallback": cal.fallback,
                       "fitted": describe(cal), "note": fit_note(cal, c),
                       "short_note": short_note(cal)}
@@ -1204,7 +1207,7 @@ def main(args: argparse.Namespace) -> int:
             raise _error(f"--csv-header {args.csv_header} applies to .csv files and no input is one: drop it")
     labels_file = args.labels if args.labels is not None else args.predictions
     csv_input = _format_of(Path(args.predictions), args.file_format) == "csv"
-    n_given = len(preds)
+    n_given = len(preds) if preds.ndim else 0  # a 0-d array is refused by _check, by its shape
     preds, labels = _check(preds, labels, labels_file, _csv_header_hint(args, preds, labels), csv_input,
                            args.ignore_index)
     binary_scores = preds.ndim == 1
@@ -1221,18 +1224,20 @@ def main(args: argparse.Namespace) -> int:
     zero_note = None
     if kind == "probs":
         floor = np.finfo(preds.dtype).tiny
-        zeros = int(np.count_nonzero(preds == 0))
+        zeros = int(np.count_nonzero(preds <= 0))  # exact zeros and round-off below them
+        below = int(np.count_nonzero(preds < 0))
+        below_note = f" ({below} of them below 0 by round-off)" if below else ""
         step = rounding_step(raw) if zeros else None
         if step is not None:
             # A probability written with d decimals and read back as 0 was below half a step:
             # as log(tiny) (about -708), one such entry outweighs every other logit of a
             # matrix or Dirichlet fit.
             floor = step / 2
-            zero_note = (f"{zeros} entries of PREDICTIONS are 0 and every entry is a multiple of"
+            zero_note = (f"{zeros} entries of PREDICTIONS are 0{below_note} and every entry is a multiple of"
                          f" {step:g} (probabilities rounded to {round(-math.log10(step))} decimals?):"
                          f" the zeros are read as {floor:g}, the most that rounds to 0")
         elif zeros:
-            zero_note = (f"{zeros} entries of PREDICTIONS are 0: read as {floor:g}, the smallest"
+            zero_note = (f"{zeros} entries of PREDICTIONS are 0{below_note}: read as {floor:g}, the smallest"
                          f" normal {preds.dtype} (every NLL, the one before recalibration too)")
         logits = np.maximum(preds, floor, dtype=np.float64)  # the log in float64, as the methods compute
         np.log(logits, out=logits)
@@ -1258,7 +1263,7 @@ def main(args: argparse.Namespace) -> int:
         if val_idx.size == 0 or test_idx.size == 0:
             raise _error(_empty_split_message(labels, args.val_fraction, val_idx.size == 0))
 
-    cal, messages = fit_method(args.method, logits[val_idx], labels[val_idx], args.objective)
+    cal, messages = fit_method(args.method, logits[val_idx], labels[val_idx], args.objective, args.n_bins)
     small = small_fit_warning(int(val_idx.size), n, args.val_fraction)
     if small is not None:
         messages.insert(0, small)

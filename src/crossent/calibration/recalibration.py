@@ -80,16 +80,18 @@ from crossent.calibration._base import (
     Recalibrator,
     absent_classes,
     absent_how,
-    as_float64_numpy,
     class_count_error,
     label_separation,
+    params_finite,
     short_repr,
     state_array,
     state_error,
     state_value,
     warn_if_probabilities,
+    warn_if_unconverged,
 )
 from crossent.calibration._inputs import (
+    _to_tensor,
     as_labels,
     as_matrix,
     check_bool,
@@ -133,7 +135,7 @@ class _Diverged(Exception):
     """Raised inside an L-BFGS closure whose parameters are no longer finite."""
 
 
-def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float = 1e-6) -> None:
+def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float = 1e-6) -> torch.optim.LBFGS:
     """Minimise ``loss_fn()`` over ``params`` by L-BFGS with a strong-Wolfe line search, to a
     gradient of ``tol`` (1e-6 for the C x C maps, where the softmax leaves directions nearly
     flat and the probabilities converge long before the parameters).
@@ -157,6 +159,7 @@ def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float =
         opt.step(closure)
     except _Diverged:
         pass
+    return opt
 
 
 class _MulticlassRecalibrator(Recalibrator):
@@ -324,6 +327,16 @@ class MatrixScaler(_MulticlassRecalibrator):
         z, y = _multiclass(logits, labels, type(self).__name__)
         x = self._features(z)
         k = z.shape[1]
+        if z.shape[0] < k * (k + 1):
+            # The C (C + 1) parameters can fit fewer samples exactly (a validation NLL near 0,
+            # a test NLL many times the identity's), which no check on the validation data sees.
+            warnings.warn(
+                f"{type(self).__name__}: {k * (k + 1)} parameters (C = {k}) fitted on {z.shape[0]} validation"
+                " samples: the map can fit them exactly and overfit; prefer TemperatureScaler or"
+                " VectorScaler, or check the fit on held-out data (crossent calibrate does)",
+                CalibrationWarning,
+                stacklevel=2,
+            )
         # Centred features condition the problem (log-probabilities share a large negative
         # offset): x W^T + b = (x - mu) W^T + c with c = b + W mu; the penalty stays on b.
         mu = x.mean(0)
@@ -342,7 +355,9 @@ class MatrixScaler(_MulticlassRecalibrator):
         if self.fallback_to_identity and self._separation(z, y)[0]:
             pass  # separable: the guard below restores the identity, so skip the optimiser
         else:
-            _lbfgs([w, c], loss, self.max_iter)
+            opt = _lbfgs([w, c], loss, self.max_iter)
+            if params_finite(w.detach().numpy()):
+                warn_if_unconverged(opt, self.max_iter, type(self).__name__)
         b = (c - w @ mu).detach()
         self.weight = w.detach().numpy().copy()
         self.bias = b.numpy().copy()
@@ -418,6 +433,13 @@ class HistogramBinning(_MulticlassRecalibrator):
     ``identity_classes``, and a :class:`~crossent.calibration.CalibrationWarning` names them
     (``diagnostic_kind == "separable"``; ``fallback_to_identity=False`` keeps the zeros).
     Labels that are all one class fall back to the identity map as a whole.
+
+    Like netcal's and scikit-learn's, the map gives probability 0 wherever no validation
+    sample of the class fell (a bin with no sample of it): a test sample of that class
+    there has an NLL of about 708 (log of the smallest normal float64) and lifts the mean NLL
+    far above the identity's, which no check on the validation data can see. Judge it on
+    held-out data (``crossent calibrate`` compares every method there), or prefer a
+    parametric map where the NLL matters.
     """
 
     name = "histogram"
@@ -498,6 +520,13 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
     :class:`~crossent.calibration.CalibrationWarning` names them (``diagnostic_kind ==
     "separable"``; ``fallback_to_identity=False`` keeps the zeros), and ``identity_classes``
     lists them. Labels that are all one class fall back to the identity map as a whole.
+
+    Like netcal's and scikit-learn's, the map gives probability 0 wherever no validation
+    sample of the class fell (an isotonic step below every sample of it): a test sample of that class
+    there has an NLL of about 708 (log of the smallest normal float64) and lifts the mean NLL
+    far above the identity's, which no check on the validation data can see. Judge it on
+    held-out data (``crossent calibrate`` compares every method there), or prefer a
+    parametric map where the NLL matters.
     """
 
     name = "isotonic"
@@ -690,7 +719,8 @@ class _BinaryRecalibrator(Recalibrator):
     def _scores(self, x: Any, *, fitting: bool = False) -> torch.Tensor:
         """Positive-class logits (float64, 1-D) from (N,) or (N, 1) logits/probabilities or (N, 2);
         ``fitting``: warn when (N, 2) logits look like probabilities."""
-        t = torch.as_tensor(as_float64_numpy(x))
+        t = _to_tensor(x, "scores").to(torch.float64)  # real numbers only, dense, not ragged
+        one_score = t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)  # not the two columns of (N, 2)
         if t.ndim == 2 and t.shape[1] == 1:  # a one-logit head's column
             t = t[:, 0]
         if t.ndim == 2 and t.shape[1] == 2:
@@ -704,6 +734,14 @@ class _BinaryRecalibrator(Recalibrator):
         if t.numel() == 0 or not bool(torch.isfinite(t).all()):
             raise ValueError("scores must be non-empty and finite")
         if self.from_logits:
+            if fitting and one_score and float(t.min()) >= 0 and float(t.max()) <= 1:
+                warnings.warn(
+                    f"{type(self).__name__}: every score lies in [0, 1], as probabilities do, but"
+                    " from_logits=True reads them as logits; pass from_logits=False if they are"
+                    " probabilities",
+                    CalibrationWarning,
+                    stacklevel=3,  # _scores, fit, the caller
+                )
             return t
         if float(t.min()) < 0 or float(t.max()) > 1:
             raise ValueError("probabilities must lie in [0, 1]; pass from_logits=True for logits")
@@ -769,9 +807,11 @@ class _BinaryRecalibrator(Recalibrator):
         how = None
         if pos.numel() == 0 or neg.numel() == 0:
             how = f"all {s.shape[0]} labels are {0 if pos.numel() == 0 else 1}"
-        elif float(pos.min()) > float(neg.max()):
+        elif float(pos.min()) >= float(neg.max()) and float(pos.max()) > float(neg.min()):
+            # ties at the threshold too (quasi-complete separation): the slope still has no
+            # finite optimum, the tied scores staying at 1/2 while the others go to 0 and 1
             how = "a threshold on the score splits the two classes"
-        elif float(pos.max()) < float(neg.min()):
+        elif float(pos.max()) <= float(neg.min()) and float(pos.min()) < float(neg.max()):
             how = "a threshold on the score splits the two classes, the positives below it"
         self._guard(nll_id, nll_fit, s.shape[0], at_bound=None, separable=how is not None, n_classes=2,
                     separable_how=how)

@@ -70,9 +70,11 @@ from crossent.calibration._base import (
     state_error,
     state_value,
     warn_if_probabilities,
+    warn_if_unconverged,
 )
 from crossent.calibration._inputs import (
     ArrayLike,
+    _caller_level,
     as_labels,
     as_matrix,
     check_choice,
@@ -321,6 +323,9 @@ class TemperatureScaler(Recalibrator):
             n_classes=z.shape[1],
             separable_how=how,
             separable_consequence=consequence,
+            # at t_max the NLL may still fall beyond it (convex in 1/T): say how to fit on
+            advice=(f"the optimum may lie beyond t_max: {type(self).__name__}(t_max={10 * self.t_max:g})"
+                    " fits it" if np.any(np.asarray(self.temperature) >= self.t_max * (1 - 1e-9)) else None),
         )
 
     # ------------------------------------------------------------------ state
@@ -432,7 +437,7 @@ class TemperatureScaler(Recalibrator):
                 f"{type(self).__name__}: the NLL fit stopped after max_iter={self.max_iter} steps without"
                 f" converging (T = {1.0 / s:.6g}, dNLL/d(1/T) = {g:.3g}); raise max_iter",
                 CalibrationWarning,
-                stacklevel=4,
+                stacklevel=_caller_level(),  # the first frame outside crossent
             )
         return float(min(max(1.0 / s, self.t_min), self.t_max))
 
@@ -505,6 +510,7 @@ class TemperatureScaler(Recalibrator):
             return torch.tensor(total, dtype=torch.float64)
 
         opt.step(closure)
+        warn_if_unconverged(opt, self.max_iter, type(self).__name__)
         with torch.no_grad():
             t = torch.exp(log_t.clamp(lo, hi)).numpy().copy()
             b = (bias - bias.mean()).numpy().copy()

@@ -6,7 +6,8 @@ Files written by :func:`write_run_folder`:
 ``results.csv``    one row per (task, loss, seed): every metric before and after scaling
 ``summary.csv``    one row per (task, loss): mean and std over seeds
 ``predictions.npz`` test logits of every run (``<task>/<loss>/seed<k>/logits``), test labels
-                   (``<task>/labels``) and fitted temperatures, for ``crossent calibrate``
+                   (``<task>/<loss>/seed<k>/labels`` where a seed drew its own split, else
+                   ``<task>/labels``) and fitted temperatures, for ``crossent calibrate``
 ``report.md``      the statistics rule, the automatic reading, the comparison with Mukhoti et
                    al. 2020 and the tables per task (mean +- 95% half-width)
 ``figures/``       ``reliability_<task>_<loss>.png`` (before / after temperature scaling,
@@ -889,8 +890,12 @@ def write_run_folder(
     written["summary.csv"] = p
 
     arrays: dict[str, np.ndarray] = {}
+    # A task's own test labels only where some run has no labels of its own: a run whose seed
+    # drew its own split has them beside its logits, and another seed's would not match them.
+    shared = {run.record["task"] for run in result.runs if run.test_labels is None}
     for name, d in result.tasks.items():
-        arrays[f"{name}/labels"] = d.y_test
+        if name in shared:
+            arrays[f"{name}/labels"] = d.y_test
     for run in result.runs:
         r = run.record
         key = f"{r['task']}/{r['loss']}/seed{r['seed']}"

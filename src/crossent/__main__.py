@@ -1,0 +1,5 @@
+"""``python -m crossent``: the ``crossent`` command (:func:`crossent.cli.main`)."""
+
+from crossent.cli import main
+
+raise SystemExit(main())
