@@ -1188,3 +1188,21 @@ def test_python_dash_m_crossent_runs_the_command() -> None:
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "--objective" in res.stdout
+
+
+def test_platt_on_logits_whose_gap_lies_in_0_1_gives_no_probability_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The binary methods are fitted on the logit gap z1 - z0, which may lie in [0, 1] for
+    logits far from it: the command reads logits as logits, without the library's "these look
+    like probabilities" warning (which it has no option to act on)."""
+    rng = np.random.default_rng(13)
+    z = np.stack([3 + np.zeros(400), 3 + rng.uniform(0, 1, 400)], 1)
+    y = (rng.random(400) < 0.5).astype(int)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    for method in ("platt", "beta"):
+        rc, _, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--method", method],
+                         capsys)
+        assert rc == 0, err
+        assert "lies in [0, 1]" not in err, err

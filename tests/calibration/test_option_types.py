@@ -211,9 +211,10 @@ TARGETS: list[Target] = [
            {"loss": choice("mse", "nll"), **FALLBACK},
            fit=lambda **kw: _state(cal.EnsembleTemperatureScaler(**kw), Z, Y)),
     Target("PlattScaler", lambda **kw: _options(cal.PlattScaler(**kw)),
-           {"from_logits": BOOL, **FALLBACK}, fit=lambda **kw: _state(cal.PlattScaler(**kw), BP, BY)),
+           {"from_logits": BOOL_OR_NONE, **FALLBACK}, fit=lambda **kw: _state(cal.PlattScaler(**kw), BP, BY)),
     Target("BetaCalibrator", lambda **kw: _options(cal.BetaCalibrator(**kw)),
-           {"from_logits": BOOL, **FALLBACK}, fit=lambda **kw: _state(cal.BetaCalibrator(**kw), BP, BY)),
+           {"from_logits": BOOL_OR_NONE, **FALLBACK},
+           fit=lambda **kw: _state(cal.BetaCalibrator(**kw), BP, BY)),
 ]
 
 #: the public names with no option to check

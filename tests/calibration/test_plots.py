@@ -331,3 +331,23 @@ def test_compare_refuses_binary_and_multiclass_panels_together() -> None:
         compare_reliability_diagrams({"before": pb, "after": np.stack([1 - pb, pb], 1)}, yb)
     fig = compare_reliability_diagrams({"before": pb, "after": pb ** 1.1}, yb)  # same kind: fine
     assert len(fig.axes) == 4
+
+
+def test_drawing_into_the_same_axes_again_reuses_its_histogram() -> None:
+    """A redraw per epoch into one axes (cleared between) keeps two axes in the figure and
+    the same cell sizes; the histogram shows the latest data only."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
+    heights = []
+    for epoch in range(3):
+        p, y = data(seed=20 + epoch)
+        ax.clear()
+        reliability_diagram(p, y, ax=ax, title=f"epoch {epoch}")
+        _drawn(fig)
+        heights.append(ax.get_position().height)
+        assert len(fig.axes) == 2
+    assert max(heights) - min(heights) < 1e-6
+    hax = fig.axes[1]
+    assert len(hax.lines) == 2  # the mean confidence and the accuracy of the last draw only

@@ -753,21 +753,34 @@ def test_binary_labels_of_any_torch_dtype(method: type[cal.Recalibrator], dtype:
 
 
 @pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])
-def test_ties_at_the_threshold_are_separable_for_platt_and_beta(method: Any) -> None:
-    """Classes that a threshold splits with scores tied at it (quasi-complete separation: the
-    slope still has no finite optimum) fall back as strictly split ones do; scores all equal
-    (no split) do not."""
-    s = np.array([0.1, 0.4, 0.4, 0.8])
+def test_only_strict_separation_falls_back_for_platt_and_beta(method: Any) -> None:
+    """A threshold that splits the classes falls back; scores tied at the threshold with both
+    classes there (quasi-complete separation, as of scores taking few values) keep the fit,
+    which calibrates the tied value where the identity does not: on fresh data of that kind
+    its NLL beats the identity's."""
+    s = np.array([0.1, 0.3, 0.6, 0.8])
     y = np.array([0, 0, 1, 1])
     with pytest.warns(cal.CalibrationWarning, match="threshold on the score splits"):
         c = method(from_logits=False).fit(s, y)
     assert c.diagnostic_kind == "separable" and c.fallback is not None
     with pytest.warns(cal.CalibrationWarning, match="positives below it"):
         method(from_logits=False).fit(s[::-1].copy(), y)
-    with warnings.catch_warnings(record=True) as caught:
+    rng = np.random.default_rng(6)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        low = rng.random(n) < 0.4
+        return np.where(low, 0.2, 0.8), np.where(low, 0, rng.random(n) < 0.5).astype(int)
+
+    sv, yv = draw(200)
+    st, yt = draw(2000)
+    with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        c = method(from_logits=False).fit(np.full(4, 0.4), y)
-    assert c.diagnostic_kind != "separable", [str(w.message) for w in caught]
+        c = method(from_logits=False).fit(sv, yv)
+    assert c.diagnostic_kind != "separable" and c.fallback is None
+    q = np.clip(np.asarray(c.transform(st)), 1e-12, 1 - 1e-12)
+    fit_nll = -np.mean(yt * np.log(q) + (1 - yt) * np.log(1 - q))
+    id_nll = -np.mean(yt * np.log(st) + (1 - yt) * np.log(1 - st))
+    assert fit_nll < id_nll
 
 
 @pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])
@@ -803,6 +816,8 @@ def test_binary_probabilities_read_as_logits_warn(method: Any) -> None:
         warnings.simplefilter("error")
         method(from_logits=False).fit(p, y)
         method().fit(np.log(p / (1 - p)), y)
+        method(from_logits=True).fit(p, y)  # said explicitly: read as logits, silently
+        method().fit(np.zeros(300), y)  # constant scores: nothing to tell apart
 
 
 def test_the_upper_bound_names_a_larger_t_max() -> None:
@@ -913,3 +928,13 @@ def test_the_shape_error_of_binary_scores_shows_two_columns_of_logits() -> None:
         warnings.simplefilter("error")
         t = cal.TemperatureScaler().fit(np.log(np.stack([1 - p, p], axis=1)), y)
     assert 0.5 < float(t.temperature) < 2
+
+
+def test_a_fit_out_of_evaluations_before_max_iter_warns_too() -> None:
+    """L-BFGS may stop on its evaluation budget (1.25 max_iter) before max_iter steps: with a
+    large gradient left that warns as running out of steps does."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(500, 4, generator=g, dtype=torch.float64) * 3
+    y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    with pytest.warns(cal.CalibrationWarning, match="max_iter=2 L-BFGS steps"):
+        cal.MatrixScaler(max_iter=2).fit(z, y)

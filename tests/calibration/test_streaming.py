@@ -713,7 +713,7 @@ def test_unnormalised_scores_in_the_unit_interval_warn() -> None:
     z = torch.randn(200, 10, generator=g) * 3
     y = torch.randint(0, 10, (200,), generator=g)
     m = CalibrationMeter()
-    with pytest.warns(cal.CalibrationWarning, match=r"every entry lies in \[0, 1\] but row \d+ sums to"):
+    with pytest.warns(cal.CalibrationWarning, match=r"every entry lies in \[0, 1\] but a row sums to"):
         m.update(torch.sigmoid(z), y)
     assert m.from_logits is True
     with pytest.warns(cal.CalibrationWarning, match="normalise the rows"):
@@ -758,3 +758,42 @@ def test_ragged_and_sparse_inputs_are_refused_by_name(where: str) -> None:
         cal.ece(xs, ys)
     with pytest.raises(TypeError, match="to_dense"):
         CalibrationMeter().update(xs, ys)
+
+
+def test_load_state_dict_sizes_by_the_state_and_keeps_a_fixed_from_logits() -> None:
+    """A state loads into a meter that already holds other data (of another K, or binary),
+    sized by the state's own K and kind; a state of K = 3 claiming k=4 is refused. A state
+    saved before any batch (from_logits None) leaves a meter's own from_logits=True as it is."""
+    z3, y3 = dataset("multiclass", 30, seed=26)
+    three = CalibrationMeter(from_logits=True)
+    three.update(z3[:, :3], y3 % 3)
+    used = CalibrationMeter(from_logits=True)
+    used.update(z3[:, :4], y3 % 4)
+    used.load_state_dict(three.state_dict())
+    assert used.compute() == three.compute()
+    zb, yb = dataset("binary", 20, seed=26)
+    binary = CalibrationMeter(from_logits=True)
+    binary.update(zb, yb)
+    used.load_state_dict(binary.state_dict())
+    assert used.compute() == binary.compute()
+    with pytest.raises(ValueError, match="shape"):
+        CalibrationMeter(from_logits=True).load_state_dict({**three.state_dict(), "k": 4})
+    fixed = CalibrationMeter(from_logits=True)
+    fixed.load_state_dict(CalibrationMeter().state_dict())
+    assert fixed.from_logits is True
+
+
+def test_a_refused_load_keeps_what_sync_gave() -> None:
+    """A refused load_state_dict leaves the meter as it was, the view that sync() gave
+    included (here a load_statistics of another meter's sum, the same view)."""
+    z, y = dataset("multiclass", 40, seed=27)
+    a, b = CalibrationMeter(from_logits=True), CalibrationMeter(from_logits=True)
+    a.update(z[:20], y[:20])
+    b.update(z[20:], y[20:])
+    a._synced = {"flat": a.statistics() + b.statistics()}  # what sync() leaves on one of two ranks
+    before = a.compute()
+    assert before["count"] == 40
+    bad = {**a.state_dict(), "conf": torch.tensor([0.5]), "correct": torch.tensor([1], dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="only mass bins"):
+        a.load_state_dict(bad)
+    assert a.compute() == before

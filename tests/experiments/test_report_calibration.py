@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from crossent.experiments.datasets import TaskData
 from crossent.experiments.losses import parse_loss
@@ -65,7 +66,7 @@ def test_reading_says_the_fit_fell_back_and_does_not_call_t_1_calibrated() -> No
     fell = [s for s in lines if s.startswith("Temperature scaling (T on validation NLL) fell")]
     assert fell, lines
     assert "2 of 2 runs" in fell[0] and "all 60 top-1 predictions are correct" in fell[0]
-    assert not any(s.startswith("Temperature scaling lowered") for s in lines)
+    assert not any(s.startswith("Temperature scaling (T on validation NLL) lowered") for s in lines)
 
 
 def test_reliability_figure_names_per_seed_temperatures_and_fallbacks() -> None:
@@ -131,3 +132,21 @@ def test_ece_bars_are_cut_at_zero() -> None:
     assert ends[0] == 0.0  # 2 - 5 cut at 0
     assert 7.0 in ends and 0.6 in ends and 1.4 in ends  # 2 + 5, 1 - 0.4, 1 + 0.4
     assert "cut at 0" in ax.get_title()
+
+
+@pytest.mark.parametrize(("t", "want"), [
+    ((0.92, 0.13, 1.20), "not clearly over- or underconfident (the interval of T includes 1)"),
+    ((0.80, 0.01, 0.05), "underconfident"),
+    ((1.30, 0.02, 0.10), "overconfident"),
+    ((0.80, math.nan, math.nan), "underconfident"),  # one seed: the mean decides
+    ((1.02, 0.01, 0.01), "close to calibrated"),
+])
+def test_the_regime_judges_t_by_its_interval(t: tuple[float, float, float], want: str) -> None:
+    """Over- or underconfident only where T's 95% interval excludes 1 (beyond the 0.05 of
+    tolerance), as every other judgement of the report follows the interval; the reading's
+    lists of T < 1 and T > 1 follow the same rule."""
+    from crossent.experiments.report import _regime, _t_side
+
+    row = {"temperature": t, "train_acc": (0.9, 0.0, 0.0), "acc": (0.8, 0.0, 0.01), "model": "MLP"}
+    assert _regime(row).endswith(f"is {want}")
+    assert _t_side(t) == (-1 if want == "underconfident" else 1 if want == "overconfident" else 0)

@@ -134,11 +134,16 @@ UNCONVERGED_GRAD = 1e-2
 
 def warn_if_unconverged(opt: torch.optim.LBFGS, max_iter: int, owner: str) -> None:
     """Warn (:class:`CalibrationWarning`) when the L-BFGS ``opt`` used its ``max_iter`` steps
-    and its parameters' last gradient is still above :data:`UNCONVERGED_GRAD`."""
-    steps = int(opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0))
-    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    (or its evaluations) and its parameters' last gradient is still above
+    :data:`UNCONVERGED_GRAD`."""
+    group = opt.param_groups[0]
+    state = opt.state[group["params"][0]]
+    # out of steps, or of function evaluations (max_eval, 1.25 max_iter by default), first
+    spent = (int(state.get("n_iter", 0)) >= max_iter
+             or int(state.get("func_evals", 0)) >= int(group["max_eval"]))
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
     worst = max((float(g.abs().max()) for g in grads), default=0.0)
-    if steps >= max_iter and worst > UNCONVERGED_GRAD:
+    if spent and worst > UNCONVERGED_GRAD:
         from crossent.calibration._inputs import _caller_level
 
         warnings.warn(

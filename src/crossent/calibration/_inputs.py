@@ -304,7 +304,7 @@ def warn_if_unnormalised(t: torch.Tensor, name: str) -> None:
     sums = t.sum(1, dtype=torch.float64)
     i = int((sums - 1).abs().argmax())
     warnings.warn(
-        f"{name}: every entry lies in [0, 1] but row {i} sums to {float(sums[i]):.6g}, not 1, so the rows"
+        f"{name}: every entry lies in [0, 1] but a row sums to {float(sums[i]):.6g}, not 1, so the rows"
         " are read as logits and softmaxed. If they are per-class probabilities (one-vs-rest"
         " sigmoids, say), normalise the rows, or measure them as multi-label scores with (N, L)"
         " 0/1 labels; pass from_logits=True to read them as logits without this warning",

@@ -976,7 +976,7 @@ def fit_method(
         if name == "temperature":
             cal = cls().fit(logits, labels, objective=objective, n_bins=n_bins)  # type: ignore[call-arg]
         elif name in BINARY_METHODS:
-            cal = cls().fit(logits[:, 1] - logits[:, 0], labels)  # type: ignore[attr-defined]
+            cal = cls(from_logits=True).fit(logits[:, 1] - logits[:, 0], labels)  # type: ignore[call-arg]
         else:
             cal = cls().fit(logits, labels)  # type: ignore[attr-defined]
     return cal, [str(w.message) for w in caught if issubclass(w.category, _base.CalibrationWarning)]

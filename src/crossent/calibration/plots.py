@@ -115,6 +115,9 @@ def _root_figure(ax: Axes) -> Figure:
     return fig  # type: ignore[return-value]
 
 
+#: the attribute of a caller's axes that holds the histogram axes split off it
+_HISTOGRAM = "_crossent_histogram"
+
 #: a stand-in for the spaces of a $...$ math span while a title is wrapped
 _MATH_SPACE = "\x00"
 
@@ -270,8 +273,9 @@ def reliability_diagram(
     off for the histogram: in a grid of subplots the cell is split in two, so that constrained
     and tight layouts make room for both), the legends inside it where they cover the least,
     and the figure that holds ``ax`` is returned. Titles are wrapped to the width of the axes.
-    Mass bins that share their edges (one confidence repeated, such as many rows at 1.0) are
-    drawn as one bar.
+    Drawn into the same ``ax`` again (a redraw per epoch, after ``ax.clear()``), the diagram
+    reuses the histogram it split off. Mass bins that share their edges (one confidence
+    repeated, such as many rows at 1.0) are drawn as one bar.
     """
     n_bins, binning, from_logits, low_count, ignore_index = _check_options(
         n_bins, binning, from_logits, low_count, ignore_index)
@@ -288,7 +292,10 @@ def reliability_diagram(
     else:
         fig = _root_figure(ax)
         spec = ax.get_subplotspec()
-        if spec is not None:
+        hax = getattr(ax, _HISTOGRAM, None)
+        if hax is not None and hax.figure is not None and hax in hax.figure.axes:
+            hax.clear()  # drawn into before (a redraw per epoch): its histogram axes again
+        elif spec is not None:
             # ax's cell split in two (ax moved to the upper part): a layout engine (constrained,
             # tight) sees both axes and makes room for the histogram's labels
             cells = spec.subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
@@ -298,6 +305,7 @@ def reliability_diagram(
             from mpl_toolkits.axes_grid1 import make_axes_locatable
 
             hax = make_axes_locatable(ax).append_axes("bottom", size="33%", pad=0.12, sharex=ax)
+        setattr(ax, _HISTOGRAM, hax)
     _draw(ax, hax, conf, correct, names=names, n_bins=n_bins, binning=binning, title=title,
           aggregate=aggregate, low_count=low_count, legend=legend)
     return fig

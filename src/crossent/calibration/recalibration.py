@@ -711,9 +711,12 @@ class _BinaryRecalibrator(Recalibrator):
     #: how many of the slopes the fit keeps >= 0
     _n_nonnegative: ClassVar[int] = 0
 
-    def __init__(self, *, from_logits: bool = True, fallback_to_identity: bool = True) -> None:
+    def __init__(self, *, from_logits: bool | None = None, fallback_to_identity: bool = True) -> None:
         super().__init__(fallback_to_identity=fallback_to_identity)
-        self.from_logits = check_bool("from_logits", from_logits)
+        given = check_bool("from_logits", from_logits, none=True)
+        #: ``None`` (the default) reads logits, and warns when (N,) scores look like probabilities
+        self._from_logits_given = given is not None
+        self.from_logits = True if given is None else given
         self.coef: np.ndarray | None = None
 
     def _scores(self, x: Any, *, fitting: bool = False) -> torch.Tensor:
@@ -734,11 +737,12 @@ class _BinaryRecalibrator(Recalibrator):
         if t.numel() == 0 or not bool(torch.isfinite(t).all()):
             raise ValueError("scores must be non-empty and finite")
         if self.from_logits:
-            if fitting and one_score and float(t.min()) >= 0 and float(t.max()) <= 1:
+            if (fitting and one_score and not self._from_logits_given and float(t.min()) >= 0
+                    and float(t.max()) <= 1 and float(t.min()) < float(t.max())):
                 warnings.warn(
                     f"{type(self).__name__}: every score lies in [0, 1], as probabilities do, but"
-                    " from_logits=True reads them as logits; pass from_logits=False if they are"
-                    " probabilities",
+                    " they are read as logits; pass from_logits=False if they are probabilities,"
+                    " or from_logits=True to read them as logits without this warning",
                     CalibrationWarning,
                     stacklevel=3,  # _scores, fit, the caller
                 )
@@ -807,12 +811,13 @@ class _BinaryRecalibrator(Recalibrator):
         how = None
         if pos.numel() == 0 or neg.numel() == 0:
             how = f"all {s.shape[0]} labels are {0 if pos.numel() == 0 else 1}"
-        elif float(pos.min()) >= float(neg.max()) and float(pos.max()) > float(neg.min()):
-            # ties at the threshold too (quasi-complete separation): the slope still has no
-            # finite optimum, the tied scores staying at 1/2 while the others go to 0 and 1
+        elif float(pos.min()) > float(neg.max()):
             how = "a threshold on the score splits the two classes"
-        elif float(pos.max()) <= float(neg.min()) and float(pos.min()) < float(neg.max()):
+        elif float(pos.max()) < float(neg.min()):
             how = "a threshold on the score splits the two classes, the positives below it"
+        # Ties at the threshold (quasi-complete separation: one score value holds both classes,
+        # the rest one class each) leave the slope without a finite optimum too, but the fit
+        # still calibrates the tied value (1/2 there), which the identity does not: kept.
         self._guard(nll_id, nll_fit, s.shape[0], at_bound=None, separable=how is not None, n_classes=2,
                     separable_how=how)
 

@@ -410,11 +410,12 @@ class CalibrationMeter:
         self._synced = None
 
     def state_dict(self) -> dict[str, object]:
-        """Everything the meter holds, to save mid-stream (``torch.save``) and resume with
+        """What the meter has accumulated, to save mid-stream (``torch.save``) and resume with
         :meth:`load_state_dict`: the options (which the loading meter must share), what the
         first batch decided (``from_logits``, the kind of input, the number of classes), the
         statistics and, for mass bins, the per-sample (confidence, correct) pairs. Tensors
-        are copies."""
+        are copies. After :meth:`sync` it is still this rank's own data (what a resumed rank
+        goes on adding to), not the all-reduced numbers :meth:`compute` gives."""
         mass = self.binning == "mass"
         conf = np.concatenate(self._conf) if mass and self._conf else np.empty(0)
         correct = np.concatenate(self._correct) if mass and self._correct else np.empty(0, np.uint8)
@@ -475,8 +476,11 @@ class CalibrationMeter:
             raise TypeError("state's conf and correct must be tensors, as state_dict() gives them")
         conf_np = conf.detach().cpu().to(torch.float64).numpy().reshape(-1)
         correct_np = correct.detach().cpu().to(torch.float64).numpy().reshape(-1)
-        saved = (self.from_logits, self._kind, self._k, self._bins, self._scalars, self._cw_p, self._cw_y)
-        self.from_logits, self._kind, self._k = fl, kind, k
+        saved = (self.from_logits, self._kind, self._k, self._bins, self._scalars, self._cw_p, self._cw_y,
+                 self._synced)
+        # the state's K and kind, not what this meter held, size its statistics
+        self.from_logits = fl if fl is not None else fixed
+        self._kind, self._k, self._cw_p, self._cw_y = kind, k, None, None
         try:
             self._set_statistics(state["statistics"], "state['statistics']")
             n = int(self._scalars[0])
@@ -493,7 +497,8 @@ class CalibrationMeter:
             elif conf_np.shape[0] or correct_np.shape[0]:
                 raise ValueError("state holds per-sample pairs, which only mass bins keep")
         except BaseException:
-            (self.from_logits, self._kind, self._k, self._bins, self._scalars, self._cw_p, self._cw_y) = saved
+            (self.from_logits, self._kind, self._k, self._bins, self._scalars, self._cw_p, self._cw_y,
+             self._synced) = saved
             raise
         self._conf = [conf_np.copy()] if conf_np.shape[0] else []
         self._correct = [correct_np.astype(np.uint8)] if correct_np.shape[0] else []

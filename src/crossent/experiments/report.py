@@ -76,6 +76,15 @@ NAMES = {
 }
 #: T within this distance of 1 counts as "no rescaling needed".
 T_TOLERANCE = 0.05
+
+
+def _t_side(t: tuple[float, ...]) -> int:
+    """+1 where a mean T (with its 95% half-width) says overconfident, -1 underconfident, 0
+    neither: beyond :data:`T_TOLERANCE` of 1, and with the interval excluding 1 where there
+    is one (with one seed the half-width is NaN and the mean decides)."""
+    mean, half = t[0], t[2] if len(t) > 2 else math.nan
+    side = 1 if mean > 1 + T_TOLERANCE else -1 if mean < 1 - T_TOLERANCE else 0
+    return 0 if side and math.isfinite(half) and abs(mean - 1) <= half else side
 #: Mukhoti et al. 2020, Table 1 / Table 3: ResNet-50 on CIFAR-10, test ECE-15 (%) before ->
 #: after temperature scaling (their T fitted on validation ECE by grid search).
 MUKHOTI_CIFAR10: dict[str, tuple[float, float]] = {
@@ -325,8 +334,10 @@ def _regime(r: dict[str, Any], fell: int = 0, runs: int = 0) -> str:
     """The CE row's regime; ``fell`` of its ``runs`` NLL temperature fits fell back to T = 1,
     which says nothing about its calibration (a T of 1 from a fallback is no measurement)."""
     t = r["temperature"][0]
-    conf = ("overconfident" if t > 1 + T_TOLERANCE else "underconfident" if t < 1 - T_TOLERANCE
-            else "close to calibrated")
+    side = _t_side(r["temperature"])
+    conf = "overconfident" if side > 0 else "underconfident" if side < 0 else "close to calibrated"
+    if not side and abs(t - 1) > T_TOLERANCE:  # the interval includes 1
+        conf = "not clearly over- or underconfident (the interval of T includes 1)"
     if fell and fell == runs:
         conf = ("of unmeasured calibration: every NLL temperature fit fell back to T = 1 "
                 "(see below)")
@@ -396,8 +407,8 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
             f"T = {b0['temperature'][0]:.2f}); highest: {worst0['loss_label']} "
             f"({_fmt(worst0['ece'], 'ece')}%)."
         )
-        under = [r["loss_label"] for r in valid if r["temperature"][0] < 1 - T_TOLERANCE]
-        over = [r["loss_label"] for r in valid if r["temperature"][0] > 1 + T_TOLERANCE]
+        under = [r["loss_label"] for r in valid if _t_side(r["temperature"]) < 0]
+        over = [r["loss_label"] for r in valid if _t_side(r["temperature"]) > 0]
         if under:
             lines.append(f"T < 1 (underconfident before scaling): {', '.join(under)}.")
         if over:
@@ -450,7 +461,8 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
     return reading
 
 
-#: the temperature fits of a run (keys of its record's "fallback")
+#: the temperature fits of a run (keys of its record's "fallback", the NLL fit, and
+#: "kept_degenerate", the ECE fit, kept whatever the guard found)
 FIT_NAMES = {"ts": "T on validation NLL, fell back to T = 1", "tsece": "T on validation ECE, kept"}
 
 
@@ -462,8 +474,14 @@ REASON_KINDS = {"separable": "separable validation set", "bound": "a bound of T 
 def _reason_kind(record: dict[str, Any], fit: str) -> str:
     """What the guard found in the temperature fit ``fit`` (a key of :data:`FIT_NAMES`) of a
     run, in words; the reason itself where the record holds no kind."""
-    kind = record.get("fallback_kind", {}).get(fit)
-    return REASON_KINDS.get(kind, record["fallback"][fit])
+    kind = _guard_found(record, "_kind").get(fit, "")
+    return REASON_KINDS.get(kind, _guard_found(record)[fit])
+
+
+def _guard_found(record: dict[str, Any], suffix: str = "") -> dict[str, str]:
+    """What the guard found in a run's temperature fits, per fit (the reasons, or with
+    ``suffix="_kind"`` their kinds): those that fell back and the kept ECE fit alike."""
+    return {**record.get("fallback" + suffix, {}), **record.get("kept_degenerate" + suffix, {})}
 
 
 def terminal_notes(result: StudyResult, rows: list[dict[str, Any]]) -> list[str]:
@@ -499,13 +517,14 @@ def _scaling_hurt(valid: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _scaling_effect(hurt: list[dict[str, Any]]) -> str:
     """The sentence of the reading on :func:`_scaling_hurt`'s losses (none: scaling helped)."""
     if not hurt:
-        return "Temperature scaling lowered (or kept) both the test ECE and NLL of every loss."
+        return ("Temperature scaling (T on validation NLL) lowered (or kept) both the test ECE and NLL"
+                " of every loss.")
     parts = [
         f"{r['loss_label']} (ECE {_num(r['ece'][0], 'ece')} → {_num(r['ece_ts'][0], 'ece')}%, "
         f"NLL {_num(r['nll'][0], 'nll', 3)} → {_num(r['nll_ts'][0], 'nll', 3)})"
         for r in hurt
     ]
-    return ("Temperature scaling raised the test ECE or NLL (means over seeds) of: "
+    return ("Temperature scaling (T on validation NLL) raised the test ECE or NLL (means over seeds) of: "
             + "; ".join(parts) + ". Its T comes from the validation set only.")
 
 
@@ -982,7 +1001,7 @@ def _report_md(
     # one line per fit and reason, naming its runs: seeds that share a split share the reason
     fallbacks: dict[tuple[str, str], list[str]] = {}
     for r in result.runs:
-        for k, v in r.record.get("fallback", {}).items():
+        for k, v in _guard_found(r.record).items():
             run = f"{r.record['task']}/{r.record['loss']}/seed{r.record['seed']}"
             fallbacks.setdefault((k, v), []).append(run)
     if fallbacks:

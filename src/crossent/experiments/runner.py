@@ -401,8 +401,12 @@ def _evaluate_arms(
     for key in ("temperature", "temperature_ece", "temperature_la"):
         if key != "temperature_la" or task.imbalanced:
             record[key] = temps.get(key, float("nan"))
-    record["fallback"] = {k: v for k, v in fallbacks.items() if v}
-    record["fallback_kind"] = {k: v for k, v in kinds.items() if v}
+    # the NLL fit falls back to T = 1 on the guard's finding; the ECE fit (Mukhoti et al.'s
+    # protocol) is kept, and its finding goes under its own key: not a fallback
+    record["fallback"] = {k: v for k, v in fallbacks.items() if v and k != "tsece"}
+    record["fallback_kind"] = {k: v for k, v in kinds.items() if v and k != "tsece"}
+    record["kept_degenerate"] = {k: v for k, v in fallbacks.items() if v and k == "tsece"}
+    record["kept_degenerate_kind"] = {k: v for k, v in kinds.items() if v and k == "tsece"}
     record["boot"] = boot
     if spec.gamma and spec.weighting is None and spec.teacher is None and finite:
         record["bound"] = focal_bound(test_logits, y_test, spec.gamma)
