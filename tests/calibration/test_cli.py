@@ -239,6 +239,10 @@ def test_help_documents_inputs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for fragment in ("--val-fraction", "--labels", "--kind", "allow_pickle=False", "report.md"):
         assert fragment in out
+    flat = " ".join(out.split())  # argparse wraps the help
+    assert "ece takes --method temperature only" in flat
+    assert ("a degenerate ECE fit falls back to T = 1 here, as every method's does, where crossent run"
+            " keeps it") in flat
 
 
 def test_split_is_stratified_and_seeded() -> None:

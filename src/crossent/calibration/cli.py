@@ -211,7 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("nll", "ece"),
         default="nll",
         help="what temperature scaling minimises on the fit part, and what the comparison"
-        " of all methods ranks by (default: nll; ece is the convention of Mukhoti et al. 2020)",
+        " of all methods ranks by (default: nll; ece is the convention of Mukhoti et al. 2020)."
+        " ece takes --method temperature only; a degenerate ECE fit falls back to T = 1 here, as"
+        " every method's does, where crossent run keeps it",
     )
     parser.add_argument(
         "--no-compare",
