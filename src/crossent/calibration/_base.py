@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import numpy as np
 import torch
 
-from crossent.calibration._inputs import check_bool, shown_option
+from crossent.calibration._inputs import _caller_level, check_bool, shown_option
 
 __all__ = ["CalibrationWarning", "Recalibrator", "load", "save"]
 
@@ -144,8 +144,6 @@ def warn_if_unconverged(opt: torch.optim.LBFGS, max_iter: int, owner: str) -> No
     grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
     worst = max((float(g.abs().max()) for g in grads), default=0.0)
     if spent and worst > UNCONVERGED_GRAD:
-        from crossent.calibration._inputs import _caller_level
-
         warnings.warn(
             f"{owner}: the fit stopped after max_iter={max_iter} L-BFGS steps with a gradient of"
             f" {worst:.3g}, far from its optimum; raise max_iter (e.g. max_iter={10 * max_iter})",

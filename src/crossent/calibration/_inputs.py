@@ -65,13 +65,16 @@ def check_real_scores(x: torch.Tensor | np.ndarray, name: str) -> None:
         )
 
 
+def _dense(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` (detached), refusing a sparse or other non-strided tensor by ``name``."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a {str(t.layout).removeprefix('torch.')} tensor; pass {name}.to_dense()")
+    return t.detach()
+
+
 def _to_tensor(x: object, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
-        t = x.detach()
-        if t.layout != torch.strided:
-            raise TypeError(
-                f"{name} is a {str(t.layout).removeprefix('torch.')} tensor; pass {name}.to_dense()"
-            )
+        t = _dense(x, name)
         if t.device.type != "cpu":
             t = t.cpu()
         check_real_scores(t, name)
@@ -142,12 +145,7 @@ def label_array(labels: object) -> np.ndarray:
     bfloat16 has no NumPy type: such a tensor (0/1 targets cast to the model's dtype) is
     widened to float32 first, which holds every bfloat16 value exactly."""
     if isinstance(labels, torch.Tensor):
-        t = labels.detach()
-        if t.layout != torch.strided:
-            raise TypeError(
-                f"labels is a {str(t.layout).removeprefix('torch.')} tensor; pass labels.to_dense()"
-            )
-        t = t.cpu()
+        t = _dense(labels, "labels").cpu()
         return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     try:
         return np.asarray(labels)

@@ -521,12 +521,9 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
     "separable"``; ``fallback_to_identity=False`` keeps the zeros), and ``identity_classes``
     lists them. Labels that are all one class fall back to the identity map as a whole.
 
-    Like netcal's and scikit-learn's, the map gives probability 0 wherever no validation
-    sample of the class fell (an isotonic step below every sample of it): a test sample of that class
-    there has an NLL of about 708 (log of the smallest normal float64) and lifts the mean NLL
-    far above the identity's, which no check on the validation data can see. Judge it on
-    held-out data (``crossent calibrate`` compares every method there), or prefer a
-    parametric map where the NLL matters.
+    As with :class:`HistogramBinning` (see there for what it does to the test NLL), the map
+    gives probability 0 wherever no validation sample of the class fell: here an isotonic step
+    below every sample of it.
     """
 
     name = "isotonic"

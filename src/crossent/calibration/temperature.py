@@ -271,13 +271,17 @@ class TemperatureScaler(Recalibrator):
         self._check_fit(z, y)
         return self
 
+    def _at_upper_bound(self) -> bool:
+        """Whether a fitted temperature sits on ``t_max``."""
+        return bool(np.any(np.asarray(self.temperature, dtype=np.float64) >= self.t_max * (1 - 1e-9)))
+
     def _bound_reached(self) -> str | None:
         """The bound(s) of T the fitted temperature(s) sit on, in words; ``None`` if none."""
         t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
         bounds = []
         if np.any(t <= self.t_min * (1 + 1e-9)):
             bounds.append(f"the lower bound t_min={self.t_min:g}")
-        if np.any(t >= self.t_max * (1 - 1e-9)):
+        if self._at_upper_bound():
             bounds.append(f"the upper bound t_max={self.t_max:g}")
         return " and ".join(bounds) or None
 
@@ -325,7 +329,7 @@ class TemperatureScaler(Recalibrator):
             separable_consequence=consequence,
             # at t_max the NLL may still fall beyond it (convex in 1/T): say how to fit on
             advice=(f"the optimum may lie beyond t_max: {type(self).__name__}(t_max={10 * self.t_max:g})"
-                    " fits it" if np.any(np.asarray(self.temperature) >= self.t_max * (1 - 1e-9)) else None),
+                    " fits it" if self._at_upper_bound() else None),
         )
 
     # ------------------------------------------------------------------ state
