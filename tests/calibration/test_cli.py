@@ -315,6 +315,72 @@ def test_compare_every_method_and_recommend(tmp_path: Path, capsys: pytest.Captu
     assert rows["temperature"]["nll"] == pytest.approx(metrics["after"]["nll"], rel=1e-9)
     report = (tmp_path / "o" / "report.md").read_text()
     assert "## Every method" in report and "recommended:" in report
+    for key in ("nll", "ece", "brier", "accuracy"):  # "none" is the "before" column
+        assert rows["none"][key] == metrics["before"][key]
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+def test_val_fraction_zero_scores_in_sample_and_recommends_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --val-fraction 0 every method is fitted and scored on the same samples, where the
+    most parameters win: nothing is called held-out, and no method is recommended."""
+    z, y = make(n=400, c=4, t_true=1.0, seed=5)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
+                        "--out", str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["comparison"]["recommended"] is None
+    assert "held-out samples" not in out and "in-sample samples" in out
+    assert "no recommendation: with --val-fraction 0" in out and "recommended:" not in out
+    assert " * " not in out and "*│" not in out
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "held-out samples" not in report and "split: none (val-fraction 0)" in report
+    assert "ranked by in-sample NLL" in report and "no recommendation" in report
+
+
+def test_the_none_row_is_the_before_column_for_rows_summing_to_one_within_tolerance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Probability rows that sum to 1.0009 (within the metrics' tolerance) are scored as
+    given in the "before" column; the comparison's "none" row gives the same numbers, which
+    the recommendation quotes, not those of the renormalised rows."""
+    z, y = make(n=1200, c=6, seed=2)
+    p = torch.softmax(torch.from_numpy(z).double(), 1).numpy()
+    keep = p.max(1) < 0.99  # every entry stays below 1 once scaled
+    p, y = p[keep] * 1.0009, y[keep]
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "y.npy", y)
+    rc, out, err = run([str(tmp_path / "p.npy"), "--labels", str(tmp_path / "y.npy"), "--out",
+                        str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    none, before = metrics["comparison"]["rows"]["none"], metrics["before"]
+    for key in ("nll", "ece", "brier", "accuracy"):
+        assert none[key] == before[key]
+    assert f"against {before['nll']:.4f} without recalibration" in " ".join(out.split())
+
+
+def test_binary_scores_say_which_ece_the_table_gives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(N,) scores of class 1: the table's ECE is the top label's, its classwise ECE the ECE of
+    p that cal.ece(p, labels) gives; the note under PREDICTIONS says so, and the numbers agree."""
+    rng = np.random.default_rng(0)
+    p = rng.random(3000)
+    y = (rng.random(3000) < p**2).astype(int)  # p badly calibrated, its top label much less so
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "y.npy", y)
+    rc, out, err = run([str(tmp_path / "p.npy"), "--labels", str(tmp_path / "y.npy"), "--val-fraction", "0",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    assert "ECE, AdaECE, MCE and smooth ECE are those of the top label, max(p, 1 - p)" in out
+    before = json.loads((tmp_path / "o" / "metrics.json").read_text())["before"]
+    assert before["classwise_ece"] == pytest.approx(ece(p, y), rel=1e-9)
+    assert before["ece"] == pytest.approx(ece(np.stack([1 - p, p], 1), y), rel=1e-9)
+    assert before["ece"] < 0.5 * before["classwise_ece"]
 
 
 def test_separable_fit_part_falls_back_and_says_so(
@@ -1116,7 +1182,7 @@ def test_the_held_out_warning_needs_a_difference_that_shows(
     from crossent.calibration.cli import held_out_warning
 
     result = {"objective": objective, "before": {objective: before}, "after": {objective: after},
-              "method": "temperature", "n_test": 600, "n_val": 2400}
+              "method": "temperature", "n_test": 600, "n_val": 2400, "val_fraction": 0.8}
     message = held_out_warning(result, compare=True)
     assert (message is not None) == warned
     if message is not None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crossent import calibration as cal
 from crossent.calibration._base import warn_if_probabilities
@@ -431,6 +432,7 @@ def test_partly_absent_classes(method: type[cal.Recalibrator], c: int, absent: t
     if method in (cal.TemperatureScaler, cal.EnsembleTemperatureScaler):
         assert messages == [] and c_.fallback is None and c_.diagnostic is None
     elif method in PER_CLASS_PARAMETERS:
+        messages = [m for m in messages if "the map can overfit" not in m]  # matrix: 600 < 10 x 30
         assert len(messages) == 1, messages
         want = f"the validation set is separable ({phrase}), so the fit drives their probabilities"
         assert want in messages[0] and "falling back to the identity" in messages[0]
@@ -756,8 +758,8 @@ def test_binary_labels_of_any_torch_dtype(method: type[cal.Recalibrator], dtype:
 def test_only_strict_separation_falls_back_for_platt_and_beta(method: Any) -> None:
     """A threshold that splits the classes falls back; scores tied at the threshold with both
     classes there (quasi-complete separation, as of scores taking few values) keep the fit,
-    which calibrates the tied value where the identity does not: on fresh data of that kind
-    its NLL beats the identity's."""
+    with a warning, as it calibrates the tied value where the identity does not: on fresh data
+    of that kind its NLL beats the identity's."""
     s = np.array([0.1, 0.3, 0.6, 0.8])
     y = np.array([0, 0, 1, 1])
     with pytest.warns(cal.CalibrationWarning, match="threshold on the score splits"):
@@ -773,14 +775,41 @@ def test_only_strict_separation_falls_back_for_platt_and_beta(method: Any) -> No
 
     sv, yv = draw(200)
     st, yt = draw(2000)
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
+    ties = r"separable but for ties \(a threshold at the score 0.8 "
+    with pytest.warns(cal.CalibrationWarning, match=ties):
         c = method(from_logits=False).fit(sv, yv)
-    assert c.diagnostic_kind != "separable" and c.fallback is None
+    assert c.diagnostic_kind == "separable" and c.fallback is None
+    assert "keeping the fit" not in (c.diagnostic or "")
     q = np.clip(np.asarray(c.transform(st)), 1e-12, 1 - 1e-12)
     fit_nll = -np.mean(yt * np.log(q) + (1 - yt) * np.log(1 - q))
     id_nll = -np.mean(yt * np.log(st) + (1 - yt) * np.log(1 - st))
     assert fit_nll < id_nll
+
+
+@pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])
+def test_ties_at_the_threshold_of_continuous_scores_warn_that_the_map_is_a_step(method: Any) -> None:
+    """Quantised scores, each class on its own side of 0 but for ties at 0: the coefficients
+    diverge and the map is a step at 0, which on overlapping test scores gives a test NLL far
+    above the identity's. The fit is kept (the identity is no safer for scores that take few
+    values) but never silently: the warning names the tie, the step and the held-out check,
+    and ``diagnostic`` says it, without ``fallback``."""
+    rng = np.random.default_rng(0)
+    s = np.concatenate([np.round(rng.uniform(-3, 0, 500), 1), np.round(rng.uniform(0, 3, 500), 1)])
+    y = np.r_[np.zeros(500), np.ones(500)].astype(int)
+    with pytest.warns(cal.CalibrationWarning) as caught:
+        c = method(from_logits=True).fit(s, y)
+    (message,) = [str(w.message) for w in caught]
+    n_tied = int((s == 0).sum())
+    assert f"at the score 0 splits the two classes, except for the {n_tied} samples" in message
+    assert "the map is a step at that score" in message and "keeping the fit" in message
+    assert "held-out data" in message
+    assert c.fallback is None and c.diagnostic_kind == "separable" and "step" in (c.diagnostic or "")
+    st = rng.normal(size=4000) * 1.5  # overlapping classes: the step is far worse than the identity
+    yt = (rng.random(4000) < 1 / (1 + np.exp(-st))).astype(int)
+    q = np.clip(np.asarray(c.transform(st)), 1e-300, 1 - 1e-16)
+    assert -np.mean(yt * np.log(q) + (1 - yt) * np.log(1 - q)) > 5.0
+    state = json.loads(json.dumps(c.state_dict()))
+    assert method().load_state_dict(state).diagnostic == c.diagnostic
 
 
 @pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])
@@ -860,19 +889,28 @@ def test_a_fit_far_from_its_optimum_at_max_iter_warns(method: Any) -> None:
 
 @pytest.mark.parametrize("method", [cal.MatrixScaler, cal.DirichletCalibrator])
 def test_fewer_validation_samples_than_parameters_warn(method: Any) -> None:
-    """C (C + 1) parameters on fewer samples can fit them exactly: the fit warns (pointing at
-    the caller's line) and names the counts; with enough samples it does not."""
+    """C (C + 1) parameters on fewer samples can fit them exactly, and overfit a few times as
+    many: the fit warns (pointing at the caller's line) and names the counts below 10 samples
+    a parameter; with enough samples it does not. On logits that need no recalibration the
+    warned fit of 2 samples a parameter raises the test NLL well above the identity's."""
     g = torch.Generator().manual_seed(2)
-    z = torch.randn(2000, 5, generator=g, dtype=torch.float64) * 3
+    z = torch.randn(4000, 5, generator=g, dtype=torch.float64) * 3
     y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
-    y[:5] = torch.arange(5)  # every class in the small set
-    words = r"30 parameters \(C = 5\) fitted on 20 validation samples"
+    y[:5] = torch.arange(5)  # every class in the small sets
+    words = r"30 parameters \(C = 5\) fitted on 20 validation samples: the map can fit them exactly"
     with pytest.warns(cal.CalibrationWarning, match=words) as caught:
         method().fit(z[:20], y[:20])
     assert any(w.filename == __file__ for w in caught)
+    words = r"30 parameters \(C = 5\) fitted on 60 validation samples: fewer than 10 a parameter"
+    with pytest.warns(cal.CalibrationWarning, match=words):
+        small = method().fit(z[:60], y[:60])
+    test_z, test_y = z[2000:], y[2000:]
+    nll_fit = float(F.nll_loss(torch.log(torch.as_tensor(small.transform(test_z))), test_y))
+    assert nll_fit > 1.1 * float(F.cross_entropy(test_z, test_y))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        method().fit(z, y)
+        method().fit(z[:300], y[:300])
+        method().fit(z[:2000], y[:2000])
 
 
 def test_the_nll_max_iter_warning_points_at_the_callers_line() -> None:
@@ -938,3 +976,31 @@ def test_a_fit_out_of_evaluations_before_max_iter_warns_too() -> None:
     y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
     with pytest.warns(cal.CalibrationWarning, match="max_iter=2 L-BFGS steps"):
         cal.MatrixScaler(max_iter=2).fit(z, y)
+
+
+@pytest.mark.parametrize("method", [cal.HistogramBinning, cal.IsotonicCalibrator])
+def test_a_fallen_back_one_vs_rest_map_keeps_its_class_count_through_its_state(method: Any) -> None:
+    """After a fallback the map's parameters are null and do not show C: the state carries it,
+    so the loaded map refuses logits of another number of classes as the fitted one does; a
+    state without it (written before it existed) still loads, and a wrong one is refused."""
+    rng = np.random.default_rng(0)
+    z5, y = rng.normal(size=(200, 5)), np.zeros(200, int)  # one class only: falls back
+    with pytest.warns(cal.CalibrationWarning):
+        c = method().fit(z5, y)
+    assert c.fallback is not None
+    state = json.loads(json.dumps(c.state_dict()))
+    assert state["params"]["n_classes"] == 5
+    for obj in (c, cal.from_state_dict(state)):
+        with pytest.raises(ValueError, match="logits have 3 classes but the map was fitted on 5"):
+            obj.transform(rng.normal(size=(4, 3)))
+        np.testing.assert_allclose(obj.transform(z5[:4]), torch.softmax(torch.from_numpy(z5[:4]), 1).numpy())
+    old = {**state, "params": {k: v for k, v in state["params"].items() if k != "n_classes"}}
+    assert np.asarray(cal.from_state_dict(old).transform(rng.normal(size=(4, 3)))).shape == (4, 3)
+    for bad, error in ((1, ValueError), (2.5, TypeError), (True, TypeError), ("5", TypeError)):
+        with pytest.raises(error, match=r"state\['params'\]\['n_classes'\] must be a whole number >= 2"):
+            method().load_state_dict({**state, "params": {**state["params"], "n_classes": bad}})
+    fitted = method().fit(z5, rng.integers(0, 5, 200))
+    good = json.loads(json.dumps(fitted.state_dict()))
+    assert "n_classes" not in good["params"]  # the map itself shows it
+    with pytest.raises(ValueError, match=r"must be 5 \(the map's classes\) or null, got 4"):
+        method().load_state_dict({**good, "params": {**good["params"], "n_classes": 4}})

@@ -217,6 +217,39 @@ def _check_class_agreement(rank: int, group: Any) -> None:
         m.update(z, y)
     m.sync(group)
     assert m.compute()["count"] == 40
+    _check_disagreements(rank, group)
+
+
+def _check_disagreements(rank: int, group: Any) -> None:
+    """What one meter refuses between its batches, or meters of other options, every rank
+    refuses in sync() with the same error, its statistics unchanged, and the next collective
+    of every rank is in step (the sync after it gives everyone's numbers)."""
+    z, y = dataset("multiclass", 40, seed=4)
+    zb, yb = dataset("binary", 40, seed=4)
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    first = rank == 0
+    cases: list[tuple[dict[str, Any], Any, Any, str]] = [
+        ({"n_bins": 10 if first else 12, "classwise": False}, z, y, "differ in n_bins"),
+        ({"classwise": first, "num_classes": 6}, z, y, "differ in classwise"),
+        ({"binning": "mass" if first else "width"}, z, y, "differ in binning"),
+        ({"ignore_index": -1 if first else None}, z, y, "differ in ignore_index"),
+        ({"ignore_index": -1 if first else -100}, z, y, "differ in ignore_index"),
+        ({"classwise": False}, z if first else z[:, :4], y % 4, "4 to 6 classes"),
+        ({"classwise": False}, zb if first else z[:, :2], yb if first else y % 2, "binary batches and"),
+        ({}, z if first else p, y, "logits and others as probabilities"),
+        ({}, zb if first else 1 / (1 + np.exp(-zb)), yb, "logits and others as probabilities"),
+    ]
+    for options, scores, labels, message in cases:
+        m = CalibrationMeter(**options)
+        m.update(scores, labels)
+        before = m.compute()
+        with pytest.raises(ValueError, match=message):
+            m.sync(group)
+        np.testing.assert_equal(m.compute(), before)  # NaN classwise ECE where none is kept
+    m = CalibrationMeter(from_logits=True)  # the collectives are still in step
+    m.update(z, y)
+    m.sync(group)
+    assert m.compute()["count"] == 40 * dist.get_world_size(group)
 
 
 def _worker(rank: int, world: int, init_method: str) -> None:

@@ -63,8 +63,8 @@ def test_the_reading_names_each_loss_that_scaling_made_worse() -> None:
 
     better = row("CE", 0.05, 0.02, 0.30, 0.25)
     assert _scaling_effect(_scaling_hurt([better])) == (
-        "Temperature scaling (T on validation NLL) lowered (or kept) both the test ECE and NLL of"
-        " every loss.")
+        "Temperature scaling (T on validation NLL) lowered (or kept) both the test ECE and NLL"
+        " (means over seeds) of every loss.")
     ece_up = row("LS 0.1", 0.0252, 0.0321, 0.062, 0.060)
     nll_up = row("focal γ=3", 0.08, 0.03, 0.141, 1.438)
     diverged = row("cp", float("nan"), float("nan"), float("nan"), float("nan"))

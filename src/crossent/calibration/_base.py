@@ -458,6 +458,8 @@ class Recalibrator:
         separable_how: str | None = None,
         separable_consequence: str | None = None,
         advice: str | None = None,
+        kept: str | None = None,
+        kept_advice: str | None = None,
     ) -> None:
         """Check the fit against the identity on the validation data (their mean NLLs
         ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to.
@@ -467,7 +469,10 @@ class Recalibrator:
         prediction correct), ``separable_consequence`` what that does to the fit (by default:
         "so the fit has nothing to calibrate against"). ``advice`` (for a fit stopped at a
         bound) ends the warning, not ``fallback``: a library call's fix, which the commands'
-        reports do not offer."""
+        reports do not offer. ``kept`` is a degenerate fit that is kept whatever
+        ``fallback_to_identity`` says, where the identity is no safer (quasi-complete separation
+        of a binary fit): it warns, with ``kept_advice``, and sets ``diagnostic`` (kind
+        ``"separable"``) but not ``fallback``, unless a check above finds more."""
         problem: str | None = None
         kind: Literal["separable", "bound", "nll"] | None = None
         if separable:
@@ -491,6 +496,12 @@ class Recalibrator:
             why = "the fitted parameters are not finite (NaN or infinite: the fit diverged)"
             problem = why if problem is None else f"{problem}, and {why}"
             kind = kind or "nll"  # as a rule, non-finite parameters give a NaN or infinite NLL
+        if problem is None and kept is not None:
+            self.diagnostic, self.diagnostic_kind, self.fallback = kept, "separable", None
+            tail = f"; {kept_advice}" if kept_advice else ""
+            warnings.warn(f"{type(self).__name__}: {kept}; keeping the fit{tail}", CalibrationWarning,
+                          stacklevel=4)
+            return
         self.diagnostic = problem
         self.diagnostic_kind = kind
         self.fallback = None
@@ -581,8 +592,8 @@ class Recalibrator:
             self.fallback = state.get("fallback")  # _set_params reads the options and fallback
             self.diagnostic = state.get("diagnostic")
             self.diagnostic_kind = state.get("diagnostic_kind")
-            self._set_params(dict(params))  # checks every param (state_array) before setting any
             vars(self).pop("_n_classes", None)  # the fit's class count: the loaded params carry theirs
+            self._set_params(dict(params))  # checks every param (state_array) before setting any
         except BaseException:
             vars(self).clear()
             vars(self).update(before)

@@ -116,6 +116,9 @@ examples
 """
 
 
+#: the part of each class the method is fitted on; the rest is held out for the metrics
+VAL_FRACTION_DEFAULT = 0.2
+
 def _error(message: str) -> Exception:
     from crossent.cli import CLIError
 
@@ -163,10 +166,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-fraction",
         type=float,
-        default=0.2,
+        default=VAL_FRACTION_DEFAULT,
         metavar="F",
-        help="fraction of each class used to fit T, in [0, 1) (default: 0.2; 0 = fit and"
-        " evaluate on everything)",
+        help=f"fraction of each class used to fit T, in [0, 1) (default: {VAL_FRACTION_DEFAULT}; 0 = fit and"
+        " evaluate on everything, in-sample: the comparison then recommends no method)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
     parser.add_argument(
@@ -1011,7 +1014,7 @@ def _print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"calibration on {result['n_test']} held-out samples",
+        title=f"calibration on {result['n_test']} {scored_on(result)} samples",
         caption=f"{result['method']}: {result['fitted']}, fitted on {result['n_val']} samples",
         title_justify="left",
         caption_justify="left",
@@ -1039,8 +1042,8 @@ def _print_comparison(result: dict[str, Any]) -> None:
 
     cmp = result["comparison"]
     table = Table(
-        title=f"every method, fitted on {result['n_val']} samples, scored on {result['n_test']}"
-        f" held-out samples (ranked by {result['objective'].upper()})",
+        title=(f"every method, fitted on {result['n_val']} samples, scored on {result['n_test']}"
+               f" {scored_on(result)} samples (ranked by {result['objective'].upper()})"),
         title_justify="left",
     )
     # the method names and the figures are never cut or wrapped; the note wraps instead
@@ -1060,10 +1063,23 @@ def _print_comparison(result: dict[str, Any]) -> None:
     console.print(recommendation_text(result))
 
 
+def scored_on(result: dict[str, Any]) -> str:
+    """How the samples the metrics are taken on relate to the fit: "held-out", or "in-sample"
+    with --val-fraction 0 (the fit and the metrics on the same samples)."""
+    return "in-sample" if result["val_fraction"] == 0 else "held-out"
+
+
 def recommendation_text(result: dict[str, Any]) -> str:
+    """The line under the comparison: the method of the lowest held-out objective, with the
+    numbers; none with --val-fraction 0, where every method is scored on the samples it was
+    fitted on and the ones with the most parameters would win."""
     cmp = result["comparison"]
     best = cmp["recommended"]
     key = result["objective"]
+    if best is None:
+        return (f"no recommendation: with --val-fraction 0 every method is scored on the samples it"
+                f" was fitted on, where the most parameters fit best; a held-out split (the default"
+                f" --val-fraction {VAL_FRACTION_DEFAULT}) compares them")
     row, none = cmp["rows"][best], cmp["rows"]["none"]
     percent = key == "ece"
     return (
@@ -1085,7 +1101,7 @@ def held_out_warning(result: dict[str, Any], *, compare: bool) -> str | None:
     advice = ("compare the methods below" if compare
               else "keep the predictions as they are, or compare the methods (without --no-compare)")
     return (
-        f"{result['method']} made the held-out {key.upper()} worse ({_fmt(before, percent)} ->"
+        f"{result['method']} made the {scored_on(result)} {key.upper()} worse ({_fmt(before, percent)} ->"
         f" {_fmt(after, percent)} on {result['n_test']} samples, fitted on {result['n_val']});"
         f" {advice}"
     )
@@ -1093,11 +1109,14 @@ def held_out_warning(result: dict[str, Any], *, compare: bool) -> str | None:
 
 def compare_methods(
     logits: np.ndarray, labels: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray,
-    *, objective: str, n_bins: int,
+    *, objective: str, n_bins: int, before: dict[str, float] | None = None, recommend: bool = True,
 ) -> dict[str, Any]:
     """Fit every applicable method on ``val_idx`` and score it on ``test_idx``; the one with
     the lowest held-out ``objective`` (NLL or ECE) is recommended ("none" if nothing beats
-    the uncalibrated predictions)."""
+    the uncalibrated predictions; no method where not ``recommend``). ``before``, the
+    metrics of the predictions as given, is the "none" row where given (the same numbers as
+    the table above it; probabilities whose rows sum to 1 within the tolerance would give
+    slightly other ones through their logarithms)."""
     import importlib.util
 
     from crossent.calibration.metrics import brier, ece, nll
@@ -1113,7 +1132,9 @@ def compare_methods(
             "accuracy": float((z.argmax(1) == y_test).mean()),
         }
 
-    rows: dict[str, dict[str, Any]] = {"none": {**score(logits[test_idx]), "fallback": None}}
+    keys = ("nll", "ece", "brier", "accuracy")
+    none = score(logits[test_idx]) if before is None else {k: before[k] for k in keys}
+    rows: dict[str, dict[str, Any]] = {"none": {**none, "fallback": None}}
     for name in METHODS:
         if name in BINARY_METHODS and c != 2:
             rows[name] = {"skipped": "binary only"}
@@ -1129,7 +1150,7 @@ def compare_methods(
                       "fitted": describe(cal), "note": fit_note(cal, c),
                       "short_note": short_note(cal)}
     scored = [k for k, r in rows.items() if "skipped" not in r]
-    best = min(scored, key=lambda k: (rows[k][objective], k != "none"))
+    best = min(scored, key=lambda k: (rows[k][objective], k != "none")) if recommend else None
     return {"rows": rows, "recommended": best}
 
 
@@ -1142,8 +1163,11 @@ def _write_report(out: Path, result: dict[str, Any], *, figures: bool = True) ->
         + (f"; {result['n_ignored']} samples left out, their label {result['ignore_index']}"
            " (--ignore-index)" if result.get("n_ignored") else ""),
         f"- method: {result['method']}, {result['fitted']}",
-        f"- split: {result['n_val']} samples to fit, {result['n_test']} held-out samples"
-        f" (metrics), val-fraction {result['val_fraction']}, seed {result['seed']}",
+        (f"- split: {result['n_val']} samples to fit, {result['n_test']} held-out samples"
+         f" (metrics), val-fraction {result['val_fraction']}, seed {result['seed']}"
+         if result["val_fraction"] > 0 else
+         f"- split: none (val-fraction 0): the fit and the metrics on the same {result['n_val']}"
+         " samples, so the 'after' numbers are optimistic"),
         f"- binned metrics use {result['n_bins']} bins; Brier is summed over classes"
         " (range 0-2); NLL in nats",
     ]
@@ -1160,7 +1184,7 @@ def _write_report(out: Path, result: dict[str, Any], *, figures: bool = True) ->
             f" {_fmt(result['after'][key], percent)} |"
         )
     if "comparison" in result:
-        lines += ["", f"## Every method (ranked by held-out {result['objective'].upper()})", "",
+        lines += ["", f"## Every method (ranked by {scored_on(result)} {result['objective'].upper()})", "",
                   "| method | " + " | ".join(label for _, label, _ in COMPARE_COLUMNS) + " | note |",
                   "|---|" + "---:|" * len(COMPARE_COLUMNS) + "---|"]
         for name, row in result["comparison"]["rows"].items():
@@ -1250,7 +1274,9 @@ def main(args: argparse.Namespace) -> int:
     logits = np.asarray(logits, dtype=np.float64)
     input_note = None if not binary_scores else (
         f"PREDICTIONS: {n} binary scores of class 1, read as {kind}"
-        f" (the columns {'1 - p, p' if kind == 'probs' else '0, s'}; --kind to override)"
+        f" (the columns {'1 - p, p' if kind == 'probs' else '0, s'}; --kind to override); ECE,"
+        " AdaECE, MCE and smooth ECE are those of the top label, max(p, 1 - p), and classwise ECE"
+        " that of p itself, which cal.ece(p, labels) gives (up to scores on bin edges)"
     )
 
     if args.val_fraction == 0:
@@ -1331,7 +1357,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"crossent calibrate: warning: {worse}", file=sys.stderr)
     if not args.no_compare:
         result["comparison"] = compare_methods(
-            logits, labels, val_idx, test_idx, objective=args.objective, n_bins=args.n_bins
+            logits, labels, val_idx, test_idx, objective=args.objective, n_bins=args.n_bins,
+            before=before, recommend=args.val_fraction > 0,
         )
         _print_comparison(result)
 

@@ -508,16 +508,19 @@ class CalibrationMeter:
         """All-reduce the statistics over the ranks of ``group`` (default: the world); no-op
         without an initialised process group. Every rank must call it; afterwards
         :meth:`compute` gives the numbers over all ranks' data, until the next update. A rank
-        with no data (no update, or only padding) takes part with empty statistics; where the
-        ranks cannot agree on the number of classes (no rank knows it, or they differ), every
-        rank raises the same error."""
+        with no data (no update, or only padding) takes part with empty statistics. The ranks
+        must agree, as one meter's batches must: the same options (``n_bins``, ``binning``,
+        ``classwise``, ``ignore_index``), and among the ranks that measured a batch the same
+        kind of input (binary or multiclass), number of classes and reading of the scores
+        (``from_logits``). Where they do not, or where no rank knows the number of classes
+        that the classwise sums need, every rank raises the same error: none is left waiting
+        in a collective, and no statistics change."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
         device = _collective_device(group)
-        if self.classwise:
-            self._agree_on_classes(group, device)
+        self._agree(group, device)
         flat = self._flat().to(device, copy=True)
         dist.all_reduce(flat, group=group)  # type: ignore[arg-type]
         synced: dict[str, object] = {"flat": flat.cpu()}
@@ -540,29 +543,67 @@ class CalibrationMeter:
             synced["correct"] = np.concatenate([q[1] for q in parts])
         self._synced = synced
 
-    def _agree_on_classes(self, group: object | None, device: torch.device) -> None:
-        """The number of classes K, which sizes the classwise sums, from the ranks that know it
-        (a rank that measured nothing yet, such as one whose batches were all padding, takes
-        theirs): one all-reduce of two numbers, so that every rank raises the same error or
-        none does, never one rank alone while the others wait in the collective."""
+    def _agree(self, group: object | None, device: torch.device) -> None:
+        """Check that the ranks' meters can be summed: one all-reduce (a maximum) of each value
+        v below sent as the pair (v, -v), which gives every rank the largest and the smallest;
+        a rank that does not know a value (it measured no batch yet) sends (-2^53, -2^53),
+        which changes neither. So every rank raises the same error or none does, never one
+        rank alone while the others wait in a collective. The number of classes K, which sizes
+        the classwise sums, comes from the ranks that know it (a rank that measured nothing
+        yet, such as one whose batches were all padding, takes theirs)."""
         import torch.distributed as dist
 
+        unknown = -float(2**53)
         k = 2 if self._kind == "binary" else self._k
-        head = torch.tensor([float(k or 0), -float(k or 2**53)], dtype=torch.float64, device=device)
+        named: list[tuple[str, float | None]] = [
+            ("n_bins", float(self.n_bins)),
+            ("binning", float(self.binning == "mass")),
+            ("classwise", float(self.classwise)),
+            ("ignore_index", float(self.ignore_index) if self.ignore_index is not None else None),
+            ("ignore_index", float(self.ignore_index is None)),
+            ("kind", None if self._kind is None else float(self._kind == "binary")),
+            ("classes", None if k is None else float(k)),
+            ("from_logits", None if self._kind is None or self.from_logits is None
+             else float(self.from_logits)),
+        ]
+        head = torch.tensor([(unknown, unknown) if v is None else (v, -v) for _, v in named],
+                            dtype=torch.float64, device=device)
         dist.all_reduce(head, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
-        k_max, k_min = int(head[0]), int(-head[1])
-        if k_max == 0:
+        spans = [(name, None if hi == unknown else (-neg_lo, hi))
+                 for (name, _), (hi, neg_lo) in zip(named, head.cpu().tolist(), strict=True)]
+
+        def differ(name: str) -> bool:
+            return any(span is not None and span[0] != span[1] for n, span in spans if n == name)
+
+        for name in ("n_bins", "binning", "classwise", "ignore_index"):
+            if differ(name):
+                raise ValueError(
+                    f"sync: the ranks' meters differ in {name}; make every rank's CalibrationMeter with"
+                    " the same options"
+                )
+        if differ("kind"):
+            raise ValueError(
+                "sync: some ranks' meters hold binary batches and others multiclass ones; every rank"
+                " must measure the same kind of input"
+            )
+        classes = dict(spans)["classes"]
+        if classes is not None and classes[0] != classes[1]:
+            raise ValueError(
+                f"sync: the ranks' meters hold {int(classes[0])} to {int(classes[1])} classes; every rank"
+                " must measure the same classes (pass the same num_classes= everywhere)"
+            )
+        if differ("from_logits"):
+            raise ValueError(
+                "sync: some ranks read their scores as logits and others as probabilities (each meter"
+                " decides on its first batch); pass the same from_logits= to every rank's meter"
+            )
+        if self.classwise and classes is None:
             raise RuntimeError(
                 "sync: no rank has measured a batch, so the number of classes of the classwise sums is"
                 " unknown; pass num_classes= to CalibrationMeter, or classwise=False"
             )
-        if k_min != k_max:
-            raise ValueError(
-                f"sync: the ranks' meters hold {k_min} to {k_max} classes; every rank must measure the"
-                " same classes (pass the same num_classes= everywhere)"
-            )
-        if k is None:
-            self._k = k_max
+        if k is None and classes is not None:
+            self._k = int(classes[1])
 
     # ------------------------------------------------------------------ result
     def compute(self) -> dict[str, float]:

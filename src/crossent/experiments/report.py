@@ -518,7 +518,7 @@ def _scaling_effect(hurt: list[dict[str, Any]]) -> str:
     """The sentence of the reading on :func:`_scaling_hurt`'s losses (none: scaling helped)."""
     if not hurt:
         return ("Temperature scaling (T on validation NLL) lowered (or kept) both the test ECE and NLL"
-                " of every loss.")
+                " (means over seeds) of every loss.")
     parts = [
         f"{r['loss_label']} (ECE {_num(r['ece'][0], 'ece')} → {_num(r['ece_ts'][0], 'ece')}%, "
         f"NLL {_num(r['nll'][0], 'nll', 3)} → {_num(r['nll_ts'][0], 'nll', 3)})"
