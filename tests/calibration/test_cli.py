@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from crossent import calibration as cal
 from crossent.calibration import ece, nll
 from crossent.cli import main
 
@@ -317,6 +319,41 @@ def test_compare_every_method_and_recommend(tmp_path: Path, capsys: pytest.Captu
     assert "## Every method" in report and "recommended:" in report
     for key in ("nll", "ece", "brier", "accuracy"):  # "none" is the "before" column
         assert rows["none"][key] == metrics["before"][key]
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+def test_the_comparison_shows_each_fits_warnings_and_its_zero_probabilities(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ten classes and about 80 samples to fit: matrix and Dirichlet scaling (110 parameters) warn,
+    and their warnings are printed under the table and written in the report; histogram
+    binning gives some held-out labels probability 0, which its note counts (as a refit on the
+    same split finds)."""
+    from crossent.calibration.cli import stratified_split
+
+    z, y = make(n=400, c=10, seed=7)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--out",
+                        str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    flat = " ".join(out.split())
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    rows, n_fit = metrics["comparison"]["rows"], metrics["n_val"]
+    for name, cls in (("matrix", "MatrixScaler"), ("dirichlet", "DirichletCalibrator")):
+        assert rows[name]["short_note"].startswith("warned: see below")
+        assert f"{name}: warning: {cls}: 110 parameters (C = 10) fitted on {n_fit} validation samples" in flat
+    assert rows["temperature"]["warnings"] == [] and rows["temperature"]["short_note"] == ""
+    val, test = stratified_split(y, 0.2, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = cal.HistogramBinning().fit(z[val].astype(np.float64), y[val]).transform(z[test].astype(float))
+    zeros = int(np.count_nonzero(p[np.arange(test.size), y[test]] == 0))
+    assert zeros > 0 and rows["histogram"]["zero_probability_labels"] == zeros
+    assert f"p = 0 for {zeros} held-out labels" in rows["histogram"]["short_note"]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert f"p = 0 for {zeros} held-out labels (an NLL of about 708 each)" in report
+    assert "warning: MatrixScaler: 110 parameters" in report
 
 
 @pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")

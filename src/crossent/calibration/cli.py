@@ -1060,6 +1060,9 @@ def _print_comparison(result: dict[str, Any]) -> None:
         table.add_row(f"{name}{mark}", *[_fmt(row[k], pct) for k, _, pct in COMPARE_COLUMNS], note)
     console = Console(file=sys.stdout)
     console.print(table)
+    for name, row in cmp["rows"].items():
+        for message in row.get("warnings", []):
+            console.print(f"{name}: warning: {message}", markup=False, highlight=False)
     console.print(recommendation_text(result))
 
 
@@ -1107,13 +1110,20 @@ def held_out_warning(result: dict[str, Any], *, compare: bool) -> str | None:
     )
 
 
+def zero_labels_note(zeros: int, part: str) -> str:
+    """The note on the ``zeros`` labels of the scored ``part`` ("held-out", "in-sample") that a
+    method gives probability 0; empty for none."""
+    return f"p = 0 for {zeros} {part} label{'s' if zeros > 1 else ''}" if zeros else ""
+
+
 def compare_methods(
     logits: np.ndarray, labels: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray,
-    *, objective: str, n_bins: int, before: dict[str, float] | None = None, recommend: bool = True,
+    *, objective: str, n_bins: int, before: dict[str, float] | None = None, in_sample: bool = False,
 ) -> dict[str, Any]:
     """Fit every applicable method on ``val_idx`` and score it on ``test_idx``; the one with
     the lowest held-out ``objective`` (NLL or ECE) is recommended ("none" if nothing beats
-    the uncalibrated predictions; no method where not ``recommend``). ``before``, the
+    the uncalibrated predictions; no method where ``in_sample``, the methods scored on the
+    samples they were fitted on, as with --val-fraction 0). ``before``, the
     metrics of the predictions as given, is the "none" row where given (the same numbers as
     the table above it; probabilities whose rows sum to 1 within the tolerance would give
     slightly other ones through their logarithms)."""
@@ -1145,12 +1155,21 @@ def compare_methods(
         if name == "isotonic" and importlib.util.find_spec("sklearn") is None:
             rows[name] = {"skipped": "needs scikit-learn (pip install 'crossent[run]')"}
             continue
-        cal, _ = fit_method(name, logits[val_idx], labels[val_idx], objective, n_bins)
+        cal, messages = fit_method(name, logits[val_idx], labels[val_idx], objective, n_bins)
+        # the guard's own warning is in the note already; the others (too few samples for the
+        # parameters, an optimiser stopped early) are printed under the table
+        others = [m for m in messages if cal.diagnostic is None or cal.diagnostic not in m]
+        # a held-out label the map gives probability 0 costs about 708 nats of NLL alone
+        p_y = method_probs(cal, logits[test_idx])[np.arange(y_test.shape[0]), y_test]
+        zeros = int(np.count_nonzero(p_y == 0))
+        zero_note = zero_labels_note(zeros, "in-sample" if in_sample else "held-out")
+        note = short_note(cal) or ("warned: see below" if others else "")
         rows[name] = {**score(method_logits(cal, logits[test_idx])), "fallback": cal.fallback,
                       "fitted": describe(cal), "note": fit_note(cal, c),
-                      "short_note": short_note(cal)}
+                      "short_note": "; ".join(n for n in (note, zero_note) if n),
+                      "warnings": others, "zero_probability_labels": zeros}
     scored = [k for k, r in rows.items() if "skipped" not in r]
-    best = min(scored, key=lambda k: (rows[k][objective], k != "none")) if recommend else None
+    best = None if in_sample else min(scored, key=lambda k: (rows[k][objective], k != "none"))
     return {"rows": rows, "recommended": best}
 
 
@@ -1195,6 +1214,11 @@ def _write_report(out: Path, result: dict[str, Any], *, figures: bool = True) ->
             note = f"fell back: {row['fallback']}" if row["fallback"] else row.get("fitted", "")
             if row.get("note"):
                 note = f"{note}; {row['note']}"
+            zeros = row.get("zero_probability_labels", 0)
+            if zeros:
+                note = f"{note}; {zero_labels_note(zeros, scored_on(result))} (an NLL of about 708 each)"
+            for message in row.get("warnings", []):
+                note = f"{note}; warning: {message}"
             lines.append(f"| {name} | {cells} | {note} |")
         lines += ["", recommendation_text(result)]
     if figures:
@@ -1358,7 +1382,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_compare:
         result["comparison"] = compare_methods(
             logits, labels, val_idx, test_idx, objective=args.objective, n_bins=args.n_bins,
-            before=before, recommend=args.val_fraction > 0,
+            before=before, in_sample=args.val_fraction == 0,
         )
         _print_comparison(result)
 
