@@ -344,6 +344,9 @@ def test_the_comparison_shows_each_fits_warnings_and_its_zero_probabilities(
         assert rows[name]["short_note"].startswith("warned: see below")
         assert f"{name}: warning: {cls}: 110 parameters (C = 10) fitted on {n_fit} validation samples" in flat
     assert rows["temperature"]["warnings"] == [] and rows["temperature"]["short_note"] == ""
+    for name, row in rows.items():  # every note the table points at is printed under it
+        if row.get("note"):
+            assert f"{name}: note: {' '.join(row['note'].split())}" in flat
     val, test = stratified_split(y, 0.2, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -354,6 +357,54 @@ def test_the_comparison_shows_each_fits_warnings_and_its_zero_probabilities(
     report = (tmp_path / "o" / "report.md").read_text()
     assert f"p = 0 for {zeros} held-out labels (an NLL of about 708 each)" in report
     assert "warning: MatrixScaler: 110 parameters" in report
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+def test_a_method_that_fell_back_scores_as_the_predictions_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Probabilities truncated to 4 decimals (rows summing to 1 - 1e-4, used as given) whose
+    validation part is separable: every method falls back to the identity, so its row and the
+    "after" column are the predictions as given, equal to "none" and "before", and "none" is
+    recommended (scored through log p, the renormalised rows would seem a hair better)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    z = rng.normal(size=(600, 3))
+    z[np.arange(600), y] += 4.0
+    p = np.floor(torch.softmax(torch.from_numpy(z), 1).numpy() * 1e4) / 1e4
+    np.savez(tmp_path / "trunc.npz", probs=p, labels=y)
+    rc, out, err = run([str(tmp_path / "trunc.npz"), "--out", str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["fallback"] is not None and metrics["after"] == metrics["before"]
+    rows = metrics["comparison"]["rows"]
+    fell = [name for name, row in rows.items() if row.get("fallback")]
+    assert "temperature" in fell and len(fell) >= 5
+    for name in fell:
+        assert {k: rows[name][k] for k in ("nll", "ece", "brier", "accuracy")} == {
+            k: rows["none"][k] for k in ("nll", "ece", "brier", "accuracy")}
+    assert metrics["comparison"]["recommended"] == "none"
+    assert "recommended: none" in out
+
+
+def test_a_kept_fit_of_the_comparison_prints_its_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Binary scores 0.1 / 0.5 / 0.9 whose classes mix only at 0.5: Platt and beta calibration
+    diverge but keep the fit; their rows point at a note, which is printed under the table in
+    the scores' own units."""
+    rng = np.random.default_rng(3)
+    s = rng.choice([0.1, 0.5, 0.9], 1000, p=[0.4, 0.2, 0.4])
+    y = np.where(s == 0.9, 1, np.where(s == 0.1, 0, rng.integers(0, 2, 1000)))
+    np.savez(tmp_path / "ties.npz", probs=s, labels=y)
+    rc, out, err = run([str(tmp_path / "ties.npz"), "--out", str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "o" / "metrics.json").read_text())["comparison"]["rows"]
+    flat = " ".join(out.split())
+    for name in ("platt", "beta"):
+        assert rows[name]["short_note"] == "see note" and rows[name]["fallback"] is None
+        assert (f"{name}: note: the validation set is separable but for ties (a threshold at the logit 0"
+                " (probability 0.5) splits the two classes") in flat
 
 
 @pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")

@@ -775,7 +775,7 @@ def test_only_strict_separation_falls_back_for_platt_and_beta(method: Any) -> No
 
     sv, yv = draw(200)
     st, yt = draw(2000)
-    ties = r"separable but for ties \(a threshold at the score 0.8 "
+    ties = r"separable but for ties \(a threshold at the probability 0.8 "
     with pytest.warns(cal.CalibrationWarning, match=ties):
         c = method(from_logits=False).fit(sv, yv)
     assert c.diagnostic_kind == "separable" and c.fallback is None
@@ -800,7 +800,8 @@ def test_ties_at_the_threshold_of_continuous_scores_warn_that_the_map_is_a_step(
         c = method(from_logits=True).fit(s, y)
     (message,) = [str(w.message) for w in caught]
     n_tied = int((s == 0).sum())
-    assert f"at the score 0 splits the two classes, except for the {n_tied} samples" in message
+    assert (f"at the logit 0 (probability 0.5) splits the two classes, except for the {n_tied} samples"
+            in message)
     assert "the map is a step at that score" in message and "keeping the fit" in message
     assert "held-out data" in message
     assert c.fallback is None and c.diagnostic_kind == "separable" and "step" in (c.diagnostic or "")
@@ -810,6 +811,23 @@ def test_ties_at_the_threshold_of_continuous_scores_warn_that_the_map_is_a_step(
     assert -np.mean(yt * np.log(q) + (1 - yt) * np.log(1 - q)) > 5.0
     state = json.loads(json.dumps(c.state_dict()))
     assert method().load_state_dict(state).diagnostic == c.diagnostic
+
+
+def test_ties_with_the_positives_below_diverge_for_platt_only() -> None:
+    """Positives below a tie: Platt's slope runs to minus infinity (the ties warning), while
+    beta calibration, held non-decreasing by a, b >= 0, stops on its bound at a constant map:
+    finite, not a step, and no ties warning."""
+    s = np.array([0.1, 0.2, 0.5, 0.5, 0.8, 0.9])
+    y = np.array([1, 1, 1, 0, 0, 0])
+    with pytest.warns(cal.CalibrationWarning, match="separable but for ties .* at the probability 0.5 "):
+        platt = cal.PlattScaler(from_logits=False).fit(s, y)
+    assert platt.coef is not None and platt.coef[0] < -5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        beta = cal.BetaCalibrator(from_logits=False).fit(s, y)
+    assert not [w for w in caught if "separable but for ties" in str(w.message)]
+    assert beta.diagnostic is None and beta.fallback is None
+    np.testing.assert_allclose(beta.predict_proba(np.array([0.1, 0.5, 0.9])), 0.5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])

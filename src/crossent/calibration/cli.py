@@ -1060,7 +1060,9 @@ def _print_comparison(result: dict[str, Any]) -> None:
         table.add_row(f"{name}{mark}", *[_fmt(row[k], pct) for k, _, pct in COMPARE_COLUMNS], note)
     console = Console(file=sys.stdout)
     console.print(table)
-    for name, row in cmp["rows"].items():
+    for name, row in cmp["rows"].items():  # what the table's note column only points at
+        if row.get("note"):
+            console.print(f"{name}: note: {row['note']}", markup=False, highlight=False)
         for message in row.get("warnings", []):
             console.print(f"{name}: warning: {message}", markup=False, highlight=False)
     console.print(recommendation_text(result))
@@ -1164,7 +1166,8 @@ def compare_methods(
         zeros = int(np.count_nonzero(p_y == 0))
         zero_note = zero_labels_note(zeros, "in-sample" if in_sample else "held-out")
         note = short_note(cal) or ("warned: see below" if others else "")
-        rows[name] = {**score(method_logits(cal, logits[test_idx])), "fallback": cal.fallback,
+        scores = none if cal.fallback is not None else score(method_logits(cal, logits[test_idx]))
+        rows[name] = {**scores, "fallback": cal.fallback,
                       "fitted": describe(cal), "note": fit_note(cal, c),
                       "short_note": "; ".join(n for n in (note, zero_note) if n),
                       "warnings": others, "zero_probability_labels": zeros}
@@ -1331,7 +1334,9 @@ def main(args: argparse.Namespace) -> int:
         from_logits=kind == "logits" or zero_note is not None, n_bins=args.n_bins
     )
     calibrated = method_probs(cal, logits[test_idx])
-    after = compute_metrics(
+    # a map that fell back is the identity: the predictions as they are, the "before" column
+    # (scored through log p, probability rows summing to 1 within the tolerance would move)
+    after = before if cal.fallback is not None else compute_metrics(
         method_logits(cal, logits[test_idx]), y_test, from_logits=True, n_bins=args.n_bins
     )
     temperature = getattr(cal, "_temperature", None) if args.method in ("temperature", "vector") else None

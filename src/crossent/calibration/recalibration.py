@@ -273,7 +273,7 @@ class _MulticlassRecalibrator(Recalibrator):
                else f"{n_classes} (the map's classes) or null")
         if not isinstance(value, int) or isinstance(value, bool):
             raise state_error(self._state_owner(), "state['params']['n_classes']", due,
-                              f"{type(value).__name__} {short_repr(value)}", TypeError)
+                              short_repr(value), TypeError)
         if value < 2 or (n_classes is not None and value != n_classes):
             raise state_error(self._state_owner(), "state['params']['n_classes']", due, short_repr(value))
         self._n_classes = value
@@ -871,15 +871,22 @@ class _BinaryRecalibrator(Recalibrator):
         # still calibrates the tied value, which the identity does not: where new scores take
         # the same few values it is the better map, where they fall between the classes a far
         # worse one. It is kept, with a warning that says which.
+        # (a map held non-decreasing, as beta calibration's a, b >= 0 hold it, cannot follow
+        # positives below the tie: its fit stays finite, on its bound)
         kept = None
+        decreasing = self._n_nonnegative == 0
         tie = (float(pos.min()) if how is None and float(pos.min()) >= float(neg.max()) else
-               float(pos.max()) if how is None and float(pos.max()) <= float(neg.min()) else None)
+               float(pos.max()) if how is None and decreasing and float(pos.max()) <= float(neg.min())
+               else None)
         n_tied = 0 if tie is None else int((s == tie).sum())
         if tie is not None and n_tied < s.shape[0]:  # constant scores: nothing to split, no divergence
             words = ", ".join(f"{c:.4g}" for c in np.asarray(self.coef))
-            at = tie if self.from_logits else 1.0 / (1.0 + math.exp(-tie))  # the user's units
+            p_tie = 1.0 / (1.0 + math.exp(-tie))
+            at = f"probability {p_tie:.4g}"
+            if self.from_logits:
+                at = f"logit {tie:.4g} ({at})"
             kept = (
-                f"the validation set is separable but for ties (a threshold at the score {at:.4g} splits"
+                f"the validation set is separable but for ties (a threshold at the {at} splits"
                 f" the two classes, except for the {n_tied} samples at that score, which hold both), so"
                 f" the coefficients have no finite optimum (coef [{words}] where the fit stopped):"
                 " the map is a step at that score, right for the tied value, overconfident on any score"
