@@ -830,6 +830,16 @@ def test_ties_with_the_positives_below_diverge_for_platt_only() -> None:
     np.testing.assert_allclose(beta.predict_proba(np.array([0.1, 0.5, 0.9])), 0.5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+def test_a_fit_on_meta_tensors_is_refused_by_name(method: Any) -> None:
+    """Logits or labels on the meta device (a shape, no values) are refused by name."""
+    shape = (20,) if method in BINARY else (20, 3)
+    z, y = torch.randn(shape), torch.arange(20) % (2 if method in BINARY else 3)
+    for logits, labels in ((z.to("meta"), y), (z, y.to("meta"))):
+        with pytest.raises(ValueError, match="is a tensor on the meta device, which holds no values"):
+            method().fit(logits, labels)
+
+
 @pytest.mark.parametrize("method", [cal.PlattScaler, cal.BetaCalibrator])
 def test_binary_methods_refuse_scores_that_are_not_real_arrays(method: Any) -> None:
     """Complex, string and bool scores, ragged lists and sparse tensors are refused by name,

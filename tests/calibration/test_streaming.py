@@ -793,6 +793,19 @@ def test_ragged_and_sparse_inputs_are_refused_by_name(where: str) -> None:
         CalibrationMeter().update(xs, ys)
 
 
+@pytest.mark.parametrize("where", ["scores", "labels"])
+def test_meta_tensors_are_refused_by_name(where: str) -> None:
+    """A tensor on the meta device has a shape and no values: the metrics and the meter name
+    the argument, not torch's "Cannot copy out of meta tensor"."""
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    x, y = (x.to("meta"), y) if where == "scores" else (x, y.to("meta"))
+    name = "logits" if where == "scores" else "labels"
+    with pytest.raises(ValueError, match=f"{name} is a tensor on the meta device, which holds no values"):
+        cal.ece(x, y, from_logits=True)
+    with pytest.raises(ValueError, match="meta device"):
+        CalibrationMeter().update(x, y)
+
+
 def test_load_state_dict_sizes_by_the_state_and_keeps_a_fixed_from_logits() -> None:
     """A state loads into a meter that already holds other data (of another K, or binary),
     sized by the state's own K and kind; a state of K = 3 claiming k=4 is refused. A state

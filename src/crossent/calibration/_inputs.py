@@ -66,9 +66,12 @@ def check_real_scores(x: torch.Tensor | np.ndarray, name: str) -> None:
 
 
 def _dense(t: torch.Tensor, name: str) -> torch.Tensor:
-    """``t`` (detached), refusing a sparse or other non-strided tensor by ``name``."""
+    """``t`` (detached), refusing by ``name`` a sparse or other non-strided tensor, and a
+    tensor on the meta device, which has a shape but no values to measure."""
     if t.layout != torch.strided:
         raise TypeError(f"{name} is a {str(t.layout).removeprefix('torch.')} tensor; pass {name}.to_dense()")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a tensor on the meta device, which holds no values; pass one with data")
     return t.detach()
 
 
