@@ -1061,6 +1061,9 @@ def _print_comparison(result: dict[str, Any]) -> None:
     console = Console(file=sys.stdout)
     console.print(table)
     for name, row in cmp["rows"].items():  # what the table's note column only points at
+        if row.get("fallback"):
+            console.print(f"{name}: fell back to the identity: {row['fallback']}", markup=False,
+                          highlight=False)
         if row.get("note"):
             console.print(f"{name}: note: {row['note']}", markup=False, highlight=False)
         for message in row.get("warnings", []):
@@ -1161,9 +1164,12 @@ def compare_methods(
         # the guard's own warning is in the note already; the others (too few samples for the
         # parameters, an optimiser stopped early) are printed under the table
         others = [m for m in messages if cal.diagnostic is None or cal.diagnostic not in m]
-        # a held-out label the map gives probability 0 costs about 708 nats of NLL alone
-        p_y = method_probs(cal, logits[test_idx])[np.arange(y_test.shape[0]), y_test]
-        zeros = int(np.count_nonzero(p_y == 0))
+        # a held-out label the map gives probability 0 costs at least 708 nats of NLL alone (a
+        # map that fell back is the predictions as given, whose own zeros no row counts)
+        zeros = 0
+        if cal.fallback is None:
+            p_y = method_probs(cal, logits[test_idx])[np.arange(y_test.shape[0]), y_test]
+            zeros = int(np.count_nonzero(p_y == 0))
         zero_note = zero_labels_note(zeros, "in-sample" if in_sample else "held-out")
         note = short_note(cal) or ("warned: see below" if others else "")
         scores = none if cal.fallback is not None else score(method_logits(cal, logits[test_idx]))
@@ -1219,7 +1225,7 @@ def _write_report(out: Path, result: dict[str, Any], *, figures: bool = True) ->
                 note = f"{note}; {row['note']}"
             zeros = row.get("zero_probability_labels", 0)
             if zeros:
-                note = f"{note}; {zero_labels_note(zeros, scored_on(result))} (an NLL of about 708 each)"
+                note = f"{note}; {zero_labels_note(zeros, scored_on(result))} (an NLL of at least 708 each)"
             for message in row.get("warnings", []):
                 note = f"{note}; warning: {message}"
             lines.append(f"| {name} | {cells} | {note} |")
