@@ -56,6 +56,23 @@ def test_report_files_written_and_non_empty(tmp_path: Path, blobs: TaskData) -> 
         assert "blobs/labels" not in z.files
 
 
+@pytest.mark.parametrize(("losses", "drawn"), [(["ce", "focal-2"], False), (["ce", "focal-2", "cp-2"], True)])
+def test_the_theory_figure_needs_a_focal_loss_and_its_penalty(
+    tmp_path: Path, blobs: TaskData, losses: list[str], drawn: bool
+) -> None:
+    """The theory figure compares focal loss gamma with CE - gamma H: drawn (and linked) only
+    where both of one strength were trained, as its table is written; and the reading's
+    sentence after scaling speaks of differences from CE + TS, the only ones it judges."""
+    result = run_study(StudyConfig(losses=losses, seeds=[0, 1], epochs=2, hidden=8), tasks={"blobs": blobs})
+    written = write_run_folder(result, tmp_path / "run", command="crossent run --test")
+    assert ("figures/theory_blobs.png" in written) == drawn
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert ("theory_blobs.png" in md) == drawn
+    after = [line for line in json.loads((tmp_path / "run" / "results.json").read_text())["reading"]["blobs"]
+             if line.startswith("After temperature scaling")]
+    assert after and all(line.endswith("Every other loss is within noise of CE + TS.") for line in after)
+
+
 def test_the_reading_names_each_loss_that_scaling_made_worse() -> None:
     def row(label: str, ece: float, ece_ts: float, nll: float, nll_ts: float) -> dict[str, object]:
         return {"loss_label": label, "ece": (ece, 0.0, 0.0), "ece_ts": (ece_ts, 0.0, 0.0),

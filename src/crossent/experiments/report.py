@@ -436,7 +436,7 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
                 f"{b1['loss_label']} ({_fmt(b1['ece_ts'], 'ece')}%); clearly below CE + TS "
                 f"({_fmt(ce['ece_ts'], 'ece')}%): " + (", ".join(beat_after) or "none")
                 + ("; clearly above: " + ", ".join(worse_after) if worse_after else "")
-                + ". Every other difference after scaling is within noise."
+                + ". Every other loss is within noise of CE + TS."
             )
             accs = [r for r in valid if r["loss"] != "ce" and clearly_different(r["acc"], ce["acc"])]
             lines.append(
@@ -722,7 +722,9 @@ def plot_theory(rows: list[dict[str, Any]], task: str) -> Any:
     trows = _task_rows(rows, task)
     pairs = theory_pairs(trows)
     by = _by_loss(trows)
-    if not pairs or "ce" not in by:
+    # as the table (_theory_table): only a task with a focal loss and the confidence penalty of
+    # the same strength answers the figure's question
+    if not any(f and c for _, f, c in pairs) or "ce" not in by:
         return None
     figure = require("matplotlib.figure", "the figures of crossent run")
     fig = figure.Figure(figsize=(11, 3.4), layout="constrained")
