@@ -119,6 +119,7 @@ examples
 #: the part of each class the method is fitted on; the rest is held out for the metrics
 VAL_FRACTION_DEFAULT = 0.2
 
+
 def _error(message: str) -> Exception:
     from crossent.cli import CLIError
 

@@ -860,24 +860,27 @@ class _BinaryRecalibrator(Recalibrator):
         # finite optimum.
         pos, neg = s[y == 1], s[y == 0]
         how = None
-        if pos.numel() == 0 or neg.numel() == 0:
-            how = f"all {s.shape[0]} labels are {0 if pos.numel() == 0 else 1}"
-        elif float(pos.min()) > float(neg.max()):
-            how = "a threshold on the score splits the two classes"
-        elif float(pos.max()) < float(neg.min()):
-            how = "a threshold on the score splits the two classes, the positives below it"
         # Ties at the threshold (quasi-complete separation: one score value holds both classes,
         # the rest one class each) leave the slope without a finite optimum too, but the fit
         # still calibrates the tied value, which the identity does not: where new scores take
         # the same few values it is the better map, where they fall between the classes a far
-        # worse one. It is kept, with a warning that says which.
-        # (a map held non-decreasing, as beta calibration's a, b >= 0 hold it, cannot follow
-        # positives below the tie: its fit stays finite, on its bound)
+        # worse one. It is kept, with a warning that says which. (A map held non-decreasing, as
+        # beta calibration's a, b >= 0 hold it, cannot follow positives below the tie: its fit
+        # stays finite, on its bound.)
+        tie = None
+        if pos.numel() == 0 or neg.numel() == 0:
+            how = f"all {s.shape[0]} labels are {0 if pos.numel() == 0 else 1}"
+        else:
+            pos_lo, pos_hi, neg_lo, neg_hi = (float(v) for v in (pos.min(), pos.max(), neg.min(), neg.max()))
+            if pos_lo > neg_hi:
+                how = "a threshold on the score splits the two classes"
+            elif pos_hi < neg_lo:
+                how = "a threshold on the score splits the two classes, the positives below it"
+            elif pos_lo >= neg_hi:
+                tie = pos_lo
+            elif pos_hi <= neg_lo and self._n_nonnegative == 0:
+                tie = pos_hi
         kept = None
-        decreasing = self._n_nonnegative == 0
-        tie = (float(pos.min()) if how is None and float(pos.min()) >= float(neg.max()) else
-               float(pos.max()) if how is None and decreasing and float(pos.max()) <= float(neg.min())
-               else None)
         n_tied = 0 if tie is None else int((s == tie).sum())
         if tie is not None and n_tied < s.shape[0]:  # constant scores: nothing to split, no divergence
             words = ", ".join(f"{c:.4g}" for c in np.asarray(self.coef))
