@@ -3,6 +3,7 @@ torchmetrics, scikit-learn and the stacked / sliced equivalents."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Any
@@ -323,3 +324,59 @@ def test_sequence_scores_are_refused_with_the_reshape_that_fixes_them(door: str,
     with warnings.catch_warnings():  # random labels: a fit may fall back, which is beside the point
         warnings.simplefilter("ignore", cal.CalibrationWarning)
         call(x.reshape(-1, 6), y.reshape(-1))
+
+
+def _meter_update(x: Any, y: Any, *, from_logits: bool = False, ignore_index: int | None = None) -> None:
+    cal.CalibrationMeter(from_logits=from_logits, ignore_index=ignore_index).update(x, y)
+
+
+ROW_CHECKED = [cal.ece, cal.classwise_ece, cal.brier, cal.nll, cal.accuracy, cal.smooth_ece,
+               cal.debiased_l2_ece, cal.reliability_table, _meter_update]
+
+
+def _bad_input(case: str) -> tuple[np.ndarray, np.ndarray, bool, str]:
+    """Ten samples whose first three labels are ignored and whose sixth kept one (the input's
+    row or entry 6) is bad: scores, labels, from_logits and the message's start."""
+    rng = np.random.default_rng(11)
+    z = rng.normal(size=(10, 4))
+    y: np.ndarray = np.array([-100, -100, -100, 0, 1, 2, 3, 0, 1, 2])
+    if case == "logits with NaN":
+        z[6, 1] = np.nan
+        return z, y, True, "row 6 contains NaN"
+    if case == "probabilities off one":
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        p[6] *= 1.2
+        return p, y, False, "row 6 sums to 1.2"
+    if case == "probabilities outside [0, 1]":
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        p[6, 0] = -0.5
+        return p, y, False, r"row 6 has values outside \[0, 1\]"
+    if case == "a label not an integer":
+        return z, np.where(np.arange(10) == 6, 1.5, y), True, "entry 6 is 1.5"
+    yb = np.where(y >= 0, y % 2, y)
+    pb = rng.random(10)
+    if case == "binary score NaN":
+        pb[6] = np.nan
+        return pb, yb, False, "entry 6 is NaN"
+    assert case == "binary label not 0/1"
+    return pb, np.where(np.arange(10) == 6, 2, yb), False, "entry 6 is 2"
+
+
+@pytest.mark.parametrize("case", ["logits with NaN", "probabilities off one", "probabilities outside [0, 1]",
+                                  "a label not an integer", "binary score NaN", "binary label not 0/1"])
+@pytest.mark.parametrize("fn", ROW_CHECKED, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_errors_name_the_inputs_row_where_ignore_index_dropped_rows_before_it(
+    fn: Any, case: str, path: str
+) -> None:
+    """The row (or entry) an error names is the input's, not its place among the rows left
+    after ``ignore_index``: token-level evaluation with padding must find the bad one."""
+    from crossent.backends import native
+
+    x, y, from_logits, message = _bad_input(case)
+    with native.disabled() if path == "torch" else contextlib.nullcontext():
+        with pytest.raises(ValueError, match=message):
+            fn(x, y, from_logits=from_logits, ignore_index=-100)
+        keep = y != -100  # the same rows without the ignored ones: numbered from 0
+        with pytest.raises(ValueError, match=message.replace("6", "3")):
+            fn(x[keep], y[keep], from_logits=from_logits)

@@ -136,6 +136,44 @@ def test_detection_reads_the_batch_once_and_checks_every_row(
         assert got[key] == pytest.approx(value, rel=1e-12), key
 
 
+@pytest.mark.parametrize("bad_row", [0, 150_000])
+def test_rows_off_one_anywhere_in_the_first_batch_warn_as_the_one_shot_nll(bad_row: int) -> None:
+    """Entries in [0, 1] whose row sums to 1.05, in the first chunk or after it: the meter reads
+    the batch as logits, as ``cal.nll`` does, and says so with the same warning."""
+    n, k = 160_000, 8  # more rows than one chunk (2 ** 20 entries) holds
+    rng = np.random.default_rng(6)
+    p = torch.softmax(torch.from_numpy(rng.normal(size=(n, k))), 1).numpy()
+    y = rng.integers(0, k, n)
+    p[bad_row] = 1.05 / k
+    m = CalibrationMeter()
+    with pytest.warns(cal.CalibrationWarning, match="every entry lies in \\[0, 1\\] but a row sums to 1.05"):
+        m.update(p, y)
+    with pytest.warns(cal.CalibrationWarning, match="a row sums to 1.05"):
+        want = cal.nll(p, y)
+    assert m.from_logits is True
+    assert m.compute()["nll"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("from_logits", [None, False, True])
+@pytest.mark.parametrize("bad_row", [0, 150_000])
+def test_a_bad_row_names_the_input_as_the_meter_reads_it(bad_row: int, from_logits: bool | None) -> None:
+    """A NaN in the first batch of a meter that is still telling probabilities from logits is
+    an error about ``logits_or_probs``, wherever the row lies; once told, about ``probs`` or
+    ``logits``. The meter is left as it was."""
+    n, k = 160_000, 8
+    rng = np.random.default_rng(7)
+    p = torch.softmax(torch.from_numpy(rng.normal(size=(n, k))), 1).numpy()
+    y = rng.integers(0, k, n)
+    p[bad_row, 3] = np.nan
+    name = {None: "logits_or_probs", False: "probs", True: "logits"}[from_logits]
+    m = CalibrationMeter(from_logits=from_logits)
+    with pytest.raises(ValueError, match=f"^{name}: row {bad_row} contains NaN"):
+        m.update(p, y)
+    assert m.from_logits is from_logits
+    with pytest.raises(RuntimeError, match="holds no samples"):
+        m.compute()
+
+
 def test_dyadic_sums_are_bit_exact() -> None:
     # probabilities k/64: every partial sum is exact in float64, so the order does not matter
     rng = np.random.default_rng(4)

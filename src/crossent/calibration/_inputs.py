@@ -164,8 +164,11 @@ def shown_label(value: object) -> object:
     return int(value) if isinstance(value, float) and abs(value) < 2**53 else value
 
 
-def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "labels") -> np.ndarray:
-    """Integer class labels as int64 NumPy, checked against the predictions' shape."""
+def as_labels(
+    labels: object, n_samples: int, n_classes: int, name: str = "labels", rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Integer class labels as int64 NumPy, checked against the predictions' shape. ``rows``:
+    the input's number of each label, where ``ignore_index`` dropped some (for the errors)."""
     arr = label_array(labels)
     if arr.ndim == 2 and 1 in arr.shape:
         arr = arr.reshape(-1)
@@ -177,7 +180,7 @@ def as_labels(labels: object, n_samples: int, n_classes: int, name: str = "label
     if i is not None:
         raise ValueError(
             f"{name} must hold integer class indices, got non-integer values"
-            f" (entry {i} is {arr[i].item()!r})"
+            f" (entry {position(i, rows)} is {arr[i].item()!r})"
         )
     if arr.shape[0] != n_samples:
         raise ValueError(
@@ -215,17 +218,26 @@ def _first(mask: torch.Tensor) -> int:
     return int(torch.nonzero(mask)[0, 0])
 
 
+def position(i: int, rows: np.ndarray | None) -> int:
+    """The input's number of row (or entry) ``i`` of what is left after ``ignore_index``
+    dropped some (``rows``, from :func:`select`; None where nothing was dropped): errors name
+    the row the user can find."""
+    return i if rows is None else int(rows[i])
+
+
 def check_chunk(
-    block: torch.Tensor, start: int, *, from_logits: bool, name: str, storage: torch.dtype
+    block: torch.Tensor, start: int, *, from_logits: bool, name: str, storage: torch.dtype,
+    rows: np.ndarray | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the first bad row of ``block`` (rows start at ``start``)."""
     rowsum = block.sum(1)  # float32 is ample for a 1e-3 tolerance, and fast
     lo, hi = (None, None) if from_logits else (block.amin(1), block.amax(1))
-    check_rows(block, rowsum, lo, hi, from_logits=from_logits, name=name, start=start, storage=storage)
+    check_rows(block, rowsum, lo, hi, from_logits=from_logits, name=name, start=start, storage=storage,
+               rows=rows)
 
 
 def check_rows(
-    rows: torch.Tensor,
+    block: torch.Tensor,
     rowsum: torch.Tensor,
     rowmin: torch.Tensor | None,
     rowmax: torch.Tensor | None,
@@ -234,17 +246,20 @@ def check_rows(
     name: str,
     start: int,
     storage: torch.dtype,
+    rows: np.ndarray | None = None,
 ) -> None:
-    """Raise ``ValueError`` naming the first bad one of ``rows`` (the first of them row ``start``
-    of the input, stored as ``storage``) from their sums and, for probabilities, their minima and
-    maxima: NaN or infinity; for probabilities also entries outside [0, 1] and sums off one."""
+    """Raise ``ValueError`` naming the first bad one of ``block`` (the first of them row ``start``
+    of the input, stored as ``storage``; with ``rows``, see :func:`position`) from their sums
+    and, for probabilities, their minima and maxima: NaN or infinity; for probabilities also
+    entries outside [0, 1] and sums off one."""
     finite = torch.isfinite(rowsum)
     if not bool(finite.all()):
         suspects = torch.nonzero(~finite)[:, 0]
         # a sum may overflow for large finite entries: look at those rows themselves
-        bad = suspects[~torch.isfinite(rows[suspects]).all(1)]
+        bad = suspects[~torch.isfinite(block[suspects]).all(1)]
         if bad.numel():
-            raise ValueError(f"{name}: row {start + int(bad[0])} contains NaN or infinite values")
+            i = position(start + int(bad[0]), rows)
+            raise ValueError(f"{name}: row {i} contains NaN or infinite values")
     if from_logits:
         return
     assert rowmin is not None and rowmax is not None
@@ -252,7 +267,7 @@ def check_rows(
     if bool(bad.any()):
         i = _first(bad)
         raise ValueError(
-            f"{name}: row {start + i} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
+            f"{name}: row {position(start + i, rows)} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
             f" max {float(rowmax[i]):.4g}); pass from_logits=True if these are logits"
         )
     tol = sum_atol(storage)
@@ -260,18 +275,20 @@ def check_rows(
     if bool(bad.any()):
         i = _first(bad)
         raise ValueError(
-            f"{name}: row {start + i} sums to {float(rowsum[i]):.6g}, not 1 (tolerance {tol:g});"
+            f"{name}: row {position(start + i, rows)} sums to {float(rowsum[i]):.6g}, not 1"
+            f" (tolerance {tol:g});"
             " normalise the rows, or pass from_logits=True if these are logits"
         )
 
 
 def chunks(
-    t: torch.Tensor, *, from_logits: bool, name: str
+    t: torch.Tensor, *, from_logits: bool, name: str, rows: np.ndarray | None = None
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Validated row chunks ``(start, stop, block)`` in the compute dtype."""
+    """Validated row chunks ``(start, stop, block)`` in the compute dtype (``rows``: see
+    :func:`position`)."""
     for start, stop in iter_chunks(t):
         block = _chunk(t, start, stop)
-        check_chunk(block, start, from_logits=from_logits, name=name, storage=t.dtype)
+        check_chunk(block, start, from_logits=from_logits, name=name, storage=t.dtype, rows=rows)
         yield start, stop, block
 
 
@@ -347,7 +364,7 @@ def binary_nll_terms(scores: torch.Tensor, y: np.ndarray, *, from_logits: bool) 
 
 
 # ----------------------------------------------------------------------------- input shapes
-def _binary_labels(arr: np.ndarray, name: str) -> np.ndarray:
+def _binary_labels(arr: np.ndarray, name: str, rows: np.ndarray | None = None) -> np.ndarray:
     if arr.dtype.kind == "b":
         return arr.astype(np.int64)
     if arr.dtype.kind not in "iuf":
@@ -356,7 +373,7 @@ def _binary_labels(arr: np.ndarray, name: str) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad.reshape(-1))[0])
         raise ValueError(
-            f"{name} of a binary or multi-label problem must be 0 or 1; entry {i} is"
+            f"{name} of a binary or multi-label problem must be 0 or 1; entry {position(i, rows)} is"
             f" {arr.reshape(-1)[i].item()!r}"
         )
     return arr.astype(np.int64)
@@ -413,8 +430,10 @@ def check_binary_labels_shape(t: torch.Tensor, arr: np.ndarray, name: str) -> No
 
 def select(
     probs: object, labels: object, *, from_logits: bool, ignore_index: int | None
-) -> tuple[str, torch.Tensor, np.ndarray]:
-    """The problem's kind and its validated inputs, ignored entries dropped.
+) -> tuple[str, torch.Tensor, np.ndarray, np.ndarray | None]:
+    """The problem's kind, its validated inputs with the ignored entries dropped, and the
+    input's number of each row (entry) kept: None where none was dropped (see
+    :func:`position`; the errors of later checks pass it on).
 
     * ``"multiclass"``: ``probs`` (N, C) with labels (N,); returns the (N', C) matrix and the
       int64 labels.
@@ -432,22 +451,23 @@ def select(
         check_binary_labels_shape(t, arr, name)
         p = t.reshape(-1)
         y = arr.reshape(-1)
+        rows = None
         if ignore_index is not None:
             keep = y != ignore_index
             if not keep.all():
-                p, y = p[torch.from_numpy(keep)], y[keep]
+                p, y, rows = p[torch.from_numpy(keep)], y[keep], np.flatnonzero(keep)
         if p.numel() == 0:
             raise ValueError(
                 f"{name} is empty: it needs at least one sample"
                 if arr.size == 0
                 else f"{name} is empty after dropping the labels equal to ignore_index={ignore_index}"
             )
-        y = _binary_labels(y, "labels")
+        y = _binary_labels(y, "labels", rows)
         if t.ndim == 2 and t.shape[1] > 1 and not from_logits and y.size == t.numel():
             _warn_if_one_hot_of_a_softmax(t, y.reshape(t.shape), name)
         p = p.to(torch.float64)
         if not bool(torch.isfinite(p).all()):
-            i = int(torch.nonzero(~torch.isfinite(p))[0, 0])
+            i = position(int(torch.nonzero(~torch.isfinite(p))[0, 0]), rows)
             raise ValueError(f"{name}: entry {i} is NaN or infinite")
         if from_logits:
             p = torch.sigmoid(p)
@@ -456,16 +476,17 @@ def select(
                 f"{name} of a binary problem must lie in [0, 1] (got min {float(p.min()):.4g},"
                 f" max {float(p.max()):.4g}); pass from_logits=True if these are logits"
             )
-        return "binary", p.clamp(0.0, 1.0), y
+        return "binary", p.clamp(0.0, 1.0), y, rows
     t = as_matrix(t, name, metrics=True)
+    rows = None
     if ignore_index is not None:
         flat = arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
         keep = flat != ignore_index
         if flat.ndim == 1 and flat.shape[0] == t.shape[0] and not keep.all():
             if not keep.any():
                 raise ValueError("every label equals ignore_index: nothing to measure")
-            t, arr = t[torch.from_numpy(keep)], flat[keep]
-    return "multiclass", t, as_labels(arr, t.shape[0], t.shape[1])
+            t, arr, rows = t[torch.from_numpy(keep)], flat[keep], np.flatnonzero(keep)
+    return "multiclass", t, as_labels(arr, t.shape[0], t.shape[1], rows=rows), rows
 
 
 def drop_ignored(t: torch.Tensor, lab: np.ndarray, ignore_index: int | None) -> torch.Tensor:

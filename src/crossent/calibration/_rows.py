@@ -110,6 +110,7 @@ def row_statistics(
     scores: bool = True,
     scale: float = 1.0,
     moments: bool = False,
+    rows: np.ndarray | None = None,
 ) -> RowStatistics:
     r"""Validated per-row statistics of ``t`` (N, C) with int64 labels ``y`` (N,) in range.
 
@@ -124,7 +125,9 @@ def row_statistics(
     second derivatives of the NLL in :math:`\beta` (temperature scaling's Newton step).
 
     Raises ``ValueError`` naming the first row that holds NaN or infinity, and for
-    probabilities (``from_logits=False``) the first row outside [0, 1] or not summing to one.
+    probabilities (``from_logits=False``) the first row outside [0, 1] or not summing to one;
+    ``rows`` gives the input's number of each row of ``t`` where ``ignore_index`` dropped some
+    (:func:`~crossent.calibration._inputs.select`), so that the error names the user's row.
     """
     if not from_logits and (scale != 1.0 or moments):
         raise ValueError("scale and moments are for logits (from_logits=True)")
@@ -134,7 +137,7 @@ def row_statistics(
         raise ValueError("top needs n_bins > 0")
     impl = _row_statistics_native if native.available() else _row_statistics_torch
     return impl(t, y, from_logits=from_logits, name=name, n_bins=n_bins, classwise=classwise and n_bins > 0,
-                top=top, scores=scores, scale=float(scale), moments=moments)
+                top=top, scores=scores, scale=float(scale), moments=moments, rows=rows)
 
 
 def top_sums(
@@ -154,7 +157,7 @@ def top_sums(
 
 def _row_statistics_native(
     t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, classwise: bool,
-    top: bool, scores: bool, scale: float, moments: bool,
+    top: bool, scores: bool, scale: float, moments: bool, rows: np.ndarray | None,
 ) -> RowStatistics:
     """:func:`row_statistics` by the native kernel: in one call on ``t`` itself, its outputs
     returned as they are, or, for a layout or dtype the kernel does not take (columns not
@@ -173,7 +176,7 @@ def _row_statistics_native(
         if r.suspects:
             rowmin = None if r.rowmin is None else torch.from_numpy(r.rowmin)
             check_rows(block, torch.from_numpy(r.rowsum), rowmin, torch.from_numpy(r.conf),
-                       from_logits=from_logits, name=name, start=start, storage=t.dtype)
+                       from_logits=from_logits, name=name, start=start, storage=t.dtype, rows=rows)
         return r
 
     if native.supports_calibration(t):  # the kernel's outputs as they are
@@ -208,7 +211,7 @@ def _row_statistics_native(
 
 def _row_statistics_torch(
     t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, classwise: bool,
-    top: bool, scores: bool, scale: float, moments: bool,
+    top: bool, scores: bool, scale: float, moments: bool, rows: np.ndarray | None,
 ) -> RowStatistics:
     """:func:`row_statistics` as torch ops over chunks of rows (the same formulas; the sums of
     ``top`` from the per-row values)."""
@@ -222,7 +225,7 @@ def _row_statistics_torch(
     cw_y = torch.zeros(k * n_bins, dtype=f64) if classwise else None
     dmean = torch.empty(n, dtype=f64) if moments else None
     dvar = torch.empty(n, dtype=f64) if moments else None
-    for start, stop, block in chunks(t, from_logits=from_logits, name=name):
+    for start, stop, block in chunks(t, from_logits=from_logits, name=name, rows=rows):
         yb = y[start:stop, None]
         at_y = block.gather(1, yb)[:, 0].to(f64)
         if from_logits:

@@ -242,12 +242,14 @@ def top_scores(
     return _scores(*select(probs, labels, from_logits=from_logits, ignore_index=ignore_index), from_logits)
 
 
-def _scores(kind: str, t: torch.Tensor, y: np.ndarray, from_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+def _scores(
+    kind: str, t: torch.Tensor, y: np.ndarray, rows: np.ndarray | None, from_logits: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`top_scores` of the output of :func:`~crossent.calibration._inputs.select`."""
     if kind == "binary":
         return t.numpy(), y.astype(np.float64)
     r = row_statistics(t, torch.from_numpy(y), from_logits=from_logits,
-                       name="logits" if from_logits else "probs", scores=False)
+                       name="logits" if from_logits else "probs", scores=False, rows=rows)
     return r.conf, (r.pred == y).astype(np.float64)
 
 
@@ -270,14 +272,14 @@ def reliability_table(
     n_bins = _check_n_bins(n_bins)
     binning = _check_binning(binning)
     from_logits, ignore_index = _check_scores(from_logits, ignore_index)
-    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    kind, t, y, rows = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "multiclass" and binning == "width":
         name = "logits" if from_logits else "probs"
         s = row_statistics(t, torch.from_numpy(y), from_logits=from_logits, name=name, n_bins=n_bins,
-                           classwise=False, top=True, scores=False).top
+                           classwise=False, top=True, scores=False, rows=rows).top
         assert s is not None
         return table_from_sums(s[:n_bins], s[n_bins : 2 * n_bins], s[2 * n_bins : 3 * n_bins])
-    return table_from_scores(*_scores(kind, t, y, from_logits), n_bins=n_bins, binning=binning)
+    return table_from_scores(*_scores(kind, t, y, rows, from_logits), n_bins=n_bins, binning=binning)
 
 
 def ece(
@@ -311,7 +313,9 @@ def ece(
     ``calibration_curve``); stack ``[1 - p, p]`` for the top-label version. Multi-label
     ``probs`` (N, L) with 0/1 ``labels`` (N, L) pool the N L binary problems (for one number
     per label see :func:`multilabel_ece`). With ``from_logits=True`` these are sigmoid
-    logits. Labels equal to ``ignore_index`` are left out.
+    logits, so the logits of a softmax model with one-hot (N, C) labels are measured as C N
+    binary problems: pass the class indices, ``labels.argmax(1)`` (probability rows summing to
+    one with one-hot labels warn). Labels equal to ``ignore_index`` are left out.
     """
     norm = check_choice("norm", norm, ("l1", "l2", "max"))
     table = reliability_table(
@@ -347,7 +351,7 @@ def classwise_ece(
     num_classes = _check_num_classes(num_classes)
     from_logits, ignore_index = _check_scores(from_logits, ignore_index)
     name = "logits" if from_logits else "probs"
-    kind, t, y_np = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    kind, t, y_np, rows = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":  # the two columns [1 - p, p]
         if num_classes not in (None, 2):
             raise ValueError(
@@ -362,7 +366,7 @@ def classwise_ece(
             " give one column per class"
         )
     r = row_statistics(t, torch.from_numpy(y_np), from_logits=from_logits, name=name, n_bins=n_bins,
-                       scores=False)
+                       scores=False, rows=rows)
     assert r.cw_p is not None and r.cw_y is not None
     # (|B|/N) |mean p - mean y| = |sum p - sum y| / N for every (class, bin).
     return float((r.cw_p - r.cw_y).abs().sum() / (n * k))
@@ -517,11 +521,11 @@ def brier(
     :math:`\frac1N\sum_i (p_i - y_i)^2` (range 0 to 1), pooled over labels.
     """
     from_logits, ignore_index = _check_scores(from_logits, ignore_index)
-    kind, t, y_np = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    kind, t, y_np, rows = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":
         return float((t - torch.from_numpy(y_np).to(torch.float64)).square().mean())
     r = row_statistics(t, torch.from_numpy(y_np), from_logits=from_logits,
-                       name="logits" if from_logits else "probs")
+                       name="logits" if from_logits else "probs", rows=rows)
     assert r.brier is not None
     return float(r.brier.sum()) / t.shape[0]
 
@@ -558,13 +562,14 @@ def nll(
         if from_logits is None:
             from_logits = kept.numel() > 0 and not looks_like_binary_probs(kept)
         if from_logits:
-            _, _, y_np = select(raw, lab, from_logits=True, ignore_index=ignore_index)
+            _, _, y_np, _ = select(raw, lab, from_logits=True, ignore_index=ignore_index)
             return float(binary_nll_terms(kept, y_np, from_logits=True).mean())
-        _, p, y_np = select(raw, lab, from_logits=False, ignore_index=ignore_index)
+        _, p, y_np, _ = select(raw, lab, from_logits=False, ignore_index=ignore_index)
         return float(binary_nll_terms(p, y_np, from_logits=False).mean())
     as_matrix(raw, "probs_or_logits", metrics=True)
+    rows = None
     if ignore_index is not None:
-        _, raw, _ = select(raw, lab, from_logits=True, ignore_index=ignore_index)
+        _, raw, _, rows = select(raw, lab, from_logits=True, ignore_index=ignore_index)
         lab = lab.reshape(-1)[lab.reshape(-1) != ignore_index]
     t = as_matrix(raw, "probs_or_logits")
     y = torch.from_numpy(as_labels(lab, t.shape[0], t.shape[1]))
@@ -572,7 +577,7 @@ def nll(
         from_logits = not looks_like_probs(t, "probs_or_logits")
         if from_logits:
             warn_if_unnormalised(t, "probs_or_logits")
-    r = row_statistics(t, y, from_logits=from_logits, name="probs_or_logits")
+    r = row_statistics(t, y, from_logits=from_logits, name="probs_or_logits", rows=rows)
     assert r.nll is not None
     return float(r.nll.sum()) / t.shape[0]
 
@@ -583,11 +588,11 @@ def accuracy(
     """Top-1 accuracy: the fraction of rows whose arg-max (lowest index on ties) is the label.
     Binary and multi-label input: the fraction with :math:`[p_i > 1/2] = y_i`."""
     from_logits, ignore_index = _check_scores(from_logits, ignore_index)
-    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    kind, t, y, rows = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
     if kind == "binary":
         return float(((t > 0.5).numpy() == (y == 1)).mean())
     r = row_statistics(t, torch.from_numpy(y), from_logits=from_logits,
-                       name="logits" if from_logits else "probs", scores=False)
+                       name="logits" if from_logits else "probs", scores=False, rows=rows)
     return float((r.pred == y).mean())
 
 

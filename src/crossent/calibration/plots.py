@@ -101,8 +101,8 @@ def _scored(
     probs: ArrayLike, labels: ArrayLike, from_logits: bool, ignore_index: int | None
 ) -> tuple[np.ndarray, np.ndarray, _Names]:
     """:func:`~crossent.calibration.metrics.top_scores` and the names of what they are."""
-    kind, t, y = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
-    conf, correct = _scores(kind, t, y, from_logits)
+    kind, t, y, rows = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    conf, correct = _scores(kind, t, y, rows, from_logits)
     return conf, correct, BINARY if kind == "binary" else MULTICLASS
 
 

@@ -185,7 +185,9 @@ class CalibrationMeter:
     # ------------------------------------------------------------------ update
     def update(self, logits_or_probs: ArrayLike, labels: ArrayLike) -> None:
         """Add a batch: (N, C) with labels (N,), or binary (N,) or (N, 1) / multi-label (N, L)
-        with 0/1 labels of the same shape. A batch whose labels all equal ``ignore_index`` adds nothing."""
+        with 0/1 labels of the same shape (so (N, C) softmax logits with one-hot labels are
+        measured as multi-label: pass ``labels.argmax(1)``). A batch whose labels all equal
+        ``ignore_index`` adds nothing."""
         lab = label_array(labels)
         before = (self.from_logits, self._kind, self._k)
         try:
@@ -243,6 +245,7 @@ class CalibrationMeter:
             raise ValueError(f"this batch has {k} classes, the meter {self._k}; keep them equal")
 
     def _update(self, logits_or_probs: ArrayLike, labels: ArrayLike, lab: np.ndarray) -> None:
+        detecting = self.from_logits is None  # until this batch has told: "logits_or_probs" in errors
         if self.from_logits is None:
             x = logits_or_probs
             t = drop_ignored(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index)
@@ -257,7 +260,7 @@ class CalibrationMeter:
                     warn_if_unnormalised(t[start:stop], "logits_or_probs")
             elif t.numel() > 0:  # binary and multi-label: every score in [0, 1]
                 self.from_logits = not looks_like_binary_probs(t)
-        kind, t, y = select(  # the labels as read above
+        kind, t, y, rows = select(  # the labels as read above
             logits_or_probs, lab, from_logits=bool(self.from_logits), ignore_index=self.ignore_index
         )
         self._note_shape(kind, 2 if kind == "binary" else t.shape[1])
@@ -282,30 +285,37 @@ class CalibrationMeter:
             return
         if t.shape[0] == 0:
             return
-        self._update_multiclass(t, torch.from_numpy(y))
+        name = "logits_or_probs" if detecting else "logits" if self.from_logits else "probs"
+        self._update_multiclass(t, torch.from_numpy(y), rows, name)
 
-    def _update_multiclass(self, t: torch.Tensor, y: torch.Tensor) -> None:
+    def _update_multiclass(
+        self, t: torch.Tensor, y: torch.Tensor, rows: np.ndarray | None, name: str
+    ) -> None:
         """One read of the batch (:func:`~crossent.calibration._rows.row_statistics`, the pass of
         the one-shot functions): for width bins the sums of the top-label bins and of the NLL
         and Brier score taken in that pass (the per-row values for mass bins), and the classwise
-        bin sums, added to the statistics only once the whole batch is validated."""
+        bin sums, added to the statistics only once the whole batch is validated. ``rows``: the
+        input's number of each row of ``t`` (for the errors), ``name`` the input's in them."""
         n = t.shape[0]
         width = self.binning == "width"  # the bins and scores summed in the pass itself
 
-        def rows(from_logits: bool) -> RowStatistics:
-            return row_statistics(t, y, from_logits=from_logits, name="logits" if from_logits else "probs",
-                                  n_bins=self.n_bins, classwise=self.classwise, top=width, scores=not width)
+        def statistics(from_logits: bool) -> RowStatistics:
+            return row_statistics(t, y, from_logits=from_logits, name=name, n_bins=self.n_bins,
+                                  classwise=self.classwise, top=width, scores=not width, rows=rows)
 
         r = None
         if self.from_logits is None:  # the first batch's first rows are probabilities: are all?
             try:
-                r = rows(False)
-            except ValueError:  # a row is not: logits, as looks_like_probs on the whole batch says
+                r = statistics(False)
+            except ValueError:
+                # a row is not: logits, as looks_like_probs on the whole batch says, with its
+                # warning where every entry lies in [0, 1] (the rows' sums are off one)
                 self.from_logits = True
+                warn_if_unnormalised(t, name)
             else:
                 self.from_logits = False
         if r is None:
-            r = rows(self.from_logits)
+            r = statistics(self.from_logits)
         m = self.n_bins
         if r.top is not None:
             top = r.top
