@@ -883,8 +883,8 @@ def test_the_upper_bound_names_a_larger_t_max() -> None:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(300, 4, generator=g, dtype=torch.float64) * 2
     y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
-    bound = (r"upper bound t_max=100; .*; the optimum may lie beyond t_max:"
-             r" TemperatureScaler\(t_max=1000\) fits it")
+    bound = (r"upper bound t_max=100; .*; the NLL's optimum lies beyond t_max: a larger bound fits it"
+             r" \(TemperatureScaler\(t_max=1000\), or more\)")
     with pytest.warns(cal.CalibrationWarning, match=bound):
         t = cal.TemperatureScaler().fit(1000 * z, y)
     assert t.diagnostic_kind == "bound"
@@ -894,6 +894,56 @@ def test_the_upper_bound_names_a_larger_t_max() -> None:
     with pytest.warns(cal.CalibrationWarning) as caught:  # ETS has no t_max to raise
         cal.EnsembleTemperatureScaler().fit(1000 * z, y)
     assert not any("t_max=1000" in str(w.message) for w in caught)
+
+
+def test_the_upper_bound_says_when_no_temperature_fits() -> None:
+    """Logits that rank the labels below their rows' means: the NLL falls on towards uniform
+    predictions and beyond (1/T < 0), so no t_max helps, and the warning says that instead of
+    naming a larger one."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(500, 3))
+    y = z.argmin(1)
+    no_t = "upper bound t_max=100; .*; no temperature fits these logits"
+    with pytest.warns(cal.CalibrationWarning, match=no_t) as caught:
+        t = cal.TemperatureScaler().fit(z, y)
+    assert not any("t_max=1000" in str(w.message) for w in caught)
+    assert t.fallback == "the fit stopped at the upper bound t_max=100"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        assert cal.TemperatureScaler(t_max=1e4).fit(z, y).fallback is not None  # as it said
+
+
+def _one_noise_logit(seed: int, n: int = 3000, c: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose last class's logit is noise, independent of the labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    z = rng.normal(0, 1, (n, c))
+    z[np.arange(n), y] += 2.0
+    z[:, c - 1] = rng.normal(0, 3, n)
+    return z, y
+
+
+@pytest.mark.parametrize("t_max", [1e2, 1e4])
+def test_vector_scaling_keeps_a_class_temperature_at_t_max(t_max: float) -> None:
+    """A class whose logit is noise: its NLL-optimal weight 1/T_k is below 0 (netcal's unbounded
+    fit), so T_k stops at t_max whatever t_max is. That is no divergence: the map, which all
+    but ignores that logit, is kept with a warning naming the class (the identity's test NLL is
+    twice the fit's), and no larger t_max is advised."""
+    zv, yv = _one_noise_logit(0)
+    zt, yt = _one_noise_logit(1)
+    ignored = r"class 3 stopped at the upper bound .*ignores that logit"
+    with pytest.warns(cal.CalibrationWarning, match=ignored) as caught:
+        v = cal.VectorScaler(t_max=t_max).fit(zv, yv)
+    assert not any("larger bound" in str(w.message) for w in caught)
+    assert v.fallback is None and v.diagnostic_kind == "bound"
+    temperature = np.asarray(v.temperature)
+    assert temperature[3] == pytest.approx(t_max) and np.all(temperature[:3] < 1)
+    fitted, identity = cal.nll(v.transform(zt), yt), cal.nll(zt, yt, from_logits=True)
+    assert fitted < 0.6 * identity
+    assert fitted < cal.nll(cal.TemperatureScaler().fit(zv, yv).transform(zt), yt)
+    restored = cal.VectorScaler().load_state_dict(json.loads(json.dumps(v.state_dict())))
+    assert restored.fallback is None and restored.diagnostic_kind == "bound"
+    np.testing.assert_array_equal(restored.transform(zt), v.transform(zt))
 
 
 @pytest.mark.parametrize("method", [cal.MatrixScaler, cal.DirichletCalibrator, cal.VectorScaler])

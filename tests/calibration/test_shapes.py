@@ -380,3 +380,35 @@ def test_errors_name_the_inputs_row_where_ignore_index_dropped_rows_before_it(
         keep = y != -100  # the same rows without the ignored ones: numbered from 0
         with pytest.raises(ValueError, match=message.replace("6", "3")):
             fn(x[keep], y[keep], from_logits=from_logits)
+
+
+@pytest.mark.parametrize("average", ["pooled", "macro", "none"])
+@pytest.mark.parametrize("bad", ["score NaN", "label 2"])
+def test_multilabel_errors_name_the_row_and_label_in_every_average(average: str, bad: str) -> None:
+    """A bad entry of (N, L) multi-label input is named (row, label), whichever the average:
+    one label's column alone would give its row as an entry of the flattened input."""
+    p, y = np.full((5, 3), 0.5), np.zeros((5, 3), dtype=np.int64)
+    if bad == "score NaN":
+        p[3, 2] = np.nan
+    else:
+        y[3, 2] = 2
+    with pytest.raises(ValueError, match=r"entry \(3, 2\) is"):
+        cal.multilabel_ece(p, y, average=average)  # type: ignore[arg-type]
+    y[0, :] = -1  # the first row ignored: the names stay the input's
+    with pytest.raises(ValueError, match=r"entry \(3, 2\) is"):
+        cal.multilabel_ece(p, y, average=average, ignore_index=-1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("average", ["pooled", "macro", "none"])
+def test_multilabel_input_without_labels_is_empty_not_ignored(average: str) -> None:
+    with pytest.raises(ValueError, match="is empty: it needs at least one sample") as err:
+        cal.multilabel_ece(np.zeros((5, 0)), np.zeros((5, 0), dtype=np.int64), average=average)  # type: ignore[arg-type]
+    assert "ignore_index" not in str(err.value)
+
+
+def test_one_hot_labels_of_a_softmax_warn_as_a_calibration_warning() -> None:
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(50, 4))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    with pytest.warns(cal.CalibrationWarning, match="one-hot rows"):
+        cal.ece(p, np.eye(4, dtype=np.int64)[rng.integers(0, 4, 50)])

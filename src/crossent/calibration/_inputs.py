@@ -218,6 +218,14 @@ def _first(mask: torch.Tensor) -> int:
     return int(torch.nonzero(mask)[0, 0])
 
 
+def entry_name(i: int, rows: np.ndarray | None, shape: Sequence[int]) -> str:
+    """Entry ``i`` of flattened binary or multi-label scores of ``shape`` (after
+    ``ignore_index``: see :func:`position`) as the user indexes them: ``7`` of (N,) scores,
+    ``(3, 2)`` (row, label) of (N, L) ones."""
+    pos = position(i, rows)
+    return f"({pos // shape[1]}, {pos % shape[1]})" if len(shape) == 2 and shape[1] > 1 else str(pos)
+
+
 def position(i: int, rows: np.ndarray | None) -> int:
     """The input's number of row (or entry) ``i`` of what is left after ``ignore_index``
     dropped some (``rows``, from :func:`select`; None where nothing was dropped): errors name
@@ -364,7 +372,10 @@ def binary_nll_terms(scores: torch.Tensor, y: np.ndarray, *, from_logits: bool) 
 
 
 # ----------------------------------------------------------------------------- input shapes
-def _binary_labels(arr: np.ndarray, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+def _binary_labels(
+    arr: np.ndarray, name: str, rows: np.ndarray | None = None, shape: Sequence[int] = ()
+) -> np.ndarray:
+    """0/1 labels as int64; an error names the entry (:func:`entry_name`, for scores of ``shape``)."""
     if arr.dtype.kind == "b":
         return arr.astype(np.int64)
     if arr.dtype.kind not in "iuf":
@@ -373,7 +384,8 @@ def _binary_labels(arr: np.ndarray, name: str, rows: np.ndarray | None = None) -
     if bad.any():
         i = int(np.flatnonzero(bad.reshape(-1))[0])
         raise ValueError(
-            f"{name} of a binary or multi-label problem must be 0 or 1; entry {position(i, rows)} is"
+            f"{name} of a binary or multi-label problem must be 0 or 1;"
+            f" entry {entry_name(i, rows, shape)} is"
             f" {arr.reshape(-1)[i].item()!r}"
         )
     return arr.astype(np.int64)
@@ -396,11 +408,13 @@ def _warn_if_one_hot_of_a_softmax(t: torch.Tensor, y: np.ndarray, name: str) -> 
     problems, which is not the multiclass (top-label) ECE."""
     if not bool((y.sum(axis=1) == 1).all()) or not looks_like_probs(t, name):
         return
+    from crossent.calibration._base import CalibrationWarning
+
     warnings.warn(
         f"the labels are one-hot rows and the {name} rows sum to 1 (a softmax): this is measured"
         " as multi-label input, every entry a binary problem; for the multiclass metrics pass"
         " the class indices, labels.argmax(1)",
-        UserWarning,
+        CalibrationWarning,
         stacklevel=_caller_level(),
     )
 
@@ -462,13 +476,13 @@ def select(
                 if arr.size == 0
                 else f"{name} is empty after dropping the labels equal to ignore_index={ignore_index}"
             )
-        y = _binary_labels(y, "labels", rows)
+        y = _binary_labels(y, "labels", rows, tuple(t.shape))
         if t.ndim == 2 and t.shape[1] > 1 and not from_logits and y.size == t.numel():
             _warn_if_one_hot_of_a_softmax(t, y.reshape(t.shape), name)
         p = p.to(torch.float64)
         if not bool(torch.isfinite(p).all()):
-            i = position(int(torch.nonzero(~torch.isfinite(p))[0, 0]), rows)
-            raise ValueError(f"{name}: entry {i} is NaN or infinite")
+            i = int(torch.nonzero(~torch.isfinite(p))[0, 0])
+            raise ValueError(f"{name}: entry {entry_name(i, rows, tuple(t.shape))} is NaN or infinite")
         if from_logits:
             p = torch.sigmoid(p)
         elif float(p.min()) < -RANGE_ATOL or float(p.max()) > 1 + RANGE_ATOL:

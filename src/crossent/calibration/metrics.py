@@ -5,11 +5,21 @@ dtype, on any device -- and integer ``labels`` of shape (N,). Rows of ``probs`` 
 [0, 1] and sum to one (within 1e-3; 1e-2 for half precision); pass ``from_logits=True`` to
 give logits instead, which are turned into probabilities with a stable softmax. Probabilities
 are used as given (never renormalised). Ties in the arg-max go to the lowest class index.
+Labels equal to ``ignore_index`` (when given) are left out, with their rows.
+
+They also take binary input, ``probs`` (N,) or (N, 1) of the positive class with 0/1
+``labels`` of that shape, and multi-label input, ``probs`` (N, L) with 0/1 ``labels`` (N, L),
+pooled into N L binary problems (:func:`multilabel_ece` gives one ECE per label); with
+``from_logits=True`` these are sigmoid logits, so (N, C) softmax logits with one-hot labels
+are measured as multi-label: pass ``labels.argmax(1)``.
 
 Conventions
 -----------
 *Top label.* With :math:`\hat p_i = \max_k p_{ik}` (the confidence) and
 :math:`\hat y_i = \arg\max_k p_{ik}`, the correctness is :math:`a_i = [\hat y_i = y_i]`.
+For binary and multi-label input :math:`\hat p_i = p_i`, the positive class's probability,
+and :math:`a_i = y_i` (torchmetrics' ``BinaryCalibrationError``, scikit-learn's
+``calibration_curve``); stack ``[1 - p, p]`` for the top label of a binary problem.
 
 *Width bins* (``binning="width"``, Guo et al. 2017; Mukhoti et al. 2020): bin
 :math:`m \in \{1, \dots, M\}` is :math:`B_m = \{i : \hat p_i \in ((m-1)/M,\ m/M]\}`; a
@@ -108,7 +118,9 @@ def _check_scores(from_logits: bool, ignore_index: int | None) -> tuple[bool, in
 
 @dataclass(frozen=True)
 class ReliabilityTable:
-    """Per-bin statistics of top-label confidence against accuracy.
+    """Per-bin statistics of top-label confidence against accuracy (for binary and multi-label
+    input, of the positive class's probability against the fraction of positives: see the
+    module docstring).
 
     Arrays have one entry per bin (``n_bins`` of them, empty bins included, in increasing
     confidence). For width bins ``lower``/``upper`` are the bin edges; for mass bins they are
@@ -262,7 +274,9 @@ def reliability_table(
     from_logits: bool = False,
     ignore_index: int | None = None,
 ) -> ReliabilityTable:
-    """Per-bin range, count, mean confidence, accuracy and gap of the top-label prediction.
+    """Per-bin range, count, mean confidence, accuracy and gap of the top-label prediction
+    (binary and multi-label input: of the positive class's probability, accuracy being the
+    fraction of positives).
 
     See the module docstring for the bin conventions. :func:`ece` and the reliability
     diagrams are computed from this table. Multiclass width bins are summed in the pass over
@@ -626,12 +640,14 @@ def multilabel_ece(
     if lab.shape != tuple(t.shape):
         raise ValueError(f"labels must have the shape of probs {tuple(t.shape)}, got {lab.shape}")
     kw = {"n_bins": n_bins, "binning": binning, "from_logits": from_logits, "ignore_index": ignore_index}
-    if average == "pooled":
+    if average == "pooled" or t.numel() == 0:  # empty: ece's error
         return ece(t, lab, **kw)  # type: ignore[arg-type]
     measured = (np.ones(t.shape[1], dtype=bool) if ignore_index is None
                 else (lab != ignore_index).any(axis=0))
     if not measured.any():
         raise ValueError(f"every entry of labels equals ignore_index={ignore_index}: no label to measure")
+    # every entry checked once, as the pooled call checks them: an error names its (row, label)
+    select(t, lab, from_logits=from_logits, ignore_index=ignore_index)
     per = np.full(t.shape[1], np.nan)
     for j in np.flatnonzero(measured):
         per[j] = ece(t[:, j], lab[:, j], **kw)  # type: ignore[arg-type]

@@ -42,7 +42,10 @@ correct: the NLL then falls all the way to :math:`T \to 0`, and the sharpened pr
 catastrophically over-confident on new data), or a validation NLL worse than at :math:`T = 1`
 warns with :class:`~crossent.calibration.CalibrationWarning` and falls back to :math:`T = 1`;
 ``fallback`` names the reason (``None`` when the fit is used). ``fallback_to_identity=False``
-keeps the fit (and still warns).
+keeps the fit (and still warns). At ``t_max`` the warning says whether a larger bound can
+help (the NLL's slope in :math:`1/T` at uniform predictions tells). Vector scaling keeps a
+class temperature at ``t_max``, with a warning: that class's logit is all but ignored, which is
+no divergence (see :class:`VectorScaler`).
 
 Validation labels that are all one class count as separable for both methods (a map that
 gives that class probability 1 fits them, and the other classes get probability 0). Classes
@@ -327,19 +330,45 @@ class TemperatureScaler(Recalibrator):
         separable, how, consequence = label_separation(
             separable, y, z.shape[1], absent_consequence=consequence
         )
+        at_bound, kept, advice = self._bound_reached(), None, None
+        t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
+        upper = np.flatnonzero(t >= self.t_max * (1 - 1e-9))
+        if self.bias is not None and upper.size and not np.any(t <= self.t_min * (1 + 1e-9)):
+            # a class's T_k at t_max is not a divergence (T -> 0 is): its logit's weight is
+            # 1/T_k ~ 0, and the fit is the best with the weights the bounds allow
+            at_bound, kept = None, _ignored_logits(upper, self.t_max)
+        elif self.bias is None and upper.size:
+            advice = self._upper_bound_advice(z, y)
         self._guard(
             nll_id / n,
             nll_fit / n,
             n,
-            at_bound=self._bound_reached(),
+            at_bound=at_bound,
             separable=separable,
             n_classes=z.shape[1],
             separable_how=how,
             separable_consequence=consequence,
-            # at t_max the NLL may still fall beyond it (convex in 1/T): say how to fit on
-            advice=(f"the optimum may lie beyond t_max: {type(self).__name__}(t_max={10 * self.t_max:g})"
-                    " fits it" if self._at_upper_bound() else None),
+            advice=advice,
+            kept=kept,
+            kept_kind="bound",
         )
+
+    def _upper_bound_advice(self, z: torch.Tensor, y: np.ndarray) -> str:
+        r"""Whether a larger ``t_max`` can help a fit that stopped at it. The NLL is convex in
+        :math:`w = 1/T`, with slope :math:`\frac1N \sum_i (\bar z_i - z_{iy_i})` at :math:`w = 0`
+        (uniform predictions; :math:`\bar z_i` the row's mean): where that is :math:`\ge 0` its
+        optimum has :math:`w \le 0`, which no temperature gives; otherwise it lies beyond
+        ``t_max``."""
+        yt = torch.from_numpy(y)
+        slope = 0.0
+        for start, stop in iter_chunks(z):
+            b64 = z[start:stop].to(torch.float64)
+            slope += float((b64.mean(1) - b64.gather(1, yt[start:stop, None])[:, 0]).sum())
+        if slope >= 0:
+            return ("no temperature fits these logits: their NLL falls all the way to uniform predictions"
+                    " (T -> inf), as the labels' logits lie below their rows' means on average")
+        return (f"the NLL's optimum lies beyond t_max: a larger bound fits it"
+                f" ({type(self).__name__}(t_max={10 * self.t_max:g}), or more)")
 
     # ------------------------------------------------------------------ state
     name = "temperature"
@@ -592,6 +621,17 @@ class TemperatureScaler(Recalibrator):
             raise class_count_error(c, self.bias.shape[0])
 
 
+def _ignored_logits(classes: np.ndarray, t_max: float) -> str:
+    """The warning of a vector scaling fit whose ``classes`` have temperatures at ``t_max``."""
+    many = classes.size > 1
+    shown = ", ".join(str(int(k)) for k in classes[:5])
+    shown += f" and {classes.size - 5} more" if classes.size > 5 else ""
+    return (f"the temperature of class{'es' if many else ''} {shown} stopped at the upper bound"
+            f" t_max={t_max:g}, so the map all but ignores {'those logits' if many else 'that logit'}"
+            f" (weight 1/T = {1 / t_max:g}): the NLL's optimum gives a smaller weight, often below 0, which"
+            " no temperature reaches; unlike T -> 0 this is no divergence")
+
+
 class VectorScaler(TemperatureScaler):
     r"""Vector scaling (Guo et al. 2017): :math:`z'_{ik} = z_{ik} / T_k + b_k`, per-class
     temperatures and biases fitted by L-BFGS on the validation NLL.
@@ -604,6 +644,14 @@ class VectorScaler(TemperatureScaler):
     -\infty`: the fit has no finite optimum, so the guard counts the validation set as
     separable, warns and falls back to the identity (``fallback_to_identity=False`` keeps the
     fit and warns), as it does for labels that are all one class.
+
+    A class temperature at ``t_max`` is kept, with a warning (``diagnostic``, kind
+    ``"bound"``; ``fallback`` stays ``None``): its logit then weighs :math:`1/T_k \approx 0`,
+    because that logit carries nothing the NLL can use (netcal's unbounded fit gives it a
+    weight near or below 0), and the rest of the map is still the best the bounds allow;
+    falling back would throw it away (a validation NLL of 0.67 against the identity's 1.33
+    where one class's logit was noise). A class temperature at ``t_min`` (:math:`T_k \to 0`,
+    a diverging sharpening) falls back, as for :class:`TemperatureScaler`.
     """
 
     name = "vector"
