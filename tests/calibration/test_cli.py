@@ -280,7 +280,18 @@ def test_key_picks_an_array_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert len(err) < short and "--key" in err and "(47 more)" in err
     rc, _, err = run([str(tmp_path / "predictions.npz"), "--key", "nope"], capsys)
     one_line_error(rc, err, "--key 'nope' is not in PREDICTIONS")
-    assert len(err) < short
+    assert len(err) < short and "did you mean" not in err
+    # a key mistyped in case or by a letter is named; one naming the labels points at the predictions
+    for typed, meant in (("MNIST1D/ce/seed0/logits", "mnist1d/ce/seed0/logits"),
+                         ("mnist1d/ce/seed0/logit", "mnist1d/ce/seed0/logits")):
+        rc, _, err = run([str(tmp_path / "predictions.npz"), "--key", typed], capsys)
+        one_line_error(rc, err, f"--key {typed!r} is not in PREDICTIONS",
+                       f"(did you mean {meant!r}?); it holds")
+    rc, _, err = run([str(tmp_path / "predictions.npz"), "--key", "mnist1d/labels"], capsys)
+    one_line_error(rc, err, "--key 'mnist1d/labels' names labels: --key picks the predictions")
+    rc, _, err = run([str(tmp_path / "predictions.npz"), "--labels-key", "mnist1d/Labels", "--key",
+                      "mnist1d/ce/seed0/logits"], capsys)
+    one_line_error(rc, err, "did you mean 'mnist1d/labels'?")
     rc, _, err = run(
         [str(tmp_path / "predictions.npz"), "--key", "mnist1d/ce/seed1/logits", "--out", str(tmp_path / "o")],
         capsys,
@@ -937,7 +948,7 @@ def test_csv_trailing_commas_format_hints_and_empty_npz(
     one_line_error(rc, err, "it is not UTF-8 text (byte 0 is b'\\xff'): save it as CSV UTF-8, uncompressed")
     write_csv(tmp_path / "one.csv", z[:, 0])
     rc, _, err = run([str(tmp_path / "one.csv"), "--labels", str(tmp_path / "y.npy")], capsys)
-    one_line_error(rc, err, "got shape (200,) (a .csv file of one column)")
+    one_line_error(rc, err, "PREDICTIONS of shape (200,) (a .csv file of one column) are binary scores")
 
 
 class _NoFigure:
@@ -1084,8 +1095,9 @@ def test_binary_scores_need_0_1_labels(tmp_path: Path, capsys: pytest.CaptureFix
     np.save(tmp_path / "s.npy", z[:, 0])
     np.save(tmp_path / "y.npy", y)
     rc, _, err = run([str(tmp_path / "s.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
-    one_line_error(rc, err, "PREDICTIONS must be a 2-D array (samples x classes), got shape (100,)")
-    assert "binary scores" in err and "labels 0/1" in err
+    one_line_error(rc, err, "PREDICTIONS of shape (100,) are binary scores of class 1, which need labels 0/1",
+                   "holds 2 at entry 0: for C classes pass (N, C) PREDICTIONS, a 2-D array")
+    assert "must be a 2-D array" not in err  # (N,) scores are accepted, as binary ones
 
 
 @pytest.mark.usefixtures("no_figures")
@@ -1397,3 +1409,61 @@ def test_platt_on_logits_whose_gap_lies_in_0_1_gives_no_probability_warning(
                          capsys)
         assert rc == 0, err
         assert "lies in [0, 1]" not in err, err
+
+
+@pytest.mark.parametrize("bad", ["NaN row", "label out of range", "binary label not 0/1"])
+def test_ignore_index_errors_name_the_files_own_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    """With --ignore-index, a bad row or label is named by its place in the files, not among
+    the samples left after the ignored ones (the first 50 here) were dropped."""
+    z, y = make(n=400, c=2 if bad.startswith("binary") else 4, seed=9)
+    preds = z[:, 1] - z[:, 0] if bad.startswith("binary") else z
+    y[:50] = -100
+    if bad == "NaN row":
+        preds[120, 1] = np.nan
+        want = "(first: row 120)"
+    else:
+        y[130] = 7
+        want = "holds 7 at entry 130"
+    np.save(tmp_path / "z.npy", preds)
+    np.save(tmp_path / "y.npy", y)
+    rc, _, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--ignore-index", "-100"],
+                     capsys)
+    one_line_error(rc, err, want)
+    if bad.startswith("binary"):  # the (N,) scores are accepted: the message does not say otherwise
+        assert "must be a 2-D array" not in err and "binary scores of class 1, which need labels 0/1" in err
+
+
+def test_a_file_that_is_not_npy_is_named_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bytes that are no .npy file, named .npy: the error says so, not NumPy's advice to load a
+    pickle unsafely (there is no such option here); an array of Python objects says what it is."""
+    (tmp_path / "junk.npy").write_bytes(b"hello world\0\1")
+    np.save(tmp_path / "y.npy", np.arange(10) % 2)
+    rc, _, err = run([str(tmp_path / "junk.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
+    one_line_error(rc, err, "junk.npy as npy: it is not an .npy file (it does not start with \\x93NUMPY)")
+    assert "pickle" not in err
+    np.save(tmp_path / "obj.npy", np.array(["a", 1], dtype=object), allow_pickle=True)
+    rc, _, err = run([str(tmp_path / "obj.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
+    one_line_error(rc, err, "it holds Python objects")
+
+
+def test_huge_nlls_are_printed_in_scientific_notation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Logits of order 1e30 give NLLs of order 1e29: a table cell and report.md show them as
+    6.632e+29, not as thirty digits cut off by the column."""
+    z, y = make(n=600, c=4, seed=10)
+    np.save(tmp_path / "z.npy", z * 1e30)
+    np.save(tmp_path / "y.npy", y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--out",
+                            str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    nll_row = next(line for line in out.splitlines() if line.lstrip("│ ").startswith("NLL"))
+    assert "e+29" in nll_row or "e+30" in nll_row, nll_row
+    assert "…" not in nll_row
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert not any(len(cell.strip()) > 20 for line in report.splitlines() if line.startswith("| NLL")
+                   for cell in line.split("|")), report

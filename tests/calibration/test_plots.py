@@ -103,6 +103,19 @@ def test_legend_counts_low_count_bins_and_aggregate() -> None:
     assert faint, "the low-count bin is not drawn faint"
 
 
+@pytest.mark.parametrize("n_bins", [10, 15])
+def test_counts_of_one_digit_stay_level(n_bins: int) -> None:
+    """With more than 12 bins the counts are turned upright to fit, but a count of one digit
+    stays level: an 8 on its side reads as an infinity sign."""
+    rng = np.random.default_rng(4)
+    conf = np.concatenate([rng.uniform(0.21, 0.25, 8), rng.uniform(0.61, 0.65, 300)])
+    y = np.where(rng.random(conf.size) < conf, 0, 1)
+    fig = reliability_diagram(np.stack([conf, 1 - conf], 1), y, n_bins=n_bins)
+    rotation = {t.get_text(): t.get_rotation() for t in fig.axes[0].texts}
+    assert rotation["8"] == 0
+    assert rotation["300"] == (90 if n_bins > 12 else 0)
+
+
 def test_compare_aggregate_in_every_panel() -> None:
     p, y = data(seed=4)
     fig = compare_reliability_diagrams({"a": p, "b": p}, y, aggregate="mean over seeds")

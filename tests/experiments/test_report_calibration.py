@@ -134,6 +134,25 @@ def test_ece_bars_are_cut_at_zero() -> None:
     assert "cut at 0" in ax.get_title()
 
 
+def test_theory_intervals_are_cut_at_zero() -> None:
+    """ECE, T and the entropy are never negative: the theory figure's intervals stop at 0 (a
+    helper saw T = 0.92 +- 1.20 drawn down to -0.28), the upper ends stay mean + h."""
+    from crossent.experiments.report import plot_theory
+
+    def row(loss: str, t: tuple[float, float, float]) -> dict[str, object]:
+        return {"task": "t", "loss": loss, "loss_label": loss, "ece": (0.02, 0.0, 0.05),
+                "temperature": t, "entropy": (0.3, 0.0, 0.1)}
+
+    rows = [row("ce", (0.92, 0.0, 1.20)), row("focal-2", (0.63, 0.0, 0.99)), row("cp-2", (1.1, 0.0, 0.2))]
+    fig = plot_theory(rows, "t")
+    for ax in fig.axes:
+        ends = [float(y) for line in ax.lines for y in np.atleast_1d(line.get_ydata())]
+        assert min(ends) >= 0.0, ax.get_title()
+    t_ends = {round(float(y), 9) for line in fig.axes[1].lines for y in np.atleast_1d(line.get_ydata())}
+    assert {0.0, 2.12, 1.62, 0.9, 1.3} <= t_ends  # 0.92 + 1.20, 0.63 + 0.99, 1.1 -+ 0.2
+    assert "cut at 0" in fig.get_suptitle()
+
+
 @pytest.mark.parametrize(("t", "want"), [
     ((0.92, 0.13, 1.20), "not clearly over- or underconfident (the interval of T includes 1)"),
     ((0.80, 0.01, 0.05), "underconfident"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import difflib
 import json
 import math
 import pickle
@@ -31,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from crossent._extras import require
-from crossent.calibration._inputs import first_non_integer, shown_label
+from crossent.calibration._inputs import first_non_integer, position, shown_label
 
 __all__ = ["add_arguments", "main"]
 
@@ -413,6 +414,10 @@ def _load(
         if seen is not None and seen[0] != fmt:
             raise _error(_format_mismatch(what, path, fmt, file_format, seen))
         if fmt == "npy":
+            with path.open("rb") as f:
+                magic = f.read(len(NPY_MAGIC))
+            if not magic.startswith((NPY_MAGIC, *ZIP_MAGICS)):  # a zip: np.load tells it below
+                raise ValueError(r"it is not an .npy file (it does not start with \x93NUMPY)")
             arr = np.load(path, allow_pickle=False)
             if not isinstance(arr, np.ndarray):  # np.load opens any zip as an NpzFile
                 arr.close()
@@ -457,7 +462,7 @@ def _load(
         if type(exc).__name__ == "CLIError":
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "allow_pickle=False" in msg:  # NumPy's words for an array of Python objects
+        if "allow_pickle" in msg or "pickled" in msg:  # NumPy's words for an array of Python objects
             msg = ("it holds Python objects (strings or mixed types?), which are not read without"
                    " unpickling: save numbers, e.g. class indices 0..C-1 as integers")
         raise _error(f"cannot read {what} file {path} as {fmt}: {msg}") from None
@@ -495,6 +500,14 @@ def _listing(arrays: dict[str, np.ndarray], limit: int = 3) -> str:
     return f"{len(names)} arrays, {two_d} of them 2-D: {shown}{more}"
 
 
+def _did_you_mean(key: str, arrays: dict[str, np.ndarray]) -> str:
+    """`` (did you mean 'x'?)`` for a mistyped array name: one that differs only in case, else
+    the closest name (difflib), else nothing."""
+    close = [k for k in arrays if k.lower() == key.lower()] or difflib.get_close_matches(
+        key, list(arrays), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _labels_next_to(arrays: dict[str, np.ndarray], key: str) -> tuple[str, np.ndarray] | None:
     """The labels array beside ``key``: ``a/b/labels`` for ``a/b/logits``, else ``a/labels``."""
     parts = key.split("/")[:-1]
@@ -523,8 +536,16 @@ def _predictions_and_labels(
             )
         if args.key not in arrays:
             raise _error(
-                f"--key {args.key!r} is not in PREDICTIONS {args.predictions}; it holds"
-                f" {_listing(arrays)}"
+                f"--key {args.key!r} is not in PREDICTIONS {args.predictions}"
+                f"{_did_you_mean(args.key, arrays)}; it holds {_listing(arrays)}"
+            )
+        if args.key.split("/")[-1].lower() in LABEL_KEYS:
+            siblings = [k for k in arrays if k.rsplit("/", 1)[0] == args.key.rsplit("/", 1)[0]
+                        and k.split("/")[-1].lower() in PRED_KEYS]
+            instead = f" (here {siblings[0]!r})" if siblings else ""
+            raise _error(
+                f"--key {args.key!r} names labels: --key picks the predictions{instead}, and the labels"
+                " beside them are found (or named by --labels-key)"
             )
         key, preds = args.key, arrays[args.key]
     elif "" in arrays:
@@ -557,8 +578,8 @@ def _predictions_and_labels(
                     " holds a single unnamed array: drop --labels-key"
                 )
             if args.labels_key not in larrays:
-                raise _error(f"--labels-key {args.labels_key!r} is not in LABELS {args.labels};"
-                             f" it holds {_listing(larrays)}")
+                raise _error(f"--labels-key {args.labels_key!r} is not in LABELS {args.labels}"
+                             f"{_did_you_mean(args.labels_key, larrays)}; it holds {_listing(larrays)}")
             return preds, larrays[args.labels_key], hint
         if "" in larrays:
             labels = larrays[""]
@@ -581,7 +602,8 @@ def _predictions_and_labels(
                 )
             if args.labels_key not in arrays:
                 raise _error(f"--labels-key {args.labels_key!r} is not in PREDICTIONS"
-                             f" {args.predictions}; it holds {_listing(arrays)}")
+                             f" {args.predictions}{_did_you_mean(args.labels_key, arrays)};"
+                             f" it holds {_listing(arrays)}")
             return preds, arrays[args.labels_key], hint
         found = None if "" in arrays else (
             _labels_next_to(arrays, key) if key is not None else None
@@ -629,6 +651,7 @@ def _check(
     whose label is ``ignore_index`` are left out first."""
     if preds.dtype.kind not in "fiu":
         raise _error(f"PREDICTIONS must be numeric, got dtype {preds.dtype}")
+    given = preds.shape
     if preds.ndim == 2 and preds.shape[1] == 1:  # a column of binary scores
         shape_error = f"PREDICTIONS needs at least 2 columns (classes), got shape {preds.shape}"
         preds = preds[:, 0]
@@ -642,20 +665,22 @@ def _check(
     n, c = preds.shape[0], (2 if preds.ndim == 1 else preds.shape[1])
     if c < 2:
         raise _error(f"PREDICTIONS needs at least 2 columns (classes), got shape {preds.shape}")
+    rows = None  # the files' row of each one kept, where --ignore-index dropped some: the errors name it
     if ignore_index is not None:
         labels = _label_indices(np.asarray(labels), n, c, labels_file)
         if labels.shape[0] == n:
             keep = labels != ignore_index
             if not keep.any():
                 raise _error(f"every label equals --ignore-index {ignore_index}: nothing to calibrate")
-            preds, labels, n = preds[keep], labels[keep], int(keep.sum())
+            if not keep.all():
+                preds, labels, n, rows = preds[keep], labels[keep], int(keep.sum()), np.flatnonzero(keep)
     if n < 2:
         raise _error(f"PREDICTIONS needs at least 2 rows (samples), got {n}")
     if preds.dtype not in (np.float32, np.float64):
         preds = preds.astype(np.float64)
     bad = ~np.isfinite(preds.reshape(n, -1)).all(axis=1)
     if bad.any():
-        first = int(np.flatnonzero(bad)[0])
+        first = position(int(np.flatnonzero(bad)[0]), rows)
         raise _error(
             f"PREDICTIONS has {int(bad.sum())} row(s) with NaN or infinite values"
             f" (first: row {first}); drop or fix them"
@@ -671,9 +696,11 @@ def _check(
         if not01.any():
             i = int(np.flatnonzero(not01)[0])
             raise _error(
-                f"{shape_error}; (N,) binary scores of class 1 need labels 0/1, and {labels_file}"
-                f" holds {shown_label(labels[i].item())!r} at entry {i}: for C classes pass (N, C)"
-                " PREDICTIONS" + _ignore_hint(labels[not01], ignore_index)
+                f"PREDICTIONS of shape {given}{' (a .csv file of one column)' if csv_input else ''} are"
+                " binary scores of class 1, which need labels 0/1,"
+                f" and {labels_file} holds {shown_label(labels[i].item())!r} at entry {position(i, rows)}:"
+                " for C classes pass (N, C) PREDICTIONS, a 2-D array with a column per class"
+                + _ignore_hint(labels[not01], ignore_index)
             )
     # compare before any cast: 1e30 or a uint64 beyond int64 must not wrap around
     out_of_range = (labels < 0) | (labels >= c)
@@ -684,7 +711,8 @@ def _check(
         one_based = one_based or _ignore_hint(labels[out_of_range], ignore_index)
         raise _error(
             f"LABELS must lie in 0..{c - 1} for {c} classes; {labels_file} holds"
-            f" {shown_label(labels[i].item())!r} at entry {i} ({int(out_of_range.sum())} value(s) out of"
+            f" {shown_label(labels[i].item())!r} at entry {position(i, rows)} ({int(out_of_range.sum())}"
+            " value(s) out of"
             f" range){one_based}"
         )
     return preds, labels.astype(np.int64)
@@ -883,7 +911,10 @@ def compute_metrics(
 
 
 def _fmt(value: float, percent: bool) -> str:
-    return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
+    if percent:
+        return f"{100 * value:.2f}%"
+    # an NLL of logits near 1e30 has 30 digits before the point: as 6.632e+29 it fits a cell
+    return f"{value:.4g}" if math.isfinite(value) and abs(value) >= 1e6 else f"{value:.4f}"
 
 
 def describe(cal: Any) -> str:
@@ -1028,7 +1059,7 @@ def _print_table(result: dict[str, Any]) -> None:
         b, a = result["before"][key], result["after"][key]
         delta = a - b
         sign = "+" if delta >= 0 else "-"
-        change = f"{sign}{100 * abs(delta):.2f} pt" if percent else f"{sign}{abs(delta):.4f}"
+        change = f"{sign}{100 * abs(delta):.2f} pt" if percent else f"{sign}{_fmt(abs(delta), False)}"
         table.add_row(label, _fmt(b, percent), _fmt(a, percent), change)
     Console(file=sys.stdout).print(table)
 

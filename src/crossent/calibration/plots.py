@@ -184,8 +184,11 @@ def _draw(
                width=width[under], align="edge", color=under_color, alpha=alpha,
                edgecolor="C2", hatch="\\\\", linestyle=style, linewidth=0.6)
     for x, w, n in zip(lower, width, count, strict=True):  # the count strip along the bottom
-        ax.text(x + w / 2, 0.01, str(int(n)), ha="center", va="bottom", fontsize=6,
-                rotation=90 if n_bins > 12 else 0, color="black" if n >= low_count else "C3")
+        # many bins: counts turned upright to fit, but one digit stays level (a turned 8 is an infinity sign)
+        label = str(int(n))
+        ax.text(x + w / 2, 0.01, label, ha="center", va="bottom", fontsize=6,
+                rotation=90 if n_bins > 12 and len(label) > 1 else 0,
+                color="black" if n >= low_count else "C3")
     ax.lines[0].set_label("perfect calibration")
     handles = [
         ax.lines[0],

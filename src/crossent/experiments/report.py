@@ -738,7 +738,9 @@ def plot_theory(rows: list[dict[str, Any]], task: str) -> Any:
                                   strict=True):
             ys = [scale * r[key][0] for _, r in pts]
             es = [scale * r[key][2] for _, r in pts]
-            ax.errorbar(xs, ys, yerr=es, marker=marker, color=color, label=label, capsize=3)
+            # ECE, T and H are >= 0: as in plot_ece_bars, an interval's lower end stops at 0
+            below = [min(e, y) if math.isfinite(y) else e for e, y in zip(es, ys, strict=True)]
+            ax.errorbar(xs, ys, yerr=[below, es], marker=marker, color=color, label=label, capsize=3)
     for ax, title in zip(axes, ("ECE-15 before scaling (%)", "fitted temperature T (NLL)",
                                 "mean predictive entropy H (nats)"), strict=True):
         ax.set_xlabel("strength γ = β")
@@ -746,8 +748,8 @@ def plot_theory(rows: list[dict[str, Any]], task: str) -> Any:
         ax.grid(alpha=0.3)
     axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: does focal loss γ behave like CE − γH? (test set, mean ± 95% interval)",
-                 fontsize=10)
+    fig.suptitle(f"{task}: does focal loss γ behave like CE − γH? (test set, mean ± 95% interval,"
+                 " cut at 0)", fontsize=10)
     return fig
 
 
