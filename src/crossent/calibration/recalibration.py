@@ -84,6 +84,7 @@ import torch
 import torch.nn.functional as F
 
 from crossent.calibration._base import (
+    UNCONVERGED_GRAD,
     CalibrationWarning,
     Recalibrator,
     absent_classes,
@@ -168,6 +169,99 @@ def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float =
     except _Diverged:
         pass
     return opt
+
+
+#: Matrix and Dirichlet scaling take Newton steps with the exact Hessian while a Hessian costs at
+#: most this many multiply-adds (N P^2 for N samples and P = C (C + 1) parameters) and P is at
+#: most :data:`NEWTON_MAX_PARAMS`; larger problems take L-BFGS. Newton's steps do not depend on
+#: how the features are scaled or offset, where L-BFGS slows down on the Dirichlet features
+#: log p (large and negative) and on overconfident logits: on an overfit 10-class model's
+#: validation set L-BFGS stopped 0.0008-0.27 nats above the optimum of the ODIR objective after
+#: 200 steps, Newton reached it in 7-16. Dirichlet fits on one core: C = 10, N = 50,000
+#: (6e8 multiply-adds a Hessian) 0.9 s by Newton against 3.8 s by L-BFGS; C = 20, N = 20,000
+#: (3.5e9) 1.8 s against 1.0 s; C = 40, N = 5,000 (1.3e10) 5.3 s against 1.2 s.
+NEWTON_MAX_WORK = 1e10
+NEWTON_MAX_PARAMS = 2_000
+#: Newton stops once the largest entry of the objective's gradient is below this.
+NEWTON_GRAD_TOL = 1e-10
+
+
+def _newton_affine(
+    x: torch.Tensor, y: torch.Tensor, penalty: torch.Tensor, max_iter: int
+) -> tuple[torch.Tensor, int, float]:
+    r"""Minimise :math:`f(\Theta) = \frac1N \sum_i -\log \operatorname{softmax}(\Theta \tilde x_i)_{y_i}
+    + \frac12 \sum \pi \odot \Theta^2` over :math:`\Theta = [W \mid b]` (C, F + 1), with
+    :math:`\tilde x_i = (x_i, 1)` and the penalty weights :math:`\pi` (``penalty``, the
+    quadratic term's Hessian), from the identity map, by Newton's method with a backtracking
+    (Armijo) line search. The objective is convex; its Hessian is
+
+    .. math::
+        H_{(j,a),(l,c)} = \frac1N \sum_i p_{ij} ([j = l] - p_{il})\, \tilde x_{ia} \tilde x_{ic}
+            + \pi_{ja} [(j, a) = (l, c)],
+
+    summed over chunks of rows as the block diagonal :math:`\sum_i p_{ij} \tilde x_i \tilde x_i^T`
+    less :math:`A^T A` with :math:`A_{i,(j,a)} = p_{ij} \tilde x_{ia}`. The softmax leaves the
+    directions that add one vector to every row of :math:`\Theta` flat, and an unpenalised
+    diagonal keeps some of them flat: a tiny multiple of the identity keeps the solve defined
+    there (the gradient has no part in them). Returns :math:`\Theta`, the steps taken and the
+    largest entry of the last gradient; parameters that stop being finite end the fit (the
+    guard falls back)."""
+    n, k = x.shape
+    f64 = torch.float64
+    xt = torch.cat([x, torch.ones(n, 1, dtype=f64)], 1)
+    n_feat = k + 1
+    n_par = k * n_feat
+    theta = torch.cat([torch.eye(k, dtype=f64), torch.zeros(k, 1, dtype=f64)], 1)
+    rows = max(1, (1 << 22) // n_par)  # rows of A per chunk: 32 MiB of it at most
+
+    def value(th: torch.Tensor) -> float:
+        return float(F.cross_entropy(xt @ th.T, y) + 0.5 * (penalty * th.square()).sum())
+
+    grad_max, steps, damping = math.inf, 0, 0.0
+    f = value(theta)
+    while steps < max_iter:
+        steps += 1
+        p = torch.softmax(xt @ theta.T, 1)
+        g = (p - F.one_hot(y, k).to(f64)).T @ xt / n + penalty * theta
+        grad_max = float(g.abs().max())
+        if not math.isfinite(grad_max):  # the objective overflows (features near 1e308): no usable map
+            theta = torch.full_like(theta, math.nan)
+            break
+        if grad_max < NEWTON_GRAD_TOL:
+            break
+        h = torch.zeros(n_par, n_par, dtype=f64)
+        for start in range(0, n, rows):
+            pc, xc = p[start : start + rows], xt[start : start + rows]
+            a = (pc[:, :, None] * xc[:, None, :]).reshape(-1, n_par)
+            h -= a.T @ a
+            for j in range(k):
+                block = slice(j * n_feat, (j + 1) * n_feat)
+                h[block, block] += (xc * pc[:, j : j + 1]).T @ xc
+        h /= n
+        h += torch.diag(penalty.reshape(-1))
+        scale = max(float(h.diagonal().abs().max()), 1e-300)
+        accepted = False
+        while damping <= 1e12 * scale and not accepted:
+            # Levenberg-Marquardt: where the step is no descent or its line search fails (a
+            # Hessian of saturated softmax rows, summed in float64, can lose its positivity), a
+            # larger multiple of the identity turns the step towards the gradient's
+            eye = torch.eye(n_par, dtype=f64) * (damping + 1e-12 * scale)
+            step = torch.linalg.solve(h + eye, g.reshape(-1)).reshape(k, n_feat)
+            slope = float((g * step).sum())
+            t = 1.0
+            while slope > 0 and t >= 1e-4 and not accepted:  # Armijo: a sufficient decrease
+                trial = theta - t * step
+                f_new = value(trial)
+                accepted = f_new <= f - 1e-4 * t * slope
+                t *= 0.5
+            damping = damping / 10 if accepted else max(10 * damping, 1e-8 * scale)
+        if not accepted:
+            break  # no step lowers the objective: as low as float64 lets it go
+        decrease = f - f_new
+        theta, f = trial, f_new
+        if decrease <= 1e-15 * max(1.0, abs(f)):
+            break  # at the optimum to the float64 round-off of the objective
+    return theta, steps, grad_max
 
 
 class _MulticlassRecalibrator(Recalibrator):
@@ -321,8 +415,11 @@ class MatrixScaler(_MulticlassRecalibrator):
     Kull et al. 2019, *Beyond temperature scaling: Obtaining well-calibrated multi-class
     probabilities with Dirichlet calibration*) leaves the diagonal free, so the fit can
     still rescale every class. ``reg_off_diagonal`` is :math:`\lambda`, ``reg_bias``
-    :math:`\mu`; the paper picks both by cross-validation. Fitted by L-BFGS from
-    :math:`W = I, b = 0` (the identity), in float64.
+    :math:`\mu`; the paper picks both by cross-validation. Fitted from :math:`W = I, b = 0`
+    (the identity), in float64, by Newton's method with the exact Hessian (damped where a step
+    would not descend) up to :data:`NEWTON_MAX_PARAMS` parameters and :data:`NEWTON_MAX_WORK`
+    multiply-adds a Hessian, which reaches the optimum in about 5-40 steps however the features
+    are scaled; by L-BFGS beyond (``max_iter`` bounds the steps of either).
 
     A class :math:`k` with no validation sample only lowers the NLL as
     :math:`\hat p_{ik} \to 0`: the fit drives row :math:`k` of :math:`W f(z) + b` down,
@@ -385,30 +482,37 @@ class MatrixScaler(_MulticlassRecalibrator):
                 CalibrationWarning,
                 stacklevel=2,
             )
-        # Centred features condition the problem (log-probabilities share a large negative
-        # offset): x W^T + b = (x - mu) W^T + c with c = b + W mu; the penalty stays on b.
-        mu = x.mean(0)
-        xc = x - mu
-        w = torch.eye(k, dtype=torch.float64, requires_grad=True)
-        c = mu.clone().requires_grad_(True)
         yt = torch.from_numpy(y)
         off = 1.0 - torch.eye(k, dtype=torch.float64)
-
-        def loss() -> torch.Tensor:
-            b = c - w @ mu
-            nll = F.cross_entropy(xc @ w.T + c, yt)
-            reg = self.reg_off_diagonal * (w * off).square().sum() / (k * (k - 1))
-            return nll + reg + self.reg_bias * b.square().sum() / k
-
+        alpha, beta = self.reg_off_diagonal / (k * (k - 1)), self.reg_bias / k
+        w = torch.eye(k, dtype=torch.float64)
+        b = torch.zeros(k, dtype=torch.float64)
         if self.fallback_to_identity and self._separation(z, y)[0]:
             pass  # separable: the guard below restores the identity, so skip the optimiser
-        else:
-            opt = _lbfgs([w, c], loss, self.max_iter)
+        elif n_params <= NEWTON_MAX_PARAMS and z.shape[0] * n_params**2 <= NEWTON_MAX_WORK:
+            # the penalty's Hessian: 2 alpha on the off-diagonal weights, 2 beta on the biases
+            penalty = torch.cat([2 * alpha * off, torch.full((k, 1), 2 * beta, dtype=torch.float64)], 1)
+            theta, steps, grad = _newton_affine(x, yt, penalty, self.max_iter)
+            w, b = theta[:, :k], theta[:, k]
+            if steps >= self.max_iter and grad > UNCONVERGED_GRAD and params_finite(theta.numpy()):
+                warnings.warn(
+                    f"{type(self).__name__}: the fit stopped after max_iter={self.max_iter} Newton steps with"
+                    f" a gradient of {grad:.3g}, far from its optimum; raise max_iter", CalibrationWarning,
+                    stacklevel=2,
+                )
+        else:  # L-BFGS on (W, b) as the objective states them (centring the features slows it)
+            w.requires_grad_(True)
+            b.requires_grad_(True)
+
+            def loss() -> torch.Tensor:
+                nll = F.cross_entropy(x @ w.T + b, yt)
+                return nll + alpha * (w * off).square().sum() + beta * b.square().sum()
+
+            opt = _lbfgs([w, b], loss, self.max_iter)
             if params_finite(w.detach().numpy()):
                 warn_if_unconverged(opt, self.max_iter, type(self).__name__)
-        b = (c - w @ mu).detach()
         self.weight = w.detach().numpy().copy()
-        self.bias = b.numpy().copy()
+        self.bias = b.detach().numpy().copy()
         self._fitted = True
         self._check_fit(z, y)
         return self
