@@ -11,7 +11,9 @@ over batches and all-reduces them over ``torch.distributed`` ranks.
 Inputs: multiclass (N, C) with integer labels, binary (N,) positive-class scores (or an
 (N, 1) column of them) and multi-label (N, L) with 0/1 labels of the same shape;
 ``ignore_index`` drops labels. One-hot labels beside softmax rows are multi-label input by that
-rule; a warning says so and names ``labels.argmax(1)``, the multiclass form.
+rule; a warning says so and names ``labels.argmax(1)``, the multiclass form. Beside logits
+(``from_logits=True``: sigmoid logits there) nothing tells one-vs-rest sigmoids from a softmax,
+so no warning comes: pass the class indices for a softmax model.
 
 Post-hoc recalibration, one interface (``fit``, ``transform`` to probabilities,
 ``transform_logits``, ``state_dict``; :func:`save`/:func:`load` as JSON):
