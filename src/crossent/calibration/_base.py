@@ -462,7 +462,6 @@ class Recalibrator:
         advice: str | None = None,
         kept: str | None = None,
         kept_advice: str | None = None,
-        kept_kind: Literal["separable", "bound"] = "separable",
     ) -> None:
         """Check the fit against the identity on the validation data (their mean NLLs
         ``nll_id`` and ``nll_fit`` over ``n_samples``); warn, and fall back unless told not to.
@@ -474,9 +473,8 @@ class Recalibrator:
         bound) ends the warning, not ``fallback``: a library call's fix, which the commands'
         reports do not offer. ``kept`` is a degenerate fit that is kept whatever
         ``fallback_to_identity`` says, where the identity is no safer (quasi-complete separation
-        of a binary fit; a class temperature of vector scaling at its upper bound): it warns,
-        with ``kept_advice``, and sets ``diagnostic`` (of ``kept_kind``) but not ``fallback``,
-        unless a check above finds more."""
+        of a binary fit): it warns, with ``kept_advice``, and sets ``diagnostic`` (kind
+        ``"separable"``) but not ``fallback``, unless a check above finds more."""
         problem: str | None = None
         kind: Literal["separable", "bound", "nll"] | None = None
         if separable:
@@ -501,7 +499,7 @@ class Recalibrator:
             problem = why if problem is None else f"{problem}, and {why}"
             kind = kind or "nll"  # as a rule, non-finite parameters give a NaN or infinite NLL
         if problem is None and kept is not None:
-            self.diagnostic, self.diagnostic_kind, self.fallback = kept, kept_kind, None
+            self.diagnostic, self.diagnostic_kind, self.fallback = kept, "separable", None
             tail = f"; {kept_advice}" if kept_advice else ""
             warnings.warn(f"{type(self).__name__}: {kept}; keeping the fit{tail}", CalibrationWarning,
                           stacklevel=4)

@@ -43,9 +43,8 @@ catastrophically over-confident on new data), or a validation NLL worse than at 
 warns with :class:`~crossent.calibration.CalibrationWarning` and falls back to :math:`T = 1`;
 ``fallback`` names the reason (``None`` when the fit is used). ``fallback_to_identity=False``
 keeps the fit (and still warns). At ``t_max`` the warning says whether a larger bound can
-help (the NLL's slope in :math:`1/T` at uniform predictions tells). Vector scaling keeps a
-class temperature at ``t_max``, with a warning: that class's logit is all but ignored, which is
-no divergence (see :class:`VectorScaler`).
+help (the NLL's slope in :math:`1/T` at :math:`1/T = 0` tells; class by class for vector
+scaling).
 
 Validation labels that are all one class count as separable for both methods (a map that
 gives that class probability 1 fits them, and the other classes get probability 0). Classes
@@ -330,45 +329,62 @@ class TemperatureScaler(Recalibrator):
         separable, how, consequence = label_separation(
             separable, y, z.shape[1], absent_consequence=consequence
         )
-        at_bound, kept, advice = self._bound_reached(), None, None
         t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
         upper = np.flatnonzero(t >= self.t_max * (1 - 1e-9))
-        if self.bias is not None and upper.size and not np.any(t <= self.t_min * (1 + 1e-9)):
-            # a class's T_k at t_max is not a divergence (T -> 0 is): its logit's weight is
-            # 1/T_k ~ 0, and the fit is the best with the weights the bounds allow
-            at_bound, kept = None, _ignored_logits(upper, self.t_max)
-        elif self.bias is None and upper.size:
-            advice = self._upper_bound_advice(z, y)
         self._guard(
             nll_id / n,
             nll_fit / n,
             n,
-            at_bound=at_bound,
+            at_bound=self._bound_reached(),
             separable=separable,
             n_classes=z.shape[1],
             separable_how=how,
             separable_consequence=consequence,
-            advice=advice,
-            kept=kept,
-            kept_kind="bound",
+            advice=self._upper_bound_advice(z, y, upper) if upper.size else None,
         )
 
-    def _upper_bound_advice(self, z: torch.Tensor, y: np.ndarray) -> str:
-        r"""Whether a larger ``t_max`` can help a fit that stopped at it. The NLL is convex in
-        :math:`w = 1/T`, with slope :math:`\frac1N \sum_i (\bar z_i - z_{iy_i})` at :math:`w = 0`
-        (uniform predictions; :math:`\bar z_i` the row's mean): where that is :math:`\ge 0` its
-        optimum has :math:`w \le 0`, which no temperature gives; otherwise it lies beyond
-        ``t_max``."""
+    def _upper_bound_advice(self, z: torch.Tensor, y: np.ndarray, upper: np.ndarray) -> str:
+        r"""Whether a larger ``t_max`` can help a fit whose temperatures ``upper`` (indices; the
+        one temperature: ``[0]``) stopped at it. The NLL is convex in a weight :math:`w = 1/T`,
+        so its slope at :math:`w = 0`, the other parameters as fitted, tells: where it is
+        :math:`\ge 0` the optimum has :math:`w \le 0`, which no temperature gives; otherwise
+        it lies beyond ``t_max``. With one temperature that slope is
+        :math:`\frac1N \sum_i (\bar z_i - z_{iy_i})` (uniform predictions, :math:`\bar z_i`
+        the row's mean); with per-class ones, :math:`\frac1N \sum_i (p_{ik} - [y_i = k]) z_{ik}`
+        for class :math:`k` (:math:`p` the map's with :math:`w_k = 0`)."""
         yt = torch.from_numpy(y)
-        slope = 0.0
+        slope = np.zeros(upper.size)
         for start, stop in iter_chunks(z):
             b64 = z[start:stop].to(torch.float64)
-            slope += float((b64.mean(1) - b64.gather(1, yt[start:stop, None])[:, 0]).sum())
-        if slope >= 0:
-            return ("no temperature fits these logits: their NLL falls all the way to uniform predictions"
-                    " (T -> inf), as the labels' logits lie below their rows' means on average")
-        return (f"the NLL's optimum lies beyond t_max: a larger bound fits it"
-                f" ({type(self).__name__}(t_max={10 * self.t_max:g}), or more)")
+            yb = yt[start:stop, None]
+            if self.bias is None:
+                slope[0] += float((b64.mean(1) - b64.gather(1, yb)[:, 0]).sum())
+                continue
+            inv = torch.from_numpy(1.0 / np.asarray(self.temperature, dtype=np.float64))
+            for i, k in enumerate(upper):
+                w = inv.clone()
+                w[k] = 0.0
+                p = torch.softmax(b64 * w + torch.from_numpy(self.bias), 1)
+                hit = (yb[:, 0] == int(k)).to(torch.float64)
+                slope[i] += float(((p[:, k] - hit) * b64[:, k]).sum())
+        larger = f"({type(self).__name__}(t_max={10 * self.t_max:g}), or more)"
+        if self.bias is None:
+            if slope[0] >= 0:
+                return ("no temperature fits these logits: their NLL falls all the way to uniform predictions"
+                        " (T -> inf), as the labels' logits lie below their rows' means on average")
+            return f"the NLL's optimum lies beyond t_max: a larger bound fits it {larger}"
+        beyond = [int(k) for k, s in zip(upper, slope, strict=True) if s < 0]
+        none = [int(k) for k, s in zip(upper, slope, strict=True) if s >= 0]
+        parts = []
+        if beyond:
+            parts.append(f"a larger bound fits class {_classes(beyond)} {larger}")
+        if none:
+            parts.append(
+                f"no temperature fits class {_classes(none)}: the NLL wants a weight 1/T <= 0 on"
+                f" {'those logits' if len(none) > 1 else 'that logit'} (noise to the fit, or too few"
+                " of its samples)"
+            )
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------ state
     name = "temperature"
@@ -621,15 +637,10 @@ class TemperatureScaler(Recalibrator):
             raise class_count_error(c, self.bias.shape[0])
 
 
-def _ignored_logits(classes: np.ndarray, t_max: float) -> str:
-    """The warning of a vector scaling fit whose ``classes`` have temperatures at ``t_max``."""
-    many = classes.size > 1
-    shown = ", ".join(str(int(k)) for k in classes[:5])
-    shown += f" and {classes.size - 5} more" if classes.size > 5 else ""
-    return (f"the temperature of class{'es' if many else ''} {shown} stopped at the upper bound"
-            f" t_max={t_max:g}, so the map all but ignores {'those logits' if many else 'that logit'}"
-            f" (weight 1/T = {1 / t_max:g}): the NLL's optimum gives a smaller weight, often below 0, which"
-            " no temperature reaches; unlike T -> 0 this is no divergence")
+def _classes(ks: list[int]) -> str:
+    """Class indices in words: ``3``, ``es 1, 4`` (after "class"), the first five and a count."""
+    shown = ", ".join(str(k) for k in ks[:5]) + (f" and {len(ks) - 5} more" if len(ks) > 5 else "")
+    return f"es {shown}" if len(ks) > 1 else shown
 
 
 class VectorScaler(TemperatureScaler):
@@ -645,13 +656,14 @@ class VectorScaler(TemperatureScaler):
     separable, warns and falls back to the identity (``fallback_to_identity=False`` keeps the
     fit and warns), as it does for labels that are all one class.
 
-    A class temperature at ``t_max`` is kept, with a warning (``diagnostic``, kind
-    ``"bound"``; ``fallback`` stays ``None``): its logit then weighs :math:`1/T_k \approx 0`,
-    because that logit carries nothing the NLL can use (netcal's unbounded fit gives it a
-    weight near or below 0), and the rest of the map is still the best the bounds allow;
-    falling back would throw it away (a validation NLL of 0.67 against the identity's 1.33
-    where one class's logit was noise). A class temperature at ``t_min`` (:math:`T_k \to 0`,
-    a diverging sharpening) falls back, as for :class:`TemperatureScaler`.
+    A class temperature at a bound falls back, as for :class:`TemperatureScaler`. At ``t_max``
+    the warning says, class by class, whether a larger bound can help: where the NLL wants a
+    weight :math:`1/T_k \le 0` on a class's logit (netcal's unbounded fit), no temperature
+    fits it. That happens where the logit is noise to the fit, and the map that weighs it
+    :math:`1/t_{max}` may then be good (``fallback_to_identity=False`` keeps it); it happens
+    too where a class has only a few validation samples, and then the rest of the map has
+    overfit them (a test NLL of 9.9 against the identity's 1.65, on a long-tailed validation
+    set of 100 samples), which the fallback guards against.
     """
 
     name = "vector"
