@@ -1006,6 +1006,21 @@ def test_a_fit_far_from_its_optimum_at_max_iter_warns(
         method(max_iter=20).fit(z * 1e4 / 3, y)
 
 
+@pytest.mark.parametrize("method", [cal.MatrixScaler, cal.DirichletCalibrator])
+def test_a_newton_fit_that_stalls_far_from_its_optimum_warns(method: Any) -> None:
+    """Logits of scale 1e10 saturate every softmax: matrix scaling's Newton stops well before
+    max_iter when no step lowers the objective, with a gradient in the hundreds, Dirichlet's
+    runs out of steps. Both warn, naming the cause."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2000, 5, generator=g, dtype=torch.float64) * 2
+    y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    stalled = r"stopped after max_iter=200 Newton steps .* raise max_iter"
+    if method is cal.MatrixScaler:
+        stalled = r"stopped after \d+ Newton steps \(no step lowered the objective more\) .* rescale the logits"
+    with pytest.warns(cal.CalibrationWarning, match=stalled):
+        method().fit(z * 1e10, y)
+
+
 def _odir_objective(method: Any, z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                     lam: float, mu: float) -> torch.Tensor:
     """The objective of the MatrixScaler docstring, written out here."""

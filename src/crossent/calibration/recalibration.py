@@ -188,7 +188,7 @@ NEWTON_GRAD_TOL = 1e-10
 
 def _newton_affine(
     x: torch.Tensor, y: torch.Tensor, penalty: torch.Tensor, max_iter: int
-) -> tuple[torch.Tensor, int, float]:
+) -> tuple[torch.Tensor, int, bool, float]:
     r"""Minimise :math:`f(\Theta) = \frac1N \sum_i -\log \operatorname{softmax}(\Theta \tilde x_i)_{y_i}
     + \frac12 \sum \pi \odot \Theta^2` over :math:`\Theta = [W \mid b]` (C, F + 1), with
     :math:`\tilde x_i = (x_i, 1)` and the penalty weights :math:`\pi` (``penalty``, the
@@ -203,9 +203,10 @@ def _newton_affine(
     less :math:`A^T A` with :math:`A_{i,(j,a)} = p_{ij} \tilde x_{ia}`. The softmax leaves the
     directions that add one vector to every row of :math:`\Theta` flat, and an unpenalised
     diagonal keeps some of them flat: a tiny multiple of the identity keeps the solve defined
-    there (the gradient has no part in them). Returns :math:`\Theta`, the steps taken and the
-    largest entry of the last gradient; parameters that stop being finite end the fit (the
-    guard falls back)."""
+    there (the gradient has no part in them). Returns :math:`\Theta`, the steps taken, whether
+    it converged (a gradient below :data:`NEWTON_GRAD_TOL`, or a full step that changed the
+    objective by its round-off) and the largest entry of the last gradient; parameters that
+    stop being finite end the fit (the guard falls back)."""
     n, k = x.shape
     f64 = torch.float64
     xt = torch.cat([x, torch.ones(n, 1, dtype=f64)], 1)
@@ -217,7 +218,7 @@ def _newton_affine(
     def value(th: torch.Tensor) -> float:
         return float(F.cross_entropy(xt @ th.T, y) + 0.5 * (penalty * th.square()).sum())
 
-    grad_max, steps, damping = math.inf, 0, 0.0
+    grad_max, steps, damping, converged = math.inf, 0, 0.0, False
     f = value(theta)
     while steps < max_iter:
         steps += 1
@@ -228,6 +229,7 @@ def _newton_affine(
             theta = torch.full_like(theta, math.nan)
             break
         if grad_max < NEWTON_GRAD_TOL:
+            converged = True
             break
         h = torch.zeros(n_par, n_par, dtype=f64)
         for start in range(0, n, rows):
@@ -260,8 +262,9 @@ def _newton_affine(
         decrease = f - f_new
         theta, f = trial, f_new
         if decrease <= 1e-15 * max(1.0, abs(f)):
-            break  # at the optimum to the float64 round-off of the objective
-    return theta, steps, grad_max
+            converged = True  # at the optimum to the float64 round-off of the objective
+            break
+    return theta, steps, converged, grad_max
 
 
 class _MulticlassRecalibrator(Recalibrator):
@@ -418,8 +421,12 @@ class MatrixScaler(_MulticlassRecalibrator):
     :math:`\mu`; the paper picks both by cross-validation. Fitted from :math:`W = I, b = 0`
     (the identity), in float64, by Newton's method with the exact Hessian (damped where a step
     would not descend) up to :data:`NEWTON_MAX_PARAMS` parameters and :data:`NEWTON_MAX_WORK`
-    multiply-adds a Hessian, which reaches the optimum in about 5-40 steps however the features
-    are scaled; by L-BFGS beyond (``max_iter`` bounds the steps of either).
+    multiply-adds a Hessian, which reaches the optimum in about 5-40 steps on logits of
+    ordinary scale, overconfident ones (x10, x100) included; by L-BFGS beyond (``max_iter``
+    bounds the steps of either). Logits scaled far from that (below 1e-6 or above 1e6) can stop
+    short of the optimum, with a warning where the gradient is left above 1e-2, and a fit
+    without the bias penalty (``reg_bias=0``) on logits with a large common offset takes a
+    hundred or more steps.
 
     A class :math:`k` with no validation sample only lowers the NLL as
     :math:`\hat p_{ik} \to 0`: the fit drives row :math:`k` of :math:`W f(z) + b` down,
@@ -492,13 +499,18 @@ class MatrixScaler(_MulticlassRecalibrator):
         elif n_params <= NEWTON_MAX_PARAMS and z.shape[0] * n_params**2 <= NEWTON_MAX_WORK:
             # the penalty's Hessian: 2 alpha on the off-diagonal weights, 2 beta on the biases
             penalty = torch.cat([2 * alpha * off, torch.full((k, 1), 2 * beta, dtype=torch.float64)], 1)
-            theta, steps, grad = _newton_affine(x, yt, penalty, self.max_iter)
+            theta, steps, _, grad = _newton_affine(x, yt, penalty, self.max_iter)
             w, b = theta[:, :k], theta[:, k]
-            if steps >= self.max_iter and grad > UNCONVERGED_GRAD and params_finite(theta.numpy()):
+            # a large gradient left: out of steps, or stalled (no step lowers the objective in
+            # float64, or none by more than its round-off, which a huge objective makes large)
+            if grad > UNCONVERGED_GRAD and params_finite(theta.numpy()):
+                why, fix = f"after max_iter={self.max_iter} Newton steps", "raise max_iter"
+                if steps < self.max_iter:
+                    why = f"after {steps} Newton steps (no step lowered the objective more)"
+                    fix = "rescale the logits, whose scale is extreme"
                 warnings.warn(
-                    f"{type(self).__name__}: the fit stopped after max_iter={self.max_iter} Newton steps with"
-                    f" a gradient of {grad:.3g}, far from its optimum; raise max_iter", CalibrationWarning,
-                    stacklevel=2,
+                    f"{type(self).__name__}: the fit stopped {why} with a gradient of {grad:.3g}, far from"
+                    f" its optimum; {fix}", CalibrationWarning, stacklevel=2,
                 )
         else:  # L-BFGS on (W, b) as the objective states them (centring the features slows it)
             w.requires_grad_(True)
