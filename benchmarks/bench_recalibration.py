@@ -54,7 +54,7 @@ def objective(
     value = (F.cross_entropy(x @ w.T + b, y) + fit.reg_off_diagonal * off.square().sum() / (k * (k - 1))
              + fit.reg_bias * b.square().sum() / k)
     gw, gb = torch.autograd.grad(value, [w, b])
-    return float(value), max(float(gw.abs().max()), float(gb.abs().max()))
+    return float(value.detach()), max(float(gw.abs().max()), float(gb.abs().max()))
 
 
 def main() -> None:
