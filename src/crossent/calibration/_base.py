@@ -134,6 +134,33 @@ def label_separation(
 UNCONVERGED_GRAD = 1e-2
 
 
+#: :class:`~crossent.calibration.MatrixScaler`, :class:`~crossent.calibration.DirichletCalibrator`
+#: (C (C + 1) parameters) and :class:`~crossent.calibration.VectorScaler` (2 C) warn below this
+#: many validation samples per parameter. On logits that need no recalibration (labels drawn
+#: from their softmax; C = 5 and 10, default regularisation, three draws) the test NLL of a
+#: matrix fit was 35-85 % above the identity's with 2 samples a parameter, 7-13 % with 5 and
+#: 3-5 % with 10; a vector fit on a long-tailed validation set of 100 samples (5 a parameter,
+#: C = 10) had a test NLL of 9.9 against the identity's 1.65.
+OVERFIT_SAMPLES_PER_PARAMETER = 10
+
+
+def warn_if_few_samples(owner: str, n_samples: int, n_params: int, n_classes: int, prefer: str) -> None:
+    """Warn (:class:`CalibrationWarning`, at the caller's line) when ``n_params`` parameters are
+    fitted on fewer than :data:`OVERFIT_SAMPLES_PER_PARAMETER` samples each: they can fit fewer
+    samples than parameters exactly (a validation NLL near 0, a test NLL many times the
+    identity's) and overfit a few times as many, which no check on the validation data sees."""
+    if n_samples >= OVERFIT_SAMPLES_PER_PARAMETER * n_params:
+        return
+    how = ("the map can fit them exactly and overfit" if n_samples < n_params else
+           f"fewer than {OVERFIT_SAMPLES_PER_PARAMETER} a parameter, the map can overfit them")
+    warnings.warn(
+        f"{owner}: {n_params} parameters (C = {n_classes}) fitted on {n_samples} validation samples:"
+        f" {how}; prefer {prefer}, or check the fit on held-out data (crossent calibrate does)",
+        CalibrationWarning,
+        stacklevel=_caller_level(),
+    )
+
+
 def warn_if_unconverged(opt: torch.optim.LBFGS, max_iter: int, owner: str) -> None:
     """Warn (:class:`CalibrationWarning`) when the L-BFGS ``opt`` used its ``max_iter`` steps
     (or its evaluations) and its parameters' last gradient is still above

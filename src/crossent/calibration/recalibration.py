@@ -96,6 +96,7 @@ from crossent.calibration._base import (
     state_array,
     state_error,
     state_value,
+    warn_if_few_samples,
     warn_if_probabilities,
     warn_if_unconverged,
 )
@@ -399,12 +400,6 @@ class _MulticlassRecalibrator(Recalibrator):
 # matrix and Dirichlet scaling
 
 
-#: :class:`MatrixScaler` and :class:`DirichletCalibrator` warn below this many validation samples
-#: per parameter (C (C + 1) of them). On logits that need no recalibration (labels drawn from
-#: their softmax; C = 5 and 10, default regularisation, three draws) the test NLL of the fit
-#: was 35-85 % above the identity's with 2 samples a parameter, 7-13 % with 5 and 3-5 % with 10.
-OVERFIT_SAMPLES_PER_PARAMETER = 10
-
 
 class MatrixScaler(_MulticlassRecalibrator):
     r"""Matrix scaling (Guo et al. 2017) with the ODIR regulariser of Kull et al. 2019.
@@ -476,19 +471,7 @@ class MatrixScaler(_MulticlassRecalibrator):
         x = self._features(z)
         k = z.shape[1]
         n_params = k * (k + 1)
-        if z.shape[0] < OVERFIT_SAMPLES_PER_PARAMETER * n_params:
-            # The C (C + 1) parameters can fit fewer samples exactly (a validation NLL near 0, a
-            # test NLL many times the identity's), and overfit a few times as many, which no
-            # check on the validation data sees (see OVERFIT_SAMPLES_PER_PARAMETER).
-            how = ("the map can fit them exactly and overfit" if z.shape[0] < n_params else
-                   f"fewer than {OVERFIT_SAMPLES_PER_PARAMETER} a parameter, the map can overfit them")
-            warnings.warn(
-                f"{type(self).__name__}: {n_params} parameters (C = {k}) fitted on {z.shape[0]} validation"
-                f" samples: {how}; prefer TemperatureScaler or VectorScaler, or check the fit on"
-                " held-out data (crossent calibrate does)",
-                CalibrationWarning,
-                stacklevel=2,
-            )
+        warn_if_few_samples(type(self).__name__, z.shape[0], n_params, k, "TemperatureScaler or VectorScaler")
         yt = torch.from_numpy(y)
         off = 1.0 - torch.eye(k, dtype=torch.float64)
         alpha, beta = self.reg_off_diagonal / (k * (k - 1)), self.reg_bias / k
