@@ -265,6 +265,10 @@ def _newton_affine(
         if decrease <= 1e-15 * max(1.0, abs(f)):
             converged = True  # at the optimum to the float64 round-off of the objective
             break
+    if not converged and bool(torch.isfinite(theta).all()):  # the gradient where the fit stopped
+        p = torch.softmax(xt @ theta.T, 1)
+        g = (p - F.one_hot(y, k).to(f64)).T @ xt / n + penalty * theta
+        grad_max = float(g.abs().max())
     return theta, steps, converged, grad_max
 
 
