@@ -963,6 +963,32 @@ def test_vector_scaling_at_t_max_falls_back_and_says_whether_a_larger_bound_help
 
 
 
+def test_vector_scaling_restarts_only_where_a_bound_holds_a_temperature_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """L-BFGS starts again from the bounds only where the gradient there points a temperature
+    inwards: a noise logit's T at t_max is its bounded optimum (one run), the long-tailed set's
+    T_8 is not (a restart finds T_8 = 7)."""
+    runs: list[int] = []
+
+    class Counted(torch.optim.LBFGS):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            runs.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "LBFGS", Counted)
+    zv, yv = _one_noise_logit(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        v = cal.VectorScaler(fallback_to_identity=False).fit(zv, yv)
+    assert float(np.asarray(v.temperature)[3]) == pytest.approx(100.0) and len(runs) == 1
+    runs.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        v = cal.VectorScaler().fit(*_long_tailed(100, np.random.default_rng(7)))
+    assert float(np.asarray(v.temperature)[8]) == pytest.approx(6.966, rel=1e-3) and len(runs) >= 2
+
+
 def test_vector_scaling_finds_temperatures_inside_the_bounds_and_warns_of_few_samples() -> None:
     """A long-tailed validation set of 100 samples (C = 10): the best temperatures within the
     bounds are inside them (T_8 = 7.0, as scipy's bounded fit finds; L-BFGS on a clamp of log T

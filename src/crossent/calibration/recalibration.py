@@ -437,8 +437,9 @@ class MatrixScaler(_MulticlassRecalibrator):
 
     The :math:`K(K + 1)` parameters overfit small validation sets, which no check on those
     sets sees (the validation NLL falls, the test NLL rises): the fit warns below
-    :data:`OVERFIT_SAMPLES_PER_PARAMETER` samples a parameter (1,100 for K = 10), and judging it
-    on held-out data, as ``crossent calibrate`` does, is the cure.
+    :data:`~crossent.calibration._base.OVERFIT_SAMPLES_PER_PARAMETER` samples a parameter
+    (1,100 for K = 10), and judging it on held-out data, as ``crossent calibrate`` does, is the
+    cure.
     """
 
     _absent_consequence = ("so the fit drives their probabilities towards 0, limited only by"

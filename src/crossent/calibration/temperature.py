@@ -577,12 +577,18 @@ class TemperatureScaler(Recalibrator):
         # The bounds are a clamp of log T: past one, a temperature's gradient is 0 and L-BFGS
         # cannot bring it back, though the best temperature within the bounds may lie inside
         # them (it stuck at t_max where T = 7 fitted better). Projected onto the bounds, where
-        # the clamp passes the gradient, the fit starts again, until no temperature is outside.
+        # the clamp passes the gradient, the fit starts again where that gradient points a
+        # temperature inwards (one at its bound's optimum points outwards: no restart).
         for _ in range(3):
             with torch.no_grad():
-                outside = bool(((log_t < lo) | (log_t > hi)).any())
+                at_lo, at_hi = log_t <= lo, log_t >= hi
                 log_t.clamp_(lo, hi)
-            if not outside:
+            if not bool((at_lo | at_hi).any()):
+                break
+            closure()  # the gradient at the projected point
+            grad = log_t.grad
+            assert grad is not None
+            if not bool(((at_hi & (grad > 0)) | (at_lo & (grad < 0))).any()):
                 break
             opt = lbfgs()
             opt.step(closure)
