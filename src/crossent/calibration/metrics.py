@@ -639,16 +639,20 @@ def multilabel_ece(
     lab = label_array(labels)
     if lab.shape != tuple(t.shape):
         raise ValueError(f"labels must have the shape of probs {tuple(t.shape)}, got {lab.shape}")
-    kw = {"n_bins": n_bins, "binning": binning, "from_logits": from_logits, "ignore_index": ignore_index}
     if average == "pooled" or t.numel() == 0:  # empty: ece's error
-        return ece(t, lab, **kw)  # type: ignore[arg-type]
+        return ece(t, lab, n_bins=n_bins, binning=binning, from_logits=from_logits, ignore_index=ignore_index)
     measured = (np.ones(t.shape[1], dtype=bool) if ignore_index is None
                 else (lab != ignore_index).any(axis=0))
     if not measured.any():
         raise ValueError(f"every entry of labels equals ignore_index={ignore_index}: no label to measure")
-    # every entry checked once, as the pooled call checks them: an error names its (row, label)
-    select(t, lab, from_logits=from_logits, ignore_index=ignore_index)
+    # one read and check of every entry, as the pooled call makes (an error names its (row,
+    # label)); then each label's kept entries binned as ece bins binary input
+    _, p, y, rows = select(t, lab, from_logits=from_logits, ignore_index=ignore_index)
+    label = (np.arange(p.shape[0]) if rows is None else rows) % t.shape[1]
+    conf, correct = p.numpy(), y.astype(np.float64)
     per = np.full(t.shape[1], np.nan)
     for j in np.flatnonzero(measured):
-        per[j] = ece(t[:, j], lab[:, j], **kw)  # type: ignore[arg-type]
+        at = label == j
+        table = table_from_scores(conf[at], correct[at], n_bins=n_bins, binning=binning)
+        per[j] = table.calibration_error("l1")
     return per if average == "none" else float(per[measured].mean())

@@ -178,9 +178,10 @@ def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int, tol: float =
 #: how the features are scaled or offset, where L-BFGS slows down on the Dirichlet features
 #: log p (large and negative) and on overconfident logits: on an overfit 10-class model's
 #: validation set L-BFGS stopped 0.0008-0.27 nats above the optimum of the ODIR objective after
-#: 200 steps, Newton reached it in 7-16. Dirichlet fits on one core: C = 10, N = 50,000
-#: (6e8 multiply-adds a Hessian) 0.9 s by Newton against 3.8 s by L-BFGS; C = 20, N = 20,000
-#: (3.5e9) 1.8 s against 1.0 s; C = 40, N = 5,000 (1.3e10) 5.3 s against 1.2 s.
+#: 200 steps, Newton reached it in 7-16. Dirichlet fits on one core
+#: (``benchmarks/bench_recalibration.py``, BENCHMARKS.md): C = 10, N = 50,000 (6e8 multiply-adds
+#: a Hessian) 0.6 s by Newton against 1.8 s by L-BFGS, C = 20, N = 20,000 (3.5e9) 1.3 s against
+#: 1.7 s; beyond the limit, C = 40, N = 5,000 (1.3e10) took 5.3 s against 1.2 s (a one-off run).
 NEWTON_MAX_WORK = 1e10
 NEWTON_MAX_PARAMS = 2_000
 #: Newton stops once the largest entry of the objective's gradient is below this.
@@ -189,7 +190,7 @@ NEWTON_GRAD_TOL = 1e-10
 
 def _newton_affine(
     x: torch.Tensor, y: torch.Tensor, penalty: torch.Tensor, max_iter: int
-) -> tuple[torch.Tensor, int, bool, float]:
+) -> tuple[torch.Tensor, int, float]:
     r"""Minimise :math:`f(\Theta) = \frac1N \sum_i -\log \operatorname{softmax}(\Theta \tilde x_i)_{y_i}
     + \frac12 \sum \pi \odot \Theta^2` over :math:`\Theta = [W \mid b]` (C, F + 1), with
     :math:`\tilde x_i = (x_i, 1)` and the penalty weights :math:`\pi` (``penalty``, the
@@ -204,10 +205,10 @@ def _newton_affine(
     less :math:`A^T A` with :math:`A_{i,(j,a)} = p_{ij} \tilde x_{ia}`. The softmax leaves the
     directions that add one vector to every row of :math:`\Theta` flat, and an unpenalised
     diagonal keeps some of them flat: a tiny multiple of the identity keeps the solve defined
-    there (the gradient has no part in them). Returns :math:`\Theta`, the steps taken, whether
-    it converged (a gradient below :data:`NEWTON_GRAD_TOL`, or a full step that changed the
-    objective by its round-off) and the largest entry of the last gradient; parameters that
-    stop being finite end the fit (the guard falls back)."""
+    there (the gradient has no part in them). It has converged at a gradient below
+    :data:`NEWTON_GRAD_TOL`, or at a step that changed the objective by its round-off. Returns
+    :math:`\Theta`, the steps taken and the largest entry of the gradient where the fit
+    stopped; parameters that stop being finite end the fit (the guard falls back)."""
     n, k = x.shape
     f64 = torch.float64
     xt = torch.cat([x, torch.ones(n, 1, dtype=f64)], 1)
@@ -219,12 +220,16 @@ def _newton_affine(
     def value(th: torch.Tensor) -> float:
         return float(F.cross_entropy(xt @ th.T, y) + 0.5 * (penalty * th.square()).sum())
 
+    def gradient(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The softmax of every row and the objective's gradient at ``th``."""
+        p = torch.softmax(xt @ th.T, 1)
+        return p, (p - F.one_hot(y, k).to(f64)).T @ xt / n + penalty * th
+
     grad_max, steps, damping, converged = math.inf, 0, 0.0, False
     f = value(theta)
     while steps < max_iter:
         steps += 1
-        p = torch.softmax(xt @ theta.T, 1)
-        g = (p - F.one_hot(y, k).to(f64)).T @ xt / n + penalty * theta
+        p, g = gradient(theta)
         grad_max = float(g.abs().max())
         if not math.isfinite(grad_max):  # the objective overflows (features near 1e308): no usable map
             theta = torch.full_like(theta, math.nan)
@@ -266,10 +271,8 @@ def _newton_affine(
             converged = True  # at the optimum to the float64 round-off of the objective
             break
     if not converged and bool(torch.isfinite(theta).all()):  # the gradient where the fit stopped
-        p = torch.softmax(xt @ theta.T, 1)
-        g = (p - F.one_hot(y, k).to(f64)).T @ xt / n + penalty * theta
-        grad_max = float(g.abs().max())
-    return theta, steps, converged, grad_max
+        grad_max = float(gradient(theta)[1].abs().max())
+    return theta, steps, grad_max
 
 
 class _MulticlassRecalibrator(Recalibrator):
@@ -420,7 +423,7 @@ class MatrixScaler(_MulticlassRecalibrator):
     :math:`\mu`; the paper picks both by cross-validation. Fitted from :math:`W = I, b = 0`
     (the identity), in float64, by Newton's method with the exact Hessian (damped where a step
     would not descend) up to :data:`NEWTON_MAX_PARAMS` parameters and :data:`NEWTON_MAX_WORK`
-    multiply-adds a Hessian, which reaches the optimum in about 5-40 steps on logits of
+    multiply-adds a Hessian, which reaches the optimum in about 5-50 steps on logits of
     ordinary scale, overconfident ones (x10, x100) included; by L-BFGS beyond (``max_iter``
     bounds the steps of either). Logits scaled far from that (below 1e-6 or above 1e6) can stop
     short of the optimum, with a warning where the gradient is left above 1e-2, and a fit
@@ -487,7 +490,7 @@ class MatrixScaler(_MulticlassRecalibrator):
         elif n_params <= NEWTON_MAX_PARAMS and z.shape[0] * n_params**2 <= NEWTON_MAX_WORK:
             # the penalty's Hessian: 2 alpha on the off-diagonal weights, 2 beta on the biases
             penalty = torch.cat([2 * alpha * off, torch.full((k, 1), 2 * beta, dtype=torch.float64)], 1)
-            theta, steps, _, grad = _newton_affine(x, yt, penalty, self.max_iter)
+            theta, steps, grad = _newton_affine(x, yt, penalty, self.max_iter)
             w, b = theta[:, :k], theta[:, k]
             # a large gradient left: out of steps, or stalled (no step lowers the objective in
             # float64, or none by more than its round-off, which a huge objective makes large)

@@ -246,7 +246,7 @@ class CalibrationMeter:
 
     def _update(self, logits_or_probs: ArrayLike, labels: ArrayLike, lab: np.ndarray) -> None:
         detecting = self.from_logits is None  # until this batch has told: "logits_or_probs" in errors
-        if self.from_logits is None:
+        if detecting:
             x = logits_or_probs
             t = drop_ignored(_to_tensor(x, "logits_or_probs"), lab, self.ignore_index)
             if t.ndim == 2 and t.shape[0] > 0 and not binary_shaped(t.shape, lab.shape):

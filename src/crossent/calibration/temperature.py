@@ -285,9 +285,10 @@ class TemperatureScaler(Recalibrator):
         self._check_fit(z, y)
         return self
 
-    def _at_upper_bound(self) -> bool:
-        """Whether a fitted temperature sits on ``t_max``."""
-        return bool(np.any(np.asarray(self.temperature, dtype=np.float64) >= self.t_max * (1 - 1e-9)))
+    def _at_upper_bound(self) -> np.ndarray:
+        """The indices of the fitted temperatures that sit on ``t_max`` (``[0]`` for the one)."""
+        t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
+        return np.flatnonzero(t >= self.t_max * (1 - 1e-9))
 
     def _bound_reached(self) -> str | None:
         """The bound(s) of T the fitted temperature(s) sit on, in words; ``None`` if none."""
@@ -295,7 +296,7 @@ class TemperatureScaler(Recalibrator):
         bounds = []
         if np.any(t <= self.t_min * (1 + 1e-9)):
             bounds.append(f"the lower bound t_min={self.t_min:g}")
-        if self._at_upper_bound():
+        if self._at_upper_bound().size:
             bounds.append(f"the upper bound t_max={self.t_max:g}")
         return " and ".join(bounds) or None
 
@@ -332,8 +333,7 @@ class TemperatureScaler(Recalibrator):
         separable, how, consequence = label_separation(
             separable, y, z.shape[1], absent_consequence=consequence
         )
-        t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
-        upper = np.flatnonzero(t >= self.t_max * (1 - 1e-9))
+        upper = self._at_upper_bound()
         self._guard(
             nll_id / n,
             nll_fit / n,
@@ -357,21 +357,23 @@ class TemperatureScaler(Recalibrator):
         for class :math:`k` (:math:`p` the map's with :math:`w_k = 0`)."""
         yt = torch.from_numpy(y)
         slope = np.zeros(upper.size)
+        vector = self.bias is not None
+        if vector:
+            inv = torch.from_numpy(1.0 / np.asarray(self.temperature, dtype=np.float64))
+            bias = torch.from_numpy(np.asarray(self.bias, dtype=np.float64))
         for start, stop in iter_chunks(z):
             b64 = z[start:stop].to(torch.float64)
-            yb = yt[start:stop, None]
-            if self.bias is None:
-                slope[0] += float((b64.mean(1) - b64.gather(1, yb)[:, 0]).sum())
+            yb = yt[start:stop]
+            if not vector:
+                slope[0] += float((b64.mean(1) - b64.gather(1, yb[:, None])[:, 0]).sum())
                 continue
-            inv = torch.from_numpy(1.0 / np.asarray(self.temperature, dtype=np.float64))
             for i, k in enumerate(upper):
                 w = inv.clone()
                 w[k] = 0.0
-                p = torch.softmax(b64 * w + torch.from_numpy(self.bias), 1)
-                hit = (yb[:, 0] == int(k)).to(torch.float64)
-                slope[i] += float(((p[:, k] - hit) * b64[:, k]).sum())
+                p = torch.softmax(b64 * w + bias, 1)
+                slope[i] += float(((p[:, k] - (yb == int(k)).to(torch.float64)) * b64[:, k]).sum())
         larger = f"({type(self).__name__}(t_max={10 * self.t_max:g}), or more)"
-        if self.bias is None:
+        if not vector:
             if slope[0] >= 0:
                 return ("no temperature fits these logits: their NLL falls all the way to uniform predictions"
                         " (T -> inf), as the labels' logits lie below their rows' means on average")

@@ -701,10 +701,8 @@ def plot_ece_bars(result: StudyResult, rows: list[dict[str, Any]], task: str) ->
                                  (w, "ece_tsece", "after scaling (T: ECE)", "#2ca02c")):
         means = [100 * r[key][0] for r in trows]
         errs = [100 * r[key][2] for r in trows]
-        # an ECE is >= 0: the interval's lower end is drawn at 0 at most (two seeds give a
-        # t-interval wider than the mean)
-        below = [min(e, m) if math.isfinite(m) else e for e, m in zip(errs, means, strict=True)]
-        ax.bar(x + off, means, w, yerr=[below, errs], capsize=3, label=lab, color=color, alpha=0.85)
+        ax.bar(x + off, means, w, yerr=_cut_at_zero(means, errs), capsize=3, label=lab, color=color,
+               alpha=0.85)
     ax.set_xticks(x, [r["loss_label"] for r in trows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("ECE-15 (%)")
     ax.set_title(f"{task}: test ECE before / after temperature scaling\n(mean ± 95% interval, cut at 0)",
@@ -712,6 +710,14 @@ def plot_ece_bars(result: StudyResult, rows: list[dict[str, Any]], task: str) ->
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def _cut_at_zero(means: list[float], half_widths: list[float]) -> list[list[float]]:
+    """``yerr`` (below, above) of intervals ``mean +- h`` of a quantity that is never negative
+    (an ECE, a temperature, an entropy): the lower end is drawn at 0 at most (two seeds give a
+    t-interval wider than the mean)."""
+    below = [min(h, m) if math.isfinite(m) else h for m, h in zip(means, half_widths, strict=True)]
+    return [below, half_widths]
 
 
 def plot_theory(rows: list[dict[str, Any]], task: str) -> Any:
@@ -738,9 +744,8 @@ def plot_theory(rows: list[dict[str, Any]], task: str) -> Any:
                                   strict=True):
             ys = [scale * r[key][0] for _, r in pts]
             es = [scale * r[key][2] for _, r in pts]
-            # ECE, T and H are >= 0: as in plot_ece_bars, an interval's lower end stops at 0
-            below = [min(e, y) if math.isfinite(y) else e for e, y in zip(es, ys, strict=True)]
-            ax.errorbar(xs, ys, yerr=[below, es], marker=marker, color=color, label=label, capsize=3)
+            ax.errorbar(xs, ys, yerr=_cut_at_zero(ys, es), marker=marker, color=color, label=label,
+                        capsize=3)
     for ax, title in zip(axes, ("ECE-15 before scaling (%)", "fitted temperature T (NLL)",
                                 "mean predictive entropy H (nats)"), strict=True):
         ax.set_xlabel("strength γ = β")
