@@ -183,6 +183,9 @@ def test_cli_says_when_temperature_scaling_fell_back(
         assert run["fallback_kind"] == {"ts": "separable"}
         assert run["kept_degenerate_kind"] == {"tsece": "separable"}
         assert run["temperature_ece"] < 1.0
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["fallback"], r["kept_degenerate"]) for r in rows] == [("ts:separable", "tsece:separable")] * 2
     md = (out / "report.md").read_text()
     items = [line for line in md.splitlines() if line.startswith("- T on validation")]
     for fit in ("NLL, fell back to T = 1", "ECE, kept"):
@@ -221,6 +224,24 @@ def test_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for needle in ("Clearly", "Mukhoti et al.", "FL ≥ CE − γH", "Post-hoc logit adjustment",
                    "student of LS 0.1", "Label shift"):
         assert needle in md, needle
+
+
+def test_results_csv_holds_every_temperature_and_bootstrap_sd(tmp_path: Path, blobs_imbalanced: TaskData) -> None:
+    """results.csv carries what results.json records per run: the three temperatures (the
+    prior-corrected one on an imbalanced task) and each arm's bootstrap stds."""
+    cfg = StudyConfig(losses=["ce"], seeds=[0], epochs=3, hidden=16)
+    result = run_study(cfg, tasks={"lt": blobs_imbalanced})
+    write_run_folder(result, tmp_path / "run", figures=False)
+    run = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]
+    with (tmp_path / "run" / "results.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    for key in ("temperature", "temperature_ece", "temperature_la"):
+        assert float(row[key]) == pytest.approx(run[key], rel=1e-12), key
+    assert set(run["boot"]) == {"test", "test_ts", "test_tsece", "test_la", "test_lats"}
+    for arm, suffix in (("test", ""), ("test_ts", "_ts"), ("test_la", "_la"), ("test_lats", "_lats")):
+        for metric in ("acc", "balanced_acc", "tail_recall", "nll", "ece"):
+            assert float(row[f"{metric}{suffix}_boot_sd"]) == pytest.approx(run["boot"][arm][metric], rel=1e-12)
+    assert float(row["ece_boot_sd"]) > 0 and row["fallback"] == ""
 
 
 def test_one_seed_gives_means_without_an_interval(tmp_path: Path, blobs: TaskData) -> None:

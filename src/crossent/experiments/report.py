@@ -3,7 +3,8 @@
 Files written by :func:`write_run_folder`:
 
 ``results.json``   config, environment, per-run records and the aggregated rows
-``results.csv``    one row per (task, loss, seed): every metric before and after scaling
+``results.csv``    one row per (task, loss, seed): every metric before and after scaling, their
+                   bootstrap stds, the temperatures and the fits that fell back
 ``summary.csv``    one row per (task, loss): mean and std over seeds
 ``predictions.npz`` test logits of every run (``<task>/<loss>/seed<k>/logits``), test labels
                    (``<task>/<loss>/seed<k>/labels`` where a seed drew its own split, else
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from crossent.calibration.plots import LOW_COUNT
-from crossent.experiments._metrics import METRICS, softmax
+from crossent.experiments._metrics import BOOTSTRAP_METRICS, METRICS, softmax
 from crossent.experiments.losses import KD_TEMPERATURE
 from crossent.experiments.runner import (
     ARMS,
@@ -848,16 +849,29 @@ def _json_clean(x: Any) -> Any:
 
 
 def _csv_rows(result: StudyResult) -> tuple[list[str], list[list[Any]]]:
+    """results.csv: per run, every arm's metrics, then their bootstrap stds over test points
+    (``<metric><arm>_boot_sd``), the temperatures and which fits fell back (``ts:separable``)
+    or were kept degenerate (the ECE fit)."""
+    records = result.records
     keys = [(arm, m) for arm in ARMS for m in (*METRICS, "entropy")
-            if any(arm in r for r in result.records)]
-    head = ["task", "loss", "seed", "model", "epochs", "train_acc", "temperature",
-            "temperature_ece", "time_s", "diverged", *[m + ARMS[arm] for arm, m in keys]]
+            if any(arm in r for r in records)]
+    boot = [(arm, m) for arm in ARMS for m in BOOTSTRAP_METRICS
+            if any(arm in r.get("boot", {}) for r in records)]
+    temps = [t for t in ("temperature", "temperature_ece", "temperature_la") if any(t in r for r in records)]
+    head = ["task", "loss", "seed", "model", "epochs", "train_acc", *temps, "fallback", "kept_degenerate",
+            "time_s", "diverged", *[m + ARMS[arm] for arm, m in keys],
+            *[m + ARMS[arm] + "_boot_sd" for arm, m in boot]]
+
+    def findings(r: dict[str, Any], key: str) -> str:
+        return ";".join(f"{arm}:{kind}" for arm, kind in r.get(key + "_kind", {}).items())
+
     body = []
-    for r in result.records:
-        body.append([r["task"], r["loss"], r["seed"], r.get("model", ""), r["epochs"],
-                     r["train_acc"], r["temperature"], r.get("temperature_ece"),
+    for r in records:
+        body.append([r["task"], r["loss"], r["seed"], r.get("model", ""), r["epochs"], r["train_acc"],
+                     *[r.get(t, "") for t in temps], findings(r, "fallback"), findings(r, "kept_degenerate"),
                      round(r["time_s"], 3), r["diverged"],
-                     *[r[arm][m] if arm in r else "" for arm, m in keys]])
+                     *[r[arm][m] if arm in r else "" for arm, m in keys],
+                     *[r["boot"][arm][m] if arm in r.get("boot", {}) else "" for arm, m in boot]])
     return head, body
 
 
