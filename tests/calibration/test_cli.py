@@ -526,6 +526,10 @@ def test_separable_fit_part_falls_back_and_says_so(
     assert rc == 0, err
     assert "warning: TemperatureScaler: the validation set is separable" in err
     assert "fell back to the identity map" in out
+    # the reason once above the comparison, under the table (the caption only names the fallback)
+    above = " ".join(out.split("every method")[0].split())
+    assert above.count("the validation set is separable") == 1, above
+    assert "temperature: fell back to the identity, fitted on" in above
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["temperature"] == 1.0 and "separable" in metrics["fallback"]
     assert metrics["after"]["nll"] == pytest.approx(metrics["before"]["nll"], rel=1e-9)

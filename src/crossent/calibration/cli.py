@@ -1047,7 +1047,10 @@ def _print_table(result: dict[str, Any]) -> None:
 
     table = Table(
         title=f"calibration on {result['n_test']} {scored_on(result)} samples",
-        caption=f"{result['method']}: {result['fitted']}, fitted on {result['n_val']} samples",
+        # a fallback's reason is printed in full under the table
+        caption=(f"{result['method']}: "
+                 f"{'fell back to the identity' if result['fallback'] else result['fitted']},"
+                 f" fitted on {result['n_val']} samples"),
         title_justify="left",
         caption_justify="left",
     )
