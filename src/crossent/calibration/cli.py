@@ -998,13 +998,23 @@ def small_fit_warning(n_fit: int, n: int, val_fraction: float) -> str | None:
             f" fits on so few, and the comparison of methods, are noisy: {fix}")
 
 
+def command_advice(message: str) -> str:
+    """A library warning as the command prints it. Its fixes that are options of the Python
+    classes, which the command fits with their defaults, say so: a user of the command would
+    look for a ``--max-iter`` that is not there."""
+    message = message.replace(" (crossent calibrate does)", "")
+    message = message.replace("pass fallback_to_identity=False to keep the fit",
+                              "the Python class keeps the fit with fallback_to_identity=False")
+    return re.sub(r"raise max_iter(?: \(e\.g\. (max_iter=\d+)\))?",
+                  lambda m: f"the Python class's {m.group(1) or 'max_iter'} allows more steps", message)
+
+
 def fit_method(
     name: str, logits: np.ndarray, labels: np.ndarray, objective: str, n_bins: int = 15
 ) -> tuple[Any, list[str]]:
-    """Fit one method; returns it and the messages of the warnings it gave. Temperature
-    scaling by the ECE objective minimises the ECE of ``n_bins`` width bins, the ECE reported."""
-    import warnings
-
+    """Fit one method; returns it and the messages of the warnings it gave, worded for the
+    command (:func:`command_advice`). Temperature scaling by the ECE objective minimises the
+    ECE of ``n_bins`` width bins, the ECE reported."""
     from crossent.calibration import _base
 
     cls = _base.REGISTRY[name]
@@ -1016,7 +1026,7 @@ def fit_method(
             cal = cls(from_logits=True).fit(logits[:, 1] - logits[:, 0], labels)  # type: ignore[call-arg]
         else:
             cal = cls().fit(logits, labels)  # type: ignore[attr-defined]
-    return cal, [str(w.message) for w in caught if issubclass(w.category, _base.CalibrationWarning)]
+    return cal, [command_advice(str(w.message)) for w in caught if issubclass(w.category, _base.CalibrationWarning)]
 
 
 def method_probs(cal: Any, logits: np.ndarray) -> np.ndarray:
