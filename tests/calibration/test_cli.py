@@ -1471,3 +1471,42 @@ def test_huge_nlls_are_printed_in_scientific_notation(
     report = (tmp_path / "o" / "report.md").read_text()
     assert not any(len(cell.strip()) > 20 for line in report.splitlines() if line.startswith("| NLL")
                    for cell in line.split("|")), report
+
+
+def test_masked_logits_are_calibrated_and_the_mixing_maps_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-inf logits (masked classes) are probability 0: the command fits and compares the
+    methods that take them, skips matrix and Dirichlet scaling by name in the comparison, and
+    refuses them as --method in one line; a row with NaN or one masked throughout is refused."""
+    rng = np.random.default_rng(1)
+    n = 600
+    y = rng.integers(0, 4, n)
+    z = rng.normal(size=(n, 6)) * 2
+    z[np.arange(n), y] += 2
+    z[:, 4:] = -np.inf
+    z[::5, 1] = -np.inf
+    z[np.arange(n), y] = np.maximum(z[np.arange(n), y], 0.0)
+    np.savez(tmp_path / "p.npz", logits=z, labels=y)
+    rc, _, err = run([str(tmp_path / "p.npz"), "--out", str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "o" / "metrics.json").read_text())["comparison"]["rows"]
+    assert rows["matrix"] == rows["dirichlet"] == {"skipped": "masked logits (-inf)"}
+    assert rows["temperature"]["nll"] < rows["none"]["nll"] and rows["vector"]["fallback"] is None
+    rc, _, err = run([str(tmp_path / "p.npz"), "--method", "dirichlet"], capsys)
+    assert rc == 2 and err.strip() == (
+        "crossent calibrate: error: --method dirichlet cannot take masked logits (-inf in PREDICTIONS): its"
+        " linear map mixes every class's logit; --method temperature or vector can")
+    for row, value in ((3, np.nan), (3, -np.inf)):
+        bad = z.copy()
+        bad[row] = value if np.isnan(value) else -np.inf
+        np.savez(tmp_path / "b.npz", logits=bad, labels=y)
+        rc, _, err = run([str(tmp_path / "b.npz")], capsys)
+        assert rc == 2 and "PREDICTIONS has 1 row(s) with NaN or infinite values (first: row 3)" in err
+    bad = z.copy()
+    bad[[9, 12], y[[9, 12]]] = -np.inf
+    np.savez(tmp_path / "b.npz", logits=bad, labels=y)
+    rc, _, err = run([str(tmp_path / "b.npz")], capsys)
+    assert rc == 2 and err.strip() == (
+        f"crossent calibrate: error: PREDICTIONS row 9 masks its label (class {y[9]} has logit -inf; 2 row(s)"
+        " so): no method gives it a probability above 0; drop those rows")

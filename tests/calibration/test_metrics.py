@@ -480,3 +480,54 @@ def test_properties(n: int, c: int, m: int, seed: int) -> None:
     assert ece(p[perm], y[perm], n_bins=m) == pytest.approx(l1, abs=1e-12)
     table = reliability_table(p, y, n_bins=m)
     assert int(table.count.sum()) == n
+
+
+# ---------------------------------------------------------------- masked logits (-inf)
+_MASKED_METRICS = {
+    "ece": lambda z, y: ece(z, y, from_logits=True),
+    "ece_mass": lambda z, y: ece(z, y, from_logits=True, binning="mass"),
+    "classwise_ece": lambda z, y: classwise_ece(z, y, from_logits=True),
+    "brier": lambda z, y: brier(z, y, from_logits=True),
+    "nll": lambda z, y: nll(z, y, from_logits=True),
+    "accuracy": lambda z, y: accuracy(z, y, from_logits=True),
+    "smooth_ece": lambda z, y: smooth_ece(z, y, from_logits=True),
+}
+
+
+def _meter(binning: str) -> object:
+    def run(z: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        m = calibration.CalibrationMeter(binning=binning)  # from_logits detected: -inf is no probability
+        for s in range(0, z.shape[0], 70):
+            m.update(z[s : s + 70], y[s : s + 70])
+        return m.compute()
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("front", [*_MASKED_METRICS, "meter_width", "meter_mass"])
+def test_masked_logits_measure_as_classes_of_probability_zero(
+    front: str, dtype: torch.dtype, cpu_path: str
+) -> None:
+    """-inf logits (masked classes, as F.cross_entropy takes them) have probability 0: every
+    metric and the meter give what they give with -1e30 in their place, and the NLL is
+    F.cross_entropy's; a row without a finite logit is refused by name."""
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(300, 7, generator=g, dtype=torch.float64) * 2).to(dtype)
+    y = torch.randint(0, 7, (300,), generator=g)
+    mask = torch.rand(300, 7, generator=g) < 0.4
+    mask[torch.arange(300), y] = False
+    masked, far = z.masked_fill(mask, -math.inf), z.masked_fill(mask, -1e30)
+    fn = _meter(front[6:]) if front.startswith("meter") else _MASKED_METRICS[front]
+    got, want = fn(masked, y), fn(far, y)
+    if isinstance(got, dict):
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-15), key
+    else:
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    if front == "nll":
+        ref = float(torch.nn.functional.cross_entropy(masked.double(), y))
+        assert got == pytest.approx(ref, rel=1e-6 if dtype != torch.float64 else 1e-12)
+    bad = masked.clone()
+    bad[11] = -math.inf
+    with pytest.raises(ValueError, match=r"row 11 has no finite logit \(every entry is -inf\)"):
+        fn(bad, y)

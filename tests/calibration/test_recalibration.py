@@ -1219,3 +1219,103 @@ def test_a_fallen_back_one_vs_rest_map_keeps_its_class_count_through_its_state(m
     assert "n_classes" not in good["params"]  # the map itself shows it
     with pytest.raises(ValueError, match=r"must be 5 \(the map's classes\) or null, got 4"):
         method().load_state_dict({**good, "params": {**good["params"], "n_classes": 4}})
+
+
+# ---------------------------------------------------------------- masked logits (-inf)
+MASKED_OK = (cal.TemperatureScaler, cal.VectorScaler, cal.HistogramBinning, cal.IsotonicCalibrator,
+             cal.EnsembleTemperatureScaler)
+MIXING = (cal.MatrixScaler, cal.DirichletCalibrator)
+
+
+def _masked_logits(seed: int = 0, n: int = 600, c: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits with -inf entries (masked classes) scattered over the rows, never on a label;
+    the same with -1e30 in their place, which has probability 0 at every fitted parameter."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    z = rng.normal(size=(n, c)) * 2.0
+    z[np.arange(n), y] += 2.5
+    mask = rng.random((n, c)) < 0.3
+    mask[np.arange(n), y] = False
+    z[mask] = -np.inf
+    return z, np.where(mask, -1e30, z), y
+
+
+@pytest.mark.parametrize("method", MASKED_OK, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_masked_logits_fit_as_classes_of_probability_zero(method: type, as_tensor: bool) -> None:
+    """A masked logit (-inf), as F.cross_entropy takes it, has probability 0 at every
+    parameter, and keeps it after recalibration, with no warning. Temperature and vector
+    scaling and isotonic regression equal their fits on the same logits with -1e30 in its
+    place (whose softmax is 0 there too). Histogram binning would give a masked class its
+    first bin's value: its rows are renormalised without them. The ensemble's uniform term is
+    uniform over the classes not masked."""
+    z, z_far, y = _masked_logits()
+    masked = np.isinf(z)
+    wrap = torch.from_numpy if as_tensor else np.asarray
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = method().fit(wrap(z), wrap(y))
+        p = np.asarray(got.transform(wrap(z)))
+    assert got.fallback is None
+    assert (p[masked] == 0).all() and np.allclose(p.sum(1), 1.0, rtol=1e-12)
+    if method is cal.EnsembleTemperatureScaler:
+        w, sz, live = got.weights, torch.from_numpy(z), ~masked
+        want = (w[0] * torch.softmax(sz / got.temperature, 1).numpy() + w[1] * torch.softmax(sz, 1).numpy()
+                + w[2] * live / live.sum(1, keepdims=True))
+        np.testing.assert_allclose(p, want, rtol=1e-12, atol=1e-15)
+        return
+    far = method().fit(z_far, y)
+    want = far.transform(z_far)
+    if method is cal.HistogramBinning:
+        assert (want[masked] > 0).all()
+        want = np.where(masked, 0.0, want)
+        want /= want.sum(1, keepdims=True)
+    np.testing.assert_allclose(p, want, rtol=1e-12, atol=1e-15)
+    if method in SCALING:
+        np.testing.assert_allclose(got.temperature, far.temperature, rtol=1e-12)
+
+
+def test_vector_scaling_does_not_count_a_class_masked_throughout_as_absent() -> None:
+    """A class masked in every validation row (a token no label uses) has no sample, yet its
+    T_k and b_k change nothing: the fit is kept and equals the fit without that column."""
+    z, _, y = _masked_logits(n=800, c=4)
+    z = np.concatenate([z, np.full((z.shape[0], 1), -np.inf)], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cal.VectorScaler().fit(z, y)
+    want = cal.VectorScaler().fit(z[:, :4], y)
+    assert got.fallback is None
+    np.testing.assert_allclose(got.temperature[:4], want.temperature, rtol=1e-9)
+    np.testing.assert_allclose(got.transform(z)[:, :4], want.transform(z[:, :4]), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", MULTICLASS, ids=lambda m: m.__name__)
+def test_fits_refuse_masked_labels_nan_and_inf_by_row(method: type) -> None:
+    """Every fit names the row: NaN or +inf, a row masked throughout, and a label whose own
+    logit is -inf (no map gives it a probability above 0); the mixing maps also name masked
+    logits, and the fits that take them."""
+    z, _, y = _masked_logits(c=5)
+    z = np.where(np.isinf(z), 0.0, z) if method in MIXING else z
+    for value, match in ((np.nan, "row 7 contains NaN or infinite values"),
+                         (np.inf, "row 7 contains NaN or infinite values")):
+        bad = z.copy()
+        bad[7, 0] = value
+        with pytest.raises(ValueError, match=match):
+            method().fit(bad, y)
+    bad = z.copy()
+    bad[7, y[7]] = -np.inf
+    want = (rf"row 7 holds -inf \(a masked class\): {method.__name__} maps every class's logit"
+            if method in MIXING else rf"row 7 masks its label \(class {y[7]} has logit -inf\)")
+    with pytest.raises(ValueError, match=want):
+        method().fit(bad, y)
+    if method not in MIXING:
+        bad = z.copy()
+        bad[7] = -np.inf
+        with pytest.raises(ValueError, match="row 7 has no finite logit"):
+            method().fit(bad, y)
+    else:
+        fitted = method().fit(z, y)
+        bad = z.copy()
+        bad[3, 1] = -np.inf
+        with pytest.raises(ValueError, match=r"row 3 holds -inf .* TemperatureScaler, VectorScaler"):
+            fitted.transform(bad)

@@ -226,7 +226,9 @@ def test_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert needle in md, needle
 
 
-def test_results_csv_holds_every_temperature_and_bootstrap_sd(tmp_path: Path, blobs_imbalanced: TaskData) -> None:
+def test_results_csv_holds_every_temperature_and_bootstrap_sd(
+    tmp_path: Path, blobs_imbalanced: TaskData
+) -> None:
     """results.csv carries what results.json records per run: the three temperatures (the
     prior-corrected one on an imbalanced task) and each arm's bootstrap stds."""
     cfg = StudyConfig(losses=["ce"], seeds=[0], epochs=3, hidden=16)
@@ -240,7 +242,8 @@ def test_results_csv_holds_every_temperature_and_bootstrap_sd(tmp_path: Path, bl
     assert set(run["boot"]) == {"test", "test_ts", "test_tsece", "test_la", "test_lats"}
     for arm, suffix in (("test", ""), ("test_ts", "_ts"), ("test_la", "_la"), ("test_lats", "_lats")):
         for metric in ("acc", "balanced_acc", "tail_recall", "nll", "ece"):
-            assert float(row[f"{metric}{suffix}_boot_sd"]) == pytest.approx(run["boot"][arm][metric], rel=1e-12)
+            want = run["boot"][arm][metric]
+            assert float(row[f"{metric}{suffix}_boot_sd"]) == pytest.approx(want, rel=1e-12)
     assert float(row["ece_boot_sd"]) > 0 and row["fallback"] == ""
 
 

@@ -54,6 +54,8 @@ def _make_inputs(d: Path) -> None:
     for name, value in (("nan", np.nan), ("inf", np.inf), ("ninf", -np.inf)):
         bad = z.copy()
         bad[7, 1] = value
+        if name == "ninf":  # a masked logit is probability 0; a row masked throughout is nothing
+            bad[7] = value
         np.save(d / f"{name}.npy", bad)
     np.save(d / "y_1e30.npy", np.where(np.arange(N) == 5, 1e30, y).astype(float))
     np.save(d / "y_all_1e30.npy", np.full(N, 1e30))

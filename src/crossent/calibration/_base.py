@@ -104,6 +104,7 @@ def label_separation(
     n_classes: int,
     *,
     absent_consequence: str | None = None,
+    logits: torch.Tensor | None = None,
 ) -> tuple[bool, str | None, str | None]:
     """Whether a multiclass validation set is separable for the guard, how (``None``: every
     top-1 prediction correct, the guard's default) and what that does to the fit (``None``:
@@ -113,12 +114,17 @@ def label_separation(
     make it separable for the maps with parameters per class, which pass
     ``absent_consequence`` (what the fit does with those classes); the others (one shared
     temperature, or one-vs-rest maps that handle an absent class on their own) pass ``None``.
+    A class whose validation ``logits`` are -inf in every row (masked throughout) has
+    probability 0 at any parameters: its absence costs nothing and is not counted.
     """
     one = one_class_how(labels, n_classes)
     if one is not None:
         return True, one, None
     if absent_consequence is not None:
         absent = absent_classes(labels, n_classes)
+        if absent.size and logits is not None:
+            masked = (logits[:, torch.from_numpy(absent)] == -math.inf).all(0).numpy()
+            absent = absent[~masked]
         if absent.size:
             how = f"{absent_how(absent, n_classes)} no validation sample"
             if top1_correct:
@@ -178,6 +184,54 @@ def warn_if_unconverged(opt: torch.optim.LBFGS, max_iter: int, owner: str) -> No
             f" {worst:.3g}, far from its optimum; raise max_iter (e.g. max_iter={10 * max_iter})",
             CalibrationWarning,
             stacklevel=_caller_level(),
+        )
+
+
+#: the fits that take masked logits (-inf, a class of probability 0 at any parameters)
+MASKED_LOGITS_OK = ("TemperatureScaler, VectorScaler, HistogramBinning, IsotonicCalibrator and"
+                    " EnsembleTemperatureScaler")
+
+
+def check_fit_logits(z: torch.Tensor, y: np.ndarray, owner: str, *, masked_ok: bool) -> None:
+    """Refuse (``ValueError``, naming the first bad row) validation logits ``z`` (N, C) with NaN
+    or +inf, and with -inf (a masked class, as ``F.cross_entropy`` takes it) where the fit
+    cannot take it: anywhere for a map that mixes the classes' logits (``masked_ok`` false:
+    ``-inf`` times a weight of either sign is undefined), and for every fit in a row without a
+    finite logit or whose label is masked, which no map gives a probability above 0 (its NLL
+    is infinite at every parameter)."""
+    finite = torch.isfinite(z)
+    if bool(finite.all()):
+        return
+    ok = finite | (z == -math.inf)
+    if not bool(ok.all()):
+        i = int(torch.nonzero(~ok.all(1))[0, 0])
+        raise ValueError(f"logits: row {i} contains NaN or infinite values")
+    masked = ~finite
+    if not masked_ok:
+        i = int(torch.nonzero(masked.any(1))[0, 0])
+        raise ValueError(
+            f"logits: row {i} holds -inf (a masked class): {owner} maps every class's logit"
+            f" through weights of either sign, which -inf makes undefined; {MASKED_LOGITS_OK} take"
+            " masked logits"
+        )
+    empty = ~finite.any(1)
+    if bool(empty.any()):
+        i = int(torch.nonzero(empty)[0, 0])
+        raise ValueError(f"logits: row {i} has no finite logit (every entry is -inf)")
+    check_label_unmasked(z, y)
+
+
+def check_label_unmasked(z: torch.Tensor, y: np.ndarray) -> None:
+    """Refuse (``ValueError``) a row of the validation logits ``z`` whose label's logit is -inf:
+    one read of the N labels' entries (the rest of a row is checked where it is read)."""
+    at_y = z[torch.arange(z.shape[0]), torch.as_tensor(y, dtype=torch.int64)] == -math.inf
+    if bool(at_y.any()):
+        i = int(torch.nonzero(at_y)[0, 0])
+        if bool((z[i] == -math.inf).all()):
+            raise ValueError(f"logits: row {i} has no finite logit (every entry is -inf)")
+        raise ValueError(
+            f"logits: row {i} masks its label (class {int(y[i])} has logit -inf): no map gives it a"
+            " probability above 0; drop the row or leave its label unmasked"
         )
 
 

@@ -8,6 +8,7 @@ is over chunks of rows.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -259,15 +260,24 @@ def check_rows(
     """Raise ``ValueError`` naming the first bad one of ``block`` (the first of them row ``start``
     of the input, stored as ``storage``; with ``rows``, see :func:`position`) from their sums
     and, for probabilities, their minima and maxima: NaN or infinity; for probabilities also
-    entries outside [0, 1] and sums off one."""
+    entries outside [0, 1] and sums off one. Logits may hold -inf (a masked class, probability
+    0, as ``F.cross_entropy`` takes it) where the row has a finite entry."""
     finite = torch.isfinite(rowsum)
     if not bool(finite.all()):
         suspects = torch.nonzero(~finite)[:, 0]
-        # a sum may overflow for large finite entries: look at those rows themselves
-        bad = suspects[~torch.isfinite(block[suspects]).all(1)]
+        # a sum may overflow for large finite entries, and -inf is a masked logit: look at
+        # those rows themselves
+        rows_in = block[suspects]
+        ok = torch.isfinite(rows_in) | (rows_in == -math.inf) if from_logits else torch.isfinite(rows_in)
+        bad = suspects[~ok.all(1)]
         if bad.numel():
             i = position(start + int(bad[0]), rows)
             raise ValueError(f"{name}: row {i} contains NaN or infinite values")
+        if from_logits:
+            masked = suspects[~torch.isfinite(rows_in).any(1)]
+            if masked.numel():
+                i = position(start + int(masked[0]), rows)
+                raise ValueError(f"{name}: row {i} has no finite logit (every entry is -inf)")
     if from_logits:
         return
     assert rowmin is not None and rowmax is not None

@@ -678,7 +678,9 @@ def _check(
         raise _error(f"PREDICTIONS needs at least 2 rows (samples), got {n}")
     if preds.dtype not in (np.float32, np.float64):
         preds = preds.astype(np.float64)
-    bad = ~np.isfinite(preds.reshape(n, -1)).all(axis=1)
+    flat = preds.reshape(n, -1)
+    # -inf is a masked logit (probability 0) where the row has a finite one
+    bad = ~(np.isfinite(flat) | np.isneginf(flat)).all(axis=1) | ~np.isfinite(flat).any(axis=1)
     if bad.any():
         first = position(int(np.flatnonzero(bad)[0]), rows)
         raise _error(
@@ -715,7 +717,16 @@ def _check(
             " value(s) out of"
             f" range){one_based}"
         )
-    return preds, labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    if preds.ndim == 2:
+        at_y = np.isneginf(preds[np.arange(n), labels])
+        if at_y.any():
+            i = int(np.flatnonzero(at_y)[0])
+            raise _error(
+                f"PREDICTIONS row {position(i, rows)} masks its label (class {int(labels[i])} has logit -inf;"
+                f" {int(at_y.sum())} row(s) so): no method gives it a probability above 0; drop those rows"
+            )
+    return preds, labels
 
 
 def _ignore_hint(bad: np.ndarray, ignore_index: int | None) -> str:
@@ -1026,7 +1037,8 @@ def fit_method(
             cal = cls(from_logits=True).fit(logits[:, 1] - logits[:, 0], labels)  # type: ignore[call-arg]
         else:
             cal = cls().fit(logits, labels)  # type: ignore[attr-defined]
-    return cal, [command_advice(str(w.message)) for w in caught if issubclass(w.category, _base.CalibrationWarning)]
+    return cal, [command_advice(str(w.message)) for w in caught
+                 if issubclass(w.category, _base.CalibrationWarning)]
 
 
 def method_probs(cal: Any, logits: np.ndarray) -> np.ndarray:
@@ -1199,6 +1211,9 @@ def compare_methods(
         if name in BINARY_METHODS and c != 2:
             rows[name] = {"skipped": "binary only"}
             continue
+        if name in ("matrix", "dirichlet") and bool(np.isneginf(logits).any()):
+            rows[name] = {"skipped": "masked logits (-inf)"}
+            continue
         if name in ("matrix", "dirichlet") and c > MAX_MATRIX_CLASSES:
             rows[name] = {"skipped": f"{c} x {c} parameters"}
             continue
@@ -1316,6 +1331,9 @@ def main(args: argparse.Namespace) -> int:
                            args.ignore_index)
     binary_scores = preds.ndim == 1
     c = 2 if binary_scores else preds.shape[1]
+    if args.method in ("matrix", "dirichlet") and np.isneginf(preds).any():
+        raise _error(f"--method {args.method} cannot take masked logits (-inf in PREDICTIONS): its linear map"
+                     " mixes every class's logit; --method temperature or vector can")
     if args.method in BINARY_METHODS and c != 2:
         raise _error(f"--method {args.method} is for two classes; PREDICTIONS has {c} columns")
     if args.objective == "ece" and args.method != "temperature":

@@ -19,9 +19,17 @@ Tensors and arrays. ``transform``, ``predict_proba`` and ``transform_logits`` re
 input's type: a tensor on its device, or a NumPy array, in its (floating) dtype. The methods
 here compute in float64 on the CPU: a tensor comes back **detached from the autograd graph**
 (no gradient reaches logits that require grad), a NumPy array in its floating dtype (float64
-for integers and lists), and NaN or infinite logits are refused. Temperature and vector
+for integers and lists), and NaN or +inf logits are refused. Temperature and vector
 scaling (:mod:`crossent.calibration.temperature`) are torch ops on a tensor instead: they keep
 its autograd graph, and NaN stays NaN.
+
+Masked logits. A logit of -inf (a class the model rules out, as ``F.cross_entropy`` takes
+it) has probability 0 before and after recalibration: temperature and vector scaling,
+histogram binning, isotonic regression and ensemble temperature scaling fit and transform
+such logits (a class masked in every validation row does not count as absent, and the
+one-vs-rest maps keep a masked class at 0). A row without a finite logit, or whose label is
+masked, is refused by every fit; matrix and Dirichlet scaling, whose maps mix the classes'
+logits, refuse -inf by name.
 
 Logits, not probabilities. The multiclass methods take logits only; a fit given rows that look
 like probabilities (entries in [0, 1], rows summing to 1) warns with a
@@ -84,11 +92,13 @@ import torch
 import torch.nn.functional as F
 
 from crossent.calibration._base import (
+    MASKED_LOGITS_OK,
     UNCONVERGED_GRAD,
     CalibrationWarning,
     Recalibrator,
     absent_classes,
     absent_how,
+    check_fit_logits,
     class_count_error,
     label_separation,
     params_finite,
@@ -118,13 +128,13 @@ from crossent.calibration.temperature import TemperatureScaler
 A = TypeVar("A", np.ndarray, torch.Tensor)
 
 
-def _multiclass(logits: Any, labels: Any, owner: str) -> tuple[torch.Tensor, np.ndarray]:
-    """The validation logits (float64) and labels of a fit by ``owner`` (the class name)."""
+def _multiclass(logits: Any, labels: Any, owner: str, *, masked_ok: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """The validation logits (float64) and labels of a fit by ``owner`` (the class name);
+    masked logits (-inf) where ``masked_ok`` (see :func:`~crossent.calibration._base.check_fit_logits`)."""
     z = as_matrix(logits, "logits")
     y = as_labels(labels, z.shape[0], z.shape[1])
     z64 = z.to(torch.float64)
-    if not bool(torch.isfinite(z64).all()):
-        raise ValueError("logits contain NaN or infinite values")
+    check_fit_logits(z64, y, owner, masked_ok=masked_ok)
     warn_if_probabilities(z, owner, stacklevel=4)  # _multiclass, fit, the caller
     return z64, y
 
@@ -288,6 +298,9 @@ class _MulticlassRecalibrator(Recalibrator):
     #: fitted on only; the maps of shared parameters (ensemble temperature scaling, like
     #: temperature scaling) apply to any number of classes
     _per_class: ClassVar[bool] = True
+    #: whether the fit and transform take masked logits (-inf); maps that mix the classes'
+    #: logits (matrix and Dirichlet scaling) do not
+    _masked_ok: ClassVar[bool] = True
     #: the number of classes of the fit: logits of another are refused even where the map
     #: fell back to the identity, whose parameters do not say it (None once a state is loaded)
     _n_classes: int | None = None
@@ -304,8 +317,23 @@ class _MulticlassRecalibrator(Recalibrator):
             raise class_count_error(z.shape[1], self._n_classes)
         finite = torch.isfinite(z).all(1)
         if not bool(finite.all()):
+            masked = z == -math.inf
+            ok = (torch.isfinite(z) | masked).all(1)
+            if self._masked_ok and bool(ok.all()):
+                empty = masked.all(1)
+                if bool(empty.any()):
+                    i = int(torch.nonzero(empty)[0, 0])
+                    raise ValueError(f"logits: row {i} has no finite logit (every entry is -inf)")
+                return z
+            if not bool(ok.all()):
+                i = int(torch.nonzero(~ok)[0, 0])
+                raise ValueError(f"logits: row {i} contains NaN or infinite values")
             i = int(torch.nonzero(~finite)[0, 0])
-            raise ValueError(f"logits: row {i} contains NaN or infinite values")
+            raise ValueError(
+                f"logits: row {i} holds -inf (a masked class): {type(self).__name__} maps every class's"
+                f" logit through weights of either sign, which -inf makes undefined; {MASKED_LOGITS_OK}"
+                " take masked logits"
+            )
         return z
 
     def predict_proba(self, logits: A) -> A:
@@ -322,7 +350,7 @@ class _MulticlassRecalibrator(Recalibrator):
         """Whether the validation set is separable for this map, how, and what that does to
         the fit (:func:`~crossent.calibration._base.label_separation`)."""
         top1 = bool((z.argmax(1) == torch.from_numpy(y)).all())
-        return label_separation(top1, y, z.shape[1], absent_consequence=self._absent_consequence)
+        return label_separation(top1, y, z.shape[1], absent_consequence=self._absent_consequence, logits=z)
 
     def _check_fit(
         self, z: torch.Tensor, y: np.ndarray, at_bound: str | None = None, *, note: str | None = None
@@ -449,6 +477,7 @@ class MatrixScaler(_MulticlassRecalibrator):
                            " the regularisation and max_iter")
 
     name = "matrix"
+    _masked_ok = False
 
     def __init__(
         self,
@@ -475,7 +504,7 @@ class MatrixScaler(_MulticlassRecalibrator):
 
     def fit(self, logits: Any, labels: Any) -> MatrixScaler:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
-        z, y = _multiclass(logits, labels, type(self).__name__)
+        z, y = _multiclass(logits, labels, type(self).__name__, masked_ok=self._masked_ok)
         x = self._features(z)
         k = z.shape[1]
         n_params = k * (k + 1)
@@ -563,8 +592,13 @@ class DirichletCalibrator(MatrixScaler):
 # histogram binning and isotonic regression (one-vs-rest on the softmax probabilities)
 
 
-def _normalise(q: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """Rows of ``q`` divided by their sums; a row summing to zero keeps ``fallback``'s row."""
+def _normalise(q: np.ndarray, fallback: np.ndarray, z: torch.Tensor) -> np.ndarray:
+    """Rows of ``q`` divided by their sums; a row summing to zero keeps ``fallback``'s row. A
+    masked class (logit -inf in ``z``) keeps probability 0: a one-vs-rest map would give it its
+    first bin's value, though the model rules it out."""
+    masked = (z == -math.inf).numpy()
+    if masked.any():
+        q = np.where(masked, 0.0, q)
     s = q.sum(1, keepdims=True)
     zero = s[:, 0] <= 0
     out = np.divide(q, np.where(s > 0, s, 1.0))
@@ -609,7 +643,7 @@ class HistogramBinning(_MulticlassRecalibrator):
 
     def fit(self, logits: Any, labels: Any) -> HistogramBinning:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
-        z, y = _multiclass(logits, labels, type(self).__name__)
+        z, y = _multiclass(logits, labels, type(self).__name__, masked_ok=self._masked_ok)
         p = torch.softmax(z, 1).numpy()
         n, k = p.shape
         m = self.n_bins
@@ -635,7 +669,7 @@ class HistogramBinning(_MulticlassRecalibrator):
         q = np.take_along_axis(self.bin_values.T, width_bin_index(p, m), axis=0)
         if self.identity_classes:
             q[:, self.identity_classes] = p[:, self.identity_classes]
-        return _normalise(q, p)
+        return _normalise(q, p, z)
 
     def _set_identity(self, n_classes: int) -> None:
         self.bin_values = None
@@ -698,7 +732,7 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
         from crossent._extras import require
 
         iso = require("sklearn.isotonic", "isotonic calibration")
-        z, y = _multiclass(logits, labels, type(self).__name__)
+        z, y = _multiclass(logits, labels, type(self).__name__, masked_ok=self._masked_ok)
         p = torch.softmax(z, 1).numpy()
         self.knots = []
         for k in range(p.shape[1]):
@@ -721,7 +755,7 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
             raise class_count_error(z.shape[1], len(self.knots))
         # scikit-learn predicts by linear interpolation between its thresholds, clipped
         q = np.stack([np.interp(p[:, k], x, v) for k, (x, v) in enumerate(self.knots)], 1)
-        return _normalise(q, p)
+        return _normalise(q, p, z)
 
     def _set_identity(self, n_classes: int) -> None:
         self.knots = None
@@ -771,6 +805,13 @@ class IsotonicCalibrator(_MulticlassRecalibrator):
 # ensemble temperature scaling
 
 
+def _uniform(z: torch.Tensor) -> torch.Tensor:
+    """The uniform distribution over each row's classes, ``1/K``; over the classes not masked
+    (logit -inf: ruled out by the model) where a row masks some."""
+    live = (z != -math.inf).to(z.dtype)
+    return live / live.sum(1, keepdim=True)
+
+
 class EnsembleTemperatureScaler(_MulticlassRecalibrator):
     r"""Ensemble temperature scaling (Zhang, Kailkhura and Han 2020, *Mix-n-Match:
     Ensemble and Compositional Methods for Uncertainty Calibration in Deep Learning*).
@@ -787,7 +828,8 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
     Labels that are all one class make the fit degenerate: it warns and falls back to the
     identity (``diagnostic_kind == "separable"``). Classes without a validation sample, when
     two or more others have samples, need nothing special: the temperature and the weights are
-    shared by all classes.
+    shared by all classes. In a row with masked classes (logit -inf) the uniform term is
+    uniform over the others, so that the masked keep probability 0.
     """
 
     name = "ensemble_temperature"
@@ -803,15 +845,14 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
 
     def fit(self, logits: Any, labels: Any) -> EnsembleTemperatureScaler:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
-        z, y = _multiclass(logits, labels, type(self).__name__)
+        z, y = _multiclass(logits, labels, type(self).__name__, masked_ok=self._masked_ok)
         with warnings.catch_warnings():  # the ensemble's own guard speaks for the whole map
             warnings.simplefilter("ignore")
             t_min, t_max = self._t_bounds
             ts = TemperatureScaler(t_min=t_min, t_max=t_max, fallback_to_identity=False).fit(z, y)
         t = float(ts.temperature)
         k = z.shape[1]
-        comps = torch.stack([torch.softmax(z / t, 1), torch.softmax(z, 1),
-                             torch.full_like(z, 1.0 / k)])  # (3, N, C)
+        comps = torch.stack([torch.softmax(z / t, 1), torch.softmax(z, 1), _uniform(z)])  # (3, N, C)
         onehot = F.one_hot(torch.from_numpy(y), k).to(torch.float64)
         a = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
 
@@ -831,8 +872,7 @@ class EnsembleTemperatureScaler(_MulticlassRecalibrator):
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
         assert self.weights is not None and self.temperature is not None
         w = self.weights
-        k = z.shape[1]
-        p = w[0] * torch.softmax(z / self.temperature, 1) + w[1] * torch.softmax(z, 1) + w[2] / k
+        p = w[0] * torch.softmax(z / self.temperature, 1) + w[1] * torch.softmax(z, 1) + w[2] * _uniform(z)
         return np.asarray(p.numpy())
 
     def _set_identity(self, n_classes: int) -> None:

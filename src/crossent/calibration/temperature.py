@@ -68,6 +68,8 @@ import torch
 from crossent.calibration._base import (
     CalibrationWarning,
     Recalibrator,
+    check_fit_logits,
+    check_label_unmasked,
     class_count_error,
     label_separation,
     short_repr,
@@ -269,6 +271,9 @@ class TemperatureScaler(Recalibrator):
         z = as_matrix(logits, "logits")
         y = as_labels(labels, z.shape[0], z.shape[1])
         warn_if_probabilities(z, type(self).__name__)
+        # masked logits (-inf) are taken: probability 0 at every T (the rows' other checks are
+        # those of the passes over them)
+        check_label_unmasked(z, y)
         if self.method == "vector":
             if objective != "nll":
                 raise ValueError("vector scaling is fitted on the NLL only: use objective='nll'")
@@ -331,7 +336,7 @@ class TemperatureScaler(Recalibrator):
             consequence = ("so the fit drives their probabilities towards 0 (their biases down"
                            " without bound, limited only by max_iter)")
         separable, how, consequence = label_separation(
-            separable, y, z.shape[1], absent_consequence=consequence
+            separable, y, z.shape[1], absent_consequence=consequence, logits=z
         )
         upper = self._at_upper_bound()
         self._guard(
@@ -554,8 +559,7 @@ class TemperatureScaler(Recalibrator):
         lo, hi = math.log(self.t_min), math.log(self.t_max)
         self.n_iter_ = 0
         for start, stop in iter_chunks(z):  # validate once before optimising
-            if not bool(torch.isfinite(z[start:stop]).all()):
-                raise ValueError("logits contain NaN or infinite values")
+            check_fit_logits(z[start:stop], y[start:stop], type(self).__name__, masked_ok=True)
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
@@ -564,9 +568,13 @@ class TemperatureScaler(Recalibrator):
                 # a graph of its own per chunk: each backward frees the graph it ran through
                 inv_t = torch.exp(-log_t.clamp(lo, hi))
                 block = z[start:stop].to(torch.float64)
+                # a masked logit (-inf) stays -inf at every T_k and b_k; set apart, so that its
+                # product with the weight's gradient, 0 * -inf, does not make it NaN
+                masked = block == -math.inf
+                scaled = torch.where(masked, 0.0, block) * inv_t + bias
                 loss = (
                     torch.nn.functional.cross_entropy(
-                        block * inv_t + bias, yt[start:stop], reduction="sum"
+                        scaled.masked_fill(masked, -math.inf), yt[start:stop], reduction="sum"
                     )
                     / n
                 )
