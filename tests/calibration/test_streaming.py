@@ -589,6 +589,40 @@ def test_load_statistics_refuses_what_no_meter_makes(kind: str) -> None:
         CalibrationMeter(n_bins=15).load_statistics(other.statistics())
 
 
+@pytest.mark.parametrize("binning", ["width", "mass"])
+def test_a_meter_of_probabilities_off_by_round_off_reloads_its_own_state(binning: str) -> None:
+    """Probabilities within RANGE_ATOL of [0, 1] (a column completed as 1 - p0 - p1 in
+    float32: entries of -6e-8; a confidence of 1 + 4e-6) are taken by update, so their sums
+    (a classwise bin summing to -3e-6, an NLL below 0) load again, mid-stream, into a meter
+    that then goes on as the first; a negative count is still refused."""
+    g = torch.Generator().manual_seed(0)
+    p01 = torch.softmax(torch.randn(64, 2, generator=g) * 2, 1) * (1 - 1e-9)
+    p = torch.cat([p01, 1 - p01.sum(1, keepdim=True)], 1)
+    p[:, 2] = torch.where(p[:, 2] > 0, p[:, 2], torch.tensor(-6e-8))
+    p[0] = torch.tensor([1.000004, 0.0, 0.0])
+    y = torch.randint(0, 2, (64,), generator=g)
+    m = CalibrationMeter(binning=binning)
+    m.update(p[:40], y[:40])
+    if binning == "width":
+        assert float(m.statistics().min()) < 0  # what the tolerance lets into the sums
+    resumed = CalibrationMeter(binning=binning)
+    resumed.load_state_dict(m.state_dict())
+    if binning == "width":
+        again = CalibrationMeter()
+        again.load_statistics(m.statistics())
+        again.update(p[40:], y[40:])
+    resumed.update(p[40:], y[40:])
+    m.update(p[40:], y[40:])
+    assert resumed.compute() == m.compute()
+    if binning == "width":
+        assert again.compute() == m.compute()
+        bad = m.statistics().clone()
+        empty, full = int(torch.nonzero(bad[:15] == 0)[0, 0]), int(torch.nonzero(bad[:15])[0, 0])
+        bad[empty], bad[full] = -1.0, bad[full] + 1.0  # the total still adds up
+        with pytest.raises(ValueError, match=f"entry {empty} is negative"):
+            CalibrationMeter().load_statistics(bad)
+
+
 @pytest.mark.parametrize("shape", [(6,), (6, 1), (3, 2)])
 def test_binary_probabilities_off_by_round_off_are_detected_as_probabilities(shape: tuple[int, ...]) -> None:
     """Binary and multi-label scores within 1e-5 of [0, 1] (what ``from_logits=False``

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from crossent.calibration._inputs import (
+    RANGE_ATOL,
     ArrayLike,
     _to_tensor,
     as_matrix,
@@ -93,17 +94,25 @@ _STATE_KEYS = ("n_bins", "binning", "num_classes", "ignore_index", "classwise", 
 
 def _not_statistics(f: np.ndarray, m: int, classwise: bool) -> str | None:
     """Why the flat vector ``f`` cannot be a sum of statistics of meters with ``m`` width bins,
-    or None. Every entry of a sum is finite and non-negative, the counts are whole numbers, the
-    bins' counts add up to the samples and, with classwise sums, so do the label counts (one
-    per sample): which also catches another meter's statistics of the same length read with
-    other bins or classes."""
+    or None. Every entry of a sum is finite, the counts are non-negative whole numbers, the
+    sums of probabilities and NLLs no more negative than the entries' tolerance allows (an
+    update takes probabilities down to ``-RANGE_ATOL`` and up to ``1 + RANGE_ATOL``, whose
+    NLL is below 0, so a meter's own sums may be slightly negative), the bins' counts add up
+    to the samples and, with classwise sums, so do the label counts (one per sample): which
+    also catches another meter's statistics of the same length read with other bins or
+    classes."""
     if not np.isfinite(f).all():
         return f"entry {int(np.flatnonzero(~np.isfinite(f))[0])} is NaN or infinite"
-    if (f < 0).any():
-        return f"entry {int(np.flatnonzero(f < 0)[0])} is negative ({f[f < 0][0]:.6g})"
     counts = [f[:m], f[3 * m : 3 * m + 2]]
     n = f[3 * m]
     cw_y = f[3 * m + 4 + (f.shape[0] - 3 * m - 4) // 2 :] if classwise else np.empty(0)
+    low = np.full(f.shape, -RANGE_ATOL * max(float(n), 1.0))
+    low[:m] = low[3 * m : 3 * m + 2] = 0.0  # counts
+    if classwise:
+        low[f.shape[0] - cw_y.shape[0] :] = 0.0
+    if (f < low).any():
+        i = int(np.flatnonzero(f < low)[0])
+        return f"entry {i} is negative ({f[i]:.6g})"
     if any((c != np.round(c)).any() for c in (*counts, cw_y)):
         return "a count (samples, correct, per bin or per class and bin) is not a whole number"
     if f[:m].sum() != n:
@@ -500,7 +509,9 @@ class CalibrationMeter:
                         f"state holds {conf_np.shape[0]} confidences and {correct_np.shape[0]} correct flags"
                         f" for {n} samples; mass bins keep one pair per sample"
                     )
-                if not (np.isfinite(conf_np).all() and (conf_np >= 0).all() and (conf_np <= 1).all()):
+                # the confidences an update takes: within RANGE_ATOL of [0, 1]
+                if not (np.isfinite(conf_np).all() and (conf_np >= -RANGE_ATOL).all()
+                        and (conf_np <= 1 + RANGE_ATOL).all()):
                     raise ValueError("state's conf must hold confidences in [0, 1]")
                 if not np.isin(correct_np, (0.0, 1.0)).all():
                     raise ValueError("state's correct must hold 0 or 1 per sample")
