@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -531,3 +532,39 @@ def test_masked_logits_measure_as_classes_of_probability_zero(
     bad[11] = -math.inf
     with pytest.raises(ValueError, match=r"row 11 has no finite logit \(every entry is -inf\)"):
         fn(bad, y)
+
+
+_LOGITS_FRONTS = {
+    "ece": lambda p, y: ece(p, y, from_logits=True),
+    "ece_mass": lambda p, y: ece(p, y, from_logits=True, binning="mass"),
+    "classwise_ece": lambda p, y: classwise_ece(p, y, from_logits=True),
+    "brier": lambda p, y: brier(p, y, from_logits=True),
+    "nll": lambda p, y: nll(p, y, from_logits=True),
+    "nll_ignore_index": lambda p, y: nll(p, y, from_logits=True, ignore_index=-100),
+    "smooth_ece": lambda p, y: smooth_ece(p, y, from_logits=True),
+    "reliability_table": lambda p, y: reliability_table(p, y, from_logits=True),
+    "meter": lambda p, y: _meter_of_logits(p, y),
+}
+
+
+def _meter_of_logits(p: torch.Tensor, y: torch.Tensor) -> None:
+    m = calibration.CalibrationMeter(from_logits=True)
+    for s in range(0, p.shape[0], 100):
+        m.update(p[s : s + 100], y[s : s + 100])
+
+
+@pytest.mark.parametrize("front", list(_LOGITS_FRONTS))
+def test_probabilities_given_as_logits_warn_once_at_the_callers_line(front: str) -> None:
+    """Rows in [0, 1] summing to 1, given with from_logits=True, are softmaxed again (an ECE of
+    0.07 where the probabilities give 0.57): one CalibrationWarning, at the caller's line (the
+    meter's on its first batch only); real logits give none."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(500, 5, generator=g) * 3, 1)
+    y = torch.randint(0, 5, (500,), generator=g)
+    with pytest.warns(calibration.CalibrationWarning, match="these look like probabilities") as caught:
+        _LOGITS_FRONTS[front](p, y)
+    assert len([w for w in caught if "look like probabilities" in str(w.message)]) == 1
+    assert all(w.filename == __file__ for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _LOGITS_FRONTS[front](torch.log(p) + 1.0, y)

@@ -349,6 +349,25 @@ def warn_if_unnormalised(t: torch.Tensor, name: str) -> None:
     )
 
 
+def warn_if_probs_as_logits(t: torch.Tensor, name: str) -> None:
+    """Warn (:class:`~crossent.calibration.CalibrationWarning`) when (N, C) scores given as
+    logits (``from_logits=True``) look like probabilities (:func:`looks_like_probs`): their
+    softmax flattens them (p = [0.9, 0.1] reads as [0.69, 0.31]), a silently wrong ECE. The
+    first rows decide for real logits; all of them are read only where those look like
+    probabilities."""
+    if t.shape[0] == 0 or not (looks_like_probs(t[:256], name) and looks_like_probs(t, name)):
+        return
+    from crossent.calibration._base import CalibrationWarning
+
+    warnings.warn(
+        f"{name}: every entry lies in [0, 1] and every row sums to 1: these look like probabilities,"
+        " whose softmax (from_logits=True) is not what they mean; pass from_logits=False, or leave"
+        " from_logits to its detection",
+        CalibrationWarning,
+        stacklevel=_caller_level(),
+    )
+
+
 def looks_like_binary_probs(t: torch.Tensor) -> bool:
     """True if every entry of binary or multi-label scores ``t`` lies in [0, 1], within the
     round-off that ``from_logits=False`` accepts (:data:`RANGE_ATOL`), as the rows of
@@ -453,7 +472,7 @@ def check_binary_labels_shape(t: torch.Tensor, arr: np.ndarray, name: str) -> No
 
 
 def select(
-    probs: object, labels: object, *, from_logits: bool, ignore_index: int | None
+    probs: object, labels: object, *, from_logits: bool, ignore_index: int | None, check_probs: bool = True
 ) -> tuple[str, torch.Tensor, np.ndarray, np.ndarray | None]:
     """The problem's kind, its validated inputs with the ignored entries dropped, and the
     input's number of each row (entry) kept: None where none was dropped (see
@@ -467,6 +486,8 @@ def select(
       positive-class probabilities (sigmoid of the logits) as a 1-D tensor and the 0/1 labels.
 
     Labels equal to ``ignore_index`` are dropped (rows for multiclass, entries otherwise).
+    Multiclass logits that look like probabilities warn (:func:`warn_if_probs_as_logits`)
+    unless ``check_probs`` is false.
     """
     name = "logits" if from_logits else "probs"
     t = _to_tensor(probs, name)
@@ -510,7 +531,10 @@ def select(
             if not keep.any():
                 raise ValueError("every label equals ignore_index: nothing to measure")
             t, arr, rows = t[torch.from_numpy(keep)], flat[keep], np.flatnonzero(keep)
-    return "multiclass", t, as_labels(arr, t.shape[0], t.shape[1], rows=rows), rows
+    y = as_labels(arr, t.shape[0], t.shape[1], rows=rows)
+    if from_logits and check_probs:
+        warn_if_probs_as_logits(t, name)
+    return "multiclass", t, y, rows
 
 
 def drop_ignored(t: torch.Tensor, lab: np.ndarray, ignore_index: int | None) -> torch.Tensor:

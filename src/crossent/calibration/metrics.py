@@ -65,6 +65,7 @@ from crossent.calibration._inputs import (
     looks_like_binary_probs,
     looks_like_probs,
     select,
+    warn_if_probs_as_logits,
     warn_if_unnormalised,
 )
 from crossent.calibration._rows import row_statistics, width_bin_index, width_edges
@@ -583,7 +584,7 @@ def nll(
     as_matrix(raw, "probs_or_logits", metrics=True)
     rows = None
     if ignore_index is not None:
-        _, raw, _, rows = select(raw, lab, from_logits=True, ignore_index=ignore_index)
+        _, raw, _, rows = select(raw, lab, from_logits=True, ignore_index=ignore_index, check_probs=False)
         lab = lab.reshape(-1)[lab.reshape(-1) != ignore_index]
     t = as_matrix(raw, "probs_or_logits")
     y = torch.from_numpy(as_labels(lab, t.shape[0], t.shape[1]))
@@ -591,6 +592,8 @@ def nll(
         from_logits = not looks_like_probs(t, "probs_or_logits")
         if from_logits:
             warn_if_unnormalised(t, "probs_or_logits")
+    elif from_logits:
+        warn_if_probs_as_logits(t, "probs_or_logits")
     r = row_statistics(t, y, from_logits=from_logits, name="probs_or_logits", rows=rows)
     assert r.nll is not None
     return float(r.nll.sum()) / t.shape[0]

@@ -270,7 +270,9 @@ class CalibrationMeter:
             elif t.numel() > 0:  # binary and multi-label: every score in [0, 1]
                 self.from_logits = not looks_like_binary_probs(t)
         kind, t, y, rows = select(  # the labels as read above
-            logits_or_probs, lab, from_logits=bool(self.from_logits), ignore_index=self.ignore_index
+            logits_or_probs, lab, from_logits=bool(self.from_logits), ignore_index=self.ignore_index,
+            # logits given as such that look like probabilities warn, on the first samples only
+            check_probs=not detecting and self._scalars[0] == 0,
         )
         self._note_shape(kind, 2 if kind == "binary" else t.shape[1])
         if kind == "binary":  # positive-class probabilities; classwise on [1 - p, p]
