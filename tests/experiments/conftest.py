@@ -29,6 +29,8 @@ def make_blobs_task(
         X_train=x_tr, y_train=y_tr, X_val=x_va, y_val=y_va, X_test=x_te, y_test=y_te,
         num_classes=k,
         imbalanced=max(n_per_class) / min(n_per_class) >= 3,
+        # the test set is balanced: an imbalanced training set makes a label shift
+        label_shift=max(n_per_class) / min(n_per_class) >= 3,
     )
     return standardize(task)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -301,3 +302,80 @@ def test_an_out_that_cannot_be_written_fails_before_any_training(
     assert not (tmp_path / "a").exists()
     with pytest.raises(CLIError, match="--out /proc"):  # an existing folder is probed too
         check_out_dir("/proc")
+
+
+def test_n_bins_is_named_wherever_the_ece_is(
+    tmp_path: Path, blobs: TaskData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ECE is computed with --n-bins bins, and every label says so: report.md, the terminal
+    caption, the figures' axes; beside Mukhoti et al. (15 bins) a note says the scales differ."""
+    from crossent.experiments import report
+    from crossent.experiments.runner import aggregate
+
+    figures: dict[str, Any] = {}
+
+    def keep(name: str) -> Any:
+        plot = getattr(report, name)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            figures[name] = plot(*args, **kwargs)
+            return figures[name]
+        return wrapped
+
+    for name in ("plot_ece_bars", "plot_theory"):
+        monkeypatch.setattr(report, name, keep(name))
+    cfg = StudyConfig(losses=["ce", "focal-3", "cp-3"], seeds=[0, 1], epochs=3, hidden=16,
+                      model="mlp", n_bins=10)
+    result = run_study(cfg, tasks={"mnist1d": blobs})
+    rows = aggregate(result)
+    write_run_folder(result, tmp_path / "run", rows=rows)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "ECE-10 with 10 equal-width bins, AdaECE with 10 equal-mass bins" in md
+    assert "ECE-15" not in md and "15 bins" not in md
+    assert ("Mukhoti et al.'s ECE (and their grid search for T) uses 15 equal-width bins, this "
+            "run's 10") in md
+    assert figures["plot_ece_bars"].axes[0].get_ylabel() == "ECE-10 (%)"
+    assert figures["plot_theory"].axes[0].get_title() == "ECE-10 before scaling (%)"
+    (table,) = report.rich_tables(result, rows)
+    assert str(table.caption).startswith("ECE in % (10 bins);")
+    result.config.n_bins = 15  # Mukhoti et al.'s: no note
+    assert "not on one scale" not in report.mukhoti_table(result, rows)
+
+
+def test_imbalanced_user_data_gets_tail_metrics_but_no_label_shift(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """User data is split stratified, so its test set keeps the training prior: imbalanced
+    classes get balanced accuracy and tail recall, but the report claims no label shift and
+    scores no logit-adjustment arm, which targets a balanced test prior."""
+    rng = np.random.default_rng(0)
+    lines = ["f1,f2,label"] + [f"{rng.normal(2 * k):.3f},{rng.normal(-k):.3f},{name}"
+                               for k, (name, n) in enumerate((("a", 150), ("b", 50), ("c", 20)))
+                               for _ in range(n)]
+    (tmp_path / "lt.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["run", "--data", str(tmp_path / "lt.csv"), "--target", "label",
+                 "--losses", "ce,la-ce", *TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "BalAcc %" in printed and "LA" not in printed
+    md = (out / "report.md").read_text()
+    assert "Label shift" not in md and "Post-hoc logit adjustment" not in md
+    assert ("Imbalanced classes: the split is stratified, so the validation and test sets keep the "
+            "training prior") in md
+    data = json.loads((out / "results.json").read_text())
+    assert data["tasks"]["lt"]["imbalanced"] is True and data["tasks"]["lt"]["label_shift"] is False
+    for run in data["runs"]:
+        assert set(run["boot"]) == {"test", "test_ts", "test_tsece"}
+        assert "test_la" not in run and "temperature_la" not in run
+        assert 0.0 <= run["test"]["tail_recall"] <= 1.0 and 0.0 <= run["test"]["balanced_acc"] <= 1.0
+
+
+@pytest.mark.parametrize(("losses", "drawn"), [(["focal-3", "cp-3"], "focal-3"), (["focal-3", "ce"], "ce")])
+def test_quick_draws_one_reliability_diagram_per_task(
+    tmp_path: Path, blobs: TaskData, losses: list[str], drawn: str
+) -> None:
+    """--quick draws one reliability diagram per task: CE's, or the first loss's where CE is not
+    run (before, a quick run without CE had none)."""
+    cfg = StudyConfig(losses=losses, seeds=[0], epochs=3, hidden=16, quick=True)
+    written = write_run_folder(run_study(cfg, tasks={"blobs": blobs}), tmp_path / "run")
+    assert [n for n in written if "reliability_" in n] == [f"figures/reliability_blobs_{drawn}.png"]

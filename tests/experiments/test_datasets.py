@@ -31,7 +31,7 @@ def test_long_tail_counts_exact() -> None:
 
 def test_long_tailed_mnist1d_counts_and_disjoint_balanced_test() -> None:
     task = load_mnist1d_lt_task()
-    assert task.imbalanced
+    assert task.imbalanced and task.label_shift
     expected = long_tail_counts(300, 10, 50).tolist()
     assert np.bincount(task.y_train, minlength=10).tolist() == expected
     # validation has the test set's (uniform) prior: T is fitted under the test distribution
@@ -109,6 +109,20 @@ def test_user_csv_numeric_string_target_and_one_hot(tmp_path) -> None:
     assert len(t.y_train) + len(t.y_val) + len(t.y_test) == 60
     assert (len(t.y_train), len(t.y_val), len(t.y_test)) == (36, 12, 12)
     assert t.name == "pets" and not t.imbalanced
+
+
+def test_imbalanced_user_data_keeps_the_training_prior_in_validation_and_test(tmp_path) -> None:
+    """The stratified split gives every part the training prior: imbalanced classes, but no
+    label shift between training and test (unlike mnist1d-lt, whose test set is balanced)."""
+    rng = np.random.default_rng(0)
+    lines = ["f,label"] + [f"{rng.normal(k):.3f},{name}"
+                           for k, (name, n) in enumerate((("a", 150), ("b", 50), ("c", 20)))
+                           for _ in range(n)]
+    t = load_user_data(_write_csv(tmp_path / "lt.csv", "\n".join(lines) + "\n"), "label")
+    assert np.bincount(t.y_train).tolist() == [90, 30, 12]
+    assert np.bincount(t.y_val).tolist() == [30, 10, 4]
+    assert np.bincount(t.y_test).tolist() == [30, 10, 4]
+    assert t.imbalanced and not t.label_shift
 
 
 def test_user_npz(tmp_path) -> None:

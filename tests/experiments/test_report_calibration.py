@@ -157,7 +157,6 @@ def test_theory_intervals_are_cut_at_zero() -> None:
     ((0.92, 0.13, 1.20), "not clearly over- or underconfident (the interval of T includes 1)"),
     ((0.80, 0.01, 0.05), "underconfident"),
     ((1.30, 0.02, 0.10), "overconfident"),
-    ((0.80, math.nan, math.nan), "underconfident"),  # one seed: the mean decides
     ((1.02, 0.01, 0.01), "close to calibrated"),
 ])
 def test_the_regime_judges_t_by_its_interval(t: tuple[float, float, float], want: str) -> None:
@@ -169,3 +168,46 @@ def test_the_regime_judges_t_by_its_interval(t: tuple[float, float, float], want
     row = {"temperature": t, "train_acc": (0.9, 0.0, 0.0), "acc": (0.8, 0.0, 0.01), "model": "MLP"}
     assert _regime(row).endswith(f"is {want}")
     assert _t_side(t) == (-1 if want == "underconfident" else 1 if want == "overconfident" else 0)
+
+
+def test_one_seed_reading_gives_the_side_of_t_as_a_point_estimate() -> None:
+    """From one seed T has no interval: the reading still names the side of 1 its mean lies
+    on (the mean decides), but as one seed's point estimate, in the regime and in the lists
+    of T < 1 / T > 1, beside the line that calls nothing clear."""
+    from crossent.experiments.report import _regime, _t_side
+
+    row = {"temperature": (0.80, math.nan, math.nan), "train_acc": (0.9, 0.0, 0.0),
+           "acc": (0.8, math.nan, math.nan), "model": "MLP"}
+    assert _t_side(row["temperature"]) == -1
+    assert _regime(row).endswith("is underconfident going by one seed's point estimate of T")
+    result = _study(set(), seeds=(0,))
+    rows = aggregate(result)
+    t = result.runs[0].temperature
+    assert t > 1.05 and rows[0]["temperature"][0] == pytest.approx(t)
+    reading = automatic_reading(result, rows)["sep"]
+    assert reading[0].endswith(f"T = {t:.2f}: it does not interpolate and is overconfident going by "
+                               "one seed's point estimate of T).")
+    assert "T > 1 (overconfident before scaling), point estimates of one seed: CE." in reading
+    assert reading[1].startswith("One seed: no interval")
+    assert not any("clearly" in line or "within noise" in line for line in reading[2:])
+
+
+def test_one_seed_reading_of_distillation_calls_no_student_better() -> None:
+    """The distillation reading with one seed gives both students' accuracies without a
+    verdict: "within noise of" would be a judgement that no interval supports."""
+    x = np.zeros((4, 1))
+    y = np.array([0, 1, 0, 1])
+    task = TaskData(name="distill", description="d", X_train=x, y_train=y, X_val=x, y_val=y,
+                    X_test=x, y_test=y, num_classes=2, teacher_task="teachers")
+    result = StudyResult(config=StudyConfig(seeds=[0]), tasks={"distill": task}, runs=[])
+    nan = math.nan
+
+    def row(loss: str, label: str, acc: float) -> dict[str, object]:
+        return {"task": "distill", "loss": loss, "loss_label": label, "model": "mlp", "n_seeds": 1,
+                "acc": [acc, nan, nan], "ece": [0.05, nan, nan], "temperature": [1.2, nan, nan]}
+
+    rows = [row("kd-ce", "student of CE", 0.62), row("kd-ls-0.1", "student of LS 0.1", 0.58)]
+    last = automatic_reading(result, rows)["distill"][-1]
+    assert last == ("The student of the label-smoothed teacher reaches 58.0% test accuracy, the "
+                    "student of the CE teacher 62.0% (one seed: no interval, so neither is called "
+                    "clearly better or within noise; run more --seeds).")

@@ -4,9 +4,10 @@ Calibration metrics, all on the test set, all from :mod:`crossent.calibration`:
 
 - ``nll``: mean negative log-likelihood of the true class.
 - ``brier``: multiclass Brier score :math:`\frac1n\sum_i \sum_k (q_{ik} - y_{ik})^2` (0..2).
-- ``ece``: expected calibration error of the top-label confidence, 15 equal-width bins
-  (Guo et al. 2017), :math:`\sum_b \frac{|B_b|}{n} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`.
-- ``adaece``: the same with 15 equal-mass bins (adaptive ECE, Mukhoti et al. 2020).
+- ``ece``: expected calibration error of the top-label confidence, ``n_bins`` equal-width
+  bins (15 unless ``--n-bins`` says otherwise; Guo et al. 2017),
+  :math:`\sum_b \frac{|B_b|}{n} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`.
+- ``adaece``: the same with ``n_bins`` equal-mass bins (adaptive ECE, Mukhoti et al. 2020).
 - ``cw_ece``: classwise ECE, the mean over classes of the ECE of :math:`q_{\cdot k}`
   against :math:`[y = k]` (Kull et al. 2019).
 

@@ -34,7 +34,9 @@ minibatch order. Features are standardised with training-set statistics
 
 User data (:func:`load_user_data`): ``.csv`` / ``.tsv`` with a header row and a target
 column, ``.npz`` with arrays ``X`` and ``y``, or ``.parquet`` (needs ``pyarrow``), split
-60 / 20 / 20 stratified.
+60 / 20 / 20 stratified. The stratified split gives validation and test the training
+prior: imbalanced user data is :attr:`TaskData.imbalanced` but has no
+:attr:`TaskData.label_shift`.
 """
 
 from __future__ import annotations
@@ -92,8 +94,15 @@ class TaskData:
     y_test: np.ndarray
     num_classes: int
     class_names: list[str] = field(default_factory=list)
-    #: Whether to add the imbalance-aware losses and report tail metrics.
+    #: Whether the training classes are imbalanced: the default grid adds the imbalance-aware
+    #: losses, and the report gives balanced accuracy, macro-F1 and tail recall.
     imbalanced: bool = False
+    #: Whether validation and test are drawn with a balanced prior while training is
+    #: imbalanced (``mnist1d-lt``). Only then are the post-hoc logit-adjustment arms scored:
+    #: they correct the training prior towards a balanced one, and their prior-corrected
+    #: temperature is fitted on a validation set assumed to have the test's balanced prior.
+    #: A stratified split (user data) keeps the training prior in every part: no label shift.
+    label_shift: bool = False
     #: For a distillation task: the task whose models are the teachers.
     teacher_task: str | None = None
 
@@ -318,6 +327,7 @@ def load_mnist1d_lt_task(
         ),
         num_classes=k,
         imbalanced=True,
+        label_shift=True,
     )
 
 
@@ -554,6 +564,10 @@ def load_user_data(
     error. ``.npz``: arrays ``X`` (n, ...) and ``y`` (n,) (or the key ``target``).
     ``.parquet``: like CSV, read with pyarrow. Labels may be integers or strings. Raises
     :class:`DataError` (a ``ValueError``) with a one-line message for any problem.
+
+    Classes whose training counts differ by :data:`IMBALANCE_RATIO` or more make the task
+    ``imbalanced``; the stratified split gives validation and test the same prior as
+    training, so the task never has ``label_shift``.
     """
     p = Path(path)
     if not p.exists():

@@ -12,7 +12,8 @@ Files written by :func:`write_run_folder`:
 ``report.md``      the statistics rule, the automatic reading, the comparison with Mukhoti et
                    al. 2020 and the tables per task (mean +- 95% half-width)
 ``figures/``       ``reliability_<task>_<loss>.png`` (before / after temperature scaling,
-                   the seeds' test predictions pooled; CE only with ``--quick``),
+                   the seeds' test predictions pooled; with ``--quick`` one per task, CE's
+                   or, where CE is not run, the first loss's),
                    ``ece_<task>.png`` (ECE before / after both temperature fits per loss),
                    ``theory_<task>.png`` (focal gamma beside CE - gamma H: ECE, T and
                    predictive entropy against the strength) and ``loss_gradient_pt.png``
@@ -91,6 +92,8 @@ def _t_side(t: tuple[float, ...]) -> int:
 MUKHOTI_CIFAR10: dict[str, tuple[float, float]] = {
     "ce": (4.35, 1.35), "ls-0.05": (2.96, 1.67), "focal-3": (1.48, 1.42), "flsd-53": (1.55, 0.95),
 }
+#: the number of equal-width bins of Mukhoti et al.'s ECE (and of their ECE grid search for T)
+MUKHOTI_N_BINS = 15
 STATISTICS_NOTE = (
     "Each cell is the mean over seeds ± the half-width h of a 95% interval, "
     "h = √(h_seed² + h_boot²): h_seed = t(0.975, n−1)·s/√n from the n seeds (sample std s; "
@@ -207,7 +210,7 @@ def markdown_tables(result: StudyResult, rows: list[dict[str, Any]]) -> str:
               _fmt(r["ece_tsece"], "ece"), f"{_num(r['ece'][0], 'ece')} → {_num(r['ece_ts'][0], 'ece')}"]
              for r in trows],
         )
-        if data.imbalanced and "balanced_acc_la" in trows[0]:
+        if data.label_shift and "balanced_acc_la" in trows[0]:
             out.append("\nPost-hoc logit adjustment (Menon et al. 2021): LA = z − log π_train; "
                        "LA + T = z/T − log π_train with T fitted on the balanced validation set "
                        "(the prior-corrected temperature):\n")
@@ -251,7 +254,10 @@ def _theory_table(trows: list[dict[str, Any]]) -> str:
 
 
 def mukhoti_table(result: StudyResult, rows: list[dict[str, Any]], task: str = "mnist1d") -> str:
-    """This run's ECE before -> after scaling (both T fits) beside Mukhoti et al.'s CIFAR-10."""
+    """This run's ECE before -> after scaling (both T fits) beside Mukhoti et al.'s CIFAR-10.
+
+    Their ECE has :data:`MUKHOTI_N_BINS` bins; a run with another ``n_bins`` says so under the
+    table, since the number of bins moves the ECE."""
     by = _by_loss(_task_rows(rows, task))
     present = [k for k in MUKHOTI_CIFAR10 if k in by]
     if not present:
@@ -266,6 +272,11 @@ def mukhoti_table(result: StudyResult, rows: list[dict[str, Any]], task: str = "
           _fmt(by[k]["temperature_ece"], "temperature")]
          for k, (a, b) in ((k, MUKHOTI_CIFAR10[k]) for k in present)],
     )
+    n_bins = result.config.n_bins
+    if n_bins != MUKHOTI_N_BINS:
+        lines += ["", f"Mukhoti et al.'s ECE (and their grid search for T) uses {MUKHOTI_N_BINS} "
+                  f"equal-width bins, this run's {n_bins}: the number of bins changes the ECE, so "
+                  f"the two sides are not on one scale (--n-bins {MUKHOTI_N_BINS} compares them)."]
     return "\n".join(lines)
 
 
@@ -283,9 +294,10 @@ def rich_tables(result: StudyResult, rows: list[dict[str, Any]]) -> list[Any]:
         table = rich_table.Table(
             title=f"[bold]{task}[/] ({trows[0]['model']}): test set, mean ± 95% half-width over "
                   f"{trows[0]['n_seeds']} seed(s)",
-            caption="ECE in % (15 bins); H = mean predictive entropy (nats); T fitted on "
-                    "validation NLL, T(ECE) on validation ECE; TS = after scaling; best ECE in green"
-                    + ("; LA = post-hoc logit adjustment" if data.imbalanced else ""),
+            caption=f"ECE in % ({result.config.n_bins} bins); H = mean predictive entropy (nats); "
+                    "T fitted on validation NLL, T(ECE) on validation ECE; TS = after scaling; "
+                    "best ECE in green"
+                    + ("; LA = post-hoc logit adjustment" if data.label_shift else ""),
             header_style="bold",
             pad_edge=False,
         )
@@ -293,7 +305,7 @@ def rich_tables(result: StudyResult, rows: list[dict[str, Any]]) -> list[Any]:
         heads = {"acc": "Acc %", "balanced_acc": "BalAcc %", "tail_recall": "Tail %"}
         for c in acc_cols:
             table.add_column(heads[c], justify="right", no_wrap=True)
-        extra = ("BalAcc % LA", "Tail % LA") if data.imbalanced else ()
+        extra = ("BalAcc % LA", "Tail % LA") if data.label_shift else ()
         for name in ("Train %", "NLL", "ECE %", "H", "T", "ECE % TS", "NLL TS", "T(ECE)",
                      "ECE % TS(ECE)", *extra):
             table.add_column(name, justify="right", no_wrap=True,
@@ -316,7 +328,7 @@ def rich_tables(result: StudyResult, rows: list[dict[str, Any]]) -> list[Any]:
                 f"{r['temperature_ece'][0]:.2f}",
                 _cell(r["ece_tsece"], "ece", 2),
             ]
-            if data.imbalanced:
+            if data.label_shift:
                 cells += [_cell(r["balanced_acc_la"], "acc", 1), _cell(r["tail_recall_la"], "acc", 1)]
             table.add_row(*cells)
         tables.append(table)
@@ -333,12 +345,16 @@ def _clearly_lower(a: Sequence[float], b: Sequence[float]) -> bool:
 
 def _regime(r: dict[str, Any], fell: int = 0, runs: int = 0) -> str:
     """The CE row's regime; ``fell`` of its ``runs`` NLL temperature fits fell back to T = 1,
-    which says nothing about its calibration (a T of 1 from a fallback is no measurement)."""
+    which says nothing about its calibration (a T of 1 from a fallback is no measurement).
+    From one seed T has no interval, so over- or underconfidence rests on its point estimate
+    alone, and the sentence says so."""
     t = r["temperature"][0]
     side = _t_side(r["temperature"])
     conf = "overconfident" if side > 0 else "underconfident" if side < 0 else "close to calibrated"
     if not side and abs(t - 1) > T_TOLERANCE:  # the interval includes 1
         conf = "not clearly over- or underconfident (the interval of T includes 1)"
+    elif side and _one_seed(r["temperature"]):
+        conf += " going by one seed's point estimate of T"
     if fell and fell == runs:
         conf = ("of unmeasured calibration: every NLL temperature fit fell back to T = 1 "
                 "(see below)")
@@ -347,6 +363,11 @@ def _regime(r: dict[str, Any], fell: int = 0, runs: int = 0) -> str:
     fit = "interpolates the training set" if r["train_acc"][0] >= 0.995 else "does not interpolate"
     return (f"{r['model']}, {100 * r['train_acc'][0]:.1f}% train / {_fmt(r['acc'], 'acc')}% test "
             f"accuracy, T = {_fmt(r['temperature'], 'temperature')}: it {fit} and is {conf}")
+
+
+def _one_seed(cell: Sequence[float]) -> bool:
+    """Whether a ``[mean, std, h]`` cell comes from one seed: a mean without an interval."""
+    return math.isfinite(cell[0]) and not math.isfinite(cell[2])
 
 
 def _fell_back(result: StudyResult, task: str) -> tuple[list[dict[str, Any]], int]:
@@ -400,6 +421,11 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
             lines.append(f"Regime: CE ({_regime(ce, ce_fell, ce_runs)}).")
         if fell:  # before any sentence on the TS columns, which hold unscaled numbers for these
             lines.append(_fallback_reading(fell, n_runs))
+        one_seed = all(r["n_seeds"] == 1 for r in trows)  # no interval: nothing to judge
+        if one_seed:
+            lines.append("One seed: no interval, so no difference between losses is called clear or"
+                         " within noise, and a T below or above 1 is a point estimate (run more"
+                         " --seeds).")
         b0 = min(valid, key=lambda r: r["ece"][0])
         b1 = min(valid, key=lambda r: _nan_high(r["ece_ts"][0]))
         worst0 = max(valid, key=lambda r: r["ece"][0])
@@ -410,14 +436,11 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
         )
         under = [r["loss_label"] for r in valid if _t_side(r["temperature"]) < 0]
         over = [r["loss_label"] for r in valid if _t_side(r["temperature"]) > 0]
+        point = ", point estimates of one seed" if one_seed else ""
         if under:
-            lines.append(f"T < 1 (underconfident before scaling): {', '.join(under)}.")
+            lines.append(f"T < 1 (underconfident before scaling){point}: {', '.join(under)}.")
         if over:
-            lines.append(f"T > 1 (overconfident before scaling): {', '.join(over)}.")
-        one_seed = all(r["n_seeds"] == 1 for r in trows)  # no interval: nothing to judge
-        if one_seed:
-            lines.append("One seed: no interval, so no difference between losses is called clear or"
-                         " within noise (run more --seeds).")
+            lines.append(f"T > 1 (overconfident before scaling){point}: {', '.join(over)}.")
         if ce is not None and not one_seed:
             beat_before = [r["loss_label"] for r in valid
                            if r["loss"] != "ce" and _clearly_lower(r["ece"], ce["ece"])]
@@ -457,7 +480,7 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
             lines.append(effect)
         lines += _theory_reading(trows, judge=not one_seed)
         if data.imbalanced:
-            lines += _long_tail_reading(trows)
+            lines += _long_tail_reading(trows, label_shift=data.label_shift, judge=not one_seed)
         reading[task] = lines
     return reading
 
@@ -560,22 +583,37 @@ def _theory_reading(trows: list[dict[str, Any]], *, judge: bool = True) -> list[
     return lines
 
 
-def _long_tail_reading(trows: list[dict[str, Any]]) -> list[str]:
+def _long_tail_reading(
+    trows: list[dict[str, Any]], *, label_shift: bool = True, judge: bool = True
+) -> list[str]:
+    """The sentences on an imbalanced task: its priors, balanced accuracy and tail recall, and
+    with a label shift the post-hoc logit adjustment. ``label_shift=False`` (a stratified split,
+    as of user data) says that validation and test keep the training prior; the adjustment,
+    which targets a balanced test prior, is not run there. ``judge=False`` (one seed) leaves
+    out which losses or arms differ clearly."""
     by = _by_loss(trows)
     ce = by.get("ce")
     if ce is None:
         return []
-    lines = ["Label shift: the training prior is long-tailed, the validation and test sets are "
-             "balanced, so T is fitted under the test prior."]
+    if label_shift:
+        lines = ["Label shift: the training prior is long-tailed, the validation and test sets are "
+                 "balanced, so T is fitted under the test prior."]
+    else:
+        lines = ["Imbalanced classes: the split is stratified, so the validation and test sets keep "
+                 "the training prior and T is fitted under it; balanced accuracy and tail recall "
+                 "weigh every class equally. No post-hoc logit adjustment: it targets a balanced "
+                 "test prior, which this test set does not have."]
     moved = [r for r in trows if r["loss"] != "ce"
              and clearly_different(r["balanced_acc"], ce["balanced_acc"])]
     lines.append(
         f"Balanced accuracy of CE {_fmt(ce['balanced_acc'], 'acc')}% (tail recall "
-        f"{_fmt(ce['tail_recall'], 'acc')}%); clearly different: "
-        + (", ".join(f"{r['loss_label']} {_fmt(r['balanced_acc'], 'acc')}% (tail "
-                     f"{_fmt(r['tail_recall'], 'acc')}%)" for r in moved) or "none") + "."
+        f"{_fmt(ce['tail_recall'], 'acc')}%)"
+        + ("; clearly different: " + (", ".join(
+            f"{r['loss_label']} {_fmt(r['balanced_acc'], 'acc')}% (tail "
+            f"{_fmt(r['tail_recall'], 'acc')}%)" for r in moved) or "none") if judge else "")
+        + "."
     )
-    if "balanced_acc_la" in ce:
+    if label_shift and "balanced_acc_la" in ce:
         helped = [r["loss_label"] for r in trows
                   if r["balanced_acc_la"][0] > r["balanced_acc"][0]
                   and clearly_different(r["balanced_acc_la"], r["balanced_acc"])]
@@ -584,15 +622,18 @@ def _long_tail_reading(trows: list[dict[str, Any]]) -> list[str]:
         helped_t = [r["loss_label"] for r in trows
                     if r["balanced_acc_lats"][0] > r["balanced_acc"][0]
                     and clearly_different(r["balanced_acc_lats"], r["balanced_acc"])]
+        raw = (f"Post-hoc logit adjustment on the raw logits moves CE to "
+               f"{_fmt(ce['balanced_acc_la'], 'acc')}% balanced accuracy (tail "
+               f"{_fmt(ce['tail_recall_la'], 'acc')}%)")
+        lats = (f"After the prior-corrected temperature (z/T − log π, T = "
+                f"{ce['temperature_la'][0]:.2f} for CE) CE reaches "
+                f"{_fmt(ce['balanced_acc_lats'], 'acc')}% (tail {_fmt(ce['tail_recall_lats'], 'acc')}%)")
+        if not judge:
+            lines.append(f"{raw}. {lats}.")
+            return lines
         lines.append(
-            f"Post-hoc logit adjustment on the raw logits moves CE to "
-            f"{_fmt(ce['balanced_acc_la'], 'acc')}% balanced accuracy (tail "
-            f"{_fmt(ce['tail_recall_la'], 'acc')}%) and clearly helps: "
-            + (", ".join(helped) or "none")
-            + f". After the prior-corrected temperature (z/T − log π, T = "
-            f"{ce['temperature_la'][0]:.2f} for CE) CE reaches "
-            f"{_fmt(ce['balanced_acc_lats'], 'acc')}% (tail {_fmt(ce['tail_recall_lats'], 'acc')}%);"
-            " clearly above the raw logits in balanced accuracy: " + (", ".join(helped_t) or "none")
+            raw + " and clearly helps: " + (", ".join(helped) or "none") + ". " + lats
+            + "; clearly above the raw logits in balanced accuracy: " + (", ".join(helped_t) or "none")
             + "; in tail recall: " + (", ".join(tail_up) or "none") + "."
             + (" Where tail recall rises and balanced accuracy does not, the adjustment trades "
                "head-class recall for tail-class recall." if tail_up and not helped_t else "")
@@ -618,7 +659,13 @@ def _distill_reading(result: StudyResult, rows: list[dict[str, Any]], task: str)
                    f"{t['entropy'][0]:.2f} nats" if t else "") + "."
             )
     a, b = by.get("kd-ce"), by.get("kd-ls-0.1")
-    if a and b:
+    if a and b and (_one_seed(a["acc"]) or _one_seed(b["acc"])):
+        lines.append(
+            f"The student of the label-smoothed teacher reaches {_fmt(b['acc'], 'acc')}% test "
+            f"accuracy, the student of the CE teacher {_fmt(a['acc'], 'acc')}% (one seed: no "
+            "interval, so neither is called clearly better or within noise; run more --seeds)."
+        )
+    elif a and b:
         verdict = ("clearly worse" if _clearly_lower(b["acc"], a["acc"]) else
                    "clearly better" if _clearly_lower(a["acc"], b["acc"]) else "within noise of")
         lines.append(
@@ -687,8 +734,12 @@ def plot_reliability(result: StudyResult, task: str, loss: str, *, n_bins: int =
     return fig
 
 
-def plot_ece_bars(result: StudyResult, rows: list[dict[str, Any]], task: str) -> Any:
-    """Grouped bars: ECE before and after temperature scaling, per loss (error bar: 95% h)."""
+def plot_ece_bars(
+    result: StudyResult, rows: list[dict[str, Any]], task: str, *, n_bins: int = 15
+) -> Any:
+    """Grouped bars: ECE before and after temperature scaling, per loss (error bar: 95% h).
+    ``n_bins`` is the number of bins the rows' ECE was computed with (the study's
+    ``n_bins``), named on the y axis."""
     from crossent._extras import require
 
     figure = require("matplotlib.figure", "the figures of crossent run")
@@ -705,7 +756,7 @@ def plot_ece_bars(result: StudyResult, rows: list[dict[str, Any]], task: str) ->
         ax.bar(x + off, means, w, yerr=_cut_at_zero(means, errs), capsize=3, label=lab, color=color,
                alpha=0.85)
     ax.set_xticks(x, [r["loss_label"] for r in trows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("ECE-15 (%)")
+    ax.set_ylabel(f"ECE-{n_bins} (%)")
     ax.set_title(f"{task}: test ECE before / after temperature scaling\n(mean ± 95% interval, cut at 0)",
                  fontsize=10)
     ax.legend(fontsize=8)
@@ -721,9 +772,11 @@ def _cut_at_zero(means: list[float], half_widths: list[float]) -> list[list[floa
     return [below, half_widths]
 
 
-def plot_theory(rows: list[dict[str, Any]], task: str) -> Any:
+def plot_theory(rows: list[dict[str, Any]], task: str, *, n_bins: int = 15) -> Any:
     """Focal loss gamma against its lower bound CE - beta H (beta = gamma): ECE before scaling,
-    the fitted T and the mean predictive entropy as functions of the strength, CE at 0."""
+    the fitted T and the mean predictive entropy as functions of the strength, CE at 0.
+    ``n_bins`` is the number of bins the rows' ECE was computed with (the study's ``n_bins``),
+    named in the ECE panel's title."""
     from crossent._extras import require
 
     trows = _task_rows(rows, task)
@@ -747,7 +800,7 @@ def plot_theory(rows: list[dict[str, Any]], task: str) -> Any:
             es = [scale * r[key][2] for _, r in pts]
             ax.errorbar(xs, ys, yerr=_cut_at_zero(ys, es), marker=marker, color=color, label=label,
                         capsize=3)
-    for ax, title in zip(axes, ("ECE-15 before scaling (%)", "fitted temperature T (NLL)",
+    for ax, title in zip(axes, (f"ECE-{n_bins} before scaling (%)", "fitted temperature T (NLL)",
                                 "mean predictive entropy H (nats)"), strict=True):
         ax.set_xlabel("strength γ = β")
         ax.set_title(title, fontsize=9)
@@ -900,6 +953,7 @@ def write_run_folder(
                    "n_val": len(d.y_val), "n_test": len(d.y_test),
                    "num_classes": d.num_classes, "num_features": d.num_features,
                    "class_names": d.class_names, "imbalanced": d.imbalanced,
+                   "label_shift": d.label_shift,
                    "train_counts": d.train_counts.tolist()}
             for name, d in result.tasks.items()
         },
@@ -980,14 +1034,22 @@ def _write_figures(
     for task in result.tasks:
         if not any(r["task"] == task for r in rows):
             continue
-        save(plot_ece_bars(result, rows, task), f"ece_{_safe(task)}.png")
-        save(plot_theory(rows, task), f"theory_{_safe(task)}.png")
-        for r in rows:
-            # --quick draws the reliability diagram of CE only (each takes ~0.5 s)
-            if r["task"] == task and (not result.config.quick or r["loss"] == "ce"):
-                save(plot_reliability(result, task, r["loss"], n_bins=n_bins),
-                     f"reliability_{_safe(task)}_{_safe(r['loss'])}.png")
+        save(plot_ece_bars(result, rows, task, n_bins=n_bins), f"ece_{_safe(task)}.png")
+        save(plot_theory(rows, task, n_bins=n_bins), f"theory_{_safe(task)}.png")
+        for loss in _reliability_losses(result, rows, task):
+            save(plot_reliability(result, task, loss, n_bins=n_bins),
+                 f"reliability_{_safe(task)}_{_safe(loss)}.png")
     return paths
+
+
+def _reliability_losses(result: StudyResult, rows: list[dict[str, Any]], task: str) -> list[str]:
+    """The losses of ``task`` whose reliability diagram is drawn: every loss, or with
+    ``--quick`` one (each diagram takes ~0.5 s), CE's where CE was run and else the first
+    loss's, so that no quick run is left without one."""
+    losses = [r["loss"] for r in rows if r["task"] == task]
+    if not result.config.quick or not losses:
+        return losses
+    return ["ce" if "ce" in losses else losses[0]]
 
 
 def _report_md(
@@ -1010,8 +1072,9 @@ def _report_md(
         f"{', '.join(map(str, cfg.seeds))}); models: {models}; Adam, batch {cfg.batch_size}; "
         f"wall time {result.wall_time_s:.0f} s.",
         "",
-        "Metrics on the test set; ECE-15 with equal-width bins, AdaECE with equal-mass bins, "
-        "cw-ECE classwise (all in %); Brier is the multiclass sum (0-2); H is the mean entropy "
+        f"Metrics on the test set; ECE-{cfg.n_bins} with {cfg.n_bins} equal-width bins, AdaECE with "
+        f"{cfg.n_bins} equal-mass bins, cw-ECE classwise with {cfg.n_bins} bins per class (all in "
+        "%); Brier is the multiclass sum (0-2); H is the mean entropy "
         "of the predictions in nats. Temperature T is fitted on the validation set only, by NLL "
         "(Guo et al.) and, for the Mukhoti-comparable column, by grid search on ECE.",
         "",

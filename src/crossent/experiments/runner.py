@@ -13,14 +13,15 @@ Protocol (the same for every loss, so only the loss differs):
    early stopping, the last weights.
 4. Evaluation on the test set, in arms: the raw logits; temperature scaling (Guo et al. 2017)
    with :math:`T` fitted on validation NLL (``_ts``); :math:`T` fitted by grid search on
-   validation ECE, the protocol of Mukhoti et al. 2020 (``_tsece``); on imbalanced tasks
-   post-hoc logit adjustment :math:`z - \log \pi_{\text{train}}` (Menon et al. 2021,
-   ``_la``) and the prior-corrected temperature :math:`z/T - \log \pi_{\text{train}}`
-   with :math:`T` fitted on the balanced validation set (``_lats``,
-   :func:`fit_prior_corrected_temperature`). The test set is
-   never used for fitting. Each arm records the bootstrap std of its main metrics over test
-   points, the mean predictive entropy, and for focal models the per-sample check of
-   :math:`\mathrm{FL}_\gamma \ge \mathrm{CE} - \gamma H`.
+   validation ECE, the protocol of Mukhoti et al. 2020 (``_tsece``); on tasks with a label
+   shift (:attr:`~crossent.experiments.datasets.TaskData.label_shift`: a long-tailed
+   training set, balanced validation and test sets) post-hoc logit adjustment
+   :math:`z - \log \pi_{\text{train}}` (Menon et al. 2021, ``_la``) and the
+   prior-corrected temperature :math:`z/T - \log \pi_{\text{train}}` with :math:`T`
+   fitted on the balanced validation set (``_lats``, :func:`fit_prior_corrected_temperature`).
+   The test set is never used for fitting. Each arm records the bootstrap std of its main
+   metrics over test points, the mean predictive entropy, and for focal models the per-sample
+   check of :math:`\mathrm{FL}_\gamma \ge \mathrm{CE} - \gamma H`.
 5. Distillation (task ``distill``): the ``mnist1d`` models trained with CE and with label
    smoothing are the teachers; a student (the MLP) is trained on each teacher's softened
    training-set outputs, next to the same MLP trained on the hard labels (``ce``).
@@ -383,7 +384,7 @@ def _evaluate_arms(
             val_logits, task.y_val, objective="ece", n_bins=config.n_bins)
         arms["test_ts"] = test_logits / temps["temperature"]
         arms["test_tsece"] = test_logits / temps["temperature_ece"]
-        if task.imbalanced:
+        if task.label_shift:
             # post-hoc logit adjustment: subtract log of the training prior (tau = 1)
             log_prior = np.log(np.maximum(task.train_counts, 0.5) / task.train_counts.sum())
             arms["test_la"] = test_logits - log_prior
@@ -392,14 +393,14 @@ def _evaluate_arms(
             arms["test_lats"] = test_logits / temps["temperature_la"] - log_prior
     boot: dict[str, dict[str, float]] = {}
     for arm in ARMS:
-        if arm not in ("test_la", "test_lats") or task.imbalanced:
+        if arm not in ("test_la", "test_lats") or task.label_shift:
             if arm in arms:
                 record[arm], boot[arm] = _arm(arms[arm], task, y_test, config, seed)
             else:
                 record[arm] = dict.fromkeys((*METRICS, "entropy"), float("nan"))
                 boot[arm] = dict.fromkeys(BOOTSTRAP_METRICS, float("nan"))
     for key in ("temperature", "temperature_ece", "temperature_la"):
-        if key != "temperature_la" or task.imbalanced:
+        if key != "temperature_la" or task.label_shift:
             record[key] = temps.get(key, float("nan"))
     # the NLL fit falls back to T = 1 on the guard's finding; the ECE fit (Mukhoti et al.'s
     # protocol) is kept, and its finding goes under its own key: not a fallback
@@ -653,7 +654,7 @@ def aggregate(result: StudyResult) -> list[dict[str, Any]]:
     Keys: ``task``, ``loss``, ``loss_label``, ``model``, ``n_seeds``; for each metric ``m`` and
     arm suffix ``s`` of :data:`ARMS` present in the runs, ``m + s`` (``ece``, ``ece_ts``,
     ``ece_tsece``, ``balanced_acc_la``, ...), including ``entropy + s``; ``temperature``,
-    ``temperature_ece``, ``temperature_la`` (imbalanced tasks), ``train_acc``; and for focal
+    ``temperature_ece``, ``temperature_la`` (tasks with a label shift), ``train_acc``; and for focal
     models ``bound_holds``, ``bound_gap``, ``bound_gap_rel``.
     """
     rows: list[dict[str, Any]] = []
