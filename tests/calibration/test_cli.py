@@ -277,7 +277,7 @@ def test_key_picks_an_array_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixtu
     rc, _, err = run([str(tmp_path / "predictions.npz")], capsys)
     one_line_error(rc, err, "holds 50 arrays, 24 of them 2-D: breast_cancer/ce/seed0/logits (400, 2)")
     short = len(str(tmp_path)) + 340  # the path, then a short line
-    assert len(err) < short and "--key" in err and "(47 more)" in err
+    assert len(err) < short and "--key" in err and "(21 more 2-D)" in err
     rc, _, err = run([str(tmp_path / "predictions.npz"), "--key", "nope"], capsys)
     one_line_error(rc, err, "--key 'nope' is not in PREDICTIONS")
     assert len(err) < short and "did you mean" not in err
@@ -471,6 +471,84 @@ def test_val_fraction_zero_scores_in_sample_and_recommends_nothing(
     report = (tmp_path / "o" / "report.md").read_text()
     assert "held-out samples" not in report and "split: none (val-fraction 0)" in report
     assert "ranked by in-sample NLL" in report and "no recommendation" in report
+
+
+def _rows_in_table(out: str, rows: dict[str, Any]) -> list[str]:
+    """The methods of the terminal's comparison table, in the order it prints them."""
+    at = {name: out.index(f"│ {name} ") for name in rows}
+    return sorted(rows, key=at.__getitem__)
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+def test_ranked_by_ece_a_map_giving_labels_probability_0_is_not_recommended(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ten classes, 80 samples to fit, ranked by ECE: histogram binning has the lowest held-out
+    ECE but gives 66 held-out labels probability 0 (a held-out NLL of about 147 against 1.74).
+    It is not recommended and the line says why; the best map without zeros is, and as its NLL
+    is better than none's, no warning follows. The rows are ranked by ECE, skipped ones last."""
+    z, y = make(n=400, c=10, seed=7)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--objective", "ece",
+                        "--out", str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    cmp = json.loads((tmp_path / "o" / "metrics.json").read_text())["comparison"]
+    rows = cmp["rows"]
+    scored = [name for name, row in rows.items() if "skipped" not in row]
+    assert scored[0] == "histogram" and rows["histogram"]["zero_probability_labels"] == 66
+    assert rows["histogram"]["nll"] > 80 * rows["none"]["nll"]
+    assert cmp["recommended"] == "ensemble_temperature" and cmp["excluded"] == ["histogram"]
+    assert [rows[k]["ece"] for k in scored] == sorted(rows[k]["ece"] for k in scored)
+    assert list(rows)[-2:] == ["platt", "beta"]  # skipped: binary only
+    assert _rows_in_table(out, rows) == list(rows)
+    best = rows["ensemble_temperature"]
+    line = (f"recommended: ensemble_temperature (held-out ECE {100 * best['ece']:.2f}% against"
+            f" {100 * rows['none']['ece']:.2f}% without recalibration)")
+    excluded = "not recommended: histogram (lower held-out ECE, but p = 0 for some held-out labels)"
+    flat = " ".join(out.split())
+    assert line in flat and excluded in flat and "histogram *" not in out
+    assert best["nll"] < rows["none"]["nll"] and "held-out NLL worse" not in flat
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert f"\n\n{line}\n\n{excluded}\n" in report
+    assert "## Every method (ranked by held-out ECE)" in report
+    table = report.split("| method |", 1)[1].splitlines()[2:2 + len(rows)]
+    assert [ln.split(" | ")[0][2:] for ln in table] == list(rows)
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+def test_ranked_by_ece_a_recommendation_that_worsens_the_nll_is_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Calibrated predictions of three classes, 60 samples to fit: Dirichlet calibration has the
+    lowest held-out ECE and no zero, but a held-out NLL of 0.62 against 0.55 as given. Ranked by
+    ECE it is recommended with a warning, in the terminal and the report; ranked by NLL,
+    temperature scaling is, with no warning, and the rows are in the order of their NLL."""
+    z, y = make(n=300, c=3, t_true=1.0, seed=3)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--objective", "ece",
+                        "--out", str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    cmp = json.loads((tmp_path / "o" / "metrics.json").read_text())["comparison"]
+    rows = cmp["rows"]
+    assert cmp["recommended"] == "dirichlet" and rows["dirichlet"]["zero_probability_labels"] == 0
+    assert rows["dirichlet"]["nll"] == pytest.approx(0.623, abs=1e-3)
+    assert rows["none"]["nll"] == pytest.approx(0.552, abs=1e-3)
+    warning = (f"warning: dirichlet makes the held-out NLL worse ({rows['none']['nll']:.4f} ->"
+               f" {rows['dirichlet']['nll']:.4f}); --objective nll ranks by it")
+    assert warning in " ".join(out.split())
+    assert f"\n\n{warning}\n" in (tmp_path / "o" / "report.md").read_text()
+    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--out",
+                        str(tmp_path / "n")], capsys, compare=True)
+    assert rc == 0, err
+    cmp = json.loads((tmp_path / "n" / "metrics.json").read_text())["comparison"]
+    rows = cmp["rows"]
+    assert cmp["recommended"] == "temperature" == next(iter(rows)) and cmp["excluded"] == []
+    scored = [name for name, row in rows.items() if "skipped" not in row]
+    assert [rows[k]["nll"] for k in scored] == sorted(rows[k]["nll"] for k in scored)
+    assert _rows_in_table(out, rows) == list(rows)
+    assert "worse" not in out and "not recommended" not in out
 
 
 def test_the_none_row_is_the_before_column_for_rows_summing_to_one_within_tolerance(
@@ -1338,7 +1416,8 @@ def test_a_scalar_array_is_refused_by_its_shape(tmp_path: Path, capsys: pytest.C
               "t/ce/seed0/labels": np.arange(4) % 2}
     np.savez(tmp_path / "p.npz", **arrays)  # type: ignore[arg-type]
     rc, _, err = run([str(tmp_path / "p.npz"), "--key", "t/ce/seed0/temperature"], capsys)
-    one_line_error(rc, err, "shape ()")
+    one_line_error(rc, err, "PREDICTIONS must be a 1-D (binary scores) or 2-D array (samples x classes),"
+                   " got shape ()")
 
 
 def test_the_ece_objective_fits_the_ece_of_n_bins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1510,3 +1589,90 @@ def test_masked_logits_are_calibrated_and_the_mixing_maps_skipped(
     assert rc == 2 and err.strip() == (
         f"crossent calibrate: error: PREDICTIONS row 9 masks its label (class {y[9]} has logit -inf; 2 row(s)"
         " so): no method gives it a probability above 0; drop those rows")
+
+
+def test_the_listing_of_arrays_counts_the_kind_it_lists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error listing a file's arrays shows the 2-D ones where there are any and counts the
+    2-D ones it leaves out; a file of no 2-D array lists and counts all. A 3-D array is refused
+    naming the shapes that are read."""
+    arrays = {f"run{i}/logits": np.zeros((4, 3)) for i in range(5)}
+    arrays |= {f"run{i}/{name}": np.zeros(4) for i in range(5) for name in ("ids", "weights")}
+    np.savez(tmp_path / "a.npz", **arrays)  # type: ignore[arg-type]
+    rc, _, err = run([str(tmp_path / "a.npz")], capsys)
+    one_line_error(rc, err, "holds 15 arrays, 5 of them 2-D: run0/logits (4, 3), run1/logits (4, 3),"
+                   " run2/logits (4, 3), ... (2 more 2-D); pick the predictions with --key")
+    np.savez(tmp_path / "b.npz", **{k: np.zeros(4) for k in "abcde"})  # type: ignore[arg-type]
+    rc, _, err = run([str(tmp_path / "b.npz")], capsys)
+    one_line_error(rc, err, "holds 5 arrays, 0 of them 2-D: a (4,), b (4,), c (4,), ... (2 more);")
+    np.save(tmp_path / "c.npy", np.zeros((4, 2, 2)))
+    np.save(tmp_path / "y.npy", np.arange(4) % 2)
+    rc, _, err = run([str(tmp_path / "c.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
+    one_line_error(rc, err, "PREDICTIONS must be a 1-D (binary scores) or 2-D array (samples x classes),"
+                   " got shape (4, 2, 2)")
+
+
+def test_the_report_names_the_arrays_analysed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """report.md names the predictions array and the labels array (found beside it, or by
+    --labels-key) of an .npz; metrics.json records the labels' file and array."""
+    runner_npz(tmp_path / "predictions.npz")
+    npz = str(tmp_path / "predictions.npz")
+    rc, _, err = run([npz, "--key", "mnist1d/ce/seed1/logits", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    report = (tmp_path / "o" / "report.md").read_text()
+    line = f"- predictions: `{npz}`, array `mnist1d/ce/seed1/logits` (logits, 400 samples, 4 classes)"
+    assert line in report
+    assert f"- labels: `{npz}`, array `mnist1d/labels`\n" in report
+    metrics = metrics_of(tmp_path / "o")
+    assert (metrics["key"], metrics["labels"], metrics["labels_key"]) == (
+        "mnist1d/ce/seed1/logits", npz, "mnist1d/labels")
+    np.savez(tmp_path / "y.npz", targets=np.load(npz)["mnist1d/labels"])
+    rc, _, err = run([npz, "--key", "mnist1d/ce/seed1/logits", "--labels", str(tmp_path / "y.npz"),
+                      "--out", str(tmp_path / "o2")], capsys)
+    assert rc == 0, err
+    report = (tmp_path / "o2" / "report.md").read_text()
+    assert f"- labels: `{tmp_path / 'y.npz'}`, array `targets`\n" in report
+    assert metrics_of(tmp_path / "o2")["labels_key"] == "targets"
+    z, y = make(n=300, c=3)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    rc, _, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--out",
+                      str(tmp_path / "o3")], capsys)
+    assert rc == 0, err
+    report = (tmp_path / "o3" / "report.md").read_text()
+    assert f"- predictions: `{tmp_path / 'z.npy'}` (logits" in report
+    assert f"- labels: `{tmp_path / 'y.npy'}`\n" in report
+    metrics = metrics_of(tmp_path / "o3")
+    assert (metrics["key"], metrics["labels"], metrics["labels_key"]) == (None, str(tmp_path / "y.npy"), None)
+
+
+@pytest.mark.parametrize(("labels_key", "warning"), [
+    ("t/ce/seed1/labels", "(seed 1, not 0)"),
+    ("u/ce/seed0/labels", "(task 'u', not 't')"),
+    ("u/labels", "(task 'u', not 't')"),
+    ("t/ce/seed0/labels", None),
+    ("t/focal/seed0/labels", None),  # the same seed draws the same split for every loss
+    ("t/labels", None),
+])
+def test_labels_of_another_run_are_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], labels_key: str, warning: str | None
+) -> None:
+    """--labels-key naming another task's or seed's labels of crossent run's layout (which
+    pass every check and give a near-chance accuracy) gives a one-line warning, which the
+    report repeats."""
+    z, y = make(n=300, c=3)
+    other = np.roll(y, 1)
+    arrays = {"t/ce/seed0/logits": z, "t/ce/seed0/labels": y, "t/focal/seed0/labels": y, "t/labels": y,
+              "t/ce/seed1/labels": other, "u/ce/seed0/labels": other, "u/labels": other}
+    np.savez(tmp_path / "p.npz", **arrays)  # type: ignore[arg-type]
+    rc, _, err = run([str(tmp_path / "p.npz"), "--key", "t/ce/seed0/logits", "--labels-key", labels_key,
+                      "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    report = (tmp_path / "o" / "report.md").read_text()
+    if warning is None:
+        assert "another run" not in err and "another run" not in report
+        return
+    text = f"the labels {labels_key!r} come from another run than --key 't/ce/seed0/logits' {warning}"
+    assert [ln for ln in err.splitlines() if "another run" in ln] == [f"crossent calibrate: warning: {text}"]
+    assert f"- warning: {text}\n" in report

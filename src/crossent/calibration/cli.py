@@ -95,12 +95,14 @@ what it does
   temperature scaling, T minimising the --objective) is fitted; all metrics are reported on
   the rest (the held-out part) before and after. Then every method (temperature, vector,
   matrix, Dirichlet, histogram binning, isotonic, ensemble temperature; Platt and beta for
-  two classes) is fitted on the same part and compared on the held-out part, and the best by
-  --objective is recommended. A degenerate fit (bound reached, separable fit part, NLL worse
-  than no scaling) falls back to the identity and says so; the classes with no sample in the
-  fit part, which histogram binning and isotonic regression leave uncalibrated (identity),
-  are named in a note. --val-fraction 0 fits and evaluates on everything (optimistic; a
-  warning is printed). A fit part of fewer than 100 samples gives a warning.
+  two classes) is fitted on the same part and compared on the held-out part, ranked by
+  --objective; the best one that gives no held-out label probability 0 is recommended (by ECE,
+  with a warning if it makes the held-out NLL worse). A degenerate fit (bound reached,
+  separable fit part, NLL worse than no scaling) falls back to the identity and says so; the
+  classes with no sample in the fit part, which histogram binning and isotonic regression
+  leave uncalibrated (identity), are named in a note. --val-fraction 0 fits and evaluates on
+  everything (optimistic; a warning is printed). A fit part of fewer than 100 samples gives a
+  warning.
 
 metrics
   accuracy, NLL (nats), Brier (summed over classes, range 0-2), ECE (15 equal-width bins
@@ -486,18 +488,20 @@ def _pick(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> tuple[str, np
 
 
 def _listing(arrays: dict[str, np.ndarray], limit: int = 3) -> str:
-    """A short listing of the arrays in a file, 2-D (prediction-like) ones first."""
+    """A short listing of the arrays in a file: the 2-D (prediction-like) ones where there are
+    any, else all; the count of those not shown is of the same kind as those shown."""
     if "" in arrays:  # .npy, .csv, a .pt of one tensor
         return f"a single unnamed array of shape {tuple(arrays[''].shape)}"
     if not arrays:
         return "no arrays"
-    names = sorted(arrays, key=lambda k: (arrays[k].ndim != 2, k))
-    two_d = sum(arrays[k].ndim == 2 for k in names)
+    names = sorted(arrays)
     if len(names) == 1:
         return f"one array: {names[0]} {tuple(arrays[names[0]].shape)}"
-    shown = ", ".join(f"{k} {tuple(arrays[k].shape)}" for k in names[:limit])
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return f"{len(names)} arrays, {two_d} of them 2-D: {shown}{more}"
+    two_d = [k for k in names if arrays[k].ndim == 2]
+    listed, kind = (two_d, " 2-D") if two_d else (names, "")
+    shown = ", ".join(f"{k} {tuple(arrays[k].shape)}" for k in listed[:limit])
+    more = f", ... ({len(listed) - limit} more{kind})" if len(listed) > limit else ""
+    return f"{len(names)} arrays, {len(two_d)} of them 2-D: {shown}{more}"
 
 
 def _did_you_mean(key: str, arrays: dict[str, np.ndarray]) -> str:
@@ -524,7 +528,10 @@ def _labels_next_to(arrays: dict[str, np.ndarray], key: str) -> tuple[str, np.nd
 
 def _predictions_and_labels(
     args: argparse.Namespace,
-) -> tuple[np.ndarray, np.ndarray, str | None]:
+) -> tuple[np.ndarray, np.ndarray, str | None, str | None, str | None]:
+    """The predictions, the labels, the kind the predictions' name hints at, and the names of
+    the predictions and labels arrays inside their files (``None`` for a file of one unnamed
+    array): the report says which arrays were analysed."""
     arrays = _load(args.predictions, args.file_format, "PREDICTIONS", args.csv_header)
     hint: str | None = None
     key: str | None = None
@@ -580,7 +587,8 @@ def _predictions_and_labels(
             if args.labels_key not in larrays:
                 raise _error(f"--labels-key {args.labels_key!r} is not in LABELS {args.labels}"
                              f"{_did_you_mean(args.labels_key, larrays)}; it holds {_listing(larrays)}")
-            return preds, larrays[args.labels_key], hint
+            return preds, larrays[args.labels_key], hint, key, args.labels_key
+        labels_key: str | None = None
         if "" in larrays:
             labels = larrays[""]
         else:
@@ -592,7 +600,7 @@ def _predictions_and_labels(
                     f"LABELS {args.labels} holds {_listing(larrays)}; pick the labels with"
                     " --labels-key NAME"
                 )
-            labels = found[1]
+            labels_key, labels = found
     else:
         if args.labels_key is not None:
             if "" in arrays:
@@ -604,7 +612,7 @@ def _predictions_and_labels(
                 raise _error(f"--labels-key {args.labels_key!r} is not in PREDICTIONS"
                              f" {args.predictions}{_did_you_mean(args.labels_key, arrays)};"
                              f" it holds {_listing(arrays)}")
-            return preds, arrays[args.labels_key], hint
+            return preds, arrays[args.labels_key], hint, key, args.labels_key
         found = None if "" in arrays else (
             _labels_next_to(arrays, key) if key is not None else None
         ) or _pick(arrays, LABEL_KEYS)
@@ -613,8 +621,32 @@ def _predictions_and_labels(
                 "no labels: pass --labels LABELS (or --labels-key NAME), or store a 'labels'"
                 " array next to the predictions in an .npz/.pt file"
             )
-        labels = found[1]
-    return preds, labels, hint
+        labels_key, labels = found
+    return preds, labels, hint, key, labels_key
+
+
+#: the arrays of crossent run's predictions.npz: ``<task>/<loss>/seed<k>/<name>``, and
+#: ``<task>/<name>`` for a task's shared test labels
+_RUN_KEY = re.compile(r"(?P<task>[^/]+)/(?:[^/]+/seed(?P<seed>\d+)/)?[^/]+")
+
+
+def mixed_runs_warning(key: str | None, labels_key: str | None) -> str | None:
+    """The warning when the predictions ``key`` and the ``labels_key`` both follow crossent
+    run's layout and belong to other tasks or seeds: each seed draws its own split, so another
+    seed's labels do not belong to these predictions, yet they pass every shape check and give
+    a near-chance accuracy without an error. ``None`` otherwise."""
+    if key is None or labels_key is None:
+        return None
+    pred, lab = _RUN_KEY.fullmatch(key), _RUN_KEY.fullmatch(labels_key)
+    if pred is None or lab is None or pred["seed"] is None:
+        return None
+    if pred["task"] != lab["task"]:
+        other = f"task {lab['task']!r}, not {pred['task']!r}"
+    elif lab["seed"] is not None and lab["seed"] != pred["seed"]:
+        other = f"seed {lab['seed']}, not {pred['seed']}"
+    else:
+        return None
+    return f"the labels {labels_key!r} come from another run than --key {key!r} ({other})"
 
 
 def _csv_header_hint(args: argparse.Namespace, preds: np.ndarray, labels: np.ndarray) -> str:
@@ -656,10 +688,8 @@ def _check(
         shape_error = f"PREDICTIONS needs at least 2 columns (classes), got shape {preds.shape}"
         preds = preds[:, 0]
     else:
-        shape_error = (
-            f"PREDICTIONS must be a 2-D array (samples x classes), got shape {preds.shape}"
-            + (" (a .csv file of one column)" if preds.ndim == 1 and csv_input else "")
-        )
+        shape_error = (f"PREDICTIONS must be a 1-D (binary scores) or 2-D array (samples x classes),"
+                       f" got shape {preds.shape}")
     if preds.ndim not in (1, 2):
         raise _error(shape_error)
     n, c = preds.shape[0], (2 if preds.ndim == 1 else preds.shape[1])
@@ -1135,9 +1165,12 @@ def scored_on(result: dict[str, Any]) -> str:
 
 
 def recommendation_text(result: dict[str, Any]) -> str:
-    """The line under the comparison: the method of the lowest held-out objective, with the
-    numbers; none with --val-fraction 0, where every method is scored on the samples it was
-    fitted on and the ones with the most parameters would win."""
+    """The lines under the comparison: the recommended method with the numbers; none with
+    --val-fraction 0, where every method is scored on the samples it was fitted on and the ones
+    with the most parameters would win. The methods that scored better but gave held-out labels
+    probability 0 are named as not recommended; ranked by ECE, a recommendation that makes the
+    held-out NLL worse is warned of (ECE sees only the top label's confidence, not how the
+    probability of the true label fares)."""
     cmp = result["comparison"]
     best = cmp["recommended"]
     key = result["objective"]
@@ -1147,10 +1180,16 @@ def recommendation_text(result: dict[str, Any]) -> str:
                 f" --val-fraction {VAL_FRACTION_DEFAULT}) compares them")
     row, none = cmp["rows"][best], cmp["rows"]["none"]
     percent = key == "ece"
-    return (
-        f"recommended: {best} (held-out {key.upper()} {_fmt(row[key], percent)} against"
-        f" {_fmt(none[key], percent)} without recalibration)"
-    )
+    lines = [f"recommended: {best} (held-out {key.upper()} {_fmt(row[key], percent)} against"
+             f" {_fmt(none[key], percent)} without recalibration)"]
+    excluded = cmp.get("excluded", [])
+    if excluded:
+        lines.append(f"not recommended: {', '.join(excluded)} (lower held-out {key.upper()}, but p = 0 for"
+                     " some held-out labels)")
+    if key == "ece" and row["nll"] > none["nll"] and _fmt(row["nll"], False) != _fmt(none["nll"], False):
+        lines.append(f"warning: {best} makes the held-out NLL worse ({_fmt(none['nll'], False)} ->"
+                     f" {_fmt(row['nll'], False)}); --objective nll ranks by it")
+    return "\n".join(lines)
 
 
 def held_out_warning(result: dict[str, Any], *, compare: bool) -> str | None:
@@ -1182,10 +1221,12 @@ def compare_methods(
     logits: np.ndarray, labels: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray,
     *, objective: str, n_bins: int, before: dict[str, float] | None = None, in_sample: bool = False,
 ) -> dict[str, Any]:
-    """Fit every applicable method on ``val_idx`` and score it on ``test_idx``; the one with
-    the lowest held-out ``objective`` (NLL or ECE) is recommended ("none" if nothing beats
-    the uncalibrated predictions; no method where ``in_sample``, the methods scored on the
-    samples they were fitted on, as with --val-fraction 0). ``before``, the
+    """Fit every applicable method on ``val_idx`` and score it on ``test_idx``. The rows are
+    ranked by the held-out ``objective`` (NLL or ECE), the skipped methods last; the best one
+    that gives no held-out label probability 0 is recommended ("none" if nothing beats the
+    uncalibrated predictions; no method where ``in_sample``, the methods scored on the samples
+    they were fitted on, as with --val-fraction 0), and the ones with zeros that scored better
+    are listed as ``excluded``. ``before``, the
     metrics of the predictions as given, is the "none" row where given (the same numbers as
     the table above it; probabilities whose rows sum to 1 within the tolerance would give
     slightly other ones through their logarithms)."""
@@ -1237,19 +1278,33 @@ def compare_methods(
                       "fitted": describe(cal), "note": fit_note(cal, c),
                       "short_note": "; ".join(n for n in (note, zero_note) if n),
                       "warnings": others, "zero_probability_labels": zeros}
-    scored = [k for k, r in rows.items() if "skipped" not in r]
-    best = None if in_sample else min(scored, key=lambda k: (rows[k][objective], k != "none"))
-    return {"rows": rows, "recommended": best}
+    def rank(k: str) -> tuple[float, bool]:  # a tie goes to "none", then to the order of METHODS
+        return rows[k][objective], k != "none"
+
+    scored = sorted((k for k, r in rows.items() if "skipped" not in r), key=rank)
+    # A map that gives held-out labels probability 0 will give new ones 0 too, each an NLL of
+    # 708 nats or more, which a low ECE hides: it is never recommended.
+    eligible = [k for k in scored if not rows[k].get("zero_probability_labels")]
+    best = None if in_sample else eligible[0]
+    excluded = [] if best is None else [k for k in scored if k not in eligible and rank(k) < rank(best)]
+    order = [*scored, *(k for k in rows if k not in scored)]  # the skipped methods last
+    return {"rows": {k: rows[k] for k in order}, "recommended": best, "excluded": excluded}
+
+
+def _array_name(file: str, key: str | None) -> str:
+    """An input array in the report: its file, and its name inside the file where it has one."""
+    return f"`{file}`" + ("" if key is None else f", array `{key}`")
 
 
 def _write_report(out: Path, result: dict[str, Any], *, figures: bool = True) -> None:
     lines = [
         "# Calibration report",
         "",
-        f"- predictions: `{result['predictions']}` ({result['kind']}, {result['n_samples']}"
-        f" samples, {result['n_classes']} classes)"
+        f"- predictions: {_array_name(result['predictions'], result['key'])} ({result['kind']},"
+        f" {result['n_samples']} samples, {result['n_classes']} classes)"
         + (f"; {result['n_ignored']} samples left out, their label {result['ignore_index']}"
            " (--ignore-index)" if result.get("n_ignored") else ""),
+        f"- labels: {_array_name(result['labels'], result['labels_key'])}",
         f"- method: {result['method']}, {result['fitted']}",
         (f"- split: {result['n_val']} samples to fit, {result['n_test']} held-out samples"
          f" (metrics), val-fraction {result['val_fraction']}, seed {result['seed']}"
@@ -1289,7 +1344,8 @@ def _write_report(out: Path, result: dict[str, Any], *, figures: bool = True) ->
             for message in row.get("warnings", []):
                 note = f"{note}; warning: {message}"
             lines.append(f"| {name} | {cells} | {note} |")
-        lines += ["", recommendation_text(result)]
+        for line in recommendation_text(result).splitlines():
+            lines += ["", line]
     if figures:
         lines += ["", "![reliability before and after](reliability_comparison.png)"]
     lines += [
@@ -1319,7 +1375,10 @@ def main(args: argparse.Namespace) -> int:
         check_out_dir(args.out)  # before any work: a file in the way fails now, not at the end
         if args.figures:  # as early: a missing extra names the option that does without it
             require("matplotlib", "the reliability diagrams of --out (--no-figures skips them)")
-    preds, labels, hint = _predictions_and_labels(args)
+    preds, labels, hint, key, labels_key = _predictions_and_labels(args)
+    mixed = mixed_runs_warning(key, labels_key)
+    if mixed is not None:
+        print(f"crossent calibrate: warning: {mixed}", file=sys.stderr)
     if args.csv_header != "auto":
         files = [args.predictions] if args.labels is None else [args.predictions, args.labels]
         if all(_format_of(Path(f), args.file_format) != "csv" for f in files):
@@ -1397,6 +1456,8 @@ def main(args: argparse.Namespace) -> int:
         messages.insert(0, zero_note)
     for message in messages:
         print(f"crossent calibrate: warning: {message}", file=sys.stderr)
+    if mixed is not None:  # printed before the checks, which it may explain
+        messages.insert(0, mixed)
     y_test = labels[test_idx]
     before = compute_metrics(  # with zeros read as a floor: the probabilities the methods see
         logits[test_idx] if zero_note is not None else preds[test_idx], y_test,
@@ -1411,8 +1472,9 @@ def main(args: argparse.Namespace) -> int:
     temperature = getattr(cal, "_temperature", None) if args.method in ("temperature", "vector") else None
     result: dict[str, Any] = {
         "predictions": str(args.predictions),
-        "key": args.key,
-        "labels": None if args.labels is None else str(args.labels),
+        "key": key,
+        "labels": str(labels_file),
+        "labels_key": labels_key,
         "kind": kind,
         "binary_scores": binary_scores,
         "input_note": input_note,
