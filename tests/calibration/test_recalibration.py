@@ -1319,3 +1319,27 @@ def test_fits_refuse_masked_labels_nan_and_inf_by_row(method: type) -> None:
         bad[3, 1] = -np.inf
         with pytest.raises(ValueError, match=r"row 3 holds -inf .* TemperatureScaler, VectorScaler"):
             fitted.transform(bad)
+
+
+@pytest.mark.parametrize("method", SCALING, ids=lambda m: m.__name__)
+def test_logits_on_a_tiny_scale_reach_t_min_and_say_a_smaller_bound_fits(method: type) -> None:
+    """Logits times 1e-8 want T near 1e-8: both scalings stop at t_min, fall back and name a
+    smaller bound (vector scaling stopped at T ~ 1 without a word: its gradient from T = 1 was
+    1e-8); with that bound they fit, as well as the one temperature or better."""
+    g = np.random.default_rng(4)
+    y = g.integers(0, 4, 1000)
+    z = g.normal(size=(1000, 4))
+    z[np.arange(1000), y] += 1.5
+    tiny = z * 1e-8
+    with pytest.warns(cal.CalibrationWarning) as caught:
+        fitted = method().fit(tiny, y)
+    which = "it" if method is cal.TemperatureScaler else "classes 0, 1, 2, 3"
+    assert fitted.fallback is not None and "lower bound t_min=0.01" in fitted.fallback
+    assert any(f"a smaller bound fits {which} ({method.__name__}(t_min=0.001), or less" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
+    small = method(t_min=1e-12).fit(tiny, y)
+    one = cal.TemperatureScaler(t_min=1e-12).fit(z, y)
+    assert small.fallback is None
+    np.testing.assert_allclose(np.atleast_1d(small.temperature).min(), 1e-8 * float(one.temperature), rtol=0.5)
+    nll_small = cal.nll(small.transform(tiny), y)
+    assert nll_small <= cal.nll(one.transform(z), y) + 1e-9 and nll_small < 0.9 * np.log(4)

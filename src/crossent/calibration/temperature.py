@@ -339,6 +339,14 @@ class TemperatureScaler(Recalibrator):
             separable, y, z.shape[1], absent_consequence=consequence, logits=z
         )
         upper = self._at_upper_bound()
+        advice = [self._upper_bound_advice(z, y, upper)] if upper.size else []
+        lower = np.flatnonzero(np.atleast_1d(np.asarray(self.temperature)) <= self.t_min * (1 + 1e-9))
+        if lower.size and not separable:
+            # the NLL is convex in w = 1/T: where its optimum is at t_min and the classes are not
+            # separated it lies below t_min (logits on a small scale), where a smaller bound reaches
+            which = f" {_classes([int(k) for k in lower])}" if self.bias is not None else " it"
+            advice.append(f"a smaller bound fits{which} ({type(self).__name__}(t_min={self.t_min / 10:g}),"
+                          " or less: the logits are on a small scale)")
         self._guard(
             nll_id / n,
             nll_fit / n,
@@ -348,7 +356,7 @@ class TemperatureScaler(Recalibrator):
             n_classes=z.shape[1],
             separable_how=how,
             separable_consequence=consequence,
-            advice=self._upper_bound_advice(z, y, upper) if upper.size else None,
+            advice="; ".join(advice) or None,
         )
 
     def _upper_bound_advice(self, z: torch.Tensor, y: np.ndarray, upper: np.ndarray) -> str:
@@ -387,10 +395,10 @@ class TemperatureScaler(Recalibrator):
         none = [int(k) for k, s in zip(upper, slope, strict=True) if s >= 0]
         parts = []
         if beyond:
-            parts.append(f"a larger bound fits class {_classes(beyond)} {larger}")
+            parts.append(f"a larger bound fits {_classes(beyond)} {larger}")
         if none:
             parts.append(
-                f"no temperature fits class {_classes(none)}: the NLL wants a weight 1/T <= 0 on"
+                f"no temperature fits {_classes(none)}: the NLL wants a weight 1/T <= 0 on"
                 f" {'those logits' if len(none) > 1 else 'that logit'} (noise to the fit, or too few"
                 " of its samples)"
             )
@@ -548,7 +556,15 @@ class TemperatureScaler(Recalibrator):
     def _fit_vector(self, z: torch.Tensor, y: np.ndarray) -> None:
         n, c = z.shape
         yt = torch.from_numpy(y)
-        log_t = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+        # Started from the one temperature that fits best (vector scaling with every T_k equal
+        # and b = 0): from T = 1, logits on a scale far from 1 (1e-8) give a gradient so small
+        # that L-BFGS stopped at once, at T ~ 1, without a word. Its warnings are this fit's
+        # guard's to give.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = math.log(self._fit_nll(z, y, 1.0))
+        passes = self.n_iter_
+        log_t = torch.full((c,), start, dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(c, dtype=torch.float64, requires_grad=True)
 
         def lbfgs() -> torch.optim.LBFGS:
@@ -557,7 +573,7 @@ class TemperatureScaler(Recalibrator):
 
         opt = lbfgs()
         lo, hi = math.log(self.t_min), math.log(self.t_max)
-        self.n_iter_ = 0
+        self.n_iter_ = passes
         for start, stop in iter_chunks(z):  # validate once before optimising
             check_fit_logits(z[start:stop], y[start:stop], type(self).__name__, masked_ok=True)
 
@@ -666,9 +682,9 @@ class TemperatureScaler(Recalibrator):
 
 
 def _classes(ks: list[int]) -> str:
-    """Class indices in words: ``3``, ``es 1, 4`` (after "class"), the first five and a count."""
+    """Class indices in words: ``class 3``, ``classes 1, 4``, the first five and a count."""
     shown = ", ".join(str(k) for k in ks[:5]) + (f" and {len(ks) - 5} more" if len(ks) > 5 else "")
-    return f"es {shown}" if len(ks) > 1 else shown
+    return f"classes {shown}" if len(ks) > 1 else f"class {shown}"
 
 
 class VectorScaler(TemperatureScaler):
