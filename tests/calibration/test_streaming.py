@@ -920,3 +920,27 @@ def test_a_refused_load_keeps_what_sync_gave() -> None:
     with pytest.raises(ValueError, match="only mass bins"):
         a.load_state_dict(bad)
     assert a.compute() == before
+
+
+def test_a_state_of_numpy_integers_loads_and_empty_updates_are_named() -> None:
+    """A state whose options are NumPy integers (a state built or edited with NumPy) equals
+    the meter's plain ints and loads (it was refused with "n_bins=np.int64(15), this meter
+    n_bins=15; make the meter with n_bins=np.int64(15)"); True still differs from 1. A meter
+    given only empty batches says so in compute's error, not "call update first"."""
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(50, 4)), rng.integers(0, 4, 50)
+    m = CalibrationMeter(n_bins=15, ignore_index=-100)
+    m.update(z, y)
+    state = dict(m.state_dict())
+    state["n_bins"], state["ignore_index"] = np.int64(15), np.int32(-100)
+    resumed = CalibrationMeter(n_bins=15, ignore_index=-100)
+    resumed.load_state_dict(state)
+    assert resumed.compute() == m.compute()
+    with pytest.raises(ValueError, match="state has classwise=1, this meter classwise=True"):
+        CalibrationMeter().load_state_dict({**m.state_dict(), "classwise": 1, "ignore_index": None})
+    empty = CalibrationMeter()
+    empty.update(np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
+    with pytest.raises(RuntimeError, match=r"its updates held none \(empty batches\)"):
+        empty.compute()
+    with pytest.raises(RuntimeError, match="call update"):
+        CalibrationMeter().compute()

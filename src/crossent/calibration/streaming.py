@@ -470,8 +470,12 @@ class CalibrationMeter:
             raise ValueError(
                 f"state lacks {', '.join(map(repr, missing))}: it is not from CalibrationMeter.state_dict()"
             )
+        def whole(x: object) -> bool:  # an int of Python or NumPy, not a bool (True == 1)
+            return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
         for key in ("n_bins", "binning", "num_classes", "ignore_index", "classwise"):
-            if state[key] != getattr(self, key) or type(state[key]) is not type(getattr(self, key)):
+            ours = getattr(self, key)
+            if state[key] != ours or not (type(state[key]) is type(ours) or (whole(state[key]) and whole(ours))):
                 raise ValueError(
                     f"state has {key}={state[key]!r}, this meter {key}={getattr(self, key)!r};"
                     f" make the meter with {key}={state[key]!r} to load it"
@@ -646,6 +650,8 @@ class CalibrationMeter:
                     f"the meter holds no samples: all {self._labels_seen} labels of its updates equal"
                     f" ignore_index={self.ignore_index}"
                 )
+            if self._kind is not None:  # updated, with empty batches only
+                raise RuntimeError("the meter holds no samples: its updates held none (empty batches)")
             raise RuntimeError("the meter holds no samples: call update(logits, labels) first")
         if self.binning == "mass":
             if self._synced is not None and "conf" in self._synced:
