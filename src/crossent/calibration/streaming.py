@@ -475,7 +475,8 @@ class CalibrationMeter:
 
         for key in ("n_bins", "binning", "num_classes", "ignore_index", "classwise"):
             ours = getattr(self, key)
-            if state[key] != ours or not (type(state[key]) is type(ours) or (whole(state[key]) and whole(ours))):
+            same_type = type(state[key]) is type(ours) or (whole(state[key]) and whole(ours))
+            if state[key] != ours or not same_type:
                 raise ValueError(
                     f"state has {key}={state[key]!r}, this meter {key}={getattr(self, key)!r};"
                     f" make the meter with {key}={state[key]!r} to load it"
