@@ -568,3 +568,34 @@ def test_probabilities_given_as_logits_warn_once_at_the_callers_line(front: str)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _LOGITS_FRONTS[front](torch.log(p) + 1.0, y)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("front", ["ece", "classwise_ece", "brier", "nll", "meter"])
+def test_half_precision_probabilities_widened_to_float32_keep_their_tolerance(
+    front: str, half: torch.dtype, cpu_path: str
+) -> None:
+    """Probabilities of a half-precision softmax (rows off one by ~3e-3) widened with
+    ``.float()``, as NumPy needs for bfloat16, measure as the half tensor does (they were refused
+    for float32's 1e-3, and a default meter read them as logits: ECE 0.05 for 0.34); float32
+    rows off one by as much that are not half-valued are still refused."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(512, 10, generator=g, dtype=torch.float64) * 3, 1).to(half)
+    y = torch.randint(0, 10, (512,), generator=g)
+    if half == torch.bfloat16:  # float16's rows are off by 3e-4, within float32's tolerance too
+        assert float((p.double().sum(1) - 1).abs().max()) > 1e-3
+
+    def measure(x: object) -> float:
+        if front == "meter":
+            m = calibration.CalibrationMeter()
+            m.update(x, y)
+            return float(m.compute()["ece"])
+        return float(getattr(calibration, front)(x, y))
+
+    want = measure(p)
+    assert measure(p.float()) == pytest.approx(want, rel=1e-12)
+    assert measure(p.float().numpy()) == pytest.approx(want, rel=1e-12)
+    off = torch.softmax(p.float().log(), 1)  # float32 values of no half type,
+    off[:, 0] = (off[:, 0] + 3e-3).clamp_max(1.0)  # as far off one
+    with pytest.raises(ValueError, match="sums to .* not 1 \\(tolerance 0.001\\)"):
+        getattr(calibration, "ece" if front == "meter" else front)(off, y, from_logits=False)
