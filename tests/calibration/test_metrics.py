@@ -597,5 +597,5 @@ def test_half_precision_probabilities_widened_to_float32_keep_their_tolerance(
     assert measure(p.float().numpy()) == pytest.approx(want, rel=1e-12)
     off = torch.softmax(p.float().log(), 1)  # float32 values of no half type,
     off[:, 0] = (off[:, 0] + 3e-3).clamp_max(1.0)  # as far off one
-    with pytest.raises(ValueError, match="sums to .* not 1 \\(tolerance 0.001\\)"):
+    with pytest.raises(ValueError, match=r"sums to .* not 1 \(tolerance 0\.001\)"):
         getattr(calibration, "ece" if front == "meter" else front)(off, y, from_logits=False)
