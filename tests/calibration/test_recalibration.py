@@ -1344,3 +1344,16 @@ def test_logits_on_a_tiny_scale_reach_t_min_and_say_a_smaller_bound_fits(method:
     np.testing.assert_allclose(t_small, 1e-8 * float(one.temperature), rtol=0.5)
     nll_small = cal.nll(small.transform(tiny), y)
     assert nll_small <= cal.nll(one.transform(z), y) + 1e-9 and nll_small < 0.9 * np.log(4)
+
+
+@pytest.mark.parametrize("method", SCALING, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_scaling_refuses_one_column_as_the_other_methods_do(method: type, as_tensor: bool) -> None:
+    """(N, 1) logits are no classification: temperature scaling returned a column of ones and
+    vector scaling spoke of "1 classes"; both now say what they need, as the other methods."""
+    z, y = np.random.default_rng(0).normal(size=(200, 3)), np.arange(200) % 3
+    fitted = method().fit(z, y)
+    one = z[:, :1]
+    need = r"logits must be 2-D \(N, C\) with C >= 2 classes, got shape \(200, 1\)"
+    with pytest.raises(ValueError, match=need):
+        fitted.transform(torch.from_numpy(one) if as_tensor else one)

@@ -630,13 +630,18 @@ class TemperatureScaler(Recalibrator):
         """Calibrated logits :math:`z / T` (or :math:`z / T_k + b_k`), same type as the input.
 
         NumPy in gives NumPy out (float32 stays float32), a tensor gives a tensor on its own
-        device and dtype (differentiable in the input).
+        device and dtype (differentiable in the input). An elementwise op, unchecked (no device
+        sync): NaN gives NaN, +inf a row of NaN probabilities, -inf (a masked class) stays
+        -inf; in half precision :math:`z / T` may overflow (:meth:`predict_proba` scales
+        half-precision logits in float32).
         """
         temperature = self.temperature
         if isinstance(logits, torch.Tensor):
             check_real_scores(logits, "logits")  # complex would lose its imaginary part in the cast
-            if logits.ndim != 2:
-                raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+            if logits.ndim != 2 or logits.shape[1] < 2:
+                raise ValueError(
+                    f"logits must be 2-D (N, C) with C >= 2 classes, got shape {tuple(logits.shape)}"
+                )
             dtype = logits.dtype if logits.is_floating_point() else torch.float32
             if self.bias is None:
                 return logits.to(dtype) / float(temperature)
@@ -646,8 +651,8 @@ class TemperatureScaler(Recalibrator):
             return logits.to(dtype) / t + b
         arr = np.asarray(logits)
         check_real_scores(arr, "logits")
-        if arr.ndim != 2:
-            raise ValueError(f"logits must be 2-D (N, C), got shape {arr.shape}")
+        if arr.ndim != 2 or arr.shape[1] < 2:
+            raise ValueError(f"logits must be 2-D (N, C) with C >= 2 classes, got shape {arr.shape}")
         if arr.dtype.kind != "f":
             arr = arr.astype(np.float64)
         if self.bias is None:
