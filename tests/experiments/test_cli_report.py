@@ -112,7 +112,7 @@ def test_pt_curves_closed_forms() -> None:
         (["--target", "y"], "--target needs --data"),
         (["--losses", "ce,mse"], "unknown loss 'mse'"),
         (["--seeds", "x"], "bad --seeds"),
-        (["--seeds", "0"], "number of seeds"),
+        (["--seeds", "0"], "the number of seeds must be >= 1, got 0 (seed 0 alone is the list 0,)"),
         (["--tasks", "cifar10"], "unknown task"),
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--device", "cuda:7"], "device"),

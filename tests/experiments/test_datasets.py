@@ -137,7 +137,8 @@ def test_user_npz(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("content", "target", "match"),
     [
-        ("a,b\n1,x\n", "label", "no column 'label'"),
+        ("a,b\n1,x\n", "label", r"no column 'label' \(columns: a, b\)$"),
+        ("0.12,-0.3,1\n0.5,0.2,0\n", "2", "the first row holds numbers, not column names: the file needs a"),
         ("", "label", "empty"),
         ("a,label\n1.5,0.3\n2,0.7\n3,0.1\n", "label", "non-integer"),
         ("a,label\n1,0\n,1\n3,1\n", "label", "missing value"),

@@ -163,7 +163,8 @@ def _parse_seeds(value: Any, flag: str = "--seeds") -> list[int]:
         raise ValueError(f"bad {flag} {value!r}: give a count or a list like 0,1,2")
     if isinstance(value, int):
         if value < 1:
-            raise ValueError(f"{flag}: the number of seeds must be >= 1, got {value}")
+            raise ValueError(f"{flag}: the number of seeds must be >= 1, got {value}"
+                             + (" (seed 0 alone is the list 0,)" if value == 0 and flag == "--seeds" else ""))
         if value > MAX_SEED_COUNT:
             raise ValueError(
                 f"{flag}: the number of seeds must be <= {MAX_SEED_COUNT}, got {value}"

@@ -546,12 +546,24 @@ def _read_user_arrays(
         raise DataError(f"{source}: --target COLUMN is required for a table")
     if target not in columns:
         shown = ", ".join(list(columns)[:12]) + (", ..." if len(columns) > 12 else "")
-        raise DataError(f"{source}: no column {target!r} (columns: {shown})")
+        headless = ""
+        if all(_is_number(name) for name in columns):  # the first row was data, not a header
+            headless = "; the first row holds numbers, not column names: the file needs a header row"
+        raise DataError(f"{source}: no column {target!r} (columns: {shown}){headless}")
     y, names = _encode_labels(columns[target], target, source)
     x = _features_from_columns(columns, target, source)
     if not np.all(np.isfinite(x)):
         raise DataError(f"{source}: the features hold infinite values")
     return x, y, names
+
+
+def _is_number(text: str) -> bool:
+    """Whether a column name reads as a number (a headerless file's first row)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_user_data(
