@@ -87,9 +87,14 @@ def test_separable_validation_falls_back(method: type[cal.Recalibrator], tmp_pat
         rng = np.random.default_rng(2)
         x = rng.normal(size=(60, 3))
         y = x.argmax(1)  # every top-1 prediction correct
+        if method in (cal.HistogramBinning, cal.IsotonicCalibrator):  # and each class apart from the rest
+            x[np.arange(60), y] += 6.0
     with pytest.warns(cal.CalibrationWarning, match="separable.*falling back"):
         c = method().fit(x, y)  # type: ignore[attr-defined]
     assert c.fallback is not None and "separable" in c.fallback and c.diagnostic_kind == "separable"
+    if method in (cal.HistogramBinning, cal.IsotonicCalibrator):
+        assert c.fallback.startswith("the validation set is separable (every class's one-vs-rest problem is"
+                                     " separated: for each, ")
     assert c.fallback.count("separable") == 1 and c.fallback.count("stopped at") <= 1
     if method in (cal.TemperatureScaler, cal.EnsembleTemperatureScaler):  # T driven to t_min
         assert c.fallback.endswith("and stopped at the lower bound t_min=0.01")
@@ -471,6 +476,105 @@ def test_partly_absent_classes(method: type[cal.Recalibrator], c: int, absent: t
     assert (q[np.arange(len(test)), y_test][of_absent] > 0).all()
 
 
+def _nll(q: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(q[np.arange(len(y)), y]).mean())
+
+
+@pytest.mark.parametrize(("method", "val_nll"),
+                         [(cal.HistogramBinning, 0.3189), (cal.IsotonicCalibrator, 0.2055)],
+                         ids=["HistogramBinning", "IsotonicCalibrator"])
+def test_accurate_underconfident_one_vs_rest_fit_is_kept(
+    method: type[cal.Recalibrator], val_nll: float
+) -> None:
+    """Every top-1 prediction correct but confidences about 1/3 (C = 4): each class's positives
+    and negatives overlap in p_k, so no one-vs-rest map is 0/1 and the fit, which cuts the
+    validation NLL from 1.108 to about a fifth or a third, is kept without a warning."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2000, 4)) * 0.3
+    y = z.argmax(1)
+    p = softmax(z)
+    assert abs(p.max(1).mean() - 0.3327) < 1e-4 and _nll(p, y) == pytest.approx(1.108, abs=1e-3)
+    for k in range(4):  # the one-vs-rest problems overlap
+        assert p[y == k, k].min() < p[y != k, k].max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cal.CalibrationWarning)
+        c = method().fit(z, y)  # type: ignore[attr-defined]
+    assert c.fallback is None and c.diagnostic is None and c.diagnostic_kind is None
+    assert c.identity_classes == []  # type: ignore[attr-defined]
+    q = c.predict_proba(z)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(q, _one_vs_rest_reference(method, p, y, p, ()), rtol=1e-12)
+    assert _nll(q, y) == pytest.approx(val_nll, abs=1e-4)
+
+
+def separated_class_0(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (log-probabilities) of 4 classes where class 0 has p_0 in [0.7, 0.95] and every
+    other sample p_0 in [0.01, 0.3] (its one-vs-rest problem separated, for bins of width 1/15
+    and for isotonic regression), and classes 1-3 share the rest, labels drawn from it (their
+    one-vs-rest problems overlap)."""
+    rng = np.random.default_rng(seed)
+    first = rng.random(n) < 0.25
+    p0 = np.where(first, rng.uniform(0.7, 0.95, n), rng.uniform(0.01, 0.3, n))
+    rest = rng.dirichlet(np.ones(3), n)
+    y = np.where(first, 0, 1 + (rest.cumsum(1) > rng.random((n, 1))).argmax(1))
+    return np.log(np.column_stack([p0, (1 - p0)[:, None] * rest])), y
+
+
+@pytest.mark.parametrize("method", ONE_VS_REST, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("absent", [(), (3,)], ids=["all present", "class 3 absent"])
+def test_a_separated_class_uses_the_identity(method: type[cal.Recalibrator], absent: tuple[int, ...]) -> None:
+    """Class 0 alone has a separated one-vs-rest problem: its map would be 0 at p_0 <= 0.3,
+    giving a held-out sample of class 0 there probability 0. Its map is the identity, as an
+    absent class's is; the other classes keep their fit; one warning names them all."""
+    z, y = separated_class_0(400, seed=0)
+    keep = ~np.isin(y, absent)
+    z, y = z[keep], y[keep]
+    p = softmax(z)
+    assert p[y == 0, 0].min() > 0.7 > 0.3 > p[y != 0, 0].max()
+    z_test = np.log(np.array([[0.2, 0.3, 0.3, 0.2], [0.8, 0.1, 0.05, 0.05], [0.1, 0.6, 0.2, 0.1]]))
+    p_test = softmax(z_test)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        c = method().fit(z, y)  # type: ignore[attr-defined]
+    messages = [str(w.message) for w in rec if issubclass(w.category, cal.CalibrationWarning)]
+    assert len(messages) == 1, messages
+    separated = "class 0 (1 of 4 classes) has a separated one-vs-rest problem ("
+    assert separated in messages[0] and "using the identity" in messages[0]
+    assert ("class 3 (1 of 4 classes) has no validation sample" in messages[0]) == bool(absent)
+    assert c.fallback is None and c.diagnostic_kind == "separable" and separated in str(c.diagnostic)
+    assert c.identity_classes == [0, *absent]  # type: ignore[attr-defined]
+    q = c.predict_proba(z_test)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(q, _one_vs_rest_reference(method, p, y, p_test, (0, *absent)), rtol=1e-12)
+    assert q[0, 0] > 0.05  # p_0 = 0.2: renormalised with the calibrated others
+    again = cal.from_state_dict(json.loads(json.dumps(c.state_dict())))
+    np.testing.assert_array_equal(again.predict_proba(z_test), q)  # type: ignore[attr-defined]
+    assert again.identity_classes == [0, *absent]  # type: ignore[attr-defined]
+    with pytest.warns(cal.CalibrationWarning, match="separated one-vs-rest problem.*keeping the fit"):
+        kept = method(fallback_to_identity=False).fit(z, y)  # type: ignore[attr-defined, call-arg]
+    assert kept.fallback is None and kept.identity_classes == []  # type: ignore[attr-defined]
+    assert kept.diagnostic_kind == "separable" and separated in str(kept.diagnostic)
+    q_kept = kept.predict_proba(z_test)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(q_kept, _one_vs_rest_reference(method, p, y, p_test, ()), rtol=1e-12)
+    assert q_kept[0, 0] == 0.0 and q_kept[1, 0] > 0.5  # the 0/1 map: p_0 = 0.2 of class 0 at 0
+
+
+@pytest.mark.parametrize("method", ONE_VS_REST, ids=lambda m: m.__name__)
+def test_every_class_separated_but_an_absent_one_falls_back(method: type[cal.Recalibrator]) -> None:
+    """Classes 0-2 separated by large margins, class 3 without a sample: the whole map falls
+    back, and the reason names both."""
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(90, 4))
+    y = np.arange(90) % 3
+    z[np.arange(90), y] += 8.0
+    with pytest.warns(cal.CalibrationWarning, match="separable.*falling back") as rec:
+        c = method().fit(z, y)  # type: ignore[attr-defined]
+    assert len([w for w in rec if issubclass(w.category, cal.CalibrationWarning)]) == 1
+    assert c.fallback is not None and c.diagnostic_kind == "separable"
+    assert c.fallback.startswith("the validation set is separable (every class with a validation sample has a"
+                                 " separated one-vs-rest problem (for each, ")
+    assert "and class 3 (1 of 4 classes) has no validation sample)" in c.fallback
+    np.testing.assert_allclose(c.predict_proba(z), softmax(z), rtol=1e-12)  # type: ignore[attr-defined]
+
+
 N_SHAPE = 60
 #: label shapes that are not one label per score: every 2-D factorisation of N, and 3-D
 BAD_LABEL_SHAPES = [(a, N_SHAPE // a) for a in range(2, N_SHAPE) if N_SHAPE % a == 0] + [
@@ -727,6 +831,8 @@ def test_logits_of_other_classes_are_refused_fitted_or_fallen_back(
     temperature scaling share their parameters over the classes and apply to any number."""
     z, y = multiclass(400, 4, seed=3)
     labels = z.argmax(1) if separable else y
+    if separable and method in ONE_VS_REST:  # every class's one-vs-rest problem separated too
+        z[np.arange(400), labels] += 30.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         c = method().fit(z, labels)  # type: ignore[attr-defined]

@@ -11,9 +11,15 @@ scikit-learn), ``transform_logits(logits)`` (calibrated logits: for every method
 The guard. After a fit, :meth:`Recalibrator._guard` checks three things on the validation data:
 
 1. the fitted map is at a bound of its parameters (a temperature at ``t_min`` or ``t_max``);
-2. the validation set is separable for the predictions (every top-1 prediction is correct, so
-   the likelihood keeps rising as the map sharpens and the fit is driven to a bound, or, for
-   the binning methods, every bin says "always right"); a validation set whose labels are all
+2. the validation set is separable for the predictions: for the maps of the logits
+   (temperature, vector, matrix, Dirichlet and ensemble scaling) every top-1 prediction is
+   correct, so the likelihood keeps rising as the map sharpens and the fit is driven to a
+   bound; for the one-vs-rest maps (histogram binning, isotonic regression) every class's
+   one-vs-rest problem is separated, so every class's map is 0 or 1 on the validation samples
+   (every bin says "always" or "never"; the isotonic fit is a 0/1 step) and gives a test
+   sample probability 0 wherever only other classes' samples fell (those maps use the
+   identity for the separated classes alone when only some are; see
+   ``recalibration._OneVsRestRecalibrator``); a validation set whose labels are all
    one class is separable for every method (a map that gives that class probability 1
    everywhere fits it perfectly, and every other class gets probability 0), and so, for the
    maps with a parameter per class (vector, matrix and Dirichlet scaling), is one where some
