@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,9 @@ def test_cli_says_when_temperature_scaling_fell_back(
     assert rc == 0, err
     assert ("sep: temperature scaling (T on validation NLL) fell back to T = 1 in 2 of 2 runs"
             " (CE, LS 0.1; separable validation set)") in stdout
+    # two times, said apart: the whole command's, and the training's that report.md gives
+    assert re.search(r"2 runs in \d+ s \(data, training, report and figures\)\. Wrote", stdout)
+    assert re.search(r"training and evaluation took \d+ s of wall time\.", (out / "report.md").read_text())
     data = json.loads((out / "results.json").read_text())
     for run in data["runs"]:
         assert run["temperature"] == 1.0

@@ -362,7 +362,8 @@ def main(args: argparse.Namespace) -> int:
                                command=command)
     n_fig = sum(1 for k in written if k.startswith("figures/"))
     console.print(
-        f"{len(result.runs)} runs in {time.perf_counter() - t0:.0f} s. Wrote {out}/ "
+        f"{len(result.runs)} runs in {time.perf_counter() - t0:.0f} s (data, training, report and figures)."
+        f" Wrote {out}/ "
         f"(results.json, results.csv, summary.csv, report.md, {n_fig} figures)"
     )
     return 0

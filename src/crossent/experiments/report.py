@@ -1070,7 +1070,7 @@ def _report_md(
         *([f"Command: `{command}`", ""] if command else []),
         f"{n_runs} runs ({len(result.tasks)} task(s) x losses x {len(cfg.seeds)} seed(s): "
         f"{', '.join(map(str, cfg.seeds))}); models: {models}; Adam, batch {cfg.batch_size}; "
-        f"wall time {result.wall_time_s:.0f} s.",
+        f"training and evaluation took {result.wall_time_s:.0f} s of wall time.",
         "",
         f"Metrics on the test set; ECE-{cfg.n_bins} with {cfg.n_bins} equal-width bins, AdaECE with "
         f"{cfg.n_bins} equal-mass bins, cw-ECE classwise with {cfg.n_bins} bins per class (all in "
