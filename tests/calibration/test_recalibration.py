@@ -1463,3 +1463,24 @@ def test_scaling_refuses_one_column_as_the_other_methods_do(method: type, as_ten
     need = r"logits must be 2-D \(N, C\) with C >= 2 classes, got shape \(200, 1\)"
     with pytest.raises(ValueError, match=need):
         fitted.transform(torch.from_numpy(one) if as_tensor else one)
+
+
+@pytest.mark.parametrize("method", BINARY, ids=lambda m: m.__name__)
+def test_two_column_probabilities_must_be_distributions(method: type) -> None:
+    """(N, 2) probabilities are read by their column 1, so each row must be [1 - p, p]: a row
+    [p, p] was taken silently (column 0 ignored); within the row-sum tolerance they fit as the
+    (N,) probabilities of class 1 do."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.05, 0.95, 300)
+    y = (rng.random(300) < p**1.5).astype(int)
+    two = np.stack([1 - p, p], 1)
+    got = method(from_logits=False).fit(two, y)
+    want = method(from_logits=False).fit(p, y)
+    np.testing.assert_allclose(got.coef, want.coef, rtol=1e-12)
+    np.testing.assert_allclose(got.transform(two), want.transform(p), rtol=1e-12)
+    bad = two.copy()
+    bad[4] = [p[4], p[4]]
+    with pytest.raises(ValueError, match=r"scores: row 4 of the \(N, 2\) probabilities sums to .*, not 1"):
+        method(from_logits=False).fit(bad, y)
+    with pytest.raises(ValueError, match="row 4 of the"):
+        got.transform(bad)

@@ -127,6 +127,7 @@ from crossent.calibration._inputs import (
     check_int,
     check_real,
     label_array,
+    sum_atol,
 )
 from crossent.calibration.metrics import _check_n_bins, width_bin_index, width_edges
 from crossent.calibration.temperature import TemperatureScaler
@@ -1054,7 +1055,8 @@ class _BinaryRecalibrator(Recalibrator):
     def _scores(self, x: Any, *, fitting: bool = False) -> torch.Tensor:
         """Positive-class logits (float64, 1-D) from (N,) or (N, 1) logits/probabilities or (N, 2);
         ``fitting``: warn when (N, 2) logits look like probabilities."""
-        t = _to_tensor(x, "scores").to(torch.float64)  # real numbers only, dense, not ragged
+        raw = _to_tensor(x, "scores")  # real numbers only, dense, not ragged
+        t = raw.to(torch.float64)
         one_score = t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)  # not the two columns of (N, 2)
         if t.ndim == 2 and t.shape[1] == 1:  # a one-logit head's column
             t = t[:, 0]
@@ -1062,6 +1064,16 @@ class _BinaryRecalibrator(Recalibrator):
             if fitting and self.from_logits and bool(torch.isfinite(t).all()):
                 warn_if_probabilities(t, type(self).__name__, hint=" or from_logits=False",
                                       stacklevel=4)  # _scores, fit, the caller
+            if not self.from_logits:  # column 1 is read: the rows must be distributions [1 - p, p]
+                off = (t.sum(1) - 1).abs()
+                tol = sum_atol(raw.dtype)
+                if bool((off > tol).any()):  # NaN passes here and is refused below
+                    i = int(torch.nonzero(off > tol)[0, 0])
+                    raise ValueError(
+                        f"scores: row {i} of the (N, 2) probabilities sums to {float(t[i].sum()):.6g}, not 1"
+                        f" (tolerance {tol:g}); pass (N,) probabilities of class 1, or from_logits=True"
+                        " for logits"
+                    )
             t = t[:, 1] - t[:, 0] if self.from_logits else t[:, 1]
         if t.ndim != 1:
             raise ValueError(f"{type(self).__name__} takes binary scores of shape (N,), (N, 1) or (N, 2),"
