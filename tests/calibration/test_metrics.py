@@ -599,3 +599,28 @@ def test_half_precision_probabilities_widened_to_float32_keep_their_tolerance(
     off[:, 0] = (off[:, 0] + 3e-3).clamp_max(1.0)  # as far off one
     with pytest.raises(ValueError, match=r"sums to .* not 1 \(tolerance 0\.001\)"):
         getattr(calibration, "ece" if front == "meter" else front)(off, y, from_logits=False)
+
+
+def test_the_half_precision_tolerance_is_the_whole_blocks_and_says_so() -> None:
+    """The half type's tolerance applies where every value of the rows read is a half type's,
+    and the error says so; one row of dyadic values among float32 ones does not get it (it
+    did, and the error then named the other row against 0.001). Masked logits given as
+    probabilities are refused with the hint to pass from_logits=True; accuracy, which softmax
+    does not change, does not warn of probabilities given as logits."""
+    y = np.array([0, 1])
+    half_rows = np.array([[0.5, 0.5, 0.0078125], [0.25, 0.75, 0.0]], dtype=np.float32)
+    assert ece(half_rows, y) == pytest.approx(0.375)
+    wider = half_rows.copy()
+    wider[0, 2] = 0.015625  # 1.0156: beyond half precision's tolerance too
+    beyond = r"row 0 sums to 1\.01562, not 1 \(tolerance 0\.01, that of half precision"
+    with pytest.raises(ValueError, match=beyond):
+        ece(wider, y)
+    mixed = np.array([[0.5, 0.5, 0.0078125], [0.3, 0.702, 0.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"row 0 sums to 1\.00781, not 1 \(tolerance 0\.001\);"):
+        ece(mixed, y)
+    masked = np.array([[-0.7, -0.7, -np.inf], [-1.4, -0.3, -np.inf]])
+    with pytest.raises(ValueError, match=r"probs: row 0 contains NaN or infinite values; pass from_logits="):
+        ece(masked, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert accuracy(half_rows, y, from_logits=True) == 1.0  # row 0's tie goes to class 0

@@ -1381,18 +1381,22 @@ def test_masked_logits_fit_as_classes_of_probability_zero(method: type, as_tenso
         np.testing.assert_allclose(got.temperature, far.temperature, rtol=1e-12)
 
 
-def test_vector_scaling_does_not_count_a_class_masked_throughout_as_absent() -> None:
-    """A class masked in every validation row (a token no label uses) has no sample, yet its
-    T_k and b_k change nothing: the fit is kept and equals the fit without that column."""
+@pytest.mark.parametrize("method", MASKED_OK, ids=lambda m: m.__name__)
+def test_a_class_masked_throughout_is_not_absent(method: type) -> None:
+    """A class masked in every validation row (a token no label uses) has no sample, yet it
+    has probability 0 at any parameters: no warning, no diagnostic, and the fit of the other
+    classes is the fit without that column (vector scaling fell back as for an absent class;
+    the one-vs-rest maps warned of it)."""
     z, _, y = _masked_logits(n=800, c=4)
     z = np.concatenate([z, np.full((z.shape[0], 1), -np.inf)], 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = cal.VectorScaler().fit(z, y)
-    want = cal.VectorScaler().fit(z[:, :4], y)
-    assert got.fallback is None
-    np.testing.assert_allclose(got.temperature[:4], want.temperature, rtol=1e-9)
-    np.testing.assert_allclose(got.transform(z)[:, :4], want.transform(z[:, :4]), rtol=1e-9, atol=1e-15)
+        got = method().fit(z, y)
+    want = method().fit(z[:, :4], y)
+    assert got.fallback is None and got.diagnostic_kind is None
+    p = got.transform(z)
+    assert (p[:, 4] == 0).all()
+    np.testing.assert_allclose(p[:, :4], want.transform(z[:, :4]), rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("method", MULTICLASS, ids=lambda m: m.__name__)

@@ -84,6 +84,17 @@ def absent_classes(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.flatnonzero(counts[:n_classes] == 0)
 
 
+def absent_unmasked(labels: np.ndarray, n_classes: int, logits: torch.Tensor | None) -> np.ndarray:
+    """:func:`absent_classes` less those whose validation ``logits`` are -inf in every row
+    (masked throughout): such a class has probability 0 at any parameters, so its absence
+    costs nothing."""
+    absent = absent_classes(labels, n_classes)
+    if absent.size and logits is not None:
+        masked = (logits[:, torch.from_numpy(absent)] == -math.inf).all(0).numpy()
+        absent = absent[~masked]
+    return absent
+
+
 def one_class_how(labels: np.ndarray, n_classes: int) -> str | None:
     """``"all N labels are class k"`` when the labels hold one class only (of ``n_classes``
     >= 2), else ``None``: how such a validation set is separable."""
@@ -127,10 +138,7 @@ def label_separation(
     if one is not None:
         return True, one, None
     if absent_consequence is not None:
-        absent = absent_classes(labels, n_classes)
-        if absent.size and logits is not None:
-            masked = (logits[:, torch.from_numpy(absent)] == -math.inf).all(0).numpy()
-            absent = absent[~masked]
+        absent = absent_unmasked(labels, n_classes, logits)
         if absent.size:
             how = f"{absent_how(absent, n_classes)} no validation sample"
             if top1_correct:

@@ -284,7 +284,10 @@ def check_rows(
         bad = suspects[~ok.all(1)]
         if bad.numel():
             i = position(start + int(bad[0]), rows)
-            raise ValueError(f"{name}: row {i} contains NaN or infinite values")
+            row = block[int(bad[0])]
+            masked = not from_logits and not bool((torch.isnan(row) | (row == math.inf)).any())
+            hint = "; pass from_logits=True if these are logits (-inf: a masked class)" if masked else ""
+            raise ValueError(f"{name}: row {i} contains NaN or infinite values{hint}")
         if from_logits:
             masked = suspects[~torch.isfinite(rows_in).any(1)]
             if masked.numel():
@@ -300,16 +303,17 @@ def check_rows(
             f"{name}: row {position(start + i, rows)} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
             f" max {float(rowmax[i]):.4g}); pass from_logits=True if these are logits"
         )
-    tol = sum_atol(storage)
+    tol, why = sum_atol(storage), ""
     bad = (rowsum - 1).abs() > tol
-    if bool(bad.any()) and storage == torch.float32 and half_valued(block[bad]):
-        tol = sum_atol(torch.bfloat16)
+    # every value of the block a half type's: the tolerance of that type (see half_valued)
+    if bool(bad.any()) and storage == torch.float32 and half_valued(block):
+        tol, why = sum_atol(torch.bfloat16), ", that of half precision: every value is a bfloat16 or float16"
         bad = (rowsum - 1).abs() > tol
     if bool(bad.any()):
         i = _first(bad)
         raise ValueError(
             f"{name}: row {position(start + i, rows)} sums to {float(rowsum[i]):.6g}, not 1"
-            f" (tolerance {tol:g});"
+            f" (tolerance {tol:g}{why});"
             " normalise the rows, or pass from_logits=True if these are logits"
         )
 
@@ -338,7 +342,7 @@ def looks_like_probs(x: object, name: str = "predictions") -> bool:
             return False
         off = (rowsum - 1).abs() > tol
         if bool(off.any()) and not (
-            t.dtype == torch.float32 and half_valued(block[off])
+            t.dtype == torch.float32 and half_valued(block)
             and float((rowsum[off] - 1).abs().max()) <= sum_atol(torch.bfloat16)
         ):
             return False

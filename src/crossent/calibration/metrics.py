@@ -605,7 +605,9 @@ def accuracy(
     """Top-1 accuracy: the fraction of rows whose arg-max (lowest index on ties) is the label.
     Binary and multi-label input: the fraction with :math:`[p_i > 1/2] = y_i`."""
     from_logits, ignore_index = _check_scores(from_logits, ignore_index)
-    kind, t, y, rows = select(probs, labels, from_logits=from_logits, ignore_index=ignore_index)
+    kind, t, y, rows = select(  # no warning of probabilities: softmax keeps the argmax
+        probs, labels, from_logits=from_logits, ignore_index=ignore_index, check_probs=False
+    )
     if kind == "binary":
         return float(((t > 0.5).numpy() == (y == 1)).mean())
     r = row_statistics(t, torch.from_numpy(y), from_logits=from_logits,

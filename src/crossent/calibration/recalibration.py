@@ -104,8 +104,8 @@ from crossent.calibration._base import (
     UNCONVERGED_GRAD,
     CalibrationWarning,
     Recalibrator,
-    absent_classes,
     absent_how,
+    absent_unmasked,
     check_fit_logits,
     class_count_error,
     label_separation,
@@ -649,7 +649,7 @@ class _OneVsRestRecalibrator(_MulticlassRecalibrator):
         one = label_separation(False, y, n_classes)
         if one[0]:
             return one
-        absent = absent_classes(y, n_classes)
+        absent = absent_unmasked(y, n_classes, z)
         separated = self._separated(torch.softmax(z, 1).numpy(), y)
         if int(separated.sum()) + absent.size < n_classes:
             return False, None, None
@@ -663,14 +663,17 @@ class _OneVsRestRecalibrator(_MulticlassRecalibrator):
                        " NLL)")
         return True, how, consequence
 
-    def _identity_one_vs_rest(self, p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, str | None]:
+    def _identity_one_vs_rest(
+        self, p: np.ndarray, y: np.ndarray, z: torch.Tensor
+    ) -> tuple[np.ndarray, str | None]:
         """The classes whose maps become the identity (none with ``fallback_to_identity=False``):
         those with no validation sample and those with a separated one-vs-rest problem, unless
         the guard speaks for them all (labels of one class, or every class with a sample
         separated: the whole map falls back); and the problem in words (``None`` if none).
-        Warns when there is a problem."""
+        Warns when there is a problem. A class masked in every row of the logits ``z`` is not
+        absent (:func:`~crossent.calibration._base.absent_unmasked`)."""
         n_classes = p.shape[1]
-        absent = absent_classes(y, n_classes)
+        absent = absent_unmasked(y, n_classes, z)
         if absent.size >= n_classes - 1:
             return absent[:0], None
         separated = np.flatnonzero(self._separated(p, y))
@@ -767,7 +770,7 @@ class HistogramBinning(_OneVsRestRecalibrator):
         count, hits = self._counts(p, y)
         centre = (width_edges(self.n_bins)[:-1] + width_edges(self.n_bins)[1:]) / 2
         self.bin_values = np.where(count > 0, hits / np.maximum(count, 1), centre)
-        identity, note = self._identity_one_vs_rest(p, y)
+        identity, note = self._identity_one_vs_rest(p, y, z)
         self.identity_classes = [int(c) for c in identity]
         self._fitted = True
         self._check_fit(z, y, note=note)
@@ -874,7 +877,7 @@ class IsotonicCalibrator(_OneVsRestRecalibrator):
             reg = iso.IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
             reg.fit(p[:, k], (y == k).astype(np.float64))
             self.knots.append((np.asarray(reg.X_thresholds_), np.asarray(reg.y_thresholds_)))
-        identity, note = self._identity_one_vs_rest(p, y)
+        identity, note = self._identity_one_vs_rest(p, y, z)
         for k in identity:  # g(p) = p on [0, 1]: linear interpolation between (0, 0) and (1, 1)
             self.knots[k] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
         self.identity_classes = [int(c) for c in identity]
