@@ -539,6 +539,8 @@ def test_ranked_by_ece_a_recommendation_that_worsens_the_nll_is_warned_of(
                f" {rows['dirichlet']['nll']:.4f}); --objective nll ranks by it")
     assert warning in " ".join(out.split())
     assert f"\n\n{warning}\n" in (tmp_path / "o" / "report.md").read_text()
+    assert cmp["recommendation"][-1] == warning  # metrics.json keeps the lines under the table
+    assert cmp["recommendation"][0].startswith("recommended: dirichlet (held-out ECE")
     rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--out",
                         str(tmp_path / "n")], capsys, compare=True)
     assert rc == 0, err
@@ -1096,7 +1098,7 @@ def test_classes_absent_from_the_fit_part_are_named_in_the_output(
     rows = metrics_of(tmp_path / "histogram")["comparison"]["rows"]
     for method in ("histogram", "isotonic"):
         assert rows[method]["note"] == note
-        assert "identity for class 3 (no fit sample)" in _note_cell(outs["histogram"], method)
+        assert "identity for class 3 (see note)" in _note_cell(outs["histogram"], method)
     assert rows["temperature"]["note"] is None
 
 
@@ -1676,3 +1678,28 @@ def test_labels_of_another_run_are_warned_of(
     text = f"the labels {labels_key!r} come from another run than --key 't/ce/seed0/logits' {warning}"
     assert [ln for ln in err.splitlines() if "another run" in ln] == [f"crossent calibrate: warning: {text}"]
     assert f"- warning: {text}\n" in report
+
+
+@pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
+@pytest.mark.usefixtures("no_figures")
+def test_a_class_separated_in_the_fit_part_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A class the fit part separates keeps the identity in histogram binning as an absent one
+    does, and the note says why: separated, not "no sample" (it said every such class had no
+    sample in the fit part)."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    y = rng.integers(0, 4, n)
+    z = rng.normal(size=(n, 4))
+    z[np.arange(n), y] += 0.8
+    z[y == 0, 0] += 8.0  # class 0 apart from the others
+    z[y != 0, 0] -= 4.0
+    np.savez(tmp_path / "p.npz", logits=z, labels=y)
+    rc, _, err = run([str(tmp_path / "p.npz"), "--method", "histogram", "--out", str(tmp_path / "o")],
+                     capsys)
+    assert rc == 0, err
+    metrics = metrics_of(tmp_path / "o")
+    assert metrics["identity_classes"] == [0]
+    assert metrics["note"] == ("class 0 (1 of 4 classes) is separated from the others in it (a map of 0s and"
+                               " 1s): left uncalibrated (identity)")

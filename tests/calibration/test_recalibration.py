@@ -448,7 +448,8 @@ def test_partly_absent_classes(method: type[cal.Recalibrator], c: int, absent: t
     else:
         assert len(messages) == 1, messages
         assert messages[0].startswith(f"{method.__name__}: {phrase}")
-        assert "probability 0" in messages[0] and "using the identity" in messages[0]
+        its = "so its one-vs-rest map gives it" if len(absent) == 1 else "so their one-vs-rest maps give them"
+        assert f"{phrase}, {its} probability 0" in messages[0] and "using the identity" in messages[0]
         assert c_.fallback is None and c_.diagnostic_kind == "separable"
         assert c_.diagnostic is not None and phrase in c_.diagnostic
         assert c_.identity_classes == list(absent)  # type: ignore[attr-defined]

@@ -91,6 +91,8 @@ def test_the_reading_names_each_loss_that_scaling_made_worse() -> None:
         "Temperature scaling (T on validation NLL) raised the test ECE or NLL (means over seeds) of: "
         "LS 0.1 (ECE 2.52 → 3.21%, NLL 0.062 → 0.060); focal γ=3 (ECE 8.00 → 3.00%, "
         "NLL 0.141 → 1.438). Its T comes from the validation set only.")
+    lost = row("WCE", 0.0673, 0.0859, 0.62812, 0.62849)  # a rise lost to rounding at 3 digits
+    assert "WCE (ECE 6.73 → 8.59%, NLL 0.6281 → 0.6285)" in _scaling_effect(_scaling_hurt([lost]))
 
 
 def test_pt_curves_closed_forms() -> None:
@@ -256,8 +258,8 @@ def test_one_seed_gives_means_without_an_interval(tmp_path: Path, blobs: TaskDat
     """From one seed the spread between seeds is unknown: the cells give the mean alone (not
     "± 0.00", which claimed certainty), the statistics note says why, and the reading calls no
     difference clear or within noise."""
-    from crossent.experiments.report import ONE_SEED_NOTE
-    from crossent.experiments.runner import _mean_std, clearly_different
+    from crossent.experiments.report import ONE_SEED_NOTE, rich_tables
+    from crossent.experiments.runner import _mean_std, aggregate, clearly_different
 
     one = _mean_std([0.25], boot_sds=[0.01])
     assert one[0] == 0.25 and np.isnan(one[1]) and np.isnan(one[2])
@@ -273,6 +275,9 @@ def test_one_seed_gives_means_without_an_interval(tmp_path: Path, blobs: TaskDat
     assert not any("within noise" in line or "clearly" in line for line in verdicts)
     table_rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert table_rows and not any("±" in line for line in table_rows)
+    assert "Before temperature scaling (test set, one seed, no interval):" in md
+    (table,) = rich_tables(result, aggregate(result))[:1]
+    assert str(table.title).endswith("test set, one seed (no interval)")
     with (tmp_path / "run" / "summary.csv").open() as fh:
         summary = list(csv.DictReader(fh))
     assert summary[0]["temperature_ci95"] == "nan" and summary[0]["temperature_mean"] != "nan"

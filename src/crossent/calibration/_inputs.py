@@ -285,8 +285,9 @@ def check_rows(
         if bad.numel():
             i = position(start + int(bad[0]), rows)
             row = block[int(bad[0])]
-            masked = not from_logits and not bool((torch.isnan(row) | (row == math.inf)).any())
-            hint = "; pass from_logits=True if these are logits (-inf: a masked class)" if masked else ""
+            only_neg_inf = not from_logits and not bool((torch.isnan(row) | (row == math.inf)).any())
+            hint = ("; pass from_logits=True if these are logits (-inf: a masked class)"
+                    if only_neg_inf else "")
             raise ValueError(f"{name}: row {i} contains NaN or infinite values{hint}")
         if from_logits:
             masked = suspects[~torch.isfinite(rows_in).any(1)]

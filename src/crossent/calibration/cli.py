@@ -994,19 +994,28 @@ def describe(cal: Any) -> str:
     return text
 
 
-def fit_note(cal: Any, n_classes: int) -> str | None:
+def fit_note(cal: Any, n_classes: int, labels: np.ndarray) -> str | None:
     """What the guard found in a fit that was kept (``fallback`` is ``None``), in words;
     ``None`` when it found nothing. Histogram binning and isotonic regression keep the
-    identity for the classes with no sample in the fit part (``identity_classes``), which
-    only a Python warning named."""
+    identity (``identity_classes``) for the classes with no sample in the fit part (whose
+    ``labels`` are given) and for those whose one-vs-rest problem the fit part separates
+    (their maps would be 0 or 1), which only a Python warning named."""
     from crossent.calibration._base import absent_how
 
     if cal.fallback is not None:
         return None
-    identity = getattr(cal, "identity_classes", None)
-    if identity:
-        return (f"{absent_how(np.asarray(identity), n_classes)} no sample in the fit part:"
-                " left uncalibrated (identity)")
+    identity = np.asarray(getattr(cal, "identity_classes", None) or [], dtype=np.int64)
+    if identity.size:
+        absent = np.setdiff1d(identity, labels)
+        separated = np.setdiff1d(identity, absent)
+        parts = []
+        if absent.size:
+            parts.append(f"{absent_how(absent, n_classes)} no sample in the fit part")
+        if separated.size:
+            how = absent_how(separated, n_classes).rsplit(" ", 1)[0]  # without "has"/"have"
+            verb = "is" if separated.size == 1 else "are"
+            parts.append(f"{how} {verb} separated from the others in it (a map of 0s and 1s)")
+        return f"{'; '.join(parts)}: left uncalibrated (identity)"
     return None if cal.diagnostic is None else f"{cal.diagnostic} (the fit is kept)"
 
 
@@ -1018,7 +1027,7 @@ def short_note(cal: Any) -> str:
     if identity:
         listed = ", ".join(str(k) for k in identity[:4]) + (", ..." if len(identity) > 4 else "")
         which = "class" if len(identity) == 1 else "classes"
-        return f"identity for {which} {listed} (no fit sample)"
+        return f"identity for {which} {listed} (see note)"
     return "" if cal.diagnostic is None else "see note"
 
 
@@ -1275,7 +1284,7 @@ def compare_methods(
         note = short_note(cal) or ("warned: see below" if others else "")
         scores = none if cal.fallback is not None else score(method_logits(cal, logits[test_idx]))
         rows[name] = {**scores, "fallback": cal.fallback,
-                      "fitted": describe(cal), "note": fit_note(cal, c),
+                      "fitted": describe(cal), "note": fit_note(cal, c, labels[val_idx]),
                       "short_note": "; ".join(n for n in (note, zero_note) if n),
                       "warnings": others, "zero_probability_labels": zeros}
     def rank(k: str) -> tuple[float, bool]:  # a tie goes to "none", then to the order of METHODS
@@ -1482,7 +1491,7 @@ def main(args: argparse.Namespace) -> int:
         "objective": args.objective,
         "fitted": describe(cal),
         "fallback": cal.fallback,
-        "note": fit_note(cal, c),
+        "note": fit_note(cal, c, labels[val_idx]),
         "identity_classes": list(getattr(cal, "identity_classes", [])),
         "warnings": messages,
         "state": cal.state_dict(),
@@ -1520,6 +1529,8 @@ def main(args: argparse.Namespace) -> int:
             logits, labels, val_idx, test_idx, objective=args.objective, n_bins=args.n_bins,
             before=before, in_sample=args.val_fraction == 0,
         )
+        # the lines under the comparison, warnings included, as printed and in report.md
+        result["comparison"]["recommendation"] = recommendation_text(result).splitlines()
         _print_comparison(result)
 
     if args.out is not None:

@@ -681,9 +681,11 @@ class _OneVsRestRecalibrator(_MulticlassRecalibrator):
             return absent[:0], None
         parts = []
         if absent.size:
-            parts.append(f"{absent_how(absent, n_classes)} no validation sample, so their one-vs-rest maps"
-                         f" give them probability 0 {self._absent_zero} (an infinite NLL on any test sample"
-                         " of them)")
+            its, maps, give, them = (("its", "map", "gives", "it") if absent.size == 1
+                                     else ("their", "maps", "give", "them"))
+            parts.append(f"{absent_how(absent, n_classes)} no validation sample, so {its} one-vs-rest {maps}"
+                         f" {give} {them} probability 0 {self._absent_zero} (an infinite NLL on any test"
+                         f" sample of {them})")
         if separated.size:
             its, maps, take, give, them = (("its", "map", "takes", "gives", "it") if separated.size == 1
                                            else ("their", "maps", "take", "give", "them"))

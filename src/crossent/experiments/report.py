@@ -155,6 +155,14 @@ def _num(x: float, metric: str, d: int = 2) -> str:
     return f"{x * (100.0 if metric in PERCENT else 1.0):.{d}f}"
 
 
+def _change(a: float, b: float, metric: str, d: int = 2) -> str:
+    """``a → b``, with digits added (up to 6) until a change shows: a rise lost to rounding
+    read as 0.628 → 0.628."""
+    while d < 6 and a != b and _num(a, metric, d) == _num(b, metric, d):
+        d += 1
+    return f"{_num(a, metric, d)} → {_num(b, metric, d)}"
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -191,8 +199,8 @@ def markdown_tables(result: StudyResult, rows: list[dict[str, Any]]) -> str:
                    f"{', '.join(models)}.\n")
         acc = ["acc", "balanced_acc", "macro_f1", "tail_recall"] if data.imbalanced else ["acc"]
         cols = [*acc, "nll", "brier", "ece", "adaece", "cw_ece", "entropy"]
-        out.append(f"Before temperature scaling (test set, mean ± 95% half-width, {n_seeds} "
-                   "seed(s)):\n")
+        spread = f"mean ± 95% half-width, {n_seeds} seeds" if n_seeds > 1 else "one seed, no interval"
+        out.append(f"Before temperature scaling (test set, {spread}):\n")
         out += _md_table(
             ["Loss", *[NAMES[c] for c in cols], "T (NLL)", "Train acc %"],
             [[r["loss_label"], *[_fmt(r[c], c) for c in cols], _fmt(r["temperature"], "temperature"),
@@ -292,8 +300,9 @@ def rich_tables(result: StudyResult, rows: list[dict[str, Any]]) -> list[Any]:
             continue
         acc_cols = ["acc", "balanced_acc", "tail_recall"] if data.imbalanced else ["acc"]
         table = rich_table.Table(
-            title=f"[bold]{task}[/] ({trows[0]['model']}): test set, mean ± 95% half-width over "
-                  f"{trows[0]['n_seeds']} seed(s)",
+            title=f"[bold]{task}[/] ({trows[0]['model']}): test set, "
+                  + (f"mean ± 95% half-width over {trows[0]['n_seeds']} seeds" if trows[0]["n_seeds"] > 1
+                     else "one seed (no interval)"),
             caption=f"ECE in % ({result.config.n_bins} bins); H = mean predictive entropy (nats); "
                     "T fitted on validation NLL, T(ECE) on validation ECE; TS = after scaling; "
                     "best ECE in green"
@@ -455,10 +464,11 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
                 + (", ".join(beat_before) or "none")
                 + ("; clearly higher: " + ", ".join(worse_before) if worse_before else "") + "."
             )
+            lowest = (f"CE + TS itself ({_fmt(b1['ece_ts'], 'ece')}%)" if b1["loss"] == "ce" else
+                      f"{b1['loss_label']} ({_fmt(b1['ece_ts'], 'ece')}%); clearly below CE + TS "
+                      f"({_fmt(ce['ece_ts'], 'ece')}%): " + (", ".join(beat_after) or "none"))
             lines.append(
-                f"After temperature scaling (T on validation NLL), lowest ECE "
-                f"{b1['loss_label']} ({_fmt(b1['ece_ts'], 'ece')}%); clearly below CE + TS "
-                f"({_fmt(ce['ece_ts'], 'ece')}%): " + (", ".join(beat_after) or "none")
+                f"After temperature scaling (T on validation NLL), lowest ECE {lowest}"
                 + ("; clearly above: " + ", ".join(worse_after) if worse_after else "")
                 + ". Every other loss is within noise of CE + TS."
             )
@@ -544,8 +554,8 @@ def _scaling_effect(hurt: list[dict[str, Any]]) -> str:
         return ("Temperature scaling (T on validation NLL) lowered (or kept) both the test ECE and NLL"
                 " (means over seeds) of every loss.")
     parts = [
-        f"{r['loss_label']} (ECE {_num(r['ece'][0], 'ece')} → {_num(r['ece_ts'][0], 'ece')}%, "
-        f"NLL {_num(r['nll'][0], 'nll', 3)} → {_num(r['nll_ts'][0], 'nll', 3)})"
+        f"{r['loss_label']} (ECE {_change(r['ece'][0], r['ece_ts'][0], 'ece')}%, "
+        f"NLL {_change(r['nll'][0], r['nll_ts'][0], 'nll', 3)})"
         for r in hurt
     ]
     return ("Temperature scaling (T on validation NLL) raised the test ECE or NLL (means over seeds) of: "
