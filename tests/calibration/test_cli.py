@@ -479,6 +479,19 @@ def _rows_in_table(out: str, rows: dict[str, Any]) -> list[str]:
     return sorted(rows, key=at.__getitem__)
 
 
+def _compared_by_ece(
+    z: np.ndarray, y: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[str, dict[str, Any]]:
+    """``crossent calibrate`` of ``z`` and ``y`` ranked by ECE: its output and metrics.json's
+    comparison."""
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", y)
+    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--objective", "ece",
+                        "--out", str(tmp_path / "o")], capsys, compare=True)
+    assert rc == 0, err
+    return out, json.loads((tmp_path / "o" / "metrics.json").read_text())["comparison"]
+
+
 @pytest.mark.filterwarnings("ignore::crossent.calibration.CalibrationWarning")
 def test_ranked_by_ece_a_map_giving_labels_probability_0_is_not_recommended(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -488,12 +501,7 @@ def test_ranked_by_ece_a_map_giving_labels_probability_0_is_not_recommended(
     It is not recommended and the line says why; the best map without zeros is, and as its NLL
     is better than none's, no warning follows. The rows are ranked by ECE, skipped ones last."""
     z, y = make(n=400, c=10, seed=7)
-    np.save(tmp_path / "z.npy", z)
-    np.save(tmp_path / "y.npy", y)
-    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--objective", "ece",
-                        "--out", str(tmp_path / "o")], capsys, compare=True)
-    assert rc == 0, err
-    cmp = json.loads((tmp_path / "o" / "metrics.json").read_text())["comparison"]
+    out, cmp = _compared_by_ece(z, y, tmp_path, capsys)
     rows = cmp["rows"]
     scored = [name for name, row in rows.items() if "skipped" not in row]
     assert scored[0] == "histogram" and rows["histogram"]["zero_probability_labels"] == 66
@@ -525,12 +533,7 @@ def test_ranked_by_ece_a_recommendation_that_worsens_the_nll_is_warned_of(
     ECE it is recommended with a warning, in the terminal and the report; ranked by NLL,
     temperature scaling is, with no warning, and the rows are in the order of their NLL."""
     z, y = make(n=300, c=3, t_true=1.0, seed=3)
-    np.save(tmp_path / "z.npy", z)
-    np.save(tmp_path / "y.npy", y)
-    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"), "--objective", "ece",
-                        "--out", str(tmp_path / "o")], capsys, compare=True)
-    assert rc == 0, err
-    cmp = json.loads((tmp_path / "o" / "metrics.json").read_text())["comparison"]
+    out, cmp = _compared_by_ece(z, y, tmp_path, capsys)
     rows = cmp["rows"]
     assert cmp["recommended"] == "dirichlet" and rows["dirichlet"]["zero_probability_labels"] == 0
     assert rows["dirichlet"]["nll"] == pytest.approx(0.623, abs=1e-3)

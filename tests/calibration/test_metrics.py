@@ -534,14 +534,9 @@ def test_masked_logits_measure_as_classes_of_probability_zero(
         fn(bad, y)
 
 
-_LOGITS_FRONTS = {
-    "ece": lambda p, y: ece(p, y, from_logits=True),
-    "ece_mass": lambda p, y: ece(p, y, from_logits=True, binning="mass"),
-    "classwise_ece": lambda p, y: classwise_ece(p, y, from_logits=True),
-    "brier": lambda p, y: brier(p, y, from_logits=True),
-    "nll": lambda p, y: nll(p, y, from_logits=True),
+_LOGITS_FRONTS = {  # accuracy does not warn: softmax keeps the argmax
+    **{k: v for k, v in _MASKED_METRICS.items() if k != "accuracy"},
     "nll_ignore_index": lambda p, y: nll(p, y, from_logits=True, ignore_index=-100),
-    "smooth_ece": lambda p, y: smooth_ece(p, y, from_logits=True),
     "reliability_table": lambda p, y: reliability_table(p, y, from_logits=True),
     "meter": lambda p, y: _meter_of_logits(p, y),
 }
