@@ -1706,3 +1706,20 @@ def test_a_class_separated_in_the_fit_part_is_named_as_such(
     assert metrics["identity_classes"] == [0]
     assert metrics["note"] == ("class 0 (1 of 4 classes) is separated from the others in it (a map of 0s and"
                                " 1s): left uncalibrated (identity)")
+
+
+def test_the_library_fixes_the_command_has_no_option_for_are_worded_as_the_python_classes() -> None:
+    """The command fits the classes with their defaults: a warning's fix that is an option of
+    the Python class says so, so that a user does not look for --max-iter or --t-max."""
+    from crossent.calibration.cli import command_advice
+
+    assert command_advice("x; pass fallback_to_identity=False to keep the fit") == (
+        "x; the Python class keeps the fit with fallback_to_identity=False")
+    assert command_advice("far from its optimum; raise max_iter (e.g. max_iter=1000)") == (
+        "far from its optimum; the Python class's max_iter=1000 allows more steps")
+    assert command_advice("a larger bound fits class 3 (VectorScaler(t_max=1000), or more); no") == (
+        "a larger bound fits class 3 (the Python class's t_max=1000, or more); no")
+    assert command_advice("a smaller bound fits it (TemperatureScaler(t_min=0.001), or less: small)") == (
+        "a smaller bound fits it (the Python class's t_min=0.001, or less: small)")
+    assert command_advice("prefer it, or check it on held-out data (crossent calibrate does)") == (
+        "prefer it, or check it on held-out data")

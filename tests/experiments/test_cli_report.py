@@ -258,7 +258,7 @@ def test_one_seed_gives_means_without_an_interval(tmp_path: Path, blobs: TaskDat
     """From one seed the spread between seeds is unknown: the cells give the mean alone (not
     "± 0.00", which claimed certainty), the statistics note says why, and the reading calls no
     difference clear or within noise."""
-    from crossent.experiments.report import ONE_SEED_NOTE, rich_tables
+    from crossent.experiments.report import ONE_SEED_NOTE, _figures_note, rich_tables
     from crossent.experiments.runner import _mean_std, aggregate, clearly_different
 
     one = _mean_std([0.25], boot_sds=[0.01])
@@ -278,6 +278,7 @@ def test_one_seed_gives_means_without_an_interval(tmp_path: Path, blobs: TaskDat
     assert "Before temperature scaling (test set, one seed, no interval):" in md
     (table,) = rich_tables(result, aggregate(result))[:1]
     assert str(table.title).endswith("test set, one seed (no interval)")
+    assert _figures_note(result, []).startswith("ECE bars and the focal-loss figure: one seed's values")
     with (tmp_path / "run" / "summary.csv").open() as fh:
         summary = list(csv.DictReader(fh))
     assert summary[0]["temperature_ci95"] == "nan" and summary[0]["temperature_mean"] != "nan"

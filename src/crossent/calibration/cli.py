@@ -99,14 +99,16 @@ what it does
   --objective; the best one that gives no held-out label probability 0 is recommended (by ECE,
   with a warning if it makes the held-out NLL worse). A degenerate fit (bound reached,
   separable fit part, NLL worse than no scaling) falls back to the identity and says so; the
-  classes with no sample in the fit part, which histogram binning and isotonic regression
-  leave uncalibrated (identity), are named in a note. --val-fraction 0 fits and evaluates on
+  classes that histogram binning and isotonic regression leave uncalibrated (identity), those
+  with no sample in the fit part and those it separates from the others, are named in a
+  note. Masked logits (-inf) are probability 0; matrix and Dirichlet scaling, whose maps mix
+  the classes, are skipped for them. --val-fraction 0 fits and evaluates on
   everything (optimistic; a warning is printed). A fit part of fewer than 100 samples gives a
   warning.
 
 metrics
-  accuracy, NLL (nats), Brier (summed over classes, range 0-2), ECE (15 equal-width bins
-  ((m-1)/M, m/M]), AdaECE (equal-mass bins), classwise ECE, MCE (max bin gap), smooth ECE
+  accuracy, NLL (nats), Brier (summed over classes, range 0-2), ECE (--n-bins M equal-width
+  bins ((m-1)/M, m/M], 15 by default), AdaECE (equal-mass bins), classwise ECE, MCE (max bin gap), smooth ECE
   (Blasiok & Nakkiran 2023).
 
 outputs (with --out DIR)
@@ -1050,9 +1052,13 @@ def small_fit_warning(n_fit: int, n: int, val_fraction: float) -> str | None:
 
 def command_advice(message: str) -> str:
     """A library warning as the command prints it. Its fixes that are options of the Python
-    classes, which the command fits with their defaults, say so: a user of the command would
-    look for a ``--max-iter`` that is not there."""
+    classes (``max_iter``, ``fallback_to_identity``, ``t_min`` and ``t_max``), which the command
+    fits with their defaults, say so: a user of the command would look for a ``--max-iter``
+    that is not there."""
     message = message.replace(" (crossent calibrate does)", "")
+    # "(VectorScaler(t_max=1000), or more)": a bound of the Python class
+    message = re.sub(r"\((\w+)\((t_m(?:in|ax))=([^)]*)\), or (more|less)",
+                     r"(the Python class's \2=\3, or \4", message)
     message = message.replace("pass fallback_to_identity=False to keep the fit",
                               "the Python class keeps the fit with fallback_to_identity=False")
     return re.sub(r"raise max_iter(?: \(e\.g\. (max_iter=\d+)\))?",

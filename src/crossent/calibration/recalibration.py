@@ -694,9 +694,10 @@ class _OneVsRestRecalibrator(_MulticlassRecalibrator):
                          f" the validation samples and {give} a test sample of {them} probability 0"
                          f" {self._separated_zero} (an infinite NLL)")
         problem = "; ".join(parts)
+        which = "it" if absent.size + separated.size == 1 else "them"
         if self.fallback_to_identity:
             action = ("using the identity (the softmax probability, renormalised with the other"
-                      " classes) for them; pass fallback_to_identity=False to keep the fit")
+                      f" classes) for {which}; pass fallback_to_identity=False to keep the fit")
         else:
             action = "keeping the fit (fallback_to_identity=False)"
         warnings.warn(f"{type(self).__name__}: {problem}; {action}", CalibrationWarning, stacklevel=3)

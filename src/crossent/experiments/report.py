@@ -1127,8 +1127,10 @@ def _report_md(
 def _figures_note(result: StudyResult, fig_paths: list[Path]) -> str:
     """What the figures aggregate, where it differs from the tables (the reliability
     diagrams pool the seeds' predictions), and what their T = 1 (fell back) marks mean."""
-    note = ("ECE bars and the focal-loss figure: mean over seeds ± 95% half-width, as in the "
-            "tables.")
+    one_seed = len(result.config.seeds) == 1
+    note = ("ECE bars and the focal-loss figure: one seed's values (no interval), as in the tables."
+            if one_seed else
+            "ECE bars and the focal-loss figure: mean over seeds ± 95% half-width, as in the tables.")
     if any(f.stem.startswith("reliability_") for f in fig_paths):
         note += (" Reliability diagrams: the test predictions of all seeds pooled, each seed "
                  "scaled by its own T (listed in the \"after\" panel); their ECE is that of "
