@@ -450,7 +450,8 @@ def test_partly_absent_classes(method: type[cal.Recalibrator], c: int, absent: t
         assert messages[0].startswith(f"{method.__name__}: {phrase}")
         its = "so its one-vs-rest map gives it" if len(absent) == 1 else "so their one-vs-rest maps give them"
         assert f"{phrase}, {its} probability 0" in messages[0]
-        assert f"classes) for {'it' if len(absent) == 1 else 'them'}; pass fallback_to_identity" in messages[0]
+        which = "it" if len(absent) == 1 else "them"
+        assert f"classes) for {which}; pass fallback_to_identity" in messages[0]
         assert c_.fallback is None and c_.diagnostic_kind == "separable"
         assert c_.diagnostic is not None and phrase in c_.diagnostic
         assert c_.identity_classes == list(absent)  # type: ignore[attr-defined]
