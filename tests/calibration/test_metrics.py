@@ -619,3 +619,30 @@ def test_the_half_precision_tolerance_is_the_whole_blocks_and_says_so() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert accuracy(half_rows, y, from_logits=True) == 1.0  # row 0's tie goes to class 0
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+def test_mass_bins_depend_on_the_data_not_on_the_order_of_rows(kind: str) -> None:
+    """600 of 1,000 samples at one confidence fill several mass bins: each of those bins has the
+    tie's accuracy, so AdaECE, its table and a meter fed the rows in any order or batching are
+    the same (a shuffle moved AdaECE from 0.13 to 0.16)."""
+    rng = np.random.default_rng(0)
+    conf = np.concatenate([np.full(600, 0.5 if kind == "binary" else 0.6), rng.uniform(0.6, 1.0, 400)])
+    hit = rng.random(1000) < np.where(np.arange(1000) < 600, 0.3, 0.8)
+    if kind == "binary":
+        p, y = conf, hit.astype(int)
+    else:
+        p = np.stack([conf, 1 - conf], 1)  # class 0 on top
+        y = np.where(hit, 0, 1)
+    want = ece(p, y, binning="mass")
+    table = reliability_table(p, y, binning="mass")
+    tie = table.lower == table.upper
+    assert tie.sum() >= 8
+    np.testing.assert_allclose(table.accuracy[tie], float(hit[:600].mean()), rtol=1e-12)
+    for seed in range(4):
+        order = np.random.default_rng(seed).permutation(1000)
+        assert ece(p[order], y[order], binning="mass") == pytest.approx(want, rel=1e-12)
+        m = calibration.CalibrationMeter(binning="mass", n_bins=15)
+        for s in range(0, 1000, 170):
+            m.update(p[order][s : s + 170], y[order][s : s + 170])
+        assert m.compute()["ece"] == pytest.approx(want, rel=1e-12)

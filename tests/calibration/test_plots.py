@@ -364,3 +364,32 @@ def test_drawing_into_the_same_axes_again_reuses_its_histogram() -> None:
     assert max(heights) - min(heights) < 1e-6
     hax = fig.axes[1]
     assert len(hax.lines) == 2  # the mean confidence and the accuracy of the last draw only
+
+
+def test_a_bin_of_one_repeated_confidence_is_drawn_on_top_centred_on_it() -> None:
+    """500 of 600 scores at exactly 0.5 fill five mass bins of width 0 next to a wide bin of
+    the other 100: their bar (the data's largest bin) is centred on 0.5 and drawn after the wide
+    one (it was drawn first, from 0.5, under it), and its count does not sit on the other's.
+    The title's AdaECE equals ``ece`` and the bars' (the tie's samples share its accuracy)."""
+    rng = np.random.default_rng(0)
+    p = np.concatenate([np.full(500, 0.5), rng.uniform(0.5, 1.0, 100)])
+    y = (rng.random(600) < 0.2).astype(int)
+    fig = reliability_diagram(p, y, n_bins=6, binning="mass")
+    ax = fig.axes[0]
+    blue = to_rgba("C0")[:3]
+    accuracy = [b for b in ax.patches if b.get_facecolor()[:3] == pytest.approx(blue) and b.get_height() > 0]
+    widths = [b.get_width() for b in accuracy]
+    assert widths == sorted(widths, reverse=True) and widths[-1] == pytest.approx(0.02)
+    assert accuracy[-1].get_x() == pytest.approx(0.49)
+    labels = {t.get_text(): t.get_position()[0] for t in ax.texts}
+    assert labels["500"] == pytest.approx(0.5) and labels["100"] > 0.7
+    assert accuracy[-1].get_height() == pytest.approx(float(np.mean(y[:500])), abs=1e-12)  # the tie's
+    assert f"AdaECE = {100 * ece(p, y, n_bins=6, binning='mass'):.2f}%" in ax.get_title()
+
+
+def test_low_count_0_marks_no_bin_and_names_none_in_the_legend() -> None:
+    p, y = data(n=300, seed=2)
+    ax = reliability_diagram(p, y, low_count=0).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["perfect calibration", "accuracy", "gap: confidence > accuracy",
+                      "gap: accuracy > confidence"]

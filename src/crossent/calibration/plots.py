@@ -166,9 +166,14 @@ def _draw(
         acc = np.bincount(group, weights=acc * count) / merged
         mean_conf = np.bincount(group, weights=mean_conf * count) / merged
         lower, upper, count = edges_used[:, 0], edges_used[:, 1], merged
-    # a bin of one value (width 0) as a bar of 0.02, inside the axes (one at 1.0 ends there)
-    width = np.where(upper > lower, np.maximum(upper - lower, 0.004), 0.02)
-    lower = np.minimum(lower, 1.0 - width)
+    # a bin of one value (width 0) as a bar of 0.02 centred on it, inside the axes; the bars
+    # drawn widest first, so that such a bar inside a wide bin's span stays in sight
+    point = ~(upper > lower)
+    width = np.where(point, 0.02, np.maximum(upper - lower, 0.004))
+    lower = np.clip(np.where(point, lower - 0.01, lower), 0.0, 1.0 - width)
+    order = np.argsort(-width, kind="stable")
+    lower, width, count = lower[order], width[order], count[order]
+    acc, mean_conf = acc[order], mean_conf[order]
     low = count < low_count
     over_color, under_color = _tint("C3", GAP_TINT), _tint("C2", GAP_TINT)
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.45", linewidth=1)
@@ -195,9 +200,10 @@ def _draw(
         Patch(facecolor="C0", edgecolor="black", label=names.y),
         Patch(facecolor=over_color, edgecolor="C3", hatch="//", label=names.high),
         Patch(facecolor=under_color, edgecolor="C2", hatch="\\\\", label=names.low),
-        Patch(facecolor="C0", alpha=FAINT, edgecolor="black", linestyle="dotted",
-              label=f"bin with < {low_count} samples"),
     ]
+    if low_count > 0:  # below 1 no bin is marked
+        handles.append(Patch(facecolor="C0", alpha=FAINT, edgecolor="black", linestyle="dotted",
+                             label=f"bin with < {low_count} samples"))
     # Outside (to the right of the axes, in a figure laid out by this module) the legend
     # can hide no bar; inside a caller's axes it goes where it covers the least.
     place = ({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0}
@@ -259,7 +265,8 @@ def reliability_diagram(
 
     Bars show the accuracy per bin, the hatched red bar on top of each the gap to its mean
     confidence, and the dashed diagonal perfect calibration. Underneath, a histogram gives the
-    fraction of samples per confidence bin with the mean confidence and the accuracy marked.
+    fraction of samples per width bin of the confidence (width bins for ``binning="mass"``
+    too: they show where the mass bins lie), with the mean confidence and the accuracy marked.
     The title carries the ECE (AdaECE for ``binning="mass"``) computed from the same
     :func:`~crossent.calibration.reliability_table` as :func:`~crossent.calibration.ece`,
     and ``aggregate`` if given (say how the data were combined, e.g. ``"pooled over
