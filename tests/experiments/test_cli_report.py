@@ -278,7 +278,7 @@ def test_one_seed_gives_means_without_an_interval(tmp_path: Path, blobs: TaskDat
     assert "Before temperature scaling (test set, one seed, no interval):" in md
     (table,) = rich_tables(result, aggregate(result))[:1]
     assert str(table.title).endswith("test set, one seed (no interval)")
-    assert _figures_note(result, []).startswith("ECE bars and the focal-loss figure: one seed's values")
+    assert _figures_note(result, []).startswith("ECE bars: one seed's values (no interval)")
     with (tmp_path / "run" / "summary.csv").open() as fh:
         summary = list(csv.DictReader(fh))
     assert summary[0]["temperature_ci95"] == "nan" and summary[0]["temperature_mean"] != "nan"

@@ -190,6 +190,17 @@ def test_one_seed_reading_gives_the_side_of_t_as_a_point_estimate() -> None:
     assert "T > 1 (overconfident before scaling), point estimates of one seed: CE." in reading
     assert reading[1].startswith("One seed: no interval")
     assert not any("clearly" in line or "within noise" in line for line in reading[2:])
+    assert not any("means over seeds" in line for line in reading)
+    # the figures say so too: no interval in the bars' title, nothing pooled in the diagram's
+    from crossent.experiments.report import _figures_note, plot_ece_bars, plot_reliability
+
+    assert plot_ece_bars(result, rows, "sep").axes[0].get_title().endswith("(one seed, no interval)")
+    assert "one seed (the ECE of the tables)" in plot_reliability(result, "sep", "ce")._suptitle.get_text()
+    note = _figures_note(result, [Path("ece_sep.png"), Path("reliability_sep_ce.png")])
+    assert note.startswith("ECE bars: one seed's values (no interval)") and "pooled" not in note
+    two = _study(set())
+    two_reading = automatic_reading(two, aggregate(two))["sep"]
+    assert "T > 1 beyond its interval (overconfident before scaling): CE." in two_reading
 
 
 def test_one_seed_reading_of_distillation_calls_no_student_better() -> None:

@@ -447,9 +447,11 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
         over = [r["loss_label"] for r in valid if _t_side(r["temperature"]) > 0]
         point = ", point estimates of one seed" if one_seed else ""
         if under:
-            lines.append(f"T < 1 (underconfident before scaling){point}: {', '.join(under)}.")
+            side = "" if point else " beyond its interval"
+            lines.append(f"T < 1{side} (underconfident before scaling){point}: {', '.join(under)}.")
         if over:
-            lines.append(f"T > 1 (overconfident before scaling){point}: {', '.join(over)}.")
+            side = "" if point else " beyond its interval"
+            lines.append(f"T > 1{side} (overconfident before scaling){point}: {', '.join(over)}.")
         if ce is not None and not one_seed:
             beat_before = [r["loss_label"] for r in valid
                            if r["loss"] != "ce" and _clearly_lower(r["ece"], ce["ece"])]
@@ -484,7 +486,7 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
                     == len(result.runs_for(task, loss))}
         scaled = [r for r in valid if r["loss"] not in unscaled]
         if scaled:
-            effect = _scaling_effect(_scaling_hurt(scaled))
+            effect = _scaling_effect(_scaling_hurt(scaled), one_seed=one_seed)
             if unscaled and effect.endswith("every loss."):
                 effect = effect[:-1] + " it was applied to."
             lines.append(effect)
@@ -537,7 +539,7 @@ def terminal_notes(result: StudyResult, rows: list[dict[str, Any]]) -> list[str]
                          " are the unscaled model's")
         hurt = _scaling_hurt([r for r in trows if not math.isnan(r["ece"][0])])
         if hurt:
-            notes.append(f"{task}: {_scaling_effect(hurt)}")
+            notes.append(f"{task}: {_scaling_effect(hurt, one_seed=all(r['n_seeds'] == 1 for r in trows))}")
     return notes
 
 
@@ -548,17 +550,18 @@ def _scaling_hurt(valid: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in valid if r["ece_ts"][0] > r["ece"][0] or r["nll_ts"][0] > r["nll"][0]]
 
 
-def _scaling_effect(hurt: list[dict[str, Any]]) -> str:
+def _scaling_effect(hurt: list[dict[str, Any]], *, one_seed: bool = False) -> str:
     """The sentence of the reading on :func:`_scaling_hurt`'s losses (none: scaling helped)."""
+    over = "one seed" if one_seed else "means over seeds"
     if not hurt:
         return ("Temperature scaling (T on validation NLL) lowered (or kept) both the test ECE and NLL"
-                " (means over seeds) of every loss.")
+                f" ({over}) of every loss.")
     parts = [
         f"{r['loss_label']} (ECE {_change(r['ece'][0], r['ece_ts'][0], 'ece')}%, "
         f"NLL {_change(r['nll'][0], r['nll_ts'][0], 'nll', 3)})"
         for r in hurt
     ]
-    return ("Temperature scaling (T on validation NLL) raised the test ECE or NLL (means over seeds) of: "
+    return (f"Temperature scaling (T on validation NLL) raised the test ECE or NLL ({over}) of: "
             + "; ".join(parts) + ". Its T comes from the validation set only.")
 
 
@@ -642,7 +645,8 @@ def _long_tail_reading(
             lines.append(f"{raw}. {lats}.")
             return lines
         lines.append(
-            raw + " and clearly helps: " + (", ".join(helped) or "none") + ". " + lats
+            raw + "; the losses whose balanced accuracy it clearly raises: " + (", ".join(helped) or "none")
+            + ". " + lats
             + "; clearly above the raw logits in balanced accuracy: " + (", ".join(helped_t) or "none")
             + "; in tail recall: " + (", ".join(tail_up) or "none") + "."
             + (" Where tail recall rises and balanced accuracy does not, the adjustment trades "
@@ -736,8 +740,8 @@ def plot_reliability(result: StudyResult, task: str, loss: str, *, n_bins: int =
         n_bins=n_bins,
     )
     model = runs[0].record.get("model", "")
-    seeds = f"{len(runs)} seed{'s' if len(runs) != 1 else ''}"
-    title = (f"{task} · {model} · {label} · test set, {seeds} pooled (the ECE of the pooled "
+    title = (f"{task} · {model} · {label} · test set, one seed (the ECE of the tables)" if len(runs) == 1
+             else f"{task} · {model} · {label} · test set, {len(runs)} seeds pooled (the ECE of the pooled "
              "predictions; the tables give the mean over seeds)")
     width = int(fig.get_figwidth() * 9)  # characters per line at 11 pt: nothing runs off
     fig.suptitle(textwrap.fill(title, width), fontsize=11)
@@ -767,7 +771,7 @@ def plot_ece_bars(
                alpha=0.85)
     ax.set_xticks(x, [r["loss_label"] for r in trows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"ECE-{n_bins} (%)")
-    ax.set_title(f"{task}: test ECE before / after temperature scaling\n(mean ± 95% interval, cut at 0)",
+    ax.set_title(f"{task}: test ECE before / after temperature scaling\n({_spread_words(trows)})",
                  fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -817,9 +821,16 @@ def plot_theory(rows: list[dict[str, Any]], task: str, *, n_bins: int = 15) -> A
         ax.grid(alpha=0.3)
     axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: does focal loss γ behave like CE − γH? (test set, mean ± 95% interval,"
-                 " cut at 0)", fontsize=10)
+    fig.suptitle(f"{task}: does focal loss γ behave like CE − γH? (test set, {_spread_words(trows)})",
+                 fontsize=10)
     return fig
+
+
+def _spread_words(trows: list[dict[str, Any]]) -> str:
+    """What a figure's bars or points and their error bars are: one seed has no interval."""
+    if all(r.get("n_seeds") == 1 for r in trows):
+        return "one seed, no interval"
+    return "mean ± 95% interval, cut at 0"
 
 
 def pt_curves(
@@ -1128,14 +1139,18 @@ def _figures_note(result: StudyResult, fig_paths: list[Path]) -> str:
     """What the figures aggregate, where it differs from the tables (the reliability
     diagrams pool the seeds' predictions), and what their T = 1 (fell back) marks mean."""
     one_seed = len(result.config.seeds) == 1
-    note = ("ECE bars and the focal-loss figure: one seed's values (no interval), as in the tables."
-            if one_seed else
-            "ECE bars and the focal-loss figure: mean over seeds ± 95% half-width, as in the tables.")
+    drawn = "ECE bars and the focal-loss figure" if any(f.stem.startswith("theory_") for f in fig_paths) \
+        else "ECE bars"
+    note = (f"{drawn}: one seed's values (no interval), as in the tables." if one_seed else
+            f"{drawn}: mean over seeds ± 95% half-width, as in the tables.")
     if any(f.stem.startswith("reliability_") for f in fig_paths):
-        note += (" Reliability diagrams: the test predictions of all seeds pooled, each seed "
+        note += (" Reliability diagrams: the seed's test predictions scaled by its T, the ECE of the tables."
+                 if one_seed else
+                 " Reliability diagrams: the test predictions of all seeds pooled, each seed "
                  "scaled by its own T (listed in the \"after\" panel); their ECE is that of "
                  "the pooled predictions, the tables' ECE the mean over seeds, so the two can "
-                 f"differ. Bar numbers are samples per bin; faint bins hold fewer than {LOW_COUNT}.")
+                 "differ.")
+        note += f" Bar numbers are samples per bin; faint bins hold fewer than {LOW_COUNT}."
         if any(_ts_fell_back(run.record) for run in result.runs):
             note += (" A seed marked \"1 (fell back)\" kept T = 1: its NLL temperature fit "
                      "fell back to the identity (the reasons are above).")
