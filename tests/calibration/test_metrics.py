@@ -646,3 +646,41 @@ def test_mass_bins_depend_on_the_data_not_on_the_order_of_rows(kind: str) -> Non
         for s in range(0, 1000, 170):
             m.update(p[order][s : s + 170], y[order][s : s + 170])
         assert m.compute()["ece"] == pytest.approx(want, rel=1e-12)
+
+
+def test_flipped_views_with_one_row_are_read_as_any_flipped_view() -> None:
+    """A flipped NumPy view with a size-1 axis (one row of np.flip, a [::-1][:1] slice, a
+    flipped single label) was passed to torch as it was and refused with torch's own message on
+    negative strides (NumPy calls such a view contiguous): it measures as its copy does."""
+    p = np.array([[0.2, 0.8], [0.6, 0.4]])
+    cases = [
+        (lambda: ece(np.flip(p, 0)[1:], [1]), lambda: ece(p[:1].copy(), [1])),
+        (lambda: brier(np.array([0.3, 0.7])[::-1][:1], [1]), lambda: brier(np.array([0.7]), [1])),
+        (lambda: ece(np.flip(np.array([[0.3], [0.7]]), 1), [1, 0]),
+         lambda: ece(np.array([[0.3], [0.7]]), [1, 0])),
+        (lambda: ece(p[:1], np.array([0, 1])[::-1][:1]), lambda: ece(p[:1], np.array([1]))),
+    ]
+    for got, want in cases:
+        assert got() == want()
+    m = calibration.CalibrationMeter()
+    m.update(np.flip(p, 0)[1:], np.array([1]))
+    assert m.compute()["ece"] == ece(p[:1].copy(), [1])
+
+
+def test_rows_that_are_permutations_of_each_other_tie_in_mass_bins_on_either_path() -> None:
+    """Two rows whose logits are permutations of each other have one confidence, which the
+    native kernel and torch sum to within an ulp of each other: mass bins treat them as a tie
+    on both paths (AdaECE 0.5 natively, 0.07 on the torch path), and relabelling the classes
+    changes nothing."""
+    from crossent.backends import native
+
+    z = np.array([[-0.5, 2.0, 3.5, 4.0], [3.5, -0.5, 4.0, 2.0]])
+    y = np.array([0, 2])
+    got = ece(z, y, from_logits=True, binning="mass", n_bins=2)
+    with native.disabled():
+        assert ece(z, y, from_logits=True, binning="mass", n_bins=2) == pytest.approx(got, rel=1e-12)
+    perm = [2, 0, 3, 1]
+    relabelled = ece(z[:, perm], np.argsort(perm)[y], from_logits=True, binning="mass", n_bins=2)
+    assert relabelled == pytest.approx(got, rel=1e-12)
+    conf = 1.0 / np.exp(z - z.max(1, keepdims=True)).sum(1)
+    assert got == pytest.approx(abs(conf[0] - 0.5), rel=1e-12)  # one bin of both: accuracy 1/2

@@ -109,7 +109,7 @@ def _to_tensor(x: object, name: str) -> torch.Tensor:
     if arr.dtype.kind in "iu" or arr.dtype.itemsize > 8:
         arr = arr.astype(np.float64)
     if any(s < 0 for s in arr.strides):  # np.flip and [::-1] views: torch takes no negative strides
-        arr = np.ascontiguousarray(arr)
+        arr = arr.copy()  # not ascontiguousarray: NumPy calls a view with a size-1 axis contiguous
     with warnings.catch_warnings():
         # Read-only arrays (np.load with mmap, broadcast views) are fine: we never write.
         warnings.simplefilter("ignore", UserWarning)
@@ -210,7 +210,9 @@ def as_labels(
         raise ValueError(
             f"{name} must lie in [0, {n_classes - 1}] for {n_classes} classes, found {shown}"
         )
-    return np.ascontiguousarray(arr, dtype=np.int64)  # also for torch.from_numpy: no negative strides
+    out = np.ascontiguousarray(arr, dtype=np.int64)
+    # for torch.from_numpy, no negative strides (a size-1 view counts as contiguous to NumPy)
+    return out.copy() if any(s < 0 for s in out.strides) else out
 
 
 def iter_chunks(t: torch.Tensor) -> Iterator[tuple[int, int]]:

@@ -30,7 +30,8 @@ correctly rounded floats ``np.arange(M + 1) / M``.
 samples are sorted by confidence and the sorted position :math:`r` goes to bin
 :math:`\lfloor r M / N \rfloor`, so bin sizes differ by at most one. Equal confidences may
 straddle two bins; each of them then counts with the mean outcome of all the samples of that
-confidence, so the bins depend on the data alone, not on the order of the rows (nor on how a
+confidence (equal to 12 decimals: sums in another order give one confidence to within a few
+ulps), so the bins depend on the data alone, not on the order of the rows (nor on how a
 streaming meter's ranks shard them). With fewer samples than bins some bins are empty.
 
 *Empty bins* are skipped by every estimator. For a bin, ``confidence`` is the mean of
@@ -86,6 +87,9 @@ __all__ = [
 ]
 
 Binning = Literal["width", "mass"]
+#: mass bins: confidences equal when rounded to this many decimals are a tie (see
+#: :func:`table_from_scores`)
+TIE_DECIMALS = 12
 Norm = Literal["l1", "l2", "max"]
 
 
@@ -205,7 +209,11 @@ def table_from_scores(
         # A run of equal confidences split by a bin edge: each of its samples takes the run's
         # mean outcome, so that the bins it spans do not depend on the order of the rows (a
         # shuffle moved AdaECE from 0.13 to 0.16) and hold the run's accuracy, as one bar does.
-        new_run = np.r_[True, conf[1:] != conf[:-1]]
+        # Equal on a grid of 1e-12: rows that are permutations of each other have one
+        # confidence, which sums in another order give to within a few ulps (the native
+        # kernel's and torch's differed by one); distinct float32 values never meet on it.
+        key = np.round(conf, TIE_DECIMALS)
+        new_run = np.r_[True, key[1:] != key[:-1]]
         if not new_run.all():
             run = np.cumsum(new_run) - 1
             correct = (np.bincount(run, weights=correct) / np.bincount(run))[run]
