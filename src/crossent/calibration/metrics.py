@@ -207,11 +207,12 @@ def table_from_scores(
         order = np.argsort(conf, kind="stable")
         conf, correct = conf[order], correct[order]
         # A run of equal confidences split by a bin edge: each of its samples takes the run's
-        # mean outcome, so that the bins it spans do not depend on the order of the rows (a
-        # shuffle moved AdaECE from 0.13 to 0.16) and hold the run's accuracy, as one bar does.
+        # mean outcome, so that the bins it spans do not depend on the order of the rows
+        # (otherwise a shuffle can move AdaECE from 0.13 to 0.16) and hold the run's accuracy,
+        # as the diagram's one bar for them does.
         # Equal on a grid of 1e-12: rows that are permutations of each other have one
         # confidence, which sums in another order give to within a few ulps (the native
-        # kernel's and torch's differed by one); distinct float32 values never meet on it.
+        # kernel's and torch's can differ by one); distinct float32 values never meet on it.
         key = np.round(conf, TIE_DECIMALS)
         new_run = np.r_[True, key[1:] != key[:-1]]
         if not new_run.all():

@@ -558,7 +558,7 @@ class TemperatureScaler(Recalibrator):
         yt = torch.from_numpy(y)
         # Started from the one temperature that fits best (vector scaling with every T_k equal
         # and b = 0): from T = 1, logits on a scale far from 1 (1e-8) give a gradient so small
-        # that L-BFGS stopped at once, at T ~ 1, without a word. Its warnings are this fit's
+        # that L-BFGS stops at once, at T ~ 1, without a word. Its warnings are this fit's
         # guard's to give.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
