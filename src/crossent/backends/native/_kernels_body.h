@@ -1469,8 +1469,11 @@ WIDE_VECTORS static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int ti
         a->rowsum[r] = sum;
         if (a->nll) a->nll[r] = nll;
         if (a->brier) a->brier[r] = brier;
-        /* the caller's checks (check_rows), on the same doubles */
-        suspects += !isfinite(sum) ||
+        /* the caller's checks (check_rows), on the same doubles. A sum of logits of -inf with a
+         * finite max holds masked classes (-inf) and neither NaN nor +inf (either makes the sum
+         * NaN or +inf): a valid row, not looked at again. */
+        const int masked = logits && sum == -INFINITY && isfinite((double)m);
+        suspects += (!isfinite(sum) && !masked) ||
                     (!logits && ((double)lo < a->range_lo || conf > a->range_hi || fabs(sum - 1.0) > a->sum_tol));
         if (top) {
             const int b = width_bin(conf, edges, M);
