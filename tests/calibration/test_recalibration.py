@@ -1491,3 +1491,29 @@ def test_two_column_probabilities_must_be_distributions(method: type) -> None:
         method(from_logits=False).fit(bad, y)
     with pytest.raises(ValueError, match="row 4 of the"):
         got.transform(bad)
+
+
+def test_vector_scaling_with_an_absent_class_falls_back_without_fitting() -> None:
+    """A class with no validation sample makes vector scaling fall back whatever the fit, so
+    none is run (a vocabulary's classes took minutes, then were thrown away); kept with
+    fallback_to_identity=False, it is fitted."""
+    x, y = multiclass(300, 4, seed=3)
+    keep = y != 2
+    with pytest.warns(cal.CalibrationWarning, match=r"class 2 \(1 of 4 classes\) has no validation sample"):
+        fell = cal.VectorScaler().fit(x[keep], y[keep])
+    assert fell.fallback is not None and fell.n_iter_ == 0
+    np.testing.assert_array_equal(fell.temperature, np.ones(4))
+    with pytest.warns(cal.CalibrationWarning, match="keeping the fit"):
+        kept = cal.VectorScaler(fallback_to_identity=False).fit(x[keep], y[keep])
+    assert kept.n_iter_ > 0 and kept.bias is not None and kept.bias[2] < -1.0
+
+
+@pytest.mark.parametrize("method", MIXING, ids=lambda m: m.__name__)
+def test_matrix_scaling_refuses_a_vocabulary_before_allocating_it(method: type) -> None:
+    """C (C + 1) parameters for 32,000 classes asked for 8 GB matrices; beyond
+    MAX_MATRIX_CLASSES the fit is refused by name, pointing at the scalings that fit a
+    vocabulary."""
+    k = recalibration.MAX_MATRIX_CLASSES + 1
+    x = np.random.default_rng(0).normal(size=(4, k))
+    with pytest.raises(ValueError, match=rf"C = {k} classes, .* GiB .* TemperatureScaler or VectorScaler"):
+        method().fit(x, np.arange(4))

@@ -884,31 +884,39 @@ def rounding_step(preds: np.ndarray) -> float | None:
 def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (validation, test): ``round(val_fraction * n_c)`` random samples of every class
-    ``c`` go to validation, the rest to test; deterministic given ``seed``."""
+    """Indices (validation, test): ``round(val_fraction * N)`` random samples go to validation,
+    the rest to test, stratified: every class ``c`` gives ``floor(val_fraction * n_c)`` of
+    them, and the classes of the largest remainders one more each (ties in random order), as
+    scikit-learn's stratified splits do; deterministic given ``seed``. Rounding each class on
+    its own would give a vocabulary's classes of one or two samples none (2 of 2,000 samples
+    to fit, where the fraction asks for 400)."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(labels.shape[0])
     grouped = perm[np.argsort(labels[perm], kind="stable")]
     _, starts, counts = np.unique(labels[grouped], return_index=True, return_counts=True)
     rank = np.arange(grouped.shape[0]) - np.repeat(starts, counts)
-    n_val = np.floor(val_fraction * counts + 0.5).astype(np.int64)
+    share = val_fraction * counts
+    n_val = np.floor(share).astype(np.int64)
+    extra = int(np.floor(val_fraction * labels.shape[0] + 0.5)) - int(n_val.sum())
+    if extra > 0:
+        remainder = share - n_val
+        order = np.lexsort((rng.random(counts.shape[0]), -remainder))  # largest first, ties random
+        n_val[order[:extra]] += 1
+    n_val = np.minimum(n_val, counts)
     in_val = rank < np.repeat(n_val, counts)
     return np.sort(grouped[in_val]), np.sort(grouped[~in_val])
 
 
 def _empty_split_message(labels: np.ndarray, val_fraction: float, val_empty: bool) -> str:
     """Why :func:`stratified_split` left a part empty, and the --val-fraction that does not:
-    every class rounds ``val_fraction`` times its count, so the largest class decides."""
-    largest = int(np.unique(labels, return_counts=True)[1].max())
+    validation holds round(fraction x N) samples."""
+    n = labels.shape[0]
     part = "validation" if val_empty else "test"
-    head = (f"the split of {labels.shape[0]} samples with --val-fraction {val_fraction} leaves the {part}"
-            " part empty (every class gives round(fraction x its count) samples to validation)")
-    if largest < 2:
-        return (f"{head}; every class has one sample, so no fraction splits them: pass"
-                " --val-fraction 0 (fit and evaluate on all, optimistic) or give more samples")
+    head = (f"the split of {n} samples with --val-fraction {val_fraction} leaves the {part}"
+            " part empty (validation holds round(fraction x N) samples)")
     if val_empty:
-        return f"{head}; pass --val-fraction {0.5 / largest + 1e-3:.3g} or more, or give more samples"
-    return f"{head}; pass --val-fraction {1 - 0.5 / largest - 1e-3:.3g} or less, or give more samples"
+        return f"{head}; pass --val-fraction {0.5 / n + 1e-3:.3g} or more, or give more samples"
+    return f"{head}; pass --val-fraction {1 - 0.5 / n - 1e-3:.3g} or less, or give more samples"
 
 
 # --------------------------------------------------------------------------- metrics

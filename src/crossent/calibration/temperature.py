@@ -68,6 +68,7 @@ import torch
 from crossent.calibration._base import (
     CalibrationWarning,
     Recalibrator,
+    absent_unmasked,
     check_fit_logits,
     check_label_unmasked,
     class_count_error,
@@ -279,7 +280,12 @@ class TemperatureScaler(Recalibrator):
                 raise ValueError("vector scaling is fitted on the NLL only: use objective='nll'")
             k = z.shape[1]
             warn_if_few_samples(type(self).__name__, z.shape[0], 2 * k, k, "TemperatureScaler")
-            self._fit_vector(z, y)
+            if self.fallback_to_identity and absent_unmasked(y, k, z).size:
+                # a class with no sample falls back whatever the fit (_check_fit says why): no
+                # fit to throw away (a vocabulary's 32,000 classes took minutes)
+                self._temperature, self.bias, self.n_iter_ = np.ones(k), np.zeros(k), 0
+            else:
+                self._fit_vector(z, y)
         elif objective == "nll":
             self._temperature = self._fit_nll(z, y, init_temperature)
             self.bias = None
