@@ -1506,6 +1506,10 @@ def test_vector_scaling_with_an_absent_class_falls_back_without_fitting() -> Non
     with pytest.warns(cal.CalibrationWarning, match="keeping the fit"):
         kept = cal.VectorScaler(fallback_to_identity=False).fit(x[keep], y[keep])
     assert kept.n_iter_ > 0 and kept.bias is not None and kept.bias[2] < -1.0
+    bad = x[keep].copy()
+    bad[5, 1] = np.nan  # checked though no fit runs
+    with pytest.raises(ValueError, match="logits: row 5 contains NaN or infinite values"):
+        cal.VectorScaler().fit(bad, y[keep])
 
 
 @pytest.mark.parametrize("method", MIXING, ids=lambda m: m.__name__)

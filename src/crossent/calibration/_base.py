@@ -207,12 +207,18 @@ MASKED_LOGITS_OK = ("TemperatureScaler, VectorScaler, HistogramBinning, Isotonic
 
 
 def check_fit_logits(z: torch.Tensor, y: np.ndarray, owner: str, *, masked_ok: bool) -> None:
-    """Refuse (``ValueError``, naming the first bad row) validation logits ``z`` (N, C) with NaN
-    or +inf, and with -inf (a masked class, as ``F.cross_entropy`` takes it) where the fit
-    cannot take it: anywhere for a map that mixes the classes' logits (``masked_ok`` false:
-    ``-inf`` times a weight of either sign is undefined), and for every fit in a row without a
-    finite logit or whose label is masked, which no map gives a probability above 0 (its NLL
-    is infinite at every parameter)."""
+    """Refuse (``ValueError``, naming the first bad row) validation logits ``z`` (N, C) as
+    :func:`check_masked_rows` does, and a row whose label is masked, which no map gives a
+    probability above 0 (its NLL is infinite at every parameter)."""
+    check_masked_rows(z, owner, masked_ok=masked_ok)
+    check_label_unmasked(z, y)
+
+
+def check_masked_rows(z: torch.Tensor, owner: str, *, masked_ok: bool) -> None:
+    """Refuse (``ValueError``, naming the first bad row) logits ``z`` (N, C) with NaN or +inf,
+    and with -inf (a masked class, as ``F.cross_entropy`` takes it) where ``owner`` cannot take
+    it: anywhere for a map that mixes the classes' logits (``masked_ok`` false: ``-inf`` times
+    a weight of either sign is undefined), and for every map in a row without a finite logit."""
     finite = torch.isfinite(z)
     if bool(finite.all()):
         return
@@ -232,7 +238,6 @@ def check_fit_logits(z: torch.Tensor, y: np.ndarray, owner: str, *, masked_ok: b
     if bool(empty.any()):
         i = int(torch.nonzero(empty)[0, 0])
         raise ValueError(f"logits: row {i} has no finite logit (every entry is -inf)")
-    check_label_unmasked(z, y)
 
 
 def check_label_unmasked(z: torch.Tensor, y: np.ndarray) -> None:
@@ -251,13 +256,12 @@ def check_label_unmasked(z: torch.Tensor, y: np.ndarray) -> None:
 
 def warn_if_probabilities(z: torch.Tensor, owner: str, *, hint: str = "", stacklevel: int = 3) -> None:
     """Warn (:class:`CalibrationWarning`) when the (N, C) ``logits`` ``z`` given to a fit look
-    like probabilities (:func:`~crossent.calibration._inputs.looks_like_probs`: every row in
-    [0, 1] and summing to 1). Logits are almost never like that, and a fit on probabilities
-    calibrates ``softmax(p)``, not ``p``. The first rows decide for real logits; the whole
-    matrix is read only when they look like probabilities."""
-    from crossent.calibration._inputs import looks_like_probs
+    like probabilities (:func:`~crossent.calibration._inputs.logits_look_like_probs`: every row
+    in [0, 1] and summing to 1). Logits are almost never like that, and a fit on probabilities
+    calibrates ``softmax(p)``, not ``p``."""
+    from crossent.calibration._inputs import logits_look_like_probs
 
-    if not (looks_like_probs(z[:256], "logits") and looks_like_probs(z, "logits")):
+    if not logits_look_like_probs(z, "logits"):
         return
     warnings.warn(
         f"{owner}: the logits look like probabilities (every entry in [0, 1], every row summing"

@@ -60,6 +60,16 @@ def half_valued(block: torch.Tensor) -> bool:
     return bool((block.to(torch.float16).to(torch.float32) == block).all())
 
 
+def row_sum_tolerance(block: torch.Tensor, storage: torch.dtype, rowsum: torch.Tensor) -> tuple[float, str]:
+    """The tolerance on the row sums ``rowsum`` of probabilities ``block`` stored as
+    ``storage`` (:func:`sum_atol`), and why where it is not the storage's: float32 rows off one
+    by more, all of whose values are a half type's (:func:`half_valued`), get that type's."""
+    tol = sum_atol(storage)
+    if storage == torch.float32 and bool(((rowsum - 1).abs() > tol).any()) and half_valued(block):
+        return sum_atol(torch.bfloat16), ", that of half precision: every value is a bfloat16 or float16"
+    return tol, ""
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 for float64 input, float32 otherwise (half types are upcast per chunk)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -306,12 +316,8 @@ def check_rows(
             f"{name}: row {position(start + i, rows)} has values outside [0, 1] (min {float(rowmin[i]):.4g},"
             f" max {float(rowmax[i]):.4g}); pass from_logits=True if these are logits"
         )
-    tol, why = sum_atol(storage), ""
+    tol, why = row_sum_tolerance(block, storage, rowsum)
     bad = (rowsum - 1).abs() > tol
-    # every value of the block a half type's: the tolerance of that type (see half_valued)
-    if bool(bad.any()) and storage == torch.float32 and half_valued(block):
-        tol, why = sum_atol(torch.bfloat16), ", that of half precision: every value is a bfloat16 or float16"
-        bad = (rowsum - 1).abs() > tol
     if bool(bad.any()):
         i = _first(bad)
         raise ValueError(
@@ -335,7 +341,6 @@ def chunks(
 def looks_like_probs(x: object, name: str = "predictions") -> bool:
     """True if every row lies in [0, 1] and sums to one within tolerance (and is finite)."""
     t = as_matrix(x, name)
-    tol = sum_atol(t.dtype)
     for start, stop in iter_chunks(t):
         block = _chunk(t, start, stop)
         rowsum = block.sum(1)
@@ -343,11 +348,8 @@ def looks_like_probs(x: object, name: str = "predictions") -> bool:
             return False
         if float(block.min()) < -RANGE_ATOL or float(block.max()) > 1 + RANGE_ATOL:
             return False
-        off = (rowsum - 1).abs() > tol
-        if bool(off.any()) and not (
-            t.dtype == torch.float32 and half_valued(block)
-            and float((rowsum[off] - 1).abs().max()) <= sum_atol(torch.bfloat16)
-        ):
+        tol, _ = row_sum_tolerance(block, t.dtype, rowsum)
+        if float((rowsum - 1).abs().max()) > tol:
             return False
     return True
 
@@ -375,13 +377,18 @@ def warn_if_unnormalised(t: torch.Tensor, name: str) -> None:
     )
 
 
+def logits_look_like_probs(t: torch.Tensor, name: str) -> bool:
+    """:func:`looks_like_probs` of (N, C) scores given as logits, where that is rare: the first
+    rows decide for real logits, and all of them are read only where those look like
+    probabilities."""
+    return t.shape[0] > 0 and looks_like_probs(t[:256], name) and looks_like_probs(t, name)
+
+
 def warn_if_probs_as_logits(t: torch.Tensor, name: str) -> None:
     """Warn (:class:`~crossent.calibration.CalibrationWarning`) when (N, C) scores given as
-    logits (``from_logits=True``) look like probabilities (:func:`looks_like_probs`): their
-    softmax flattens them (p = [0.9, 0.1] reads as [0.69, 0.31]), a silently wrong ECE. The
-    first rows decide for real logits; all of them are read only where those look like
-    probabilities."""
-    if t.shape[0] == 0 or not (looks_like_probs(t[:256], name) and looks_like_probs(t, name)):
+    logits (``from_logits=True``) look like probabilities (:func:`logits_look_like_probs`):
+    their softmax flattens them (p = [0.9, 0.1] reads as [0.69, 0.31]), a silently wrong ECE."""
+    if not logits_look_like_probs(t, name):
         return
     from crossent.calibration._base import CalibrationWarning
 

@@ -1271,11 +1271,12 @@ def compare_methods(
     keys = ("nll", "ece", "brier", "accuracy")
     none = score(logits[test_idx]) if before is None else {k: before[k] for k in keys}
     rows: dict[str, dict[str, Any]] = {"none": {**none, "fallback": None}}
+    masked = bool(np.isneginf(logits).any())  # one read, for the two methods that refuse -inf
     for name in METHODS:
         if name in BINARY_METHODS and c != 2:
             rows[name] = {"skipped": "binary only"}
             continue
-        if name in ("matrix", "dirichlet") and bool(np.isneginf(logits).any()):
+        if name in ("matrix", "dirichlet") and masked:
             rows[name] = {"skipped": "masked logits (-inf)"}
             continue
         if name in ("matrix", "dirichlet") and c > MAX_MATRIX_CLASSES:

@@ -100,13 +100,13 @@ import torch
 import torch.nn.functional as F
 
 from crossent.calibration._base import (
-    MASKED_LOGITS_OK,
     UNCONVERGED_GRAD,
     CalibrationWarning,
     Recalibrator,
     absent_how,
     absent_unmasked,
     check_fit_logits,
+    check_masked_rows,
     class_count_error,
     label_separation,
     params_finite,
@@ -321,31 +321,14 @@ class _MulticlassRecalibrator(Recalibrator):
         raise NotImplementedError
 
     def _logits64(self, logits: object) -> torch.Tensor:
-        """The (N, C) logits to transform, float64, refused where not finite (a bin or a
-        fitted map would turn NaN into a finite probability, or give NaN rows)."""
+        """The (N, C) logits to transform, float64, refused where NaN or +inf (a bin or a fitted
+        map would turn NaN into a finite probability, or give NaN rows), and where masked
+        (-inf) as :func:`~crossent.calibration._base.check_masked_rows` says."""
         self._check_fitted()
         z = as_matrix(logits, "logits").to(torch.float64)
         if self._per_class and self._n_classes is not None and z.shape[1] != self._n_classes:
             raise class_count_error(z.shape[1], self._n_classes)
-        finite = torch.isfinite(z).all(1)
-        if not bool(finite.all()):
-            masked = z == -math.inf
-            ok = (torch.isfinite(z) | masked).all(1)
-            if self._masked_ok and bool(ok.all()):
-                empty = masked.all(1)
-                if bool(empty.any()):
-                    i = int(torch.nonzero(empty)[0, 0])
-                    raise ValueError(f"logits: row {i} has no finite logit (every entry is -inf)")
-                return z
-            if not bool(ok.all()):
-                i = int(torch.nonzero(~ok)[0, 0])
-                raise ValueError(f"logits: row {i} contains NaN or infinite values")
-            i = int(torch.nonzero(~finite)[0, 0])
-            raise ValueError(
-                f"logits: row {i} holds -inf (a masked class): {type(self).__name__} maps every class's"
-                f" logit through weights of either sign, which -inf makes undefined; {MASKED_LOGITS_OK}"
-                " take masked logits"
-            )
+        check_masked_rows(z, type(self).__name__, masked_ok=self._masked_ok)
         return z
 
     def predict_proba(self, logits: A) -> A:
@@ -365,16 +348,18 @@ class _MulticlassRecalibrator(Recalibrator):
         return label_separation(top1, y, z.shape[1], absent_consequence=self._absent_consequence, logits=z)
 
     def _check_fit(
-        self, z: torch.Tensor, y: np.ndarray, at_bound: str | None = None, *, note: str | None = None
+        self, z: torch.Tensor, y: np.ndarray, at_bound: str | None = None, *, note: str | None = None,
+        separation: tuple[bool, str | None, str | None] | None = None,
     ) -> None:
         """The guard on the validation data. ``note``: a problem the fit has already handled
-        (absent classes of a one-vs-rest map), the diagnostic when the guard finds none."""
+        (absent classes of a one-vs-rest map), the diagnostic when the guard finds none;
+        ``separation``: :meth:`_separation`'s answer where the fit has it already."""
         yt = torch.from_numpy(y)
         self._n_classes = z.shape[1]
         nll_id = float((torch.logsumexp(z, 1) - z.gather(1, yt[:, None])[:, 0]).mean())
         p = self._probs64(z)
         nll_fit = float(-np.log(np.maximum(p[np.arange(len(y)), y], np.finfo(np.float64).tiny)).mean())
-        separable, how, consequence = self._separation(z, y)
+        separable, how, consequence = self._separation(z, y) if separation is None else separation
         self._guard(nll_id, nll_fit, len(y), at_bound=at_bound, separable=separable,
                     n_classes=z.shape[1], separable_how=how, separable_consequence=consequence)
         if self.diagnostic is None and note is not None:
@@ -654,14 +639,20 @@ class _OneVsRestRecalibrator(_MulticlassRecalibrator):
         raise NotImplementedError
 
     def _separation(self, z: torch.Tensor, y: np.ndarray) -> tuple[bool, str | None, str | None]:
+        """:meth:`_separation_of` the classes :meth:`_separated` finds."""
+        return self._separation_of(self._separated(torch.softmax(z, 1).numpy(), y), z, y)
+
+    def _separation_of(
+        self, separated: np.ndarray, z: torch.Tensor, y: np.ndarray
+    ) -> tuple[bool, str | None, str | None]:
         """Separable when the labels are all one class, or when every class with a validation
-        sample has a separated one-vs-rest problem (see the class docstring)."""
+        sample has a separated one-vs-rest problem (``separated``, per class; see the class
+        docstring)."""
         n_classes = z.shape[1]
         one = label_separation(False, y, n_classes)
         if one[0]:
             return one
         absent = absent_unmasked(y, n_classes, z)
-        separated = self._separated(torch.softmax(z, 1).numpy(), y)
         if int(separated.sum()) + absent.size < n_classes:
             return False, None, None
         if absent.size:
@@ -675,19 +666,20 @@ class _OneVsRestRecalibrator(_MulticlassRecalibrator):
         return True, how, consequence
 
     def _identity_one_vs_rest(
-        self, p: np.ndarray, y: np.ndarray, z: torch.Tensor
+        self, separated_classes: np.ndarray, y: np.ndarray, z: torch.Tensor
     ) -> tuple[np.ndarray, str | None]:
         """The classes whose maps become the identity (none with ``fallback_to_identity=False``):
         those with no validation sample and those with a separated one-vs-rest problem, unless
         the guard speaks for them all (labels of one class, or every class with a sample
         separated: the whole map falls back); and the problem in words (``None`` if none).
         Warns when there is a problem. A class masked in every row of the logits ``z`` is not
-        absent (:func:`~crossent.calibration._base.absent_unmasked`)."""
-        n_classes = p.shape[1]
+        absent (:func:`~crossent.calibration._base.absent_unmasked`); ``separated_classes``: per
+        class, :meth:`_separated`'s answer."""
+        n_classes = z.shape[1]
         absent = absent_unmasked(y, n_classes, z)
         if absent.size >= n_classes - 1:
             return absent[:0], None
-        separated = np.flatnonzero(self._separated(p, y))
+        separated = np.flatnonzero(separated_classes)
         if absent.size + separated.size in (0, n_classes):
             return absent[:0], None
         parts = []
@@ -715,6 +707,12 @@ class _OneVsRestRecalibrator(_MulticlassRecalibrator):
         if not self.fallback_to_identity:
             return absent[:0], problem
         return np.union1d(absent, separated), problem
+
+
+def _separated_bins(count: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    """Per class, from its bins' samples ``count`` and its own ``hits`` (C, M): a sample of it,
+    and every reached bin holds only samples of it or none."""
+    return np.asarray(((hits == 0) | (hits == count)).all(1) & (hits.sum(1) > 0))
 
 
 class HistogramBinning(_OneVsRestRecalibrator):
@@ -774,8 +772,7 @@ class HistogramBinning(_OneVsRestRecalibrator):
     def _separated(self, p: np.ndarray, y: np.ndarray) -> np.ndarray:
         r"""Per class: a sample of it, and every reached bin holds only samples of it or none
         (:math:`\theta_{km} \in \{0, 1\}` wherever :math:`|B_{km}| > 0`)."""
-        count, hits = self._counts(p, y)
-        return np.asarray(((hits == 0) | (hits == count)).all(1) & (hits.sum(1) > 0))
+        return _separated_bins(*self._counts(p, y))
 
     def fit(self, logits: Any, labels: Any) -> HistogramBinning:
         """Fit on validation logits (N, C) and labels (N,); returns ``self``."""
@@ -784,10 +781,11 @@ class HistogramBinning(_OneVsRestRecalibrator):
         count, hits = self._counts(p, y)
         centre = (width_edges(self.n_bins)[:-1] + width_edges(self.n_bins)[1:]) / 2
         self.bin_values = np.where(count > 0, hits / np.maximum(count, 1), centre)
-        identity, note = self._identity_one_vs_rest(p, y, z)
+        separated = _separated_bins(count, hits)
+        identity, note = self._identity_one_vs_rest(separated, y, z)
         self.identity_classes = [int(c) for c in identity]
         self._fitted = True
-        self._check_fit(z, y, note=note)
+        self._check_fit(z, y, note=note, separation=self._separation_of(separated, z, y))
         return self
 
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
@@ -891,12 +889,13 @@ class IsotonicCalibrator(_OneVsRestRecalibrator):
             reg = iso.IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
             reg.fit(p[:, k], (y == k).astype(np.float64))
             self.knots.append((np.asarray(reg.X_thresholds_), np.asarray(reg.y_thresholds_)))
-        identity, note = self._identity_one_vs_rest(p, y, z)
+        separated = self._separated(p, y)
+        identity, note = self._identity_one_vs_rest(separated, y, z)
         for k in identity:  # g(p) = p on [0, 1]: linear interpolation between (0, 0) and (1, 1)
             self.knots[k] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
         self.identity_classes = [int(c) for c in identity]
         self._fitted = True
-        self._check_fit(z, y, note=note)
+        self._check_fit(z, y, note=note, separation=self._separation_of(separated, z, y))
         return self
 
     def _probs64(self, z: torch.Tensor) -> np.ndarray:

@@ -69,8 +69,8 @@ from crossent.calibration._base import (
     CalibrationWarning,
     Recalibrator,
     absent_unmasked,
-    check_fit_logits,
     check_label_unmasked,
+    check_masked_rows,
     class_count_error,
     label_separation,
     short_repr,
@@ -279,6 +279,8 @@ class TemperatureScaler(Recalibrator):
             if objective != "nll":
                 raise ValueError("vector scaling is fitted on the NLL only: use objective='nll'")
             k = z.shape[1]
+            for start, stop in iter_chunks(z):  # every row checked (the labels are), fitted or not
+                check_masked_rows(z[start:stop], type(self).__name__, masked_ok=True)
             warn_if_few_samples(type(self).__name__, z.shape[0], 2 * k, k, "TemperatureScaler")
             if self.fallback_to_identity and absent_unmasked(y, k, z).size:
                 # a class with no sample falls back whatever the fit (_check_fit says why): no
@@ -301,11 +303,15 @@ class TemperatureScaler(Recalibrator):
         t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
         return np.flatnonzero(t >= self.t_max * (1 - 1e-9))
 
+    def _at_lower_bound(self) -> np.ndarray:
+        """The indices of the fitted temperatures that sit on ``t_min`` (``[0]`` for the one)."""
+        t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
+        return np.flatnonzero(t <= self.t_min * (1 + 1e-9))
+
     def _bound_reached(self) -> str | None:
         """The bound(s) of T the fitted temperature(s) sit on, in words; ``None`` if none."""
-        t = np.atleast_1d(np.asarray(self.temperature, dtype=np.float64))
         bounds = []
-        if np.any(t <= self.t_min * (1 + 1e-9)):
+        if self._at_lower_bound().size:
             bounds.append(f"the lower bound t_min={self.t_min:g}")
         if self._at_upper_bound().size:
             bounds.append(f"the upper bound t_max={self.t_max:g}")
@@ -346,7 +352,7 @@ class TemperatureScaler(Recalibrator):
         )
         upper = self._at_upper_bound()
         advice = [self._upper_bound_advice(z, y, upper)] if upper.size else []
-        lower = np.flatnonzero(np.atleast_1d(np.asarray(self.temperature)) <= self.t_min * (1 + 1e-9))
+        lower = self._at_lower_bound()
         if lower.size and not separable:
             # the NLL is convex in w = 1/T: where its optimum is at t_min and the classes are not
             # separated it lies below t_min (logits on a small scale), where a smaller bound reaches
@@ -579,9 +585,7 @@ class TemperatureScaler(Recalibrator):
 
         opt = lbfgs()
         lo, hi = math.log(self.t_min), math.log(self.t_max)
-        self.n_iter_ = passes
-        for start, stop in iter_chunks(z):  # validate once before optimising
-            check_fit_logits(z[start:stop], y[start:stop], type(self).__name__, masked_ok=True)
+        self.n_iter_ = passes  # the rows are checked (fit)
 
         def closure() -> torch.Tensor:
             opt.zero_grad()

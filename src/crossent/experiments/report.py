@@ -374,6 +374,11 @@ def _regime(r: dict[str, Any], fell: int = 0, runs: int = 0) -> str:
             f"accuracy, T = {_fmt(r['temperature'], 'temperature')}: it {fit} and is {conf}")
 
 
+def _one_seed_rows(trows: list[dict[str, Any]]) -> bool:
+    """Whether every row of a task comes from one seed: no interval, nothing to judge."""
+    return all(r.get("n_seeds") == 1 for r in trows)
+
+
 def _one_seed(cell: Sequence[float]) -> bool:
     """Whether a ``[mean, std, h]`` cell comes from one seed: a mean without an interval."""
     return math.isfinite(cell[0]) and not math.isfinite(cell[2])
@@ -430,7 +435,7 @@ def automatic_reading(result: StudyResult, rows: list[dict[str, Any]]) -> dict[s
             lines.append(f"Regime: CE ({_regime(ce, ce_fell, ce_runs)}).")
         if fell:  # before any sentence on the TS columns, which hold unscaled numbers for these
             lines.append(_fallback_reading(fell, n_runs))
-        one_seed = all(r["n_seeds"] == 1 for r in trows)  # no interval: nothing to judge
+        one_seed = _one_seed_rows(trows)
         if one_seed:
             lines.append("One seed: no interval, so no difference between losses is called clear or"
                          " within noise, and a T below or above 1 is a point estimate (run more"
@@ -539,7 +544,7 @@ def terminal_notes(result: StudyResult, rows: list[dict[str, Any]]) -> list[str]
                          " are the unscaled model's")
         hurt = _scaling_hurt([r for r in trows if not math.isnan(r["ece"][0])])
         if hurt:
-            notes.append(f"{task}: {_scaling_effect(hurt, one_seed=all(r['n_seeds'] == 1 for r in trows))}")
+            notes.append(f"{task}: {_scaling_effect(hurt, one_seed=_one_seed_rows(trows))}")
     return notes
 
 
@@ -828,7 +833,7 @@ def plot_theory(rows: list[dict[str, Any]], task: str, *, n_bins: int = 15) -> A
 
 def _spread_words(trows: list[dict[str, Any]]) -> str:
     """What a figure's bars or points and their error bars are: one seed has no interval."""
-    if all(r.get("n_seeds") == 1 for r in trows):
+    if _one_seed_rows(trows):
         return "one seed, no interval"
     return "mean ± 95% interval, cut at 0"
 
