@@ -485,6 +485,41 @@ def test_each_build_equals_the_built_one(
                                        atol=1e-7, err_msg=key)
 
 
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("scale", [1.0, 0.02, 37.0])
+def test_each_build_on_extreme_logits(build_library: Callable[[str], ctypes.CDLL], build: str,
+                                      scale: float) -> None:
+    """The exponentials of each build where they leave the normal range: masked classes (-inf),
+    gaps of 80-105 below the max (subnormal exponentials), of 1e4 (0), ties at the max (the first
+    argmax) and rows of 33 entries (two vectors and a masked tail). Against float64 torch."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn((64, 33), generator=g, dtype=torch.float64) * 2
+    x[::3, 5] = -math.inf
+    x[1::3, 7:20] = x[1::3, :1] - torch.linspace(80, 105, 13, dtype=torch.float64) / scale
+    x[2::3, 30] = x[2::3].amax(1) + 1e4 / scale
+    x[::4, 31] = x[::4, 32] = x[::4].amax(1) + 1.5
+    x32 = x.float()
+    y = torch.randint(0, 33, (64,), generator=g)
+    y[::3] = 6
+    lib = build_library(build)
+    got = native.calibration_rows(x32, y, from_logits=True, scale=scale, n_bins=15, top=True, moments=True,
+                                  library=lib)
+    z = x32.double() * scale
+    logp = torch.log_softmax(z, 1)
+    np.testing.assert_allclose(got.conf, logp.amax(1).exp().numpy(), rtol=2e-6)
+    np.testing.assert_array_equal(got.pred, x32.argmax(1).numpy())  # the first of tied maxima
+    np.testing.assert_allclose(got.nll, -logp.gather(1, y[:, None])[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+    assert got.cw_p is not None and np.isfinite(got.cw_p.numpy()).all()
+    assert float(got.cw_p.sum()) == pytest.approx(64.0, rel=1e-6)  # every row's probabilities
+    p = logp.exp()
+    xf = torch.where(p > 0, x32.double(), 0.0)  # a masked class adds nothing (not 0 * inf)
+    mean = (p * xf).sum(1)
+    var = (p * (xf - mean[:, None]) ** 2).sum(1)
+    label = x32.double().gather(1, y[:, None])[:, 0]
+    np.testing.assert_allclose(got.dmean, (mean - label).numpy(), rtol=1e-4, atol=2e-3 / scale)
+    np.testing.assert_allclose(got.dvar, var.numpy(), rtol=1e-3, atol=1e-4 / scale**2)
+
+
 @pytest.mark.parametrize("where", PATHS)
 def test_a_rejected_batch_adds_nothing_to_the_meter(where: str) -> None:
     """A bad row past the first chunk of rows: the meter keeps nothing of that batch."""

@@ -23,11 +23,13 @@
  * chosen per call, per row or per segment and instantiated as separate loops, never branched on
  * inside one. The double path (gradcheck, the float64 tests, float64 NumPy input to the calibration
  * metrics) has its own vectorisable exp, exp_d, and calls libm for the rest.
- * Two loops use intrinsics, both in the calibration statistics, where a compare mask picks the
- * few entries that go to a classwise bin of their own: cw_row_simd and prob_row_simd, written
- * once over a small vector shim (vf, vd) defined for AVX-512 and for AVX2 + FMA (the body's
- * portable loops elsewhere, and with -DCE_PORTABLE; tests/calibration/test_rows.py builds each
- * variant the CPU can run).
+ * Four loops use intrinsics, all in the calibration statistics. Two are where a compare mask
+ * picks the few entries that go to a classwise bin of their own: cw_row_simd and prob_row_simd,
+ * written once over a small vector shim (vf, vd) defined for AVX-512 and for AVX2 + FMA. Two
+ * are AVX-512 only: exp_row_simd, the exponentials of a row of logits, where exp_f's integer
+ * steps become two instructions, and moment_row_simd, the moments of temperature scaling, in
+ * four vector chains. The body's portable loops run elsewhere, and with -DCE_PORTABLE;
+ * tests/calibration/test_rows.py builds each variant the CPU can run.
  *
  * Threads: rows (softmax) or element ranges (binary) are split across `n_threads` threads of
  * the OpenMP runtime that torch uses (pthreads when built without OpenMP); each thread owns its
@@ -529,6 +531,101 @@ HREDUCE8(vf_hmax, max)
 HREDUCE8(vf_hmin, min)
 HREDUCE8(vf_hsum, add)
 #undef HREDUCE8
+#endif
+
+#if HAVE_CW_SIMD && defined(__AVX512F__) && defined(__AVX512DQ__)
+#define HAVE_EXP_SIMD 1
+/* the lanes of the last n < 16 entries, or all 16 */
+static inline __mmask16 lanes(int64_t n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1u); }
+
+/* exp_f on 16 lanes with two AVX-512 instructions in place of its integer steps: n rounded by
+ * vrndscaleps, and y 2^n by vscalefps, which rounds once and gives the subnormal range, 0 and
+ * inf itself. The same reduction and polynomial as exp_f, so the same values in the normal
+ * range (the subnormal ones rounded once instead of twice). The clamps keep r finite for
+ * x = -inf or +inf (n infinite would make r = x - n ln2 NaN); their operand order lets NaN
+ * through (vmaxps and vminps return the second operand where either is NaN). */
+static inline __m512 exp_v16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* e[k] = exp(b (u[k] - m)) for k < n (e may be u: each vector is read before it is written),
+ * with the float sums of e and e^2 in two chains each (one chain would wait on every add's
+ * latency); the last n mod 16 entries by masked loads and stores. gcc's vectorisation of the
+ * same loop over exp_f, with its integer steps, a scalar remainder and one chain, took 1.9x the
+ * time on a Zen 4 core (BENCHMARKS.md). */
+static void exp_row_simd(const float *u, float *e, int64_t n, float m, float b, float *s_out, float *q_out) {
+    const __m512 vm = _mm512_set1_ps(m), vb = _mm512_set1_ps(b);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        const __m512 x = exp_v16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(u + k), vm), vb));
+        const __m512 y = exp_v16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(u + k + 16), vm), vb));
+        _mm512_storeu_ps(e + k, x);
+        _mm512_storeu_ps(e + k + 16, y);
+        s0 = _mm512_add_ps(s0, x);
+        s1 = _mm512_add_ps(s1, y);
+        q0 = _mm512_fmadd_ps(x, x, q0);
+        q1 = _mm512_fmadd_ps(y, y, q1);
+    }
+    for (; k < n; k += 16) { /* the lanes past n load 0, and are zeroed after the exponential */
+        const __mmask16 mk = lanes(n - k);
+        const __m512 x = _mm512_maskz_mov_ps(
+            mk, exp_v16(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, u + k), vm), vb)));
+        _mm512_mask_storeu_ps(e + k, mk, x);
+        s0 = _mm512_add_ps(s0, x);
+        q0 = _mm512_fmadd_ps(x, x, q0);
+    }
+    *s_out = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    *q_out = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
+}
+
+/* sum over k < n with e[k] > 0 of e[k] d or e[k] d^2 (SQ), d = (u[k] - m) - c: the moments of
+ * the logits under p for temperature scaling (see `moments` in ce_calibration), in four chains
+ * (gcc's loop keeps one, and waits on each add's latency). The mask keeps a masked class
+ * (u = -inf, e = 0) out, where e d would be 0 * inf. */
+static inline __attribute__((always_inline)) __m512 moment_step(const float *u, const float *e, __mmask16 mk,
+                                                                 __m512 vm, __m512 vc, __m512 acc, const int SQ) {
+    const __m512 ev = _mm512_maskz_loadu_ps(mk, e);
+    mk = _mm512_mask_cmp_ps_mask(mk, ev, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, u), vm), vc);
+    const __m512 t = _mm512_mul_ps(ev, d);
+    return _mm512_mask_add_ps(acc, mk, acc, SQ ? _mm512_mul_ps(t, d) : t);
+}
+
+static inline __attribute__((always_inline)) float moment_row_simd_(const float *u, const float *e, int64_t n,
+                                                                    float m, float c, const int SQ) {
+    const __m512 vm = _mm512_set1_ps(m), vc = _mm512_set1_ps(c);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 64 <= n; k += 64) {
+        a0 = moment_step(u + k, e + k, 0xFFFF, vm, vc, a0, SQ);
+        a1 = moment_step(u + k + 16, e + k + 16, 0xFFFF, vm, vc, a1, SQ);
+        a2 = moment_step(u + k + 32, e + k + 32, 0xFFFF, vm, vc, a2, SQ);
+        a3 = moment_step(u + k + 48, e + k + 48, 0xFFFF, vm, vc, a3, SQ);
+    }
+    for (; k < n; k += 16)
+        a0 = moment_step(u + k, e + k, lanes(n - k), vm, vc, a0, SQ);
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+static float moment_row_simd(const float *u, const float *e, int64_t n, float m, float c, int sq) {
+    return sq ? moment_row_simd_(u, e, n, m, c, 1) : moment_row_simd_(u, e, n, m, c, 0);
+}
+#else
+#define HAVE_EXP_SIMD 0
 #endif
 
 #if HAVE_CW_SIMD

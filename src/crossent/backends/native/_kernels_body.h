@@ -1179,15 +1179,15 @@ CE_API int FN(ce_binary)(bce_args *a) {
  *           row after it, during a pass over this one in L1: see `spread`).
  *   pass 2 (logits, from L1): e = exp(b (u - m)) into the scratch row, with b the inverse
  *           temperature (`scale`, 1 for the metrics), s = sum e, q = sum e^2 (float partial sums
- *           of SEG terms added in double). The confidence is 1 / s (e = 1 at the max), the NLL
- *           b (m - u_y) + log s and the Brier score q / s^2 - 2 e_y / s + 1: no probability is
- *           formed. Probabilities: the confidence is m, the NLL -log p_y (p_y clipped at the
+ *           of SEG terms added in double; exp_row_simd where the CPU has AVX-512). The
+ *           confidence is 1 / s (e = 1 at the max), the NLL b (m - u_y) + log s and the Brier
+ *           score q / s^2 - 2 e_y / s + 1: no probability is formed. Probabilities: the confidence is m, the NLL -log p_y (p_y clipped at the
  *           smallest normal double) and the Brier score q - 2 p_y + 1.
- *   moments (logits, with dmean; from L1): with d = u - m, the mean D = sum e d / s and then
- *           V = sum e (d - D)^2 / s, the variance of the logits under p = softmax(b u) by the
- *           two-pass formula (no cancellation between E[d^2] and D^2); dmean = D - (u_y - m) =
- *           E_p[u] - u_y and dvar = V are the per-row derivatives of the NLL in b (temperature
- *           scaling's Newton step).
+ *   moments (logits, with dmean; from L1; moment_row_simd with AVX-512): with d = u - m, the
+ *           mean D = sum e d / s and then V = sum e (d - D)^2 / s, the variance of the logits
+ *           under p = softmax(b u) by the two-pass formula (no cancellation between E[d^2] and
+ *           D^2); dmean = D - (u_y - m) = E_p[u] - u_y and dvar = V are the per-row
+ *           derivatives of the NLL in b (temperature scaling's Newton step).
  *   pass 3 (classwise, from L1): p_k = e_k (1 / s) in double (p_k itself for probabilities),
  *           every one added to its class's first bin (the column total first[k]). Only entries
  *           above the first edge 1/M can go to another bin, and a row has fewer than M of them:
@@ -1399,6 +1399,16 @@ WIDE_VECTORS static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int ti
                     if (ahead)
                         for (size_t off = (size_t)kb * es; off < (size_t)kc * es; off += 64)
                             __builtin_prefetch(ahead + off, 0, 2);
+#if HAVE_EXP_SIMD
+                    if (sizeof(ACC) == 4) {
+                        float bs, bq;
+                        exp_row_simd((const float *)u + kb, (float *)ebuf + kb, kc - kb, (float)m, (float)beta, &bs,
+                                     &bq);
+                        ps += (ACC)bs;
+                        pq += (ACC)bq;
+                        continue;
+                    }
+#endif
                     SIMD_SUM(ps, pq)
                     for (int64_t k = kb; k < kc; ++k) { /* ebuf may be u itself: u[k] is read first */
                         const ACC e = EXP((u[k] - m) * beta);
@@ -1419,6 +1429,13 @@ WIDE_VECTORS static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int ti
                 for (int64_t k0 = 0; k0 < C; k0 += SEG) {
                     const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
                     ACC pd = 0;
+#if HAVE_EXP_SIMD
+                    if (sizeof(ACC) == 4) {
+                        D += (double)moment_row_simd((const float *)u + k0, (const float *)ebuf + k0, k1 - k0,
+                                                     (float)m, 0.0f, 0);
+                        continue;
+                    }
+#endif
                     SIMD_SUM(pd)
                     for (int64_t k = k0; k < k1; ++k) { /* e = 0 where u - m overflows to -inf: adds 0 */
                         const ACC e = ebuf[k];
@@ -1431,6 +1448,13 @@ WIDE_VECTORS static void FN(cal_work)(void *vctx, int64_t r0, int64_t r1, int ti
                 for (int64_t k0 = 0; k0 < C; k0 += SEG) {
                     const int64_t k1 = C - k0 < SEG ? C : k0 + SEG;
                     ACC pv = 0;
+#if HAVE_EXP_SIMD
+                    if (sizeof(ACC) == 4) {
+                        V += (double)moment_row_simd((const float *)u + k0, (const float *)ebuf + k0, k1 - k0,
+                                                     (float)m, (float)Da, 1);
+                        continue;
+                    }
+#endif
                     SIMD_SUM(pv)
                     for (int64_t k = k0; k < k1; ++k) {
                         const ACC e = ebuf[k], dev = (u[k] - m) - Da;
