@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -590,6 +591,15 @@ def test_half_precision_probabilities_widened_to_float32_keep_their_tolerance(
     want = measure(p)
     assert measure(p.float()) == pytest.approx(want, rel=1e-12)
     assert measure(p.float().numpy()) == pytest.approx(want, rel=1e-12)
+    # widened to float64 (.double(), .tolist()): refused, and read as logits by a default meter;
+    # measured in float64, to the float32 pass's round-off
+    assert measure(p.double()) == pytest.approx(want, rel=1e-7)
+    assert measure(p.double().numpy()) == pytest.approx(want, rel=1e-7)
+    assert measure(p.float().tolist()) == pytest.approx(want, rel=1e-7)
+    off64 = torch.softmax(p.double().log(), 1)  # float64 values of no half type, as far off one
+    off64[:, 0] = (off64[:, 0] + 3e-3).clamp_max(1.0)
+    with pytest.raises(ValueError, match=r"sums to .* not 1 \(tolerance 0\.001\)"):
+        getattr(calibration, "ece" if front == "meter" else front)(off64, y, from_logits=False)
     off = torch.softmax(p.float().log(), 1)  # float32 values of no half type,
     off[:, 0] = (off[:, 0] + 3e-3).clamp_max(1.0)  # as far off one
     with pytest.raises(ValueError, match=r"sums to .* not 1 \(tolerance 0\.001\)"):
@@ -646,6 +656,41 @@ def test_mass_bins_depend_on_the_data_not_on_the_order_of_rows(kind: str) -> Non
         for s in range(0, 1000, 170):
             m.update(p[order][s : s + 170], y[order][s : s + 170])
         assert m.compute()["ece"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("front", ["ece", "classwise_ece", "brier", "nll", "accuracy", "meter"])
+def test_big_endian_float8_and_boolean_inputs(front: str) -> None:
+    """Big-endian NumPy scores (read from a file) measure as native ones (torch refused them
+    with its own message on byte order); float8 logits measure as their float32 values (the
+    detection of logits failed in torch: no isfinite for float8); boolean labels of a binary
+    (N, 2) problem are classes 0 and 1 (they were refused), and of more classes are refused by
+    name with what to pass."""
+
+    def measure(x: object, y: object, **kw: Any) -> float:
+        if front == "meter":
+            m = calibration.CalibrationMeter(**kw)
+            m.update(x, y)
+            return float(m.compute()["ece"])
+        return float(getattr(calibration, front)(x, y, **kw))
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(200, 3)) * 2
+    y = rng.integers(0, 3, 200)
+    want = measure(z, y, from_logits=True)
+    assert measure(z.astype(">f8"), y, from_logits=True) == want
+    assert measure(z.astype(">f4"), y.astype(">i8"), from_logits=True) == measure(z.astype("<f4"), y,
+                                                                                   from_logits=True)
+    detect = {} if front in ("meter", "nll") else {"from_logits": True}  # the meter and nll detect logits
+    for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        z8 = torch.from_numpy(z).to(f8)
+        assert measure(z8, y, **detect) == pytest.approx(measure(z8.float(), y, from_logits=True), rel=1e-12)
+    p2 = torch.softmax(torch.from_numpy(z[:, :2]), 1)
+    hit = torch.from_numpy(y % 2 == 1)
+    assert measure(p2, hit) == measure(p2, hit.long())
+    assert measure(p2.numpy(), hit.numpy()) == measure(p2.numpy(), hit.long().numpy())
+    with pytest.raises(TypeError, match=r"labels hold booleans \(classes 0 and 1\) but the predictions have"
+                                        r" 3 classes; pass integer class indices in \[0, 2\]"):
+        measure(torch.softmax(torch.from_numpy(z), 1), hit)
 
 
 def test_flipped_views_with_one_row_are_read_as_any_flipped_view() -> None:

@@ -291,6 +291,51 @@ def test_negative_strides(method: type[cal.Recalibrator]) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "inference_mode_on_an_ordinary_tensor"])
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+def test_fits_under_inference_mode_and_no_grad(method: type[cal.Recalibrator], mode: str) -> None:
+    """Evaluation code runs under torch.inference_mode() or torch.no_grad(): every fit works
+    there and gives what it gives outside (the L-BFGS fits failed under inference mode, which
+    an optimiser's closure cannot leave), on tensors made inside it too; matrix scaling at 60
+    classes takes its L-BFGS path. The caller's grad mode is left as it was."""
+    c = 60 if method is cal.MatrixScaler else 3
+    x, y = binary(400, seed=6) if method in BINARY else multiclass(400, c, seed=6)
+    if method is cal.BetaCalibrator:
+        x = 1 / (1 + np.exp(-x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        want = method().fit(torch.from_numpy(x), torch.from_numpy(y)).transform(x)  # type: ignore[attr-defined]
+        ordinary = torch.from_numpy(x)
+        ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+        with ctx:
+            xt = ordinary if mode.endswith("tensor") else ordinary.clone()
+            assert xt.is_inference() == (mode == "inference_mode")
+            got = method().fit(xt, torch.from_numpy(y)).transform(x)  # type: ignore[attr-defined]
+            assert not torch.is_grad_enabled()
+            assert torch.is_inference_mode_enabled() == (mode != "no_grad")
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+def test_an_empty_batch_transforms_to_an_empty_batch(method: type[cal.Recalibrator], as_tensor: bool) -> None:
+    """An empty batch (a filtered ``logits[mask]``) transforms to (0, C), or (0,) for the binary
+    methods, of the input's type; most methods refused it as "logits is empty". A fit still
+    needs samples."""
+    x, y = binary(300, seed=7) if method in BINARY else multiclass(300, 3, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        c = method().fit(x, y)  # type: ignore[attr-defined]
+    empty = np.zeros((0,) if method in BINARY else (0, 3))
+    e = torch.from_numpy(empty).float() if as_tensor else empty
+    for out in (c.transform(e), c.transform_logits(e)):
+        assert isinstance(out, torch.Tensor if as_tensor else np.ndarray)
+        assert tuple(out.shape) == empty.shape
+        assert out.dtype == (torch.float32 if as_tensor else np.float64)
+    with pytest.raises(ValueError, match="empty"):
+        method().fit(e, np.zeros(0, dtype=np.int64))  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("method", [m for m in MULTICLASS if m not in SCALING],
                          ids=lambda m: m.__name__)
 def test_transform_refuses_non_finite_logits(method: type[cal.Recalibrator]) -> None:
@@ -1233,6 +1278,32 @@ def test_fewer_validation_samples_than_parameters_warn(method: Any) -> None:
         warnings.simplefilter("error")
         method().fit(z[:300], y[:300])
         method().fit(z[:2000], y[:2000])
+
+
+@pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
+def test_every_fit_warning_points_at_the_callers_line(method: type[cal.Recalibrator]) -> None:
+    """The warnings of a fit (probabilities given as logits, a separable set, a bound, a
+    fallback) name the line that called ``fit``, whatever depth inside crossent raised them
+    (``fit`` runs inside a wrapper that turns autograd on)."""
+    rng = np.random.default_rng(12)
+    if method in BINARY:
+        s = rng.normal(size=300) * 2
+        q = 1 / (1 + np.exp(-s))
+        drawn = (rng.random(300) < q).astype(np.int64)
+        cases = [(s, (s > 0).astype(np.int64)), (np.stack([1 - q, q], 1), drawn)]
+    else:
+        z = rng.normal(size=(300, 3)) * 2
+        p = torch.softmax(torch.from_numpy(z), 1).numpy()
+        cases = [(z, z.argmax(1)), (p, rng.integers(0, 3, 300))]
+    seen = 0
+    for x, y in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            method().fit(x, y)  # type: ignore[attr-defined]
+        ours = [w for w in caught if issubclass(w.category, cal.CalibrationWarning)]
+        assert all(w.filename == __file__ for w in ours), [(w.filename, str(w.message)) for w in ours]
+        seen += len(ours)
+    assert seen
 
 
 def test_the_nll_max_iter_warning_points_at_the_callers_line() -> None:

@@ -438,6 +438,36 @@ def test_negative_strides() -> None:
     assert m.compute()["ece"] == pytest.approx(want, rel=1e-12)
 
 
+def test_updates_inside_a_compiled_step_do_not_recompile() -> None:
+    """A meter updated inside a torch.compile'd evaluation step runs eagerly there: traced, its
+    per-batch Python numbers became guards, and every batch of another size recompiled the step
+    (past torch's recompile limit: 32 graphs for 20 batches, several screens of warnings). The
+    step compiles once per dynamic shape and the sums equal the eager ones."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    compiled, eager = CalibrationMeter(), CalibrationMeter()
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+
+    @torch.compile(backend="eager")
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        compiled.update(out, y)
+        return out.sum()
+
+    with torch.no_grad():
+        for i in range(10):
+            x, y = torch.randn(32 + i, 8), torch.randint(0, 4, (32 + i,))
+            step(x, y)
+            eager.update(model(x), y)
+    assert counts["stats"]["unique_graphs"] <= 4, dict(counts["stats"])
+    got, want = compiled.compute(), eager.compute()
+    assert got["count"] == want["count"] == sum(32 + i for i in range(10))
+    for key in ("ece", "classwise_ece", "nll", "brier"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12)
+
+
 @pytest.mark.parametrize("binning", ["width", "mass"])
 @pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel"])
 def test_a_batch_failing_in_its_classwise_pass_adds_nothing(

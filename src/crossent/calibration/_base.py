@@ -37,10 +37,11 @@ found a problem): it has no usable map to keep, and every saved state loads.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -254,7 +255,7 @@ def check_label_unmasked(z: torch.Tensor, y: np.ndarray) -> None:
         )
 
 
-def warn_if_probabilities(z: torch.Tensor, owner: str, *, hint: str = "", stacklevel: int = 3) -> None:
+def warn_if_probabilities(z: torch.Tensor, owner: str, *, hint: str = "") -> None:
     """Warn (:class:`CalibrationWarning`) when the (N, C) ``logits`` ``z`` given to a fit look
     like probabilities (:func:`~crossent.calibration._inputs.logits_look_like_probs`: every row
     in [0, 1] and summing to 1). Logits are almost never like that, and a fit on probabilities
@@ -267,7 +268,7 @@ def warn_if_probabilities(z: torch.Tensor, owner: str, *, hint: str = "", stackl
         f"{owner}: the logits look like probabilities (every entry in [0, 1], every row summing"
         f" to 1), but the recalibrators take logits: pass their log (softmax(log p) = p){hint}",
         CalibrationWarning,
-        stacklevel=stacklevel,
+        stacklevel=_caller_level(),
     )
 
 
@@ -484,6 +485,23 @@ def state_array(
     return out.astype(np.int64) if integer else out
 
 
+def _fit_with_autograd(fit: Callable[..., R]) -> Callable[..., R]:
+    """``fit`` run with autograd on, wherever it is called: several fits minimise by L-BFGS,
+    which needs gradients, and evaluation code often runs under ``torch.no_grad()`` or
+    ``torch.inference_mode()``. Tensors made under inference mode cannot be saved for backward,
+    so such inputs are cloned first (outside it, the clone is an ordinary tensor)."""
+
+    @functools.wraps(fit)
+    def run(self: R, *args: Any, **kwargs: Any) -> R:
+        with torch.inference_mode(False), torch.enable_grad():
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a for a in args)
+            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+                      for k, v in kwargs.items()}
+            return fit(self, *args, **kwargs)
+
+    return run
+
+
 class Recalibrator:
     """Base class of the recalibration methods (see the module docstring)."""
 
@@ -494,6 +512,8 @@ class Recalibrator:
         super().__init_subclass__(**kwargs)
         if cls.name:
             REGISTRY[cls.name] = cls
+        if "fit" in cls.__dict__:  # every method's own fit, under autograd (see _fit_with_autograd)
+            cls.fit = _fit_with_autograd(cls.__dict__["fit"])  # type: ignore[method-assign]
 
     def __init__(self, *, fallback_to_identity: bool = True) -> None:
         self.fallback_to_identity = check_bool("fallback_to_identity", fallback_to_identity)
@@ -601,7 +621,7 @@ class Recalibrator:
             self.diagnostic, self.diagnostic_kind, self.fallback = kept, "separable", None
             tail = f"; {kept_advice}" if kept_advice else ""
             warnings.warn(f"{type(self).__name__}: {kept}; keeping the fit{tail}", CalibrationWarning,
-                          stacklevel=4)
+                          stacklevel=_caller_level())
             return
         self.diagnostic = problem
         self.diagnostic_kind = kind
@@ -620,7 +640,8 @@ class Recalibrator:
             action = "keeping the fit (fallback_to_identity=False)"
         tail = f"; {advice}" if advice and kind == "bound" else ""
         warnings.warn(
-            f"{type(self).__name__}: {problem}; {action}{tail}", CalibrationWarning, stacklevel=4
+            f"{type(self).__name__}: {problem}; {action}{tail}", CalibrationWarning,
+            stacklevel=_caller_level(),
         )
 
     def state_dict(self) -> dict[str, Any]:

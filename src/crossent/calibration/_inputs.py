@@ -49,23 +49,30 @@ def sum_atol(dtype: torch.dtype) -> float:
 
 
 def half_valued(block: torch.Tensor) -> bool:
-    """Whether float32 scores hold only values of a half type: bfloat16 (the low 16 bits of
-    every float32 are 0) or float16 (each survives the round trip). Half-precision
-    probabilities widened with ``.float()`` (NumPy has no bfloat16) keep the rounding of their
-    half type, rows off one by up to ~3e-3: they get that type's tolerance, not float32's."""
-    if block.dtype != torch.float32 or block.numel() == 0:
+    """Whether float32 or float64 scores hold only values of a half type: bfloat16 or float16
+    (each value survives the round trip; for float32, bfloat16's test is that the low 16 bits
+    are 0). Half-precision probabilities widened with ``.float()`` (NumPy has no bfloat16),
+    ``.double()`` or ``.tolist()`` keep the rounding of their half type, rows off one by up to
+    ~3e-3: they get that type's tolerance, not float32's or float64's."""
+    if block.dtype not in (torch.float32, torch.float64) or block.numel() == 0:
         return False
-    if bool(((block.contiguous().view(torch.int32) & 0xFFFF) == 0).all()):
-        return True
-    return bool((block.to(torch.float16).to(torch.float32) == block).all())
+    if block.dtype == torch.float32:  # bfloat16's values by one integer test
+        if bool(((block.contiguous().view(torch.int32) & 0xFFFF) == 0).all()):
+            return True
+        halves: tuple[torch.dtype, ...] = (torch.float16,)
+    else:
+        halves = (torch.bfloat16, torch.float16)
+    return any(bool((block.to(h).to(block.dtype) == block).all()) for h in halves)
 
 
 def row_sum_tolerance(block: torch.Tensor, storage: torch.dtype, rowsum: torch.Tensor) -> tuple[float, str]:
     """The tolerance on the row sums ``rowsum`` of probabilities ``block`` stored as
     ``storage`` (:func:`sum_atol`), and why where it is not the storage's: float32 rows off one
-    by more, all of whose values are a half type's (:func:`half_valued`), get that type's."""
+    by more, all of whose values are a half type's (:func:`half_valued`), get that type's, and
+    so do float64 rows."""
     tol = sum_atol(storage)
-    if storage == torch.float32 and bool(((rowsum - 1).abs() > tol).any()) and half_valued(block):
+    off = bool(((rowsum - 1).abs() > tol).any())
+    if storage in (torch.float32, torch.float64) and off and half_valued(block):
         return sum_atol(torch.bfloat16), ", that of half precision: every value is a bfloat16 or float16"
     return tol, ""
 
@@ -106,6 +113,8 @@ def _to_tensor(x: object, name: str) -> torch.Tensor:
         check_real_scores(t, name)
         if not t.is_floating_point():
             t = t.to(torch.float64)
+        elif t.element_size() == 1:  # float8: few operations take it (isfinite, min); exact in float32
+            t = t.float()
         return t
     try:
         arr = x if isinstance(x, np.ndarray) else np.asarray(x)
@@ -118,6 +127,8 @@ def _to_tensor(x: object, name: str) -> torch.Tensor:
     # float16 stays float16 (its own row-sum tolerance, as for a float16 tensor)
     if arr.dtype.kind in "iu" or arr.dtype.itemsize > 8:
         arr = arr.astype(np.float64)
+    if not arr.dtype.isnative:  # big-endian data (from a file, say): torch takes native order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if any(s < 0 for s in arr.strides):  # np.flip and [::-1] views: torch takes no negative strides
         arr = arr.copy()  # not ascontiguousarray: NumPy calls a view with a size-1 axis contiguous
     with warnings.catch_warnings():
@@ -126,10 +137,13 @@ def _to_tensor(x: object, name: str) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def as_matrix(x: object, name: str = "probs", *, metrics: bool = False) -> torch.Tensor:
+def as_matrix(
+    x: object, name: str = "probs", *, metrics: bool = False, empty_ok: bool = False
+) -> torch.Tensor:
     """``x`` as a CPU tensor of shape (n_samples, n_classes), sharing memory where possible.
     The errors say which other shapes are taken: a binary problem's (N,) scores by the
-    metrics (``metrics``), its stacked [1 - p, p] by the recalibrators."""
+    metrics (``metrics``), its stacked [1 - p, p] by the recalibrators. No rows are refused
+    unless ``empty_ok`` (a transform's batch may be empty; a fit or a metric needs rows)."""
     t = _to_tensor(x, name)
     if t.ndim != 2:
         # one label per position: a sequence model's (B, T, C) scores, or (N, C, H, W) ones
@@ -148,7 +162,7 @@ def as_matrix(x: object, name: str = "probs", *, metrics: bool = False) -> torch
                " for a positive-class logit z or np.log(np.stack([1 - p, p], axis=1)) for probabilities p"
                " (PlattScaler and BetaCalibrator take the (N,) scores themselves)")
         )
-    if t.shape[0] == 0:
+    if t.shape[0] == 0 and not empty_ok:
         raise ValueError(f"{name} is empty: it needs at least one row (sample)")
     if t.shape[1] < 2:  # the metrics take an (N, 1) column as binary scores before this
         raise ValueError(f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}")
@@ -197,8 +211,18 @@ def as_labels(
         arr = arr.reshape(-1)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D integer class indices, got shape {arr.shape}")
-    if arr.dtype.kind not in "iuf":  # bool ("b") too
-        raise TypeError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
+    if arr.dtype.kind == "b":  # True / False: classes 1 and 0, which only a binary problem has
+        if n_classes != 2:
+            raise TypeError(
+                f"{name} hold booleans (classes 0 and 1) but the predictions have {n_classes} classes;"
+                f" pass integer class indices in [0, {n_classes - 1}]"
+            )
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iuf":
+        hint = ("map them to indices first, np.unique(labels, return_inverse=True)[1]"
+                if arr.dtype.kind in "USO"
+                else "convert them with labels.long() or np.asarray(labels, dtype=np.int64)")
+        raise TypeError(f"{name} must hold integer class indices, got dtype {arr.dtype} ({hint})")
     i = first_non_integer(arr)
     if i is not None:
         raise ValueError(
@@ -484,9 +508,12 @@ def _warn_if_one_hot_of_a_softmax(t: torch.Tensor, y: np.ndarray, name: str) -> 
 def _caller_level() -> int:
     """The ``stacklevel`` of :func:`warnings.warn`, called by this function's caller, that
     names the first frame outside crossent: the metrics reach :func:`select` at different
-    depths, and the warning should point at the user's line."""
+    depths, and the warning should point at the user's line. The frames of
+    ``torch.compiler.disable``'s wrapper (around the meter's methods) are skipped too."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith("crossent."):
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith(
+        ("crossent.", "torch._dynamo.")
+    ):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -119,6 +119,7 @@ from crossent.calibration._base import (
     warn_if_unconverged,
 )
 from crossent.calibration._inputs import (
+    _caller_level,
     _to_tensor,
     as_labels,
     as_matrix,
@@ -149,7 +150,7 @@ def _multiclass(logits: Any, labels: Any, owner: str, *, masked_ok: bool) -> tup
     y = as_labels(labels, z.shape[0], z.shape[1])
     z64 = z.to(torch.float64)
     check_fit_logits(z64, y, owner, masked_ok=masked_ok)
-    warn_if_probabilities(z, owner, stacklevel=4)  # _multiclass, fit, the caller
+    warn_if_probabilities(z, owner)
     return z64, y
 
 
@@ -325,20 +326,25 @@ class _MulticlassRecalibrator(Recalibrator):
         map would turn NaN into a finite probability, or give NaN rows), and where masked
         (-inf) as :func:`~crossent.calibration._base.check_masked_rows` says."""
         self._check_fitted()
-        z = as_matrix(logits, "logits").to(torch.float64)
+        z = as_matrix(logits, "logits", empty_ok=True).to(torch.float64)
         if self._per_class and self._n_classes is not None and z.shape[1] != self._n_classes:
             raise class_count_error(z.shape[1], self._n_classes)
         check_masked_rows(z, type(self).__name__, masked_ok=self._masked_ok)
         return z
 
+    def _transformed(self, logits: object) -> np.ndarray:
+        """Calibrated probabilities (N, C), float64; an empty batch gives (0, C)."""
+        z = self._logits64(logits)
+        return self._probs64(z) if z.shape[0] else np.zeros((0, z.shape[1]))
+
     def predict_proba(self, logits: A) -> A:
         """Calibrated probabilities (N, C), of the input's type."""
-        return _like(self._probs64(self._logits64(logits)), logits)  # type: ignore[no-any-return]
+        return _like(self._transformed(logits), logits)  # type: ignore[no-any-return]
 
     def transform_logits(self, logits: A) -> A:
         """Calibrated logits: the log of :meth:`predict_proba` (probabilities of 0 give
         ``log`` of the smallest normal float64)."""
-        p = self._probs64(self._logits64(logits))
+        p = self._transformed(logits)
         return _like(np.log(np.maximum(p, np.finfo(np.float64).tiny)), logits)  # type: ignore[no-any-return]
 
     def _separation(self, z: torch.Tensor, y: np.ndarray) -> tuple[bool, str | None, str | None]:
@@ -514,7 +520,7 @@ class MatrixScaler(_MulticlassRecalibrator):
                     fix = "rescale the logits, whose scale is extreme"
                 warnings.warn(
                     f"{type(self).__name__}: the fit stopped {why} with a gradient of {grad:.3g}, far from"
-                    f" its optimum; {fix}", CalibrationWarning, stacklevel=2,
+                    f" its optimum; {fix}", CalibrationWarning, stacklevel=_caller_level(),
                 )
         else:  # L-BFGS on (W, b) as the objective states them (centring the features slows it)
             w.requires_grad_(True)
@@ -703,7 +709,8 @@ class _OneVsRestRecalibrator(_MulticlassRecalibrator):
                       f" classes) for {which}; pass fallback_to_identity=False to keep the fit")
         else:
             action = "keeping the fit (fallback_to_identity=False)"
-        warnings.warn(f"{type(self).__name__}: {problem}; {action}", CalibrationWarning, stacklevel=3)
+        warnings.warn(f"{type(self).__name__}: {problem}; {action}", CalibrationWarning,
+                      stacklevel=_caller_level())
         if not self.fallback_to_identity:
             return absent[:0], problem
         return np.union1d(absent, separated), problem
@@ -1089,8 +1096,7 @@ class _BinaryRecalibrator(Recalibrator):
             t = t[:, 0]
         if t.ndim == 2 and t.shape[1] == 2:
             if fitting and self.from_logits and bool(torch.isfinite(t).all()):
-                warn_if_probabilities(t, type(self).__name__, hint=" or from_logits=False",
-                                      stacklevel=4)  # _scores, fit, the caller
+                warn_if_probabilities(t, type(self).__name__, hint=" or from_logits=False")
             if not self.from_logits:  # column 1 is read: the rows must be distributions [1 - p, p]
                 off = (t.sum(1) - 1).abs()
                 tol = sum_atol(raw.dtype)
@@ -1105,8 +1111,10 @@ class _BinaryRecalibrator(Recalibrator):
         if t.ndim != 1:
             raise ValueError(f"{type(self).__name__} takes binary scores of shape (N,), (N, 1) or (N, 2),"
                              f" got shape {tuple(t.shape)}")
-        if t.numel() == 0 or not bool(torch.isfinite(t).all()):
-            raise ValueError("scores must be non-empty and finite")
+        if fitting and t.numel() == 0:
+            raise ValueError("scores must be non-empty: a fit needs samples")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("scores must be finite (no NaN or infinity)")
         if self.from_logits:
             if (fitting and one_score and not self._from_logits_given and float(t.min()) >= 0
                     and float(t.max()) <= 1 and float(t.min()) < float(t.max())):
@@ -1115,10 +1123,10 @@ class _BinaryRecalibrator(Recalibrator):
                     " they are read as logits; pass from_logits=False if they are probabilities,"
                     " or from_logits=True to read them as logits without this warning",
                     CalibrationWarning,
-                    stacklevel=3,  # _scores, fit, the caller
+                    stacklevel=_caller_level(),
                 )
             return t
-        if float(t.min()) < 0 or float(t.max()) > 1:
+        if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
             raise ValueError("probabilities must lie in [0, 1]; pass from_logits=True for logits")
         return torch.logit(t, eps=1e-15)
 

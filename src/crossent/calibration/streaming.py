@@ -192,6 +192,7 @@ class CalibrationMeter:
         self._labels_seen = 0  # labels of accepted updates, ignored ones included
 
     # ------------------------------------------------------------------ update
+    @torch.compiler.disable  # a Python accumulator: traced, it recompiles on every batch
     def update(self, logits_or_probs: ArrayLike, labels: ArrayLike) -> None:
         """Add a batch: (N, C) with labels (N,), or binary (N,) or (N, 1) / multi-label (N, L)
         with 0/1 labels of the same shape (so (N, C) softmax logits with one-hot labels are
@@ -532,6 +533,7 @@ class CalibrationMeter:
         self._correct = [correct_np.astype(np.uint8)] if correct_np.shape[0] else []
         self._labels_seen = seen
 
+    @torch.compiler.disable
     def sync(self, group: object | None = None) -> None:
         """All-reduce the statistics over the ranks of ``group`` (default: the world); no-op
         without an initialised process group. Every rank must call it; afterwards
@@ -634,6 +636,7 @@ class CalibrationMeter:
             self._k = int(classes[1])
 
     # ------------------------------------------------------------------ result
+    @torch.compiler.disable
     def compute(self) -> dict[str, float]:
         """``ece`` (AdaECE for mass bins), ``classwise_ece`` (NaN if not accumulated),
         ``brier``, ``nll``, ``accuracy`` and ``count``, over every update (and every rank
