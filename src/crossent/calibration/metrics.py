@@ -1,10 +1,12 @@
 r"""Calibration metrics with stated conventions.
 
 All functions take ``probs`` of shape (N, C) -- a NumPy array or a torch tensor of any float
-dtype, on any device -- and integer ``labels`` of shape (N,). Rows of ``probs`` must lie in
-[0, 1] and sum to one (within 1e-3; 1e-2 for half precision); pass ``from_logits=True`` to
-give logits instead, which are turned into probabilities with a stable softmax. Probabilities
-are used as given (never renormalised). Ties in the arg-max go to the lowest class index.
+dtype, on any device -- and integer ``labels`` of shape (N,) (booleans for C = 2). Rows of
+``probs`` must lie in [0, 1] and sum to one (within 1e-3; 1e-2 for half precision, and for
+float32 or float64 values that are all a half type's: a half softmax widened with ``.float()``,
+``.double()`` or ``.tolist()``); pass ``from_logits=True`` to give logits instead, which
+are turned into probabilities with a stable softmax. Probabilities are used as given (never
+renormalised). Ties in the arg-max go to the lowest class index.
 Labels equal to ``ignore_index`` (when given) are left out, with their rows.
 
 They also take binary input, ``probs`` (N,) or (N, 1) of the positive class with 0/1

@@ -21,7 +21,9 @@ here compute in float64 on the CPU: a tensor comes back **detached from the auto
 (no gradient reaches logits that require grad), a NumPy array in its floating dtype (float64
 for integers and lists), and NaN or +inf logits are refused. Temperature and vector
 scaling (:mod:`crossent.calibration.temperature`) are torch ops on a tensor instead: they keep
-its autograd graph, and NaN stays NaN.
+its autograd graph, and NaN stays NaN. An empty batch transforms to an empty one, (0, C) or
+(0,). Every ``fit`` runs with autograd on, so it works inside ``torch.no_grad()`` and
+``torch.inference_mode()`` blocks (on tensors made there too), and leaves the mode as it was.
 
 Masked logits. A logit of -inf (a class the model rules out, as ``F.cross_entropy`` takes
 it) has probability 0 before and after recalibration: temperature and vector scaling,
