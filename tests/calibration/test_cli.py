@@ -1376,6 +1376,44 @@ def test_ignore_index_leaves_out_those_samples(
     one_line_error(rc, err, "every label equals --ignore-index -100")
 
 
+@pytest.mark.parametrize("layout", ["classes_last", "classes_in_dim_1", "flat_labels"])
+def test_per_position_scores_are_calibrated_as_their_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str
+) -> None:
+    """A sequence model's (B, T, C) logits with (B, T) labels and -100 padding (the README's
+    token example), a segmentation model's (N, C, T) with (N, T) labels, and (B, T, C) with
+    flat labels are calibrated as the (positions, C) rows they hold (they were refused as "must
+    be 1-D or 2-D"); labels of another shape are refused in one line naming both shapes."""
+    z, y = make(n=1200, c=5, seed=9)
+    yi = y.copy()
+    yi[::7] = -100
+    np.save(tmp_path / "zk.npy", z[yi != -100])
+    np.save(tmp_path / "yk.npy", y[yi != -100])
+    tokens, labels = z.reshape(8, 150, 5), yi.reshape(8, 150)
+    if layout == "classes_in_dim_1":
+        tokens = np.ascontiguousarray(np.moveaxis(tokens, 2, 1))
+    if layout == "flat_labels":
+        labels = labels.reshape(-1)
+    np.save(tmp_path / "z.npy", tokens)
+    np.save(tmp_path / "y.npy", labels)
+    rc, out, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "y.npy"),
+                        "--ignore-index", "-100", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    assert f"left out {int((yi == -100).sum())} samples whose label is -100" in out
+    rc, _, err = run([str(tmp_path / "zk.npy"), "--labels", str(tmp_path / "yk.npy"),
+                      "--out", str(tmp_path / "k")], capsys)
+    assert rc == 0, err
+    got, want = metrics_of(tmp_path / "o"), metrics_of(tmp_path / "k")
+    assert got["n_samples"] == want["n_samples"] and got["n_ignored"] == int((yi == -100).sum())
+    for key in ("before", "after", "state"):
+        assert got[key] == want[key]
+    short = labels.reshape(-1)[:-1] if layout == "flat_labels" else yi.reshape(8, 150)[:, :9]
+    np.save(tmp_path / "short.npy", short)
+    rc, _, err = run([str(tmp_path / "z.npy"), "--labels", str(tmp_path / "short.npy")], capsys)
+    one_line_error(rc, err, f"PREDICTIONS of shape {tokens.shape} hold a score vector per position",
+                   "got shape")
+
+
 def test_a_pickle_that_is_not_tensors_is_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1609,8 +1647,8 @@ def test_the_listing_of_arrays_counts_the_kind_it_lists(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The error listing a file's arrays shows the 2-D ones where there are any and counts the
-    2-D ones it leaves out; a file of no 2-D array lists and counts all. A 3-D array is refused
-    naming the shapes that are read."""
+    2-D ones it leaves out; a file of no 2-D array lists and counts all. A 3-D array (scores
+    per position) whose labels do not have the positions' shape is refused naming that shape."""
     arrays = {f"run{i}/logits": np.zeros((4, 3)) for i in range(5)}
     arrays |= {f"run{i}/{name}": np.zeros(4) for i in range(5) for name in ("ids", "weights")}
     np.savez(tmp_path / "a.npz", **arrays)  # type: ignore[arg-type]
@@ -1623,8 +1661,8 @@ def test_the_listing_of_arrays_counts_the_kind_it_lists(
     np.save(tmp_path / "c.npy", np.zeros((4, 2, 2)))
     np.save(tmp_path / "y.npy", np.arange(4) % 2)
     rc, _, err = run([str(tmp_path / "c.npy"), "--labels", str(tmp_path / "y.npy")], capsys)
-    one_line_error(rc, err, "PREDICTIONS must be a 1-D (binary scores) or 2-D array (samples x classes),"
-                   " got shape (4, 2, 2)")
+    one_line_error(rc, err, "PREDICTIONS of shape (4, 2, 2) hold a score vector per position, so",
+                   "y.npy must have the positions' shape: (4, 2); got shape (4,)")
 
 
 def test_the_report_names_the_arrays_analysed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

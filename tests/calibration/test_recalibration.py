@@ -316,6 +316,35 @@ def test_fits_under_inference_mode_and_no_grad(method: type[cal.Recalibrator], m
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
+def test_hints_for_padding_labels_one_column_and_output_tuples() -> None:
+    """What users of token models and Hugging Face pass by habit gets the fix in its error:
+    labels with -100 padding (the metrics take ignore_index, a fit needs the rows dropped),
+    an (N, 1) column of binary logits given to a multiclass fit (it said only "at least 2
+    columns"), and a tuple of output arrays (EvalPrediction.predictions), which was stacked
+    into a 3-D array and answered with a reshape hint that pairs the wrong rows with the
+    labels."""
+    x, y = multiclass(60, 4, seed=13)
+    yp = y.copy()
+    yp[::5] = -100
+    padding = (r"found -100; if -100 marks samples to leave out \(padding\), pass ignore_index=-100 to the"
+               r" metrics and CalibrationMeter, or drop those rows before a fit: logits\[labels != -100\]")
+    for call in (lambda: cal.TemperatureScaler().fit(x, yp), lambda: cal.ece(x, yp, from_logits=True),
+                 lambda: cal.HistogramBinning().fit(torch.from_numpy(x), torch.from_numpy(yp))):
+        with pytest.raises(ValueError, match=padding):
+            call()
+    assert cal.ece(x, yp, from_logits=True, ignore_index=-100) == cal.ece(x[yp != -100], y[yp != -100],
+                                                                         from_logits=True)
+    for method in MULTICLASS:
+        with pytest.raises(ValueError, match=r"got shape \(60, 1\); for a binary problem pass two columns"):
+            method().fit(x[:, :1], (y > 1).astype(np.int64))  # type: ignore[attr-defined]
+    outputs = (r"logits is a tuple of 2 arrays, the first of shape \(60, 4\): pass the scores array"
+               r" itself \(a model's output tuple holds the logits first\)")
+    for call in (lambda: cal.ece((x, x), y, from_logits=True), lambda: cal.VectorScaler().fit((x, x), y),
+                 lambda: cal.CalibrationMeter().update((torch.from_numpy(x), torch.from_numpy(x)), y)):
+        with pytest.raises(ValueError, match=outputs.replace("logits is", "(logits|logits_or_probs) is")):
+            call()
+
+
 @pytest.mark.parametrize("as_tensor", [False, True])
 @pytest.mark.parametrize("method", MULTICLASS + BINARY, ids=lambda m: m.__name__)
 def test_an_empty_batch_transforms_to_an_empty_batch(method: type[cal.Recalibrator], as_tensor: bool) -> None:

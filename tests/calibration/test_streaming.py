@@ -438,6 +438,33 @@ def test_negative_strides() -> None:
     assert m.compute()["ece"] == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+def test_a_later_batch_of_logits_names_the_meters_detection(kind: str) -> None:
+    """A meter whose first batch looked like probabilities (binary logits that all fall in
+    [0, 1], or rows of a softmax) refuses a later batch of logits, and the error says that the
+    meter decided so and how to make it read logits (the call's own from_logits does not
+    exist); the refused batch adds nothing. A meter told from_logits=False keeps the plain error."""
+    g = torch.Generator().manual_seed(4)
+    if kind == "binary":
+        first, later = torch.rand(50, generator=g) * 0.9 + 0.05, torch.randn(50, generator=g) * 3
+        y = (torch.rand(50, generator=g) < 0.5).float()
+    else:
+        first, later = torch.softmax(torch.randn(50, 3, generator=g), 1), torch.randn(50, 3, generator=g) * 3
+        y = torch.randint(0, 3, (50,), generator=g)
+    m = CalibrationMeter()
+    m.update(first, y)
+    want = m.compute()
+    with pytest.raises(ValueError, match=r"\(this meter read its first batch as probabilities; if the scores"
+                                         r" are logits, make it with CalibrationMeter\(from_logits=True\)\)"):
+        m.update(later, y)
+    assert m.compute() == want
+    told = CalibrationMeter(from_logits=False)
+    told.update(first, y)
+    with pytest.raises(ValueError) as caught:
+        told.update(later, y)
+    assert "this meter read" not in str(caught.value)
+
+
 def test_updates_inside_a_compiled_step_do_not_recompile() -> None:
     """A meter updated inside a torch.compile'd evaluation step runs eagerly there: traced, its
     per-batch Python numbers became guards, and every batch of another size recompiled the step

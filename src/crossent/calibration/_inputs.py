@@ -116,6 +116,13 @@ def _to_tensor(x: object, name: str) -> torch.Tensor:
         elif t.element_size() == 1:  # float8: few operations take it (isfinite, min); exact in float32
             t = t.float()
         return t
+    if isinstance(x, (tuple, list)) and x and all(len(getattr(a, "shape", ())) >= 2 for a in x):
+        # a model's outputs as a tuple, such as Hugging Face's EvalPrediction.predictions: no
+        # input here is a stack of 2-D arrays
+        raise ValueError(
+            f"{name} is a {type(x).__name__} of {len(x)} arrays, the first of shape {tuple(x[0].shape)}:"
+            " pass the scores array itself (a model's output tuple holds the logits first)"
+        )
     try:
         arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     except ValueError:  # ragged nested lists
@@ -145,6 +152,9 @@ def as_matrix(
     metrics (``metrics``), its stacked [1 - p, p] by the recalibrators. No rows are refused
     unless ``empty_ok`` (a transform's batch may be empty; a fit or a metric needs rows)."""
     t = _to_tensor(x, name)
+    binary = ("; for a binary problem pass two columns of logits, np.stack([-z, z], axis=1) / 2"
+              " for a positive-class logit z or np.log(np.stack([1 - p, p], axis=1)) for probabilities p"
+              " (PlattScaler and BetaCalibrator take the (N,) scores themselves)")
     if t.ndim != 2:
         # one label per position: a sequence model's (B, T, C) scores, or (N, C, H, W) ones
         # with PyTorch's class dim 1 (a segmentation model's)
@@ -157,15 +167,13 @@ def as_matrix(
             f" or (N, L) scores of a multi-label one with 0/1 labels (N, L); got shape {tuple(t.shape)}"
             + rows
             if metrics else
-            f"{name} must be 2-D (n_samples, n_classes), got shape {tuple(t.shape)}"
-            + (rows or "; for a binary problem pass two columns of logits, np.stack([-z, z], axis=1) / 2"
-               " for a positive-class logit z or np.log(np.stack([1 - p, p], axis=1)) for probabilities p"
-               " (PlattScaler and BetaCalibrator take the (N,) scores themselves)")
+            f"{name} must be 2-D (n_samples, n_classes), got shape {tuple(t.shape)}" + (rows or binary)
         )
     if t.shape[0] == 0 and not empty_ok:
         raise ValueError(f"{name} is empty: it needs at least one row (sample)")
     if t.shape[1] < 2:  # the metrics take an (N, 1) column as binary scores before this
-        raise ValueError(f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} needs at least 2 columns (classes), got shape {tuple(t.shape)}"
+                         + ("" if metrics else binary))
     return t
 
 
@@ -241,8 +249,13 @@ def as_labels(
         out_of_range = (arr < 0) | (arr >= n_classes)
         value = arr[int(np.flatnonzero(out_of_range)[0])].item()
         shown = shown_label(value)
+        pad = ""
+        if value < 0 and bool((arr[out_of_range] == value).all()):  # one negative value: padding?
+            pad = (f"; if {shown} marks samples to leave out (padding), pass ignore_index={shown} to the"
+                   f" metrics and CalibrationMeter, or drop those rows before a fit:"
+                   f" logits[labels != {shown}], labels[labels != {shown}]")
         raise ValueError(
-            f"{name} must lie in [0, {n_classes - 1}] for {n_classes} classes, found {shown}"
+            f"{name} must lie in [0, {n_classes - 1}] for {n_classes} classes, found {shown}{pad}"
         )
     out = np.ascontiguousarray(arr, dtype=np.int64)
     # for torch.from_numpy, no negative strides (a size-1 view counts as contiguous to NumPy)

@@ -138,7 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "predictions",
         metavar="PREDICTIONS",
-        help="file of (N, C) logits or probabilities: .npy, .npz, .pt or .csv",
+        help="file of (N, C) logits or probabilities: .npy, .npz, .pt or .csv; per-position"
+        " scores (B, T, C) of a sequence model or (N, C, H, W) of a segmentation one, with labels"
+        " of the positions' shape, are flattened to one row per position",
     )
     parser.add_argument(
         "--labels",
@@ -685,6 +687,8 @@ def _check(
     whose label is ``ignore_index`` are left out first."""
     if preds.dtype.kind not in "fiu":
         raise _error(f"PREDICTIONS must be numeric, got dtype {preds.dtype}")
+    if preds.ndim > 2:
+        preds, labels = _per_position(preds, np.asarray(labels), labels_file)
     given = preds.shape
     if preds.ndim == 2 and preds.shape[1] == 1:  # a column of binary scores
         shape_error = f"PREDICTIONS needs at least 2 columns (classes), got shape {preds.shape}"
@@ -759,6 +763,25 @@ def _check(
                 f" {int(at_y.sum())} row(s) so): no method gives it a probability above 0; drop those rows"
             )
     return preds, labels
+
+
+def _per_position(preds: np.ndarray, labels: np.ndarray, labels_file: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of one label per position flattened to (positions, C) and their labels to 1-D:
+    a sequence model's (B, T, ..., C) with labels (B, T, ...) (classes last, as Hugging Face
+    writes them), or a segmentation model's (N, C, d1, ...) with labels (N, d1, ...) (classes
+    in dim 1, PyTorch's layout); classes last where both shapes fit. Labels already flat, one
+    per position, go with the classes-last reading."""
+    last, first = preds.shape[:-1], preds.shape[:1] + preds.shape[2:]
+    if labels.shape == last or (labels.ndim == 1 and labels.size == math.prod(last)):
+        return preds.reshape(-1, preds.shape[-1]), labels.reshape(-1)
+    if labels.shape == first:
+        return np.moveaxis(preds, 1, -1).reshape(-1, preds.shape[1]), labels.reshape(-1)
+    shapes = (f"{last}" if last == first else f"{last} (classes last, as a sequence model writes them)"
+              f" or {first} (classes in dim 1, as a segmentation model does)")
+    raise _error(
+        f"PREDICTIONS of shape {preds.shape} hold a score vector per position, so {labels_file} must have"
+        f" the positions' shape: {shapes}; got shape {labels.shape}"
+    )
 
 
 def _ignore_hint(bad: np.ndarray, ignore_index: int | None) -> str:
@@ -1409,7 +1432,9 @@ def main(args: argparse.Namespace) -> int:
             raise _error(f"--csv-header {args.csv_header} applies to .csv files and no input is one: drop it")
     labels_file = args.labels if args.labels is not None else args.predictions
     csv_input = _format_of(Path(args.predictions), args.file_format) == "csv"
-    n_given = len(preds) if preds.ndim else 0  # a 0-d array is refused by _check, by its shape
+    # samples given: rows, or positions of per-position scores, whose labels _check requires to
+    # have one entry each (a 0-d array is refused by _check, by its shape)
+    n_given = np.asarray(labels).size if preds.ndim > 2 else len(preds) if preds.ndim else 0
     preds, labels = _check(preds, labels, labels_file, _csv_header_hint(args, preds, labels), csv_input,
                            args.ignore_index)
     binary_scores = preds.ndim == 1

@@ -4,7 +4,8 @@ r"""Post-hoc recalibration methods beyond temperature scaling, all with one inte
 ``predict_proba``) gives calibrated probabilities, as netcal's ``transform`` does;
 ``transform_logits(logits)`` calibrated logits (``log`` of the probabilities for the methods
 that are not affine in the logits, so that ``softmax(transform_logits(z)) == transform(z)`` for
-every method); ``state_dict()`` is JSON-ready
+every multiclass method; the binary ones give the positive class's (N,) logits, whose
+``sigmoid`` is ``transform(z)``); ``state_dict()`` is JSON-ready
 (:func:`~crossent.calibration.save`, :func:`~crossent.calibration.load`). Every fit is
 checked by the guard of :mod:`crossent.calibration._base` and falls back to the identity map
 (with a :class:`~crossent.calibration.CalibrationWarning` and ``fallback`` set) when it is
