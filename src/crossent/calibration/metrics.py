@@ -675,10 +675,14 @@ def multilabel_ece(
     # label)); then each label's kept entries binned as ece bins binary input
     _, p, y, rows = select(t, lab, from_logits=from_logits, ignore_index=ignore_index)
     label = (np.arange(p.shape[0]) if rows is None else rows) % t.shape[1]
-    conf, correct = p.numpy(), y.astype(np.float64)
+    # the entries grouped by label once, each group in its input order (a stable sort): a mask
+    # per label read all N L entries L times (18 s at 1,000 x 5,000)
+    order = np.argsort(label, kind="stable")
+    conf, correct = p.numpy()[order], y.astype(np.float64)[order]
+    ends = np.cumsum(np.bincount(label, minlength=t.shape[1]))
     per = np.full(t.shape[1], np.nan)
     for j in np.flatnonzero(measured):
-        at = label == j
+        at = slice(ends[j - 1] if j else 0, ends[j])
         table = table_from_scores(conf[at], correct[at], n_bins=n_bins, binning=binning)
         per[j] = table.calibration_error("l1")
     return per if average == "none" else float(per[measured].mean())
