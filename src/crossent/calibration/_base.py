@@ -491,13 +491,13 @@ def _fit_with_autograd(fit: Callable[..., R]) -> Callable[..., R]:
     ``torch.inference_mode()``. Tensors made under inference mode cannot be saved for backward,
     so such inputs are cloned first (outside it, the clone is an ordinary tensor)."""
 
+    def ordinary(a: Any) -> Any:
+        return a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a
+
     @functools.wraps(fit)
     def run(self: R, *args: Any, **kwargs: Any) -> R:
         with torch.inference_mode(False), torch.enable_grad():
-            args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a for a in args)
-            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
-                      for k, v in kwargs.items()}
-            return fit(self, *args, **kwargs)
+            return fit(self, *map(ordinary, args), **{k: ordinary(v) for k, v in kwargs.items()})
 
     return run
 

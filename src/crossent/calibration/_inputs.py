@@ -71,8 +71,8 @@ def row_sum_tolerance(block: torch.Tensor, storage: torch.dtype, rowsum: torch.T
     by more, all of whose values are a half type's (:func:`half_valued`), get that type's, and
     so do float64 rows."""
     tol = sum_atol(storage)
-    off = bool(((rowsum - 1).abs() > tol).any())
-    if storage in (torch.float32, torch.float64) and off and half_valued(block):
+    widened = storage in (torch.float32, torch.float64)
+    if widened and bool(((rowsum - 1).abs() > tol).any()) and half_valued(block):
         return sum_atol(torch.bfloat16), ", that of half precision: every value is a bfloat16 or float16"
     return tol, ""
 

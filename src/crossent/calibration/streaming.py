@@ -205,8 +205,11 @@ class CalibrationMeter:
                 self._check_unmeasured(logits_or_probs, lab)  # nothing to add: shapes checked only
             else:
                 self._update(logits_or_probs, labels, lab)
-        except BaseException:  # a rejected batch leaves the meter as it was, detection included
+        except BaseException as e:  # a rejected batch leaves the meter as it was, detection included
             self.from_logits, self._kind, self._k = before
+            why = self._read_as_probabilities(e) if isinstance(e, ValueError) else e
+            if why is not e:
+                raise why from None
             raise
         self._labels_seen += lab.size
 
@@ -270,14 +273,11 @@ class CalibrationMeter:
                     warn_if_unnormalised(t[start:stop], "logits_or_probs")
             elif t.numel() > 0:  # binary and multi-label: every score in [0, 1]
                 self.from_logits = not looks_like_binary_probs(t)
-        try:
-            kind, t, y, rows = select(  # the labels as read above
-                logits_or_probs, lab, from_logits=bool(self.from_logits), ignore_index=self.ignore_index,
-                # logits given as such that look like probabilities warn, on the first samples only
-                check_probs=not detecting and self._scalars[0] == 0,
-            )
-        except ValueError as e:
-            raise self._read_as_probabilities(e, detecting) from None
+        kind, t, y, rows = select(  # the labels as read above
+            logits_or_probs, lab, from_logits=bool(self.from_logits), ignore_index=self.ignore_index,
+            # logits given as such that look like probabilities warn, on the first samples only
+            check_probs=not detecting and self._scalars[0] == 0,
+        )
         self._note_shape(kind, 2 if kind == "binary" else t.shape[1])
         if kind == "binary":  # positive-class probabilities; classwise on [1 - p, p]
             p = t  # float64 in [0, 1]; NumPy below: on a small batch a torch op costs several times more
@@ -301,17 +301,14 @@ class CalibrationMeter:
         if t.shape[0] == 0:
             return
         name = "logits_or_probs" if detecting else "logits" if self.from_logits else "probs"
-        try:
-            self._update_multiclass(t, torch.from_numpy(y), rows, name)
-        except ValueError as e:
-            raise self._read_as_probabilities(e, detecting) from None
+        self._update_multiclass(t, torch.from_numpy(y), rows, name)
 
-    def _read_as_probabilities(self, error: ValueError, detecting: bool) -> ValueError:
+    def _read_as_probabilities(self, error: ValueError) -> ValueError:
         """``error`` of a batch refused as probabilities, with why where the meter's detection
         chose them on an earlier batch (binary scores all in [0, 1], or rows summing to one) and
         the error asks for ``from_logits=True``: the fix is the meter's option, not the call's."""
-        if detecting or self._from_logits_option is not None or self.from_logits or (
-                "from_logits=True" not in str(error)):
+        detected_probs = self.from_logits is False and self._from_logits_option is None
+        if not detected_probs or "from_logits=True" not in str(error):
             return error
         return ValueError(f"{error} (this meter read its first batch as probabilities; if the scores are"
                           " logits, make it with CalibrationMeter(from_logits=True))")
