@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import numpy as np
 import torch
 
-from crossent.calibration._inputs import _caller_level, check_bool, shown_option
+from crossent.calibration._inputs import _caller_level, check_bool, iter_chunks, shown_option
 
 __all__ = ["CalibrationWarning", "Recalibrator", "load", "save"]
 
@@ -219,25 +219,36 @@ def check_masked_rows(z: torch.Tensor, owner: str, *, masked_ok: bool) -> None:
     """Refuse (``ValueError``, naming the first bad row) logits ``z`` (N, C) with NaN or +inf,
     and with -inf (a masked class, as ``F.cross_entropy`` takes it) where ``owner`` cannot take
     it: anywhere for a map that mixes the classes' logits (``masked_ok`` false: ``-inf`` times
-    a weight of either sign is undefined), and for every map in a row without a finite logit."""
-    finite = torch.isfinite(z)
-    if bool(finite.all()):
+    a weight of either sign is undefined), and for every map in a row without a finite logit.
+
+    Read by chunks of rows (:func:`~crossent.calibration._inputs.iter_chunks`), so that the
+    masks are a chunk's, not the whole matrix's; the problems are looked for in the order above
+    over all rows, so the error is the same as that of one read."""
+    chunks = list(iter_chunks(z))
+    if all(bool(torch.isfinite(z[a:b]).all()) for a, b in chunks):
         return
-    ok = finite | (z == -math.inf)
-    if not bool(ok.all()):
-        i = int(torch.nonzero(~ok.all(1))[0, 0])
+
+    def first(rows_of: Callable[[torch.Tensor], torch.Tensor]) -> int | None:
+        """The first row (of all) where ``rows_of(chunk)`` holds, or None."""
+        for a, b in chunks:
+            rows = rows_of(z[a:b])
+            if bool(rows.any()):
+                return a + int(torch.nonzero(rows)[0, 0])
+        return None
+
+    i = first(lambda c: ~(torch.isfinite(c) | (c == -math.inf)).all(1))
+    if i is not None:
         raise ValueError(f"logits: row {i} contains NaN or infinite values")
-    masked = ~finite
     if not masked_ok:
-        i = int(torch.nonzero(masked.any(1))[0, 0])
-        raise ValueError(
-            f"logits: row {i} holds -inf (a masked class): {owner} maps every class's logit"
-            f" through weights of either sign, which -inf makes undefined; {MASKED_LOGITS_OK} take"
-            " masked logits"
-        )
-    empty = ~finite.any(1)
-    if bool(empty.any()):
-        i = int(torch.nonzero(empty)[0, 0])
+        i = first(lambda c: (c == -math.inf).any(1))
+        if i is not None:
+            raise ValueError(
+                f"logits: row {i} holds -inf (a masked class): {owner} maps every class's logit"
+                f" through weights of either sign, which -inf makes undefined; {MASKED_LOGITS_OK} take"
+                " masked logits"
+            )
+    i = first(lambda c: (c == -math.inf).all(1))
+    if i is not None:
         raise ValueError(f"logits: row {i} has no finite logit (every entry is -inf)")
 
 

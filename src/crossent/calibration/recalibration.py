@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
@@ -155,6 +156,11 @@ def _multiclass(logits: Any, labels: Any, owner: str, *, masked_ok: bool) -> tup
     check_fit_logits(z64, y, owner, masked_ok=masked_ok)
     warn_if_probabilities(z, owner)
     return z64, y
+
+
+#: the NumPy floating types that torch holds as they are (others are computed in float64)
+_NUMPY_FLOATS: dict[type, torch.dtype] = {np.float16: torch.float16, np.float32: torch.float32,
+                                          np.float64: torch.float64}
 
 
 def _like(out: np.ndarray, x: Any) -> Any:
@@ -324,31 +330,45 @@ class _MulticlassRecalibrator(Recalibrator):
     def _probs64(self, z: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
 
-    def _logits64(self, logits: object) -> torch.Tensor:
-        """The (N, C) logits to transform, float64, refused where NaN or +inf (a bin or a fitted
-        map would turn NaN into a finite probability, or give NaN rows), and where masked
-        (-inf) as :func:`~crossent.calibration._base.check_masked_rows` says."""
-        self._check_fitted()
-        z = as_matrix(logits, "logits", empty_ok=True).to(torch.float64)
-        if self._per_class and self._n_classes is not None and z.shape[1] != self._n_classes:
-            raise class_count_error(z.shape[1], self._n_classes)
-        check_masked_rows(z, type(self).__name__, masked_ok=self._masked_ok)
-        return z
+    def _rows_out(self, logits: Any, fn: Callable[[np.ndarray], np.ndarray]) -> Any:
+        """``fn`` of the calibrated probabilities (float64, (n, C) to (n, C)), in the input's type
+        (:func:`_like`'s rule); an empty batch gives (0, C). The logits are refused where NaN or
+        +inf (a bin or a fitted map would turn NaN into a finite probability, or give NaN rows),
+        and where masked (-inf) as :func:`~crossent.calibration._base.check_masked_rows` says.
 
-    def _transformed(self, logits: object) -> np.ndarray:
-        """Calibrated probabilities (N, C), float64; an empty batch gives (0, C)."""
-        z = self._logits64(logits)
-        return self._probs64(z) if z.shape[0] else np.zeros((0, z.shape[1]))
+        Every map is one of rows, so the rows go through it by chunks
+        (:func:`~crossent.calibration._inputs.iter_chunks`) into an output allocated once in
+        its final dtype: the float64 temporaries are a chunk's, not the whole batch's (a batch
+        of 2,000 x 32,000 logits would otherwise make several of 512 MB)."""
+        self._check_fitted()
+        t = as_matrix(logits, "logits", empty_ok=True)
+        if self._per_class and self._n_classes is not None and t.shape[1] != self._n_classes:
+            raise class_count_error(t.shape[1], self._n_classes)
+        check_masked_rows(t, type(self).__name__, masked_ok=self._masked_ok)
+        dtype = torch.float64
+        if isinstance(logits, torch.Tensor):
+            dtype = logits.dtype if logits.is_floating_point() else torch.float32
+        elif isinstance(logits, np.ndarray) and logits.dtype.kind == "f":
+            dtype = _NUMPY_FLOATS.get(logits.dtype.newbyteorder("=").type, torch.float64)
+        out = torch.empty(tuple(t.shape), dtype=dtype)
+        for start, stop in iter_chunks(t):
+            out[start:stop] = torch.from_numpy(fn(self._probs64(t[start:stop].to(torch.float64))))
+        if isinstance(logits, torch.Tensor):
+            return out.to(logits.device)
+        res = out.numpy()
+        if isinstance(logits, np.ndarray) and logits.dtype.kind == "f" and res.dtype != logits.dtype:
+            return res.astype(logits.dtype)  # big-endian or extended precision, as given
+        return res
 
     def predict_proba(self, logits: A) -> A:
         """Calibrated probabilities (N, C), of the input's type."""
-        return _like(self._transformed(logits), logits)  # type: ignore[no-any-return]
+        return self._rows_out(logits, lambda p: p)  # type: ignore[no-any-return]
 
     def transform_logits(self, logits: A) -> A:
         """Calibrated logits: the log of :meth:`predict_proba` (probabilities of 0 give
         ``log`` of the smallest normal float64)."""
-        p = self._transformed(logits)
-        return _like(np.log(np.maximum(p, np.finfo(np.float64).tiny)), logits)  # type: ignore[no-any-return]
+        tiny = np.finfo(np.float64).tiny
+        return self._rows_out(logits, lambda p: np.log(np.maximum(p, tiny)))  # type: ignore[no-any-return]
 
     def _separation(self, z: torch.Tensor, y: np.ndarray) -> tuple[bool, str | None, str | None]:
         """Whether the validation set is separable for this map, how, and what that does to

@@ -279,8 +279,7 @@ class TemperatureScaler(Recalibrator):
             if objective != "nll":
                 raise ValueError("vector scaling is fitted on the NLL only: use objective='nll'")
             k = z.shape[1]
-            for start, stop in iter_chunks(z):  # every row checked (the labels are), fitted or not
-                check_masked_rows(z[start:stop], type(self).__name__, masked_ok=True)
+            check_masked_rows(z, type(self).__name__, masked_ok=True)  # every row, fitted or not
             warn_if_few_samples(type(self).__name__, z.shape[0], 2 * k, k, "TemperatureScaler")
             if self.fallback_to_identity and absent_unmasked(y, k, z).size:
                 # a class with no sample falls back whatever the fit (_check_fit says why): no
@@ -685,10 +684,12 @@ class TemperatureScaler(Recalibrator):
         out = self.transform_logits(logits)
         if isinstance(out, torch.Tensor):
             return torch.softmax(out, dim=1)
-        shifted = out - out.max(axis=1, keepdims=True)
-        np.exp(shifted, out=shifted)
-        shifted /= shifted.sum(axis=1, keepdims=True)
-        return shifted
+        # in place: transform_logits returned a new array, and a second of the batch's size
+        # would cost its allocation and page faults again
+        out -= out.max(axis=1, keepdims=True)
+        np.exp(out, out=out)
+        out /= out.sum(axis=1, keepdims=True)
+        return out
 
     def _check_classes(self, c: int) -> None:
         assert self.bias is not None
