@@ -631,6 +631,40 @@ def test_the_half_precision_tolerance_is_the_whole_blocks_and_says_so() -> None:
         assert accuracy(half_rows, y, from_logits=True) == 1.0  # row 0's tie goes to class 0
 
 
+@pytest.mark.parametrize("storage", [np.float32, np.float64])
+def test_the_half_precision_tolerance_is_judged_over_every_chunk(
+    storage: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether every value is a half type's is judged chunk by chunk (no mask of the whole
+    input) and holds only if it holds in every chunk: rows of dyadic values off one by 0.0078
+    pass in any chunking; one row of other values in the last chunk takes the tolerance back to
+    the storage's for all rows."""
+    monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", 6)  # 2 rows of 3 per chunk
+    half_rows = np.tile(np.array([[0.5, 0.5, 0.0078125], [0.25, 0.75, 0.0]], dtype=storage), (5, 1))
+    y = np.tile([0, 1], 5)
+    assert ece(half_rows, y) == pytest.approx(0.375)
+    mixed = half_rows.copy()
+    mixed[9] = [0.3, 0.7, 0.0]  # sums to one; not a half type's values
+    with pytest.raises(ValueError, match=r"row 0 sums to 1\.00781, not 1 \(tolerance 0\.001\);"):
+        ece(mixed, y)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_scores_in_0_1_with_a_non_finite_entry_do_not_warn_as_unnormalised(bad: float) -> None:
+    """The warning that rows in [0, 1] not summing to one are read as logits looks at the range
+    in one read (no mask of the whole input): NaN or an infinite entry is for the checks to
+    name, not the warning."""
+    p = np.array([[0.2, 0.3, 0.1], [0.4, 0.4, 0.1]])
+    p[1, 2] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if bad == -math.inf:  # a masked class of logits: measured, no warning
+            assert math.isfinite(nll(p, np.array([0, 1])))
+        else:
+            with pytest.raises(ValueError, match="row 1 contains NaN or infinite values"):
+                nll(p, np.array([0, 1]))
+
+
 @pytest.mark.parametrize("kind", ["binary", "multiclass"])
 def test_mass_bins_depend_on_the_data_not_on_the_order_of_rows(kind: str) -> None:
     """600 of 1,000 samples at one confidence fill several mass bins: each of those bins has the
