@@ -18,9 +18,15 @@ sorted by time and the peak is the maximum of their running sum (:func:`cpu_peak
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import resource
+import statistics
+import subprocess
 import sys
-from collections.abc import Callable, Hashable
+import time
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
@@ -118,6 +124,62 @@ def interleaved_times(
     for line in reliability_warnings(spreads, monitor.result, one_thread=one_thread):
         print(f"warning: {line}", file=sys.stderr)
     return times
+
+
+# ------------------------------------------------------------------- source trees compared
+
+#: this checkout's ``src``
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+
+def in_tree(src: str, module: str, call: str, threads: int) -> dict[str, float]:
+    """``module.call`` (a call expression on a script of this folder, whose result is a dict of
+    numbers) evaluated in a fresh process with ``src`` first on its path and ``threads``
+    OpenMP threads: an earlier commit's ``src`` (a ``git worktree``) runs the same code as
+    this one's, and one case's peak memory does not hide another's."""
+    code = (f"import sys; sys.path[:0] = [{src!r}, {os.path.dirname(os.path.abspath(__file__))!r}];"
+            f" import json, {module} as m; print(json.dumps(m.{call}))")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def tree_table(cases: Sequence[str], run: Callable[[str, str], dict[str, float]], other: str | None,
+               rounds: int, first_column: str) -> None:
+    """Print a markdown table of ``run(src, case)``'s ``seconds`` and ``rss_mib`` (medians over
+    ``rounds``) for this checkout and, with ``other``, another checkout's ``src``, the two
+    interleaved round by round, with the ratio of their times."""
+    trees = [os.path.abspath(SRC)] + ([os.path.abspath(other)] if other else [])
+    head, rule = f"| {first_column} | this tree: s / peak RSS rise MiB |", "|---|---:|"
+    if other:
+        head += " other tree: s / MiB | this / other (time) |"
+        rule += "---:|---:|"
+    print(head)
+    print(rule)
+    for case in cases:
+        got: dict[str, list[dict[str, float]]] = {t: [] for t in trees}
+        for _ in range(rounds):
+            for tree in trees:
+                got[tree].append(run(tree, case))
+        cells = [(statistics.median(r["seconds"] for r in got[t]),
+                  statistics.median(r["rss_mib"] for r in got[t])) for t in trees]
+        row = f"| {case} | {cells[0][0]:.3f} / {cells[0][1]:.0f} |"
+        if other:
+            row += f" {cells[1][0]:.3f} / {cells[1][1]:.0f} | {cells[0][0] / cells[1][0]:.2f}x |"
+        print(row, flush=True)
+
+
+def timed_in_process(call: Callable[[], object], repeats: int) -> dict[str, float]:
+    """The median time of ``repeats`` calls and the rise of the process's peak resident memory
+    over what it held before them (MiB)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return {"seconds": statistics.median(times), "rss_mib": rise / 1024.0}
 
 
 # --------------------------------------------------------------------------------- losses

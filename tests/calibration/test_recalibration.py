@@ -1334,6 +1334,46 @@ def test_a_newton_fit_that_stalls_far_from_its_optimum_warns(method: Any) -> Non
         method().fit(z * 1e10, y)
 
 
+@pytest.mark.parametrize(("n", "k", "f"), [(7, 2, 3), (40, 5, 6), (300, 10, 11), (120, 12, 13), (9, 30, 4)])
+def test_the_newton_hessian_is_autograds(n: int, k: int, f: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hessian of matrix and Dirichlet scaling's Newton steps, built from symmetric row
+    blocks of A^T A mirrored above the diagonal (one block up to 64 parameters, several beyond)
+    and summed over chunks of rows (one, and chunks of 3 rows), equals autograd's Hessian of the
+    mean NLL in float64."""
+    g = torch.Generator().manual_seed(n + k)
+    xt = torch.randn(n, f, generator=g, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=g)
+    theta = torch.randn(k, f, generator=g, dtype=torch.float64) * 0.7
+    p = torch.softmax(xt @ theta.T, 1)
+    want = torch.autograd.functional.hessian(
+        lambda th: F.cross_entropy(xt @ th.reshape(k, f).T, y), theta.reshape(-1))
+    torch.testing.assert_close(recalibration._affine_hessian(p, xt), want, rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(recalibration, "HESSIAN_CHUNK_ENTRIES", 3 * k * f)  # 3 rows a chunk
+    torch.testing.assert_close(recalibration._affine_hessian(p, xt), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", [cal.MatrixScaler, cal.DirichletCalibrator])
+def test_a_newton_step_that_cholesky_refuses_is_solved_by_lu(
+    method: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Newton's steps are solved by Cholesky, and by LU where Cholesky finds the damped Hessian
+    not positive definite (round-off on saturated rows): with every Cholesky refused, the fit
+    is the same."""
+    z, y = multiclass(600, 6, seed=4)
+    want = method().fit(z, y)
+    calls = []
+
+    def refuse(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(a.shape)
+        raise torch.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(torch.linalg, "cholesky", refuse)
+    got = method().fit(z, y)
+    assert calls and all(s == (42, 42) for s in calls)
+    np.testing.assert_allclose(got.weight, want.weight, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.bias, want.bias, rtol=1e-9, atol=1e-12)
+
+
 def _odir_objective(method: Any, z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                     lam: float, mu: float) -> torch.Tensor:
     """The objective of the MatrixScaler docstring, written out here."""

@@ -222,6 +222,38 @@ NEWTON_MAX_PARAMS = 2_000
 NEWTON_GRAD_TOL = 1e-10
 
 
+#: entries of A (see :func:`_affine_hessian`) per chunk of rows: 32 MiB of float64
+HESSIAN_CHUNK_ENTRIES = 1 << 22
+
+
+def _affine_hessian(p: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    r"""The Hessian of the mean NLL of :math:`\operatorname{softmax}(\Theta \tilde x_i)` in
+    :math:`\Theta` (C, F), flattened row-major, from the softmax ``p`` (N, C) of every row and
+    the features ``xt`` (N, F): the block diagonal :math:`\frac1N \sum_i p_{ij} \tilde x_i
+    \tilde x_i^T` less :math:`\frac1N A^T A`, :math:`A_{i,(j,a)} = p_{ij} \tilde x_{ia}` (see
+    :func:`_newton_affine`), summed over chunks of rows of A (:data:`HESSIAN_CHUNK_ENTRIES`). :math:`A^T A` is
+    symmetric: only its row blocks' parts on and below the diagonal are multiplied (about
+    half the multiply-adds of the whole product), and mirrored above it."""
+    n, k = p.shape
+    n_feat = xt.shape[1]
+    n_par = k * n_feat
+    rows = max(1, HESSIAN_CHUNK_ENTRIES // n_par)
+    width = max(64, -(-n_par // 8))  # parameters a row block
+    blocks = [(i0, min(i0 + width, n_par)) for i0 in range(0, n_par, width)]
+    h = torch.zeros(n_par, n_par, dtype=torch.float64)
+    for start in range(0, n, rows):
+        pc, xc = p[start : start + rows], xt[start : start + rows]
+        a = (pc[:, :, None] * xc[:, None, :]).reshape(-1, n_par)
+        for i0, i1 in blocks:
+            h[i0:i1, :i1] -= a[:, i0:i1].T @ a[:, :i1]
+        for j in range(k):
+            block = slice(j * n_feat, (j + 1) * n_feat)
+            h[block, block] += (xc * pc[:, j : j + 1]).T @ xc
+    for i0, i1 in blocks:
+        h[:i0, i0:i1] = h[i0:i1, :i0].T
+    return h / n
+
+
 def _newton_affine(
     x: torch.Tensor, y: torch.Tensor, penalty: torch.Tensor, max_iter: int
 ) -> tuple[torch.Tensor, int, float]:
@@ -236,7 +268,8 @@ def _newton_affine(
             + \pi_{ja} [(j, a) = (l, c)],
 
     summed over chunks of rows as the block diagonal :math:`\sum_i p_{ij} \tilde x_i \tilde x_i^T`
-    less :math:`A^T A` with :math:`A_{i,(j,a)} = p_{ij} \tilde x_{ia}`. The softmax leaves the
+    less :math:`A^T A` with :math:`A_{i,(j,a)} = p_{ij} \tilde x_{ia}` (:func:`_affine_hessian`),
+    and solved by Cholesky where the damped Hessian is positive definite. The softmax leaves the
     directions that add one vector to every row of :math:`\Theta` flat, and an unpenalised
     diagonal keeps some of them flat: a tiny multiple of the identity keeps the solve defined
     there (the gradient has no part in them). It has converged at a gradient below
@@ -249,7 +282,6 @@ def _newton_affine(
     n_feat = k + 1
     n_par = k * n_feat
     theta = torch.cat([torch.eye(k, dtype=f64), torch.zeros(k, 1, dtype=f64)], 1)
-    rows = max(1, (1 << 22) // n_par)  # rows of A per chunk: 32 MiB of it at most
 
     def value(th: torch.Tensor) -> float:
         return float(F.cross_entropy(xt @ th.T, y) + 0.5 * (penalty * th.square()).sum())
@@ -271,15 +303,7 @@ def _newton_affine(
         if grad_max < NEWTON_GRAD_TOL:
             converged = True
             break
-        h = torch.zeros(n_par, n_par, dtype=f64)
-        for start in range(0, n, rows):
-            pc, xc = p[start : start + rows], xt[start : start + rows]
-            a = (pc[:, :, None] * xc[:, None, :]).reshape(-1, n_par)
-            h -= a.T @ a
-            for j in range(k):
-                block = slice(j * n_feat, (j + 1) * n_feat)
-                h[block, block] += (xc * pc[:, j : j + 1]).T @ xc
-        h /= n
+        h = _affine_hessian(p, xt)
         h += torch.diag(penalty.reshape(-1))
         scale = max(float(h.diagonal().abs().max()), 1e-300)
         accepted = False
@@ -287,8 +311,14 @@ def _newton_affine(
             # Levenberg-Marquardt: where the step is no descent or its line search fails (a
             # Hessian of saturated softmax rows, summed in float64, can lose its positivity), a
             # larger multiple of the identity turns the step towards the gradient's
-            eye = torch.eye(n_par, dtype=f64) * (damping + 1e-12 * scale)
-            step = torch.linalg.solve(h + eye, g.reshape(-1)).reshape(k, n_feat)
+            system = h + torch.eye(n_par, dtype=f64) * (damping + 1e-12 * scale)
+            # Cholesky where the damped Hessian is positive definite (as convexity makes it but
+            # for round-off): half the work of LU, which takes the other systems
+            rhs = g.reshape(-1, 1)
+            try:
+                step = torch.cholesky_solve(rhs, torch.linalg.cholesky(system)).reshape(k, n_feat)
+            except torch.linalg.LinAlgError:
+                step = torch.linalg.solve(system, rhs).reshape(k, n_feat)
             slope = float((g * step).sum())
             t = 1.0
             while slope > 0 and t >= 1e-4 and not accepted:  # Armijo: a sufficient decrease
