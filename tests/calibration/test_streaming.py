@@ -90,6 +90,69 @@ def test_float32_and_probabilities_detected() -> None:
 
 
 @pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("source", ["logits", "probs"])
+@pytest.mark.parametrize("binning", ["width", "mass"])
+def test_batches_below_and_above_2m_rows_add_their_classwise_sums_alike(
+    path: str, source: str, binning: str
+) -> None:
+    """A batch of fewer than 2 M rows adds its classwise sums into the meter's own by a second
+    pass over its validated rows; larger ones make theirs and add them. Batches of 1, 2 M - 1,
+    2 M and 5 M rows (M = 10) in any mix equal the one-shot functions on all rows, and a small
+    batch that a bad row makes refused leaves the meter as it was, to the bit."""
+    from crossent.backends import native
+
+    m_bins, k = 10, 7
+    rng = np.random.default_rng(3)
+    sizes = [1, 2 * m_bins - 1, 2 * m_bins, 5 * m_bins, 3, 2 * m_bins - 1]
+    z = rng.normal(size=(sum(sizes), k)) * 3
+    x = z if source == "logits" else torch.softmax(torch.from_numpy(z), 1).numpy()
+    y = rng.integers(0, k, sum(sizes))
+    logits = source == "logits"
+    with native.disabled() if path == "torch" else contextlib.nullcontext():
+        meter = CalibrationMeter(n_bins=m_bins, binning=binning, from_logits=logits)
+        start = 0
+        for i, size in enumerate(sizes):
+            meter.update(x[start : start + size], y[start : start + size])
+            start += size
+            if i == 1:
+                before = meter.state_dict()
+                bad = x[:5].copy()
+                bad[3, 2] = np.nan
+                with pytest.raises(ValueError, match="row 3 contains NaN"):
+                    meter.update(bad, y[:5])
+                after = meter.state_dict()
+                assert before.keys() == after.keys()
+                for key, value in before.items():
+                    assert np.array_equal(np.asarray(value), np.asarray(after[key])), key
+        got = meter.compute()
+        kw = {"n_bins": m_bins, "from_logits": logits}
+        want_cw = cal.classwise_ece(x, y, **kw)
+        want_ece = cal.ece(x, y, binning=binning, **kw)
+    assert got["classwise_ece"] == pytest.approx(want_cw, rel=1e-12, abs=1e-15)
+    assert got["ece"] == pytest.approx(want_ece, rel=1e-12, abs=1e-15)
+    assert got["count"] == sum(sizes)
+
+
+def test_a_meters_own_sums_take_only_their_size() -> None:
+    """The kernel adds a batch's classwise sums into given arrays only of the right size, dtype
+    and layout (it would write past a smaller one)."""
+    from crossent.backends import native
+
+    if not native.available():
+        pytest.skip("no native build")
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    good = (torch.zeros(3 * 5, dtype=torch.float64), torch.zeros(3 * 5, dtype=torch.float64))
+    r = native.calibration_rows(x, y, from_logits=True, n_bins=5, cw_into=good)
+    assert r.cw_p is good[0] and float(good[1].sum()) == 4.0
+    for bad in [(torch.zeros(14, dtype=torch.float64), good[1]), (good[0], torch.zeros(15)),
+                (good[0], torch.zeros(30, dtype=torch.float64)[::2])]:
+        with pytest.raises(ValueError, match="cw_into must be two contiguous float64 CPU tensors of 15"):
+            native.calibration_rows(x, y, from_logits=True, n_bins=5, cw_into=bad)
+    with pytest.raises(ValueError, match="cw_into"):
+        native.calibration_rows(x, y, from_logits=True, n_bins=5, classwise=False, cw_into=good)
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
 @pytest.mark.parametrize("bad_row", [None, 0, 150_000])
 def test_detection_reads_the_batch_once_and_checks_every_row(
     monkeypatch: pytest.MonkeyPatch, path: str, bad_row: int | None

@@ -111,6 +111,7 @@ def row_statistics(
     scale: float = 1.0,
     moments: bool = False,
     rows: np.ndarray | None = None,
+    cw_into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RowStatistics:
     r"""Validated per-row statistics of ``t`` (N, C) with int64 labels ``y`` (N,) in range.
 
@@ -128,6 +129,11 @@ def row_statistics(
     probabilities (``from_logits=False``) the first row outside [0, 1] or not summing to one;
     ``rows`` gives the input's number of each row of ``t`` where ``ignore_index`` dropped some
     (:func:`~crossent.calibration._inputs.select`), so that the error names the user's row.
+
+    ``cw_into``: two float64 tensors of C M entries (bin-major, as :attr:`RowStatistics.cw_p`)
+    to which the classwise sums are added, and which are returned as ``cw_p`` and ``cw_y``: a
+    streaming meter's own sums. They may be added to before a bad row is found, so the rows
+    passed with them must have been validated already.
     """
     if not from_logits and (scale != 1.0 or moments):
         raise ValueError("scale and moments are for logits (from_logits=True)")
@@ -135,9 +141,12 @@ def row_statistics(
         raise ValueError(f"scale must be a finite positive inverse temperature, got {scale!r}")
     if top and n_bins <= 0:
         raise ValueError("top needs n_bins > 0")
+    classwise = classwise and n_bins > 0
+    if cw_into is not None and not classwise:
+        raise ValueError("cw_into needs the classwise sums (classwise=True, n_bins > 0)")
     impl = _row_statistics_native if native.available() else _row_statistics_torch
-    return impl(t, y, from_logits=from_logits, name=name, n_bins=n_bins, classwise=classwise and n_bins > 0,
-                top=top, scores=scores, scale=float(scale), moments=moments, rows=rows)
+    return impl(t, y, from_logits=from_logits, name=name, n_bins=n_bins, classwise=classwise,
+                top=top, scores=scores, scale=float(scale), moments=moments, rows=rows, cw_into=cw_into)
 
 
 def top_sums(
@@ -158,6 +167,7 @@ def top_sums(
 def _row_statistics_native(
     t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, classwise: bool,
     top: bool, scores: bool, scale: float, moments: bool, rows: np.ndarray | None,
+    cw_into: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> RowStatistics:
     """:func:`row_statistics` by the native kernel: in one call on ``t`` itself, its outputs
     returned as they are, or, for a layout or dtype the kernel does not take (columns not
@@ -172,7 +182,7 @@ def _row_statistics_native(
         yb = y if start == 0 and stop == y.shape[0] else y[start:stop]
         r = native.calibration_rows(block, yb, from_logits=from_logits, n_bins=n_bins,
                                     classwise=classwise, top=top, scores=scores, scale=scale, moments=moments,
-                                    limits=limits)
+                                    limits=limits, cw_into=cw_into)
         if r.suspects:
             rowmin = None if r.rowmin is None else torch.from_numpy(r.rowmin)
             check_rows(block, torch.from_numpy(r.rowsum), rowmin, torch.from_numpy(r.conf),
@@ -188,8 +198,8 @@ def _row_statistics_native(
     pred = np.empty(n, dtype=np.int64)
     nll = np.empty(n) if scores else None
     brier = np.empty(n) if scores else None
-    cw_p = torch.zeros(k * n_bins, dtype=torch.float64) if classwise else None
-    cw_y = torch.zeros(k * n_bins, dtype=torch.float64) if classwise else None
+    cw_p = torch.zeros(k * n_bins, dtype=torch.float64) if classwise and cw_into is None else None
+    cw_y = torch.zeros(k * n_bins, dtype=torch.float64) if classwise and cw_into is None else None
     dmean = np.empty(n) if moments else None
     dvar = np.empty(n) if moments else None
     sums = np.zeros(3 * n_bins + 2) if top else None
@@ -205,6 +215,8 @@ def _row_statistics_native(
             dmean[start:stop], dvar[start:stop] = r.dmean, r.dvar
         if sums is not None and r.top is not None:
             sums += r.top
+    if cw_into is not None:  # the chunks added to them themselves
+        cw_p, cw_y = cw_into
     return RowStatistics(conf=conf, pred=pred, nll=nll, brier=brier, cw_p=cw_p, cw_y=cw_y, dmean=dmean,
                          dvar=dvar, top=sums)
 
@@ -212,6 +224,7 @@ def _row_statistics_native(
 def _row_statistics_torch(
     t: torch.Tensor, y: torch.Tensor, *, from_logits: bool, name: str, n_bins: int, classwise: bool,
     top: bool, scores: bool, scale: float, moments: bool, rows: np.ndarray | None,
+    cw_into: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> RowStatistics:
     """:func:`row_statistics` as torch ops over chunks of rows (the same formulas; the sums of
     ``top`` from the per-row values)."""
@@ -221,8 +234,8 @@ def _row_statistics_torch(
     pred = torch.empty(n, dtype=torch.int64)
     nll = torch.empty(n, dtype=f64) if scores or top else None
     brier = torch.empty(n, dtype=f64) if scores or top else None
-    cw_p = torch.zeros(k * n_bins, dtype=f64) if classwise else None
-    cw_y = torch.zeros(k * n_bins, dtype=f64) if classwise else None
+    cw_p, cw_y = (None, None) if not classwise else cw_into if cw_into is not None else (
+        torch.zeros(k * n_bins, dtype=f64), torch.zeros(k * n_bins, dtype=f64))
     dmean = torch.empty(n, dtype=f64) if moments else None
     dvar = torch.empty(n, dtype=f64) if moments else None
     for start, stop, block in chunks(t, from_logits=from_logits, name=name, rows=rows):

@@ -323,10 +323,17 @@ class CalibrationMeter:
         input's number of each row of ``t`` (for the errors), ``name`` the input's in them."""
         n = t.shape[0]
         width = self.binning == "width"  # the bins and scores summed in the pass itself
+        m = self.n_bins
+        # A batch of fewer rows than 2 M: its classwise sums are added by a second pass over
+        # the validated rows into the meter's own, not made as 2 K M new sums and added in full,
+        # which costs more than the batch (10,000 updates of 8 rows at K = 10,000, M = 100 took
+        # 15.8 s against 0.67 s in 40 updates).
+        in_place = self.classwise and n < 2 * m
 
         def statistics(from_logits: bool) -> RowStatistics:
-            return row_statistics(t, y, from_logits=from_logits, name=name, n_bins=self.n_bins,
-                                  classwise=self.classwise, top=width, scores=not width, rows=rows)
+            return row_statistics(t, y, from_logits=from_logits, name=name, n_bins=m,
+                                  classwise=self.classwise and not in_place, top=width, scores=not width,
+                                  rows=rows)
 
         r = None
         if self.from_logits is None:  # the first batch's first rows are probabilities: are all?
@@ -341,7 +348,13 @@ class CalibrationMeter:
                 self.from_logits = False
         if r is None:
             r = statistics(self.from_logits)
-        m = self.n_bins
+        if in_place:  # the rows are valid: the second pass cannot refuse them
+            k = t.shape[1]
+            if self._cw_p is None or self._cw_y is None:
+                self._cw_p, self._cw_y = np.zeros(k * m), np.zeros(k * m)
+            row_statistics(t, y, from_logits=bool(self.from_logits), name=name, n_bins=m, scores=False,
+                           rows=rows, cw_into=(torch.from_numpy(self._cw_p), torch.from_numpy(self._cw_y)))
+            self._synced = None
         if r.top is not None:
             top = r.top
             self._bins += top[: 3 * m].reshape(3, m)

@@ -803,6 +803,7 @@ def calibration_rows(
     x: Tensor, y: Tensor, *, from_logits: bool, n_bins: int = 0, classwise: bool = True,
     top: bool = False, scores: bool = True, scale: float = 1.0, moments: bool = False,
     limits: tuple[float, float, float] = (-math.inf, math.inf, math.inf), library: ctypes.CDLL | None = None,
+    cw_into: tuple[Tensor, Tensor] | None = None,
 ) -> CalibrationRows:
     """The calibration statistics of every row of ``x`` (N, C) with labels ``y`` (N,) (int64,
     in range) in one read of the rows: see ``ce_calibration`` in ``_kernels_body.h``. With
@@ -813,7 +814,10 @@ def calibration_rows(
     validated here: ``suspects`` counts the rows whose sum is not finite and, for probabilities,
     whose min is below ``limits[0]``, max above ``limits[1]`` or sum off one by more than
     ``limits[2]``; the caller checks the per-row outputs where there are any. ``library``:
-    another build of ``_kernels.c`` (the tests' portable one)."""
+    another build of ``_kernels.c`` (the tests' portable one). ``cw_into``: two contiguous
+    float64 CPU tensors of C ``n_bins`` entries to which the classwise sums are added (whatever
+    the rows: validate them first), returned as ``cw_p`` and ``cw_y``; a streaming meter's own
+    sums, which a small batch would otherwise cost zeroing and adding in full."""
     n, c = x.shape
     y = y.to(torch.int64).contiguous()
     cw = n_bins > 0 and classwise
@@ -825,8 +829,16 @@ def calibration_rows(
     n_out = 3 + 2 * scores + (not from_logits) + 2 * moments
     rows = np.empty((n_out, n))
     n_cw = c * n_bins if cw else 0
+    if cw_into is not None:
+        if not cw or any(a.dtype != torch.float64 or a.device.type != "cpu" or not a.is_contiguous()
+                         or a.numel() != n_cw for a in cw_into):
+            raise ValueError(f"cw_into must be two contiguous float64 CPU tensors of {n_cw} entries"
+                             " (classes times n_bins), with classwise sums asked for")
+        n_cw = 0  # the sums array holds top only
     sums = np.zeros(2 * n_cw + (3 * n_bins + 2 if top else 0))
     rp, sp = rows.__array_interface__["data"][0], sums.__array_interface__["data"][0]
+    cw_p_ptr, cw_y_ptr = ((cw_into[0].data_ptr(), cw_into[1].data_ptr()) if cw_into is not None
+                          else (sp, sp + 8 * n_cw) if cw else (None, None))
 
     def at(i: int, on: bool = True) -> int | None:
         return rp + 8 * n * i if on else None
@@ -835,10 +847,9 @@ def calibration_rows(
         n_rows=n, n_cols=c, x_row_stride=x.stride(0) if n > 1 else c, x=x.data_ptr(),
         x_dtype=_DT[x.dtype], from_logits=int(from_logits), y=y.data_ptr(), n_threads=_threads(),
         n_bins=n_bins, conf=at(0), pred=at(1), nll=at(3, scores), brier=at(4, scores), rowsum=at(2),
-        rowmin=at(3 + 2 * scores, not from_logits), cw_p=sp if cw else None,
-        cw_y=sp + 8 * n_cw if cw else None, scale=scale, dmean=at(n_out - 2, moments),
-        dvar=at(n_out - 1, moments), top=sp + 16 * n_cw if top else None, range_lo=limits[0],
-        range_hi=limits[1], sum_tol=limits[2],
+        rowmin=at(3 + 2 * scores, not from_logits), cw_p=cw_p_ptr, cw_y=cw_y_ptr, scale=scale,
+        dmean=at(n_out - 2, moments), dvar=at(n_out - 1, moments), top=sp + 16 * n_cw if top else None,
+        range_lo=limits[0], range_hi=limits[1], sum_tol=limits[2],
     )
     lib = library if library is not None else _library()
     _check(getattr(lib, f"ce_calibration_{_suffix(_acc(x.dtype))}")(ctypes.byref(args)))
@@ -846,8 +857,8 @@ def calibration_rows(
         conf=rows[0], pred=rows[1].view(np.int64), nll=rows[3] if scores else None,
         brier=rows[4] if scores else None, rowsum=rows[2],
         rowmin=None if from_logits else rows[3 + 2 * scores],
-        cw_p=torch.from_numpy(sums[:n_cw]) if cw else None,
-        cw_y=torch.from_numpy(sums[n_cw : 2 * n_cw]) if cw else None,
+        cw_p=cw_into[0] if cw_into else torch.from_numpy(sums[:n_cw]) if cw else None,
+        cw_y=cw_into[1] if cw_into else torch.from_numpy(sums[n_cw : 2 * n_cw]) if cw else None,
         dmean=rows[-2] if moments else None, dvar=rows[-1] if moments else None,
         top=sums[2 * n_cw :] if top else None, suspects=int(args.suspects),
     )
