@@ -30,8 +30,10 @@ no copy; the guard's two NLLs are taken in float64, on chunks of rows converted 
 ``objective="ece"`` minimises the top-label ECE instead (the convention of Mukhoti et al.
 2020) by search: a grid over :math:`\log T`, a finer grid around its best point, a
 golden-section refinement, the NLL temperature, then a scan of 257 temperatures within 10 %
-of the best (in :math:`\log T`). The ECE jumps where a confidence crosses a bin edge, so
-the result is the best temperature tried, which a finer scan may still beat slightly.
+of the best (in :math:`\log T`), whose confidences are interpolated between 17 passes over
+the rows (``_scan_ece``: about 95 passes in all, not 332). The ECE jumps where a confidence
+crosses a bin edge, so the result is the best temperature tried, which a finer scan may
+still beat slightly.
 
 ``method="vector"`` fits vector scaling, :math:`z'_{ik} = z_{ik}/T_k + b_k`, with per-class
 temperatures and biases by L-BFGS on the NLL (the biases are centred to mean zero, which does
@@ -145,6 +147,55 @@ def _top_conf_at(z: torch.Tensor, y: np.ndarray, t: float) -> np.ndarray:
 #: in log T within this half-width of the best point found before
 ECE_SCAN_POINTS = 257
 ECE_SCAN_HALF_WIDTH = 0.1
+#: the scan's confidences are interpolated in log T between this many exact passes (Chebyshev
+#: points of the scan's interval), see :func:`_scan_ece`
+ECE_SCAN_NODES = 17
+
+
+def _scan_ece(z: torch.Tensor, y: np.ndarray, correct: np.ndarray, xs: list[float], n_bins: int,
+              seen: dict[float, float]) -> int:
+    r"""The top-label ECE at every :math:`x = \log T` of ``xs`` (sorted) into ``seen``, with the
+    confidences :math:`1 / s_i(T)` of the rows from :data:`ECE_SCAN_NODES` passes over them in
+    place of one pass a temperature; returns the passes made.
+
+    :math:`f_i(x) = \log s_i = \log \sum_k e^{(z_{ik} - m_i) e^{-x}}` is an entire function of
+    :math:`x` whose :math:`n`-th derivative is a cumulant of :math:`(z_{ik} - m_i)/T` under the
+    row's softmax, at most about :math:`R^n` for a spread :math:`R` of the scaled logits that
+    holds much of the probability (the log of a ratio of counts of entries, plus a few: below
+    20 for up to 10^5 classes). Its Chebyshev interpolant of degree :math:`n` on an interval of
+    half-width :math:`h` errs by about :math:`2 (R h / 2)^{n+1} / (n + 1)!`: 6e-15 for
+    :math:`n = 16`, :math:`h = 0.1` and :math:`R = 20`, 7e-10 for :math:`R = 40`, below the
+    float32 passes' own round-off (about 1e-7) either way, so the scan's
+    ECE is that of the passes it replaces but for a confidence within that round-off of a bin
+    edge. The interpolant is evaluated in barycentric form (Berrut and Trefethen 2004), stable
+    at any degree, in blocks of scan points that keep the (points, rows) matrix near 32 MiB."""
+    a, b = xs[0], xs[-1]
+    n = ECE_SCAN_NODES - 1
+    if b - a <= 0.0:
+        nodes = np.array([a])
+    else:  # Chebyshev points of the second kind on [a, b]
+        nodes = (a + b) / 2 + (b - a) / 2 * np.cos(np.pi * np.arange(n + 1) / n)
+    f = np.stack([-np.log(_top_conf_at(z, y, math.exp(float(x)))) for x in nodes])
+    if len(nodes) == 1:
+        for x in xs:
+            seen[x] = table_from_scores(np.exp(-f[0]), correct, n_bins=n_bins).calibration_error("l1")
+        return 1
+    w = np.where(np.arange(n + 1) % 2 == 0, 1.0, -1.0)
+    w[0] /= 2
+    w[-1] /= 2
+    diff = np.asarray(xs)[:, None] - nodes[None, :]
+    exact = diff == 0.0
+    coef = w[None, :] / np.where(exact, 1.0, diff)
+    coef /= coef.sum(1, keepdims=True)  # the barycentric denominator: never 0 off the nodes
+    hit = exact.any(1)
+    coef[hit] = exact[hit].astype(np.float64)  # a scan point on a node takes its pass's value
+    step = max(1, (1 << 22) // max(1, f.shape[1]))
+    for start in range(0, len(xs), step):
+        block = np.exp(-(coef[start : start + step] @ f))
+        for j, conf in enumerate(block):
+            seen[xs[start + j]] = table_from_scores(np.clip(conf, 0.0, 1.0), correct,
+                                                    n_bins=n_bins).calibration_error("l1")
+    return len(nodes)
 
 
 class TemperatureScaler(Recalibrator):
@@ -558,9 +609,12 @@ class TemperatureScaler(Recalibrator):
         evaluate(math.log(self._fit_nll(z, y, 1.0)))
         centre = min(seen, key=lambda x: (seen[x], abs(x)))
         lo, hi = math.log(self.t_min), math.log(self.t_max)
-        for x in np.linspace(centre - ECE_SCAN_HALF_WIDTH, centre + ECE_SCAN_HALF_WIDTH, ECE_SCAN_POINTS):
-            evaluate(float(min(max(x, lo), hi)))
-        self.n_iter_ += len(seen)
+        scan = sorted({float(min(max(x, lo), hi)) for x in np.linspace(
+            centre - ECE_SCAN_HALF_WIDTH, centre + ECE_SCAN_HALF_WIDTH, ECE_SCAN_POINTS)} - set(seen))
+        passes = len(seen)
+        if scan:
+            passes += _scan_ece(z, y, correct, scan, n_bins, seen)
+        self.n_iter_ += passes
         best_x = min(seen, key=lambda x: (seen[x], abs(x)))
         return float(min(max(math.exp(best_x), self.t_min), self.t_max))
 
