@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -130,6 +131,25 @@ def interleaved_times(
 
 #: this checkout's ``src``
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+
+def tree_arguments(parser: argparse.ArgumentParser, what: str, repeats: int) -> None:
+    """The options of the scripts that compare source trees: ``--repeats`` (``what`` timed per
+    process), ``--rounds`` and ``--src``."""
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"{what} timed per process (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per case and tree (median)")
+    parser.add_argument("--src", default=None, help="another checkout's src folder to compare with")
+
+
+def tree_header(args: argparse.Namespace, threads: int, what: str, data: str = "") -> None:
+    """The machine, the versions and what each cell of :func:`tree_table` is a median of."""
+    cores = os.cpu_count()
+    print(f"- CPU: {cpu_model()}, " + (f"one thread of {cores} logical cores" if threads == 1
+                                       else f"{cores} logical cores, torch threads {threads}"))
+    print(f"- torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
+    print(f"- {data}medians of {args.repeats} {what} a process, then of {args.rounds} processes a case"
+          " and tree")
+    print()
 
 
 def in_tree(src: str, module: str, call: str, threads: int) -> dict[str, float]:

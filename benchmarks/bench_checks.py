@@ -19,13 +19,10 @@ earlier commit in a ``git worktree``) runs the same cases, interleaved round by 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
-import numpy as np
 import torch
 
-from _shared import cpu_model, in_tree, timed_in_process, tree_table
+from _shared import in_tree, timed_in_process, tree_arguments, tree_header, tree_table
 
 CASES = ("nll, from_logits=None", "nll, from_logits=True", "ece, bfloat16 values in float32")
 
@@ -48,15 +45,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=200_000, help="rows")
     parser.add_argument("--c", type=int, default=1_000, help="classes")
-    parser.add_argument("--repeats", type=int, default=3, help="calls timed per process (median)")
-    parser.add_argument("--rounds", type=int, default=3, help="processes per case and tree (median)")
-    parser.add_argument("--src", default=None, help="another checkout's src folder to compare with")
+    tree_arguments(parser, "calls", 3)
     args = parser.parse_args()
-    print(f"- CPU: {cpu_model()}, one thread of {os.cpu_count()} logical cores")
-    print(f"- torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
-    print(f"- {args.n:,} x {args.c:,} float32; medians of {args.repeats} calls a process, then of"
-          f" {args.rounds} processes a case and tree")
-    print()
+    tree_header(args, 1, "calls", f"{args.n:,} x {args.c:,} float32; ")
+
     def run(src: str, case: str) -> dict[str, float]:
         return in_tree(src, "bench_checks", f"one({case!r}, {args.n}, {args.c}, {args.repeats})", 1)
 

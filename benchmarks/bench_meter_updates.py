@@ -13,13 +13,10 @@ rise of the peak resident memory over the data's. With ``--src``, another checko
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
-import numpy as np
 import torch
 
-from _shared import cpu_model, in_tree, timed_in_process, tree_table
+from _shared import in_tree, timed_in_process, tree_arguments, tree_header, tree_table
 
 CASES = ("10,000 updates of 8 rows", "40 updates of 2,000 rows", "1 update of 80,000 rows")
 
@@ -47,15 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--c", type=int, default=10_000, help="classes")
     parser.add_argument("--bins", type=int, default=100, help="width bins")
-    parser.add_argument("--repeats", type=int, default=1, help="runs timed per process (median)")
-    parser.add_argument("--rounds", type=int, default=3, help="processes per case and tree (median)")
-    parser.add_argument("--src", default=None, help="another checkout's src folder to compare with")
+    tree_arguments(parser, "runs", 1)
     args = parser.parse_args()
-    print(f"- CPU: {cpu_model()}, one thread of {os.cpu_count()} logical cores")
-    print(f"- torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
-    print(f"- 80,000 x {args.c:,} float32 logits, {args.bins} bins; medians of {args.repeats} runs a process,"
-          f" then of {args.rounds} processes a case and tree")
-    print()
+    tree_header(args, 1, "runs", f"80,000 x {args.c:,} float32 logits, {args.bins} bins; ")
 
     def run(src: str, case: str) -> dict[str, float]:
         return in_tree(src, "bench_meter_updates", f"one({case!r}, {args.c}, {args.bins}, {args.repeats})", 1)

@@ -15,14 +15,11 @@ round, with the ratio of the two times.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import warnings
 
-import numpy as np
 import torch
 
-from _shared import cpu_model, in_tree, timed_in_process, tree_table
+from _shared import in_tree, timed_in_process, tree_arguments, tree_header, tree_table
 
 CASES = tuple(f"{m} {n} x {c}, scale {s}" for m in ("MatrixScaler", "DirichletCalibrator")
               for n, c, s in ((50_000, 10, 10), (20_000, 20, 1), (5_000, 30, 10), (2_550, 44, 1)))
@@ -50,16 +47,14 @@ def one(case: str, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3, help="fits timed per process (median)")
-    parser.add_argument("--rounds", type=int, default=3, help="processes per case and tree (median)")
-    parser.add_argument("--src", default=None, help="another checkout's src folder to compare with")
+    tree_arguments(parser, "fits", 3)
     args = parser.parse_args()
-    print(f"- CPU: {cpu_model()}, one thread of {os.cpu_count()} logical cores")
-    print(f"- torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
-    print(f"- medians of {args.repeats} fits a process, then of {args.rounds} processes a case and tree")
-    print()
-    tree_table(CASES, lambda src, case: in_tree(src, "bench_newton", f"one({case!r}, {args.repeats})", 1),
-               args.src, args.rounds, "fit")
+    tree_header(args, 1, "fits")
+
+    def run(src: str, case: str) -> dict[str, float]:
+        return in_tree(src, "bench_newton", f"one({case!r}, {args.repeats})", 1)
+
+    tree_table(CASES, run, args.src, args.rounds, "fit")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import warnings
 
-import numpy as np
 import torch
 
-from _shared import cpu_model, in_tree, timed_in_process, tree_table
+from _shared import in_tree, timed_in_process, tree_arguments, tree_header, tree_table
 
 CASES = tuple(f"{objective}, {n} x {c}" for n, c in ((100_000, 10), (20_000, 1_000))
               for objective in ("nll", "ece"))
@@ -49,16 +47,10 @@ def one(case: str, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=1, help="fits timed per process (median)")
-    parser.add_argument("--rounds", type=int, default=3, help="processes per case and tree (median)")
-    parser.add_argument("--src", default=None, help="another checkout's src folder to compare with")
+    tree_arguments(parser, "fits", 1)
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    print(f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {threads}")
-    print(f"- torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
-    print(f"- medians of {args.repeats} fits a process, then of {args.rounds} processes a case and tree")
-    print()
-
+    tree_header(args, threads, "fits")
     fits: dict[tuple[str, str], dict[str, float]] = {}
 
     def run(src: str, case: str) -> dict[str, float]:

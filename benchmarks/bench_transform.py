@@ -14,14 +14,12 @@ Prints a markdown table with the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import warnings
 
 import numpy as np
 import torch
 
-from _shared import cpu_model, in_tree, timed_in_process, tree_table
+from _shared import in_tree, timed_in_process, tree_arguments, tree_header, tree_table
 
 METHODS = ("TemperatureScaler", "VectorScaler", "MatrixScaler", "DirichletCalibrator", "HistogramBinning",
            "IsotonicCalibrator", "EnsembleTemperatureScaler")
@@ -46,17 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=50_000, help="rows transformed")
     parser.add_argument("--c", type=int, default=1_000, help="classes")
-    parser.add_argument("--repeats", type=int, default=5, help="transforms timed per process (median)")
-    parser.add_argument("--rounds", type=int, default=3, help="processes per method and tree (median)")
-    parser.add_argument("--src", default=None, help="another checkout's src folder to compare with")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    tree_arguments(parser, "transforms", 5)
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    print(f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {threads}")
-    print(f"- torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
-    print(f"- {args.n:,} x {args.c:,} float32 logits; medians of {args.repeats} transforms a process,"
-          f" then of {args.rounds} processes a method and tree")
-    print()
+    tree_header(args, threads, "transforms", f"{args.n:,} x {args.c:,} float32 logits; ")
+
     def run(src: str, method: str) -> dict[str, float]:
         call = f"one({method!r}, {args.n}, {args.c}, {args.repeats})"
         return in_tree(src, "bench_transform", call, threads)

@@ -293,3 +293,32 @@ def test_peak_extra_memory_inside_and_outside_a_frozen_heap():
     assert gc.get_freeze_count() == before
     for peak in (outside, inside):
         assert peak is not None and 60 * 2**20 <= peak <= 80 * 2**20, peak
+
+
+def test_source_trees_are_compared_case_by_case_in_interleaved_rounds(capsys):
+    """benchmarks/_shared.tree_table runs each case on this checkout and the other, round by
+    round in that order, and prints their medians and the ratio of their times."""
+    shared = _load_script("_shared")
+    calls: list[tuple[str, str]] = []
+    times = {"this": [3.0, 1.0, 2.0], "other": [8.0, 4.0, 6.0]}
+
+    def run(src: str, case: str) -> dict[str, float]:
+        tree = "other" if src.endswith("elsewhere") else "this"
+        calls.append((tree, case))
+        nth = sum(1 for t, c in calls if (t, c) == (tree, case)) - 1
+        return {"seconds": times[tree][nth], "rss_mib": 7.0}
+
+    shared.tree_table(["a", "b"], run, "/tmp/elsewhere", 3, "case")
+    assert calls == [(t, c) for c in "ab" for _ in range(3) for t in ("this", "other")]
+    lines = capsys.readouterr().out.splitlines()
+    want = "| case | this tree: s / peak RSS rise MiB | other tree: s / MiB | this / other (time) |"
+    assert lines[0] == want
+    assert lines[2] == "| a | 2.000 / 7 | 6.000 / 7 | 0.33x |"
+
+
+def test_a_case_runs_in_a_fresh_process_of_the_given_tree():
+    """benchmarks/_shared.in_tree: a script's function in a new process with the given src
+    first on its path, its numbers back as a dict."""
+    shared = _load_script("_shared")
+    got = shared.in_tree(shared.SRC, "bench_checks", "one('nll, from_logits=True', 40, 5, 2)", 1)
+    assert set(got) == {"seconds", "rss_mib"} and got["seconds"] >= 0.0
