@@ -1782,3 +1782,39 @@ def test_isotonic_transforms_chunks_of_512_rows_at_least(monkeypatch: pytest.Mon
     monkeypatch.setattr(_inputs, "CHUNK_ELEMENTS", 40)
     np.testing.assert_array_equal(c.transform(z), whole)
     assert seen == [512, 512, 176]
+
+
+def test_isotonic_fits_only_the_classes_whose_map_is_not_the_identity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Classes with no validation sample (most of a vocabulary's) or a separated one-vs-rest
+    problem get the identity map whatever their fit: they are not fitted, and every class's
+    knots are those of fitting all and replacing theirs."""
+    iso = pytest.importorskip("sklearn.isotonic")
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(300, 40)) * 2
+    y = rng.integers(0, 8, 300)  # classes 8-39 absent
+    z[np.arange(300), y] += 1.0
+    z[y == 3, 3] += 30.0  # class 3 separated
+    calls: list[int] = []
+    fit = iso.IsotonicRegression.fit
+
+    def counted(self: Any, x: Any, target: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(int(np.asarray(target).sum()))
+        return fit(self, x, target, *args, **kw)
+
+    monkeypatch.setattr(iso.IsotonicRegression, "fit", counted)
+    with pytest.warns(cal.CalibrationWarning, match="no validation sample"):
+        c = cal.IsotonicCalibrator().fit(z, y)
+    assert c.identity_classes == [3, *range(8, 40)]
+    assert len(calls) == 7
+    p = torch.softmax(torch.from_numpy(z), 1).numpy()
+    for k, (x, v) in enumerate(c.knots):
+        if k in c.identity_classes:
+            want_x, want_v = np.array([0.0, 1.0]), np.array([0.0, 1.0])
+        else:
+            reg = iso.IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+            fit(reg, p[:, k], (y == k).astype(np.float64))
+            want_x, want_v = reg.X_thresholds_, reg.y_thresholds_
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(v, want_v)
