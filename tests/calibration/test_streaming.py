@@ -1064,3 +1064,32 @@ def test_a_state_of_numpy_integers_loads_and_empty_updates_are_named() -> None:
         empty.compute()
     with pytest.raises(RuntimeError, match="call update"):
         CalibrationMeter().compute()
+
+
+@pytest.mark.parametrize("then", ["multiclass", "binary", "multi-label"])
+@pytest.mark.parametrize("empty_at", ["first", "between"])
+def test_an_empty_1d_batch_fixes_no_kind(then: str, empty_at: str) -> None:
+    """An empty (0,) batch (``np.array([])``, a rank's empty shard) adds nothing and fixes no
+    kind: the meter takes multiclass, binary or multi-label batches after it (it was fixed as
+    binary, and (N, C) batches were refused), and equals the one-shot functions on them."""
+    rng = np.random.default_rng(2)
+    if then == "multiclass":
+        x, y = rng.normal(size=(40, 4)), rng.integers(0, 4, 40)
+    elif then == "binary":
+        x, y = rng.random(40), rng.integers(0, 2, 40)
+    else:
+        x, y = rng.random((40, 3)), rng.integers(0, 2, (40, 3))
+    m = CalibrationMeter(n_bins=5)
+    empty = (np.zeros(0), np.zeros(0, dtype=np.int64))
+    if empty_at == "first":
+        m.update(*empty)
+    m.update(x[:20], y[:20])
+    if empty_at == "between":
+        before = m.state_dict()
+        m.update(*empty)
+        assert torch.equal(m.state_dict()["statistics"], before["statistics"])
+    m.update(x[20:], y[20:])
+    got = m.compute()
+    want = cal.ece(x, y, n_bins=5, from_logits=then == "multiclass")
+    assert got["ece"] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert got["count"] == y.size

@@ -217,12 +217,15 @@ class CalibrationMeter:
         """The checks of a batch with no label to measure (empty, or every label ignored): its
         scores' type and shape, against its labels and the meter's other batches, which it then
         fixes as a measured batch does (the values, which nothing reads, are not checked: the
-        ignored rows of padding may hold anything)."""
+        ignored rows of padding may hold anything). An empty 1-D batch fixes nothing."""
         name = "logits_or_probs"
         t = _to_tensor(logits_or_probs, name)
         if binary_shaped(t.shape, lab.shape):
             check_binary_labels_shape(t, lab, name)
-            self._note_shape("binary", 2)
+            if t.ndim > 1 or t.numel() > 0:
+                # an empty 1-D batch ((0,) scores, np.array([]) say) may come from any problem:
+                # it fixes nothing (it fixed the meter as binary, refusing the (N, C) batches after)
+                self._note_shape("binary", 2)
             return
         if t.ndim != 2:
             as_matrix(t, name, metrics=True)  # raises, with the reshape that fixes (B, T, C) scores
