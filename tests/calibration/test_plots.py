@@ -393,3 +393,19 @@ def test_low_count_0_marks_no_bin_and_names_none_in_the_legend() -> None:
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["perfect calibration", "accuracy", "gap: confidence > accuracy",
                       "gap: accuracy > confidence"]
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape", "type"])
+def test_an_error_in_one_of_several_panels_names_the_panel(bad: str) -> None:
+    """``compare_reliability_diagrams`` with several panels says which one an error comes from,
+    with the error's own type and words; one panel's error is the function's own."""
+    p, y = data(60, seed=1)
+    wrong = {"nan": np.where(np.arange(p.size).reshape(p.shape) == 7, np.nan, p), "shape": p[:30],
+             "type": np.full(p.shape, "x")}[bad]
+    kind = TypeError if bad == "type" else ValueError
+    with pytest.raises(kind) as err:
+        compare_reliability_diagrams({"before": p, "after": wrong}, y)
+    assert str(err.value).startswith("probs_by_name['after']: ")
+    with pytest.raises(kind) as alone:
+        reliability_diagram(wrong, y)
+    assert str(err.value) == "probs_by_name['after']: " + str(alone.value)

@@ -356,7 +356,14 @@ def compare_reliability_diagrams(
         )
     if not probs_by_name:
         raise ValueError("probs_by_name is empty: give at least one {name: probs} entry")
-    panels = [(name, *_scored(p, labels, from_logits, ignore_index)) for name, p in probs_by_name.items()]
+    panels = []
+    for name, p in probs_by_name.items():
+        try:
+            panels.append((name, *_scored(p, labels, from_logits, ignore_index)))
+        except (TypeError, ValueError) as e:  # which panel, where there are several
+            if len(probs_by_name) == 1:
+                raise
+            raise type(e)(f"probs_by_name[{name!r}]: {e}") from None
     kinds = {names is BINARY: name for name, _, _, names in panels}
     if len(kinds) > 1:
         raise ValueError(
