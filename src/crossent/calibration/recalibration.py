@@ -953,8 +953,8 @@ class IsotonicCalibrator(_OneVsRestRecalibrator):
         p = torch.softmax(z, 1).numpy()
         separated = self._separated(p, y)
         identity, note = self._identity_one_vs_rest(separated, y, z)
-        # the classes whose map becomes the identity are not fitted: at a vocabulary's 32,000
-        # classes, most have no validation sample (32,000 fits took 33 s of 635 samples)
+        # the classes whose map becomes the identity are not fitted (at a vocabulary's size,
+        # most classes have no validation sample)
         use_identity = np.zeros(p.shape[1], dtype=bool)
         use_identity[identity] = True
         self.knots = []
@@ -970,8 +970,9 @@ class IsotonicCalibrator(_OneVsRestRecalibrator):
         self._check_fit(z, y, note=note, separation=self._separation_of(separated, z, y))
         return self
 
-    #: a transform interpolates each class's knots in a Python loop: at 32,000 classes chunks
-    #: of 2^20 entries (32 rows) took 5 million calls of np.interp for 2,540 rows
+    #: a transform interpolates each class's knots in a Python loop per chunk: chunks of 512
+    #: rows at least keep that loop's cost small per row at many classes (2^20 entries are 32
+    #: rows of 32,000 classes)
     _min_chunk_rows: ClassVar[int] = 512
 
     def _probs64(self, z: torch.Tensor) -> np.ndarray:

@@ -31,9 +31,9 @@ no copy; the guard's two NLLs are taken in float64, on chunks of rows converted 
 2020) by search: a grid over :math:`\log T`, a finer grid around its best point, a
 golden-section refinement, the NLL temperature, then a scan of 257 temperatures within 10 %
 of the best (in :math:`\log T`), whose confidences are interpolated between 17 passes over
-the rows (``_scan_ece``: about 95 passes in all, not 332). The ECE jumps where a confidence
-crosses a bin edge, so the result is the best temperature tried, which a finer scan may
-still beat slightly.
+the rows (``_scan_ece``: about 95 passes in all, where a pass per temperature would make
+332). The ECE jumps where a confidence crosses a bin edge, so the result is the best
+temperature tried, which a finer scan may still beat slightly.
 
 ``method="vector"`` fits vector scaling, :math:`z'_{ik} = z_{ik}/T_k + b_k`, with per-class
 temperatures and biases by L-BFGS on the NLL (the biases are centred to mean zero, which does
