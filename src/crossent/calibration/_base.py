@@ -221,35 +221,38 @@ def check_masked_rows(z: torch.Tensor, owner: str, *, masked_ok: bool) -> None:
     it: anywhere for a map that mixes the classes' logits (``masked_ok`` false: ``-inf`` times
     a weight of either sign is undefined), and for every map in a row without a finite logit.
 
-    Read by chunks of rows (:func:`~crossent.calibration._inputs.iter_chunks`), so that the
-    masks are a chunk's, not the whole matrix's; the problems are looked for in the order above
-    over all rows, so the error is the same as that of one read."""
-    chunks = list(iter_chunks(z))
-    if all(bool(torch.isfinite(z[a:b]).all()) for a, b in chunks):
-        return
+    Read once, by chunks of rows (:func:`~crossent.calibration._inputs.iter_chunks`), so that
+    the masks are a chunk's, not the whole matrix's: the first row of each problem is noted as
+    the chunks pass, and the error is the first problem's in the order above, that of one read
+    of the whole matrix."""
 
-    def first(rows_of: Callable[[torch.Tensor], torch.Tensor]) -> int | None:
-        """The first row (of all) where ``rows_of(chunk)`` holds, or None."""
-        for a, b in chunks:
-            rows = rows_of(z[a:b])
-            if bool(rows.any()):
-                return a + int(torch.nonzero(rows)[0, 0])
-        return None
+    def first(rows: torch.Tensor, start: int) -> int | None:
+        return start + int(torch.nonzero(rows)[0, 0]) if bool(rows.any()) else None
 
-    i = first(lambda c: ~(torch.isfinite(c) | (c == -math.inf)).all(1))
-    if i is not None:
-        raise ValueError(f"logits: row {i} contains NaN or infinite values")
-    if not masked_ok:
-        i = first(lambda c: (c == -math.inf).any(1))
-        if i is not None:
-            raise ValueError(
-                f"logits: row {i} holds -inf (a masked class): {owner} maps every class's logit"
-                f" through weights of either sign, which -inf makes undefined; {MASKED_LOGITS_OK} take"
-                " masked logits"
-            )
-    i = first(lambda c: (c == -math.inf).all(1))
-    if i is not None:
-        raise ValueError(f"logits: row {i} has no finite logit (every entry is -inf)")
+    bad = masked = empty = None
+    for start, stop in iter_chunks(z):
+        chunk = z[start:stop]
+        finite = torch.isfinite(chunk)
+        if bool(finite.all()):
+            continue
+        neg_inf = chunk == -math.inf
+        bad = first(~(finite | neg_inf).all(1), start)
+        if bad is not None:  # NaN or +inf: named before anything else, and no row is earlier
+            break
+        if masked is None and not masked_ok:
+            masked = first(neg_inf.any(1), start)
+        if empty is None:
+            empty = first(neg_inf.all(1), start)
+    if bad is not None:
+        raise ValueError(f"logits: row {bad} contains NaN or infinite values")
+    if masked is not None:
+        raise ValueError(
+            f"logits: row {masked} holds -inf (a masked class): {owner} maps every class's logit"
+            f" through weights of either sign, which -inf makes undefined; {MASKED_LOGITS_OK} take"
+            " masked logits"
+        )
+    if empty is not None:
+        raise ValueError(f"logits: row {empty} has no finite logit (every entry is -inf)")
 
 
 def check_label_unmasked(z: torch.Tensor, y: np.ndarray) -> None:

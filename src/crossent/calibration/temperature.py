@@ -67,6 +67,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 
+from crossent.calibration import _inputs
 from crossent.calibration._base import (
     CalibrationWarning,
     Recalibrator,
@@ -168,28 +169,25 @@ def _scan_ece(z: torch.Tensor, y: np.ndarray, correct: np.ndarray, xs: list[floa
     float32 passes' own round-off (about 1e-7) either way, so the scan's
     ECE is that of the passes it replaces but for a confidence within that round-off of a bin
     edge. The interpolant is evaluated in barycentric form (Berrut and Trefethen 2004), stable
-    at any degree, in blocks of scan points that keep the (points, rows) matrix near 32 MiB."""
+    at any degree, in blocks of scan points that keep the (points, rows) matrix near
+    :data:`~crossent.calibration._inputs.CHUNK_ELEMENTS` entries."""
     a, b = xs[0], xs[-1]
-    n = ECE_SCAN_NODES - 1
-    if b - a <= 0.0:
-        nodes = np.array([a])
-    else:  # Chebyshev points of the second kind on [a, b]
+    if b > a:  # Chebyshev points of the second kind on [a, b], and their barycentric weights
+        n = ECE_SCAN_NODES - 1
         nodes = (a + b) / 2 + (b - a) / 2 * np.cos(np.pi * np.arange(n + 1) / n)
+        w = np.where(np.arange(n + 1) % 2 == 0, 1.0, -1.0)
+        w[0] /= 2
+        w[-1] /= 2
+        diff = np.asarray(xs)[:, None] - nodes[None, :]
+        exact = diff == 0.0
+        coef = w[None, :] / np.where(exact, 1.0, diff)
+        coef /= coef.sum(1, keepdims=True)  # the barycentric denominator: never 0 off the nodes
+        hit = exact.any(1)
+        coef[hit] = exact[hit].astype(np.float64)  # a scan point on a node takes its pass's value
+    else:  # every point clipped to one bound: its one pass
+        nodes, coef = np.array([a]), np.ones((len(xs), 1))
     f = np.stack([-np.log(_top_conf_at(z, y, math.exp(float(x)))) for x in nodes])
-    if len(nodes) == 1:
-        for x in xs:
-            seen[x] = table_from_scores(np.exp(-f[0]), correct, n_bins=n_bins).calibration_error("l1")
-        return 1
-    w = np.where(np.arange(n + 1) % 2 == 0, 1.0, -1.0)
-    w[0] /= 2
-    w[-1] /= 2
-    diff = np.asarray(xs)[:, None] - nodes[None, :]
-    exact = diff == 0.0
-    coef = w[None, :] / np.where(exact, 1.0, diff)
-    coef /= coef.sum(1, keepdims=True)  # the barycentric denominator: never 0 off the nodes
-    hit = exact.any(1)
-    coef[hit] = exact[hit].astype(np.float64)  # a scan point on a node takes its pass's value
-    step = max(1, (1 << 22) // max(1, f.shape[1]))
+    step = max(1, _inputs.CHUNK_ELEMENTS // max(1, f.shape[1]))
     for start in range(0, len(xs), step):
         block = np.exp(-(coef[start : start + step] @ f))
         for j, conf in enumerate(block):

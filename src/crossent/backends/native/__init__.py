@@ -857,8 +857,8 @@ def calibration_rows(
         conf=rows[0], pred=rows[1].view(np.int64), nll=rows[3] if scores else None,
         brier=rows[4] if scores else None, rowsum=rows[2],
         rowmin=None if from_logits else rows[3 + 2 * scores],
-        cw_p=cw_into[0] if cw_into else torch.from_numpy(sums[:n_cw]) if cw else None,
-        cw_y=cw_into[1] if cw_into else torch.from_numpy(sums[n_cw : 2 * n_cw]) if cw else None,
+        cw_p=cw_into[0] if cw_into is not None else torch.from_numpy(sums[:n_cw]) if cw else None,
+        cw_y=cw_into[1] if cw_into is not None else torch.from_numpy(sums[n_cw : 2 * n_cw]) if cw else None,
         dmean=rows[-2] if moments else None, dvar=rows[-1] if moments else None,
         top=sums[2 * n_cw :] if top else None, suspects=int(args.suspects),
     )
