@@ -27,7 +27,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -96,8 +96,11 @@ what it does
   the rest (the held-out part) before and after. Then every method (temperature, vector,
   matrix, Dirichlet, histogram binning, isotonic, ensemble temperature; Platt and beta for
   two classes) is fitted on the same part and compared on the held-out part, ranked by
-  --objective; the best one that gives no held-out label probability 0 is recommended (by ECE,
-  with a warning if it makes the held-out NLL worse). A degenerate fit (bound reached,
+  --objective. Of the methods that give no held-out label probability 0, and "none" (no
+  recalibration), the one with the fewest fitted parameters whose score is within one standard
+  error of the difference from the lowest is recommended (the one-standard-error rule; the
+  ECE's error from 200 bootstrap resamples of the held-out part, drawn with --seed), with a
+  warning if, ranked by ECE, it makes the held-out NLL worse. A degenerate fit (bound reached,
   separable fit part, NLL worse than no scaling) falls back to the identity and says so; the
   classes that histogram binning and isotonic regression leave uncalibrated (identity), those
   with no sample in the fit part and those it separates from the others, are named in a
@@ -1214,9 +1217,10 @@ def recommendation_text(result: dict[str, Any]) -> str:
     """The lines under the comparison: the recommended method with the numbers; none with
     --val-fraction 0, where every method is scored on the samples it was fitted on and the ones
     with the most parameters would win. The methods that scored better but gave held-out labels
-    probability 0 are named as not recommended; ranked by ECE, a recommendation that makes the
-    held-out NLL worse is warned of (ECE sees only the top label's confidence, not how the
-    probability of the true label fares)."""
+    probability 0 are named as not recommended; the method that scored lowest, where the
+    recommended one is simpler and within one standard error of it, is named with the numbers;
+    ranked by ECE, a recommendation that makes the held-out NLL worse is warned of (ECE sees
+    only the top label's confidence, not how the probability of the true label fares)."""
     cmp = result["comparison"]
     best = cmp["recommended"]
     key = result["objective"]
@@ -1226,8 +1230,18 @@ def recommendation_text(result: dict[str, Any]) -> str:
                 f" --val-fraction {VAL_FRACTION_DEFAULT}) compares them")
     row, none = cmp["rows"][best], cmp["rows"]["none"]
     percent = key == "ece"
-    lines = [f"recommended: {best} (held-out {key.upper()} {_fmt(row[key], percent)} against"
+    lines = [f"recommended: none (no recalibration: held-out {key.upper()} {_fmt(none[key], percent)})"
+             if best == "none" else
+             f"recommended: {best} (held-out {key.upper()} {_fmt(row[key], percent)} against"
              f" {_fmt(none[key], percent)} without recalibration)"]
+    lowest = cmp.get("lowest", best)
+    if lowest != best:
+        low = cmp["rows"][lowest]
+        simpler = "no recalibration" if best == "none" else "the simpler map"
+        lines.append(f"{lowest} scored lower ({_fmt(low[key], percent)}), but by less than one standard error"
+                     f" of the difference ({_fmt(cmp['standard_errors'][best], percent)}), with"
+                     f" {low['parameters']} fitted parameters against {row['parameters']}: {simpler} is"
+                     " recommended")
     excluded = cmp.get("excluded", [])
     if excluded:
         lines.append(f"not recommended: {', '.join(excluded)} (lower held-out {key.upper()}, but p = 0 for"
@@ -1266,13 +1280,20 @@ def zero_labels_note(zeros: int, part: str) -> str:
 def compare_methods(
     logits: np.ndarray, labels: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray,
     *, objective: str, n_bins: int, before: dict[str, float] | None = None, in_sample: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Fit every applicable method on ``val_idx`` and score it on ``test_idx``. The rows are
-    ranked by the held-out ``objective`` (NLL or ECE), the skipped methods last; the best one
-    that gives no held-out label probability 0 is recommended ("none" if nothing beats the
-    uncalibrated predictions; no method where ``in_sample``, the methods scored on the samples
-    they were fitted on, as with --val-fraction 0), and the ones with zeros that scored better
-    are listed as ``excluded``. ``before``, the
+    ranked by the held-out ``objective`` (NLL or ECE), the skipped methods last. Of the methods
+    that give no held-out label probability 0, the one with the lowest score is ``lowest``; the
+    ones with zeros that scored better are listed as ``excluded``. The recommendation follows the
+    one-standard-error rule (Hastie, Tibshirani and Friedman, *The Elements of Statistical
+    Learning*, 2nd ed., 7.10): of ``lowest`` and the methods (with "none", the uncalibrated
+    predictions) that score above it by at most one standard error of the difference
+    (:func:`difference_errors`; the bootstrap of the ECE draws with ``seed``), the one with the
+    fewest fitted parameters (:func:`n_parameters`; "none" has 0), so that a difference the
+    held-out part cannot tell from noise does not buy parameters. No method is recommended where
+    ``in_sample``, the methods scored
+    on the samples they were fitted on, as with --val-fraction 0. ``before``, the
     metrics of the predictions as given, is the "none" row where given (the same numbers as
     the table above it; probabilities whose rows sum to 1 within the tolerance would give
     slightly other ones through their logarithms)."""
@@ -1293,7 +1314,9 @@ def compare_methods(
 
     keys = ("nll", "ece", "brier", "accuracy")
     none = score(logits[test_idx]) if before is None else {k: before[k] for k in keys}
-    rows: dict[str, dict[str, Any]] = {"none": {**none, "fallback": None}}
+    rows: dict[str, dict[str, Any]] = {"none": {**none, "fallback": None, "parameters": 0}}
+    # per held-out row, for the standard errors of the differences: a fallback is "none"'s
+    per_row = {"none": row_scores(logits[test_idx], y_test)}
     masked = bool(np.isneginf(logits).any())  # one read, for the two methods that refuse -inf
     for name in METHODS:
         if name in BINARY_METHODS and c != 2:
@@ -1320,8 +1343,13 @@ def compare_methods(
             zeros = int(np.count_nonzero(p_y == 0))
         zero_note = zero_labels_note(zeros, "in-sample" if in_sample else "held-out")
         note = short_note(cal) or ("warned: see below" if others else "")
-        scores = none if cal.fallback is not None else score(method_logits(cal, logits[test_idx]))
-        rows[name] = {**scores, "fallback": cal.fallback,
+        if cal.fallback is None:
+            z = method_logits(cal, logits[test_idx])
+            scores, per_row[name] = score(z), row_scores(z, y_test)
+            del z
+        else:
+            scores = none
+        rows[name] = {**scores, "fallback": cal.fallback, "parameters": n_parameters(cal),
                       "fitted": describe(cal), "note": fit_note(cal, c, labels[val_idx]),
                       "short_note": "; ".join(n for n in (note, zero_note) if n),
                       "warnings": others, "zero_probability_labels": zeros}
@@ -1332,10 +1360,116 @@ def compare_methods(
     # A map that gives held-out labels probability 0 will give new ones 0 too, each an NLL of
     # 708 nats or more, which a low ECE hides: it is never recommended.
     eligible = [k for k in scored if not rows[k].get("zero_probability_labels")]
-    best = None if in_sample else eligible[0]
-    excluded = [] if best is None else [k for k in scored if k not in eligible and rank(k) < rank(best)]
+    lowest = None if in_sample else eligible[0]
+    excluded = [] if lowest is None else [k for k in scored if k not in eligible and rank(k) < rank(lowest)]
+    best, errors = lowest, {}
+    if lowest is not None and lowest != "none":
+        # "none" and the maps fitted (one that fell back is the predictions as given: "none")
+        fitted = [k for k in eligible if k in per_row]
+        errors = difference_errors(per_row, fitted, lowest, objective, n_bins, seed)
+        best = simplest_within_error({k: rows[k] for k in fitted}, lowest, errors, objective)
     order = [*scored, *(k for k in rows if k not in scored)]  # the skipped methods last
-    return {"rows": {k: rows[k] for k in order}, "recommended": best, "excluded": excluded}
+    return {"rows": {k: rows[k] for k in order}, "recommended": best, "lowest": lowest,
+            "standard_errors": errors, "excluded": excluded}
+
+
+def simplest_within_error(
+    rows: dict[str, dict[str, Any]], lowest: str, errors: dict[str, float], objective: str
+) -> str:
+    """The one-standard-error rule: of the ``rows`` (a method's held-out ``objective`` and its
+    ``parameters``) whose score exceeds ``lowest``'s by at most ``errors`` (the standard error
+    of their difference), the one with the fewest parameters; of those with as few, the lower
+    score, then the first. ``lowest`` itself always qualifies."""
+    top = rows[lowest][objective]
+    close = [k for k, row in rows.items() if k == lowest or row[objective] - top <= errors[k]]
+    return min(close, key=lambda k: (rows[k]["parameters"], rows[k][objective]))
+
+
+def n_parameters(cal: Any) -> int:
+    """The number of parameters a fitted recalibrator learnt from its fit part (0 for one that
+    fell back to the identity): the comparison's measure of how simple a map is. Temperature
+    scaling 1 (C with one per class); the ensemble's T and its three weights, which sum to one,
+    3; vector scaling 2C; matrix and Dirichlet scaling C (C + 1); Platt 2 and beta 3; histogram
+    binning a value per bin and isotonic regression one per step of its map, for each class it
+    calibrates (not those it leaves as the identity)."""
+    if cal.fallback is not None:
+        return 0
+    if cal.name == "ensemble_temperature":
+        return 3
+    if cal.name == "histogram":
+        values = cal.bin_values
+        return 0 if values is None else (values.shape[0] - len(cal.identity_classes)) * values.shape[1]
+    if cal.name == "isotonic":
+        skip = set(cal.identity_classes)
+        return sum(y.size for k, (_, y) in enumerate(cal.knots or []) if k not in skip)
+    if cal.name in BINARY_METHODS:
+        return 0 if cal.coef is None else int(cal.coef.size)
+    if cal.name in ("matrix", "dirichlet"):
+        return int(cal.weight.size + cal.bias.size)
+    bias = getattr(cal, "bias", None)  # temperature (and vector) scaling
+    return int(np.size(cal.temperature) + (0 if bias is None else np.size(bias)))
+
+
+class RowScores(NamedTuple):
+    """Per-row scores of calibrated logits on the held-out part: the NLL, and the top-label
+    confidence and its correctness from which the width-bin ECE is taken."""
+
+    nll: np.ndarray
+    conf: np.ndarray
+    correct: np.ndarray
+
+
+def row_scores(z: np.ndarray, y: np.ndarray) -> RowScores:
+    """:class:`RowScores` of logits ``z`` (N, C) with labels ``y``: one pass of the calibration
+    rows, whose means are the table's NLL and whose bins its ECE."""
+    import torch
+
+    from crossent.calibration._rows import row_statistics
+
+    r = row_statistics(torch.from_numpy(np.ascontiguousarray(z)), torch.from_numpy(y), from_logits=True,
+                       name="logits")
+    assert r.nll is not None
+    return RowScores(r.nll, r.conf, (r.pred == y).astype(np.float64))
+
+
+#: bootstrap resamples of the held-out part for the standard error of a difference of ECEs
+BOOTSTRAP_RESAMPLES = 200
+
+
+def difference_errors(
+    per_row: dict[str, RowScores], names: list[str], lowest: str, objective: str, n_bins: int, seed: int
+) -> dict[str, float]:
+    r"""The standard error of each method's held-out ``objective`` minus that of ``lowest``,
+    paired over the held-out rows (0 for ``lowest`` itself). The NLL is a mean over rows: the
+    standard error of the mean of the per-row differences, :math:`\mathrm{sd}(d) / \sqrt n`.
+    The ECE is not, so its differences are taken on :data:`BOOTSTRAP_RESAMPLES` resamples of
+    the rows with replacement (the same ones for every method, drawn with ``seed``; a resample
+    is a count per row, and the ECE of ``n_bins`` width bins with those counts as weights), and
+    the standard error is their standard deviation."""
+    from crossent.calibration._rows import width_bin_index
+
+    base = per_row[lowest]
+    n = base.nll.shape[0]
+    others = [k for k in names if k != lowest]
+    errors = {lowest: 0.0}
+    if n < 2 or not others:
+        return {**errors, **{k: math.inf for k in others}}
+    if objective == "nll":
+        for k in others:
+            errors[k] = float(np.std(per_row[k].nll - base.nll, ddof=1) / math.sqrt(n))
+        return errors
+    parts = [lowest, *others]
+    bins = {k: width_bin_index(per_row[k].conf, n_bins) for k in parts}
+    gaps = {k: per_row[k].conf - per_row[k].correct for k in parts}
+    rng = np.random.default_rng(seed)
+    draws = {k: np.empty(BOOTSTRAP_RESAMPLES) for k in parts}
+    for r in range(BOOTSTRAP_RESAMPLES):
+        weight = np.bincount(rng.integers(0, n, n), minlength=n)
+        for k in parts:
+            draws[k][r] = np.abs(np.bincount(bins[k], weights=weight * gaps[k], minlength=n_bins)).sum() / n
+    for k in others:
+        errors[k] = float(np.std(draws[k] - draws[lowest], ddof=1))
+    return errors
 
 
 def _array_name(file: str, key: str | None) -> str:
@@ -1567,7 +1701,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_compare:
         result["comparison"] = compare_methods(
             logits, labels, val_idx, test_idx, objective=args.objective, n_bins=args.n_bins,
-            before=before, in_sample=args.val_fraction == 0,
+            before=before, in_sample=args.val_fraction == 0, seed=args.seed,
         )
         # the lines under the comparison, warnings included, as printed and in report.md
         result["comparison"]["recommendation"] = recommendation_text(result).splitlines()
