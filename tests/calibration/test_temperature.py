@@ -225,16 +225,22 @@ def test_errors() -> None:
 
 
 @pytest.mark.parametrize("path", ["native", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("t", [1.7, 1.00001])
 def test_guard_measures_float64_nlls_on_either_path(
-    path: str, dtype: torch.dtype, separable: bool, monkeypatch: pytest.MonkeyPatch
+    path: str, dtype: torch.dtype, separable: bool, t: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The guard's two mean NLLs (identity, fitted T) and its separability test, from the
-    calibration rows on the float64 chunks, equal log_softmax in float64 to 1e-12, chunked."""
+    """The guard's two mean NLLs (identity, fitted T) and its separability test equal
+    log_softmax in float64: to 1e-12 from float64 rows (passes over float64 chunks), and from
+    float32 or bfloat16 rows to their passes' round-off (GUARD_MARGIN / 5) where the two NLLs
+    differ by more than GUARD_MARGIN (T = 1.7: two passes over the rows as they are), to 1e-12
+    where they are closer (T = 1.00001, or separable rows whose NLLs are both near 0: taken
+    again over float64 chunks)."""
     import contextlib
 
     from crossent.backends import native
+    from crossent.calibration import temperature
 
     if path == "native" and not native.available():
         pytest.skip("the native kernels are not built on this machine")
@@ -243,21 +249,34 @@ def test_guard_measures_float64_nlls_on_either_path(
         z[np.arange(500), y] += 50.0
     x = torch.from_numpy(z * 2.5).to(dtype)
     seen: dict[str, object] = {}
+    passes: list[torch.dtype] = []
 
     def capture(nll_id: float, nll_fit: float, n: int, **kw: object) -> None:
         seen.update(nll_id=nll_id, nll_fit=nll_fit, n=n, **kw)
 
+    def counted(rows: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        passes.append(rows.dtype)
+        return real(rows, *args, **kw)
+
+    real = temperature.row_statistics
     scaler = TemperatureScaler()
-    scaler._set_params({"temperature": 1.7})
+    scaler._set_params({"temperature": t})
     monkeypatch.setattr(scaler, "_guard", capture)
+    monkeypatch.setattr(temperature, "row_statistics", counted)
     monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", 700)  # several chunks
     with native.disabled() if path == "torch" else contextlib.nullcontext():
         scaler._check_fit(x, y)
     x64 = x.to(torch.float64)
     yt = torch.from_numpy(y)[:, None]
-    for key, t in (("nll_id", 1.0), ("nll_fit", 1.7)):
-        want = float(-torch.log_softmax(x64 / t, 1).gather(1, yt).mean())
-        assert seen[key] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    want = {key: float(-torch.log_softmax(x64 / s, 1).gather(1, yt).mean())
+            for key, s in (("nll_id", 1.0), ("nll_fit", t))}
+    close = abs(want["nll_fit"] - want["nll_id"]) <= temperature.GUARD_MARGIN * max(1.0, abs(want["nll_id"]))
+    assert close is (separable or t != 1.7)
+    chunks = [torch.float64] * 2 * 5  # 100 rows a chunk
+    assert passes == (chunks if dtype == torch.float64 else [dtype] * 2 + (chunks if close else []))
+    rel = 1e-12 if dtype == torch.float64 or close else temperature.GUARD_MARGIN / 5
+    for key in want:
+        assert seen[key] == pytest.approx(want[key], rel=rel, abs=1e-15)
     assert seen["separable"] is bool((x64.argmax(1) == yt[:, 0]).all())
     assert seen["separable"] is separable and seen["n"] == 500
 

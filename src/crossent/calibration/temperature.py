@@ -24,8 +24,10 @@ If the minimiser is beyond a bound (for instance, separable data drive :math:`T 
 bound is returned. Each iteration is one read of the rows by the calibration kernel
 (:func:`~crossent.calibration._rows.row_statistics` with ``moments``: float32 arithmetic for
 float32 input, with float64 sums over rows; float64 otherwise), so a (10^6, 10^3) matrix needs
-no copy; the guard's two NLLs are taken in float64, on chunks of rows converted to float64
-(for one temperature, two calibration-row passes per chunk; vector scaling uses torch ops).
+no copy. The guard's two NLLs (at T = 1 and at the fit) are two such passes over the rows as
+they are; where they differ by less than :data:`GUARD_MARGIN`, too little for float32 passes
+to tell, they are taken again on chunks of rows converted to float64, as vector scaling's are
+(by torch ops).
 
 ``objective="ece"`` minimises the top-label ECE instead (the convention of Mukhoti et al.
 2020) by search: a grid over :math:`\log T`, a finer grid around its best point, a
@@ -143,6 +145,14 @@ def _top_conf_at(z: torch.Tensor, y: np.ndarray, t: float) -> np.ndarray:
     yt = torch.from_numpy(y)
     return row_statistics(z, yt, from_logits=True, name="logits", scores=False, scale=1.0 / t).conf
 
+
+#: Where the guard's two mean NLLs (at T = 1 and at the fit) from float32, float16 or bfloat16
+#: rows differ by at most this much (relative to max(1, |NLL|)), it takes them again in float64.
+#: A row's NLL from the float32 pass, b (m - z_y) + log s, errs by the relative error of s: the
+#: exponentials' arguments b (z - m) rounded in float32 (at most 1.2e-7 E_p[|b (z - m)|] <=
+#: 1.2e-7 log C, as s >= 1) and float partial sums of at most 256 terms a lane (1.5e-5): 2e-5 at
+#: most, five times below the margin.
+GUARD_MARGIN = 1e-4
 
 #: the dense scan that ends the ECE objective's search: this many temperatures, evenly spaced
 #: in log T within this half-width of the best point found before
@@ -365,31 +375,49 @@ class TemperatureScaler(Recalibrator):
             bounds.append(f"the upper bound t_max={self.t_max:g}")
         return " and ".join(bounds) or None
 
-    def _check_fit(self, z: torch.Tensor, y: np.ndarray) -> None:
-        """The guard of :class:`~crossent.calibration._base.Recalibrator` on the validation
-        data: the arg-max and the NLLs at the identity and at the fit, in float64 over chunks
-        of rows (with one temperature, :func:`~crossent.calibration._rows.row_statistics` at
-        scales 1 and 1 / T on each float64 chunk)."""
+    def _scalar_nlls(self, z: torch.Tensor, y: np.ndarray, *, wide: bool) -> tuple[float, float, bool]:
+        """The mean NLLs at the identity and at the fitted temperature, and whether every top-1
+        prediction is right: two passes of :func:`~crossent.calibration._rows.row_statistics`,
+        over the rows as they are or (``wide``) over chunks of them converted to float64."""
         yt = torch.from_numpy(y)
         nll_id = nll_fit = 0.0
         separable = True
-        scalar = self.bias is None and np.ndim(self.temperature) == 0
-        for start, stop in iter_chunks(z):  # in float64: the guard compares the two NLLs to 1e-9
-            yb = yt[start:stop, None]
-            b64 = z[start:stop].to(torch.float64)
-            if scalar:  # two passes of the calibration rows over the float64 chunk
-                ident = row_statistics(b64, yb[:, 0], from_logits=True, name="logits")
-                at_t = row_statistics(b64, yb[:, 0], from_logits=True, name="logits",
-                                      scale=1.0 / float(self.temperature))
-                assert ident.nll is not None and at_t.nll is not None
-                separable = separable and bool((ident.pred == y[start:stop]).all())
-                nll_id += float(ident.nll.sum())
-                nll_fit += float(at_t.nll.sum())
-                continue
-            separable = separable and bool((b64.argmax(1) == yb[:, 0]).all())
-            nll_id += float((torch.logsumexp(b64, 1) - b64.gather(1, yb)[:, 0]).sum())
-            s = self.transform_logits(b64)
-            nll_fit += float((torch.logsumexp(s, 1) - s.gather(1, yb)[:, 0]).sum())
+        for start, stop in iter_chunks(z) if wide else [(0, z.shape[0])]:
+            rows = z[start:stop].to(torch.float64) if wide else z
+            ident = row_statistics(rows, yt[start:stop], from_logits=True, name="logits")
+            at_t = row_statistics(rows, yt[start:stop], from_logits=True, name="logits",
+                                  scale=1.0 / float(self.temperature))
+            assert ident.nll is not None and at_t.nll is not None
+            separable = separable and bool((ident.pred == y[start:stop]).all())
+            nll_id += float(ident.nll.sum())
+            nll_fit += float(at_t.nll.sum())
+        n = z.shape[0]
+        return nll_id / n, nll_fit / n, separable
+
+    def _check_fit(self, z: torch.Tensor, y: np.ndarray) -> None:
+        """The guard of :class:`~crossent.calibration._base.Recalibrator` on the validation
+        data: the arg-max and the mean NLLs at the identity and at the fit, which it compares to
+        a relative 1e-9. With one temperature, from :meth:`_scalar_nlls` over the rows as they
+        are, and again in float64 only where the two are within :data:`GUARD_MARGIN` of each
+        other (closer than lower-precision passes can tell); vector scaling's in float64 over
+        chunks of rows."""
+        if self.bias is None and np.ndim(self.temperature) == 0:
+            wide = z.dtype == torch.float64
+            nll_id, nll_fit, separable = self._scalar_nlls(z, y, wide=wide)
+            if not wide and abs(nll_fit - nll_id) <= GUARD_MARGIN * max(1.0, abs(nll_id)):
+                nll_id, nll_fit, separable = self._scalar_nlls(z, y, wide=True)
+        else:
+            yt = torch.from_numpy(y)
+            nll_id = nll_fit = 0.0
+            separable = True
+            for start, stop in iter_chunks(z):
+                yb = yt[start:stop, None]
+                b64 = z[start:stop].to(torch.float64)
+                separable = separable and bool((b64.argmax(1) == yb[:, 0]).all())
+                nll_id += float((torch.logsumexp(b64, 1) - b64.gather(1, yb)[:, 0]).sum())
+                s = self.transform_logits(b64)
+                nll_fit += float((torch.logsumexp(s, 1) - s.gather(1, yb)[:, 0]).sum())
+            nll_id, nll_fit = nll_id / z.shape[0], nll_fit / z.shape[0]
         n = z.shape[0]
         consequence = None
         if self.bias is not None:  # vector scaling: an absent class's bias has no finite optimum
@@ -408,8 +436,8 @@ class TemperatureScaler(Recalibrator):
             advice.append(f"a smaller bound fits{which} ({type(self).__name__}(t_min={self.t_min / 10:g}),"
                           " or less: the logits are on a small scale)")
         self._guard(
-            nll_id / n,
-            nll_fit / n,
+            nll_id,
+            nll_fit,
             n,
             at_bound=self._bound_reached(),
             separable=separable,
