@@ -562,11 +562,12 @@ static inline __m512 exp_v16(__m512 x) {
 }
 
 /* e[k] = exp(b (u[k] - m)) for k < n (e may be u: each vector is read before it is written),
- * with the float sums of e and e^2 in two chains each (one chain would wait on every add's
- * latency); the last n mod 16 entries by masked loads and stores. gcc's vectorisation of the
- * same loop over exp_f, with its integer steps, a scalar remainder and one chain, took 1.9x the
- * time on a Zen 4 core (BENCHMARKS.md). */
-static void exp_row_simd(const float *u, float *e, int64_t n, float m, float b, float *s_out, float *q_out) {
+ * with the float sums of e and, with Q, of e^2 in two chains each (one chain would wait on
+ * every add's latency); the last n mod 16 entries by masked loads and stores. gcc's
+ * vectorisation of the same loop over exp_f, with its integer steps, a scalar remainder and one
+ * chain, took 1.9x the time on a Zen 4 core (BENCHMARKS.md). */
+static inline __attribute__((always_inline)) void exp_row_simd_(const float *u, float *e, int64_t n, float m,
+                                                                 float b, float *s_out, float *q_out, const int Q) {
     const __m512 vm = _mm512_set1_ps(m), vb = _mm512_set1_ps(b);
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
     int64_t k = 0;
@@ -577,8 +578,10 @@ static void exp_row_simd(const float *u, float *e, int64_t n, float m, float b, 
         _mm512_storeu_ps(e + k + 16, y);
         s0 = _mm512_add_ps(s0, x);
         s1 = _mm512_add_ps(s1, y);
-        q0 = _mm512_fmadd_ps(x, x, q0);
-        q1 = _mm512_fmadd_ps(y, y, q1);
+        if (Q) {
+            q0 = _mm512_fmadd_ps(x, x, q0);
+            q1 = _mm512_fmadd_ps(y, y, q1);
+        }
     }
     for (; k < n; k += 16) { /* the lanes past n load 0, and are zeroed after the exponential */
         const __mmask16 mk = lanes(n - k);
@@ -586,10 +589,19 @@ static void exp_row_simd(const float *u, float *e, int64_t n, float m, float b, 
             mk, exp_v16(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, u + k), vm), vb)));
         _mm512_mask_storeu_ps(e + k, mk, x);
         s0 = _mm512_add_ps(s0, x);
-        q0 = _mm512_fmadd_ps(x, x, q0);
+        if (Q) q0 = _mm512_fmadd_ps(x, x, q0);
     }
     *s_out = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    *q_out = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
+    if (Q) *q_out = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
+}
+
+/* exp_row_simd_ with e^2 summed into *q_out (the calibration pass's Brier score), or not (q_out
+ * NULL: softmax cross-entropy's pass 2, which needs sum e alone) */
+static void exp_row_simd(const float *u, float *e, int64_t n, float m, float b, float *s_out, float *q_out) {
+    if (q_out)
+        exp_row_simd_(u, e, n, m, b, s_out, q_out, 1);
+    else
+        exp_row_simd_(u, e, n, m, b, s_out, NULL, 0);
 }
 
 /* sum over k < n with e[k] > 0 of e[k] d or e[k] d^2 (SQ), d = (u[k] - m) - c: the moments of

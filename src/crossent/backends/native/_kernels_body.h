@@ -377,6 +377,16 @@ ALWAYS_INLINE void FN(exp_pass_seg)(const ACC *u, const ACC *restrict tr, const 
                                     ACC *pe_out, ACC *pa_out, ACC *pau_out, ACC *pm_out, const int SEU,
                                     const int T, const int W) {
     ACC ps = 0, pe = 0, pa = 0, pau = 0, pm = INFINITY;
+#if HAVE_EXP_SIMD
+    if (sizeof(ACC) == 4 && !SEU && !T) { /* sum e alone: exp_row_simd (the same e, b = 1) */
+        float fs;
+        exp_row_simd((const float *)u + k0, (float *)ev + k0, k1 - k0, (float)m, 1.0f, &fs, NULL);
+        *ps_out = (ACC)fs;
+        *pe_out = *pa_out = *pau_out = 0;
+        *pm_out = INFINITY;
+        return;
+    }
+#endif
     CE_PRAGMA(omp simd reduction(+ : ps, pe, pa, pau) reduction(min : pm))
     for (int64_t k = k0; k < k1; ++k) {
         const ACC uk = u[k], e = EXP(uk - m);
