@@ -1292,11 +1292,10 @@ def compare_methods(
     (:func:`difference_errors`; the bootstrap of the ECE draws with ``seed``), the one with the
     fewest fitted parameters (:func:`n_parameters`; "none" has 0), so that a difference the
     held-out part cannot tell from noise does not buy parameters. No method is recommended where
-    ``in_sample``, the methods scored
-    on the samples they were fitted on, as with --val-fraction 0. ``before``, the
-    metrics of the predictions as given, is the "none" row where given (the same numbers as
-    the table above it; probabilities whose rows sum to 1 within the tolerance would give
-    slightly other ones through their logarithms)."""
+    ``in_sample``, the methods scored on the samples they were fitted on, as with
+    --val-fraction 0. ``before``, the metrics of the predictions as given, is the "none" row
+    where given (the same numbers as the table above it; probabilities whose rows sum to 1
+    within the tolerance would give slightly other ones through their logarithms)."""
     import importlib.util
 
     from crossent.calibration.metrics import brier, ece, nll

