@@ -562,12 +562,11 @@ static inline __m512 exp_v16(__m512 x) {
 }
 
 /* e[k] = exp(b (u[k] - m)) for k < n (e may be u: each vector is read before it is written),
- * with the float sums of e and, with Q, of e^2 in two chains each (one chain would wait on
- * every add's latency); the last n mod 16 entries by masked loads and stores. gcc's
- * vectorisation of the same loop over exp_f, with its integer steps, a scalar remainder and one
- * chain, took 1.9x the time on a Zen 4 core (BENCHMARKS.md). */
-static inline __attribute__((always_inline)) void exp_row_simd_(const float *u, float *e, int64_t n, float m,
-                                                                 float b, float *s_out, float *q_out, const int Q) {
+ * with the float sums of e and e^2 in two chains each (one chain would wait on every add's
+ * latency); the last n mod 16 entries by masked loads and stores. gcc's vectorisation of the
+ * same loop over exp_f, with its integer steps, a scalar remainder and one chain, took 1.9x the
+ * time on a Zen 4 core (BENCHMARKS.md). */
+static void exp_row_simd(const float *u, float *e, int64_t n, float m, float b, float *s_out, float *q_out) {
     const __m512 vm = _mm512_set1_ps(m), vb = _mm512_set1_ps(b);
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
     int64_t k = 0;
@@ -578,10 +577,8 @@ static inline __attribute__((always_inline)) void exp_row_simd_(const float *u, 
         _mm512_storeu_ps(e + k + 16, y);
         s0 = _mm512_add_ps(s0, x);
         s1 = _mm512_add_ps(s1, y);
-        if (Q) {
-            q0 = _mm512_fmadd_ps(x, x, q0);
-            q1 = _mm512_fmadd_ps(y, y, q1);
-        }
+        q0 = _mm512_fmadd_ps(x, x, q0);
+        q1 = _mm512_fmadd_ps(y, y, q1);
     }
     for (; k < n; k += 16) { /* the lanes past n load 0, and are zeroed after the exponential */
         const __mmask16 mk = lanes(n - k);
@@ -589,19 +586,74 @@ static inline __attribute__((always_inline)) void exp_row_simd_(const float *u, 
             mk, exp_v16(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, u + k), vm), vb)));
         _mm512_mask_storeu_ps(e + k, mk, x);
         s0 = _mm512_add_ps(s0, x);
-        if (Q) q0 = _mm512_fmadd_ps(x, x, q0);
+        q0 = _mm512_fmadd_ps(x, x, q0);
     }
     *s_out = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    if (Q) *q_out = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
+    *q_out = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
 }
 
-/* exp_row_simd_ with e^2 summed into *q_out (the calibration pass's Brier score), or not (q_out
- * NULL: softmax cross-entropy's pass 2, which needs sum e alone) */
-static void exp_row_simd(const float *u, float *e, int64_t n, float m, float b, float *s_out, float *q_out) {
-    if (q_out)
-        exp_row_simd_(u, e, n, m, b, s_out, q_out, 1);
-    else
-        exp_row_simd_(u, e, n, m, b, s_out, NULL, 0);
+/* One vector of pass 2 of softmax cross-entropy (exp_pass_seg in _kernels_body.h), entries k ..
+ * k + 15 of u (and tr and w, read only with T and W) in the lanes mk: e = exp(u - m) stored into
+ * ev and added to s; with SEU, e u to se where e != 0 (a masked class, u = -inf and e = 0, adds
+ * 0, as 0 log 0); with T, a = t keep + uni (times w with W) to sa, a u to sau where a != 0, and
+ * t to the min tmin (a NaN target leaves it, as the scalar loop's compare does). */
+static inline __attribute__((always_inline)) void ce_exp_step(
+    const float *u, const float *tr, const float *w, float *ev, int64_t k, __mmask16 mk, __m512 vm, __m512 vkeep,
+    __m512 vuni, __m512 *s, __m512 *se, __m512 *sa, __m512 *sau, __m512 *tmin, const int SEU, const int T,
+    const int W) {
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 x = _mm512_maskz_loadu_ps(mk, u + k);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_v16(_mm512_sub_ps(x, vm)));
+    _mm512_mask_storeu_ps(ev + k, mk, e);
+    *s = _mm512_add_ps(*s, e);
+    if (SEU) *se = _mm512_mask3_fmadd_ps(e, x, *se, _mm512_cmp_ps_mask(e, zero, _CMP_NEQ_UQ));
+    if (T) {
+        const __m512 t = _mm512_maskz_loadu_ps(mk, tr + k);
+        __m512 a = _mm512_maskz_mov_ps(mk, _mm512_fmadd_ps(t, vkeep, vuni));
+        if (W) a = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(mk, w + k));
+        *sa = _mm512_add_ps(*sa, a);
+        *sau = _mm512_mask3_fmadd_ps(a, x, *sau, _mm512_cmp_ps_mask(a, zero, _CMP_NEQ_UQ));
+        *tmin = _mm512_mask_min_ps(*tmin, mk, t, *tmin);
+    }
+}
+
+/* Pass 2 of softmax cross-entropy over entries k0 .. k1 of float rows with AVX-512 (see
+ * exp_pass_seg): ev = exp(u - m) (ev may be u: each vector is read before it is written) and
+ * the float sums out[0] = sum e, with SEU out[1] = sum e u, with T out[2] = sum a, out[3] =
+ * sum a u and out[4] = min t, two vectors a step in two chains per sum. The exponentials are
+ * exp_row_simd's (b = 1): exp_f's values in the normal range. */
+static inline __attribute__((always_inline)) void ce_exp_simd_(const float *u, const float *tr, const float *w,
+                                                                float m, float keep, float uni, float *ev,
+                                                                int64_t k0, int64_t k1, float out[5],
+                                                                const int SEU, const int T, const int W) {
+    const __m512 vm = _mm512_set1_ps(m), vkeep = _mm512_set1_ps(keep), vuni = _mm512_set1_ps(uni);
+    __m512 z = _mm512_setzero_ps(), s0 = z, s1 = z, e0 = z, e1 = z, a0 = z, a1 = z, b0 = z, b1 = z;
+    __m512 t0 = _mm512_set1_ps(INFINITY), t1 = t0;
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+        ce_exp_step(u, tr, w, ev, k, 0xFFFF, vm, vkeep, vuni, &s0, &e0, &a0, &b0, &t0, SEU, T, W);
+        ce_exp_step(u, tr, w, ev, k + 16, 0xFFFF, vm, vkeep, vuni, &s1, &e1, &a1, &b1, &t1, SEU, T, W);
+    }
+    for (; k < k1; k += 16)
+        ce_exp_step(u, tr, w, ev, k, lanes(k1 - k), vm, vkeep, vuni, &s0, &e0, &a0, &b0, &t0, SEU, T, W);
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    out[1] = SEU ? _mm512_reduce_add_ps(_mm512_add_ps(e0, e1)) : 0.0f;
+    out[2] = T ? _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) : 0.0f;
+    out[3] = T ? _mm512_reduce_add_ps(_mm512_add_ps(b0, b1)) : 0.0f;
+    out[4] = T ? _mm512_reduce_min_ps(_mm512_min_ps(t0, t1)) : INFINITY;
+}
+
+/* ce_exp_simd_ for the six combinations exp_pass_seg takes (SEU, T, W with W only beside T) */
+static void ce_exp_simd(const float *u, const float *tr, const float *w, float m, float keep, float uni, float *ev,
+                        int64_t k0, int64_t k1, float out[5], int mode) {
+    switch (mode) {
+    case 0: ce_exp_simd_(u, tr, w, m, keep, uni, ev, k0, k1, out, 0, 0, 0); break;
+    case 2: ce_exp_simd_(u, tr, w, m, keep, uni, ev, k0, k1, out, 0, 1, 0); break;
+    case 3: ce_exp_simd_(u, tr, w, m, keep, uni, ev, k0, k1, out, 0, 1, 1); break;
+    case 4: ce_exp_simd_(u, tr, w, m, keep, uni, ev, k0, k1, out, 1, 0, 0); break;
+    case 6: ce_exp_simd_(u, tr, w, m, keep, uni, ev, k0, k1, out, 1, 1, 0); break;
+    default: ce_exp_simd_(u, tr, w, m, keep, uni, ev, k0, k1, out, 1, 1, 1); break;
+    }
 }
 
 /* sum over k < n with e[k] > 0 of e[k] d or e[k] d^2 (SQ), d = (u[k] - m) - c: the moments of

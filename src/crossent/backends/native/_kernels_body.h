@@ -378,12 +378,15 @@ ALWAYS_INLINE void FN(exp_pass_seg)(const ACC *u, const ACC *restrict tr, const 
                                     const int T, const int W) {
     ACC ps = 0, pe = 0, pa = 0, pau = 0, pm = INFINITY;
 #if HAVE_EXP_SIMD
-    if (sizeof(ACC) == 4 && !SEU && !T) { /* sum e alone: exp_row_simd (the same e, b = 1) */
-        float fs;
-        exp_row_simd((const float *)u + k0, (float *)ev + k0, k1 - k0, (float)m, 1.0f, &fs, NULL);
-        *ps_out = (ACC)fs;
-        *pe_out = *pa_out = *pau_out = 0;
-        *pm_out = INFINITY;
+    if (sizeof(ACC) == 4) { /* AVX-512 intrinsics: ce_exp_simd, the same sums */
+        float out[5];
+        ce_exp_simd((const float *)u, (const float *)tr, (const float *)w, (float)m, (float)keep, (float)uni,
+                    (float *)ev, k0, k1, out, SEU * 4 + T * 2 + W);
+        *ps_out = (ACC)out[0];
+        *pe_out = (ACC)out[1];
+        *pa_out = (ACC)out[2];
+        *pau_out = (ACC)out[3];
+        *pm_out = (ACC)out[4];
         return;
     }
 #endif
