@@ -602,6 +602,22 @@ def test_simplest_within_error_takes_the_fewest_parameters_within_the_error() ->
     assert simplest_within_error(tie, "vector", {"vector": 0.0, "platt": 0.1, "other": 0.1}, "nll") == "other"
 
 
+def test_the_recommendation_on_one_held_out_sample_says_there_is_no_standard_error() -> None:
+    """With one held-out sample no standard error can be measured (it is infinite, so every
+    method is within it and the simplest, "none", is recommended): the line says so in words."""
+    from crossent.calibration.cli import recommendation_text
+
+    rows = {"none": {"nll": 0.9, "parameters": 0}, "vector": {"nll": 0.5, "parameters": 8}}
+    result = {"objective": "nll", "val_fraction": 0.2,
+              "comparison": {"rows": rows, "recommended": "none", "lowest": "vector",
+                             "standard_errors": {"vector": 0.0, "none": float("inf")}, "excluded": []}}
+    assert recommendation_text(result).splitlines() == [
+        "recommended: none (no recalibration: held-out NLL 0.9000)",
+        "vector scored lower (0.5000), but on one held-out sample, which gives no standard error, with 8"
+        " fitted parameters against 0: no recalibration is recommended",
+    ]
+
+
 def test_difference_errors_by_hand() -> None:
     """NLL: the standard error of the mean per-row difference, sd(d) / sqrt(n). ECE: the
     standard deviation over the bootstrap resamples of the difference of the two ECEs, each

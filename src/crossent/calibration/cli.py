@@ -1238,8 +1238,10 @@ def recommendation_text(result: dict[str, Any]) -> str:
     if lowest != best:
         low = cmp["rows"][lowest]
         simpler = "no recalibration" if best == "none" else "the simpler map"
-        lines.append(f"{lowest} scored lower ({_fmt(low[key], percent)}), but by less than one standard error"
-                     f" of the difference ({_fmt(cmp['standard_errors'][best], percent)}), with"
+        se = cmp["standard_errors"][best]
+        error = (f"by less than one standard error of the difference ({_fmt(se, percent)})"
+                 if math.isfinite(se) else "on one held-out sample, which gives no standard error")
+        lines.append(f"{lowest} scored lower ({_fmt(low[key], percent)}), but {error}, with"
                      f" {low['parameters']} fitted parameters against {row['parameters']}: {simpler} is"
                      " recommended")
     excluded = cmp.get("excluded", [])
