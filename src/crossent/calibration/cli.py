@@ -1293,7 +1293,9 @@ def compare_methods(
     predictions) that score above it by at most one standard error of the difference
     (:func:`difference_errors`; the bootstrap of the ECE draws with ``seed``), the one with the
     fewest fitted parameters (:func:`n_parameters`; "none" has 0), so that a difference the
-    held-out part cannot tell from noise does not buy parameters. No method is recommended where
+    held-out part cannot tell from noise does not buy parameters. ``standard_errors`` holds
+    those errors for ``lowest`` and the methods with fewer parameters than it, the only ones
+    that can be recommended over it. No method is recommended where
     ``in_sample``, the methods scored on the samples they were fitted on, as with
     --val-fraction 0. ``before``, the metrics of the predictions as given, is the "none" row
     where given (the same numbers as the table above it; probabilities whose rows sum to 1
@@ -1366,9 +1368,11 @@ def compare_methods(
     best, errors = lowest, {}
     if lowest is not None and lowest != "none":
         # "none" and the maps fitted (one that fell back is the predictions as given: "none")
-        fitted = [k for k in eligible if k in per_row]
-        errors = difference_errors(per_row, fitted, lowest, objective, n_bins, seed)
-        best = simplest_within_error({k: rows[k] for k in fitted}, lowest, errors, objective)
+        # with fewer parameters than the lowest: only they can be recommended over it
+        simpler = [k for k in eligible if k in per_row
+                   and (k == lowest or rows[k]["parameters"] < rows[lowest]["parameters"])]
+        errors = difference_errors(per_row, simpler, lowest, objective, n_bins, seed)
+        best = simplest_within_error({k: rows[k] for k in simpler}, lowest, errors, objective)
     order = [*scored, *(k for k in rows if k not in scored)]  # the skipped methods last
     return {"rows": {k: rows[k] for k in order}, "recommended": best, "lowest": lowest,
             "standard_errors": errors, "excluded": excluded}
