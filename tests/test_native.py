@@ -703,10 +703,10 @@ def test_softcap_blocks_of_small_and_large_logits_equal_the_reference(kind):
 )
 def test_float32_pass_of_exponentials_equals_float64_on_every_combination(case, n_cols):
     """Pass 2 of the float kernel (the exponentials and, by the options, the sums of e u for the
-    entropy, of the targets a and of a u, and the min of the targets), in AVX-512 intrinsics
-    where the CPU has them, against the double kernel's scalar loop: loss and gradient to float
-    round-off, for rows shorter than a vector, of whole steps and with a tail, with a masked
-    class (logit -inf, no target mass but smoothing's) in every row but the one-class case."""
+    entropy, of the targets a and of a u, and the min of the targets) against the double
+    kernel's: loss and gradient to float round-off, for rows shorter than a vector, of whole
+    vector steps and with a tail, with a masked class (logit -inf, no target mass but
+    smoothing's) in every row but the one-class case."""
     g = torch.Generator().manual_seed(n_cols)
     n = 7
     x = torch.randn(n, n_cols, generator=g, dtype=F64) * 4

@@ -377,19 +377,6 @@ ALWAYS_INLINE void FN(exp_pass_seg)(const ACC *u, const ACC *restrict tr, const 
                                     ACC *pe_out, ACC *pa_out, ACC *pau_out, ACC *pm_out, const int SEU,
                                     const int T, const int W) {
     ACC ps = 0, pe = 0, pa = 0, pau = 0, pm = INFINITY;
-#if HAVE_EXP_SIMD
-    if (sizeof(ACC) == 4) { /* AVX-512 intrinsics: ce_exp_simd, the same sums */
-        float out[5];
-        ce_exp_simd((const float *)u, (const float *)tr, (const float *)w, (float)m, (float)keep, (float)uni,
-                    (float *)ev, k0, k1, out, SEU * 4 + T * 2 + W);
-        *ps_out = (ACC)out[0];
-        *pe_out = (ACC)out[1];
-        *pa_out = (ACC)out[2];
-        *pau_out = (ACC)out[3];
-        *pm_out = (ACC)out[4];
-        return;
-    }
-#endif
     CE_PRAGMA(omp simd reduction(+ : ps, pe, pa, pau) reduction(min : pm))
     for (int64_t k = k0; k < k1; ++k) {
         const ACC uk = u[k], e = EXP(uk - m);
