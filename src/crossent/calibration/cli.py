@@ -1302,24 +1302,15 @@ def compare_methods(
     within the tolerance would give slightly other ones through their logarithms)."""
     import importlib.util
 
-    from crossent.calibration.metrics import brier, ece, nll
-
     c = logits.shape[1]
     y_test = labels[test_idx]
-
-    def score(z: np.ndarray) -> dict[str, float]:  # calibrated logits: see method_logits
-        return {
-            "nll": nll(z, y_test, from_logits=True),
-            "ece": ece(z, y_test, n_bins=n_bins, from_logits=True),
-            "brier": brier(z, y_test, from_logits=True),
-            "accuracy": float((z.argmax(1) == y_test).mean()),
-        }
-
     keys = ("nll", "ece", "brier", "accuracy")
-    none = score(logits[test_idx]) if before is None else {k: before[k] for k in keys}
+    # the per-row scores are kept for the standard errors of the differences (a method that
+    # fell back is "none"'s)
+    none, none_rows = held_out_scores(logits[test_idx], y_test, n_bins)
+    none = none if before is None else {k: before[k] for k in keys}
     rows: dict[str, dict[str, Any]] = {"none": {**none, "fallback": None, "parameters": 0}}
-    # per held-out row, for the standard errors of the differences: a fallback is "none"'s
-    per_row = {"none": row_scores(logits[test_idx], y_test)}
+    per_row = {"none": none_rows}
     masked = bool(np.isneginf(logits).any())  # one read, for the two methods that refuse -inf
     for name in METHODS:
         if name in BINARY_METHODS and c != 2:
@@ -1347,9 +1338,7 @@ def compare_methods(
         zero_note = zero_labels_note(zeros, "in-sample" if in_sample else "held-out")
         note = short_note(cal) or ("warned: see below" if others else "")
         if cal.fallback is None:
-            z = method_logits(cal, logits[test_idx])
-            scores, per_row[name] = score(z), row_scores(z, y_test)
-            del z
+            scores, per_row[name] = held_out_scores(method_logits(cal, logits[test_idx]), y_test, n_bins)
         else:
             scores = none
         rows[name] = {**scores, "fallback": cal.fallback, "parameters": n_parameters(cal),
@@ -1424,17 +1413,29 @@ class RowScores(NamedTuple):
     correct: np.ndarray
 
 
-def row_scores(z: np.ndarray, y: np.ndarray) -> RowScores:
-    """:class:`RowScores` of logits ``z`` (N, C) with labels ``y``: one pass of the calibration
-    rows, whose means are the table's NLL and whose bins its ECE."""
+def held_out_scores(z: np.ndarray, y: np.ndarray, n_bins: int) -> tuple[dict[str, float], RowScores]:
+    """The comparison's metrics of calibrated logits ``z`` (N, C) (see :func:`method_logits`)
+    on labels ``y``, NLL, ECE of ``n_bins`` width bins, Brier score and accuracy, as
+    :func:`~crossent.calibration.nll`, :func:`~crossent.calibration.ece` and
+    :func:`~crossent.calibration.brier` give them, and their :class:`RowScores`: all from one
+    pass of the calibration rows (its per-row values and its width-bin sums)."""
     import torch
 
     from crossent.calibration._rows import row_statistics
+    from crossent.calibration.metrics import table_from_sums
 
     r = row_statistics(torch.from_numpy(np.ascontiguousarray(z)), torch.from_numpy(y), from_logits=True,
-                       name="logits")
-    assert r.nll is not None
-    return RowScores(r.nll, r.conf, (r.pred == y).astype(np.float64))
+                       name="logits", n_bins=n_bins, classwise=False, top=True)
+    assert r.nll is not None and r.brier is not None and r.top is not None
+    n, m = y.shape[0], n_bins
+    correct = (r.pred == y).astype(np.float64)
+    scores = {
+        "nll": float(r.nll.sum()) / n,
+        "ece": table_from_sums(r.top[:m], r.top[m : 2 * m], r.top[2 * m : 3 * m]).calibration_error("l1"),
+        "brier": float(r.brier.sum()) / n,
+        "accuracy": float(correct.mean()),
+    }
+    return scores, RowScores(r.nll, r.conf, correct)
 
 
 #: bootstrap resamples of the held-out part for the standard error of a difference of ECEs
